@@ -1,0 +1,1 @@
+"""HTTP interfaces: the OCI distribution API, the token service and health."""

@@ -1,0 +1,137 @@
+"""Authenticate each registry request and decide what it may do.
+
+A request carries HTTP Basic credentials or a bearer token from `/token`.
+Without either it gets the Docker token challenge. Then, for a repository:
+
+- the account may take the action and the token covers it: go ahead;
+- the account may take the action but the token lacks it: 401 with a challenge
+  naming the scope, so the client fetches a better token;
+- the account may not even pull: the caller learns nothing, so the endpoint
+  answers as for a repository that does not exist (`Access.visible` is False);
+- the account may pull but not take this action: 403 DENIED.
+
+These outcomes depend on the account's rights only, never on whether the
+repository exists, so no answer reveals another customer's repositories.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from starlette.requests import Request
+
+from moorage.api.http import ProxyTrust, base_url
+from moorage.auth.access import PULL, Principal
+from moorage.auth.authenticator import Authenticator
+from moorage.auth.scope import format_scope
+from moorage.auth.tokens import TokenClaims
+from moorage.config import Settings
+from moorage.db.schema import utcnow
+from moorage.errors import DeniedError, UnauthorizedError
+
+
+class ChallengeError(UnauthorizedError):
+    """A 401 that carries the WWW-Authenticate challenge to send."""
+
+    def __init__(self, message: str, challenge: str) -> None:
+        super().__init__(message)
+        self.headers = {"WWW-Authenticate": challenge}
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    principal: Principal
+    token: TokenClaims | None
+
+    def token_allows(self, type_: str, name: str, action: str) -> bool:
+        """Tell whether the bearer token (if any) covers an action."""
+        if self.token is None:
+            return True
+        actions = self.token.access.get((type_, name), frozenset())
+        return action in actions or "*" in actions
+
+
+@dataclass(frozen=True, slots=True)
+class Access:
+    caller: Caller
+    visible: bool
+
+
+class RequestGuard:
+    def __init__(
+        self, authenticator: Authenticator, settings: Settings, trust: ProxyTrust
+    ) -> None:
+        self.authenticator = authenticator
+        self.settings = settings
+        self.trust = trust
+
+    async def authenticate(self, request: Request, scope: str | None = None) -> Caller:
+        """Return the caller; raise a challenge when credentials are missing or bad."""
+        header = request.headers.get("authorization", "")
+        scheme, _, value = header.partition(" ")
+        try:
+            if scheme.lower() == "bearer" and value:
+                principal, claims = await self.authenticator.from_token(value.strip())
+                caller = Caller(principal, claims)
+            elif scheme.lower() == "basic" and value:
+                login, password = decode_basic(value)
+                caller = Caller(await self.authenticator.login(login, password), None)
+            else:
+                raise UnauthorizedError("authentication required")
+        except UnauthorizedError as error:
+            raise self.challenge(request, scope, error.message) from None
+        request.state.caller = caller
+        return caller
+
+    async def authorize(
+        self, request: Request, repository: str, actions: Iterable[str]
+    ) -> Access:
+        """Check `actions` on `repository`; see the module docstring for outcomes."""
+        wanted = sorted(set(actions))
+        scope = format_scope("repository", repository, wanted)
+        caller = await self.authenticate(request, scope)
+        allowed = caller.principal.actions_on(repository, utcnow())
+        if PULL not in allowed:
+            return Access(caller, visible=False)
+        missing_rights = [action for action in wanted if action not in allowed]
+        if missing_rights:
+            raise DeniedError(
+                f"requested access to the resource is denied: no {missing_rights[0]} "
+                f"permission on {repository}"
+            )
+        if not all(caller.token_allows("repository", repository, a) for a in wanted):
+            raise self.challenge(
+                request, scope, "token does not cover this action", insufficient=True
+            )
+        return Access(caller, visible=True)
+
+    def challenge(
+        self,
+        request: Request,
+        scope: str | None,
+        message: str,
+        *,
+        insufficient: bool = False,
+    ) -> ChallengeError:
+        realm = f"{base_url(request, self.settings, self.trust)}/token"
+        parts = [f'realm="{realm}"', f'service="{self.settings.service_name}"']
+        if scope:
+            parts.append(f'scope="{scope}"')
+        if insufficient:
+            parts.append('error="insufficient_scope"')
+        return ChallengeError(message, "Bearer " + ",".join(parts))
+
+
+def decode_basic(value: str) -> tuple[str, str]:
+    """Decode Basic credentials; raise UnauthorizedError when malformed."""
+    try:
+        decoded = base64.b64decode(value.strip(), validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        raise UnauthorizedError("malformed Basic credentials") from None
+    login, separator, password = decoded.partition(":")
+    if not separator or not login:
+        raise UnauthorizedError("malformed Basic credentials")
+    return login, password

@@ -1,0 +1,36 @@
+"""`/healthz` (the process answers) and `/readyz` (database and storage answer)."""
+
+from __future__ import annotations
+
+from sqlalchemy import text
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from moorage.services import Services
+
+
+def routes(services: Services) -> list[Route]:
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(request: Request) -> Response:
+        checks: dict[str, str] = {}
+        try:
+            async with services.engine.connect() as connection:
+                await connection.execute(text("SELECT 1"))
+            checks["database"] = "ok"
+        except Exception as error:
+            checks["database"] = f"failed: {type(error).__name__}"
+        try:
+            await services.registry.driver.list("blobs/none")
+            checks["storage"] = "ok"
+        except OSError as error:
+            checks["storage"] = f"failed: {type(error).__name__}"
+        ready = all(value == "ok" for value in checks.values())
+        return JSONResponse(checks, status_code=200 if ready else 503)
+
+    return [
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
+    ]

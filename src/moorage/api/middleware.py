@@ -1,0 +1,110 @@
+"""ASGI middleware: the API version header and one log line per request."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+import structlog
+from starlette.requests import ClientDisconnect
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from moorage.api.errors import UNKNOWN, error_body
+from moorage.api.http import API_VERSION_HEADER
+
+log = structlog.get_logger("moorage.request")
+
+_VERSION_HEADER = (
+    API_VERSION_HEADER[0].lower().encode(),
+    API_VERSION_HEADER[1].encode(),
+)
+# Request state keys copied into the request log line, in this order.
+_LOG_FIELDS = (
+    "repository",
+    "reference",
+    "digest",
+    "upload_id",
+    "subject",
+    "bytes_sent",
+    "bytes_received",
+    "error_code",
+)
+
+
+class RequestMiddleware:
+    """Adds `Docker-Distribution-API-Version` and `X-Request-Id`, logs each request,
+    and turns an unexpected exception into the spec's 500 UNKNOWN error."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        request_id = uuid.uuid4().hex
+        state: dict[str, Any] = scope.setdefault("state", {})
+        state["request_id"] = request_id
+        response: dict[str, Any] = {"status": None}
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                response["status"] = message["status"]
+                headers = list(message.get("headers", []))
+                headers.append(_VERSION_HEADER)
+                headers.append((b"x-request-id", request_id.encode()))
+                message["headers"] = headers
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_headers)
+        except ClientDisconnect:
+            response["status"] = response["status"] or 499
+            state["error_code"] = "CLIENT_DISCONNECTED"
+        except Exception:
+            state["error_code"] = UNKNOWN.code
+            log.exception("unexpected error", request_id=request_id, path=scope["path"])
+            if response["status"] is None:
+                response["status"] = UNKNOWN.status
+                await _send_unknown(send_with_headers)
+        finally:
+            _log_request(scope, state, response["status"], started)
+
+
+async def _send_unknown(send: Send) -> None:
+    body = error_body(UNKNOWN.code, "internal server error; see the server log")
+    await send(
+        {
+            "type": "http.response.start",
+            "status": UNKNOWN.status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+def _log_request(
+    scope: Scope, state: dict[str, Any], status: int | None, started: float
+) -> None:
+    endpoint = scope.get("endpoint")
+    fields: dict[str, Any] = {
+        "method": scope["method"],
+        "route": getattr(endpoint, "__name__", None),
+        "path": scope["path"],
+        "status": status,
+        "duration_ms": round((time.perf_counter() - started) * 1000, 2),
+        "request_id": state.get("request_id"),
+    }
+    caller = state.get("caller")
+    if caller is not None:
+        fields["subject"] = caller.principal.login
+        fields["customer"] = caller.principal.customer_slug
+    for key in _LOG_FIELDS:
+        if key in state and key not in fields:
+            fields[key] = state[key]
+    log.info("request", **fields)

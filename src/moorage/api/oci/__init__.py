@@ -1,0 +1,1 @@
+"""The OCI distribution API under /v2/, one module per resource."""

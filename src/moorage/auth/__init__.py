@@ -1,0 +1,1 @@
+"""Authentication, the token service, scope grammar and access decisions."""

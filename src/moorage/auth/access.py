@@ -1,0 +1,106 @@
+"""Access decisions: which actions a principal may take on which repository.
+
+Default deny. A customer account gets its role on every namespace its customer
+owns, plus the grants made to it or to its whole customer. Vendor accounts get
+their vendor role everywhere.
+
+Grant patterns:
+    products          the namespace `products`: every repository under it
+    products/*        the same, written as a glob
+    products/app      exactly that repository
+    products/app-*    a glob; `*` matches any characters, `/` included
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from fnmatch import fnmatchcase
+
+from moorage.db.registry_store import RepositoryFilter
+
+PULL = "pull"
+PUSH = "push"
+DELETE = "delete"
+
+CUSTOMER_ROLES: dict[str, frozenset[str]] = {
+    "reader": frozenset({PULL}),
+    "writer": frozenset({PULL, PUSH}),
+    "maintainer": frozenset({PULL, PUSH, DELETE}),
+    # An owner may also manage its customer's accounts; for the registry API it
+    # is a maintainer.
+    "owner": frozenset({PULL, PUSH, DELETE}),
+}
+VENDOR_ROLES: dict[str, frozenset[str]] = {
+    "admin": frozenset({PULL, PUSH, DELETE}),
+    "auditor": frozenset({PULL}),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    pattern: str
+    role: str
+    until: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """An authenticated account and everything needed to decide its access."""
+
+    account_id: int
+    login: str
+    kind: str
+    customer_id: int | None
+    customer_slug: str | None
+    role: str | None
+    token_generation: int
+    namespaces: Sequence[str] = ()
+    grants: Sequence[Grant] = field(default_factory=tuple)
+
+    @property
+    def is_vendor(self) -> bool:
+        return self.customer_id is None
+
+    def actions_on(self, repository: str, now: datetime) -> frozenset[str]:
+        """Return the actions this principal may take on a repository now."""
+        if self.is_vendor:
+            return VENDOR_ROLES.get(self.role or "", frozenset())
+        allowed: set[str] = set()
+        namespace = repository.split("/", 1)[0]
+        if namespace in self.namespaces and "/" in repository:
+            allowed |= CUSTOMER_ROLES.get(self.role or "", frozenset())
+        for grant in self.grants:
+            if grant.until is not None and grant.until <= now:
+                continue
+            if pattern_matches(grant.pattern, repository):
+                allowed |= CUSTOMER_ROLES.get(grant.role, frozenset())
+        return frozenset(allowed)
+
+    def pull_filter(self, now: datetime) -> RepositoryFilter:
+        """Return the catalog filter: repositories this principal may pull."""
+        if self.is_vendor:
+            return RepositoryFilter(
+                everything=PULL in VENDOR_ROLES.get(self.role or "", ())
+            )
+        patterns: list[str] = []
+        if PULL in CUSTOMER_ROLES.get(self.role or "", ()):
+            patterns.extend(f"{namespace}/*" for namespace in self.namespaces)
+        for grant in self.grants:
+            if grant.until is not None and grant.until <= now:
+                continue
+            if PULL in CUSTOMER_ROLES.get(grant.role, ()):
+                patterns.append(as_glob(grant.pattern))
+        return RepositoryFilter(patterns=tuple(patterns))
+
+
+def as_glob(pattern: str) -> str:
+    """Return the glob a grant pattern stands for: a bare namespace means `ns/*`."""
+    if "/" not in pattern and "*" not in pattern:
+        return f"{pattern}/*"
+    return pattern
+
+
+def pattern_matches(pattern: str, repository: str) -> bool:
+    return fnmatchcase(repository, as_glob(pattern))

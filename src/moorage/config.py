@@ -1,0 +1,166 @@
+"""Settings: one typed model, read from a TOML file and `MOORAGE_` variables.
+
+Precedence, highest first: keyword arguments (the command line), environment
+variables (`MOORAGE_DATA_DIR`, `MOORAGE_DATABASE_URL`, ...), the TOML file named
+by `MOORAGE_CONFIG` (default `<data dir>/moorage.toml`), then the defaults below.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+DEFAULT_DATA_DIR = Path("./data")
+
+
+class Settings(BaseSettings):
+    """Moorage configuration; every field can be set as `MOORAGE_<FIELD>`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="MOORAGE_",
+        extra="forbid",
+        validate_default=True,
+    )
+
+    data_dir: Path = Field(
+        default=DEFAULT_DATA_DIR,
+        description="Directory for the SQLite database, blobs and keys.",
+    )
+    database_url: str | None = Field(
+        default=None,
+        description=(
+            "SQLAlchemy URL of the metadata database, for example "
+            "postgresql+asyncpg://moorage@db/moorage. Default: SQLite in the data "
+            "directory."
+        ),
+    )
+    storage_dir: Path | None = Field(
+        default=None,
+        description="Filesystem blob store directory. Default: <data_dir>/storage.",
+    )
+    host: str = Field(default="127.0.0.1", description="Address to listen on.")
+    port: int = Field(default=5000, ge=0, le=65535, description="TCP port.")
+    public_url: str | None = Field(
+        default=None,
+        description=(
+            "Base URL that clients use, such as https://registry.example.com. "
+            "Used for the token realm and Location headers. Default: taken from "
+            "each request's Host header."
+        ),
+    )
+    trusted_proxies: list[str] = Field(
+        default_factory=list,
+        description=(
+            "Addresses or networks (CIDR) whose X-Forwarded-For, -Proto and -Host "
+            "headers are trusted."
+        ),
+    )
+    service_name: str = Field(
+        default="moorage",
+        description="Token service name: the `service` and JWT `aud` value.",
+    )
+    token_ttl_seconds: int = Field(
+        default=300,
+        ge=30,
+        le=86400,
+        description="Lifetime of registry access tokens, in seconds.",
+    )
+    max_manifest_bytes: int = Field(
+        default=4 * 1024 * 1024,
+        ge=1024,
+        description="Largest manifest accepted, in bytes.",
+    )
+    admin_username: str = Field(
+        default="admin",
+        description="Name of the vendor admin account created on first start.",
+    )
+    admin_password: SecretStr | None = Field(
+        default=None,
+        description=(
+            "Password for the first vendor admin. Default: generated and printed "
+            "once on first start."
+        ),
+    )
+    log_level: str = Field(default="info", description="debug, info or warning.")
+    log_format: str = Field(
+        default="auto",
+        description="json, console, or auto (json unless writing to a terminal).",
+    )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        given_dir = getattr(init_settings, "init_kwargs", {}).get("data_dir")
+        toml_file = _config_file(given_dir)
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if toml_file is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file))
+        return tuple(sources)
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _check_networks(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            ipaddress.ip_network(entry, strict=False)
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _check_log_level(cls, value: str) -> str:
+        if value.lower() not in {"debug", "info", "warning", "error"}:
+            raise ValueError("must be debug, info, warning or error")
+        return value.lower()
+
+    @field_validator("log_format")
+    @classmethod
+    def _check_log_format(cls, value: str) -> str:
+        if value not in {"json", "console", "auto"}:
+            raise ValueError("must be json, console or auto")
+        return value
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite+aiosqlite:///{(self.data_dir / 'moorage.db').resolve()}"
+
+    @property
+    def resolved_storage_dir(self) -> Path:
+        return self.storage_dir or self.data_dir / "storage"
+
+
+def _config_file(data_dir: Path | str | None) -> Path | None:
+    """Return the TOML file to read, or None when there is none."""
+    explicit = os.environ.get("MOORAGE_CONFIG")
+    if explicit:
+        path = Path(explicit)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"MOORAGE_CONFIG names {path}, which does not exist"
+            )
+        return path
+    directory = Path(data_dir or os.environ.get("MOORAGE_DATA_DIR", DEFAULT_DATA_DIR))
+    candidate = directory / "moorage.toml"
+    return candidate if candidate.is_file() else None
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build settings from the environment, the TOML file and explicit overrides."""
+    given = {key: value for key, value in overrides.items() if value is not None}
+    return Settings(**given)

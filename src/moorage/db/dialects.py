@@ -1,0 +1,58 @@
+"""The few statements that SQLite and PostgreSQL spell differently."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import ColumnElement, Table
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Dialect
+from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.sql.elements import ColumnClause
+
+
+def _insert(dialect: Dialect, table: Table) -> Any:
+    if dialect.name == "postgresql":
+        return postgresql.insert(table)
+    return sqlite.insert(table)
+
+
+async def insert_ignore(
+    connection: AsyncConnection, table: Table, values: dict[str, Any]
+) -> None:
+    """Insert a row unless one with the same key already exists."""
+    statement = _insert(connection.dialect, table).values(**values)
+    await connection.execute(statement.on_conflict_do_nothing())
+
+
+async def upsert(
+    connection: AsyncConnection,
+    table: Table,
+    values: dict[str, Any],
+    keys: Sequence[str],
+    update: Sequence[str],
+) -> None:
+    """Insert a row, or update the `update` columns of the row with the same keys."""
+    statement = _insert(connection.dialect, table).values(**values)
+    statement = statement.on_conflict_do_update(
+        index_elements=list(keys),
+        set_={name: statement.excluded[name] for name in update},
+    )
+    await connection.execute(statement)
+
+
+def lexical(column: ColumnClause[Any] | ColumnElement[Any], dialect: Dialect) -> Any:
+    """Order by code point, as the distribution spec asks for tags and the catalog.
+
+    PostgreSQL sorts by the database's locale unless told to use the C collation.
+    """
+    if dialect.name == "postgresql":
+        return column.collate("C")
+    return column
+
+
+def like_pattern(glob: str) -> str:
+    """Turn a `*` glob into a LIKE pattern with `\\` as the escape character."""
+    escaped = glob.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return escaped.replace("*", "%")

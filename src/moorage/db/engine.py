@@ -1,0 +1,78 @@
+"""Database engines and migrations for SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import structlog
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import event, text
+from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+log = structlog.get_logger(__name__)
+
+MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+# Any fixed number works; it only has to be the same for every replica.
+_MIGRATION_LOCK_ID = 0x6D6F6F72
+
+
+def create_engine(url: str) -> AsyncEngine:
+    """Create an async engine with the settings each dialect needs."""
+    if url.startswith("sqlite"):
+        engine = create_async_engine(url, connect_args={"timeout": 30})
+        event.listen(engine.sync_engine, "connect", _configure_sqlite)
+        return engine
+    return create_async_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True)
+
+
+def _configure_sqlite(dbapi_connection: Any, _record: Any) -> None:
+    # WAL lets the CLI and the server use the database at the same time;
+    # NORMAL synchronous is durable across process crashes in WAL mode.
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()
+
+
+def _alembic_config(connection: Connection) -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    config.attributes["connection"] = connection
+    return config
+
+
+def _upgrade(connection: Connection) -> list[str]:
+    if connection.dialect.name == "postgresql":
+        # Replicas that start together migrate one after the other.
+        connection.execute(
+            text("SELECT pg_advisory_xact_lock(:id)"), {"id": _MIGRATION_LOCK_ID}
+        )
+    before = MigrationContext.configure(connection).get_current_heads()
+    command.upgrade(_alembic_config(connection), "head")
+    after = MigrationContext.configure(connection).get_current_heads()
+    return [] if set(before) == set(after) else list(after)
+
+
+async def migrate(engine: AsyncEngine) -> list[str]:
+    """Bring the schema to the newest revision; return the new heads if it changed."""
+    async with engine.begin() as connection:
+        applied = await connection.run_sync(_upgrade)
+    if applied:
+        log.info("database migrated", revision=",".join(applied))
+    return applied
+
+
+def head_revision() -> str:
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    head = ScriptDirectory.from_config(config).get_current_head()
+    if head is None:
+        raise RuntimeError("no migrations found")
+    return head

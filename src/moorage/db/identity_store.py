@@ -1,0 +1,296 @@
+"""Queries for customers, namespaces, accounts, grants and signing keys."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from moorage.db.schema import (
+    accounts,
+    customers,
+    grants,
+    namespaces,
+    signing_keys,
+    utcnow,
+)
+from moorage.errors import ConflictError, NotFoundError
+
+
+@dataclass(frozen=True, slots=True)
+class CustomerRecord:
+    id: int
+    slug: str
+    display_name: str
+    status: str
+    access_until: datetime | None
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class AccountRecord:
+    """An account joined with the state of its customer (None for the vendor)."""
+
+    id: int
+    login: str
+    kind: str
+    role: str | None
+    secret_hash: str
+    disabled: bool
+    expires_at: datetime | None
+    token_generation: int
+    customer_id: int | None
+    customer_slug: str | None
+    customer_status: str | None
+    customer_access_until: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class GrantRecord:
+    id: int
+    customer_id: int | None
+    account_id: int | None
+    pattern: str
+    role: str
+    until: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class SigningKeyRecord:
+    kid: str
+    algorithm: str
+    private_key: str
+    created_at: datetime
+
+
+_ACCOUNT_COLUMNS = (
+    accounts.c.id,
+    accounts.c.login,
+    accounts.c.kind,
+    accounts.c.role,
+    accounts.c.secret_hash,
+    accounts.c.disabled,
+    accounts.c.expires_at,
+    accounts.c.token_generation,
+    accounts.c.customer_id,
+    customers.c.slug,
+    customers.c.status,
+    customers.c.access_until,
+)
+
+
+class IdentityStore:
+    """Who exists and what they were granted; every method is one transaction."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+
+    # Customers and namespaces
+
+    async def create_customer(
+        self, slug: str, display_name: str, access_until: datetime | None
+    ) -> CustomerRecord:
+        """Create a customer and its namespace of the same name."""
+        now = utcnow()
+        try:
+            async with self.engine.begin() as connection:
+                taken = await connection.scalar(
+                    select(namespaces.c.name).where(namespaces.c.name == slug)
+                )
+                if taken is not None:
+                    raise ConflictError(f"namespace {slug!r} is already taken")
+                customer_id = (
+                    await connection.execute(
+                        customers.insert()
+                        .values(
+                            slug=slug,
+                            display_name=display_name,
+                            status="active",
+                            access_until=access_until,
+                            created_at=now,
+                        )
+                        .returning(customers.c.id)
+                    )
+                ).scalar_one()
+                await connection.execute(
+                    namespaces.insert().values(
+                        name=slug, customer_id=customer_id, created_at=now
+                    )
+                )
+        except IntegrityError:
+            raise ConflictError(f"customer {slug!r} already exists") from None
+        return CustomerRecord(
+            customer_id, slug, display_name, "active", access_until, now
+        )
+
+    async def get_customer(self, slug: str) -> CustomerRecord:
+        async with self.engine.connect() as connection:
+            row = (
+                await connection.execute(
+                    select(customers).where(customers.c.slug == slug)
+                )
+            ).first()
+        if row is None:
+            raise NotFoundError(f"customer {slug!r} not found")
+        return CustomerRecord(*row)
+
+    async def list_customers(self) -> list[CustomerRecord]:
+        async with self.engine.connect() as connection:
+            result = await connection.execute(
+                select(customers).order_by(customers.c.slug)
+            )
+            return [CustomerRecord(*row) for row in result]
+
+    async def namespaces_of(self, customer_id: int) -> list[str]:
+        async with self.engine.connect() as connection:
+            result = await connection.execute(
+                select(namespaces.c.name)
+                .where(namespaces.c.customer_id == customer_id)
+                .order_by(namespaces.c.name)
+            )
+            return [row[0] for row in result]
+
+    # Accounts
+
+    async def create_account(
+        self,
+        *,
+        login: str,
+        customer_id: int | None,
+        kind: str,
+        role: str | None,
+        secret_hash: str,
+        expires_at: datetime | None = None,
+    ) -> int:
+        now = utcnow()
+        try:
+            async with self.engine.begin() as connection:
+                return (
+                    await connection.execute(
+                        accounts.insert()
+                        .values(
+                            login=login,
+                            customer_id=customer_id,
+                            kind=kind,
+                            role=role,
+                            secret_hash=secret_hash,
+                            disabled=False,
+                            expires_at=expires_at,
+                            token_generation=0,
+                            created_at=now,
+                        )
+                        .returning(accounts.c.id)
+                    )
+                ).scalar_one()
+        except IntegrityError:
+            raise ConflictError(f"the login name {login!r} is already taken") from None
+
+    async def find_account(self, login: str) -> AccountRecord | None:
+        return await self._account_where(accounts.c.login == login)
+
+    async def get_account(self, account_id: int) -> AccountRecord | None:
+        return await self._account_where(accounts.c.id == account_id)
+
+    async def _account_where(self, condition: object) -> AccountRecord | None:
+        async with self.engine.connect() as connection:
+            row = (
+                await connection.execute(
+                    select(*_ACCOUNT_COLUMNS)
+                    .select_from(accounts.outerjoin(customers))
+                    .where(condition)  # type: ignore[arg-type]
+                )
+            ).first()
+        return None if row is None else AccountRecord(*row)
+
+    async def list_accounts(self, customer_id: int | None) -> list[AccountRecord]:
+        async with self.engine.connect() as connection:
+            condition = (
+                accounts.c.customer_id.is_(None)
+                if customer_id is None
+                else accounts.c.customer_id == customer_id
+            )
+            result = await connection.execute(
+                select(*_ACCOUNT_COLUMNS)
+                .select_from(accounts.outerjoin(customers))
+                .where(condition)
+                .order_by(accounts.c.login)
+            )
+            return [AccountRecord(*row) for row in result]
+
+    async def has_vendor_admin(self) -> bool:
+        async with self.engine.connect() as connection:
+            found = await connection.scalar(
+                select(accounts.c.id).where(
+                    accounts.c.customer_id.is_(None), accounts.c.role == "admin"
+                )
+            )
+        return found is not None
+
+    async def set_secret(self, account_id: int, secret_hash: str) -> None:
+        """Replace an account's secret and reject every token issued before now."""
+        async with self.engine.begin() as connection:
+            await connection.execute(
+                update(accounts)
+                .where(accounts.c.id == account_id)
+                .values(
+                    secret_hash=secret_hash,
+                    token_generation=accounts.c.token_generation + 1,
+                )
+            )
+
+    # Grants
+
+    async def grants_for(
+        self, account_id: int, customer_id: int | None
+    ) -> list[GrantRecord]:
+        """Return the grants of an account and of its whole customer."""
+        async with self.engine.connect() as connection:
+            condition = grants.c.account_id == account_id
+            if customer_id is not None:
+                condition = or_(
+                    condition,
+                    (grants.c.customer_id == customer_id)
+                    & grants.c.account_id.is_(None),
+                )
+            result = await connection.execute(
+                select(
+                    grants.c.id,
+                    grants.c.customer_id,
+                    grants.c.account_id,
+                    grants.c.pattern,
+                    grants.c.role,
+                    grants.c.until,
+                ).where(condition)
+            )
+            return [GrantRecord(*row) for row in result]
+
+    # Token signing keys
+
+    async def active_signing_keys(self) -> list[SigningKeyRecord]:
+        """Return keys not retired, newest first."""
+        async with self.engine.connect() as connection:
+            result = await connection.execute(
+                select(
+                    signing_keys.c.kid,
+                    signing_keys.c.algorithm,
+                    signing_keys.c.private_key,
+                    signing_keys.c.created_at,
+                )
+                .where(signing_keys.c.retired_at.is_(None))
+                .order_by(signing_keys.c.created_at.desc())
+            )
+            return [SigningKeyRecord(*row) for row in result]
+
+    async def add_signing_key(self, kid: str, algorithm: str, private_key: str) -> None:
+        async with self.engine.begin() as connection:
+            await connection.execute(
+                signing_keys.insert().values(
+                    kid=kid,
+                    algorithm=algorithm,
+                    private_key=private_key,
+                    created_at=utcnow(),
+                )
+            )

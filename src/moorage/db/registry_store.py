@@ -1,0 +1,512 @@
+"""Queries for repositories, blobs, manifests, tags and upload sessions."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from sqlalchemy import and_, delete, exists, func, or_, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from moorage.db.dialects import insert_ignore, lexical, like_pattern, upsert
+from moorage.db.schema import (
+    blobs,
+    manifest_references,
+    manifests,
+    repositories,
+    repository_blobs,
+    tags,
+    uploads,
+    utcnow,
+)
+from moorage.errors import ManifestBlobUnknownError
+from moorage.names import namespace_of
+
+
+@dataclass(frozen=True, slots=True)
+class ManifestRecord:
+    digest: str
+    media_type: str
+    size: int
+    content: bytes
+    subject_digest: str | None
+    artifact_type: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class NewManifest:
+    """A validated manifest, ready to store."""
+
+    digest: str
+    media_type: str
+    content: bytes
+    artifact_type: str | None = None
+    subject_digest: str | None = None
+    annotations_json: str | None = None
+    blob_references: Sequence[str] = field(default_factory=tuple)
+    manifest_references: Sequence[str] = field(default_factory=tuple)
+
+
+@dataclass(frozen=True, slots=True)
+class ReferrerRecord:
+    digest: str
+    media_type: str
+    size: int
+    artifact_type: str | None
+    annotations_json: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class UploadRecord:
+    id: str
+    repository: str
+    size: int
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class RepositoryFilter:
+    """Which repositories a caller may list: every one, or those matching globs."""
+
+    everything: bool = False
+    patterns: Sequence[str] = ()
+
+
+class RegistryStore:
+    """Metadata of the registry's content; every method is one transaction."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+
+    # Repositories
+
+    async def repository_exists(self, name: str) -> bool:
+        async with self.engine.connect() as connection:
+            found = await connection.scalar(
+                select(repositories.c.id).where(repositories.c.name == name)
+            )
+        return found is not None
+
+    async def list_repositories(
+        self, access: RepositoryFilter, limit: int, last: str | None
+    ) -> list[str]:
+        """Return up to `limit` repository names after `last`, in lexical order."""
+        async with self.engine.connect() as connection:
+            name = repositories.c.name
+            query = select(name)
+            if not access.everything:
+                if not access.patterns:
+                    return []
+                query = query.where(or_(*_pattern_conditions(access.patterns)))
+            if last:
+                query = query.where(lexical(name, connection.dialect) > last)
+            query = query.order_by(lexical(name, connection.dialect)).limit(limit)
+            result = await connection.execute(query)
+            return [row[0] for row in result]
+
+    # Blobs
+
+    async def blob_size_in_repository(self, repository: str, digest: str) -> int | None:
+        """Return the size of a blob that the repository may serve, else None."""
+        async with self.engine.connect() as connection:
+            return await _visible_blob_size(connection, repository, digest)
+
+    async def blob_exists(self, digest: str) -> bool:
+        async with self.engine.connect() as connection:
+            found = await connection.scalar(
+                select(blobs.c.size).where(blobs.c.digest == digest)
+            )
+        return found is not None
+
+    async def link_blob(
+        self,
+        repository: str,
+        digest: str,
+        size: int,
+        *,
+        finished_upload: str | None = None,
+    ) -> None:
+        """Record a committed blob and make it visible in `repository`."""
+        async with self.engine.begin() as connection:
+            repository_id = await _ensure_repository(connection, repository)
+            await insert_ignore(connection, blobs, {"digest": digest, "size": size})
+            await insert_ignore(
+                connection,
+                repository_blobs,
+                {"repository_id": repository_id, "digest": digest},
+            )
+            if finished_upload is not None:
+                await connection.execute(
+                    delete(uploads).where(uploads.c.id == finished_upload)
+                )
+
+    async def mount_blob(self, source: str, target: str, digest: str) -> int | None:
+        """Link a blob visible in `source` into `target`; return its size or None."""
+        async with self.engine.begin() as connection:
+            size = await _visible_blob_size(connection, source, digest)
+            if size is None:
+                return None
+            repository_id = await _ensure_repository(connection, target)
+            await insert_ignore(
+                connection,
+                repository_blobs,
+                {"repository_id": repository_id, "digest": digest},
+            )
+            return size
+
+    async def unlink_blob(self, repository: str, digest: str) -> bool:
+        """Remove a blob from a repository; return False when it was not linked."""
+        async with self.engine.begin() as connection:
+            repository_id = await _repository_id(connection, repository)
+            if repository_id is None:
+                return False
+            result = await connection.execute(
+                delete(repository_blobs).where(
+                    repository_blobs.c.repository_id == repository_id,
+                    repository_blobs.c.digest == digest,
+                )
+            )
+            return result.rowcount > 0
+
+    # Upload sessions
+
+    async def create_upload(self, repository: str) -> UploadRecord:
+        async with self.engine.begin() as connection:
+            repository_id = await _ensure_repository(connection, repository)
+            now = utcnow()
+            upload_id = str(uuid.uuid4())
+            await connection.execute(
+                uploads.insert().values(
+                    id=upload_id,
+                    repository_id=repository_id,
+                    size=0,
+                    created_at=now,
+                    updated_at=now,
+                )
+            )
+        return UploadRecord(upload_id, repository, 0, now)
+
+    async def get_upload(self, repository: str, upload_id: str) -> UploadRecord | None:
+        async with self.engine.connect() as connection:
+            row = (
+                await connection.execute(
+                    select(uploads.c.id, uploads.c.size, uploads.c.created_at)
+                    .join(repositories, repositories.c.id == uploads.c.repository_id)
+                    .where(uploads.c.id == upload_id, repositories.c.name == repository)
+                )
+            ).first()
+        if row is None:
+            return None
+        return UploadRecord(row.id, repository, row.size, row.created_at)
+
+    async def advance_upload(
+        self, upload_id: str, expected: int, new_size: int
+    ) -> bool:
+        """Move an upload from `expected` to `new_size` bytes, if nobody else did."""
+        async with self.engine.begin() as connection:
+            result = await connection.execute(
+                update(uploads)
+                .where(uploads.c.id == upload_id, uploads.c.size == expected)
+                .values(size=new_size, updated_at=utcnow())
+            )
+            return result.rowcount == 1
+
+    async def delete_upload(self, upload_id: str) -> bool:
+        async with self.engine.begin() as connection:
+            result = await connection.execute(
+                delete(uploads).where(uploads.c.id == upload_id)
+            )
+            return result.rowcount > 0
+
+    async def list_stale_uploads(self, older_than: datetime) -> list[str]:
+        async with self.engine.connect() as connection:
+            result = await connection.execute(
+                select(uploads.c.id).where(uploads.c.updated_at < older_than)
+            )
+            return [row[0] for row in result]
+
+    # Manifests and tags
+
+    async def get_manifest(self, repository: str, digest: str) -> ManifestRecord | None:
+        async with self.engine.connect() as connection:
+            row = (
+                await connection.execute(
+                    _manifest_columns()
+                    .join(repositories, repositories.c.id == manifests.c.repository_id)
+                    .where(
+                        repositories.c.name == repository, manifests.c.digest == digest
+                    )
+                )
+            ).first()
+        return _manifest_record(row)
+
+    async def get_tagged_manifest(
+        self, repository: str, tag: str
+    ) -> ManifestRecord | None:
+        async with self.engine.connect() as connection:
+            row = (
+                await connection.execute(
+                    _manifest_columns()
+                    .join(tags, tags.c.manifest_id == manifests.c.id)
+                    .join(repositories, repositories.c.id == tags.c.repository_id)
+                    .where(repositories.c.name == repository, tags.c.name == tag)
+                )
+            ).first()
+        return _manifest_record(row)
+
+    async def put_manifest(
+        self, repository: str, manifest: NewManifest, tag: str | None
+    ) -> None:
+        """Store a manifest and point `tag` at it, after checking its references.
+
+        Raises ManifestBlobUnknownError when a referenced blob or child manifest is
+        not in the repository; nothing is stored then.
+        """
+        async with self.engine.begin() as connection:
+            repository_id = await _ensure_repository(connection, repository)
+            await _check_references(connection, repository, repository_id, manifest)
+            manifest_id = await _insert_manifest(connection, repository_id, manifest)
+            if tag is not None:
+                await upsert(
+                    connection,
+                    tags,
+                    {
+                        "repository_id": repository_id,
+                        "name": tag,
+                        "manifest_id": manifest_id,
+                        "updated_at": utcnow(),
+                    },
+                    keys=("repository_id", "name"),
+                    update=("manifest_id", "updated_at"),
+                )
+
+    async def delete_manifest(self, repository: str, digest: str) -> bool:
+        """Delete a manifest and every tag that points at it."""
+        async with self.engine.begin() as connection:
+            manifest_id = await connection.scalar(
+                select(manifests.c.id)
+                .join(repositories, repositories.c.id == manifests.c.repository_id)
+                .where(repositories.c.name == repository, manifests.c.digest == digest)
+            )
+            if manifest_id is None:
+                return False
+            await connection.execute(
+                delete(tags).where(tags.c.manifest_id == manifest_id)
+            )
+            await connection.execute(
+                delete(manifest_references).where(
+                    manifest_references.c.manifest_id == manifest_id
+                )
+            )
+            await connection.execute(
+                delete(manifests).where(manifests.c.id == manifest_id)
+            )
+            return True
+
+    async def delete_tag(self, repository: str, tag: str) -> bool:
+        async with self.engine.begin() as connection:
+            repository_id = await _repository_id(connection, repository)
+            if repository_id is None:
+                return False
+            result = await connection.execute(
+                delete(tags).where(
+                    tags.c.repository_id == repository_id, tags.c.name == tag
+                )
+            )
+            return result.rowcount > 0
+
+    async def list_tags(
+        self, repository: str, limit: int | None, last: str | None
+    ) -> list[str] | None:
+        """Return tags after `last` in lexical order, or None for no such repository."""
+        async with self.engine.connect() as connection:
+            repository_id = await _repository_id(connection, repository)
+            if repository_id is None:
+                return None
+            name = lexical(tags.c.name, connection.dialect)
+            query = select(tags.c.name).where(tags.c.repository_id == repository_id)
+            if last:
+                query = query.where(name > last)
+            query = query.order_by(name)
+            if limit is not None:
+                query = query.limit(limit)
+            result = await connection.execute(query)
+            return [row[0] for row in result]
+
+    async def list_referrers(
+        self, repository: str, subject: str, artifact_type: str | None
+    ) -> list[ReferrerRecord]:
+        async with self.engine.connect() as connection:
+            query = (
+                select(
+                    manifests.c.digest,
+                    manifests.c.media_type,
+                    manifests.c.size,
+                    manifests.c.artifact_type,
+                    manifests.c.annotations,
+                )
+                .join(repositories, repositories.c.id == manifests.c.repository_id)
+                .where(
+                    repositories.c.name == repository,
+                    manifests.c.subject_digest == subject,
+                )
+                .order_by(manifests.c.created_at, manifests.c.digest)
+            )
+            if artifact_type is not None:
+                query = query.where(manifests.c.artifact_type == artifact_type)
+            result = await connection.execute(query)
+            return [ReferrerRecord(*row) for row in result]
+
+    async def count_repositories(self) -> int:
+        async with self.engine.connect() as connection:
+            return int(
+                await connection.scalar(select(func.count()).select_from(repositories))
+                or 0
+            )
+
+
+def _pattern_conditions(patterns: Sequence[str]) -> list[object]:
+    name = repositories.c.name
+    conditions: list[object] = []
+    for pattern in patterns:
+        if "*" in pattern:
+            conditions.append(name.like(like_pattern(pattern), escape="\\"))
+        else:
+            conditions.append(name == pattern)
+    return conditions
+
+
+async def _repository_id(connection: AsyncConnection, name: str) -> int | None:
+    return await connection.scalar(
+        select(repositories.c.id).where(repositories.c.name == name)
+    )
+
+
+async def _ensure_repository(connection: AsyncConnection, name: str) -> int:
+    repository_id = await _repository_id(connection, name)
+    if repository_id is not None:
+        return repository_id
+    await insert_ignore(
+        connection,
+        repositories,
+        {"name": name, "namespace": namespace_of(name), "created_at": utcnow()},
+    )
+    repository_id = await _repository_id(connection, name)
+    assert repository_id is not None
+    return repository_id
+
+
+async def _visible_blob_size(
+    connection: AsyncConnection, repository: str, digest: str
+) -> int | None:
+    """Return the size of a blob linked to or referenced in a repository."""
+    linked = await connection.scalar(
+        select(blobs.c.size)
+        .join(repository_blobs, repository_blobs.c.digest == blobs.c.digest)
+        .join(repositories, repositories.c.id == repository_blobs.c.repository_id)
+        .where(repositories.c.name == repository, blobs.c.digest == digest)
+    )
+    if linked is not None:
+        return int(linked)
+    referenced = await connection.scalar(
+        select(blobs.c.size).where(
+            blobs.c.digest == digest,
+            exists(
+                select(manifest_references.c.digest)
+                .join(manifests, manifests.c.id == manifest_references.c.manifest_id)
+                .join(repositories, repositories.c.id == manifests.c.repository_id)
+                .where(
+                    repositories.c.name == repository,
+                    manifest_references.c.digest == digest,
+                    manifest_references.c.kind == "blob",
+                )
+            ),
+        )
+    )
+    return None if referenced is None else int(referenced)
+
+
+async def _check_references(
+    connection: AsyncConnection,
+    repository: str,
+    repository_id: int,
+    manifest: NewManifest,
+) -> None:
+    for digest in manifest.blob_references:
+        if await _visible_blob_size(connection, repository, digest) is None:
+            raise ManifestBlobUnknownError(
+                f"manifest references blob {digest}, which is not in {repository}; "
+                "push or mount it first",
+                detail={"digest": digest},
+            )
+    if manifest.manifest_references:
+        wanted = set(manifest.manifest_references)
+        result = await connection.execute(
+            select(manifests.c.digest).where(
+                manifests.c.repository_id == repository_id,
+                manifests.c.digest.in_(wanted),
+            )
+        )
+        missing = sorted(wanted - {row[0] for row in result})
+        if missing:
+            raise ManifestBlobUnknownError(
+                f"index references manifest {missing[0]}, which is not in "
+                f"{repository}; push it first",
+                detail={"digest": missing[0]},
+            )
+
+
+async def _insert_manifest(
+    connection: AsyncConnection, repository_id: int, manifest: NewManifest
+) -> int:
+    where = and_(
+        manifests.c.repository_id == repository_id,
+        manifests.c.digest == manifest.digest,
+    )
+    existing = await connection.scalar(select(manifests.c.id).where(where))
+    if existing is not None:
+        return int(existing)
+    await insert_ignore(
+        connection,
+        manifests,
+        {
+            "repository_id": repository_id,
+            "digest": manifest.digest,
+            "media_type": manifest.media_type,
+            "artifact_type": manifest.artifact_type,
+            "subject_digest": manifest.subject_digest,
+            "annotations": manifest.annotations_json,
+            "size": len(manifest.content),
+            "content": manifest.content,
+            "created_at": utcnow(),
+        },
+    )
+    manifest_id = int(await connection.scalar(select(manifests.c.id).where(where)))
+    references = dict.fromkeys(manifest.blob_references, "blob")
+    references.update(dict.fromkeys(manifest.manifest_references, "manifest"))
+    for digest, kind in references.items():
+        await insert_ignore(
+            connection,
+            manifest_references,
+            {"manifest_id": manifest_id, "digest": digest, "kind": kind},
+        )
+    return manifest_id
+
+
+def _manifest_columns():  # type: ignore[no-untyped-def]
+    return select(
+        manifests.c.digest,
+        manifests.c.media_type,
+        manifests.c.size,
+        manifests.c.content,
+        manifests.c.subject_digest,
+        manifests.c.artifact_type,
+    )
+
+
+def _manifest_record(row: object | None) -> ManifestRecord | None:
+    if row is None:
+        return None
+    return ManifestRecord(*row)  # type: ignore[misc]

@@ -1,0 +1,109 @@
+"""Domain errors raised by the registry, storage and auth layers.
+
+The API layer maps each class to an OCI error code and HTTP status in one table
+(`moorage.api.errors`); code below the API never picks a status itself.
+
+    MoorageError
+    ├── NameInvalidError, TagInvalidError, DigestInvalidError
+    ├── NameUnknownError, BlobUnknownError, ManifestUnknownError, UploadUnknownError
+    ├── ManifestInvalidError, ManifestBlobUnknownError, ManifestTooLargeError
+    ├── UploadInvalidError, RangeInvalidError, SizeInvalidError
+    ├── PaginationInvalidError, UnsupportedError
+    ├── UnauthorizedError, DeniedError
+    └── ConflictError (administrative changes: a name already taken)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class MoorageError(Exception):
+    """Base class of every error Moorage raises on purpose."""
+
+    def __init__(self, message: str | None = None, detail: Any = None) -> None:
+        super().__init__(message or self.__doc__ or type(self).__name__)
+        self.message = message or (self.__doc__ or "").strip()
+        self.detail = detail
+
+
+class NameInvalidError(MoorageError):
+    """invalid repository name"""
+
+
+class TagInvalidError(MoorageError):
+    """invalid tag"""
+
+
+class DigestInvalidError(MoorageError):
+    """provided digest did not match uploaded content"""
+
+
+class NameUnknownError(MoorageError):
+    """repository name not known to registry"""
+
+
+class BlobUnknownError(MoorageError):
+    """blob unknown to registry"""
+
+
+class ManifestUnknownError(MoorageError):
+    """manifest unknown"""
+
+
+class UploadUnknownError(MoorageError):
+    """blob upload unknown to registry"""
+
+
+class ManifestInvalidError(MoorageError):
+    """manifest invalid"""
+
+
+class ManifestBlobUnknownError(MoorageError):
+    """manifest references a blob or manifest unknown to this repository"""
+
+
+class ManifestTooLargeError(MoorageError):
+    """manifest too large"""
+
+
+class UploadInvalidError(MoorageError):
+    """blob upload invalid"""
+
+
+class RangeInvalidError(MoorageError):
+    """requested range not satisfiable"""
+
+    def __init__(
+        self, message: str | None = None, detail: Any = None, *, size: int | None = None
+    ) -> None:
+        super().__init__(message, detail)
+        self.size = size
+
+
+class SizeInvalidError(MoorageError):
+    """provided length did not match content length"""
+
+
+class PaginationInvalidError(MoorageError):
+    """invalid number of results requested"""
+
+
+class UnsupportedError(MoorageError):
+    """the operation is unsupported"""
+
+
+class UnauthorizedError(MoorageError):
+    """authentication required"""
+
+
+class DeniedError(MoorageError):
+    """requested access to the resource is denied"""
+
+
+class ConflictError(MoorageError):
+    """the name is already taken"""
+
+
+class NotFoundError(MoorageError):
+    """not found"""

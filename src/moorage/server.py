@@ -1,0 +1,66 @@
+"""Start the registry: open services, create the first admin, serve HTTP."""
+
+from __future__ import annotations
+
+import os
+
+import structlog
+import uvicorn
+from rich.console import Console
+
+from moorage import __version__, admin
+from moorage.api.app import create_app
+from moorage.config import Settings
+from moorage.services import open_services
+
+log = structlog.get_logger(__name__)
+
+
+async def run_server(settings: Settings, console: Console) -> None:
+    services = await open_services(settings)
+    try:
+        password = (
+            settings.admin_password.get_secret_value()
+            if settings.admin_password
+            else None
+        )
+        created = await admin.ensure_vendor_admin(
+            services.identity, settings.admin_username, password
+        )
+        if created is not None:
+            _announce_admin(console, created)
+        config = uvicorn.Config(
+            create_app(services),
+            host=settings.host,
+            port=settings.port,
+            loop="uvloop",
+            http="httptools",
+            log_config=None,
+            access_log=False,
+            server_header=False,
+            proxy_headers=False,
+        )
+        server = uvicorn.Server(config)
+        log.info(
+            "starting",
+            version=__version__,
+            host=settings.host,
+            port=settings.port,
+            data_dir=str(settings.data_dir.resolve()),
+            database=settings.resolved_database_url.split("://", 1)[0],
+            pid=os.getpid(),
+        )
+        await server.serve()
+    finally:
+        await services.close()
+        log.info("stopped")
+
+
+def _announce_admin(console: Console, created: admin.CreatedAccount) -> None:
+    if created.password is None:
+        console.print(f"vendor admin {created.login!r} created with the given password")
+        return
+    console.print(
+        f"vendor admin created. login: {created.login}  password: {created.password}\n"
+        "This password is shown once; store it now."
+    )

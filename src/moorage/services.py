@@ -1,0 +1,59 @@
+"""Build every service from the settings, once per process, and pass them on."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from moorage.api.access import RequestGuard
+from moorage.api.http import ProxyTrust
+from moorage.auth.authenticator import Authenticator
+from moorage.auth.tokens import TokenService
+from moorage.config import Settings
+from moorage.db.engine import create_engine, migrate
+from moorage.db.identity_store import IdentityStore
+from moorage.db.registry_store import RegistryStore
+from moorage.storage.drivers.filesystem import FilesystemDriver
+from moorage.storage.registry import Registry
+
+
+@dataclass
+class Services:
+    settings: Settings
+    engine: AsyncEngine
+    identity: IdentityStore
+    registry: Registry
+    tokens: TokenService
+    authenticator: Authenticator
+    guard: RequestGuard
+    trust: ProxyTrust
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+
+
+async def open_services(settings: Settings) -> Services:
+    """Connect to the database (migrating it) and the blob store."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(settings.resolved_database_url)
+    await migrate(engine)
+    identity = IdentityStore(engine)
+    driver = FilesystemDriver(settings.resolved_storage_dir)
+    registry = Registry(RegistryStore(engine), driver, settings.max_manifest_bytes)
+    tokens = await TokenService.load(
+        identity, settings.service_name, settings.token_ttl_seconds
+    )
+    authenticator = Authenticator(identity, tokens)
+    trust = ProxyTrust(settings.trusted_proxies)
+    guard = RequestGuard(authenticator, settings, trust)
+    return Services(
+        settings=settings,
+        engine=engine,
+        identity=identity,
+        registry=registry,
+        tokens=tokens,
+        authenticator=authenticator,
+        guard=guard,
+        trust=trust,
+    )

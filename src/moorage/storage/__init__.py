@@ -1,0 +1,1 @@
+"""Blob storage: the driver interface and the registry logic above it."""

@@ -1,0 +1,102 @@
+"""The storage driver contract.
+
+A driver stores opaque byte strings under slash-separated keys. The registry
+never relies on anything a driver does beyond these methods, so an object store
+with multipart uploads (S3) can implement them as well as a local filesystem:
+
+- `writer` appends to one key over several calls (one upload session spans many
+  HTTP requests and may continue on another process), and `FileWriter.cancel`
+  rolls back whatever the current call appended.
+- `move` is the commit point of a blob: the target key appears whole or not at
+  all.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+
+class PathNotFoundError(Exception):
+    """No object is stored under the key."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(f"storage path not found: {path}")
+        self.path = path
+
+
+@dataclass(frozen=True, slots=True)
+class FileInfo:
+    path: str
+    size: int
+    modified: float
+
+
+class FileWriter(ABC):
+    """Appends bytes to one key; nothing is kept unless `commit` returns."""
+
+    @property
+    @abstractmethod
+    def size(self) -> int:
+        """Total size of the object, including what this writer appended."""
+
+    @abstractmethod
+    async def write(self, data: bytes) -> None:
+        """Append `data`."""
+
+    @abstractmethod
+    async def commit(self) -> int:
+        """Make the appended bytes durable and return the total size."""
+
+    @abstractmethod
+    async def cancel(self) -> None:
+        """Discard what this writer appended; the object keeps its earlier size."""
+
+
+class StorageDriver(ABC):
+    """Stores byte strings under keys such as `blobs/sha256/ab/ab12...`."""
+
+    @abstractmethod
+    async def stat(self, path: str) -> FileInfo:
+        """Return size and modification time; raise PathNotFoundError."""
+
+    @abstractmethod
+    def read(
+        self, path: str, offset: int = 0, length: int | None = None
+    ) -> AsyncIterator[bytes]:
+        """Yield the bytes from `offset`, `length` of them or up to the end.
+
+        Raises PathNotFoundError before yielding anything when the key is missing.
+        """
+
+    @abstractmethod
+    async def writer(self, path: str, offset: int = 0) -> FileWriter:
+        """Open `path` to append at `offset`, creating it when `offset` is 0.
+
+        Anything stored past `offset` (left by an interrupted writer) is dropped.
+        Raises PathNotFoundError when `offset` > 0 and the key is missing.
+        """
+
+    @abstractmethod
+    async def put(self, path: str, data: bytes) -> None:
+        """Store a small object whole, replacing any earlier one atomically."""
+
+    @abstractmethod
+    async def move(self, source: str, destination: str) -> None:
+        """Move an object; the destination appears whole or not at all."""
+
+    @abstractmethod
+    async def delete(self, path: str) -> None:
+        """Delete an object, or every object under a prefix; missing is no error."""
+
+    @abstractmethod
+    async def list(self, prefix: str) -> list[str]:
+        """Return the keys of all objects under `prefix`, sorted."""
+
+    async def exists(self, path: str) -> bool:
+        try:
+            await self.stat(path)
+        except PathNotFoundError:
+            return False
+        return True

@@ -1,0 +1,183 @@
+"""A storage driver on a local directory."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from moorage.storage.drivers.base import (
+    FileInfo,
+    FileWriter,
+    PathNotFoundError,
+    StorageDriver,
+)
+
+READ_CHUNK_BYTES = 1024 * 1024
+WRITE_BUFFER_BYTES = 1024 * 1024
+
+
+class FilesystemDriver(StorageDriver):
+    """Keys map to files under `root`; `move` is a rename within one filesystem."""
+
+    def __init__(self, root: Path, *, fsync: bool = True) -> None:
+        self.root = root.resolve()
+        self.fsync = fsync
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def _full_path(self, path: str) -> Path:
+        full = (self.root / path).resolve()
+        if full != self.root and self.root not in full.parents:
+            raise ValueError(f"storage path escapes the root: {path!r}")
+        return full
+
+    async def stat(self, path: str) -> FileInfo:
+        try:
+            result = os.stat(self._full_path(path))
+        except FileNotFoundError:
+            raise PathNotFoundError(path) from None
+        return FileInfo(path, result.st_size, result.st_mtime)
+
+    async def read(
+        self, path: str, offset: int = 0, length: int | None = None
+    ) -> AsyncIterator[bytes]:
+        try:
+            fd = os.open(self._full_path(path), os.O_RDONLY)
+        except FileNotFoundError:
+            raise PathNotFoundError(path) from None
+        try:
+            remaining = length if length is not None else os.fstat(fd).st_size - offset
+            position = offset
+            while remaining > 0:
+                want = min(READ_CHUNK_BYTES, remaining)
+                chunk = await asyncio.to_thread(os.pread, fd, want, position)
+                if not chunk:
+                    break
+                position += len(chunk)
+                remaining -= len(chunk)
+                yield chunk
+        finally:
+            os.close(fd)
+
+    async def writer(self, path: str, offset: int = 0) -> FileWriter:
+        full = self._full_path(path)
+        if offset == 0:
+            full.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(full, os.O_WRONLY | os.O_CREAT, 0o640)
+        else:
+            try:
+                fd = os.open(full, os.O_WRONLY)
+            except FileNotFoundError:
+                raise PathNotFoundError(path) from None
+        os.ftruncate(fd, offset)
+        return _FilesystemWriter(fd, offset, fsync=self.fsync)
+
+    async def put(self, path: str, data: bytes) -> None:
+        full = self._full_path(path)
+        full.parent.mkdir(parents=True, exist_ok=True)
+        temporary = full.with_name(f".{full.name}.{uuid.uuid4().hex}.tmp")
+        await asyncio.to_thread(_write_file, temporary, data, self.fsync)
+        os.replace(temporary, full)
+
+    async def move(self, source: str, destination: str) -> None:
+        source_path = self._full_path(source)
+        target = self._full_path(destination)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.replace(source_path, target)
+        except FileNotFoundError:
+            raise PathNotFoundError(source) from None
+        if self.fsync:
+            await asyncio.to_thread(_fsync_directory, target.parent)
+
+    async def delete(self, path: str) -> None:
+        full = self._full_path(path)
+        if full.is_dir():
+            await asyncio.to_thread(shutil.rmtree, full, True)
+        else:
+            full.unlink(missing_ok=True)
+
+    async def list(self, prefix: str) -> list[str]:
+        base = self._full_path(prefix)
+        if not base.exists():
+            return []
+        keys = [
+            str(file.relative_to(self.root))
+            for file in base.rglob("*")
+            if file.is_file() and not file.name.endswith(".tmp")
+        ]
+        return sorted(keys)
+
+
+class _FilesystemWriter(FileWriter):
+    def __init__(self, fd: int, offset: int, *, fsync: bool) -> None:
+        self._fd = fd
+        self._start = offset
+        self._written = offset
+        self._buffer = bytearray()
+        self._fsync = fsync
+        self._closed = False
+
+    @property
+    def size(self) -> int:
+        return self._written + len(self._buffer)
+
+    async def write(self, data: bytes) -> None:
+        self._buffer += data
+        if len(self._buffer) >= WRITE_BUFFER_BYTES:
+            await self._flush()
+
+    async def _flush(self) -> None:
+        if not self._buffer:
+            return
+        data = bytes(self._buffer)
+        self._buffer.clear()
+        await asyncio.to_thread(_pwrite_all, self._fd, data, self._written)
+        self._written += len(data)
+
+    async def commit(self) -> int:
+        await self._flush()
+        if self._fsync:
+            await asyncio.to_thread(os.fsync, self._fd)
+        self._close()
+        return self._written
+
+    async def cancel(self) -> None:
+        if self._closed:
+            return
+        self._buffer.clear()
+        os.ftruncate(self._fd, self._start)
+        self._written = self._start
+        self._close()
+
+    def _close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            os.close(self._fd)
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view = view[written:]
+        offset += written
+
+
+def _write_file(path: Path, data: bytes, fsync: bool) -> None:
+    with open(path, "wb") as handle:
+        handle.write(data)
+        if fsync:
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
+def _fsync_directory(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

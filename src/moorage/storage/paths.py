@@ -1,0 +1,26 @@
+"""Every key the registry uses in a storage driver, in one place.
+
+Layout:
+
+    blobs/<algorithm>/<first two hex characters>/<hex>   committed content
+    uploads/<upload id>/data                             an upload in progress
+"""
+
+from __future__ import annotations
+
+from moorage.digests import Digest
+
+BLOBS_PREFIX = "blobs"
+UPLOADS_PREFIX = "uploads"
+
+
+def blob_path(digest: Digest) -> str:
+    return f"{BLOBS_PREFIX}/{digest.algorithm}/{digest.hex[:2]}/{digest.hex}"
+
+
+def upload_dir(upload_id: str) -> str:
+    return f"{UPLOADS_PREFIX}/{upload_id}"
+
+
+def upload_data_path(upload_id: str) -> str:
+    return f"{upload_dir(upload_id)}/data"

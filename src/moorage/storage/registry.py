@@ -1,0 +1,340 @@
+"""Registry logic: blobs, upload sessions, manifests, tags and referrers.
+
+This layer knows digests, sessions and visibility rules; it stores bytes through
+a `StorageDriver` and metadata through a `RegistryStore`, and raises domain
+errors from `moorage.errors`. It knows nothing of HTTP.
+
+Upload sessions live in the database and the driver, so they survive a restart
+and may continue on another process. The running digest of a session is kept in
+memory as an optimisation; when it is missing (after a restart, or on another
+replica) the data received so far is hashed again when the upload finishes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+from moorage.db.registry_store import (
+    ManifestRecord,
+    ReferrerRecord,
+    RegistryStore,
+    UploadRecord,
+)
+from moorage.digests import Digest, is_digest, new_hasher, parse_digest
+from moorage.errors import (
+    BlobUnknownError,
+    DigestInvalidError,
+    ManifestUnknownError,
+    NameUnknownError,
+    RangeInvalidError,
+    SizeInvalidError,
+    UploadInvalidError,
+    UploadUnknownError,
+)
+from moorage.names import validate_tag
+from moorage.storage import paths
+from moorage.storage.drivers.base import PathNotFoundError, StorageDriver
+from moorage.storage.manifests import parse_manifest
+
+log = structlog.get_logger(__name__)
+
+# Running digests kept for open upload sessions; a session whose digest was
+# evicted is hashed again from storage when it finishes.
+_MAX_CACHED_HASHERS = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class StoredManifest:
+    """A manifest's identity as returned to clients after a push."""
+
+    digest: str
+    subject: str | None
+
+
+class Registry:
+    def __init__(
+        self, store: RegistryStore, driver: StorageDriver, max_manifest_bytes: int
+    ) -> None:
+        self.store = store
+        self.driver = driver
+        self.max_manifest_bytes = max_manifest_bytes
+        self._hashers: OrderedDict[str, tuple[int, Any]] = OrderedDict()
+        self._upload_locks: dict[str, asyncio.Lock] = {}
+
+    # Blobs
+
+    async def blob_size(self, repository: str, digest: str) -> int:
+        """Return the size of a blob visible in `repository`; raise BlobUnknownError."""
+        parse_digest(digest)
+        size = await self.store.blob_size_in_repository(repository, digest)
+        if size is None:
+            raise BlobUnknownError(detail={"digest": digest})
+        return size
+
+    async def read_blob(
+        self, digest: str, offset: int, length: int
+    ) -> AsyncIterator[bytes]:
+        """Open a blob's bytes; the caller has checked visibility with blob_size."""
+        stream = self.driver.read(paths.blob_path(parse_digest(digest)), offset, length)
+        try:
+            first = await anext(stream)
+        except StopAsyncIteration:
+            first = b""
+        except PathNotFoundError:
+            log.error("blob missing from storage", digest=digest)
+            raise BlobUnknownError(detail={"digest": digest}) from None
+        return _prepend(first, stream)
+
+    async def delete_blob(self, repository: str, digest: str) -> None:
+        parse_digest(digest)
+        if not await self.store.unlink_blob(repository, digest):
+            raise BlobUnknownError(detail={"digest": digest})
+
+    async def mount_blob(self, repository: str, source: str, digest: str) -> int | None:
+        """Link a blob from `source`; return its size, or None when it is not there."""
+        parse_digest(digest)
+        return await self.store.mount_blob(source, repository, digest)
+
+    # Upload sessions
+
+    async def start_upload(self, repository: str) -> UploadRecord:
+        return await self.store.create_upload(repository)
+
+    async def get_upload(self, repository: str, upload_id: str) -> UploadRecord:
+        upload = await self.store.get_upload(repository, upload_id)
+        if upload is None:
+            raise UploadUnknownError(detail={"upload": upload_id[:100]})
+        return upload
+
+    async def append(
+        self,
+        repository: str,
+        upload_id: str,
+        body: AsyncIterator[bytes],
+        *,
+        start: int | None = None,
+        length: int | None = None,
+    ) -> UploadRecord:
+        """Append a request body to an upload session.
+
+        `start` is the first offset of a chunk sent with Content-Range; it must
+        equal the bytes received so far. The body is appended whole or not at all.
+        """
+        async with self._lock(upload_id):
+            upload = await self.get_upload(repository, upload_id)
+            if start is not None and start != upload.size:
+                raise RangeInvalidError(
+                    f"chunk starts at {start} but the upload has {upload.size} bytes; "
+                    "send chunks in order without gaps or overlaps",
+                    size=upload.size,
+                )
+            new_size = await self._write(upload, body, length)
+            return UploadRecord(upload.id, repository, new_size, upload.created_at)
+
+    async def finish_upload(
+        self,
+        repository: str,
+        upload_id: str,
+        digest: str,
+        body: AsyncIterator[bytes] | None,
+        length: int | None = None,
+    ) -> int:
+        """Append an optional last chunk, verify the digest and commit the blob.
+
+        On a digest mismatch the session is cancelled, so nothing of it remains.
+        """
+        expected = parse_digest(digest)
+        async with self._lock(upload_id):
+            upload = await self.get_upload(repository, upload_id)
+            size = upload.size
+            if body is not None:
+                size = await self._write(upload, body, length)
+            actual = await self._session_digest(upload_id, size, expected.algorithm)
+            if actual != expected:
+                await self._discard(upload_id)
+                raise DigestInvalidError(
+                    f"uploaded content has digest {actual}, not {expected}",
+                    detail={"digest": str(expected)},
+                )
+            await self._commit(repository, upload_id, expected, size)
+        self._hashers.pop(upload_id, None)
+        self._upload_locks.pop(upload_id, None)
+        return size
+
+    async def cancel_upload(self, repository: str, upload_id: str) -> None:
+        async with self._lock(upload_id):
+            await self.get_upload(repository, upload_id)
+            await self._discard(upload_id)
+        self._upload_locks.pop(upload_id, None)
+
+    async def upload_whole(
+        self,
+        repository: str,
+        digest: str,
+        body: AsyncIterator[bytes],
+        length: int | None,
+    ) -> int:
+        """Receive a blob in one request (POST with `digest`)."""
+        parse_digest(digest)
+        upload = await self.start_upload(repository)
+        try:
+            return await self.finish_upload(repository, upload.id, digest, body, length)
+        except BaseException:
+            await self._discard(upload.id)
+            raise
+
+    async def _write(
+        self, upload: UploadRecord, body: AsyncIterator[bytes], length: int | None
+    ) -> int:
+        path = paths.upload_data_path(upload.id)
+        writer = await self.driver.writer(path, upload.size)
+        hasher = self._running_hasher(upload.id, upload.size)
+        try:
+            received = 0
+            async for chunk in body:
+                received += len(chunk)
+                if hasher is not None:
+                    hasher.update(chunk)
+                await writer.write(chunk)
+            if length is not None and received != length:
+                raise SizeInvalidError(
+                    f"received {received} bytes but Content-Length was {length}"
+                )
+            new_size = await writer.commit()
+        except BaseException:
+            await writer.cancel()
+            self._hashers.pop(upload.id, None)
+            raise
+        if not await self.store.advance_upload(upload.id, upload.size, new_size):
+            # Another process appended to the same session meanwhile.
+            self._hashers.pop(upload.id, None)
+            raise UploadInvalidError("the upload session changed during this request")
+        if hasher is not None:
+            self._remember_hasher(upload.id, new_size, hasher)
+        return new_size
+
+    def _running_hasher(self, upload_id: str, size: int) -> Any | None:
+        """Return a copy of the session's running sha256, or None if unknown."""
+        if size == 0:
+            return new_hasher("sha256")
+        cached = self._hashers.get(upload_id)
+        if cached is None or cached[0] != size:
+            return None
+        return cached[1].copy()
+
+    def _remember_hasher(self, upload_id: str, size: int, hasher: Any) -> None:
+        self._hashers[upload_id] = (size, hasher)
+        self._hashers.move_to_end(upload_id)
+        while len(self._hashers) > _MAX_CACHED_HASHERS:
+            self._hashers.popitem(last=False)
+
+    async def _session_digest(
+        self, upload_id: str, size: int, algorithm: str
+    ) -> Digest:
+        cached = self._hashers.get(upload_id)
+        if algorithm == "sha256" and cached is not None and cached[0] == size:
+            return Digest(algorithm, cached[1].hexdigest())
+        hasher = new_hasher(algorithm)
+        if size > 0:
+            async for chunk in self.driver.read(
+                paths.upload_data_path(upload_id), 0, size
+            ):
+                hasher.update(chunk)
+        return Digest(algorithm, hasher.hexdigest())
+
+    async def _commit(
+        self, repository: str, upload_id: str, digest: Digest, size: int
+    ) -> None:
+        target = paths.blob_path(digest)
+        source = paths.upload_data_path(upload_id)
+        if await self.store.blob_exists(str(digest)) and await self.driver.exists(
+            target
+        ):
+            await self.driver.delete(paths.upload_dir(upload_id))
+        elif size == 0:
+            await self.driver.put(target, b"")
+            await self.driver.delete(paths.upload_dir(upload_id))
+        else:
+            await self.driver.move(source, target)
+            await self.driver.delete(paths.upload_dir(upload_id))
+        await self.store.link_blob(
+            repository, str(digest), size, finished_upload=upload_id
+        )
+
+    async def _discard(self, upload_id: str) -> None:
+        await self.driver.delete(paths.upload_dir(upload_id))
+        await self.store.delete_upload(upload_id)
+        self._hashers.pop(upload_id, None)
+
+    def _lock(self, upload_id: str) -> asyncio.Lock:
+        return self._upload_locks.setdefault(upload_id, asyncio.Lock())
+
+    # Manifests
+
+    async def get_manifest(self, repository: str, reference: str) -> ManifestRecord:
+        if is_digest(reference):
+            parse_digest(reference)
+            manifest = await self.store.get_manifest(repository, reference)
+        else:
+            validate_tag(reference)
+            manifest = await self.store.get_tagged_manifest(repository, reference)
+        if manifest is None:
+            raise ManifestUnknownError(detail={"reference": reference})
+        return manifest
+
+    async def put_manifest(
+        self, repository: str, reference: str, content_type: str | None, body: bytes
+    ) -> StoredManifest:
+        """Validate and store a manifest under a tag or its digest."""
+        tag: str | None = None
+        algorithm = "sha256"
+        if is_digest(reference):
+            algorithm = parse_digest(reference).algorithm
+        else:
+            tag = validate_tag(reference)
+        parsed = parse_manifest(body, content_type, algorithm, self.max_manifest_bytes)
+        if tag is None and str(parsed.digest) != reference:
+            raise DigestInvalidError(
+                f"manifest digest is {parsed.digest}, not {reference}",
+                detail={"digest": reference},
+            )
+        await self.store.put_manifest(repository, parsed.record, tag)
+        return StoredManifest(str(parsed.digest), parsed.record.subject_digest)
+
+    async def delete_manifest(self, repository: str, reference: str) -> None:
+        """Delete a manifest by digest (with its tags), or only a tag."""
+        if is_digest(reference):
+            parse_digest(reference)
+            deleted = await self.store.delete_manifest(repository, reference)
+        else:
+            validate_tag(reference)
+            deleted = await self.store.delete_tag(repository, reference)
+        if not deleted:
+            raise ManifestUnknownError(detail={"reference": reference})
+
+    async def list_tags(
+        self, repository: str, limit: int | None, last: str | None
+    ) -> list[str]:
+        found = await self.store.list_tags(repository, limit, last)
+        if found is None:
+            raise NameUnknownError(detail={"name": repository})
+        return found
+
+    async def referrers(
+        self, repository: str, subject: str, artifact_type: str | None
+    ) -> list[ReferrerRecord]:
+        parse_digest(subject)
+        return await self.store.list_referrers(repository, subject, artifact_type)
+
+
+async def _prepend(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    if first:
+        yield first
+    async for chunk in rest:
+        yield chunk
