@@ -164,3 +164,18 @@ def load_settings(**overrides: Any) -> Settings:
     """Build settings from the environment, the TOML file and explicit overrides."""
     given = {key: value for key, value in overrides.items() if value is not None}
     return Settings(**given)
+
+
+def settings_reference() -> str:
+    """Return a Markdown table of every setting, its variable and default."""
+    lines = [
+        "| setting | environment variable | default | meaning |",
+        "| --- | --- | --- | --- |",
+    ]
+    for name, field in Settings.model_fields.items():
+        default = field.default_factory() if field.default_factory else field.default  # type: ignore[call-arg]
+        shown = "(none)" if default is None else f"`{default}`"
+        lines.append(
+            f"| `{name}` | `MOORAGE_{name.upper()}` | {shown} | {field.description} |"
+        )
+    return "\n".join(lines)

@@ -33,7 +33,11 @@ app = typer.Typer(
 customer_app = typer.Typer(help="Add and list customers.", no_args_is_help=True)
 user_app = typer.Typer(help="Add customer users.", no_args_is_help=True)
 app.add_typer(customer_app, name="customer")
+config_app = typer.Typer(
+    help="Check and document the configuration.", no_args_is_help=True
+)
 app.add_typer(user_app, name="user")
+app.add_typer(config_app, name="config")
 
 console = Console()
 errors = Console(stderr=True)
@@ -162,6 +166,22 @@ def user_add(
     if created.password is not None:
         console.print("password (shown once, store it now):")
         print(created.password)
+
+
+@config_app.command("check")
+def config_check(data_dir: DataDirOption = None) -> None:
+    """Validate the configuration and print the effective values (secrets hidden)."""
+    settings = _settings(data_dir=data_dir)
+    for key, value in settings.model_dump().items():
+        console.print(f"{key} = {value!r}", highlight=False)
+
+
+@config_app.command("reference")
+def config_reference() -> None:
+    """Print every setting as a Markdown table (the source of docs/configuration.md)."""
+    from moorage.config import settings_reference
+
+    print(settings_reference())
 
 
 @app.command("version")

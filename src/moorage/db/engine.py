@@ -55,13 +55,17 @@ def _upgrade(connection: Connection) -> list[str]:
             text("SELECT pg_advisory_xact_lock(:id)"), {"id": _MIGRATION_LOCK_ID}
         )
     before = MigrationContext.configure(connection).get_current_heads()
-    command.upgrade(_alembic_config(connection), "head")
+    command.upgrade(_alembic_config(connection), "heads")
     after = MigrationContext.configure(connection).get_current_heads()
     return [] if set(before) == set(after) else list(after)
 
 
 async def migrate(engine: AsyncEngine) -> list[str]:
-    """Bring the schema to the newest revision; return the new heads if it changed."""
+    """Bring the schema to the newest revisions; return the new heads if it changed.
+
+    Features may add migrations on branches of their own (each revising an
+    older revision); every branch head is applied.
+    """
     async with engine.begin() as connection:
         applied = await connection.run_sync(_upgrade)
     if applied:
@@ -69,10 +73,8 @@ async def migrate(engine: AsyncEngine) -> list[str]:
     return applied
 
 
-def head_revision() -> str:
+def head_revisions() -> set[str]:
+    """Return the newest revision of each migration branch."""
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS_DIR))
-    head = ScriptDirectory.from_config(config).get_current_head()
-    if head is None:
-        raise RuntimeError("no migrations found")
-    return head
+    return set(ScriptDirectory.from_config(config).get_heads())

@@ -1,0 +1,150 @@
+"""Run a real `moorage serve` process for tests, and manage its accounts.
+
+The server runs as a subprocess on a free loopback port, with its own data
+directory and the database the test run uses (SQLite by default, PostgreSQL when
+MOORAGE_TEST_DATABASE=postgresql). Accounts are created through the same admin
+functions the command line uses, on the same database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+import httpx
+
+from moorage import admin
+from moorage.config import Settings
+from moorage.services import Services, open_services
+
+T = TypeVar("T")
+ADMIN_LOGIN = "admin"
+ADMIN_PASSWORD = "admin-test-password-1"  # noqa: S105 - a throwaway test secret
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def unique(prefix: str) -> str:
+    """Return a name that no other test in this run uses."""
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+@dataclass
+class ServerProcess:
+    data_dir: Path
+    database_url: str
+    port: int = field(default_factory=free_port)
+    process: subprocess.Popen[bytes] | None = None
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.data_dir / "server.log"
+
+    def environment(self) -> dict[str, str]:
+        env = {
+            key: value
+            for key, value in os.environ.items()
+            if not key.startswith("MOORAGE_")
+        }
+        env.update(
+            MOORAGE_DATA_DIR=str(self.data_dir),
+            MOORAGE_DATABASE_URL=self.database_url,
+            MOORAGE_ADMIN_PASSWORD=ADMIN_PASSWORD,
+            MOORAGE_LOG_FORMAT="json",
+        )
+        env.update(self.extra_env)
+        return env
+
+    def start(self, timeout: float = 30) -> None:
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "moorage", "serve", "--port", str(self.port)],
+                env=self.environment(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited; see {self.log_path}:\n{self.log()}")
+            try:
+                httpx.get(f"{self.url}/healthz", timeout=1)
+                return
+            except httpx.TransportError:
+                time.sleep(0.1)
+        raise RuntimeError(
+            f"server did not start within {timeout} s; see {self.log_path}"
+        )
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(sig)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def log(self) -> str:
+        return (
+            self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        )
+
+    def settings(self) -> Settings:
+        return Settings(data_dir=self.data_dir, database_url=self.database_url)
+
+    def run_admin(self, action: Callable[[Services], Awaitable[T]]) -> T:
+        """Run one administrative action on the server's database."""
+
+        async def main() -> T:
+            services = await open_services(self.settings())
+            try:
+                return await action(services)
+            finally:
+                await services.close()
+
+        return asyncio.run(main())
+
+    def add_customer(self, slug: str | None = None) -> str:
+        slug = slug or unique("cust")
+        self.run_admin(lambda s: admin.add_customer(s.identity, slug, slug, None))
+        return slug
+
+    def add_user(
+        self, customer: str, role: str, login: str | None = None
+    ) -> tuple[str, str]:
+        """Create a user and return (login, generated password)."""
+        login = login or unique("user")
+        created = self.run_admin(
+            lambda s: admin.add_user(s.identity, customer, login, role)
+        )
+        assert created.password is not None
+        return login, created.password
