@@ -106,7 +106,9 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        given_dir = getattr(init_settings, "init_kwargs", {}).get("data_dir")
+        given_dir: Path | str | None = getattr(init_settings, "init_kwargs", {}).get(
+            "data_dir"
+        )
         toml_file = _config_file(given_dir)
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
         if toml_file is not None:
@@ -155,7 +157,7 @@ def _config_file(data_dir: Path | str | None) -> Path | None:
                 f"MOORAGE_CONFIG names {path}, which does not exist"
             )
         return path
-    directory = Path(data_dir or os.environ.get("MOORAGE_DATA_DIR", DEFAULT_DATA_DIR))
+    directory = Path(data_dir or os.environ.get("MOORAGE_DATA_DIR") or DEFAULT_DATA_DIR)
     candidate = directory / "moorage.toml"
     return candidate if candidate.is_file() else None
 

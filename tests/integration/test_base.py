@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import httpx
-
 from tests.support.server import ADMIN_LOGIN, ADMIN_PASSWORD, ServerProcess
 
 

@@ -29,7 +29,7 @@ from moorage.services import Services, open_services
 
 T = TypeVar("T")
 ADMIN_LOGIN = "admin"
-ADMIN_PASSWORD = "admin-test-password-1"  # noqa: S105 - a throwaway test secret
+ADMIN_PASSWORD = "admin-test-password-1"
 
 
 def free_port() -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import or_, select, update
 from sqlalchemy.exc import IntegrityError
@@ -80,6 +81,10 @@ _ACCOUNT_COLUMNS = (
     customers.c.status,
     customers.c.access_until,
 )
+
+
+def _account(row: Any) -> AccountRecord:
+    return AccountRecord(*row)
 
 
 class IdentityStore:
@@ -203,7 +208,7 @@ class IdentityStore:
                     .where(condition)  # type: ignore[arg-type]
                 )
             ).first()
-        return None if row is None else AccountRecord(*row)
+        return None if row is None else _account(row)
 
     async def list_accounts(self, customer_id: int | None) -> list[AccountRecord]:
         async with self.engine.connect() as connection:
@@ -218,7 +223,7 @@ class IdentityStore:
                 .where(condition)
                 .order_by(accounts.c.login)
             )
-            return [AccountRecord(*row) for row in result]
+            return [_account(row) for row in result]
 
     async def has_vendor_admin(self) -> bool:
         async with self.engine.connect() as connection:

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from sqlalchemy import and_, delete, exists, func, or_, select, update
+from sqlalchemy import ColumnElement, and_, delete, exists, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from moorage.db.dialects import insert_ignore, lexical, like_pattern, upsert
@@ -367,9 +367,9 @@ class RegistryStore:
             )
 
 
-def _pattern_conditions(patterns: Sequence[str]) -> list[object]:
+def _pattern_conditions(patterns: Sequence[str]) -> list[ColumnElement[bool]]:
     name = repositories.c.name
-    conditions: list[object] = []
+    conditions: list[ColumnElement[bool]] = []
     for pattern in patterns:
         if "*" in pattern:
             conditions.append(name.like(like_pattern(pattern), escape="\\"))
@@ -483,7 +483,8 @@ async def _insert_manifest(
             "created_at": utcnow(),
         },
     )
-    manifest_id = int(await connection.scalar(select(manifests.c.id).where(where)))
+    manifest_id = await connection.scalar(select(manifests.c.id).where(where))
+    assert manifest_id is not None
     references = dict.fromkeys(manifest.blob_references, "blob")
     references.update(dict.fromkeys(manifest.manifest_references, "manifest"))
     for digest, kind in references.items():
