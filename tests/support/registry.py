@@ -11,6 +11,7 @@ import base64
 import hashlib
 import json
 import socket
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -243,3 +244,43 @@ def raw_request(server: ServerProcess, head: str, body: bytes) -> bytes:
         while chunk := sock.recv(65536):
             received += chunk
     return received
+
+
+def logged_requests(
+    server: ServerProcess, path: str, error_code: str | None = None
+) -> list[dict[str, Any]]:
+    """Return the server's request log entries for `path`, oldest first.
+
+    With `error_code`, only the entries of requests that ended with that code.
+    """
+    entries = []
+    for line in server.log().splitlines():
+        if f'"{path}"' not in line:
+            continue
+        entry = json.loads(line)
+        if entry.get("event") != "request" or entry.get("path") != path:
+            continue
+        if error_code is None or entry.get("error_code") == error_code:
+            entries.append(entry)
+    return entries
+
+
+def wait_for_request(
+    server: ServerProcess,
+    path: str,
+    count: int,
+    error_code: str | None = None,
+    timeout: float = 10,
+) -> dict[str, Any]:
+    """Wait until the server has logged `count` requests to `path`; return the last.
+
+    The middleware writes a request's log line after the handler's clean-up and
+    after the response went out, so a client may see the response first.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        entries = logged_requests(server, path, error_code)
+        if len(entries) >= count:
+            return entries[count - 1]
+        time.sleep(0.05)
+    raise AssertionError(f"no log line for request {count} to {path} in {timeout} s")

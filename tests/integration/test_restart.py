@@ -1,0 +1,88 @@
+"""Upload sessions survive a server restart and finish with a verified digest."""
+
+from __future__ import annotations
+
+import os
+
+from tests.support.registry import (
+    Account,
+    assert_error,
+    digest_of,
+    make_image,
+    open_account,
+    push_image,
+    start_upload,
+)
+from tests.support.server import ServerProcess
+
+DATA = os.urandom(5 * 1024 * 1024 + 17)
+HALF = len(DATA) // 2
+
+
+def test_upload_resumes_after_restart(fresh_server: ServerProcess) -> None:
+    """A session started before a restart takes the rest and verifies its digest.
+
+    The running sha256 of the session is lost with the process, so the server
+    has to hash the stored first half again.
+    """
+    account = open_account(fresh_server, fresh_server.add_customer())
+    try:
+        resume_after_restart(fresh_server, account)
+    finally:
+        account.client.close()
+
+
+def resume_after_restart(server: ServerProcess, account: Account) -> None:
+    repository = account.repository()
+    location = start_upload(account.client, repository)
+    first = account.client.patch(location, content=DATA[:HALF])
+    assert first.headers["range"] == f"0-{HALF - 1}"
+
+    server.restart()
+
+    status = account.client.get(location)
+    assert status.status_code == 204
+    assert status.headers["range"] == f"0-{HALF - 1}"
+    rest = DATA[HALF:]
+    response = account.client.patch(
+        location,
+        content=rest,
+        headers={"Content-Range": f"{HALF}-{len(DATA) - 1}"},
+    )
+    assert response.headers["range"] == f"0-{len(DATA) - 1}"
+    wrong = account.client.put(location + "x", params={"digest": digest_of(DATA)})
+    assert_error(wrong, 404, "BLOB_UPLOAD_UNKNOWN")
+    digest = digest_of(DATA)
+    done = account.client.put(location, params={"digest": digest})
+    assert done.status_code == 201
+    assert done.headers["docker-content-digest"] == digest
+    got = account.client.get(f"/v2/{repository}/blobs/{digest}")
+    assert got.content == DATA
+
+
+def test_wrong_digest_after_restart(fresh_server: ServerProcess) -> None:
+    """After a restart the digest is computed from storage, so a wrong one fails."""
+    account = open_account(fresh_server, fresh_server.add_customer())
+    with account.client as client:
+        location = start_upload(client, account.repository())
+        client.patch(location, content=DATA)
+        fresh_server.restart()
+        response = client.put(location, params={"digest": digest_of(DATA[:-1])})
+        assert_error(response, 400, "DIGEST_INVALID")
+        upload_id = location.rsplit("/", 1)[1]
+        uploads = fresh_server.data_dir / "storage" / "uploads" / upload_id
+        assert not uploads.exists()
+
+
+def test_content_survives_restart(fresh_server: ServerProcess) -> None:
+    """Blobs, manifests and tags pushed before a restart are served after it."""
+    account = open_account(fresh_server, fresh_server.add_customer())
+    with account.client as client:
+        repository = account.repository()
+        image = make_image("durable")
+        push_image(client, repository, image, "v1")
+        fresh_server.restart()
+        assert client.get(f"/v2/{repository}/manifests/v1").content == image.manifest
+        for blob in image.blobs:
+            got = client.get(f"/v2/{repository}/blobs/{digest_of(blob)}")
+            assert got.content == blob
