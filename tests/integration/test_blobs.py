@@ -5,7 +5,14 @@ from __future__ import annotations
 import os
 
 import pytest
-from tests.support.registry import Account, assert_error, digest_of, push_blob
+from tests.support.registry import (
+    Account,
+    assert_error,
+    digest_of,
+    make_image,
+    push_blob,
+    push_image,
+)
 
 BLOB = os.urandom(1000)
 
@@ -151,3 +158,23 @@ def test_blob_delete_needs_role(writer: Account, stored: tuple[str, str]) -> Non
     response = writer.client.delete(f"/v2/{repository}/blobs/{digest}")
     assert_error(response, 403, "DENIED")
     assert writer.client.get(f"/v2/{repository}/blobs/{digest}").content == BLOB
+
+
+def test_blob_delete_referenced(writer: Account, maintainer: Account) -> None:
+    """A blob that a manifest still references cannot be deleted (405), and stays.
+
+    Once the manifest is gone, the same DELETE succeeds and the blob is gone.
+    """
+    repository = writer.repository("referenced")
+    image = make_image("referenced")
+    push_image(writer.client, repository, image, "v1")
+    layer = digest_of(image.blobs[1])
+    path = f"/v2/{repository}/blobs/{layer}"
+    refused = maintainer.client.delete(path)
+    assert_error(refused, 405, "UNSUPPORTED")
+    assert image.digest in refused.json()["errors"][0]["message"]
+    assert writer.client.get(path).content == image.blobs[1]
+    manifest = f"/v2/{repository}/manifests/{image.digest}"
+    assert maintainer.client.delete(manifest).status_code == 202
+    assert maintainer.client.delete(path).status_code == 202
+    assert_error(writer.client.get(path), 404, "BLOB_UNKNOWN")
