@@ -8,13 +8,16 @@ import httpx
 import pytest
 from tests.support.registry import (
     OCI_INDEX,
+    OCI_MANIFEST,
     Account,
     Image,
     assert_error,
+    descriptor,
     digest_of,
     make_image,
     push_image,
     put_manifest,
+    to_json,
 )
 from tests.support.server import ServerProcess
 
@@ -212,3 +215,55 @@ def test_referrers_follow_delete(
     after = writer.client.get(path, params=params).json()["manifests"]
     assert extra.digest not in {entry["digest"] for entry in after}
     assert len(after) == len(before) - 1
+
+
+def test_referrers_config_type(writer: Account) -> None:
+    """Without artifactType, an image's config media type is its artifact type."""
+    repository = writer.repository("referrers")
+    subject = make_image("plain subject")
+    push_image(writer.client, repository, subject, "v1")
+    config = b'{"signature": true}'
+    layer = b"signature bytes"
+    document = {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": descriptor(SIGNATURE, config),
+        "layers": [descriptor("application/octet-stream", layer)],
+        "subject": subject.descriptor(),
+    }
+    signature = Image(to_json(document), OCI_MANIFEST, [config, layer])
+    push_image(writer.client, repository, signature)
+    response = writer.client.get(
+        f"/v2/{repository}/referrers/{subject.digest}",
+        params={"artifactType": SIGNATURE},
+    )
+    [entry] = response.json()["manifests"]
+    assert entry["digest"] == signature.digest
+    assert entry["artifactType"] == SIGNATURE
+
+
+def test_referrers_of_index(writer: Account) -> None:
+    """An index with a subject and artifactType is listed as a referrer."""
+    repository = writer.repository("referrers")
+    subject = make_image("index subject")
+    child = make_image("index child")
+    push_image(writer.client, repository, subject, "v1")
+    push_image(writer.client, repository, child)
+    document = {
+        "schemaVersion": 2,
+        "mediaType": OCI_INDEX,
+        "artifactType": SBOM,
+        "manifests": [child.descriptor()],
+        "subject": subject.descriptor(),
+    }
+    index = Image(to_json(document), OCI_INDEX)
+    response = push_image(writer.client, repository, index)
+    assert response.headers["oci-subject"] == subject.digest
+    listed = writer.client.get(f"/v2/{repository}/referrers/{subject.digest}")
+    [entry] = listed.json()["manifests"]
+    assert entry == {
+        "mediaType": OCI_INDEX,
+        "digest": index.digest,
+        "size": len(index.manifest),
+        "artifactType": SBOM,
+    }

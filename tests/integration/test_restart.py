@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import os
+import signal
+import socket
+import time
+from collections.abc import Callable
 
 from tests.support.registry import (
     Account,
     assert_error,
+    assert_storage_consistent,
+    basic_header,
     digest_of,
     make_image,
     open_account,
     push_image,
     start_upload,
+    upload_dir,
 )
 from tests.support.server import ServerProcess
 
@@ -86,3 +93,40 @@ def test_content_survives_restart(fresh_server: ServerProcess) -> None:
         for blob in image.blobs:
             got = client.get(f"/v2/{repository}/blobs/{digest_of(blob)}")
             assert got.content == blob
+
+
+def test_crash_mid_patch(fresh_server: ServerProcess) -> None:
+    """A server killed during a PATCH keeps only the acknowledged bytes.
+
+    The killed request had written part of its body to the session's file; the
+    committed blob must not contain those bytes.
+    """
+    account = open_account(fresh_server, fresh_server.add_customer())
+    with account.client as client:
+        repository = account.repository()
+        location = start_upload(client, repository)
+        client.patch(location, content=DATA[:1000])
+        data_file = upload_dir(fresh_server, location.rsplit("/", 1)[1]) / "data"
+        head = (
+            f"PATCH {location} HTTP/1.1\r\nHost: {fresh_server.address}\r\n"
+            + basic_header(account.login, account.password)
+            + f"Content-Length: {len(DATA)}\r\n\r\n"
+        )
+        with socket.create_connection(("127.0.0.1", fresh_server.port)) as sock:
+            sock.sendall(head.encode() + DATA[: 3 * 1024 * 1024])
+            wait_until(lambda: data_file.stat().st_size > 1000)
+            fresh_server.stop(signal.SIGKILL)
+        fresh_server.start()
+
+        assert client.get(location).headers["range"] == "0-999"
+        digest = digest_of(DATA[:1000])
+        assert client.put(location, params={"digest": digest}).status_code == 201
+        assert client.get(f"/v2/{repository}/blobs/{digest}").content == DATA[:1000]
+    assert_storage_consistent(fresh_server)
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.02)

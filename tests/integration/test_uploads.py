@@ -6,6 +6,7 @@ import hashlib
 import os
 from collections.abc import Callable, Iterator
 
+import httpx
 import pytest
 from tests.support.registry import (
     Account,
@@ -331,3 +332,54 @@ def test_large_chunks_hash(writer: Account) -> None:
     assert done.status_code == 201
     head = writer.client.head(f"/v2/{repository}/blobs/{digest}")
     assert head.headers["content-length"] == str((4 << 20) + 8)
+
+
+def token_client(
+    server: ServerProcess, account: Account, scopes: list[str]
+) -> httpx.Client:
+    """Return a client that sends a bearer token asked for `scopes`."""
+    response = httpx.get(
+        f"{server.url}/token",
+        params=[("service", "moorage"), *(("scope", scope) for scope in scopes)],
+        auth=(account.login, account.password),
+    )
+    assert response.status_code == 200
+    headers = {"Authorization": f"Bearer {response.json()['token']}"}
+    return httpx.Client(base_url=server.url, headers=headers)
+
+
+@pytest.mark.parametrize(
+    ("source_scope", "status"),
+    [("repository:{source}:pull", 201), (None, 202)],
+    ids=["token-covers-source", "token-lacks-source"],
+)
+def test_mount_with_token(
+    server: ServerProcess, writer: Account, source_scope: str | None, status: int
+) -> None:
+    """A bearer mount needs the source in the token, else it opens a session."""
+    source = writer.repository("source")
+    target = writer.repository("target")
+    digest = push_blob(writer.client, source, os.urandom(64))
+    scopes = [f"repository:{target}:pull,push"]
+    if source_scope is not None:
+        scopes.append(source_scope.format(source=source))
+    with token_client(server, writer, scopes) as client:
+        response = client.post(
+            f"/v2/{target}/blobs/uploads/", params={"mount": digest, "from": source}
+        )
+    assert response.status_code == status
+    visible = writer.client.head(f"/v2/{target}/blobs/{digest}").status_code
+    assert visible == (200 if status == 201 else 404)
+
+
+def test_token_space_separated_scopes(server: ServerProcess, writer: Account) -> None:
+    """One scope parameter may hold several scopes separated by spaces."""
+    source = writer.repository("source")
+    target = writer.repository("target")
+    digest = push_blob(writer.client, source, os.urandom(64))
+    scope = f"repository:{target}:pull,push repository:{source}:pull"
+    with token_client(server, writer, [scope]) as client:
+        response = client.post(
+            f"/v2/{target}/blobs/uploads/", params={"mount": digest, "from": source}
+        )
+    assert response.status_code == 201

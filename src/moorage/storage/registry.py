@@ -155,6 +155,8 @@ class Registry:
             size = upload.size
             if body is not None:
                 size = await self._write(upload, body, length)
+            else:
+                await self._drop_unrecorded_bytes(upload)
             actual = await self._session_digest(upload_id, size, expected.algorithm)
             if actual != expected:
                 await self._discard(upload_id)
@@ -218,6 +220,18 @@ class Registry:
         if hasher is not None:
             self._remember_hasher(upload.id, new_size, hasher)
         return new_size
+
+    async def _drop_unrecorded_bytes(self, upload: UploadRecord) -> None:
+        """Cut the session's data to the size recorded in the database.
+
+        A request that died with its process may have written bytes past that
+        size; the blob must not contain them.
+        """
+        if upload.size == 0:
+            return
+        path = paths.upload_data_path(upload.id)
+        writer = await self.driver.writer(path, upload.size)
+        await writer.commit()
 
     def _running_hasher(self, upload_id: str, size: int) -> Any | None:
         """Return a copy of the session's running sha256, or None if unknown."""
