@@ -7,6 +7,7 @@ sends and then closes, as a client that dies mid-upload does.
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -263,3 +264,48 @@ def test_invalid_manifest_changes_nothing(writer: Account) -> None:
         assert_error(response, 400, "MANIFEST_INVALID")
     got = writer.client.get(f"/v2/{repository}/manifests/v1")
     assert got.content == image.manifest
+
+
+def open_descriptors(server: ServerProcess) -> int:
+    assert server.process is not None
+    return len(os.listdir(f"/proc/{server.process.pid}/fd"))
+
+
+def test_pull_abandoned(server: ServerProcess, writer: Account) -> None:
+    """Clients that drop a blob download midway leave no open files behind."""
+    repository = writer.repository()
+    digest = push_blob(writer.client, repository, DATA)
+    path = f"/v2/{repository}/blobs/{digest}"
+    before = open_descriptors(server)
+    for _ in range(20):
+        head = (
+            f"GET {path} HTTP/1.1\r\nHost: {server.address}\r\n"
+            + basic_header(writer.login, writer.password)
+            + "\r\n"
+        )
+        with socket.create_connection(("127.0.0.1", server.port)) as sock:
+            sock.sendall(head.encode())
+            assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+    wait_for_request(server, path, 20)
+    assert open_descriptors(server) <= before + 2
+    assert writer.client.get(path).content == DATA
+
+
+def test_body_longer_than_announced(server: ServerProcess, writer: Account) -> None:
+    """Bytes past Content-Length never reach the session.
+
+    The server's HTTP parser may reject the connection (400) before or after the
+    announced chunk was appended, so the session holds that chunk or nothing.
+    """
+    location = start_upload(writer.client, writer.repository())
+    head = (
+        f"PATCH {location} HTTP/1.1\r\nHost: {server.address}\r\n"
+        + basic_header(writer.login, writer.password)
+        + "Content-Length: 10\r\n\r\n"
+    )
+    raw_request(server, head, b"0123456789" + b"x" * 90)
+    wait_for_request(server, "/v2/" + location.split("/v2/", 1)[1], 1)
+    size_range = writer.client.get(location).headers["range"]
+    data_file = upload_dir(server, location.rsplit("/", 1)[1]) / "data"
+    stored = data_file.read_bytes() if data_file.exists() else b""
+    assert (size_range, stored) in {("0-0", b""), ("0-9", b"0123456789")}

@@ -6,8 +6,10 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
+import pytest
+from tests.support.database import create_database, drop_database
 from tests.support.registry import (
     Account,
     assert_error,
@@ -22,19 +24,31 @@ from tests.support.registry import (
 )
 from tests.support.server import ServerProcess
 
+
+@pytest.fixture(scope="module")
+def restartable(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """A registry of this module's own, which its tests restart or kill."""
+    data_dir = tmp_path_factory.mktemp("restartable")
+    process = ServerProcess(data_dir=data_dir, database_url=create_database(data_dir))
+    process.start()
+    yield process
+    process.stop()
+    drop_database(process.database_url)
+
+
 DATA = os.urandom(5 * 1024 * 1024 + 17)
 HALF = len(DATA) // 2
 
 
-def test_upload_resumes_after_restart(fresh_server: ServerProcess) -> None:
+def test_upload_resumes_after_restart(restartable: ServerProcess) -> None:
     """A session started before a restart takes the rest and verifies its digest.
 
     The running sha256 of the session is lost with the process, so the server
     has to hash the stored first half again.
     """
-    account = open_account(fresh_server, fresh_server.add_customer())
+    account = open_account(restartable, restartable.add_customer())
     try:
-        resume_after_restart(fresh_server, account)
+        resume_after_restart(restartable, account)
     finally:
         account.client.close()
 
@@ -67,62 +81,62 @@ def resume_after_restart(server: ServerProcess, account: Account) -> None:
     assert got.content == DATA
 
 
-def test_wrong_digest_after_restart(fresh_server: ServerProcess) -> None:
+def test_wrong_digest_after_restart(restartable: ServerProcess) -> None:
     """After a restart the digest is computed from storage, so a wrong one fails."""
-    account = open_account(fresh_server, fresh_server.add_customer())
+    account = open_account(restartable, restartable.add_customer())
     with account.client as client:
         location = start_upload(client, account.repository())
         client.patch(location, content=DATA)
-        fresh_server.restart()
+        restartable.restart()
         response = client.put(location, params={"digest": digest_of(DATA[:-1])})
         assert_error(response, 400, "DIGEST_INVALID")
         upload_id = location.rsplit("/", 1)[1]
-        uploads = fresh_server.data_dir / "storage" / "uploads" / upload_id
+        uploads = restartable.data_dir / "storage" / "uploads" / upload_id
         assert not uploads.exists()
 
 
-def test_content_survives_restart(fresh_server: ServerProcess) -> None:
+def test_content_survives_restart(restartable: ServerProcess) -> None:
     """Blobs, manifests and tags pushed before a restart are served after it."""
-    account = open_account(fresh_server, fresh_server.add_customer())
+    account = open_account(restartable, restartable.add_customer())
     with account.client as client:
         repository = account.repository()
         image = make_image("durable")
         push_image(client, repository, image, "v1")
-        fresh_server.restart()
+        restartable.restart()
         assert client.get(f"/v2/{repository}/manifests/v1").content == image.manifest
         for blob in image.blobs:
             got = client.get(f"/v2/{repository}/blobs/{digest_of(blob)}")
             assert got.content == blob
 
 
-def test_crash_mid_patch(fresh_server: ServerProcess) -> None:
+def test_crash_mid_patch(restartable: ServerProcess) -> None:
     """A server killed during a PATCH keeps only the acknowledged bytes.
 
     The killed request had written part of its body to the session's file; the
     committed blob must not contain those bytes.
     """
-    account = open_account(fresh_server, fresh_server.add_customer())
+    account = open_account(restartable, restartable.add_customer())
     with account.client as client:
         repository = account.repository()
         location = start_upload(client, repository)
         client.patch(location, content=DATA[:1000])
-        data_file = upload_dir(fresh_server, location.rsplit("/", 1)[1]) / "data"
+        data_file = upload_dir(restartable, location.rsplit("/", 1)[1]) / "data"
         head = (
-            f"PATCH {location} HTTP/1.1\r\nHost: {fresh_server.address}\r\n"
+            f"PATCH {location} HTTP/1.1\r\nHost: {restartable.address}\r\n"
             + basic_header(account.login, account.password)
             + f"Content-Length: {len(DATA)}\r\n\r\n"
         )
-        with socket.create_connection(("127.0.0.1", fresh_server.port)) as sock:
+        with socket.create_connection(("127.0.0.1", restartable.port)) as sock:
             sock.sendall(head.encode() + DATA[: 3 * 1024 * 1024])
             wait_until(lambda: data_file.stat().st_size > 1000)
-            fresh_server.stop(signal.SIGKILL)
-        fresh_server.start()
+            restartable.stop(signal.SIGKILL)
+        restartable.start()
 
         assert client.get(location).headers["range"] == "0-999"
         digest = digest_of(DATA[:1000])
         assert client.put(location, params={"digest": digest}).status_code == 201
         assert client.get(f"/v2/{repository}/blobs/{digest}").content == DATA[:1000]
-    assert_storage_consistent(fresh_server)
+    assert_storage_consistent(restartable)
 
 
 def wait_until(condition: Callable[[], bool], timeout: float = 10) -> None:

@@ -14,6 +14,7 @@ from tests.support.registry import (
     digest_of,
     push_blob,
     start_upload,
+    stored_blob_files,
     upload_dir,
 )
 from tests.support.server import ServerProcess
@@ -383,3 +384,16 @@ def test_token_space_separated_scopes(server: ServerProcess, writer: Account) ->
             f"/v2/{target}/blobs/uploads/", params={"mount": digest, "from": source}
         )
     assert response.status_code == 201
+
+
+def test_same_content_stored_once(server: ServerProcess, writer: Account) -> None:
+    """The same bytes pushed to two repositories are stored in one file."""
+    data = os.urandom(4096)
+    first = push_blob(writer.client, writer.repository(), data)
+    second_repository = writer.repository()
+    location = start_upload(writer.client, second_repository)
+    writer.client.put(location, params={"digest": first}, content=data)
+    files = list(stored_blob_files(server))
+    assert [path.name for path in files].count(first.partition(":")[2]) == 1
+    assert not upload_dir(server, upload_id(location)).exists()
+    assert_blob(writer, second_repository, data, first)
