@@ -295,7 +295,7 @@ def test_body_longer_than_announced(server: ServerProcess, writer: Account) -> N
     """Bytes past Content-Length never reach the session.
 
     The server's HTTP parser may reject the connection (400) before or after the
-    announced chunk was appended, so the session holds that chunk or nothing.
+    announced chunk was appended, so the session contains that chunk or nothing.
     """
     location = start_upload(writer.client, writer.repository())
     head = (

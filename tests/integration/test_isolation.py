@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -62,10 +63,10 @@ def probe_requests(
     ]
 
 
-def answer(
+def response_parts(
     client: httpx.Client, method: str, path: str, body: bytes, name: str
 ) -> tuple[int, bytes, dict[str, str]]:
-    """Send a request and return its answer with `name` written as NAME."""
+    """Send a request; return its status, body and headers with `name` as NAME."""
     response = client.request(method, path, content=body)
     headers = {
         key: value.replace(name, "NAME")
@@ -104,7 +105,7 @@ def test_denied_equals_missing(
     globex: tuple[Account, str, Image, str],
     credentials: str,
 ) -> None:
-    """Every answer about another customer's repository equals one about nothing."""
+    """Responses about another customer's repository equal those about no repository."""
     existing = globex[1]
     missing = f"{existing.split('/')[0]}/{unique('app')}"
     assert len(missing) == len(existing)
@@ -127,16 +128,16 @@ def compare_answers(
     """Send each probe to the existing and the missing repository and compare."""
     existing, image, upload_id = target
     for method, path, body in probe_requests(existing, image, upload_id):
-        seen = answer(seen_client, method, path, body, existing)
+        seen = response_parts(seen_client, method, path, body, existing)
         other_path = path.replace(existing, missing)
-        expected = answer(missing_client, method, other_path, body, missing)
+        expected = response_parts(missing_client, method, other_path, body, missing)
         assert seen == expected, f"{method} {path}"
         if "/referrers/" in path:
-            # The referrers API never answers 404; an empty index reveals nothing.
+            # The referrers API never returns 404; an empty index reveals nothing.
             assert seen[0] == 200
             assert json.loads(seen[1])["manifests"] == []
         else:
-            assert seen[0] in {403, 404}, f"{method} {path} answered {seen[0]}"
+            assert seen[0] in {403, 404}, f"{method} {path} returned {seen[0]}"
 
 
 def test_denied_changes_nothing(
@@ -230,3 +231,30 @@ def test_wrong_password_on_repository(writer: Account, server: ServerProcess) ->
     )
     assert_error(response, 401, "UNAUTHORIZED")
     assert response.headers["www-authenticate"].startswith("Bearer ")
+
+
+def token_access(server: ServerProcess, account: Account, repository: str) -> object:
+    """Return the `access` claim of a token asked for pull and push."""
+    response = httpx.get(
+        f"{server.url}/token",
+        params={"service": "moorage", "scope": f"repository:{repository}:pull,push"},
+        auth=(account.login, account.password),
+    )
+    assert response.status_code == 200
+    payload = response.json()["token"].split(".")[1]
+    claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    return claims["access"]
+
+
+def test_token_grants_nothing_elsewhere(
+    server: ServerProcess, writer: Account, globex: tuple[Account, str, Image, str]
+) -> None:
+    """A token asked for another customer's repository grants nothing, as if absent."""
+    existing = globex[1]
+    missing = f"{existing.split('/')[0]}/{unique('app')}"
+    assert token_access(server, writer, existing) == []
+    assert token_access(server, writer, missing) == []
+    own = writer.repository()
+    assert token_access(server, writer, own) == [
+        {"type": "repository", "name": own, "actions": ["pull", "push"]}
+    ]

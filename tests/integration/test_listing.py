@@ -171,7 +171,7 @@ def test_referrers_all(
 def test_referrers_filter(
     writer: Account, referred: tuple[str, Image, list[Image]]
 ) -> None:
-    """artifactType filters the list and OCI-Filters-Applied says so."""
+    """artifactType filters the list, and OCI-Filters-Applied names the filter."""
     repository, subject, artifacts = referred
     response = writer.client.get(
         f"/v2/{repository}/referrers/{subject.digest}", params={"artifactType": SBOM}

@@ -41,7 +41,7 @@ def assert_blob(account: Account, repository: str, data: bytes, digest: str) -> 
 
 
 def test_post_opens_session(writer: Account) -> None:
-    """POST answers 202 with Location, Range 0-0 and the upload's UUID."""
+    """POST returns 202 with Location, Range 0-0 and the upload's UUID."""
     repository = writer.repository()
     response = writer.client.post(f"/v2/{repository}/blobs/uploads/")
     assert response.status_code == 202
@@ -194,7 +194,7 @@ def test_put_without_digest(writer: Account) -> None:
 
 
 def test_status_reports_range(writer: Account) -> None:
-    """GET on a session answers 204 with Location and the bytes received."""
+    """GET on a session returns 204 with Location and the bytes received."""
     repository = writer.repository()
     location = start_upload(writer.client, repository)
     writer.client.patch(location, content=DATA[:22])
