@@ -5,14 +5,18 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
 from tests.support.registry import (
     Account,
     assert_error,
+    assert_storage_consistent,
     digest_of,
+    make_image,
     push_blob,
+    put_manifest,
     start_upload,
     stored_blob_files,
     upload_dir,
@@ -397,3 +401,35 @@ def test_same_content_stored_once(server: ServerProcess, writer: Account) -> Non
     assert [path.name for path in files].count(first.partition(":")[2]) == 1
     assert not upload_dir(server, upload_id(location)).exists()
     assert_blob(writer, second_repository, data, first)
+
+
+def test_parallel_pushes(server: ServerProcess, writer: Account) -> None:
+    """Sixteen pushes of one shared blob and of images, eight at a time, succeed."""
+    repository = writer.repository("parallel")
+    shared = os.urandom(100_000)
+
+    def push(index: int) -> list[int]:
+        # An httpx.Client may be shared between threads; it pools connections.
+        client = writer.client
+        statuses = [
+            client.post(
+                f"/v2/{repository}/blobs/uploads/",
+                params={"digest": digest_of(shared)},
+                content=shared,
+            ).status_code
+        ]
+        image = make_image(f"parallel-{index}")
+        for blob in image.blobs:
+            push_blob(client, repository, blob)
+        for tag in (f"v{index}", "latest"):
+            response = put_manifest(client, repository, tag, image.manifest)
+            statuses.append(response.status_code)
+        return statuses
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        results = list(pool.map(push, range(16)))
+    assert all(statuses == [201, 201, 201] for statuses in results), results
+    tags = writer.client.get(f"/v2/{repository}/tags/list").json()["tags"]
+    assert len(tags) == 17
+    assert_blob(writer, repository, shared, digest_of(shared))
+    assert_storage_consistent(server)
