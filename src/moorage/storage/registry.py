@@ -13,6 +13,7 @@ replica) the data received so far is hashed again when the upload finishes.
 from __future__ import annotations
 
 import asyncio
+import weakref
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -65,7 +66,11 @@ class Registry:
         self.driver = driver
         self.max_manifest_bytes = max_manifest_bytes
         self._hashers: OrderedDict[str, tuple[int, Any]] = OrderedDict()
-        self._upload_locks: dict[str, asyncio.Lock] = {}
+        # A session's lock lives while a request holds it, so sessions that
+        # clients abandon leave nothing behind.
+        self._upload_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = (
+            weakref.WeakValueDictionary()
+        )
 
     # Blobs
 
@@ -166,14 +171,12 @@ class Registry:
                 )
             await self._commit(repository, upload_id, expected, size)
         self._hashers.pop(upload_id, None)
-        self._upload_locks.pop(upload_id, None)
         return size
 
     async def cancel_upload(self, repository: str, upload_id: str) -> None:
         async with self._lock(upload_id):
             await self.get_upload(repository, upload_id)
             await self._discard(upload_id)
-        self._upload_locks.pop(upload_id, None)
 
     async def upload_whole(
         self,
