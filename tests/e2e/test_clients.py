@@ -353,3 +353,15 @@ def test_podman_wrong_password(podman: list[str], acme: Client, tmp_path: Path) 
     assert "invalid username/password" in result.stderr
     auth_file = tmp_path / "auth.json"
     assert not auth_file.exists() or acme.registry not in auth_file.read_text()
+
+
+def test_skopeo_wrong_password(acme: Client) -> None:
+    """skopeo with a wrong password is rejected before it reads any manifest."""
+    result = run(
+        "skopeo", "inspect", "--raw", "--tls-verify=false",
+        "--creds", f"{acme.login}:wrong-password-123", acme.url("acme/latest:1.0"),
+        env=acme.environment, check=False,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "unauthorized" in result.stderr.lower()
+    assert result.stdout == ""
