@@ -24,6 +24,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+
 from tests.support import images
 from tests.support.images import Blob, OciLayout
 from tests.support.registry import digest_of, open_account

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 import pytest
+
 from tests.support.registry import Account, open_account
 from tests.support.server import ServerProcess
 

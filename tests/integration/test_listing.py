@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import httpx
 import pytest
+
 from tests.support.registry import (
     OCI_INDEX,
     OCI_MANIFEST,

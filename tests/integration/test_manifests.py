@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from tests.support.registry import (
     DOCKER_LIST,
     DOCKER_MANIFEST,

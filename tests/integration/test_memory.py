@@ -8,6 +8,7 @@ import shutil
 from collections.abc import Iterator
 
 import pytest
+
 from tests.support.registry import open_account, push_blob, start_upload
 from tests.support.server import ServerProcess
 

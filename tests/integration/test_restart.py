@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
+
 from tests.support.database import create_database, drop_database
 from tests.support.registry import (
     Account,

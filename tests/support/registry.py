@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from tests.support.server import ServerProcess, unique
 
 from moorage.db.registry_store import RegistryStore
+from tests.support.server import ServerProcess, unique
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"

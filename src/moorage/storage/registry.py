@@ -295,7 +295,6 @@ class Registry:
         stale = await self.store.list_stale_uploads(older_than)
         for upload_id in stale:
             await self._discard(upload_id)
-            self._upload_locks.pop(upload_id, None)
         return len(stale)
 
     def _lock(self, upload_id: str) -> asyncio.Lock:
