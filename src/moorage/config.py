@@ -69,11 +69,22 @@ class Settings(BaseSettings):
         default="moorage",
         description="Token service name: the `service` and JWT `aud` value.",
     )
+    # NOTE: the minimum is 5 s, not a production value, so that tests can watch
+    # an access token expire and the client refresh it without waiting minutes.
     token_ttl_seconds: int = Field(
         default=300,
-        ge=30,
+        ge=5,
         le=86400,
         description="Lifetime of registry access tokens, in seconds.",
+    )
+    refresh_token_ttl_seconds: int = Field(
+        default=90 * 86400,
+        ge=60,
+        le=365 * 86400,
+        description=(
+            "Lifetime of OAuth2 refresh tokens (docker's identity token), in "
+            "seconds. Revocation still applies to them on their next use."
+        ),
     )
     max_manifest_bytes: int = Field(
         default=4 * 1024 * 1024,

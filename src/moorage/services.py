@@ -9,6 +9,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from moorage.api.access import RequestGuard
 from moorage.api.http import ProxyTrust
 from moorage.auth.authenticator import Authenticator
+from moorage.auth.secrets import SECRET_HASH_KEY
+from moorage.auth.throttle import LoginThrottle
 from moorage.auth.tokens import TokenService
 from moorage.config import Settings
 from moorage.db.engine import create_engine, migrate
@@ -42,9 +44,13 @@ async def open_services(settings: Settings) -> Services:
     driver = FilesystemDriver(settings.resolved_storage_dir)
     registry = Registry(RegistryStore(engine), driver, settings.max_manifest_bytes)
     tokens = await TokenService.load(
-        identity, settings.service_name, settings.token_ttl_seconds
+        identity,
+        settings.service_name,
+        settings.token_ttl_seconds,
+        settings.refresh_token_ttl_seconds,
     )
-    authenticator = Authenticator(identity, tokens)
+    secret_key = await identity.server_key(SECRET_HASH_KEY)
+    authenticator = Authenticator(identity, tokens, secret_key, LoginThrottle())
     trust = ProxyTrust(settings.trusted_proxies)
     guard = RequestGuard(authenticator, settings, trust)
     return Services(

@@ -60,6 +60,7 @@ ERROR_CODES: dict[type[errors.MoorageError], ErrorCode] = {
     errors.SizeInvalidError: SIZE_INVALID,
     errors.UnauthorizedError: UNAUTHORIZED,
     errors.DeniedError: DENIED,
+    errors.TooManyRequestsError: TOOMANYREQUESTS,
     errors.UnsupportedError: UNSUPPORTED,
     errors.TagInvalidError: TAG_INVALID,
     errors.PaginationInvalidError: PAGINATION_NUMBER_INVALID,

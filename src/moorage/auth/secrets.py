@@ -1,7 +1,16 @@
-"""Password hashing and generated secrets."""
+"""Password hashing, keyed hashes of generated secrets, and the secrets themselves.
+
+Human passwords are stored as argon2id hashes, which make guessing slow. Generated
+secrets (robot secrets, personal access tokens) carry 192 random bits, which no
+guessing can cover, so they are stored as HMAC-SHA256 under a server key: a
+stolen database alone does not let anyone check candidate secrets, and a check
+takes microseconds, so a robot can fetch thousands of tokens per second.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import secrets
 
 from argon2 import PasswordHasher
@@ -16,6 +25,13 @@ _DUMMY_HASH = _hasher.hash(secrets.token_urlsafe(16))
 
 # 24 random bytes give 192 bits of entropy; the brief asks for at least 128.
 GENERATED_SECRET_BYTES = 24
+# Prefix of stored keyed hashes; argon2 hashes start with "$argon2".
+KEYED_HASH_PREFIX = "hmac-sha256$"
+# Name of the server key (in the database) that keys the hashes.
+SECRET_HASH_KEY = "secret_hmac"  # noqa: S105 (a key's name, not a secret)
+# Personal access tokens read `moorage_pat_<id>_<secret>`, so a login can find
+# the token by id and tell it from a password without trying argon2id.
+PERSONAL_TOKEN_PREFIX = "moorage_pat_"  # noqa: S105 (a fixed prefix, not a secret)
 
 
 def generate_secret() -> str:
@@ -34,3 +50,19 @@ def verify_password(password_hash: str | None, password: str) -> bool:
         )
     except (VerificationError, InvalidHashError):
         return False
+
+
+def keyed_hash(key: bytes, secret: str) -> str:
+    """Return the stored form of a generated secret: HMAC-SHA256 under `key`."""
+    digest = hmac.new(key, secret.encode(), hashlib.sha256).hexdigest()
+    return KEYED_HASH_PREFIX + digest
+
+
+def is_keyed_hash(stored: str) -> bool:
+    return stored.startswith(KEYED_HASH_PREFIX)
+
+
+def verify_keyed(key: bytes, stored: str | None, secret: str) -> bool:
+    """Check a generated secret in constant time; with `stored` None, fail."""
+    expected = keyed_hash(key, secret)
+    return hmac.compare_digest(stored or "", expected) and stored is not None
