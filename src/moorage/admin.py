@@ -15,7 +15,7 @@ from moorage.auth.secrets import (
     keyed_hash,
 )
 from moorage.db.identity_store import AccountRecord, CustomerRecord, IdentityStore
-from moorage.errors import MoorageError, NotFoundError
+from moorage.errors import InvalidInputError, NotFoundError
 
 # A customer slug is also its namespace, so it follows the repository name
 # component grammar, without the double underscore.
@@ -25,10 +25,6 @@ _LOGIN_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,127}")
 MIN_PASSWORD_LENGTH = 12
 MAX_PASSWORD_LENGTH = 256
 MIN_DISTINCT_CHARACTERS = 5
-
-
-class InvalidInputError(MoorageError):
-    """invalid input"""
 
 
 @dataclass(frozen=True, slots=True)

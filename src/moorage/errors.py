@@ -10,6 +10,7 @@ The API layer maps each class to an OCI error code and HTTP status in one table
     ├── UploadInvalidError, RangeInvalidError, SizeInvalidError
     ├── PaginationInvalidError, UnsupportedError
     ├── UnauthorizedError, DeniedError, TooManyRequestsError
+    ├── InvalidInputError (administrative input: a bad name, role or password)
     └── ConflictError (administrative changes: a name already taken)
 """
 
@@ -110,6 +111,10 @@ class TooManyRequestsError(MoorageError):
         super().__init__(message, detail)
         self.retry_after = retry_after
         self.headers = {"Retry-After": str(retry_after)}
+
+
+class InvalidInputError(MoorageError):
+    """invalid input"""
 
 
 class ConflictError(MoorageError):
