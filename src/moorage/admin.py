@@ -23,6 +23,9 @@ _SLUG_PATTERN = re.compile(r"[a-z0-9]+(?:[._-][a-z0-9]+)*")
 _LOGIN_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,127}")
 # The password policy (NIST SP 800-63B style: length over composition rules).
 MIN_PASSWORD_LENGTH = 12
+# A grant pattern: repository name components, where `*` may stand anywhere.
+_PATTERN_COMPONENT = r"[a-z0-9*]+(?:(?:\.|_|__|-+)[a-z0-9*]+)*"
+_PATTERN = re.compile(rf"{_PATTERN_COMPONENT}(?:/{_PATTERN_COMPONENT})*")
 MAX_PASSWORD_LENGTH = 256
 MIN_DISTINCT_CHARACTERS = 5
 
@@ -276,7 +279,7 @@ async def revoke_personal_token(
 
 def validate_pattern(pattern: str) -> str:
     """Return a grant pattern when valid: a namespace, a name, or a glob of them."""
-    if not re.fullmatch(r"[a-z0-9*]+(?:[._/-]+[a-z0-9*]+)*(?:/\*)?", pattern):
+    if not _PATTERN.fullmatch(pattern):
         raise InvalidInputError(
             f"invalid pattern {pattern!r}: use a namespace (products), a repository "
             "(products/app) or a glob (products/*)"

@@ -86,6 +86,31 @@ class Settings(BaseSettings):
             "seconds. Revocation still applies to them on their next use."
         ),
     )
+    login_free_failures_per_pair: int = Field(
+        default=5,
+        ge=1,
+        description=(
+            "Failed logins of one name from one address before each further "
+            "attempt must wait (1 s doubling, up to 5 minutes)."
+        ),
+    )
+    login_free_failures_per_address: int = Field(
+        default=20,
+        ge=1,
+        description=(
+            "Failed logins from one address, any name, before it must wait "
+            "(1 s doubling, up to 15 minutes)."
+        ),
+    )
+    login_free_failures_per_account: int = Field(
+        default=100,
+        ge=1,
+        description=(
+            "Failed logins of one name, any address, before it must wait (1 s "
+            "doubling, up to 5 minutes), except from addresses where it logged in "
+            "within 30 days."
+        ),
+    )
     max_manifest_bytes: int = Field(
         default=4 * 1024 * 1024,
         ge=1024,

@@ -107,14 +107,15 @@ class LoginThrottle:
             if over >= 0:
                 delay = min(2.0**over, limit.max_delay)
                 counter.blocked_until = now + delay
-                log.warning(
-                    "login throttled",
-                    subject=login,
-                    client=address,
-                    throttle=key[0],
-                    failures=counter.failures,
-                    wait_seconds=delay,
-                )
+                if over & (over - 1) == 0:  # log at 0, 1, 2, 4, 8 ... over the limit
+                    log.warning(
+                        "login throttled",
+                        subject=login,
+                        client=address,
+                        throttle=key[0],
+                        failures=counter.failures,
+                        wait_seconds=delay,
+                    )
 
     def succeeded(self, login: str, address: str | None) -> None:
         """Clear the pair's counter and remember the address as known for login."""
