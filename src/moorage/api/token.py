@@ -15,13 +15,15 @@ space-separated and `access_type=offline` adds a refresh token.
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import parse_qsl
 
+from starlette.datastructures import MultiDict
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from moorage.api.access import decode_basic
-from moorage.api.http import client_address
+from moorage.api.http import client_address, read_limited
 from moorage.auth.access import Principal
 from moorage.auth.scope import Scope, parse_scopes
 from moorage.db.schema import utcnow
@@ -30,6 +32,7 @@ from moorage.names import validate_name
 from moorage.services import Services
 
 CATALOG_ACTIONS = frozenset({"*"})
+MAX_FORM_BYTES = 64 * 1024
 
 
 class BasicChallengeError(UnauthorizedError):
@@ -58,6 +61,17 @@ def granted_scopes(principal: Principal, asked: list[Scope]) -> list[Scope]:
         if actions:
             granted.append(Scope(scope.type, scope.name, actions))
     return granted
+
+
+async def read_form(request: Request) -> MultiDict:
+    """Read an application/x-www-form-urlencoded body of at most MAX_FORM_BYTES."""
+    body = await read_limited(request, MAX_FORM_BYTES)
+    if body is None:
+        raise UnsupportedError(f"the form is larger than {MAX_FORM_BYTES} bytes")
+    try:
+        return MultiDict(parse_qsl(body.decode(), keep_blank_values=True))
+    except UnicodeDecodeError:
+        raise UnsupportedError("the form is not UTF-8") from None
 
 
 def routes(services: Services) -> list[Route]:
@@ -111,24 +125,24 @@ def routes(services: Services) -> list[Route]:
 
     async def oauth_token(request: Request) -> Response:
         await tokens.reload()
-        form = await request.form()
-        grant_type = str(form.get("grant_type", ""))
+        form = await read_form(request)
+        grant_type = form.get("grant_type", "")
         if grant_type == "password":
             principal = await authenticator.login(
-                str(form.get("username", "")),
-                str(form.get("password", "")),
+                form.get("username", ""),
+                form.get("password", ""),
                 client_address(request, trust),
             )
         elif grant_type == "refresh_token":
             principal = await authenticator.from_refresh_token(
-                str(form.get("refresh_token", ""))
+                form.get("refresh_token", "")
             )
         else:
             raise UnsupportedError(
                 f"unsupported grant_type {grant_type[:40]!r}: use password or "
                 "refresh_token"
             )
-        asked = parse_scopes(str(value) for value in form.getlist("scope"))
+        asked = parse_scopes(form.getlist("scope"))
         offline = form.get("access_type") == "offline"
         return token_response(request, principal, asked, offline)
 
