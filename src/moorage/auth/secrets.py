@@ -1,10 +1,14 @@
 """Password hashing, keyed hashes of generated secrets, and the secrets themselves.
 
-Human passwords are stored as argon2id hashes, which make guessing slow. Generated
-secrets (robot secrets, personal access tokens) carry 192 random bits, which no
-guessing can cover, so they are stored as HMAC-SHA256 under a server key: a
-stolen database alone does not let anyone check candidate secrets, and a check
-takes microseconds, so a robot can fetch thousands of tokens per second.
+Human passwords are stored as argon2id hashes, which make guessing slow.
+Generated secrets (robot secrets, personal access tokens) carry 192 random bits,
+which no guessing can cover. They are stored as HMAC-SHA256 under a server key,
+so a check takes microseconds and a robot can fetch thousands of tokens per
+second.
+
+NOTE: the server key lives in the same database (table `server_keys`), so it
+protects a leaked accounts table, not a full database dump; against a dump the
+192 bits of entropy are the protection.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Throttling of failed logins, per account, per source address and per pair.
 
-The policy, and why (docs/access-control.md says the same for operators):
+The policy, and why (docs/access-control.md describes it for operators):
 
 - A pair of login name and source address gets 5 free failures, then must wait
   1 s, 2 s, 4 s ... up to 5 minutes after each further failure. This stops a

@@ -1,11 +1,12 @@
 """The token service's signing keys and JWTs (CNCF distribution token format).
 
 Access tokens are ES256 JWTs with the claims the distribution token
-specification lists (iss, sub, aud, exp, nbf, iat, jti, access) plus `gen`, the
-account's token generation, which lets a secret rotation reject older tokens at
-once, and `pat`, the personal access token a login used, if any. The `kid` is the
-libtrust key ID that the CNCF distribution registry computes for a key, so that
-registry can verify these tokens from the JWKS or a certificate.
+specification lists (iss, sub, aud, exp, nbf, iat, jti, access). Two claims are
+added: `gen`, the account's token generation, which lets a secret rotation
+reject older tokens at once, and `pat`, the personal access token a login used.
+The `kid` is the libtrust key ID that the CNCF distribution registry computes
+for a key, so that registry can verify these tokens from the JWKS or a
+certificate.
 
 Refresh tokens (OAuth2, for `offline_token=true` and the POST form) are JWTs of
 the same keys with `typ` "refresh", no `access` claim, and a long lifetime; each
