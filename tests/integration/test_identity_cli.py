@@ -13,7 +13,12 @@ import pytest
 from tests.support.database import create_database, drop_database
 from typer.testing import CliRunner
 
+from moorage.cli import main
 from moorage.cli.main import app
+
+
+def _keep_logging(level: str = "info", log_format: str = "auto") -> None:
+    """Leave the test process's logging as it is."""
 
 
 @dataclass
@@ -37,6 +42,9 @@ class Cli:
                 patch.delenv(key)
             for key, value in self.env.items():
                 patch.setenv(key, value)
+            # Logging set up here would write to the runner's stream, which is
+            # closed afterwards, and later tests in this process would fail.
+            patch.setattr(main, "configure_logging", _keep_logging)
             outcome = runner.invoke(app, list(args), terminal_width=200)
         return Result(outcome.exit_code, outcome.stdout, outcome.stderr)
 

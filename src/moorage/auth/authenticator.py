@@ -28,6 +28,7 @@ from moorage.auth.secrets import (
 from moorage.auth.throttle import LoginThrottle
 from moorage.auth.tokens import InvalidTokenError, TokenClaims, TokenService
 from moorage.db.identity_store import (
+    AccountAccess,
     AccountRecord,
     IdentityStore,
     PersonalTokenRecord,
@@ -65,7 +66,8 @@ class Authenticator:
         """Check a login name and secret; raise UnauthorizedError on any failure,
         TooManyRequestsError while failed logins are throttled."""
         self.throttle.check(login, address)
-        account = await self.identity.find_account(login)
+        access = await self.identity.account_access(login)
+        account = access.account if access is not None else None
         personal_token: PersonalTokenRecord | None = None
         if password.startswith(PERSONAL_TOKEN_PREFIX):
             personal_token = await self._personal_token(account, password)
@@ -81,10 +83,10 @@ class Authenticator:
                 reason="invalid credentials",
             )
             raise UnauthorizedError("invalid username or password")
-        assert account is not None
-        _check_usable(account, utcnow())
+        assert access is not None
+        _check_usable(access.account, utcnow())
         self.throttle.succeeded(login, address)
-        return await self._principal(account, personal_token)
+        return _principal(access, personal_token)
 
     async def from_token(self, token: str) -> tuple[Principal, TokenClaims]:
         """Verify a bearer token and load the current state of its account."""
@@ -105,9 +107,10 @@ class Authenticator:
         return await self._current(claims)
 
     async def _current(self, claims: TokenClaims) -> Principal:
-        account = await self.identity.find_account(claims.subject)
-        if account is None or account.token_generation != claims.generation:
+        access = await self.identity.account_access(claims.subject)
+        if access is None or access.account.token_generation != claims.generation:
             raise UnauthorizedError("token has been revoked")
+        account = access.account
         _check_usable(account, utcnow())
         personal_token = None
         if claims.personal_token_id is not None:
@@ -118,7 +121,7 @@ class Authenticator:
                 personal_token, account, utcnow()
             ):
                 raise UnauthorizedError("token has been revoked")
-        return await self._principal(account, personal_token)
+        return _principal(access, personal_token)
 
     async def _personal_token(
         self, account: AccountRecord | None, presented: str
@@ -179,28 +182,24 @@ class Authenticator:
         while len(self._verified) > PASSWORD_CACHE_ENTRIES:
             self._verified.popitem(last=False)
 
-    async def _principal(
-        self, account: AccountRecord, personal_token: PersonalTokenRecord | None
-    ) -> Principal:
-        grants = await self.identity.grants_for(account.id, account.customer_id)
-        namespaces = (
-            await self.identity.namespaces_of(account.customer_id)
-            if account.customer_id is not None
-            else []
-        )
-        return Principal(
-            account_id=account.id,
-            login=account.login,
-            kind=account.kind,
-            customer_id=account.customer_id,
-            customer_slug=account.customer_slug,
-            role=account.role,
-            token_generation=account.token_generation,
-            namespaces=tuple(namespaces),
-            grants=tuple(Grant(g.pattern, g.role, g.until) for g in grants),
-            personal_token_id=personal_token.id if personal_token else None,
-            ceiling=personal_token.role if personal_token else None,
-        )
+
+def _principal(
+    access: AccountAccess, personal_token: PersonalTokenRecord | None
+) -> Principal:
+    account = access.account
+    return Principal(
+        account_id=account.id,
+        login=account.login,
+        kind=account.kind,
+        customer_id=account.customer_id,
+        customer_slug=account.customer_slug,
+        role=account.role,
+        token_generation=account.token_generation,
+        namespaces=tuple(access.namespaces),
+        grants=tuple(Grant(g.pattern, g.role, g.until) for g in access.grants),
+        personal_token_id=personal_token.id if personal_token else None,
+        ceiling=personal_token.role if personal_token else None,
+    )
 
 
 def _token_usable(

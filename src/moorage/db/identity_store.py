@@ -83,6 +83,15 @@ class PersonalTokenRecord:
     created_at: datetime
 
 
+@dataclass(frozen=True, slots=True)
+class AccountAccess:
+    """An account with its grants and its customer's namespaces."""
+
+    account: AccountRecord
+    grants: list[GrantRecord]
+    namespaces: list[str]
+
+
 _GRANT_COLUMNS = (
     grants.c.id,
     grants.c.customer_id,
@@ -118,6 +127,17 @@ _ACCOUNT_COLUMNS = (
 
 def _account(row: Any) -> AccountRecord:
     return AccountRecord(*row)
+
+
+def _grants_condition(account_id: int, customer_id: int | None) -> Any:
+    """Select the grants of an account and of its whole customer."""
+    condition = grants.c.account_id == account_id
+    if customer_id is None:
+        return condition
+    return or_(
+        condition,
+        (grants.c.customer_id == customer_id) & grants.c.account_id.is_(None),
+    )
 
 
 class IdentityStore:
@@ -225,6 +245,36 @@ class IdentityStore:
                 ).scalar_one()
         except IntegrityError:
             raise ConflictError(f"the login name {login!r} is already taken") from None
+
+    async def account_access(self, login: str) -> AccountAccess | None:
+        """Return an account with its grants and namespaces, in one connection
+        (every authenticated request needs all three)."""
+        async with self.engine.connect() as connection:
+            row = (
+                await connection.execute(
+                    select(*_ACCOUNT_COLUMNS)
+                    .select_from(accounts.outerjoin(customers))
+                    .where(accounts.c.login == login)
+                )
+            ).first()
+            if row is None:
+                return None
+            account = _account(row)
+            grant_rows = await connection.execute(
+                select(*_GRANT_COLUMNS).where(
+                    _grants_condition(account.id, account.customer_id)
+                )
+            )
+            grant_records = [GrantRecord(*grant) for grant in grant_rows]
+            names: list[str] = []
+            if account.customer_id is not None:
+                name_rows = await connection.execute(
+                    select(namespaces.c.name)
+                    .where(namespaces.c.customer_id == account.customer_id)
+                    .order_by(namespaces.c.name)
+                )
+                names = [row[0] for row in name_rows]
+        return AccountAccess(account, grant_records, names)
 
     async def find_account(self, login: str) -> AccountRecord | None:
         return await self._account_where(accounts.c.login == login)
@@ -437,14 +487,11 @@ class IdentityStore:
     ) -> list[GrantRecord]:
         """Return the grants of an account and of its whole customer."""
         async with self.engine.connect() as connection:
-            condition = grants.c.account_id == account_id
-            if customer_id is not None:
-                condition = or_(
-                    condition,
-                    (grants.c.customer_id == customer_id)
-                    & grants.c.account_id.is_(None),
+            result = await connection.execute(
+                select(*_GRANT_COLUMNS).where(
+                    _grants_condition(account_id, customer_id)
                 )
-            result = await connection.execute(select(*_GRANT_COLUMNS).where(condition))
+            )
             return [GrantRecord(*row) for row in result]
 
     # Token signing keys
