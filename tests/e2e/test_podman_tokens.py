@@ -14,12 +14,12 @@ from pathlib import Path
 
 import httpx
 import pytest
+
+from moorage import admin
 from tests.support.database import create_database, drop_database
 from tests.support.identity import add_robot
 from tests.support.images import OciLayout, busybox_image
 from tests.support.server import ServerProcess
-
-from moorage import admin
 
 # Short enough to watch a token expire; 5 s is the configured minimum.
 TOKEN_TTL = 5

@@ -22,6 +22,9 @@ from dataclasses import dataclass, field
 import httpx
 import pytest
 from starlette.routing import Route
+
+from moorage import admin
+from moorage.api.app import build_routes
 from tests.support.identity import (
     OCI_MANIFEST,
     add_grant,
@@ -36,9 +39,6 @@ from tests.support.identity import (
     start_upload,
 )
 from tests.support.server import ADMIN_LOGIN, ADMIN_PASSWORD, ServerProcess, unique
-
-from moorage import admin
-from moorage.api.app import build_routes
 
 PULL, PUSH, DELETE = "pull", "push", "delete"
 ROLE_RIGHTS = {

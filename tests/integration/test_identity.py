@@ -10,6 +10,10 @@ from pathlib import Path
 import httpx
 import pytest
 from sqlalchemy import select
+
+from moorage import admin
+from moorage.db.schema import accounts, personal_tokens
+from moorage.services import Services
 from tests.support.database import create_database, drop_database
 from tests.support.identity import (
     add_grant,
@@ -21,10 +25,6 @@ from tests.support.identity import (
     push_image,
 )
 from tests.support.server import ServerProcess, unique
-
-from moorage import admin
-from moorage.db.schema import accounts, personal_tokens
-from moorage.services import Services
 
 
 def pull_scope(name: str) -> str:

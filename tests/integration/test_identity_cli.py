@@ -10,11 +10,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from tests.support.database import create_database, drop_database
 from typer.testing import CliRunner
 
 from moorage.cli import main
 from moorage.cli.main import app
+from tests.support.database import create_database, drop_database
 
 
 def _keep_logging(level: str = "info", log_format: str = "auto") -> None:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import httpx
 import pytest
+
 from tests.support.identity import (
     OCI_MANIFEST,
     admin_client,

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+
 from tests.support.database import create_database, drop_database
 from tests.support.identity import admin_client, push_image
 from tests.support.server import ServerProcess

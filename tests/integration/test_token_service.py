@@ -14,6 +14,9 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+
+from moorage import admin
+from moorage.auth.tokens import add_signing_key
 from tests.support.identity import (
     add_grant,
     add_robot,
@@ -23,9 +26,6 @@ from tests.support.identity import (
     push_image,
 )
 from tests.support.server import ServerProcess, unique
-
-from moorage import admin
-from moorage.auth.tokens import add_signing_key
 
 
 def access_of(token: dict[str, Any]) -> list[dict[str, Any]]:

@@ -13,9 +13,9 @@ import uuid
 from datetime import UTC, datetime, timedelta
 
 import httpx
-from tests.support.server import ADMIN_LOGIN, ADMIN_PASSWORD, ServerProcess
 
 from moorage import admin
+from tests.support.server import ADMIN_LOGIN, ADMIN_PASSWORD, ServerProcess
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
