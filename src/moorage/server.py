@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+from typing import Any
 
 import structlog
 import uvicorn
 from rich.console import Console
 
-from moorage import __version__, admin
+from moorage import __version__, admin, tls
 from moorage.api.app import create_app
 from moorage.config import Settings
 from moorage.services import open_services
@@ -29,8 +31,9 @@ async def run_server(settings: Settings, console: Console) -> None:
         )
         if created is not None:
             _announce_admin(console, created)
+        reloader = _tls_reloader(settings)
         config = uvicorn.Config(
-            create_app(services),
+            _wrap_for_tls(create_app(services), reloader),
             host=settings.host,
             port=settings.port,
             loop="uvloop",
@@ -39,6 +42,9 @@ async def run_server(settings: Settings, console: Console) -> None:
             access_log=False,
             server_header=False,
             proxy_headers=False,
+            ssl_context_factory=(
+                (lambda _config, _default: reloader.context) if reloader else None
+            ),
         )
         server = uvicorn.Server(config)
         log.info(
@@ -49,11 +55,38 @@ async def run_server(settings: Settings, console: Console) -> None:
             data_dir=str(settings.data_dir.resolve()),
             database=settings.resolved_database_url.split("://", 1)[0],
             pid=os.getpid(),
+            tls=reloader is not None,
         )
-        await server.serve()
+        watcher = _start_tls_watch(reloader, settings.tls_reload_seconds)
+        try:
+            await server.serve()
+        finally:
+            if watcher is not None:
+                watcher.cancel()
     finally:
         await services.close()
         log.info("stopped")
+
+
+def _tls_reloader(settings: Settings) -> tls.CertificateReloader | None:
+    if settings.tls_cert is None or settings.tls_key is None:
+        return None
+    context = tls.server_context(settings.tls_cert, settings.tls_key)
+    return tls.CertificateReloader(context, settings.tls_cert, settings.tls_key)
+
+
+def _wrap_for_tls(app: Any, reloader: tls.CertificateReloader | None) -> Any:
+    return tls.StrictTransportSecurity(app) if reloader is not None else app
+
+
+def _start_tls_watch(
+    reloader: tls.CertificateReloader | None, interval: float
+) -> asyncio.Task[None] | None:
+    """Reload the certificate on SIGHUP and when its files change."""
+    if reloader is None:
+        return None
+    reloader.install_signal_handler()
+    return asyncio.create_task(reloader.watch(interval))
 
 
 def _announce_admin(console: Console, created: admin.CreatedAccount) -> None:

@@ -38,6 +38,8 @@ config_app = typer.Typer(
 )
 app.add_typer(user_app, name="user")
 app.add_typer(config_app, name="config")
+tls_app = typer.Typer(help="Set up TLS certificates.", no_args_is_help=True)
+app.add_typer(tls_app, name="tls")
 
 console = Console()
 errors = Console(stderr=True)
@@ -85,11 +87,19 @@ def serve(
     data_dir: DataDirOption = None,
     host: Annotated[str | None, typer.Option(help="Address to listen on.")] = None,
     port: Annotated[int | None, typer.Option(help="TCP port to listen on.")] = None,
+    tls_cert: Annotated[
+        Path | None, typer.Option(help="PEM certificate; serve HTTPS.")
+    ] = None,
+    tls_key: Annotated[
+        Path | None, typer.Option(help="PEM private key of --tls-cert.")
+    ] = None,
 ) -> None:
     """Run the registry. The first start initialises the data directory."""
     from moorage.server import run_server
 
-    settings = _settings(data_dir=data_dir, host=host, port=port)
+    settings = _settings(
+        data_dir=data_dir, host=host, port=port, tls_cert=tls_cert, tls_key=tls_key
+    )
     configure_logging(settings.log_level, settings.log_format)
     asyncio.run(run_server(settings, console))
 
@@ -182,6 +192,30 @@ def config_reference() -> None:
     from moorage.config import settings_reference
 
     print(settings_reference())
+
+
+@tls_app.command("init")
+def tls_init(
+    hostname: Annotated[str, typer.Option(help="Name clients use for the registry.")],
+    out: Annotated[Path, typer.Option(help="Directory for the files.")] = Path("tls"),
+    port: Annotated[int, typer.Option(help="Port, for the instructions.")] = 5000,
+) -> None:
+    """Create a private CA and a server certificate for a quick start."""
+    from moorage import tls
+
+    created = tls.init_private_ca(hostname, out)
+    console.print(
+        f"created {created.ca_cert} (the CA clients trust), {created.server_cert} and "
+        f"{created.server_key}.\nKeep {created.ca_key} offline; it signs "
+        "certificates.\n\nServe with:\n"
+        f"  moorage serve --tls-cert {created.server_cert} "
+        f"--tls-key {created.server_key}\n",
+        highlight=False,
+    )
+    console.print(
+        tls.trust_instructions(hostname, port, created.ca_cert.resolve()),
+        highlight=False,
+    )
 
 
 @app.command("version")
