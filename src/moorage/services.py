@@ -15,6 +15,7 @@ from moorage.db.engine import create_engine, migrate
 from moorage.db.identity_store import IdentityStore
 from moorage.db.registry_store import RegistryStore
 from moorage.storage.drivers.filesystem import FilesystemDriver
+from moorage.storage.encryption.setup import encrypting_layer
 from moorage.storage.registry import Registry
 
 
@@ -39,7 +40,7 @@ async def open_services(settings: Settings) -> Services:
     engine = create_engine(settings.resolved_database_url)
     await migrate(engine)
     identity = IdentityStore(engine)
-    driver = FilesystemDriver(settings.resolved_storage_dir)
+    driver = encrypting_layer(FilesystemDriver(settings.resolved_storage_dir), settings)
     registry = Registry(RegistryStore(engine), driver, settings.max_manifest_bytes)
     tokens = await TokenService.load(
         identity, settings.service_name, settings.token_ttl_seconds
