@@ -14,6 +14,7 @@ from moorage import __version__, admin, tls
 from moorage.api.app import create_app
 from moorage.config import Settings
 from moorage.services import open_services
+from moorage.storage.encryption.background import start_background_encryption
 
 log = structlog.get_logger(__name__)
 
@@ -58,11 +59,13 @@ async def run_server(settings: Settings, console: Console) -> None:
             tls=reloader is not None,
         )
         watcher = _start_tls_watch(reloader, settings.tls_reload_seconds)
+        converter = start_background_encryption(services.registry.driver)
         try:
             await server.serve()
         finally:
-            if watcher is not None:
-                watcher.cancel()
+            for task in (watcher, converter):
+                if task is not None:
+                    task.cancel()
     finally:
         await services.close()
         log.info("stopped")

@@ -27,14 +27,19 @@ from abc import ABC, abstractmethod
 from datetime import UTC, datetime
 from pathlib import Path
 
+import structlog
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from moorage.errors import MoorageError
+
+log = structlog.get_logger(__name__)
 
 KEK_BYTES = 32
 _NONCE_BYTES = 12
 
 
-class KeyManagementError(Exception):
+class KeyManagementError(MoorageError):
     """A key-encryption key cannot be created, found or used."""
 
 
@@ -185,6 +190,9 @@ class FileKeyring(Keyring):
         _write_private(self.directory / f"{key_id}.key", generate_key_text() + "\n")
         _write_private(self.directory / ".active.tmp", key_id + "\n")
         os.replace(self.directory / ".active.tmp", self._active_file)
+        log.info(
+            "key-encryption key created", key_id=key_id, directory=str(self.directory)
+        )
         return self.get(key_id)
 
     def retire(self, key_id: str) -> None:

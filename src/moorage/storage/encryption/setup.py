@@ -41,8 +41,12 @@ def encrypting_layer(inner: StorageDriver, settings: Settings) -> StorageDriver:
     keyring = open_keyring(settings)
     if keyring is None:
         return inner
-    if settings.encryption and isinstance(keyring, FileKeyring):
-        _warn_when_keys_sit_with_data(settings)
+    if settings.encryption:
+        # Fails early on a missing or unusable key; a new installation gets its
+        # first key here.
+        log.debug("key-encryption key ready", key_id=keyring.active().key_id)
+        if isinstance(keyring, FileKeyring):
+            _warn_when_keys_sit_with_data(settings)
     return EncryptedDriver(inner, keyring, encrypt_new=settings.encryption)
 
 
