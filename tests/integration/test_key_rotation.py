@@ -136,3 +136,42 @@ def test_existing_plaintext_is_encrypted_while_serving(tmp_path: Path) -> None:
     finally:
         server.stop()
         drop_database(server.database_url)
+
+
+def test_hsm_keys_serve_and_rotate(tmp_path: Path) -> None:
+    """With keys on a SoftHSM2 token, blobs push, rotate online and pull back."""
+    from tests.support.database import create_database, drop_database
+    from tests.support.softhsm import init_token
+
+    hsm = init_token(tmp_path / "hsm")
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    server = ServerProcess(
+        data_dir=data_dir,
+        database_url=create_database(data_dir),
+        extra_env=hsm.environment(),
+    )
+    server.start()
+    try:
+        repository = f"{unique('hsm')}/app"
+        blobs = {}
+        with httpx.Client(
+            base_url=server.url, auth=(ADMIN_LOGIN, ADMIN_PASSWORD)
+        ) as client:
+            for size in (1000, 300_000):
+                data = os.urandom(size)
+                blobs[push_blob(client, repository, data, chunks=2)] = data
+        before = moorage(server, "key", "status")
+        assert "PKCS#11 token 'moorage-test'" in before
+        moorage(server, "key", "rotate")
+        after = moorage(server, "key", "status")
+        old_key = before.split("hsm-")[1].split()[0]
+        assert old_key not in after
+        assert after.count("hsm-") == 1
+        assert not (data_dir / "keys").exists()
+        pull_all(server, repository, blobs)
+        server.restart()
+        pull_all(server, repository, blobs)
+    finally:
+        server.stop()
+        drop_database(server.database_url)

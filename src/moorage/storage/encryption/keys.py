@@ -125,7 +125,7 @@ class LocalKey(KeyEncryptionKey):
 
 def new_key_id(prefix: str) -> str:
     """A sortable id: the creation time and a random suffix."""
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")
     return f"{prefix}-{stamp}-{secrets.token_hex(3)}"
 
 
@@ -197,7 +197,7 @@ class FileKeyring(Keyring):
 
     def retire(self, key_id: str) -> None:
         if self._stamp() is not None and key_id == self.active().key_id:
-            raise ValueError("the active key-encryption key cannot be retired")
+            raise KeyManagementError("the active key-encryption key cannot be retired")
         (self.directory / f"{key_id}.key").unlink(missing_ok=True)
         self._keys.pop(key_id, None)
 
