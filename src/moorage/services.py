@@ -15,7 +15,7 @@ from moorage.db.engine import create_engine, migrate
 from moorage.db.identity_store import IdentityStore
 from moorage.db.registry_store import RegistryStore
 from moorage.storage.drivers.filesystem import FilesystemDriver
-from moorage.storage.encryption.setup import encrypting_layer
+from moorage.storage.encryption.setup import database_codec, encrypting_layer
 from moorage.storage.registry import Registry
 
 
@@ -41,7 +41,10 @@ async def open_services(settings: Settings) -> Services:
     await migrate(engine)
     identity = IdentityStore(engine)
     driver = encrypting_layer(FilesystemDriver(settings.resolved_storage_dir), settings)
-    registry = Registry(RegistryStore(engine), driver, settings.max_manifest_bytes)
+    codec = await database_codec(engine, driver)
+    registry = Registry(
+        RegistryStore(engine, codec), driver, settings.max_manifest_bytes
+    )
     tokens = await TokenService.load(
         identity, settings.service_name, settings.token_ttl_seconds
     )

@@ -11,14 +11,20 @@ from pathlib import Path
 
 import httpx
 import pytest
+from sqlalchemy import select, update
 from tests.support.images import (
+    MEDIA_TYPE_OCI_CONFIG,
     MEDIA_TYPE_OCI_LAYER,
+    MEDIA_TYPE_OCI_MANIFEST,
     LayerTar,
     OciLayout,
     add_image,
     host_architecture,
 )
 from tests.support.server import ADMIN_LOGIN, ADMIN_PASSWORD, ServerProcess, unique
+
+from moorage.db.schema import manifests, repositories
+from moorage.services import Services
 
 SEGMENT = 64 * 1024
 SEALED = SEGMENT + 28
@@ -184,3 +190,95 @@ def skopeo_copy(*args: str) -> None:
     subprocess.run(
         ["skopeo", "copy", *args], check=True, capture_output=True, timeout=120
     )
+
+
+def push_manifest(client: httpx.Client, repository: str, marker: str) -> bytes:
+    """Push a config blob and a manifest whose annotation holds `marker`."""
+    config = json.dumps({"architecture": "amd64", "os": "linux"}).encode()
+    config_digest = push_blob(client, repository, config, chunks=1)
+    manifest = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": MEDIA_TYPE_OCI_MANIFEST,
+            "config": {
+                "mediaType": MEDIA_TYPE_OCI_CONFIG,
+                "digest": config_digest,
+                "size": len(config),
+            },
+            "layers": [],
+            "annotations": {"note": marker},
+        }
+    ).encode()
+    response = client.put(
+        f"/v2/{repository}/manifests/v1",
+        content=manifest,
+        headers={"Content-Type": MEDIA_TYPE_OCI_MANIFEST},
+    )
+    assert response.status_code == 201, response.text
+    return manifest
+
+
+def stored_manifest(server: ServerProcess, repository: str) -> bytes:
+    """The raw `content` column of the repository's manifest."""
+
+    async def query(services: Services) -> bytes:
+        async with services.engine.connect() as connection:
+            return bytes(
+                await connection.scalar(
+                    select(manifests.c.content)
+                    .join(repositories, repositories.c.id == manifests.c.repository_id)
+                    .where(repositories.c.name == repository)
+                )
+            )
+
+    return server.run_admin(query)
+
+
+def overwrite_manifest(server: ServerProcess, repository: str, content: bytes) -> None:
+    async def change(services: Services) -> None:
+        async with services.engine.begin() as connection:
+            repository_id = await connection.scalar(
+                select(repositories.c.id).where(repositories.c.name == repository)
+            )
+            await connection.execute(
+                update(manifests)
+                .where(manifests.c.repository_id == repository_id)
+                .values(content=content)
+            )
+
+    server.run_admin(change)
+
+
+def test_manifest_content_is_encrypted_in_the_database(
+    admin_client: httpx.Client, server: ServerProcess
+) -> None:
+    """The database holds sealed manifest bytes; clients get the pushed bytes."""
+    marker = f"MANIFEST-MARKER-{unique('m')}"
+    repository = f"{unique('enc')}/manifests"
+    manifest = push_manifest(admin_client, repository, marker)
+    stored = stored_manifest(server, repository)
+    assert marker.encode() not in stored
+    assert stored.startswith(b"MRGDB1")
+    response = admin_client.get(
+        f"/v2/{repository}/manifests/v1",
+        headers={"Accept": MEDIA_TYPE_OCI_MANIFEST},
+    )
+    assert response.content == manifest
+    assert response.headers["Content-Length"] == str(len(manifest))
+
+
+def test_tampered_manifest_fails(
+    admin_client: httpx.Client, server: ServerProcess
+) -> None:
+    """An altered manifest row fails the pull with an error and is logged."""
+    repository = f"{unique('enc')}/manifests"
+    push_manifest(admin_client, repository, "tamper")
+    stored = bytearray(stored_manifest(server, repository))
+    stored[-5] ^= 0x01
+    overwrite_manifest(server, repository, bytes(stored))
+    response = admin_client.get(
+        f"/v2/{repository}/manifests/v1",
+        headers={"Accept": MEDIA_TYPE_OCI_MANIFEST},
+    )
+    assert response.status_code == 500
+    assert "content does not authenticate" in server.log()

@@ -29,6 +29,7 @@ from rich.table import Table
 
 from moorage import admin
 from moorage.config import Settings, load_settings
+from moorage.db.key_store import KeyStore
 from moorage.errors import MoorageError
 from moorage.logs import configure_logging
 from moorage.services import Services, open_services
@@ -248,7 +249,7 @@ def key_status(data_dir: DataDirOption = None) -> None:
 
     async def action(services: Services) -> None:
         driver = _encrypted_driver(services)
-        usage = await maintenance.key_usage(driver)
+        usage = await maintenance.key_usage(driver, KeyStore(services.engine))
         active = driver.keyring.active().key_id
         table = Table("key-encryption key", "active", "data keys")
         for key_id in sorted(set(driver.keyring.key_ids()) | set(usage)):
@@ -278,7 +279,11 @@ def key_rotate(
         driver = _encrypted_driver(services)
         with _progress("rewrapping data keys") as update:
             return await maintenance.rotate(
-                driver, new_key=not keep_active, retire=not keep_old, progress=update
+                driver,
+                KeyStore(services.engine),
+                new_key=not keep_active,
+                retire=not keep_old,
+                progress=update,
             )
 
     report = _run(_settings(data_dir=data_dir), action)

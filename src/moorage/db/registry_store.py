@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
+from typing import Any, Protocol
 
 from sqlalchemy import ColumnElement, and_, delete, exists, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -74,11 +75,20 @@ class RepositoryFilter:
     patterns: Sequence[str] = ()
 
 
+class ContentCodec(Protocol):
+    """Encrypts manifest content on its way into the database and back."""
+
+    def seal(self, content: bytes, digest: str) -> bytes: ...
+
+    def open(self, stored: bytes, digest: str) -> bytes: ...
+
+
 class RegistryStore:
     """Metadata of the registry's content; every method is one transaction."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, codec: ContentCodec | None = None) -> None:
         self.engine = engine
+        self.codec = codec
 
     # Repositories
 
@@ -240,7 +250,7 @@ class RegistryStore:
                     )
                 )
             ).first()
-        return _manifest_record(row)
+        return self._manifest_record(row)
 
     async def get_tagged_manifest(
         self, repository: str, tag: str
@@ -254,7 +264,13 @@ class RegistryStore:
                     .where(repositories.c.name == repository, tags.c.name == tag)
                 )
             ).first()
-        return _manifest_record(row)
+        return self._manifest_record(row)
+
+    def _manifest_record(self, row: Any) -> ManifestRecord | None:
+        record = _manifest_record(row)
+        if record is None or self.codec is None:
+            return record
+        return replace(record, content=self.codec.open(record.content, record.digest))
 
     async def put_manifest(
         self, repository: str, manifest: NewManifest, tag: str | None
@@ -267,7 +283,9 @@ class RegistryStore:
         async with self.engine.begin() as connection:
             repository_id = await _ensure_repository(connection, repository)
             await _check_references(connection, repository, repository_id, manifest)
-            manifest_id = await _insert_manifest(connection, repository_id, manifest)
+            manifest_id = await _insert_manifest(
+                connection, repository_id, manifest, self.codec
+            )
             if tag is not None:
                 await upsert(
                     connection,
@@ -459,7 +477,10 @@ async def _check_references(
 
 
 async def _insert_manifest(
-    connection: AsyncConnection, repository_id: int, manifest: NewManifest
+    connection: AsyncConnection,
+    repository_id: int,
+    manifest: NewManifest,
+    codec: ContentCodec | None,
 ) -> int:
     where = and_(
         manifests.c.repository_id == repository_id,
@@ -479,7 +500,11 @@ async def _insert_manifest(
             "subject_digest": manifest.subject_digest,
             "annotations": manifest.annotations_json,
             "size": len(manifest.content),
-            "content": manifest.content,
+            "content": (
+                codec.seal(manifest.content, manifest.digest)
+                if codec
+                else manifest.content
+            ),
             "created_at": utcnow(),
         },
     )

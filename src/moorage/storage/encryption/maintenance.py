@@ -22,7 +22,9 @@ from dataclasses import dataclass, field
 
 import structlog
 
+from moorage.db.key_store import KeyStore
 from moorage.storage.drivers.base import PathNotFoundError
+from moorage.storage.encryption.database import rewrap_database_keys
 from moorage.storage.encryption.driver import (
     ENVELOPES_PREFIX,
     WORK_PREFIX,
@@ -57,9 +59,13 @@ async def envelope_paths(driver: EncryptedDriver) -> list[str]:
     return await driver.inner.list(ENVELOPES_PREFIX)
 
 
-async def key_usage(driver: EncryptedDriver) -> Counter[str]:
+async def key_usage(
+    driver: EncryptedDriver, database_keys: KeyStore | None = None
+) -> Counter[str]:
     """How many data keys each key-encryption key wraps."""
     usage: Counter[str] = Counter()
+    if database_keys is not None:
+        usage.update(sealed.key_id for sealed in await database_keys.list())
     for path in await envelope_paths(driver):
         envelope = await _load_envelope(driver, path)
         if envelope is not None:
@@ -95,6 +101,7 @@ async def rewrap_all(
 
 async def rotate(
     driver: EncryptedDriver,
+    database_keys: KeyStore | None = None,
     *,
     new_key: bool = True,
     retire: bool = True,
@@ -111,6 +118,8 @@ async def rotate(
     late = await rewrap_all(driver)
     report.rewrapped += late.rewrapped
     report.by_key.update(late.by_key)
+    if database_keys is not None:
+        report.rewrapped += await rewrap_database_keys(database_keys, driver.keyring)
     active = driver.keyring.active().key_id
     if retire:
         for key_id in driver.keyring.key_ids():

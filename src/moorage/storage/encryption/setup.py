@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import structlog
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from moorage.config import Settings
+from moorage.db.key_store import KeyStore
 from moorage.storage.drivers.base import StorageDriver
+from moorage.storage.encryption.database import DatabaseCipher, open_database_cipher
 from moorage.storage.encryption.driver import EncryptedDriver
 from moorage.storage.encryption.keys import EnvKeyring, FileKeyring, Keyring
 
@@ -48,6 +51,17 @@ def encrypting_layer(inner: StorageDriver, settings: Settings) -> StorageDriver:
         if isinstance(keyring, FileKeyring):
             _warn_when_keys_sit_with_data(settings)
     return EncryptedDriver(inner, keyring, encrypt_new=settings.encryption)
+
+
+async def database_codec(
+    engine: AsyncEngine, driver: StorageDriver
+) -> DatabaseCipher | None:
+    """The cipher for manifest content, when blobs are encrypted too."""
+    if not isinstance(driver, EncryptedDriver):
+        return None
+    return await open_database_cipher(
+        KeyStore(engine), driver.keyring, seal_new=driver.encrypt_new
+    )
 
 
 def _warn_when_keys_sit_with_data(settings: Settings) -> None:
