@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from datetime import timedelta
 from typing import Any
 
 import structlog
@@ -13,7 +14,8 @@ from rich.console import Console
 from moorage import __version__, admin, tls
 from moorage.api.app import create_app
 from moorage.config import Settings
-from moorage.services import open_services
+from moorage.db.schema import utcnow
+from moorage.services import Services, open_services
 from moorage.storage.encryption.background import start_background_encryption
 
 log = structlog.get_logger(__name__)
@@ -48,6 +50,7 @@ async def run_server(settings: Settings, console: Console) -> None:
             ),
         )
         server = uvicorn.Server(config)
+        purger = asyncio.create_task(_purge_uploads_periodically(services))
         log.info(
             "starting",
             version=__version__,
@@ -63,7 +66,7 @@ async def run_server(settings: Settings, console: Console) -> None:
         try:
             await server.serve()
         finally:
-            for task in (watcher, converter):
+            for task in (purger, watcher, converter):
                 if task is not None:
                     task.cancel()
     finally:
@@ -90,6 +93,23 @@ def _start_tls_watch(
         return None
     reloader.install_signal_handler()
     return asyncio.create_task(reloader.watch(interval))
+
+
+# How often stale upload sessions are looked for.
+PURGE_INTERVAL_SECONDS = 600
+
+
+async def _purge_uploads_periodically(services: Services) -> None:
+    expiry = timedelta(hours=services.settings.upload_expiry_hours)
+    while True:
+        try:
+            purged = await services.registry.purge_stale_uploads(utcnow() - expiry)
+        except Exception:
+            log.exception("purging stale uploads failed")
+        else:
+            if purged:
+                log.info("purged stale uploads", count=purged)
+        await asyncio.sleep(PURGE_INTERVAL_SECONDS)
 
 
 def _announce_admin(console: Console, created: admin.CreatedAccount) -> None:

@@ -12,6 +12,9 @@ from pathlib import Path
 import httpx
 import pytest
 from sqlalchemy import select, update
+
+from moorage.db.schema import manifests, repositories
+from moorage.services import Services
 from tests.support.images import (
     MEDIA_TYPE_OCI_CONFIG,
     MEDIA_TYPE_OCI_LAYER,
@@ -22,9 +25,6 @@ from tests.support.images import (
     host_architecture,
 )
 from tests.support.server import ADMIN_LOGIN, ADMIN_PASSWORD, ServerProcess, unique
-
-from moorage.db.schema import manifests, repositories
-from moorage.services import Services
 
 SEGMENT = 64 * 1024
 SEALED = SEGMENT + 28

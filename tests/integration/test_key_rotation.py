@@ -10,6 +10,7 @@ import threading
 from pathlib import Path
 
 import httpx
+
 from tests.integration.test_encryption_at_rest import push_blob, raw_storage_contains
 from tests.support.server import ADMIN_LOGIN, ADMIN_PASSWORD, ServerProcess, unique
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 from cryptography import x509
+
 from tests.support.images import OciLayout, busybox_image
 from tests.support.server import ADMIN_LOGIN, ADMIN_PASSWORD, ServerProcess, unique
 from tests.support.tls import client_cert_dir, tls_init, tls_server

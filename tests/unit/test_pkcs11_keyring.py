@@ -7,12 +7,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from tests.support.softhsm import SoftHsm, init_token
 
 from moorage.storage.drivers.filesystem import FilesystemDriver
 from moorage.storage.encryption import maintenance
 from moorage.storage.encryption.driver import EncryptedDriver
 from moorage.storage.encryption.keys import KeyUnavailableError, UnwrapError
+from tests.support.softhsm import SoftHsm, init_token
 
 
 @pytest.fixture(scope="module")
