@@ -186,31 +186,25 @@ class EncryptedDriver(StorageDriver):
         length: int | None,
     ) -> AsyncIterator[bytes]:
         remaining = length
+        batches = _open_segments(path, cipher, body, index)
         try:
-            async for sealed, final in _segments(
-                body, cipher.header.sealed_segment_bytes
-            ):
-                if not sealed:
-                    if index == 0:
-                        raise IntegrityError(path, "the object has no segments")
-                    break
-                plain = _open_all(path, cipher, index, sealed, final)
-                index += len(sealed)
-                if skip:
-                    plain = plain[skip:]
-                    skip = 0
-                if remaining is not None:
-                    plain = plain[:remaining]
-                    remaining -= len(plain)
-                if plain:
-                    yield plain
-                if remaining == 0:
-                    return
+            async for batch in batches:
+                for piece in batch:
+                    plain = piece
+                    if skip:
+                        plain, skip = plain[skip:], max(0, skip - len(plain))
+                    if remaining is not None:
+                        plain = plain[:remaining]
+                        remaining -= len(plain)
+                    if plain:
+                        yield plain
+                    if remaining == 0:
+                        return
         except IntegrityError as error:
             self.on_integrity_error(error)
             raise
         finally:
-            await body.aclose()  # type: ignore[attr-defined]
+            await batches.aclose()  # type: ignore[attr-defined]
         if remaining:
             raise self._integrity(path, f"{remaining} bytes short of the length read")
 
@@ -359,37 +353,81 @@ def seal_whole(cipher: SegmentCipher, data: bytes) -> bytes:
     return b"".join(parts)
 
 
-def _open_all(
-    path: str, cipher: SegmentCipher, index: int, sealed: list[memoryview], final: bool
-) -> bytes:
-    """Decrypt consecutive segments; only the very last may be final."""
-    last = len(sealed) - 1
-    parts = [
-        cipher.open(path, index + i, piece, final and i == last)
-        for i, piece in enumerate(sealed)
-    ]
-    return parts[0] if len(parts) == 1 else b"".join(parts)
+async def _open_segments(
+    path: str, cipher: SegmentCipher, body: AsyncIterator[bytes], index: int
+) -> AsyncIterator[list[bytes]]:
+    """Decrypt a stream of sealed segments, one batch per chunk read.
 
-
-async def _segments(
-    body: AsyncIterator[bytes], size: int
-) -> AsyncIterator[tuple[list[memoryview], bool]]:
-    """Cut a stream into sealed segments, in batches; flag the batch at the end.
-
-    A segment is handed on only once a byte after it has arrived, so the last
-    one is known to be the last.
+    The last complete segment is held back until a byte after it arrives or the
+    stream ends, so that only the true last segment is opened as the final one.
+    Whole segments are decrypted straight out of the chunks read; only a
+    segment split across two chunks is copied.
     """
-    buffer = bytearray()
-    async for chunk in body:
-        buffer += chunk
-        count = (len(buffer) - 1) // size
-        if count <= 0:
-            continue
-        end = count * size
-        whole = memoryview(bytes(memoryview(buffer)[:end]))
-        del buffer[:end]
-        yield [whole[i * size : (i + 1) * size] for i in range(count)], False
-    yield ([memoryview(bytes(buffer))] if buffer else []), True
+    size = cipher.header.sealed_segment_bytes
+    ready: list[memoryview] = []
+    held: memoryview | None = None
+    partial = bytearray()
+    try:
+        async for chunk in body:
+            view = memoryview(chunk)
+            if not view:
+                continue
+            if held is not None:
+                ready.append(held)
+                held = None
+            position = 0
+            if partial:
+                position = min(size - len(partial), len(view))
+                partial += view[:position]
+                if len(partial) < size:
+                    continue
+                held = memoryview(bytes(partial))
+                partial = bytearray()
+            while len(view) - position >= size:
+                if held is not None:
+                    ready.append(held)
+                held = view[position : position + size]
+                position += size
+            if position < len(view):
+                if held is not None:
+                    ready.append(held)
+                    held = None
+                partial += view[position:]
+            if ready:
+                # Decrypting inline costs less CPU than a worker thread: the
+                # thread hand-off outweighs ~0.1 ms of AES-GCM per MiB.
+                yield _open_batch(path, cipher, index, ready, final=False)
+                index += len(ready)
+                ready = []
+    finally:
+        await body.aclose()  # type: ignore[attr-defined]
+    last = memoryview(bytes(partial)) if partial else held
+    if last is None:
+        if index == 0:
+            raise IntegrityError(path, "the object has no segments")
+        return
+    yield _open_batch(path, cipher, index, [last], final=True)
+
+
+def _open_batch(
+    path: str,
+    cipher: SegmentCipher,
+    index: int,
+    sealed: list[memoryview],
+    *,
+    final: bool,
+) -> list[bytes]:
+    """Decrypt consecutive segments; only the last may be the final one.
+
+    Each segment becomes its own bytes object: buffers of one segment come from
+    the heap, while joining them into one large buffer would cost a fresh
+    mapping and its page faults on every batch.
+    """
+    last = len(sealed) - 1
+    return [
+        cipher.open(path, index + offset, piece, final and offset == last)
+        for offset, piece in enumerate(sealed)
+    ]
 
 
 async def _read_all(
