@@ -62,7 +62,9 @@ async def run_server(settings: Settings, console: Console) -> None:
             tls=reloader is not None,
         )
         watcher = _start_tls_watch(reloader, settings.tls_reload_seconds)
-        converter = start_background_encryption(services.registry.driver)
+        converter = start_background_encryption(
+            services.registry.driver, services.registry.store
+        )
         try:
             await server.serve()
         finally:

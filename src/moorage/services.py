@@ -46,7 +46,7 @@ async def open_services(settings: Settings) -> Services:
         RegistryStore(engine, codec), driver, settings.max_manifest_bytes
     )
     tokens = await TokenService.load(
-        identity, settings.service_name, settings.token_ttl_seconds
+        identity, settings.service_name, settings.token_ttl_seconds, codec
     )
     authenticator = Authenticator(identity, tokens)
     trust = ProxyTrust(settings.trusted_proxies)

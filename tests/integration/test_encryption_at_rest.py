@@ -13,7 +13,7 @@ import httpx
 import pytest
 from sqlalchemy import select, update
 
-from moorage.db.schema import manifests, repositories
+from moorage.db.schema import manifests, repositories, signing_keys
 from moorage.services import Services
 from tests.support.images import (
     MEDIA_TYPE_OCI_CONFIG,
@@ -282,3 +282,17 @@ def test_tampered_manifest_fails(
     )
     assert response.status_code == 500
     assert "content does not authenticate" in server.log()
+
+
+def test_token_signing_key_is_encrypted(server: ServerProcess) -> None:
+    """The token-signing private key is stored sealed, not as a PEM."""
+
+    async def query(services: Services) -> list[str]:
+        async with services.engine.connect() as connection:
+            rows = await connection.execute(select(signing_keys.c.private_key))
+            return [row.private_key for row in rows]
+
+    stored = server.run_admin(query)
+    assert stored
+    assert all(key.startswith("sealed:") for key in stored)
+    assert not any("PRIVATE KEY" in key for key in stored)

@@ -11,7 +11,13 @@ from pathlib import Path
 
 import httpx
 
-from tests.integration.test_encryption_at_rest import push_blob, raw_storage_contains
+from tests.integration.test_encryption_at_rest import (
+    push_blob,
+    push_manifest,
+    raw_storage_contains,
+    stored_manifest,
+)
+from tests.support.images import MEDIA_TYPE_OCI_MANIFEST
 from tests.support.server import ADMIN_LOGIN, ADMIN_PASSWORD, ServerProcess, unique
 
 
@@ -121,8 +127,10 @@ def test_existing_plaintext_is_encrypted_while_serving(tmp_path: Path) -> None:
             base_url=server.url, auth=(ADMIN_LOGIN, ADMIN_PASSWORD)
         ) as client:
             digest = push_blob(client, repository, data, chunks=2)
+            manifest = push_manifest(client, repository, marker.decode())
         assert raw_storage_contains(server, marker) != []
         assert not (data_dir / "keys").exists()
+        assert marker in stored_manifest(server, repository)
         server.stop()
         server.extra_env = {}
         server.start()
@@ -132,8 +140,18 @@ def test_existing_plaintext_is_encrypted_while_serving(tmp_path: Path) -> None:
                 break
             deadline.wait(0.1)
         assert raw_storage_contains(server, marker) == []
+        assert marker not in stored_manifest(server, repository)
         pull_all(server, repository, {digest: data})
+        with httpx.Client(
+            base_url=server.url, auth=(ADMIN_LOGIN, ADMIN_PASSWORD)
+        ) as client:
+            response = client.get(
+                f"/v2/{repository}/manifests/v1",
+                headers={"Accept": MEDIA_TYPE_OCI_MANIFEST},
+            )
+        assert response.content == manifest
         assert "plaintext objects encrypted" in server.log()
+        assert "plaintext manifests encrypted" in server.log()
     finally:
         server.stop()
         drop_database(server.database_url)

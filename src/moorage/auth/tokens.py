@@ -10,6 +10,7 @@ so that registry can verify these tokens from the JWKS or a certificate.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import secrets
 import time
@@ -22,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from moorage.auth.scope import Scope
 from moorage.db.identity_store import IdentityStore, SigningKeyRecord
+from moorage.db.registry_store import ContentCodec
 
 ALGORITHM = "ES256"
 ISSUER = "moorage"
@@ -75,8 +77,17 @@ class TokenService:
         self._by_kid = {key.kid: key for key in self._keys}
 
     @classmethod
-    async def load(cls, store: IdentityStore, service: str, ttl: int) -> TokenService:
-        """Load the signing keys, creating the first one on a new installation."""
+    async def load(
+        cls,
+        store: IdentityStore,
+        service: str,
+        ttl: int,
+        codec: ContentCodec | None = None,
+    ) -> TokenService:
+        """Load the signing keys, creating the first one on a new installation.
+
+        With a `codec`, a new private key is stored encrypted.
+        """
         keys = await store.active_signing_keys()
         if not keys:
             private_key = ec.generate_private_key(ec.SECP256R1())
@@ -85,11 +96,10 @@ class TokenService:
                 serialization.PrivateFormat.PKCS8,
                 serialization.NoEncryption(),
             ).decode()
-            await store.add_signing_key(
-                libtrust_key_id(private_key.public_key()), ALGORITHM, pem
-            )
+            kid = libtrust_key_id(private_key.public_key())
+            await store.add_signing_key(kid, ALGORITHM, _seal_pem(pem, kid, codec))
             keys = await store.active_signing_keys()
-        return cls(keys, service, ttl)
+        return cls([_open_pem(record, codec) for record in keys], service, ttl)
 
     def issue(self, subject: str, generation: int, access: list[Scope]) -> IssuedToken:
         key = self._keys[0]
@@ -147,6 +157,30 @@ class TokenService:
             jwk = jwt.algorithms.ECAlgorithm.to_jwk(key.public_key, as_dict=True)
             keys.append({**jwk, "kid": key.kid, "use": "sig", "alg": ALGORITHM})
         return {"keys": keys}
+
+
+_SEALED_PREFIX = "sealed:"
+
+
+def _seal_pem(pem: str, kid: str, codec: ContentCodec | None) -> str:
+    if codec is None:
+        return pem
+    sealed = codec.seal(pem.encode(), f"signing-key:{kid}")
+    if not codec.is_sealed(sealed):
+        return pem
+    return _SEALED_PREFIX + base64.b64encode(sealed).decode()
+
+
+def _open_pem(record: SigningKeyRecord, codec: ContentCodec | None) -> SigningKeyRecord:
+    if not record.private_key.startswith(_SEALED_PREFIX):
+        return record
+    if codec is None:
+        raise ValueError(
+            f"signing key {record.kid} is encrypted but no encryption key is set up"
+        )
+    sealed = base64.b64decode(record.private_key.removeprefix(_SEALED_PREFIX))
+    pem = codec.open(sealed, f"signing-key:{record.kid}").decode()
+    return dataclasses.replace(record, private_key=pem)
 
 
 def _load_key(record: SigningKeyRecord) -> _SigningKey:

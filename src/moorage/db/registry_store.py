@@ -82,6 +82,8 @@ class ContentCodec(Protocol):
 
     def open(self, stored: bytes, digest: str) -> bytes: ...
 
+    def is_sealed(self, stored: bytes) -> bool: ...
+
 
 class RegistryStore:
     """Metadata of the registry's content; every method is one transaction."""
@@ -236,6 +238,39 @@ class RegistryStore:
                 select(uploads.c.id).where(uploads.c.updated_at < older_than)
             )
             return [row[0] for row in result]
+
+    async def seal_plaintext_manifests(self, batch: int = 200) -> int:
+        """Seal manifest content stored before encryption was on; return the count.
+
+        A row changed meanwhile keeps its newer content.
+        """
+        if self.codec is None:
+            return 0
+        sealed = 0
+        last_id = 0
+        while True:
+            async with self.engine.begin() as connection:
+                rows = (
+                    await connection.execute(
+                        select(manifests.c.id, manifests.c.digest, manifests.c.content)
+                        .where(manifests.c.id > last_id)
+                        .order_by(manifests.c.id)
+                        .limit(batch)
+                    )
+                ).all()
+                if not rows:
+                    return sealed
+                for row in rows:
+                    last_id = row.id
+                    content = bytes(row.content)
+                    if self.codec.is_sealed(content):
+                        continue
+                    result = await connection.execute(
+                        update(manifests)
+                        .where(manifests.c.id == row.id, manifests.c.content == content)
+                        .values(content=self.codec.seal(content, row.digest))
+                    )
+                    sealed += result.rowcount
 
     # Manifests and tags
 

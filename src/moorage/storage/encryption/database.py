@@ -1,4 +1,4 @@
-"""Encryption of manifest content kept in the database.
+"""Encryption of data kept in the database: manifest content, signing keys.
 
 One data key, wrapped by the key-encryption key, protects every manifest; its
 wrapped form lives in the `sealed_keys` table, so rotation rewraps one row. Each
@@ -49,6 +49,9 @@ class DatabaseCipher:
             return content
         nonce = os.urandom(_NONCE_BYTES)
         return MAGIC + nonce + self._aead.encrypt(nonce, content, digest.encode())
+
+    def is_sealed(self, stored: bytes) -> bool:
+        return is_sealed(stored)
 
     def open(self, stored: bytes, digest: str) -> bytes:
         if not is_sealed(stored):
