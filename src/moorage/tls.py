@@ -145,9 +145,28 @@ def init_private_ca(hostname: str, out: Path) -> CreatedCertificates:
     out.mkdir(parents=True, exist_ok=True)
     now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Moorage private CA")])
-    ca_cert = (
-        _builder(ca_name, ca_name, ca_key.public_key(), now, CA_DAYS)
+    ca_cert = _ca_certificate(ca_key, now)
+    server_key = ec.generate_private_key(ec.SECP256R1())
+    server_cert = _server_certificate(hostname, server_key, ca_cert, ca_key, now)
+
+    created = CreatedCertificates(
+        out / "ca.crt", out / "ca.key", out / "server.crt", out / "server.key"
+    )
+    _write_private(created.ca_key, _key_pem(ca_key))
+    created.ca_cert.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    _write_private(created.server_key, _key_pem(server_key))
+    created.server_cert.write_bytes(
+        server_cert.public_bytes(serialization.Encoding.PEM)
+    )
+    return created
+
+
+def _ca_certificate(
+    ca_key: ec.EllipticCurvePrivateKey, now: datetime.datetime
+) -> x509.Certificate:
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Moorage private CA")])
+    return (
+        _builder(name, name, ca_key.public_key(), now, CA_DAYS)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(_key_usage(cert_sign=True), critical=True)
         .add_extension(
@@ -156,10 +175,18 @@ def init_private_ca(hostname: str, out: Path) -> CreatedCertificates:
         )
         .sign(ca_key, hashes.SHA256())
     )
-    server_key = ec.generate_private_key(ec.SECP256R1())
-    server_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
-    server_cert = (
-        _builder(server_name, ca_name, server_key.public_key(), now, SERVER_DAYS)
+
+
+def _server_certificate(
+    hostname: str,
+    server_key: ec.EllipticCurvePrivateKey,
+    ca_cert: x509.Certificate,
+    ca_key: ec.EllipticCurvePrivateKey,
+    now: datetime.datetime,
+) -> x509.Certificate:
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
+    return (
+        _builder(name, ca_cert.subject, server_key.public_key(), now, SERVER_DAYS)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), True)
         .add_extension(_key_usage(cert_sign=False), critical=True)
         .add_extension(
@@ -174,16 +201,6 @@ def init_private_ca(hostname: str, out: Path) -> CreatedCertificates:
         )
         .sign(ca_key, hashes.SHA256())
     )
-    created = CreatedCertificates(
-        out / "ca.crt", out / "ca.key", out / "server.crt", out / "server.key"
-    )
-    _write_private(created.ca_key, _key_pem(ca_key))
-    created.ca_cert.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
-    _write_private(created.server_key, _key_pem(server_key))
-    created.server_cert.write_bytes(
-        server_cert.public_bytes(serialization.Encoding.PEM)
-    )
-    return created
 
 
 def trust_instructions(hostname: str, port: int, ca_cert: Path) -> str:

@@ -193,7 +193,7 @@ def skopeo_copy(*args: str) -> None:
 
 
 def push_manifest(client: httpx.Client, repository: str, marker: str) -> bytes:
-    """Push a config blob and a manifest whose annotation holds `marker`."""
+    """Push a config blob and a manifest whose annotation contains `marker`."""
     config = json.dumps({"architecture": "amd64", "os": "linux"}).encode()
     config_digest = push_blob(client, repository, config, chunks=1)
     manifest = json.dumps(
@@ -252,7 +252,7 @@ def overwrite_manifest(server: ServerProcess, repository: str, content: bytes) -
 def test_manifest_content_is_encrypted_in_the_database(
     admin_client: httpx.Client, server: ServerProcess
 ) -> None:
-    """The database holds sealed manifest bytes; clients get the pushed bytes."""
+    """The database stores sealed manifest bytes; clients get the pushed bytes."""
     marker = f"MANIFEST-MARKER-{unique('m')}"
     repository = f"{unique('enc')}/manifests"
     manifest = push_manifest(admin_client, repository, marker)

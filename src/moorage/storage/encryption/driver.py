@@ -127,7 +127,7 @@ class EncryptedDriver(StorageDriver):
         return SegmentCipher(header, data_key)
 
     async def read_header(self, path: str) -> Header | None:
-        """The object's header, or None when it is stored in plaintext."""
+        """Return the object's header, or None when it is stored in plaintext."""
         return parse_header(await _read_all(self.inner, path, 0, HEADER_BYTES))
 
     def _integrity(self, path: str, reason: str) -> IntegrityError:
@@ -238,10 +238,10 @@ class EncryptedDriver(StorageDriver):
             raise
         keep = offset - index * header.segment_bytes
         if keep > len(plain):
-            raise self._integrity(path, f"holds fewer than {offset} bytes")
+            raise self._integrity(path, f"contains fewer than {offset} bytes")
         inner = await self.inner.writer(path, start)
-        # NOTE: the rewritten segment replaces the old one in place; a process
-        # killed before `commit` leaves the upload unreadable, and the client
+        # NOTE: the rewritten segment replaces the old one in place. A process
+        # killed before `commit` leaves the upload unreadable, so the client
         # has to start that upload again.
         restore = (start, sealed)
         return _EncryptedWriter(self, path, inner, cipher, index, plain[:keep], restore)

@@ -5,8 +5,8 @@ An encrypted object is a 32-byte header followed by segments:
     header   "MRGENC01" (8) | object id (16, random) | segment size (4) | 0 (4)
     segment  nonce (12) | AES-256-GCM ciphertext (up to segment size) | tag (16)
 
-Every segment but the last holds exactly `segment size` bytes of plaintext; the
-last holds 1 to `segment size` bytes, or none for an empty object, so an object
+Every segment but the last contains exactly `segment size` bytes of plaintext; the
+last contains 1 to `segment size` bytes, or none for an empty object, so an object
 always has at least one segment. Each segment's associated data is the header,
 the segment index and a flag set on the last segment only: a segment moved to
 another place, taken from another object, or a file cut short at a segment

@@ -1,6 +1,6 @@
 """Key-encryption keys (KEKs): where they live and how they wrap data keys.
 
-A `Keyring` holds every KEK that still wraps a data key, by id, and names the
+A `Keyring` contains every KEK that still wraps a data key, by id, and names the
 active one, which wraps new data keys. Three keyrings come with Moorage:
 
 - `FileKeyring`: one file per KEK in a directory, and an `active` file naming the
@@ -77,11 +77,11 @@ class Keyring(ABC):
 
     @abstractmethod
     def active(self) -> KeyEncryptionKey:
-        """The KEK that wraps new data keys."""
+        """Return the KEK that wraps new data keys."""
 
     @abstractmethod
     def get(self, key_id: str) -> KeyEncryptionKey:
-        """The KEK with this id; raise KeyUnavailableError."""
+        """Return the KEK with this id, or raise KeyUnavailableError."""
 
     @abstractmethod
     def create(self) -> KeyEncryptionKey:
@@ -124,7 +124,7 @@ class LocalKey(KeyEncryptionKey):
 
 
 def new_key_id(prefix: str) -> str:
-    """A sortable id: the creation time and a random suffix."""
+    """Make a sortable id from the creation time and a random suffix."""
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")
     return f"{prefix}-{stamp}-{secrets.token_hex(3)}"
 

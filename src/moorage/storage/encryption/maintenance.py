@@ -62,7 +62,7 @@ async def envelope_paths(driver: EncryptedDriver) -> list[str]:
 async def key_usage(
     driver: EncryptedDriver, database_keys: KeyStore | None = None
 ) -> Counter[str]:
-    """How many data keys each key-encryption key wraps."""
+    """Count the data keys each key-encryption key wraps."""
     usage: Counter[str] = Counter()
     if database_keys is not None:
         usage.update(sealed.key_id for sealed in await database_keys.list())

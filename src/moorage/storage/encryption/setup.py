@@ -16,7 +16,7 @@ log = structlog.get_logger(__name__)
 
 
 def open_keyring(settings: Settings) -> Keyring | None:
-    """The configured keyring, or None when no key-encryption key is configured."""
+    """Open the configured keyring; return None when no key is configured."""
     source = settings.encryption_key_source
     if source == "env":
         if settings.encryption_key is None:
@@ -56,7 +56,7 @@ def encrypting_layer(inner: StorageDriver, settings: Settings) -> StorageDriver:
 async def database_codec(
     engine: AsyncEngine, driver: StorageDriver
 ) -> DatabaseCipher | None:
-    """The cipher for manifest content, when blobs are encrypted too."""
+    """Open the cipher for manifest content when blobs are encrypted too."""
     if not isinstance(driver, EncryptedDriver):
         return None
     return await open_database_cipher(
