@@ -109,6 +109,20 @@ class Settings(BaseSettings):
     tls_key: Path | None = Field(
         default=None, description="PEM private key matching tls_cert."
     )
+    tls_client_ca: Path | None = Field(
+        default=None,
+        description=(
+            "PEM CA certificate(s) for client certificates. When set, clients may "
+            "authenticate with a certificate whose common name is their login."
+        ),
+    )
+    tls_client_cert_customers: list[str] = Field(
+        default_factory=list,
+        description=(
+            "Customers whose accounts must present a client certificate for their "
+            "own login on every request (needs tls_client_ca)."
+        ),
+    )
     tls_reload_seconds: float = Field(
         default=30,
         gt=0,
@@ -198,6 +212,10 @@ class Settings(BaseSettings):
     def _check_tls_pair(self) -> Settings:
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert and tls_key must be given together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_client_ca needs tls_cert and tls_key")
+        if self.tls_client_cert_customers and self.tls_client_ca is None:
+            raise ValueError("tls_client_cert_customers needs tls_client_ca")
         return self
 
     @field_validator("log_level")

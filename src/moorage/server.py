@@ -40,7 +40,9 @@ async def run_server(settings: Settings, console: Console) -> None:
             host=settings.host,
             port=settings.port,
             loop="uvloop",
-            http="httptools",
+            http=(
+                tls.ClientCertificateProtocol if settings.tls_client_ca else "httptools"
+            ),
             log_config=None,
             access_log=False,
             server_header=False,
@@ -79,7 +81,9 @@ async def run_server(settings: Settings, console: Console) -> None:
 def _tls_reloader(settings: Settings) -> tls.CertificateReloader | None:
     if settings.tls_cert is None or settings.tls_key is None:
         return None
-    context = tls.server_context(settings.tls_cert, settings.tls_key)
+    context = tls.server_context(
+        settings.tls_cert, settings.tls_key, settings.tls_client_ca
+    )
     return tls.CertificateReloader(context, settings.tls_cert, settings.tls_key)
 
 

@@ -28,6 +28,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 log = structlog.get_logger(__name__)
 
@@ -42,8 +43,13 @@ ASGIApp = Callable[
 ]
 
 
-def server_context(cert_file: Path, key_file: Path) -> ssl.SSLContext:
-    """Return a server context for TLS 1.2+ with modern AEAD ciphers only."""
+def server_context(
+    cert_file: Path, key_file: Path, client_ca: Path | None = None
+) -> ssl.SSLContext:
+    """Return a server context for TLS 1.2+ with modern AEAD ciphers only.
+
+    With `client_ca`, clients may present a certificate, which must chain to it.
+    """
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.maximum_version = ssl.TLSVersion.TLSv1_3
@@ -52,7 +58,47 @@ def server_context(cert_file: Path, key_file: Path) -> ssl.SSLContext:
     context.options |= ssl.OP_NO_RENEGOTIATION
     context.set_alpn_protocols(["http/1.1"])
     context.load_cert_chain(cert_file, key_file)
+    if client_ca is not None:
+        context.load_verify_locations(client_ca)
+        context.verify_mode = ssl.CERT_OPTIONAL
     return context
+
+
+class ClientCertificateProtocol(HttpToolsProtocol):
+    """uvicorn's HTTP protocol, adding the ASGI TLS extension with the client's
+    verified certificate (`client_cert_chain`, `client_cert_name`) to each scope.
+    """
+
+    _client_cert: x509.Certificate | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        ssl_object = transport.get_extra_info("ssl_object")
+        der = ssl_object.getpeercert(binary_form=True) if ssl_object else None
+        if der:
+            self._client_cert = x509.load_der_x509_certificate(der)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        cert = self._client_cert
+        if cert is not None:
+            pem = cert.public_bytes(serialization.Encoding.PEM).decode()
+            self.scope["extensions"] = {  # type: ignore[typeddict-unknown-key]
+                "tls": {
+                    "client_cert_chain": [pem],
+                    "client_cert_name": cert.subject.rfc4514_string(),
+                }
+            }
+
+
+def client_certificate_login(scope: MutableMapping[str, Any]) -> str | None:
+    """Return the common name of the verified client certificate, if one was sent."""
+    chain = scope.get("extensions", {}).get("tls", {}).get("client_cert_chain")
+    if not chain:
+        return None
+    cert = x509.load_pem_x509_certificate(chain[0].encode())
+    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return str(names[0].value) if names else None
 
 
 class CertificateReloader:
@@ -201,6 +247,35 @@ def _server_certificate(
         )
         .sign(ca_key, hashes.SHA256())
     )
+
+
+def issue_client_certificate(ca_dir: Path, login: str, out: Path) -> Path:
+    """Sign a client certificate for `login` with the CA in `ca_dir`.
+
+    Writes `<login>.cert` and `<login>.key`, the pair of names that docker,
+    podman and skopeo look for in a certificates directory; returns the first.
+    """
+    ca_cert = x509.load_pem_x509_certificate((ca_dir / "ca.crt").read_bytes())
+    ca_key = serialization.load_pem_private_key((ca_dir / "ca.key").read_bytes(), None)
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
+        raise ValueError(f"{ca_dir / 'ca.key'} is not the EC key that tls init writes")
+    now = datetime.datetime.now(datetime.UTC)
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, login)])
+    cert = (
+        _builder(name, ca_cert.subject, key.public_key(), now, SERVER_DAYS)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), True)
+        .add_extension(_key_usage(cert_sign=False), critical=True)
+        .add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    _write_private(out / f"{login}.key", _key_pem(key))
+    cert_path = out / f"{login}.cert"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return cert_path
 
 
 def trust_instructions(hostname: str, port: int, ca_cert: Path) -> str:

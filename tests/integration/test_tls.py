@@ -17,7 +17,12 @@ from cryptography import x509
 
 from tests.support.images import OciLayout, busybox_image
 from tests.support.server import ADMIN_LOGIN, ADMIN_PASSWORD, ServerProcess, unique
-from tests.support.tls import client_cert_dir, tls_init, tls_server
+from tests.support.tls import (
+    client_cert_dir,
+    issue_client_cert,
+    tls_init,
+    tls_server,
+)
 
 
 @pytest.fixture(scope="module")
@@ -239,3 +244,103 @@ def test_podman_pushes_and_pulls_over_https(
     pulled = podman("pull", "-q", *tls, image).split()[-1]
     assert pulled == local
     podman("rmi", "-f", pulled)
+
+
+MTLS_CUSTOMER = "strict"
+
+
+@pytest.fixture(scope="module")
+def mtls_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """A registry that takes client certificates and requires them of one customer."""
+    root = tmp_path_factory.mktemp("mtls")
+    with tls_server(
+        root,
+        MOORAGE_TLS_CLIENT_CA=str(root / "tls" / "ca.crt"),
+        MOORAGE_TLS_CLIENT_CERT_CUSTOMERS=f'["{MTLS_CUSTOMER}"]',
+    ) as process:
+        process.add_customer(MTLS_CUSTOMER)
+        yield process
+
+
+def client_with_cert(
+    server: ServerProcess, cert: tuple[Path, Path] | None
+) -> httpx.Client:
+    assert server.ca_file is not None
+    context = ssl.create_default_context(cafile=server.ca_file)
+    if cert is not None:
+        context.load_cert_chain(*cert)
+    return httpx.Client(base_url=server.url, verify=context)
+
+
+def test_client_certificate_logs_in(mtls_server: ServerProcess, tmp_path: Path) -> None:
+    """A certificate whose CN is a login gets a token for that account at /token."""
+    login, _ = mtls_server.add_user(MTLS_CUSTOMER, "writer")
+    assert mtls_server.ca_file is not None
+    cert = issue_client_cert(mtls_server.ca_file.parent, login, tmp_path)
+    with client_with_cert(mtls_server, cert) as client:
+        token = client.get("/token", params={"service": "moorage"})
+        assert token.status_code == 200, token.text
+        response = client.get(
+            "/v2/", headers={"Authorization": f"Bearer {token.json()['token']}"}
+        )
+        assert response.status_code == 200
+
+
+def test_required_certificate_rejects_password_alone(
+    mtls_server: ServerProcess, tmp_path: Path
+) -> None:
+    """For a customer that requires mTLS, a right password without its cert fails."""
+    login, password = mtls_server.add_user(MTLS_CUSTOMER, "reader")
+    other, _ = mtls_server.add_user(MTLS_CUSTOMER, "reader")
+    assert mtls_server.ca_file is not None
+    certs = mtls_server.ca_file.parent
+    with client_with_cert(mtls_server, None) as client:
+        assert client.get("/v2/", auth=(login, password)).status_code == 401
+        assert client.get("/token", auth=(login, password)).status_code == 401
+    with client_with_cert(mtls_server, issue_client_cert(certs, other, tmp_path)) as c:
+        assert c.get("/v2/", auth=(login, password)).status_code == 401
+    with client_with_cert(mtls_server, issue_client_cert(certs, login, tmp_path)) as c:
+        assert c.get("/v2/", auth=(login, password)).status_code == 200
+
+
+def test_other_customers_keep_passwords(mtls_server: ServerProcess) -> None:
+    """Customers not listed still log in with a password and no certificate."""
+    customer = mtls_server.add_customer()
+    login, password = mtls_server.add_user(customer, "reader")
+    with client_with_cert(mtls_server, None) as client:
+        assert client.get("/v2/", auth=(login, password)).status_code == 200
+
+
+@pytest.mark.clients
+def test_skopeo_pushes_with_client_certificate(
+    mtls_server: ServerProcess, tmp_path: Path
+) -> None:
+    """skopeo pushes with only a client certificate in its --cert-dir, no password."""
+    login, _ = mtls_server.add_user(MTLS_CUSTOMER, "writer")
+    cert_dir = client_cert_dir(mtls_server, tmp_path / "certs")
+    assert mtls_server.ca_file is not None
+    issue_client_cert(mtls_server.ca_file.parent, login, cert_dir)
+    layout = OciLayout(tmp_path / "image")
+    busybox_image(layout, "v1")
+    target = f"docker://{mtls_server.address}/{MTLS_CUSTOMER}/busybox:v1"
+    subprocess.run(
+        [
+            "skopeo",
+            "copy",
+            "--dest-tls-verify=true",
+            f"--dest-cert-dir={cert_dir}",
+            f"oci:{layout.path}:v1",
+            target,
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    result = subprocess.run(
+        ["skopeo", "inspect", "--tls-verify=true", f"--cert-dir={cert_dir}", target],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert '"Name"' in result.stdout

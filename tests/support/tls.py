@@ -45,9 +45,33 @@ def client_cert_dir(server: ServerProcess, out: Path) -> Path:
     return out
 
 
+def issue_client_cert(certs: Path, login: str, out: Path) -> tuple[Path, Path]:
+    """Run `moorage tls client-cert` and return the certificate and key paths."""
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "moorage",
+            "tls",
+            "client-cert",
+            login,
+            "--ca-dir",
+            str(certs),
+            "--out",
+            str(out),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return out / f"{login}.cert", out / f"{login}.key"
+
+
 @contextmanager
 def tls_server(root: Path, **env: str) -> Iterator[ServerProcess]:
-    """A fresh registry serving HTTPS with a certificate from `moorage tls init`."""
+    """A fresh registry serving HTTPS with a certificate from `moorage tls init`.
+
+    `tls init` writes into `root / "tls"`; env values may name files there.
+    """
     certs = tls_init(root / "tls")
     data_dir = root / "data"
     data_dir.mkdir()

@@ -11,13 +11,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from moorage.api.access import decode_basic
+from moorage.api.access import check_client_certificate, decode_basic
 from moorage.auth.access import Principal
 from moorage.auth.scope import Scope, parse_scopes
 from moorage.db.schema import utcnow
 from moorage.errors import NameInvalidError, UnauthorizedError
 from moorage.names import validate_name
 from moorage.services import Services
+from moorage.tls import client_certificate_login
 
 
 class BasicChallengeError(UnauthorizedError):
@@ -55,11 +56,16 @@ def routes(services: Services) -> list[Route]:
     async def issue_token(request: Request) -> Response:
         header = request.headers.get("authorization", "")
         scheme, _, value = header.partition(" ")
-        if scheme.lower() != "basic" or not value:
-            raise BasicChallengeError("authentication required")
+        certificate_login = client_certificate_login(request.scope)
         try:
-            login, password = decode_basic(value)
-            principal = await authenticator.login(login, password)
+            if scheme.lower() == "basic" and value:
+                login, password = decode_basic(value)
+                principal = await authenticator.login(login, password)
+            elif certificate_login is not None:
+                principal = await authenticator.from_certificate(certificate_login)
+            else:
+                raise UnauthorizedError("authentication required")
+            check_client_certificate(services.settings, principal, certificate_login)
         except UnauthorizedError as error:
             raise BasicChallengeError(error.message) from None
         request.state.subject = principal.login

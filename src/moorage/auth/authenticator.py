@@ -43,6 +43,15 @@ class Authenticator:
         _check_usable(account, utcnow())
         return await self._principal(account)
 
+    async def from_certificate(self, login: str) -> Principal:
+        """Load the account a verified client certificate names (its common name)."""
+        account = await self.identity.find_account(login)
+        if account is None:
+            log.info("login failed", subject=login, reason="unknown certificate name")
+            raise UnauthorizedError("client certificate names no account")
+        _check_usable(account, utcnow())
+        return await self._principal(account)
+
     async def from_token(self, token: str) -> tuple[Principal, TokenClaims]:
         """Verify a bearer token and load the current state of its account."""
         try:

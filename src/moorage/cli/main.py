@@ -243,6 +243,26 @@ def _encrypted_driver(services: Services) -> EncryptedDriver:
     return driver
 
 
+@tls_app.command("client-cert")
+def tls_client_cert(
+    login: Annotated[str, typer.Argument(help="Account login; the certificate's CN.")],
+    ca_dir: Annotated[
+        Path, typer.Option(help="Directory with ca.crt and ca.key from tls init.")
+    ] = Path("tls"),
+    out: Annotated[Path, typer.Option(help="Directory for the files.")] = Path("."),
+) -> None:
+    """Issue a client certificate for mutual TLS, signed by the private CA."""
+    from moorage import tls
+
+    cert = tls.issue_client_certificate(ca_dir, login, out)
+    console.print(
+        f"created {cert} and {cert.with_suffix('.key')}. Put both, with the "
+        "server's ca.crt, in the client's certificates directory "
+        "(/etc/containers/certs.d/HOST:PORT/ or --cert-dir).",
+        highlight=False,
+    )
+
+
 @key_app.command("status")
 def key_status(data_dir: DataDirOption = None) -> None:
     """List key-encryption keys and how many data keys each one wraps."""
