@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -135,6 +135,77 @@ class Settings(BaseSettings):
             "once on first start."
         ),
     )
+    tls_cert: Path | None = Field(
+        default=None,
+        description=(
+            "PEM certificate (chain) to serve HTTPS with; needs tls_key. Reloaded on "
+            "SIGHUP and when the file changes."
+        ),
+    )
+    tls_key: Path | None = Field(
+        default=None, description="PEM private key matching tls_cert."
+    )
+    tls_client_ca: Path | None = Field(
+        default=None,
+        description=(
+            "PEM CA certificate(s) for client certificates. When set, clients may "
+            "authenticate with a certificate whose common name is their login."
+        ),
+    )
+    tls_client_cert_customers: list[str] = Field(
+        default_factory=list,
+        description=(
+            "Customers whose accounts must present a client certificate for their "
+            "own login on every request (needs tls_client_ca)."
+        ),
+    )
+    tls_reload_seconds: float = Field(
+        default=30,
+        gt=0,
+        description="How often to check tls_cert and tls_key for a renewal.",
+    )
+    encryption: bool = Field(
+        default=True,
+        description=(
+            "Encrypt blobs at rest (AES-256-GCM). Turning it on for existing data "
+            "encrypts that data in the background."
+        ),
+    )
+    encryption_key_source: str = Field(
+        default="file",
+        description=(
+            "Where the key-encryption key lives: file (encryption_key_dir), env "
+            "(encryption_key) or pkcs11 (a hardware security module)."
+        ),
+    )
+    encryption_key_dir: Path | None = Field(
+        default=None,
+        description=(
+            "Directory of key-encryption key files for the file source. Default: "
+            "<data_dir>/keys; keep it off the disk that holds the data."
+        ),
+    )
+    encryption_key: SecretStr | None = Field(
+        default=None,
+        description="Base64 of 32 random bytes: the key-encryption key (env source).",
+    )
+    encryption_previous_keys: list[SecretStr] = Field(
+        default_factory=list,
+        description=(
+            "Earlier key-encryption keys (env source), kept until `moorage key "
+            "rotate` has rewrapped every data key."
+        ),
+    )
+    pkcs11_library: str | None = Field(
+        default=None,
+        description="Path of the PKCS#11 module, such as libsofthsm2.so.",
+    )
+    pkcs11_token: str = Field(
+        default="moorage", description="Label of the PKCS#11 token."
+    )
+    pkcs11_pin: SecretStr | None = Field(
+        default=None, description="User PIN of the PKCS#11 token."
+    )
     log_level: str = Field(default="info", description="debug, info or warning.")
     log_format: str = Field(
         default="auto",
@@ -166,6 +237,23 @@ class Settings(BaseSettings):
             ipaddress.ip_network(entry, strict=False)
         return value
 
+    @field_validator("encryption_key_source")
+    @classmethod
+    def _check_key_source(cls, value: str) -> str:
+        if value not in {"file", "env", "pkcs11"}:
+            raise ValueError("must be file, env or pkcs11")
+        return value
+
+    @model_validator(mode="after")
+    def _check_tls_pair(self) -> Settings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key must be given together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_client_ca needs tls_cert and tls_key")
+        if self.tls_client_cert_customers and self.tls_client_ca is None:
+            raise ValueError("tls_client_cert_customers needs tls_client_ca")
+        return self
+
     @field_validator("log_level")
     @classmethod
     def _check_log_level(cls, value: str) -> str:
@@ -189,6 +277,10 @@ class Settings(BaseSettings):
     @property
     def resolved_storage_dir(self) -> Path:
         return self.storage_dir or self.data_dir / "storage"
+
+    @property
+    def resolved_key_dir(self) -> Path:
+        return self.encryption_key_dir or self.data_dir / "keys"
 
 
 def _config_file(data_dir: Path | str | None) -> Path | None:

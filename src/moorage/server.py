@@ -5,16 +5,18 @@ from __future__ import annotations
 import asyncio
 import os
 from datetime import timedelta
+from typing import Any
 
 import structlog
 import uvicorn
 from rich.console import Console
 
-from moorage import __version__, admin
+from moorage import __version__, admin, tls
 from moorage.api.app import create_app
 from moorage.config import Settings
 from moorage.db.schema import utcnow
 from moorage.services import Services, open_services
+from moorage.storage.encryption.background import start_background_encryption
 
 log = structlog.get_logger(__name__)
 
@@ -32,16 +34,22 @@ async def run_server(settings: Settings, console: Console) -> None:
         )
         if created is not None:
             _announce_admin(console, created)
+        reloader = _tls_reloader(settings)
         config = uvicorn.Config(
-            create_app(services),
+            _wrap_for_tls(create_app(services), reloader),
             host=settings.host,
             port=settings.port,
             loop="uvloop",
-            http="httptools",
+            http=(
+                tls.ClientCertificateProtocol if settings.tls_client_ca else "httptools"
+            ),
             log_config=None,
             access_log=False,
             server_header=False,
             proxy_headers=False,
+            ssl_context_factory=(
+                (lambda _config, _default: reloader.context) if reloader else None
+            ),
         )
         server = uvicorn.Server(config)
         purger = asyncio.create_task(_purge_uploads_periodically(services))
@@ -53,14 +61,44 @@ async def run_server(settings: Settings, console: Console) -> None:
             data_dir=str(settings.data_dir.resolve()),
             database=settings.resolved_database_url.split("://", 1)[0],
             pid=os.getpid(),
+            tls=reloader is not None,
+        )
+        watcher = _start_tls_watch(reloader, settings.tls_reload_seconds)
+        converter = start_background_encryption(
+            services.registry.driver, services.registry.store
         )
         try:
             await server.serve()
         finally:
-            purger.cancel()
+            for task in (purger, watcher, converter):
+                if task is not None:
+                    task.cancel()
     finally:
         await services.close()
         log.info("stopped")
+
+
+def _tls_reloader(settings: Settings) -> tls.CertificateReloader | None:
+    if settings.tls_cert is None or settings.tls_key is None:
+        return None
+    context = tls.server_context(
+        settings.tls_cert, settings.tls_key, settings.tls_client_ca
+    )
+    return tls.CertificateReloader(context, settings.tls_cert, settings.tls_key)
+
+
+def _wrap_for_tls(app: Any, reloader: tls.CertificateReloader | None) -> Any:
+    return tls.StrictTransportSecurity(app) if reloader is not None else app
+
+
+def _start_tls_watch(
+    reloader: tls.CertificateReloader | None, interval: float
+) -> asyncio.Task[None] | None:
+    """Reload the certificate on SIGHUP and when its files change."""
+    if reloader is None:
+        return None
+    reloader.install_signal_handler()
+    return asyncio.create_task(reloader.watch(interval))
 
 
 # How often stale upload sessions are looked for.

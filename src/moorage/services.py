@@ -17,6 +17,7 @@ from moorage.db.engine import create_engine, migrate
 from moorage.db.identity_store import IdentityStore
 from moorage.db.registry_store import RegistryStore
 from moorage.storage.drivers.filesystem import FilesystemDriver
+from moorage.storage.encryption.setup import database_codec, encrypting_layer
 from moorage.storage.registry import Registry
 
 
@@ -55,13 +56,17 @@ async def open_services(settings: Settings) -> Services:
     engine = create_engine(settings.resolved_database_url)
     await migrate(engine)
     identity = IdentityStore(engine)
-    driver = FilesystemDriver(settings.resolved_storage_dir)
-    registry = Registry(RegistryStore(engine), driver, settings.max_manifest_bytes)
+    driver = encrypting_layer(FilesystemDriver(settings.resolved_storage_dir), settings)
+    codec = await database_codec(engine, driver)
+    registry = Registry(
+        RegistryStore(engine, codec), driver, settings.max_manifest_bytes
+    )
     tokens = await TokenService.load(
         identity,
         settings.service_name,
         settings.token_ttl_seconds,
         settings.refresh_token_ttl_seconds,
+        codec,
     )
     secret_key = await identity.server_key(SECRET_HASH_KEY)
     authenticator = Authenticator(

@@ -12,6 +12,7 @@ import asyncio
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -50,10 +51,20 @@ class ServerProcess:
     port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
+    # The CA that signed the server's certificate, when it serves HTTPS.
+    ca_file: Path | None = None
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        scheme = "https" if self.ca_file else "http"
+        return f"{scheme}://127.0.0.1:{self.port}"
+
+    @property
+    def verify(self) -> ssl.SSLContext | bool:
+        """What httpx should verify the server with: the test CA, when there is one."""
+        if self.ca_file is None:
+            return True
+        return ssl.create_default_context(cafile=self.ca_file)
 
     @property
     def address(self) -> str:
@@ -91,7 +102,7 @@ class ServerProcess:
             if self.process.poll() is not None:
                 raise RuntimeError(f"server exited; see {self.log_path}:\n{self.log()}")
             try:
-                httpx.get(f"{self.url}/healthz", timeout=1)
+                httpx.get(f"{self.url}/healthz", timeout=1, verify=self.verify)
                 return
             except httpx.TransportError:
                 time.sleep(0.1)

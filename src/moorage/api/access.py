@@ -21,6 +21,7 @@ import binascii
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import structlog
 from starlette.requests import Request
 
 from moorage.api.http import ProxyTrust, base_url, client_address
@@ -31,6 +32,9 @@ from moorage.auth.tokens import TokenClaims
 from moorage.config import Settings
 from moorage.db.schema import utcnow
 from moorage.errors import DeniedError, UnauthorizedError
+from moorage.tls import client_certificate_login
+
+log = structlog.get_logger(__name__)
 
 
 class ChallengeError(UnauthorizedError):
@@ -72,6 +76,7 @@ class RequestGuard:
         """Return the caller; raise a challenge when credentials are missing or bad."""
         header = request.headers.get("authorization", "")
         scheme, _, value = header.partition(" ")
+        certificate_login = client_certificate_login(request.scope)
         try:
             if scheme.lower() == "bearer" and value:
                 principal, claims = await self.authenticator.from_token(value.strip())
@@ -81,8 +86,12 @@ class RequestGuard:
                 address = client_address(request, self.trust)
                 principal = await self.authenticator.login(login, password, address)
                 caller = Caller(principal, None)
+            elif certificate_login is not None:
+                principal = await self.authenticator.from_certificate(certificate_login)
+                caller = Caller(principal, None)
             else:
                 raise UnauthorizedError("authentication required")
+            check_client_certificate(self.settings, caller.principal, certificate_login)
         except UnauthorizedError as error:
             raise self.challenge(request, scope, error.message) from None
         request.state.caller = caller
@@ -125,6 +134,22 @@ class RequestGuard:
         if insufficient:
             parts.append('error="insufficient_scope"')
         return ChallengeError(message, "Bearer " + ",".join(parts))
+
+
+def check_client_certificate(
+    settings: Settings, principal: Principal, certificate_login: str | None
+) -> None:
+    """Reject an account whose customer requires mutual TLS without its certificate."""
+    required = settings.tls_client_cert_customers
+    if principal.customer_slug in required and certificate_login != principal.login:
+        log.info(
+            "login failed",
+            subject=principal.login,
+            reason="client certificate required",
+        )
+        raise UnauthorizedError(
+            f"a client certificate for {principal.login} is required"
+        )
 
 
 def decode_basic(value: str) -> tuple[str, str]:

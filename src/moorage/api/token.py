@@ -22,7 +22,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from moorage.api.access import decode_basic
+from moorage.api.access import check_client_certificate, decode_basic
 from moorage.api.http import client_address, read_limited
 from moorage.auth.access import Principal
 from moorage.auth.scope import Scope, parse_scopes
@@ -30,6 +30,7 @@ from moorage.db.schema import utcnow
 from moorage.errors import NameInvalidError, UnauthorizedError, UnsupportedError
 from moorage.names import validate_name
 from moorage.services import Services
+from moorage.tls import client_certificate_login
 
 CATALOG_ACTIONS = frozenset({"*"})
 MAX_FORM_BYTES = 64 * 1024
@@ -109,13 +110,18 @@ def routes(services: Services) -> list[Route]:
         await tokens.reload()
         header = request.headers.get("authorization", "")
         scheme, _, value = header.partition(" ")
-        if scheme.lower() != "basic" or not value:
-            raise BasicChallengeError("authentication required")
+        certificate_login = client_certificate_login(request.scope)
         try:
-            login, password = decode_basic(value)
-            principal = await authenticator.login(
-                login, password, client_address(request, trust)
-            )
+            if scheme.lower() == "basic" and value:
+                login, password = decode_basic(value)
+                principal = await authenticator.login(
+                    login, password, client_address(request, trust)
+                )
+            elif certificate_login is not None:
+                principal = await authenticator.from_certificate(certificate_login)
+            else:
+                raise UnauthorizedError("authentication required")
+            check_client_certificate(services.settings, principal, certificate_login)
         except UnauthorizedError as error:
             raise BasicChallengeError(error.message) from None
         params = request.query_params

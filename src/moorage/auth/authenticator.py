@@ -88,6 +88,15 @@ class Authenticator:
         self.throttle.succeeded(login, address)
         return _principal(access, personal_token)
 
+    async def from_certificate(self, login: str) -> Principal:
+        """Load the account a verified client certificate names (its common name)."""
+        access = await self.identity.account_access(login)
+        if access is None:
+            log.info("login failed", subject=login, reason="unknown certificate name")
+            raise UnauthorizedError("client certificate names no account")
+        _check_usable(access.account, utcnow())
+        return _principal(access, None)
+
     async def from_token(self, token: str) -> tuple[Principal, TokenClaims]:
         """Verify a bearer token and load the current state of its account."""
         await self.tokens.reload(force=not self.tokens.knows_key(token))

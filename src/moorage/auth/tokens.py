@@ -21,6 +21,7 @@ when a token names a key it does not know.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import secrets
 import time
@@ -34,6 +35,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from moorage.auth.scope import Scope
 from moorage.db.identity_store import IdentityStore, SigningKeyRecord
+from moorage.db.registry_store import ContentCodec
 
 ALGORITHM = "ES256"
 ISSUER = "moorage"
@@ -91,17 +93,19 @@ class TokenService:
         ttl_seconds: int,
         refresh_ttl_seconds: int = 90 * 86400,
         store: IdentityStore | None = None,
+        codec: ContentCodec | None = None,
     ) -> None:
         self.service = service
         self.ttl_seconds = ttl_seconds
         self.refresh_ttl_seconds = refresh_ttl_seconds
         self._store = store
+        self.codec = codec
         self._set_keys(keys)
 
     def _set_keys(self, keys: list[SigningKeyRecord]) -> None:
         if not keys:
             raise ValueError("the token service needs at least one signing key")
-        self._keys = [_load_key(record) for record in keys]
+        self._keys = [_load_key(_open_pem(record, self.codec)) for record in keys]
         self._by_kid = {key.kid: key for key in self._keys}
         self._loaded_at = time.monotonic()
 
@@ -112,13 +116,17 @@ class TokenService:
         service: str,
         ttl: int,
         refresh_ttl: int = 90 * 86400,
+        codec: ContentCodec | None = None,
     ) -> TokenService:
-        """Load the signing keys, creating the first one on a new installation."""
+        """Load the signing keys, creating the first one on a new installation.
+
+        With a `codec`, a new private key is stored encrypted.
+        """
         keys = await store.active_signing_keys()
         if not keys:
-            await add_signing_key(store, overlap_seconds=None)
+            await add_signing_key(store, overlap_seconds=None, codec=codec)
             keys = await store.active_signing_keys()
-        return cls(keys, service, ttl, refresh_ttl, store)
+        return cls(keys, service, ttl, refresh_ttl, store, codec)
 
     async def reload(self, *, force: bool = False) -> None:
         """Reread the signing keys when the last read is older than RELOAD_SECONDS;
@@ -243,10 +251,14 @@ class TokenService:
         return {"keys": keys}
 
 
-async def add_signing_key(store: IdentityStore, overlap_seconds: int | None) -> str:
+async def add_signing_key(
+    store: IdentityStore,
+    overlap_seconds: int | None,
+    codec: ContentCodec | None = None,
+) -> str:
     """Create a new signing key that signs from now on; the keys in use before
     keep verifying for `overlap_seconds` (None: until retired later). Return the
-    new key's ID."""
+    new key's ID. With a `codec`, the private key is stored encrypted."""
     private_key = ec.generate_private_key(ec.SECP256R1())
     pem = private_key.private_bytes(
         serialization.Encoding.PEM,
@@ -259,7 +271,9 @@ async def add_signing_key(store: IdentityStore, overlap_seconds: int | None) -> 
         if overlap_seconds is None
         else datetime.now(UTC) + timedelta(seconds=overlap_seconds)
     )
-    await store.add_signing_key(kid, ALGORITHM, pem, retire_others_at=retire_at)
+    await store.add_signing_key(
+        kid, ALGORITHM, _seal_pem(pem, kid, codec), retire_others_at=retire_at
+    )
     return kid
 
 
@@ -277,6 +291,30 @@ def _claims(
             int(personal_token) if isinstance(personal_token, int) else None
         ),
     )
+
+
+_SEALED_PREFIX = "sealed:"
+
+
+def _seal_pem(pem: str, kid: str, codec: ContentCodec | None) -> str:
+    if codec is None:
+        return pem
+    sealed = codec.seal(pem.encode(), f"signing-key:{kid}")
+    if not codec.is_sealed(sealed):
+        return pem
+    return _SEALED_PREFIX + base64.b64encode(sealed).decode()
+
+
+def _open_pem(record: SigningKeyRecord, codec: ContentCodec | None) -> SigningKeyRecord:
+    if not record.private_key.startswith(_SEALED_PREFIX):
+        return record
+    if codec is None:
+        raise ValueError(
+            f"signing key {record.kid} is encrypted but no encryption key is set up"
+        )
+    sealed = base64.b64decode(record.private_key.removeprefix(_SEALED_PREFIX))
+    pem = codec.open(sealed, f"signing-key:{record.kid}").decode()
+    return dataclasses.replace(record, private_key=pem)
 
 
 def _load_key(record: SigningKeyRecord) -> _SigningKey:

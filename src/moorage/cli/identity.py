@@ -389,7 +389,7 @@ def signing_key_rotate(
     if seconds < 0:
         errors.print("[red]error:[/red] --overlap must be 0 or more seconds")
         raise typer.Exit(2)
-    kid = _run(settings, lambda s: add_signing_key(s.identity, seconds))
+    kid = _run(settings, lambda s: add_signing_key(s.identity, seconds, s.tokens.codec))
     console.print(f"new signing key {kid}; older keys retire in {seconds} s")
 
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, TypeVar
@@ -17,13 +18,24 @@ from typing import Annotated, TypeVar
 import typer
 from pydantic import ValidationError
 from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from moorage import admin
 from moorage.config import Settings, load_settings
+from moorage.db.key_store import KeyStore
 from moorage.errors import MoorageError
 from moorage.logs import configure_logging
 from moorage.services import Services, open_services
+from moorage.storage.encryption import maintenance
+from moorage.storage.encryption.driver import EncryptedDriver
+from moorage.storage.paths import BLOBS_PREFIX
 
 app = typer.Typer(
     help="Moorage: a container registry for vendors that ship images to customers.",
@@ -38,6 +50,12 @@ config_app = typer.Typer(
 )
 app.add_typer(user_app, name="user")
 app.add_typer(config_app, name="config")
+tls_app = typer.Typer(help="Set up TLS certificates.", no_args_is_help=True)
+app.add_typer(tls_app, name="tls")
+key_app = typer.Typer(
+    help="Rotate and inspect the keys that encrypt stored data.", no_args_is_help=True
+)
+app.add_typer(key_app, name="key")
 
 console = Console()
 errors = Console(stderr=True)
@@ -85,11 +103,19 @@ def serve(
     data_dir: DataDirOption = None,
     host: Annotated[str | None, typer.Option(help="Address to listen on.")] = None,
     port: Annotated[int | None, typer.Option(help="TCP port to listen on.")] = None,
+    tls_cert: Annotated[
+        Path | None, typer.Option(help="PEM certificate; serve HTTPS.")
+    ] = None,
+    tls_key: Annotated[
+        Path | None, typer.Option(help="PEM private key of --tls-cert.")
+    ] = None,
 ) -> None:
     """Run the registry. The first start initialises the data directory."""
     from moorage.server import run_server
 
-    settings = _settings(data_dir=data_dir, host=host, port=port)
+    settings = _settings(
+        data_dir=data_dir, host=host, port=port, tls_cert=tls_cert, tls_key=tls_key
+    )
     configure_logging(settings.log_level, settings.log_format)
     asyncio.run(run_server(settings, console))
 
@@ -182,6 +208,147 @@ def config_reference() -> None:
     from moorage.config import settings_reference
 
     print(settings_reference())
+
+
+@tls_app.command("init")
+def tls_init(
+    hostname: Annotated[str, typer.Option(help="Name clients use for the registry.")],
+    out: Annotated[Path, typer.Option(help="Directory for the files.")] = Path("tls"),
+    port: Annotated[int, typer.Option(help="Port, for the instructions.")] = 5000,
+) -> None:
+    """Create a private CA and a server certificate for a quick start."""
+    from moorage import tls
+
+    created = tls.init_private_ca(hostname, out)
+    console.print(
+        f"created {created.ca_cert} (the CA clients trust), {created.server_cert} and "
+        f"{created.server_key}.\nKeep {created.ca_key} offline; it signs "
+        "certificates.\n\nServe with:\n"
+        f"  moorage serve --tls-cert {created.server_cert} "
+        f"--tls-key {created.server_key}\n",
+        highlight=False,
+    )
+    console.print(
+        tls.trust_instructions(hostname, port, created.ca_cert.resolve()),
+        highlight=False,
+    )
+
+
+def _encrypted_driver(services: Services) -> EncryptedDriver:
+    driver = services.registry.driver
+    if not isinstance(driver, EncryptedDriver):
+        raise MoorageError(
+            "encryption at rest is not configured; set encryption = true first"
+        )
+    return driver
+
+
+@tls_app.command("client-cert")
+def tls_client_cert(
+    login: Annotated[str, typer.Argument(help="Account login; the certificate's CN.")],
+    ca_dir: Annotated[
+        Path, typer.Option(help="Directory with ca.crt and ca.key from tls init.")
+    ] = Path("tls"),
+    out: Annotated[Path, typer.Option(help="Directory for the files.")] = Path("."),
+) -> None:
+    """Issue a client certificate for mutual TLS, signed by the private CA."""
+    from moorage import tls
+
+    cert = tls.issue_client_certificate(ca_dir, login, out)
+    console.print(
+        f"created {cert} and {cert.with_suffix('.key')}. Put both, with the "
+        "server's ca.crt, in the client's certificates directory "
+        "(/etc/containers/certs.d/HOST:PORT/ or --cert-dir).",
+        highlight=False,
+    )
+
+
+@key_app.command("status")
+def key_status(data_dir: DataDirOption = None) -> None:
+    """List key-encryption keys and how many data keys each one wraps."""
+
+    async def action(services: Services) -> None:
+        driver = _encrypted_driver(services)
+        usage = await maintenance.key_usage(driver, KeyStore(services.engine))
+        active = driver.keyring.active().key_id
+        table = Table("key-encryption key", "active", "data keys")
+        for key_id in sorted(set(driver.keyring.key_ids()) | set(usage)):
+            table.add_row(key_id, "yes" if key_id == active else "", str(usage[key_id]))
+        console.print(f"keys from {driver.keyring.describe()}")
+        console.print(table)
+
+    _run(_settings(data_dir=data_dir), action)
+
+
+@key_app.command("rotate")
+def key_rotate(
+    keep_old: Annotated[
+        bool, typer.Option(help="Keep the old keys instead of retiring them.")
+    ] = False,
+    keep_active: Annotated[
+        bool,
+        typer.Option(
+            help="Create no new key; rewrap to the active one (env key source)."
+        ),
+    ] = False,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Add a new key-encryption key and rewrap every data key with it, online."""
+
+    async def action(services: Services) -> maintenance.RewrapReport:
+        driver = _encrypted_driver(services)
+        with _progress("rewrapping data keys") as update:
+            return await maintenance.rotate(
+                driver,
+                KeyStore(services.engine),
+                new_key=not keep_active,
+                retire=not keep_old,
+                progress=update,
+            )
+
+    report = _run(_settings(data_dir=data_dir), action)
+    console.print(
+        f"{report.rewrapped} data keys rewrapped, "
+        f"{report.already_current} already under the active key"
+    )
+
+
+@key_app.command("reencrypt")
+def key_reencrypt(
+    restart: Annotated[
+        bool, typer.Option(help="Start from the beginning, not where it stopped.")
+    ] = False,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Encrypt every blob again with new data keys. Resumes an interrupted run."""
+
+    async def action(services: Services) -> int:
+        driver = _encrypted_driver(services)
+        with _progress("re-encrypting blobs") as update:
+            return await maintenance.reencrypt_all(
+                driver, BLOBS_PREFIX, update, restart=restart
+            )
+
+    count = _run(_settings(data_dir=data_dir), action)
+    console.print(f"{count} blobs re-encrypted")
+
+
+@contextmanager
+def _progress(description: str) -> Iterator[Callable[[int, int], None]]:
+    """A Rich progress bar, and the callback that moves it."""
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=errors,
+    ) as bar:
+        task = bar.add_task(description, total=None)
+
+        def update(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        yield update
 
 
 @app.command("version")

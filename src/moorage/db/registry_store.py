@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
+from typing import Any, Protocol
 
 from sqlalchemy import ColumnElement, and_, delete, exists, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -74,11 +75,22 @@ class RepositoryFilter:
     patterns: Sequence[str] = ()
 
 
+class ContentCodec(Protocol):
+    """Encrypts manifest content on its way into the database and back."""
+
+    def seal(self, content: bytes, digest: str) -> bytes: ...
+
+    def open(self, stored: bytes, digest: str) -> bytes: ...
+
+    def is_sealed(self, stored: bytes) -> bool: ...
+
+
 class RegistryStore:
     """Metadata of the registry's content; every method is one transaction."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, codec: ContentCodec | None = None) -> None:
         self.engine = engine
+        self.codec = codec
 
     # Repositories
 
@@ -238,6 +250,39 @@ class RegistryStore:
             )
             return [row[0] for row in result]
 
+    async def seal_plaintext_manifests(self, batch: int = 200) -> int:
+        """Seal manifest content stored before encryption was on; return the count.
+
+        A row changed meanwhile keeps its newer content.
+        """
+        if self.codec is None:
+            return 0
+        sealed = 0
+        last_id = 0
+        while True:
+            async with self.engine.begin() as connection:
+                rows = (
+                    await connection.execute(
+                        select(manifests.c.id, manifests.c.digest, manifests.c.content)
+                        .where(manifests.c.id > last_id)
+                        .order_by(manifests.c.id)
+                        .limit(batch)
+                    )
+                ).all()
+                if not rows:
+                    return sealed
+                for row in rows:
+                    last_id = row.id
+                    content = bytes(row.content)
+                    if self.codec.is_sealed(content):
+                        continue
+                    result = await connection.execute(
+                        update(manifests)
+                        .where(manifests.c.id == row.id, manifests.c.content == content)
+                        .values(content=self.codec.seal(content, row.digest))
+                    )
+                    sealed += result.rowcount
+
     # Manifests and tags
 
     async def get_manifest(self, repository: str, digest: str) -> ManifestRecord | None:
@@ -251,7 +296,7 @@ class RegistryStore:
                     )
                 )
             ).first()
-        return _manifest_record(row)
+        return self._manifest_record(row)
 
     async def get_tagged_manifest(
         self, repository: str, tag: str
@@ -265,7 +310,13 @@ class RegistryStore:
                     .where(repositories.c.name == repository, tags.c.name == tag)
                 )
             ).first()
-        return _manifest_record(row)
+        return self._manifest_record(row)
+
+    def _manifest_record(self, row: Any) -> ManifestRecord | None:
+        record = _manifest_record(row)
+        if record is None or self.codec is None:
+            return record
+        return replace(record, content=self.codec.open(record.content, record.digest))
 
     async def put_manifest(
         self, repository: str, manifest: NewManifest, tag: str | None
@@ -278,7 +329,9 @@ class RegistryStore:
         async with self.engine.begin() as connection:
             repository_id = await _ensure_repository(connection, repository)
             await _check_references(connection, repository, repository_id, manifest)
-            manifest_id = await _insert_manifest(connection, repository_id, manifest)
+            manifest_id = await _insert_manifest(
+                connection, repository_id, manifest, self.codec
+            )
             if tag is not None:
                 await upsert(
                     connection,
@@ -490,7 +543,10 @@ async def _check_references(
 
 
 async def _insert_manifest(
-    connection: AsyncConnection, repository_id: int, manifest: NewManifest
+    connection: AsyncConnection,
+    repository_id: int,
+    manifest: NewManifest,
+    codec: ContentCodec | None,
 ) -> int:
     where = and_(
         manifests.c.repository_id == repository_id,
@@ -510,7 +566,11 @@ async def _insert_manifest(
             "subject_digest": manifest.subject_digest,
             "annotations": manifest.annotations_json,
             "size": len(manifest.content),
-            "content": manifest.content,
+            "content": (
+                codec.seal(manifest.content, manifest.digest)
+                if codec
+                else manifest.content
+            ),
             "created_at": utcnow(),
         },
     )

@@ -234,3 +234,16 @@ personal_tokens = Table(
     Column("created_at", UTCDateTime, nullable=False, default=utcnow),
     Index(None, "account_id"),
 )
+
+# Data keys for data kept in this database (manifest content), each wrapped by
+# a key-encryption key: rotation rewraps these rows, never the data.
+sealed_keys = Table(
+    "sealed_keys",
+    metadata,
+    # What the key protects, such as "database".
+    Column("name", String(64), primary_key=True),
+    # The key-encryption key that wraps it.
+    Column("key_id", String(200), nullable=False),
+    Column("wrapped", LargeBinary, nullable=False),
+    Column("created_at", UTCDateTime, nullable=False, default=utcnow),
+)

@@ -1,0 +1,68 @@
+"""Wrapped data keys kept in the database (the `sealed_keys` table)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from moorage.db.dialects import insert_ignore
+from moorage.db.schema import sealed_keys, utcnow
+
+
+@dataclass(frozen=True, slots=True)
+class SealedKey:
+    name: str
+    key_id: str
+    wrapped: bytes
+
+
+class KeyStore:
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+
+    async def get_or_add(self, name: str, key_id: str, wrapped: bytes) -> SealedKey:
+        """Return the key stored under `name`, storing the given one if none is.
+
+        When two processes start at once, both get the row that won.
+        """
+        async with self.engine.begin() as connection:
+            await insert_ignore(
+                connection,
+                sealed_keys,
+                {
+                    "name": name,
+                    "key_id": key_id,
+                    "wrapped": wrapped,
+                    "created_at": utcnow(),
+                },
+            )
+            row = (
+                await connection.execute(
+                    select(sealed_keys.c.key_id, sealed_keys.c.wrapped).where(
+                        sealed_keys.c.name == name
+                    )
+                )
+            ).one()
+        return SealedKey(name, row.key_id, bytes(row.wrapped))
+
+    async def list(self) -> list[SealedKey]:
+        async with self.engine.connect() as connection:
+            rows = await connection.execute(
+                select(sealed_keys.c.name, sealed_keys.c.key_id, sealed_keys.c.wrapped)
+            )
+            return [SealedKey(r.name, r.key_id, bytes(r.wrapped)) for r in rows]
+
+    async def replace(self, old: SealedKey, key_id: str, wrapped: bytes) -> bool:
+        """Store a rewrapped key unless the row changed since `old` was read."""
+        async with self.engine.begin() as connection:
+            result = await connection.execute(
+                update(sealed_keys)
+                .where(
+                    sealed_keys.c.name == old.name,
+                    sealed_keys.c.key_id == old.key_id,
+                )
+                .values(key_id=key_id, wrapped=wrapped)
+            )
+        return result.rowcount == 1

@@ -1,0 +1,59 @@
+"""Encrypt, in the background, what an installation stored before encryption."""
+
+from __future__ import annotations
+
+import asyncio
+
+import structlog
+
+from moorage.db.registry_store import RegistryStore
+from moorage.storage import paths
+from moorage.storage.drivers.base import PathNotFoundError, StorageDriver
+from moorage.storage.encryption.driver import EncryptedDriver
+from moorage.storage.encryption.maintenance import encrypt_plaintext
+
+log = structlog.get_logger(__name__)
+
+# Pause between conversion passes while plaintext uploads are still open.
+RECHECK_SECONDS = 300
+
+
+def start_background_encryption(
+    driver: StorageDriver, store: RegistryStore
+) -> asyncio.Task[None] | None:
+    """Start converting plaintext blobs and manifests when encryption is on."""
+    if not isinstance(driver, EncryptedDriver) or not driver.encrypt_new:
+        return None
+    return asyncio.create_task(_convert(driver, store), name="encrypt-plaintext")
+
+
+async def _convert(driver: EncryptedDriver, store: RegistryStore) -> None:
+    """Convert what is stored in plaintext, and again while plaintext uploads last.
+
+    Uploads begun before encryption was turned on continue in plaintext, and
+    become plaintext blobs when they finish, so the conversion runs again
+    until no such upload is left.
+    """
+    try:
+        while True:
+            manifests = await store.seal_plaintext_manifests()
+            if manifests:
+                log.info("plaintext manifests encrypted", count=manifests)
+            await encrypt_plaintext(driver, paths.BLOBS_PREFIX)
+            if not await _plaintext_uploads_remain(driver):
+                return
+            await asyncio.sleep(RECHECK_SECONDS)
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("background encryption of stored blobs stopped")
+
+
+async def _plaintext_uploads_remain(driver: EncryptedDriver) -> bool:
+    for path in await driver.list(paths.UPLOADS_PREFIX):
+        try:
+            if await driver.read_header(path) is None:
+                return True
+        except PathNotFoundError:
+            continue
+    return False

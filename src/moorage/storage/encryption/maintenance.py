@@ -1,0 +1,223 @@
+"""Online key maintenance: rewrap data keys, re-encrypt and encrypt old objects.
+
+All of it runs while the server serves:
+
+- `rewrap_all` puts every envelope under the active key-encryption key. It
+  rewrites only the small envelopes, never the data.
+- `reencrypt_all` gives every object a new data key by writing an encrypted
+  copy and moving it over the original. It records the last object done, so a
+  second run continues where an interrupted one stopped.
+- `encrypt_plaintext` converts objects stored before encryption was turned on;
+  the server runs it in the background.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import structlog
+
+from moorage.db.key_store import KeyStore
+from moorage.storage.drivers.base import PathNotFoundError
+from moorage.storage.encryption.database import rewrap_database_keys
+from moorage.storage.encryption.driver import (
+    ENVELOPES_PREFIX,
+    WORK_PREFIX,
+    EncryptedDriver,
+    Envelope,
+    envelope_path,
+    wrap_context,
+)
+
+log = structlog.get_logger(__name__)
+
+STATE_PATH = f"{WORK_PREFIX}/state.json"
+# A writer that took the old active key just before rotation may store its
+# envelope a moment later; rotation looks again after this pause.
+SETTLE_SECONDS = 1.0
+
+Progress = Callable[[int, int], None]
+
+
+def _no_progress(done: int, total: int) -> None:
+    return None
+
+
+@dataclass
+class RewrapReport:
+    rewrapped: int = 0
+    already_current: int = 0
+    by_key: Counter[str] = field(default_factory=Counter)
+
+
+async def envelope_paths(driver: EncryptedDriver) -> list[str]:
+    return await driver.inner.list(ENVELOPES_PREFIX)
+
+
+async def key_usage(
+    driver: EncryptedDriver, database_keys: KeyStore | None = None
+) -> Counter[str]:
+    """Count the data keys each key-encryption key wraps."""
+    usage: Counter[str] = Counter()
+    if database_keys is not None:
+        usage.update(sealed.key_id for sealed in await database_keys.list())
+    for path in await envelope_paths(driver):
+        envelope = await _load_envelope(driver, path)
+        if envelope is not None:
+            usage[envelope.key_id] += 1
+    return usage
+
+
+async def rewrap_all(
+    driver: EncryptedDriver, progress: Progress = _no_progress
+) -> RewrapReport:
+    """Wrap every data key under the active KEK; return what was done."""
+    report = RewrapReport()
+    active = driver.keyring.active()
+    paths = await envelope_paths(driver)
+    for done, path in enumerate(paths, 1):
+        envelope = await _load_envelope(driver, path)
+        if envelope is None:
+            continue
+        if envelope.key_id == active.key_id:
+            report.already_current += 1
+        else:
+            context = wrap_context(bytes.fromhex(path.rsplit("/", 1)[1]))
+            data_key = driver.keyring.get(envelope.key_id).unwrap(
+                envelope.wrapped, context
+            )
+            renewed = Envelope(active.key_id, active.wrap(data_key, context))
+            await driver.inner.put(path, renewed.to_bytes())
+            report.rewrapped += 1
+            report.by_key[envelope.key_id] += 1
+        progress(done, len(paths))
+    return report
+
+
+async def rotate(
+    driver: EncryptedDriver,
+    database_keys: KeyStore | None = None,
+    *,
+    new_key: bool = True,
+    retire: bool = True,
+    progress: Progress = _no_progress,
+) -> RewrapReport:
+    """Make a new active KEK, rewrap every data key to it, and retire the others.
+
+    Old keys are retired only after a second pass finds nothing left under them.
+    """
+    if new_key:
+        driver.keyring.create()
+    report = await rewrap_all(driver, progress)
+    await asyncio.sleep(SETTLE_SECONDS)
+    late = await rewrap_all(driver)
+    report.rewrapped += late.rewrapped
+    report.by_key.update(late.by_key)
+    if database_keys is not None:
+        report.rewrapped += await rewrap_database_keys(database_keys, driver.keyring)
+    active = driver.keyring.active().key_id
+    if retire:
+        for key_id in driver.keyring.key_ids():
+            if key_id != active:
+                driver.keyring.retire(key_id)
+                log.info("key-encryption key retired", key_id=key_id)
+    log.info("data keys rewrapped", key_id=active, rewrapped=report.rewrapped)
+    return report
+
+
+async def reencrypt_all(
+    driver: EncryptedDriver,
+    prefix: str,
+    progress: Progress = _no_progress,
+    *,
+    restart: bool = False,
+) -> int:
+    """Give every object under `prefix` a new data key; resume an earlier run."""
+    state = {} if restart else await _load_state(driver)
+    last = state.get("last", "") if state.get("prefix") == prefix else ""
+    objects = await driver.list(prefix)
+    done = 0
+    for position, path in enumerate(objects, 1):
+        if path > last:
+            if await _replace_encrypted(driver, path):
+                done += 1
+            await _save_state(driver, {"prefix": prefix, "last": path})
+        progress(position, len(objects))
+    await driver.inner.delete(STATE_PATH)
+    log.info("objects re-encrypted", prefix=prefix, count=done)
+    return done
+
+
+async def encrypt_plaintext(
+    driver: EncryptedDriver, prefix: str, progress: Progress = _no_progress
+) -> int:
+    """Encrypt every object under `prefix` that is still stored in plaintext."""
+    objects = await driver.list(prefix)
+    converted = 0
+    for position, path in enumerate(objects, 1):
+        try:
+            plaintext = await driver.read_header(path) is None
+        except PathNotFoundError:
+            plaintext = False
+        if plaintext and await _replace_encrypted(driver, path):
+            converted += 1
+        progress(position, len(objects))
+    if converted:
+        log.info("plaintext objects encrypted", prefix=prefix, count=converted)
+    return converted
+
+
+async def _replace_encrypted(driver: EncryptedDriver, path: str) -> bool:
+    """Write an encrypted copy of `path` with a new data key and move it in place.
+
+    Readers that opened the old object keep reading it; the old envelope goes
+    once the copy is in place.
+    """
+    if not driver.encrypt_new:
+        raise ValueError("encryption is turned off; turn it on to re-encrypt")
+    try:
+        old = await driver.read_header(path)
+        temporary = f"{WORK_PREFIX}/{uuid.uuid4().hex}"
+        writer = await driver.writer(temporary, 0)
+        try:
+            async for chunk in driver.read(path):
+                await writer.write(chunk)
+            await writer.commit()
+        except BaseException:
+            await writer.cancel()
+            await driver.delete(temporary)
+            raise
+    except PathNotFoundError:
+        return False
+    # NOTE: an object deleted while it was copied comes back here; garbage
+    # collection removes it again on its next run.
+    await driver.inner.move(temporary, path)
+    if old is not None:
+        await driver.inner.delete(envelope_path(old.object_id))
+    return True
+
+
+async def _load_envelope(driver: EncryptedDriver, path: str) -> Envelope | None:
+    try:
+        data = b"".join([chunk async for chunk in driver.inner.read(path)])
+    except PathNotFoundError:
+        return None
+    return Envelope.from_bytes(data)
+
+
+async def _load_state(driver: EncryptedDriver) -> dict[str, str]:
+    try:
+        data = b"".join([chunk async for chunk in driver.inner.read(STATE_PATH)])
+    except PathNotFoundError:
+        return {}
+    value: dict[str, str] = json.loads(data)
+    return value
+
+
+async def _save_state(driver: EncryptedDriver, state: dict[str, str]) -> None:
+    await driver.inner.put(STATE_PATH, json.dumps(state).encode())

@@ -1,0 +1,356 @@
+"""TLS for the registry: the server context, certificate reloads and a private CA.
+
+The context accepts TLS 1.2 and 1.3 only, and on TLS 1.2 only ECDHE key exchange
+with AEAD ciphers (AES-GCM, ChaCha20-Poly1305); TLS 1.3 suites are all AEAD.
+
+A renewed certificate is picked up without a restart: `CertificateReloader`
+loads the files again into the same `ssl.SSLContext` object on SIGHUP and when
+their modification time changes. OpenSSL copies the certificate into each new
+connection when it starts, so new handshakes see the new certificate and open
+connections keep the old one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import ipaddress
+import os
+import signal
+import ssl
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+log = structlog.get_logger(__name__)
+
+TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!eNULL"
+HSTS_VALUE = b"max-age=31536000"
+CA_DAYS = 3650
+SERVER_DAYS = 397
+
+ASGIApp = Callable[
+    [MutableMapping[str, Any], Callable[..., Awaitable[Any]], Callable[..., Any]],
+    Awaitable[None],
+]
+
+
+def server_context(
+    cert_file: Path, key_file: Path, client_ca: Path | None = None
+) -> ssl.SSLContext:
+    """Return a server context for TLS 1.2+ with modern AEAD ciphers only.
+
+    With `client_ca`, clients may present a certificate, which must chain to it.
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.maximum_version = ssl.TLSVersion.TLSv1_3
+    context.set_ciphers(TLS12_CIPHERS)
+    context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
+    context.options |= ssl.OP_NO_RENEGOTIATION
+    context.set_alpn_protocols(["http/1.1"])
+    context.load_cert_chain(cert_file, key_file)
+    if client_ca is not None:
+        context.load_verify_locations(client_ca)
+        context.verify_mode = ssl.CERT_OPTIONAL
+    return context
+
+
+class ClientCertificateProtocol(HttpToolsProtocol):
+    """uvicorn's HTTP protocol, adding the ASGI TLS extension with the client's
+    verified certificate (`client_cert_chain`, `client_cert_name`) to each scope.
+    """
+
+    _client_cert: x509.Certificate | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        ssl_object = transport.get_extra_info("ssl_object")
+        der = ssl_object.getpeercert(binary_form=True) if ssl_object else None
+        if der:
+            self._client_cert = x509.load_der_x509_certificate(der)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        cert = self._client_cert
+        if cert is not None:
+            pem = cert.public_bytes(serialization.Encoding.PEM).decode()
+            self.scope["extensions"] = {  # type: ignore[typeddict-unknown-key]
+                "tls": {
+                    "client_cert_chain": [pem],
+                    "client_cert_name": cert.subject.rfc4514_string(),
+                }
+            }
+
+
+def client_certificate_login(scope: MutableMapping[str, Any]) -> str | None:
+    """Return the common name of the verified client certificate, if one was sent."""
+    chain = scope.get("extensions", {}).get("tls", {}).get("client_cert_chain")
+    if not chain:
+        return None
+    cert = x509.load_pem_x509_certificate(chain[0].encode())
+    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return str(names[0].value) if names else None
+
+
+class CertificateReloader:
+    """Loads a certificate and key again into one live context when they change."""
+
+    def __init__(
+        self, context: ssl.SSLContext, cert_file: Path, key_file: Path
+    ) -> None:
+        self.context = context
+        self.cert_file = cert_file
+        self.key_file = key_file
+        self._stamp = self._current_stamp()
+
+    def _current_stamp(self) -> tuple[float, float]:
+        return (os.stat(self.cert_file).st_mtime, os.stat(self.key_file).st_mtime)
+
+    def reload(self) -> bool:
+        """Load the files again; keep the old certificate when they do not load."""
+        try:
+            stamp = self._current_stamp()
+            self.context.load_cert_chain(self.cert_file, self.key_file)
+        except (OSError, ssl.SSLError) as error:
+            log.warning(
+                "tls certificate reload failed; still serving the previous one",
+                cert_file=str(self.cert_file),
+                error=str(error),
+            )
+            return False
+        self._stamp = stamp
+        log.info("tls certificate loaded", cert_file=str(self.cert_file))
+        return True
+
+    def reload_if_changed(self) -> None:
+        try:
+            changed = self._current_stamp() != self._stamp
+        except OSError:
+            return
+        if changed:
+            self.reload()
+
+    def install_signal_handler(self) -> None:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.reload)
+
+    async def watch(self, interval: float) -> None:
+        """Poll the files' modification times until cancelled."""
+        while True:
+            await asyncio.sleep(interval)
+            self.reload_if_changed()
+
+
+class StrictTransportSecurity:
+    """ASGI middleware that adds Strict-Transport-Security to every response."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(
+        self,
+        scope: MutableMapping[str, Any],
+        receive: Callable[..., Awaitable[Any]],
+        send: Callable[..., Any],
+    ) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_header(message: MutableMapping[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                headers.append((b"strict-transport-security", HSTS_VALUE))
+                message["headers"] = headers
+            await send(message)
+
+        await self.app(scope, receive, send_with_header)
+
+
+# A private certificate authority for a quick start.
+
+
+@dataclass(frozen=True, slots=True)
+class CreatedCertificates:
+    ca_cert: Path
+    ca_key: Path
+    server_cert: Path
+    server_key: Path
+
+
+def init_private_ca(hostname: str, out: Path) -> CreatedCertificates:
+    """Create a CA and a server certificate for `hostname`, localhost and 127.0.0.1."""
+    out.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_cert = _ca_certificate(ca_key, now)
+    server_key = ec.generate_private_key(ec.SECP256R1())
+    server_cert = _server_certificate(hostname, server_key, ca_cert, ca_key, now)
+
+    created = CreatedCertificates(
+        out / "ca.crt", out / "ca.key", out / "server.crt", out / "server.key"
+    )
+    _write_private(created.ca_key, _key_pem(ca_key))
+    created.ca_cert.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    _write_private(created.server_key, _key_pem(server_key))
+    created.server_cert.write_bytes(
+        server_cert.public_bytes(serialization.Encoding.PEM)
+    )
+    return created
+
+
+def _ca_certificate(
+    ca_key: ec.EllipticCurvePrivateKey, now: datetime.datetime
+) -> x509.Certificate:
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Moorage private CA")])
+    return (
+        _builder(name, name, ca_key.public_key(), now, CA_DAYS)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(_key_usage(cert_sign=True), critical=True)
+        .add_extension(
+            x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+
+
+def _server_certificate(
+    hostname: str,
+    server_key: ec.EllipticCurvePrivateKey,
+    ca_cert: x509.Certificate,
+    ca_key: ec.EllipticCurvePrivateKey,
+    now: datetime.datetime,
+) -> x509.Certificate:
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
+    return (
+        _builder(name, ca_cert.subject, server_key.public_key(), now, SERVER_DAYS)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), True)
+        .add_extension(_key_usage(cert_sign=False), critical=True)
+        .add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
+        )
+        .add_extension(
+            x509.SubjectAlternativeName(_alternative_names(hostname)), critical=False
+        )
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+
+
+def issue_client_certificate(ca_dir: Path, login: str, out: Path) -> Path:
+    """Sign a client certificate for `login` with the CA in `ca_dir`.
+
+    Writes `<login>.cert` and `<login>.key`, the pair of names that docker,
+    podman and skopeo look for in a certificates directory; returns the first.
+    """
+    ca_cert = x509.load_pem_x509_certificate((ca_dir / "ca.crt").read_bytes())
+    ca_key = serialization.load_pem_private_key((ca_dir / "ca.key").read_bytes(), None)
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
+        raise ValueError(f"{ca_dir / 'ca.key'} is not the EC key that tls init writes")
+    now = datetime.datetime.now(datetime.UTC)
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, login)])
+    cert = (
+        _builder(name, ca_cert.subject, key.public_key(), now, SERVER_DAYS)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), True)
+        .add_extension(_key_usage(cert_sign=False), critical=True)
+        .add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    _write_private(out / f"{login}.key", _key_pem(key))
+    cert_path = out / f"{login}.cert"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return cert_path
+
+
+def trust_instructions(hostname: str, port: int, ca_cert: Path) -> str:
+    """Explain how docker, podman and containerd trust the private CA."""
+    host = f"{hostname}:{port}"
+    return f"""\
+Trust the CA on each client machine (as root):
+
+  docker:     mkdir -p /etc/docker/certs.d/{host}
+              cp {ca_cert} /etc/docker/certs.d/{host}/ca.crt
+  podman:     mkdir -p /etc/containers/certs.d/{host}
+              cp {ca_cert} /etc/containers/certs.d/{host}/ca.crt
+              (skopeo and buildah read the same directory; or pass --cert-dir)
+  containerd: mkdir -p /etc/containerd/certs.d/{host}
+              cp {ca_cert} /etc/containerd/certs.d/{host}/ca.crt
+              and write /etc/containerd/certs.d/{host}/hosts.toml:
+                server = "https://{host}"
+                [host."https://{host}"]
+                  ca = "/etc/containerd/certs.d/{host}/ca.crt"
+              (needs config_path = "/etc/containerd/certs.d" in the CRI registry
+              section of /etc/containerd/config.toml)
+"""
+
+
+def _builder(
+    subject: x509.Name,
+    issuer: x509.Name,
+    public_key: ec.EllipticCurvePublicKey,
+    now: datetime.datetime,
+    days: int,
+) -> x509.CertificateBuilder:
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=days))
+    )
+
+
+def _key_usage(*, cert_sign: bool) -> x509.KeyUsage:
+    return x509.KeyUsage(
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=cert_sign,
+        crl_sign=cert_sign,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
+def _alternative_names(hostname: str) -> list[x509.GeneralName]:
+    names: list[x509.GeneralName] = []
+    for name in dict.fromkeys([hostname, "localhost", "127.0.0.1"]):
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(name)))
+        except ValueError:
+            names.append(x509.DNSName(name))
+    return names
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)

@@ -1,0 +1,298 @@
+"""Blobs at rest are encrypted: nothing readable on disk, tampering fails loudly."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import httpx
+import pytest
+from sqlalchemy import select, update
+
+from moorage.db.schema import manifests, repositories, signing_keys
+from moorage.services import Services
+from tests.support.images import (
+    MEDIA_TYPE_OCI_CONFIG,
+    MEDIA_TYPE_OCI_LAYER,
+    MEDIA_TYPE_OCI_MANIFEST,
+    LayerTar,
+    OciLayout,
+    add_image,
+    host_architecture,
+)
+from tests.support.server import ADMIN_LOGIN, ADMIN_PASSWORD, ServerProcess, unique
+
+SEGMENT = 64 * 1024
+SEALED = SEGMENT + 28
+HEADER = 32
+
+
+def marker_blob(marker: bytes, size: int) -> bytes:
+    """Incompressible bytes with `marker` repeated through them."""
+    unit = marker + os.urandom(997)
+    return (unit * (size // len(unit) + 1))[:size]
+
+
+def push_blob(client: httpx.Client, repository: str, data: bytes, chunks: int) -> str:
+    """Upload `data` in `chunks` PATCH requests and return its digest."""
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    response = client.post(f"/v2/{repository}/blobs/uploads/")
+    assert response.status_code == 202
+    location = response.headers["Location"]
+    step = -(-len(data) // chunks)
+    for index in range(chunks):
+        piece = data[index * step : (index + 1) * step]
+        response = client.patch(
+            location,
+            content=piece,
+            headers={
+                "Content-Type": "application/octet-stream",
+                "Content-Range": f"{index * step}-{index * step + len(piece) - 1}",
+            },
+        )
+        assert response.status_code == 202, response.text
+        location = response.headers["Location"]
+    response = client.put(location, params={"digest": digest})
+    assert response.status_code == 201, response.text
+    return digest
+
+
+def stored_file(server: ServerProcess, digest: str) -> Path:
+    hex_digest = digest.split(":", 1)[1]
+    return (
+        server.data_dir / "storage" / "blobs" / "sha256" / hex_digest[:2] / hex_digest
+    )
+
+
+def raw_storage_contains(server: ServerProcess, needle: bytes) -> list[Path]:
+    found = []
+    for path in (server.data_dir / "storage").rglob("*"):
+        if path.is_file() and needle in path.read_bytes():
+            found.append(path)
+    return found
+
+
+def test_pushed_blob_is_not_stored_in_plaintext(
+    admin_client: httpx.Client, server: ServerProcess
+) -> None:
+    """A blob uploaded in unaligned chunks reads back; no stored file has its marker."""
+    marker = f"MARKER-{unique('plain')}".encode()
+    data = marker_blob(marker, 5 * SEGMENT + 12345)
+    repository = f"{unique('enc')}/blobs"
+    digest = push_blob(admin_client, repository, data, chunks=3)
+    response = admin_client.get(f"/v2/{repository}/blobs/{digest}")
+    assert response.status_code == 200
+    assert response.content == data
+    assert response.headers["Docker-Content-Digest"] == digest
+    assert raw_storage_contains(server, marker) == []
+    assert stored_file(server, digest).stat().st_size > len(data)
+
+
+@pytest.mark.parametrize(
+    ("start", "end"),
+    [
+        (0, SEGMENT - 1),
+        (SEGMENT, 2 * SEGMENT - 1),
+        (SEGMENT - 1, SEGMENT),
+        (3 * SEGMENT + 5, 5 * SEGMENT + 100),
+    ],
+)
+def test_range_reads_over_http(
+    admin_client: httpx.Client, start: int, end: int
+) -> None:
+    """Range requests at and across segment boundaries return the exact bytes."""
+    data = marker_blob(b"range", 5 * SEGMENT + 200)
+    repository = f"{unique('enc')}/ranges"
+    digest = push_blob(admin_client, repository, data, chunks=1)
+    response = admin_client.get(
+        f"/v2/{repository}/blobs/{digest}", headers={"Range": f"bytes={start}-{end}"}
+    )
+    assert response.status_code == 206
+    assert response.content == data[start : end + 1]
+
+
+def tampered_pull(admin_client: httpx.Client, repository: str, digest: str) -> None:
+    """A pull of a tampered blob must fail: an error status or a broken stream."""
+    try:
+        response = admin_client.get(f"/v2/{repository}/blobs/{digest}")
+    except httpx.RemoteProtocolError:
+        return
+    assert response.status_code >= 500
+
+
+@pytest.mark.parametrize("damage", ["flip-first", "flip-later", "truncate", "swap"])
+def test_tampered_blob_fails_the_pull(
+    admin_client: httpx.Client, server: ServerProcess, damage: str
+) -> None:
+    """A flipped byte, a cut file or swapped segments fail the pull and are logged."""
+    data = marker_blob(b"tamper", 4 * SEGMENT + 10)
+    repository = f"{unique('enc')}/tamper"
+    digest = push_blob(admin_client, repository, data, chunks=1)
+    path = stored_file(server, digest)
+    raw = bytearray(path.read_bytes())
+    if damage == "flip-first":
+        raw[HEADER + 40] ^= 0x80
+    elif damage == "flip-later":
+        raw[HEADER + 3 * SEALED + 40] ^= 0x01
+    elif damage == "truncate":
+        del raw[HEADER + 4 * SEALED :]
+    else:
+        first = raw[HEADER + SEALED : HEADER + 2 * SEALED]
+        raw[HEADER + SEALED : HEADER + 2 * SEALED] = raw[
+            HEADER + 2 * SEALED : HEADER + 3 * SEALED
+        ]
+        raw[HEADER + 2 * SEALED : HEADER + 3 * SEALED] = first
+    path.write_bytes(bytes(raw))
+    tampered_pull(admin_client, repository, digest)
+    assert f'"path": "blobs/sha256/{digest[7:9]}/{digest[7:]}"' in server.log()
+    assert "storage integrity error" in server.log()
+
+
+@pytest.mark.clients
+def test_skopeo_round_trip_is_byte_identical(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    """An image pushed and pulled with skopeo comes back with the pushed digests."""
+    layout = OciLayout(tmp_path / "image")
+    tar = LayerTar()
+    tar.add_file("marker.bin", marker_blob(b"skopeo", 300 * 1024))
+    layer = layout.add_layer(tar.to_bytes(), MEDIA_TYPE_OCI_LAYER)
+    manifest = add_image(layout, [layer], host_architecture())
+    layout.tag(manifest, "v1")
+    target = f"docker://{server.address}/{unique('enc')}/marker:v1"
+    creds = f"{ADMIN_LOGIN}:{ADMIN_PASSWORD}"
+    pushed = tmp_path / "pushed.digest"
+    skopeo_copy(
+        "--dest-tls-verify=false",
+        f"--dest-creds={creds}",
+        f"--digestfile={pushed}",
+        f"oci:{layout.path}:v1",
+        target,
+    )
+    skopeo_copy(
+        "--src-tls-verify=false",
+        f"--src-creds={creds}",
+        target,
+        f"oci:{tmp_path / 'back'}:v1",
+    )
+    back = OciLayout(tmp_path / "back")
+    pulled = back.read_index()["manifests"][0]["digest"]
+    assert pulled == pushed.read_text().strip()
+    layers = json.loads(back.read_blob(pulled))["layers"]
+    assert gzip.decompress(back.read_blob(layers[0]["digest"])) == layer.blob.data
+
+
+def skopeo_copy(*args: str) -> None:
+    subprocess.run(
+        ["skopeo", "copy", *args], check=True, capture_output=True, timeout=120
+    )
+
+
+def push_manifest(client: httpx.Client, repository: str, marker: str) -> bytes:
+    """Push a config blob and a manifest whose annotation contains `marker`."""
+    config = json.dumps({"architecture": "amd64", "os": "linux"}).encode()
+    config_digest = push_blob(client, repository, config, chunks=1)
+    manifest = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": MEDIA_TYPE_OCI_MANIFEST,
+            "config": {
+                "mediaType": MEDIA_TYPE_OCI_CONFIG,
+                "digest": config_digest,
+                "size": len(config),
+            },
+            "layers": [],
+            "annotations": {"note": marker},
+        }
+    ).encode()
+    response = client.put(
+        f"/v2/{repository}/manifests/v1",
+        content=manifest,
+        headers={"Content-Type": MEDIA_TYPE_OCI_MANIFEST},
+    )
+    assert response.status_code == 201, response.text
+    return manifest
+
+
+def stored_manifest(server: ServerProcess, repository: str) -> bytes:
+    """The raw `content` column of the repository's manifest."""
+
+    async def query(services: Services) -> bytes:
+        async with services.engine.connect() as connection:
+            return bytes(
+                await connection.scalar(
+                    select(manifests.c.content)
+                    .join(repositories, repositories.c.id == manifests.c.repository_id)
+                    .where(repositories.c.name == repository)
+                )
+            )
+
+    return server.run_admin(query)
+
+
+def overwrite_manifest(server: ServerProcess, repository: str, content: bytes) -> None:
+    async def change(services: Services) -> None:
+        async with services.engine.begin() as connection:
+            repository_id = await connection.scalar(
+                select(repositories.c.id).where(repositories.c.name == repository)
+            )
+            await connection.execute(
+                update(manifests)
+                .where(manifests.c.repository_id == repository_id)
+                .values(content=content)
+            )
+
+    server.run_admin(change)
+
+
+def test_manifest_content_is_encrypted_in_the_database(
+    admin_client: httpx.Client, server: ServerProcess
+) -> None:
+    """The database stores sealed manifest bytes; clients get the pushed bytes."""
+    marker = f"MANIFEST-MARKER-{unique('m')}"
+    repository = f"{unique('enc')}/manifests"
+    manifest = push_manifest(admin_client, repository, marker)
+    stored = stored_manifest(server, repository)
+    assert marker.encode() not in stored
+    assert stored.startswith(b"MRGDB1")
+    response = admin_client.get(
+        f"/v2/{repository}/manifests/v1",
+        headers={"Accept": MEDIA_TYPE_OCI_MANIFEST},
+    )
+    assert response.content == manifest
+    assert response.headers["Content-Length"] == str(len(manifest))
+
+
+def test_tampered_manifest_fails(
+    admin_client: httpx.Client, server: ServerProcess
+) -> None:
+    """An altered manifest row fails the pull with an error and is logged."""
+    repository = f"{unique('enc')}/manifests"
+    push_manifest(admin_client, repository, "tamper")
+    stored = bytearray(stored_manifest(server, repository))
+    stored[-5] ^= 0x01
+    overwrite_manifest(server, repository, bytes(stored))
+    response = admin_client.get(
+        f"/v2/{repository}/manifests/v1",
+        headers={"Accept": MEDIA_TYPE_OCI_MANIFEST},
+    )
+    assert response.status_code == 500
+    assert "content does not authenticate" in server.log()
+
+
+def test_token_signing_key_is_encrypted(server: ServerProcess) -> None:
+    """The token-signing private key is stored sealed, not as a PEM."""
+
+    async def query(services: Services) -> list[str]:
+        async with services.engine.connect() as connection:
+            rows = await connection.execute(select(signing_keys.c.private_key))
+            return [row.private_key for row in rows]
+
+    stored = server.run_admin(query)
+    assert stored
+    assert all(key.startswith("sealed:") for key in stored)
+    assert not any("PRIVATE KEY" in key for key in stored)

@@ -1,0 +1,221 @@
+"""The encrypting driver layer over the filesystem driver."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from moorage.storage.drivers.filesystem import FilesystemDriver
+from moorage.storage.encryption.driver import EncryptedDriver, envelope_path
+from moorage.storage.encryption.format import HEADER_BYTES, IntegrityError
+from moorage.storage.encryption.keys import FileKeyring
+
+SEGMENT = 1024
+SEALED = SEGMENT + 28
+MARKER = b"MOORAGE-PLAINTEXT-MARKER"
+
+
+class Layer:
+    """An encrypted driver over a directory, with the raw files at hand."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root / "storage"
+        self.plain = FilesystemDriver(self.root, fsync=False)
+        self.keyring = FileKeyring(root / "keys")
+        self.errors: list[IntegrityError] = []
+        self.driver = EncryptedDriver(
+            self.plain,
+            self.keyring,
+            segment_bytes=SEGMENT,
+            on_integrity_error=self.errors.append,
+        )
+
+    def raw(self, path: str) -> bytes:
+        return (self.root / path).read_bytes()
+
+    def write_raw(self, path: str, data: bytes) -> None:
+        (self.root / path).write_bytes(data)
+
+    async def store(self, path: str, data: bytes, pieces: int = 1) -> None:
+        """Write `data` in `pieces` writers, as an upload spread over requests."""
+        step = -(-len(data) // pieces) if data else 0
+        offset = 0
+        for index in range(pieces):
+            writer = await self.driver.writer(path, offset)
+            piece = data[index * step : (index + 1) * step]
+            await writer.write(piece)
+            offset = await writer.commit()
+        assert offset == len(data)
+
+    async def load(
+        self, path: str, offset: int = 0, length: int | None = None
+    ) -> bytes:
+        return b"".join(
+            [chunk async for chunk in self.driver.read(path, offset, length)]
+        )
+
+
+@pytest.fixture
+def layer(tmp_path: Path) -> Layer:
+    return Layer(tmp_path)
+
+
+def sample(size: int) -> bytes:
+    return ((MARKER + os.urandom(37)) * (size // 61 + 1))[:size]
+
+
+@pytest.mark.parametrize(
+    "size", [0, 1, SEGMENT - 1, SEGMENT, SEGMENT + 1, 3 * SEGMENT, 5 * SEGMENT + 7]
+)
+async def test_round_trip_hides_plaintext(layer: Layer, size: int) -> None:
+    """What is written reads back equal, and the stored file holds no plaintext."""
+    data = sample(size)
+    await layer.store("blobs/a", data)
+    assert await layer.load("blobs/a") == data
+    assert (await layer.driver.stat("blobs/a")).size == size
+    assert MARKER not in layer.raw("blobs/a")
+
+
+@pytest.mark.parametrize("pieces", [2, 3, 7])
+async def test_writes_resumed_by_new_writers(layer: Layer, pieces: int) -> None:
+    """An object appended by several writers, at unaligned offsets, reads back whole."""
+    data = sample(4 * SEGMENT + 300)
+    await layer.store("uploads/u/data", data, pieces)
+    assert await layer.load("uploads/u/data") == data
+
+
+async def test_resumed_write_at_segment_boundary(layer: Layer) -> None:
+    """Resuming exactly at a segment boundary reseals the full last segment."""
+    data = sample(3 * SEGMENT)
+    writer = await layer.driver.writer("uploads/u/data", 0)
+    await writer.write(data[: 2 * SEGMENT])
+    await writer.commit()
+    writer = await layer.driver.writer("uploads/u/data", 2 * SEGMENT)
+    await writer.write(data[2 * SEGMENT :])
+    assert await writer.commit() == len(data)
+    assert await layer.load("uploads/u/data") == data
+
+
+async def test_cancelled_resume_keeps_earlier_bytes(layer: Layer) -> None:
+    """A resumed writer that is cancelled leaves the object as it was."""
+    data = sample(SEGMENT + 500)
+    await layer.store("uploads/u/data", data)
+    writer = await layer.driver.writer("uploads/u/data", len(data))
+    await writer.write(b"x" * 3000)
+    await writer.cancel()
+    assert await layer.load("uploads/u/data") == data
+
+
+@pytest.mark.parametrize(
+    ("offset", "length"),
+    [
+        (0, SEGMENT),
+        (SEGMENT, SEGMENT),
+        (SEGMENT - 1, 2),
+        (SEGMENT + 1, 1),
+        (2 * SEGMENT - 1, SEGMENT + 2),
+        (3 * SEGMENT, 10),
+        (10, None),
+        (4 * SEGMENT, None),
+    ],
+)
+async def test_range_reads_at_segment_boundaries(
+    layer: Layer, offset: int, length: int | None
+) -> None:
+    """Range reads across and at segment edges return exactly the asked bytes."""
+    data = sample(4 * SEGMENT + 17)
+    await layer.store("blobs/r", data)
+    end = None if length is None else offset + length
+    assert await layer.load("blobs/r", offset, length) == data[offset:end]
+
+
+async def test_flipped_byte_fails(layer: Layer) -> None:
+    """A flipped ciphertext byte fails the read and reports an integrity error."""
+    await layer.store("blobs/f", sample(3 * SEGMENT))
+    raw = bytearray(layer.raw("blobs/f"))
+    raw[HEADER_BYTES + SEALED + 100] ^= 0x01
+    layer.write_raw("blobs/f", bytes(raw))
+    with pytest.raises(IntegrityError, match="segment 1"):
+        await layer.load("blobs/f")
+    assert [error.path for error in layer.errors] == ["blobs/f"]
+
+
+@pytest.mark.parametrize("cut", [1, 28, SEALED])
+async def test_truncated_file_fails(layer: Layer, cut: int) -> None:
+    """A file cut short, even at a segment boundary, fails the read."""
+    await layer.store("blobs/t", sample(3 * SEGMENT + 10))
+    raw = layer.raw("blobs/t")
+    layer.write_raw("blobs/t", raw[: len(raw) - 10 - 28 - cut + 1])
+    with pytest.raises(IntegrityError):
+        await layer.load("blobs/t")
+    assert layer.errors
+
+
+async def test_truncated_at_boundary_fails(layer: Layer) -> None:
+    """Dropping the whole last segment is caught by the final-segment flag."""
+    await layer.store("blobs/t", sample(3 * SEGMENT))
+    raw = layer.raw("blobs/t")
+    layer.write_raw("blobs/t", raw[:-SEALED])
+    with pytest.raises(IntegrityError, match="last segment 1"):
+        await layer.load("blobs/t")
+
+
+async def test_swapped_segments_fail(layer: Layer) -> None:
+    """Two segments exchanged in place fail authentication."""
+    await layer.store("blobs/s", sample(3 * SEGMENT))
+    raw = layer.raw("blobs/s")
+    first = raw[HEADER_BYTES : HEADER_BYTES + SEALED]
+    second = raw[HEADER_BYTES + SEALED : HEADER_BYTES + 2 * SEALED]
+    layer.write_raw(
+        "blobs/s",
+        raw[:HEADER_BYTES] + second + first + raw[HEADER_BYTES + 2 * SEALED :],
+    )
+    with pytest.raises(IntegrityError, match="segment 0"):
+        await layer.load("blobs/s")
+
+
+async def test_segment_from_another_object_fails(layer: Layer) -> None:
+    """A segment copied from another object (another data key) fails."""
+    await layer.store("blobs/a", sample(2 * SEGMENT))
+    await layer.store("blobs/b", sample(2 * SEGMENT))
+    a, b = layer.raw("blobs/a"), layer.raw("blobs/b")
+    layer.write_raw(
+        "blobs/a",
+        a[:HEADER_BYTES]
+        + b[HEADER_BYTES : HEADER_BYTES + SEALED]
+        + a[HEADER_BYTES + SEALED :],
+    )
+    with pytest.raises(IntegrityError):
+        await layer.load("blobs/a")
+
+
+async def test_missing_envelope_fails(layer: Layer) -> None:
+    """Without its wrapped data key an object cannot be read."""
+    await layer.store("blobs/k", sample(100))
+    header = await layer.driver.read_header("blobs/k")
+    assert header is not None
+    await layer.plain.delete(envelope_path(header.object_id))
+    with pytest.raises(IntegrityError, match="envelope is missing"):
+        await layer.load("blobs/k")
+
+
+async def test_plaintext_objects_read_as_stored(layer: Layer) -> None:
+    """Objects written before encryption was on are read unchanged."""
+    data = sample(5000)
+    await layer.plain.put("blobs/old", data)
+    assert await layer.load("blobs/old") == data
+    assert await layer.load("blobs/old", 100, 50) == data[100:150]
+    assert (await layer.driver.stat("blobs/old")).size == len(data)
+
+
+async def test_move_and_delete_keep_envelopes_in_step(layer: Layer) -> None:
+    """A moved object stays readable; deleting a prefix removes its envelopes."""
+    data = sample(2000)
+    await layer.store("uploads/x/data", data)
+    await layer.driver.move("uploads/x/data", "blobs/x")
+    assert await layer.load("blobs/x") == data
+    await layer.driver.delete("blobs")
+    assert await layer.plain.list(".keys") == []
+    assert await layer.driver.list("") == []
