@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+import logging
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+import structlog
 
 from tests.support.database import create_database, drop_database
 from tests.support.server import ADMIN_LOGIN, ADMIN_PASSWORD, ServerProcess
+
+# Services opened inside the test process (admin helpers, the CLI runner) log
+# through structlog; its default prints to stdout, which the CLI tests read.
+# The server processes log to their own files, so this process keeps only
+# critical messages, on the original stderr that no test replaces or closes.
+structlog.configure(
+    wrapper_class=structlog.make_filtering_bound_logger(logging.CRITICAL),
+    logger_factory=structlog.PrintLoggerFactory(file=sys.__stderr__),
+)
 
 
 @pytest.fixture(scope="session")

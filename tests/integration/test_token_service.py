@@ -16,7 +16,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from moorage import admin
-from moorage.auth.tokens import add_signing_key
+from moorage.auth.tokens import add_signing_key, open_signing_key
+from moorage.db.identity_store import SigningKeyRecord
+from moorage.services import Services
 from tests.support.identity import (
     add_grant,
     add_robot,
@@ -54,7 +56,12 @@ def writer(server: ServerProcess, customer: str) -> tuple[str, str]:
 
 def signing_key(server: ServerProcess) -> tuple[str, ec.EllipticCurvePrivateKey]:
     """Return the kid and private key the server signs with now."""
-    record = server.run_admin(lambda s: s.identity.active_signing_keys())[0]
+
+    async def newest(services: Services) -> SigningKeyRecord:
+        records = await services.identity.active_signing_keys()
+        return open_signing_key(records[0], services.tokens.codec)
+
+    record = server.run_admin(newest)
     key = serialization.load_pem_private_key(record.private_key.encode(), None)
     assert isinstance(key, ec.EllipticCurvePrivateKey)
     return record.kid, key
@@ -267,7 +274,9 @@ def test_signing_key_rotation(fresh_server: ServerProcess) -> None:
     login, password = server.add_user(customer, "reader")
     old = get_token(server, login, password)
     old_kid = jwt.get_unverified_header(str(old["token"]))["kid"]
-    new_kid = server.run_admin(lambda s: add_signing_key(s.identity, 3600))
+    new_kid = server.run_admin(
+        lambda s: add_signing_key(s.identity, 3600, s.tokens.codec)
+    )
     # A token of the new key is accepted at once: an unknown kid forces a reload.
     kid, key = signing_key(server)
     assert kid == new_kid
@@ -284,7 +293,7 @@ def test_signing_key_rotation(fresh_server: ServerProcess) -> None:
     fresh = get_token(server, login, password)
     assert jwt.get_unverified_header(str(fresh["token"]))["kid"] == new_kid
 
-    server.run_admin(lambda s: add_signing_key(s.identity, 0))
+    server.run_admin(lambda s: add_signing_key(s.identity, 0, s.tokens.codec))
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         if httpx.get(f"{server.url}/v2/", headers=bearer(old)).status_code == 401:

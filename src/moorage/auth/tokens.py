@@ -105,7 +105,9 @@ class TokenService:
     def _set_keys(self, keys: list[SigningKeyRecord]) -> None:
         if not keys:
             raise ValueError("the token service needs at least one signing key")
-        self._keys = [_load_key(_open_pem(record, self.codec)) for record in keys]
+        self._keys = [
+            _load_key(open_signing_key(record, self.codec)) for record in keys
+        ]
         self._by_kid = {key.kid: key for key in self._keys}
         self._loaded_at = time.monotonic()
 
@@ -305,7 +307,10 @@ def _seal_pem(pem: str, kid: str, codec: ContentCodec | None) -> str:
     return _SEALED_PREFIX + base64.b64encode(sealed).decode()
 
 
-def _open_pem(record: SigningKeyRecord, codec: ContentCodec | None) -> SigningKeyRecord:
+def open_signing_key(
+    record: SigningKeyRecord, codec: ContentCodec | None
+) -> SigningKeyRecord:
+    """Return the record with its private key decrypted when it was stored sealed."""
     if not record.private_key.startswith(_SEALED_PREFIX):
         return record
     if codec is None:
