@@ -45,7 +45,7 @@ HALF = len(DATA) // 2
 
 @dataclass
 class Restarted:
-    """What one account left on the server before it restarted."""
+    """The state one account left on the server before the restart."""
 
     account: Account
     half_session: str
