@@ -311,3 +311,19 @@ def test_body_longer_than_announced(server: ServerProcess, writer: Account) -> N
     data_file = upload_dir(server, location.rsplit("/", 1)[1]) / "data"
     stored = read_stored(server, data_file)
     assert (size_range, stored) in {("0-0", b""), ("0-9", b"0123456789")}
+
+
+@pytest.mark.parametrize("method", ["PATCH", "PUT"])
+def test_lost_session_data(server: ServerProcess, writer: Account, method: str) -> None:
+    """A session whose stored data vanished ends with BLOB_UPLOAD_UNKNOWN, not 500."""
+    location = start_upload(writer.client, writer.repository())
+    writer.client.patch(location, content=b"received before the loss")
+    data_file = upload_dir(server, location.rsplit("/", 1)[1]) / "data"
+    data_file.unlink()
+    if method == "PATCH":
+        response = writer.client.patch(location, content=b"more")
+    else:
+        response = writer.client.put(location, params={"digest": digest_of(b"x")})
+    assert_error(response, 404, "BLOB_UPLOAD_UNKNOWN")
+    assert_error(writer.client.get(location), 404, "BLOB_UPLOAD_UNKNOWN")
+    assert not data_file.parent.exists()

@@ -7,12 +7,14 @@ import signal
 import socket
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import pytest
 
 from tests.support.database import create_database, drop_database
 from tests.support.registry import (
     Account,
+    Image,
     assert_error,
     assert_storage_consistent,
     basic_header,
@@ -41,73 +43,84 @@ DATA = os.urandom(5 * 1024 * 1024 + 17)
 HALF = len(DATA) // 2
 
 
-def test_upload_resumes_after_restart(restartable: ServerProcess) -> None:
+@dataclass
+class Restarted:
+    """The state one account left on the server before the restart."""
+
+    account: Account
+    half_session: str
+    full_session: str
+    repository: str
+    image: Image
+
+
+@pytest.fixture(scope="module")
+def restarted(restartable: ServerProcess) -> Iterator[Restarted]:
+    """Two open upload sessions and a pushed image, then one server restart."""
+    account = open_account(restartable, restartable.add_customer())
+    client = account.client
+    half_session = start_upload(client, account.repository())
+    first = client.patch(half_session, content=DATA[:HALF])
+    assert first.headers["range"] == f"0-{HALF - 1}"
+    full_session = start_upload(client, account.repository())
+    client.patch(full_session, content=DATA)
+    repository = account.repository()
+    image = make_image("durable")
+    push_image(client, repository, image, "v1")
+
+    restartable.restart()
+
+    yield Restarted(account, half_session, full_session, repository, image)
+    client.close()
+
+
+def test_upload_resumes_after_restart(restarted: Restarted) -> None:
     """A session started before a restart takes the rest and verifies its digest.
 
     The running sha256 of the session is lost with the process, so the server
     has to hash the stored first half again.
     """
-    account = open_account(restartable, restartable.add_customer())
-    try:
-        resume_after_restart(restartable, account)
-    finally:
-        account.client.close()
-
-
-def resume_after_restart(server: ServerProcess, account: Account) -> None:
-    repository = account.repository()
-    location = start_upload(account.client, repository)
-    first = account.client.patch(location, content=DATA[:HALF])
-    assert first.headers["range"] == f"0-{HALF - 1}"
-
-    server.restart()
-
-    status = account.client.get(location)
+    client = restarted.account.client
+    location = restarted.half_session
+    status = client.get(location)
     assert status.status_code == 204
     assert status.headers["range"] == f"0-{HALF - 1}"
-    rest = DATA[HALF:]
-    response = account.client.patch(
+    response = client.patch(
         location,
-        content=rest,
+        content=DATA[HALF:],
         headers={"Content-Range": f"{HALF}-{len(DATA) - 1}"},
     )
     assert response.headers["range"] == f"0-{len(DATA) - 1}"
-    wrong = account.client.put(location + "x", params={"digest": digest_of(DATA)})
+    wrong = client.put(location + "x", params={"digest": digest_of(DATA)})
     assert_error(wrong, 404, "BLOB_UPLOAD_UNKNOWN")
     digest = digest_of(DATA)
-    done = account.client.put(location, params={"digest": digest})
+    done = client.put(location, params={"digest": digest})
     assert done.status_code == 201
     assert done.headers["docker-content-digest"] == digest
-    got = account.client.get(f"/v2/{repository}/blobs/{digest}")
+    repository = location.split("/blobs/")[0].removeprefix("/v2/")
+    got = client.get(f"/v2/{repository}/blobs/{digest}")
     assert got.content == DATA
 
 
-def test_wrong_digest_after_restart(restartable: ServerProcess) -> None:
+def test_wrong_digest_after_restart(
+    restartable: ServerProcess, restarted: Restarted
+) -> None:
     """After a restart the digest is computed from storage, so a wrong one fails."""
-    account = open_account(restartable, restartable.add_customer())
-    with account.client as client:
-        location = start_upload(client, account.repository())
-        client.patch(location, content=DATA)
-        restartable.restart()
-        response = client.put(location, params={"digest": digest_of(DATA[:-1])})
-        assert_error(response, 400, "DIGEST_INVALID")
-        upload_id = location.rsplit("/", 1)[1]
-        uploads = restartable.data_dir / "storage" / "uploads" / upload_id
-        assert not uploads.exists()
+    client = restarted.account.client
+    location = restarted.full_session
+    response = client.put(location, params={"digest": digest_of(DATA[:-1])})
+    assert_error(response, 400, "DIGEST_INVALID")
+    assert not upload_dir(restartable, location.rsplit("/", 1)[1]).exists()
 
 
-def test_content_survives_restart(restartable: ServerProcess) -> None:
+def test_content_survives_restart(restarted: Restarted) -> None:
     """Blobs, manifests and tags pushed before a restart are served after it."""
-    account = open_account(restartable, restartable.add_customer())
-    with account.client as client:
-        repository = account.repository()
-        image = make_image("durable")
-        push_image(client, repository, image, "v1")
-        restartable.restart()
-        assert client.get(f"/v2/{repository}/manifests/v1").content == image.manifest
-        for blob in image.blobs:
-            got = client.get(f"/v2/{repository}/blobs/{digest_of(blob)}")
-            assert got.content == blob
+    client = restarted.account.client
+    repository, image = restarted.repository, restarted.image
+    assert client.get(f"/v2/{repository}/manifests/v1").content == image.manifest
+    for blob in image.blobs:
+        got = client.get(f"/v2/{repository}/blobs/{digest_of(blob)}")
+        assert got.content == blob
 
 
 def test_crash_mid_patch(restartable: ServerProcess) -> None:

@@ -41,7 +41,11 @@ from moorage.errors import (
 )
 from moorage.names import validate_tag
 from moorage.storage import paths
-from moorage.storage.drivers.base import PathNotFoundError, StorageDriver
+from moorage.storage.drivers.base import (
+    FileWriter,
+    PathNotFoundError,
+    StorageDriver,
+)
 from moorage.storage.manifests import parse_manifest
 
 log = structlog.get_logger(__name__)
@@ -198,8 +202,7 @@ class Registry:
     async def _write(
         self, upload: UploadRecord, body: AsyncIterator[bytes], length: int | None
     ) -> int:
-        path = paths.upload_data_path(upload.id)
-        writer = await self.driver.writer(path, upload.size)
+        writer = await self._open_session_data(upload)
         hasher = self._running_hasher(upload.id, upload.size)
         try:
             received = 0
@@ -233,9 +236,30 @@ class Registry:
         """
         if upload.size == 0:
             return
-        path = paths.upload_data_path(upload.id)
-        writer = await self.driver.writer(path, upload.size)
+        writer = await self._open_session_data(upload)
         await writer.commit()
+
+    async def _open_session_data(self, upload: UploadRecord) -> FileWriter:
+        """Open the session's data to append at its recorded size.
+
+        When storage lost that data (for example after a crash between moving a
+        blob into place and recording it), the session is cancelled and the
+        client gets BLOB_UPLOAD_UNKNOWN, so it starts a new upload.
+        """
+        path = paths.upload_data_path(upload.id)
+        try:
+            return await self.driver.writer(path, upload.size)
+        except PathNotFoundError:
+            log.error(
+                "upload data missing from storage; session cancelled",
+                upload_id=upload.id,
+                size=upload.size,
+            )
+            await self._discard(upload.id)
+            raise UploadUnknownError(
+                "the upload's data is missing from storage; start a new upload",
+                detail={"upload": upload.id},
+            ) from None
 
     def _running_hasher(self, upload_id: str, size: int) -> Any | None:
         """Return a copy of the session's running sha256, or None if unknown."""
