@@ -9,10 +9,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from moorage import admin
-from moorage.db.schema import accounts, personal_tokens
+from moorage.db.schema import accounts, customers, personal_tokens
 from moorage.services import Services
 from tests.support.database import create_database, drop_database
 from tests.support.identity import (
@@ -383,3 +383,35 @@ def test_failed_logins_throttled(strict_server: ServerProcess) -> None:
     assert "login throttled" in server.log()
     time.sleep(int(response.headers["Retry-After"]))
     assert httpx.get(f"{server.url}/v2/", auth=(login, password)).is_success
+
+
+def test_personal_token_expired(server: ServerProcess) -> None:
+    """A personal access token past its expiry cannot log in."""
+    customer = server.add_customer()
+    login, _ = server.add_user(customer, "reader")
+    created = server.run_admin(
+        lambda s: admin.add_personal_token(
+            s.identity, customer, login, "old", "reader", past()
+        )
+    )
+    response = httpx.get(f"{server.url}/v2/", auth=(login, created.token))
+    assert response.status_code == 401
+
+
+def test_access_until_ends_tokens(server: ServerProcess) -> None:
+    """Tokens issued before a customer's access_until stop working once it passes."""
+    customer = server.add_customer()
+    login, password = server.add_user(customer, "reader")
+    token = get_token(server, login, password)
+    assert httpx.get(f"{server.url}/v2/", headers=bearer(token)).status_code == 200
+
+    async def end_contract(services: Services) -> None:
+        async with services.engine.begin() as connection:
+            await connection.execute(
+                update(customers)
+                .where(customers.c.slug == customer)
+                .values(access_until=past())
+            )
+
+    server.run_admin(end_contract)
+    assert httpx.get(f"{server.url}/v2/", headers=bearer(token)).status_code == 401
