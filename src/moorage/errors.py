@@ -6,6 +6,7 @@ The API layer maps each class to an OCI error code and HTTP status in one table
     MoorageError
     ├── NameInvalidError, TagInvalidError, DigestInvalidError
     ├── NameUnknownError, BlobUnknownError, ManifestUnknownError, UploadUnknownError
+    ├── BlobReferencedError
     ├── ManifestInvalidError, ManifestBlobUnknownError, ManifestTooLargeError
     ├── UploadInvalidError, RangeInvalidError, SizeInvalidError
     ├── PaginationInvalidError, UnsupportedError
@@ -46,6 +47,10 @@ class NameUnknownError(MoorageError):
 
 class BlobUnknownError(MoorageError):
     """blob unknown to registry"""
+
+
+class BlobReferencedError(MoorageError):
+    """blob is referenced by a manifest in this repository"""
 
 
 class ManifestUnknownError(MoorageError):

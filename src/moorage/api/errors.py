@@ -49,6 +49,8 @@ UNKNOWN = ErrorCode("UNKNOWN", 500)
 
 ERROR_CODES: dict[type[errors.MoorageError], ErrorCode] = {
     errors.BlobUnknownError: BLOB_UNKNOWN,
+    # The CNCF distribution registry answers 405 when it may not delete a blob.
+    errors.BlobReferencedError: METHOD_NOT_ALLOWED,
     errors.UploadInvalidError: BLOB_UPLOAD_INVALID,
     errors.UploadUnknownError: BLOB_UPLOAD_UNKNOWN,
     errors.DigestInvalidError: DIGEST_INVALID,
