@@ -26,6 +26,10 @@ from tests.support.identity import (
 )
 from tests.support.server import ServerProcess, unique
 
+# A password change runs two argon2id computations, which take seconds on a
+# loaded test machine; httpx's default 5 s timeout is too short there.
+PASSWORD_TIMEOUT = 30
+
 
 def pull_scope(name: str) -> str:
     return f"repository:{name}:pull"
@@ -298,6 +302,7 @@ def test_password_change(server: ServerProcess) -> None:
     new = "correct horse battery staple"
     response = httpx.put(
         f"{server.url}/account/password",
+        timeout=PASSWORD_TIMEOUT,
         json={"password": new},
         auth=(login, password),
     )
@@ -314,6 +319,7 @@ def test_password_policy(server: ServerProcess, weak: str) -> None:
     login, password = server.add_user(customer, "reader")
     response = httpx.put(
         f"{server.url}/account/password",
+        timeout=PASSWORD_TIMEOUT,
         json={"password": weak},
         auth=(login, password),
     )
@@ -328,6 +334,7 @@ def test_password_change_needs_password(server: ServerProcess) -> None:
     created = personal_token(server, customer, login, "reader")
     response = httpx.put(
         f"{server.url}/account/password",
+        timeout=PASSWORD_TIMEOUT,
         json={"password": "correct horse battery staple"},
         auth=(login, created.token),
     )
