@@ -85,7 +85,7 @@ def write_identity_token(
     authfile: Path, registry: str, login: str, refresh_token: str
 ) -> None:
     """Write an auth file with an identity token, as `docker login` stores one:
-    `auth` holds the login name and an empty password."""
+    `auth` contains the login name and an empty password."""
     auth = base64.b64encode(f"{login}:".encode()).decode()
     entry = {"auth": auth, "identitytoken": refresh_token}
     authfile.write_text(json.dumps({"auths": {registry: entry}}))

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from moorage import admin
 from moorage.auth.secrets import KEYED_HASH_PREFIX
-from moorage.db.schema import accounts, personal_tokens
+from moorage.db.schema import accounts, customers, personal_tokens
 from moorage.services import Services
 from tests.support.database import create_database, drop_database
 from tests.support.identity import (
@@ -26,6 +26,10 @@ from tests.support.identity import (
     push_image,
 )
 from tests.support.server import ServerProcess, unique
+
+# A password change runs two argon2id computations, which take seconds on a
+# loaded test machine; httpx's default 5 s timeout is too short there.
+PASSWORD_TIMEOUT = 30
 
 
 def pull_scope(name: str) -> str:
@@ -302,6 +306,7 @@ def test_password_change(server: ServerProcess) -> None:
     new = "correct horse battery staple"
     response = httpx.put(
         f"{server.url}/account/password",
+        timeout=PASSWORD_TIMEOUT,
         json={"password": new},
         auth=(login, password),
     )
@@ -318,6 +323,7 @@ def test_password_policy(server: ServerProcess, weak: str) -> None:
     login, password = server.add_user(customer, "reader")
     response = httpx.put(
         f"{server.url}/account/password",
+        timeout=PASSWORD_TIMEOUT,
         json={"password": weak},
         auth=(login, password),
     )
@@ -332,6 +338,7 @@ def test_password_change_needs_password(server: ServerProcess) -> None:
     created = personal_token(server, customer, login, "reader")
     response = httpx.put(
         f"{server.url}/account/password",
+        timeout=PASSWORD_TIMEOUT,
         json={"password": "correct horse battery staple"},
         auth=(login, created.token),
     )
@@ -387,3 +394,35 @@ def test_failed_logins_throttled(strict_server: ServerProcess) -> None:
     assert "login throttled" in server.log()
     time.sleep(int(response.headers["Retry-After"]))
     assert httpx.get(f"{server.url}/v2/", auth=(login, password)).is_success
+
+
+def test_personal_token_expired(server: ServerProcess) -> None:
+    """A personal access token past its expiry cannot log in."""
+    customer = server.add_customer()
+    login, _ = server.add_user(customer, "reader")
+    created = server.run_admin(
+        lambda s: admin.add_personal_token(
+            s.identity, customer, login, "old", "reader", past()
+        )
+    )
+    response = httpx.get(f"{server.url}/v2/", auth=(login, created.token))
+    assert response.status_code == 401
+
+
+def test_access_until_ends_tokens(server: ServerProcess) -> None:
+    """Tokens issued before a customer's access_until stop working once it passes."""
+    customer = server.add_customer()
+    login, password = server.add_user(customer, "reader")
+    token = get_token(server, login, password)
+    assert httpx.get(f"{server.url}/v2/", headers=bearer(token)).status_code == 200
+
+    async def end_contract(services: Services) -> None:
+        async with services.engine.begin() as connection:
+            await connection.execute(
+                update(customers)
+                .where(customers.c.slug == customer)
+                .values(access_until=past())
+            )
+
+    server.run_admin(end_contract)
+    assert httpx.get(f"{server.url}/v2/", headers=bearer(token)).status_code == 401

@@ -1,5 +1,5 @@
-"""Isolation: another customer's existing repository answers byte for byte as a
-repository that does not exist, on every endpoint."""
+"""Isolation: every endpoint returns, byte for byte, the same response for
+another customer's existing repository as for a repository that does not exist."""
 
 from __future__ import annotations
 

@@ -256,7 +256,7 @@ def test_refresh_follows_grant_removal(server: ServerProcess) -> None:
 
 
 def test_jwks_verifies_tokens(server: ServerProcess, reader: tuple[str, str]) -> None:
-    """The JWKS holds the key that verifies an issued token."""
+    """The JWKS contains the key that verifies an issued token."""
     token = str(get_token(server, *reader)["token"])
     kid = jwt.get_unverified_header(token)["kid"]
     keys = httpx.get(f"{server.url}/token/jwks").json()["keys"]
@@ -268,7 +268,7 @@ def test_jwks_verifies_tokens(server: ServerProcess, reader: tuple[str, str]) ->
 
 def test_signing_key_rotation(fresh_server: ServerProcess) -> None:
     """After rotation new tokens carry the new kid and old ones verify during the
-    overlap; with no overlap old tokens are rejected within the reload interval."""
+    overlap. With no overlap, old tokens are rejected within the reload interval."""
     server = fresh_server
     customer = server.add_customer()
     login, password = server.add_user(customer, "reader")
@@ -321,81 +321,54 @@ def genuine(server: ServerProcess, customer: str, reader: tuple[str, str]) -> st
     return str(get_token(server, *reader, f"repository:{customer}/app:pull")["token"])
 
 
+def hmac_forgery(claims: dict[str, Any], kid: str, secret: bytes) -> str:
+    """Sign with HS256 by hand: PyJWT rejects a PEM public key as an HMAC key."""
+    head = b64(json.dumps({"alg": "HS256", "typ": "JWT", "kid": kid}).encode())
+    body = b64(json.dumps(claims).encode())
+    mac = hmac.new(secret, f"{head}.{body}".encode(), hashlib.sha256).digest()
+    return f"{head}.{body}.{b64(mac)}"
+
+
 def attacks(server: ServerProcess, genuine: str, customer: str) -> dict[str, str]:
     """Return forged tokens by name; each one tries to reach the reader's
     repository or push to it."""
     header = jwt.get_unverified_header(genuine)
     claims = jwt.decode(genuine, options={"verify_signature": False})
     kid, key = signing_key(server)
+    stranger = ec.generate_private_key(ec.SECP256R1())
+    now = int(time.time())
+
+    def signed(**changes: Any) -> str:
+        return jwt.encode(
+            {**claims, **changes}, key, algorithm="ES256", headers={"kid": kid}
+        )
+
     public_pem = key.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
-    stranger = ec.generate_private_key(ec.SECP256R1())
-    now = int(time.time())
-    escalated = {
-        **claims,
-        "access": [
-            {
-                "type": "repository",
-                "name": f"{customer}/app",
-                "actions": ["pull", "push"],
-            }
-        ],
+    push = {
+        "type": "repository",
+        "name": f"{customer}/app",
+        "actions": ["pull", "push"],
     }
-    _, _, signature = genuine.rpartition(".")
-    tampered = unsigned(header, escalated, signature)
-    # PyJWT refuses a PEM as an HMAC key, so the HS256 forgery is built by hand.
-    hs_header = b64(json.dumps({"alg": "HS256", "typ": "JWT", "kid": kid}).encode())
-    hs_body = b64(json.dumps(claims).encode())
-    hs_signature = b64(
-        hmac.new(public_pem, f"{hs_header}.{hs_body}".encode(), hashlib.sha256).digest()
-    )
+    signature = genuine.rpartition(".")[2]
+
     return {
         "alg-none": unsigned({"alg": "none", "typ": "JWT", "kid": kid}, claims, ""),
-        "hmac-with-public-key": f"{hs_header}.{hs_body}.{hs_signature}",
-        "tampered-claims": tampered,
+        "hmac-with-public-key": hmac_forgery(claims, kid, public_pem),
+        "tampered-claims": unsigned(header, {**claims, "access": [push]}, signature),
         "re-signed-other-key": jwt.encode(
             claims, stranger, algorithm="ES256", headers={"kid": kid}
         ),
         "unknown-kid": jwt.encode(
             claims, stranger, algorithm="ES256", headers={"kid": "AAAA:BBBB"}
         ),
-        "expired": jwt.encode(
-            {**claims, "iat": now - 700, "nbf": now - 700, "exp": now - 600},
-            key,
-            algorithm="ES256",
-            headers={"kid": kid},
-        ),
-        "not-yet-valid": jwt.encode(
-            {**claims, "nbf": now + 600, "exp": now + 900},
-            key,
-            algorithm="ES256",
-            headers={"kid": kid},
-        ),
-        "issued-in-future": jwt.encode(
-            {**claims, "iat": now + 600, "exp": now + 900},
-            key,
-            algorithm="ES256",
-            headers={"kid": kid},
-        ),
-        "wrong-audience": jwt.encode(
-            {**claims, "aud": "another-registry"},
-            key,
-            algorithm="ES256",
-            headers={"kid": kid},
-        ),
-        "wrong-issuer": jwt.encode(
-            {**claims, "iss": "someone-else"},
-            key,
-            algorithm="ES256",
-            headers={"kid": kid},
-        ),
-        "old-generation": jwt.encode(
-            {**claims, "gen": claims["gen"] - 1},
-            key,
-            algorithm="ES256",
-            headers={"kid": kid},
-        ),
+        "expired": signed(iat=now - 700, nbf=now - 700, exp=now - 600),
+        "not-yet-valid": signed(nbf=now + 600, exp=now + 900),
+        "issued-in-future": signed(iat=now + 600, exp=now + 900),
+        "wrong-audience": signed(aud="another-registry"),
+        "wrong-issuer": signed(iss="someone-else"),
+        "old-generation": signed(gen=claims["gen"] - 1),
         "garbage": "not.a.jwt",
     }
 

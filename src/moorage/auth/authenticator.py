@@ -51,9 +51,11 @@ class Authenticator:
         self,
         identity: IdentityStore,
         tokens: TokenService,
-        secret_key: bytes = b"",
+        secret_key: bytes,
         throttle: LoginThrottle | None = None,
     ) -> None:
+        """`secret_key` is the server key of the keyed hashes (SECRET_HASH_KEY in
+        the database); robot secrets and personal access tokens fail without it."""
         self.identity = identity
         self.tokens = tokens
         self.secret_key = secret_key

@@ -22,7 +22,7 @@ def fail(throttle: LoginThrottle, times: int, login: str, address: str) -> None:
 
 
 def wait_of(throttle: LoginThrottle, login: str, address: str) -> int:
-    """Return the Retry-After the throttle asks for, 0 when a login may go ahead."""
+    """Return the Retry-After the throttle requires, 0 when a login may go ahead."""
     try:
         throttle.check(login, address)
     except TooManyRequestsError as error:
