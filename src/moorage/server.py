@@ -10,6 +10,8 @@ from rich.console import Console
 
 from moorage import __version__, admin
 from moorage.api.app import create_app
+from moorage.audit.recorder import AdminRecorder, local_actor
+from moorage.audit.retention import start_retention
 from moorage.config import Settings
 from moorage.services import open_services
 
@@ -18,6 +20,8 @@ log = structlog.get_logger(__name__)
 
 async def run_server(settings: Settings, console: Console) -> None:
     services = await open_services(settings)
+    services.audit.start()
+    retention = start_retention(services.audit, settings)
     try:
         password = (
             settings.admin_password.get_secret_value()
@@ -25,7 +29,10 @@ async def run_server(settings: Settings, console: Console) -> None:
             else None
         )
         created = await admin.ensure_vendor_admin(
-            services.identity, settings.admin_username, password
+            services.identity,
+            settings.admin_username,
+            password,
+            audit=AdminRecorder(services.audit, local_actor("moorage-serve")),
         )
         if created is not None:
             _announce_admin(console, created)
@@ -52,6 +59,8 @@ async def run_server(settings: Settings, console: Console) -> None:
         )
         await server.serve()
     finally:
+        if retention is not None:
+            retention.cancel()
         await services.close()
         log.info("stopped")
 

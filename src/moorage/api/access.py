@@ -21,6 +21,7 @@ import binascii
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import jwt
 from starlette.requests import Request
 
 from moorage.api.http import ProxyTrust, base_url
@@ -55,6 +56,16 @@ class Caller:
 
 
 @dataclass(frozen=True, slots=True)
+class AuthAttempt:
+    """What authentication saw, for the audit trail: the scheme, the claimed
+    login, and why it failed (None on success). Never the password or token."""
+
+    scheme: str
+    login: str | None
+    failure: str | None
+
+
+@dataclass(frozen=True, slots=True)
 class Access:
     caller: Caller
     visible: bool
@@ -72,6 +83,7 @@ class RequestGuard:
         """Return the caller; raise a challenge when credentials are missing or bad."""
         header = request.headers.get("authorization", "")
         scheme, _, value = header.partition(" ")
+        login: str | None = None
         try:
             if scheme.lower() == "bearer" and value:
                 principal, claims = await self.authenticator.from_token(value.strip())
@@ -82,8 +94,11 @@ class RequestGuard:
             else:
                 raise UnauthorizedError("authentication required")
         except UnauthorizedError as error:
+            if value:
+                request.state.auth = failed_attempt(scheme, value, login, error.message)
             raise self.challenge(request, scope, error.message) from None
         request.state.caller = caller
+        request.state.auth = AuthAttempt(scheme.lower(), caller.principal.login, None)
         return caller
 
     async def authorize(
@@ -95,9 +110,11 @@ class RequestGuard:
         caller = await self.authenticate(request, scope)
         allowed = caller.principal.actions_on(repository, utcnow())
         if PULL not in allowed:
+            request.state.denied = f"no pull permission on {repository}"
             return Access(caller, visible=False)
         missing_rights = [action for action in wanted if action not in allowed]
         if missing_rights:
+            request.state.denied = f"no {missing_rights[0]} permission on {repository}"
             raise DeniedError(
                 f"requested access to the resource is denied: no {missing_rights[0]} "
                 f"permission on {repository}"
@@ -123,6 +140,24 @@ class RequestGuard:
         if insufficient:
             parts.append('error="insufficient_scope"')
         return ChallengeError(message, "Bearer " + ",".join(parts))
+
+
+def failed_attempt(
+    scheme: str, value: str, login: str | None, reason: str
+) -> AuthAttempt:
+    """Describe a failed authentication for the audit trail.
+
+    For a bearer token whose signature was valid but whose account may no
+    longer use it (revoked, disabled, expired), the unverified subject names the
+    account; for a token that failed verification the subject is not trusted.
+    """
+    if scheme.lower() == "bearer" and not reason.startswith("invalid token"):
+        try:
+            claims = jwt.decode(value.strip(), options={"verify_signature": False})
+            login = str(claims.get("sub")) if claims.get("sub") else None
+        except jwt.PyJWTError:
+            login = None
+    return AuthAttempt(scheme.lower(), login, reason)
 
 
 def decode_basic(value: str) -> tuple[str, str]:

@@ -9,7 +9,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute
 
-from moorage.api import health, token
+from moorage.api import health, metrics, token
 from moorage.api.errors import (
     METHOD_NOT_ALLOWED,
     NOT_FOUND,
@@ -17,6 +17,7 @@ from moorage.api.errors import (
     handle_domain_error,
 )
 from moorage.api.middleware import RequestMiddleware
+from moorage.api.observe import RequestObserver
 from moorage.api.oci import base, blobs, catalog, manifests, referrers, tags, uploads
 from moorage.errors import MoorageError
 from moorage.services import Services
@@ -33,6 +34,7 @@ ROUTE_MODULES = (
     referrers,
     token,
     health,
+    metrics,
 )
 
 
@@ -58,7 +60,7 @@ async def _http_error(request: Request, error: Exception) -> Response:
 def create_app(services: Services) -> Starlette:
     return Starlette(
         routes=build_routes(services),
-        middleware=[Middleware(RequestMiddleware)],
+        middleware=[Middleware(RequestMiddleware, observer=RequestObserver(services))],
         exception_handlers={
             MoorageError: handle_domain_error,
             HTTPException: _http_error,

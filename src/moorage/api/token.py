@@ -11,9 +11,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from moorage.api.access import decode_basic
+from moorage.api.access import AuthAttempt, Caller, decode_basic
 from moorage.auth.access import Principal
-from moorage.auth.scope import Scope, parse_scopes
+from moorage.auth.scope import Scope, format_scope, parse_scopes
 from moorage.db.schema import utcnow
 from moorage.errors import NameInvalidError, UnauthorizedError
 from moorage.names import validate_name
@@ -48,6 +48,10 @@ def granted_scopes(principal: Principal, asked: list[Scope]) -> list[Scope]:
     return granted
 
 
+def format_granted(scope: Scope) -> str:
+    return format_scope(scope.type, scope.name, sorted(scope.actions))
+
+
 def routes(services: Services) -> list[Route]:
     authenticator = services.authenticator
     tokens = services.tokens
@@ -57,15 +61,20 @@ def routes(services: Services) -> list[Route]:
         scheme, _, value = header.partition(" ")
         if scheme.lower() != "basic" or not value:
             raise BasicChallengeError("authentication required")
+        login = None
         try:
             login, password = decode_basic(value)
             principal = await authenticator.login(login, password)
         except UnauthorizedError as error:
+            request.state.auth = AuthAttempt("basic", login, error.message)
             raise BasicChallengeError(error.message) from None
         request.state.subject = principal.login
+        request.state.caller = Caller(principal, None)
+        request.state.auth = AuthAttempt("basic", principal.login, None)
 
         asked = parse_scopes(request.query_params.getlist("scope"))
         granted = granted_scopes(principal, asked)
+        request.state.token_scopes = " ".join(map(format_granted, granted))[:500]
         issued = tokens.issue(principal.login, principal.token_generation, granted)
         return JSONResponse(
             {

@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from moorage import admin
+from moorage.audit.recorder import AdminRecorder, local_actor
 from moorage.config import Settings, load_settings
 from moorage.errors import MoorageError
 from moorage.logs import configure_logging
@@ -80,6 +81,11 @@ def _run(settings: Settings, action: Callable[[Services], Awaitable[T]]) -> T:
         raise typer.Exit(1) from None
 
 
+def _recorder(services: Services) -> AdminRecorder:
+    """Record a command's change in the audit trail as the local OS user."""
+    return AdminRecorder(services.audit, local_actor())
+
+
 @app.command()
 def serve(
     data_dir: DataDirOption = None,
@@ -121,7 +127,9 @@ def customer_add(
     until = _parse_date(access_until)
     customer = _run(
         _settings(data_dir=data_dir),
-        lambda s: admin.add_customer(s.identity, slug, name or slug, until),
+        lambda s: admin.add_customer(
+            s.identity, slug, name or slug, until, audit=_recorder(s)
+        ),
     )
     console.print(f"customer {customer.slug} added, with namespace {customer.slug}/")
 
@@ -160,7 +168,9 @@ def user_add(
     password = sys.stdin.readline().rstrip("\n") if password_stdin else None
     created = _run(
         _settings(data_dir=data_dir),
-        lambda s: admin.add_user(s.identity, customer, name, role, password),
+        lambda s: admin.add_user(
+            s.identity, customer, name, role, password, audit=_recorder(s)
+        ),
     )
     console.print(f"user {created.login} added to {customer} as {role}")
     if created.password is not None:
@@ -190,6 +200,13 @@ def version() -> None:
     from moorage import __version__
 
     console.print(__version__)
+
+
+# The audit and usage commands use the helpers above, so they come last.
+from moorage.cli.audit import audit_app, usage_app  # noqa: E402
+
+app.add_typer(audit_app, name="audit")
+app.add_typer(usage_app, name="usage")
 
 
 def main() -> None:

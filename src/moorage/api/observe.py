@@ -1,0 +1,186 @@
+"""Turn each finished request into metrics and audit events.
+
+The request middleware calls `RequestObserver.observe` once per request, after
+the response has been sent. Handlers and the request guard leave what the
+observer needs in the request state: the caller, the repository, reference and
+digest, the bytes received, the error code, and `auth` (an `AuthAttempt`) or
+`denied` (a reason) when authentication or authorization decided the outcome.
+Only queueing happens here; the audit writer does the database work later.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, replace
+from typing import Any
+
+from starlette.requests import Request
+from starlette.types import Scope
+
+from moorage.api.access import AuthAttempt
+from moorage.api.http import client_address
+from moorage.audit import events as actions
+from moorage.audit.events import FAILURE, SUCCESS, AuditEvent
+from moorage.services import Services
+
+# Audited requests: (route endpoint name, method) to the action recorded.
+# Other requests (HEAD, tag lists, the catalog, upload status) are recorded
+# only when authentication or authorization fails.
+ROUTE_ACTIONS: dict[tuple[str, str], str] = {
+    ("get_manifest", "GET"): actions.MANIFEST_PULL,
+    ("get_blob", "GET"): actions.BLOB_PULL,
+    ("put_manifest", "PUT"): actions.MANIFEST_PUSH,
+    ("delete_manifest", "DELETE"): actions.MANIFEST_DELETE,
+    ("delete_blob", "DELETE"): actions.BLOB_DELETE,
+    ("start", "POST"): actions.UPLOAD_START,
+    ("append", "PATCH"): actions.UPLOAD_APPEND,
+    ("finish", "PUT"): actions.BLOB_PUSH,
+    ("cancel", "DELETE"): actions.UPLOAD_CANCEL,
+    ("issue_token", "GET"): actions.TOKEN_ISSUE,
+}
+# Blob downloads are linked to the newest manifest pull by the same account in
+# the same repository; this many (account, repository) pairs are remembered.
+_PULL_LINKS = 50_000
+VENDOR = "vendor"
+ANONYMOUS = "anonymous"
+
+
+@dataclass(frozen=True, slots=True)
+class FinishedRequest:
+    scope: Scope
+    state: dict[str, Any]
+    status: int
+    seconds: float
+    bytes_sent: int
+
+
+class RequestObserver:
+    def __init__(self, services: Services) -> None:
+        self.services = services
+        self._pulls: OrderedDict[tuple[str, str], str] = OrderedDict()
+
+    async def observe(self, finished: FinishedRequest) -> None:
+        state = finished.state
+        route = _route_name(finished.scope)
+        method = finished.scope["method"]
+        caller = state.get("caller")
+        customer = _customer_label(caller)
+        self.services.metrics.observe_request(
+            route,
+            method,
+            finished.status,
+            finished.seconds,
+            customer,
+            finished.bytes_sent,
+            int(state.get("bytes_received") or 0),
+        )
+        for event in self._events(finished, route, method):
+            await self.services.audit.record(event)
+
+    def _events(
+        self, finished: FinishedRequest, route: str, method: str
+    ) -> list[AuditEvent]:
+        state = finished.state
+        base = self._base(finished)
+        found: list[AuditEvent] = []
+        attempt: AuthAttempt | None = state.get("auth")
+        if attempt is not None and (attempt.scheme == "basic" or attempt.failure):
+            action = (
+                actions.AUTH_LOGIN
+                if attempt.scheme == "basic"
+                else (actions.AUTH_TOKEN)
+            )
+            found.append(
+                _with(
+                    base,
+                    action=action,
+                    actor_account=attempt.login,
+                    actor_customer=base.actor_customer if not attempt.failure else None,
+                    outcome=FAILURE if attempt.failure else SUCCESS,
+                    reason=attempt.failure,
+                )
+            )
+            if attempt.failure:
+                return found
+        denied = state.get("denied")
+        if denied is None and state.get("error_code") == "DENIED":
+            denied = "requested access to the resource is denied"
+        if denied is not None:
+            found.append(
+                _with(
+                    base, action=actions.ACCESS_DENIED, outcome=FAILURE, reason=denied
+                )
+            )
+            return found
+        routed = ROUTE_ACTIONS.get((route, method))
+        if routed is not None:
+            found.append(self._request_event(base, routed, finished))
+        return found
+
+    def _request_event(
+        self, base: AuditEvent, action: str, finished: FinishedRequest
+    ) -> AuditEvent:
+        state = finished.state
+        ok = finished.status < 400
+        event = _with(
+            base,
+            action=_refine(action, state),
+            outcome=SUCCESS if ok else FAILURE,
+            reason=None if ok else str(state.get("error_code") or finished.status),
+        )
+        key = (event.actor_account or "", event.repository or "")
+        if action == actions.MANIFEST_PULL and ok:
+            self._remember_pull(key, event.request_id or "")
+        elif action == actions.BLOB_PULL:
+            event = _with(event, link=self._pulls.get(key))
+        return event
+
+    def _remember_pull(self, key: tuple[str, str], request_id: str) -> None:
+        self._pulls.pop(key, None)
+        self._pulls[key] = request_id
+        if len(self._pulls) > _PULL_LINKS:
+            self._pulls.popitem(last=False)
+
+    def _base(self, finished: FinishedRequest) -> AuditEvent:
+        state = finished.state
+        caller = state.get("caller")
+        request = Request(finished.scope)
+        principal = caller.principal if caller is not None else None
+        moved = finished.bytes_sent or int(state.get("bytes_received") or 0)
+        return AuditEvent(
+            action="",
+            actor_account=principal.login if principal else None,
+            actor_customer=principal.customer_slug if principal else None,
+            source_address=client_address(request, self.services.trust),
+            user_agent=request.headers.get("user-agent"),
+            repository=state.get("repository"),
+            reference=state.get("reference") or state.get("upload_id"),
+            digest=state.get("digest"),
+            bytes=moved or None,
+            request_id=state.get("request_id"),
+            reason=state.get("token_scopes"),
+        )
+
+
+def _refine(action: str, state: dict[str, Any]) -> str:
+    """Name what an upload POST did: a whole-blob push, a mount or a session."""
+    if action == actions.UPLOAD_START and state.get("mounted"):
+        return actions.BLOB_MOUNT
+    if action == actions.UPLOAD_START and state.get("bytes_received") is not None:
+        return actions.BLOB_PUSH
+    return action
+
+
+def _with(event: AuditEvent, **changes: Any) -> AuditEvent:
+    return replace(event, **changes)
+
+
+def _route_name(scope: Scope) -> str:
+    endpoint = scope.get("endpoint")
+    return str(getattr(endpoint, "__name__", "unmatched"))
+
+
+def _customer_label(caller: Any) -> str:
+    if caller is None:
+        return ANONYMOUS
+    return caller.principal.customer_slug or VENDOR
