@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import AsyncIterator
 
 import structlog
 import uvicorn
 from rich.console import Console
+from starlette.applications import Starlette
+from starlette.types import Lifespan
 
 from moorage import __version__, admin
 from moorage.api.app import create_app
 from moorage.audit.recorder import AdminRecorder, local_actor
 from moorage.audit.retention import start_retention
 from moorage.config import Settings
-from moorage.services import open_services
+from moorage.services import Services, open_services
 
 log = structlog.get_logger(__name__)
 
@@ -37,7 +41,7 @@ async def run_server(settings: Settings, console: Console) -> None:
         if created is not None:
             _announce_admin(console, created)
         config = uvicorn.Config(
-            create_app(services),
+            create_app(services, _closing_lifespan(services)),
             host=settings.host,
             port=settings.port,
             loop="uvloop",
@@ -63,6 +67,23 @@ async def run_server(settings: Settings, console: Console) -> None:
             retention.cancel()
         await services.close()
         log.info("stopped")
+
+
+def _closing_lifespan(services: Services) -> Lifespan[Starlette]:
+    """Write queued audit events when uvicorn shuts down.
+
+    uvicorn re-raises SIGTERM and SIGINT once it has stopped serving, which ends
+    the process before `run_server` gets to close the services, so the audit
+    log is closed here, while uvicorn still waits for the lifespan to finish.
+    """
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        yield
+        await services.audit.close()
+        log.info("audit log closed", events_written=services.audit.written)
+
+    return lifespan
 
 
 def _announce_admin(console: Console, created: admin.CreatedAccount) -> None:

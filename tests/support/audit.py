@@ -5,12 +5,15 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from moorage.audit.events import StoredEvent
-from moorage.db.audit_store import AuditFilter
 from tests.support.server import ServerProcess
 
+from moorage.audit.events import StoredEvent
+from moorage.db.audit_store import AuditFilter
 
-def audit_events(server: ServerProcess, where: AuditFilter | None = None) -> list[StoredEvent]:
+
+def audit_events(
+    server: ServerProcess, where: AuditFilter | None = None
+) -> list[StoredEvent]:
     return server.run_admin(lambda s: s.audit.query(where or AuditFilter(), 100_000))
 
 

@@ -24,7 +24,9 @@ class SmallImage:
 
 def small_image() -> SmallImage:
     """Build a one-layer image with random content (not runnable)."""
-    config = Blob(MEDIA_TYPE_OCI_CONFIG, canonical_json({"random": os.urandom(8).hex()}))
+    config = Blob(
+        MEDIA_TYPE_OCI_CONFIG, canonical_json({"random": os.urandom(8).hex()})
+    )
     layer = Blob(MEDIA_TYPE_OCI_LAYER_GZIP, os.urandom(4096))
     manifest = Blob(
         MEDIA_TYPE_OCI_MANIFEST,

@@ -8,6 +8,7 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute
+from starlette.types import Lifespan
 
 from moorage.api import health, metrics, token
 from moorage.api.errors import (
@@ -57,9 +58,12 @@ async def _http_error(request: Request, error: Exception) -> Response:
     )
 
 
-def create_app(services: Services) -> Starlette:
+def create_app(
+    services: Services, lifespan: Lifespan[Starlette] | None = None
+) -> Starlette:
     return Starlette(
         routes=build_routes(services),
+        lifespan=lifespan,
         middleware=[Middleware(RequestMiddleware, observer=RequestObserver(services))],
         exception_handlers={
             MoorageError: handle_domain_error,

@@ -38,6 +38,15 @@ ROUTE_ACTIONS: dict[tuple[str, str], str] = {
     ("cancel", "DELETE"): actions.UPLOAD_CANCEL,
     ("issue_token", "GET"): actions.TOKEN_ISSUE,
 }
+# Actions whose events carry the bytes of content moved.
+_CONTENT_ACTIONS = {
+    actions.MANIFEST_PULL,
+    actions.BLOB_PULL,
+    actions.MANIFEST_PUSH,
+    actions.UPLOAD_START,
+    actions.UPLOAD_APPEND,
+    actions.BLOB_PUSH,
+}
 # Blob downloads are linked to the newest manifest pull by the same account in
 # the same repository; this many (account, repository) pairs are remembered.
 _PULL_LINKS = 50_000
@@ -126,7 +135,10 @@ class RequestObserver:
             base,
             action=_refine(action, state),
             outcome=SUCCESS if ok else FAILURE,
-            reason=None if ok else str(state.get("error_code") or finished.status),
+            reason=base.reason
+            if ok
+            else str(state.get("error_code") or finished.status),
+            bytes=base.bytes if action in _CONTENT_ACTIONS else None,
         )
         key = (event.actor_account or "", event.repository or "")
         if action == actions.MANIFEST_PULL and ok:

@@ -193,7 +193,12 @@ class DatabaseAuditLog:
         return seq
 
     async def close(self) -> None:
-        """Write every queued event, sign a last checkpoint, then stop the sinks."""
+        """Write every queued event, sign a last checkpoint, then stop the sinks.
+
+        Calling it again does nothing.
+        """
+        if self._closing:
+            return
         self._closing = True
         if self._writer is not None:
             await self._queue.join()

@@ -32,7 +32,9 @@ from moorage.services import Services
 audit_app: typer.Typer = typer.Typer(
     help="List, verify, export and archive the audit trail.", no_args_is_help=True
 )
-usage_app: typer.Typer = typer.Typer(help="Report usage per customer.", no_args_is_help=True)
+usage_app: typer.Typer = typer.Typer(
+    help="Report usage per customer.", no_args_is_help=True
+)
 
 CustomerOption = Annotated[str | None, typer.Option(help="Customer (its short name).")]
 AccountOption = Annotated[str | None, typer.Option(help="Account login.")]
