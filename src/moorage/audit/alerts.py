@@ -192,7 +192,7 @@ class AlertPublisher:
             request_id=alert.request_id,
         )
         if self._webhook is not None:
-            self._webhook.put({"alert": event_dict(alert)})
+            self._webhook.put(event_dict(alert))
         task = asyncio.get_running_loop().create_task(self._record(alert))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

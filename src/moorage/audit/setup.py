@@ -33,7 +33,7 @@ def open_audit_log(
         audit.sinks.append(WebhookSender(settings.audit_webhook_url))
     audit.observers.extend(observers)
     alert_webhook = (
-        WebhookSender(settings.alert_webhook_url)
+        WebhookSender(settings.alert_webhook_url, envelope="alerts")
         if settings.alert_webhook_url
         else None
     )

@@ -194,7 +194,8 @@ class SyslogSink(_QueuedSender):
 
 
 class WebhookSender(_QueuedSender):
-    """POSTs JSON to a URL: `{"events": [...]}` batches, retried with backoff.
+    """POSTs JSON batches to a URL, `{"events": [...]}` (or another envelope key),
+    retried with exponential backoff.
 
     A batch that still fails after `attempts` tries is dropped and logged.
     """
@@ -208,9 +209,11 @@ class WebhookSender(_QueuedSender):
         attempts: int = 5,
         timeout: float = 10,
         first_delay: float = 0.5,
+        envelope: str = "events",
     ) -> None:
         super().__init__(capacity, batch_size=100)
         self.url = url
+        self.envelope = envelope
         self.attempts = attempts
         self.first_delay = first_delay
         self._client = httpx.AsyncClient(timeout=timeout)
@@ -223,7 +226,9 @@ class WebhookSender(_QueuedSender):
         delay = self.first_delay
         for attempt in range(1, self.attempts + 1):
             try:
-                response = await self._client.post(self.url, json={"events": batch})
+                response = await self._client.post(
+                    self.url, json={self.envelope: batch}
+                )
                 if response.status_code < 300:
                     return
                 problem = f"HTTP {response.status_code}"
