@@ -57,9 +57,9 @@ def _warned(server: ServerProcess, kind: str, account: str) -> bool:
         if '"alert"' not in line:
             continue
         record = json.loads(line)
-        if record.get("event") == "alert" and record.get("kind") == kind:
-            if record.get("subject") == account and record.get("level") == "warning":
-                return True
+        expected = {"event": "alert", "kind": kind, "subject": account}
+        if all(record.get(key) == value for key, value in expected.items()):
+            return record.get("level") == "warning"
     return False
 
 

@@ -134,7 +134,7 @@ def test_token_issue_event(server: ServerProcess, writer: tuple[str, str, str]) 
 def test_failed_logins_recorded(
     server: ServerProcess, writer: tuple[str, str, str]
 ) -> None:
-    """Wrong passwords at /v2/ and /token are failures with a reason; no secret stored."""
+    """Wrong passwords at /v2/ and /token are failures with a reason, no secret."""
     _, login, _ = writer
     bad = "wrong-password-value-1"
     assert httpx.get(f"{server.url}/v2/", auth=(login, bad)).status_code == 401
