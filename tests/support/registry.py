@@ -22,12 +22,12 @@ class SmallImage:
     manifest: Blob
 
 
-def small_image() -> SmallImage:
+def small_image(layer_size: int = 4096) -> SmallImage:
     """Build a one-layer image with random content (not runnable)."""
     config = Blob(
         MEDIA_TYPE_OCI_CONFIG, canonical_json({"random": os.urandom(8).hex()})
     )
-    layer = Blob(MEDIA_TYPE_OCI_LAYER_GZIP, os.urandom(4096))
+    layer = Blob(MEDIA_TYPE_OCI_LAYER_GZIP, os.urandom(layer_size))
     manifest = Blob(
         MEDIA_TYPE_OCI_MANIFEST,
         canonical_json(

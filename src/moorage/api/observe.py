@@ -2,9 +2,9 @@
 
 The request middleware calls `RequestObserver.observe` once per request, after
 the response has been sent. Handlers and the request guard leave what the
-observer needs in the request state: the caller, the repository, reference and
-digest, the bytes received, the error code, and `auth` (an `AuthAttempt`) or
-`denied` (a reason) when authentication or authorization decided the outcome.
+observer needs in the request state. That is the caller, the repository,
+reference and digest, the bytes received and the error code. The guard adds
+`auth` (an `AuthAttempt`) and, when it denies access, `denied` (the reason).
 Only queueing happens here; the audit writer does the database work later.
 """
 

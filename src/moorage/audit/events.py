@@ -1,7 +1,7 @@
 """Audit events, their actions, and the hash that chains them.
 
 Each stored event's hash is the SHA-256 of a canonical JSON document (sorted
-keys, no spaces, UTF-8) that holds every field of the event, its sequence
+keys, no spaces, UTF-8) that contains every field of the event, its sequence
 number and the previous event's hash. Changing, removing or moving any event
 therefore changes every hash after it.
 """

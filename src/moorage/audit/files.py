@@ -109,7 +109,8 @@ def verify_export(
     if not events:
         return Verification()
     start = int(first_seq) if first_seq is not None else events[0].seq
-    checker = ChainChecker(start - 1, events[0].prev_hash)
+    keep = {checkpoint.seq for checkpoint in export.checkpoints}
+    checker = ChainChecker(start - 1, events[0].prev_hash, keep)
     for stored in events:
         if not checker.add(stored):
             break

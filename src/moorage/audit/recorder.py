@@ -24,7 +24,7 @@ class Actor:
 
 
 def local_actor(tool: str = "moorage-cli") -> Actor:
-    """The operating-system user running a command on this machine."""
+    """Return the actor for the operating-system user running this process."""
     try:
         user = getpass.getuser()
     except (KeyError, OSError):

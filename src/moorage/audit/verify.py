@@ -29,10 +29,14 @@ class Verification:
 class ChainChecker:
     """Feed events in stored order; the first problem found is kept."""
 
-    def __init__(self, anchor_seq: int, anchor_hash: str) -> None:
+    def __init__(
+        self, anchor_seq: int, anchor_hash: str, keep: set[int] | None = None
+    ) -> None:
         self.result = Verification()
         self._seq = anchor_seq
         self._hash = anchor_hash
+        # Hashes of the events that checkpoints name, kept for check_checkpoints.
+        self._keep = keep if keep is not None else set()
         self._hashes: dict[int, str] = {}
         self._signed_up_to: int | None = None
 
@@ -50,7 +54,8 @@ class ChainChecker:
         self.result.events += 1
         self.result.last_seq = stored.seq
         self._seq, self._hash = stored.seq, stored.hash
-        self._hashes[stored.seq] = stored.hash
+        if stored.seq in self._keep:
+            self._hashes[stored.seq] = stored.hash
         return True
 
     def _problem(self, stored: StoredEvent) -> str | None:
