@@ -4,8 +4,11 @@ Usage: python benchmarks/pull_throughput.py [--source SRC_DIR] [--seconds N]
 
 Starts a server from SRC_DIR (default: this checkout's src), pushes one image
 with a 1 MiB layer, fetches a bearer token with pull scope and runs wrk against
-the manifest and the layer. Comparing two source trees (for example main and a
-branch) gives the cost of a change. Needs wrk (Debian package `wrk`).
+the manifest and the layer. It prints requests per second and the server's CPU
+time per request (user and system, from /proc), which is steadier than
+throughput on a machine shared with other work. Comparing two source trees (for
+example main and a branch) gives the cost of a change. Needs wrk (Debian
+package `wrk`) and Linux.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -51,7 +55,14 @@ def start(source: Path, data_dir: Path, port: int) -> subprocess.Popen[bytes]:
     raise RuntimeError("server did not start")
 
 
-def wrk(url: str, token: str, seconds: int, connections: int) -> float:
+def cpu_seconds(pid: int) -> float:
+    """Return the user plus system CPU time of a process, in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wrk(url: str, token: str, seconds: int, connections: int, pid: int) -> Result:
+    cpu_before = cpu_seconds(pid)
     completed = subprocess.run(
         [
             "wrk",
@@ -68,20 +79,30 @@ def wrk(url: str, token: str, seconds: int, connections: int) -> float:
         text=True,
         check=True,
     )
-    match = re.search(r"Requests/sec:\s+([\d.]+)", completed.stdout)
-    if match is None or "Non-2xx" in completed.stdout:
+    cpu = cpu_seconds(pid) - cpu_before
+    rate = re.search(r"Requests/sec:\s+([\d.]+)", completed.stdout)
+    total = re.search(r"(\d+) requests in", completed.stdout)
+    if rate is None or total is None or "Non-2xx" in completed.stdout:
         raise RuntimeError(completed.stdout)
-    return float(match.group(1))
+    return Result(float(rate.group(1)), cpu / int(total.group(1)) * 1e6)
 
 
-def measure(source: Path, seconds: int, connections: int) -> dict[str, float]:
+@dataclass(frozen=True)
+class Result:
+    requests_per_second: float
+    cpu_microseconds_per_request: float
+
+
+def measure(source: Path, seconds: int, connections: int) -> dict[str, Result]:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory() as directory:
         process = start(source, Path(directory), port)
         try:
             image = small_image(layer_size=1024 * 1024)
-            with httpx.Client(base_url=base, auth=(ADMIN_LOGIN, ADMIN_PASSWORD)) as client:
+            with httpx.Client(
+                base_url=base, auth=(ADMIN_LOGIN, ADMIN_PASSWORD)
+            ) as client:
                 push_image(client, "bench/app", "1.0", image)
                 token = client.get(
                     "/token", params={"scope": "repository:bench/app:pull"}
@@ -89,8 +110,8 @@ def measure(source: Path, seconds: int, connections: int) -> dict[str, float]:
             manifest_url = f"{base}/v2/bench/app/manifests/1.0"
             blob_url = f"{base}/v2/bench/app/blobs/{image.layer.digest}"
             return {
-                "manifest": wrk(manifest_url, token, seconds, connections),
-                "blob": wrk(blob_url, token, seconds, connections),
+                "manifest": wrk(manifest_url, token, seconds, connections, process.pid),
+                "blob": wrk(blob_url, token, seconds, connections, process.pid),
             }
         finally:
             process.terminate()
@@ -104,10 +125,11 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=16)
     args = parser.parse_args()
     result = measure(args.source, args.seconds, args.connections)
-    print(
-        f"{args.source}: manifest GET {result['manifest']:.0f} req/s, "
-        f"blob GET {result['blob']:.0f} req/s"
-    )
+    for name, found in result.items():
+        print(
+            f"{args.source} {name} GET: {found.requests_per_second:.0f} req/s, "
+            f"{found.cpu_microseconds_per_request:.0f} us CPU per request"
+        )
 
 
 if __name__ == "__main__":

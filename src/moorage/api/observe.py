@@ -11,7 +11,7 @@ Only queueing happens here; the audit writer does the database work later.
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from starlette.requests import Request
@@ -20,7 +20,7 @@ from starlette.types import Scope
 from moorage.api.access import AuthAttempt
 from moorage.api.http import client_address
 from moorage.audit import events as actions
-from moorage.audit.events import FAILURE, SUCCESS, AuditEvent
+from moorage.audit.events import FAILURE, AuditEvent
 from moorage.services import Services
 
 # Audited requests: (route endpoint name, method) to the action recorded.
@@ -90,62 +90,42 @@ class RequestObserver:
         self, finished: FinishedRequest, route: str, method: str
     ) -> list[AuditEvent]:
         state = finished.state
-        base = self._base(finished)
+        common = self._common_fields(finished)
         found: list[AuditEvent] = []
         attempt: AuthAttempt | None = state.get("auth")
         if attempt is not None and (attempt.scheme == "basic" or attempt.failure):
-            action = (
-                actions.AUTH_LOGIN
-                if attempt.scheme == "basic"
-                else (actions.AUTH_TOKEN)
-            )
-            found.append(
-                _with(
-                    base,
-                    action=action,
-                    actor_account=attempt.login,
-                    actor_customer=base.actor_customer if not attempt.failure else None,
-                    outcome=FAILURE if attempt.failure else SUCCESS,
-                    reason=attempt.failure,
-                )
-            )
+            found.append(_auth_event(common, attempt))
             if attempt.failure:
                 return found
         denied = state.get("denied")
         if denied is None and state.get("error_code") == "DENIED":
             denied = "requested access to the resource is denied"
         if denied is not None:
-            found.append(
-                _with(
-                    base, action=actions.ACCESS_DENIED, outcome=FAILURE, reason=denied
-                )
-            )
+            fields = {**common, "outcome": FAILURE, "reason": denied}
+            found.append(AuditEvent(actions.ACCESS_DENIED, **fields))
             return found
         routed = ROUTE_ACTIONS.get((route, method))
         if routed is not None:
-            found.append(self._request_event(base, routed, finished))
+            found.append(self._request_event(common, routed, finished))
         return found
 
     def _request_event(
-        self, base: AuditEvent, action: str, finished: FinishedRequest
+        self, common: dict[str, Any], action: str, finished: FinishedRequest
     ) -> AuditEvent:
         state = finished.state
-        ok = finished.status < 400
-        event = _with(
-            base,
-            action=_refine(action, state),
-            outcome=SUCCESS if ok else FAILURE,
-            reason=base.reason
-            if ok
-            else str(state.get("error_code") or finished.status),
-            bytes=base.bytes if action in _CONTENT_ACTIONS else None,
-        )
-        key = (event.actor_account or "", event.repository or "")
-        if action == actions.MANIFEST_PULL and ok:
-            self._remember_pull(key, event.request_id or "")
+        fields = dict(common)
+        if finished.status >= 400:
+            fields["outcome"] = FAILURE
+            fields["reason"] = str(state.get("error_code") or finished.status)
+        if action in _CONTENT_ACTIONS:
+            moved = finished.bytes_sent or int(state.get("bytes_received") or 0)
+            fields["bytes"] = moved or None
+        key = (fields["actor_account"] or "", fields["repository"] or "")
+        if action == actions.MANIFEST_PULL and finished.status < 400:
+            self._remember_pull(key, fields["request_id"] or "")
         elif action == actions.BLOB_PULL:
-            event = _with(event, link=self._pulls.get(key))
-        return event
+            fields["link"] = self._pulls.get(key)
+        return AuditEvent(_refine(action, state), **fields)
 
     def _remember_pull(self, key: tuple[str, str], request_id: str) -> None:
         self._pulls.pop(key, None)
@@ -153,25 +133,32 @@ class RequestObserver:
         if len(self._pulls) > _PULL_LINKS:
             self._pulls.popitem(last=False)
 
-    def _base(self, finished: FinishedRequest) -> AuditEvent:
+    def _common_fields(self, finished: FinishedRequest) -> dict[str, Any]:
+        """Return the fields every event of this request shares."""
         state = finished.state
         caller = state.get("caller")
         request = Request(finished.scope)
         principal = caller.principal if caller is not None else None
-        moved = finished.bytes_sent or int(state.get("bytes_received") or 0)
-        return AuditEvent(
-            action="",
-            actor_account=principal.login if principal else None,
-            actor_customer=principal.customer_slug if principal else None,
-            source_address=client_address(request, self.services.trust),
-            user_agent=request.headers.get("user-agent"),
-            repository=state.get("repository"),
-            reference=state.get("reference") or state.get("upload_id"),
-            digest=state.get("digest"),
-            bytes=moved or None,
-            request_id=state.get("request_id"),
-            reason=state.get("token_scopes"),
-        )
+        return {
+            "actor_account": principal.login if principal else None,
+            "actor_customer": principal.customer_slug if principal else None,
+            "source_address": client_address(request, self.services.trust),
+            "user_agent": request.headers.get("user-agent"),
+            "repository": state.get("repository"),
+            "reference": state.get("reference") or state.get("upload_id"),
+            "digest": state.get("digest"),
+            "request_id": state.get("request_id"),
+            "reason": state.get("token_scopes"),
+        }
+
+
+def _auth_event(common: dict[str, Any], attempt: AuthAttempt) -> AuditEvent:
+    action = actions.AUTH_LOGIN if attempt.scheme == "basic" else actions.AUTH_TOKEN
+    fields = {**common, "actor_account": attempt.login, "reason": attempt.failure}
+    if attempt.failure:
+        fields["outcome"] = FAILURE
+        fields["actor_customer"] = None
+    return AuditEvent(action, **fields)
 
 
 def _refine(action: str, state: dict[str, Any]) -> str:
@@ -181,10 +168,6 @@ def _refine(action: str, state: dict[str, Any]) -> str:
     if action == actions.UPLOAD_START and state.get("bytes_received") is not None:
         return actions.BLOB_PUSH
     return action
-
-
-def _with(event: AuditEvent, **changes: Any) -> AuditEvent:
-    return replace(event, **changes)
 
 
 def _route_name(scope: Scope) -> str:

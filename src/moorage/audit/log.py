@@ -136,9 +136,11 @@ class DatabaseAuditLog:
             await self._write_with_retry(batch)
             for _ in batch:
                 self._queue.task_done()
-            await asyncio.sleep(
-                max(0.0, self.flush_seconds - (time.monotonic() - started))
-            )
+            if self._queue.qsize() < self.batch_size:
+                # Wait out the interval unless a full batch is already waiting,
+                # so a busy registry is never capped at one batch per interval.
+                elapsed = time.monotonic() - started
+                await asyncio.sleep(max(0.0, self.flush_seconds - elapsed))
 
     def _drain(self, limit: int) -> list[AuditEvent]:
         batch: list[AuditEvent] = []
