@@ -52,7 +52,7 @@ def start(source: Path, data_dir: Path, port: int) -> subprocess.Popen[bytes]:
             return process
         except httpx.TransportError:
             time.sleep(0.1)
-    raise RuntimeError("server did not start")
+    raise RuntimeError(f"server on port {port} did not start within 30 s")
 
 
 def cpu_seconds(pid: int) -> float:
