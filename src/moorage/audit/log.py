@@ -91,6 +91,8 @@ class DatabaseAuditLog:
         self.checkpoint_seconds = checkpoint_seconds
         self.sinks: list[AuditSink] = []
         self.observers: list[EventObserver] = []
+        # Public keys of every active token signing key, for verification.
+        self.public_keys: dict[str, Any] | None = None
         # Posts alerts (see moorage.audit.alerts); closed with the log.
         self.alert_webhook: Any | None = None
         self._queue: asyncio.Queue[AuditEvent] = asyncio.Queue(queue_size)
@@ -227,6 +229,9 @@ class DatabaseAuditLog:
         return await self.store.list_events(where, limit)
 
     def keys(self) -> dict[str, Any]:
+        """Return the JWKS that checks checkpoints: every active signing key."""
+        if self.public_keys is not None:
+            return self.public_keys
         return self.signer.jwks() if self.signer is not None else {"keys": []}
 
     async def verify(self) -> Verification:

@@ -31,6 +31,13 @@ def open_audit_log(
         audit.sinks.append(SyslogSink(settings.audit_syslog))
     if settings.audit_webhook_url:
         audit.sinks.append(WebhookSender(settings.audit_webhook_url))
+    audit.public_keys = {
+        "keys": [
+            key
+            for record in keys
+            for key in CheckpointSigner(record.kid, record.private_key).jwks()["keys"]
+        ]
+    }
     audit.observers.extend(observers)
     alert_webhook = (
         WebhookSender(settings.alert_webhook_url, envelope="alerts")

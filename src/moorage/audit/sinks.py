@@ -3,6 +3,10 @@
 Each sink keeps its own bounded queue and sends from a background task, so a
 slow or absent receiver never holds up the audit writer. When a queue is full
 the oldest events are dropped, counted and logged; the database keeps them all.
+
+The RFC 5424 formatter is written here because the standard library's
+SysLogHandler sends the older BSD format (RFC 3164) and a compliant message is
+one line of formatting.
 """
 
 from __future__ import annotations
