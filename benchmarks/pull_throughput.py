@@ -28,7 +28,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.support.registry import push_image, small_image  # noqa: E402
+from tests.support.oci_client import push_image, small_image  # noqa: E402
 from tests.support.server import ADMIN_LOGIN, ADMIN_PASSWORD, free_port  # noqa: E402
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 from collections.abc import AsyncIterator
+from datetime import timedelta
 
 import structlog
 import uvicorn
@@ -17,6 +19,7 @@ from moorage.api.app import create_app
 from moorage.audit.recorder import AdminRecorder, local_actor
 from moorage.audit.retention import start_retention
 from moorage.config import Settings
+from moorage.db.schema import utcnow
 from moorage.services import Services, open_services
 
 log = structlog.get_logger(__name__)
@@ -52,6 +55,7 @@ async def run_server(settings: Settings, console: Console) -> None:
             proxy_headers=False,
         )
         server = uvicorn.Server(config)
+        purger = asyncio.create_task(_purge_uploads_periodically(services))
         log.info(
             "starting",
             version=__version__,
@@ -61,12 +65,32 @@ async def run_server(settings: Settings, console: Console) -> None:
             database=settings.resolved_database_url.split("://", 1)[0],
             pid=os.getpid(),
         )
-        await server.serve()
+        try:
+            await server.serve()
+        finally:
+            purger.cancel()
     finally:
         if retention is not None:
             retention.cancel()
         await services.close()
         log.info("stopped")
+
+
+# How often stale upload sessions are looked for.
+PURGE_INTERVAL_SECONDS = 600
+
+
+async def _purge_uploads_periodically(services: Services) -> None:
+    expiry = timedelta(hours=services.settings.upload_expiry_hours)
+    while True:
+        try:
+            purged = await services.registry.purge_stale_uploads(utcnow() - expiry)
+        except Exception:
+            log.exception("purging stale uploads failed")
+        else:
+            if purged:
+                log.info("purged stale uploads", count=purged)
+        await asyncio.sleep(PURGE_INTERVAL_SECONDS)
 
 
 def _closing_lifespan(services: Services) -> Lifespan[Starlette]:

@@ -9,12 +9,12 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
-from tests.support.database import create_database, drop_database
-from tests.support.registry import pull_image, push_image, small_image
-from tests.support.server import ServerProcess
 
 from moorage import admin
 from moorage.services import Services
+from tests.support.database import create_database, drop_database
+from tests.support.oci_client import pull_image, push_image, small_image
+from tests.support.server import ServerProcess
 
 CUSTOMERS = 1000
 

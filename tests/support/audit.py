@@ -5,10 +5,9 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from tests.support.server import ServerProcess
-
 from moorage.audit.events import StoredEvent
 from moorage.db.audit_store import AuditFilter
+from tests.support.server import ServerProcess
 
 
 def audit_events(

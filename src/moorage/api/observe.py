@@ -37,7 +37,12 @@ ROUTE_ACTIONS: dict[tuple[str, str], str] = {
     ("finish", "PUT"): actions.BLOB_PUSH,
     ("cancel", "DELETE"): actions.UPLOAD_CANCEL,
     ("issue_token", "GET"): actions.TOKEN_ISSUE,
+    ("oauth_token", "POST"): actions.TOKEN_ISSUE,
+    ("set_password", "PUT"): actions.PASSWORD_CHANGE,
 }
+# AuthAttempt schemes that check a password: HTTP Basic and the OAuth2 password
+# grant. The others ("bearer", "refresh") present a token.
+_PASSWORD_SCHEMES = ("basic", "password")
 # Actions whose events carry the bytes of content moved.
 _CONTENT_ACTIONS = {
     actions.MANIFEST_PULL,
@@ -93,7 +98,10 @@ class RequestObserver:
         common = self._common_fields(finished)
         found: list[AuditEvent] = []
         attempt: AuthAttempt | None = state.get("auth")
-        if attempt is not None and (attempt.scheme == "basic" or attempt.failure):
+        # A password check is always an event; a token only when it fails.
+        if attempt is not None and (
+            attempt.scheme in _PASSWORD_SCHEMES or attempt.failure
+        ):
             found.append(_auth_event(common, attempt))
             if attempt.failure:
                 return found
@@ -153,7 +161,11 @@ class RequestObserver:
 
 
 def _auth_event(common: dict[str, Any], attempt: AuthAttempt) -> AuditEvent:
-    action = actions.AUTH_LOGIN if attempt.scheme == "basic" else actions.AUTH_TOKEN
+    action = (
+        actions.AUTH_LOGIN
+        if attempt.scheme in _PASSWORD_SCHEMES
+        else actions.AUTH_TOKEN
+    )
     fields = {**common, "actor_account": attempt.login, "reason": attempt.failure}
     if attempt.failure:
         fields["outcome"] = FAILURE

@@ -36,8 +36,23 @@ UPLOAD_APPEND = "upload.append"
 UPLOAD_CANCEL = "upload.cancel"
 # Administrative actions.
 CUSTOMER_ADD = "customer.add"
+CUSTOMER_SUSPEND = "customer.suspend"
+CUSTOMER_RESUME = "customer.resume"
 USER_ADD = "user.add"
+USER_DISABLE = "user.disable"
+USER_ENABLE = "user.enable"
 VENDOR_USER_ADD = "vendor_user.add"
+PASSWORD_CHANGE = "account.password_change"  # noqa: S105 (an action name)
+ROBOT_ADD = "robot.add"
+ROBOT_ROTATE = "robot.rotate"
+ROBOT_DISABLE = "robot.disable"
+ROBOT_ENABLE = "robot.enable"
+ROBOT_REMOVE = "robot.remove"
+PERSONAL_TOKEN_ADD = "personal_token.add"  # noqa: S105 (an action name)
+PERSONAL_TOKEN_REVOKE = "personal_token.revoke"  # noqa: S105 (an action name)
+GRANT_ADD = "grant.add"
+GRANT_REMOVE = "grant.remove"
+SIGNING_KEY_ROTATE = "signing_key.rotate"
 AUDIT_ARCHIVE = "audit.archive"
 # Alerts raised by the detectors in moorage.audit.alerts.
 ALERT_PREFIX = "alert."

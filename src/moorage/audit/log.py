@@ -159,7 +159,7 @@ class DatabaseAuditLog:
             try:
                 await self._write(batch)
                 return
-            except Exception as error:
+            except Exception as error:  # noqa: BLE001 (any database error; logged)
                 # The batch stays in memory and the queue fills up, so requests
                 # wait rather than lose their events while the database is away.
                 log.error(

@@ -74,6 +74,6 @@ class AdminRecorder:
             source_address=self.actor.source_address,
             user_agent=self.actor.user_agent,
             request_id=self.actor.request_id,
-            repository=f"{customer}/" if customer else None,
+            repository=f"{customer}/" if customer and customer != "-" else None,
             reason=reason,
         )

@@ -32,7 +32,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 customer_app = typer.Typer(help="Add and list customers.", no_args_is_help=True)
-user_app = typer.Typer(help="Add customer users.", no_args_is_help=True)
+user_app = typer.Typer(help="Manage customer users.", no_args_is_help=True)
 app.add_typer(customer_app, name="customer")
 config_app = typer.Typer(
     help="Check and document the configuration.", no_args_is_help=True
@@ -84,6 +84,17 @@ def _run(settings: Settings, action: Callable[[Services], Awaitable[T]]) -> T:
 def _recorder(services: Services) -> AdminRecorder:
     """Record a command's change in the audit trail as the local OS user."""
     return AdminRecorder(services.audit, local_actor())
+
+
+async def _audited(
+    services: Services,
+    action: str,
+    target: str,
+    customer: str | None,
+    change: Awaitable[T],
+) -> T:
+    """Await a command's change and record it (see AdminRecorder.run)."""
+    return await _recorder(services).run(action, target, change, customer)
 
 
 @app.command()
@@ -211,3 +222,7 @@ app.add_typer(usage_app, name="usage")
 
 def main() -> None:
     app()
+
+
+# Registers the account, robot, token, grant and signing-key commands.
+from moorage.cli import identity as _identity  # noqa: E402, F401

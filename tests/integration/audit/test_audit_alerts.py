@@ -7,14 +7,14 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from tests.support.audit import wait_for_events
-from tests.support.database import create_database, drop_database
-from tests.support.receivers import WebhookReceiver, wait_until
-from tests.support.server import ServerProcess
 
 from moorage.audit.events import StoredEvent
 from moorage.auth.secrets import hash_password
 from moorage.db.audit_store import AuditFilter
+from tests.support.audit import wait_for_events
+from tests.support.database import create_database, drop_database
+from tests.support.receivers import WebhookReceiver, wait_until
+from tests.support.server import ServerProcess
 
 
 @pytest.fixture(scope="module")

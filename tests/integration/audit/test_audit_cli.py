@@ -9,11 +9,11 @@ import sys
 from pathlib import Path
 
 import httpx
-from tests.support.audit import wait_for_events
-from tests.support.registry import pull_image, push_image, small_image
-from tests.support.server import ServerProcess
 
 from moorage.db.audit_store import AuditFilter
+from tests.support.audit import wait_for_events
+from tests.support.oci_client import pull_image, push_image, small_image
+from tests.support.server import ServerProcess
 
 
 def _moorage(server: ServerProcess, *arguments: str, check: bool = True) -> str:

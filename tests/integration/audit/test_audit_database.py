@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import text
-from tests.support.database import create_database, drop_database
 
 from moorage.audit.events import AuditEvent, event_hash
 from moorage.config import Settings
 from moorage.db.audit_store import AuditFilter
 from moorage.db.schema import utcnow
 from moorage.services import Services, open_services
+from tests.support.database import create_database, drop_database
 
 
 @pytest.fixture

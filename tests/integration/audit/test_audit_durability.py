@@ -11,12 +11,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-from tests.support.audit import audit_events
-from tests.support.database import create_database, drop_database
-from tests.support.registry import push_image, small_image
-from tests.support.server import ServerProcess
 
 from moorage.db.audit_store import AuditFilter
+from tests.support.audit import audit_events
+from tests.support.database import create_database, drop_database
+from tests.support.oci_client import push_image, small_image
+from tests.support.server import ServerProcess
 
 FLUSH_SECONDS = 0.5
 # Time for one audit write on a loaded test machine, on top of the interval.

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-from tests.support.database import create_database, drop_database
-from tests.support.receivers import SyslogReceiver, WebhookReceiver, wait_until
-from tests.support.server import ServerProcess
 
 from moorage.audit.events import GENESIS_HASH, AuditEvent, chain
 from moorage.audit.sinks import WebhookSender
+from tests.support.database import create_database, drop_database
+from tests.support.receivers import SyslogReceiver, WebhookReceiver, wait_until
+from tests.support.server import ServerProcess
 
 # RFC 5424: <PRI>VERSION TIMESTAMP HOSTNAME APP-NAME PROCID MSGID SD MSG
 RFC5424 = re.compile(

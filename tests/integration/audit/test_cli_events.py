@@ -11,19 +11,42 @@ from typing import Any
 
 import pytest
 import typer
-from tests.support.database import create_database, drop_database
 
 from moorage.audit.events import StoredEvent
 from moorage.cli.main import app
 from moorage.config import Settings
 from moorage.db.audit_store import AuditFilter
 from moorage.services import open_services
+from tests.support.database import create_database, drop_database
 
 # Each command that changes state, the arguments to run it with, and the action
 # it must record.
 CHANGING = {
     "customer add": (["customer", "add", "acme", "--name", "Acme"], "customer.add"),
     "user add": (["user", "add", "acme", "alice", "--role", "writer"], "user.add"),
+    "user disable": (["user", "disable", "acme", "alice"], "user.disable"),
+    "user enable": (["user", "enable", "acme", "alice"], "user.enable"),
+    "robot add": (["robot", "add", "acme", "ci"], "robot.add"),
+    "robot rotate": (["robot", "rotate", "acme", "ci"], "robot.rotate"),
+    "robot disable": (["robot", "disable", "acme", "ci"], "robot.disable"),
+    "robot enable": (["robot", "enable", "acme", "ci"], "robot.enable"),
+    "robot remove": (["robot", "remove", "acme", "ci"], "robot.remove"),
+    "token add": (
+        ["token", "add", "acme", "alice", "--name", "ci"],
+        "personal_token.add",
+    ),
+    "token revoke": (
+        ["token", "revoke", "acme", "alice", "1"],
+        "personal_token.revoke",
+    ),
+    "grant add": (["grant", "add", "acme", "products/*", "reader"], "grant.add"),
+    "grant remove": (["grant", "remove", "acme", "1"], "grant.remove"),
+    "customer suspend": (["customer", "suspend", "acme"], "customer.suspend"),
+    "customer resume": (["customer", "resume", "acme"], "customer.resume"),
+    "signing-key rotate": (
+        ["signing-key", "rotate", "--overlap", "0"],
+        "signing_key.rotate",
+    ),
     "audit archive": (["audit", "archive", "--older-than-days", "0"], "audit.archive"),
 }
 # Commands that only read (serve is covered by the request tests).
@@ -31,6 +54,11 @@ READ_ONLY = {
     "serve",
     "version",
     "customer list",
+    "user list",
+    "robot list",
+    "token list",
+    "grant list",
+    "signing-key list",
     "config check",
     "config reference",
     "audit list",

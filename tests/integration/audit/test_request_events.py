@@ -5,14 +5,14 @@ from __future__ import annotations
 import httpx
 import pytest
 from starlette.routing import Route
-from tests.support.audit import audit_events, wait_for_events
-from tests.support.registry import pull_image, push_image, small_image
-from tests.support.server import ServerProcess, unique
 
 from moorage.api.app import build_routes
 from moorage.api.observe import ROUTE_ACTIONS
 from moorage.audit.events import StoredEvent
 from moorage.db.audit_store import AuditFilter
+from tests.support.audit import audit_events, wait_for_events
+from tests.support.oci_client import pull_image, push_image, small_image
+from tests.support.server import ServerProcess, unique
 
 READ_METHODS = {"GET", "HEAD"}
 # Reads that are audited as well, because they hand out content or tokens.

@@ -8,11 +8,11 @@ import subprocess
 import sys
 
 import httpx
-from tests.support.audit import wait_for_events
-from tests.support.registry import pull_image, push_image, small_image
-from tests.support.server import ServerProcess
 
 from moorage.db.audit_store import AuditFilter
+from tests.support.audit import wait_for_events
+from tests.support.oci_client import pull_image, push_image, small_image
+from tests.support.server import ServerProcess
 
 
 def test_usage_report_csv(server: ServerProcess) -> None:
