@@ -31,7 +31,7 @@ from moorage.auth.scope import format_scope
 from moorage.auth.tokens import TokenClaims
 from moorage.config import Settings
 from moorage.db.schema import utcnow
-from moorage.errors import DeniedError, UnauthorizedError
+from moorage.errors import DeniedError, TooManyRequestsError, UnauthorizedError
 
 
 class ChallengeError(UnauthorizedError):
@@ -99,6 +99,9 @@ class RequestGuard:
             if value:
                 request.state.auth = failed_attempt(scheme, value, login, error.message)
             raise self.challenge(request, scope, error.message) from None
+        except TooManyRequestsError as error:
+            request.state.auth = AuthAttempt(scheme.lower(), login, error.message)
+            raise
         request.state.caller = caller
         request.state.auth = AuthAttempt(scheme.lower(), caller.principal.login, None)
         return caller

@@ -27,7 +27,12 @@ from moorage.api.http import client_address, read_limited
 from moorage.auth.access import Principal
 from moorage.auth.scope import Scope, format_scope, parse_scopes
 from moorage.db.schema import utcnow
-from moorage.errors import NameInvalidError, UnauthorizedError, UnsupportedError
+from moorage.errors import (
+    NameInvalidError,
+    TooManyRequestsError,
+    UnauthorizedError,
+    UnsupportedError,
+)
 from moorage.names import validate_name
 from moorage.services import Services
 
@@ -126,6 +131,9 @@ def routes(services: Services) -> list[Route]:
         except UnauthorizedError as error:
             request.state.auth = AuthAttempt("basic", login, error.message)
             raise BasicChallengeError(error.message) from None
+        except TooManyRequestsError as error:
+            request.state.auth = AuthAttempt("basic", login, error.message)
+            raise
         request.state.auth = AuthAttempt("basic", principal.login, None)
         params = request.query_params
         asked = parse_scopes(params.getlist("scope"))
@@ -142,7 +150,7 @@ def routes(services: Services) -> list[Route]:
                 principal = await authenticator.login(
                     login, form.get("password", ""), client_address(request, trust)
                 )
-            except UnauthorizedError as error:
+            except (UnauthorizedError, TooManyRequestsError) as error:
                 request.state.auth = AuthAttempt("password", login, error.message)
                 raise
             request.state.auth = AuthAttempt("password", principal.login, None)

@@ -65,13 +65,10 @@ def test_push_pull_delete_events(
         location = started.headers["Location"]
         assert client.patch(location, content=b"abc").status_code == 202
         assert client.delete(location).status_code == 204
-        manifest_digest = image.manifest.digest
-        assert (
-            client.delete(f"/v2/{repository}/blobs/{image.layer.digest}").status_code
-            == 202
-        )
-        deleted = client.delete(f"/v2/{repository}/manifests/{manifest_digest}")
-        assert deleted.status_code == 202
+        manifest_url = f"/v2/{repository}/manifests/{image.manifest.digest}"
+        assert client.delete(manifest_url).status_code == 202
+        blob_url = f"/v2/{repository}/blobs/{image.layer.digest}"
+        assert client.delete(blob_url).status_code == 202
 
     expected = [
         "blob.push",
@@ -83,8 +80,8 @@ def test_push_pull_delete_events(
         "upload.start",
         "upload.append",
         "upload.cancel",
-        "blob.delete",
         "manifest.delete",
+        "blob.delete",
     ]
     where = AuditFilter(account=login)
     found = wait_for_events(
@@ -185,3 +182,40 @@ def test_denials_recorded(server: ServerProcess, writer: tuple[str, str, str]) -
     assert [i.event.repository for i in found] == [f"{other}/app", f"{customer}/app"]
     assert found[0].event.reason == f"no pull permission on {other}/app"
     assert found[1].event.reason == f"no push permission on {customer}/app"
+
+
+def test_oauth_and_password_change_events(
+    server: ServerProcess, writer: tuple[str, str, str]
+) -> None:
+    """The OAuth2 password grant and a password change each record their event."""
+    customer, login, password = writer
+    form = {
+        "grant_type": "password",
+        "username": login,
+        "password": password,
+        "service": "moorage",
+        "scope": f"repository:{customer}/app:pull",
+    }
+    assert httpx.post(f"{server.url}/token", data=form).status_code == 200
+    bad = {**form, "password": "wrong-password-value-2"}
+    assert httpx.post(f"{server.url}/token", data=bad).status_code == 401
+    changed = httpx.put(
+        f"{server.url}/account/password",
+        json={"password": "a-new-password-for-alice-9"},
+        auth=(login, password),
+    )
+    assert changed.status_code == 204
+    expected = ["auth.login", "token.issue", "auth.login", "auth.login"]
+    expected.append("account.password_change")
+    found = wait_for_events(
+        server, AuditFilter(account=login), lambda e: len(e) >= len(expected)
+    )
+    assert _actions(found) == expected
+    assert [e.event.outcome for e in found] == [
+        "success",
+        "success",
+        "failure",
+        "success",
+        "success",
+    ]
+    assert "a-new-password-for-alice-9" not in str([e.to_dict() for e in found])
