@@ -7,6 +7,8 @@ import re
 from dataclasses import dataclass
 from datetime import datetime
 
+from moorage.audit.events import CUSTOMER_ADD, USER_ADD, VENDOR_USER_ADD
+from moorage.audit.recorder import AdminRecorder
 from moorage.auth.access import CUSTOMER_ROLES, VENDOR_ROLES
 from moorage.auth.secrets import (
     PERSONAL_TOKEN_PREFIX,
@@ -80,6 +82,22 @@ def check_password(password: str, login: str | None = None) -> str:
 
 
 async def add_customer(
+    identity: IdentityStore,
+    slug: str,
+    display_name: str,
+    access_until: datetime | None,
+    *,
+    audit: AdminRecorder | None = None,
+) -> CustomerRecord:
+    change = _create_customer(identity, slug, display_name, access_until)
+    if audit is None:
+        return await change
+    until = access_until.date().isoformat() if access_until else "none"
+    target = f"customer {slug} ({display_name}), access until {until}"
+    return await audit.run(CUSTOMER_ADD, target, change, slug)
+
+
+async def _create_customer(
     identity: IdentityStore, slug: str, display_name: str, access_until: datetime | None
 ) -> CustomerRecord:
     return await identity.create_customer(
@@ -93,8 +111,24 @@ async def add_user(
     login: str,
     role: str,
     password: str | None = None,
+    *,
+    audit: AdminRecorder | None = None,
 ) -> CreatedAccount:
     """Create a customer's user; generate a password unless one is given."""
+    change = _create_user(identity, customer_slug, login, role, password)
+    if audit is None:
+        return await change
+    target = f"user {login} of {customer_slug} as {role}"
+    return await audit.run(USER_ADD, target, change, customer_slug)
+
+
+async def _create_user(
+    identity: IdentityStore,
+    customer_slug: str,
+    login: str,
+    role: str,
+    password: str | None,
+) -> CreatedAccount:
     if role not in CUSTOMER_ROLES:
         raise InvalidInputError(
             f"invalid role {role!r}: use one of {', '.join(CUSTOMER_ROLES)}"
@@ -113,7 +147,22 @@ async def add_user(
 
 
 async def add_vendor_user(
-    identity: IdentityStore, login: str, role: str, password: str | None = None
+    identity: IdentityStore,
+    login: str,
+    role: str,
+    password: str | None = None,
+    *,
+    audit: AdminRecorder | None = None,
+) -> CreatedAccount:
+    change = _create_vendor_user(identity, login, role, password)
+    if audit is None:
+        return await change
+    target = f"vendor user {login} as {role}"
+    return await audit.run(VENDOR_USER_ADD, target, change, None)
+
+
+async def _create_vendor_user(
+    identity: IdentityStore, login: str, role: str, password: str | None
 ) -> CreatedAccount:
     if role not in VENDOR_ROLES:
         raise InvalidInputError(
@@ -132,12 +181,16 @@ async def add_vendor_user(
 
 
 async def ensure_vendor_admin(
-    identity: IdentityStore, login: str, password: str | None
+    identity: IdentityStore,
+    login: str,
+    password: str | None,
+    *,
+    audit: AdminRecorder | None = None,
 ) -> CreatedAccount | None:
     """Create the first vendor admin on a new installation; None if one exists."""
     if await identity.has_vendor_admin():
         return None
-    return await add_vendor_user(identity, login, "admin", password)
+    return await add_vendor_user(identity, login, "admin", password, audit=audit)
 
 
 def _check_role(role: str) -> str:

@@ -206,6 +206,82 @@ class Settings(BaseSettings):
     pkcs11_pin: SecretStr | None = Field(
         default=None, description="User PIN of the PKCS#11 token."
     )
+    audit_queue_size: int = Field(
+        default=10_000,
+        ge=100,
+        description=(
+            "Audit events held in memory before they are written; when full, "
+            "requests wait for the writer."
+        ),
+    )
+    audit_flush_seconds: float = Field(
+        default=0.5,
+        gt=0,
+        le=10,
+        description=(
+            "Seconds between audit writes. A crash loses at most the events of "
+            "this interval plus one write."
+        ),
+    )
+    audit_checkpoint_events: int = Field(
+        default=10_000,
+        ge=1,
+        description="Sign a checkpoint at least every this many audit events.",
+    )
+    audit_checkpoint_seconds: float = Field(
+        default=300,
+        gt=0,
+        description="Sign a checkpoint at least this often, in seconds.",
+    )
+    audit_retention_days: int | None = Field(
+        default=None,
+        ge=1,
+        description=(
+            "Archive audit events older than this many days to files, then "
+            "delete them from the database. Default: keep every event."
+        ),
+    )
+    audit_archive_dir: Path | None = Field(
+        default=None,
+        description="Directory for audit archives. Default: <data_dir>/audit-archive.",
+    )
+    audit_syslog: str | None = Field(
+        default=None,
+        description=(
+            "Forward audit events as RFC 5424 syslog messages to udp://host:port "
+            "or tcp://host:port."
+        ),
+    )
+    audit_webhook_url: str | None = Field(
+        default=None,
+        description="POST audit events as JSON batches to this URL.",
+    )
+    alert_webhook_url: str | None = Field(
+        default=None,
+        description="POST each alert as JSON to this URL.",
+    )
+    alert_failed_logins: int = Field(
+        default=10,
+        ge=1,
+        description="Failed logins per account or address that raise an alert.",
+    )
+    alert_failed_login_seconds: float = Field(
+        default=60,
+        gt=0,
+        description="Window, in seconds, in which alert_failed_logins are counted.",
+    )
+    alert_credential_addresses: int = Field(
+        default=5,
+        ge=1,
+        description=(
+            "Alert when one credential is used from more distinct addresses than "
+            "this within an hour."
+        ),
+    )
+    metrics_token: SecretStr | None = Field(
+        default=None,
+        description="When set, /metrics requires `Authorization: Bearer <token>`.",
+    )
     log_level: str = Field(default="info", description="debug, info or warning.")
     log_format: str = Field(
         default="auto",
@@ -281,6 +357,10 @@ class Settings(BaseSettings):
     @property
     def resolved_key_dir(self) -> Path:
         return self.encryption_key_dir or self.data_dir / "keys"
+
+    @property
+    def resolved_audit_archive_dir(self) -> Path:
+        return self.audit_archive_dir or self.data_dir / "audit-archive"
 
 
 def _config_file(data_dir: Path | str | None) -> Path | None:

@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
 
 import structlog
 import uvicorn
 from rich.console import Console
+from starlette.applications import Starlette
+from starlette.types import Lifespan
 
 from moorage import __version__, admin, tls
 from moorage.api.app import create_app
+from moorage.audit.recorder import AdminRecorder, local_actor
+from moorage.audit.retention import start_retention
 from moorage.config import Settings
 from moorage.db.schema import utcnow
 from moorage.services import Services, open_services
@@ -23,6 +29,8 @@ log = structlog.get_logger(__name__)
 
 async def run_server(settings: Settings, console: Console) -> None:
     services = await open_services(settings)
+    services.audit.start()
+    retention = start_retention(services.audit, settings)
     try:
         password = (
             settings.admin_password.get_secret_value()
@@ -30,13 +38,16 @@ async def run_server(settings: Settings, console: Console) -> None:
             else None
         )
         created = await admin.ensure_vendor_admin(
-            services.identity, settings.admin_username, password
+            services.identity,
+            settings.admin_username,
+            password,
+            audit=AdminRecorder(services.audit, local_actor("moorage-serve")),
         )
         if created is not None:
             _announce_admin(console, created)
         reloader = _tls_reloader(settings)
         config = uvicorn.Config(
-            _wrap_for_tls(create_app(services), reloader),
+            _wrap_for_tls(create_app(services, _closing_lifespan(services)), reloader),
             host=settings.host,
             port=settings.port,
             loop="uvloop",
@@ -74,6 +85,8 @@ async def run_server(settings: Settings, console: Console) -> None:
                 if task is not None:
                     task.cancel()
     finally:
+        if retention is not None:
+            retention.cancel()
         await services.close()
         log.info("stopped")
 
@@ -116,6 +129,23 @@ async def _purge_uploads_periodically(services: Services) -> None:
             if purged:
                 log.info("purged stale uploads", count=purged)
         await asyncio.sleep(PURGE_INTERVAL_SECONDS)
+
+
+def _closing_lifespan(services: Services) -> Lifespan[Starlette]:
+    """Write queued audit events when uvicorn shuts down.
+
+    uvicorn re-raises SIGTERM and SIGINT once it has stopped serving, which ends
+    the process before `run_server` gets to close the services, so the audit
+    log is closed here, while uvicorn still waits for the lifespan to finish.
+    """
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        yield
+        await services.audit.close()
+        log.info("audit log closed", events_written=services.audit.written)
+
+    return lifespan
 
 
 def _announce_admin(console: Console, created: admin.CreatedAccount) -> None:

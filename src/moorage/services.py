@@ -8,14 +8,18 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from moorage.api.access import RequestGuard
 from moorage.api.http import ProxyTrust
+from moorage.audit.log import DatabaseAuditLog
+from moorage.audit.setup import open_audit_log
 from moorage.auth.authenticator import Authenticator
 from moorage.auth.secrets import SECRET_HASH_KEY
 from moorage.auth.throttle import Limit, LoginThrottle, ThrottlePolicy
 from moorage.auth.tokens import TokenService
 from moorage.config import Settings
+from moorage.db.audit_store import AuditStore
 from moorage.db.engine import create_engine, migrate
 from moorage.db.identity_store import IdentityStore
 from moorage.db.registry_store import RegistryStore
+from moorage.metrics import Metrics
 from moorage.storage.drivers.filesystem import FilesystemDriver
 from moorage.storage.encryption.setup import database_codec, encrypting_layer
 from moorage.storage.registry import Registry
@@ -31,8 +35,11 @@ class Services:
     authenticator: Authenticator
     guard: RequestGuard
     trust: ProxyTrust
+    audit: DatabaseAuditLog
+    metrics: Metrics
 
     async def close(self) -> None:
+        await self.audit.close()
         await self.engine.dispose()
 
 
@@ -74,6 +81,13 @@ async def open_services(settings: Settings) -> Services:
     )
     trust = ProxyTrust(settings.trusted_proxies)
     guard = RequestGuard(authenticator, settings, trust)
+    metrics = Metrics()
+    audit = open_audit_log(
+        AuditStore(engine),
+        settings,
+        await identity.active_signing_keys(),
+        [metrics.observe_event],
+    )
     return Services(
         settings=settings,
         engine=engine,
@@ -83,4 +97,6 @@ async def open_services(settings: Settings) -> Services:
         authenticator=authenticator,
         guard=guard,
         trust=trust,
+        audit=audit,
+        metrics=metrics,
     )

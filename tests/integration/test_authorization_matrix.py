@@ -107,6 +107,7 @@ OTHER_ROUTES = {
     ("/account/password", "PUT"): "test_identity.py",
     ("/healthz", "GET"): "health checks need no login",
     ("/readyz", "GET"): "health checks need no login",
+    ("/metrics", "GET"): "test_metrics.py (no login, or metrics_token when set)",
 }
 
 

@@ -21,6 +21,7 @@ import binascii
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import jwt
 import structlog
 from starlette.requests import Request
 
@@ -31,7 +32,7 @@ from moorage.auth.scope import format_scope
 from moorage.auth.tokens import TokenClaims
 from moorage.config import Settings
 from moorage.db.schema import utcnow
-from moorage.errors import DeniedError, UnauthorizedError
+from moorage.errors import DeniedError, TooManyRequestsError, UnauthorizedError
 from moorage.tls import client_certificate_login
 
 log = structlog.get_logger(__name__)
@@ -59,6 +60,16 @@ class Caller:
 
 
 @dataclass(frozen=True, slots=True)
+class AuthAttempt:
+    """What authentication saw, for the audit trail: the scheme, the claimed
+    login, and why it failed (None on success). Never the password or token."""
+
+    scheme: str
+    login: str | None
+    failure: str | None
+
+
+@dataclass(frozen=True, slots=True)
 class Access:
     caller: Caller
     visible: bool
@@ -77,6 +88,7 @@ class RequestGuard:
         header = request.headers.get("authorization", "")
         scheme, _, value = header.partition(" ")
         certificate_login = client_certificate_login(request.scope)
+        login: str | None = None
         try:
             if scheme.lower() == "bearer" and value:
                 principal, claims = await self.authenticator.from_token(value.strip())
@@ -93,8 +105,14 @@ class RequestGuard:
                 raise UnauthorizedError("authentication required")
             check_client_certificate(self.settings, caller.principal, certificate_login)
         except UnauthorizedError as error:
+            if value:
+                request.state.auth = failed_attempt(scheme, value, login, error.message)
             raise self.challenge(request, scope, error.message) from None
+        except TooManyRequestsError as error:
+            request.state.auth = AuthAttempt(scheme.lower(), login, error.message)
+            raise
         request.state.caller = caller
+        request.state.auth = AuthAttempt(scheme.lower(), caller.principal.login, None)
         return caller
 
     async def authorize(
@@ -106,9 +124,11 @@ class RequestGuard:
         caller = await self.authenticate(request, scope)
         allowed = caller.principal.actions_on(repository, utcnow())
         if PULL not in allowed:
+            request.state.denied = f"no pull permission on {repository}"
             return Access(caller, visible=False)
         missing_rights = [action for action in wanted if action not in allowed]
         if missing_rights:
+            request.state.denied = f"no {missing_rights[0]} permission on {repository}"
             raise DeniedError(
                 f"requested access to the resource is denied: no {missing_rights[0]} "
                 f"permission on {repository}"
@@ -150,6 +170,24 @@ def check_client_certificate(
         raise UnauthorizedError(
             f"a client certificate for {principal.login} is required"
         )
+
+
+def failed_attempt(
+    scheme: str, value: str, login: str | None, reason: str
+) -> AuthAttempt:
+    """Describe a failed authentication for the audit trail.
+
+    For a bearer token whose signature was valid but whose account may no
+    longer use it (revoked, disabled, expired), the unverified subject names the
+    account; for a token that failed verification the subject is not trusted.
+    """
+    if scheme.lower() == "bearer" and not reason.startswith("invalid token"):
+        try:
+            claims = jwt.decode(value.strip(), options={"verify_signature": False})
+            login = str(claims.get("sub")) if claims.get("sub") else None
+        except jwt.PyJWTError:
+            login = None
+    return AuthAttempt(scheme.lower(), login, reason)
 
 
 def decode_basic(value: str) -> tuple[str, str]:

@@ -14,7 +14,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from moorage import admin
-from moorage.api.access import decode_basic
+from moorage.api.access import AuthAttempt, Caller, decode_basic
 from moorage.api.http import client_address, read_limited
 from moorage.api.token import BasicChallengeError
 from moorage.auth.secrets import PERSONAL_TOKEN_PREFIX
@@ -32,6 +32,7 @@ def routes(services: Services) -> list[Route]:
         scheme, _, value = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "basic" or not value:
             raise BasicChallengeError("authentication required")
+        login = None
         try:
             login, password = decode_basic(value)
             if password.startswith(PERSONAL_TOKEN_PREFIX):
@@ -40,8 +41,11 @@ def routes(services: Services) -> list[Route]:
                 login, password, client_address(request, services.trust)
             )
         except UnauthorizedError as error:
+            request.state.auth = AuthAttempt("basic", login, error.message)
             raise BasicChallengeError(error.message) from None
         request.state.subject = principal.login
+        request.state.caller = Caller(principal, None)
+        request.state.auth = AuthAttempt("basic", principal.login, None)
         new_password = _new_password(await read_limited(request, MAX_BODY_BYTES))
         account = await identity.get_account(principal.account_id)
         assert account is not None

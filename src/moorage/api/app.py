@@ -8,8 +8,9 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute
+from starlette.types import Lifespan
 
-from moorage.api import account, health, token
+from moorage.api import account, health, metrics, token
 from moorage.api.errors import (
     METHOD_NOT_ALLOWED,
     NOT_FOUND,
@@ -17,6 +18,7 @@ from moorage.api.errors import (
     handle_domain_error,
 )
 from moorage.api.middleware import RequestMiddleware
+from moorage.api.observe import RequestObserver
 from moorage.api.oci import base, blobs, catalog, manifests, referrers, tags, uploads
 from moorage.errors import MoorageError
 from moorage.services import Services
@@ -34,6 +36,7 @@ ROUTE_MODULES = (
     token,
     account,
     health,
+    metrics,
 )
 
 
@@ -56,10 +59,13 @@ async def _http_error(request: Request, error: Exception) -> Response:
     )
 
 
-def create_app(services: Services) -> Starlette:
+def create_app(
+    services: Services, lifespan: Lifespan[Starlette] | None = None
+) -> Starlette:
     return Starlette(
         routes=build_routes(services),
-        middleware=[Middleware(RequestMiddleware)],
+        lifespan=lifespan,
+        middleware=[Middleware(RequestMiddleware, observer=RequestObserver(services))],
         exception_handlers={
             MoorageError: handle_domain_error,
             HTTPException: _http_error,

@@ -12,6 +12,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from moorage.api.errors import UNKNOWN, error_body
 from moorage.api.http import API_VERSION_HEADER
+from moorage.api.observe import FinishedRequest, RequestObserver
 
 log = structlog.get_logger("moorage.request")
 
@@ -36,8 +37,9 @@ class RequestMiddleware:
     """Adds `Docker-Distribution-API-Version` and `X-Request-Id`, logs each request,
     and turns an unexpected exception into the spec's 500 UNKNOWN error."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, observer: RequestObserver | None = None) -> None:
         self.app = app
+        self.observer = observer
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -47,7 +49,7 @@ class RequestMiddleware:
         request_id = uuid.uuid4().hex
         state: dict[str, Any] = scope.setdefault("state", {})
         state["request_id"] = request_id
-        response: dict[str, Any] = {"status": None}
+        response: dict[str, Any] = {"status": None, "sent": 0}
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -56,6 +58,8 @@ class RequestMiddleware:
                 headers.append(_VERSION_HEADER)
                 headers.append((b"x-request-id", request_id.encode()))
                 message["headers"] = headers
+            elif message["type"] == "http.response.body":
+                response["sent"] += len(message.get("body", b""))
             await send(message)
 
         try:
@@ -71,6 +75,28 @@ class RequestMiddleware:
                 await _send_unknown(send_with_headers)
         finally:
             _log_request(scope, state, response["status"], started)
+            if self.observer is not None:
+                await self._observe(scope, state, response, started)
+
+    async def _observe(
+        self,
+        scope: Scope,
+        state: dict[str, Any],
+        response: dict[str, Any],
+        started: float,
+    ) -> None:
+        assert self.observer is not None
+        finished = FinishedRequest(
+            scope=scope,
+            state=state,
+            status=response["status"] or 0,
+            seconds=time.perf_counter() - started,
+            bytes_sent=response["sent"],
+        )
+        try:
+            await self.observer.observe(finished)
+        except Exception:
+            log.exception("request observer failed", request_id=state["request_id"])
 
 
 async def _send_unknown(send: Send) -> None:

@@ -22,12 +22,22 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from moorage.api.access import check_client_certificate, decode_basic
+from moorage.api.access import (
+    AuthAttempt,
+    Caller,
+    check_client_certificate,
+    decode_basic,
+)
 from moorage.api.http import client_address, read_limited
 from moorage.auth.access import Principal
-from moorage.auth.scope import Scope, parse_scopes
+from moorage.auth.scope import Scope, format_scope, parse_scopes
 from moorage.db.schema import utcnow
-from moorage.errors import NameInvalidError, UnauthorizedError, UnsupportedError
+from moorage.errors import (
+    NameInvalidError,
+    TooManyRequestsError,
+    UnauthorizedError,
+    UnsupportedError,
+)
 from moorage.names import validate_name
 from moorage.services import Services
 from moorage.tls import client_certificate_login
@@ -64,6 +74,10 @@ def granted_scopes(principal: Principal, asked: list[Scope]) -> list[Scope]:
     return granted
 
 
+def format_granted(scope: Scope) -> str:
+    return format_scope(scope.type, scope.name, sorted(scope.actions))
+
+
 async def read_form(request: Request) -> MultiDict:
     """Read an application/x-www-form-urlencoded body of at most MAX_FORM_BYTES."""
     body = await read_limited(request, MAX_FORM_BYTES)
@@ -84,7 +98,9 @@ def routes(services: Services) -> list[Route]:
         request: Request, principal: Principal, asked: list[Scope], offline: bool
     ) -> Response:
         request.state.subject = principal.login
+        request.state.caller = Caller(principal, None)
         granted = granted_scopes(principal, asked)
+        request.state.token_scopes = " ".join(map(format_granted, granted))[:500]
         issued = tokens.issue(
             principal.login,
             principal.token_generation,
@@ -111,6 +127,7 @@ def routes(services: Services) -> list[Route]:
         header = request.headers.get("authorization", "")
         scheme, _, value = header.partition(" ")
         certificate_login = client_certificate_login(request.scope)
+        login = None
         try:
             if scheme.lower() == "basic" and value:
                 login, password = decode_basic(value)
@@ -123,7 +140,13 @@ def routes(services: Services) -> list[Route]:
                 raise UnauthorizedError("authentication required")
             check_client_certificate(services.settings, principal, certificate_login)
         except UnauthorizedError as error:
+            if value or certificate_login is not None:
+                request.state.auth = AuthAttempt("basic", login, error.message)
             raise BasicChallengeError(error.message) from None
+        except TooManyRequestsError as error:
+            request.state.auth = AuthAttempt("basic", login, error.message)
+            raise
+        request.state.auth = AuthAttempt("basic", principal.login, None)
         params = request.query_params
         asked = parse_scopes(params.getlist("scope"))
         offline = params.get("offline_token", "").lower() == "true"
@@ -134,15 +157,23 @@ def routes(services: Services) -> list[Route]:
         form = await read_form(request)
         grant_type = form.get("grant_type", "")
         if grant_type == "password":
-            principal = await authenticator.login(
-                form.get("username", ""),
-                form.get("password", ""),
-                client_address(request, trust),
-            )
+            login = form.get("username", "")
+            try:
+                principal = await authenticator.login(
+                    login, form.get("password", ""), client_address(request, trust)
+                )
+            except (UnauthorizedError, TooManyRequestsError) as error:
+                request.state.auth = AuthAttempt("password", login, error.message)
+                raise
+            request.state.auth = AuthAttempt("password", principal.login, None)
         elif grant_type == "refresh_token":
-            principal = await authenticator.from_refresh_token(
-                form.get("refresh_token", "")
-            )
+            try:
+                principal = await authenticator.from_refresh_token(
+                    form.get("refresh_token", "")
+                )
+            except UnauthorizedError as error:
+                request.state.auth = AuthAttempt("refresh", None, error.message)
+                raise
         else:
             raise UnsupportedError(
                 f"unsupported grant_type {grant_type[:40]!r}: use password or "

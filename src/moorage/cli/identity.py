@@ -14,9 +14,11 @@ import typer
 from rich.table import Table
 
 from moorage import admin
+from moorage.audit import events as actions
 from moorage.auth.tokens import add_signing_key
 from moorage.cli.main import (
     DataDirOption,
+    _audited,
     _parse_date,
     _run,
     _settings,
@@ -79,7 +81,13 @@ def customer_suspend(customer: str, data_dir: DataDirOption = None) -> None:
     """Stop every login and token of a customer at once."""
     _run(
         _settings(data_dir=data_dir),
-        lambda s: admin.set_customer_active(s.identity, customer, False),
+        lambda s: _audited(
+            s,
+            actions.CUSTOMER_SUSPEND,
+            f"customer {customer}",
+            customer,
+            admin.set_customer_active(s.identity, customer, False),
+        ),
     )
     console.print(f"customer {customer} suspended; its tokens no longer work")
 
@@ -89,7 +97,13 @@ def customer_resume(customer: str, data_dir: DataDirOption = None) -> None:
     """Let a suspended customer's accounts log in again."""
     _run(
         _settings(data_dir=data_dir),
-        lambda s: admin.set_customer_active(s.identity, customer, True),
+        lambda s: _audited(
+            s,
+            actions.CUSTOMER_RESUME,
+            f"customer {customer}",
+            customer,
+            admin.set_customer_active(s.identity, customer, True),
+        ),
     )
     console.print(f"customer {customer} resumed; its accounts must log in again")
 
@@ -104,7 +118,13 @@ def user_disable(
     """Disable a user; its tokens stop working on the next request."""
     _run(
         _settings(data_dir=data_dir),
-        lambda s: admin.set_enabled(s.identity, customer, name, "user", False),
+        lambda s: _audited(
+            s,
+            actions.USER_DISABLE,
+            f"user {name} of {customer}",
+            customer,
+            admin.set_enabled(s.identity, customer, name, "user", False),
+        ),
     )
     console.print(f"user {name} disabled")
 
@@ -116,7 +136,13 @@ def user_enable(
     """Enable a disabled user again (it must log in again)."""
     _run(
         _settings(data_dir=data_dir),
-        lambda s: admin.set_enabled(s.identity, customer, name, "user", True),
+        lambda s: _audited(
+            s,
+            actions.USER_ENABLE,
+            f"user {name} of {customer}",
+            customer,
+            admin.set_enabled(s.identity, customer, name, "user", True),
+        ),
     )
     console.print(f"user {name} enabled")
 
@@ -167,7 +193,13 @@ def robot_add(
     until = parse_expiry(expires)
     created = _run(
         _settings(data_dir=data_dir),
-        lambda s: admin.add_robot(s.identity, customer, name, role, until),
+        lambda s: _audited(
+            s,
+            actions.ROBOT_ADD,
+            f"robot {name} of {customer} as {role}, expires {_when(until)}",
+            customer,
+            admin.add_robot(s.identity, customer, name, role, until),
+        ),
     )
     console.print(f"robot {created.login} added as {role}")
     assert created.password is not None
@@ -206,7 +238,13 @@ def robot_rotate(
     until = parse_expiry(expires)
     created = _run(
         _settings(data_dir=data_dir),
-        lambda s: admin.rotate_robot(s.identity, customer, name, until),
+        lambda s: _audited(
+            s,
+            actions.ROBOT_ROTATE,
+            f"robot {name} of {customer}, expires {_when(until)}",
+            customer,
+            admin.rotate_robot(s.identity, customer, name, until),
+        ),
     )
     assert created.password is not None
     _print_secret(f"new secret of {created.login}", created.password)
@@ -218,7 +256,13 @@ def robot_disable(customer: str, name: str, data_dir: DataDirOption = None) -> N
     login = admin.robot_login(customer, name)
     _run(
         _settings(data_dir=data_dir),
-        lambda s: admin.set_enabled(s.identity, customer, login, "robot", False),
+        lambda s: _audited(
+            s,
+            actions.ROBOT_DISABLE,
+            f"robot {login}",
+            customer,
+            admin.set_enabled(s.identity, customer, login, "robot", False),
+        ),
     )
     console.print(f"robot {login} disabled")
 
@@ -229,7 +273,13 @@ def robot_enable(customer: str, name: str, data_dir: DataDirOption = None) -> No
     login = admin.robot_login(customer, name)
     _run(
         _settings(data_dir=data_dir),
-        lambda s: admin.set_enabled(s.identity, customer, login, "robot", True),
+        lambda s: _audited(
+            s,
+            actions.ROBOT_ENABLE,
+            f"robot {login}",
+            customer,
+            admin.set_enabled(s.identity, customer, login, "robot", True),
+        ),
     )
     console.print(f"robot {login} enabled")
 
@@ -239,7 +289,13 @@ def robot_remove(customer: str, name: str, data_dir: DataDirOption = None) -> No
     """Delete a robot account with its grants."""
     _run(
         _settings(data_dir=data_dir),
-        lambda s: admin.remove_robot(s.identity, customer, name),
+        lambda s: _audited(
+            s,
+            actions.ROBOT_REMOVE,
+            f"robot {name} of {customer}",
+            customer,
+            admin.remove_robot(s.identity, customer, name),
+        ),
     )
     console.print(f"robot {admin.robot_login(customer, name)} removed")
 
@@ -265,8 +321,13 @@ def token_add(
     until = parse_expiry(expires)
     created = _run(
         _settings(data_dir=data_dir),
-        lambda s: admin.add_personal_token(
-            s.identity, customer, user, name, role, until
+        lambda s: _audited(
+            s,
+            actions.PERSONAL_TOKEN_ADD,
+            f"token {name!r} of {user} ({customer}), at most {role}, "
+            f"until {_when(until)}",
+            customer,
+            admin.add_personal_token(s.identity, customer, user, name, role, until),
         ),
     )
     console.print(
@@ -308,7 +369,13 @@ def token_revoke(
     """Revoke a personal access token; it stops working on the next request."""
     _run(
         _settings(data_dir=data_dir),
-        lambda s: admin.revoke_personal_token(s.identity, customer, user, token_id),
+        lambda s: _audited(
+            s,
+            actions.PERSONAL_TOKEN_REVOKE,
+            f"token {token_id} of {user} ({customer})",
+            customer,
+            admin.revoke_personal_token(s.identity, customer, user, token_id),
+        ),
     )
     console.print(f"token {token_id} revoked")
 
@@ -335,7 +402,13 @@ def grant_add(
     end = _parse_date(until)
     grant_id = _run(
         _settings(data_dir=data_dir),
-        lambda s: admin.add_grant(s.identity, customer, pattern, role, end, account),
+        lambda s: _audited(
+            s,
+            actions.GRANT_ADD,
+            f"{role} on {pattern} to {account or customer}, until {_when(end)}",
+            customer,
+            admin.add_grant(s.identity, customer, pattern, role, end, account),
+        ),
     )
     console.print(f"grant {grant_id}: {role} on {pattern} to {account or customer}")
 
@@ -364,7 +437,13 @@ def grant_remove(customer: str, grant_id: int, data_dir: DataDirOption = None) -
     """Remove a grant; access through it ends on the next request."""
     _run(
         _settings(data_dir=data_dir),
-        lambda s: admin.remove_grant(s.identity, customer, grant_id),
+        lambda s: _audited(
+            s,
+            actions.GRANT_REMOVE,
+            f"grant {grant_id} of {customer}",
+            customer,
+            admin.remove_grant(s.identity, customer, grant_id),
+        ),
     )
     console.print(f"grant {grant_id} removed")
 
@@ -389,7 +468,16 @@ def signing_key_rotate(
     if seconds < 0:
         errors.print("[red]error:[/red] --overlap must be 0 or more seconds")
         raise typer.Exit(2)
-    kid = _run(settings, lambda s: add_signing_key(s.identity, seconds, s.tokens.codec))
+    kid = _run(
+        settings,
+        lambda s: _audited(
+            s,
+            actions.SIGNING_KEY_ROTATE,
+            f"new token signing key; older keys retire in {seconds} s",
+            None,
+            add_signing_key(s.identity, seconds, s.tokens.codec),
+        ),
+    )
     console.print(f"new signing key {kid}; older keys retire in {seconds} s")
 
 

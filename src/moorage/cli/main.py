@@ -28,6 +28,7 @@ from rich.progress import (
 from rich.table import Table
 
 from moorage import admin
+from moorage.audit.recorder import AdminRecorder, local_actor
 from moorage.config import Settings, load_settings
 from moorage.db.key_store import KeyStore
 from moorage.errors import MoorageError
@@ -98,6 +99,22 @@ def _run(settings: Settings, action: Callable[[Services], Awaitable[T]]) -> T:
         raise typer.Exit(1) from None
 
 
+def _recorder(services: Services) -> AdminRecorder:
+    """Record a command's change in the audit trail as the local OS user."""
+    return AdminRecorder(services.audit, local_actor())
+
+
+async def _audited(
+    services: Services,
+    action: str,
+    target: str,
+    customer: str | None,
+    change: Awaitable[T],
+) -> T:
+    """Await a command's change and record it (see AdminRecorder.run)."""
+    return await _recorder(services).run(action, target, change, customer)
+
+
 @app.command()
 def serve(
     data_dir: DataDirOption = None,
@@ -147,7 +164,9 @@ def customer_add(
     until = _parse_date(access_until)
     customer = _run(
         _settings(data_dir=data_dir),
-        lambda s: admin.add_customer(s.identity, slug, name or slug, until),
+        lambda s: admin.add_customer(
+            s.identity, slug, name or slug, until, audit=_recorder(s)
+        ),
     )
     console.print(f"customer {customer.slug} added, with namespace {customer.slug}/")
 
@@ -186,7 +205,9 @@ def user_add(
     password = sys.stdin.readline().rstrip("\n") if password_stdin else None
     created = _run(
         _settings(data_dir=data_dir),
-        lambda s: admin.add_user(s.identity, customer, name, role, password),
+        lambda s: admin.add_user(
+            s.identity, customer, name, role, password, audit=_recorder(s)
+        ),
     )
     console.print(f"user {created.login} added to {customer} as {role}")
     if created.password is not None:
@@ -357,6 +378,13 @@ def version() -> None:
     from moorage import __version__
 
     console.print(__version__)
+
+
+# The audit and usage commands use the helpers above, so they come last.
+from moorage.cli.audit import audit_app, usage_app  # noqa: E402
+
+app.add_typer(audit_app, name="audit")
+app.add_typer(usage_app, name="usage")
 
 
 def main() -> None:

@@ -247,3 +247,69 @@ sealed_keys = Table(
     Column("wrapped", LargeBinary, nullable=False),
     Column("created_at", UTCDateTime, nullable=False, default=utcnow),
 )
+
+# The audit trail: append-only, each event hash-chained to the one before it
+# (see moorage.audit.events for the hash). Rows are only ever inserted, except
+# that retention archives the oldest ones to a file and then deletes them.
+audit_events = Table(
+    "audit_events",
+    metadata,
+    Column("seq", BigInteger, primary_key=True, autoincrement=False),
+    Column("time", UTCDateTime, nullable=False),
+    Column("actor_account", String(255), nullable=True),
+    Column("actor_customer", String(64), nullable=True),
+    Column("source_address", String(64), nullable=True),
+    Column("user_agent", String(255), nullable=True),
+    Column("action", String(64), nullable=False),
+    Column("repository", String(255), nullable=True),
+    Column("reference", String(255), nullable=True),
+    Column("digest", String(200), nullable=True),
+    Column("bytes", BigInteger, nullable=True),
+    # success or failure
+    Column("outcome", String(16), nullable=False),
+    Column("reason", String(500), nullable=True),
+    Column("request_id", String(64), nullable=True),
+    # The request id of a related event, such as the manifest pull a blob
+    # download belongs to.
+    Column("link", String(64), nullable=True),
+    Column("prev_hash", String(64), nullable=False),
+    Column("hash", String(64), nullable=False),
+    Index(None, "time"),
+    Index(None, "actor_customer", "time"),
+    Index(None, "action", "time"),
+)
+
+# One row (id 1): the newest event's sequence number and hash. Writers lock
+# this row, so events from several processes form one chain.
+audit_head = Table(
+    "audit_head",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("seq", BigInteger, nullable=False),
+    Column("hash", String(64), nullable=False),
+)
+
+# Signed statements "event `seq` has hash `hash`" (a compact ES256 JWS made
+# with the token signing key `kid`).
+audit_checkpoints = Table(
+    "audit_checkpoints",
+    metadata,
+    Column("seq", BigInteger, primary_key=True, autoincrement=False),
+    Column("hash", String(64), nullable=False),
+    Column("time", UTCDateTime, nullable=False),
+    Column("kid", String(64), nullable=False),
+    Column("signature", Text, nullable=False),
+)
+
+# Ranges of events moved to an archive file by retention; the newest row's
+# `last_seq` and `last_hash` are where the stored chain now starts.
+audit_archives = Table(
+    "audit_archives",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("first_seq", BigInteger, nullable=False),
+    Column("last_seq", BigInteger, nullable=False),
+    Column("last_hash", String(64), nullable=False),
+    Column("path", Text, nullable=False),
+    Column("created_at", UTCDateTime, nullable=False, default=utcnow),
+)

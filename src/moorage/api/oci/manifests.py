@@ -102,6 +102,7 @@ def routes(services: Services) -> list[Route]:
             name, reference, request.headers.get("content-type"), body
         )
         request.state.digest = stored.digest
+        request.state.bytes_received = len(body)
         headers = {
             "Location": f"/v2/{name}/manifests/{stored.digest}",
             "Docker-Content-Digest": stored.digest,

@@ -68,6 +68,7 @@ def routes(services: Services) -> list[Route]:
             size = await try_mount(request, access, name, mount)
             if size is not None:
                 request.state.digest = mount
+                request.state.mounted = True
                 return Response(status_code=201, headers=_blob_headers(name, mount))
         elif digest is not None:
             parse_digest(digest)
@@ -156,6 +157,7 @@ def routes(services: Services) -> list[Route]:
     async def cancel(request: Request) -> Response:
         name = repository_name(request)
         upload_id = request.path_params["upload_id"]
+        request.state.upload_id = upload_id
         await authorize_push(request, name)
         await registry.cancel_upload(name, upload_id)
         return Response(status_code=204)

@@ -1,0 +1,193 @@
+"""Turn each finished request into metrics and audit events.
+
+The request middleware calls `RequestObserver.observe` once per request, after
+the response has been sent. Handlers and the request guard leave what the
+observer needs in the request state. That is the caller, the repository,
+reference and digest, the bytes received and the error code. The guard adds
+`auth` (an `AuthAttempt`) and, when it denies access, `denied` (the reason).
+Only queueing happens here; the audit writer does the database work later.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.requests import Request
+from starlette.types import Scope
+
+from moorage.api.access import AuthAttempt
+from moorage.api.http import client_address
+from moorage.audit import events as actions
+from moorage.audit.events import FAILURE, AuditEvent
+from moorage.services import Services
+
+# Audited requests: (route endpoint name, method) to the action recorded.
+# Other requests (HEAD, tag lists, the catalog, upload status) are recorded
+# only when authentication or authorization fails.
+ROUTE_ACTIONS: dict[tuple[str, str], str] = {
+    ("get_manifest", "GET"): actions.MANIFEST_PULL,
+    ("get_blob", "GET"): actions.BLOB_PULL,
+    ("put_manifest", "PUT"): actions.MANIFEST_PUSH,
+    ("delete_manifest", "DELETE"): actions.MANIFEST_DELETE,
+    ("delete_blob", "DELETE"): actions.BLOB_DELETE,
+    ("start", "POST"): actions.UPLOAD_START,
+    ("append", "PATCH"): actions.UPLOAD_APPEND,
+    ("finish", "PUT"): actions.BLOB_PUSH,
+    ("cancel", "DELETE"): actions.UPLOAD_CANCEL,
+    ("issue_token", "GET"): actions.TOKEN_ISSUE,
+    ("oauth_token", "POST"): actions.TOKEN_ISSUE,
+    ("set_password", "PUT"): actions.PASSWORD_CHANGE,
+}
+# AuthAttempt schemes that check a password: HTTP Basic and the OAuth2 password
+# grant. The others ("bearer", "refresh") present a token.
+_PASSWORD_SCHEMES = ("basic", "password")
+# Actions whose events carry the bytes of content moved.
+_CONTENT_ACTIONS = {
+    actions.MANIFEST_PULL,
+    actions.BLOB_PULL,
+    actions.MANIFEST_PUSH,
+    actions.UPLOAD_START,
+    actions.UPLOAD_APPEND,
+    actions.BLOB_PUSH,
+}
+# Blob downloads are linked to the newest manifest pull by the same account in
+# the same repository; this many (account, repository) pairs are remembered.
+_PULL_LINKS = 50_000
+VENDOR = "vendor"
+ANONYMOUS = "anonymous"
+
+
+@dataclass(frozen=True, slots=True)
+class FinishedRequest:
+    scope: Scope
+    state: dict[str, Any]
+    status: int
+    seconds: float
+    bytes_sent: int
+
+
+class RequestObserver:
+    def __init__(self, services: Services) -> None:
+        self.services = services
+        self._pulls: OrderedDict[tuple[str, str], str] = OrderedDict()
+
+    async def observe(self, finished: FinishedRequest) -> None:
+        state = finished.state
+        route = _route_name(finished.scope)
+        method = finished.scope["method"]
+        caller = state.get("caller")
+        customer = _customer_label(caller)
+        self.services.metrics.observe_request(
+            route,
+            method,
+            finished.status,
+            finished.seconds,
+            customer,
+            finished.bytes_sent,
+            int(state.get("bytes_received") or 0),
+        )
+        for event in self._events(finished, route, method):
+            await self.services.audit.record(event)
+
+    def _events(
+        self, finished: FinishedRequest, route: str, method: str
+    ) -> list[AuditEvent]:
+        state = finished.state
+        common = self._common_fields(finished)
+        found: list[AuditEvent] = []
+        attempt: AuthAttempt | None = state.get("auth")
+        # A password check is always an event; a token only when it fails.
+        if attempt is not None and (
+            attempt.scheme in _PASSWORD_SCHEMES or attempt.failure
+        ):
+            found.append(_auth_event(common, attempt))
+            if attempt.failure:
+                return found
+        denied = state.get("denied")
+        if denied is None and state.get("error_code") == "DENIED":
+            denied = "requested access to the resource is denied"
+        if denied is not None:
+            fields = {**common, "outcome": FAILURE, "reason": denied}
+            found.append(AuditEvent(actions.ACCESS_DENIED, **fields))
+            return found
+        routed = ROUTE_ACTIONS.get((route, method))
+        if routed is not None:
+            found.append(self._request_event(common, routed, finished))
+        return found
+
+    def _request_event(
+        self, common: dict[str, Any], action: str, finished: FinishedRequest
+    ) -> AuditEvent:
+        state = finished.state
+        fields = dict(common)
+        if finished.status >= 400:
+            fields["outcome"] = FAILURE
+            fields["reason"] = str(state.get("error_code") or finished.status)
+        if action in _CONTENT_ACTIONS:
+            moved = finished.bytes_sent or int(state.get("bytes_received") or 0)
+            fields["bytes"] = moved or None
+        key = (fields["actor_account"] or "", fields["repository"] or "")
+        if action == actions.MANIFEST_PULL and finished.status < 400:
+            self._remember_pull(key, fields["request_id"] or "")
+        elif action == actions.BLOB_PULL:
+            fields["link"] = self._pulls.get(key)
+        return AuditEvent(_refine(action, state), **fields)
+
+    def _remember_pull(self, key: tuple[str, str], request_id: str) -> None:
+        self._pulls.pop(key, None)
+        self._pulls[key] = request_id
+        if len(self._pulls) > _PULL_LINKS:
+            self._pulls.popitem(last=False)
+
+    def _common_fields(self, finished: FinishedRequest) -> dict[str, Any]:
+        """Return the fields every event of this request shares."""
+        state = finished.state
+        caller = state.get("caller")
+        request = Request(finished.scope)
+        principal = caller.principal if caller is not None else None
+        return {
+            "actor_account": principal.login if principal else None,
+            "actor_customer": principal.customer_slug if principal else None,
+            "source_address": client_address(request, self.services.trust),
+            "user_agent": request.headers.get("user-agent"),
+            "repository": state.get("repository"),
+            "reference": state.get("reference") or state.get("upload_id"),
+            "digest": state.get("digest"),
+            "request_id": state.get("request_id"),
+            "reason": state.get("token_scopes"),
+        }
+
+
+def _auth_event(common: dict[str, Any], attempt: AuthAttempt) -> AuditEvent:
+    action = (
+        actions.AUTH_LOGIN
+        if attempt.scheme in _PASSWORD_SCHEMES
+        else actions.AUTH_TOKEN
+    )
+    fields = {**common, "actor_account": attempt.login, "reason": attempt.failure}
+    if attempt.failure:
+        fields["outcome"] = FAILURE
+        fields["actor_customer"] = None
+    return AuditEvent(action, **fields)
+
+
+def _refine(action: str, state: dict[str, Any]) -> str:
+    """Name what an upload POST did: a whole-blob push, a mount or a session."""
+    if action == actions.UPLOAD_START and state.get("mounted"):
+        return actions.BLOB_MOUNT
+    if action == actions.UPLOAD_START and state.get("bytes_received") is not None:
+        return actions.BLOB_PUSH
+    return action
+
+
+def _route_name(scope: Scope) -> str:
+    endpoint = scope.get("endpoint")
+    return str(getattr(endpoint, "__name__", "unmatched"))
+
+
+def _customer_label(caller: Any) -> str:
+    if caller is None:
+        return ANONYMOUS
+    return caller.principal.customer_slug or VENDOR

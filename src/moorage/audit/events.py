@@ -1,0 +1,177 @@
+"""Audit events, their actions, and the hash that chains them.
+
+Each stored event's hash is the SHA-256 of a canonical JSON document (sorted
+keys, no spaces, UTF-8) that contains every field of the event, its sequence
+number and the previous event's hash. Changing, removing or moving any event
+therefore changes every hash after it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field, fields, replace
+from datetime import UTC, datetime
+from typing import Any
+
+GENESIS_HASH = "0" * 64
+
+SUCCESS = "success"
+FAILURE = "failure"
+
+# Registry actions (recorded from requests).
+AUTH_LOGIN = "auth.login"
+AUTH_TOKEN = "auth.token"  # noqa: S105 (an action name, not a secret)
+TOKEN_ISSUE = "token.issue"  # noqa: S105 (an action name, not a secret)
+ACCESS_DENIED = "access.denied"
+MANIFEST_PULL = "manifest.pull"
+BLOB_PULL = "blob.pull"
+MANIFEST_PUSH = "manifest.push"
+BLOB_PUSH = "blob.push"
+BLOB_MOUNT = "blob.mount"
+MANIFEST_DELETE = "manifest.delete"
+BLOB_DELETE = "blob.delete"
+UPLOAD_START = "upload.start"
+UPLOAD_APPEND = "upload.append"
+UPLOAD_CANCEL = "upload.cancel"
+# Administrative actions.
+CUSTOMER_ADD = "customer.add"
+CUSTOMER_SUSPEND = "customer.suspend"
+CUSTOMER_RESUME = "customer.resume"
+USER_ADD = "user.add"
+USER_DISABLE = "user.disable"
+USER_ENABLE = "user.enable"
+VENDOR_USER_ADD = "vendor_user.add"
+PASSWORD_CHANGE = "account.password_change"  # noqa: S105 (an action name)
+ROBOT_ADD = "robot.add"
+ROBOT_ROTATE = "robot.rotate"
+ROBOT_DISABLE = "robot.disable"
+ROBOT_ENABLE = "robot.enable"
+ROBOT_REMOVE = "robot.remove"
+PERSONAL_TOKEN_ADD = "personal_token.add"  # noqa: S105 (an action name)
+PERSONAL_TOKEN_REVOKE = "personal_token.revoke"  # noqa: S105 (an action name)
+GRANT_ADD = "grant.add"
+GRANT_REMOVE = "grant.remove"
+SIGNING_KEY_ROTATE = "signing_key.rotate"
+AUDIT_ARCHIVE = "audit.archive"
+# Alerts raised by the detectors in moorage.audit.alerts.
+ALERT_PREFIX = "alert."
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEvent:
+    """One thing that happened. Never put a secret in any field."""
+
+    action: str
+    outcome: str = SUCCESS
+    time: datetime = field(default_factory=_now)
+    actor_account: str | None = None
+    actor_customer: str | None = None
+    source_address: str | None = None
+    user_agent: str | None = None
+    repository: str | None = None
+    reference: str | None = None
+    digest: str | None = None
+    bytes: int | None = None
+    reason: str | None = None
+    request_id: str | None = None
+    link: str | None = None
+
+
+EVENT_FIELDS = tuple(f.name for f in fields(AuditEvent))
+
+# Column widths of the audit_events table; longer values are cut to fit.
+_LIMITS = {
+    "actor_account": 255,
+    "actor_customer": 64,
+    "source_address": 64,
+    "user_agent": 255,
+    "repository": 255,
+    "reference": 255,
+    "digest": 200,
+    "reason": 500,
+    "request_id": 64,
+    "link": 64,
+}
+
+
+def fit(event: AuditEvent) -> AuditEvent:
+    """Return the event with its time in whole microseconds of UTC and long
+    text cut to the column widths, so that it reads back exactly as hashed."""
+    changes: dict[str, Any] = {}
+    if event.time.tzinfo is not UTC:
+        changes["time"] = event.time.astimezone(UTC)
+    for name, limit in _LIMITS.items():
+        value = getattr(event, name)
+        if value is not None and len(value) > limit:
+            changes[name] = value[:limit]
+    return replace(event, **changes) if changes else event
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEvent:
+    """An event as stored: with its place in the chain."""
+
+    seq: int
+    event: AuditEvent
+    prev_hash: str
+    hash: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "seq": self.seq,
+            **event_dict(self.event),
+            "prev_hash": self.prev_hash,
+            "hash": self.hash,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> StoredEvent:
+        values: dict[str, Any] = {name: data.get(name) for name in EVENT_FIELDS}
+        values["time"] = parse_time(str(data["time"]))
+        return cls(
+            int(data["seq"]),
+            AuditEvent(**values),
+            str(data["prev_hash"]),
+            str(data["hash"]),
+        )
+
+
+def format_time(value: datetime) -> str:
+    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def parse_time(value: str) -> datetime:
+    return datetime.fromisoformat(value.replace("Z", "+00:00")).astimezone(UTC)
+
+
+def event_dict(event: AuditEvent) -> dict[str, Any]:
+    # Plain getattr, because dataclasses.asdict deep-copies every value and
+    # costs several times more on the audit writer's path.
+    data = {name: getattr(event, name) for name in EVENT_FIELDS}
+    data["time"] = format_time(event.time)
+    return data
+
+
+def event_hash(seq: int, event: AuditEvent, prev_hash: str) -> str:
+    """Return the chain hash of an event at position `seq` after `prev_hash`."""
+    document = {"seq": seq, **event_dict(event), "prev_hash": prev_hash}
+    canonical = json.dumps(
+        document, sort_keys=True, separators=(",", ":"), ensure_ascii=False
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def chain(events: list[AuditEvent], seq: int, prev_hash: str) -> list[StoredEvent]:
+    """Chain new events after the event `seq` whose hash is `prev_hash`."""
+    stored = []
+    for event in events:
+        seq += 1
+        digest = event_hash(seq, event, prev_hash)
+        stored.append(StoredEvent(seq, event, prev_hash, digest))
+        prev_hash = digest
+    return stored

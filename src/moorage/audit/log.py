@@ -1,0 +1,361 @@
+"""The audit log: one interface, with a database implementation.
+
+Request events (pulls, pushes, logins) go through `record`, which only puts
+them on a bounded in-memory queue. A background writer appends them to the
+database in batches, at most one write per `flush_seconds`. When the queue is
+full, `record` waits, so requests slow down instead of losing events. On a
+graceful shutdown `close` writes everything still queued. A crash (SIGKILL,
+power loss) loses the events queued since the last write: at most
+`flush_seconds` plus the duration of one write, and never more than the queue
+holds.
+
+Administrative changes go through `record_now`, which writes before it
+returns. Code in `moorage.db` that makes a change can write its event in the
+same transaction with `moorage.db.audit_store.append_events`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Protocol, TextIO
+
+import structlog
+
+from moorage.audit import files
+from moorage.audit.checkpoints import Checkpoint, CheckpointSigner, CheckpointVerifier
+from moorage.audit.events import (
+    AUDIT_ARCHIVE,
+    GENESIS_HASH,
+    AuditEvent,
+    StoredEvent,
+)
+from moorage.audit.verify import ChainChecker, Verification, check_stream
+from moorage.db.audit_store import AuditFilter, AuditStore
+from moorage.db.schema import utcnow
+
+log = structlog.get_logger(__name__)
+
+
+class AuditSink(Protocol):
+    """Forwards stored events elsewhere; `publish` must return without waiting."""
+
+    def publish(self, events: Sequence[StoredEvent]) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+EventObserver = Callable[[AuditEvent], None]
+
+
+class AuditLog(Protocol):
+    async def record(self, event: AuditEvent) -> None:
+        """Queue an event; it is written in the next batch."""
+
+    async def record_now(self, event: AuditEvent) -> StoredEvent:
+        """Write an event before returning (for administrative changes)."""
+
+    async def query(self, where: AuditFilter, limit: int) -> list[StoredEvent]: ...
+
+    async def verify(self) -> Verification: ...
+
+    async def export_jsonl(self, out: TextIO, where: AuditFilter) -> int: ...
+
+    async def export_csv(self, out: TextIO, where: AuditFilter) -> int: ...
+
+
+class DatabaseAuditLog:
+    """The audit log kept in the metadata database (see the module docstring)."""
+
+    def __init__(
+        self,
+        store: AuditStore,
+        signer: CheckpointSigner | None,
+        *,
+        queue_size: int = 10_000,
+        batch_size: int = 1000,
+        flush_seconds: float = 0.5,
+        checkpoint_events: int = 10_000,
+        checkpoint_seconds: float = 300,
+    ) -> None:
+        self.store = store
+        self.signer = signer
+        self.batch_size = batch_size
+        self.flush_seconds = flush_seconds
+        self.checkpoint_events = checkpoint_events
+        self.checkpoint_seconds = checkpoint_seconds
+        self.sinks: list[AuditSink] = []
+        self.observers: list[EventObserver] = []
+        # Public keys of every active token signing key, for verification.
+        self.public_keys: dict[str, Any] | None = None
+        # Posts alerts (see moorage.audit.alerts); closed with the log.
+        self.alert_webhook: Any | None = None
+        self._queue: asyncio.Queue[AuditEvent] = asyncio.Queue(queue_size)
+        self._writer: asyncio.Task[None] | None = None
+        self._closing = False
+        self._checkpoint_at = time.monotonic()
+        self._checkpoint_seq = 0
+        self.written = 0
+
+    # Recording
+
+    def start(self) -> None:
+        """Start the background writer; without it `record` writes at once."""
+        if self._writer is None:
+            self._writer = asyncio.create_task(self._write_loop(), name="audit-writer")
+
+    async def record(self, event: AuditEvent) -> None:
+        self._observe(event)
+        if self._writer is None or self._closing:
+            await self._write([event])
+            return
+        await self._queue.put(event)
+
+    async def record_now(self, event: AuditEvent) -> StoredEvent:
+        self._observe(event)
+        return (await self._write([event]))[0]
+
+    def queue_depth(self) -> int:
+        return self._queue.qsize()
+
+    def _observe(self, event: AuditEvent) -> None:
+        for observer in self.observers:
+            try:
+                observer(event)
+            except Exception:
+                log.exception("audit observer failed", action=event.action)
+
+    async def _write_loop(self) -> None:
+        while True:
+            first = await self._queue.get()
+            started = time.monotonic()
+            batch = [first, *self._drain(self.batch_size - 1)]
+            await self._write_with_retry(batch)
+            for _ in batch:
+                self._queue.task_done()
+            if self._queue.qsize() < self.batch_size:
+                # Wait out the interval unless a full batch is already waiting,
+                # so a busy registry is never capped at one batch per interval.
+                elapsed = time.monotonic() - started
+                await asyncio.sleep(max(0.0, self.flush_seconds - elapsed))
+
+    def _drain(self, limit: int) -> list[AuditEvent]:
+        batch: list[AuditEvent] = []
+        while len(batch) < limit:
+            try:
+                batch.append(self._queue.get_nowait())
+            except asyncio.QueueEmpty:
+                break
+        return batch
+
+    async def _write_with_retry(self, batch: list[AuditEvent]) -> None:
+        delay = 0.5
+        while True:
+            try:
+                await self._write(batch)
+                return
+            except Exception as error:  # noqa: BLE001 (any database error; logged)
+                # The batch stays in memory and the queue fills up, so requests
+                # wait rather than lose their events while the database is away.
+                log.error(
+                    "audit write failed; retrying",
+                    events=len(batch),
+                    error=str(error),
+                    retry_in_seconds=delay,
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30)
+
+    async def _write(self, events: list[AuditEvent]) -> list[StoredEvent]:
+        stored = await self.store.append(events)
+        self.written += len(stored)
+        for sink in self.sinks:
+            sink.publish(stored)
+        await self._maybe_checkpoint(stored[-1])
+        return stored
+
+    async def _maybe_checkpoint(self, last: StoredEvent) -> None:
+        if self.signer is None:
+            return
+        due_by_time = time.monotonic() - self._checkpoint_at >= self.checkpoint_seconds
+        due_by_count = last.seq - self._checkpoint_seq >= self.checkpoint_events
+        if due_by_time or due_by_count:
+            await self.checkpoint()
+
+    async def checkpoint(self) -> int | None:
+        """Sign the newest event's hash now; return its seq (None when empty)."""
+        if self.signer is None:
+            return None
+        seq, head_hash = await self.store.head()
+        if seq == 0:
+            return None
+        await self.store.add_checkpoint(self.signer.sign(seq, head_hash, utcnow()))
+        self._checkpoint_at = time.monotonic()
+        self._checkpoint_seq = seq
+        return seq
+
+    async def close(self) -> None:
+        """Write every queued event, sign a last checkpoint, then stop the sinks.
+
+        Calling it again does nothing.
+        """
+        if self._closing:
+            return
+        self._closing = True
+        if self._writer is not None:
+            await self._queue.join()
+            self._writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._writer
+            self._writer = None
+        pending = self._drain(self._queue.qsize())
+        if pending:
+            await self._write(pending)
+        if self.written:
+            await self.checkpoint()
+        for sink in self.sinks:
+            await sink.close()
+        if self.alert_webhook is not None:
+            await self.alert_webhook.close()
+
+    # Reading
+
+    async def query(self, where: AuditFilter, limit: int) -> list[StoredEvent]:
+        return await self.store.list_events(where, limit)
+
+    def keys(self) -> dict[str, Any]:
+        """Return the JWKS that checks checkpoints: every active signing key."""
+        if self.public_keys is not None:
+            return self.public_keys
+        return self.signer.jwks() if self.signer is not None else {"keys": []}
+
+    async def verify(self) -> Verification:
+        """Check archives, then every stored event, the head and the checkpoints."""
+        anchor, problem = await self._verify_archives()
+        if problem is not None:
+            return problem
+        checkpoints = await self.store.checkpoints()
+        checker = ChainChecker(*anchor, keep={c.seq for c in checkpoints})
+        await check_stream(checker, self.store.iterate())
+        result = checker.finish(await self.store.head())
+        checker.check_checkpoints(checkpoints, CheckpointVerifier(self.keys()))
+        return result
+
+    async def _verify_archives(self) -> tuple[tuple[int, str], Verification | None]:
+        """Check that archive files chain into each other and into the table."""
+        seq, expected_hash = 0, GENESIS_HASH
+        for archive in await self.store.archives():
+            problem = await asyncio.to_thread(
+                _check_archive, Path(archive.path), expected_hash, archive.last_hash
+            )
+            if problem is not None:
+                failed = Verification(bad_seq=seq + 1)
+                failed.problem = problem
+                return (seq, expected_hash), failed
+            seq, expected_hash = archive.last_seq, archive.last_hash
+        return (seq, expected_hash), None
+
+    async def export_jsonl(self, out: TextIO, where: AuditFilter) -> int:
+        """Write matching events and the checkpoints among them, ending signed."""
+        await self.checkpoint()
+        # NOTE: the events are held in memory because the header names the range.
+        events = [stored async for stored in self.store.iterate(where)]
+        first = events[0].seq if events else None
+        last = events[-1].seq if events else None
+        files.write_header(out, first, last, self.keys())
+        for stored in events:
+            files.write_event(out, stored)
+        if first is not None and last is not None:
+            for checkpoint in await self._range_checkpoints(first, last, events[-1]):
+                files.write_checkpoint(out, checkpoint)
+        return len(events)
+
+    async def _range_checkpoints(
+        self, first: int, last: int, newest: StoredEvent
+    ) -> list[Checkpoint]:
+        """Return the checkpoints within a range, ending with one for its last event."""
+        checkpoints = await self.store.checkpoints(first, last)
+        if self.signer is not None and (not checkpoints or checkpoints[-1].seq != last):
+            checkpoints.append(self.signer.sign(last, newest.hash, utcnow()))
+        return checkpoints
+
+    async def export_csv(self, out: TextIO, where: AuditFilter) -> int:
+        writer = files.csv_writer(out)
+        count = 0
+        async for stored in self.store.iterate(where):
+            files.write_csv_row(writer, stored)
+            count += 1
+        return count
+
+    # Retention
+
+    async def archive(self, before: datetime, directory: Path) -> Path | None:
+        """Move events older than `before` to a file, then delete them.
+
+        The file is written and synced to disk before any row is deleted, and
+        its last hash is recorded, so `verify` still checks the whole chain.
+        """
+        last_seq = await self.store.oldest_before(before)
+        if last_seq is None:
+            return None
+        # NOTE: the archived range is held in memory while the file is written.
+        events: list[StoredEvent] = []
+        async for stored in self.store.iterate():
+            if stored.seq > last_seq:
+                break
+            events.append(stored)
+        if not events:
+            return None
+        first_seq = events[0].seq
+        checkpoints = await self._range_checkpoints(first_seq, last_seq, events[-1])
+        path = directory / f"audit-{first_seq:012d}-{last_seq:012d}.jsonl"
+        await asyncio.to_thread(_write_archive, path, events, checkpoints, self.keys())
+        removed = await self.store.remove_archived(
+            first_seq, last_seq, events[-1].hash, str(path.absolute())
+        )
+        await self.record_now(
+            AuditEvent(
+                AUDIT_ARCHIVE,
+                reason=f"archived {removed} events ({first_seq}-{last_seq}) "
+                f"to {path.name}",
+            )
+        )
+        return path
+
+
+def _check_archive(path: Path, expected_prev: str, recorded_last: str) -> str | None:
+    """Return what is wrong with one archive file, or None when it checks out."""
+    if not path.is_file():
+        return f"archive {path} is missing"
+    export = files.read_export(path)
+    result = files.verify_export(export)
+    if not result.ok:
+        return f"archive {path}: {result.problem}"
+    if not export.events or export.events[0].prev_hash != expected_prev:
+        return f"archive {path} does not continue the previous archive"
+    if files.last_hash(export.events) != recorded_last:
+        return f"archive {path} differs from the hash recorded when it was written"
+    return None
+
+
+def _write_archive(
+    path: Path,
+    events: list[StoredEvent],
+    checkpoints: list[Checkpoint],
+    keys: dict[str, Any],
+) -> None:
+    """Write an archive file and sync it to disk before any row is deleted."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as out:
+        files.write_header(out, events[0].seq, events[-1].seq, keys)
+        for stored in events:
+            files.write_event(out, stored)
+        for checkpoint in checkpoints:
+            files.write_checkpoint(out, checkpoint)
+        out.flush()
+        os.fsync(out.fileno())

@@ -1,0 +1,79 @@
+"""Record administrative changes: who made them, and whether they worked."""
+
+from __future__ import annotations
+
+import getpass
+from collections.abc import Awaitable
+from dataclasses import dataclass
+from typing import TypeVar
+
+from moorage.audit.events import FAILURE, AuditEvent
+from moorage.audit.log import AuditLog
+from moorage.errors import MoorageError
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Actor:
+    account: str | None
+    customer: str | None = None
+    source_address: str | None = None
+    user_agent: str | None = None
+    request_id: str | None = None
+
+
+def local_actor(tool: str = "moorage-cli") -> Actor:
+    """Return the actor for the operating-system user running this process."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    return Actor(account=f"os:{user}", source_address="local", user_agent=tool)
+
+
+class AdminRecorder:
+    """Writes one audit event per administrative change, before returning."""
+
+    def __init__(self, audit: AuditLog, actor: Actor) -> None:
+        self.audit = audit
+        self.actor = actor
+
+    async def run(
+        self, action: str, target: str, change: Awaitable[T], customer: str | None
+    ) -> T:
+        """Await a change and record it; a failed change is recorded and re-raised.
+
+        `target` describes what changed (for example "customer acme") and never
+        contains a secret.
+        """
+        try:
+            result = await change
+        except MoorageError as error:
+            await self.audit.record_now(
+                self._event(action, target, customer, FAILURE, error.message)
+            )
+            raise
+        await self.audit.record_now(self._event(action, target, customer))
+        return result
+
+    def _event(
+        self,
+        action: str,
+        target: str,
+        customer: str | None,
+        outcome: str = "success",
+        error: str | None = None,
+    ) -> AuditEvent:
+        reason = target if error is None else f"{target}: {error}"
+        return AuditEvent(
+            action,
+            outcome=outcome,
+            actor_account=self.actor.account,
+            actor_customer=self.actor.customer,
+            source_address=self.actor.source_address,
+            user_agent=self.actor.user_agent,
+            request_id=self.actor.request_id,
+            repository=f"{customer}/" if customer and customer != "-" else None,
+            reason=reason,
+        )

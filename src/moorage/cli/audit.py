@@ -1,0 +1,272 @@
+"""`moorage audit list|verify|export|archive` and `moorage usage report`."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated, TextIO
+
+import typer
+from rich.table import Table
+
+from moorage.audit import files
+from moorage.audit.usage import usage_report
+from moorage.audit.verify import Verification
+from moorage.cli.main import (
+    DataDirOption,
+    _parse_date,
+    _run,
+    _settings,
+    console,
+    errors,
+)
+from moorage.db.audit_store import AuditFilter
+from moorage.db.schema import utcnow
+from moorage.services import Services
+
+audit_app: typer.Typer = typer.Typer(
+    help="List, verify, export and archive the audit trail.", no_args_is_help=True
+)
+usage_app: typer.Typer = typer.Typer(
+    help="Report usage per customer.", no_args_is_help=True
+)
+
+CustomerOption = Annotated[str | None, typer.Option(help="Customer (its short name).")]
+AccountOption = Annotated[str | None, typer.Option(help="Account login.")]
+RepositoryOption = Annotated[str | None, typer.Option(help="Repository name.")]
+ActionOption = Annotated[
+    str | None,
+    typer.Option(help="Action, such as manifest.pull; a trailing * matches a prefix."),
+]
+OutcomeOption = Annotated[str | None, typer.Option(help="success, failure or alert.")]
+SourceOption = Annotated[str | None, typer.Option("--source", help="Source address.")]
+SinceOption = Annotated[
+    str | None, typer.Option(help="From this time (ISO 8601, UTC if no zone).")
+]
+UntilOption = Annotated[
+    str | None, typer.Option(help="Before this time (ISO 8601, UTC if no zone).")
+]
+
+
+def _filter(
+    customer: str | None,
+    account: str | None,
+    repository: str | None,
+    action: str | None,
+    outcome: str | None,
+    source: str | None,
+    since: str | None,
+    until: str | None,
+) -> AuditFilter:
+    return AuditFilter(
+        customer=customer,
+        account=account,
+        repository=repository,
+        action=action,
+        outcome=outcome,
+        source_address=source,
+        since=_parse_date(since),
+        until=_parse_date(until),
+    )
+
+
+@audit_app.command("list")
+def audit_list(
+    customer: CustomerOption = None,
+    account: AccountOption = None,
+    repository: RepositoryOption = None,
+    action: ActionOption = None,
+    outcome: OutcomeOption = None,
+    source: SourceOption = None,
+    since: SinceOption = None,
+    until: UntilOption = None,
+    limit: Annotated[int, typer.Option(help="Maximum number of events to show.")] = 100,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print JSON lines instead of a table.")
+    ] = False,
+    data_dir: DataDirOption = None,
+) -> None:
+    """List audit events, oldest first."""
+    where = _filter(
+        customer, account, repository, action, outcome, source, since, until
+    )
+    found = _run(_settings(data_dir=data_dir), lambda s: s.audit.query(where, limit))
+    if as_json:
+        for stored in found:
+            print(json.dumps(stored.to_dict(), separators=(",", ":")))
+        return
+    table = Table(
+        "seq", "time", "account", "customer", "source", "action", "repository",
+        "reference", "outcome", "reason",
+    )  # fmt: skip
+    for stored in found:
+        event = stored.event
+        table.add_row(
+            str(stored.seq),
+            event.time.strftime("%Y-%m-%d %H:%M:%S"),
+            event.actor_account or "-",
+            event.actor_customer or "-",
+            event.source_address or "-",
+            event.action,
+            event.repository or "-",
+            event.reference or event.digest or "-",
+            event.outcome,
+            event.reason or "",
+        )
+    console.print(table)
+
+
+@audit_app.command("verify")
+def audit_verify(
+    file: Annotated[
+        Path | None,
+        typer.Option(help="Verify this JSON lines export instead of the database."),
+    ] = None,
+    keys: Annotated[
+        Path | None,
+        typer.Option(help="JWKS file with the keys that signed the checkpoints."),
+    ] = None,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Check the hash chain and signed checkpoints; name the first bad event."""
+    if file is not None:
+        try:
+            export = files.read_export(file)
+            jwks = json.loads(keys.read_text()) if keys else None
+        except (OSError, ValueError) as error:
+            errors.print(f"[red]error:[/red] {error}")
+            raise typer.Exit(2) from None
+        result = files.verify_export(export, jwks)
+    else:
+        result = _run(_settings(data_dir=data_dir), lambda s: s.audit.verify())
+    _report_verification(result)
+
+
+def _report_verification(result: Verification) -> None:
+    if not result.ok:
+        errors.print(f"[red]audit trail verification failed:[/red] {result.problem}")
+        raise typer.Exit(1)
+    span = (
+        f"events {result.first_seq}-{result.last_seq}"
+        if result.first_seq is not None
+        else "no events"
+    )
+    console.print(
+        f"audit trail intact: {result.events} events ({span}), "
+        f"{result.checkpoints} signed checkpoints verified"
+    )
+    for warning in result.warnings:
+        console.print(f"[yellow]note:[/yellow] {warning}")
+
+
+@contextmanager
+def _output(path: Path | None) -> Iterator[TextIO]:
+    if path is None:
+        yield sys.stdout
+        return
+    with path.open("w", encoding="utf-8", newline="") as out:
+        yield out
+
+
+@audit_app.command("export")
+def audit_export(
+    output_format: Annotated[
+        str, typer.Option("--format", help="jsonl (verifiable) or csv.")
+    ] = "jsonl",
+    output: Annotated[
+        Path | None, typer.Option(help="Write to this file. Default: stdout.")
+    ] = None,
+    customer: CustomerOption = None,
+    account: AccountOption = None,
+    repository: RepositoryOption = None,
+    action: ActionOption = None,
+    outcome: OutcomeOption = None,
+    source: SourceOption = None,
+    since: SinceOption = None,
+    until: UntilOption = None,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Export events as JSON lines (with signed checkpoints) or CSV.
+
+    Only an unfiltered range (time filters alone) verifies as a chain, because
+    a filtered export leaves out events in between.
+    """
+    if output_format not in {"jsonl", "csv"}:
+        errors.print(
+            f"[red]error:[/red] invalid format {output_format!r}: use jsonl or csv"
+        )
+        raise typer.Exit(2)
+    where = _filter(
+        customer, account, repository, action, outcome, source, since, until
+    )
+
+    async def export(services: Services) -> int:
+        with _output(output) as out:
+            if output_format == "csv":
+                return await services.audit.export_csv(out, where)
+            return await services.audit.export_jsonl(out, where)
+
+    count = _run(_settings(data_dir=data_dir), export)
+    if output is not None:
+        console.print(f"{count} events written to {output}")
+
+
+@audit_app.command("archive")
+def audit_archive(
+    older_than_days: Annotated[
+        int, typer.Option("--older-than-days", min=0, help="Age in days.")
+    ],
+    directory: Annotated[
+        Path | None,
+        typer.Option("--dir", help="Archive directory. Default: audit_archive_dir."),
+    ] = None,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Move events older than the given age to a file, then delete them."""
+    settings = _settings(data_dir=data_dir)
+    target = directory or settings.resolved_audit_archive_dir
+    cutoff = utcnow() - timedelta(days=older_than_days)
+    path = _run(settings, lambda s: s.audit.archive(cutoff, target))
+    if path is None:
+        console.print("no events old enough to archive")
+    else:
+        console.print(f"archived to {path}")
+
+
+@usage_app.command("report")
+def usage_report_command(
+    since: SinceOption = None,
+    until: UntilOption = None,
+    as_csv: Annotated[bool, typer.Option("--csv", help="Print CSV.")] = False,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Pulls, pushes and bytes per customer per day, from the audit trail."""
+    start, end = _parse_date(since), _parse_date(until)
+    rows = _run(
+        _settings(data_dir=data_dir),
+        lambda s: usage_report(s.audit.store, start, end),
+    )
+    columns = (
+        "day",
+        "customer",
+        "pulls",
+        "blob_downloads",
+        "pushes",
+        "bytes_out",
+        "bytes_in",
+    )
+    if as_csv:
+        writer = csv.writer(sys.stdout)
+        writer.writerow(columns)
+        for row in rows:
+            writer.writerow(row.values())
+        return
+    table = Table(*columns)
+    for row in rows:
+        table.add_row(*(str(value) for value in row.values()))
+    console.print(table)

@@ -1,0 +1,310 @@
+"""Queries for the audit trail: append with the hash chain, read, archive."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Select, delete, func, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from moorage.audit.checkpoints import Checkpoint
+from moorage.audit.events import (
+    EVENT_FIELDS,
+    AuditEvent,
+    StoredEvent,
+    chain,
+    fit,
+)
+from moorage.db.schema import (
+    audit_archives,
+    audit_checkpoints,
+    audit_events,
+    audit_head,
+    utcnow,
+)
+
+_EVENT_COLUMNS = [audit_events.c[name] for name in EVENT_FIELDS]
+
+
+@dataclass(frozen=True, slots=True)
+class AuditFilter:
+    """Conditions for listing events; None means any."""
+
+    customer: str | None = None
+    account: str | None = None
+    repository: str | None = None
+    action: str | None = None
+    outcome: str | None = None
+    source_address: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    after_seq: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ArchiveRecord:
+    first_seq: int
+    last_seq: int
+    last_hash: str
+    path: str
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRow:
+    day: str
+    customer: str | None
+    action: str
+    events: int
+    bytes: int
+
+
+def _stored(row: Any) -> StoredEvent:
+    values = dict(zip(EVENT_FIELDS, row[1:-2], strict=True))
+    return StoredEvent(row[0], AuditEvent(**values), row[-2], row[-1])
+
+
+def _event_select() -> Select[Any]:
+    return select(
+        audit_events.c.seq,
+        *_EVENT_COLUMNS,
+        audit_events.c.prev_hash,
+        audit_events.c.hash,
+    )
+
+
+async def append_events(
+    connection: AsyncConnection, events: Sequence[AuditEvent]
+) -> list[StoredEvent]:
+    """Chain and insert events in the caller's transaction.
+
+    The UPDATE of the head row comes first: it takes the write lock (SQLite) or
+    the row lock (PostgreSQL) before the head is read, so concurrent writers in
+    other processes append one after the other.
+    """
+    await connection.execute(
+        update(audit_head).where(audit_head.c.id == 1).values(seq=audit_head.c.seq)
+    )
+    head = (
+        await connection.execute(
+            select(audit_head.c.seq, audit_head.c.hash).where(audit_head.c.id == 1)
+        )
+    ).one()
+    stored = chain([fit(event) for event in events], head.seq, head.hash)
+    await connection.execute(audit_events.insert(), [_row(item) for item in stored])
+    last = stored[-1]
+    await connection.execute(
+        update(audit_head)
+        .where(audit_head.c.id == 1)
+        .values(seq=last.seq, hash=last.hash)
+    )
+    return stored
+
+
+def _row(stored: StoredEvent) -> dict[str, Any]:
+    values = {name: getattr(stored.event, name) for name in EVENT_FIELDS}
+    return {
+        "seq": stored.seq,
+        **values,
+        "prev_hash": stored.prev_hash,
+        "hash": stored.hash,
+    }
+
+
+def _conditions(query: Select[Any], where: AuditFilter) -> Select[Any]:
+    columns = audit_events.c
+    equal = {
+        columns.actor_customer: where.customer,
+        columns.actor_account: where.account,
+        columns.repository: where.repository,
+        columns.outcome: where.outcome,
+        columns.source_address: where.source_address,
+    }
+    for column, value in equal.items():
+        if value is not None:
+            query = query.where(column == value)
+    if where.action is not None:
+        if where.action.endswith("*"):
+            query = query.where(columns.action.startswith(where.action[:-1]))
+        else:
+            query = query.where(columns.action == where.action)
+    if where.since is not None:
+        query = query.where(columns.time >= where.since)
+    if where.until is not None:
+        query = query.where(columns.time < where.until)
+    if where.after_seq is not None:
+        query = query.where(columns.seq > where.after_seq)
+    return query
+
+
+class AuditStore:
+    """Reads and writes the audit tables; every method is one transaction."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+
+    async def append(self, events: Sequence[AuditEvent]) -> list[StoredEvent]:
+        if not events:
+            return []
+        async with self.engine.begin() as connection:
+            return await append_events(connection, events)
+
+    async def head(self) -> tuple[int, str]:
+        async with self.engine.connect() as connection:
+            row = (
+                await connection.execute(
+                    select(audit_head.c.seq, audit_head.c.hash).where(
+                        audit_head.c.id == 1
+                    )
+                )
+            ).one()
+        return int(row.seq), str(row.hash)
+
+    async def anchor(self) -> tuple[int, str] | None:
+        """Return the last archived event (seq, hash), where the table now starts."""
+        async with self.engine.connect() as connection:
+            row = (
+                await connection.execute(
+                    select(audit_archives.c.last_seq, audit_archives.c.last_hash)
+                    .order_by(audit_archives.c.last_seq.desc())
+                    .limit(1)
+                )
+            ).first()
+        return None if row is None else (int(row[0]), str(row[1]))
+
+    async def list_events(self, where: AuditFilter, limit: int) -> list[StoredEvent]:
+        query = _conditions(_event_select(), where)
+        query = query.order_by(audit_events.c.seq).limit(limit)
+        async with self.engine.connect() as connection:
+            return [_stored(row) for row in await connection.execute(query)]
+
+    async def iterate(
+        self, where: AuditFilter | None = None, page: int = 1000
+    ) -> AsyncIterator[StoredEvent]:
+        """Yield events in sequence order, one page per query."""
+        where = where or AuditFilter()
+        after = where.after_seq
+        while True:
+            found = await self.list_events(
+                AuditFilter(**{**_filter_dict(where), "after_seq": after}), page
+            )
+            for stored in found:
+                yield stored
+            if len(found) < page:
+                return
+            after = found[-1].seq
+
+    async def add_checkpoint(self, checkpoint: Checkpoint) -> None:
+        async with self.engine.begin() as connection:
+            exists = await connection.scalar(
+                select(audit_checkpoints.c.seq).where(
+                    audit_checkpoints.c.seq == checkpoint.seq
+                )
+            )
+            if exists is None:
+                await connection.execute(
+                    audit_checkpoints.insert().values(
+                        seq=checkpoint.seq,
+                        hash=checkpoint.hash,
+                        time=checkpoint.time,
+                        kid=checkpoint.kid,
+                        signature=checkpoint.signature,
+                    )
+                )
+
+    async def checkpoints(
+        self, first_seq: int | None = None, last_seq: int | None = None
+    ) -> list[Checkpoint]:
+        query = select(audit_checkpoints).order_by(audit_checkpoints.c.seq)
+        if first_seq is not None:
+            query = query.where(audit_checkpoints.c.seq >= first_seq)
+        if last_seq is not None:
+            query = query.where(audit_checkpoints.c.seq <= last_seq)
+        async with self.engine.connect() as connection:
+            return [Checkpoint(*row) for row in await connection.execute(query)]
+
+    async def last_checkpoint_seq(self) -> int:
+        async with self.engine.connect() as connection:
+            found = await connection.scalar(select(func.max(audit_checkpoints.c.seq)))
+        return int(found or 0)
+
+    async def oldest_before(self, before: datetime) -> int | None:
+        """Return the newest seq of the leading run of events older than `before`."""
+        async with self.engine.connect() as connection:
+            first_newer = await connection.scalar(
+                select(func.min(audit_events.c.seq)).where(
+                    audit_events.c.time >= before
+                )
+            )
+            query = select(func.max(audit_events.c.seq)).where(
+                audit_events.c.time < before
+            )
+            if first_newer is not None:
+                query = query.where(audit_events.c.seq < first_newer)
+            found = await connection.scalar(query)
+        return None if found is None else int(found)
+
+    async def remove_archived(
+        self, first_seq: int, last_seq: int, last_hash: str, path: str
+    ) -> int:
+        """Delete events up to `last_seq`, recording where the chain resumes."""
+        async with self.engine.begin() as connection:
+            await connection.execute(
+                audit_archives.insert().values(
+                    first_seq=first_seq,
+                    last_seq=last_seq,
+                    last_hash=last_hash,
+                    path=path,
+                    created_at=utcnow(),
+                )
+            )
+            await connection.execute(
+                delete(audit_checkpoints).where(audit_checkpoints.c.seq <= last_seq)
+            )
+            result = await connection.execute(
+                delete(audit_events).where(audit_events.c.seq <= last_seq)
+            )
+        return int(result.rowcount)
+
+    async def archives(self) -> list[ArchiveRecord]:
+        query = select(
+            audit_archives.c.first_seq,
+            audit_archives.c.last_seq,
+            audit_archives.c.last_hash,
+            audit_archives.c.path,
+            audit_archives.c.created_at,
+        ).order_by(audit_archives.c.last_seq)
+        async with self.engine.connect() as connection:
+            return [ArchiveRecord(*row) for row in await connection.execute(query)]
+
+    async def usage(
+        self, actions: Sequence[str], since: datetime | None, until: datetime | None
+    ) -> list[UsageRow]:
+        """Count successful events and sum their bytes per day, customer, action."""
+        day = func.date(audit_events.c.time)
+        query = (
+            select(
+                day,
+                audit_events.c.actor_customer,
+                audit_events.c.action,
+                func.count(),
+                func.coalesce(func.sum(audit_events.c.bytes), 0),
+            )
+            .where(audit_events.c.action.in_(actions))
+            .where(audit_events.c.outcome == "success")
+            .group_by(day, audit_events.c.actor_customer, audit_events.c.action)
+            .order_by(day, audit_events.c.actor_customer, audit_events.c.action)
+        )
+        query = _conditions(query, AuditFilter(since=since, until=until))
+        async with self.engine.connect() as connection:
+            return [
+                UsageRow(str(row[0]), row[1], row[2], int(row[3]), int(row[4]))
+                for row in await connection.execute(query)
+            ]
+
+
+def _filter_dict(where: AuditFilter) -> dict[str, Any]:
+    return {name: getattr(where, name) for name in AuditFilter.__slots__}

@@ -1,0 +1,209 @@
+"""The audit log on a real database: tampering, archives, concurrent writers."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+
+from moorage.audit.events import AuditEvent, event_hash
+from moorage.config import Settings
+from moorage.db.audit_store import AuditFilter
+from moorage.db.schema import utcnow
+from moorage.services import Services, open_services
+from tests.support.database import create_database, drop_database
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Iterator[Settings]:
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    url = create_database(data_dir)
+    yield Settings(data_dir=data_dir, database_url=url)
+    drop_database(url)
+
+
+@pytest.fixture
+async def services(settings: Settings) -> AsyncIterator[Services]:
+    opened = await open_services(settings)
+    yield opened
+    await opened.close()
+
+
+async def _fill(services: Services, count: int) -> None:
+    for index in range(count):
+        await services.audit.record_now(
+            AuditEvent(
+                "manifest.pull",
+                actor_account="alice",
+                actor_customer="acme",
+                repository="acme/app",
+                reference=f"v{index}",
+                bytes=index,
+            )
+        )
+
+
+async def _sql(services: Services, *statements: str) -> None:
+    async with services.engine.begin() as connection:
+        for statement in statements:
+            await connection.execute(text(statement))
+
+
+async def test_verify_intact_log(services: Services) -> None:
+    """An untouched log verifies, with its checkpoint."""
+    await _fill(services, 10)
+    await services.audit.checkpoint()
+    result = await services.audit.verify()
+    assert result.ok, result.problem
+    assert result.events == 10
+    assert result.checkpoints >= 1
+
+
+async def test_verify_names_edited_row(services: Services) -> None:
+    """Editing one column of one row makes verify name that event."""
+    await _fill(services, 10)
+    await _sql(services, "UPDATE audit_events SET bytes = 12345 WHERE seq = 5")
+    result = await services.audit.verify()
+    assert result.bad_seq == 5
+    assert "event 5 was altered" in (result.problem or "")
+
+
+async def test_verify_names_deleted_row(services: Services) -> None:
+    """Deleting one row makes verify name the missing event."""
+    await _fill(services, 10)
+    await _sql(services, "DELETE FROM audit_events WHERE seq = 6")
+    result = await services.audit.verify()
+    assert result.bad_seq == 6
+    assert "event 6 is missing" in (result.problem or "")
+
+
+async def test_verify_names_reordered_rows(services: Services) -> None:
+    """Swapping two rows' sequence numbers makes verify name the first of them."""
+    await _fill(services, 10)
+    await _sql(
+        services,
+        "UPDATE audit_events SET seq = -1 WHERE seq = 3",
+        "UPDATE audit_events SET seq = 3 WHERE seq = 4",
+        "UPDATE audit_events SET seq = 4 WHERE seq = -1",
+    )
+    result = await services.audit.verify()
+    assert result.bad_seq == 3
+    assert "event 3" in (result.problem or "")
+
+
+async def test_verify_names_deleted_last_row(services: Services) -> None:
+    """Deleting the newest row is caught by the head record."""
+    await _fill(services, 10)
+    await _sql(services, "DELETE FROM audit_events WHERE seq = 10")
+    result = await services.audit.verify()
+    assert result.bad_seq == 10
+
+
+async def test_verify_names_rewritten_tail(services: Services) -> None:
+    """A consistent rewrite of the newest event, hash and head included, still
+    contradicts the signed checkpoint."""
+    await _fill(services, 5)
+    await services.audit.checkpoint()
+    newest = (await services.audit.query(AuditFilter(after_seq=4), 1))[0]
+    forged = event_hash(5, replace(newest.event, bytes=7), newest.prev_hash)
+    async with services.engine.begin() as connection:
+        await connection.execute(
+            text("UPDATE audit_events SET bytes = 7, hash = :hash WHERE seq = 5"),
+            {"hash": forged},
+        )
+        await connection.execute(
+            text("UPDATE audit_head SET hash = :hash"), {"hash": forged}
+        )
+    result = await services.audit.verify()
+    assert result.bad_seq == 5
+    assert "signed checkpoint" in (result.problem or "")
+
+
+async def test_archive_keeps_chain_verifiable(
+    services: Services, tmp_path: Path
+) -> None:
+    """Archived events leave the table, land in a file, and the chain still verifies."""
+    for index in range(6):
+        when = utcnow() - timedelta(days=40 - index) if index < 4 else utcnow()
+        await services.audit.record_now(AuditEvent("blob.pull", time=when, bytes=index))
+    cutoff = utcnow() - timedelta(days=30)
+    path = await services.audit.archive(cutoff, tmp_path / "archive")
+    assert path is not None
+    assert path.name == "audit-000000000001-000000000004.jsonl"
+    remaining = await services.audit.query(AuditFilter(), 100)
+    assert [item.seq for item in remaining] == [5, 6, 7]
+    assert remaining[-1].event.action == "audit.archive"
+    result = await services.audit.verify()
+    assert result.ok, result.problem
+    assert result.first_seq == 5
+
+
+async def test_archive_altered_file_fails(services: Services, tmp_path: Path) -> None:
+    """An edited archive file makes verify fail."""
+    for index in range(3):
+        when = utcnow() - timedelta(days=10 - index)
+        await services.audit.record_now(AuditEvent("blob.pull", time=when, bytes=index))
+    path = await services.audit.archive(utcnow() - timedelta(days=1), tmp_path)
+    assert path is not None
+    path.write_text(path.read_text().replace('"bytes":1', '"bytes":9'))
+    result = await services.audit.verify()
+    assert not result.ok
+    assert str(path.name) in (result.problem or "")
+
+
+async def test_concurrent_writers_form_one_chain(settings: Settings) -> None:
+    """Two processes' worth of writers appending at once still form one chain."""
+    first = await open_services(settings)
+    second = await open_services(settings)
+    try:
+
+        async def write(services: Services, name: str) -> None:
+            for index in range(40):
+                await services.audit.store.append(
+                    [AuditEvent("blob.pull", actor_account=name, bytes=index)]
+                )
+
+        await asyncio.gather(write(first, "one"), write(second, "two"))
+        result = await first.audit.verify()
+        assert result.ok, result.problem
+        assert result.events == 80
+    finally:
+        await first.close()
+        await second.close()
+
+
+def test_cli_verify_names_edited_row(settings: Settings) -> None:
+    """`moorage audit verify` exits 1 and names the edited event."""
+
+    async def prepare() -> None:
+        services = await open_services(settings)
+        try:
+            await _fill(services, 8)
+            await _sql(services, "UPDATE audit_events SET reason = 'x' WHERE seq = 4")
+        finally:
+            await services.close()
+
+    asyncio.run(prepare())
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MOORAGE_")}
+    env.update(
+        MOORAGE_DATA_DIR=str(settings.data_dir),
+        MOORAGE_DATABASE_URL=settings.resolved_database_url,
+    )
+    completed = subprocess.run(
+        [sys.executable, "-m", "moorage", "audit", "verify"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert completed.returncode == 1
+    assert "event 4 was altered" in completed.stderr

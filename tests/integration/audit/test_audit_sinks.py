@@ -1,0 +1,91 @@
+"""Audit sinks: RFC 5424 syslog over UDP and TCP, and the webhook with retries."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from moorage.audit.events import GENESIS_HASH, AuditEvent, chain
+from moorage.audit.sinks import WebhookSender
+from tests.support.database import create_database, drop_database
+from tests.support.receivers import SyslogReceiver, WebhookReceiver, wait_until
+from tests.support.server import ServerProcess
+
+# RFC 5424: <PRI>VERSION TIMESTAMP HOSTNAME APP-NAME PROCID MSGID SD MSG
+RFC5424 = re.compile(
+    rb"<(?P<pri>\d{1,3})>1 (?P<time>\S+Z) (?P<host>\S+) moorage (?P<pid>\d+) "
+    rb"(?P<msgid>\S+) \[moorage@32473 (?P<sd>[^\]]*)\] \xef\xbb\xbf(?P<msg>.*)",
+    re.DOTALL,
+)
+
+
+@pytest.fixture
+def start_server(tmp_path: Path) -> Iterator[object]:
+    started: list[ServerProcess] = []
+
+    def start(**env: str) -> ServerProcess:
+        data_dir = tmp_path / f"data{len(started)}"
+        data_dir.mkdir()
+        process = ServerProcess(
+            data_dir=data_dir, database_url=create_database(data_dir)
+        )
+        process.extra_env.update(env)
+        process.start()
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.stop()
+        drop_database(process.database_url)
+
+
+@pytest.mark.parametrize("protocol", ["udp", "tcp"])
+def test_syslog_receives_events(start_server, protocol: str) -> None:  # type: ignore[no-untyped-def]
+    """A failed login reaches the syslog server as a well-formed RFC 5424 message."""
+    with SyslogReceiver(protocol) as receiver:
+        server = start_server(MOORAGE_AUDIT_SYSLOG=receiver.address)
+        response = httpx.get(f"{server.url}/v2/", auth=("nobody", "wrong-password-1"))
+        assert response.status_code == 401
+        assert wait_until(lambda: any(b"auth.login" in m for m in receiver.messages))
+    message = next(m for m in receiver.messages if b"auth.login" in m)
+    match = RFC5424.fullmatch(message)
+    assert match is not None, message
+    assert int(match["pri"]) == 13 * 8 + 4
+    assert match["msgid"] == b"auth.login"
+    body = json.loads(match["msg"])
+    assert body["actor_account"] == "nobody"
+    assert body["outcome"] == "failure"
+    assert f'hash="{body["hash"]}"'.encode() in match["sd"]
+    assert b"wrong-password-1" not in message
+
+
+def test_webhook_retries_then_delivers(start_server) -> None:  # type: ignore[no-untyped-def]
+    """The webhook sink retries after server errors and then delivers the events."""
+    with WebhookReceiver(failures=2) as receiver:
+        server = start_server(MOORAGE_AUDIT_WEBHOOK_URL=receiver.url)
+        httpx.get(f"{server.url}/v2/", auth=("nobody", "wrong-password-1"))
+
+        def delivered() -> list[str]:
+            return [e["action"] for b in receiver.bodies for e in b["events"]]
+
+        assert wait_until(lambda: "auth.login" in delivered(), timeout=15)
+    assert receiver.attempts >= 3
+    assert delivered().count("auth.login") == 1
+
+
+async def test_webhook_queue_is_bounded() -> None:
+    """With no receiver, the webhook queue keeps its capacity and counts drops."""
+    sender = WebhookSender(
+        "http://127.0.0.1:9/unreachable", capacity=5, attempts=1, first_delay=0.01
+    )
+    stored = chain([AuditEvent("blob.pull") for _ in range(50)], 0, GENESIS_HASH)
+    sender.publish(stored)
+    assert sender.depth() <= 5
+    assert sender.dropped == 45
+    await sender.close(drain_seconds=0.5)

@@ -1,0 +1,127 @@
+"""Every command that changes something records an audit event."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import typer
+
+from moorage.audit.events import StoredEvent
+from moorage.cli.main import app
+from moorage.config import Settings
+from moorage.db.audit_store import AuditFilter
+from moorage.services import open_services
+from tests.support.database import create_database, drop_database
+
+# Each command that changes state, the arguments to run it with, and the action
+# it must record.
+CHANGING = {
+    "customer add": (["customer", "add", "acme", "--name", "Acme"], "customer.add"),
+    "user add": (["user", "add", "acme", "alice", "--role", "writer"], "user.add"),
+    "user disable": (["user", "disable", "acme", "alice"], "user.disable"),
+    "user enable": (["user", "enable", "acme", "alice"], "user.enable"),
+    "robot add": (["robot", "add", "acme", "ci"], "robot.add"),
+    "robot rotate": (["robot", "rotate", "acme", "ci"], "robot.rotate"),
+    "robot disable": (["robot", "disable", "acme", "ci"], "robot.disable"),
+    "robot enable": (["robot", "enable", "acme", "ci"], "robot.enable"),
+    "robot remove": (["robot", "remove", "acme", "ci"], "robot.remove"),
+    "token add": (
+        ["token", "add", "acme", "alice", "--name", "ci"],
+        "personal_token.add",
+    ),
+    "token revoke": (
+        ["token", "revoke", "acme", "alice", "1"],
+        "personal_token.revoke",
+    ),
+    "grant add": (["grant", "add", "acme", "products/*", "reader"], "grant.add"),
+    "grant remove": (["grant", "remove", "acme", "1"], "grant.remove"),
+    "customer suspend": (["customer", "suspend", "acme"], "customer.suspend"),
+    "customer resume": (["customer", "resume", "acme"], "customer.resume"),
+    "signing-key rotate": (
+        ["signing-key", "rotate", "--overlap", "0"],
+        "signing_key.rotate",
+    ),
+    "audit archive": (["audit", "archive", "--older-than-days", "0"], "audit.archive"),
+}
+# Commands that only read (serve is covered by the request tests).
+READ_ONLY = {
+    "serve",
+    "version",
+    "customer list",
+    "user list",
+    "robot list",
+    "token list",
+    "grant list",
+    "signing-key list",
+    "config check",
+    "config reference",
+    "audit list",
+    "audit verify",
+    "audit export",
+    "usage report",
+}
+
+
+def _command_names(command: Any, prefix: str = "") -> set[str]:
+    if getattr(command, "commands", None):
+        names: set[str] = set()
+        for name, child in command.commands.items():
+            names |= _command_names(child, f"{prefix} {name}".strip())
+        return names
+    return {prefix}
+
+
+def test_every_command_is_classified() -> None:
+    """Each CLI command is listed as changing (with its action) or read-only."""
+    names = _command_names(typer.main.get_command(app))
+    assert names == set(CHANGING) | READ_ONLY
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    directory = tmp_path / "data"
+    directory.mkdir()
+    return directory
+
+
+def test_changing_commands_record_events(data_dir: Path) -> None:
+    """Running each changing command adds its action to the audit trail."""
+    url = create_database(data_dir)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MOORAGE_")}
+    env.update(MOORAGE_DATA_DIR=str(data_dir), MOORAGE_DATABASE_URL=url)
+    newest: dict[str, StoredEvent] = {}
+    try:
+        for name, (arguments, action) in CHANGING.items():
+            completed = subprocess.run(
+                [sys.executable, "-m", "moorage", *arguments],
+                env=env,
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            assert completed.returncode == 0, f"{name}: {completed.stderr}"
+            newest[name] = _events(data_dir, url)[-1]
+            assert newest[name].event.action == action, name
+        user_add = newest["user add"].event
+        assert user_add.actor_account is not None
+        assert user_add.actor_account.startswith("os:")
+        assert user_add.reason == "user alice of acme as writer"
+    finally:
+        drop_database(url)
+
+
+def _events(data_dir: Path, url: str) -> list[StoredEvent]:
+    async def read() -> list[StoredEvent]:
+        services = await open_services(Settings(data_dir=data_dir, database_url=url))
+        try:
+            return await services.audit.query(AuditFilter(), 1000)
+        finally:
+            await services.close()
+
+    return asyncio.run(read())

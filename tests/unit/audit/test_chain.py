@@ -1,0 +1,214 @@
+"""The hash chain, its checker and self-verifying export files."""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import replace
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from moorage.audit import files
+from moorage.audit.checkpoints import CheckpointSigner
+from moorage.audit.events import (
+    GENESIS_HASH,
+    AuditEvent,
+    StoredEvent,
+    chain,
+    event_hash,
+)
+from moorage.audit.verify import ChainChecker, Verification
+
+
+def _events(count: int) -> list[AuditEvent]:
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    return [
+        AuditEvent(
+            "manifest.pull",
+            time=start.replace(second=index % 60),
+            actor_account="alice",
+            actor_customer="acme",
+            repository="acme/app",
+            reference=f"v{index}",
+            bytes=100 + index,
+        )
+        for index in range(count)
+    ]
+
+
+def _check(stored: list[StoredEvent]) -> Verification:
+    checker = ChainChecker(0, GENESIS_HASH)
+    for item in stored:
+        if not checker.add(item):
+            break
+    return checker.finish((stored[-1].seq, stored[-1].hash) if stored else None)
+
+
+def _signer() -> CheckpointSigner:
+    key = ec.generate_private_key(ec.SECP256R1())
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    ).decode()
+    return CheckpointSigner("test-key", pem)
+
+
+def test_chain_intact_verifies() -> None:
+    """An untouched chain verifies and counts every event."""
+    result = _check(chain(_events(10), 0, GENESIS_HASH))
+    assert result.ok, result.problem
+    assert result.events == 10
+    assert result.last_seq == 10
+
+
+def test_hash_covers_every_field() -> None:
+    """Changing any one field of an event changes its hash."""
+    event = _events(1)[0]
+    original = event_hash(1, event, GENESIS_HASH)
+    changes = {
+        "action": "blob.pull",
+        "outcome": "failure",
+        "actor_account": "bob",
+        "actor_customer": "other",
+        "source_address": "10.0.0.1",
+        "user_agent": "curl",
+        "repository": "acme/other",
+        "reference": "v9",
+        "digest": "sha256:" + "a" * 64,
+        "bytes": 1,
+        "reason": "x",
+        "request_id": "r",
+        "link": "l",
+        "time": datetime(2027, 1, 1, tzinfo=UTC),
+    }
+    for name, value in changes.items():
+        assert (
+            event_hash(1, replace(event, **{name: value}), GENESIS_HASH) != original
+        ), name
+    assert event_hash(2, event, GENESIS_HASH) != original
+
+
+def test_chain_names_altered_event() -> None:
+    """An edited field is reported at that event."""
+    stored = chain(_events(10), 0, GENESIS_HASH)
+    stored[4] = replace(stored[4], event=replace(stored[4].event, bytes=999))
+    result = _check(stored)
+    assert result.bad_seq == 5
+    assert "event 5 was altered" in (result.problem or "")
+
+
+def test_chain_names_removed_event() -> None:
+    """A removed event is reported by its sequence number."""
+    stored = chain(_events(10), 0, GENESIS_HASH)
+    del stored[6]
+    result = _check(stored)
+    assert result.bad_seq == 7
+    assert "event 7 is missing" in (result.problem or "")
+
+
+def test_chain_names_reordered_event() -> None:
+    """Two events swapped in place (sequence numbers kept) are reported at the first."""
+    stored = chain(_events(10), 0, GENESIS_HASH)
+    third, fourth = stored[2], stored[3]
+    stored[2] = replace(fourth, seq=3)
+    stored[3] = replace(third, seq=4)
+    result = _check(stored)
+    assert result.bad_seq == 3
+
+
+def test_chain_names_rehashed_event() -> None:
+    """An edit with a recomputed hash still breaks the link to the next event."""
+    stored = chain(_events(10), 0, GENESIS_HASH)
+    edited = replace(stored[4].event, actor_account="mallory")
+    stored[4] = replace(
+        stored[4], event=edited, hash=event_hash(5, edited, stored[3].hash)
+    )
+    result = _check(stored)
+    assert result.bad_seq == 6
+    assert "does not follow event 5" in (result.problem or "")
+
+
+def test_chain_names_removed_last_event() -> None:
+    """Removing the newest event is caught by the recorded head."""
+    stored = chain(_events(5), 0, GENESIS_HASH)
+    checker = ChainChecker(0, GENESIS_HASH)
+    for item in stored[:-1]:
+        checker.add(item)
+    result = checker.finish((5, stored[-1].hash))
+    assert result.bad_seq == 5
+    assert "event 5 is missing" in (result.problem or "")
+
+
+def _export(tmp_path: Path, signer: CheckpointSigner, count: int = 20) -> Path:
+    stored = chain(_events(count), 0, GENESIS_HASH)
+    out = io.StringIO()
+    files.write_header(out, 1, count, signer.jwks())
+    for item in stored:
+        files.write_event(out, item)
+    files.write_checkpoint(out, signer.sign(10, stored[9].hash, datetime.now(UTC)))
+    files.write_checkpoint(out, signer.sign(count, stored[-1].hash, datetime.now(UTC)))
+    path = tmp_path / "export.jsonl"
+    path.write_text(out.getvalue())
+    return path
+
+
+def test_export_verifies_on_its_own(tmp_path: Path) -> None:
+    """An export with its keys and checkpoints verifies without the database."""
+    path = _export(tmp_path, _signer())
+    result = files.verify_export(files.read_export(path))
+    assert result.ok, result.problem
+    assert result.checkpoints == 2
+    assert result.warnings == []
+
+
+def test_export_rehashed_tail_fails_checkpoint(tmp_path: Path) -> None:
+    """Rewriting the last events with fresh hashes contradicts the signed checkpoint."""
+    path = _export(tmp_path, _signer())
+    lines = path.read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    events = [StoredEvent.from_dict(r) for r in records if r["type"] == "event"]
+    edited = replace(events[-1].event, bytes=1)
+    events[-1] = replace(
+        events[-1], event=edited, hash=event_hash(20, edited, events[-2].hash)
+    )
+    records[20] = {"type": "event", **events[-1].to_dict()}
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    result = files.verify_export(files.read_export(path))
+    assert result.bad_seq == 20
+    assert "signed checkpoint" in (result.problem or "")
+
+
+def test_export_forged_signature_fails(tmp_path: Path) -> None:
+    """Checkpoints signed by a key other than the trusted one are rejected."""
+    path = _export(tmp_path, _signer())
+    trusted = _signer().jwks()
+    trusted["keys"][0]["kid"] = "test-key"
+    result = files.verify_export(files.read_export(path), trusted)
+    assert not result.ok
+    assert "invalid signature" in (result.problem or "")
+
+
+def test_export_without_checkpoint_warns(tmp_path: Path) -> None:
+    """An export with no checkpoint verifies its chain but says it is unsigned."""
+    out = io.StringIO()
+    files.write_header(out, 1, 3, {"keys": []})
+    for item in chain(_events(3), 0, GENESIS_HASH):
+        files.write_event(out, item)
+    path = tmp_path / "unsigned.jsonl"
+    path.write_text(out.getvalue())
+    result = files.verify_export(files.read_export(path))
+    assert result.ok
+    assert result.warnings == ["no signed checkpoint covers these events"]
+
+
+def test_export_rejects_other_files(tmp_path: Path) -> None:
+    """A file without the export header is rejected with a clear error."""
+    path = tmp_path / "other.jsonl"
+    path.write_text('{"hello": 1}\n')
+    with pytest.raises(files.ExportFormatError, match="header"):
+        files.read_export(path)
