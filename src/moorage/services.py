@@ -13,7 +13,7 @@ from moorage.audit.setup import open_audit_log
 from moorage.auth.authenticator import Authenticator
 from moorage.auth.secrets import SECRET_HASH_KEY
 from moorage.auth.throttle import Limit, LoginThrottle, ThrottlePolicy
-from moorage.auth.tokens import TokenService
+from moorage.auth.tokens import TokenService, open_signing_key
 from moorage.config import Settings
 from moorage.db.audit_store import AuditStore
 from moorage.db.engine import create_engine, migrate
@@ -85,7 +85,10 @@ async def open_services(settings: Settings) -> Services:
     audit = open_audit_log(
         AuditStore(engine),
         settings,
-        await identity.active_signing_keys(),
+        [
+            open_signing_key(record, tokens.codec)
+            for record in await identity.active_signing_keys()
+        ],
         [metrics.observe_event],
     )
     return Services(

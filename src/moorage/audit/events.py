@@ -53,6 +53,8 @@ PERSONAL_TOKEN_REVOKE = "personal_token.revoke"  # noqa: S105 (an action name)
 GRANT_ADD = "grant.add"
 GRANT_REMOVE = "grant.remove"
 SIGNING_KEY_ROTATE = "signing_key.rotate"
+KEY_ROTATE = "key.rotate"
+KEY_REENCRYPT = "key.reencrypt"
 AUDIT_ARCHIVE = "audit.archive"
 # Alerts raised by the detectors in moorage.audit.alerts.
 ALERT_PREFIX = "alert."

@@ -100,6 +100,7 @@ class TokenService:
         self.refresh_ttl_seconds = refresh_ttl_seconds
         self._store = store
         self.codec = codec
+        self._forced_at = 0.0
         self._set_keys(keys)
 
     def _set_keys(self, keys: list[SigningKeyRecord]) -> None:
@@ -131,12 +132,20 @@ class TokenService:
         return cls(keys, service, ttl, refresh_ttl, store, codec)
 
     async def reload(self, *, force: bool = False) -> None:
-        """Reread the signing keys when the last read is older than RELOAD_SECONDS;
-        with `force`, when it is older than a second."""
+        """Reread the signing keys when the last read is older than RELOAD_SECONDS.
+
+        With `force` (a token names a key this process does not know), reread at
+        once, but at most once a second, so that tokens with made-up key IDs
+        cannot turn every request into a database query.
+        """
         if self._store is None:
             return
-        age = time.monotonic() - self._loaded_at
-        if age < (1 if force else RELOAD_SECONDS):
+        now = time.monotonic()
+        if force:
+            if now - self._forced_at < 1:
+                return
+            self._forced_at = now
+        elif now - self._loaded_at < RELOAD_SECONDS:
             return
         keys = await self._store.active_signing_keys()
         if keys:

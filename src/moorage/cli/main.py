@@ -28,6 +28,7 @@ from rich.progress import (
 from rich.table import Table
 
 from moorage import admin
+from moorage.audit import events as actions
 from moorage.audit.recorder import AdminRecorder, local_actor
 from moorage.config import Settings, load_settings
 from moorage.db.key_store import KeyStore
@@ -316,7 +317,7 @@ def key_rotate(
 ) -> None:
     """Add a new key-encryption key and rewrap every data key with it, online."""
 
-    async def action(services: Services) -> maintenance.RewrapReport:
+    async def rotate(services: Services) -> maintenance.RewrapReport:
         driver = _encrypted_driver(services)
         with _progress("rewrapping data keys") as update:
             return await maintenance.rotate(
@@ -326,6 +327,11 @@ def key_rotate(
                 retire=not keep_old,
                 progress=update,
             )
+
+    async def action(services: Services) -> maintenance.RewrapReport:
+        return await _audited(
+            services, actions.KEY_ROTATE, "key-encryption key", None, rotate(services)
+        )
 
     report = _run(_settings(data_dir=data_dir), action)
     console.print(
@@ -343,12 +349,17 @@ def key_reencrypt(
 ) -> None:
     """Encrypt every blob again with new data keys. Resumes an interrupted run."""
 
-    async def action(services: Services) -> int:
+    async def reencrypt(services: Services) -> int:
         driver = _encrypted_driver(services)
         with _progress("re-encrypting blobs") as update:
             return await maintenance.reencrypt_all(
                 driver, BLOBS_PREFIX, update, restart=restart
             )
+
+    async def action(services: Services) -> int:
+        return await _audited(
+            services, actions.KEY_REENCRYPT, "blobs", None, reencrypt(services)
+        )
 
     count = _run(_settings(data_dir=data_dir), action)
     console.print(f"{count} blobs re-encrypted")

@@ -48,6 +48,8 @@ CHANGING = {
         "signing_key.rotate",
     ),
     "audit archive": (["audit", "archive", "--older-than-days", "0"], "audit.archive"),
+    "key rotate": (["key", "rotate"], "key.rotate"),
+    "key reencrypt": (["key", "reencrypt"], "key.reencrypt"),
 }
 # Commands that only read (serve is covered by the request tests).
 READ_ONLY = {
@@ -65,6 +67,10 @@ READ_ONLY = {
     "audit verify",
     "audit export",
     "usage report",
+    "key status",
+    # These two write certificate files only; the registry's state is unchanged.
+    "tls init",
+    "tls client-cert",
 }
 
 
