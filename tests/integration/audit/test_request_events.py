@@ -58,7 +58,10 @@ def test_push_pull_delete_events(
     customer, login, password = writer
     repository = f"{customer}/app"
     image = small_image()
-    with httpx.Client(base_url=server.url, auth=(login, password)) as client:
+    # The shared server may be busy with other tests' large transfers.
+    with httpx.Client(
+        base_url=server.url, auth=(login, password), timeout=30
+    ) as client:
         push_image(client, repository, "1.0", image)
         pulled = pull_image(client, repository, "1.0")
         started = client.post(f"/v2/{repository}/blobs/uploads/")
