@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 
 import structlog
 import uvicorn
+import uvloop
 from rich.console import Console
 
 from moorage import __version__, admin
@@ -14,6 +16,16 @@ from moorage.config import Settings
 from moorage.services import open_services
 
 log = structlog.get_logger(__name__)
+
+
+def run(settings: Settings, console: Console) -> None:
+    """Serve until stopped, on uvloop's event loop.
+
+    uvicorn's `loop` option only applies when uvicorn creates the loop itself;
+    `Server.serve` runs on whatever loop it is given, so the loop is chosen here.
+    """
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(run_server(settings, console))
 
 
 async def run_server(settings: Settings, console: Console) -> None:

@@ -87,11 +87,11 @@ def serve(
     port: Annotated[int | None, typer.Option(help="TCP port to listen on.")] = None,
 ) -> None:
     """Run the registry. The first start initialises the data directory."""
-    from moorage.server import run_server
+    from moorage.server import run
 
     settings = _settings(data_dir=data_dir, host=host, port=port)
     configure_logging(settings.log_level, settings.log_format)
-    asyncio.run(run_server(settings, console))
+    run(settings, console)
 
 
 def _parse_date(value: str | None) -> datetime | None:
