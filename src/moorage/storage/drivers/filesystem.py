@@ -125,7 +125,12 @@ class _FilesystemWriter(FileWriter):
     def size(self) -> int:
         return self._written + len(self._buffer)
 
-    async def write(self, data: bytes) -> None:
+    async def write(self, data: bytes | memoryview) -> None:
+        if not self._buffer and len(data) >= WRITE_BUFFER_BYTES:
+            # A large block goes to the file as it is, without a copy.
+            await asyncio.to_thread(_pwrite_all, self._fd, data, self._written)
+            self._written += len(data)
+            return
         self._buffer += data
         if len(self._buffer) >= WRITE_BUFFER_BYTES:
             await self._flush()
@@ -159,7 +164,7 @@ class _FilesystemWriter(FileWriter):
             os.close(self._fd)
 
 
-def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
     view = memoryview(data)
     while view:
         written = os.pwrite(fd, view, offset)
