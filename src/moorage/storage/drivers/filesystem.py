@@ -18,6 +18,10 @@ from moorage.storage.drivers.base import (
 
 READ_CHUNK_BYTES = 1024 * 1024
 WRITE_BUFFER_BYTES = 1024 * 1024
+# While a large object is written, its data is flushed to disk in the
+# background every this many bytes, so that the disk works while the rest
+# arrives and the fsync at commit has little left to do.
+EARLY_SYNC_BYTES = 32 * 1024 * 1024
 
 
 class FilesystemDriver(StorageDriver):
@@ -120,6 +124,8 @@ class _FilesystemWriter(FileWriter):
         self._buffer = bytearray()
         self._fsync = fsync
         self._closed = False
+        self._synced = offset
+        self._syncing: asyncio.Future[None] | None = None
 
     @property
     def size(self) -> int:
@@ -130,6 +136,7 @@ class _FilesystemWriter(FileWriter):
             # A large block goes to the file as it is, without a copy.
             await asyncio.to_thread(_pwrite_all, self._fd, data, self._written)
             self._written += len(data)
+            await self._sync_early()
             return
         self._buffer += data
         if len(self._buffer) >= WRITE_BUFFER_BYTES:
@@ -142,9 +149,27 @@ class _FilesystemWriter(FileWriter):
         self._buffer.clear()
         await asyncio.to_thread(_pwrite_all, self._fd, data, self._written)
         self._written += len(data)
+        await self._sync_early()
+
+    async def _sync_early(self) -> None:
+        """Start writing back to disk in the background; one sync at a time."""
+        if not self._fsync or self._written - self._synced < EARLY_SYNC_BYTES:
+            return
+        if self._syncing is not None:
+            if not self._syncing.done():
+                return
+            await self._syncing  # raises the error of a failed sync
+        self._synced = self._written
+        self._syncing = asyncio.ensure_future(asyncio.to_thread(os.fdatasync, self._fd))
+
+    async def _wait_for_sync(self) -> None:
+        if self._syncing is not None:
+            syncing, self._syncing = self._syncing, None
+            await syncing
 
     async def commit(self) -> int:
         await self._flush()
+        await self._wait_for_sync()
         if self._fsync:
             await asyncio.to_thread(os.fsync, self._fd)
         self._close()
@@ -153,6 +178,8 @@ class _FilesystemWriter(FileWriter):
     async def cancel(self) -> None:
         if self._closed:
             return
+        # The descriptor stays open until a background sync has finished with it.
+        await asyncio.gather(self._wait_for_sync(), return_exceptions=True)
         self._buffer.clear()
         os.ftruncate(self._fd, self._start)
         self._written = self._start
