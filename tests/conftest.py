@@ -7,6 +7,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+
 from tests.support.database import create_database, drop_database
 from tests.support.server import ADMIN_LOGIN, ADMIN_PASSWORD, ServerProcess
 

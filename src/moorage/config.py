@@ -80,6 +80,14 @@ class Settings(BaseSettings):
         ge=1024,
         description="Largest manifest accepted, in bytes.",
     )
+    upload_expiry_hours: float = Field(
+        default=24,
+        gt=0,
+        description=(
+            "Upload sessions that receive no data for this many hours are cancelled "
+            "and their partial data deleted."
+        ),
+    )
     admin_username: str = Field(
         default="admin",
         description="Name of the vendor admin account created on first start.",

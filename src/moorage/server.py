@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from datetime import timedelta
 
 import structlog
 import uvicorn
@@ -13,7 +14,8 @@ from rich.console import Console
 from moorage import __version__, admin
 from moorage.api.app import create_app
 from moorage.config import Settings
-from moorage.services import open_services
+from moorage.db.schema import utcnow
+from moorage.services import Services, open_services
 
 log = structlog.get_logger(__name__)
 
@@ -53,6 +55,7 @@ async def run_server(settings: Settings, console: Console) -> None:
             proxy_headers=False,
         )
         server = uvicorn.Server(config)
+        purger = asyncio.create_task(_purge_uploads_periodically(services))
         log.info(
             "starting",
             version=__version__,
@@ -62,10 +65,30 @@ async def run_server(settings: Settings, console: Console) -> None:
             database=settings.resolved_database_url.split("://", 1)[0],
             pid=os.getpid(),
         )
-        await server.serve()
+        try:
+            await server.serve()
+        finally:
+            purger.cancel()
     finally:
         await services.close()
         log.info("stopped")
+
+
+# How often stale upload sessions are looked for.
+PURGE_INTERVAL_SECONDS = 600
+
+
+async def _purge_uploads_periodically(services: Services) -> None:
+    expiry = timedelta(hours=services.settings.upload_expiry_hours)
+    while True:
+        try:
+            purged = await services.registry.purge_stale_uploads(utcnow() - expiry)
+        except Exception:
+            log.exception("purging stale uploads failed")
+        else:
+            if purged:
+                log.info("purged stale uploads", count=purged)
+        await asyncio.sleep(PURGE_INTERVAL_SECONDS)
 
 
 def _announce_admin(console: Console, created: admin.CreatedAccount) -> None:

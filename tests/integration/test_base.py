@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import httpx
+
 from tests.support.server import ADMIN_LOGIN, ADMIN_PASSWORD, ServerProcess
 
 

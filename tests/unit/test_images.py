@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+
 from tests.support import images
 from tests.support.images import (
     ANNOTATION_REF_NAME,

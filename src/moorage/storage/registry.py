@@ -16,6 +16,7 @@ import asyncio
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import structlog
@@ -276,6 +277,14 @@ class Registry:
         await self.driver.delete(paths.upload_dir(upload_id))
         await self.store.delete_upload(upload_id)
         self._hashers.pop(upload_id, None)
+
+    async def purge_stale_uploads(self, older_than: datetime) -> int:
+        """Cancel upload sessions that received nothing since `older_than`."""
+        stale = await self.store.list_stale_uploads(older_than)
+        for upload_id in stale:
+            await self._discard(upload_id)
+            self._upload_locks.pop(upload_id, None)
+        return len(stale)
 
     def _lock(self, upload_id: str) -> asyncio.Lock:
         return self._upload_locks.setdefault(upload_id, asyncio.Lock())
