@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
+from collections.abc import Coroutine
 from datetime import timedelta
+from typing import Any
 
 import structlog
 import uvicorn
@@ -21,16 +24,29 @@ log = structlog.get_logger(__name__)
 
 
 def run(settings: Settings, console: Console) -> None:
-    """Serve until stopped, on uvloop's event loop.
+    """Serve until stopped, in one process or in `settings.workers` processes."""
+    if settings.workers > 1:
+        from moorage.workers import run_workers
+
+        run_workers(settings, console)
+    else:
+        run_on_uvloop(run_server(settings, console))
+
+
+def run_on_uvloop(coroutine: Coroutine[Any, Any, None]) -> None:
+    """Run `coroutine` on uvloop's event loop.
 
     uvicorn's `loop` option only applies when uvicorn creates the loop itself;
     `Server.serve` runs on whatever loop it is given, so the loop is chosen here.
     """
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(run_server(settings, console))
+        runner.run(coroutine)
 
 
-async def run_server(settings: Settings, console: Console) -> None:
+async def run_server(
+    settings: Settings, console: Console, sockets: list[socket.socket] | None = None
+) -> None:
+    """Serve on `settings.host` and `port`, or on `sockets` a parent opened."""
     services = await open_services(settings)
     try:
         password = (
@@ -66,7 +82,7 @@ async def run_server(settings: Settings, console: Console) -> None:
             pid=os.getpid(),
         )
         try:
-            await server.serve()
+            await server.serve(sockets=sockets)
         finally:
             purger.cancel()
     finally:
