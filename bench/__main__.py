@@ -34,6 +34,12 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
         help="also rewrite the results section of this page (docs/benchmarks.md)",
     )
     parser.add_argument(
+        "--moorage-workers",
+        type=int,
+        default=2,
+        help="Moorage server processes (MOORAGE_WORKERS); default 2, one per core",
+    )
+    parser.add_argument(
         "--keep", action="store_true", help="keep the registries' temporary data"
     )
     return parser.parse_args(argv)
@@ -44,7 +50,14 @@ def main(argv: list[str] | None = None) -> int:
     sizes = Sizes.quick() if arguments.quick else Sizes.full()
     rounds = arguments.rounds or (1 if arguments.quick else 3)
     command = "python -m bench " + shlex.join(sys.argv[1:] if argv is None else argv)
-    results = run(sizes, rounds, arguments.only, command.strip(), keep=arguments.keep)
+    results = run(
+        sizes,
+        rounds,
+        arguments.only,
+        command.strip(),
+        arguments.moorage_workers,
+        keep=arguments.keep,
+    )
 
     arguments.out.mkdir(parents=True, exist_ok=True)
     (arguments.out / "results.json").write_text(json.dumps(results, indent=2))

@@ -54,6 +54,20 @@ def peak_rss_bytes(pid: int) -> int:
     return total
 
 
+def pss_bytes(pid: int) -> int:
+    """Sum of proportional set sizes: pages shared between workers count once."""
+    total = 0
+    for member in process_tree(pid):
+        try:
+            rollup = Path(f"/proc/{member}/smaps_rollup").read_text()
+        except OSError:
+            continue
+        for line in rollup.splitlines():
+            if line.startswith("Pss:"):
+                total += int(line.split()[1]) * 1024
+    return total
+
+
 def reset_peak(pid: int) -> None:
     for member in process_tree(pid):
         try:
@@ -66,6 +80,7 @@ def reset_peak(pid: int) -> None:
 class Usage:
     cpu_seconds: float
     peak_rss_bytes: int
+    pss_bytes: int
 
 
 class UsageMeter:
@@ -80,4 +95,8 @@ class UsageMeter:
         self._cpu_before = cpu_seconds(self.pid)
 
     def stop(self) -> Usage:
-        return Usage(cpu_seconds(self.pid) - self._cpu_before, peak_rss_bytes(self.pid))
+        return Usage(
+            cpu_seconds(self.pid) - self._cpu_before,
+            peak_rss_bytes(self.pid),
+            pss_bytes(self.pid),
+        )

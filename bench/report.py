@@ -21,6 +21,7 @@ class Summary:
     high: float
     cpu_per_unit: float
     peak_rss_mib: float
+    pss_mib: float
     extra: dict[str, float]
 
 
@@ -34,6 +35,7 @@ def summarise(samples: list[dict[str, Any]]) -> Summary:
         high=max(values),
         cpu_per_unit=statistics.median(cpu) if cpu else 0.0,
         peak_rss_mib=max(s["peak_rss_bytes"] for s in samples) / MIB,
+        pss_mib=max(s.get("pss_bytes", 0) for s in samples) / MIB,
         extra={
             k: statistics.median(s["extra"][k] for s in samples) for k in extra_keys
         },
@@ -67,7 +69,8 @@ def render_markdown(results: dict[str, Any], chart_name: str | None) -> str:
     meta = results["meta"]
     lines = [
         f"Run {meta['started']}, {meta['seconds']} s, command `{meta['command']}`, "
-        f"{meta['rounds']} round(s). Load average before {meta['load_before']}, "
+        f"{meta['rounds']} round(s), Moorage with {meta['moorage_workers']} worker "
+        f"process(es). Load average before {meta['load_before']}, "
         f"after {meta['load_after']}.",
         "",
         "| scenario | unit | Moorage median (min-max) | distribution median (min-max) "
@@ -118,8 +121,8 @@ def _latency_table(results: dict[str, Any]) -> list[str]:
 def _resource_table(results: dict[str, Any]) -> list[str]:
     lines = [
         "| scenario | server CPU s per unit: Moorage / distribution "
-        "| peak RSS MiB: Moorage / distribution |",
-        "| --- | --- | --- |",
+        "| peak RSS MiB: Moorage / distribution | PSS at end MiB: Moorage |",
+        "| --- | --- | --- | --- |",
     ]
     for scenario in results["scenarios"]:
         samples = scenario["samples"]
@@ -133,7 +136,8 @@ def _resource_table(results: dict[str, Any]) -> list[str]:
             cpu += f" / {theirs.cpu_per_unit:.2f}"
             rss += f" / {theirs.peak_rss_mib:.0f}"
         lines.append(
-            f"| {scenario['title']} | {cpu} per {scenario['work_unit']} | {rss} |"
+            f"| {scenario['title']} | {cpu} per {scenario['work_unit']} | {rss} "
+            f"| {ours.pss_mib:.0f} |"
         )
     return lines
 

@@ -14,9 +14,15 @@ from typing import Any
 
 from bench import procstat
 from bench.load import tool_version
-from bench.scenarios import SCENARIOS, Context, Scenario, Sizes, make_blob
+from bench.scenarios import (
+    SCENARIOS,
+    Context,
+    Scenario,
+    Sizes,
+    make_blob,
+    prefetch_tokens,
+)
 from bench.servers import Registry, distribution_version, start_both
-
 from moorage import __version__
 
 
@@ -76,6 +82,7 @@ def run_scenario(
                 "work": outcome.work,
                 "cpu_seconds": usage.cpu_seconds,
                 "peak_rss_bytes": usage.peak_rss_bytes,
+                "pss_bytes": usage.pss_bytes,
                 "extra": outcome.extra,
                 "load": load_average(),
             }
@@ -94,6 +101,7 @@ def run(
     rounds: int,
     only: list[str] | None,
     command: str,
+    moorage_workers: int,
     log: Any = print,
     keep: bool = False,
 ) -> dict[str, Any]:
@@ -106,15 +114,18 @@ def run(
         "versions": versions(),
         "sizes": dataclasses.asdict(sizes),
         "rounds": rounds,
+        "moorage_workers": moorage_workers,
         "load_before": load_average(),
         "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started)),
         "python_executable": sys.executable,
     }
-    moorage, distribution = start_both(workdir)
+    moorage, distribution = start_both(workdir, moorage_workers)
     results: list[dict[str, Any]] = []
     try:
         blob, digest = make_blob(workdir, sizes.blob_bytes)
         context = Context(sizes, f"{moorage.url}/token", workdir, blob, digest)
+        # Logins happen before any measurement: the first one runs argon2id.
+        prefetch_tokens(context)
         for scenario in SCENARIOS:
             if only and scenario.key not in only:
                 continue

@@ -211,9 +211,11 @@ def distribution_version() -> str:
     return result.stdout.strip().split()[-1]
 
 
-def start_both(root: Path) -> tuple[MoorageRegistry, DistributionRegistry]:
+def start_both(
+    root: Path, moorage_workers: int
+) -> tuple[MoorageRegistry, DistributionRegistry]:
     moorage = MoorageRegistry("moorage", root / "moorage")
-    moorage.start()
+    moorage.start({"MOORAGE_WORKERS": str(moorage_workers)})
     distribution = DistributionRegistry("distribution", root / "distribution")
     try:
         distribution.start(f"{moorage.url}/token", moorage.signing_certificate())
