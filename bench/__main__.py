@@ -40,6 +40,11 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
         help="Moorage server processes (MOORAGE_WORKERS); default 2, one per core",
     )
     parser.add_argument(
+        "--from-results",
+        type=Path,
+        help="render an earlier run's results.json again instead of running",
+    )
+    parser.add_argument(
         "--keep", action="store_true", help="keep the registries' temporary data"
     )
     return parser.parse_args(argv)
@@ -50,14 +55,17 @@ def main(argv: list[str] | None = None) -> int:
     sizes = Sizes.quick() if arguments.quick else Sizes.full()
     rounds = arguments.rounds or (1 if arguments.quick else 3)
     command = "python -m bench " + shlex.join(sys.argv[1:] if argv is None else argv)
-    results = run(
-        sizes,
-        rounds,
-        arguments.only,
-        command.strip(),
-        arguments.moorage_workers,
-        keep=arguments.keep,
-    )
+    if arguments.from_results is not None:
+        results = json.loads(arguments.from_results.read_text())
+    else:
+        results = run(
+            sizes,
+            rounds,
+            arguments.only,
+            command.strip(),
+            arguments.moorage_workers,
+            keep=arguments.keep,
+        )
 
     arguments.out.mkdir(parents=True, exist_ok=True)
     (arguments.out / "results.json").write_text(json.dumps(results, indent=2))

@@ -112,10 +112,14 @@ def parse_ab(output: str) -> LoadResult:
     )
 
 
-def tool_version(command: list[str]) -> str:
+def package_version(package: str) -> str:
+    """Return the installed Debian package version, or "not installed"."""
     try:
-        completed = subprocess.run(command, capture_output=True, text=True)
+        completed = subprocess.run(
+            ["dpkg-query", "-W", "-f=${Version}", package],
+            capture_output=True,
+            text=True,
+        )
     except FileNotFoundError:
-        return "not installed"
-    text = (completed.stdout + completed.stderr).strip().splitlines()
-    return text[0] if text else "unknown"
+        return "unknown"
+    return completed.stdout.strip() or "not installed"

@@ -67,15 +67,21 @@ def _number(value: float) -> str:
 
 def render_markdown(results: dict[str, Any], chart_name: str | None) -> str:
     meta = results["meta"]
+    machine = meta["machine"]
+    versions = ", ".join(f"{name} {value}" for name, value in meta["versions"].items())
     lines = [
+        f"Machine: {machine['cpu']}, {machine['cores']} cores, "
+        f"{machine['memory_gib']} GiB, Linux {machine['kernel']}, "
+        f"Python {machine['python']}. Versions: {versions}.",
+        "",
         f"Run {meta['started']}, {meta['seconds']} s, command `{meta['command']}`, "
         f"{meta['rounds']} round(s), Moorage with {meta['moorage_workers']} worker "
         f"process(es). Load average before {meta['load_before']}, "
         f"after {meta['load_after']}.",
         "",
         "| scenario | unit | Moorage median (min-max) | distribution median (min-max) "
-        "| ratio M/D | target |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| ratio M/D | target | met |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for scenario in results["scenarios"]:
         samples = scenario["samples"]
@@ -90,12 +96,20 @@ def render_markdown(results: dict[str, Any], chart_name: str | None) -> str:
         lines.append(
             f"| {scenario['title']} | {scenario['unit']} ({better}) "
             f"| {_figure(ours)} | {_figure(theirs)} "
-            f"| {f'{found:.2f}' if found else 'n/a'} | {scenario['target'] or '-'} |"
+            f"| {f'{found:.2f}' if found else 'n/a'} | {scenario['target'] or '-'} "
+            f"| {_met(scenario['target'], found)} |"
         )
     lines += ["", *_latency_table(results), "", *_resource_table(results)]
     if chart_name:
         lines += ["", f"![Moorage/distribution ratios]({chart_name})"]
     return "\n".join(lines) + "\n"
+
+
+def _met(target: str, found: float | None) -> str:
+    """Check a target of the form "ratio >= X"; "-" when there is none."""
+    if not target.startswith("ratio >= ") or found is None:
+        return "-"
+    return "yes" if found >= float(target.removeprefix("ratio >= ")) else "no"
 
 
 def _latency_table(results: dict[str, Any]) -> list[str]:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import procstat
-from bench.load import tool_version
+from bench.load import package_version
 from bench.scenarios import (
     SCENARIOS,
     Context,
@@ -50,9 +50,9 @@ def versions() -> dict[str, str]:
     return {
         "moorage": __version__,
         "distribution": distribution_version(),
-        "wrk": tool_version(["wrk", "-v"]),
-        "ab": tool_version(["ab", "-V"]),
-        "skopeo": tool_version(["skopeo", "--version"]),
+        "wrk": package_version("wrk"),
+        "ab (apache2-utils)": package_version("apache2-utils"),
+        "skopeo": package_version("skopeo"),
     }
 
 

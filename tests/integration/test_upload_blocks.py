@@ -7,6 +7,7 @@ import os
 
 import httpx
 import pytest
+
 from tests.support.server import unique
 
 MIB = 1024 * 1024
