@@ -11,7 +11,6 @@ from typing import Any
 MIB = 1024 * 1024
 START_MARK = "<!-- results:start -->"
 END_MARK = "<!-- results:end -->"
-RSS_LIMIT_MIB = 150
 
 
 @dataclass
