@@ -16,7 +16,13 @@ from tests.support.server import ADMIN_LOGIN, ADMIN_PASSWORD, ServerProcess
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """One registry for the whole run; tests keep apart by using unique names."""
     data_dir = tmp_path_factory.mktemp("server")
-    process = ServerProcess(data_dir=data_dir, database_url=create_database(data_dir))
+    process = ServerProcess(
+        data_dir=data_dir,
+        database_url=create_database(data_dir),
+        # Every test connects from 127.0.0.1, so the per-address limit on failed
+        # logins would let one test's wrong passwords throttle all the others.
+        extra_env={"MOORAGE_LOGIN_FREE_FAILURES_PER_ADDRESS": "100000"},
+    )
     process.start()
     yield process
     process.stop()

@@ -7,19 +7,27 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from moorage.auth.access import CUSTOMER_ROLES, VENDOR_ROLES
-from moorage.auth.secrets import generate_secret, hash_password
-from moorage.db.identity_store import CustomerRecord, IdentityStore
-from moorage.errors import MoorageError
+from moorage.auth.secrets import (
+    PERSONAL_TOKEN_PREFIX,
+    SECRET_HASH_KEY,
+    generate_secret,
+    hash_password,
+    keyed_hash,
+)
+from moorage.db.identity_store import AccountRecord, CustomerRecord, IdentityStore
+from moorage.errors import InvalidInputError, NotFoundError
 
 # A customer slug is also its namespace, so it follows the repository name
 # component grammar, without the double underscore.
 _SLUG_PATTERN = re.compile(r"[a-z0-9]+(?:[._-][a-z0-9]+)*")
 _LOGIN_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,127}")
+# The password policy (NIST SP 800-63B style: length over composition rules).
 MIN_PASSWORD_LENGTH = 12
-
-
-class InvalidInputError(MoorageError):
-    """invalid input"""
+# A grant pattern: repository name components, where `*` may stand anywhere.
+_PATTERN_COMPONENT = r"[a-z0-9*]+(?:(?:\.|_|__|-+)[a-z0-9*]+)*"
+_PATTERN = re.compile(rf"{_PATTERN_COMPONENT}(?:/{_PATTERN_COMPONENT})*")
+MAX_PASSWORD_LENGTH = 256
+MIN_DISTINCT_CHARACTERS = 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,11 +54,27 @@ def validate_login(login: str) -> str:
     return login
 
 
-def check_password(password: str) -> str:
+def check_password(password: str, login: str | None = None) -> str:
+    """Return `password` when it meets the policy; raise InvalidInputError.
+
+    Policy: 12 to 256 characters, at least 5 different characters, and not the
+    login name.
+    """
     if len(password) < MIN_PASSWORD_LENGTH:
         raise InvalidInputError(
             f"password is too short: use at least {MIN_PASSWORD_LENGTH} characters"
         )
+    if len(password) > MAX_PASSWORD_LENGTH:
+        raise InvalidInputError(
+            f"password is too long: use at most {MAX_PASSWORD_LENGTH} characters"
+        )
+    if len(set(password)) < MIN_DISTINCT_CHARACTERS:
+        raise InvalidInputError(
+            f"password is too repetitive: use at least {MIN_DISTINCT_CHARACTERS} "
+            "different characters"
+        )
+    if login and login.lower() == password.lower():
+        raise InvalidInputError("password must not be the login name")
     return password
 
 
@@ -76,7 +100,7 @@ async def add_user(
         )
     customer = await identity.get_customer(customer_slug)
     generated = password is None
-    secret = generate_secret() if password is None else check_password(password)
+    secret = generate_secret() if password is None else check_password(password, login)
     await identity.create_account(
         login=validate_login(login),
         customer_id=customer.id,
@@ -95,7 +119,7 @@ async def add_vendor_user(
             f"invalid vendor role {role!r}: use one of {', '.join(VENDOR_ROLES)}"
         )
     generated = password is None
-    secret = generate_secret() if password is None else check_password(password)
+    secret = generate_secret() if password is None else check_password(password, login)
     await identity.create_account(
         login=validate_login(login),
         customer_id=None,
@@ -113,3 +137,190 @@ async def ensure_vendor_admin(
     if await identity.has_vendor_admin():
         return None
     return await add_vendor_user(identity, login, "admin", password)
+
+
+def _check_role(role: str) -> str:
+    if role not in CUSTOMER_ROLES:
+        raise InvalidInputError(
+            f"invalid role {role!r}: use one of {', '.join(CUSTOMER_ROLES)}"
+        )
+    return role
+
+
+def robot_login(customer_slug: str, name: str) -> str:
+    """Return a robot's login name, `customer+name`, which shows whose it is."""
+    if not _SLUG_PATTERN.fullmatch(name) or len(name) > 63:
+        raise InvalidInputError(
+            f"invalid robot name {name!r}: use up to 63 lowercase letters, digits "
+            "and single '.', '_' or '-' between them"
+        )
+    return f"{customer_slug}+{name}"
+
+
+async def find_account_of(
+    identity: IdentityStore, customer_slug: str, login: str, kind: str
+) -> AccountRecord:
+    """Return the account `login` of a customer ("-" for the vendor) of one kind."""
+    account = await identity.find_account(login)
+    owner = None if account is None else (account.customer_slug or "-")
+    if account is None or owner != customer_slug or account.kind != kind:
+        raise NotFoundError(f"{kind} {login!r} of {customer_slug!r} not found")
+    return account
+
+
+# Robots
+
+
+async def add_robot(
+    identity: IdentityStore,
+    customer_slug: str,
+    name: str,
+    role: str,
+    expires_at: datetime | None = None,
+) -> CreatedAccount:
+    """Create a robot account; return its login and generated secret."""
+    customer = await identity.get_customer(customer_slug)
+    login = robot_login(customer.slug, name)
+    secret = generate_secret()
+    key = await identity.server_key(SECRET_HASH_KEY)
+    await identity.create_account(
+        login=login,
+        customer_id=customer.id,
+        kind="robot",
+        role=_check_role(role),
+        secret_hash=keyed_hash(key, secret),
+        expires_at=expires_at,
+    )
+    return CreatedAccount(login, secret)
+
+
+async def rotate_robot(
+    identity: IdentityStore,
+    customer_slug: str,
+    name: str,
+    expires_at: datetime | None = None,
+) -> CreatedAccount:
+    """Give a robot a new secret; its old secret and tokens stop working now.
+
+    The expiry stays as it was unless `expires_at` is given."""
+    login = robot_login(customer_slug, name)
+    account = await find_account_of(identity, customer_slug, login, "robot")
+    secret = generate_secret()
+    key = await identity.server_key(SECRET_HASH_KEY)
+    await identity.set_secret(account.id, keyed_hash(key, secret))
+    if expires_at is not None:
+        await identity.set_expiry(account.id, expires_at)
+    return CreatedAccount(login, secret)
+
+
+async def remove_robot(identity: IdentityStore, customer_slug: str, name: str) -> None:
+    login = robot_login(customer_slug, name)
+    account = await find_account_of(identity, customer_slug, login, "robot")
+    await identity.delete_account(account.id)
+
+
+async def set_enabled(
+    identity: IdentityStore, customer_slug: str, login: str, kind: str, enabled: bool
+) -> None:
+    """Enable or disable a user or robot; disabling rejects its tokens now."""
+    account = await find_account_of(identity, customer_slug, login, kind)
+    await identity.set_disabled(account.id, not enabled)
+
+
+async def change_password(
+    identity: IdentityStore, account: AccountRecord, new_password: str
+) -> None:
+    """Set a user's password under the policy; tokens issued before stop working."""
+    if account.kind != "user":
+        raise InvalidInputError("only users have passwords; rotate a robot's secret")
+    check_password(new_password, account.login)
+    await identity.set_secret(account.id, hash_password(new_password))
+
+
+# Personal access tokens
+
+
+@dataclass(frozen=True, slots=True)
+class CreatedToken:
+    id: int
+    token: str
+
+
+async def add_personal_token(
+    identity: IdentityStore,
+    customer_slug: str,
+    login: str,
+    name: str,
+    role: str,
+    expires_at: datetime | None,
+) -> CreatedToken:
+    """Create a personal access token for a user, capped at `role`."""
+    account = await find_account_of(identity, customer_slug, login, "user")
+    secret = generate_secret()
+    key = await identity.server_key(SECRET_HASH_KEY)
+    token_id = await identity.add_personal_token(
+        account.id, name, keyed_hash(key, secret), _check_role(role), expires_at
+    )
+    return CreatedToken(token_id, f"{PERSONAL_TOKEN_PREFIX}{token_id}_{secret}")
+
+
+async def revoke_personal_token(
+    identity: IdentityStore, customer_slug: str, login: str, token_id: int
+) -> None:
+    account = await find_account_of(identity, customer_slug, login, "user")
+    token = await identity.get_personal_token(token_id)
+    if token is None or token.account_id != account.id:
+        raise NotFoundError(f"token {token_id} of {login!r} not found")
+    await identity.revoke_personal_token(token_id)
+
+
+# Grants and customers
+
+
+def validate_pattern(pattern: str) -> str:
+    """Return a grant pattern when valid: a namespace, a name, or a glob of them."""
+    if not _PATTERN.fullmatch(pattern):
+        raise InvalidInputError(
+            f"invalid pattern {pattern!r}: use a namespace (products), a repository "
+            "(products/app) or a glob (products/*)"
+        )
+    return pattern
+
+
+async def add_grant(
+    identity: IdentityStore,
+    customer_slug: str,
+    pattern: str,
+    role: str,
+    until: datetime | None,
+    account_login: str | None = None,
+) -> int:
+    """Grant a role on a pattern to a whole customer, or to one of its accounts."""
+    customer = await identity.get_customer(customer_slug)
+    account_id = None
+    if account_login is not None:
+        account = await identity.find_account(account_login)
+        if account is None or account.customer_id != customer.id:
+            raise NotFoundError(
+                f"account {account_login!r} of {customer_slug!r} not found"
+            )
+        account_id = account.id
+    return await identity.add_grant(
+        customer.id, account_id, validate_pattern(pattern), _check_role(role), until
+    )
+
+
+async def remove_grant(
+    identity: IdentityStore, customer_slug: str, grant_id: int
+) -> None:
+    customer = await identity.get_customer(customer_slug)
+    if not await identity.remove_grant(customer.id, grant_id):
+        raise NotFoundError(f"grant {grant_id} of {customer_slug!r} not found")
+
+
+async def set_customer_active(
+    identity: IdentityStore, customer_slug: str, active: bool
+) -> None:
+    """Resume or suspend a customer; suspending rejects all its tokens now."""
+    customer = await identity.get_customer(customer_slug)
+    await identity.set_customer_status(customer.id, "active" if active else "suspended")

@@ -78,11 +78,47 @@ class Settings(BaseSettings):
         default="moorage",
         description="Token service name: the `service` and JWT `aud` value.",
     )
+    # NOTE: the minimum is 5 s, not a production value, so that tests can watch
+    # an access token expire and the client refresh it without waiting minutes.
     token_ttl_seconds: int = Field(
         default=300,
-        ge=30,
+        ge=5,
         le=86400,
         description="Lifetime of registry access tokens, in seconds.",
+    )
+    refresh_token_ttl_seconds: int = Field(
+        default=90 * 86400,
+        ge=60,
+        le=365 * 86400,
+        description=(
+            "Lifetime of OAuth2 refresh tokens (docker's identity token), in "
+            "seconds. Revocation still applies to them on their next use."
+        ),
+    )
+    login_free_failures_per_pair: int = Field(
+        default=5,
+        ge=1,
+        description=(
+            "Failed logins of one name from one address before each further "
+            "attempt must wait (1 s doubling, up to 5 minutes)."
+        ),
+    )
+    login_free_failures_per_address: int = Field(
+        default=20,
+        ge=1,
+        description=(
+            "Failed logins from one address, any name, before it must wait "
+            "(1 s doubling, up to 15 minutes)."
+        ),
+    )
+    login_free_failures_per_account: int = Field(
+        default=100,
+        ge=1,
+        description=(
+            "Failed logins of one name, any address, before it must wait (1 s "
+            "doubling, up to 5 minutes), except from addresses where it logged in "
+            "within 30 days."
+        ),
     )
     max_manifest_bytes: int = Field(
         default=4 * 1024 * 1024,

@@ -6,10 +6,12 @@ The API layer maps each class to an OCI error code and HTTP status in one table
     MoorageError
     ├── NameInvalidError, TagInvalidError, DigestInvalidError
     ├── NameUnknownError, BlobUnknownError, ManifestUnknownError, UploadUnknownError
+    ├── BlobReferencedError
     ├── ManifestInvalidError, ManifestBlobUnknownError, ManifestTooLargeError
     ├── UploadInvalidError, RangeInvalidError, SizeInvalidError
     ├── PaginationInvalidError, UnsupportedError
-    ├── UnauthorizedError, DeniedError
+    ├── UnauthorizedError, DeniedError, TooManyRequestsError
+    ├── InvalidInputError (administrative input: a bad name, role or password)
     └── ConflictError (administrative changes: a name already taken)
 """
 
@@ -45,6 +47,10 @@ class NameUnknownError(MoorageError):
 
 class BlobUnknownError(MoorageError):
     """blob unknown to registry"""
+
+
+class BlobReferencedError(MoorageError):
+    """blob is referenced by a manifest in this repository"""
 
 
 class ManifestUnknownError(MoorageError):
@@ -99,6 +105,21 @@ class UnauthorizedError(MoorageError):
 
 class DeniedError(MoorageError):
     """requested access to the resource is denied"""
+
+
+class TooManyRequestsError(MoorageError):
+    """too many requests"""
+
+    def __init__(
+        self, message: str | None = None, detail: Any = None, *, retry_after: int = 1
+    ) -> None:
+        super().__init__(message, detail)
+        self.retry_after = retry_after
+        self.headers = {"Retry-After": str(retry_after)}
+
+
+class InvalidInputError(MoorageError):
+    """invalid input"""
 
 
 class ConflictError(MoorageError):

@@ -9,6 +9,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from moorage.api.access import RequestGuard
 from moorage.api.http import ProxyTrust
 from moorage.auth.authenticator import Authenticator
+from moorage.auth.secrets import SECRET_HASH_KEY
+from moorage.auth.throttle import Limit, LoginThrottle, ThrottlePolicy
 from moorage.auth.tokens import TokenService
 from moorage.config import Settings
 from moorage.db.engine import create_engine, migrate
@@ -33,6 +35,20 @@ class Services:
         await self.engine.dispose()
 
 
+def throttle_policy(settings: Settings) -> ThrottlePolicy:
+    """Return the failed-login policy with the configured free failures."""
+    default = ThrottlePolicy()
+    return ThrottlePolicy(
+        pair=Limit(settings.login_free_failures_per_pair, default.pair.max_delay),
+        address=Limit(
+            settings.login_free_failures_per_address, default.address.max_delay
+        ),
+        account=Limit(
+            settings.login_free_failures_per_account, default.account.max_delay
+        ),
+    )
+
+
 async def open_services(settings: Settings) -> Services:
     """Connect to the database (migrating it) and the blob store."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -42,9 +58,15 @@ async def open_services(settings: Settings) -> Services:
     driver = FilesystemDriver(settings.resolved_storage_dir)
     registry = Registry(RegistryStore(engine), driver, settings.max_manifest_bytes)
     tokens = await TokenService.load(
-        identity, settings.service_name, settings.token_ttl_seconds
+        identity,
+        settings.service_name,
+        settings.token_ttl_seconds,
+        settings.refresh_token_ttl_seconds,
     )
-    authenticator = Authenticator(identity, tokens)
+    secret_key = await identity.server_key(SECRET_HASH_KEY)
+    authenticator = Authenticator(
+        identity, tokens, secret_key, LoginThrottle(throttle_policy(settings))
+    )
     trust = ProxyTrust(settings.trusted_proxies)
     guard = RequestGuard(authenticator, settings, trust)
     return Services(

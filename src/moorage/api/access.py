@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from starlette.requests import Request
 
-from moorage.api.http import ProxyTrust, base_url
+from moorage.api.http import ProxyTrust, base_url, client_address
 from moorage.auth.access import PULL, Principal
 from moorage.auth.authenticator import Authenticator
 from moorage.auth.scope import format_scope
@@ -78,7 +78,9 @@ class RequestGuard:
                 caller = Caller(principal, claims)
             elif scheme.lower() == "basic" and value:
                 login, password = decode_basic(value)
-                caller = Caller(await self.authenticator.login(login, password), None)
+                address = client_address(request, self.trust)
+                principal = await self.authenticator.login(login, password, address)
+                caller = Caller(principal, None)
             else:
                 raise UnauthorizedError("authentication required")
         except UnauthorizedError as error:

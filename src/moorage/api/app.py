@@ -9,7 +9,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute
 
-from moorage.api import health, token
+from moorage.api import account, health, token
 from moorage.api.errors import (
     METHOD_NOT_ALLOWED,
     NOT_FOUND,
@@ -32,6 +32,7 @@ ROUTE_MODULES = (
     blobs,
     referrers,
     token,
+    account,
     health,
 )
 

@@ -44,10 +44,13 @@ MANIFEST_TOO_LARGE = ErrorCode("SIZE_INVALID", 413)
 METHOD_NOT_ALLOWED = ErrorCode("UNSUPPORTED", 405)
 NOT_FOUND = ErrorCode("NOT_FOUND", 404)
 CONFLICT = ErrorCode("CONFLICT", 409)
+INVALID_INPUT = ErrorCode("INVALID_INPUT", 400)
 UNKNOWN = ErrorCode("UNKNOWN", 500)
 
 ERROR_CODES: dict[type[errors.MoorageError], ErrorCode] = {
     errors.BlobUnknownError: BLOB_UNKNOWN,
+    # The CNCF distribution registry answers 405 when it may not delete a blob.
+    errors.BlobReferencedError: METHOD_NOT_ALLOWED,
     errors.UploadInvalidError: BLOB_UPLOAD_INVALID,
     errors.UploadUnknownError: BLOB_UPLOAD_UNKNOWN,
     errors.DigestInvalidError: DIGEST_INVALID,
@@ -60,11 +63,13 @@ ERROR_CODES: dict[type[errors.MoorageError], ErrorCode] = {
     errors.SizeInvalidError: SIZE_INVALID,
     errors.UnauthorizedError: UNAUTHORIZED,
     errors.DeniedError: DENIED,
+    errors.TooManyRequestsError: TOOMANYREQUESTS,
     errors.UnsupportedError: UNSUPPORTED,
     errors.TagInvalidError: TAG_INVALID,
     errors.PaginationInvalidError: PAGINATION_NUMBER_INVALID,
     errors.RangeInvalidError: RANGE_INVALID,
     errors.ConflictError: CONFLICT,
+    errors.InvalidInputError: INVALID_INPUT,
     errors.NotFoundError: NOT_FOUND,
 }
 

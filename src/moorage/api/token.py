@@ -1,23 +1,38 @@
-"""The Docker token service: `GET /token` and the public keys at `/token/jwks`.
+"""The Docker token service: `GET /token`, the OAuth2 `POST /token` form, and the
+public keys at `/token/jwks`.
 
 The response holds a JWT whose `access` claim is the intersection of the scopes
 asked for and what the account may do. A partial or empty grant is no error;
 only bad credentials get a 401.
+
+GET takes HTTP Basic credentials and `scope` parameters (several, each possibly
+space-separated); `offline_token=true` adds a refresh token. POST takes the
+OAuth2 form that docker and podman send: `grant_type=password` with `username`
+and `password`, or `grant_type=refresh_token` with `refresh_token`; `scope` is
+space-separated and `access_type=offline` adds a refresh token.
 """
 
 from __future__ import annotations
 
+from typing import Any
+from urllib.parse import parse_qsl
+
+from starlette.datastructures import MultiDict
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from moorage.api.access import decode_basic
+from moorage.api.http import client_address, read_limited
 from moorage.auth.access import Principal
 from moorage.auth.scope import Scope, parse_scopes
 from moorage.db.schema import utcnow
-from moorage.errors import NameInvalidError, UnauthorizedError
+from moorage.errors import NameInvalidError, UnauthorizedError, UnsupportedError
 from moorage.names import validate_name
 from moorage.services import Services
+
+CATALOG_ACTIONS = frozenset({"*"})
+MAX_FORM_BYTES = 64 * 1024
 
 
 class BasicChallengeError(UnauthorizedError):
@@ -40,7 +55,7 @@ def granted_scopes(principal: Principal, asked: list[Scope]) -> list[Scope]:
                 continue
             actions = scope.actions & principal.actions_on(scope.name, now)
         elif scope.type == "registry" and scope.name == "catalog":
-            actions = scope.actions & {"*"}
+            actions = scope.actions & CATALOG_ACTIONS
         else:
             actions = frozenset()
         if actions:
@@ -48,39 +63,95 @@ def granted_scopes(principal: Principal, asked: list[Scope]) -> list[Scope]:
     return granted
 
 
+async def read_form(request: Request) -> MultiDict:
+    """Read an application/x-www-form-urlencoded body of at most MAX_FORM_BYTES."""
+    body = await read_limited(request, MAX_FORM_BYTES)
+    if body is None:
+        raise UnsupportedError(f"the form is larger than {MAX_FORM_BYTES} bytes")
+    try:
+        return MultiDict(parse_qsl(body.decode(), keep_blank_values=True))
+    except UnicodeDecodeError:
+        raise UnsupportedError("the form is not UTF-8") from None
+
+
 def routes(services: Services) -> list[Route]:
     authenticator = services.authenticator
     tokens = services.tokens
+    trust = services.trust
+
+    def token_response(
+        request: Request, principal: Principal, asked: list[Scope], offline: bool
+    ) -> Response:
+        request.state.subject = principal.login
+        granted = granted_scopes(principal, asked)
+        issued = tokens.issue(
+            principal.login,
+            principal.token_generation,
+            granted,
+            principal.personal_token_id,
+        )
+        body: dict[str, Any] = {
+            "token": issued.token,
+            "access_token": issued.token,
+            "expires_in": issued.expires_in,
+            "issued_at": issued.issued_at,
+            "scope": " ".join(str(scope) for scope in granted),
+        }
+        if offline:
+            body["refresh_token"] = tokens.issue_refresh(
+                principal.login,
+                principal.token_generation,
+                principal.personal_token_id,
+            ).token
+        return JSONResponse(body, headers={"Cache-Control": "no-store"})
 
     async def issue_token(request: Request) -> Response:
+        await tokens.reload()
         header = request.headers.get("authorization", "")
         scheme, _, value = header.partition(" ")
         if scheme.lower() != "basic" or not value:
             raise BasicChallengeError("authentication required")
         try:
             login, password = decode_basic(value)
-            principal = await authenticator.login(login, password)
+            principal = await authenticator.login(
+                login, password, client_address(request, trust)
+            )
         except UnauthorizedError as error:
             raise BasicChallengeError(error.message) from None
-        request.state.subject = principal.login
+        params = request.query_params
+        asked = parse_scopes(params.getlist("scope"))
+        offline = params.get("offline_token", "").lower() == "true"
+        return token_response(request, principal, asked, offline)
 
-        asked = parse_scopes(request.query_params.getlist("scope"))
-        granted = granted_scopes(principal, asked)
-        issued = tokens.issue(principal.login, principal.token_generation, granted)
-        return JSONResponse(
-            {
-                "token": issued.token,
-                "access_token": issued.token,
-                "expires_in": issued.expires_in,
-                "issued_at": issued.issued_at,
-            },
-            headers={"Cache-Control": "no-store"},
-        )
+    async def oauth_token(request: Request) -> Response:
+        await tokens.reload()
+        form = await read_form(request)
+        grant_type = form.get("grant_type", "")
+        if grant_type == "password":
+            principal = await authenticator.login(
+                form.get("username", ""),
+                form.get("password", ""),
+                client_address(request, trust),
+            )
+        elif grant_type == "refresh_token":
+            principal = await authenticator.from_refresh_token(
+                form.get("refresh_token", "")
+            )
+        else:
+            raise UnsupportedError(
+                f"unsupported grant_type {grant_type[:40]!r}: use password or "
+                "refresh_token"
+            )
+        asked = parse_scopes(form.getlist("scope"))
+        offline = form.get("access_type") == "offline"
+        return token_response(request, principal, asked, offline)
 
     async def jwks(request: Request) -> Response:
+        await tokens.reload()
         return JSONResponse(tokens.jwks())
 
     return [
         Route("/token", issue_token, methods=["GET"]),
+        Route("/token", oauth_token, methods=["POST"]),
         Route("/token/jwks", jwks, methods=["GET"]),
     ]

@@ -58,6 +58,10 @@ class Principal:
     token_generation: int
     namespaces: Sequence[str] = ()
     grants: Sequence[Grant] = field(default_factory=tuple)
+    # Set when the caller logged in with a personal access token: its id, and the
+    # role that caps what the token may do (never more than the account may).
+    personal_token_id: int | None = None
+    ceiling: str | None = None
 
     @property
     def is_vendor(self) -> bool:
@@ -65,6 +69,12 @@ class Principal:
 
     def actions_on(self, repository: str, now: datetime) -> frozenset[str]:
         """Return the actions this principal may take on a repository now."""
+        actions = self._account_actions_on(repository, now)
+        if self.ceiling is not None:
+            actions &= CUSTOMER_ROLES.get(self.ceiling, frozenset())
+        return actions
+
+    def _account_actions_on(self, repository: str, now: datetime) -> frozenset[str]:
         if self.is_vendor:
             return VENDOR_ROLES.get(self.role or "", frozenset())
         allowed: set[str] = set()
@@ -80,6 +90,10 @@ class Principal:
 
     def pull_filter(self, now: datetime) -> RepositoryFilter:
         """Return the catalog filter: repositories this principal may pull."""
+        if self.ceiling is not None and PULL not in CUSTOMER_ROLES.get(
+            self.ceiling, ()
+        ):
+            return RepositoryFilter()
         if self.is_vendor:
             return RepositoryFilter(
                 everything=PULL in VENDOR_ROLES.get(self.role or "", ())

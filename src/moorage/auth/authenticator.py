@@ -1,4 +1,12 @@
-"""Turn credentials (a password or a bearer token) into a Principal."""
+"""Turn credentials (a password, a secret or a token) into a Principal.
+
+A login takes one of three secrets: a user's password (argon2id), a robot's
+generated secret (keyed hash), or a user's personal access token, written
+`moorage_pat_<id>_<secret>`. Bearer and refresh tokens are JWTs from the token
+service. Every check loads the account's current state, so disabling an
+account, suspending its customer, rotating its secret, revoking a personal
+access token or removing a grant takes effect on the next request.
+"""
 
 from __future__ import annotations
 
@@ -11,9 +19,20 @@ from datetime import datetime
 import structlog
 
 from moorage.auth.access import Grant, Principal
-from moorage.auth.secrets import verify_password
+from moorage.auth.secrets import (
+    PERSONAL_TOKEN_PREFIX,
+    is_keyed_hash,
+    verify_keyed,
+    verify_password,
+)
+from moorage.auth.throttle import LoginThrottle
 from moorage.auth.tokens import InvalidTokenError, TokenClaims, TokenService
-from moorage.db.identity_store import AccountRecord, IdentityStore
+from moorage.db.identity_store import (
+    AccountAccess,
+    AccountRecord,
+    IdentityStore,
+    PersonalTokenRecord,
+)
 from moorage.db.schema import utcnow
 from moorage.errors import UnauthorizedError
 
@@ -28,49 +47,131 @@ PASSWORD_CACHE_ENTRIES = 10_000
 
 
 class Authenticator:
-    def __init__(self, identity: IdentityStore, tokens: TokenService) -> None:
+    def __init__(
+        self,
+        identity: IdentityStore,
+        tokens: TokenService,
+        secret_key: bytes = b"",
+        throttle: LoginThrottle | None = None,
+    ) -> None:
         self.identity = identity
         self.tokens = tokens
+        self.secret_key = secret_key
+        self.throttle = throttle or LoginThrottle()
         self._verified: OrderedDict[bytes, tuple[int, int, float]] = OrderedDict()
 
-    async def login(self, login: str, password: str) -> Principal:
-        """Check a login name and password; raise UnauthorizedError on any failure."""
-        account = await self.identity.find_account(login)
-        if not await self._password_matches(account, login, password):
-            log.info("login failed", subject=login, reason="invalid credentials")
+    async def login(
+        self, login: str, password: str, address: str | None = None
+    ) -> Principal:
+        """Check a login name and secret; raise UnauthorizedError on any failure,
+        TooManyRequestsError while failed logins are throttled."""
+        self.throttle.check(login, address)
+        access = await self.identity.account_access(login)
+        account = access.account if access is not None else None
+        personal_token: PersonalTokenRecord | None = None
+        if password.startswith(PERSONAL_TOKEN_PREFIX):
+            personal_token = await self._personal_token(account, password)
+            matches = personal_token is not None
+        else:
+            matches = await self._secret_matches(account, login, password)
+        if not matches:
+            self.throttle.failed(login, address)
+            log.info(
+                "login failed",
+                subject=login,
+                client=address,
+                reason="invalid credentials",
+            )
             raise UnauthorizedError("invalid username or password")
-        assert account is not None
-        _check_usable(account, utcnow())
-        return await self._principal(account)
+        assert access is not None
+        _check_usable(access.account, utcnow())
+        self.throttle.succeeded(login, address)
+        return _principal(access, personal_token)
 
     async def from_token(self, token: str) -> tuple[Principal, TokenClaims]:
         """Verify a bearer token and load the current state of its account."""
+        await self.tokens.reload(force=not self.tokens.knows_key(token))
         try:
             claims = self.tokens.verify(token)
         except InvalidTokenError as error:
             raise UnauthorizedError(f"invalid token: {error}") from None
-        account = await self.identity.find_account(claims.subject)
-        if account is None or account.token_generation != claims.generation:
+        return await self._current(claims), claims
+
+    async def from_refresh_token(self, token: str) -> Principal:
+        """Verify a refresh token and load the current state of its account."""
+        await self.tokens.reload(force=not self.tokens.knows_key(token))
+        try:
+            claims = self.tokens.verify_refresh(token)
+        except InvalidTokenError as error:
+            raise UnauthorizedError(f"invalid refresh token: {error}") from None
+        return await self._current(claims)
+
+    async def _current(self, claims: TokenClaims) -> Principal:
+        access = await self.identity.account_access(claims.subject)
+        if access is None or access.account.token_generation != claims.generation:
             raise UnauthorizedError("token has been revoked")
+        account = access.account
         _check_usable(account, utcnow())
-        return await self._principal(account), claims
+        personal_token = None
+        if claims.personal_token_id is not None:
+            personal_token = await self.identity.get_personal_token(
+                claims.personal_token_id
+            )
+            if personal_token is None or not _token_usable(
+                personal_token, account, utcnow()
+            ):
+                raise UnauthorizedError("token has been revoked")
+        return _principal(access, personal_token)
+
+    async def _personal_token(
+        self, account: AccountRecord | None, presented: str
+    ) -> PersonalTokenRecord | None:
+        """Return the personal access token `presented` if it is valid for account."""
+        token_id, _, secret = presented.removeprefix(PERSONAL_TOKEN_PREFIX).partition(
+            "_"
+        )
+        record = (
+            await self.identity.get_personal_token(int(token_id))
+            if token_id.isdigit() and len(token_id) < 12
+            else None
+        )
+        stored = record.secret_hash if record is not None else None
+        if not verify_keyed(self.secret_key, stored, secret):
+            return None
+        assert record is not None
+        if account is None or not _token_usable(record, account, utcnow()):
+            return None
+        return record
+
+    async def _secret_matches(
+        self, account: AccountRecord | None, login: str, password: str
+    ) -> bool:
+        if account is None:
+            # Spend the time a real check of this kind of login takes: robot
+            # logins contain "+" and have keyed hashes, users have argon2id.
+            if "+" in login:
+                return verify_keyed(self.secret_key, None, password)
+            return await asyncio.to_thread(verify_password, None, password)
+        if is_keyed_hash(account.secret_hash):
+            return verify_keyed(self.secret_key, account.secret_hash, password)
+        return await self._password_matches(account, login, password)
 
     async def _password_matches(
-        self, account: AccountRecord | None, login: str, password: str
+        self, account: AccountRecord, login: str, password: str
     ) -> bool:
         key = hashlib.sha256(f"{login}\0{password}".encode()).digest()
         cached = self._verified.get(key)
         if (
-            account is not None
-            and cached is not None
+            cached is not None
             and cached[0] == account.id
             and cached[1] == account.token_generation
             and cached[2] > time.monotonic()
         ):
             return True
-        secret_hash = account.secret_hash if account is not None else None
-        matches = await asyncio.to_thread(verify_password, secret_hash, password)
-        if matches and account is not None:
+        matches = await asyncio.to_thread(
+            verify_password, account.secret_hash, password
+        )
+        if matches:
             self._remember(key, account)
         return matches
 
@@ -81,24 +182,34 @@ class Authenticator:
         while len(self._verified) > PASSWORD_CACHE_ENTRIES:
             self._verified.popitem(last=False)
 
-    async def _principal(self, account: AccountRecord) -> Principal:
-        grants = await self.identity.grants_for(account.id, account.customer_id)
-        namespaces = (
-            await self.identity.namespaces_of(account.customer_id)
-            if account.customer_id is not None
-            else []
-        )
-        return Principal(
-            account_id=account.id,
-            login=account.login,
-            kind=account.kind,
-            customer_id=account.customer_id,
-            customer_slug=account.customer_slug,
-            role=account.role,
-            token_generation=account.token_generation,
-            namespaces=tuple(namespaces),
-            grants=tuple(Grant(g.pattern, g.role, g.until) for g in grants),
-        )
+
+def _principal(
+    access: AccountAccess, personal_token: PersonalTokenRecord | None
+) -> Principal:
+    account = access.account
+    return Principal(
+        account_id=account.id,
+        login=account.login,
+        kind=account.kind,
+        customer_id=account.customer_id,
+        customer_slug=account.customer_slug,
+        role=account.role,
+        token_generation=account.token_generation,
+        namespaces=tuple(access.namespaces),
+        grants=tuple(Grant(g.pattern, g.role, g.until) for g in access.grants),
+        personal_token_id=personal_token.id if personal_token else None,
+        ceiling=personal_token.role if personal_token else None,
+    )
+
+
+def _token_usable(
+    token: PersonalTokenRecord, account: AccountRecord, now: datetime
+) -> bool:
+    return (
+        token.account_id == account.id
+        and token.revoked_at is None
+        and (token.expires_at is None or token.expires_at > now)
+    )
 
 
 def _check_usable(account: AccountRecord, now: datetime) -> None:

@@ -31,7 +31,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 customer_app = typer.Typer(help="Add and list customers.", no_args_is_help=True)
-user_app = typer.Typer(help="Add customer users.", no_args_is_help=True)
+user_app = typer.Typer(help="Manage customer users.", no_args_is_help=True)
 app.add_typer(customer_app, name="customer")
 config_app = typer.Typer(
     help="Check and document the configuration.", no_args_is_help=True
@@ -194,3 +194,7 @@ def version() -> None:
 
 def main() -> None:
     app()
+
+
+# Registers the account, robot, token, grant and signing-key commands.
+from moorage.cli import identity as _identity  # noqa: E402, F401

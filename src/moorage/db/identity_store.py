@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import delete, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -15,6 +16,8 @@ from moorage.db.schema import (
     customers,
     grants,
     namespaces,
+    personal_tokens,
+    server_keys,
     signing_keys,
     utcnow,
 )
@@ -65,6 +68,45 @@ class SigningKeyRecord:
     algorithm: str
     private_key: str
     created_at: datetime
+    retired_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PersonalTokenRecord:
+    id: int
+    account_id: int
+    name: str
+    secret_hash: str
+    role: str
+    expires_at: datetime | None
+    revoked_at: datetime | None
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class AccountAccess:
+    """An account with its grants and its customer's namespaces."""
+
+    account: AccountRecord
+    grants: list[GrantRecord]
+    namespaces: list[str]
+
+
+_GRANT_COLUMNS = (
+    grants.c.id,
+    grants.c.customer_id,
+    grants.c.account_id,
+    grants.c.pattern,
+    grants.c.role,
+    grants.c.until,
+)
+_SIGNING_KEY_COLUMNS = (
+    signing_keys.c.kid,
+    signing_keys.c.algorithm,
+    signing_keys.c.private_key,
+    signing_keys.c.created_at,
+    signing_keys.c.retired_at,
+)
 
 
 _ACCOUNT_COLUMNS = (
@@ -85,6 +127,17 @@ _ACCOUNT_COLUMNS = (
 
 def _account(row: Any) -> AccountRecord:
     return AccountRecord(*row)
+
+
+def _grants_condition(account_id: int, customer_id: int | None) -> Any:
+    """Select the grants of an account and of its whole customer."""
+    condition = grants.c.account_id == account_id
+    if customer_id is None:
+        return condition
+    return or_(
+        condition,
+        (grants.c.customer_id == customer_id) & grants.c.account_id.is_(None),
+    )
 
 
 class IdentityStore:
@@ -193,6 +246,36 @@ class IdentityStore:
         except IntegrityError:
             raise ConflictError(f"the login name {login!r} is already taken") from None
 
+    async def account_access(self, login: str) -> AccountAccess | None:
+        """Return an account with its grants and namespaces, in one connection
+        (every authenticated request needs all three)."""
+        async with self.engine.connect() as connection:
+            row = (
+                await connection.execute(
+                    select(*_ACCOUNT_COLUMNS)
+                    .select_from(accounts.outerjoin(customers))
+                    .where(accounts.c.login == login)
+                )
+            ).first()
+            if row is None:
+                return None
+            account = _account(row)
+            grant_rows = await connection.execute(
+                select(*_GRANT_COLUMNS).where(
+                    _grants_condition(account.id, account.customer_id)
+                )
+            )
+            grant_records = [GrantRecord(*grant) for grant in grant_rows]
+            names: list[str] = []
+            if account.customer_id is not None:
+                name_rows = await connection.execute(
+                    select(namespaces.c.name)
+                    .where(namespaces.c.customer_id == account.customer_id)
+                    .order_by(namespaces.c.name)
+                )
+                names = [row[0] for row in name_rows]
+        return AccountAccess(account, grant_records, names)
+
     async def find_account(self, login: str) -> AccountRecord | None:
         return await self._account_where(accounts.c.login == login)
 
@@ -246,6 +329,157 @@ class IdentityStore:
                 )
             )
 
+    async def set_expiry(self, account_id: int, expires_at: datetime | None) -> None:
+        async with self.engine.begin() as connection:
+            await connection.execute(
+                update(accounts)
+                .where(accounts.c.id == account_id)
+                .values(expires_at=expires_at)
+            )
+
+    async def set_disabled(self, account_id: int, disabled: bool) -> None:
+        """Disable or enable an account; disabling also rejects its tokens for good,
+        so enabling it again does not revive them."""
+        values: dict[str, Any] = {"disabled": disabled}
+        if disabled:
+            values["token_generation"] = accounts.c.token_generation + 1
+        async with self.engine.begin() as connection:
+            await connection.execute(
+                update(accounts).where(accounts.c.id == account_id).values(**values)
+            )
+
+    async def delete_account(self, account_id: int) -> None:
+        """Delete an account with its grants and personal access tokens."""
+        async with self.engine.begin() as connection:
+            await connection.execute(
+                delete(grants).where(grants.c.account_id == account_id)
+            )
+            await connection.execute(
+                delete(personal_tokens).where(
+                    personal_tokens.c.account_id == account_id
+                )
+            )
+            await connection.execute(
+                delete(accounts).where(accounts.c.id == account_id)
+            )
+
+    async def set_customer_status(self, customer_id: int, status: str) -> None:
+        """Set a customer active or suspended; suspending also rejects every token
+        of its accounts for good."""
+        async with self.engine.begin() as connection:
+            await connection.execute(
+                update(customers)
+                .where(customers.c.id == customer_id)
+                .values(status=status)
+            )
+            if status != "active":
+                await connection.execute(
+                    update(accounts)
+                    .where(accounts.c.customer_id == customer_id)
+                    .values(token_generation=accounts.c.token_generation + 1)
+                )
+
+    # Personal access tokens
+
+    async def add_personal_token(
+        self,
+        account_id: int,
+        name: str,
+        secret_hash: str,
+        role: str,
+        expires_at: datetime | None,
+    ) -> int:
+        async with self.engine.begin() as connection:
+            return (
+                await connection.execute(
+                    personal_tokens.insert()
+                    .values(
+                        account_id=account_id,
+                        name=name,
+                        secret_hash=secret_hash,
+                        role=role,
+                        expires_at=expires_at,
+                        created_at=utcnow(),
+                    )
+                    .returning(personal_tokens.c.id)
+                )
+            ).scalar_one()
+
+    async def get_personal_token(self, token_id: int) -> PersonalTokenRecord | None:
+        async with self.engine.connect() as connection:
+            row = (
+                await connection.execute(
+                    select(personal_tokens).where(personal_tokens.c.id == token_id)
+                )
+            ).first()
+        return None if row is None else PersonalTokenRecord(*row)
+
+    async def list_personal_tokens(self, account_id: int) -> list[PersonalTokenRecord]:
+        async with self.engine.connect() as connection:
+            result = await connection.execute(
+                select(personal_tokens)
+                .where(personal_tokens.c.account_id == account_id)
+                .order_by(personal_tokens.c.id)
+            )
+            return [PersonalTokenRecord(*row) for row in result]
+
+    async def revoke_personal_token(self, token_id: int) -> None:
+        async with self.engine.begin() as connection:
+            await connection.execute(
+                update(personal_tokens)
+                .where(
+                    personal_tokens.c.id == token_id,
+                    personal_tokens.c.revoked_at.is_(None),
+                )
+                .values(revoked_at=utcnow())
+            )
+
+    # Grants
+
+    async def add_grant(
+        self,
+        customer_id: int,
+        account_id: int | None,
+        pattern: str,
+        role: str,
+        until: datetime | None,
+    ) -> int:
+        async with self.engine.begin() as connection:
+            return (
+                await connection.execute(
+                    grants.insert()
+                    .values(
+                        customer_id=customer_id,
+                        account_id=account_id,
+                        pattern=pattern,
+                        role=role,
+                        until=until,
+                        created_at=utcnow(),
+                    )
+                    .returning(grants.c.id)
+                )
+            ).scalar_one()
+
+    async def list_grants(self, customer_id: int) -> list[GrantRecord]:
+        """Return every grant of a customer: customer-wide and to its accounts."""
+        async with self.engine.connect() as connection:
+            result = await connection.execute(
+                select(*_GRANT_COLUMNS)
+                .where(grants.c.customer_id == customer_id)
+                .order_by(grants.c.id)
+            )
+            return [GrantRecord(*row) for row in result]
+
+    async def remove_grant(self, customer_id: int, grant_id: int) -> bool:
+        """Delete one grant of a customer; return False when there is none."""
+        async with self.engine.begin() as connection:
+            result = await connection.execute(
+                delete(grants).where(
+                    grants.c.id == grant_id, grants.c.customer_id == customer_id
+                )
+            )
+        return bool(result.rowcount)
+
     # Grants
 
     async def grants_for(
@@ -253,44 +487,60 @@ class IdentityStore:
     ) -> list[GrantRecord]:
         """Return the grants of an account and of its whole customer."""
         async with self.engine.connect() as connection:
-            condition = grants.c.account_id == account_id
-            if customer_id is not None:
-                condition = or_(
-                    condition,
-                    (grants.c.customer_id == customer_id)
-                    & grants.c.account_id.is_(None),
-                )
             result = await connection.execute(
-                select(
-                    grants.c.id,
-                    grants.c.customer_id,
-                    grants.c.account_id,
-                    grants.c.pattern,
-                    grants.c.role,
-                    grants.c.until,
-                ).where(condition)
+                select(*_GRANT_COLUMNS).where(
+                    _grants_condition(account_id, customer_id)
+                )
             )
             return [GrantRecord(*row) for row in result]
 
     # Token signing keys
 
     async def active_signing_keys(self) -> list[SigningKeyRecord]:
-        """Return keys not retired, newest first."""
+        """Return keys not yet retired (including those in their overlap window),
+        newest first."""
+        now = utcnow()
         async with self.engine.connect() as connection:
             result = await connection.execute(
-                select(
-                    signing_keys.c.kid,
-                    signing_keys.c.algorithm,
-                    signing_keys.c.private_key,
-                    signing_keys.c.created_at,
+                select(*_SIGNING_KEY_COLUMNS)
+                .where(
+                    or_(
+                        signing_keys.c.retired_at.is_(None),
+                        signing_keys.c.retired_at > now,
+                    )
                 )
-                .where(signing_keys.c.retired_at.is_(None))
                 .order_by(signing_keys.c.created_at.desc())
             )
             return [SigningKeyRecord(*row) for row in result]
 
-    async def add_signing_key(self, kid: str, algorithm: str, private_key: str) -> None:
+    async def list_signing_keys(self) -> list[SigningKeyRecord]:
+        async with self.engine.connect() as connection:
+            result = await connection.execute(
+                select(*_SIGNING_KEY_COLUMNS).order_by(signing_keys.c.created_at.desc())
+            )
+            return [SigningKeyRecord(*row) for row in result]
+
+    async def add_signing_key(
+        self,
+        kid: str,
+        algorithm: str,
+        private_key: str,
+        retire_others_at: datetime | None = None,
+    ) -> None:
+        """Add a signing key; keys still in use stop verifying at `retire_others_at`
+        (None leaves them as they are)."""
         async with self.engine.begin() as connection:
+            if retire_others_at is not None:
+                await connection.execute(
+                    update(signing_keys)
+                    .where(
+                        or_(
+                            signing_keys.c.retired_at.is_(None),
+                            signing_keys.c.retired_at > retire_others_at,
+                        )
+                    )
+                    .values(retired_at=retire_others_at)
+                )
             await connection.execute(
                 signing_keys.insert().values(
                     kid=kid,
@@ -299,3 +549,26 @@ class IdentityStore:
                     created_at=utcnow(),
                 )
             )
+
+    # Server keys
+
+    async def server_key(self, name: str, size: int = 32) -> bytes:
+        """Return the named server key, creating a random one on first use."""
+        async with self.engine.connect() as connection:
+            found = await connection.scalar(
+                select(server_keys.c.material).where(server_keys.c.name == name)
+            )
+        if found is not None:
+            return bytes(found)
+        try:
+            async with self.engine.begin() as connection:
+                await connection.execute(
+                    server_keys.insert().values(
+                        name=name,
+                        material=secrets.token_bytes(size),
+                        created_at=utcnow(),
+                    )
+                )
+        except IntegrityError:
+            pass  # another process created it first; read theirs
+        return await self.server_key(name, size)

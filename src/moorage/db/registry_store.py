@@ -21,7 +21,7 @@ from moorage.db.schema import (
     uploads,
     utcnow,
 )
-from moorage.errors import ManifestBlobUnknownError
+from moorage.errors import BlobReferencedError, ManifestBlobUnknownError
 from moorage.names import namespace_of
 
 
@@ -157,11 +157,22 @@ class RegistryStore:
             return size
 
     async def unlink_blob(self, repository: str, digest: str) -> bool:
-        """Remove a blob from a repository; return False when it was not linked."""
+        """Remove a blob from a repository; return False when it was not linked.
+
+        Raises BlobReferencedError when a manifest of the repository references
+        the blob, because the blob would stay visible through that manifest.
+        """
         async with self.engine.begin() as connection:
             repository_id = await _repository_id(connection, repository)
             if repository_id is None:
                 return False
+            referencing = await _manifest_referencing(connection, repository_id, digest)
+            if referencing is not None:
+                raise BlobReferencedError(
+                    f"blob {digest} is referenced by manifest {referencing} in "
+                    f"{repository}; delete that manifest first",
+                    detail={"digest": digest, "manifest": referencing},
+                )
             result = await connection.execute(
                 delete(repository_blobs).where(
                     repository_blobs.c.repository_id == repository_id,
@@ -426,6 +437,26 @@ async def _visible_blob_size(
         )
     )
     return None if referenced is None else int(referenced)
+
+
+async def _manifest_referencing(
+    connection: AsyncConnection, repository_id: int, digest: str
+) -> str | None:
+    """Return the digest of a manifest in the repository that names a blob."""
+    return await connection.scalar(
+        select(manifests.c.digest)
+        .join(
+            manifest_references,
+            manifest_references.c.manifest_id == manifests.c.id,
+        )
+        .where(
+            manifests.c.repository_id == repository_id,
+            manifest_references.c.digest == digest,
+            manifest_references.c.kind == "blob",
+        )
+        .order_by(manifests.c.digest)
+        .limit(1)
+    )
 
 
 async def _check_references(

@@ -206,3 +206,31 @@ signing_keys = Table(
     Column("created_at", UTCDateTime, nullable=False, default=utcnow),
     Column("retired_at", UTCDateTime, nullable=True),
 )
+
+# Keys the server keeps for itself, by name. `secret_hmac` keys the fast hashes of
+# generated secrets (robot secrets, personal access tokens).
+server_keys = Table(
+    "server_keys",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("material", LargeBinary, nullable=False),
+    Column("created_at", UTCDateTime, nullable=False, default=utcnow),
+)
+
+# Personal access tokens: secrets a user makes for automation, limited to a role
+# at most equal to the user's own rights, until an expiry date.
+personal_tokens = Table(
+    "personal_tokens",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("account_id", Integer, ForeignKey("accounts.id"), nullable=False),
+    Column("name", String(100), nullable=False),
+    # Keyed hash (HMAC-SHA256) of the secret part of the token.
+    Column("secret_hash", Text, nullable=False),
+    # reader, writer or maintainer: the most this token may do.
+    Column("role", String(16), nullable=False),
+    Column("expires_at", UTCDateTime, nullable=True),
+    Column("revoked_at", UTCDateTime, nullable=True),
+    Column("created_at", UTCDateTime, nullable=False, default=utcnow),
+    Index(None, "account_id"),
+)

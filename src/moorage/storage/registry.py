@@ -13,6 +13,7 @@ replica) the data received so far is hashed again when the upload finishes.
 from __future__ import annotations
 
 import asyncio
+import weakref
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -70,7 +71,11 @@ class Registry:
         self.driver = driver
         self.max_manifest_bytes = max_manifest_bytes
         self._hashers: OrderedDict[str, tuple[int, Any]] = OrderedDict()
-        self._upload_locks: dict[str, asyncio.Lock] = {}
+        # A session's lock lives while a request holds it, so sessions that
+        # clients abandon leave nothing behind.
+        self._upload_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = (
+            weakref.WeakValueDictionary()
+        )
 
     # Blobs
 
@@ -160,6 +165,8 @@ class Registry:
             size = upload.size
             if body is not None:
                 size = await self._write(upload, body, length)
+            else:
+                await self._drop_unrecorded_bytes(upload)
             actual = await self._session_digest(upload_id, size, expected.algorithm)
             if actual != expected:
                 await self._discard(upload_id)
@@ -169,14 +176,12 @@ class Registry:
                 )
             await self._commit(repository, upload_id, expected, size)
         self._hashers.pop(upload_id, None)
-        self._upload_locks.pop(upload_id, None)
         return size
 
     async def cancel_upload(self, repository: str, upload_id: str) -> None:
         async with self._lock(upload_id):
             await self.get_upload(repository, upload_id)
             await self._discard(upload_id)
-        self._upload_locks.pop(upload_id, None)
 
     async def upload_whole(
         self,
@@ -224,6 +229,18 @@ class Registry:
         if hasher is not None:
             self._remember_hasher(upload.id, new_size, hasher)
         return new_size
+
+    async def _drop_unrecorded_bytes(self, upload: UploadRecord) -> None:
+        """Cut the session's data to the size recorded in the database.
+
+        A request that died with its process may have written bytes past that
+        size; the blob must not contain them.
+        """
+        if upload.size == 0:
+            return
+        path = paths.upload_data_path(upload.id)
+        writer = await self.driver.writer(path, upload.size)
+        await writer.commit()
 
     def _running_hasher(self, upload_id: str, size: int) -> Any | None:
         """Return a copy of the session's running sha256, or None if unknown."""
@@ -283,7 +300,6 @@ class Registry:
         stale = await self.store.list_stale_uploads(older_than)
         for upload_id in stale:
             await self._discard(upload_id)
-            self._upload_locks.pop(upload_id, None)
         return len(stale)
 
     def _lock(self, upload_id: str) -> asyncio.Lock:

@@ -1,0 +1,405 @@
+"""Commands for accounts, robots, personal access tokens, grants and keys.
+
+`moorage.cli.main` imports this module at its end; the commands register
+themselves on its Typer apps.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime, timedelta
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from moorage import admin
+from moorage.auth.tokens import add_signing_key
+from moorage.cli.main import (
+    DataDirOption,
+    _parse_date,
+    _run,
+    _settings,
+    app,
+    console,
+    customer_app,
+    errors,
+    user_app,
+)
+from moorage.db.identity_store import AccountRecord, GrantRecord, PersonalTokenRecord
+from moorage.services import Services
+
+robot_app = typer.Typer(help="Manage customers' robot accounts.", no_args_is_help=True)
+token_app = typer.Typer(
+    help="Manage users' personal access tokens.", no_args_is_help=True
+)
+grant_app = typer.Typer(
+    help="Grant customers roles on repository patterns.", no_args_is_help=True
+)
+signing_key_app = typer.Typer(
+    help="Rotate and list the token signing keys.", no_args_is_help=True
+)
+app.add_typer(robot_app, name="robot")
+app.add_typer(token_app, name="token")
+app.add_typer(grant_app, name="grant")
+app.add_typer(signing_key_app, name="signing-key")
+
+CustomerArgument = Annotated[
+    str, typer.Argument(help="Customer slug, or '-' for the vendor's own accounts.")
+]
+_DURATION = re.compile(r"(\d+)([dhm])")
+_UNITS = {"d": "days", "h": "hours", "m": "minutes"}
+
+
+def parse_expiry(value: str | None) -> datetime | None:
+    """Parse `90d`, `12h`, `30m` or a date (YYYY-MM-DD) into a UTC time."""
+    if value is None:
+        return None
+    match = _DURATION.fullmatch(value)
+    if match:
+        amount = {_UNITS[match.group(2)]: int(match.group(1))}
+        return datetime.now(UTC) + timedelta(**amount)
+    return _parse_date(value)
+
+
+def _when(value: datetime | None) -> str:
+    return value.strftime("%Y-%m-%d %H:%M") if value else "-"
+
+
+def _print_secret(label: str, secret: str) -> None:
+    console.print(f"{label} (shown once, store it now):")
+    print(secret)
+
+
+# Customers
+
+
+@customer_app.command("suspend")
+def customer_suspend(customer: str, data_dir: DataDirOption = None) -> None:
+    """Stop every login and token of a customer at once."""
+    _run(
+        _settings(data_dir=data_dir),
+        lambda s: admin.set_customer_active(s.identity, customer, False),
+    )
+    console.print(f"customer {customer} suspended; its tokens no longer work")
+
+
+@customer_app.command("resume")
+def customer_resume(customer: str, data_dir: DataDirOption = None) -> None:
+    """Let a suspended customer's accounts log in again."""
+    _run(
+        _settings(data_dir=data_dir),
+        lambda s: admin.set_customer_active(s.identity, customer, True),
+    )
+    console.print(f"customer {customer} resumed; its accounts must log in again")
+
+
+# Users
+
+
+@user_app.command("disable")
+def user_disable(
+    customer: CustomerArgument, name: str, data_dir: DataDirOption = None
+) -> None:
+    """Disable a user; its tokens stop working on the next request."""
+    _run(
+        _settings(data_dir=data_dir),
+        lambda s: admin.set_enabled(s.identity, customer, name, "user", False),
+    )
+    console.print(f"user {name} disabled")
+
+
+@user_app.command("enable")
+def user_enable(
+    customer: CustomerArgument, name: str, data_dir: DataDirOption = None
+) -> None:
+    """Enable a disabled user again (it must log in again)."""
+    _run(
+        _settings(data_dir=data_dir),
+        lambda s: admin.set_enabled(s.identity, customer, name, "user", True),
+    )
+    console.print(f"user {name} enabled")
+
+
+@user_app.command("list")
+def user_list(customer: CustomerArgument, data_dir: DataDirOption = None) -> None:
+    """List a customer's users and robots."""
+
+    async def action(services: Services) -> list[AccountRecord]:
+        if customer == "-":
+            return await services.identity.list_accounts(None)
+        record = await services.identity.get_customer(customer)
+        return await services.identity.list_accounts(record.id)
+
+    accounts = _run(_settings(data_dir=data_dir), action)
+    table = Table("login", "kind", "role", "state", "expires")
+    for account in accounts:
+        state = "disabled" if account.disabled else "active"
+        table.add_row(
+            account.login,
+            account.kind,
+            account.role or "-",
+            state,
+            _when(account.expires_at),
+        )
+    console.print(table)
+
+
+# Robots
+
+
+@robot_app.command("add")
+def robot_add(
+    customer: str,
+    name: Annotated[
+        str, typer.Argument(help="Robot name; its login is CUSTOMER+NAME.")
+    ],
+    role: Annotated[
+        str, typer.Option(help="reader, writer, maintainer or owner on own namespaces.")
+    ] = "reader",
+    expires: Annotated[
+        str | None,
+        typer.Option(help="Secret expiry: 90d, 12h, 30m or a date (YYYY-MM-DD)."),
+    ] = None,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Add a robot account. Prints its login and secret once."""
+    until = parse_expiry(expires)
+    created = _run(
+        _settings(data_dir=data_dir),
+        lambda s: admin.add_robot(s.identity, customer, name, role, until),
+    )
+    console.print(f"robot {created.login} added as {role}")
+    assert created.password is not None
+    _print_secret("secret", created.password)
+
+
+@robot_app.command("list")
+def robot_list(customer: str, data_dir: DataDirOption = None) -> None:
+    """List a customer's robot accounts."""
+
+    async def action(services: Services) -> list[AccountRecord]:
+        record = await services.identity.get_customer(customer)
+        accounts = await services.identity.list_accounts(record.id)
+        return [account for account in accounts if account.kind == "robot"]
+
+    table = Table("login", "role", "state", "expires")
+    for account in _run(_settings(data_dir=data_dir), action):
+        state = "disabled" if account.disabled else "active"
+        table.add_row(
+            account.login, account.role or "-", state, _when(account.expires_at)
+        )
+    console.print(table)
+
+
+@robot_app.command("rotate")
+def robot_rotate(
+    customer: str,
+    name: str,
+    expires: Annotated[
+        str | None,
+        typer.Option(help="New secret's expiry: 90d, 12h, 30m or a date."),
+    ] = None,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Give a robot a new secret; the old one and its tokens stop working now."""
+    until = parse_expiry(expires)
+    created = _run(
+        _settings(data_dir=data_dir),
+        lambda s: admin.rotate_robot(s.identity, customer, name, until),
+    )
+    assert created.password is not None
+    _print_secret(f"new secret of {created.login}", created.password)
+
+
+@robot_app.command("disable")
+def robot_disable(customer: str, name: str, data_dir: DataDirOption = None) -> None:
+    """Disable a robot; its tokens stop working on the next request."""
+    login = admin.robot_login(customer, name)
+    _run(
+        _settings(data_dir=data_dir),
+        lambda s: admin.set_enabled(s.identity, customer, login, "robot", False),
+    )
+    console.print(f"robot {login} disabled")
+
+
+@robot_app.command("enable")
+def robot_enable(customer: str, name: str, data_dir: DataDirOption = None) -> None:
+    """Enable a disabled robot again."""
+    login = admin.robot_login(customer, name)
+    _run(
+        _settings(data_dir=data_dir),
+        lambda s: admin.set_enabled(s.identity, customer, login, "robot", True),
+    )
+    console.print(f"robot {login} enabled")
+
+
+@robot_app.command("remove")
+def robot_remove(customer: str, name: str, data_dir: DataDirOption = None) -> None:
+    """Delete a robot account with its grants."""
+    _run(
+        _settings(data_dir=data_dir),
+        lambda s: admin.remove_robot(s.identity, customer, name),
+    )
+    console.print(f"robot {admin.robot_login(customer, name)} removed")
+
+
+# Personal access tokens
+
+
+@token_app.command("add")
+def token_add(
+    customer: CustomerArgument,
+    user: str,
+    name: Annotated[str, typer.Option(help="What the token is for.")] = "token",
+    role: Annotated[
+        str,
+        typer.Option(help="Most the token may do: reader, writer or maintainer."),
+    ] = "reader",
+    expires: Annotated[
+        str, typer.Option(help="Expiry: 90d, 12h, 30m or a date (YYYY-MM-DD).")
+    ] = "90d",
+    data_dir: DataDirOption = None,
+) -> None:
+    """Create a personal access token for a user. Prints it once."""
+    until = parse_expiry(expires)
+    created = _run(
+        _settings(data_dir=data_dir),
+        lambda s: admin.add_personal_token(
+            s.identity, customer, user, name, role, until
+        ),
+    )
+    console.print(
+        f"token {created.id} for {user}, at most {role}, until {_when(until)}"
+    )
+    _print_secret("token", created.token)
+
+
+@token_app.command("list")
+def token_list(
+    customer: CustomerArgument, user: str, data_dir: DataDirOption = None
+) -> None:
+    """List a user's personal access tokens (never the secrets)."""
+
+    async def action(services: Services) -> list[PersonalTokenRecord]:
+        account = await admin.find_account_of(services.identity, customer, user, "user")
+        return await services.identity.list_personal_tokens(account.id)
+
+    table = Table("id", "name", "role", "expires", "revoked", "created")
+    for token in _run(_settings(data_dir=data_dir), action):
+        table.add_row(
+            str(token.id),
+            token.name,
+            token.role,
+            _when(token.expires_at),
+            _when(token.revoked_at),
+            _when(token.created_at),
+        )
+    console.print(table)
+
+
+@token_app.command("revoke")
+def token_revoke(
+    customer: CustomerArgument,
+    user: str,
+    token_id: int,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Revoke a personal access token; it stops working on the next request."""
+    _run(
+        _settings(data_dir=data_dir),
+        lambda s: admin.revoke_personal_token(s.identity, customer, user, token_id),
+    )
+    console.print(f"token {token_id} revoked")
+
+
+# Grants
+
+
+@grant_app.command("add")
+def grant_add(
+    customer: str,
+    pattern: Annotated[
+        str, typer.Argument(help="Namespace, repository or glob: products/*.")
+    ],
+    role: Annotated[str, typer.Argument(help="reader, writer, maintainer or owner.")],
+    until: Annotated[
+        str | None, typer.Option(help="Last moment of access (YYYY-MM-DD, UTC).")
+    ] = None,
+    account: Annotated[
+        str | None, typer.Option(help="Grant to this login only, not the customer.")
+    ] = None,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Grant a role on a repository pattern to a customer or one of its accounts."""
+    end = _parse_date(until)
+    grant_id = _run(
+        _settings(data_dir=data_dir),
+        lambda s: admin.add_grant(s.identity, customer, pattern, role, end, account),
+    )
+    console.print(f"grant {grant_id}: {role} on {pattern} to {account or customer}")
+
+
+@grant_app.command("list")
+def grant_list(customer: str, data_dir: DataDirOption = None) -> None:
+    """List a customer's grants."""
+
+    async def action(services: Services) -> list[tuple[GrantRecord, str]]:
+        record = await services.identity.get_customer(customer)
+        accounts = {
+            account.id: account.login
+            for account in await services.identity.list_accounts(record.id)
+        }
+        grants = await services.identity.list_grants(record.id)
+        return [(g, accounts.get(g.account_id or -1, "(customer)")) for g in grants]
+
+    table = Table("id", "pattern", "role", "to", "until")
+    for grant, to in _run(_settings(data_dir=data_dir), action):
+        table.add_row(str(grant.id), grant.pattern, grant.role, to, _when(grant.until))
+    console.print(table)
+
+
+@grant_app.command("remove")
+def grant_remove(customer: str, grant_id: int, data_dir: DataDirOption = None) -> None:
+    """Remove a grant; access through it ends on the next request."""
+    _run(
+        _settings(data_dir=data_dir),
+        lambda s: admin.remove_grant(s.identity, customer, grant_id),
+    )
+    console.print(f"grant {grant_id} removed")
+
+
+# Signing keys
+
+
+@signing_key_app.command("rotate")
+def signing_key_rotate(
+    overlap: Annotated[
+        int | None,
+        typer.Option(
+            help="Seconds the old keys keep verifying. Default: the refresh token "
+            "lifetime, so no client must log in again. Use 0 for a leaked key."
+        ),
+    ] = None,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Create a new token signing key; the old ones retire after the overlap."""
+    settings = _settings(data_dir=data_dir)
+    seconds = settings.refresh_token_ttl_seconds if overlap is None else overlap
+    if seconds < 0:
+        errors.print("[red]error:[/red] --overlap must be 0 or more seconds")
+        raise typer.Exit(2)
+    kid = _run(settings, lambda s: add_signing_key(s.identity, seconds))
+    console.print(f"new signing key {kid}; older keys retire in {seconds} s")
+
+
+@signing_key_app.command("list")
+def signing_key_list(data_dir: DataDirOption = None) -> None:
+    """List the token signing keys (never the private keys)."""
+    keys = _run(_settings(data_dir=data_dir), lambda s: s.identity.list_signing_keys())
+    table = Table("kid", "algorithm", "created", "retired")
+    for key in keys:
+        table.add_row(
+            key.kid, key.algorithm, _when(key.created_at), _when(key.retired_at)
+        )
+    console.print(table)

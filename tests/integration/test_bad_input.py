@@ -1,0 +1,312 @@
+"""Bad input never corrupts storage: truncated bodies, wrong digests, bad sizes.
+
+Truncated bodies are sent over a raw socket that announces more bytes than it
+sends and then closes, as a client that dies mid-upload does.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.registry import (
+    Account,
+    assert_error,
+    assert_storage_consistent,
+    basic_header,
+    digest_of,
+    logged_requests,
+    make_image,
+    push_blob,
+    put_manifest,
+    raw_request,
+    start_upload,
+    to_json,
+    upload_dir,
+    wait_for_request,
+)
+from tests.support.server import ServerProcess
+
+DATA = os.urandom(3 * 1024 * 1024)
+# Where truncated bodies stop: past the 1 MiB the server buffers before writing.
+CUT = 2 * 1024 * 1024
+# The error code in the request log of a request whose client went away.
+DISCONNECTED = "CLIENT_DISCONNECTED"
+
+
+def upload_dirs(server: ServerProcess) -> set[Path]:
+    root = server.data_dir / "storage" / "uploads"
+    return set(root.iterdir()) if root.exists() else set()
+
+
+def send_truncated(
+    server: ServerProcess,
+    account: Account,
+    method: str,
+    path: str,
+    announced: int,
+    body: bytes,
+    extra_headers: str = "",
+) -> None:
+    """Announce `announced` bytes, send `body` (fewer), close, await the log line."""
+    url_path = path.split("?", 1)[0]
+    before = len(logged_requests(server, url_path, DISCONNECTED))
+    head = (
+        f"{method} {path} HTTP/1.1\r\n"
+        f"Host: {server.address}\r\n"
+        + basic_header(account.login, account.password)
+        + "Content-Type: application/octet-stream\r\n"
+        + f"Content-Length: {announced}\r\n"
+        + extra_headers
+        + "\r\n"
+    )
+    raw_request(server, head, body)
+    wait_for_request(server, url_path, before + 1, DISCONNECTED)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def storage_checked(server: ServerProcess) -> Iterator[None]:
+    """After this module's tests, storage must be consistent."""
+    yield
+    assert_storage_consistent(server)
+
+
+def test_truncated_monolithic_post(server: ServerProcess, writer: Account) -> None:
+    """A POST ?digest= cut short stores nothing and leaves no upload behind."""
+    repository = writer.repository()
+    digest = digest_of(DATA)
+    before = upload_dirs(server)
+    path = f"/v2/{repository}/blobs/uploads/?digest={digest}"
+    send_truncated(server, writer, "POST", path, len(DATA), DATA[:CUT])
+    assert upload_dirs(server) <= before
+    response = writer.client.get(f"/v2/{repository}/blobs/{digest}")
+    assert_error(response, 404, "BLOB_UNKNOWN")
+    assert_storage_consistent(server)
+
+
+@pytest.mark.parametrize("with_range", [False, True], ids=["streamed", "chunked"])
+def test_truncated_patch(
+    server: ServerProcess, writer: Account, with_range: bool
+) -> None:
+    """A PATCH cut short appends nothing; the client can resume and finish."""
+    repository = writer.repository()
+    location = start_upload(writer.client, repository)
+    first = writer.client.patch(location, content=DATA[:1000])
+    assert first.headers["range"] == "0-999"
+    extra = f"Content-Range: 1000-{len(DATA) - 1}\r\n" if with_range else ""
+    send_truncated(
+        server,
+        writer,
+        "PATCH",
+        location,
+        len(DATA) - 1000,
+        DATA[1000:CUT],
+        extra,
+    )
+    status = writer.client.get(location)
+    assert status.headers["range"] == "0-999"
+    data_file = upload_dir(server, location.rsplit("/", 1)[1]) / "data"
+    assert data_file.stat().st_size == 1000
+    rest = writer.client.patch(location, content=DATA[1000:])
+    assert rest.headers["range"] == f"0-{len(DATA) - 1}"
+    done = writer.client.put(location, params={"digest": digest_of(DATA)})
+    assert done.status_code == 201
+    got = writer.client.get(f"/v2/{repository}/blobs/{digest_of(DATA)}")
+    assert got.content == DATA
+
+
+def test_truncated_put(server: ServerProcess, writer: Account) -> None:
+    """A PUT whose last chunk is cut short commits nothing; a retry succeeds."""
+    repository = writer.repository()
+    location = start_upload(writer.client, repository)
+    writer.client.patch(location, content=DATA[:1000])
+    digest = digest_of(DATA)
+    send_truncated(
+        server,
+        writer,
+        "PUT",
+        f"{location}?digest={digest}",
+        len(DATA) - 1000,
+        DATA[1000:CUT],
+    )
+    assert_error(
+        writer.client.get(f"/v2/{repository}/blobs/{digest}"), 404, "BLOB_UNKNOWN"
+    )
+    assert writer.client.get(location).headers["range"] == "0-999"
+    done = writer.client.put(location, params={"digest": digest}, content=DATA[1000:])
+    assert done.status_code == 201
+
+
+@pytest.mark.parametrize("algorithm", ["sha256", "sha512"])
+def test_wrong_digest_put(
+    server: ServerProcess, writer: Account, algorithm: str
+) -> None:
+    """A PUT whose digest does not match gets DIGEST_INVALID and drops the upload."""
+    repository = writer.repository()
+    location = start_upload(writer.client, repository)
+    writer.client.patch(location, content=DATA)
+    wrong = digest_of(DATA + b"x", algorithm)
+    response = writer.client.put(location, params={"digest": wrong})
+    assert_error(response, 400, "DIGEST_INVALID")
+    assert not upload_dir(server, location.rsplit("/", 1)[1]).exists()
+    assert_error(writer.client.get(location), 404, "BLOB_UPLOAD_UNKNOWN")
+    for digest in (wrong, digest_of(DATA, algorithm)):
+        blob = writer.client.get(f"/v2/{repository}/blobs/{digest}")
+        assert_error(blob, 404, "BLOB_UNKNOWN")
+
+
+def test_wrong_digest_post(server: ServerProcess, writer: Account) -> None:
+    """A monolithic POST with a wrong digest stores nothing at all."""
+    repository = writer.repository()
+    before = upload_dirs(server)
+    wrong = digest_of(b"not the data")
+    response = writer.client.post(
+        f"/v2/{repository}/blobs/uploads/", params={"digest": wrong}, content=DATA
+    )
+    assert_error(response, 400, "DIGEST_INVALID")
+    assert upload_dirs(server) <= before
+    assert_error(
+        writer.client.get(f"/v2/{repository}/blobs/{wrong}"), 404, "BLOB_UNKNOWN"
+    )
+
+
+def test_wrong_digest_keeps_existing(writer: Account) -> None:
+    """A failed upload claiming an existing digest leaves that blob intact."""
+    repository = writer.repository()
+    digest = push_blob(writer.client, repository, DATA)
+    response = writer.client.post(
+        f"/v2/{repository}/blobs/uploads/", params={"digest": digest}, content=b"evil"
+    )
+    assert_error(response, 400, "DIGEST_INVALID")
+    assert writer.client.get(f"/v2/{repository}/blobs/{digest}").content == DATA
+
+
+def test_unsupported_digest_put(writer: Account) -> None:
+    """A PUT naming an unsupported algorithm gets 400 and the session stays."""
+    location = start_upload(writer.client, writer.repository())
+    writer.client.patch(location, content=b"abc")
+    response = writer.client.put(location, params={"digest": "md5:" + "0" * 32})
+    assert_error(response, 400, "UNSUPPORTED")
+    assert writer.client.get(location).headers["range"] == "0-2"
+
+
+def test_range_length_mismatch(writer: Account) -> None:
+    """Content-Length that disagrees with Content-Range gets SIZE_INVALID."""
+    location = start_upload(writer.client, writer.repository())
+    response = writer.client.patch(
+        location,
+        content=DATA[:100],
+        headers={"Content-Range": "0-199", "Content-Type": "application/octet-stream"},
+    )
+    assert_error(response, 400, "SIZE_INVALID")
+    assert writer.client.get(location).headers["range"] == "0-0"
+
+
+@pytest.mark.parametrize("header", ["bytes=0-10", "10", "a-b", "5-2"])
+def test_bad_content_range(writer: Account, header: str) -> None:
+    """A malformed Content-Range is rejected and appends nothing."""
+    location = start_upload(writer.client, writer.repository())
+    response = writer.client.patch(
+        location, content=b"0123456789a", headers={"Content-Range": header}
+    )
+    assert response.status_code in {400, 416}
+    assert response.json()["errors"][0]["code"] in {
+        "BLOB_UPLOAD_INVALID",
+        "RANGE_INVALID",
+    }
+    assert writer.client.get(location).headers["range"] == "0-0"
+
+
+def test_bad_content_length(server: ServerProcess, writer: Account) -> None:
+    """A non-numeric Content-Length is rejected before anything is stored."""
+    location = start_upload(writer.client, writer.repository())
+    head = (
+        f"PATCH {location} HTTP/1.1\r\nHost: {server.address}\r\n"
+        + basic_header(writer.login, writer.password)
+        + "Content-Length: 3x\r\nConnection: close\r\n\r\n"
+    )
+    answer = raw_request(server, head, b"abc")
+    assert answer.startswith(b"HTTP/1.1 400")
+    assert writer.client.get(location).headers["range"] == "0-0"
+
+
+def test_huge_streamed_manifest(writer: Account) -> None:
+    """A manifest over the limit sent without Content-Length still gets 413."""
+    repository = writer.repository()
+
+    def body() -> Iterator[bytes]:
+        yield b'{"schemaVersion":2,"annotations":{"x":"'
+        for _ in range(5):
+            yield b"y" * (1024 * 1024)
+        yield b'"}}'
+
+    response = writer.client.put(
+        f"/v2/{repository}/manifests/huge",
+        content=body(),
+        headers={"Content-Type": "application/vnd.oci.image.manifest.v1+json"},
+    )
+    assert_error(response, 413, "SIZE_INVALID")
+
+
+def test_invalid_manifest_changes_nothing(writer: Account) -> None:
+    """A rejected manifest PUT to an existing tag leaves the tag as it was."""
+    repository = writer.repository()
+    image = make_image("stays")
+    for blob in image.blobs:
+        push_blob(writer.client, repository, blob)
+    put_manifest(writer.client, repository, "v1", image.manifest)
+    bad = [b"{", to_json({"schemaVersion": 2, "config": {}, "layers": []})]
+    for body in bad:
+        response = put_manifest(writer.client, repository, "v1", body)
+        assert_error(response, 400, "MANIFEST_INVALID")
+    got = writer.client.get(f"/v2/{repository}/manifests/v1")
+    assert got.content == image.manifest
+
+
+def open_descriptors(server: ServerProcess) -> int:
+    assert server.process is not None
+    return len(os.listdir(f"/proc/{server.process.pid}/fd"))
+
+
+def test_pull_abandoned(server: ServerProcess, writer: Account) -> None:
+    """Clients that drop a blob download midway leave no open files behind."""
+    repository = writer.repository()
+    digest = push_blob(writer.client, repository, DATA)
+    path = f"/v2/{repository}/blobs/{digest}"
+    before = open_descriptors(server)
+    for _ in range(20):
+        head = (
+            f"GET {path} HTTP/1.1\r\nHost: {server.address}\r\n"
+            + basic_header(writer.login, writer.password)
+            + "\r\n"
+        )
+        with socket.create_connection(("127.0.0.1", server.port)) as sock:
+            sock.sendall(head.encode())
+            assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+    wait_for_request(server, path, 20)
+    assert open_descriptors(server) <= before + 2
+    assert writer.client.get(path).content == DATA
+
+
+def test_body_longer_than_announced(server: ServerProcess, writer: Account) -> None:
+    """Bytes past Content-Length never reach the session.
+
+    The server's HTTP parser may reject the connection (400) before or after the
+    announced chunk was appended, so the session contains that chunk or nothing.
+    """
+    location = start_upload(writer.client, writer.repository())
+    head = (
+        f"PATCH {location} HTTP/1.1\r\nHost: {server.address}\r\n"
+        + basic_header(writer.login, writer.password)
+        + "Content-Length: 10\r\n\r\n"
+    )
+    raw_request(server, head, b"0123456789" + b"x" * 90)
+    wait_for_request(server, "/v2/" + location.split("/v2/", 1)[1], 1)
+    size_range = writer.client.get(location).headers["range"]
+    data_file = upload_dir(server, location.rsplit("/", 1)[1]) / "data"
+    stored = data_file.read_bytes() if data_file.exists() else b""
+    assert (size_range, stored) in {("0-0", b""), ("0-9", b"0123456789")}
