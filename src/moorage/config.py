@@ -50,6 +50,15 @@ class Settings(BaseSettings):
     )
     host: str = Field(default="127.0.0.1", description="Address to listen on.")
     port: int = Field(default=5000, ge=0, le=65535, description="TCP port.")
+    workers: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description=(
+            "Server processes sharing the port. More than one uses more cores for "
+            "many small requests, at the cost of memory per process."
+        ),
+    )
     public_url: str | None = Field(
         default=None,
         description=(

@@ -129,13 +129,13 @@ def serve(
     ] = None,
 ) -> None:
     """Run the registry. The first start initialises the data directory."""
-    from moorage.server import run_server
+    from moorage.server import run
 
     settings = _settings(
         data_dir=data_dir, host=host, port=port, tls_cert=tls_cert, tls_key=tls_key
     )
     configure_logging(settings.log_level, settings.log_format)
-    asyncio.run(run_server(settings, console))
+    run(settings, console)
 
 
 def _parse_date(value: str | None) -> datetime | None:

@@ -53,6 +53,10 @@ log = structlog.get_logger(__name__)
 # Running digests kept for open upload sessions; a session whose digest was
 # evicted is hashed again from storage when it finishes.
 _MAX_CACHED_HASHERS = 1024
+# Request bodies are hashed and stored in blocks of this size, in worker
+# threads, while the event loop receives the next block. Two blocks per request
+# are in memory at most.
+UPLOAD_BLOCK_BYTES = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,19 +208,20 @@ class Registry:
     ) -> int:
         writer = await self._open_session_data(upload)
         hasher = self._running_hasher(upload.id, upload.size)
+        sink = _BlockSink(writer, hasher, length)
         try:
             received = 0
             async for chunk in body:
                 received += len(chunk)
-                if hasher is not None:
-                    hasher.update(chunk)
-                await writer.write(chunk)
+                await sink.add(chunk)
+            await sink.flush()
             if length is not None and received != length:
                 raise SizeInvalidError(
                     f"received {received} bytes but Content-Length was {length}"
                 )
             new_size = await writer.commit()
         except BaseException:
+            await sink.abandon()
             await writer.cancel()
             self._hashers.pop(upload.id, None)
             raise
@@ -287,7 +292,7 @@ class Registry:
             async for chunk in self.driver.read(
                 paths.upload_data_path(upload_id), 0, size
             ):
-                hasher.update(chunk)
+                await asyncio.to_thread(hasher.update, chunk)
         return Digest(algorithm, hasher.hexdigest())
 
     async def _commit(
@@ -380,6 +385,72 @@ class Registry:
     ) -> list[ReferrerRecord]:
         parse_digest(subject)
         return await self.store.list_referrers(repository, subject, artifact_type)
+
+
+class _BlockSink:
+    """Collects a request body into blocks; hashes and stores them off the loop.
+
+    Each full block is hashed (in one worker thread) and written (in another)
+    while the next block arrives. Two buffers alternate, so memory stays at two
+    blocks however large the body is, and the caller's chunks are copied once.
+    """
+
+    def __init__(self, writer: FileWriter, hasher: Any | None, length: int | None):
+        self._writer = writer
+        self._hasher = hasher
+        # A small body of known length gets a buffer of its own size.
+        self._block_bytes = min(length or UPLOAD_BLOCK_BYTES, UPLOAD_BLOCK_BYTES)
+        self._buffers: list[bytearray] = []
+        self._current = 0
+        self._filled = 0
+        self._pending: asyncio.Future[None] | None = None
+
+    async def add(self, chunk: bytes) -> None:
+        view = memoryview(chunk)
+        while view:
+            buffer = self._buffer()
+            taken = min(len(view), len(buffer) - self._filled)
+            buffer[self._filled : self._filled + taken] = view[:taken]
+            self._filled += taken
+            view = view[taken:]
+            if self._filled == len(buffer):
+                await self._hand_off()
+
+    async def flush(self) -> None:
+        """Store what is buffered and wait until every block is written."""
+        if self._filled:
+            await self._hand_off()
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            await pending
+
+    async def abandon(self) -> None:
+        """Wait for the block in flight, ignoring its outcome, before a cancel."""
+        if self._pending is not None:
+            await asyncio.gather(self._pending, return_exceptions=True)
+            self._pending = None
+
+    def _buffer(self) -> bytearray:
+        if len(self._buffers) <= self._current:
+            self._buffers.append(bytearray(max(self._block_bytes, 1)))
+        return self._buffers[self._current]
+
+    async def _hand_off(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            await pending
+        block = memoryview(self._buffers[self._current])[: self._filled]
+        self._pending = asyncio.ensure_future(self._store(block))
+        self._current ^= 1
+        self._filled = 0
+
+    async def _store(self, block: memoryview) -> None:
+        if self._hasher is None:
+            await self._writer.write(block)
+            return
+        await asyncio.gather(
+            asyncio.to_thread(self._hasher.update, block), self._writer.write(block)
+        )
 
 
 async def _prepend(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:

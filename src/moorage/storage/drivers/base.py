@@ -42,8 +42,8 @@ class FileWriter(ABC):
         """Total size of the object, including what this writer appended."""
 
     @abstractmethod
-    async def write(self, data: bytes) -> None:
-        """Append `data`."""
+    async def write(self, data: bytes | memoryview) -> None:
+        """Append `data`; the caller may reuse its buffer once this returns."""
 
     @abstractmethod
     async def commit(self) -> int:

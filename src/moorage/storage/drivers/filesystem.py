@@ -18,6 +18,10 @@ from moorage.storage.drivers.base import (
 
 READ_CHUNK_BYTES = 1024 * 1024
 WRITE_BUFFER_BYTES = 1024 * 1024
+# While a large object is written, its data is flushed to disk in the
+# background every this many bytes, so that the disk works while the rest
+# arrives and the fsync at commit has little left to do.
+EARLY_SYNC_BYTES = 32 * 1024 * 1024
 
 
 class FilesystemDriver(StorageDriver):
@@ -27,12 +31,16 @@ class FilesystemDriver(StorageDriver):
         self.root = root.resolve()
         self.fsync = fsync
         self.root.mkdir(parents=True, exist_ok=True)
+        self._root_text = str(self.root)
+        self._root_prefix = os.path.join(self._root_text, "")
 
     def _full_path(self, path: str) -> Path:
-        full = (self.root / path).resolve()
-        if full != self.root and self.root not in full.parents:
+        # A lexical check. Path.resolve() calls lstat on every component: 35 us
+        # per key against 5 us, and an upload builds several keys.
+        full = os.path.normpath(os.path.join(self._root_text, path))
+        if full != self._root_text and not full.startswith(self._root_prefix):
             raise ValueError(f"storage path escapes the root: {path!r}")
-        return full
+        return Path(full)
 
     async def stat(self, path: str) -> FileInfo:
         try:
@@ -48,18 +56,27 @@ class FilesystemDriver(StorageDriver):
             fd = os.open(self._full_path(path), os.O_RDONLY)
         except FileNotFoundError:
             raise PathNotFoundError(path) from None
+        # The next chunk is read in a worker thread while the caller sends this
+        # one, so disk reads and network sends overlap.
+        ahead: asyncio.Future[bytes] | None = None
         try:
-            remaining = length if length is not None else os.fstat(fd).st_size - offset
+            end = offset + (
+                length if length is not None else os.fstat(fd).st_size - offset
+            )
             position = offset
-            while remaining > 0:
-                want = min(READ_CHUNK_BYTES, remaining)
-                chunk = await asyncio.to_thread(os.pread, fd, want, position)
+            ahead = _read_ahead(fd, position, end)
+            while ahead is not None:
+                chunk = await ahead
+                ahead = None
                 if not chunk:
                     break
                 position += len(chunk)
-                remaining -= len(chunk)
+                ahead = _read_ahead(fd, position, end)
                 yield chunk
         finally:
+            if ahead is not None:
+                # The descriptor stays open until the read in flight is done.
+                await asyncio.gather(ahead, return_exceptions=True)
             os.close(fd)
 
     async def writer(self, path: str, offset: int = 0) -> FileWriter:
@@ -120,12 +137,20 @@ class _FilesystemWriter(FileWriter):
         self._buffer = bytearray()
         self._fsync = fsync
         self._closed = False
+        self._synced = offset
+        self._syncing: asyncio.Future[None] | None = None
 
     @property
     def size(self) -> int:
         return self._written + len(self._buffer)
 
-    async def write(self, data: bytes) -> None:
+    async def write(self, data: bytes | memoryview) -> None:
+        if not self._buffer and len(data) >= WRITE_BUFFER_BYTES:
+            # A large block goes to the file as it is, without a copy.
+            await asyncio.to_thread(_pwrite_all, self._fd, data, self._written)
+            self._written += len(data)
+            await self._sync_early()
+            return
         self._buffer += data
         if len(self._buffer) >= WRITE_BUFFER_BYTES:
             await self._flush()
@@ -137,9 +162,27 @@ class _FilesystemWriter(FileWriter):
         self._buffer.clear()
         await asyncio.to_thread(_pwrite_all, self._fd, data, self._written)
         self._written += len(data)
+        await self._sync_early()
+
+    async def _sync_early(self) -> None:
+        """Start writing back to disk in the background; one sync at a time."""
+        if not self._fsync or self._written - self._synced < EARLY_SYNC_BYTES:
+            return
+        if self._syncing is not None:
+            if not self._syncing.done():
+                return
+            await self._syncing  # raises the error of a failed sync
+        self._synced = self._written
+        self._syncing = asyncio.ensure_future(asyncio.to_thread(os.fdatasync, self._fd))
+
+    async def _wait_for_sync(self) -> None:
+        if self._syncing is not None:
+            syncing, self._syncing = self._syncing, None
+            await syncing
 
     async def commit(self) -> int:
         await self._flush()
+        await self._wait_for_sync()
         if self._fsync:
             await asyncio.to_thread(os.fsync, self._fd)
         self._close()
@@ -148,6 +191,8 @@ class _FilesystemWriter(FileWriter):
     async def cancel(self) -> None:
         if self._closed:
             return
+        # The descriptor stays open until a background sync has finished with it.
+        await asyncio.gather(self._wait_for_sync(), return_exceptions=True)
         self._buffer.clear()
         os.ftruncate(self._fd, self._start)
         self._written = self._start
@@ -159,7 +204,15 @@ class _FilesystemWriter(FileWriter):
             os.close(self._fd)
 
 
-def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+def _read_ahead(fd: int, position: int, end: int) -> asyncio.Future[bytes] | None:
+    """Start reading the chunk at `position` in a worker thread; None at `end`."""
+    if position >= end:
+        return None
+    want = min(READ_CHUNK_BYTES, end - position)
+    return asyncio.ensure_future(asyncio.to_thread(os.pread, fd, want, position))
+
+
+def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
     view = memoryview(data)
     while view:
         written = os.pwrite(fd, view, offset)

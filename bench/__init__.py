@@ -1,0 +1,1 @@
+"""Benchmark Moorage against the CNCF distribution registry; see docs/benchmarks.md."""

@@ -1,0 +1,200 @@
+"""Summarise the samples: medians with min and max, ratios, a table and a chart."""
+
+from __future__ import annotations
+
+import shutil
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+MIB = 1024 * 1024
+START_MARK = "<!-- results:start -->"
+END_MARK = "<!-- results:end -->"
+
+
+@dataclass
+class Summary:
+    median: float
+    low: float
+    high: float
+    cpu_per_unit: float
+    peak_rss_mib: float
+    pss_mib: float
+    extra: dict[str, float]
+
+
+def summarise(samples: list[dict[str, Any]]) -> Summary:
+    values = [s["value"] for s in samples]
+    cpu = [s["cpu_seconds"] / s["work"] for s in samples if s["work"]]
+    extra_keys = samples[0]["extra"].keys()
+    return Summary(
+        median=statistics.median(values),
+        low=min(values),
+        high=max(values),
+        cpu_per_unit=statistics.median(cpu) if cpu else 0.0,
+        peak_rss_mib=max(s["peak_rss_bytes"] for s in samples) / MIB,
+        pss_mib=max(s.get("pss_bytes", 0) for s in samples) / MIB,
+        extra={
+            k: statistics.median(s["extra"][k] for s in samples) for k in extra_keys
+        },
+    )
+
+
+def ratio(scenario: dict[str, Any]) -> float | None:
+    samples = scenario["samples"]
+    if "distribution" not in samples or "moorage" not in samples:
+        return None
+    ours = summarise(samples["moorage"]).median
+    theirs = summarise(samples["distribution"]).median
+    return ours / theirs if theirs else None
+
+
+def _figure(summary: Summary | None) -> str:
+    if summary is None:
+        return "n/a"
+    return f"{_number(summary.median)} ({_number(summary.low)}-{_number(summary.high)})"
+
+
+def _number(value: float) -> str:
+    if value >= 100:
+        return f"{value:,.0f}"
+    if value >= 10:
+        return f"{value:.1f}"
+    return f"{value:.2f}"
+
+
+def render_markdown(results: dict[str, Any], chart_name: str | None) -> str:
+    meta = results["meta"]
+    machine = meta["machine"]
+    versions = ", ".join(f"{name} {value}" for name, value in meta["versions"].items())
+    lines = [
+        f"Machine: {machine['cpu']}, {machine['cores']} cores, "
+        f"{machine['memory_gib']} GiB, Linux {machine['kernel']}, "
+        f"Python {machine['python']}. Versions: {versions}.",
+        "",
+        f"Run {meta['started']}, {meta['seconds']} s, command `{meta['command']}`, "
+        f"{meta['rounds']} round(s), Moorage with {meta['moorage_workers']} worker "
+        f"process(es). Load average before {meta['load_before']}, "
+        f"after {meta['load_after']}.",
+        "",
+        "| scenario | unit | Moorage median (min-max) | distribution median (min-max) "
+        "| ratio M/D | target | met |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for scenario in results["scenarios"]:
+        samples = scenario["samples"]
+        ours = summarise(samples["moorage"])
+        theirs = (
+            summarise(samples["distribution"]) if "distribution" in samples else None
+        )
+        found = ratio(scenario)
+        better = (
+            "higher is better" if scenario["higher_is_better"] else "lower is better"
+        )
+        lines.append(
+            f"| {scenario['title']} | {scenario['unit']} ({better}) "
+            f"| {_figure(ours)} | {_figure(theirs)} "
+            f"| {f'{found:.2f}' if found else 'n/a'} | {scenario['target'] or '-'} "
+            f"| {_met(scenario['target'], found)} |"
+        )
+    lines += ["", *_latency_table(results), "", *_resource_table(results)]
+    if chart_name:
+        lines += ["", f"![Moorage/distribution ratios]({chart_name})"]
+    return "\n".join(lines) + "\n"
+
+
+def _met(target: str, found: float | None) -> str:
+    """Check a target of the form "ratio >= X"; "-" when there is none."""
+    if not target.startswith("ratio >= ") or found is None:
+        return "-"
+    return "yes" if found >= float(target.removeprefix("ratio >= ")) else "no"
+
+
+def _latency_table(results: dict[str, Any]) -> list[str]:
+    lines = [
+        "| scenario | Moorage p50 / p99 ms | distribution p50 / p99 ms |",
+        "| --- | --- | --- |",
+    ]
+    for scenario in results["scenarios"]:
+        samples = scenario["samples"]
+        if "p99_ms" not in samples["moorage"][0]["extra"]:
+            continue
+        cells = []
+        for name in ("moorage", "distribution"):
+            if name not in samples:
+                cells.append("n/a")
+                continue
+            extra = summarise(samples[name]).extra
+            cells.append(f"{extra['p50_ms']:.1f} / {extra['p99_ms']:.1f}")
+        lines.append(f"| {scenario['title']} | {cells[0]} | {cells[1]} |")
+    return lines
+
+
+def _resource_table(results: dict[str, Any]) -> list[str]:
+    lines = [
+        "| scenario | server CPU s per unit: Moorage / distribution "
+        "| peak RSS MiB: Moorage / distribution | PSS at end MiB: Moorage |",
+        "| --- | --- | --- | --- |",
+    ]
+    for scenario in results["scenarios"]:
+        samples = scenario["samples"]
+        ours = summarise(samples["moorage"])
+        theirs = (
+            summarise(samples["distribution"]) if "distribution" in samples else None
+        )
+        cpu = f"{ours.cpu_per_unit:.2f}"
+        rss = f"{ours.peak_rss_mib:.0f}"
+        if theirs is not None:
+            cpu += f" / {theirs.cpu_per_unit:.2f}"
+            rss += f" / {theirs.peak_rss_mib:.0f}"
+        lines.append(
+            f"| {scenario['title']} | {cpu} per {scenario['work_unit']} | {rss} "
+            f"| {ours.pss_mib:.0f} |"
+        )
+    return lines
+
+
+def write_chart(results: dict[str, Any], path: Path) -> Path | None:
+    """Draw the ratios as bars; return None when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    titles, ratios, colours = [], [], []
+    for scenario in results["scenarios"]:
+        found = ratio(scenario)
+        if found is None:
+            continue
+        # Show every bar as "how many times better", so higher always wins.
+        better = found if scenario["higher_is_better"] else 1 / found
+        titles.append(scenario["title"])
+        ratios.append(better)
+        colours.append("tab:green" if better >= 1 else "tab:red")
+    figure, axes = plt.subplots(figsize=(8, 0.45 * len(titles) + 1.2))
+    axes.barh(titles, ratios, color=colours)
+    axes.axvline(1.0, color="black", linewidth=0.8)
+    axes.invert_yaxis()
+    axes.set_xlabel("Moorage relative to distribution (above 1 = Moorage better)")
+    for index, value in enumerate(ratios):
+        axes.text(value, index, f" {value:.2f}", va="center")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+def update_docs(page: Path, results: dict[str, Any], chart: Path | None) -> None:
+    """Replace the text between the results marks of `page` and copy the chart."""
+    chart_name = None
+    if chart is not None:
+        chart_name = "benchmarks-ratios.png"
+        shutil.copyfile(chart, page.parent / chart_name)
+    text = page.read_text()
+    before, _, rest = text.partition(START_MARK)
+    _, _, after = rest.partition(END_MARK)
+    body = render_markdown(results, chart_name)
+    page.write_text(f"{before}{START_MARK}\n{body}{END_MARK}{after}")

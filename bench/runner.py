@@ -1,0 +1,154 @@
+"""Run every scenario against both registries, alternating, for several rounds."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench import procstat
+from bench.load import package_version
+from bench.scenarios import (
+    SCENARIOS,
+    Context,
+    Scenario,
+    Sizes,
+    make_blob,
+    prefetch_tokens,
+)
+from bench.servers import Registry, distribution_version, start_both
+from moorage import __version__
+
+
+def load_average() -> str:
+    return " ".join(f"{value:.2f}" for value in os.getloadavg())
+
+
+def machine() -> dict[str, str]:
+    cpu = "unknown"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    memory_kib = int(Path("/proc/meminfo").read_text().split()[1])
+    return {
+        "cpu": cpu,
+        "cores": str(os.cpu_count()),
+        "memory_gib": f"{memory_kib / 1024 / 1024:.1f}",
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+    }
+
+
+def versions() -> dict[str, str]:
+    return {
+        "moorage": __version__,
+        "distribution": distribution_version(),
+        "wrk": package_version("wrk"),
+        "ab (apache2-utils)": package_version("apache2-utils"),
+        "skopeo": package_version("skopeo"),
+    }
+
+
+def run_scenario(
+    scenario: Scenario,
+    context: Context,
+    registries: list[Registry],
+    rounds: int,
+    log: Any,
+) -> dict[str, list[dict[str, Any]]]:
+    targets = [
+        r for r in registries if not (scenario.moorage_only and r.name != "moorage")
+    ]
+    if scenario.setup is not None:
+        for registry in targets:
+            scenario.setup(context, registry)
+    samples: dict[str, list[dict[str, Any]]] = {r.name: [] for r in targets}
+    for round_ in range(rounds):
+        order = targets if round_ % 2 == 0 else list(reversed(targets))
+        for registry in order:
+            meter = procstat.UsageMeter(registry.pid)
+            meter.start()
+            outcome = scenario.run(context, registry, round_)
+            usage = meter.stop()
+            sample = {
+                "value": outcome.value,
+                "work": outcome.work,
+                "cpu_seconds": usage.cpu_seconds,
+                "peak_rss_bytes": usage.peak_rss_bytes,
+                "pss_bytes": usage.pss_bytes,
+                "extra": outcome.extra,
+                "load": load_average(),
+            }
+            samples[registry.name].append(sample)
+            log(
+                f"{scenario.key:16} round {round_ + 1} {registry.name:12} "
+                f"{outcome.value:10.1f} {scenario.unit:8} "
+                f"cpu {usage.cpu_seconds:6.2f} s  "
+                f"rss {usage.peak_rss_bytes / 2**20:6.1f} MiB  load {sample['load']}"
+            )
+    return samples
+
+
+def run(
+    sizes: Sizes,
+    rounds: int,
+    only: list[str] | None,
+    command: str,
+    moorage_workers: int,
+    log: Any = print,
+    keep: bool = False,
+) -> dict[str, Any]:
+    """Start both registries in a temporary directory, run, stop, return results."""
+    workdir = Path(tempfile.mkdtemp(prefix="moorage-bench-"))
+    started = time.time()
+    meta = {
+        "command": command,
+        "machine": machine(),
+        "versions": versions(),
+        "sizes": dataclasses.asdict(sizes),
+        "rounds": rounds,
+        "moorage_workers": moorage_workers,
+        "load_before": load_average(),
+        "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started)),
+        "python_executable": sys.executable,
+    }
+    moorage, distribution = start_both(workdir, moorage_workers)
+    results: list[dict[str, Any]] = []
+    try:
+        blob, digest = make_blob(workdir, sizes.blob_bytes)
+        context = Context(sizes, f"{moorage.url}/token", workdir, blob, digest)
+        # Logins happen before any measurement: the first one runs argon2id.
+        prefetch_tokens(context)
+        for scenario in SCENARIOS:
+            if only and scenario.key not in only:
+                continue
+            samples = run_scenario(
+                scenario, context, [moorage, distribution], rounds, log
+            )
+            results.append(
+                {
+                    "key": scenario.key,
+                    "title": scenario.title,
+                    "unit": scenario.unit,
+                    "higher_is_better": scenario.higher_is_better,
+                    "work_unit": scenario.work_unit,
+                    "target": scenario.target,
+                    "samples": samples,
+                }
+            )
+        context.blob.release()
+    finally:
+        moorage.stop()
+        distribution.stop()
+        if not keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+    meta["load_after"] = load_average()
+    meta["seconds"] = f"{time.time() - started:.0f}"
+    return {"meta": meta, "scenarios": results}

@@ -1,0 +1,42 @@
+"""The benchmark suite in quick mode, so that it keeps working."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+TOOLS = ("docker-registry", "wrk", "ab", "skopeo")
+
+
+@pytest.mark.skipif(
+    any(shutil.which(tool) is None for tool in TOOLS),
+    reason=f"the benchmark needs {', '.join(TOOLS)}",
+)
+def test_bench_quick_run_measures_every_scenario(tmp_path: Path) -> None:
+    """`python -m bench --quick` measures every scenario on both registries."""
+    completed = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+
+    results = json.loads((tmp_path / "results.json").read_text())
+    keys = {scenario["key"] for scenario in results["scenarios"]}
+    assert {"push_monolithic", "pull_eight", "manifest_get", "blob_head"} <= keys
+    for scenario in results["scenarios"]:
+        names = {"moorage"} if scenario["key"].startswith("token") else None
+        samples = scenario["samples"]
+        assert set(samples) == (names or {"moorage", "distribution"})
+        for sample in (s for runs in samples.values() for s in runs):
+            assert sample["value"] > 0, scenario["key"]
+            assert sample["peak_rss_bytes"] > 0, scenario["key"]
+    assert "| Blob pull, 8 clients |" in (tmp_path / "results.md").read_text()

@@ -1,0 +1,47 @@
+"""`workers` > 1: several server processes share the port and stop together."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import httpx
+
+from tests.support.database import create_database, drop_database
+from tests.support.server import ADMIN_LOGIN, ADMIN_PASSWORD, ServerProcess
+
+
+def _children(pid: int) -> list[int]:
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(child) for child in (task / "children").read_text().split()]
+    return found
+
+
+def test_workers_serve_and_stop_together(tmp_path: Path) -> None:
+    """Two workers answer on one port, and SIGTERM to the parent stops both."""
+    server = ServerProcess(
+        data_dir=tmp_path / "data", database_url="", extra_env={"MOORAGE_WORKERS": "2"}
+    )
+    server.data_dir.mkdir()
+    server.database_url = create_database(server.data_dir)
+    server.start()
+    try:
+        assert server.process is not None
+        workers = _children(server.process.pid)
+        assert len(workers) == 2
+        with httpx.Client(
+            base_url=server.url, auth=(ADMIN_LOGIN, ADMIN_PASSWORD)
+        ) as client:
+            statuses = {client.get("/v2/").status_code for _ in range(20)}
+        assert statuses == {200}
+    finally:
+        server.stop()
+        drop_database(server.database_url)
+    assert server.process.returncode == 0
+    for pid in workers:
+        assert not os.path.exists(f"/proc/{pid}") or "Z" in _state(pid)
+
+
+def _state(pid: int) -> str:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
