@@ -303,7 +303,7 @@ class _EncryptedWriter(FileWriter):
     def size(self) -> int:
         return self._sealed_before + len(self._pending)
 
-    async def write(self, data: bytes) -> None:
+    async def write(self, data: bytes | memoryview) -> None:
         self._pending += data
         # Keep the last segment back: it is sealed as the final one on commit.
         count = (len(self._pending) - 1) // self._segment
