@@ -56,27 +56,18 @@ class FilesystemDriver(StorageDriver):
             fd = os.open(self._full_path(path), os.O_RDONLY)
         except FileNotFoundError:
             raise PathNotFoundError(path) from None
-        # The next chunk is read in a worker thread while the caller sends this
-        # one, so disk reads and network sends overlap.
-        ahead: asyncio.Future[bytes] | None = None
         try:
-            end = offset + (
-                length if length is not None else os.fstat(fd).st_size - offset
-            )
+            remaining = length if length is not None else os.fstat(fd).st_size - offset
             position = offset
-            ahead = _read_ahead(fd, position, end)
-            while ahead is not None:
-                chunk = await ahead
-                ahead = None
+            while remaining > 0:
+                want = min(READ_CHUNK_BYTES, remaining)
+                chunk = await asyncio.to_thread(os.pread, fd, want, position)
                 if not chunk:
                     break
                 position += len(chunk)
-                ahead = _read_ahead(fd, position, end)
+                remaining -= len(chunk)
                 yield chunk
         finally:
-            if ahead is not None:
-                # The descriptor stays open until the read in flight is done.
-                await asyncio.gather(ahead, return_exceptions=True)
             os.close(fd)
 
     async def writer(self, path: str, offset: int = 0) -> FileWriter:
@@ -202,14 +193,6 @@ class _FilesystemWriter(FileWriter):
         if not self._closed:
             self._closed = True
             os.close(self._fd)
-
-
-def _read_ahead(fd: int, position: int, end: int) -> asyncio.Future[bytes] | None:
-    """Start reading the chunk at `position` in a worker thread; None at `end`."""
-    if position >= end:
-        return None
-    want = min(READ_CHUNK_BYTES, end - position)
-    return asyncio.ensure_future(asyncio.to_thread(os.pread, fd, want, position))
 
 
 def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
