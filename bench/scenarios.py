@@ -25,7 +25,7 @@ from typing import Any
 
 from bench.client import Client, basic_header, fetch_token
 from bench.load import run_ab_head, run_wrk
-from bench.servers import PASSWORD, SERVICE, USER, Registry
+from bench.servers import PASSWORD, SERVICE, USER, MoorageRegistry, Registry
 from tests.support.images import (
     MEDIA_TYPE_OCI_LAYER_GZIP,
     Blob,
@@ -233,6 +233,17 @@ def token_password(context: Context, registry: Registry, round_: int) -> Outcome
     result = run_wrk(
         f"{registry.url}/token?service={SERVICE}&scope=repository:bench/small:pull",
         {"Authorization": basic_header(USER, PASSWORD)},
+        connections=min(16, context.sizes.connections),
+        seconds=context.sizes.load_seconds,
+    )
+    return _load_outcome(result)
+
+
+def token_robot(context: Context, registry: Registry, round_: int) -> Outcome:
+    assert isinstance(registry, MoorageRegistry)
+    result = run_wrk(
+        f"{registry.url}/token?service={SERVICE}&scope=repository:bench/small:pull",
+        {"Authorization": basic_header(*registry.robot)},
         connections=min(16, context.sizes.connections),
         seconds=context.sizes.load_seconds,
     )
@@ -507,6 +518,16 @@ SCENARIOS = [
         "1k req",
         token_password,
         moorage_only=True,
+    ),
+    Scenario(
+        "token_robot",
+        "Token issue, robot account",
+        "req/s",
+        True,
+        "1k req",
+        token_robot,
+        moorage_only=True,
+        target="3,000 req/s",
     ),
     Scenario(
         "skopeo_copy",

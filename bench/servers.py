@@ -98,6 +98,8 @@ class Registry:
 
 
 class MoorageRegistry(Registry):
+    robot: tuple[str, str] = ("", "")
+
     def start(self, extra_env: dict[str, str] | None = None) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("MOORAGE_")}
         env.update(
@@ -126,8 +128,11 @@ class MoorageRegistry(Registry):
         try:
             await admin.add_customer(services.identity, CUSTOMER, CUSTOMER, None)
             await admin.add_user(services.identity, CUSTOMER, USER, "writer", PASSWORD)
+            robot = await admin.add_robot(services.identity, CUSTOMER, "ci", "reader")
         finally:
             await services.close()
+        assert robot.password is not None
+        self.robot = (robot.login, robot.password)
 
     def signing_certificate(self) -> bytes:
         """Wrap the token signing key's public half in a self-signed certificate."""

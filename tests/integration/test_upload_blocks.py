@@ -1,4 +1,4 @@
-"""Large uploads cross the registry's 4 MiB hashing blocks and early disk syncs."""
+"""Large uploads cross the registry's hashing blocks and early disk syncs."""
 
 from __future__ import annotations
 

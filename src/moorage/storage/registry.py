@@ -56,7 +56,7 @@ _MAX_CACHED_HASHERS = 1024
 # Request bodies are hashed and stored in blocks of this size, in worker
 # threads, while the event loop receives the next block. Two blocks per request
 # are in memory at most.
-UPLOAD_BLOCK_BYTES = 4 * 1024 * 1024
+UPLOAD_BLOCK_BYTES = 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
