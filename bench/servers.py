@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from moorage import admin
+from moorage.auth.tokens import open_signing_key
 from moorage.config import Settings
 from moorage.services import open_services
 
@@ -141,7 +142,10 @@ class MoorageRegistry(Registry):
     async def _signing_certificate(self) -> bytes:
         services = await open_services(self.settings())
         try:
-            record = (await services.identity.active_signing_keys())[0]
+            record = open_signing_key(
+                (await services.identity.active_signing_keys())[0],
+                services.tokens.codec,
+            )
         finally:
             await services.close()
         key = serialization.load_pem_private_key(record.private_key.encode(), None)
