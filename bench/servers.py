@@ -108,6 +108,9 @@ class MoorageRegistry(Registry):
             MOORAGE_ADMIN_PASSWORD=ADMIN_PASSWORD,
             MOORAGE_LOG_FORMAT="json",
             MOORAGE_TOKEN_TTL_SECONDS="3600",  # noqa: S106 - not a secret
+            # Distribution stores blobs in plaintext, so the comparison does too.
+            # TODO: add an encrypted Moorage to report encrypted/plain pull ratios.
+            MOORAGE_ENCRYPTION="false",
         )
         env.update(extra_env or {})
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -122,7 +125,7 @@ class MoorageRegistry(Registry):
         asyncio.run(self._add_accounts())
 
     def settings(self) -> Settings:
-        return Settings(data_dir=self.directory / "data")
+        return Settings(data_dir=self.directory / "data", encryption=False)
 
     async def _add_accounts(self) -> None:
         services = await open_services(self.settings())
