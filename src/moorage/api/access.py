@@ -119,21 +119,21 @@ class RequestGuard:
         self, request: Request, repository: str, actions: Iterable[str]
     ) -> Access:
         """Check `actions` on `repository`; see the module docstring for outcomes."""
-        wanted = sorted(set(actions))
-        scope = format_scope("repository", repository, wanted)
+        requested = sorted(set(actions))
+        scope = format_scope("repository", repository, requested)
         caller = await self.authenticate(request, scope)
         allowed = caller.principal.actions_on(repository, utcnow())
         if PULL not in allowed:
             request.state.denied = f"no pull permission on {repository}"
             return Access(caller, visible=False)
-        missing_rights = [action for action in wanted if action not in allowed]
+        missing_rights = [action for action in requested if action not in allowed]
         if missing_rights:
             request.state.denied = f"no {missing_rights[0]} permission on {repository}"
             raise DeniedError(
                 f"requested access to the resource is denied: no {missing_rights[0]} "
                 f"permission on {repository}"
             )
-        if not all(caller.token_allows("repository", repository, a) for a in wanted):
+        if not all(caller.token_allows("repository", repository, a) for a in requested):
             raise self.challenge(
                 request, scope, "token does not cover this action", insufficient=True
             )

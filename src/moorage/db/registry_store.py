@@ -526,14 +526,14 @@ async def _check_references(
                 detail={"digest": digest},
             )
     if manifest.manifest_references:
-        wanted = set(manifest.manifest_references)
+        referenced = set(manifest.manifest_references)
         result = await connection.execute(
             select(manifests.c.digest).where(
                 manifests.c.repository_id == repository_id,
-                manifests.c.digest.in_(wanted),
+                manifests.c.digest.in_(referenced),
             )
         )
-        missing = sorted(wanted - {row[0] for row in result})
+        missing = sorted(referenced - {row[0] for row in result})
         if missing:
             raise ManifestBlobUnknownError(
                 f"index references manifest {missing[0]}, which is not in "
