@@ -44,6 +44,9 @@ log = structlog.get_logger(__name__)
 # token generation changes (secret rotated or tokens revoked).
 PASSWORD_CACHE_SECONDS = 60
 PASSWORD_CACHE_ENTRIES = 10_000
+# An argon2id verification takes 64 MiB of memory, so at most this many run at
+# once and a burst of logins waits instead of taking gigabytes.
+MAX_CONCURRENT_PASSWORD_CHECKS = 4
 
 
 class Authenticator:
@@ -61,6 +64,7 @@ class Authenticator:
         self.secret_key = secret_key
         self.throttle = throttle or LoginThrottle()
         self._verified: OrderedDict[bytes, tuple[int, int, float]] = OrderedDict()
+        self._password_slots = asyncio.Semaphore(MAX_CONCURRENT_PASSWORD_CHECKS)
 
     async def login(
         self, login: str, password: str, address: str | None = None
@@ -162,7 +166,8 @@ class Authenticator:
             # logins contain "+" and have keyed hashes, users have argon2id.
             if "+" in login:
                 return verify_keyed(self.secret_key, None, password)
-            return await asyncio.to_thread(verify_password, None, password)
+            async with self._password_slots:
+                return await asyncio.to_thread(verify_password, None, password)
         if is_keyed_hash(account.secret_hash):
             return verify_keyed(self.secret_key, account.secret_hash, password)
         return await self._password_matches(account, login, password)
@@ -171,20 +176,28 @@ class Authenticator:
         self, account: AccountRecord, login: str, password: str
     ) -> bool:
         key = hashlib.sha256(f"{login}\0{password}".encode()).digest()
+        if self._recently_verified(key, account):
+            return True
+        async with self._password_slots:
+            # A request with the same credentials may have verified them while
+            # this one waited for a slot.
+            if self._recently_verified(key, account):
+                return True
+            matches = await asyncio.to_thread(
+                verify_password, account.secret_hash, password
+            )
+        if matches:
+            self._remember(key, account)
+        return matches
+
+    def _recently_verified(self, key: bytes, account: AccountRecord) -> bool:
         cached = self._verified.get(key)
-        if (
+        return (
             cached is not None
             and cached[0] == account.id
             and cached[1] == account.token_generation
             and cached[2] > time.monotonic()
-        ):
-            return True
-        matches = await asyncio.to_thread(
-            verify_password, account.secret_hash, password
         )
-        if matches:
-            self._remember(key, account)
-        return matches
 
     def _remember(self, key: bytes, account: AccountRecord) -> None:
         expiry = time.monotonic() + PASSWORD_CACHE_SECONDS
