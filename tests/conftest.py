@@ -11,8 +11,12 @@ import httpx
 import pytest
 import structlog
 
-from tests.support.database import create_database, drop_database
-from tests.support.server import ADMIN_LOGIN, ADMIN_PASSWORD, ServerProcess
+from tests.support.server import (
+    ADMIN_LOGIN,
+    ADMIN_PASSWORD,
+    ServerProcess,
+    running_server,
+)
 
 # Services opened inside the test process (admin helpers, the CLI runner) log
 # through structlog; its default prints to stdout, which the CLI tests read.
@@ -27,30 +31,18 @@ structlog.configure(
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """One registry for the whole run; tests keep apart by using unique names."""
-    data_dir = tmp_path_factory.mktemp("server")
-    process = ServerProcess(
-        data_dir=data_dir,
-        database_url=create_database(data_dir),
-        # Every test connects from 127.0.0.1, so the per-address limit on failed
-        # logins would let one test's wrong passwords throttle all the others.
-        extra_env={"MOORAGE_LOGIN_FREE_FAILURES_PER_ADDRESS": "100000"},
-    )
-    process.start()
-    yield process
-    process.stop()
-    drop_database(process.database_url)
+    # Every test connects from 127.0.0.1, so the per-address limit on failed
+    # logins would let one test's wrong passwords throttle all the others.
+    relaxed = {"MOORAGE_LOGIN_FREE_FAILURES_PER_ADDRESS": "100000"}
+    with running_server(tmp_path_factory.mktemp("server"), relaxed) as process:
+        yield process
 
 
 @pytest.fixture
 def fresh_server(tmp_path: Path) -> Iterator[ServerProcess]:
     """A registry of the test's own, for tests that restart or kill it."""
-    process = ServerProcess(data_dir=tmp_path / "data", database_url="")
-    process.data_dir.mkdir()
-    process.database_url = create_database(process.data_dir)
-    process.start()
-    yield process
-    process.stop()
-    drop_database(process.database_url)
+    with running_server(tmp_path / "data") as process:
+        yield process
 
 
 @pytest.fixture

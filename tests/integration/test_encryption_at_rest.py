@@ -16,7 +16,6 @@ from sqlalchemy import select, update
 
 from moorage.db.schema import manifests, repositories, signing_keys
 from moorage.services import Services
-from tests.support.database import create_database, drop_database
 from tests.support.images import (
     MEDIA_TYPE_OCI_CONFIG,
     MEDIA_TYPE_OCI_LAYER,
@@ -26,7 +25,13 @@ from tests.support.images import (
     add_image,
     host_architecture,
 )
-from tests.support.server import ADMIN_LOGIN, ADMIN_PASSWORD, ServerProcess, unique
+from tests.support.server import (
+    ADMIN_LOGIN,
+    ADMIN_PASSWORD,
+    ServerProcess,
+    running_server,
+    unique,
+)
 
 SEGMENT = 64 * 1024
 SEALED = SEGMENT + 28
@@ -36,21 +41,10 @@ HEADER = 32
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """A registry of this module's own: the tamper tests damage stored blobs, which
-    the storage checks of other modules would then report."""
-    data_dir = tmp_path_factory.mktemp("encrypted")
-    process = ServerProcess(data_dir=data_dir, database_url=create_database(data_dir))
-    process.start()
-    yield process
-    process.stop()
-    drop_database(process.database_url)
-
-
-@pytest.fixture
-def admin_client(server: ServerProcess) -> Iterator[httpx.Client]:
-    with httpx.Client(
-        base_url=server.url, auth=(ADMIN_LOGIN, ADMIN_PASSWORD)
-    ) as client:
-        yield client
+    the storage checks of other modules would then report. The shared
+    `admin_client` fixture picks this server up."""
+    with running_server(tmp_path_factory.mktemp("encrypted")) as process:
+        yield process
 
 
 def marker_blob(marker: bytes, size: int) -> bytes:

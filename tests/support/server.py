@@ -17,7 +17,8 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -27,6 +28,7 @@ import httpx
 from moorage import admin
 from moorage.config import Settings
 from moorage.services import Services, open_services
+from tests.support.database import create_database, drop_database
 
 T = TypeVar("T")
 ADMIN_LOGIN = "admin"
@@ -159,3 +161,22 @@ class ServerProcess:
         )
         assert created.password is not None
         return login, created.password
+
+
+@contextmanager
+def running_server(
+    data_dir: Path, extra_env: dict[str, str] | None = None
+) -> Iterator[ServerProcess]:
+    """Start a registry on a new database under `data_dir`; stop and drop it after."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    process = ServerProcess(
+        data_dir=data_dir,
+        database_url=create_database(data_dir),
+        extra_env=extra_env or {},
+    )
+    process.start()
+    try:
+        yield process
+    finally:
+        process.stop()
+        drop_database(process.database_url)

@@ -7,7 +7,7 @@ Without either it gets the Docker token challenge. Then, for a repository:
 - the account may take the action but the token lacks it: 401 with a challenge
   naming the scope, so the client fetches a better token;
 - the account may not even pull: the caller learns nothing, so the endpoint
-  answers as for a repository that does not exist (`Access.visible` is False);
+  responds as for a repository that does not exist (`Access.visible` is False);
 - the account may pull but not take this action: 403 DENIED.
 
 These outcomes depend on the account's rights only, never on whether the

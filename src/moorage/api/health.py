@@ -1,4 +1,4 @@
-"""`/healthz` (the process answers) and `/readyz` (database and storage answer)."""
+"""`/healthz` (the process responds) and `/readyz` (database and storage respond)."""
 
 from __future__ import annotations
 

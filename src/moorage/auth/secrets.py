@@ -27,7 +27,8 @@ _hasher = PasswordHasher()
 # the same time whether or not the account exists.
 _DUMMY_HASH = _hasher.hash(secrets.token_urlsafe(16))
 
-# 24 random bytes give 192 bits of entropy; the brief asks for at least 128.
+# 24 random bytes give 192 bits of entropy, above the 128 bits that generated
+# secrets must have at least.
 GENERATED_SECRET_BYTES = 24
 # Prefix of stored keyed hashes; argon2 hashes start with "$argon2".
 KEYED_HASH_PREFIX = "hmac-sha256$"

@@ -43,7 +43,7 @@ async def upsert(
 
 
 def lexical(column: ColumnClause[Any] | ColumnElement[Any], dialect: Dialect) -> Any:
-    """Order by code point, as the distribution spec asks for tags and the catalog.
+    """Order by code point, as the distribution spec requires for tags and the catalog.
 
     PostgreSQL sorts by the database's locale unless told to use the C collation.
     """

@@ -227,7 +227,8 @@ class RegistryStore:
     async def advance_upload(
         self, upload_id: str, expected: int, new_size: int
     ) -> bool:
-        """Move an upload from `expected` to `new_size` bytes, if nobody else did."""
+        """Move an upload from `expected` to `new_size` bytes, unless another
+        request moved it first."""
         async with self.engine.begin() as connection:
             result = await connection.execute(
                 update(uploads)

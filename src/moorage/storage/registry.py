@@ -1,6 +1,6 @@
 """Registry logic: blobs, upload sessions, manifests, tags and referrers.
 
-This layer knows digests, sessions and visibility rules; it stores bytes through
+This layer owns digests, sessions and visibility rules; it stores bytes through
 a `StorageDriver` and metadata through a `RegistryStore`, and raises domain
 errors from `moorage.errors`. It knows nothing of HTTP.
 

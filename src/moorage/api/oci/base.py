@@ -1,4 +1,4 @@
-"""`GET /v2/`: the API version check, which also tells clients to log in."""
+"""`GET /v2/`: the API version check, which also sends clients the login challenge."""
 
 from __future__ import annotations
 
