@@ -378,6 +378,23 @@ def test_mount_with_token(
     assert visible == (200 if status == 201 else 404)
 
 
+def test_mount_challenge_names_source(server: ServerProcess, writer: Account) -> None:
+    """A mount challenge requests pull on the source, so its token mounts."""
+    source = writer.repository("source")
+    target = writer.repository("target")
+    digest = push_blob(writer.client, source, os.urandom(64))
+    url = f"{server.url}/v2/{target}/blobs/uploads/"
+    params = {"mount": digest, "from": source}
+    challenge = httpx.post(url, params=params)
+    assert challenge.status_code == 401
+    header = challenge.headers["www-authenticate"]
+    scope = f"repository:{target}:pull,push repository:{source}:pull"
+    assert f'scope="{scope}"' in header
+    with token_client(server, writer, [scope]) as client:
+        response = client.post(url, params=params)
+    assert response.status_code == 201
+
+
 def test_token_space_separated_scopes(server: ServerProcess, writer: Account) -> None:
     """One scope parameter may hold several scopes separated by spaces."""
     source = writer.repository("source")

@@ -116,11 +116,24 @@ class RequestGuard:
         return caller
 
     async def authorize(
-        self, request: Request, repository: str, actions: Iterable[str]
+        self,
+        request: Request,
+        repository: str,
+        actions: Iterable[str],
+        *,
+        mount_source: str | None = None,
     ) -> Access:
-        """Check `actions` on `repository`; see the module docstring for outcomes."""
+        """Check `actions` on `repository`; see the module docstring for outcomes.
+
+        `mount_source` is the valid `from` repository of a cross-repository
+        mount. Challenges then request pull on it as well, so a client that
+        fetches the token the challenge names can mount. The mount itself
+        checks the caller's rights on the source.
+        """
         requested = sorted(set(actions))
         scope = format_scope("repository", repository, requested)
+        if mount_source is not None and mount_source != repository:
+            scope += " " + format_scope("repository", mount_source, [PULL])
         caller = await self.authenticate(request, scope)
         allowed = caller.principal.actions_on(repository, utcnow())
         if PULL not in allowed:

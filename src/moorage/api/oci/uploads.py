@@ -52,16 +52,20 @@ def routes(services: Services) -> list[Route]:
     registry = services.registry
     guard = services.guard
 
-    async def authorize_push(request: Request, name: str) -> Access:
-        access = await guard.authorize(request, name, [PULL, PUSH])
+    async def authorize_push(
+        request: Request, name: str, mount_source: str | None = None
+    ) -> Access:
+        access = await guard.authorize(
+            request, name, [PULL, PUSH], mount_source=mount_source
+        )
         if not access.visible:
             raise DeniedError(f"requested access to the resource is denied: {name}")
         return access
 
     async def start(request: Request) -> Response:
         name = repository_name(request)
-        access = await authorize_push(request, name)
         mount = request.query_params.get("mount")
+        access = await authorize_push(request, name, _mount_source(request))
         digest = request.query_params.get("digest")
 
         if mount is not None:
@@ -88,12 +92,8 @@ def routes(services: Services) -> list[Route]:
     ) -> int | None:
         """Mount from `from` when the caller may pull there; None starts a session."""
         parse_digest(digest)
-        source = request.query_params.get("from")
-        if not source:
-            return None
-        try:
-            validate_name(source)
-        except NameInvalidError:
+        source = _mount_source(request)
+        if source is None:
             return None
         caller = access.caller
         if PULL not in caller.principal.actions_on(source, utcnow()):
@@ -170,3 +170,16 @@ def routes(services: Services) -> list[Route]:
         Route(session, status, methods=["GET"]),
         Route(session, cancel, methods=["DELETE"]),
     ]
+
+
+def _mount_source(request: Request) -> str | None:
+    """Return the valid `from` repository of a mount request, if there is one."""
+    if request.query_params.get("mount") is None:
+        return None
+    source = request.query_params.get("from")
+    if not source:
+        return None
+    try:
+        return validate_name(source)
+    except NameInvalidError:
+        return None
