@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 
 from moorage.audit.events import CUSTOMER_ADD, USER_ADD, VENDOR_USER_ADD
 from moorage.audit.recorder import AdminRecorder
@@ -18,7 +18,10 @@ from moorage.auth.secrets import (
     keyed_hash,
 )
 from moorage.db.identity_store import AccountRecord, CustomerRecord, IdentityStore
-from moorage.errors import InvalidInputError, NotFoundError
+from moorage.db.wrap_store import customer_owner
+from moorage.errors import ConflictError, InvalidInputError, NotFoundError
+from moorage.storage.encryption.driver import EncryptedDriver
+from moorage.storage.encryption.maintenance import ShredReport, shred_owner
 
 # A customer slug is also its namespace, so it follows the repository name
 # component grammar, without the double underscore.
@@ -380,3 +383,24 @@ async def set_customer_active(
     """Resume or suspend a customer; suspending rejects all its tokens now."""
     customer = await identity.get_customer(customer_slug)
     await identity.set_customer_status(customer.id, "active" if active else "suspended")
+
+
+async def shred_customer(
+    identity: IdentityStore, driver: EncryptedDriver, customer_slug: str
+) -> ShredReport:
+    """Destroy a suspended or expired customer's key-encryption key for good.
+
+    Blobs that only this customer referenced can no longer be decrypted, here
+    or from any copy of the blob store; blobs that other customers or the
+    vendor also reference stay readable through their wraps.
+    """
+    customer = await identity.get_customer(customer_slug)
+    ended = customer.access_until is not None and customer.access_until <= (
+        datetime.now(UTC)
+    )
+    if customer.status != "suspended" and not ended:
+        raise ConflictError(
+            f"customer {customer_slug!r} is active; suspend it first "
+            f"(moorage customer suspend {customer_slug}) or let its contract end"
+        )
+    return await shred_owner(driver, customer_owner(customer_slug))

@@ -21,7 +21,11 @@ from moorage.db.identity_store import IdentityStore
 from moorage.db.registry_store import RegistryStore
 from moorage.metrics import Metrics
 from moorage.storage.drivers.filesystem import FilesystemDriver
-from moorage.storage.encryption.setup import database_codec, encrypting_layer
+from moorage.storage.encryption.setup import (
+    attach_owner_keys,
+    database_codec,
+    encrypting_layer,
+)
 from moorage.storage.registry import Registry
 
 
@@ -64,6 +68,7 @@ async def open_services(settings: Settings) -> Services:
     await migrate(engine)
     identity = IdentityStore(engine)
     driver = encrypting_layer(FilesystemDriver(settings.resolved_storage_dir), settings)
+    attach_owner_keys(engine, driver)
     codec = await database_codec(engine, driver)
     registry = Registry(
         RegistryStore(engine, codec), driver, settings.max_manifest_bytes

@@ -19,6 +19,7 @@ from moorage.auth.tokens import add_signing_key
 from moorage.cli.main import (
     DataDirOption,
     _audited,
+    _encrypted_driver,
     _parse_date,
     _run,
     _settings,
@@ -106,6 +107,44 @@ def customer_resume(customer: str, data_dir: DataDirOption = None) -> None:
         ),
     )
     console.print(f"customer {customer} resumed; its accounts must log in again")
+
+
+@customer_app.command("shred")
+def customer_shred(
+    customer: str,
+    confirm: Annotated[
+        bool,
+        typer.Option(
+            "--confirm",
+            help="Required: destroy the customer's key; this cannot be undone.",
+        ),
+    ] = False,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Destroy a suspended customer's encryption key: its own blobs become
+    unreadable everywhere, blobs shared with others stay readable."""
+    if not confirm:
+        errors.print(
+            f"[red]error:[/red] shredding destroys the key of customer {customer} "
+            "for good; run again with --confirm to do it"
+        )
+        raise typer.Exit(2)
+    report = _run(
+        _settings(data_dir=data_dir),
+        lambda s: _audited(
+            s,
+            actions.CUSTOMER_SHRED,
+            f"customer {customer} key-encryption key",
+            customer,
+            admin.shred_customer(s.identity, _encrypted_driver(s), customer),
+        ),
+    )
+    outcome = "key destroyed" if report.key_destroyed else "had no key"
+    console.print(
+        f"customer {customer}: {outcome}, {report.wraps_deleted} data key wraps "
+        f"deleted, {report.objects_unreadable} objects now unreadable. Restart "
+        "running servers to drop the key from their memory."
+    )
 
 
 # Users

@@ -298,6 +298,13 @@ def key_status(data_dir: DataDirOption = None) -> None:
             table.add_row(key_id, "yes" if key_id == active else "", str(usage[key_id]))
         console.print(f"keys from {driver.keyring.describe()}")
         console.print(table)
+        if driver.custody is not None:
+            owners = Table("owner key-encryption key", "data keys")
+            for owner, count in sorted(
+                (await driver.custody.wraps.count_by_owner()).items()
+            ):
+                owners.add_row(owner, str(count))
+            console.print(owners)
 
     _run(_settings(data_dir=data_dir), action)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from moorage.db.dialects import insert_ignore
@@ -64,5 +64,23 @@ class KeyStore:
                     sealed_keys.c.key_id == old.key_id,
                 )
                 .values(key_id=key_id, wrapped=wrapped)
+            )
+        return result.rowcount == 1
+
+    async def get(self, name: str) -> SealedKey | None:
+        async with self.engine.connect() as connection:
+            row = (
+                await connection.execute(
+                    select(sealed_keys.c.key_id, sealed_keys.c.wrapped).where(
+                        sealed_keys.c.name == name
+                    )
+                )
+            ).first()
+        return None if row is None else SealedKey(name, row.key_id, bytes(row.wrapped))
+
+    async def delete(self, name: str) -> bool:
+        async with self.engine.begin() as connection:
+            result = await connection.execute(
+                delete(sealed_keys).where(sealed_keys.c.name == name)
             )
         return result.rowcount == 1

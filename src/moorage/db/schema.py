@@ -235,17 +235,35 @@ personal_tokens = Table(
     Index(None, "account_id"),
 )
 
-# Data keys for data kept in this database (manifest content), each wrapped by
-# a key-encryption key: rotation rewraps these rows, never the data.
+# Keys wrapped by the installation key-encryption key: the data key of manifest
+# content ("database") and the key-encryption key of each customer
+# ("customer:<slug>") and of the vendor ("vendor"). Rotation rewraps these rows,
+# never the data.
 sealed_keys = Table(
     "sealed_keys",
     metadata,
-    # What the key protects, such as "database".
-    Column("name", String(64), primary_key=True),
+    # What the key protects, such as "database" or "customer:acme".
+    Column("name", String(128), primary_key=True),
     # The key-encryption key that wraps it.
     Column("key_id", String(200), nullable=False),
     Column("wrapped", LargeBinary, nullable=False),
     Column("created_at", UTCDateTime, nullable=False, default=utcnow),
+)
+
+# Each stored object's data key, wrapped once per owner whose repositories
+# reference it, under that owner's key-encryption key (in `sealed_keys`).
+# Destroying an owner's key and its rows leaves an object readable only through
+# the other owners' rows.
+data_key_wraps = Table(
+    "data_key_wraps",
+    metadata,
+    # The random id in the object's header, in hex.
+    Column("object_id", String(32), primary_key=True),
+    # "customer:<slug>" or "vendor": the name of the wrapping key in sealed_keys.
+    Column("owner", String(128), primary_key=True),
+    Column("wrapped", LargeBinary, nullable=False),
+    Column("created_at", UTCDateTime, nullable=False, default=utcnow),
+    Index(None, "owner"),
 )
 
 # The audit trail: append-only, each event hash-chained to the one before it

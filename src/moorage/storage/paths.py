@@ -24,3 +24,19 @@ def upload_dir(upload_id: str) -> str:
 
 def upload_data_path(upload_id: str) -> str:
     return f"{upload_dir(upload_id)}/data"
+
+
+def blob_digest_of(path: str) -> str | None:
+    """Return the digest a committed blob's key names, or None for another key."""
+    parts = path.split("/")
+    if len(parts) != 4 or parts[0] != BLOBS_PREFIX:
+        return None
+    return f"{parts[1]}:{parts[3]}"
+
+
+def upload_id_of(path: str) -> str | None:
+    """Return the upload id in an upload's data key, or None for another key."""
+    parts = path.split("/")
+    if len(parts) != 3 or parts[0] != UPLOADS_PREFIX or parts[2] != "data":
+        return None
+    return parts[1]

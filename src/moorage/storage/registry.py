@@ -46,6 +46,8 @@ from moorage.storage.drivers.base import (
     PathNotFoundError,
     StorageDriver,
 )
+from moorage.storage.encryption.custody import DataKeyUnavailableError, writing_for
+from moorage.storage.encryption.driver import EncryptedDriver
 from moorage.storage.manifests import parse_manifest
 
 log = structlog.get_logger(__name__)
@@ -80,6 +82,25 @@ class Registry:
         self._upload_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = (
             weakref.WeakValueDictionary()
         )
+        # The layer that wraps blob data keys per owner, when blobs are encrypted
+        # with owner keys.
+        self._keys: EncryptedDriver | None = None
+        if isinstance(driver, EncryptedDriver) and driver.custody is not None:
+            self._keys = driver
+
+    async def _share_key(self, repository: str, digest: str) -> None:
+        """Wrap the blob's data key for the owner of `repository` too."""
+        if self._keys is None or self._keys.custody is None:
+            return
+        owner = await self._keys.custody.owner_of_repository(repository)
+        await self._keys.share(paths.blob_path(parse_digest(digest)), owner, digest)
+
+    async def _release_key(self, repository: str, digest: str) -> None:
+        """Drop the wrap of `repository`'s owner when it no longer uses the blob."""
+        if self._keys is None or self._keys.custody is None:
+            return
+        owner = await self._keys.custody.owner_of_repository(repository)
+        await self._keys.release(paths.blob_path(parse_digest(digest)), owner, digest)
 
     # Blobs
 
@@ -109,11 +130,22 @@ class Registry:
         parse_digest(digest)
         if not await self.store.unlink_blob(repository, digest):
             raise BlobUnknownError(detail={"digest": digest})
+        await self._release_key(repository, digest)
 
     async def mount_blob(self, repository: str, source: str, digest: str) -> int | None:
-        """Link a blob from `source`; return its size, or None when it is not there."""
+        """Link a blob from `source`; return its size, or None when it is not there.
+
+        The blob's data key is wrapped for the new repository's owner before the
+        link is recorded, so a linked blob always has a wrap its owner can use.
+        """
         parse_digest(digest)
-        return await self.store.mount_blob(source, repository, digest)
+        if await self.store.blob_size_in_repository(source, digest) is None:
+            return None
+        await self._share_key(repository, digest)
+        size = await self.store.mount_blob(source, repository, digest)
+        if size is not None:
+            await self._share_key(repository, digest)
+        return size
 
     # Upload sessions
 
@@ -253,7 +285,8 @@ class Registry:
         """
         path = paths.upload_data_path(upload.id)
         try:
-            return await self.driver.writer(path, upload.size)
+            with writing_for(upload.repository):
+                return await self.driver.writer(path, upload.size)
         except PathNotFoundError:
             log.error(
                 "upload data missing from storage; session cancelled",
@@ -300,12 +333,11 @@ class Registry:
     ) -> None:
         target = paths.blob_path(digest)
         source = paths.upload_data_path(upload_id)
-        if await self.store.blob_exists(str(digest)) and await self.driver.exists(
-            target
-        ):
+        if await self._stored_copy_usable(repository, digest, target):
             await self.driver.delete(paths.upload_dir(upload_id))
         elif size == 0:
-            await self.driver.put(target, b"")
+            with writing_for(repository):
+                await self.driver.put(target, b"")
             await self.driver.delete(paths.upload_dir(upload_id))
         else:
             await self.driver.move(source, target)
@@ -313,6 +345,31 @@ class Registry:
         await self.store.link_blob(
             repository, str(digest), size, finished_upload=upload_id
         )
+        # Again after the link: a concurrent delete of the blob in another of
+        # the owner's repositories may have dropped the wrap in between.
+        await self._share_key(repository, str(digest))
+
+    async def _stored_copy_usable(
+        self, repository: str, digest: Digest, target: str
+    ) -> bool:
+        """Check that a blob is stored already and wrap its data key for `repository`.
+
+        A stored copy whose data key no key here unwraps (every owner that
+        referenced it was shredded) is replaced by the upload.
+        """
+        if not await self.store.blob_exists(str(digest)):
+            return False
+        if not await self.driver.exists(target):
+            return False
+        try:
+            await self._share_key(repository, str(digest))
+        except DataKeyUnavailableError:
+            log.warning(
+                "stored blob has no usable data key; replacing it with the upload",
+                digest=str(digest),
+            )
+            return False
+        return True
 
     async def _discard(self, upload_id: str) -> None:
         await self.driver.delete(paths.upload_dir(upload_id))

@@ -1,4 +1,8 @@
-"""Encrypt, in the background, what an installation stored before encryption."""
+"""Encrypt, in the background, what an installation stored before encryption.
+
+The same task moves data keys that only the installation key-encryption key
+wraps (envelopes from before owner keys) to wraps under their owners' keys.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ from moorage.db.registry_store import RegistryStore
 from moorage.storage import paths
 from moorage.storage.drivers.base import PathNotFoundError, StorageDriver
 from moorage.storage.encryption.driver import EncryptedDriver
-from moorage.storage.encryption.maintenance import encrypt_plaintext
+from moorage.storage.encryption.maintenance import adopt_envelopes, encrypt_plaintext
 
 log = structlog.get_logger(__name__)
 
@@ -40,6 +44,7 @@ async def _convert(driver: EncryptedDriver, store: RegistryStore) -> None:
             if manifests:
                 log.info("plaintext manifests encrypted", count=manifests)
             await encrypt_plaintext(driver, paths.BLOBS_PREFIX)
+            await adopt_envelopes(driver)
             if not await _plaintext_uploads_remain(driver):
                 return
             await asyncio.sleep(RECHECK_SECONDS)

@@ -1,10 +1,15 @@
 """A storage driver that encrypts whatever another driver stores.
 
-Each object gets a random 32-byte data key, wrapped by the keyring's active
-key-encryption key into an envelope stored next to the data under
-`.keys/<xx>/<object id>`. The object's header carries its id, so `move` needs
-to touch only the data and the envelope follows by name. Rotation rewrites the
-small envelopes and never the data.
+Each object gets a random 32-byte data key. With a `DataKeyCustody` attached
+(the server and the CLI attach one), the data key is wrapped once per owner
+whose repositories reference the object, under that owner's key-encryption key,
+and the wraps are kept in the database (see `custody`). Without one, or for an
+object created outside any owner's context, the data key is wrapped by the
+keyring's active key-encryption key into an envelope stored next to the data
+under `.keys/<xx>/<object id>`; installations from before owner keys have only
+such envelopes, and reads fall back to them. The object's header carries its
+id, so `move` needs to touch only the data: the wraps and the envelope follow by
+that id. Rotation rewraps keys and never the data.
 
 Objects written before encryption was turned on have no header; they are read
 as they are, and `maintenance.encrypt_all` converts them.
@@ -20,6 +25,7 @@ import json
 import os
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -33,12 +39,17 @@ from moorage.storage.encryption.format import (
     DATA_KEY_BYTES,
     DEFAULT_SEGMENT_BYTES,
     HEADER_BYTES,
+    DataKeyUnavailableError,
     Header,
     IntegrityError,
     SegmentCipher,
     parse_header,
+    wrap_context,
 )
 from moorage.storage.encryption.keys import Keyring, UnwrapError
+
+if TYPE_CHECKING:
+    from moorage.storage.encryption.custody import DataKeyCustody
 
 log = structlog.get_logger(__name__)
 
@@ -72,11 +83,6 @@ def envelope_path(object_id: bytes) -> str:
     return f"{ENVELOPES_PREFIX}/{name[:2]}/{name}"
 
 
-def wrap_context(object_id: bytes) -> bytes:
-    """Binds a wrapped data key to its object, so envelopes cannot be swapped."""
-    return b"moorage-data-key:" + object_id
-
-
 def log_integrity_error(error: IntegrityError) -> None:
     log.error("storage integrity error", path=error.path, reason=error.reason)
 
@@ -98,33 +104,102 @@ class EncryptedDriver(StorageDriver):
         self.encrypt_new = encrypt_new
         self.segment_bytes = segment_bytes
         self.on_integrity_error = on_integrity_error
+        self.custody: DataKeyCustody | None = None
 
     # Keys
 
     async def new_cipher(self) -> SegmentCipher:
-        """Create a data key for a new object and store its envelope."""
+        """Create a data key for a new object and store its wraps or envelope."""
         header = Header.new(self.segment_bytes)
         data_key = os.urandom(DATA_KEY_BYTES)
-        kek = self.keyring.active()
-        envelope = Envelope(
-            kek.key_id, kek.wrap(data_key, wrap_context(header.object_id))
-        )
-        await self.inner.put(envelope_path(header.object_id), envelope.to_bytes())
+        owners: tuple[str, ...] = ()
+        if self.custody is not None:
+            owners = await self.custody.owners_for_new_object()
+        if owners:
+            assert self.custody is not None
+            await self.custody.wrap(header.object_id, data_key, owners)
+        else:
+            await self._store_envelope(header.object_id, data_key)
         return SegmentCipher(header, data_key)
 
     async def open_cipher(self, path: str, header: Header) -> SegmentCipher:
         """Unwrap the data key of an existing object."""
-        try:
-            stored = await _read_all(self.inner, envelope_path(header.object_id))
-        except PathNotFoundError:
-            raise self._integrity(path, "its data key envelope is missing") from None
-        envelope = Envelope.from_bytes(stored)
+        return SegmentCipher(header, await self.data_key(path, header))
+
+    async def data_key(self, path: str, header: Header) -> bytes:
+        """Unwrap an object's data key: from an owner's wrap, else its envelope."""
+        if self.custody is not None:
+            try:
+                data_key = await self.custody.unwrap(path, header.object_id)
+            except IntegrityError as error:
+                self.on_integrity_error(error)
+                raise
+            if data_key is not None:
+                return data_key
+        envelope = await self._load_envelope(path, header.object_id)
         kek = self.keyring.get(envelope.key_id)
         try:
-            data_key = kek.unwrap(envelope.wrapped, wrap_context(header.object_id))
+            return kek.unwrap(envelope.wrapped, wrap_context(header.object_id))
         except UnwrapError:
             raise self._integrity(path, "its data key does not unwrap") from None
-        return SegmentCipher(header, data_key)
+
+    async def _store_envelope(self, object_id: bytes, data_key: bytes) -> None:
+        kek = self.keyring.active()
+        envelope = Envelope(kek.key_id, kek.wrap(data_key, wrap_context(object_id)))
+        await self.inner.put(envelope_path(object_id), envelope.to_bytes())
+
+    async def _load_envelope(self, path: str, object_id: bytes) -> Envelope:
+        try:
+            stored = await _read_all(self.inner, envelope_path(object_id))
+        except PathNotFoundError:
+            if self.custody is None:
+                raise self._integrity(
+                    path, "its data key envelope is missing"
+                ) from None
+            error = DataKeyUnavailableError(
+                path,
+                "no owner key wraps its data key (every owner's key was destroyed, "
+                "or its wraps were lost) and it has no envelope",
+            )
+            self.on_integrity_error(error)
+            raise error from None
+        return Envelope.from_bytes(stored)
+
+    # Owners
+
+    async def share(self, path: str, owner: str, digest: str) -> None:
+        """Wrap a blob's data key for `owner` too, when it has no wrap yet.
+
+        A blob that still has only an installation envelope is first given a
+        wrap for each owner of `digest`, and its envelope is deleted, so that
+        no owner's wrap is left out.
+        """
+        if self.custody is None:
+            return
+        header = await self.read_header(path)
+        if header is None:
+            return
+        owners = await self.custody.owners(header.object_id)
+        if owner in owners:
+            return
+        data_key = await self.data_key(path, header)
+        if owners:
+            await self.custody.wrap(header.object_id, data_key, [owner])
+            return
+        everyone = await self.custody.wraps.owners_of_digest(digest) | {owner}
+        await self.custody.wrap(header.object_id, data_key, everyone)
+        await self.inner.delete(envelope_path(header.object_id))
+
+    async def release(self, path: str, owner: str, digest: str) -> None:
+        """Delete `owner`'s wrap of a blob that none of its repositories uses now."""
+        if self.custody is None:
+            return
+        try:
+            header = await self.read_header(path)
+        except PathNotFoundError:
+            return
+        if header is not None:
+            await self.custody.wraps.release(header.object_id.hex(), owner, digest)
 
     async def read_header(self, path: str) -> Header | None:
         """Return the object's header, or None when it is stored in plaintext."""
@@ -272,6 +347,8 @@ class EncryptedDriver(StorageDriver):
         await self.inner.delete(path)
         for object_id in object_ids:
             await self.inner.delete(envelope_path(object_id))
+        if self.custody is not None:
+            await self.custody.forget(object_ids)
 
     async def list(self, prefix: str) -> list[str]:
         keys = await self.inner.list(prefix)

@@ -39,6 +39,11 @@ _HEADER = struct.Struct(">8s16sII")
 _POSITION = struct.Struct(">QB")
 
 
+def wrap_context(object_id: bytes) -> bytes:
+    """Binds a wrapped data key to its object, so wraps cannot be swapped."""
+    return b"moorage-data-key:" + object_id
+
+
 class IntegrityError(Exception):
     """Stored ciphertext does not authenticate: altered, truncated or misplaced."""
 
@@ -46,6 +51,14 @@ class IntegrityError(Exception):
         super().__init__(f"integrity check failed for {path}: {reason}")
         self.path = path
         self.reason = reason
+
+
+class DataKeyUnavailableError(IntegrityError):
+    """No key this installation holds unwraps an object's data key.
+
+    Raised for an object whose owners' keys were all destroyed (shredded), and
+    for an object whose wraps and envelope are both missing.
+    """
 
 
 @dataclass(frozen=True, slots=True)

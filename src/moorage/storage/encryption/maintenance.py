@@ -9,6 +9,10 @@ All of it runs while the server serves:
   second run continues where an interrupted one stopped.
 - `encrypt_plaintext` converts objects stored before encryption was turned on;
   the server runs it in the background.
+- `adopt_envelopes` moves data keys from installation envelopes to wraps under
+  their owners' keys, for objects stored before owner keys existed; the server
+  runs it in the background too.
+- `shred_owner` destroys one owner's key-encryption key and its wraps.
 """
 
 from __future__ import annotations
@@ -23,7 +27,9 @@ from dataclasses import dataclass, field
 import structlog
 
 from moorage.db.key_store import KeyStore
+from moorage.storage import paths
 from moorage.storage.drivers.base import PathNotFoundError
+from moorage.storage.encryption.custody import DataKeyCustody, wrapping_for
 from moorage.storage.encryption.database import rewrap_database_keys
 from moorage.storage.encryption.driver import (
     ENVELOPES_PREFIX,
@@ -175,15 +181,22 @@ async def encrypt_plaintext(
 async def _replace_encrypted(driver: EncryptedDriver, path: str) -> bool:
     """Write an encrypted copy of `path` with a new data key and move it in place.
 
-    Readers that opened the old object keep reading it; the old envelope goes
-    once the copy is in place.
+    The new data key is wrapped for every owner that has a wrap of the old one
+    or uses the object now. Readers that opened the old object keep reading it;
+    the old wraps and envelope go once the copy is in place.
     """
     if not driver.encrypt_new:
         raise ValueError("encryption is turned off; turn it on to re-encrypt")
     try:
         old = await driver.read_header(path)
+        owners: set[str] = set()
+        if driver.custody is not None:
+            owners = await owners_of_object(driver.custody, path)
+            if old is not None:
+                owners.update(await driver.custody.owners(old.object_id))
         temporary = f"{WORK_PREFIX}/{uuid.uuid4().hex}"
-        writer = await driver.writer(temporary, 0)
+        with wrapping_for(owners):
+            writer = await driver.writer(temporary, 0)
         try:
             async for chunk in driver.read(path):
                 await writer.write(chunk)
@@ -199,7 +212,95 @@ async def _replace_encrypted(driver: EncryptedDriver, path: str) -> bool:
     await driver.inner.move(temporary, path)
     if old is not None:
         await driver.inner.delete(envelope_path(old.object_id))
+        if driver.custody is not None:
+            await driver.custody.forget([old.object_id])
     return True
+
+
+async def owners_of_object(custody: DataKeyCustody, path: str) -> set[str]:
+    """Return the owners whose repositories use a blob or an upload, by its key."""
+    digest = paths.blob_digest_of(path)
+    if digest is not None:
+        return await custody.wraps.owners_of_digest(digest)
+    upload_id = paths.upload_id_of(path)
+    if upload_id is not None:
+        owner = await custody.wraps.owner_of_upload(upload_id)
+        return set() if owner is None else {owner}
+    return set()
+
+
+async def adopt_envelopes(
+    driver: EncryptedDriver, progress: Progress = _no_progress
+) -> int:
+    """Wrap data keys kept in installation envelopes for their objects' owners.
+
+    Objects under `blobs/` and `uploads/` that have no owner wrap yet get one
+    per owner that uses them, and their envelope is deleted; return how many.
+    Objects that no repository uses keep their envelope until garbage
+    collection deletes them.
+    """
+    custody = driver.custody
+    if custody is None or not await envelope_paths(driver):
+        return 0
+    objects = await driver.list(paths.BLOBS_PREFIX)
+    objects += await driver.list(paths.UPLOADS_PREFIX)
+    adopted = 0
+    for position, path in enumerate(objects, 1):
+        if await _adopt_envelope(driver, custody, path):
+            adopted += 1
+        progress(position, len(objects))
+    if adopted:
+        log.info("data keys moved from envelopes to owner keys", count=adopted)
+    return adopted
+
+
+async def _adopt_envelope(
+    driver: EncryptedDriver, custody: DataKeyCustody, path: str
+) -> bool:
+    try:
+        header = await driver.read_header(path)
+    except PathNotFoundError:
+        return False
+    if header is None or await custody.owners(header.object_id):
+        return False
+    owners = await owners_of_object(custody, path)
+    if not owners:
+        return False
+    envelope = envelope_path(header.object_id)
+    if not await driver.inner.exists(envelope):
+        return False
+    data_key = await driver.data_key(path, header)
+    await custody.wrap(header.object_id, data_key, owners)
+    await driver.inner.delete(envelope)
+    return True
+
+
+@dataclass
+class ShredReport:
+    key_destroyed: bool
+    wraps_deleted: int
+    objects_unreadable: int
+
+
+async def shred_owner(driver: EncryptedDriver, owner: str) -> ShredReport:
+    """Destroy an owner's key-encryption key, then every wrap made under it.
+
+    `objects_unreadable` counts the objects whose only wrap was the owner's.
+    """
+    custody = driver.custody
+    if custody is None:
+        raise ValueError("owner keys are not attached to this storage driver")
+    sole = await custody.wraps.count_sole(owner)
+    destroyed = await custody.owner_keys.destroy(owner)
+    deleted = await custody.wraps.remove_owner(owner)
+    log.info(
+        "owner key-encryption key destroyed",
+        owner=owner,
+        existed=destroyed,
+        wraps_deleted=deleted,
+        objects_unreadable=sole,
+    )
+    return ShredReport(destroyed, deleted, sole)
 
 
 async def _load_envelope(driver: EncryptedDriver, path: str) -> Envelope | None:

@@ -7,7 +7,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from moorage.config import Settings
 from moorage.db.key_store import KeyStore
+from moorage.db.wrap_store import WrapStore
 from moorage.storage.drivers.base import StorageDriver
+from moorage.storage.encryption.custody import DataKeyCustody, OwnerKeys
 from moorage.storage.encryption.database import DatabaseCipher, open_database_cipher
 from moorage.storage.encryption.driver import EncryptedDriver
 from moorage.storage.encryption.keys import EnvKeyring, FileKeyring, Keyring
@@ -51,6 +53,14 @@ def encrypting_layer(inner: StorageDriver, settings: Settings) -> StorageDriver:
         if isinstance(keyring, FileKeyring):
             _warn_when_keys_sit_with_data(settings)
     return EncryptedDriver(inner, keyring, encrypt_new=settings.encryption)
+
+
+def attach_owner_keys(engine: AsyncEngine, driver: StorageDriver) -> None:
+    """Wrap blob data keys per owner, with owner keys kept in the database."""
+    if isinstance(driver, EncryptedDriver):
+        driver.custody = DataKeyCustody(
+            OwnerKeys(KeyStore(engine), driver.keyring), WrapStore(engine)
+        )
 
 
 async def database_codec(

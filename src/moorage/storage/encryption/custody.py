@@ -1,0 +1,215 @@
+"""Owner keys: one key-encryption key per customer, and one for the vendor.
+
+Every object's data key is wrapped once per owner whose repositories reference
+the object, under that owner's key-encryption key (owner KEK), and the wraps are
+kept in the `data_key_wraps` table. Each owner KEK is a random 256-bit key,
+wrapped (sealed) by the installation KEK in the `sealed_keys` table under the
+owner's name, so `moorage key rotate` rewraps owner KEKs together with the
+database data key and never touches a blob.
+
+Destroying an owner KEK (`moorage customer shred`) deletes its sealed row and
+every wrap under it. An object that only that owner referenced then has no
+wrap left that any key opens, in the live store and in every copy of the blob
+store. An object that other owners reference keeps their wraps.
+
+The blob read path unwraps one data key per object opened, with an owner KEK
+taken from memory: owner KEKs are unwrapped by the installation KEK once per
+process and then cached.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+
+import structlog
+
+from moorage.db.key_store import KeyStore
+from moorage.db.wrap_store import DataKeyWrap, WrapStore
+from moorage.storage.encryption.database import wrap_context as sealing_context
+from moorage.storage.encryption.format import DataKeyUnavailableError, wrap_context
+from moorage.storage.encryption.keys import (
+    KEK_BYTES,
+    Keyring,
+    LocalKey,
+    UnwrapError,
+)
+
+__all__ = [
+    "DataKeyCustody",
+    "DataKeyUnavailableError",
+    "OwnerKeys",
+    "wrapping_for",
+    "writing_for",
+]
+
+log = structlog.get_logger(__name__)
+
+# Repository owners do not change once a namespace exists, but a namespace that
+# has no customer yet belongs to the vendor until one is created for it.
+_OWNER_CACHE_SECONDS = 60.0
+
+# The repository whose owner wraps the data keys of objects created in this
+# context (an upload's data, an empty blob). Set by `writing_for`.
+_writing_for: ContextVar[str | None] = ContextVar("moorage_writing_for", default=None)
+# Owners given explicitly, by maintenance code that knows them already.
+_wrapping_for: ContextVar[tuple[str, ...] | None] = ContextVar(
+    "moorage_wrapping_for", default=None
+)
+
+
+@contextmanager
+def writing_for(repository: str) -> Iterator[None]:
+    """Wrap the data keys of objects created in this block for `repository`'s owner."""
+    token = _writing_for.set(repository)
+    try:
+        yield
+    finally:
+        _writing_for.reset(token)
+
+
+@contextmanager
+def wrapping_for(owners: Iterable[str]) -> Iterator[None]:
+    """Wrap the data keys of objects created in this block for these owners."""
+    token = _wrapping_for.set(tuple(sorted(set(owners))))
+    try:
+        yield
+    finally:
+        _wrapping_for.reset(token)
+
+
+class OwnerKeys:
+    """Owner KEKs, sealed in `sealed_keys` by the installation KEK, cached unwrapped."""
+
+    def __init__(self, sealed: KeyStore, keyring: Keyring) -> None:
+        self.sealed = sealed
+        self.keyring = keyring
+        # owner -> (the sealed bytes it was unwrapped from, the key)
+        self._cache: dict[str, tuple[bytes, LocalKey]] = {}
+
+    async def get(self, owner: str) -> LocalKey | None:
+        """Return the owner's KEK, or None when it does not exist (or was destroyed)."""
+        cached = self._cache.get(owner)
+        if cached is not None:
+            return cached[1]
+        return await self.reload(owner)
+
+    async def reload(self, owner: str) -> LocalKey | None:
+        """Read the owner's KEK from the database again, replacing the cached copy."""
+        stored = await self.sealed.get(owner)
+        if stored is None:
+            self._cache.pop(owner, None)
+            return None
+        return self._remember(owner, stored.key_id, stored.wrapped)
+
+    async def current(self, owner: str) -> LocalKey:
+        """Return the owner's KEK as stored now, creating it on first use.
+
+        Wrapping a new data key goes through here rather than the cache, so a
+        key destroyed and made again by another process is never used stale.
+        """
+        kek = self.keyring.active()
+        candidate = kek.wrap(os.urandom(KEK_BYTES), sealing_context(owner))
+        stored = await self.sealed.get_or_add(owner, kek.key_id, candidate)
+        cached = self._cache.get(owner)
+        if cached is not None and cached[0] == stored.wrapped:
+            return cached[1]
+        if stored.wrapped == candidate:
+            log.info("owner key-encryption key created", owner=owner)
+        return self._remember(owner, stored.key_id, stored.wrapped)
+
+    async def destroy(self, owner: str) -> bool:
+        """Delete the owner's KEK; return False when there was none."""
+        self._cache.pop(owner, None)
+        return await self.sealed.delete(owner)
+
+    def _remember(self, owner: str, key_id: str, wrapped: bytes) -> LocalKey:
+        secret = self.keyring.get(key_id).unwrap(wrapped, sealing_context(owner))
+        key = LocalKey(owner, secret)
+        self._cache[owner] = (wrapped, key)
+        return key
+
+
+class DataKeyCustody:
+    """Wraps and unwraps object data keys under the keys of the objects' owners."""
+
+    def __init__(self, owner_keys: OwnerKeys, wraps: WrapStore) -> None:
+        self.owner_keys = owner_keys
+        self.wraps = wraps
+        self._owners: dict[str, tuple[float, str]] = {}
+
+    async def owners_for_new_object(self) -> tuple[str, ...]:
+        """Return the owners set by `wrapping_for` or `writing_for`, or none."""
+        explicit = _wrapping_for.get()
+        if explicit is not None:
+            return explicit
+        repository = _writing_for.get()
+        if repository is None:
+            return ()
+        return (await self.owner_of_repository(repository),)
+
+    async def owner_of_repository(self, repository: str) -> str:
+        now = time.monotonic()
+        cached = self._owners.get(repository)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        owner = await self.wraps.owner_of_repository(repository)
+        self._owners[repository] = (now + _OWNER_CACHE_SECONDS, owner)
+        return owner
+
+    async def wrap(
+        self, object_id: bytes, data_key: bytes, owners: Iterable[str]
+    ) -> None:
+        """Store one wrap of the data key per owner (kept when one exists)."""
+        context = wrap_context(object_id)
+        wraps = []
+        for owner in owners:
+            kek = await self.owner_keys.current(owner)
+            wraps.append(DataKeyWrap(owner, kek.wrap(data_key, context)))
+        await self.wraps.add(object_id.hex(), wraps)
+
+    async def unwrap(self, path: str, object_id: bytes) -> bytes | None:
+        """Return the object's data key, or None when it has no wraps here.
+
+        Raises DataKeyUnavailableError when wraps exist but none opens, for
+        example because every owner's key was destroyed.
+        """
+        wraps = await self.wraps.wraps(object_id.hex())
+        if not wraps:
+            return None
+        context = wrap_context(object_id)
+        for wrap in wraps:
+            data_key = await self._unwrap_one(wrap, context)
+            if data_key is not None:
+                return data_key
+        owners = ", ".join(wrap.owner for wrap in wraps)
+        raise DataKeyUnavailableError(
+            path, f"its data key does not unwrap under the keys of {owners}"
+        )
+
+    async def owners(self, object_id: bytes) -> list[str]:
+        return [wrap.owner for wrap in await self.wraps.wraps(object_id.hex())]
+
+    async def forget(self, object_ids: list[bytes]) -> None:
+        await self.wraps.remove_objects([object_id.hex() for object_id in object_ids])
+
+    async def _unwrap_one(self, wrap: DataKeyWrap, context: bytes) -> bytes | None:
+        kek = await self.owner_keys.get(wrap.owner)
+        if kek is None:
+            return None
+        try:
+            return kek.unwrap(wrap.wrapped, context)
+        except UnwrapError:
+            pass
+        # The cached owner KEK may be one that another process destroyed and
+        # made again since: read it once more before giving up on this wrap.
+        kek = await self.owner_keys.reload(wrap.owner)
+        if kek is None:
+            return None
+        try:
+            return kek.unwrap(wrap.wrapped, context)
+        except UnwrapError:
+            return None

@@ -1,0 +1,483 @@
+"""Crypto-shredding: destroying one customer's key loses only that customer's blobs.
+
+Two customers push images that share a base layer (a real busybox layer) and
+each adds a private layer; the second customer also mounts a vendor layer.
+After the first customer is shredded, everything the second customer and the
+vendor reference pulls back byte-identical, while the first customer's
+private layer cannot be decrypted: not from the live store, and not from a
+copy of the blob store taken before the shredding.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import select
+
+from moorage import admin
+from moorage.db.schema import (
+    audit_events,
+    data_key_wraps,
+    repositories,
+    repository_blobs,
+    sealed_keys,
+)
+from moorage.digests import parse_digest
+from moorage.services import Services
+from moorage.storage import paths
+from moorage.storage.encryption.custody import DataKeyUnavailableError
+from moorage.storage.encryption.driver import EncryptedDriver, envelope_path
+from moorage.storage.encryption.format import IntegrityError
+from tests.support.images import (
+    MEDIA_TYPE_OCI_LAYER_GZIP,
+    MEDIA_TYPE_OCI_MANIFEST,
+    Blob,
+    Layer,
+    LayerTar,
+    OciLayout,
+    add_image,
+    busybox_layer_tar,
+    host_architecture,
+    read_busybox,
+)
+from tests.support.registry import Account, open_account
+from tests.support.server import (
+    ADMIN_LOGIN,
+    ADMIN_PASSWORD,
+    ServerProcess,
+    running_server,
+    unique,
+)
+
+pytestmark = pytest.mark.clients
+
+# Private layers span several 64 KiB segments.
+PRIVATE_BYTES = 300 * 1024
+
+
+@dataclass
+class Image:
+    repository: str
+    manifest: Blob
+    config: Blob
+    layers: list[Layer]
+
+    def blobs(self) -> dict[str, bytes]:
+        found = {self.config.digest: self.config.data}
+        found.update({layer.blob.digest: layer.blob.data for layer in self.layers})
+        return found
+
+
+@dataclass
+class SharedRegistry:
+    """A registry where customers `first` and `second` share a base layer."""
+
+    server: ServerProcess
+    first: Account
+    second: Account
+    vendor: httpx.Client
+    base: Layer
+    vendor_layer: Layer
+    images: dict[str, Image] = field(default_factory=dict)
+
+
+def private_layer(layout: OciLayout, name: str) -> Layer:
+    tar = LayerTar()
+    tar.add_file(f"{name}.bin", (name.encode() + b"-private-") * (PRIVATE_BYTES // 20))
+    return layout.add_layer(tar.to_bytes(), MEDIA_TYPE_OCI_LAYER_GZIP)
+
+
+def build_image(
+    directory: Path, repository: str, layers: list[Layer], name: str
+) -> tuple[OciLayout, Image]:
+    layout = OciLayout(directory)
+    for layer in layers:
+        layout.add_blob(layer.blob.data, layer.blob.media_type)
+    mine = private_layer(layout, name)
+    manifest = add_image(layout, [*layers, mine], host_architecture())
+    layout.tag(manifest, "v1")
+    config = json.loads(manifest.data)["config"]
+    config_blob = Blob(config["mediaType"], layout.read_blob(config["digest"]))
+    return layout, Image(repository, manifest, config_blob, [*layers, mine])
+
+
+def skopeo_push(server: ServerProcess, layout: OciLayout, image: Image, creds: str):
+    subprocess.run(
+        [
+            "skopeo",
+            "copy",
+            "--dest-tls-verify=false",
+            f"--dest-creds={creds}",
+            f"oci:{layout.path}:v1",
+            f"docker://{server.address}/{image.repository}:v1",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+
+
+def skopeo_pull(server: ServerProcess, repository: str, creds: str, target: Path):
+    subprocess.run(
+        [
+            "skopeo",
+            "copy",
+            "--src-tls-verify=false",
+            f"--src-creds={creds}",
+            f"docker://{server.address}/{repository}:v1",
+            f"oci:{target}:v1",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+
+
+def moorage(server: ServerProcess, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "moorage", *args],
+        env=server.environment(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+def creds(account: Account) -> str:
+    return f"{account.login}:{account.password}"
+
+
+@pytest.fixture
+def shared(tmp_path: Path) -> Iterator[SharedRegistry]:
+    with running_server(tmp_path / "registry") as server:
+        first = open_account(server, server.add_customer(unique("first")))
+        second = open_account(server, server.add_customer(unique("second")))
+        server.run_admin(
+            lambda s: admin.add_grant(
+                s.identity, second.customer, "products/*", "reader", None
+            )
+        )
+        vendor = httpx.Client(
+            base_url=server.url, auth=(ADMIN_LOGIN, ADMIN_PASSWORD), timeout=60
+        )
+        scratch = OciLayout(tmp_path / "scratch")
+        base = scratch.add_layer(
+            busybox_layer_tar(read_busybox()), MEDIA_TYPE_OCI_LAYER_GZIP
+        )
+        registry = SharedRegistry(
+            server, first, second, vendor, base, private_layer(scratch, "vendor")
+        )
+        push_images(registry, tmp_path)
+        try:
+            yield registry
+        finally:
+            vendor.close()
+            first.client.close()
+            second.client.close()
+
+
+def push_images(registry: SharedRegistry, tmp_path: Path) -> None:
+    """Vendor: base + vendor layer. First: base + private. Second: base + the
+    vendor layer, mounted from the vendor repository, + private."""
+    server = registry.server
+    product = f"products/{unique('base')}"
+    layout, image = build_image(
+        tmp_path / "vendor", product, [registry.base, registry.vendor_layer], "product"
+    )
+    skopeo_push(server, layout, image, f"{ADMIN_LOGIN}:{ADMIN_PASSWORD}")
+    registry.images["vendor"] = image
+
+    first = registry.first
+    layout, image = build_image(
+        tmp_path / "first", first.repository(), [registry.base], "first"
+    )
+    skopeo_push(server, layout, image, creds(first))
+    registry.images["first"] = image
+
+    second = registry.second
+    repository = second.repository()
+    response = second.client.post(
+        f"/v2/{repository}/blobs/uploads/",
+        params={"mount": registry.vendor_layer.blob.digest, "from": product},
+    )
+    assert response.status_code == 201, response.text
+    layout, image = build_image(
+        tmp_path / "second",
+        repository,
+        [registry.base, registry.vendor_layer],
+        "second",
+    )
+    skopeo_push(server, layout, image, creds(second))
+    registry.images["second"] = image
+
+
+def wrap_owners(server: ServerProcess, digest: str) -> set[str]:
+    """Return the owners whose keys wrap the stored blob's data key."""
+
+    async def owners(services: Services) -> set[str]:
+        driver = services.registry.driver
+        assert isinstance(driver, EncryptedDriver)
+        assert driver.custody is not None
+        path = paths.blob_path(parse_digest(digest))
+        header = await driver.read_header(path)
+        assert header is not None
+        return set(await driver.custody.owners(header.object_id))
+
+    return server.run_admin(owners)
+
+
+def read_blob(server: ServerProcess, digest: str) -> bytes:
+    """Decrypt a stored blob through the storage driver, as the server would."""
+
+    async def read(services: Services) -> bytes:
+        path = paths.blob_path(parse_digest(digest))
+        chunks = [chunk async for chunk in services.registry.driver.read(path)]
+        return b"".join(chunks)
+
+    return server.run_admin(read)
+
+
+def assert_pulls(client: httpx.Client, image: Image) -> None:
+    """The manifest and every blob of the image come back byte-identical."""
+    response = client.get(
+        f"/v2/{image.repository}/manifests/v1",
+        headers={"Accept": MEDIA_TYPE_OCI_MANIFEST},
+    )
+    assert response.status_code == 200, response.text
+    assert response.content == image.manifest.data
+    for digest, data in image.blobs().items():
+        response = client.get(f"/v2/{image.repository}/blobs/{digest}")
+        assert response.status_code == 200, (digest, response.text)
+        assert response.content == data, digest
+
+
+def assert_pull_fails(client: httpx.Client, repository: str, digest: str) -> None:
+    """A pull of an undecryptable blob ends in an error, never in other bytes."""
+    try:
+        response = client.get(f"/v2/{repository}/blobs/{digest}")
+    except httpx.RemoteProtocolError:
+        return
+    assert response.status_code >= 500
+
+
+def shred(registry: SharedRegistry) -> None:
+    server, slug = registry.server, registry.first.customer
+    assert moorage(server, "customer", "suspend", slug).returncode == 0
+    result = moorage(server, "customer", "shred", slug, "--confirm")
+    assert result.returncode == 0, result.stderr
+    assert "key destroyed" in result.stdout
+
+
+def test_wraps_follow_references(shared: SharedRegistry) -> None:
+    """Each blob's data key is wrapped for exactly the owners that use it."""
+    server = shared.server
+    first = f"customer:{shared.first.customer}"
+    second = f"customer:{shared.second.customer}"
+    assert wrap_owners(server, shared.base.blob.digest) == {"vendor", first, second}
+    assert wrap_owners(server, shared.vendor_layer.blob.digest) == {"vendor", second}
+    assert wrap_owners(server, shared.images["first"].layers[-1].blob.digest) == {first}
+    assert wrap_owners(server, shared.images["second"].layers[-1].blob.digest) == {
+        second
+    }
+    envelopes = list((server.data_dir / "storage" / ".keys").rglob("*"))
+    assert [path for path in envelopes if path.is_file()] == []
+
+
+def test_shred_keeps_shared_blobs(shared: SharedRegistry, tmp_path: Path) -> None:
+    """After shredding the first customer, the second and the vendor pull everything
+    byte-identical, and the first customer's private layer fails to decrypt."""
+    server = shared.server
+    private = shared.images["first"].layers[-1].blob.digest
+    backup = tmp_path / "storage-before"
+    shutil.copytree(server.data_dir / "storage", backup)
+
+    shred(shared)
+
+    # The running server loses the private layer at once.
+    assert_pull_fails(shared.vendor, shared.images["first"].repository, private)
+    server.restart()
+    assert_pulls(shared.second.client, shared.images["second"])
+    assert_pulls(shared.vendor, shared.images["vendor"])
+    skopeo_pull(
+        server,
+        shared.images["second"].repository,
+        creds(shared.second),
+        tmp_path / "pulled",
+    )
+    pulled = OciLayout(tmp_path / "pulled")
+    for digest, data in shared.images["second"].blobs().items():
+        assert pulled.read_blob(digest) == data
+    assert_pull_fails(shared.vendor, shared.images["first"].repository, private)
+    with pytest.raises(DataKeyUnavailableError):
+        read_blob(server, private)
+    assert "storage integrity error" in server.log()
+
+    # The first customer's config blob was its own too.
+    with pytest.raises(IntegrityError):
+        read_blob(server, shared.images["first"].config.digest)
+
+    rows = server.run_admin(lambda s: _select(s, sealed_keys.c.name))
+    assert f"customer:{shared.first.customer}" not in rows
+    assert f"customer:{shared.second.customer}" in rows
+    owners = server.run_admin(lambda s: _select(s, data_key_wraps.c.owner))
+    assert f"customer:{shared.first.customer}" not in owners
+
+    events = server.run_admin(
+        lambda s: _select(
+            s, audit_events.c.action, audit_events.c.outcome, audit_events.c.reason
+        )
+    )
+    assert any(row[0] == "customer.shred" and row[1] == "success" for row in events), (
+        events
+    )
+
+
+def test_backup_from_before_stays_unreadable(
+    shared: SharedRegistry, tmp_path: Path
+) -> None:
+    """A copy of the blob store taken before the shredding, with the database after
+    it, decrypts the shared blobs but not the shredded customer's own."""
+    server = shared.server
+    first = shared.images["first"]
+    private = first.layers[-1].blob.digest
+    assert read_blob(server, private) == first.layers[-1].blob.data
+    backup = tmp_path / "storage-before"
+    shutil.copytree(server.data_dir / "storage", backup)
+
+    shred(shared)
+
+    server.stop()
+    storage = server.data_dir / "storage"
+    shutil.rmtree(storage)
+    shutil.copytree(backup, storage)
+
+    with pytest.raises(DataKeyUnavailableError):
+        read_blob(server, private)
+    with pytest.raises(IntegrityError):
+        read_blob(server, first.config.digest)
+    assert read_blob(server, shared.base.blob.digest) == shared.base.blob.data
+    for digest, data in shared.images["second"].blobs().items():
+        assert read_blob(server, digest) == data
+
+    # No installation envelope in the copy holds the private layer's data key.
+    header = (storage / _relative(private)).read_bytes()[:32]
+    object_id = header[8:24]
+    assert not (storage / envelope_path(object_id)).exists()
+    server.start()
+    assert_pulls(shared.second.client, shared.images["second"])
+
+
+def test_shred_needs_suspension_and_confirm(shared: SharedRegistry) -> None:
+    """Shredding an active customer, or without --confirm, destroys nothing."""
+    server, slug = shared.server, shared.first.customer
+    result = moorage(server, "customer", "shred", slug)
+    assert result.returncode == 2
+    assert "--confirm" in result.stderr
+    result = moorage(server, "customer", "shred", slug, "--confirm")
+    assert result.returncode == 1
+    assert "suspend it first" in result.stderr
+    assert_pulls(shared.first.client, shared.images["first"])
+    rows = server.run_admin(lambda s: _select(s, sealed_keys.c.name))
+    assert f"customer:{slug}" in rows
+
+
+def test_rotation_and_reencrypt_keep_owner_wraps(shared: SharedRegistry) -> None:
+    """Key rotation rewraps owner keys; re-encryption wraps new data keys for the
+    same owners; shredding afterwards still spares shared blobs."""
+    server = shared.server
+    before = server.run_admin(lambda s: _select(s, sealed_keys.c.key_id))
+    result = moorage(server, "key", "rotate")
+    assert result.returncode == 0, result.stderr
+    after = server.run_admin(lambda s: _select(s, sealed_keys.c.key_id))
+    assert len(set(after)) == 1
+    assert not set(after) & set(before)
+    assert_pulls(shared.second.client, shared.images["second"])
+
+    result = moorage(server, "key", "reencrypt")
+    assert result.returncode == 0, result.stderr
+    first = f"customer:{shared.first.customer}"
+    second = f"customer:{shared.second.customer}"
+    assert wrap_owners(server, shared.base.blob.digest) == {"vendor", first, second}
+    assert wrap_owners(server, shared.images["first"].layers[-1].blob.digest) == {first}
+    assert_pulls(shared.first.client, shared.images["first"])
+
+    shred(shared)
+    server.restart()
+    assert_pulls(shared.second.client, shared.images["second"])
+    assert_pulls(shared.vendor, shared.images["vendor"])
+    with pytest.raises(DataKeyUnavailableError):
+        read_blob(server, shared.images["first"].layers[-1].blob.digest)
+
+
+def test_deleting_last_reference_drops_the_wrap(shared: SharedRegistry) -> None:
+    """A customer that deletes its last link to a shared blob loses its wrap, so
+    shredding it later does not matter to that blob; the last wrap stays."""
+    server = shared.server
+    first, second = shared.first, shared.second
+    data = b"shared-standalone-" * 5000
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    for account in (first, second):
+        response = account.client.post(
+            f"/v2/{account.repository('loose')}/blobs/uploads/",
+            params={"digest": digest},
+            content=data,
+        )
+        assert response.status_code == 201, response.text
+    owners = {f"customer:{first.customer}", f"customer:{second.customer}"}
+    assert wrap_owners(server, digest) == owners
+    deleter = open_account(server, second.customer, "maintainer")
+    try:
+        repository = _repository_with(server, second.customer, digest)
+        response = deleter.client.delete(f"/v2/{repository}/blobs/{digest}")
+        assert response.status_code == 202, response.text
+    finally:
+        deleter.client.close()
+    assert wrap_owners(server, digest) == {f"customer:{first.customer}"}
+    response = first.client.get(
+        f"/v2/{_repository_with(server, first.customer, digest)}/blobs/{digest}"
+    )
+    assert response.content == data
+
+
+def _repository_with(server: ServerProcess, customer: str, digest: str) -> str:
+    async def find(services: Services) -> str:
+        async with services.engine.connect() as connection:
+            name = await connection.scalar(
+                select(repositories.c.name)
+                .join(
+                    repository_blobs,
+                    repository_blobs.c.repository_id == repositories.c.id,
+                )
+                .where(
+                    repository_blobs.c.digest == digest,
+                    repositories.c.namespace == customer,
+                )
+            )
+        assert name is not None
+        return str(name)
+
+    return server.run_admin(find)
+
+
+def _relative(digest: str) -> str:
+    return paths.blob_path(parse_digest(digest))
+
+
+async def _select(services: Services, *columns: Any) -> list[Any]:
+    async with services.engine.connect() as connection:
+        result = await connection.execute(select(*columns))
+        rows = result.all()
+    if len(columns) == 1:
+        return [row[0] for row in rows]
+    return [tuple(row) for row in rows]
