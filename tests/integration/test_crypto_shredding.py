@@ -15,6 +15,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,8 +37,12 @@ from moorage.digests import parse_digest
 from moorage.services import Services
 from moorage.storage import paths
 from moorage.storage.encryption.custody import DataKeyUnavailableError
-from moorage.storage.encryption.driver import EncryptedDriver, envelope_path
-from moorage.storage.encryption.format import IntegrityError
+from moorage.storage.encryption.driver import (
+    EncryptedDriver,
+    Envelope,
+    envelope_path,
+)
+from moorage.storage.encryption.format import IntegrityError, wrap_context
 from tests.support.images import (
     MEDIA_TYPE_OCI_LAYER_GZIP,
     MEDIA_TYPE_OCI_MANIFEST,
@@ -370,7 +375,7 @@ def test_backup_from_before_stays_unreadable(
     for digest, data in shared.images["second"].blobs().items():
         assert read_blob(server, digest) == data
 
-    # No installation envelope in the copy holds the private layer's data key.
+    # No installation envelope in the copy contains the private layer's data key.
     header = (storage / _relative(private)).read_bytes()[:32]
     object_id = header[8:24]
     assert not (storage / envelope_path(object_id)).exists()
@@ -481,3 +486,78 @@ async def _select(services: Services, *columns: Any) -> list[Any]:
     if len(columns) == 1:
         return [row[0] for row in rows]
     return [tuple(row) for row in rows]
+
+
+def make_legacy(server: ServerProcess) -> int:
+    """Turn every owner wrap back into an installation envelope, as an
+    installation from before owner keys stored them; return how many."""
+
+    async def convert(services: Services) -> int:
+        driver = services.registry.driver
+        assert isinstance(driver, EncryptedDriver)
+        assert driver.custody is not None
+        converted = 0
+        for path in await driver.list(paths.BLOBS_PREFIX):
+            header = await driver.read_header(path)
+            assert header is not None
+            data_key = await driver.custody.unwrap(path, header.object_id)
+            assert data_key is not None
+            kek = driver.keyring.active()
+            envelope = Envelope(
+                kek.key_id, kek.wrap(data_key, wrap_context(header.object_id))
+            )
+            await driver.inner.put(envelope_path(header.object_id), envelope.to_bytes())
+            await driver.custody.forget([header.object_id])
+            converted += 1
+        return converted
+
+    return server.run_admin(convert)
+
+
+def envelope_files(server: ServerProcess) -> list[Path]:
+    keys = server.data_dir / "storage" / ".keys"
+    return [path for path in keys.rglob("*") if path.is_file()]
+
+
+def test_reencrypt_moves_envelopes_to_owner_keys(shared: SharedRegistry) -> None:
+    """Blobs that only the installation key wraps still pull; `key reencrypt`
+    gives them owner wraps and deletes the envelopes, so shredding works."""
+    server = shared.server
+    server.stop()
+    assert make_legacy(server) > 0
+    assert wrap_owners(server, shared.base.blob.digest) == set()
+    for digest, data in shared.images["first"].blobs().items():
+        assert read_blob(server, digest) == data
+
+    result = moorage(server, "key", "reencrypt")
+    assert result.returncode == 0, result.stderr
+    assert envelope_files(server) == []
+    first = f"customer:{shared.first.customer}"
+    second = f"customer:{shared.second.customer}"
+    assert wrap_owners(server, shared.base.blob.digest) == {"vendor", first, second}
+
+    shred(shared)
+    server.start()
+    assert_pulls(shared.second.client, shared.images["second"])
+    with pytest.raises(DataKeyUnavailableError):
+        read_blob(server, shared.images["first"].layers[-1].blob.digest)
+
+
+def test_server_adopts_envelopes_at_start(shared: SharedRegistry) -> None:
+    """A server started on blobs with installation envelopes wraps their data
+    keys for their owners in the background, without rewriting the blobs."""
+    server = shared.server
+    server.stop()
+    make_legacy(server)
+    private = shared.images["first"].layers[-1].blob.digest
+    stored = server.data_dir / "storage" / _relative(private)
+    before = stored.read_bytes()
+    server.start()
+    deadline = time.monotonic() + 60
+    while envelope_files(server) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert envelope_files(server) == []
+    assert "data keys moved from envelopes to owner keys" in server.log()
+    assert stored.read_bytes() == before
+    assert wrap_owners(server, private) == {f"customer:{shared.first.customer}"}
+    assert_pulls(shared.first.client, shared.images["first"])

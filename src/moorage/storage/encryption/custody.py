@@ -55,7 +55,7 @@ _OWNER_CACHE_SECONDS = 60.0
 # The repository whose owner wraps the data keys of objects created in this
 # context (an upload's data, an empty blob). Set by `writing_for`.
 _writing_for: ContextVar[str | None] = ContextVar("moorage_writing_for", default=None)
-# Owners given explicitly, by maintenance code that knows them already.
+# Owners given explicitly, by maintenance code that has looked them up.
 _wrapping_for: ContextVar[tuple[str, ...] | None] = ContextVar(
     "moorage_wrapping_for", default=None
 )
