@@ -343,9 +343,32 @@ def test_shred_keeps_shared_blobs(shared: SharedRegistry, tmp_path: Path) -> Non
             s, audit_events.c.action, audit_events.c.outcome, audit_events.c.reason
         )
     )
-    assert any(row[0] == "customer.shred" and row[1] == "success" for row in events), (
-        events
+    shreds = [row for row in events if row[0] == "customer.shred"]
+    assert [row[1] for row in shreds] == ["success"], events
+
+
+def test_push_replaces_shredded_copy(shared: SharedRegistry) -> None:
+    """After shredding, a mount of the lost blob starts an upload instead, and
+    pushing the same bytes again replaces the copy that no key opens."""
+    first = shared.images["first"]
+    layer = first.layers[-1].blob
+    shred(shared)
+    repository = f"products/{unique('again')}"
+    response = shared.vendor.post(
+        f"/v2/{repository}/blobs/uploads/",
+        params={"mount": layer.digest, "from": first.repository},
     )
+    assert response.status_code == 202, response.text
+    response = shared.vendor.post(
+        f"/v2/{repository}/blobs/uploads/",
+        params={"digest": layer.digest},
+        content=layer.data,
+    )
+    assert response.status_code == 201, response.text
+    response = shared.vendor.get(f"/v2/{repository}/blobs/{layer.digest}")
+    assert response.status_code == 200
+    assert response.content == layer.data
+    assert wrap_owners(shared.server, layer.digest) == {"vendor"}
 
 
 def test_backup_from_before_stays_unreadable(

@@ -136,12 +136,18 @@ class Registry:
         """Link a blob from `source`; return its size, or None when it is not there.
 
         The blob's data key is wrapped for the new repository's owner before the
-        link is recorded, so a linked blob always has a wrap its owner can use.
+        link is recorded, so a crash between the two leaves no link without a
+        wrap. A blob whose data key no key unwraps any more is not mounted: the
+        client uploads it instead, which replaces the stored copy.
         """
         parse_digest(digest)
         if await self.store.blob_size_in_repository(source, digest) is None:
             return None
-        await self._share_key(repository, digest)
+        try:
+            await self._share_key(repository, digest)
+        except DataKeyUnavailableError:
+            log.warning("blob to mount has no usable data key", digest=digest)
+            return None
         size = await self.store.mount_blob(source, repository, digest)
         if size is not None:
             await self._share_key(repository, digest)

@@ -176,7 +176,10 @@ class EncryptedDriver(StorageDriver):
         """
         if self.custody is None:
             return
-        header = await self.read_header(path)
+        try:
+            header = await self.read_header(path)
+        except PathNotFoundError:
+            return
         if header is None:
             return
         owners = await self.custody.owners(header.object_id)
