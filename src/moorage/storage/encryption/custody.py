@@ -111,14 +111,16 @@ class OwnerKeys:
         Wrapping a new data key goes through here rather than the cache, so a
         key destroyed and made again by another process is never used stale.
         """
-        kek = self.keyring.active()
-        candidate = kek.wrap(os.urandom(KEK_BYTES), sealing_context(owner))
-        stored = await self.sealed.get_or_add(owner, kek.key_id, candidate)
+        stored = await self.sealed.get(owner)
+        if stored is None:
+            kek = self.keyring.active()
+            candidate = kek.wrap(os.urandom(KEK_BYTES), sealing_context(owner))
+            stored = await self.sealed.get_or_add(owner, kek.key_id, candidate)
+            if stored.wrapped == candidate:
+                log.info("owner key-encryption key created", owner=owner)
         cached = self._cache.get(owner)
         if cached is not None and cached[0] == stored.wrapped:
             return cached[1]
-        if stored.wrapped == candidate:
-            log.info("owner key-encryption key created", owner=owner)
         return self._remember(owner, stored.key_id, stored.wrapped)
 
     async def destroy(self, owner: str) -> bool:
