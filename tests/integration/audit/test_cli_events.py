@@ -42,6 +42,8 @@ CHANGING = {
     "grant add": (["grant", "add", "acme", "products/*", "reader"], "grant.add"),
     "grant remove": (["grant", "remove", "acme", "1"], "grant.remove"),
     "customer suspend": (["customer", "suspend", "acme"], "customer.suspend"),
+    # Runs while acme is suspended, as shredding requires.
+    "customer shred": (["customer", "shred", "acme", "--confirm"], "customer.shred"),
     "customer resume": (["customer", "resume", "acme"], "customer.resume"),
     "signing-key rotate": (
         ["signing-key", "rotate", "--overlap", "0"],
