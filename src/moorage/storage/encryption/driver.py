@@ -119,6 +119,9 @@ class EncryptedDriver(StorageDriver):
             assert self.custody is not None
             await self.custody.wrap(header.object_id, data_key, owners)
         else:
+            # NOTE: shredding does not reach installation envelopes. The registry
+            # names an owner for every upload and blob it writes, so only objects
+            # that no repository uses (re-encrypted orphans) end up here.
             await self._store_envelope(header.object_id, data_key)
         return SegmentCipher(header, data_key)
 
