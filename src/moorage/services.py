@@ -44,6 +44,8 @@ class Services:
 
     async def close(self) -> None:
         await self.audit.close()
+        self.identity.close()
+        self.registry.store.close()
         await self.engine.dispose()
 
 

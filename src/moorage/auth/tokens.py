@@ -43,6 +43,10 @@ REFRESH_TYPE = "refresh"
 RELOAD_SECONDS = 15
 # Clock difference tolerated between replicas when checking exp, nbf and iat.
 LEEWAY_SECONDS = 5
+# Access tokens whose signature and claims were verified are kept, keyed by the
+# token itself, so a client that sends one token on every request pays for one
+# ES256 verification. About 2 KiB each.
+VERIFIED_TOKENS = 4096
 
 
 class InvalidTokenError(Exception):
@@ -64,6 +68,12 @@ class IssuedToken:
     token: str
     expires_in: int
     issued_at: str
+
+
+@dataclass(frozen=True, slots=True)
+class _VerifiedToken:
+    claims: TokenClaims
+    kid: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +111,7 @@ class TokenService:
         self._store = store
         self.codec = codec
         self._forced_at = 0.0
+        self._verified: dict[str, _VerifiedToken] = {}
         self._set_keys(keys)
 
     def _set_keys(self, keys: list[SigningKeyRecord]) -> None:
@@ -152,6 +163,8 @@ class TokenService:
             self._set_keys(keys)
 
     def knows_key(self, token: str) -> bool:
+        if token in self._verified:
+            return True
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError:
@@ -214,11 +227,36 @@ class TokenService:
         return IssuedToken(token, ttl, issued)
 
     def verify(self, token: str) -> TokenClaims:
-        """Verify an access token: signature, algorithm, audience, issuer, lifetime."""
+        """Verify an access token: signature, algorithm, audience, issuer, lifetime.
+
+        A token verified before is checked again only for its lifetime and for
+        its signing key, which must still be loaded and not retired.
+        """
+        verified = self._verified.get(token)
+        if verified is not None and self._still_valid(verified):
+            return verified.claims
         claims = self._decode(token)
         if claims.get("typ") is not None:
             raise InvalidTokenError("not an access token")
-        return _claims(claims, _access_map(claims.get("access")))
+        result = _claims(claims, _access_map(claims.get("access")))
+        self._remember(token, result)
+        return result
+
+    def _still_valid(self, verified: _VerifiedToken) -> bool:
+        key = self._by_kid.get(verified.kid)
+        now = time.time()
+        return (
+            key is not None
+            and (key.retired_at is None or key.retired_at > now)
+            and verified.claims.expires_at + LEEWAY_SECONDS > now
+        )
+
+    def _remember(self, token: str, claims: TokenClaims) -> None:
+        kid = str(jwt.get_unverified_header(token).get("kid"))
+        self._verified[token] = _VerifiedToken(claims, kid)
+        if len(self._verified) > VERIFIED_TOKENS:
+            # Dicts keep insertion order: drop the oldest entry.
+            del self._verified[next(iter(self._verified))]
 
     def verify_refresh(self, token: str) -> TokenClaims:
         """Verify a refresh token the same way; it must carry typ "refresh"."""

@@ -9,12 +9,14 @@ from typing import Any
 
 from sqlalchemy import delete, or_, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from moorage.db.identity_revision import RevisionCache, revision_reader
 from moorage.db.schema import (
     accounts,
     customers,
     grants,
+    identity_revision,
     namespaces,
     personal_tokens,
     server_keys,
@@ -129,6 +131,13 @@ def _account(row: Any) -> AccountRecord:
     return AccountRecord(*row)
 
 
+async def _read_revision(connection: AsyncConnection) -> int:
+    value = await connection.scalar(
+        select(identity_revision.c.revision).where(identity_revision.c.id == 1)
+    )
+    return int(value or 0)
+
+
 def _grants_condition(account_id: int, customer_id: int | None) -> Any:
     """Select the grants of an account and of its whole customer."""
     condition = grants.c.account_id == account_id
@@ -140,11 +149,30 @@ def _grants_condition(account_id: int, customer_id: int | None) -> Any:
     )
 
 
+# Accounts and personal access tokens whose rows each process keeps while the
+# identity revision holds; about 2 KiB each.
+CACHED_IDENTITIES = 4096
+
+
 class IdentityStore:
-    """Who exists and what they were granted; every method is one transaction."""
+    """Who exists and what they were granted; every method is one transaction.
+
+    `account_access` and `get_personal_token` answer from a per-process cache
+    while the identity revision is unchanged (see moorage.db.identity_revision).
+    """
 
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
+        self.revision = revision_reader(engine)
+        self._access_cache: RevisionCache[str, AccountAccess] = RevisionCache(
+            CACHED_IDENTITIES
+        )
+        self._token_cache: RevisionCache[int, PersonalTokenRecord] = RevisionCache(
+            CACHED_IDENTITIES
+        )
+
+    def close(self) -> None:
+        self.revision.close()
 
     # Customers and namespaces
 
@@ -247,9 +275,24 @@ class IdentityStore:
             raise ConflictError(f"the login name {login!r} is already taken") from None
 
     async def account_access(self, login: str) -> AccountAccess | None:
-        """Return an account with its grants and namespaces, in one connection
-        (every authenticated request needs all three)."""
+        """Return an account with its grants and namespaces (every authenticated
+        request needs all three), from the cache while the revision holds."""
+        revision = await self.revision.current()
+        cached = self._access_cache.get(login, revision)
+        if cached is not None:
+            return cached
+        loaded_at, access = await self._load_account_access(login)
+        if access is not None:
+            self._access_cache.put(login, access, loaded_at)
+        return access
+
+    async def _load_account_access(
+        self, login: str
+    ) -> tuple[int, AccountAccess | None]:
+        """Load an account's access in one connection, after reading the revision
+        (so the rows are at least as new as the revision returned)."""
         async with self.engine.connect() as connection:
+            revision = await _read_revision(connection)
             row = (
                 await connection.execute(
                     select(*_ACCOUNT_COLUMNS)
@@ -258,7 +301,7 @@ class IdentityStore:
                 )
             ).first()
             if row is None:
-                return None
+                return revision, None
             account = _account(row)
             grant_rows = await connection.execute(
                 select(*_GRANT_COLUMNS).where(
@@ -274,7 +317,7 @@ class IdentityStore:
                     .order_by(namespaces.c.name)
                 )
                 names = [row[0] for row in name_rows]
-        return AccountAccess(account, grant_records, names)
+        return revision, AccountAccess(account, grant_records, names)
 
     async def find_account(self, login: str) -> AccountRecord | None:
         return await self._account_where(accounts.c.login == login)
@@ -406,13 +449,23 @@ class IdentityStore:
             ).scalar_one()
 
     async def get_personal_token(self, token_id: int) -> PersonalTokenRecord | None:
+        """Return a personal access token, from the cache while the revision holds."""
+        revision = await self.revision.current()
+        cached = self._token_cache.get(token_id, revision)
+        if cached is not None:
+            return cached
         async with self.engine.connect() as connection:
+            loaded_at = await _read_revision(connection)
             row = (
                 await connection.execute(
                     select(personal_tokens).where(personal_tokens.c.id == token_id)
                 )
             ).first()
-        return None if row is None else PersonalTokenRecord(*row)
+        if row is None:
+            return None
+        token = PersonalTokenRecord(*row)
+        self._token_cache.put(token_id, token, loaded_at)
+        return token
 
     async def list_personal_tokens(self, account_id: int) -> list[PersonalTokenRecord]:
         async with self.engine.connect() as connection:

@@ -8,10 +8,21 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any, Protocol
 
-from sqlalchemy import ColumnElement, and_, delete, exists, func, or_, select, update
+from sqlalchemy import (
+    ColumnElement,
+    and_,
+    bindparam,
+    delete,
+    exists,
+    func,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from moorage.db.dialects import insert_ignore, lexical, like_pattern, upsert
+from moorage.db.direct import DirectReadError, PreparedRead, direct_reads, prepare
 from moorage.db.schema import (
     blobs,
     manifest_references,
@@ -91,6 +102,12 @@ class RegistryStore:
     def __init__(self, engine: AsyncEngine, codec: ContentCodec | None = None) -> None:
         self.engine = engine
         self.codec = codec
+        # Point reads on every pull go around aiosqlite (see moorage.db.direct).
+        self.direct = direct_reads(engine)
+
+    def close(self) -> None:
+        if self.direct is not None:
+            self.direct.close()
 
     # Repositories
 
@@ -122,6 +139,16 @@ class RegistryStore:
 
     async def blob_size_in_repository(self, repository: str, digest: str) -> int | None:
         """Return the size of a blob that the repository may serve, else None."""
+        values = {"repository": repository, "digest": digest}
+        if self.direct is not None:
+            try:
+                for read in _DIRECT_VISIBLE_BLOB:
+                    row = self.direct.first(read, **values)
+                    if row is not None:
+                        return int(row[0])
+                return None
+            except DirectReadError:
+                pass
         async with self.engine.connect() as connection:
             return await _visible_blob_size(connection, repository, digest)
 
@@ -287,31 +314,39 @@ class RegistryStore:
     # Manifests and tags
 
     async def get_manifest(self, repository: str, digest: str) -> ManifestRecord | None:
-        async with self.engine.connect() as connection:
-            row = (
-                await connection.execute(
-                    _manifest_columns()
-                    .join(repositories, repositories.c.id == manifests.c.repository_id)
-                    .where(
-                        repositories.c.name == repository, manifests.c.digest == digest
-                    )
-                )
-            ).first()
-        return self._manifest_record(row)
+        return self._manifest_record(
+            await self._first(
+                _MANIFEST_BY_DIGEST,
+                _DIRECT_MANIFEST_BY_DIGEST,
+                repository=repository,
+                digest=digest,
+            )
+        )
 
     async def get_tagged_manifest(
         self, repository: str, tag: str
     ) -> ManifestRecord | None:
+        return self._manifest_record(
+            await self._first(
+                _TAGGED_MANIFEST,
+                _DIRECT_TAGGED_MANIFEST,
+                repository=repository,
+                tag=tag,
+            )
+        )
+
+    async def _first(
+        self, statement: Any, direct: PreparedRead, **values: Any
+    ) -> tuple[Any, ...] | None:
+        """Return the first row of a select, read directly when possible."""
+        if self.direct is not None:
+            try:
+                return self.direct.first(direct, **values)
+            except DirectReadError:
+                pass
         async with self.engine.connect() as connection:
-            row = (
-                await connection.execute(
-                    _manifest_columns()
-                    .join(tags, tags.c.manifest_id == manifests.c.id)
-                    .join(repositories, repositories.c.id == tags.c.repository_id)
-                    .where(repositories.c.name == repository, tags.c.name == tag)
-                )
-            ).first()
-        return self._manifest_record(row)
+            row = (await connection.execute(statement, values)).first()
+        return None if row is None else tuple(row)
 
     def _manifest_record(self, row: Any) -> ManifestRecord | None:
         record = _manifest_record(row)
@@ -463,34 +498,43 @@ async def _ensure_repository(connection: AsyncConnection, name: str) -> int:
     return repository_id
 
 
+# A blob is visible in a repository when it is linked there (pushed or mounted)
+# or referenced by one of the repository's manifests. The links are read first.
+_LINKED_BLOB_SIZE = (
+    select(blobs.c.size)
+    .join(repository_blobs, repository_blobs.c.digest == blobs.c.digest)
+    .join(repositories, repositories.c.id == repository_blobs.c.repository_id)
+    .where(
+        repositories.c.name == bindparam("repository"),
+        blobs.c.digest == bindparam("digest"),
+    )
+)
+_REFERENCED_BLOB_SIZE = select(blobs.c.size).where(
+    blobs.c.digest == bindparam("digest"),
+    exists(
+        select(manifest_references.c.digest)
+        .join(manifests, manifests.c.id == manifest_references.c.manifest_id)
+        .join(repositories, repositories.c.id == manifests.c.repository_id)
+        .where(
+            repositories.c.name == bindparam("repository"),
+            manifest_references.c.digest == bindparam("digest"),
+            manifest_references.c.kind == "blob",
+        )
+    ),
+)
+_DIRECT_VISIBLE_BLOB = (prepare(_LINKED_BLOB_SIZE), prepare(_REFERENCED_BLOB_SIZE))
+
+
 async def _visible_blob_size(
     connection: AsyncConnection, repository: str, digest: str
 ) -> int | None:
     """Return the size of a blob linked to or referenced in a repository."""
-    linked = await connection.scalar(
-        select(blobs.c.size)
-        .join(repository_blobs, repository_blobs.c.digest == blobs.c.digest)
-        .join(repositories, repositories.c.id == repository_blobs.c.repository_id)
-        .where(repositories.c.name == repository, blobs.c.digest == digest)
-    )
-    if linked is not None:
-        return int(linked)
-    referenced = await connection.scalar(
-        select(blobs.c.size).where(
-            blobs.c.digest == digest,
-            exists(
-                select(manifest_references.c.digest)
-                .join(manifests, manifests.c.id == manifest_references.c.manifest_id)
-                .join(repositories, repositories.c.id == manifests.c.repository_id)
-                .where(
-                    repositories.c.name == repository,
-                    manifest_references.c.digest == digest,
-                    manifest_references.c.kind == "blob",
-                )
-            ),
-        )
-    )
-    return None if referenced is None else int(referenced)
+    values = {"repository": repository, "digest": digest}
+    for statement in (_LINKED_BLOB_SIZE, _REFERENCED_BLOB_SIZE):
+        size = await connection.scalar(statement, values)
+        if size is not None:
+            return int(size)
+    return None
 
 
 async def _manifest_referencing(
@@ -597,6 +641,27 @@ def _manifest_columns():  # type: ignore[no-untyped-def]
         manifests.c.subject_digest,
         manifests.c.artifact_type,
     )
+
+
+_MANIFEST_BY_DIGEST = (
+    _manifest_columns()
+    .join(repositories, repositories.c.id == manifests.c.repository_id)
+    .where(
+        repositories.c.name == bindparam("repository"),
+        manifests.c.digest == bindparam("digest"),
+    )
+)
+_TAGGED_MANIFEST = (
+    _manifest_columns()
+    .join(tags, tags.c.manifest_id == manifests.c.id)
+    .join(repositories, repositories.c.id == tags.c.repository_id)
+    .where(
+        repositories.c.name == bindparam("repository"),
+        tags.c.name == bindparam("tag"),
+    )
+)
+_DIRECT_MANIFEST_BY_DIGEST = prepare(_MANIFEST_BY_DIGEST)
+_DIRECT_TAGGED_MANIFEST = prepare(_TAGGED_MANIFEST)
 
 
 def _manifest_record(row: object | None) -> ManifestRecord | None:

@@ -235,6 +235,20 @@ personal_tokens = Table(
     Index(None, "account_id"),
 )
 
+# One row (id 1) whose revision increases with every change to the tables in
+# IDENTITY_TABLES, in the same transaction: database triggers do it (migration
+# 0005_perf). A process may reuse what it read from those tables for as long as
+# the revision stays the same (see moorage.db.identity_revision).
+identity_revision = Table(
+    "identity_revision",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("revision", BigInteger, nullable=False),
+)
+# Every table an authenticated request reads to decide access. A new table that
+# changes what an account may do belongs here and needs the trigger too.
+IDENTITY_TABLES = ("customers", "namespaces", "accounts", "grants", "personal_tokens")
+
 # Keys wrapped by the installation key-encryption key: the data key of manifest
 # content ("database") and the key-encryption key of each customer
 # ("customer:<slug>") and of the vendor ("vendor"). Rotation rewraps these rows,
