@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from sqlalchemy import (
@@ -153,11 +153,8 @@ class RegistryStore:
             return await _visible_blob_size(connection, repository, digest)
 
     async def blob_exists(self, digest: str) -> bool:
-        async with self.engine.connect() as connection:
-            found = await connection.scalar(
-                select(blobs.c.size).where(blobs.c.digest == digest)
-            )
-        return found is not None
+        row = await self._first(_BLOB_SIZE, _DIRECT_BLOB_SIZE, digest=digest)
+        return row is not None
 
     async def link_blob(
         self,
@@ -239,17 +236,16 @@ class RegistryStore:
         return UploadRecord(upload_id, repository, 0, now)
 
     async def get_upload(self, repository: str, upload_id: str) -> UploadRecord | None:
-        async with self.engine.connect() as connection:
-            row = (
-                await connection.execute(
-                    select(uploads.c.id, uploads.c.size, uploads.c.created_at)
-                    .join(repositories, repositories.c.id == uploads.c.repository_id)
-                    .where(uploads.c.id == upload_id, repositories.c.name == repository)
-                )
-            ).first()
+        row = await self._first(
+            _UPLOAD, _DIRECT_UPLOAD, upload_id=upload_id, repository=repository
+        )
         if row is None:
             return None
-        return UploadRecord(row.id, repository, row.size, row.created_at)
+        found_id, size, created_at = row
+        if isinstance(created_at, str):
+            # A direct SQLite read returns the column as stored: naive UTC text.
+            created_at = datetime.fromisoformat(created_at).replace(tzinfo=UTC)
+        return UploadRecord(found_id, repository, size, created_at)
 
     async def advance_upload(
         self, upload_id: str, expected: int, new_size: int
@@ -660,6 +656,17 @@ _TAGGED_MANIFEST = (
         tags.c.name == bindparam("tag"),
     )
 )
+_BLOB_SIZE = select(blobs.c.size).where(blobs.c.digest == bindparam("digest"))
+_UPLOAD = (
+    select(uploads.c.id, uploads.c.size, uploads.c.created_at)
+    .join(repositories, repositories.c.id == uploads.c.repository_id)
+    .where(
+        uploads.c.id == bindparam("upload_id"),
+        repositories.c.name == bindparam("repository"),
+    )
+)
+_DIRECT_BLOB_SIZE = prepare(_BLOB_SIZE)
+_DIRECT_UPLOAD = prepare(_UPLOAD)
 _DIRECT_MANIFEST_BY_DIGEST = prepare(_MANIFEST_BY_DIGEST)
 _DIRECT_TAGGED_MANIFEST = prepare(_TAGGED_MANIFEST)
 
