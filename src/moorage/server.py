@@ -73,10 +73,17 @@ def run_on_uvloop(coroutine: Coroutine[Any, Any, None]) -> None:
 
 
 async def run_server(
-    settings: Settings, console: Console, sockets: list[socket.socket] | None = None
+    settings: Settings,
+    console: Console,
+    sockets: list[socket.socket] | None = None,
+    *,
+    migrated: bool = False,
 ) -> None:
-    """Serve on `settings.host` and `port`, or on `sockets` a parent opened."""
-    services = await open_services(settings)
+    """Serve on `settings.host` and `port`, or on `sockets` a parent opened.
+
+    With `migrated`, the parent has migrated the database already.
+    """
+    services = await open_services(settings, migrate_schema=not migrated)
     services.audit.start()
     retention = start_retention(services.audit, settings)
     try:

@@ -63,11 +63,13 @@ def throttle_policy(settings: Settings) -> ThrottlePolicy:
     )
 
 
-async def open_services(settings: Settings) -> Services:
-    """Connect to the database (migrating it) and the blob store."""
+async def open_services(settings: Settings, *, migrate_schema: bool = True) -> Services:
+    """Connect to the database (migrating it, unless told the schema is current)
+    and the blob store."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     engine = create_engine(settings.resolved_database_url)
-    await migrate(engine)
+    if migrate_schema:
+        await migrate(engine)
     identity = IdentityStore(engine)
     driver = encrypting_layer(FilesystemDriver(settings.resolved_storage_dir), settings)
     attach_owner_keys(engine, driver)

@@ -1,20 +1,22 @@
 """Serve with several worker processes that share one listening socket.
 
-The parent migrates the database and creates the first admin once, opens the
-socket, forks the workers and waits. SIGTERM or SIGINT to the parent is passed
-on to every worker, which finishes its requests and stops. Each worker opens
-its own database connections and blob store; caches are per process, and
-upload sessions already work across processes (see `moorage.storage.registry`).
+The parent migrates the database and creates the first admin in a child process
+of its own, opens the socket, forks the workers and then replaces itself with
+`moorage.supervisor`, which waits. So neither alembic (about 10 MiB, needed
+only to migrate) nor the parent's copy of the application (about 90 MiB) stays
+in memory. SIGTERM or SIGINT to the parent is passed on to every worker, which
+finishes its requests and stops. Each worker opens its own database
+connections and blob store; caches are per process, and upload sessions
+already work across processes (see `moorage.storage.registry`).
 """
 
 from __future__ import annotations
 
-import contextlib
+import gc
 import os
 import signal
 import socket
 import sys
-from types import FrameType
 
 import structlog
 from rich.console import Console
@@ -28,16 +30,45 @@ log = structlog.get_logger(__name__)
 
 
 def run_workers(settings: Settings, console: Console) -> None:
-    run_on_uvloop(_prepare(settings, console))
+    _prepare_in_child(settings, console)
     listener = socket.create_server((settings.host, settings.port), backlog=2048)
+    # Objects that exist now are never collected, so the garbage collector does
+    # not write to the pages the workers share with this process.
+    gc.freeze()
     workers = [_fork(settings, console, listener) for _ in range(settings.workers)]
     listener.close()
     log.info("workers started", pids=workers)
-    _supervise(workers)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Blocked until the supervisor has its handlers (the mask survives exec).
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+    os.execv(  # noqa: S606 (runs this interpreter with fixed arguments)
+        sys.executable,
+        [sys.executable, "-m", "moorage.supervisor", *map(str, workers)],
+    )
+
+
+def _prepare_in_child(settings: Settings, console: Console) -> None:
+    """Migrate and create the first admin before any worker starts, in a child
+    process, so that what it imports and allocates leaves with it."""
+    pid = os.fork()
+    if pid == 0:
+        status = 0
+        try:
+            run_on_uvloop(_prepare(settings, console))
+        except BaseException:
+            log.exception("preparing the database failed")
+            status = 1
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(status)
+    _, code = os.waitpid(pid, 0)
+    if os.waitstatus_to_exitcode(code) != 0:
+        raise SystemExit(1)
 
 
 async def _prepare(settings: Settings, console: Console) -> None:
-    """Migrate and create the first admin before any worker starts."""
     services = await open_services(settings)
     try:
         password = (
@@ -61,7 +92,7 @@ def _fork(settings: Settings, console: Console, listener: socket.socket) -> int:
     status = 0
     try:
         signal.signal(signal.SIGINT, signal.SIG_DFL)
-        run_on_uvloop(run_server(settings, console, [listener]))
+        run_on_uvloop(run_server(settings, console, [listener], migrated=True))
     except BaseException:
         log.exception("worker failed")
         status = 1
@@ -69,40 +100,3 @@ def _fork(settings: Settings, console: Console, listener: socket.socket) -> int:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(status)
-
-
-def _supervise(workers: list[int]) -> None:
-    """Wait for the workers; stop them all when asked to or when one exits."""
-    stopping = False
-
-    def stop(signum: int, _frame: FrameType | None) -> None:
-        nonlocal stopping
-        stopping = True
-        for pid in workers:
-            _signal(pid, signal.SIGTERM)
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    remaining = set(workers)
-    status = 0
-    while remaining:
-        pid, code = os.wait()
-        remaining.discard(pid)
-        exit_code = os.waitstatus_to_exitcode(code)
-        # uvicorn ends with the signal it was stopped by, after a clean shutdown.
-        if not (stopping and exit_code in (0, -signal.SIGTERM, -signal.SIGINT)):
-            status = status or exit_code
-            log.error("worker exited", pid=pid, status=exit_code)
-        # NOTE: a worker that exits is not restarted; the others are stopped
-        # so that a supervisor (systemd, Kubernetes) sees the failure.
-        stopping = True
-        for other in remaining:
-            _signal(other, signal.SIGTERM)
-    log.info("stopped")
-    if status:
-        raise SystemExit(1)
-
-
-def _signal(pid: int, signum: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signum)

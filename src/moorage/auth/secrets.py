@@ -13,6 +13,7 @@ protects a leaked accounts table, not a full database dump; against a dump the
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import secrets
@@ -23,9 +24,18 @@ from argon2.exceptions import InvalidHashError, VerificationError
 # argon2-cffi's defaults are RFC 9106's second recommended profile (argon2id,
 # 64 MiB, 3 passes), which keeps a verification near 50 ms on a server core.
 _hasher = PasswordHasher()
-# Verified against when a login name is unknown, so that a failed login takes
-# the same time whether or not the account exists.
-_DUMMY_HASH = _hasher.hash(secrets.token_urlsafe(16))
+
+
+@functools.cache
+def _dummy_hash() -> str:
+    """Return the hash checked when a login name is unknown, so that a failed
+    login takes the same time whether or not the account exists.
+
+    Made on first use: hashing takes 64 MiB and about 50 ms, which every
+    process paid at import before.
+    """
+    return _hasher.hash(secrets.token_urlsafe(16))
+
 
 # 24 random bytes give 192 bits of entropy, above the 128 bits that generated
 # secrets must have at least.
@@ -50,7 +60,7 @@ def hash_password(password: str) -> str:
 def verify_password(password_hash: str | None, password: str) -> bool:
     """Check a password; with `password_hash` None, spend the same time and fail."""
     try:
-        return _hasher.verify(password_hash or _DUMMY_HASH, password) and (
+        return _hasher.verify(password_hash or _dummy_hash(), password) and (
             password_hash is not None
         )
     except (VerificationError, InvalidHashError):
