@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +30,8 @@ from sqlalchemy.sql import Select
 log = structlog.get_logger(__name__)
 
 _DIALECT = sqlite.dialect()
+# A failing direct read is logged at most this often, with the failures since.
+WARNING_INTERVAL_SECONDS = 60
 
 
 class DirectReadError(Exception):
@@ -57,6 +60,8 @@ class DirectReads:
         self.path = path
         self._connection: sqlite3.Connection | None = None
         self._pid = 0
+        self._failures = 0
+        self._warned_at = -float(WARNING_INTERVAL_SECONDS)
 
     def first(self, read: PreparedRead, **values: Any) -> tuple[Any, ...] | None:
         """Return the first row of a prepared read; raise DirectReadError."""
@@ -65,10 +70,23 @@ class DirectReads:
         try:
             row = self._connect().execute(read.sql, arguments).fetchone()
         except sqlite3.Error as error:
-            log.warning("direct read failed; using the engine", error=str(error))
+            self._warn(error)
             self.close()
             raise DirectReadError(str(error)) from None
         return None if row is None else tuple(row)
+
+    def _warn(self, error: sqlite3.Error) -> None:
+        self._failures += 1
+        now = time.monotonic()
+        if now - self._warned_at >= WARNING_INTERVAL_SECONDS:
+            log.warning(
+                "direct read failed; using the engine",
+                error=str(error),
+                database=self.path,
+                failures=self._failures,
+            )
+            self._warned_at = now
+            self._failures = 0
 
     def _connect(self) -> sqlite3.Connection:
         # A connection must not cross a fork: each worker process opens its own.
