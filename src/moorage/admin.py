@@ -1,4 +1,8 @@
-"""Administrative operations shared by the command line and future admin API."""
+"""Administrative operations shared by the command line and the admin API.
+
+Each change takes an optional `audit` recorder; with one, the change and its
+outcome become one audit event whose description never contains a secret.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,24 @@ import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from moorage.audit.events import CUSTOMER_ADD, USER_ADD, VENDOR_USER_ADD
+from moorage.audit.events import (
+    CUSTOMER_ADD,
+    GRANT_ADD,
+    GRANT_REMOVE,
+    PERSONAL_TOKEN_ADD,
+    PERSONAL_TOKEN_REVOKE,
+    ROBOT_ADD,
+    ROBOT_DISABLE,
+    ROBOT_ENABLE,
+    ROBOT_REMOVE,
+    ROBOT_ROTATE,
+    USER_ADD,
+    USER_DISABLE,
+    USER_ENABLE,
+    USER_PASSWORD_RESET,
+    USER_REMOVE,
+    VENDOR_USER_ADD,
+)
 from moorage.audit.recorder import AdminRecorder
 from moorage.auth.access import CUSTOMER_ROLES, VENDOR_ROLES
 from moorage.auth.secrets import (
@@ -19,7 +40,7 @@ from moorage.auth.secrets import (
 )
 from moorage.db.identity_store import AccountRecord, CustomerRecord, IdentityStore
 from moorage.db.wrap_store import customer_owner
-from moorage.errors import ConflictError, InvalidInputError, NotFoundError
+from moorage.errors import ConflictError, DeniedError, InvalidInputError, NotFoundError
 from moorage.storage.encryption.driver import EncryptedDriver
 from moorage.storage.encryption.maintenance import ShredReport, shred_owner
 
@@ -139,12 +160,15 @@ async def _create_user(
     customer = await identity.get_customer(customer_slug)
     generated = password is None
     secret = generate_secret() if password is None else check_password(password, login)
+    validate_login(login)
+    # argon2id takes tens of milliseconds: keep it off the server's event loop.
+    secret_hash = await asyncio.to_thread(hash_password, secret)
     await identity.create_account(
-        login=validate_login(login),
+        login=login,
         customer_id=customer.id,
         kind="user",
         role=role,
-        secret_hash=hash_password(secret),
+        secret_hash=secret_hash,
     )
     return CreatedAccount(login, secret if generated else None)
 
@@ -228,14 +252,47 @@ async def find_account_of(
 # Robots
 
 
+def describe_time(value: datetime | None) -> str:
+    """Format an expiry or end date for audit descriptions and command output."""
+    return value.strftime("%Y-%m-%d %H:%M") if value else "-"
+
+
+def check_future(value: datetime | None, field: str) -> datetime | None:
+    """Return `value` when it is None or later than now; raise InvalidInputError."""
+    if value is not None and value <= datetime.now(UTC):
+        raise InvalidInputError(
+            f"{field} {value.isoformat()} is in the past: use a later time"
+        )
+    return value
+
+
 async def add_robot(
     identity: IdentityStore,
     customer_slug: str,
     name: str,
     role: str,
     expires_at: datetime | None = None,
+    *,
+    audit: AdminRecorder | None = None,
 ) -> CreatedAccount:
     """Create a robot account; return its login and generated secret."""
+    change = _create_robot(identity, customer_slug, name, role, expires_at)
+    if audit is None:
+        return await change
+    target = (
+        f"robot {name} of {customer_slug} as {role}, "
+        f"expires {describe_time(expires_at)}"
+    )
+    return await audit.run(ROBOT_ADD, target, change, customer_slug)
+
+
+async def _create_robot(
+    identity: IdentityStore,
+    customer_slug: str,
+    name: str,
+    role: str,
+    expires_at: datetime | None,
+) -> CreatedAccount:
     customer = await identity.get_customer(customer_slug)
     login = robot_login(customer.slug, name)
     secret = generate_secret()
@@ -256,10 +313,25 @@ async def rotate_robot(
     customer_slug: str,
     name: str,
     expires_at: datetime | None = None,
+    *,
+    audit: AdminRecorder | None = None,
 ) -> CreatedAccount:
     """Give a robot a new secret; its old secret and tokens stop working now.
 
     The expiry stays as it was unless `expires_at` is given."""
+    change = _rotate_robot(identity, customer_slug, name, expires_at)
+    if audit is None:
+        return await change
+    target = f"robot {name} of {customer_slug}, expires {describe_time(expires_at)}"
+    return await audit.run(ROBOT_ROTATE, target, change, customer_slug)
+
+
+async def _rotate_robot(
+    identity: IdentityStore,
+    customer_slug: str,
+    name: str,
+    expires_at: datetime | None,
+) -> CreatedAccount:
     login = robot_login(customer_slug, name)
     account = await find_account_of(identity, customer_slug, login, "robot")
     secret = generate_secret()
@@ -270,16 +342,74 @@ async def rotate_robot(
     return CreatedAccount(login, secret)
 
 
-async def remove_robot(identity: IdentityStore, customer_slug: str, name: str) -> None:
-    login = robot_login(customer_slug, name)
-    account = await find_account_of(identity, customer_slug, login, "robot")
+async def remove_robot(
+    identity: IdentityStore,
+    customer_slug: str,
+    name: str,
+    *,
+    audit: AdminRecorder | None = None,
+) -> None:
+    """Delete a robot account with its grants."""
+    change = _remove_account(
+        identity, customer_slug, robot_login(customer_slug, name), "robot"
+    )
+    if audit is None:
+        return await change
+    target = f"robot {name} of {customer_slug}"
+    return await audit.run(ROBOT_REMOVE, target, change, customer_slug)
+
+
+async def remove_user(
+    identity: IdentityStore,
+    customer_slug: str,
+    login: str,
+    *,
+    audit: AdminRecorder | None = None,
+) -> None:
+    """Delete a user with its grants and personal access tokens."""
+    change = _remove_account(identity, customer_slug, login, "user")
+    if audit is None:
+        return await change
+    target = f"user {login} of {customer_slug}"
+    return await audit.run(USER_REMOVE, target, change, customer_slug)
+
+
+async def _remove_account(
+    identity: IdentityStore, customer_slug: str, login: str, kind: str
+) -> None:
+    account = await find_account_of(identity, customer_slug, login, kind)
     await identity.delete_account(account.id)
 
 
+_ENABLE_ACTIONS = {
+    ("user", True): USER_ENABLE,
+    ("user", False): USER_DISABLE,
+    ("robot", True): ROBOT_ENABLE,
+    ("robot", False): ROBOT_DISABLE,
+}
+
+
 async def set_enabled(
-    identity: IdentityStore, customer_slug: str, login: str, kind: str, enabled: bool
+    identity: IdentityStore,
+    customer_slug: str,
+    login: str,
+    kind: str,
+    enabled: bool,
+    *,
+    audit: AdminRecorder | None = None,
 ) -> None:
     """Enable or disable a user or robot; disabling rejects its tokens now."""
+    change = _set_enabled(identity, customer_slug, login, kind, enabled)
+    if audit is None:
+        return await change
+    target = f"robot {login}" if kind == "robot" else f"user {login} of {customer_slug}"
+    action = _ENABLE_ACTIONS[(kind, enabled)]
+    return await audit.run(action, target, change, customer_slug)
+
+
+async def _set_enabled(
+    identity: IdentityStore, customer_slug: str, login: str, kind: str, enabled: bool
+) -> None:
     account = await find_account_of(identity, customer_slug, login, kind)
     await identity.set_disabled(account.id, not enabled)
 
@@ -294,6 +424,31 @@ async def change_password(
     # argon2id takes tens of milliseconds: keep it off the server's event loop.
     password_hash = await asyncio.to_thread(hash_password, new_password)
     await identity.set_secret(account.id, password_hash)
+
+
+async def reset_password(
+    identity: IdentityStore,
+    customer_slug: str,
+    login: str,
+    *,
+    audit: AdminRecorder | None = None,
+) -> CreatedAccount:
+    """Give a user a generated password; its old password and tokens stop working."""
+    change = _reset_password(identity, customer_slug, login)
+    if audit is None:
+        return await change
+    target = f"user {login} of {customer_slug}"
+    return await audit.run(USER_PASSWORD_RESET, target, change, customer_slug)
+
+
+async def _reset_password(
+    identity: IdentityStore, customer_slug: str, login: str
+) -> CreatedAccount:
+    account = await find_account_of(identity, customer_slug, login, "user")
+    password = generate_secret()
+    password_hash = await asyncio.to_thread(hash_password, password)
+    await identity.set_secret(account.id, password_hash)
+    return CreatedAccount(login, password)
 
 
 # Personal access tokens
@@ -312,8 +467,30 @@ async def add_personal_token(
     name: str,
     role: str,
     expires_at: datetime | None,
+    *,
+    audit: AdminRecorder | None = None,
 ) -> CreatedToken:
     """Create a personal access token for a user, capped at `role`."""
+    change = _create_personal_token(
+        identity, customer_slug, login, name, role, expires_at
+    )
+    if audit is None:
+        return await change
+    target = (
+        f"token {name!r} of {login} ({customer_slug}), at most {role}, "
+        f"until {describe_time(expires_at)}"
+    )
+    return await audit.run(PERSONAL_TOKEN_ADD, target, change, customer_slug)
+
+
+async def _create_personal_token(
+    identity: IdentityStore,
+    customer_slug: str,
+    login: str,
+    name: str,
+    role: str,
+    expires_at: datetime | None,
+) -> CreatedToken:
     account = await find_account_of(identity, customer_slug, login, "user")
     secret = generate_secret()
     key = await identity.server_key(SECRET_HASH_KEY)
@@ -324,6 +501,21 @@ async def add_personal_token(
 
 
 async def revoke_personal_token(
+    identity: IdentityStore,
+    customer_slug: str,
+    login: str,
+    token_id: int,
+    *,
+    audit: AdminRecorder | None = None,
+) -> None:
+    change = _revoke_personal_token(identity, customer_slug, login, token_id)
+    if audit is None:
+        return await change
+    target = f"token {token_id} of {login} ({customer_slug})"
+    return await audit.run(PERSONAL_TOKEN_REVOKE, target, change, customer_slug)
+
+
+async def _revoke_personal_token(
     identity: IdentityStore, customer_slug: str, login: str, token_id: int
 ) -> None:
     account = await find_account_of(identity, customer_slug, login, "user")
@@ -346,6 +538,22 @@ def validate_pattern(pattern: str) -> str:
     return pattern
 
 
+def check_within_namespaces(pattern: str, own_namespaces: list[str]) -> str:
+    """Return `pattern` when it can match only repositories in `own_namespaces`.
+
+    The first component must be one of the namespaces, spelled out without `*`:
+    `acme`, `acme/*` and `acme/app-*` pass, `acme*` and `*/app` do not."""
+    namespace = pattern.split("/", 1)[0]
+    if namespace not in own_namespaces:
+        choices = ", ".join(f"{name}/*" for name in own_namespaces)
+        raise DeniedError(
+            f"a grant on {pattern!r} reaches outside this customer's namespaces: "
+            f"use a pattern under {choices or 'its namespace'}, or ask the vendor "
+            "for access to other namespaces"
+        )
+    return pattern
+
+
 async def add_grant(
     identity: IdentityStore,
     customer_slug: str,
@@ -353,9 +561,46 @@ async def add_grant(
     role: str,
     until: datetime | None,
     account_login: str | None = None,
+    *,
+    own_namespaces_only: bool = False,
+    audit: AdminRecorder | None = None,
 ) -> int:
-    """Grant a role on a pattern to a whole customer, or to one of its accounts."""
+    """Grant a role on a pattern to a whole customer, or to one of its accounts.
+
+    With `own_namespaces_only` (a customer's owner granting, not the vendor), the
+    pattern must stay inside the customer's own namespaces."""
+    change = _create_grant(
+        identity,
+        customer_slug,
+        pattern,
+        role,
+        until,
+        account_login,
+        own_namespaces_only,
+    )
+    if audit is None:
+        return await change
+    target = (
+        f"{role} on {pattern} to {account_login or customer_slug}, "
+        f"until {describe_time(until)}"
+    )
+    return await audit.run(GRANT_ADD, target, change, customer_slug)
+
+
+async def _create_grant(
+    identity: IdentityStore,
+    customer_slug: str,
+    pattern: str,
+    role: str,
+    until: datetime | None,
+    account_login: str | None,
+    own_namespaces_only: bool,
+) -> int:
     customer = await identity.get_customer(customer_slug)
+    validate_pattern(pattern)
+    _check_role(role)
+    if own_namespaces_only:
+        check_within_namespaces(pattern, await identity.namespaces_of(customer.id))
     account_id = None
     if account_login is not None:
         account = await identity.find_account(account_login)
@@ -364,15 +609,38 @@ async def add_grant(
                 f"account {account_login!r} of {customer_slug!r} not found"
             )
         account_id = account.id
-    return await identity.add_grant(
-        customer.id, account_id, validate_pattern(pattern), _check_role(role), until
-    )
+    return await identity.add_grant(customer.id, account_id, pattern, role, until)
 
 
 async def remove_grant(
-    identity: IdentityStore, customer_slug: str, grant_id: int
+    identity: IdentityStore,
+    customer_slug: str,
+    grant_id: int,
+    *,
+    own_namespaces_only: bool = False,
+    audit: AdminRecorder | None = None,
+) -> None:
+    """Remove one grant of a customer; with `own_namespaces_only`, only a grant
+    inside the customer's own namespaces (the vendor's grants stay)."""
+    change = _remove_grant(identity, customer_slug, grant_id, own_namespaces_only)
+    if audit is None:
+        return await change
+    target = f"grant {grant_id} of {customer_slug}"
+    return await audit.run(GRANT_REMOVE, target, change, customer_slug)
+
+
+async def _remove_grant(
+    identity: IdentityStore,
+    customer_slug: str,
+    grant_id: int,
+    own_namespaces_only: bool,
 ) -> None:
     customer = await identity.get_customer(customer_slug)
+    if own_namespaces_only:
+        found = [g for g in await identity.list_grants(customer.id) if g.id == grant_id]
+        if found:
+            namespaces = await identity.namespaces_of(customer.id)
+            check_within_namespaces(found[0].pattern, namespaces)
     if not await identity.remove_grant(customer.id, grant_id):
         raise NotFoundError(f"grant {grant_id} of {customer_slug!r} not found")
 

@@ -4,8 +4,9 @@ with the status the access rules demand.
 
 The rows come from ENDPOINTS, and test_matrix_covers_every_route walks the
 application's route table, so a new route without matrix rows (or a reason in
-OTHER_ROUTES) fails the suite. Expected statuses are derived from the rules in
-docs/access-control.md, not from the implementation:
+OTHER_ROUTES) fails the suite. Routes of the admin API mounted at /api/v1 need
+rows in test_admin_api_matrix.API_ENDPOINTS instead. Expected statuses are
+derived from the rules in docs/access-control.md, not from the implementation:
 
 - no credentials, a disabled account: 401 everywhere;
 - the action is allowed: the endpoint's success status;
@@ -21,10 +22,14 @@ from dataclasses import dataclass, field
 
 import httpx
 import pytest
-from starlette.routing import Route
+from fastapi import FastAPI
+from starlette.routing import BaseRoute, Mount, Route
 
 from moorage import admin
+from moorage.api.admin.app import PREFIX as ADMIN_API_PREFIX
+from moorage.api.admin.app import ROUTERS as ADMIN_API_ROUTERS
 from moorage.api.app import build_routes
+from tests.integration.test_admin_api_matrix import API_ENDPOINTS, API_OTHER_ROUTES
 from tests.support.identity import (
     OCI_MANIFEST,
     add_grant,
@@ -316,15 +321,49 @@ def test_matrix_covers_every_route(server: ServerProcess) -> None:
     routes = server.run_admin(lambda s: _async(build_routes(s)))
     known = {(endpoint.route, endpoint.method) for endpoint in ENDPOINTS}
     known |= set(OTHER_ROUTES)
+    for api_endpoint in API_ENDPOINTS:
+        known.add((ADMIN_API_PREFIX + api_endpoint.route, api_endpoint.method))
+    known |= {(ADMIN_API_PREFIX + path, method) for path, method in API_OTHER_ROUTES}
     missing = []
-    for route in routes:
-        assert isinstance(route, Route)
+    for path, route in _flatten(routes):
         for method in sorted(route.methods or ()):
             # Starlette answers HEAD with the GET handler.
-            implied = method == "HEAD" and (route.path, "GET") in known
-            if (route.path, method) not in known and not implied:
-                missing.append((route.path, method))
+            implied = method == "HEAD" and (path, "GET") in known
+            if (path, method) not in known and not implied:
+                missing.append((path, method))
     assert not missing, f"routes without authorization matrix rows: {missing}"
+
+
+def _flatten(routes: object, prefix: str = "") -> list[tuple[str, Route]]:
+    """Return (full path, route) for every route, inside mounted apps too."""
+    assert isinstance(routes, list)
+    found: list[tuple[str, Route]] = []
+    for route in routes:
+        assert isinstance(route, BaseRoute)
+        if isinstance(route, Mount) and isinstance(route.app, FastAPI):
+            found += _flatten_api(route.app, prefix + route.path)
+            continue
+        if isinstance(route, Mount):
+            found += _flatten(list(route.routes), prefix + route.path)
+            continue
+        assert isinstance(route, Route), route
+        found.append((prefix + route.path, route))
+    return found
+
+
+def _flatten_api(api: FastAPI, prefix: str) -> list[tuple[str, Route]]:
+    """Return the admin API's routes: its own, and those of the routers it
+    includes (FastAPI keeps included routers as entries of another type)."""
+    own = [route for route in api.routes if isinstance(route, Route)]
+    included = len(api.routes) - len(own)
+    assert included == len(ADMIN_API_ROUTERS), "a router is missing from ROUTERS"
+    routes = own + [
+        route
+        for router in ADMIN_API_ROUTERS
+        for route in router.routes
+        if isinstance(route, Route)
+    ]
+    return [(prefix + route.path, route) for route in routes]
 
 
 async def _async(value: object) -> object:

@@ -10,7 +10,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute
 from starlette.types import Lifespan
 
-from moorage.api import account, health, metrics, token
+from moorage.api import account, admin, health, metrics, token
 from moorage.api.errors import (
     METHOD_NOT_ALLOWED,
     NOT_FOUND,
@@ -35,6 +35,7 @@ ROUTE_MODULES = (
     referrers,
     token,
     account,
+    admin,
     health,
     metrics,
 )

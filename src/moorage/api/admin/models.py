@@ -1,0 +1,156 @@
+"""Request and response bodies of the admin API, as the OpenAPI document shows them.
+
+Names, roles and patterns are plain strings here: `moorage.admin` validates
+them, so its messages (with the value and the fix) reach the caller unchanged.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+
+from moorage.db.identity_store import AccountRecord, GrantRecord, PersonalTokenRecord
+
+
+class Body(BaseModel):
+    """A request body: unknown fields are rejected, so a typo is not ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class NewUser(Body):
+    login: str = Field(examples=["alice"])
+    role: str = Field(
+        "reader", description="reader, writer, maintainer or owner", examples=["writer"]
+    )
+
+
+class NewRobot(Body):
+    name: str = Field(description="Its login is CUSTOMER+NAME.", examples=["ci"])
+    role: str = Field("reader", description="reader, writer, maintainer or owner")
+    expires_at: AwareDatetime | None = Field(
+        None, description="When the secret stops working (ISO 8601 with a zone)."
+    )
+
+
+class RobotRotation(Body):
+    expires_at: AwareDatetime | None = Field(
+        None, description="New expiry; the old one stays when this is missing."
+    )
+
+
+class NewGrant(Body):
+    pattern: str = Field(examples=["acme/app", "acme/*"])
+    role: str = Field(description="reader, writer, maintainer or owner")
+    until: AwareDatetime | None = Field(None, description="Last moment of access.")
+    account: str | None = Field(
+        None, description="Grant to this login only, not the whole customer."
+    )
+
+
+class NewPersonalToken(Body):
+    name: str = Field("token", min_length=1, max_length=100, examples=["laptop"])
+    role: str = Field(
+        "reader", description="The most the token may do, never more than the user."
+    )
+    expires_at: AwareDatetime | None = Field(
+        None, description="Expiry; 90 days from now when missing."
+    )
+
+
+class Account(BaseModel):
+    login: str
+    kind: str = Field(description="user or robot")
+    role: str | None
+    customer: str | None = Field(description="None for the vendor's accounts.")
+    disabled: bool
+    expires_at: datetime | None
+
+    @classmethod
+    def of(cls, record: AccountRecord) -> Account:
+        return cls(
+            login=record.login,
+            kind=record.kind,
+            role=record.role,
+            customer=record.customer_slug,
+            disabled=record.disabled,
+            expires_at=record.expires_at,
+        )
+
+
+class CreatedUser(Account):
+    password: str = Field(description="Generated; shown only in this response.")
+
+
+class CreatedRobot(Account):
+    secret: str = Field(description="Generated; shown only in this response.")
+
+
+class NewPassword(BaseModel):
+    login: str
+    password: str = Field(description="Generated; shown only in this response.")
+
+
+class NewSecret(BaseModel):
+    login: str
+    secret: str = Field(description="Generated; shown only in this response.")
+    expires_at: datetime | None
+
+
+class Grant(BaseModel):
+    id: int
+    pattern: str
+    role: str
+    until: datetime | None
+    account: str | None = Field(description="None: a grant to the whole customer.")
+
+    @classmethod
+    def of(cls, record: GrantRecord, logins: dict[int, str]) -> Grant:
+        account = None if record.account_id is None else logins.get(record.account_id)
+        return cls(
+            id=record.id,
+            pattern=record.pattern,
+            role=record.role,
+            until=record.until,
+            account=account,
+        )
+
+
+class PersonalToken(BaseModel):
+    id: int
+    name: str
+    role: str
+    expires_at: datetime | None
+    revoked_at: datetime | None
+    created_at: datetime
+
+    @classmethod
+    def of(cls, record: PersonalTokenRecord) -> PersonalToken:
+        return cls(
+            id=record.id,
+            name=record.name,
+            role=record.role,
+            expires_at=record.expires_at,
+            revoked_at=record.revoked_at,
+            created_at=record.created_at,
+        )
+
+
+class CreatedPersonalToken(PersonalToken):
+    token: str = Field(description="Shown only in this response.")
+
+
+class Me(BaseModel):
+    login: str
+    kind: str
+    customer: str | None
+    role: str | None
+    personal_token_id: int | None = Field(
+        description="Set when this request used a personal access token."
+    )
+    token_role: str | None = Field(description="That token's cap on the role.")
+    management_role: str | None = Field(
+        description="admin (all customers), auditor (read all), owner (own "
+        "customer) or None."
+    )
