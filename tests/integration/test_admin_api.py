@@ -1,0 +1,581 @@
+"""The admin API at /api/v1 against a real server: owners manage their own
+customer, nobody reaches another customer's accounts, escalation fails, changes
+take effect on the next request and every change is an audit event."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import httpx
+import pytest
+
+from moorage.audit.events import StoredEvent
+from moorage.db.audit_store import AuditFilter
+from tests.support.audit import audit_events, wait_for_events
+from tests.support.identity import admin_client, bearer, get_token, push_image
+from tests.support.server import ADMIN_LOGIN, ADMIN_PASSWORD, ServerProcess, unique
+
+# A password reset and a login run argon2id, which takes seconds on a loaded
+# test machine; httpx's default 5 s timeout is too short there.
+TIMEOUT = 30
+USER_AGENT = "admin-api-test/1"
+
+
+def api(server: ServerProcess, auth: tuple[str, str] | None) -> httpx.Client:
+    return httpx.Client(
+        base_url=f"{server.url}/api/v1",
+        auth=auth,
+        timeout=TIMEOUT,
+        headers={"User-Agent": USER_AGENT},
+    )
+
+
+def registry_status(server: ServerProcess, auth: tuple[str, str]) -> int:
+    """Return the status of GET /v2/ with these Basic credentials."""
+    return httpx.get(f"{server.url}/v2/", auth=auth, timeout=TIMEOUT).status_code
+
+
+def error_of(response: httpx.Response, status: int) -> dict[str, str]:
+    assert response.status_code == status, response.text
+    errors = response.json()["errors"]
+    assert len(errors) >= 1
+    return dict(errors[0])
+
+
+@pytest.fixture(scope="module")
+def vendor(server: ServerProcess) -> Iterator[httpx.Client]:
+    with api(server, (ADMIN_LOGIN, ADMIN_PASSWORD)) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def acme(server: ServerProcess) -> str:
+    return server.add_customer()
+
+
+@pytest.fixture(scope="module")
+def globex(server: ServerProcess) -> str:
+    return server.add_customer()
+
+
+def add_user(client: httpx.Client, customer: str, role: str) -> tuple[str, str]:
+    login = unique("user")
+    response = client.post(
+        f"/customers/{customer}/users", json={"login": login, "role": role}
+    )
+    assert response.status_code == 201, response.text
+    return login, response.json()["password"]
+
+
+@pytest.fixture(scope="module")
+def owner(server: ServerProcess, vendor: httpx.Client, acme: str) -> tuple[str, str]:
+    """An owner of acme, created by the vendor admin over the API."""
+    return add_user(vendor, acme, "owner")
+
+
+@pytest.fixture
+def as_owner(server: ServerProcess, owner: tuple[str, str]) -> Iterator[httpx.Client]:
+    with api(server, owner) as client:
+        yield client
+
+
+def test_openapi_document_served(server: ServerProcess) -> None:
+    """The OpenAPI document lists the routes and the Basic scheme, without login."""
+    response = httpx.get(f"{server.url}/api/v1/openapi.json")
+    assert response.status_code == 200
+    document = response.json()
+    assert "/customers/{customer}/users" in document["paths"]
+    assert "/me/tokens" in document["paths"]
+    assert document["servers"] == [{"url": "/api/v1"}]
+    assert document["components"]["securitySchemes"]["basic"]["scheme"] == "basic"
+    docs = httpx.get(f"{server.url}/api/v1/docs")
+    assert docs.status_code == 200
+    assert "/api/v1/openapi.json" in docs.text
+
+
+def test_owner_manages_own_users(
+    server: ServerProcess, as_owner: httpx.Client, acme: str
+) -> None:
+    """An owner adds, shows, resets, disables, enables and deletes a user."""
+    created = as_owner.post(
+        f"/customers/{acme}/users", json={"login": unique("bob"), "role": "writer"}
+    )
+    assert created.status_code == 201, created.text
+    login, password = created.json()["login"], created.json()["password"]
+    assert created.json()["role"] == "writer"
+    assert len(password) >= 32
+    assert registry_status(server, (login, password)) == 200
+
+    listed = as_owner.get(f"/customers/{acme}/users").json()
+    assert login in [user["login"] for user in listed]
+    assert all("password" not in user for user in listed)
+    shown = as_owner.get(f"/customers/{acme}/users/{login}")
+    assert shown.json()["disabled"] is False
+
+    reset = as_owner.post(f"/customers/{acme}/users/{login}/password")
+    assert reset.status_code == 200, reset.text
+    new_password = reset.json()["password"]
+    assert registry_status(server, (login, password)) == 401
+    assert registry_status(server, (login, new_password)) == 200
+
+    disabled = as_owner.post(f"/customers/{acme}/users/{login}/disable")
+    assert disabled.status_code == 204, disabled.text
+    assert registry_status(server, (login, new_password)) == 401
+    assert as_owner.get(f"/customers/{acme}/users/{login}").json()["disabled"]
+    enabled = as_owner.post(f"/customers/{acme}/users/{login}/enable")
+    assert enabled.status_code == 204, enabled.text
+    assert registry_status(server, (login, new_password)) == 200
+
+    removed = as_owner.delete(f"/customers/{acme}/users/{login}")
+    assert removed.status_code == 204, removed.text
+    error_of(as_owner.get(f"/customers/{acme}/users/{login}"), 404)
+    assert registry_status(server, (login, new_password)) == 401
+
+
+def test_owner_manages_own_robots(
+    server: ServerProcess, as_owner: httpx.Client, acme: str
+) -> None:
+    """An owner adds a robot with an expiry, rotates, disables and deletes it."""
+    expires = (datetime.now(UTC) + timedelta(days=30)).isoformat()
+    created = as_owner.post(
+        f"/customers/{acme}/robots",
+        json={"name": "ci", "role": "reader", "expires_at": expires},
+    )
+    assert created.status_code == 201, created.text
+    login, secret = created.json()["login"], created.json()["secret"]
+    assert login == f"{acme}+ci"
+    assert created.json()["expires_at"] is not None
+    assert registry_status(server, (login, secret)) == 200
+    assert [r["login"] for r in as_owner.get(f"/customers/{acme}/robots").json()] == [
+        login
+    ]
+
+    rotated = as_owner.post(f"/customers/{acme}/robots/ci/secret")
+    assert rotated.status_code == 200, rotated.text
+    new_secret = rotated.json()["secret"]
+    assert rotated.json()["expires_at"] is not None
+    assert registry_status(server, (login, secret)) == 401
+    assert registry_status(server, (login, new_secret)) == 200
+
+    assert as_owner.post(f"/customers/{acme}/robots/ci/disable").status_code == 204
+    assert registry_status(server, (login, new_secret)) == 401
+    assert as_owner.post(f"/customers/{acme}/robots/ci/enable").status_code == 204
+    assert registry_status(server, (login, new_secret)) == 200
+
+    assert as_owner.delete(f"/customers/{acme}/robots/ci").status_code == 204
+    error_of(as_owner.get(f"/customers/{acme}/robots/ci"), 404)
+    assert registry_status(server, (login, new_secret)) == 401
+
+
+def test_owner_manages_own_grants(
+    server: ServerProcess, as_owner: httpx.Client, acme: str
+) -> None:
+    """An owner grants a robot push on one of its repositories, then removes it."""
+    robot = as_owner.post(
+        f"/customers/{acme}/robots", json={"name": "pusher", "role": "reader"}
+    ).json()
+    repository = f"{acme}/app"
+    scope = f"repository:{repository}:pull,push"
+    auth = (robot["login"], robot["secret"])
+    assert get_token(server, *auth, scope)["scope"] == f"repository:{repository}:pull"
+
+    granted = as_owner.post(
+        f"/customers/{acme}/grants",
+        json={"pattern": repository, "role": "writer", "account": robot["login"]},
+    )
+    assert granted.status_code == 201, granted.text
+    grant_id = granted.json()["id"]
+    listed = as_owner.get(f"/customers/{acme}/grants").json()
+    assert {"id": grant_id, "account": robot["login"]}.items() <= next(
+        grant for grant in listed if grant["id"] == grant_id
+    ).items()
+    assert get_token(server, *auth, scope)["scope"] == scope
+
+    removed = as_owner.delete(f"/customers/{acme}/grants/{grant_id}")
+    assert removed.status_code == 204, removed.text
+    assert get_token(server, *auth, scope)["scope"] == f"repository:{repository}:pull"
+
+
+def test_other_customer_is_hidden(
+    server: ServerProcess,
+    as_owner: httpx.Client,
+    vendor: httpx.Client,
+    globex: str,
+) -> None:
+    """An owner of acme gets for globex what a missing customer gets."""
+    victim, _ = add_user(vendor, globex, "writer")
+    missing = unique("missing")
+    for method, path in [
+        ("GET", "/customers/{c}/users"),
+        ("GET", f"/customers/{{c}}/users/{victim}"),
+        ("POST", f"/customers/{{c}}/users/{victim}/disable"),
+        ("DELETE", f"/customers/{{c}}/users/{victim}"),
+        ("GET", "/customers/{c}/grants"),
+    ]:
+        hidden = as_owner.request(method, path.format(c=globex))
+        absent = as_owner.request(method, path.format(c=missing))
+        error_of(hidden, 404)
+        assert hidden.content.replace(globex.encode(), b"C") == absent.content.replace(
+            missing.encode(), b"C"
+        )
+        assert hidden.headers.get("content-type") == absent.headers.get("content-type")
+    shown = vendor.get(f"/customers/{globex}/users/{victim}")
+    assert shown.status_code == 200
+    assert shown.json()["disabled"] is False
+
+
+@pytest.mark.parametrize("role", ["reader", "writer", "maintainer"])
+def test_member_without_owner_role(
+    server: ServerProcess, vendor: httpx.Client, acme: str, globex: str, role: str
+) -> None:
+    """A member gets 403 on its own customer and 404 on another one."""
+    member = add_user(vendor, acme, role)
+    with api(server, member) as client:
+        denied = error_of(client.get(f"/customers/{acme}/users"), 403)
+        assert denied["code"] == "DENIED"
+        assert "owner" in denied["message"]
+        error_of(client.post(f"/customers/{acme}/robots", json={"name": "x"}), 403)
+        error_of(client.get(f"/customers/{globex}/users"), 404)
+        assert client.get("/me").json()["management_role"] is None
+
+
+def test_disabled_owner_rejected_next_request(
+    server: ServerProcess, vendor: httpx.Client, acme: str
+) -> None:
+    """Disabling an owner rejects its very next request, cached password or not."""
+    owner = add_user(vendor, acme, "owner")
+    with api(server, owner) as client:
+        assert client.get(f"/customers/{acme}/users").status_code == 200
+        disabled = vendor.post(f"/customers/{acme}/users/{owner[0]}/disable")
+        assert disabled.status_code == 204
+        error = error_of(client.get(f"/customers/{acme}/users"), 401)
+        assert error["code"] == "UNAUTHORIZED"
+        assert error["message"] == "account is disabled"
+
+
+def test_owner_cannot_escalate(
+    server: ServerProcess,
+    as_owner: httpx.Client,
+    vendor: httpx.Client,
+    acme: str,
+    globex: str,
+) -> None:
+    """Grants outside acme, vendor roles and other customers' grants are rejected."""
+    product = unique("products")
+    for pattern in [f"{product}/*", product, f"{globex}/*", "*", f"{acme}*", "*/app"]:
+        response = as_owner.post(
+            f"/customers/{acme}/grants", json={"pattern": pattern, "role": "reader"}
+        )
+        assert error_of(response, 403)["code"] == "DENIED", pattern
+    for role in ["admin", "auditor", "superuser"]:
+        response = as_owner.post(
+            f"/customers/{acme}/users", json={"login": unique("x"), "role": role}
+        )
+        message = error_of(response, 400)["message"]
+        assert f"invalid role {role!r}" in message
+        assert "use one of reader, writer, maintainer, owner" in message
+        robot = as_owner.post(
+            f"/customers/{acme}/robots", json={"name": "esc", "role": role}
+        )
+        error_of(robot, 400)
+    error_of(
+        as_owner.post("/customers/-/users", json={"login": unique("v"), "role": "x"}),
+        404,
+    )
+
+    outsider, _ = add_user(vendor, globex, "reader")
+    to_outsider = as_owner.post(
+        f"/customers/{acme}/grants",
+        json={"pattern": f"{acme}/app", "role": "owner", "account": outsider},
+    )
+    error_of(to_outsider, 404)
+    globex_grant = vendor.post(
+        f"/customers/{globex}/grants", json={"pattern": f"{globex}/x", "role": "reader"}
+    ).json()["id"]
+    error_of(as_owner.delete(f"/customers/{acme}/grants/{globex_grant}"), 404)
+    assert globex_grant in [
+        g["id"] for g in vendor.get(f"/customers/{globex}/grants").json()
+    ]
+
+    vendor_grant = vendor.post(
+        f"/customers/{acme}/grants", json={"pattern": f"{product}/*", "role": "reader"}
+    )
+    assert vendor_grant.status_code == 201, vendor_grant.text
+    vendor_grant_id = vendor_grant.json()["id"]
+    error_of(as_owner.delete(f"/customers/{acme}/grants/{vendor_grant_id}"), 403)
+    patterns = [g["pattern"] for g in as_owner.get(f"/customers/{acme}/grants").json()]
+    assert f"{product}/*" in patterns
+    assert not {f"{globex}/*", "*", f"{acme}*", "*/app"} & set(patterns)
+
+
+def test_auditor_reads_but_cannot_change(
+    server: ServerProcess, vendor: httpx.Client, acme: str
+) -> None:
+    """A vendor auditor lists a customer's accounts and is denied every change."""
+    from moorage import admin
+
+    login = unique("auditor")
+    created = server.run_admin(
+        lambda s: admin.add_vendor_user(s.identity, login, "auditor")
+    )
+    assert created.password is not None
+    with api(server, (login, created.password)) as client:
+        assert client.get(f"/customers/{acme}/users").status_code == 200
+        denied = client.post(
+            f"/customers/{acme}/users", json={"login": unique("x"), "role": "reader"}
+        )
+        assert "read-only" in error_of(denied, 403)["message"]
+
+
+def test_robot_created_over_http_pulls_with_skopeo(
+    server: ServerProcess, as_owner: httpx.Client, acme: str, tmp_path: Path
+) -> None:
+    """A reader robot made through the API pulls an image with skopeo."""
+    if shutil.which("skopeo") is None:
+        pytest.skip("skopeo missing: apt-get install skopeo")
+    repository = f"{acme}/pulled"
+    with admin_client(server) as registry:
+        pushed = push_image(registry, repository, "1.0")
+    robot = as_owner.post(
+        f"/customers/{acme}/robots", json={"name": "puller", "role": "reader"}
+    ).json()
+    home = tmp_path / "home"
+    (home / "tmp").mkdir(parents=True)
+    environment = {
+        "HOME": str(home),
+        "TMPDIR": str(home / "tmp"),
+        "REGISTRY_AUTH_FILE": str(home / "auth.json"),
+        "PATH": "/usr/bin:/bin",
+    }
+    result = subprocess.run(
+        [
+            "skopeo", "copy", "-q", "--preserve-digests", "--src-tls-verify=false",
+            "--src-creds", f"{robot['login']}:{robot['secret']}",
+            f"docker://{server.address}/{repository}:1.0",
+            f"oci:{tmp_path / 'out'}:1.0",
+        ],
+        env=environment, capture_output=True, text=True, check=False, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    index = (tmp_path / "out" / "index.json").read_text()
+    assert pushed["manifest"] in index
+    layer = pushed["layer"].removeprefix("sha256:")
+    assert (tmp_path / "out" / "blobs" / "sha256" / layer).exists()
+
+
+def _event_of(server: ServerProcess, response: httpx.Response) -> StoredEvent:
+    """Return the one administrative event the response's request recorded."""
+    request_id = response.headers["X-Request-Id"]
+    found = [
+        stored
+        for stored in audit_events(server)
+        if stored.event.request_id == request_id
+        and not stored.event.action.startswith("auth.")
+    ]
+    assert len(found) == 1, [stored.event for stored in found]
+    return found[0]
+
+
+def test_every_change_is_audited(
+    server: ServerProcess, as_owner: httpx.Client, owner: tuple[str, str], acme: str
+) -> None:
+    """Each change records its action with the HTTP caller as the actor."""
+    login = unique("audited")
+    base = f"/customers/{acme}"
+    steps = [
+        ("POST", f"{base}/users", {"login": login, "role": "reader"}, "user.add"),
+        ("POST", f"{base}/users/{login}/password", None, "user.password_reset"),
+        ("POST", f"{base}/users/{login}/disable", None, "user.disable"),
+        ("POST", f"{base}/users/{login}/enable", None, "user.enable"),
+        ("DELETE", f"{base}/users/{login}", None, "user.remove"),
+        ("POST", f"{base}/robots", {"name": "aud"}, "robot.add"),
+        ("POST", f"{base}/robots/aud/secret", None, "robot.rotate"),
+        ("POST", f"{base}/robots/aud/disable", None, "robot.disable"),
+        ("POST", f"{base}/robots/aud/enable", None, "robot.enable"),
+        ("DELETE", f"{base}/robots/aud", None, "robot.remove"),
+        (
+            "POST",
+            f"{base}/grants",
+            {"pattern": f"{acme}/a", "role": "reader"},
+            "grant.add",
+        ),
+        ("POST", "/me/tokens", {"name": "audited"}, "personal_token.add"),
+    ]
+    created: dict[str, int] = {}
+    for method, path, body, action in steps:
+        response = as_owner.request(method, path, json=body)
+        assert response.status_code < 300, response.text
+        if action in ("grant.add", "personal_token.add"):
+            created[action] = response.json()["id"]
+        event = _event_of(server, response).event
+        assert event.action == action
+        assert event.outcome == "success"
+        assert event.actor_account == owner[0]
+        assert event.actor_customer == acme
+        assert event.source_address == "127.0.0.1"
+        assert event.user_agent == USER_AGENT
+        assert event.repository == f"{acme}/"
+        assert event.reason
+    for path, action in [
+        (f"{base}/grants/{created['grant.add']}", "grant.remove"),
+        (f"/me/tokens/{created['personal_token.add']}", "personal_token.revoke"),
+    ]:
+        response = as_owner.delete(path)
+        assert response.status_code == 204, response.text
+        assert _event_of(server, response).event.action == action
+
+    rejected = as_owner.post(
+        f"{base}/grants", json={"pattern": "products/*", "role": "reader"}
+    )
+    assert rejected.status_code == 403
+    failure = _event_of(server, rejected).event
+    assert failure.action == "grant.add"
+    assert failure.outcome == "failure"
+    assert "outside this customer's namespaces" in (failure.reason or "")
+
+
+def test_secrets_never_in_audit_trail(
+    server: ServerProcess, as_owner: httpx.Client, acme: str
+) -> None:
+    """Generated passwords and secrets appear in no audit event."""
+    user = as_owner.post(
+        f"/customers/{acme}/users", json={"login": unique("s"), "role": "reader"}
+    ).json()
+    robot = as_owner.post(f"/customers/{acme}/robots", json={"name": "sec"}).json()
+    token = as_owner.post("/me/tokens", json={"name": "sec"}).json()
+    secrets = [user["password"], robot["secret"], token["token"].rsplit("_", 1)[1]]
+    for stored in audit_events(server, AuditFilter(customer=acme)):
+        text = repr(stored.event)
+        assert not [secret for secret in secrets if secret in text]
+
+
+def test_personal_tokens_of_me(
+    server: ServerProcess, vendor: httpx.Client, acme: str
+) -> None:
+    """A user creates a token with its password, uses it, and revokes it."""
+    login, password = add_user(vendor, acme, "owner")
+    with api(server, (login, password)) as client:
+        created = client.post("/me/tokens", json={"name": "laptop", "role": "owner"})
+        assert created.status_code == 201, created.text
+        token = created.json()["token"]
+        assert created.json()["expires_at"] is not None
+    with api(server, (login, token)) as with_token:
+        me = with_token.get("/me").json()
+        assert me["personal_token_id"] == created.json()["id"]
+        assert me["token_role"] == "owner"
+        assert me["management_role"] == "owner"
+        listed = with_token.get("/me/tokens").json()
+        assert [t["name"] for t in listed] == ["laptop"]
+        assert "token" not in listed[0]
+        minted = with_token.post("/me/tokens", json={"name": "another"})
+        assert "password" in error_of(minted, 403)["message"]
+        revoked = with_token.delete(f"/me/tokens/{created.json()['id']}")
+        assert revoked.status_code == 204, revoked.text
+        error_of(with_token.get("/me"), 401)
+
+
+def test_robot_has_no_personal_tokens(
+    server: ServerProcess, as_owner: httpx.Client, acme: str
+) -> None:
+    robot = as_owner.post(
+        f"/customers/{acme}/robots", json={"name": "notokens", "role": "owner"}
+    ).json()
+    with api(server, (robot["login"], robot["secret"])) as client:
+        assert client.get("/me").json()["kind"] == "robot"
+        message = error_of(client.post("/me/tokens", json={}), 403)["message"]
+        assert "rotate the robot's secret" in message
+
+
+def test_invalid_input_and_conflicts(
+    server: ServerProcess, as_owner: httpx.Client, acme: str
+) -> None:
+    """Bad input answers 400 with the value and the fix, a taken name 409."""
+    base = f"/customers/{acme}"
+    bad_login = error_of(
+        as_owner.post(f"{base}/users", json={"login": "no spaces", "role": "reader"}),
+        400,
+    )
+    assert bad_login["code"] == "INVALID_INPUT"
+    assert "'no spaces'" in bad_login["message"]
+    assert "use up to 128 letters" in bad_login["message"]
+
+    missing = error_of(as_owner.post(f"{base}/users", json={"role": "reader"}), 400)
+    assert missing["message"] == "invalid body.login: Field required; add it"
+    extra = error_of(
+        as_owner.post(f"{base}/users", json={"login": "a1", "rol": "reader"}), 400
+    )
+    assert "body.rol" in extra["message"]
+    assert "remove it" in extra["message"]
+    not_json = as_owner.post(
+        f"{base}/users", content=b"{", headers={"Content-Type": "application/json"}
+    )
+    assert error_of(not_json, 400)["code"] == "INVALID_INPUT"
+    past = error_of(
+        as_owner.post(
+            f"{base}/robots", json={"name": "old", "expires_at": "2020-01-01T00:00:00Z"}
+        ),
+        400,
+    )
+    assert "is in the past" in past["message"]
+    naive = error_of(
+        as_owner.post(
+            f"{base}/robots", json={"name": "old", "expires_at": "2030-01-01T00:00:00"}
+        ),
+        400,
+    )
+    assert "add a zone" in naive["message"]
+    bad_pattern = error_of(
+        as_owner.post(f"{base}/grants", json={"pattern": "A B", "role": "reader"}), 400
+    )
+    assert "invalid pattern 'A B'" in bad_pattern["message"]
+    bad_id = error_of(as_owner.delete(f"{base}/grants/abc"), 400)
+    assert "'abc'" in bad_id["message"]
+
+    login = unique("twice")
+    first = as_owner.post(f"{base}/users", json={"login": login, "role": "reader"})
+    assert first.status_code == 201
+    again = as_owner.post(f"{base}/users", json={"login": login, "role": "reader"})
+    conflict = error_of(again, 409)
+    assert conflict["code"] == "CONFLICT"
+    assert login in conflict["message"]
+    large = as_owner.post(f"{base}/users", content=b" " * 100_000)
+    assert error_of(large, 413)["code"] == "SIZE_INVALID"
+    error_of(as_owner.get("/no-such-page"), 404)
+
+
+def test_registry_bearer_token_rejected(
+    server: ServerProcess, owner: tuple[str, str], acme: str
+) -> None:
+    """A registry token is no admin credential: 401 naming HTTP Basic."""
+    token = get_token(server, *owner, f"repository:{acme}/app:pull")
+    response = httpx.get(
+        f"{server.url}/api/v1/customers/{acme}/users", headers=bearer(token)
+    )
+    error = error_of(response, 401)
+    assert "HTTP Basic" in error["message"]
+    assert response.headers["WWW-Authenticate"] == 'Basic realm="moorage"'
+    anonymous = httpx.get(f"{server.url}/api/v1/me")
+    assert error_of(anonymous, 401)["code"] == "UNAUTHORIZED"
+
+
+def test_failed_logins_audited_and_throttled(
+    server: ServerProcess, vendor: httpx.Client, acme: str
+) -> None:
+    """Wrong passwords answer 401, are audited, and are throttled like /v2/."""
+    login, _ = add_user(vendor, acme, "owner")
+    with api(server, (login, "wrong-password-" + uuid.uuid4().hex)) as client:
+        statuses = [client.get("/me").status_code for _ in range(7)]
+    assert statuses[:5] == [401] * 5
+    assert statuses[-1] == 429
+    failures = wait_for_events(
+        server,
+        AuditFilter(account=login, action="auth.login", outcome="failure"),
+        lambda found: len(found) >= 5,
+    )
+    assert len(failures) >= 5
+    assert failures[0].event.reason == "invalid username or password"
