@@ -203,6 +203,7 @@ def test_owner_manages_own_grants(
 
 def test_other_customer_is_hidden(
     server: ServerProcess,
+    owner: tuple[str, str],
     as_owner: httpx.Client,
     vendor: httpx.Client,
     globex: str,
@@ -227,6 +228,12 @@ def test_other_customer_is_hidden(
     shown = vendor.get(f"/customers/{globex}/users/{victim}")
     assert shown.status_code == 200
     assert shown.json()["disabled"] is False
+    denials = wait_for_events(
+        server,
+        AuditFilter(account=owner[0], action="access.denied"),
+        lambda found: any(globex in (e.event.reason or "") for e in found),
+    )
+    assert any(f"customer {globex}" in (e.event.reason or "") for e in denials)
 
 
 @pytest.mark.parametrize("role", ["reader", "writer", "maintainer"])
@@ -494,7 +501,7 @@ def test_robot_has_no_personal_tokens(
 def test_invalid_input_and_conflicts(
     server: ServerProcess, as_owner: httpx.Client, acme: str
 ) -> None:
-    """Bad input answers 400 with the value and the fix, a taken name 409."""
+    """Bad input gets 400 with the value and the fix, a taken name 409."""
     base = f"/customers/{acme}"
     bad_login = error_of(
         as_owner.post(f"{base}/users", json={"login": "no spaces", "role": "reader"}),
@@ -566,7 +573,7 @@ def test_registry_bearer_token_rejected(
 def test_failed_logins_audited_and_throttled(
     server: ServerProcess, vendor: httpx.Client, acme: str
 ) -> None:
-    """Wrong passwords answer 401, are audited, and are throttled like /v2/."""
+    """Wrong passwords get 401, are audited, and are throttled like /v2/."""
     login, _ = add_user(vendor, acme, "owner")
     with api(server, (login, "wrong-password-" + uuid.uuid4().hex)) as client:
         statuses = [client.get("/me").status_code for _ in range(7)]

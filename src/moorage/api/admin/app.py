@@ -1,9 +1,9 @@
 """Build the admin API: a FastAPI application mounted at `/api/v1`.
 
-Errors use the registry's JSON envelope, `{"errors": [{"code", "message"}]}`:
-domain errors through the same table as the registry API, invalid request
-bodies and parameters as 400 `INVALID_INPUT` (one entry per problem, with the
-value and the fix), unknown paths as 404 and unexpected failures as 500
+Errors use the registry's JSON envelope, `{"errors": [{"code", "message"}]}`.
+Domain errors map through the same table as in the registry API. Invalid
+request bodies and parameters get 400 `INVALID_INPUT`, one entry per problem
+with the value and the fix. Unknown paths get 404, unexpected failures 500
 `UNKNOWN`. The OpenAPI document is `/api/v1/openapi.json`, browsable at
 `/api/v1/docs`; both need no login because they describe no customer's data.
 """
@@ -36,7 +36,7 @@ from moorage.services import Services
 PREFIX = "/api/v1"
 # Request bodies are small JSON documents; anything larger is rejected unread.
 MAX_BODY_BYTES = 64 * 1024
-# What to do about the most common validation problems, by pydantic error type.
+# Fixes for the most common validation problems, by pydantic error type.
 _FIXES = {
     "missing": "add it",
     "extra_forbidden": "remove it",

@@ -2,8 +2,8 @@
 
 Every request carries HTTP Basic credentials: a login with its password, a
 robot secret or a personal access token. They go through the registry's
-`Authenticator`, with the same failed-login throttle, and each request loads
-the account's current state, so a disabled account, a suspended customer, a
+`Authenticator`, with the same failed-login throttle. Each request loads the
+account's current state, so a disabled account, a suspended customer, a
 rotated secret or a revoked personal access token is rejected on the next
 request. Registry bearer tokens from `/token` are rejected: they are scoped to
 repositories and handed to registry clients, and must not work as an admin

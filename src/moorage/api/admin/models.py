@@ -52,7 +52,8 @@ class NewGrant(Body):
 class NewPersonalToken(Body):
     name: str = Field("token", min_length=1, max_length=100, examples=["laptop"])
     role: str = Field(
-        "reader", description="The most the token may do, never more than the user."
+        "reader",
+        description="The maximum role the token acts with, never above the user's.",
     )
     expires_at: AwareDatetime | None = Field(
         None, description="Expiry; 90 days from now when missing."
