@@ -586,3 +586,26 @@ def test_failed_logins_audited_and_throttled(
     )
     assert len(failures) >= 5
     assert failures[0].event.reason == "invalid username or password"
+
+
+def test_customer_list_per_caller(
+    server: ServerProcess,
+    vendor: httpx.Client,
+    as_owner: httpx.Client,
+    acme: str,
+    globex: str,
+) -> None:
+    """The vendor lists every customer, an owner its own, a member none."""
+    everyone = [customer["slug"] for customer in vendor.get("/customers").json()]
+    assert acme in everyone
+    assert globex in everyone
+    own = as_owner.get("/customers").json()
+    assert [customer["slug"] for customer in own] == [acme]
+    assert own[0]["namespaces"] == [acme]
+    assert own[0]["status"] == "active"
+    assert as_owner.get(f"/customers/{acme}").json()["slug"] == acme
+    error_of(as_owner.get(f"/customers/{globex}"), 404)
+    member = add_user(vendor, acme, "writer")
+    with api(server, member) as client:
+        assert client.get("/customers").json() == []
+        error_of(client.get(f"/customers/{acme}"), 403)

@@ -58,6 +58,8 @@ class ApiEndpoint:
 
 
 API_ENDPOINTS = (
+    ApiEndpoint("list_customers", "GET", "/customers", LOGIN, 200),
+    ApiEndpoint("show_customer", "GET", CUSTOMER, READ, 200),
     ApiEndpoint("list_users", "GET", f"{CUSTOMER}/users", READ, 200),
     ApiEndpoint("add_user", "POST", f"{CUSTOMER}/users", CHANGE, 201),
     ApiEndpoint("show_user", "GET", f"{CUSTOMER}/users/{{login}}", READ, 200),

@@ -20,7 +20,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from moorage.api.admin import accounts, grants, me
+from moorage.api.admin import accounts, customers, grants, me
 from moorage.api.errors import (
     INVALID_INPUT,
     MANIFEST_TOO_LARGE,
@@ -46,14 +46,14 @@ _FIXES = {
 }
 _STATUS_CODES = {404: NOT_FOUND, 405: METHOD_NOT_ALLOWED, 413: MANIFEST_TOO_LARGE}
 # Every router of the API; the authorization matrix test walks their routes.
-ROUTERS = (me.router, accounts.router, grants.router)
+ROUTERS = (me.router, customers.router, accounts.router, grants.router)
 
 
 def create_admin_api(services: Services) -> FastAPI:
     api = FastAPI(
         title="Moorage admin API",
         version="1",
-        summary="Manage a customer's users, robots, grants and your own tokens.",
+        summary="Manage customers' users, robots and grants, and your own tokens.",
         openapi_url="/openapi.json",
         docs_url="/docs",
         redoc_url=None,

@@ -10,7 +10,12 @@ from datetime import datetime
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
-from moorage.db.identity_store import AccountRecord, GrantRecord, PersonalTokenRecord
+from moorage.db.identity_store import (
+    AccountRecord,
+    CustomerRecord,
+    GrantRecord,
+    PersonalTokenRecord,
+)
 
 
 class Body(BaseModel):
@@ -58,6 +63,28 @@ class NewPersonalToken(Body):
     expires_at: AwareDatetime | None = Field(
         None, description="Expiry; 90 days from now when missing."
     )
+
+
+class Customer(BaseModel):
+    slug: str
+    display_name: str
+    status: str = Field(description="active or suspended")
+    access_until: datetime | None = Field(
+        description="When the contract ends and every login of it stops working."
+    )
+    created_at: datetime
+    namespaces: list[str]
+
+    @classmethod
+    def of(cls, record: CustomerRecord, namespaces: list[str]) -> Customer:
+        return cls(
+            slug=record.slug,
+            display_name=record.display_name,
+            status=record.status,
+            access_until=record.access_until,
+            created_at=record.created_at,
+            namespaces=namespaces,
+        )
 
 
 class Account(BaseModel):
