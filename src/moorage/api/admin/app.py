@@ -23,9 +23,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from moorage.api.admin import accounts, customers, grants, me
 from moorage.api.errors import (
     INVALID_INPUT,
-    MANIFEST_TOO_LARGE,
     METHOD_NOT_ALLOWED,
     NOT_FOUND,
+    SIZE_INVALID,
     UNKNOWN,
     ErrorCode,
     handle_domain_error,
@@ -44,7 +44,8 @@ _FIXES = {
     "model_attributes_type": "send a JSON object",
     "timezone_aware": "add a zone, for example 2027-06-30T00:00:00Z",
 }
-_STATUS_CODES = {404: NOT_FOUND, 405: METHOD_NOT_ALLOWED, 413: MANIFEST_TOO_LARGE}
+BODY_TOO_LARGE = ErrorCode(SIZE_INVALID.code, 413)
+_STATUS_CODES = {404: NOT_FOUND, 405: METHOD_NOT_ALLOWED, 413: BODY_TOO_LARGE}
 # Every router of the API; the authorization matrix test walks their routes.
 ROUTERS = (me.router, customers.router, accounts.router, grants.router)
 
