@@ -252,6 +252,8 @@ async def find_account_of(
 # Robots
 
 
+# NOTE: the command line (cli/identity.py) still builds these audit descriptions
+# itself; they match the ones below until it passes `audit=` as the API does.
 def describe_time(value: datetime | None) -> str:
     """Format an expiry or end date for audit descriptions and command output."""
     return value.strftime("%Y-%m-%d %H:%M") if value else "-"

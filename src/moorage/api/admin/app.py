@@ -56,6 +56,8 @@ def create_admin_api(services: Services) -> FastAPI:
         version="1",
         summary="Manage customers' users, robots and grants, and your own tokens.",
         openapi_url="/openapi.json",
+        # NOTE: the /docs page loads the Swagger UI from a public CDN in the
+        # browser, so it stays blank where browsers cannot reach the internet.
         docs_url="/docs",
         redoc_url=None,
         swagger_ui_oauth2_redirect_url=None,
