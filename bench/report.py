@@ -9,6 +9,10 @@ from pathlib import Path
 from typing import Any
 
 MIB = 1024 * 1024
+# The sample key of Moorage with encryption at rest (bench.servers.ENCRYPTED).
+ENCRYPTED = "moorage-encrypted"
+# Encrypted blob throughput should be at least this share of the plaintext one.
+ENCRYPTED_TARGET = 0.8
 START_MARK = "<!-- results:start -->"
 END_MARK = "<!-- results:end -->"
 
@@ -48,6 +52,23 @@ def ratio(scenario: dict[str, Any]) -> float | None:
     ours = summarise(samples["moorage"]).median
     theirs = summarise(samples["distribution"]).median
     return ours / theirs if theirs else None
+
+
+def encryption_ratio(scenario: dict[str, Any]) -> float | None:
+    """Return Moorage's encrypted median over its plaintext median, if measured."""
+    samples = scenario["samples"]
+    if ENCRYPTED not in samples or "moorage" not in samples:
+        return None
+    plain = summarise(samples["moorage"]).median
+    return summarise(samples[ENCRYPTED]).median / plain if plain else None
+
+
+def _round_ratios(scenario: dict[str, Any]) -> list[float]:
+    """Encrypted over plaintext per round: the two run next to each other."""
+    pairs = zip(
+        scenario["samples"][ENCRYPTED], scenario["samples"]["moorage"], strict=False
+    )
+    return [e["value"] / p["value"] for e, p in pairs if p["value"]]
 
 
 def _figure(summary: Summary | None) -> str:
@@ -99,6 +120,9 @@ def render_markdown(results: dict[str, Any], chart_name: str | None) -> str:
             f"| {_met(scenario['target'], found, ours.median)} |"
         )
     lines += ["", *_latency_table(results), "", *_resource_table(results)]
+    encryption = _encryption_table(results)
+    if encryption:
+        lines += ["", *encryption]
     if chart_name:
         lines += ["", f"![Moorage/distribution ratios]({chart_name})"]
     return "\n".join(lines) + "\n"
@@ -158,6 +182,35 @@ def _resource_table(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _encryption_table(results: dict[str, Any]) -> list[str]:
+    rows = [s for s in results["scenarios"] if encryption_ratio(s) is not None]
+    if not rows:
+        return []
+    lines = [
+        "Encryption at rest: Moorage with encryption on against Moorage with it off "
+        "(the run above), in the same rounds.",
+        "",
+        "| scenario | Moorage encrypted median (min-max) "
+        "| Moorage plaintext median (min-max) | ratio encrypted/plaintext "
+        "(per round) | server CPU s per GiB: encrypted / plaintext | target | met |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for scenario in rows:
+        sealed = summarise(scenario["samples"][ENCRYPTED])
+        plain = summarise(scenario["samples"]["moorage"])
+        found = encryption_ratio(scenario)
+        assert found is not None
+        per_round = ", ".join(f"{value:.2f}" for value in _round_ratios(scenario))
+        met = "yes" if found >= ENCRYPTED_TARGET else "no"
+        lines.append(
+            f"| {scenario['title']} | {_figure(sealed)} | {_figure(plain)} "
+            f"| {found:.2f} ({per_round}) "
+            f"| {sealed.cpu_per_unit:.2f} / {plain.cpu_per_unit:.2f} "
+            f"| ratio >= {ENCRYPTED_TARGET} | {met} |"
+        )
+    return lines
+
+
 def write_chart(results: dict[str, Any], path: Path) -> Path | None:
     """Draw the ratios as bars; return None when matplotlib is not installed."""
     try:
@@ -167,27 +220,75 @@ def write_chart(results: dict[str, Any], path: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    titles, ratios, colours = [], [], []
+    panels = [
+        p
+        for p in (_distribution_panel(results), _encryption_panel(results))
+        if p.titles
+    ]
+    if not panels:
+        return None
+    figure, all_axes = plt.subplots(
+        len(panels),
+        1,
+        figsize=(8, sum(0.45 * len(p.titles) + 1.2 for p in panels)),
+        height_ratios=[len(p.titles) + 2 for p in panels],
+        squeeze=False,
+    )
+    for panel, axes in zip(panels, all_axes[:, 0], strict=True):
+        colours = [
+            "tab:green" if value >= panel.target else "tab:red"
+            for value in panel.values
+        ]
+        axes.barh(panel.titles, panel.values, color=colours)
+        axes.axvline(panel.target, color="black", linewidth=0.8)
+        axes.invert_yaxis()
+        axes.set_xlabel(panel.label)
+        for index, value in enumerate(panel.values):
+            axes.text(value, index, f" {value:.2f}", va="center")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+@dataclass
+class _Panel:
+    """One bar chart: a bar per scenario and the line each bar should reach."""
+
+    label: str
+    target: float
+    titles: list[str]
+    values: list[float]
+
+
+def _distribution_panel(results: dict[str, Any]) -> _Panel:
+    panel = _Panel(
+        "Moorage relative to distribution (above 1 = Moorage better)", 1.0, [], []
+    )
     for scenario in results["scenarios"]:
         found = ratio(scenario)
         if found is None:
             continue
         # Show every bar as "how many times better", so higher always wins.
         better = found if scenario["higher_is_better"] else 1 / found
-        titles.append(scenario["title"])
-        ratios.append(better)
-        colours.append("tab:green" if better >= 1 else "tab:red")
-    figure, axes = plt.subplots(figsize=(8, 0.45 * len(titles) + 1.2))
-    axes.barh(titles, ratios, color=colours)
-    axes.axvline(1.0, color="black", linewidth=0.8)
-    axes.invert_yaxis()
-    axes.set_xlabel("Moorage relative to distribution (above 1 = Moorage better)")
-    for index, value in enumerate(ratios):
-        axes.text(value, index, f" {value:.2f}", va="center")
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return path
+        panel.titles.append(scenario["title"])
+        panel.values.append(better)
+    return panel
+
+
+def _encryption_panel(results: dict[str, Any]) -> _Panel:
+    panel = _Panel(
+        f"Moorage encrypted relative to plaintext (target {ENCRYPTED_TARGET})",
+        ENCRYPTED_TARGET,
+        [],
+        [],
+    )
+    for scenario in results["scenarios"]:
+        found = encryption_ratio(scenario)
+        if found is not None:
+            panel.titles.append(scenario["title"])
+            panel.values.append(found)
+    return panel
 
 
 def update_docs(page: Path, results: dict[str, Any], chart: Path | None) -> None:

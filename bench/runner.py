@@ -22,7 +22,7 @@ from bench.scenarios import (
     make_blob,
     prefetch_tokens,
 )
-from bench.servers import Registry, distribution_version, start_both
+from bench.servers import ENCRYPTED, Registry, distribution_version, start_registries
 from moorage import __version__
 
 
@@ -56,6 +56,12 @@ def versions() -> dict[str, str]:
     }
 
 
+def _runs_on(scenario: Scenario, registry: Registry) -> bool:
+    if registry.name == ENCRYPTED:
+        return scenario.encrypted
+    return not (scenario.moorage_only and registry.name != "moorage")
+
+
 def run_scenario(
     scenario: Scenario,
     context: Context,
@@ -63,9 +69,7 @@ def run_scenario(
     rounds: int,
     log: Any,
 ) -> dict[str, list[dict[str, Any]]]:
-    targets = [
-        r for r in registries if not (scenario.moorage_only and r.name != "moorage")
-    ]
+    targets = [r for r in registries if _runs_on(scenario, r)]
     if scenario.setup is not None:
         for registry in targets:
             scenario.setup(context, registry)
@@ -88,7 +92,7 @@ def run_scenario(
             }
             samples[registry.name].append(sample)
             log(
-                f"{scenario.key:16} round {round_ + 1} {registry.name:12} "
+                f"{scenario.key:16} round {round_ + 1} {registry.name:17} "
                 f"{outcome.value:10.1f} {scenario.unit:8} "
                 f"cpu {usage.cpu_seconds:6.2f} s  "
                 f"rss {usage.peak_rss_bytes / 2**20:6.1f} MiB  load {sample['load']}"
@@ -119,19 +123,18 @@ def run(
         "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started)),
         "python_executable": sys.executable,
     }
-    moorage, distribution = start_both(workdir, moorage_workers)
+    selected = [s for s in SCENARIOS if not only or s.key in only]
+    registries = start_registries(
+        workdir, moorage_workers, encrypted=any(s.encrypted for s in selected)
+    )
     results: list[dict[str, Any]] = []
     try:
         blob, digest = make_blob(workdir, sizes.blob_bytes)
-        context = Context(sizes, f"{moorage.url}/token", workdir, blob, digest)
+        context = Context(sizes, registries[0].token_url, workdir, blob, digest)
         # Logins happen before any measurement: the first one runs argon2id.
-        prefetch_tokens(context)
-        for scenario in SCENARIOS:
-            if only and scenario.key not in only:
-                continue
-            samples = run_scenario(
-                scenario, context, [moorage, distribution], rounds, log
-            )
+        prefetch_tokens(context, registries)
+        for scenario in selected:
+            samples = run_scenario(scenario, context, registries, rounds, log)
             results.append(
                 {
                     "key": scenario.key,
@@ -145,8 +148,8 @@ def run(
             )
         context.blob.release()
     finally:
-        moorage.stop()
-        distribution.stop()
+        for registry in registries:
+            registry.stop()
         if not keep:
             shutil.rmtree(workdir, ignore_errors=True)
     meta["load_after"] = load_average()

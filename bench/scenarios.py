@@ -84,30 +84,34 @@ class Context:
     tokens: dict[str, str] = field(default_factory=dict)
     small_manifest: dict[str, str] = field(default_factory=dict)
 
-    def token(self, scopes: list[str]) -> str:
-        key = " ".join(scopes)
+    def token(self, scopes: list[str], registry: Registry | None = None) -> str:
+        """Return a token for `scopes` that `registry` accepts (cached per run)."""
+        url = registry.token_url if registry is not None else self.token_url
+        key = f"{url} {' '.join(scopes)}"
         if key not in self.tokens:
-            self.tokens[key] = fetch_token(self.token_url, scopes)
+            self.tokens[key] = fetch_token(url, scopes)
         return self.tokens[key]
 
     def client(self, registry: Registry, repositories: list[str]) -> Client:
         scopes = [f"repository:{name}:pull,push" for name in repositories]
-        return Client(registry.url, self.token(scopes))
+        return Client(registry.url, self.token(scopes, registry))
 
 
-def prefetch_tokens(context: Context) -> None:
+def prefetch_tokens(context: Context, registries: list[Registry]) -> None:
     """Fetch every token the scenarios use, so no login falls in a measurement."""
-    for repositories in (
-        ["bench/push-monolithic"],
-        ["bench/push-chunked"],
-        ["bench/pull"],
-        ["bench/small"],
-        ["bench/tags"],
-        [f"bench/images-{i}" for i in range(IMAGE_REPOSITORIES)],
-    ):
-        context.token([f"repository:{name}:pull,push" for name in repositories])
-    context.token(["repository:bench/small:pull"])
-    context.token(["registry:catalog:*"])
+    for registry in registries:
+        for repositories in (
+            ["bench/push-monolithic"],
+            ["bench/push-chunked"],
+            ["bench/pull"],
+            ["bench/small"],
+            ["bench/tags"],
+            [f"bench/images-{i}" for i in range(IMAGE_REPOSITORIES)],
+        ):
+            scopes = [f"repository:{name}:pull,push" for name in repositories]
+            context.token(scopes, registry)
+        context.token(["repository:bench/small:pull"], registry)
+        context.token(["registry:catalog:*"], registry)
 
 
 def make_blob(workdir: Path, size: int) -> tuple[memoryview, str]:
@@ -208,7 +212,7 @@ def setup_small_requests(context: Context, registry: Registry) -> None:
 
 
 def manifest_get(context: Context, registry: Registry, round_: int) -> Outcome:
-    token = context.token(["repository:bench/small:pull"])
+    token = context.token(["repository:bench/small:pull"], registry)
     result = run_wrk(
         f"{registry.url}/v2/bench/small/manifests/latest",
         {"Authorization": f"Bearer {token}", "Accept": MANIFEST_TYPE},
@@ -219,7 +223,7 @@ def manifest_get(context: Context, registry: Registry, round_: int) -> Outcome:
 
 
 def blob_head(context: Context, registry: Registry, round_: int) -> Outcome:
-    token = context.token(["repository:bench/small:pull"])
+    token = context.token(["repository:bench/small:pull"], registry)
     result = run_ab_head(
         f"{registry.url}/v2/bench/small/blobs/{context.small_manifest['layer']}",
         {"Authorization": f"Bearer {token}"},
@@ -315,7 +319,7 @@ def tag_list(context: Context, registry: Registry, round_: int) -> Outcome:
 
 
 def catalog(context: Context, registry: Registry, round_: int) -> Outcome:
-    client = Client(registry.url, context.token(["registry:catalog:*"]))
+    client = Client(registry.url, context.token(["registry:catalog:*"], registry))
     outcome = _listing(context, client, "/v2/_catalog?n=1000", "repositories")
     client.close()
     return outcome
@@ -440,6 +444,9 @@ class Scenario:
     setup: Callable[[Context, Registry], None] | None = None
     moorage_only: bool = False
     target: str = ""
+    # Also run against Moorage with encryption at rest, for the encrypted/plain
+    # ratio.
+    encrypted: bool = False
 
 
 SCENARIOS = [
@@ -451,6 +458,7 @@ SCENARIOS = [
         "GiB",
         push_monolithic,
         target="ratio >= 2.0",
+        encrypted=True,
     ),
     Scenario(
         "push_chunked",
@@ -460,6 +468,7 @@ SCENARIOS = [
         "GiB",
         push_chunked,
         target="ratio >= 2.0",
+        encrypted=True,
     ),
     Scenario(
         "pull_one",
@@ -470,6 +479,7 @@ SCENARIOS = [
         pull_one,
         setup_pull,
         target="ratio >= 1.0",
+        encrypted=True,
     ),
     Scenario(
         "pull_eight",
@@ -479,6 +489,7 @@ SCENARIOS = [
         "GiB",
         pull_eight,
         target="ratio >= 1.0",
+        encrypted=True,
     ),
     Scenario(
         "manifest_get",

@@ -1,6 +1,8 @@
-"""Start the two registries under test on loopback, each in its own directory.
+"""Start the registries under test on loopback, each in its own directory.
 
-Moorage runs as `python -m moorage serve` with a fresh SQLite data directory.
+Moorage runs as `python -m moorage serve` with a fresh SQLite data directory,
+without encryption at rest because distribution stores blobs in plaintext. For
+the encrypted/plaintext ratio a second Moorage runs with encryption at rest on.
 The CNCF distribution registry (Debian's `docker-registry`) runs with its own
 YAML config, filesystem storage and token auth. Moorage's `/token` is its token
 server: Moorage signs ES256 JWTs whose `kid` is the libtrust key ID, so
@@ -38,6 +40,8 @@ USER = "bench-user"
 PASSWORD = "bench-user-password-1"  # noqa: S105 - a throwaway account on loopback
 ADMIN_PASSWORD = "bench-admin-password-1"  # noqa: S105 - same
 DISTRIBUTION_BINARY = "docker-registry"
+# The name of the Moorage registry that runs with encryption at rest.
+ENCRYPTED = "moorage-encrypted"
 
 
 def free_port() -> int:
@@ -87,6 +91,11 @@ class Registry:
     def log_path(self) -> Path:
         return self.directory / "server.log"
 
+    @property
+    def token_url(self) -> str:
+        """The token service whose tokens this registry accepts."""
+        raise NotImplementedError
+
     def stop(self) -> None:
         if self.process is None or self.process.poll() is not None:
             return
@@ -98,21 +107,34 @@ class Registry:
             self.process.wait()
 
 
+@dataclass
 class MoorageRegistry(Registry):
+    """Moorage with its own token service; `encrypted` turns encryption at rest on."""
+
+    encrypted: bool = False
+    workers: int = 2
     robot: tuple[str, str] = ("", "")
 
-    def start(self, extra_env: dict[str, str] | None = None) -> None:
+    @property
+    def token_url(self) -> str:
+        return f"{self.url}/token"
+
+    def start(self) -> None:
+        """Start the server on a fresh data directory and add the bench accounts."""
+        self.launch()
+        asyncio.run(self._add_accounts())
+
+    def launch(self) -> None:
+        """Start the server process on the data directory as it is."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("MOORAGE_")}
         env.update(
             MOORAGE_DATA_DIR=str(self.directory / "data"),
             MOORAGE_ADMIN_PASSWORD=ADMIN_PASSWORD,
             MOORAGE_LOG_FORMAT="json",
             MOORAGE_TOKEN_TTL_SECONDS="3600",  # noqa: S106 - not a secret
-            # Distribution stores blobs in plaintext, so the comparison does too.
-            # TODO: add an encrypted Moorage to report encrypted/plain pull ratios.
-            MOORAGE_ENCRYPTION="false",
+            MOORAGE_ENCRYPTION="true" if self.encrypted else "false",
+            MOORAGE_WORKERS=str(self.workers),
         )
-        env.update(extra_env or {})
         self.directory.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
@@ -122,10 +144,9 @@ class MoorageRegistry(Registry):
                 stderr=subprocess.STDOUT,
             )
         wait_until_up(f"{self.url}/healthz", self.process, self.log_path)
-        asyncio.run(self._add_accounts())
 
     def settings(self) -> Settings:
-        return Settings(data_dir=self.directory / "data", encryption=False)
+        return Settings(data_dir=self.directory / "data", encryption=self.encrypted)
 
     async def _add_accounts(self) -> None:
         services = await open_services(self.settings())
@@ -191,15 +212,29 @@ auth:
 """
 
 
+@dataclass
 class DistributionRegistry(Registry):
+    """distribution, trusting the tokens of a Moorage registry's token service."""
+
+    realm: str = ""
+
+    @property
+    def token_url(self) -> str:
+        return self.realm
+
+    @property
+    def storage(self) -> Path:
+        return self.directory / "storage"
+
     def start(self, token_realm: str, certificate: bytes) -> None:
+        self.realm = token_realm
         self.directory.mkdir(parents=True, exist_ok=True)
         bundle = self.directory / "token-cert.pem"
         bundle.write_bytes(certificate)
         config = self.directory / "config.yml"
         config.write_text(
             DISTRIBUTION_CONFIG.format(
-                storage=self.directory / "storage",
+                storage=self.storage,
                 port=self.port,
                 realm=token_realm,
                 service=SERVICE,
@@ -223,15 +258,32 @@ def distribution_version() -> str:
     return result.stdout.strip().split()[-1]
 
 
-def start_both(
-    root: Path, moorage_workers: int
-) -> tuple[MoorageRegistry, DistributionRegistry]:
-    moorage = MoorageRegistry("moorage", root / "moorage")
-    moorage.start({"MOORAGE_WORKERS": str(moorage_workers)})
-    distribution = DistributionRegistry("distribution", root / "distribution")
+def start_registries(
+    root: Path, moorage_workers: int, *, encrypted: bool
+) -> list[Registry]:
+    """Start Moorage, distribution and, if `encrypted`, an encrypted Moorage.
+
+    The encrypted Moorage issues its own tokens: each Moorage signs with a key
+    of its own database.
+    """
+    moorage = MoorageRegistry("moorage", root / "moorage", workers=moorage_workers)
+    started: list[Registry] = [moorage]
     try:
-        distribution.start(f"{moorage.url}/token", moorage.signing_certificate())
+        moorage.start()
+        distribution = DistributionRegistry("distribution", root / "distribution")
+        started.append(distribution)
+        distribution.start(moorage.token_url, moorage.signing_certificate())
+        if encrypted:
+            sealed = MoorageRegistry(
+                ENCRYPTED,
+                root / ENCRYPTED,
+                encrypted=True,
+                workers=moorage_workers,
+            )
+            started.append(sealed)
+            sealed.start()
     except BaseException:
-        moorage.stop()
+        for registry in started:
+            registry.stop()
         raise
-    return moorage, distribution
+    return started

@@ -32,11 +32,18 @@ def test_bench_quick_run_measures_every_scenario(tmp_path: Path) -> None:
     results = json.loads((tmp_path / "results.json").read_text())
     keys = {scenario["key"] for scenario in results["scenarios"]}
     assert {"push_monolithic", "pull_eight", "manifest_get", "blob_head"} <= keys
+    encrypted = {"push_monolithic", "push_chunked", "pull_one", "pull_eight"}
     for scenario in results["scenarios"]:
-        names = {"moorage"} if scenario["key"].startswith("token") else None
+        names = {"moorage", "distribution"}
+        if scenario["key"].startswith("token"):
+            names = {"moorage"}
+        if scenario["key"] in encrypted:
+            names.add("moorage-encrypted")
         samples = scenario["samples"]
-        assert set(samples) == (names or {"moorage", "distribution"})
+        assert set(samples) == names, scenario["key"]
         for sample in (s for runs in samples.values() for s in runs):
             assert sample["value"] > 0, scenario["key"]
             assert sample["peak_rss_bytes"] > 0, scenario["key"]
-    assert "| Blob pull, 8 clients |" in (tmp_path / "results.md").read_text()
+    markdown = (tmp_path / "results.md").read_text()
+    assert "| Blob pull, 8 clients |" in markdown
+    assert "| ratio >= 0.8 |" in markdown
