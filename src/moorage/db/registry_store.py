@@ -19,6 +19,7 @@ from sqlalchemy import (
     select,
     update,
 )
+from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from moorage.db.dialects import insert_ignore, lexical, like_pattern, upsert
@@ -128,7 +129,8 @@ class RegistryStore:
             if not access.everything:
                 if not access.patterns:
                     return []
-                query = query.where(or_(*_pattern_conditions(access.patterns)))
+                conditions = _pattern_conditions(access.patterns, connection.dialect)
+                query = query.where(or_(*conditions))
             if last:
                 query = query.where(lexical(name, connection.dialect) > last)
             query = query.order_by(lexical(name, connection.dialect)).limit(limit)
@@ -463,15 +465,40 @@ class RegistryStore:
             )
 
 
-def _pattern_conditions(patterns: Sequence[str]) -> list[ColumnElement[bool]]:
+def _pattern_conditions(
+    patterns: Sequence[str], dialect: Dialect
+) -> list[ColumnElement[bool]]:
+    """Match repository names against globs, each within an index range.
+
+    Neither database turns the LIKE into an index range: SQLite's LIKE ignores
+    ASCII case, and PostgreSQL compares it in the database collation while
+    pages are read in C order. A page that finds fewer names than its limit
+    would then read every repository after `last`. The range of names that
+    start with the glob's literal prefix bounds each page.
+    """
     name = repositories.c.name
+    ordered = lexical(name, dialect)
     conditions: list[ColumnElement[bool]] = []
     for pattern in patterns:
-        if "*" in pattern:
-            conditions.append(name.like(like_pattern(pattern), escape="\\"))
-        else:
+        if "*" not in pattern:
             conditions.append(name == pattern)
+            continue
+        condition: ColumnElement[bool] = name.like(like_pattern(pattern), escape="\\")
+        prefix = pattern.split("*", 1)[0]
+        if prefix:
+            condition = and_(
+                ordered >= prefix, ordered < prefix_upper_bound(prefix), condition
+            )
+        conditions.append(condition)
     return conditions
+
+
+def prefix_upper_bound(prefix: str) -> str:
+    """Return the least string above every string that starts with `prefix`.
+
+    Code point order, as `lexical` sorts: raise the last character by one.
+    """
+    return prefix[:-1] + chr(ord(prefix[-1]) + 1)
 
 
 async def _repository_id(connection: AsyncConnection, name: str) -> int | None:

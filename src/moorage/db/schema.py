@@ -185,6 +185,18 @@ tags = Table(
     Index(None, "manifest_id"),
 )
 
+# The catalog and tag lists are ordered by code point (`dialects.lexical`), which
+# PostgreSQL spells COLLATE "C". Its indexes above follow the database's own
+# collation, so without these a page would read and sort every row. SQLite
+# compares names as bytes, which is code point order for UTF-8, so the indexes
+# above serve it already.
+Index("ix_repositories_name_c", repositories.c.name.collate("C")).ddl_if(
+    dialect="postgresql"
+)
+Index(
+    "ix_tags_repository_id_name_c", tags.c.repository_id, tags.c.name.collate("C")
+).ddl_if(dialect="postgresql")
+
 uploads = Table(
     "uploads",
     metadata,
