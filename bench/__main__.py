@@ -47,6 +47,15 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--keep", action="store_true", help="keep the registries' temporary data"
     )
+    parser.add_argument(
+        "--scale",
+        action="store_true",
+        help=(
+            "after the scenarios, load 10,000 repositories with 10 tags each and "
+            "run manifest GET, blob HEAD, small images, tag list and catalog again "
+            "(--quick always does, with 40 repositories of 3 tags)"
+        ),
+    )
     return parser.parse_args(argv)
 
 
@@ -65,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
             command.strip(),
             arguments.moorage_workers,
             keep=arguments.keep,
+            scale=arguments.scale or arguments.quick,
         )
 
     arguments.out.mkdir(parents=True, exist_ok=True)

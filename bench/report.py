@@ -13,6 +13,9 @@ MIB = 1024 * 1024
 ENCRYPTED = "moorage-encrypted"
 # Encrypted blob throughput should be at least this share of the plaintext one.
 ENCRYPTED_TARGET = 0.8
+# With many repositories and tags loaded, a figure should lose at most 20%.
+SCALE_TARGET = 0.8
+REGISTRIES = ("moorage", "distribution")
 START_MARK = "<!-- results:start -->"
 END_MARK = "<!-- results:end -->"
 
@@ -123,6 +126,8 @@ def render_markdown(results: dict[str, Any], chart_name: str | None) -> str:
     encryption = _encryption_table(results)
     if encryption:
         lines += ["", *encryption]
+    if "scale" in results:
+        lines += ["", *_scale_table(results)]
     if chart_name:
         lines += ["", f"![Moorage/distribution ratios]({chart_name})"]
     return "\n".join(lines) + "\n"
@@ -211,6 +216,60 @@ def _encryption_table(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def scale_ratio(empty: dict[str, Any], loaded: dict[str, Any], name: str) -> float:
+    """Return the loaded figure relative to the empty one; 1 means no loss.
+
+    Rates are divided loaded/empty and times empty/loaded, so that below 1 is
+    always a loss.
+    """
+    before = summarise(empty["samples"][name]).median
+    after = summarise(loaded["samples"][name]).median
+    if not (before and after):
+        return 0.0
+    return after / before if loaded["higher_is_better"] else before / after
+
+
+def _scale_rows(
+    results: dict[str, Any],
+) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """Pair each scenario of the data-scale phase with its run before the load."""
+    empty = {s["key"]: s for s in results["scenarios"]}
+    return [
+        (empty[s["key"]], s) for s in results["scale"]["scenarios"] if s["key"] in empty
+    ]
+
+
+def _scale_table(results: dict[str, Any]) -> list[str]:
+    scale = results["scale"]
+    load = scale["load_seconds"]
+    lines = [
+        f"Data scale: the scenarios again after loading {scale['repositories']:,} "
+        f"repositories of {scale['customers']:,} customers with "
+        f"{scale['tags']:,} tags into each registry (Moorage {load['moorage']} s, "
+        f'distribution {load["distribution"]} s). "loaded/empty" is the figure '
+        "relative to the same registry's before the load, so 1 is no loss and "
+        "0.8 is a loss of 20%.",
+        "",
+        "| scenario | unit | Moorage empty / loaded | loaded/empty "
+        "| distribution empty / loaded | loaded/empty | target | met M / D |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for empty, loaded in _scale_rows(results):
+        cells = []
+        met = []
+        for name in REGISTRIES:
+            before = summarise(empty["samples"][name])
+            after = summarise(loaded["samples"][name])
+            found = scale_ratio(empty, loaded, name)
+            cells.append(f"{_figure(before)} / {_figure(after)} | {found:.2f}")
+            met.append("yes" if found >= SCALE_TARGET else "no")
+        lines.append(
+            f"| {loaded['title']} | {loaded['unit']} | {cells[0]} | {cells[1]} "
+            f"| loss <= 20% | {met[0]} / {met[1]} |"
+        )
+    return lines
+
+
 def write_chart(results: dict[str, Any], path: Path) -> Path | None:
     """Draw the ratios as bars; return None when matplotlib is not installed."""
     try:
@@ -222,7 +281,11 @@ def write_chart(results: dict[str, Any], path: Path) -> Path | None:
         return None
     panels = [
         p
-        for p in (_distribution_panel(results), _encryption_panel(results))
+        for p in (
+            _distribution_panel(results),
+            _encryption_panel(results),
+            _scale_panel(results),
+        )
         if p.titles
     ]
     if not panels:
@@ -288,6 +351,22 @@ def _encryption_panel(results: dict[str, Any]) -> _Panel:
         if found is not None:
             panel.titles.append(scenario["title"])
             panel.values.append(found)
+    return panel
+
+
+def _scale_panel(results: dict[str, Any]) -> _Panel:
+    panel = _Panel(
+        f"Loaded relative to empty, same registry (target {SCALE_TARGET})",
+        SCALE_TARGET,
+        [],
+        [],
+    )
+    if "scale" not in results:
+        return panel
+    for empty, loaded in _scale_rows(results):
+        for name in REGISTRIES:
+            panel.titles.append(f"{loaded['title']}, {name}")
+            panel.values.append(scale_ratio(empty, loaded, name))
     return panel
 
 

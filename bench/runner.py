@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import procstat
+from bench.dataload import Layout, load_distribution, load_moorage
 from bench.load import package_version
 from bench.scenarios import (
     SCENARIOS,
@@ -21,8 +22,17 @@ from bench.scenarios import (
     Sizes,
     make_blob,
     prefetch_tokens,
+    push_scale_seed,
+    warm_up,
 )
-from bench.servers import ENCRYPTED, Registry, distribution_version, start_registries
+from bench.servers import (
+    ENCRYPTED,
+    DistributionRegistry,
+    MoorageRegistry,
+    Registry,
+    distribution_version,
+    start_registries,
+)
 from moorage import __version__
 
 
@@ -68,13 +78,16 @@ def run_scenario(
     registries: list[Registry],
     rounds: int,
     log: Any,
+    *,
+    first_round: int = 0,
 ) -> dict[str, list[dict[str, Any]]]:
+    """Run `rounds` rounds; `first_round` > 0 continues an earlier run (no setup)."""
     targets = [r for r in registries if _runs_on(scenario, r)]
-    if scenario.setup is not None:
+    if scenario.setup is not None and first_round == 0:
         for registry in targets:
             scenario.setup(context, registry)
     samples: dict[str, list[dict[str, Any]]] = {r.name: [] for r in targets}
-    for round_ in range(rounds):
+    for round_ in range(first_round, first_round + rounds):
         order = targets if round_ % 2 == 0 else list(reversed(targets))
         for registry in order:
             meter = procstat.UsageMeter(registry.pid)
@@ -100,6 +113,76 @@ def run_scenario(
     return samples
 
 
+def _entry(
+    scenario: Scenario, samples: dict[str, list[dict[str, Any]]]
+) -> dict[str, Any]:
+    return {
+        "key": scenario.key,
+        "title": scenario.title,
+        "unit": scenario.unit,
+        "higher_is_better": scenario.higher_is_better,
+        "work_unit": scenario.work_unit,
+        "target": scenario.target,
+        "samples": samples,
+    }
+
+
+def run_scale_phase(
+    context: Context,
+    registries: list[Registry],
+    scenarios: list[Scenario],
+    rounds: int,
+    log: Any,
+) -> dict[str, Any]:
+    """Load many repositories and tags into Moorage and distribution, run again.
+
+    The scenarios have run on the same registries without that data just
+    before, so each figure compares with the same registry's earlier one.
+    """
+    moorage = next(r for r in registries if r.name == "moorage")
+    distribution = next(r for r in registries if r.name == "distribution")
+    assert isinstance(moorage, MoorageRegistry)
+    assert isinstance(distribution, DistributionRegistry)
+    sizes = context.sizes
+    layout = Layout(
+        sizes.scale_repositories, sizes.scale_tags_per_repository, sizes.scale_customers
+    )
+    for registry in (moorage, distribution):
+        push_scale_seed(context, registry)
+    # Moorage is stopped while its database is loaded, as before a start.
+    moorage.stop()
+    moorage_seconds = load_moorage(moorage.settings(), layout)
+    moorage.launch()
+    distribution_seconds = load_distribution(distribution.storage, layout)
+    for registry in (moorage, distribution):
+        warm_up(context, registry)
+    log(
+        f"loaded {layout.repositories} repositories with {layout.tags} tags each: "
+        f"Moorage {moorage_seconds:.1f} s, distribution {distribution_seconds:.1f} s"
+    )
+    entries = []
+    for scenario in scenarios:
+        samples = run_scenario(
+            scenario,
+            context,
+            [moorage, distribution],
+            rounds,
+            log,
+            first_round=rounds,
+        )
+        entries.append(_entry(scenario, samples))
+    return {
+        "repositories": layout.repositories,
+        "tags": layout.repositories * layout.tags,
+        "customers": layout.customers,
+        "load_seconds": {
+            "moorage": round(moorage_seconds, 1),
+            "distribution": round(distribution_seconds, 1),
+        },
+        "scenarios": entries,
+    }
+
+
 def run(
     sizes: Sizes,
     rounds: int,
@@ -108,8 +191,13 @@ def run(
     moorage_workers: int,
     log: Any = print,
     keep: bool = False,
+    scale: bool = False,
 ) -> dict[str, Any]:
-    """Start both registries in a temporary directory, run, stop, return results."""
+    """Start the registries in a temporary directory, run, stop, return results.
+
+    With `scale`, the scenarios marked for it run again after many repositories
+    and tags were loaded (see `run_scale_phase`).
+    """
     workdir = Path(tempfile.mkdtemp(prefix="moorage-bench-"))
     started = time.time()
     meta = {
@@ -128,6 +216,7 @@ def run(
         workdir, moorage_workers, encrypted=any(s.encrypted for s in selected)
     )
     results: list[dict[str, Any]] = []
+    scale_results: dict[str, Any] | None = None
     try:
         blob, digest = make_blob(workdir, sizes.blob_bytes)
         context = Context(sizes, registries[0].token_url, workdir, blob, digest)
@@ -135,17 +224,10 @@ def run(
         prefetch_tokens(context, registries)
         for scenario in selected:
             samples = run_scenario(scenario, context, registries, rounds, log)
-            results.append(
-                {
-                    "key": scenario.key,
-                    "title": scenario.title,
-                    "unit": scenario.unit,
-                    "higher_is_better": scenario.higher_is_better,
-                    "work_unit": scenario.work_unit,
-                    "target": scenario.target,
-                    "samples": samples,
-                }
-            )
+            results.append(_entry(scenario, samples))
+        if scale:
+            scaled = [s for s in selected if s.scale]
+            scale_results = run_scale_phase(context, registries, scaled, rounds, log)
         context.blob.release()
     finally:
         for registry in registries:
@@ -154,4 +236,7 @@ def run(
             shutil.rmtree(workdir, ignore_errors=True)
     meta["load_after"] = load_average()
     meta["seconds"] = f"{time.time() - started:.0f}"
-    return {"meta": meta, "scenarios": results}
+    output: dict[str, Any] = {"meta": meta, "scenarios": results}
+    if scale_results is not None:
+        output["scale"] = scale_results
+    return output

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.client import Client, basic_header, fetch_token
+from bench.dataload import SEED_REPOSITORY, SEED_TAG
 from bench.load import run_ab_head, run_wrk
 from bench.servers import PASSWORD, SERVICE, USER, MoorageRegistry, Registry
 from tests.support.images import (
@@ -55,14 +56,19 @@ class Sizes:
     tags: int
     listing_repeats: int
     skopeo_large: bool
+    # The data-scale phase (--scale): repositories loaded, spread over
+    # customers, with this many tags each.
+    scale_repositories: int
+    scale_customers: int
+    scale_tags_per_repository: int
 
     @classmethod
     def full(cls) -> Sizes:
-        return cls(GIB, 8 * MIB, 10, 5_000, 64, 200, 10_000, 5, True)
+        return cls(GIB, 8 * MIB, 10, 5_000, 64, 200, 10_000, 5, True, 10_000, 100, 10)
 
     @classmethod
     def quick(cls) -> Sizes:
-        return cls(32 * MIB, 8 * MIB, 1, 1_000, 16, 10, 100, 2, False)
+        return cls(32 * MIB, 8 * MIB, 1, 1_000, 16, 10, 100, 2, False, 40, 4, 3)
 
 
 @dataclass
@@ -334,6 +340,27 @@ def _listing(context: Context, client: Client, path: str, key: str) -> Outcome:
     return Outcome(statistics.median(times), len(times) / 1000, {"entries": len(found)})
 
 
+# The data-scale phase
+
+
+def push_scale_seed(context: Context, registry: Registry) -> None:
+    """Push the small image that the data-scale load copies into every repository."""
+    client = context.client(registry, [SEED_REPOSITORY])
+    layer = random.Random(3).randbytes(2048)  # noqa: S311 - test data
+    config = canonical_json({"architecture": "amd64", "os": "linux", "scale": True})
+    _push_image(client, SEED_REPOSITORY, SEED_TAG, [layer], config)
+    client.close()
+
+
+def warm_up(context: Context, registry: Registry) -> None:
+    """Send a few requests over new connections, so that every worker has served."""
+    token = context.token(["registry:catalog:*"], registry)
+    for _ in range(16):
+        client = Client(registry.url, token)
+        client.request("GET", "/v2/_catalog?n=1")
+        client.close()
+
+
 # skopeo end to end
 
 
@@ -447,6 +474,8 @@ class Scenario:
     # Also run against Moorage with encryption at rest, for the encrypted/plain
     # ratio.
     encrypted: bool = False
+    # Run again in the data-scale phase (--scale), with many repositories loaded.
+    scale: bool = False
 
 
 SCENARIOS = [
@@ -500,6 +529,7 @@ SCENARIOS = [
         manifest_get,
         setup_small_requests,
         target="ratio >= 2.0",
+        scale=True,
     ),
     Scenario(
         "blob_head",
@@ -509,6 +539,7 @@ SCENARIOS = [
         "1k req",
         blob_head,
         target="ratio >= 2.0",
+        scale=True,
     ),
     Scenario(
         "small_images",
@@ -518,9 +549,12 @@ SCENARIOS = [
         "1k req",
         small_images,
         target="ratio >= 1.5",
+        scale=True,
     ),
-    Scenario("tag_list", "Tag list", "ms", False, "1k req", tag_list, setup_tags),
-    Scenario("catalog", "Catalog", "ms", False, "1k req", catalog),
+    Scenario(
+        "tag_list", "Tag list", "ms", False, "1k req", tag_list, setup_tags, scale=True
+    ),
+    Scenario("catalog", "Catalog", "ms", False, "1k req", catalog, scale=True),
     Scenario(
         "token_password",
         "Token issue, password user",

@@ -19,7 +19,7 @@ TOOLS = ("docker-registry", "wrk", "ab", "skopeo")
     reason=f"the benchmark needs {', '.join(TOOLS)}",
 )
 def test_bench_quick_run_measures_every_scenario(tmp_path: Path) -> None:
-    """`python -m bench --quick` measures every scenario on both registries."""
+    """`python -m bench --quick` measures every scenario, and again with data."""
     completed = subprocess.run(
         [sys.executable, "-m", "bench", "--quick", "--out", str(tmp_path)],
         cwd=ROOT,
@@ -44,6 +44,27 @@ def test_bench_quick_run_measures_every_scenario(tmp_path: Path) -> None:
         for sample in (s for runs in samples.values() for s in runs):
             assert sample["value"] > 0, scenario["key"]
             assert sample["peak_rss_bytes"] > 0, scenario["key"]
+    loaded = {scenario["key"]: scenario for scenario in results["scale"]["scenarios"]}
+    assert set(loaded) == {
+        "manifest_get",
+        "blob_head",
+        "small_images",
+        "tag_list",
+        "catalog",
+    }
+    for scenario in loaded.values():
+        assert set(scenario["samples"]) == {"moorage", "distribution"}
+    # The bench user's catalog on Moorage lists the bench customer's repositories,
+    # distribution's lists every repository: after the load, the loaded ones too.
+    catalog = next(s for s in results["scenarios"] if s["key"] == "catalog")
+    empty = {n: r[0]["extra"]["entries"] for n, r in catalog["samples"].items()}
+    full = {
+        n: r[0]["extra"]["entries"] for n, r in loaded["catalog"]["samples"].items()
+    }
+    assert empty["distribution"] == empty["moorage"]
+    difference = full["distribution"] - full["moorage"]
+    assert difference == results["scale"]["repositories"]
     markdown = (tmp_path / "results.md").read_text()
     assert "| Blob pull, 8 clients |" in markdown
     assert "| ratio >= 0.8 |" in markdown
+    assert "| loss <= 20% |" in markdown
