@@ -29,7 +29,12 @@ async def test_conversion_waits_for_plaintext_uploads(
 
     task = background.start_background_encryption(driver, RegistryStore(engine))
     assert task is not None
-    await asyncio.sleep(0.3)
+    # Poll instead of sleeping a fixed time: on a loaded machine the first
+    # pass can take longer than any fixed sleep.
+    for _ in range(200):
+        if await driver.read_header("blobs/sha256/aa/aa01") is not None:
+            break
+        await asyncio.sleep(0.05)
     assert await driver.read_header("blobs/sha256/aa/aa01") is not None
     assert not task.done()
 
