@@ -39,6 +39,7 @@ from moorage.auth.secrets import (
     keyed_hash,
 )
 from moorage.db.identity_store import AccountRecord, CustomerRecord, IdentityStore
+from moorage.db.refresh_token_store import RefreshTokenRecord, RefreshTokenStore
 from moorage.db.wrap_store import customer_owner
 from moorage.errors import ConflictError, DeniedError, InvalidInputError, NotFoundError
 from moorage.storage.encryption.driver import EncryptedDriver
@@ -239,13 +240,20 @@ def robot_login(customer_slug: str, name: str) -> str:
 
 
 async def find_account_of(
-    identity: IdentityStore, customer_slug: str, login: str, kind: str
+    identity: IdentityStore, customer_slug: str, login: str, kind: str | None
 ) -> AccountRecord:
-    """Return the account `login` of a customer ("-" for the vendor) of one kind."""
+    """Return the account `login` of a customer ("-" for the vendor) of one kind
+    (None: a user or a robot)."""
     account = await identity.find_account(login)
     owner = None if account is None else (account.customer_slug or "-")
-    if account is None or owner != customer_slug or account.kind != kind:
-        raise NotFoundError(f"{kind} {login!r} of {customer_slug!r} not found")
+    if (
+        account is None
+        or owner != customer_slug
+        or (kind is not None and account.kind != kind)
+    ):
+        raise NotFoundError(
+            f"{kind or 'account'} {login!r} of {customer_slug!r} not found"
+        )
     return account
 
 
@@ -525,6 +533,41 @@ async def _revoke_personal_token(
     if token is None or token.account_id != account.id:
         raise NotFoundError(f"token {token_id} of {login!r} not found")
     await identity.revoke_personal_token(token_id)
+
+
+# Refresh tokens
+
+
+async def list_refresh_tokens(
+    identity: IdentityStore,
+    refresh_tokens: RefreshTokenStore,
+    customer_slug: str,
+    login: str,
+) -> tuple[AccountRecord, list[RefreshTokenRecord]]:
+    """Return a user's or robot's account with its recorded refresh tokens."""
+    account = await find_account_of(identity, customer_slug, login, None)
+    return account, await refresh_tokens.list_for(account.id)
+
+
+async def revoke_refresh_tokens(
+    identity: IdentityStore,
+    refresh_tokens: RefreshTokenStore,
+    customer_slug: str,
+    login: str,
+    jti: str | None,
+) -> int:
+    """Revoke one refresh token of an account by its id, or all with `jti` None.
+
+    Return how many were revoked; an unknown or already revoked id is an error.
+    """
+    account = await find_account_of(identity, customer_slug, login, None)
+    revoked = await refresh_tokens.revoke(account.id, jti)
+    if jti is not None and revoked == 0:
+        raise NotFoundError(
+            f"no active refresh token {jti!r} of {login!r}; see moorage token "
+            f"refresh list {customer_slug} {login}"
+        )
+    return revoked
 
 
 # Grants and customers

@@ -118,7 +118,7 @@ async def run_server(
             ),
         )
         server = uvicorn.Server(config)
-        purger = asyncio.create_task(_purge_uploads_periodically(services))
+        purger = asyncio.create_task(_purge_periodically(services))
         log.info(
             "starting",
             version=__version__,
@@ -169,12 +169,17 @@ def _start_tls_watch(
     return asyncio.create_task(reloader.watch(interval))
 
 
-# How often stale upload sessions are looked for.
+# How often stale upload sessions and expired refresh tokens are looked for.
 PURGE_INTERVAL_SECONDS = 600
 
 
-async def _purge_uploads_periodically(services: Services) -> None:
+async def _purge_periodically(services: Services) -> None:
+    """Delete stale upload sessions and the records of expired refresh tokens.
+
+    Every worker process runs this; the deletes are idempotent.
+    """
     expiry = timedelta(hours=services.settings.upload_expiry_hours)
+    refresh_tokens = services.authenticator.refresh_tokens
     while True:
         try:
             purged = await services.registry.purge_stale_uploads(utcnow() - expiry)
@@ -183,6 +188,13 @@ async def _purge_uploads_periodically(services: Services) -> None:
         else:
             if purged:
                 log.info("purged stale uploads", count=purged)
+        try:
+            purged = await refresh_tokens.purge_expired(utcnow())
+        except Exception:
+            log.exception("purging expired refresh tokens failed")
+        else:
+            if purged:
+                log.info("purged expired refresh tokens", count=purged)
         await asyncio.sleep(PURGE_INTERVAL_SECONDS)
 
 

@@ -18,6 +18,7 @@ from moorage.config import Settings
 from moorage.db.audit_store import AuditStore
 from moorage.db.engine import create_engine, migrate
 from moorage.db.identity_store import IdentityStore
+from moorage.db.refresh_token_store import RefreshTokenStore
 from moorage.db.registry_store import RegistryStore
 from moorage.metrics import Metrics
 from moorage.storage.drivers.filesystem import FilesystemDriver
@@ -86,7 +87,11 @@ async def open_services(settings: Settings, *, migrate_schema: bool = True) -> S
     )
     secret_key = await identity.server_key(SECRET_HASH_KEY)
     authenticator = Authenticator(
-        identity, tokens, secret_key, LoginThrottle(throttle_policy(settings))
+        identity,
+        tokens,
+        secret_key,
+        LoginThrottle(throttle_policy(settings)),
+        RefreshTokenStore(engine),
     )
     trust = ProxyTrust(settings.trusted_proxies)
     guard = RequestGuard(authenticator, settings, trust)

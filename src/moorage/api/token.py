@@ -44,6 +44,8 @@ from moorage.tls import client_certificate_login
 
 CATALOG_ACTIONS = frozenset({"*"})
 MAX_FORM_BYTES = 64 * 1024
+# The refresh_tokens.client_id column's width.
+MAX_CLIENT_ID_LENGTH = 100
 
 
 class BasicChallengeError(UnauthorizedError):
@@ -94,8 +96,12 @@ def routes(services: Services) -> list[Route]:
     tokens = services.tokens
     trust = services.trust
 
-    def token_response(
-        request: Request, principal: Principal, asked: list[Scope], offline: bool
+    async def token_response(
+        request: Request,
+        principal: Principal,
+        asked: list[Scope],
+        offline: bool,
+        client_id: str,
     ) -> Response:
         request.state.subject = principal.login
         request.state.caller = Caller(principal, None)
@@ -115,11 +121,12 @@ def routes(services: Services) -> list[Route]:
             "scope": " ".join(str(scope) for scope in granted),
         }
         if offline:
-            body["refresh_token"] = tokens.issue_refresh(
-                principal.login,
-                principal.token_generation,
-                principal.personal_token_id,
-            ).token
+            refresh = await authenticator.issue_refresh(
+                principal,
+                client_id[:MAX_CLIENT_ID_LENGTH] or None,
+                client_address(request, trust),
+            )
+            body["refresh_token"] = refresh.token
         return JSONResponse(body, headers={"Cache-Control": "no-store"})
 
     async def issue_token(request: Request) -> Response:
@@ -150,7 +157,8 @@ def routes(services: Services) -> list[Route]:
         params = request.query_params
         asked = parse_scopes(params.getlist("scope"))
         offline = params.get("offline_token", "").lower() == "true"
-        return token_response(request, principal, asked, offline)
+        client_id = params.get("client_id", "")
+        return await token_response(request, principal, asked, offline, client_id)
 
     async def oauth_token(request: Request) -> Response:
         await tokens.reload()
@@ -169,7 +177,7 @@ def routes(services: Services) -> list[Route]:
         elif grant_type == "refresh_token":
             try:
                 principal = await authenticator.from_refresh_token(
-                    form.get("refresh_token", "")
+                    form.get("refresh_token", ""), client_address(request, trust)
                 )
             except UnauthorizedError as error:
                 request.state.auth = AuthAttempt("refresh", None, error.message)
@@ -181,7 +189,8 @@ def routes(services: Services) -> list[Route]:
             )
         asked = parse_scopes(form.getlist("scope"))
         offline = form.get("access_type") == "offline"
-        return token_response(request, principal, asked, offline)
+        client_id = form.get("client_id", "")
+        return await token_response(request, principal, asked, offline, client_id)
 
     async def jwks(request: Request) -> Response:
         await tokens.reload()

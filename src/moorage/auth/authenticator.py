@@ -5,7 +5,9 @@ generated secret (keyed hash), or a user's personal access token, written
 `moorage_pat_<id>_<secret>`. Bearer and refresh tokens are JWTs from the token
 service. Every check loads the account's current state, so disabling an
 account, suspending its customer, rotating its secret, revoking a personal
-access token or removing a grant takes effect on the next request.
+access token or removing a grant takes effect on the next request. Each issued
+refresh token is recorded, and a use of one whose record is missing or revoked
+is rejected.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import asyncio
 import hashlib
 import time
 from collections import OrderedDict
-from datetime import datetime
+from datetime import UTC, datetime
 
 import structlog
 
@@ -26,13 +28,19 @@ from moorage.auth.secrets import (
     verify_password,
 )
 from moorage.auth.throttle import LoginThrottle
-from moorage.auth.tokens import InvalidTokenError, TokenClaims, TokenService
+from moorage.auth.tokens import (
+    InvalidTokenError,
+    IssuedToken,
+    TokenClaims,
+    TokenService,
+)
 from moorage.db.identity_store import (
     AccountAccess,
     AccountRecord,
     IdentityStore,
     PersonalTokenRecord,
 )
+from moorage.db.refresh_token_store import RefreshTokenStore
 from moorage.db.schema import utcnow
 from moorage.errors import UnauthorizedError
 
@@ -56,6 +64,7 @@ class Authenticator:
         tokens: TokenService,
         secret_key: bytes,
         throttle: LoginThrottle | None = None,
+        refresh_tokens: RefreshTokenStore | None = None,
     ) -> None:
         """`secret_key` is the server key of the keyed hashes (SECRET_HASH_KEY in
         the database); robot secrets and personal access tokens fail without it."""
@@ -63,6 +72,7 @@ class Authenticator:
         self.tokens = tokens
         self.secret_key = secret_key
         self.throttle = throttle or LoginThrottle()
+        self.refresh_tokens = refresh_tokens or RefreshTokenStore(identity.engine)
         self._verified: OrderedDict[bytes, tuple[int, int, float]] = OrderedDict()
         self._password_slots = asyncio.Semaphore(MAX_CONCURRENT_PASSWORD_CHECKS)
 
@@ -112,14 +122,42 @@ class Authenticator:
             raise UnauthorizedError(f"invalid token: {error}") from None
         return await self._current(claims), claims
 
-    async def from_refresh_token(self, token: str) -> Principal:
-        """Verify a refresh token and load the current state of its account."""
+    async def from_refresh_token(
+        self, token: str, address: str | None = None
+    ) -> Principal:
+        """Verify a refresh token, check its record and load its account's state.
+
+        Records the use (time and client address) on the token's row."""
         await self.tokens.reload(force=not self.tokens.knows_key(token))
         try:
             claims = self.tokens.verify_refresh(token)
         except InvalidTokenError as error:
             raise UnauthorizedError(f"invalid refresh token: {error}") from None
-        return await self._current(claims)
+        principal = await self._current(claims)
+        if not await self.refresh_tokens.redeem(
+            claims.token_id, principal.account_id, address
+        ):
+            raise UnauthorizedError("refresh token has been revoked")
+        return principal
+
+    async def issue_refresh(
+        self, principal: Principal, client_id: str | None, address: str | None
+    ) -> IssuedToken:
+        """Issue a refresh token for the principal and record it."""
+        issued = self.tokens.issue_refresh(
+            principal.login, principal.token_generation, principal.personal_token_id
+        )
+        await self.refresh_tokens.add(
+            jti=issued.token_id,
+            account_id=principal.account_id,
+            token_generation=principal.token_generation,
+            personal_token_id=principal.personal_token_id,
+            client_id=client_id,
+            address=address,
+            issued_at=utcnow(),
+            expires_at=datetime.fromtimestamp(issued.expires_at, UTC),
+        )
+        return issued
 
     async def _current(self, claims: TokenClaims) -> Principal:
         access = await self.identity.account_access(claims.subject)

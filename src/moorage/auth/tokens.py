@@ -10,7 +10,9 @@ certificate.
 
 Refresh tokens (OAuth2, for `offline_token=true` and the POST form) are JWTs of
 the same keys with `typ` "refresh", no `access` claim, and a long lifetime; each
-use is checked against the account's current state like an access token.
+use is checked against the account's current state like an access token, and
+against the row the authenticator records for its `jti` (see
+moorage.db.refresh_token_store), so that each can be revoked alone.
 
 Signing keys rotate with an overlap window: a new key signs at once, the older
 ones still verify until their `retired_at`. Every process reloads the key set
@@ -61,6 +63,8 @@ class TokenClaims:
     issued_at: int
     expires_at: int
     personal_token_id: int | None = None
+    # The `jti` claim.
+    token_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +72,9 @@ class IssuedToken:
     token: str
     expires_in: int
     issued_at: str
+    # The `jti` claim, and `exp` in seconds since the epoch.
+    token_id: str = ""
+    expires_at: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,7 +221,8 @@ class TokenService:
             "exp": now + ttl,
             "nbf": now - 1,
             "iat": now,
-            "jti": secrets.token_urlsafe(16),
+            # Hex, so that an id never starts with "-" on a command line.
+            "jti": secrets.token_hex(16),
             "gen": generation,
             **extra,
         }
@@ -224,7 +232,7 @@ class TokenService:
             claims, key.private_key, algorithm=ALGORITHM, headers={"kid": key.kid}
         )
         issued = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))
-        return IssuedToken(token, ttl, issued)
+        return IssuedToken(token, ttl, issued, claims["jti"], claims["exp"])
 
     def verify(self, token: str) -> TokenClaims:
         """Verify an access token: signature, algorithm, audience, issuer, lifetime.
@@ -339,6 +347,7 @@ def _claims(
         personal_token_id=(
             int(personal_token) if isinstance(personal_token, int) else None
         ),
+        token_id=str(claims.get("jti", "")),
     )
 
 

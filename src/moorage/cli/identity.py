@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated
 
 import typer
-from rich.table import Table
+from rich.table import Column, Table
 
 from moorage import admin
 from moorage.audit import events as actions
@@ -30,6 +30,7 @@ from moorage.cli.main import (
     user_app,
 )
 from moorage.db.identity_store import AccountRecord, GrantRecord, PersonalTokenRecord
+from moorage.db.refresh_token_store import RefreshTokenRecord
 from moorage.services import Services
 
 robot_app = typer.Typer(help="Manage customers' robot accounts.", no_args_is_help=True)
@@ -42,8 +43,13 @@ grant_app = typer.Typer(
 signing_key_app = typer.Typer(
     help="Rotate and list the token signing keys.", no_args_is_help=True
 )
+refresh_app = typer.Typer(
+    help="List and revoke the OAuth2 refresh tokens of a user or robot.",
+    no_args_is_help=True,
+)
 app.add_typer(robot_app, name="robot")
 app.add_typer(token_app, name="token")
+token_app.add_typer(refresh_app, name="refresh")
 app.add_typer(grant_app, name="grant")
 app.add_typer(signing_key_app, name="signing-key")
 
@@ -417,6 +423,87 @@ def token_revoke(
         ),
     )
     console.print(f"token {token_id} revoked")
+
+
+# Refresh tokens
+
+LoginArgument = Annotated[
+    str, typer.Argument(help="Login of a user, or of a robot (CUSTOMER+NAME).")
+]
+
+
+def _refresh_state(token: RefreshTokenRecord, account: AccountRecord) -> str:
+    if token.revoked_at is not None:
+        return "revoked"
+    if token.expires_at <= datetime.now(UTC):
+        return "expired"
+    if token.token_generation != account.token_generation:
+        # The secret was rotated, or the account disabled or its customer
+        # suspended, after this token was issued.
+        return "superseded"
+    return "active"
+
+
+@refresh_app.command("list")
+def refresh_list(
+    customer: CustomerArgument, login: LoginArgument, data_dir: DataDirOption = None
+) -> None:
+    """List the refresh tokens issued to an account (never the tokens)."""
+    account, tokens = _run(
+        _settings(data_dir=data_dir),
+        lambda s: admin.list_refresh_tokens(
+            s.identity, s.authenticator.refresh_tokens, customer, login
+        ),
+    )
+    # The id is what `revoke` takes, so it is never wrapped.
+    token_id = Column("id", no_wrap=True, min_width=32)
+    table = Table(
+        token_id, "client", "issued", "from", "expires", "last used", "from", "state"
+    )
+    for token in tokens:
+        table.add_row(
+            token.jti,
+            token.client_id or "-",
+            _when(token.issued_at),
+            token.issued_address or "-",
+            _when(token.expires_at),
+            _when(token.last_used_at),
+            token.last_used_address or "-",
+            _refresh_state(token, account),
+        )
+    console.print(table)
+
+
+@refresh_app.command("revoke")
+def refresh_revoke(
+    customer: CustomerArgument,
+    login: LoginArgument,
+    token_id: Annotated[
+        str | None, typer.Argument(help="Id from `moorage token refresh list`.")
+    ] = None,
+    all_tokens: Annotated[
+        bool, typer.Option("--all", help="Revoke every refresh token of the account.")
+    ] = False,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Revoke a refresh token; its next use is rejected."""
+    if (token_id is None) == (not all_tokens):
+        errors.print("[red]error:[/red] give either a token id or --all")
+        raise typer.Exit(2)
+    target = "every refresh token" if all_tokens else f"refresh token {token_id}"
+    count = _run(
+        _settings(data_dir=data_dir),
+        lambda s: _audited(
+            s,
+            actions.REFRESH_TOKEN_REVOKE,
+            f"{target} of {login} ({customer})",
+            customer,
+            admin.revoke_refresh_tokens(
+                s.identity, s.authenticator.refresh_tokens, customer, login, token_id
+            ),
+        ),
+    )
+    console.print(f"{count} refresh token(s) of {login} revoked")
 
 
 # Grants

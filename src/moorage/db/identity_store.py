@@ -19,6 +19,7 @@ from moorage.db.schema import (
     identity_revision,
     namespaces,
     personal_tokens,
+    refresh_tokens,
     server_keys,
     signing_keys,
     utcnow,
@@ -392,10 +393,13 @@ class IdentityStore:
             )
 
     async def delete_account(self, account_id: int) -> None:
-        """Delete an account with its grants and personal access tokens."""
+        """Delete an account with its grants, personal access and refresh tokens."""
         async with self.engine.begin() as connection:
             await connection.execute(
                 delete(grants).where(grants.c.account_id == account_id)
+            )
+            await connection.execute(
+                delete(refresh_tokens).where(refresh_tokens.c.account_id == account_id)
             )
             await connection.execute(
                 delete(personal_tokens).where(

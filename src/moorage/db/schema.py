@@ -261,6 +261,30 @@ identity_revision = Table(
 # changes what an account may do belongs here and needs the trigger too.
 IDENTITY_TABLES = ("customers", "namespaces", "accounts", "grants", "personal_tokens")
 
+# Refresh tokens, one row per token issued, so that each can be revoked alone.
+# A refresh token whose `jti` has no row here, or a revoked row, is rejected.
+refresh_tokens = Table(
+    "refresh_tokens",
+    metadata,
+    # The token's `jti` claim.
+    Column("jti", String(64), primary_key=True),
+    Column("account_id", Integer, ForeignKey("accounts.id"), nullable=False),
+    # The account's token generation when the token was issued (its `gen` claim).
+    Column("token_generation", Integer, nullable=False),
+    # The personal access token the login used, if any (its `pat` claim).
+    Column("personal_token_id", Integer, nullable=True),
+    # The OAuth2 client_id the client sent, such as "docker".
+    Column("client_id", String(100), nullable=True),
+    Column("issued_at", UTCDateTime, nullable=False),
+    Column("issued_address", String(64), nullable=True),
+    Column("expires_at", UTCDateTime, nullable=False),
+    Column("last_used_at", UTCDateTime, nullable=True),
+    Column("last_used_address", String(64), nullable=True),
+    Column("revoked_at", UTCDateTime, nullable=True),
+    Index(None, "account_id"),
+    Index(None, "expires_at"),
+)
+
 # Keys wrapped by the installation key-encryption key: the data key of manifest
 # content ("database") and the key-encryption key of each customer
 # ("customer:<slug>") and of the vendor ("vendor"). Rotation rewraps these rows,
