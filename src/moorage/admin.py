@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -477,17 +478,20 @@ async def add_personal_token(
     name: str,
     role: str,
     expires_at: datetime | None,
+    repositories: Sequence[str] | None = None,
     *,
     audit: AdminRecorder | None = None,
 ) -> CreatedToken:
-    """Create a personal access token for a user, capped at `role`."""
+    """Create a personal access token for a user, capped at `role` and, when
+    `repositories` (grant patterns) is given, limited to matching repositories."""
     change = _create_personal_token(
-        identity, customer_slug, login, name, role, expires_at
+        identity, customer_slug, login, name, role, expires_at, repositories
     )
     if audit is None:
         return await change
+    where = "all repositories" if repositories is None else " ".join(repositories)
     target = (
-        f"token {name!r} of {login} ({customer_slug}), at most {role}, "
+        f"token {name!r} of {login} ({customer_slug}), at most {role} on {where}, "
         f"until {describe_time(expires_at)}"
     )
     return await audit.run(PERSONAL_TOKEN_ADD, target, change, customer_slug)
@@ -500,12 +504,23 @@ async def _create_personal_token(
     name: str,
     role: str,
     expires_at: datetime | None,
+    repositories: Sequence[str] | None,
 ) -> CreatedToken:
+    patterns = None
+    if repositories is not None:
+        if not repositories:
+            raise InvalidInputError("give at least one repository pattern")
+        patterns = list(dict.fromkeys(map(validate_pattern, repositories)))
     account = await find_account_of(identity, customer_slug, login, "user")
     secret = generate_secret()
     key = await identity.server_key(SECRET_HASH_KEY)
     token_id = await identity.add_personal_token(
-        account.id, name, keyed_hash(key, secret), _check_role(role), expires_at
+        account.id,
+        name,
+        keyed_hash(key, secret),
+        _check_role(role),
+        expires_at,
+        patterns,
     )
     return CreatedToken(token_id, f"{PERSONAL_TOKEN_PREFIX}{token_id}_{secret}")
 

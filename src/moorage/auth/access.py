@@ -2,7 +2,8 @@
 
 Default deny. A customer account gets its role on every namespace its customer
 owns, plus the grants made to it or to its whole customer. Vendor accounts get
-their vendor role everywhere.
+their vendor role everywhere. A login with a personal access token gets the
+intersection of that, the token's role, and the token's repository patterns.
 
 Grant patterns:
     products          the namespace `products`: every repository under it
@@ -58,10 +59,13 @@ class Principal:
     token_generation: int
     namespaces: Sequence[str] = ()
     grants: Sequence[Grant] = field(default_factory=tuple)
-    # Set when the caller logged in with a personal access token: its id, and the
-    # role that caps what the token may do (never more than the account may).
+    # Set when the caller logged in with a personal access token: its id, and
+    # the role that caps what the token may do (never more than the account
+    # may). `token_repositories` are the grant patterns the token is limited
+    # to, or None when it has no limit beyond the role.
     personal_token_id: int | None = None
     ceiling: str | None = None
+    token_repositories: Sequence[str] | None = None
 
     @property
     def is_vendor(self) -> bool:
@@ -69,6 +73,10 @@ class Principal:
 
     def actions_on(self, repository: str, now: datetime) -> frozenset[str]:
         """Return the actions this principal may take on a repository now."""
+        if self.token_repositories is not None and not any(
+            pattern_matches(pattern, repository) for pattern in self.token_repositories
+        ):
+            return frozenset()
         actions = self._account_actions_on(repository, now)
         if self.ceiling is not None:
             actions &= CUSTOMER_ROLES.get(self.ceiling, frozenset())
@@ -94,9 +102,15 @@ class Principal:
             self.ceiling, ()
         ):
             return RepositoryFilter()
+        within = (
+            None
+            if self.token_repositories is None
+            else tuple(as_glob(pattern) for pattern in self.token_repositories)
+        )
         if self.is_vendor:
             return RepositoryFilter(
-                everything=PULL in VENDOR_ROLES.get(self.role or "", ())
+                everything=PULL in VENDOR_ROLES.get(self.role or "", ()),
+                within=within,
             )
         patterns: list[str] = []
         if PULL in CUSTOMER_ROLES.get(self.role or "", ()):
@@ -106,7 +120,7 @@ class Principal:
                 continue
             if PULL in CUSTOMER_ROLES.get(grant.role, ()):
                 patterns.append(as_glob(grant.pattern))
-        return RepositoryFilter(patterns=tuple(patterns))
+        return RepositoryFilter(patterns=tuple(patterns), within=within)
 
 
 def as_glob(pattern: str) -> str:

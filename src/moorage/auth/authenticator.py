@@ -261,6 +261,7 @@ def _principal(
         grants=tuple(Grant(g.pattern, g.role, g.until) for g in access.grants),
         personal_token_id=personal_token.id if personal_token else None,
         ceiling=personal_token.role if personal_token else None,
+        token_repositories=personal_token.repositories if personal_token else None,
     )
 
 

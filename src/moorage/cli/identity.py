@@ -360,23 +360,35 @@ def token_add(
     expires: Annotated[
         str, typer.Option(help="Expiry: 90d, 12h, 30m or a date (YYYY-MM-DD).")
     ] = "90d",
+    repository: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Limit the token to repositories matching this grant pattern "
+            "(acme/app, acme/ci-*, products); repeat for several. Default: "
+            "every repository the user may access."
+        ),
+    ] = None,
     data_dir: DataDirOption = None,
 ) -> None:
     """Create a personal access token for a user. Prints it once."""
     until = parse_expiry(expires)
+    where = "all repositories" if not repository else " ".join(repository)
     created = _run(
         _settings(data_dir=data_dir),
         lambda s: _audited(
             s,
             actions.PERSONAL_TOKEN_ADD,
-            f"token {name!r} of {user} ({customer}), at most {role}, "
+            f"token {name!r} of {user} ({customer}), at most {role} on {where}, "
             f"until {_when(until)}",
             customer,
-            admin.add_personal_token(s.identity, customer, user, name, role, until),
+            admin.add_personal_token(
+                s.identity, customer, user, name, role, until, repository or None
+            ),
         ),
     )
     console.print(
-        f"token {created.id} for {user}, at most {role}, until {_when(until)}"
+        f"token {created.id} for {user}, at most {role} on {where}, "
+        f"until {_when(until)}"
     )
     _print_secret("token", created.token)
 
@@ -391,12 +403,15 @@ def token_list(
         account = await admin.find_account_of(services.identity, customer, user, "user")
         return await services.identity.list_personal_tokens(account.id)
 
-    table = Table("id", "name", "role", "expires", "revoked", "created")
+    # One pattern a line, never cut short, since a pattern is a security limit.
+    repositories = Column("repositories", overflow="fold")
+    table = Table("id", "name", "role", repositories, "expires", "revoked", "created")
     for token in _run(_settings(data_dir=data_dir), action):
         table.add_row(
             str(token.id),
             token.name,
             token.role,
+            "all" if token.repositories is None else "\n".join(token.repositories),
             _when(token.expires_at),
             _when(token.revoked_at),
             _when(token.created_at),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -84,6 +85,8 @@ class PersonalTokenRecord:
     expires_at: datetime | None
     revoked_at: datetime | None
     created_at: datetime
+    # Grant patterns the token is limited to; None: no limit beyond the role.
+    repositories: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +140,14 @@ async def _read_revision(connection: AsyncConnection) -> int:
         select(identity_revision.c.revision).where(identity_revision.c.id == 1)
     )
     return int(value or 0)
+
+
+def _personal_token(row: Any) -> PersonalTokenRecord:
+    """Build a record from a personal_tokens row, splitting its patterns."""
+    columns = dict(row._mapping)
+    stored = columns.pop("repositories")
+    patterns = None if stored is None else tuple(stored.split())
+    return PersonalTokenRecord(**columns, repositories=patterns)
 
 
 def _grants_condition(account_id: int, customer_id: int | None) -> Any:
@@ -435,7 +446,10 @@ class IdentityStore:
         secret_hash: str,
         role: str,
         expires_at: datetime | None,
+        repositories: Sequence[str] | None = None,
     ) -> int:
+        """Add a personal access token; `repositories` (grant patterns, None for
+        no limit) limits the repositories it may act on."""
         async with self.engine.begin() as connection:
             return (
                 await connection.execute(
@@ -447,6 +461,9 @@ class IdentityStore:
                         role=role,
                         expires_at=expires_at,
                         created_at=utcnow(),
+                        repositories=(
+                            None if repositories is None else " ".join(repositories)
+                        ),
                     )
                     .returning(personal_tokens.c.id)
                 )
@@ -467,7 +484,7 @@ class IdentityStore:
             ).first()
         if row is None:
             return None
-        token = PersonalTokenRecord(*row)
+        token = _personal_token(row)
         self._token_cache.put(token_id, token, loaded_at)
         return token
 
@@ -478,7 +495,7 @@ class IdentityStore:
                 .where(personal_tokens.c.account_id == account_id)
                 .order_by(personal_tokens.c.id)
             )
-            return [PersonalTokenRecord(*row) for row in result]
+            return [_personal_token(row) for row in result]
 
     async def revoke_personal_token(self, token_id: int) -> None:
         async with self.engine.begin() as connection:

@@ -81,10 +81,15 @@ class UploadRecord:
 
 @dataclass(frozen=True, slots=True)
 class RepositoryFilter:
-    """Which repositories a caller may list: every one, or those matching globs."""
+    """Which repositories a caller may list: every one, or those matching globs.
+
+    With `within` set, a repository must also match one of those globs (the
+    patterns a personal access token is limited to).
+    """
 
     everything: bool = False
     patterns: Sequence[str] = ()
+    within: Sequence[str] | None = None
 
 
 class ContentCodec(Protocol):
@@ -131,6 +136,11 @@ class RegistryStore:
                     return []
                 conditions = _pattern_conditions(access.patterns, connection.dialect)
                 query = query.where(or_(*conditions))
+            if access.within is not None:
+                if not access.within:
+                    return []
+                within = _pattern_conditions(access.within, connection.dialect)
+                query = query.where(or_(*within))
             if last:
                 query = query.where(lexical(name, connection.dialect) > last)
             query = query.order_by(lexical(name, connection.dialect)).limit(limit)

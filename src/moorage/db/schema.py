@@ -230,7 +230,8 @@ server_keys = Table(
 )
 
 # Personal access tokens: secrets a user makes for automation, limited to a role
-# at most equal to the user's own rights, until an expiry date.
+# and optionally to repository patterns, never beyond the user's own rights,
+# until an expiry date.
 personal_tokens = Table(
     "personal_tokens",
     metadata,
@@ -244,6 +245,9 @@ personal_tokens = Table(
     Column("expires_at", UTCDateTime, nullable=True),
     Column("revoked_at", UTCDateTime, nullable=True),
     Column("created_at", UTCDateTime, nullable=False, default=utcnow),
+    # Grant patterns separated by spaces: the token may act only on repositories
+    # that match one of them. NULL: no limit beyond the role.
+    Column("repositories", Text, nullable=True),
     Index(None, "account_id"),
 )
 
