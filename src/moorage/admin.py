@@ -40,6 +40,7 @@ from moorage.auth.secrets import (
     keyed_hash,
 )
 from moorage.db.identity_store import AccountRecord, CustomerRecord, IdentityStore
+from moorage.db.login_failure_store import LoginFailureStore
 from moorage.db.refresh_token_store import RefreshTokenRecord, RefreshTokenStore
 from moorage.db.wrap_store import customer_owner
 from moorage.errors import ConflictError, DeniedError, InvalidInputError, NotFoundError
@@ -583,6 +584,19 @@ async def revoke_refresh_tokens(
             f"refresh list {customer_slug} {login}"
         )
     return revoked
+
+
+# Failed logins
+
+
+async def unlock_login(
+    store: LoginFailureStore, login: str | None, address: str | None
+) -> int:
+    """Clear the failed-login counters of a login name, an address, or the pair
+    of both; return how many were cleared."""
+    if login is None and address is None:
+        raise InvalidInputError("give a login name, an address or both")
+    return await store.clear(login, address)
 
 
 # Grants and customers

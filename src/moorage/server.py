@@ -7,6 +7,7 @@ import contextlib
 import ctypes
 import os
 import socket
+import time
 from collections.abc import AsyncIterator, Coroutine
 from datetime import timedelta
 from typing import Any
@@ -22,6 +23,7 @@ from moorage import __version__, admin, tls
 from moorage.api.app import create_app
 from moorage.audit.recorder import AdminRecorder, local_actor
 from moorage.audit.retention import start_retention
+from moorage.auth.throttle import LoginThrottle
 from moorage.config import Settings
 from moorage.db.schema import utcnow
 from moorage.services import Services, open_services
@@ -169,17 +171,20 @@ def _start_tls_watch(
     return asyncio.create_task(reloader.watch(interval))
 
 
-# How often stale upload sessions and expired refresh tokens are looked for.
+# How often stale upload sessions, expired refresh tokens and old failed-login
+# counters are looked for.
 PURGE_INTERVAL_SECONDS = 600
 
 
 async def _purge_periodically(services: Services) -> None:
-    """Delete stale upload sessions and the records of expired refresh tokens.
+    """Delete stale upload sessions, the records of expired refresh tokens and
+    failed-login counters past the throttle's memory.
 
     Every worker process runs this; the deletes are idempotent.
     """
     expiry = timedelta(hours=services.settings.upload_expiry_hours)
     refresh_tokens = services.authenticator.refresh_tokens
+    throttle = services.authenticator.throttle
     while True:
         try:
             purged = await services.registry.purge_stale_uploads(utcnow() - expiry)
@@ -195,7 +200,25 @@ async def _purge_periodically(services: Services) -> None:
         else:
             if purged:
                 log.info("purged expired refresh tokens", count=purged)
+        try:
+            purged = await _purge_login_failures(throttle)
+        except Exception:
+            log.exception("purging old failed-login counters failed")
+        else:
+            if purged:
+                log.info("purged old failed-login counters", count=purged)
         await asyncio.sleep(PURGE_INTERVAL_SECONDS)
+
+
+async def _purge_login_failures(throttle: LoginThrottle) -> int:
+    """Delete counters the throttle has forgotten and known addresses it no
+    longer counts as known."""
+    now = time.time()
+    policy = throttle.policy
+    return await throttle.store.purge(
+        failures_before=now - policy.forget_after,
+        known_before=now - policy.known_address_days * 86400,
+    )
 
 
 def _closing_lifespan(services: Services) -> Lifespan[Starlette]:

@@ -18,6 +18,7 @@ from moorage.config import Settings
 from moorage.db.audit_store import AuditStore
 from moorage.db.engine import create_engine, migrate
 from moorage.db.identity_store import IdentityStore
+from moorage.db.login_failure_store import LoginFailureStore
 from moorage.db.refresh_token_store import RefreshTokenStore
 from moorage.db.registry_store import RegistryStore
 from moorage.metrics import Metrics
@@ -90,7 +91,7 @@ async def open_services(settings: Settings, *, migrate_schema: bool = True) -> S
         identity,
         tokens,
         secret_key,
-        LoginThrottle(throttle_policy(settings)),
+        LoginThrottle(LoginFailureStore(engine), throttle_policy(settings)),
         RefreshTokenStore(engine),
     )
     trust = ProxyTrust(settings.trusted_proxies)

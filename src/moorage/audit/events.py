@@ -54,6 +54,7 @@ ROBOT_REMOVE = "robot.remove"
 PERSONAL_TOKEN_ADD = "personal_token.add"  # noqa: S105 (an action name)
 PERSONAL_TOKEN_REVOKE = "personal_token.revoke"  # noqa: S105 (an action name)
 REFRESH_TOKEN_REVOKE = "refresh_token.revoke"  # noqa: S105 (an action name)
+LOGIN_UNLOCK = "login.unlock"
 GRANT_ADD = "grant.add"
 GRANT_REMOVE = "grant.remove"
 SIGNING_KEY_ROTATE = "signing_key.rotate"

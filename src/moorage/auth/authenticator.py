@@ -40,6 +40,7 @@ from moorage.db.identity_store import (
     IdentityStore,
     PersonalTokenRecord,
 )
+from moorage.db.login_failure_store import LoginFailureStore
 from moorage.db.refresh_token_store import RefreshTokenStore
 from moorage.db.schema import utcnow
 from moorage.errors import UnauthorizedError
@@ -71,7 +72,7 @@ class Authenticator:
         self.identity = identity
         self.tokens = tokens
         self.secret_key = secret_key
-        self.throttle = throttle or LoginThrottle()
+        self.throttle = throttle or LoginThrottle(LoginFailureStore(identity.engine))
         self.refresh_tokens = refresh_tokens or RefreshTokenStore(identity.engine)
         self._verified: OrderedDict[bytes, tuple[int, int, float]] = OrderedDict()
         self._password_slots = asyncio.Semaphore(MAX_CONCURRENT_PASSWORD_CHECKS)
@@ -81,7 +82,7 @@ class Authenticator:
     ) -> Principal:
         """Check a login name and secret; raise UnauthorizedError on any failure,
         TooManyRequestsError while failed logins are throttled."""
-        self.throttle.check(login, address)
+        throttle_state = await self.throttle.check(login, address)
         access = await self.identity.account_access(login)
         account = access.account if access is not None else None
         personal_token: PersonalTokenRecord | None = None
@@ -91,7 +92,7 @@ class Authenticator:
         else:
             matches = await self._secret_matches(account, login, password)
         if not matches:
-            self.throttle.failed(login, address)
+            await self.throttle.failed(login, address)
             log.info(
                 "login failed",
                 subject=login,
@@ -101,7 +102,7 @@ class Authenticator:
             raise UnauthorizedError("invalid username or password")
         assert access is not None
         _check_usable(access.account, utcnow())
-        self.throttle.succeeded(login, address)
+        await self.throttle.succeeded(login, address, throttle_state)
         return _principal(access, personal_token)
 
     async def from_certificate(self, login: str) -> Principal:

@@ -16,22 +16,38 @@ The policy, and why (docs/access-control.md describes it for operators):
   the pair's counter.
 
 While a wait runs, logins are rejected without checking the password, so
-guesses cost the attacker the wait and the server nothing. The state lives in
-the process's memory.
+guesses cost the attacker the wait and the server nothing.
+
+The counters live in the metadata database (moorage.db.login_failure_store),
+so every worker process and replica counts against the same budget, and a
+restart keeps them. A check is one read. A success writes only when it clears
+a failure counter or refreshes its address's known time, at most once a day
+per login name and address, so the usual successful login writes nothing.
 """
 
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import structlog
 
+from moorage.db.login_failure_store import (
+    ACCOUNT,
+    ADDRESS,
+    PAIR,
+    CounterKey,
+    LoginFailureStore,
+    LoginState,
+    counter_keys,
+)
 from moorage.errors import TooManyRequestsError
 
 log = structlog.get_logger(__name__)
+
+# How old a known address's record may grow before a success refreshes it.
+KNOWN_REFRESH_SECONDS = 86400
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,20 +63,9 @@ class ThrottlePolicy:
     account: Limit = Limit(free_failures=100, max_delay=300)
     forget_after: float = 3600
     known_address_days: float = 30
-    # Bound on tracked counters, so a flood of names cannot exhaust memory.
-    max_entries: int = 100_000
 
-
-@dataclass(slots=True)
-class _Counter:
-    failures: int = 0
-    last_failure: float = 0.0
-    blocked_until: float = 0.0
-
-
-@dataclass(slots=True)
-class _Known:
-    addresses: dict[str, float] = field(default_factory=dict)
+    def limit(self, scope: str) -> Limit:
+        return {PAIR: self.pair, ADDRESS: self.address, ACCOUNT: self.account}[scope]
 
 
 class LoginThrottle:
@@ -68,87 +73,86 @@ class LoginThrottle:
 
     def __init__(
         self,
+        store: LoginFailureStore,
         policy: ThrottlePolicy | None = None,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = time.time,
     ) -> None:
+        self.store = store
         self.policy = policy or ThrottlePolicy()
         self._clock = clock
-        self._counters: OrderedDict[tuple[str, str], _Counter] = OrderedDict()
-        self._known: OrderedDict[str, _Known] = OrderedDict()
 
-    def check(self, login: str, address: str | None) -> None:
-        """Raise TooManyRequestsError while any wait that applies still runs."""
+    async def check(self, login: str, address: str | None) -> LoginState:
+        """Raise TooManyRequestsError while any wait that applies still runs.
+
+        Return what was read, for `succeeded`.
+        """
         now = self._clock()
-        address = address or "-"
-        waits = [
-            self._remaining(("pair", f"{login}\0{address}"), now),
-            self._remaining(("address", address), now),
-        ]
-        if not self._is_known(login, address, now):
-            waits.append(self._remaining(("account", login), now))
-        wait = max(waits)
+        state = await self.store.read(login, address or "-")
+        scopes = [PAIR, ADDRESS]
+        if not self._is_known(state, now):
+            scopes.append(ACCOUNT)
+        wait = max(_remaining(state, scope, now) for scope in scopes)
         if wait > 0:
             raise TooManyRequestsError(
                 "too many failed logins; try again later", retry_after=int(wait) + 1
             )
+        return state
 
-    def failed(self, login: str, address: str | None) -> None:
+    async def failed(self, login: str, address: str | None) -> None:
         """Count a failed login against the pair, the address and the account."""
         now = self._clock()
         address = address or "-"
-        limits = (
-            (("pair", f"{login}\0{address}"), self.policy.pair),
-            (("address", address), self.policy.address),
-            (("account", login), self.policy.account),
+        keys = counter_keys(login, address)
+        counts = await self.store.count_failure(
+            keys, now, now - self.policy.forget_after
         )
-        for key, limit in limits:
-            counter = self._count(key, now)
-            over = counter.failures - limit.free_failures
-            if over >= 0:
-                delay = min(2.0**over, limit.max_delay)
-                counter.blocked_until = now + delay
-                if over & (over - 1) == 0:  # log at 0, 1, 2, 4, 8 ... over the limit
-                    log.warning(
-                        "login throttled",
-                        subject=login,
-                        client=address,
-                        throttle=key[0],
-                        failures=counter.failures,
-                        wait_seconds=delay,
-                    )
+        waits: list[tuple[CounterKey, float]] = []
+        for key, failures in zip(keys, counts, strict=True):
+            limit = self.policy.limit(key.scope)
+            over = failures - limit.free_failures
+            if over < 0:
+                continue
+            delay = min(2.0**over, limit.max_delay)
+            waits.append((key, now + delay))
+            if over & (over - 1) == 0:  # log at 0, 1, 2, 4, 8 ... over the limit
+                log.warning(
+                    "login throttled",
+                    subject=login,
+                    client=address,
+                    throttle=key.scope,
+                    failures=failures,
+                    wait_seconds=delay,
+                )
+        if waits:
+            await self.store.block(waits)
 
-    def succeeded(self, login: str, address: str | None) -> None:
-        """Clear the pair's counter and remember the address as known for login."""
+    async def succeeded(
+        self, login: str, address: str | None, state: LoginState
+    ) -> None:
+        """Clear the pair's counter and remember the address as known for login.
+
+        `state` is what `check` returned for this attempt; without failures
+        and with a fresh known-address record, nothing is written.
+        """
         now = self._clock()
-        address = address or "-"
-        self._counters.pop(("pair", f"{login}\0{address}"), None)
-        known = self._known.setdefault(login, _Known())
-        known.addresses[address] = now
-        self._known.move_to_end(login)
-        if len(known.addresses) > 64:
-            oldest = min(known.addresses, key=known.addresses.__getitem__)
-            del known.addresses[oldest]
-        while len(self._known) > self.policy.max_entries:
-            self._known.popitem(last=False)
+        clear_pair = PAIR in state.counters
+        refresh_known = (
+            state.known_since is None or now - state.known_since > KNOWN_REFRESH_SECONDS
+        )
+        if clear_pair or refresh_known:
+            await self.store.record_success(
+                login,
+                address or "-",
+                clear_pair=clear_pair,
+                known_at=now if refresh_known else None,
+            )
 
-    def _count(self, key: tuple[str, str], now: float) -> _Counter:
-        counter = self._counters.get(key)
-        if counter is None or now - counter.last_failure > self.policy.forget_after:
-            counter = _Counter()
-            self._counters[key] = counter
-        counter.failures += 1
-        counter.last_failure = now
-        self._counters.move_to_end(key)
-        while len(self._counters) > self.policy.max_entries:
-            self._counters.popitem(last=False)
-        return counter
-
-    def _remaining(self, key: tuple[str, str], now: float) -> float:
-        counter = self._counters.get(key)
-        return 0.0 if counter is None else max(counter.blocked_until - now, 0.0)
-
-    def _is_known(self, login: str, address: str, now: float) -> bool:
-        known = self._known.get(login)
-        if known is None or address not in known.addresses:
+    def _is_known(self, state: LoginState, now: float) -> bool:
+        if state.known_since is None:
             return False
-        return now - known.addresses[address] < self.policy.known_address_days * 86400
+        return now - state.known_since < self.policy.known_address_days * 86400
+
+
+def _remaining(state: LoginState, scope: str, now: float) -> float:
+    counter = state.counters.get(scope)
+    return 0.0 if counter is None else max(counter.blocked_until - now, 0.0)

@@ -411,3 +411,6 @@ def main() -> None:
 
 # Registers the account, robot, token, grant and signing-key commands.
 from moorage.cli import identity as _identity  # noqa: E402, F401
+
+# Registers the failed-login commands.
+from moorage.cli import logins as _logins  # noqa: E402, F401

@@ -12,7 +12,9 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql.elements import ColumnClause
 
 
-def _insert(dialect: Dialect, table: Table) -> Any:
+def insert_statement(dialect: Dialect, table: Table) -> Any:
+    """Return the dialect's INSERT, which has `on_conflict_do_update` and
+    `on_conflict_do_nothing` on both SQLite and PostgreSQL."""
     if dialect.name == "postgresql":
         return postgresql.insert(table)
     return sqlite.insert(table)
@@ -22,7 +24,7 @@ async def insert_ignore(
     connection: AsyncConnection, table: Table, values: dict[str, Any]
 ) -> None:
     """Insert a row unless one with the same key already exists."""
-    statement = _insert(connection.dialect, table).values(**values)
+    statement = insert_statement(connection.dialect, table).values(**values)
     await connection.execute(statement.on_conflict_do_nothing())
 
 
@@ -34,7 +36,7 @@ async def upsert(
     update: Sequence[str],
 ) -> None:
     """Insert a row, or update the `update` columns of the row with the same keys."""
-    statement = _insert(connection.dialect, table).values(**values)
+    statement = insert_statement(connection.dialect, table).values(**values)
     statement = statement.on_conflict_do_update(
         index_elements=list(keys),
         set_={name: statement.excluded[name] for name in update},

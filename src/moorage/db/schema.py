@@ -10,6 +10,7 @@ from sqlalchemy import (
     Boolean,
     Column,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -287,6 +288,33 @@ refresh_tokens = Table(
     Column("revoked_at", UTCDateTime, nullable=True),
     Index(None, "account_id"),
     Index(None, "expires_at"),
+)
+
+# Failed-login counters shared by every server process (moorage.auth.throttle
+# has the policy). `scope` is pair, address or account; the part a scope does
+# not use is ''. Times are seconds since the epoch.
+login_failures = Table(
+    "login_failures",
+    metadata,
+    Column("scope", String(16), primary_key=True),
+    Column("login", String(200), primary_key=True),
+    Column("address", String(64), primary_key=True),
+    Column("failures", Integer, nullable=False),
+    Column("last_failure", Float, nullable=False),
+    # Logins that this counter applies to are rejected until then.
+    Column("blocked_until", Float, nullable=False),
+    Index(None, "last_failure"),
+)
+
+# Addresses each login name last logged in from successfully, so that an
+# attack on the account elsewhere does not slow it down from there.
+login_addresses = Table(
+    "login_addresses",
+    metadata,
+    Column("login", String(200), primary_key=True),
+    Column("address", String(64), primary_key=True),
+    Column("last_success", Float, nullable=False),
+    Index(None, "last_success"),
 )
 
 # Keys wrapped by the installation key-encryption key: the data key of manifest
