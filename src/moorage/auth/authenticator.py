@@ -138,7 +138,7 @@ class Authenticator:
         if not await self.refresh_tokens.redeem(
             claims.token_id, principal.account_id, address
         ):
-            raise UnauthorizedError("refresh token has been revoked")
+            raise UnauthorizedError("refresh token is revoked, expired or unknown")
         return principal
 
     async def issue_refresh(

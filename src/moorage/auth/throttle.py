@@ -100,6 +100,9 @@ class LoginThrottle:
 
     async def failed(self, login: str, address: str | None) -> None:
         """Count a failed login against the pair, the address and the account."""
+        # NOTE: counter rows are deleted only by the purge in moorage.server
+        # (every 10 minutes), so failures under many new names from many
+        # addresses grow the table until then. Nothing caps its row count.
         now = self._clock()
         address = address or "-"
         keys = counter_keys(login, address)

@@ -10,6 +10,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from moorage.db.schema import refresh_tokens, utcnow
 
+# Width of the address columns; longer addresses are cut to it.
+MAX_ADDRESS_LENGTH = 64
+
 
 @dataclass(frozen=True, slots=True)
 class RefreshTokenRecord:
@@ -53,7 +56,7 @@ class RefreshTokenStore:
                     personal_token_id=personal_token_id,
                     client_id=client_id,
                     issued_at=issued_at,
-                    issued_address=address,
+                    issued_address=_cut(address),
                     expires_at=expires_at,
                 )
             )
@@ -75,7 +78,7 @@ class RefreshTokenStore:
                     refresh_tokens.c.revoked_at.is_(None),
                     refresh_tokens.c.expires_at > now,
                 )
-                .values(last_used_at=now, last_used_address=address)
+                .values(last_used_at=now, last_used_address=_cut(address))
             )
         return bool(result.rowcount)
 
@@ -111,3 +114,7 @@ class RefreshTokenStore:
                 delete(refresh_tokens).where(refresh_tokens.c.expires_at < before)
             )
         return int(result.rowcount)
+
+
+def _cut(address: str | None) -> str | None:
+    return None if address is None else address[:MAX_ADDRESS_LENGTH]
