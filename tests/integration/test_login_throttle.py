@@ -155,3 +155,17 @@ def test_unlock_clears_a_lock(workers_server: ServerProcess) -> None:
     assert "2 failed-login counter(s)" in output
     assert httpx.get(f"{server.url}/v2/", auth=(login, password)).status_code == 200
     assert set(throttle_state(server, login).counters) == {"address"}
+
+
+def test_hostile_login_names_unauthorized(workers_server: ServerProcess) -> None:
+    """Login names with NUL or of any length get 401, and their failures count."""
+    server = workers_server
+    for login in ("nul\0name", "n" * 5000):
+        basic = httpx.get(f"{server.url}/v2/", auth=(login, "guess"))
+        assert basic.status_code == 401
+        form = httpx.post(
+            f"{server.url}/token",
+            data={"grant_type": "password", "username": login, "password": "guess"},
+        )
+        assert form.status_code == 401
+        assert throttle_state(server, login).counters["pair"].failures == 2

@@ -289,6 +289,9 @@ class IdentityStore:
     async def account_access(self, login: str) -> AccountAccess | None:
         """Return an account with its grants and namespaces (every authenticated
         request needs all three), from the cache while the revision holds."""
+        if "\0" in login:
+            # No login contains NUL, and PostgreSQL rejects it in text values.
+            return None
         revision = await self.revision.current()
         cached = self._access_cache.get(login, revision)
         if cached is not None:
