@@ -302,3 +302,39 @@ def test_expired_records_purged(fresh_server: ServerProcess) -> None:
         time.sleep(0.2)
     assert jtis == {jti_of(live)}
     assert refresh(server, live).status_code == 200
+
+
+def state_of(listing: str, jti: str) -> str:
+    """Return the state column of the listing row that starts with `jti`."""
+    row = next(line for line in listing.splitlines() if jti in line)
+    return row.split("│")[-2].strip()
+
+
+def test_refresh_list_states(server: ServerProcess, customer: str, cli: Cli) -> None:
+    """The listing marks each token active, revoked or superseded."""
+    login, password = server.add_user(customer, "reader")
+    until = datetime.now(UTC) + timedelta(days=1)
+    personal = server.run_admin(
+        lambda s: admin.add_personal_token(
+            s.identity, customer, login, "ci", "reader", until
+        )
+    )
+    active = offline_token(server, login, password)
+    revoked = offline_token(server, login, password)
+    through_personal = offline_token(server, login, personal.token)
+    cli.ok("token", "refresh", "revoke", customer, login, jti_of(revoked))
+    server.run_admin(
+        lambda s: admin.revoke_personal_token(s.identity, customer, login, personal.id)
+    )
+    listing = cli.ok("token", "refresh", "list", customer, login)
+    assert state_of(listing, jti_of(active)) == "active"
+    assert state_of(listing, jti_of(revoked)) == "revoked"
+    assert state_of(listing, jti_of(through_personal)) == "superseded"
+    assert refresh(server, through_personal).status_code == 401
+    assert refresh(server, active).status_code == 200
+    server.run_admin(
+        lambda s: admin.set_enabled(s.identity, customer, login, "user", False)
+    )
+    listing = cli.ok("token", "refresh", "list", customer, login)
+    assert state_of(listing, jti_of(active)) == "superseded"
+    assert refresh(server, active).status_code == 401

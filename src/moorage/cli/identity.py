@@ -447,7 +447,9 @@ LoginArgument = Annotated[
 ]
 
 
-def _refresh_state(token: RefreshTokenRecord, account: AccountRecord) -> str:
+def _refresh_state(
+    token: RefreshTokenRecord, account: AccountRecord, dead_personal_tokens: set[int]
+) -> str:
     if token.revoked_at is not None:
         return "revoked"
     if token.expires_at <= datetime.now(UTC):
@@ -455,6 +457,8 @@ def _refresh_state(token: RefreshTokenRecord, account: AccountRecord) -> str:
     if token.token_generation != account.token_generation:
         # The secret was rotated, or the account disabled or its customer
         # suspended, after this token was issued.
+        return "superseded"
+    if token.personal_token_id in dead_personal_tokens:
         return "superseded"
     return "active"
 
@@ -464,16 +468,28 @@ def refresh_list(
     customer: CustomerArgument, login: LoginArgument, data_dir: DataDirOption = None
 ) -> None:
     """List the refresh tokens issued to an account (never the tokens)."""
-    account, tokens = _run(
-        _settings(data_dir=data_dir),
-        lambda s: admin.list_refresh_tokens(
-            s.identity, s.authenticator.refresh_tokens, customer, login
-        ),
-    )
-    # The id is what `revoke` takes, so it is never wrapped.
+
+    async def action(
+        services: Services,
+    ) -> tuple[AccountRecord, list[RefreshTokenRecord], set[int]]:
+        account, tokens = await admin.list_refresh_tokens(
+            services.identity, services.authenticator.refresh_tokens, customer, login
+        )
+        now = datetime.now(UTC)
+        dead = {
+            personal.id
+            for personal in await services.identity.list_personal_tokens(account.id)
+            if personal.revoked_at is not None
+            or (personal.expires_at is not None and personal.expires_at <= now)
+        }
+        return account, tokens, dead
+
+    account, tokens, dead_personal_tokens = _run(_settings(data_dir=data_dir), action)
+    # The id is what `revoke` takes, so neither it nor the state is ever cut.
     token_id = Column("id", no_wrap=True, min_width=32)
+    state = Column("state", no_wrap=True)
     table = Table(
-        token_id, "client", "issued", "from", "expires", "last used", "from", "state"
+        token_id, "client", "issued", "from", "expires", "last used", "from", state
     )
     for token in tokens:
         table.add_row(
@@ -484,7 +500,7 @@ def refresh_list(
             _when(token.expires_at),
             _when(token.last_used_at),
             token.last_used_address or "-",
-            _refresh_state(token, account),
+            _refresh_state(token, account, dead_personal_tokens),
         )
     console.print(table)
 
