@@ -69,7 +69,10 @@ class ApiCaller:
     @property
     def management_role(self) -> ManagementRole | None:
         principal = self.principal
-        capped = principal.ceiling is not None and principal.ceiling != "owner"
+        # A token below owner, or limited to repository patterns, manages nothing.
+        capped = (
+            principal.ceiling is not None and principal.ceiling != "owner"
+        ) or principal.token_repositories is not None
         if principal.is_vendor:
             if principal.role == "admin" and not capped:
                 return ManagementRole.ADMIN
