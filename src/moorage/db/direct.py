@@ -3,7 +3,8 @@
 aiosqlite runs every call (cursor, execute, fetch, close) in its own thread and
 wakes the event loop for each result; a point query costs several hundred
 microseconds of CPU that way. The few reads on the path of every request (the
-identity revision, a manifest by tag, a blob's visibility) go through a plain
+identity revision, a manifest by tag, a blob's visibility, the failed-login
+counters of a login) go through a plain
 `sqlite3` connection of this process instead, which answers in tens of
 microseconds. In WAL mode a read never waits for a writer, and the connection
 is in autocommit mode, so each read sees the newest commit and holds no read
@@ -25,7 +26,7 @@ from typing import Any
 import structlog
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine
-from sqlalchemy.sql import Select
+from sqlalchemy.sql import CompoundSelect, Select
 
 log = structlog.get_logger(__name__)
 
@@ -46,7 +47,7 @@ class PreparedRead:
     literals: dict[str, Any]
 
 
-def prepare(statement: Select[Any]) -> PreparedRead:
+def prepare(statement: Select[Any] | CompoundSelect[Any]) -> PreparedRead:
     """Compile a select with named bindparams into SQLite's positional form."""
     compiled = statement.compile(dialect=_DIALECT)
     literals = {k: v for k, v in compiled.params.items() if v is not None}
@@ -65,15 +66,26 @@ class DirectReads:
 
     def first(self, read: PreparedRead, **values: Any) -> tuple[Any, ...] | None:
         """Return the first row of a prepared read; raise DirectReadError."""
+        rows = self._execute(read, values, many=False)
+        return rows[0] if rows else None
+
+    def all(self, read: PreparedRead, **values: Any) -> list[tuple[Any, ...]]:
+        """Return every row of a prepared read; raise DirectReadError."""
+        return self._execute(read, values, many=True)
+
+    def _execute(
+        self, read: PreparedRead, values: dict[str, Any], *, many: bool
+    ) -> list[tuple[Any, ...]]:
         values = {**read.literals, **values}
         arguments = tuple(values[name] for name in read.parameters)
         try:
-            row = self._connect().execute(read.sql, arguments).fetchone()
+            cursor = self._connect().execute(read.sql, arguments)
+            rows = cursor.fetchall() if many else cursor.fetchmany(1)
         except sqlite3.Error as error:
             self._warn(error)
             self.close()
             raise DirectReadError(str(error)) from None
-        return None if row is None else tuple(row)
+        return [tuple(row) for row in rows]
 
     def _warn(self, error: sqlite3.Error) -> None:
         self._failures += 1

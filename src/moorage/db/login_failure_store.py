@@ -29,6 +29,7 @@ from sqlalchemy import (
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from moorage.db.dialects import insert_statement
+from moorage.db.direct import DirectReadError, direct_reads, prepare
 from moorage.db.schema import login_addresses, login_failures
 
 PAIR = "pair"
@@ -135,6 +136,7 @@ def _read_state_statement() -> Any:
 
 
 _READ_STATE = _read_state_statement()
+_DIRECT_READ_STATE = prepare(_READ_STATE)
 
 
 class LoginFailureStore:
@@ -142,15 +144,23 @@ class LoginFailureStore:
 
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
+        # Every login reads its counters, so on SQLite the read goes around
+        # aiosqlite (see moorage.db.direct).
+        self.direct = direct_reads(engine)
 
     async def read(self, login: str, address: str) -> LoginState:
         """Return the counters and known-address time of one attempt, in one query."""
         pair = counter_keys(login, address)[0]
-        async with self.engine.connect() as connection:
-            result = await connection.execute(
-                _READ_STATE, {"login": pair.login, "address": pair.address}
-            )
-            rows = result.all()
+        values = {"login": pair.login, "address": pair.address}
+        rows: Sequence[Any] | None = None
+        if self.direct is not None:
+            try:
+                rows = self.direct.all(_DIRECT_READ_STATE, **values)
+            except DirectReadError:
+                rows = None
+        if rows is None:
+            async with self.engine.connect() as connection:
+                rows = (await connection.execute(_READ_STATE, values)).all()
         found: dict[str, Counter] = {}
         known_since = None
         for scope, failures, last_failure, blocked_until in rows:
