@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -25,6 +26,7 @@ from moorage.db.schema import (
     audit_head,
     utcnow,
 )
+from moorage.db.transactions import begin, connect, unit_of_work
 
 _EVENT_COLUMNS = [audit_events.c[name] for name in EVENT_FIELDS]
 
@@ -141,19 +143,33 @@ def _conditions(query: Select[Any], where: AuditFilter) -> Select[Any]:
 
 
 class AuditStore:
-    """Reads and writes the audit tables; every method is one transaction."""
+    """Reads and writes the audit tables.
+
+    Every method is one transaction, or joins the open unit of work (see
+    `moorage.db.transactions`).
+    """
 
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
 
+    def unit_of_work(self) -> AbstractAsyncContextManager[None]:
+        """Open one transaction that every store call in this task joins until exit.
+
+        Store calls made while it is open, on this store or any other on the same
+        database, commit together when the block ends (see
+        `moorage.db.transactions.unit_of_work`).
+        """
+        return unit_of_work(self.engine)
+
     async def append(self, events: Sequence[AuditEvent]) -> list[StoredEvent]:
+        """Chain and insert events, inside the open unit of work when there is one."""
         if not events:
             return []
-        async with self.engine.begin() as connection:
+        async with begin(self.engine) as connection:
             return await append_events(connection, events)
 
     async def head(self) -> tuple[int, str]:
-        async with self.engine.connect() as connection:
+        async with connect(self.engine) as connection:
             row = (
                 await connection.execute(
                     select(audit_head.c.seq, audit_head.c.hash).where(
@@ -165,7 +181,7 @@ class AuditStore:
 
     async def anchor(self) -> tuple[int, str] | None:
         """Return the last archived event (seq, hash), where the table now starts."""
-        async with self.engine.connect() as connection:
+        async with connect(self.engine) as connection:
             row = (
                 await connection.execute(
                     select(audit_archives.c.last_seq, audit_archives.c.last_hash)
@@ -178,7 +194,7 @@ class AuditStore:
     async def list_events(self, where: AuditFilter, limit: int) -> list[StoredEvent]:
         query = _conditions(_event_select(), where)
         query = query.order_by(audit_events.c.seq).limit(limit)
-        async with self.engine.connect() as connection:
+        async with connect(self.engine) as connection:
             return [_stored(row) for row in await connection.execute(query)]
 
     async def iterate(
@@ -198,7 +214,7 @@ class AuditStore:
             after = found[-1].seq
 
     async def add_checkpoint(self, checkpoint: Checkpoint) -> None:
-        async with self.engine.begin() as connection:
+        async with begin(self.engine) as connection:
             exists = await connection.scalar(
                 select(audit_checkpoints.c.seq).where(
                     audit_checkpoints.c.seq == checkpoint.seq
@@ -223,17 +239,17 @@ class AuditStore:
             query = query.where(audit_checkpoints.c.seq >= first_seq)
         if last_seq is not None:
             query = query.where(audit_checkpoints.c.seq <= last_seq)
-        async with self.engine.connect() as connection:
+        async with connect(self.engine) as connection:
             return [Checkpoint(*row) for row in await connection.execute(query)]
 
     async def last_checkpoint_seq(self) -> int:
-        async with self.engine.connect() as connection:
+        async with connect(self.engine) as connection:
             found = await connection.scalar(select(func.max(audit_checkpoints.c.seq)))
         return int(found or 0)
 
     async def oldest_before(self, before: datetime) -> int | None:
         """Return the newest seq of the leading run of events older than `before`."""
-        async with self.engine.connect() as connection:
+        async with connect(self.engine) as connection:
             first_newer = await connection.scalar(
                 select(func.min(audit_events.c.seq)).where(
                     audit_events.c.time >= before
@@ -251,7 +267,7 @@ class AuditStore:
         self, first_seq: int, last_seq: int, last_hash: str, path: str
     ) -> int:
         """Delete events up to `last_seq`, recording where the chain resumes."""
-        async with self.engine.begin() as connection:
+        async with begin(self.engine) as connection:
             await connection.execute(
                 audit_archives.insert().values(
                     first_seq=first_seq,
@@ -277,7 +293,7 @@ class AuditStore:
             audit_archives.c.path,
             audit_archives.c.created_at,
         ).order_by(audit_archives.c.last_seq)
-        async with self.engine.connect() as connection:
+        async with connect(self.engine) as connection:
             return [ArchiveRecord(*row) for row in await connection.execute(query)]
 
     async def usage(
@@ -299,7 +315,7 @@ class AuditStore:
             .order_by(day, audit_events.c.actor_customer, audit_events.c.action)
         )
         query = _conditions(query, AuditFilter(since=since, until=until))
-        async with self.engine.connect() as connection:
+        async with connect(self.engine) as connection:
             return [
                 UsageRow(str(row[0]), row[1], row[2], int(row[3]), int(row[4]))
                 for row in await connection.execute(query)

@@ -12,6 +12,7 @@ from sqlalchemy import delete, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from moorage.db.dialects import insert_ignore
 from moorage.db.identity_revision import RevisionCache, revision_reader
 from moorage.db.schema import (
     accounts,
@@ -25,6 +26,7 @@ from moorage.db.schema import (
     signing_keys,
     utcnow,
 )
+from moorage.db.transactions import begin, connect
 from moorage.errors import ConflictError, NotFoundError
 
 
@@ -167,7 +169,10 @@ CACHED_IDENTITIES = 4096
 
 
 class IdentityStore:
-    """Who exists and what they were granted; every method is one transaction.
+    """Who exists and what they were granted.
+
+    Every method is one transaction, or joins the open unit of work (see
+    `moorage.db.transactions`).
 
     `account_access` and `get_personal_token` answer from a per-process cache
     while the identity revision is unchanged (see moorage.db.identity_revision).
@@ -194,7 +199,7 @@ class IdentityStore:
         """Create a customer and its namespace of the same name."""
         now = utcnow()
         try:
-            async with self.engine.begin() as connection:
+            async with begin(self.engine) as connection:
                 taken = await connection.scalar(
                     select(namespaces.c.name).where(namespaces.c.name == slug)
                 )
@@ -225,7 +230,7 @@ class IdentityStore:
         )
 
     async def get_customer(self, slug: str) -> CustomerRecord:
-        async with self.engine.connect() as connection:
+        async with connect(self.engine) as connection:
             row = (
                 await connection.execute(
                     select(customers).where(customers.c.slug == slug)
@@ -236,14 +241,14 @@ class IdentityStore:
         return CustomerRecord(*row)
 
     async def list_customers(self) -> list[CustomerRecord]:
-        async with self.engine.connect() as connection:
+        async with connect(self.engine) as connection:
             result = await connection.execute(
                 select(customers).order_by(customers.c.slug)
             )
             return [CustomerRecord(*row) for row in result]
 
     async def namespaces_of(self, customer_id: int) -> list[str]:
-        async with self.engine.connect() as connection:
+        async with connect(self.engine) as connection:
             result = await connection.execute(
                 select(namespaces.c.name)
                 .where(namespaces.c.customer_id == customer_id)
@@ -265,7 +270,7 @@ class IdentityStore:
     ) -> int:
         now = utcnow()
         try:
-            async with self.engine.begin() as connection:
+            async with begin(self.engine) as connection:
                 return (
                     await connection.execute(
                         accounts.insert()
@@ -306,7 +311,7 @@ class IdentityStore:
     ) -> tuple[int, AccountAccess | None]:
         """Load an account's access in one connection, after reading the revision
         (so the rows are at least as new as the revision returned)."""
-        async with self.engine.connect() as connection:
+        async with connect(self.engine) as connection:
             revision = await _read_revision(connection)
             row = (
                 await connection.execute(
@@ -341,7 +346,7 @@ class IdentityStore:
         return await self._account_where(accounts.c.id == account_id)
 
     async def _account_where(self, condition: object) -> AccountRecord | None:
-        async with self.engine.connect() as connection:
+        async with connect(self.engine) as connection:
             row = (
                 await connection.execute(
                     select(*_ACCOUNT_COLUMNS)
@@ -352,7 +357,7 @@ class IdentityStore:
         return None if row is None else _account(row)
 
     async def list_accounts(self, customer_id: int | None) -> list[AccountRecord]:
-        async with self.engine.connect() as connection:
+        async with connect(self.engine) as connection:
             condition = (
                 accounts.c.customer_id.is_(None)
                 if customer_id is None
@@ -367,7 +372,7 @@ class IdentityStore:
             return [_account(row) for row in result]
 
     async def has_vendor_admin(self) -> bool:
-        async with self.engine.connect() as connection:
+        async with connect(self.engine) as connection:
             found = await connection.scalar(
                 select(accounts.c.id).where(
                     accounts.c.customer_id.is_(None), accounts.c.role == "admin"
@@ -377,7 +382,7 @@ class IdentityStore:
 
     async def set_secret(self, account_id: int, secret_hash: str) -> None:
         """Replace an account's secret and reject every token issued before now."""
-        async with self.engine.begin() as connection:
+        async with begin(self.engine) as connection:
             await connection.execute(
                 update(accounts)
                 .where(accounts.c.id == account_id)
@@ -388,7 +393,7 @@ class IdentityStore:
             )
 
     async def set_expiry(self, account_id: int, expires_at: datetime | None) -> None:
-        async with self.engine.begin() as connection:
+        async with begin(self.engine) as connection:
             await connection.execute(
                 update(accounts)
                 .where(accounts.c.id == account_id)
@@ -401,14 +406,14 @@ class IdentityStore:
         values: dict[str, Any] = {"disabled": disabled}
         if disabled:
             values["token_generation"] = accounts.c.token_generation + 1
-        async with self.engine.begin() as connection:
+        async with begin(self.engine) as connection:
             await connection.execute(
                 update(accounts).where(accounts.c.id == account_id).values(**values)
             )
 
     async def delete_account(self, account_id: int) -> None:
         """Delete an account with its grants, personal access and refresh tokens."""
-        async with self.engine.begin() as connection:
+        async with begin(self.engine) as connection:
             await connection.execute(
                 delete(grants).where(grants.c.account_id == account_id)
             )
@@ -427,7 +432,7 @@ class IdentityStore:
     async def set_customer_status(self, customer_id: int, status: str) -> None:
         """Set a customer active or suspended; suspending also rejects every token
         of its accounts for good."""
-        async with self.engine.begin() as connection:
+        async with begin(self.engine) as connection:
             await connection.execute(
                 update(customers)
                 .where(customers.c.id == customer_id)
@@ -453,7 +458,7 @@ class IdentityStore:
     ) -> int:
         """Add a personal access token; `repositories` (grant patterns, None for
         no limit) limits the repositories it may act on."""
-        async with self.engine.begin() as connection:
+        async with begin(self.engine) as connection:
             return (
                 await connection.execute(
                     personal_tokens.insert()
@@ -478,7 +483,7 @@ class IdentityStore:
         cached = self._token_cache.get(token_id, revision)
         if cached is not None:
             return cached
-        async with self.engine.connect() as connection:
+        async with connect(self.engine) as connection:
             loaded_at = await _read_revision(connection)
             row = (
                 await connection.execute(
@@ -492,7 +497,7 @@ class IdentityStore:
         return token
 
     async def list_personal_tokens(self, account_id: int) -> list[PersonalTokenRecord]:
-        async with self.engine.connect() as connection:
+        async with connect(self.engine) as connection:
             result = await connection.execute(
                 select(personal_tokens)
                 .where(personal_tokens.c.account_id == account_id)
@@ -501,7 +506,7 @@ class IdentityStore:
             return [_personal_token(row) for row in result]
 
     async def revoke_personal_token(self, token_id: int) -> None:
-        async with self.engine.begin() as connection:
+        async with begin(self.engine) as connection:
             await connection.execute(
                 update(personal_tokens)
                 .where(
@@ -521,7 +526,7 @@ class IdentityStore:
         role: str,
         until: datetime | None,
     ) -> int:
-        async with self.engine.begin() as connection:
+        async with begin(self.engine) as connection:
             return (
                 await connection.execute(
                     grants.insert()
@@ -539,7 +544,7 @@ class IdentityStore:
 
     async def list_grants(self, customer_id: int) -> list[GrantRecord]:
         """Return every grant of a customer: customer-wide and to its accounts."""
-        async with self.engine.connect() as connection:
+        async with connect(self.engine) as connection:
             result = await connection.execute(
                 select(*_GRANT_COLUMNS)
                 .where(grants.c.customer_id == customer_id)
@@ -549,7 +554,7 @@ class IdentityStore:
 
     async def remove_grant(self, customer_id: int, grant_id: int) -> bool:
         """Delete one grant of a customer; return False when there is none."""
-        async with self.engine.begin() as connection:
+        async with begin(self.engine) as connection:
             result = await connection.execute(
                 delete(grants).where(
                     grants.c.id == grant_id, grants.c.customer_id == customer_id
@@ -563,7 +568,7 @@ class IdentityStore:
         self, account_id: int, customer_id: int | None
     ) -> list[GrantRecord]:
         """Return the grants of an account and of its whole customer."""
-        async with self.engine.connect() as connection:
+        async with connect(self.engine) as connection:
             result = await connection.execute(
                 select(*_GRANT_COLUMNS).where(
                     _grants_condition(account_id, customer_id)
@@ -577,7 +582,7 @@ class IdentityStore:
         """Return keys not yet retired (including those in their overlap window),
         newest first."""
         now = utcnow()
-        async with self.engine.connect() as connection:
+        async with connect(self.engine) as connection:
             result = await connection.execute(
                 select(*_SIGNING_KEY_COLUMNS)
                 .where(
@@ -591,7 +596,7 @@ class IdentityStore:
             return [SigningKeyRecord(*row) for row in result]
 
     async def list_signing_keys(self) -> list[SigningKeyRecord]:
-        async with self.engine.connect() as connection:
+        async with connect(self.engine) as connection:
             result = await connection.execute(
                 select(*_SIGNING_KEY_COLUMNS).order_by(signing_keys.c.created_at.desc())
             )
@@ -606,7 +611,7 @@ class IdentityStore:
     ) -> None:
         """Add a signing key; keys still in use stop verifying at `retire_others_at`
         (None leaves them as they are)."""
-        async with self.engine.begin() as connection:
+        async with begin(self.engine) as connection:
             if retire_others_at is not None:
                 await connection.execute(
                     update(signing_keys)
@@ -631,21 +636,23 @@ class IdentityStore:
 
     async def server_key(self, name: str, size: int = 32) -> bytes:
         """Return the named server key, creating a random one on first use."""
-        async with self.engine.connect() as connection:
+        async with connect(self.engine) as connection:
             found = await connection.scalar(
                 select(server_keys.c.material).where(server_keys.c.name == name)
             )
         if found is not None:
             return bytes(found)
-        try:
-            async with self.engine.begin() as connection:
-                await connection.execute(
-                    server_keys.insert().values(
-                        name=name,
-                        material=secrets.token_bytes(size),
-                        created_at=utcnow(),
-                    )
-                )
-        except IntegrityError:
-            pass  # another process created it first; read theirs
+        # When another process created the key first, the insert does nothing
+        # and the second read returns theirs. No IntegrityError is raised, so a
+        # unit of work that calls this stays usable on PostgreSQL.
+        async with begin(self.engine) as connection:
+            await insert_ignore(
+                connection,
+                server_keys,
+                {
+                    "name": name,
+                    "material": secrets.token_bytes(size),
+                    "created_at": utcnow(),
+                },
+            )
         return await self.server_key(name, size)

@@ -9,6 +9,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from moorage.db.dialects import insert_ignore
 from moorage.db.schema import sealed_keys, utcnow
+from moorage.db.transactions import begin, connect
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,7 +28,7 @@ class KeyStore:
 
         When two processes start at once, both get the row that won.
         """
-        async with self.engine.begin() as connection:
+        async with begin(self.engine) as connection:
             await insert_ignore(
                 connection,
                 sealed_keys,
@@ -48,7 +49,7 @@ class KeyStore:
         return SealedKey(name, row.key_id, bytes(row.wrapped))
 
     async def list(self) -> list[SealedKey]:
-        async with self.engine.connect() as connection:
+        async with connect(self.engine) as connection:
             rows = await connection.execute(
                 select(sealed_keys.c.name, sealed_keys.c.key_id, sealed_keys.c.wrapped)
             )
@@ -56,7 +57,7 @@ class KeyStore:
 
     async def replace(self, old: SealedKey, key_id: str, wrapped: bytes) -> bool:
         """Store a rewrapped key unless the row changed since `old` was read."""
-        async with self.engine.begin() as connection:
+        async with begin(self.engine) as connection:
             result = await connection.execute(
                 update(sealed_keys)
                 .where(

@@ -34,6 +34,7 @@ from moorage.db.schema import (
     uploads,
     utcnow,
 )
+from moorage.db.transactions import begin, connect
 from moorage.errors import BlobReferencedError, ManifestBlobUnknownError
 from moorage.names import namespace_of
 
@@ -103,7 +104,11 @@ class ContentCodec(Protocol):
 
 
 class RegistryStore:
-    """Metadata of the registry's content; every method is one transaction."""
+    """Metadata of the registry's content.
+
+    Every method is one transaction, or joins the open unit of work (see
+    `moorage.db.transactions`).
+    """
 
     def __init__(self, engine: AsyncEngine, codec: ContentCodec | None = None) -> None:
         self.engine = engine
@@ -118,7 +123,7 @@ class RegistryStore:
     # Repositories
 
     async def repository_exists(self, name: str) -> bool:
-        async with self.engine.connect() as connection:
+        async with connect(self.engine) as connection:
             found = await connection.scalar(
                 select(repositories.c.id).where(repositories.c.name == name)
             )
@@ -128,7 +133,7 @@ class RegistryStore:
         self, access: RepositoryFilter, limit: int, last: str | None
     ) -> list[str]:
         """Return up to `limit` repository names after `last`, in lexical order."""
-        async with self.engine.connect() as connection:
+        async with connect(self.engine) as connection:
             name = repositories.c.name
             query = select(name)
             if not access.everything:
@@ -161,7 +166,7 @@ class RegistryStore:
                 return None
             except DirectReadError:
                 pass
-        async with self.engine.connect() as connection:
+        async with connect(self.engine) as connection:
             return await _visible_blob_size(connection, repository, digest)
 
     async def blob_exists(self, digest: str) -> bool:
@@ -177,7 +182,7 @@ class RegistryStore:
         finished_upload: str | None = None,
     ) -> None:
         """Record a committed blob and make it visible in `repository`."""
-        async with self.engine.begin() as connection:
+        async with begin(self.engine) as connection:
             repository_id = await _ensure_repository(connection, repository)
             await insert_ignore(connection, blobs, {"digest": digest, "size": size})
             await insert_ignore(
@@ -192,7 +197,7 @@ class RegistryStore:
 
     async def mount_blob(self, source: str, target: str, digest: str) -> int | None:
         """Link a blob visible in `source` into `target`; return its size or None."""
-        async with self.engine.begin() as connection:
+        async with begin(self.engine) as connection:
             size = await _visible_blob_size(connection, source, digest)
             if size is None:
                 return None
@@ -210,7 +215,7 @@ class RegistryStore:
         Raises BlobReferencedError when a manifest of the repository references
         the blob, because the blob would stay visible through that manifest.
         """
-        async with self.engine.begin() as connection:
+        async with begin(self.engine) as connection:
             repository_id = await _repository_id(connection, repository)
             if repository_id is None:
                 return False
@@ -232,7 +237,7 @@ class RegistryStore:
     # Upload sessions
 
     async def create_upload(self, repository: str) -> UploadRecord:
-        async with self.engine.begin() as connection:
+        async with begin(self.engine) as connection:
             repository_id = await _ensure_repository(connection, repository)
             now = utcnow()
             upload_id = str(uuid.uuid4())
@@ -264,7 +269,7 @@ class RegistryStore:
     ) -> bool:
         """Move an upload from `expected` to `new_size` bytes, unless another
         request moved it first."""
-        async with self.engine.begin() as connection:
+        async with begin(self.engine) as connection:
             result = await connection.execute(
                 update(uploads)
                 .where(uploads.c.id == upload_id, uploads.c.size == expected)
@@ -273,14 +278,14 @@ class RegistryStore:
             return result.rowcount == 1
 
     async def delete_upload(self, upload_id: str) -> bool:
-        async with self.engine.begin() as connection:
+        async with begin(self.engine) as connection:
             result = await connection.execute(
                 delete(uploads).where(uploads.c.id == upload_id)
             )
             return result.rowcount > 0
 
     async def list_stale_uploads(self, older_than: datetime) -> list[str]:
-        async with self.engine.connect() as connection:
+        async with connect(self.engine) as connection:
             result = await connection.execute(
                 select(uploads.c.id).where(uploads.c.updated_at < older_than)
             )
@@ -296,7 +301,7 @@ class RegistryStore:
         sealed = 0
         last_id = 0
         while True:
-            async with self.engine.begin() as connection:
+            async with begin(self.engine) as connection:
                 rows = (
                     await connection.execute(
                         select(manifests.c.id, manifests.c.digest, manifests.c.content)
@@ -352,7 +357,7 @@ class RegistryStore:
                 return self.direct.first(direct, **values)
             except DirectReadError:
                 pass
-        async with self.engine.connect() as connection:
+        async with connect(self.engine) as connection:
             row = (await connection.execute(statement, values)).first()
         return None if row is None else tuple(row)
 
@@ -370,7 +375,7 @@ class RegistryStore:
         Raises ManifestBlobUnknownError when a referenced blob or child manifest is
         not in the repository; nothing is stored then.
         """
-        async with self.engine.begin() as connection:
+        async with begin(self.engine) as connection:
             repository_id = await _ensure_repository(connection, repository)
             await _check_references(connection, repository, repository_id, manifest)
             manifest_id = await _insert_manifest(
@@ -392,7 +397,7 @@ class RegistryStore:
 
     async def delete_manifest(self, repository: str, digest: str) -> bool:
         """Delete a manifest and every tag that points at it."""
-        async with self.engine.begin() as connection:
+        async with begin(self.engine) as connection:
             manifest_id = await connection.scalar(
                 select(manifests.c.id)
                 .join(repositories, repositories.c.id == manifests.c.repository_id)
@@ -414,7 +419,7 @@ class RegistryStore:
             return True
 
     async def delete_tag(self, repository: str, tag: str) -> bool:
-        async with self.engine.begin() as connection:
+        async with begin(self.engine) as connection:
             repository_id = await _repository_id(connection, repository)
             if repository_id is None:
                 return False
@@ -429,7 +434,7 @@ class RegistryStore:
         self, repository: str, limit: int | None, last: str | None
     ) -> list[str] | None:
         """Return tags after `last` in lexical order, or None for no such repository."""
-        async with self.engine.connect() as connection:
+        async with connect(self.engine) as connection:
             repository_id = await _repository_id(connection, repository)
             if repository_id is None:
                 return None
@@ -446,7 +451,7 @@ class RegistryStore:
     async def list_referrers(
         self, repository: str, subject: str, artifact_type: str | None
     ) -> list[ReferrerRecord]:
-        async with self.engine.connect() as connection:
+        async with connect(self.engine) as connection:
             query = (
                 select(
                     manifests.c.digest,
@@ -468,7 +473,7 @@ class RegistryStore:
             return [ReferrerRecord(*row) for row in result]
 
     async def count_repositories(self) -> int:
-        async with self.engine.connect() as connection:
+        async with connect(self.engine) as connection:
             return int(
                 await connection.scalar(select(func.count()).select_from(repositories))
                 or 0

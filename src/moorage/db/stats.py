@@ -13,6 +13,7 @@ from moorage.db.schema import (
     repository_blobs,
     uploads,
 )
+from moorage.db.transactions import connect
 
 VENDOR = "vendor"
 
@@ -43,18 +44,18 @@ async def stored_bytes_by_customer(engine: AsyncEngine) -> dict[str, int]:
         )
         .group_by(customers.c.slug)
     )
-    async with engine.connect() as connection:
+    async with connect(engine) as connection:
         rows = await connection.execute(query)
         return {(slug or VENDOR): int(total or 0) for slug, total in rows}
 
 
 async def customer_slugs(engine: AsyncEngine) -> list[str]:
-    async with engine.connect() as connection:
+    async with connect(engine) as connection:
         return list(await connection.scalars(select(customers.c.slug)))
 
 
 async def count_uploads(engine: AsyncEngine) -> int:
-    async with engine.connect() as connection:
+    async with connect(engine) as connection:
         return int(
             await connection.scalar(select(func.count()).select_from(uploads)) or 0
         )
