@@ -9,9 +9,11 @@ power loss) loses the events queued since the last write: at most
 `flush_seconds` plus the duration of one write, and never more than the queue
 holds.
 
-Administrative changes go through `record_now`, which writes before it
-returns. Code in `moorage.db` that makes a change can write its event in the
-same transaction with `moorage.db.audit_store.append_events`.
+Administrative changes go through `record_with`: the change and its event
+commit in one database transaction, so both are stored or neither is.
+Observers and sinks see an administrative event only after that commit.
+`record_now` writes one event on its own before it returns; the recorder uses
+it for the event of a change that failed and was rolled back.
 """
 
 from __future__ import annotations
@@ -20,10 +22,10 @@ import asyncio
 import contextlib
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Protocol, TextIO
+from typing import Any, Protocol, TextIO, TypeVar
 
 import structlog
 
@@ -40,6 +42,7 @@ from moorage.db.audit_store import AuditFilter, AuditStore
 from moorage.db.schema import utcnow
 
 log = structlog.get_logger(__name__)
+T = TypeVar("T")
 
 
 class AuditSink(Protocol):
@@ -58,7 +61,12 @@ class AuditLog(Protocol):
         """Queue an event; it is written in the next batch."""
 
     async def record_now(self, event: AuditEvent) -> StoredEvent:
-        """Write an event before returning (for administrative changes)."""
+        """Write an event before returning."""
+
+    async def record_with(
+        self, change: Awaitable[T], event: Callable[[T], AuditEvent]
+    ) -> T:
+        """Await a change and write its event, made from its result, with it."""
 
     async def query(self, where: AuditFilter, limit: int) -> list[StoredEvent]: ...
 
@@ -117,8 +125,30 @@ class DatabaseAuditLog:
         await self._queue.put(event)
 
     async def record_now(self, event: AuditEvent) -> StoredEvent:
+        stored = await self.store.append([event])
         self._observe(event)
-        return (await self._write([event]))[0]
+        await self._publish(stored)
+        return stored[0]
+
+    async def record_with(
+        self, change: Awaitable[T], event: Callable[[T], AuditEvent]
+    ) -> T:
+        """Await `change` and append `event(result)` in one transaction; publish it.
+
+        Every store call in `change` joins the transaction (see
+        `moorage.db.transactions`), so the change and its event commit together.
+        When `change` raises or the event cannot be written, everything rolls
+        back and no observer or sink sees the event. `change` must make its store
+        calls from this task, and should finish slow work that needs no database
+        (password hashing, key generation) before its first write, because on
+        SQLite the first write takes the database's write lock until the commit.
+        """
+        async with self.store.unit_of_work():
+            result = await change
+            stored = await self.store.append([event(result)])
+        self._observe(stored[0].event)
+        await self._publish(stored)
+        return result
 
     def queue_depth(self) -> int:
         return self._queue.qsize()
@@ -173,11 +203,15 @@ class DatabaseAuditLog:
 
     async def _write(self, events: list[AuditEvent]) -> list[StoredEvent]:
         stored = await self.store.append(events)
+        await self._publish(stored)
+        return stored
+
+    async def _publish(self, stored: list[StoredEvent]) -> None:
+        """Count committed events, pass them to the sinks, and sign when due."""
         self.written += len(stored)
         for sink in self.sinks:
             sink.publish(stored)
         await self._maybe_checkpoint(stored[-1])
-        return stored
 
     async def _maybe_checkpoint(self, last: StoredEvent) -> None:
         if self.signer is None:
@@ -315,15 +349,15 @@ class DatabaseAuditLog:
         checkpoints = await self._range_checkpoints(first_seq, last_seq, events[-1])
         path = directory / f"audit-{first_seq:012d}-{last_seq:012d}.jsonl"
         await asyncio.to_thread(_write_archive, path, events, checkpoints, self.keys())
-        removed = await self.store.remove_archived(
-            first_seq, last_seq, events[-1].hash, str(path.absolute())
-        )
-        await self.record_now(
-            AuditEvent(
+        await self.record_with(
+            self.store.remove_archived(
+                first_seq, last_seq, events[-1].hash, str(path.absolute())
+            ),
+            lambda removed: AuditEvent(
                 AUDIT_ARCHIVE,
                 reason=f"archived {removed} events ({first_seq}-{last_seq}) "
                 f"to {path.name}",
-            )
+            ),
         )
         return path
 

@@ -33,7 +33,7 @@ def local_actor(tool: str = "moorage-cli") -> Actor:
 
 
 class AdminRecorder:
-    """Writes one audit event per administrative change, before returning."""
+    """Records one audit event per administrative change, before returning."""
 
     def __init__(self, audit: AuditLog, actor: Actor) -> None:
         self.audit = audit
@@ -42,20 +42,46 @@ class AdminRecorder:
     async def run(
         self, action: str, target: str, change: Awaitable[T], customer: str | None
     ) -> T:
-        """Await a change and record it; a failed change is recorded and re-raised.
+        """Await a change and commit its event in the same transaction.
 
-        `target` describes what changed (for example "customer acme") and never
-        contains a secret.
+        Both are stored or neither is (see `AuditLog.record_with`). A change that
+        raises a MoorageError is rolled back, and its failure event is then
+        written on its own before the error is re-raised. `target` describes what
+        changed (for example "customer acme") and never contains a secret.
         """
+        try:
+            return await self.audit.record_with(
+                change, lambda _result: self._event(action, target, customer)
+            )
+        except MoorageError as error:
+            await self._record_failure(action, target, customer, error)
+            raise
+
+    async def run_outside_transaction(
+        self, action: str, target: str, change: Awaitable[T], customer: str | None
+    ) -> T:
+        """Await a long change that spans many transactions, then record it.
+
+        For changes to stored files over minutes (key rotation, re-encryption),
+        which must not hold one database transaction, and the SQLite write lock,
+        for that long. Each step of such a change is resumable.
+        """
+        # NOTE: a crash after the change and before its event is written loses
+        # the event, and a failed audit write leaves the change without one.
         try:
             result = await change
         except MoorageError as error:
-            await self.audit.record_now(
-                self._event(action, target, customer, FAILURE, error.message)
-            )
+            await self._record_failure(action, target, customer, error)
             raise
         await self.audit.record_now(self._event(action, target, customer))
         return result
+
+    async def _record_failure(
+        self, action: str, target: str, customer: str | None, error: MoorageError
+    ) -> None:
+        await self.audit.record_now(
+            self._event(action, target, customer, FAILURE, error.message)
+        )
 
     def _event(
         self,

@@ -116,6 +116,19 @@ async def _audited(
     return await _recorder(services).run(action, target, change, customer)
 
 
+async def _audited_outside_transaction(
+    services: Services,
+    action: str,
+    target: str,
+    customer: str | None,
+    change: Awaitable[T],
+) -> T:
+    """Await a long change and record it after (see AdminRecorder)."""
+    return await _recorder(services).run_outside_transaction(
+        action, target, change, customer
+    )
+
+
 @app.command()
 def serve(
     data_dir: DataDirOption = None,
@@ -336,7 +349,7 @@ def key_rotate(
             )
 
     async def action(services: Services) -> maintenance.RewrapReport:
-        return await _audited(
+        return await _audited_outside_transaction(
             services, actions.KEY_ROTATE, "key-encryption key", None, rotate(services)
         )
 
@@ -364,7 +377,7 @@ def key_reencrypt(
             )
 
     async def action(services: Services) -> int:
-        return await _audited(
+        return await _audited_outside_transaction(
             services, actions.KEY_REENCRYPT, "blobs", None, reencrypt(services)
         )
 
