@@ -1,7 +1,7 @@
-"""Connections for the stores, and the unit of work that makes several calls one.
+"""Connections for the stores, and the unit of work that joins their transactions.
 
-Each store method runs in a transaction of its own, unless it is called inside
-`unit_of_work(engine)`: then it joins the transaction the unit opened, so an
+Each store method runs in a transaction of its own unless it is called inside
+`unit_of_work(engine)`. There it joins the transaction the unit opened, so an
 administrative change and its audit event commit together or not at all.
 
 The open unit lives in a context variable. A task created inside a unit copies
@@ -37,7 +37,8 @@ _current_unit: ContextVar[_Unit | None] = ContextVar(
 
 
 class _Joined:
-    """Yields the unit's connection and leaves commit and rollback to the unit."""
+    """A context manager that yields the unit's connection and leaves commit and
+    rollback to the unit."""
 
     __slots__ = ("connection",)
 
