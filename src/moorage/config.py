@@ -265,6 +265,15 @@ class Settings(BaseSettings):
         default=None,
         description="POST audit events as JSON batches to this URL.",
     )
+    audit_request_events: bool = Field(
+        default=True,
+        description=(
+            "Measurement setting, for the benchmark of what auditing costs: false "
+            "stops recording pulls, pushes, logins, token issues and denials, and "
+            "the alerts that watch them. Administrative changes are still "
+            "recorded. Keep it true in any real installation."
+        ),
+    )
     alert_webhook_url: str | None = Field(
         default=None,
         description="POST each alert as JSON to this URL.",

@@ -131,6 +131,12 @@ async def run_server(
             pid=os.getpid(),
             tls=reloader is not None,
         )
+        if not settings.audit_request_events:
+            log.warning(
+                "request events are not audited: audit_request_events is false, "
+                "a setting for measurements only; remove it to record pulls, "
+                "pushes and logins again"
+            )
         watcher = _start_tls_watch(reloader, settings.tls_reload_seconds)
         converter = start_background_encryption(
             services.registry.driver, services.registry.store

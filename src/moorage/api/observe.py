@@ -88,6 +88,8 @@ class RequestObserver:
             finished.bytes_sent,
             int(state.get("bytes_received") or 0),
         )
+        if not self.services.settings.audit_request_events:
+            return
         for event in self._events(finished, route, method):
             await self.services.audit.record(event)
 

@@ -235,6 +235,15 @@ def config_check(data_dir: DataDirOption = None) -> None:
     settings = _settings(data_dir=data_dir)
     for key, value in settings.model_dump().items():
         console.print(f"{key} = {value!r}", highlight=False)
+    if not settings.audit_request_events:
+        errors.print(_REQUEST_EVENTS_OFF, highlight=False)
+
+
+_REQUEST_EVENTS_OFF = (
+    "warning: audit_request_events is false, a setting for measurements only: "
+    "pulls, pushes and logins are not recorded in the audit trail. Remove it or "
+    "set it to true."
+)
 
 
 @config_app.command("reference")

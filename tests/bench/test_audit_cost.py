@@ -1,0 +1,36 @@
+"""The audit cost benchmark in quick mode, so that it keeps working."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="the benchmark needs wrk")
+def test_audit_cost_quick_run(tmp_path: Path) -> None:
+    """`python -m bench.audit_cost --quick` measures both servers in each scenario."""
+    completed = subprocess.run(
+        [sys.executable, "-m", "bench.audit_cost", "--quick", "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+
+    results = json.loads((tmp_path / "audit-cost.json").read_text())
+    assert set(results["scenarios"]) == {"manifest_get", "blob_get"}
+    for key, figures in results["scenarios"].items():
+        assert set(figures["samples"]) == {"audited", "unaudited"}, key
+        for runs in figures["samples"].values():
+            for sample in runs:
+                assert sample["requests_per_second"] > 0, key
+                assert sample["cpu_seconds_per_1k"] > 0, key
+    assert "| manifest_get |" in completed.stdout
