@@ -269,9 +269,10 @@ class Settings(BaseSettings):
         default=True,
         description=(
             "Measurement setting, for the benchmark of what auditing costs: false "
-            "stops recording pulls, pushes, logins, token issues and denials, and "
-            "the alerts that watch them. Administrative changes are still "
-            "recorded. Keep it true in any real installation."
+            "stops recording every request event (pulls, pushes, logins, token "
+            "issues, denials, password changes) and the alerts that watch them. "
+            "Administrative changes are still recorded. Keep it true in any real "
+            "installation."
         ),
     )
     alert_webhook_url: str | None = Field(
