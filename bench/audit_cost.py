@@ -12,6 +12,7 @@ On a shared machine the CPU figure is the steadier of the two.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import statistics
@@ -34,6 +35,7 @@ UNAUDITED = "unaudited"
 # The audit writer flushes every 0.5 s by default; waiting this long after the
 # load ends puts the last batch's write inside the CPU measurement.
 FLUSH_WAIT_SECONDS = 1.5
+QUICK_LOAD_SECONDS = 3
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,12 @@ def _measure(
     result = run(context, registry)
     time.sleep(FLUSH_WAIT_SECONDS)
     usage = meter.stop()
+    if result.requests == 0:
+        raise RuntimeError(
+            f"wrk completed no request against {registry.name} in "
+            f"{context.sizes.load_seconds} s; the machine may be overloaded, so "
+            "run again with longer loads (without --quick)"
+        )
     return Sample(
         result.requests_per_second, usage.cpu_seconds / (result.requests / 1000)
     )
@@ -183,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m bench.audit_cost", description=__doc__
     )
     parser.add_argument(
-        "--quick", action="store_true", help="1-second loads, 1 round (smoke test)"
+        "--quick", action="store_true", help="3-second loads, 1 round (smoke test)"
     )
     parser.add_argument("--rounds", type=int, help="rounds per scenario (default 5)")
     parser.add_argument(
@@ -193,7 +201,10 @@ def main(argv: list[str] | None = None) -> int:
         "--out", type=Path, default=Path("bench-results"), help="results directory"
     )
     arguments = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    sizes = Sizes.quick() if arguments.quick else Sizes.full()
+    sizes = Sizes.full()
+    if arguments.quick:
+        # One second of load can complete no request on a busy 2-core machine.
+        sizes = dataclasses.replace(Sizes.quick(), load_seconds=QUICK_LOAD_SECONDS)
     rounds = arguments.rounds or (1 if arguments.quick else 5)
     results = run(sizes, rounds, arguments.moorage_workers)
     arguments.out.mkdir(parents=True, exist_ok=True)
