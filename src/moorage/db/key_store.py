@@ -69,7 +69,7 @@ class KeyStore:
         return result.rowcount == 1
 
     async def get(self, name: str) -> SealedKey | None:
-        async with self.engine.connect() as connection:
+        async with connect(self.engine) as connection:
             row = (
                 await connection.execute(
                     select(sealed_keys.c.key_id, sealed_keys.c.wrapped).where(
@@ -80,7 +80,7 @@ class KeyStore:
         return None if row is None else SealedKey(name, row.key_id, bytes(row.wrapped))
 
     async def delete(self, name: str) -> bool:
-        async with self.engine.begin() as connection:
+        async with begin(self.engine) as connection:
             result = await connection.execute(
                 delete(sealed_keys).where(sealed_keys.c.name == name)
             )

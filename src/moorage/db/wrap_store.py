@@ -25,6 +25,7 @@ from moorage.db.schema import (
     uploads,
     utcnow,
 )
+from moorage.db.transactions import begin, connect
 from moorage.names import namespace_of
 
 VENDOR_OWNER = "vendor"
@@ -50,7 +51,7 @@ class WrapStore:
     # Wraps
 
     async def wraps(self, object_id: str) -> list[DataKeyWrap]:
-        async with self.engine.connect() as connection:
+        async with connect(self.engine) as connection:
             result = await connection.execute(
                 select(data_key_wraps.c.owner, data_key_wraps.c.wrapped)
                 .where(data_key_wraps.c.object_id == object_id)
@@ -60,7 +61,7 @@ class WrapStore:
 
     async def add(self, object_id: str, wraps: list[DataKeyWrap]) -> None:
         """Store wraps; an owner that already has a wrap for the object keeps it."""
-        async with self.engine.begin() as connection:
+        async with begin(self.engine) as connection:
             for wrap in wraps:
                 await insert_ignore(
                     connection,
@@ -76,14 +77,14 @@ class WrapStore:
     async def remove_objects(self, object_ids: list[str]) -> None:
         if not object_ids:
             return
-        async with self.engine.begin() as connection:
+        async with begin(self.engine) as connection:
             await connection.execute(
                 delete(data_key_wraps).where(data_key_wraps.c.object_id.in_(object_ids))
             )
 
     async def remove_owner(self, owner: str) -> int:
         """Delete every wrap under one owner's key; return how many there were."""
-        async with self.engine.begin() as connection:
+        async with begin(self.engine) as connection:
             result = await connection.execute(
                 delete(data_key_wraps).where(data_key_wraps.c.owner == owner)
             )
@@ -96,7 +97,7 @@ class WrapStore:
         until garbage collection removes it, and shredding its last owner still
         makes it unreadable. Returns True when a wrap was deleted.
         """
-        async with self.engine.begin() as connection:
+        async with begin(self.engine) as connection:
             if owner in await _owners_of_digest(connection, digest):
                 return False
             count = await connection.scalar(
@@ -126,7 +127,7 @@ class WrapStore:
             .having(func.count() == 1)
             .subquery()
         )
-        async with self.engine.connect() as connection:
+        async with connect(self.engine) as connection:
             count = await connection.scalar(
                 select(func.count())
                 .select_from(data_key_wraps)
@@ -136,7 +137,7 @@ class WrapStore:
         return int(count or 0)
 
     async def count_by_owner(self) -> Counter[str]:
-        async with self.engine.connect() as connection:
+        async with connect(self.engine) as connection:
             result = await connection.execute(
                 select(data_key_wraps.c.owner, func.count()).group_by(
                     data_key_wraps.c.owner
@@ -147,12 +148,12 @@ class WrapStore:
     # Owners
 
     async def owner_of_repository(self, repository: str) -> str:
-        async with self.engine.connect() as connection:
+        async with connect(self.engine) as connection:
             return await _owner_of_namespace(connection, namespace_of(repository))
 
     async def owner_of_upload(self, upload_id: str) -> str | None:
         """Return the owner of the repository an upload goes to, or None."""
-        async with self.engine.connect() as connection:
+        async with connect(self.engine) as connection:
             repository = await connection.scalar(
                 select(repositories.c.name)
                 .join(uploads, uploads.c.repository_id == repositories.c.id)
@@ -164,7 +165,7 @@ class WrapStore:
 
     async def owners_of_digest(self, digest: str) -> set[str]:
         """Return the owners of every repository that links or references a blob."""
-        async with self.engine.connect() as connection:
+        async with connect(self.engine) as connection:
             return await _owners_of_digest(connection, digest)
 
 

@@ -25,9 +25,11 @@ from moorage.db.engine import create_engine
 from moorage.db.schema import (
     accounts,
     customers,
+    data_key_wraps,
     grants,
     namespaces,
     personal_tokens,
+    sealed_keys,
     signing_keys,
 )
 from moorage.errors import ConflictError, NotFoundError
@@ -39,7 +41,16 @@ from tests.support.server import ServerProcess
 
 REJECTED = "audit write rejected by the test trigger"
 # Tables that administrative commands change, compared row by row.
-ADMIN_TABLES = (customers, namespaces, accounts, grants, personal_tokens, signing_keys)
+ADMIN_TABLES = (
+    customers,
+    namespaces,
+    accounts,
+    grants,
+    personal_tokens,
+    signing_keys,
+    sealed_keys,
+    data_key_wraps,
+)
 
 
 @pytest.fixture
@@ -132,6 +143,16 @@ def _snapshot(settings: Settings) -> dict[str, Any]:
     return asyncio.run(_snapshot_async(settings.resolved_database_url))
 
 
+async def _create_owner_key(settings: Settings, owner: str) -> None:
+    """Create an owner's key-encryption key, as the first push for it would."""
+    services = await open_services(settings)
+    try:
+        custody = services.registry.driver.custody  # type: ignore[attr-defined]
+        await custody.owner_keys.current(owner)
+    finally:
+        await services.close()
+
+
 # Each command, and the action whose audit write the database rejects.
 REJECTED_COMMANDS = {
     "customer add": (["customer", "add", "globex"], "customer.add"),
@@ -175,6 +196,19 @@ def test_rejected_audit_write_keeps_no_change(settings: Settings) -> None:
         assert completed.returncode != 0, name
         assert REJECTED in completed.stderr, f"{name}: {completed.stderr}"
         assert after == before, name
+
+    # Shredding needs a suspended customer with a key-encryption key.
+    _reject_audit_events(settings, "none")
+    asyncio.run(_create_owner_key(settings, "customer:acme"))
+    suspended = _cli(settings, "customer", "suspend", "acme")
+    assert suspended.returncode == 0, suspended.stderr
+    _reject_audit_events(settings, "customer.shred")
+    before = _snapshot(settings)
+    assert "customer:acme" in [row[0] for row in before["sealed_keys"]]
+    shredded = _cli(settings, "customer", "shred", "acme", "--confirm")
+    assert shredded.returncode != 0
+    assert REJECTED in shredded.stderr, shredded.stderr
+    assert _snapshot(settings) == before
 
     _reject_audit_events(settings, "none")
     verified = _cli(settings, "audit", "verify")
