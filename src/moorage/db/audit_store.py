@@ -19,6 +19,7 @@ from moorage.audit.events import (
     chain,
     fit,
 )
+from moorage.db.dialects import insert_ignore
 from moorage.db.schema import (
     audit_archives,
     audit_checkpoints,
@@ -214,22 +215,23 @@ class AuditStore:
             after = found[-1].seq
 
     async def add_checkpoint(self, checkpoint: Checkpoint) -> None:
+        """Store a checkpoint unless one for its seq exists.
+
+        Two processes may sign the same newest event at once (a command exiting
+        while the server writes); the second insert then does nothing.
+        """
         async with begin(self.engine) as connection:
-            exists = await connection.scalar(
-                select(audit_checkpoints.c.seq).where(
-                    audit_checkpoints.c.seq == checkpoint.seq
-                )
+            await insert_ignore(
+                connection,
+                audit_checkpoints,
+                {
+                    "seq": checkpoint.seq,
+                    "hash": checkpoint.hash,
+                    "time": checkpoint.time,
+                    "kid": checkpoint.kid,
+                    "signature": checkpoint.signature,
+                },
             )
-            if exists is None:
-                await connection.execute(
-                    audit_checkpoints.insert().values(
-                        seq=checkpoint.seq,
-                        hash=checkpoint.hash,
-                        time=checkpoint.time,
-                        kid=checkpoint.kid,
-                        signature=checkpoint.signature,
-                    )
-                )
 
     async def checkpoints(
         self, first_seq: int | None = None, last_seq: int | None = None
