@@ -9,6 +9,7 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from moorage.db.schema import refresh_tokens, utcnow
+from moorage.db.transactions import begin, connect
 
 # Width of the address columns; longer addresses are cut to it.
 MAX_ADDRESS_LENGTH = 64
@@ -47,7 +48,7 @@ class RefreshTokenStore:
         issued_at: datetime,
         expires_at: datetime,
     ) -> None:
-        async with self.engine.begin() as connection:
+        async with begin(self.engine) as connection:
             await connection.execute(
                 refresh_tokens.insert().values(
                     jti=jti,
@@ -69,7 +70,7 @@ class RefreshTokenStore:
         before it is always seen.
         """
         now = utcnow()
-        async with self.engine.begin() as connection:
+        async with begin(self.engine) as connection:
             result = await connection.execute(
                 update(refresh_tokens)
                 .where(
@@ -84,7 +85,7 @@ class RefreshTokenStore:
 
     async def list_for(self, account_id: int) -> list[RefreshTokenRecord]:
         """Return an account's refresh tokens, newest first."""
-        async with self.engine.connect() as connection:
+        async with connect(self.engine) as connection:
             result = await connection.execute(
                 select(refresh_tokens)
                 .where(refresh_tokens.c.account_id == account_id)
@@ -101,7 +102,7 @@ class RefreshTokenStore:
         ]
         if jti is not None:
             condition.append(refresh_tokens.c.jti == jti)
-        async with self.engine.begin() as connection:
+        async with begin(self.engine) as connection:
             result = await connection.execute(
                 update(refresh_tokens).where(*condition).values(revoked_at=utcnow())
             )
@@ -109,7 +110,7 @@ class RefreshTokenStore:
 
     async def purge_expired(self, before: datetime) -> int:
         """Delete the rows of tokens that expired before `before`; return how many."""
-        async with self.engine.begin() as connection:
+        async with begin(self.engine) as connection:
             result = await connection.execute(
                 delete(refresh_tokens).where(refresh_tokens.c.expires_at < before)
             )
