@@ -4,10 +4,15 @@ takes a fraction of the time of one interpreter start per command."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+from moorage.config import Settings
+from moorage.errors import UnauthorizedError
+from moorage.services import open_services
 from tests.support.cli import Cli
 from tests.support.database import create_database, drop_database
 
@@ -70,6 +75,66 @@ def test_user_disable_enable(cli: Cli) -> None:
     assert "disabled" in cli.ok("user", "list", "acme").split("carol", 1)[1]
     cli.ok("user", "enable", "acme", "carol")
     assert "active" in cli.ok("user", "list", "acme").split("carol", 1)[1]
+
+
+def _can_log_in(cli: Cli, login: str, password: str) -> bool:
+    """Return whether the login and password authenticate, as a registry would."""
+
+    async def attempt() -> bool:
+        settings = Settings(
+            data_dir=Path(cli.env["MOORAGE_DATA_DIR"]),
+            database_url=cli.env["MOORAGE_DATABASE_URL"],
+        )
+        services = await open_services(settings)
+        try:
+            await services.authenticator.login(login, password, "127.0.0.1")
+        except UnauthorizedError:
+            return False
+        finally:
+            await services.close()
+        return True
+
+    return asyncio.run(attempt())
+
+
+def test_user_reset_password(cli: Cli) -> None:
+    """user reset-password prints a new password; only the new one logs in."""
+    old = cli.ok("user", "add", "acme", "erin").strip().splitlines()[-1]
+    output = cli.ok("user", "reset-password", "acme", "erin")
+    new = output.strip().splitlines()[-1]
+    assert "new password of user erin" in output
+    assert len(new) == 32
+    assert new != old
+    assert _can_log_in(cli, "erin", new)
+    assert not _can_log_in(cli, "erin", old)
+
+
+def test_user_remove(cli: Cli) -> None:
+    """user remove deletes the user: gone from the list, its login rejected."""
+    password = cli.ok("user", "add", "acme", "frank").strip().splitlines()[-1]
+    assert _can_log_in(cli, "frank", password)
+    cli.ok("user", "remove", "acme", "frank")
+    assert "frank" not in cli.ok("user", "list", "acme")
+    assert not _can_log_in(cli, "frank", password)
+    result = cli.run("user", "remove", "acme", "frank")
+    assert result.returncode == 1
+    assert "not found" in result.stderr
+
+
+def test_customer_show(cli: Cli) -> None:
+    """customer show lists the status, namespace and account counts."""
+    cli.ok("customer", "add", "initech", "--name", "Initech")
+    cli.ok("user", "add", "initech", "gina")
+    cli.ok("robot", "add", "initech", "ci")
+    cli.ok("robot", "disable", "initech", "ci")
+    output = cli.ok("customer", "show", "initech")
+    assert "initech (Initech)" in output
+    assert "status        active" in output
+    assert "namespaces    initech" in output
+    assert "1 users, 1 robots, 1 disabled" in output
+    missing = cli.run("customer", "show", "nobody")
+    assert missing.returncode == 1
+    assert "not found" in missing.stderr
 
 
 def test_token_add_list_revoke(cli: Cli) -> None:

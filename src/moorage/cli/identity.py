@@ -21,6 +21,7 @@ from moorage.cli.main import (
     _audited,
     _encrypted_driver,
     _parse_date,
+    _recorder,
     _run,
     _settings,
     app,
@@ -190,6 +191,31 @@ def user_enable(
         ),
     )
     console.print(f"user {name} enabled")
+
+
+@user_app.command("reset-password")
+def user_reset_password(
+    customer: CustomerArgument, name: str, data_dir: DataDirOption = None
+) -> None:
+    """Give a user a generated password; the old one and its tokens stop working."""
+    created = _run(
+        _settings(data_dir=data_dir),
+        lambda s: admin.reset_password(s.identity, customer, name, audit=_recorder(s)),
+    )
+    assert created.password is not None
+    _print_secret(f"new password of user {created.login}", created.password)
+
+
+@user_app.command("remove")
+def user_remove(
+    customer: CustomerArgument, name: str, data_dir: DataDirOption = None
+) -> None:
+    """Delete a user with its grants and personal access tokens."""
+    _run(
+        _settings(data_dir=data_dir),
+        lambda s: admin.remove_user(s.identity, customer, name, audit=_recorder(s)),
+    )
+    console.print(f"user {name} removed")
 
 
 @user_app.command("list")

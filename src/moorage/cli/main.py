@@ -31,6 +31,7 @@ from moorage import admin
 from moorage.audit import events as actions
 from moorage.audit.recorder import AdminRecorder, local_actor
 from moorage.config import Settings, load_settings
+from moorage.db.identity_store import AccountRecord, CustomerRecord, GrantRecord
 from moorage.db.key_store import KeyStore
 from moorage.errors import MoorageError
 from moorage.logs import configure_logging
@@ -201,6 +202,37 @@ def customer_list(data_dir: DataDirOption = None) -> None:
             customer.created_at.strftime("%Y-%m-%d %H:%M"),
         )
     console.print(table)
+
+
+@customer_app.command("show")
+def customer_show(customer: str, data_dir: DataDirOption = None) -> None:
+    """Show a customer: status, contract end, namespaces, accounts and grants."""
+
+    async def load(
+        services: Services,
+    ) -> tuple[CustomerRecord, list[str], list[AccountRecord], list[GrantRecord]]:
+        record = await services.identity.get_customer(customer)
+        return (
+            record,
+            await services.identity.namespaces_of(record.id),
+            await services.identity.list_accounts(record.id),
+            await services.identity.list_grants(record.id),
+        )
+
+    record, namespaces, accounts, grants = _run(_settings(data_dir=data_dir), load)
+    until = record.access_until.date().isoformat() if record.access_until else "-"
+    users = [account for account in accounts if account.kind == "user"]
+    disabled = sum(1 for account in accounts if account.disabled)
+    console.print(f"customer      {record.slug} ({record.display_name})")
+    console.print(f"status        {record.status}")
+    console.print(f"access until  {until}")
+    console.print(f"created       {record.created_at.strftime('%Y-%m-%d %H:%M')}")
+    console.print(f"namespaces    {', '.join(namespaces) or '-'}")
+    console.print(
+        f"accounts      {len(users)} users, {len(accounts) - len(users)} robots, "
+        f"{disabled} disabled"
+    )
+    console.print(f"grants        {len(grants)} (moorage grant list {record.slug})")
 
 
 @user_app.command("add")
