@@ -12,6 +12,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
+import jwt
 import pytest
 
 from moorage.audit.events import StoredEvent
@@ -484,6 +485,30 @@ def test_personal_tokens_of_me(
         revoked = with_token.delete(f"/me/tokens/{created.json()['id']}")
         assert revoked.status_code == 204, revoked.text
         error_of(with_token.get("/me"), 401)
+
+
+def test_personal_token_with_patterns(
+    server: ServerProcess, vendor: httpx.Client, acme: str
+) -> None:
+    """A token created with repository patterns reaches only those repositories."""
+    login, password = add_user(vendor, acme, "writer")
+    body = {"name": "ci", "role": "writer", "repositories": [f"{acme}/app"]}
+    with api(server, (login, password)) as client:
+        created = client.post("/me/tokens", json=body)
+        assert created.status_code == 201, created.text
+        assert created.json()["repositories"] == [f"{acme}/app"]
+        listed = client.get("/me/tokens").json()
+        assert listed[0]["repositories"] == [f"{acme}/app"]
+        invalid = client.post("/me/tokens", json={**body, "repositories": ["Bad//"]})
+        assert invalid.status_code == 400, invalid.text
+    token = str(created.json()["token"])
+    inside = f"repository:{acme}/app:pull,push"
+    outside = f"repository:{acme}/other:pull,push"
+    issued = get_token(server, login, token, inside, outside)
+    claims = jwt.decode(str(issued["token"]), options={"verify_signature": False})
+    assert claims["access"] == [
+        {"type": "repository", "name": f"{acme}/app", "actions": ["pull", "push"]}
+    ]
 
 
 def test_robot_has_no_personal_tokens(

@@ -85,6 +85,7 @@ async def add_my_token(
         body.name,
         body.role,
         expires_at,
+        body.repositories,
         audit=AdminRecorder(services_of(request).audit, caller.actor),
     )
     record = await identity.get_personal_token(created.id)

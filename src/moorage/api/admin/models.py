@@ -63,6 +63,12 @@ class NewPersonalToken(Body):
     expires_at: AwareDatetime | None = Field(
         None, description="Expiry; 90 days from now when missing."
     )
+    repositories: list[str] | None = Field(
+        None,
+        description="Repository patterns (such as acme/app or acme/ci-*) the token "
+        "is limited to; every repository the user may reach when missing.",
+        examples=[["acme/app"]],
+    )
 
 
 class Customer(BaseModel):
@@ -149,6 +155,9 @@ class PersonalToken(BaseModel):
     id: int
     name: str
     role: str
+    repositories: list[str] | None = Field(
+        description="The patterns the token is limited to; None for no limit."
+    )
     expires_at: datetime | None
     revoked_at: datetime | None
     created_at: datetime
@@ -159,6 +168,9 @@ class PersonalToken(BaseModel):
             id=record.id,
             name=record.name,
             role=record.role,
+            repositories=(
+                None if record.repositories is None else list(record.repositories)
+            ),
             expires_at=record.expires_at,
             revoked_at=record.revoked_at,
             created_at=record.created_at,
