@@ -22,12 +22,14 @@ from moorage.audit.events import (
     ROBOT_DISABLE,
     ROBOT_ENABLE,
     ROBOT_REMOVE,
+    ROBOT_ROLE,
     ROBOT_ROTATE,
     USER_ADD,
     USER_DISABLE,
     USER_ENABLE,
     USER_PASSWORD_RESET,
     USER_REMOVE,
+    USER_ROLE,
     VENDOR_USER_ADD,
 )
 from moorage.audit.recorder import AdminRecorder
@@ -424,6 +426,40 @@ async def _set_enabled(
 ) -> None:
     account = await find_account_of(identity, customer_slug, login, kind)
     await identity.set_disabled(account.id, not enabled)
+
+
+_ROLE_ACTIONS = {"user": USER_ROLE, "robot": ROBOT_ROLE}
+
+
+async def set_role(
+    identity: IdentityStore,
+    customer_slug: str,
+    login: str,
+    kind: str,
+    role: str,
+    *,
+    audit: AdminRecorder | None = None,
+) -> None:
+    """Change a customer's user or robot to another customer role.
+
+    The new role applies from the next request: tokens carry scopes, and
+    every request checks them against the account's current rights.
+    """
+    change = _set_role(identity, customer_slug, login, kind, role)
+    if audit is None:
+        return await change
+    target = f"{kind} {login} of {customer_slug} to {role}"
+    return await audit.run(_ROLE_ACTIONS[kind], target, change, customer_slug)
+
+
+async def _set_role(
+    identity: IdentityStore, customer_slug: str, login: str, kind: str, role: str
+) -> None:
+    _check_role(role)
+    account = await find_account_of(identity, customer_slug, login, kind)
+    if account.customer_id is None:
+        raise InvalidInputError("vendor accounts keep their role; add a new account")
+    await identity.set_role(account.id, role)
 
 
 async def change_password(

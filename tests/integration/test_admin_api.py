@@ -487,6 +487,31 @@ def test_personal_tokens_of_me(
         error_of(with_token.get("/me"), 401)
 
 
+def test_role_change_applies_at_once(
+    server: ServerProcess, as_owner: httpx.Client, acme: str
+) -> None:
+    """An owner lowers a writer to reader: its earlier push token stops pushing."""
+    login, password = add_user(as_owner, acme, "writer")
+    repository = f"{acme}/role-{uuid.uuid4().hex[:6]}"
+    token = get_token(server, login, password, f"repository:{repository}:pull,push")
+    upload = f"{server.url}/v2/{repository}/blobs/uploads/"
+    assert httpx.post(upload, headers=bearer(token)).status_code == 202
+    changed = as_owner.put(
+        f"/customers/{acme}/users/{login}/role", json={"role": "reader"}
+    )
+    assert changed.status_code == 200, changed.text
+    assert changed.json()["role"] == "reader"
+    denied = httpx.post(upload, headers=bearer(token))
+    assert denied.status_code == 403, denied.text
+    invalid = as_owner.put(
+        f"/customers/{acme}/users/{login}/role", json={"role": "admin"}
+    )
+    assert "invalid role" in error_of(invalid, 400)["message"]
+    events = audit_events(server, AuditFilter(action="user.role"))
+    reasons = [stored.event.reason or "" for stored in events]
+    assert f"user {login} of {acme} to reader" in reasons
+
+
 def test_personal_token_with_patterns(
     server: ServerProcess, vendor: httpx.Client, acme: str
 ) -> None:

@@ -70,6 +70,7 @@ API_ENDPOINTS = (
     ApiEndpoint(
         "enable_user", "POST", f"{CUSTOMER}/users/{{login}}/enable", CHANGE, 204
     ),
+    ApiEndpoint("user_role", "PUT", f"{CUSTOMER}/users/{{login}}/role", CHANGE, 200),
     ApiEndpoint(
         "reset_password", "POST", f"{CUSTOMER}/users/{{login}}/password", CHANGE, 200
     ),
@@ -83,6 +84,7 @@ API_ENDPOINTS = (
     ApiEndpoint(
         "enable_robot", "POST", f"{CUSTOMER}/robots/{{name}}/enable", CHANGE, 204
     ),
+    ApiEndpoint("robot_role", "PUT", f"{CUSTOMER}/robots/{{name}}/role", CHANGE, 200),
     ApiEndpoint(
         "rotate_robot", "POST", f"{CUSTOMER}/robots/{{name}}/secret", CHANGE, 200
     ),
@@ -247,6 +249,8 @@ def _body(endpoint: ApiEndpoint, customer: str) -> dict[str, object] | None:
         return {"name": uuid.uuid4().hex[:8], "role": "reader"}
     if endpoint.name == "add_grant":
         return {"pattern": f"{customer}/granted-*", "role": "reader"}
+    if endpoint.name in ("user_role", "robot_role"):
+        return {"role": "writer"}
     if endpoint.name == "add_token":
         return {"name": "matrix", "role": "reader"}
     return None

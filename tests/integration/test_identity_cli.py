@@ -121,6 +121,20 @@ def test_user_remove(cli: Cli) -> None:
     assert "not found" in result.stderr
 
 
+def test_user_and_robot_role(cli: Cli) -> None:
+    """user role and robot role change the role user list shows."""
+    cli.ok("user", "add", "acme", "hank", "--role", "writer")
+    cli.ok("robot", "add", "acme", "builder", "--role", "reader")
+    assert "is now maintainer" in cli.ok("user", "role", "acme", "hank", "maintainer")
+    assert "is now writer" in cli.ok("robot", "role", "acme", "builder", "writer")
+    listing = cli.ok("user", "list", "acme")
+    assert "maintainer" in listing.split("hank", 1)[1].splitlines()[0]
+    assert "writer" in listing.split("acme+builder", 1)[1].splitlines()[0]
+    invalid = cli.run("user", "role", "acme", "hank", "admin")
+    assert invalid.returncode == 1
+    assert "invalid role" in invalid.stderr
+
+
 def test_customer_show(cli: Cli) -> None:
     """customer show lists the status, namespace and account counts."""
     cli.ok("customer", "add", "initech", "--name", "Initech")

@@ -206,6 +206,25 @@ def user_reset_password(
     _print_secret(f"new password of user {created.login}", created.password)
 
 
+RoleArgument = Annotated[
+    str, typer.Argument(help="The new role: reader, writer, maintainer or owner.")
+]
+
+
+@user_app.command("role")
+def user_role(
+    customer: str, name: str, role: RoleArgument, data_dir: DataDirOption = None
+) -> None:
+    """Change a user's role on its customer's namespaces, from the next request."""
+    _run(
+        _settings(data_dir=data_dir),
+        lambda s: admin.set_role(
+            s.identity, customer, name, "user", role, audit=_recorder(s)
+        ),
+    )
+    console.print(f"user {name} of {customer} is now {role}")
+
+
 @user_app.command("remove")
 def user_remove(
     customer: CustomerArgument, name: str, data_dir: DataDirOption = None
@@ -319,6 +338,21 @@ def robot_rotate(
     )
     assert created.password is not None
     _print_secret(f"new secret of {created.login}", created.password)
+
+
+@robot_app.command("role")
+def robot_role(
+    customer: str, name: str, role: RoleArgument, data_dir: DataDirOption = None
+) -> None:
+    """Change a robot's role on its customer's namespaces, from the next request."""
+    login = admin.robot_login(customer, name)
+    _run(
+        _settings(data_dir=data_dir),
+        lambda s: admin.set_role(
+            s.identity, customer, login, "robot", role, audit=_recorder(s)
+        ),
+    )
+    console.print(f"robot {login} is now {role}")
 
 
 @robot_app.command("disable")

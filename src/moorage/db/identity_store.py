@@ -400,6 +400,13 @@ class IdentityStore:
                 .values(expires_at=expires_at)
             )
 
+    async def set_role(self, account_id: int, role: str) -> None:
+        """Change an account's role on its customer's own namespaces."""
+        async with begin(self.engine) as connection:
+            await connection.execute(
+                update(accounts).where(accounts.c.id == account_id).values(role=role)
+            )
+
     async def set_disabled(self, account_id: int, disabled: bool) -> None:
         """Disable or enable an account; disabling also rejects its tokens for good,
         so enabling it again does not revive them."""

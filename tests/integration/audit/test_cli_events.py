@@ -24,6 +24,7 @@ from tests.support.database import create_database, drop_database
 CHANGING = {
     "customer add": (["customer", "add", "acme", "--name", "Acme"], "customer.add"),
     "user add": (["user", "add", "acme", "alice", "--role", "writer"], "user.add"),
+    "user role": (["user", "role", "acme", "alice", "maintainer"], "user.role"),
     "user disable": (["user", "disable", "acme", "alice"], "user.disable"),
     "user enable": (["user", "enable", "acme", "alice"], "user.enable"),
     "user reset-password": (
@@ -32,6 +33,7 @@ CHANGING = {
     ),
     "robot add": (["robot", "add", "acme", "ci"], "robot.add"),
     "robot rotate": (["robot", "rotate", "acme", "ci"], "robot.rotate"),
+    "robot role": (["robot", "role", "acme", "ci", "writer"], "robot.role"),
     "robot disable": (["robot", "disable", "acme", "ci"], "robot.disable"),
     "robot enable": (["robot", "enable", "acme", "ci"], "robot.enable"),
     "robot remove": (["robot", "remove", "acme", "ci"], "robot.remove"),

@@ -18,6 +18,7 @@ from moorage.api.admin.models import (
     NewSecret,
     NewUser,
     RobotRotation,
+    RoleChange,
 )
 from moorage.db.identity_store import AccountRecord
 
@@ -100,6 +101,14 @@ async def enable_customer_user(
     return Response(status_code=NO_CONTENT)
 
 
+@router.put("/users/{login}/role", response_model=Account)
+async def set_customer_user_role(
+    request: Request, access: ChangeableCustomer, login: str, body: RoleChange
+) -> Account:
+    """Change a user's role; it applies from the user's next request."""
+    return await _set_role(request, access, login, "user", body.role)
+
+
 @router.post("/users/{login}/password", response_model=NewPassword)
 async def reset_customer_user_password(
     request: Request, access: ChangeableCustomer, login: str
@@ -112,6 +121,15 @@ async def reset_customer_user_password(
     )
     assert created.password is not None
     return NewPassword(login=created.login, password=created.password)
+
+
+async def _set_role(
+    request: Request, access: ChangeableCustomer, login: str, kind: str, role: str
+) -> Account:
+    identity = services_of(request).identity
+    await identity.get_customer(access.slug)
+    await admin.set_role(identity, access.slug, login, kind, role, audit=access.audit)
+    return Account.of(await _account(request, access.slug, login, kind))
 
 
 async def _set_enabled(
@@ -173,6 +191,15 @@ async def remove_customer_robot(
     await identity.get_customer(access.slug)
     await admin.remove_robot(identity, access.slug, name, audit=access.audit)
     return Response(status_code=NO_CONTENT)
+
+
+@router.put("/robots/{name}/role", response_model=Account)
+async def set_customer_robot_role(
+    request: Request, access: ChangeableCustomer, name: str, body: RoleChange
+) -> Account:
+    """Change a robot's role; it applies from the robot's next request."""
+    login = admin.robot_login(access.slug, name)
+    return await _set_role(request, access, login, "robot", body.role)
 
 
 @router.post("/robots/{name}/disable", status_code=NO_CONTENT)

@@ -31,6 +31,12 @@ class NewUser(Body):
     )
 
 
+class RoleChange(Body):
+    role: str = Field(
+        description="reader, writer, maintainer or owner", examples=["reader"]
+    )
+
+
 class NewRobot(Body):
     name: str = Field(description="Its login is CUSTOMER+NAME.", examples=["ci"])
     role: str = Field("reader", description="reader, writer, maintainer or owner")
