@@ -93,11 +93,10 @@ def _measure(
 
 
 def _start(root: Path, name: str, workers: int, audited: bool) -> MoorageRegistry:
-    registry = MoorageRegistry(name, root / name)
-    env = {"MOORAGE_WORKERS": str(workers)}
+    registry = MoorageRegistry(name, root / name, workers=workers)
     if not audited:
-        env["MOORAGE_AUDIT_REQUEST_EVENTS"] = "false"
-    registry.start(env)
+        registry.environment["MOORAGE_AUDIT_REQUEST_EVENTS"] = "false"
+    registry.start()
     return registry
 
 

@@ -114,6 +114,8 @@ class MoorageRegistry(Registry):
     encrypted: bool = False
     workers: int = 2
     robot: tuple[str, str] = ("", "")
+    # Further MOORAGE_ settings for the server process.
+    environment: dict[str, str] = field(default_factory=dict)
 
     @property
     def token_url(self) -> str:
@@ -135,6 +137,7 @@ class MoorageRegistry(Registry):
             MOORAGE_ENCRYPTION="true" if self.encrypted else "false",
             MOORAGE_WORKERS=str(self.workers),
         )
+        env.update(self.environment)
         self.directory.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
