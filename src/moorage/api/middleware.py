@@ -31,6 +31,9 @@ _LOG_FIELDS = (
     "bytes_received",
     "error_code",
 )
+# Probes and metrics skip the wait for room in the audit queue: they record no
+# audit event when they succeed, and they must respond while the writer is behind.
+_UNQUEUED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
 class RequestMiddleware:
@@ -46,6 +49,8 @@ class RequestMiddleware:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
+        if self.observer is not None and scope["path"] not in _UNQUEUED_PATHS:
+            await self.observer.wait_for_audit_room()
         request_id = uuid.uuid4().hex
         state: dict[str, Any] = scope.setdefault("state", {})
         state["request_id"] = request_id

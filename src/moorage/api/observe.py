@@ -73,6 +73,12 @@ class RequestObserver:
         self.services = services
         self._pulls: OrderedDict[tuple[str, str], str] = OrderedDict()
 
+    async def wait_for_audit_room(self) -> None:
+        """Wait before a request while the audit queue is full, so that a client
+        faster than the audit writer waits for its responses instead of leaving
+        request tasks behind that wait to queue their events."""
+        await self.services.audit.wait_for_room()
+
     async def observe(self, finished: FinishedRequest) -> None:
         state = finished.state
         route = _route_name(finished.scope)

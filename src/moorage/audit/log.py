@@ -3,9 +3,15 @@
 Request events (pulls, pushes, logins) go through `record`, which only puts
 them on a bounded in-memory queue. A background writer appends them to the
 database in batches, at most one write per `flush_seconds`. When the queue is
-full, `record` waits, so requests slow down instead of losing events. On a
-graceful shutdown `close` writes everything still queued. A crash (SIGKILL,
-power loss) loses the events queued since the last write: at most
+full, `record` waits, so requests slow down instead of losing events. A
+request records its events after its response was sent, when the client has
+moved on to its next request. The request middleware therefore calls
+`wait_for_room` before it handles a request. Without that wait, a client that
+sends requests faster than the writer stores events leaves one request task
+per response in memory, each waiting in `record`, without limit.
+
+On a graceful shutdown `close` writes everything still queued. A crash
+(SIGKILL, power loss) loses the events queued since the last write: at most
 `flush_seconds` plus the duration of one write, and never more than the queue
 holds.
 
@@ -68,6 +74,9 @@ class AuditLog(Protocol):
     ) -> T:
         """Await a change and write its event, made from its result, with it."""
 
+    async def wait_for_room(self) -> None:
+        """Wait while the queue is full (see the module docstring)."""
+
     async def query(self, where: AuditFilter, limit: int) -> list[StoredEvent]: ...
 
     async def verify(self) -> Verification: ...
@@ -104,6 +113,8 @@ class DatabaseAuditLog:
         # Posts alerts (see moorage.audit.alerts); closed with the log.
         self.alert_webhook: Any | None = None
         self._queue: asyncio.Queue[AuditEvent] = asyncio.Queue(queue_size)
+        # Set when the writer takes events off a full queue.
+        self._room = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
         self._closing = False
         self._checkpoint_at = time.monotonic()
@@ -150,6 +161,11 @@ class DatabaseAuditLog:
         await self._publish(stored)
         return result
 
+    async def wait_for_room(self) -> None:
+        while self._writer is not None and not self._closing and self._queue.full():
+            self._room.clear()
+            await self._room.wait()
+
     def queue_depth(self) -> int:
         return self._queue.qsize()
 
@@ -165,6 +181,7 @@ class DatabaseAuditLog:
             first = await self._queue.get()
             started = time.monotonic()
             batch = [first, *self._drain(self.batch_size - 1)]
+            self._room.set()
             await self._write_with_retry(batch)
             for _ in batch:
                 self._queue.task_done()
@@ -241,6 +258,7 @@ class DatabaseAuditLog:
         if self._closing:
             return
         self._closing = True
+        self._room.set()
         if self._writer is not None:
             await self._queue.join()
             self._writer.cancel()

@@ -6,17 +6,19 @@ import asyncio
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import text
 
-from moorage.audit.events import AuditEvent, event_hash
+from moorage.audit.events import AuditEvent, StoredEvent, event_hash
+from moorage.audit.log import DatabaseAuditLog
 from moorage.config import Settings
-from moorage.db.audit_store import AuditFilter
+from moorage.db.audit_store import AuditFilter, AuditStore
 from moorage.db.schema import utcnow
 from moorage.services import Services, open_services
 from tests.support.database import create_database, drop_database
@@ -179,6 +181,83 @@ async def test_concurrent_writers_form_one_chain(settings: Settings) -> None:
     finally:
         await first.close()
         await second.close()
+
+
+class _HeldStore:
+    """The real audit store, whose appends wait until `release` is set."""
+
+    def __init__(self, store: AuditStore) -> None:
+        self.store = store
+        self.release = asyncio.Event()
+
+    async def append(self, events: Sequence[AuditEvent]) -> list[StoredEvent]:
+        await self.release.wait()
+        return await self.store.append(events)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.store, name)
+
+
+async def _settle() -> None:
+    """Let every ready task run until it waits on something."""
+    for _ in range(20):
+        await asyncio.sleep(0)
+
+
+async def test_wait_for_room_while_queue_full(services: Services) -> None:
+    """A full queue makes `wait_for_room` wait until the writer takes events."""
+    held = _HeldStore(services.audit.store)
+    audit = DatabaseAuditLog(
+        held,  # type: ignore[arg-type]
+        None,
+        queue_size=2,
+        batch_size=1,
+        flush_seconds=0,
+    )
+    await audit.wait_for_room()  # without the writer, nothing is queued
+    audit.start()
+    # The writer takes the first event and waits in `append`; two fill the queue.
+    for index in range(3):
+        await audit.record(AuditEvent("manifest.pull", reference=f"v{index}"))
+    await _settle()
+    assert audit.queue_depth() == 2
+
+    waiting = asyncio.create_task(audit.wait_for_room())
+    await _settle()
+    assert not waiting.done()
+
+    held.release.set()
+    await asyncio.wait_for(waiting, 30)
+    await audit.close()
+    assert audit.written == 3
+    assert len(await services.audit.query(AuditFilter(), 10)) == 3
+
+
+async def test_wait_for_room_returns_once_closing(services: Services) -> None:
+    """Closing the log releases requests that wait for room."""
+    held = _HeldStore(services.audit.store)
+    audit = DatabaseAuditLog(
+        held,  # type: ignore[arg-type]
+        None,
+        queue_size=1,
+        batch_size=1,
+        flush_seconds=0,
+    )
+    audit.start()
+    for index in range(2):
+        await audit.record(AuditEvent("manifest.pull", reference=f"v{index}"))
+    await _settle()
+    waiting = asyncio.create_task(audit.wait_for_room())
+    await _settle()
+    assert not waiting.done()
+
+    closing = asyncio.create_task(audit.close())
+    await _settle()
+    assert waiting.done()
+
+    held.release.set()
+    await asyncio.wait_for(closing, 30)
+    assert audit.written == 2
 
 
 def test_cli_verify_names_edited_row(settings: Settings) -> None:
