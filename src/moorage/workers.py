@@ -12,6 +12,7 @@ already work across processes (see `moorage.storage.registry`).
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import os
 import signal
@@ -27,6 +28,9 @@ from moorage.server import _announce_admin, run_on_uvloop, run_server
 from moorage.services import open_services
 
 log = structlog.get_logger(__name__)
+
+# prctl option: the signal a process gets when its parent dies (linux/prctl.h).
+_PR_SET_PDEATHSIG = 1
 
 
 def run_workers(settings: Settings, console: Console) -> None:
@@ -46,6 +50,24 @@ def run_workers(settings: Settings, console: Console) -> None:
         sys.executable,
         [sys.executable, "-m", "moorage.supervisor", *map(str, workers)],
     )
+
+
+def _stop_with_parent(parent: int) -> None:
+    """Ask Linux to send this worker SIGTERM when its parent dies.
+
+    Without it, a supervisor killed with SIGKILL leaves its workers serving on
+    the port with no process left to stop them. The parent's exec into the supervisor
+    does not count as its death. Elsewhere this does nothing.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        log.warning("setting the parent-death signal failed", errno=ctypes.get_errno())
+        return
+    if os.getppid() != parent:
+        # The parent died before the request took effect.
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _prepare_in_child(settings: Settings, console: Console) -> None:
@@ -86,11 +108,13 @@ async def _prepare(settings: Settings, console: Console) -> None:
 
 
 def _fork(settings: Settings, console: Console, listener: socket.socket) -> int:
+    parent = os.getpid()
     pid = os.fork()
     if pid != 0:
         return pid
     status = 0
     try:
+        _stop_with_parent(parent)
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         run_on_uvloop(run_server(settings, console, [listener], migrated=True))
     except BaseException:

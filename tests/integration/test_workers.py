@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import time
 from pathlib import Path
 
 import httpx
@@ -45,3 +47,34 @@ def test_workers_serve_and_stop_together(tmp_path: Path) -> None:
 
 def _state(pid: int) -> str:
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+def test_workers_stop_when_parent_killed(tmp_path: Path) -> None:
+    """Workers of a supervisor killed with SIGKILL stop instead of serving on."""
+    server = ServerProcess(
+        data_dir=tmp_path / "data", database_url="", extra_env={"MOORAGE_WORKERS": "2"}
+    )
+    server.data_dir.mkdir()
+    server.database_url = create_database(server.data_dir)
+    server.start()
+    try:
+        assert server.process is not None
+        workers = _children(server.process.pid)
+        assert len(workers) == 2
+        server.process.send_signal(signal.SIGKILL)
+        server.process.wait(10)
+        deadline = time.monotonic() + 30
+        running = workers
+        while running and time.monotonic() < deadline:
+            time.sleep(0.2)
+            running = [pid for pid in workers if _alive(pid)]
+        assert running == []
+    finally:
+        for pid in workers:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        drop_database(server.database_url)
+
+
+def _alive(pid: int) -> bool:
+    return os.path.exists(f"/proc/{pid}") and "Z" not in _state(pid)
