@@ -9,6 +9,7 @@ functions the command line uses, on the same database.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -115,10 +116,16 @@ class ServerProcess:
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> None:
         if self.process is None or self.process.poll() is not None:
             return
+        workers = _children(self.process.pid)
         self.process.send_signal(sig)
         try:
             self.process.wait(timeout)
         except subprocess.TimeoutExpired:
+            # Kill the workers too, so that none outlives the test that
+            # started it while it still tries to flush to a dropped database.
+            for pid in workers:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             self.process.kill()
             self.process.wait()
 
@@ -180,3 +187,12 @@ def running_server(
     finally:
         process.stop()
         drop_database(process.database_url)
+
+
+def _children(pid: int) -> list[int]:
+    """Return the child processes of `pid` (the workers of a supervisor)."""
+    found: list[int] = []
+    with contextlib.suppress(FileNotFoundError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            found += [int(child) for child in (task / "children").read_text().split()]
+    return found
