@@ -66,7 +66,7 @@ def throttle_policy(settings: Settings) -> ThrottlePolicy:
 
 
 async def open_services(settings: Settings, *, migrate_schema: bool = True) -> Services:
-    """Connect to the database (migrating it, unless told the schema is current)
+    """Connect to the database (migrating it unless `migrate_schema` is False)
     and the blob store."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     engine = create_engine(settings.resolved_database_url)

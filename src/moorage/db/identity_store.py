@@ -174,7 +174,7 @@ class IdentityStore:
     Every method is one transaction, or joins the open unit of work (see
     `moorage.db.transactions`).
 
-    `account_access` and `get_personal_token` answer from a per-process cache
+    `account_access` and `get_personal_token` return results from a per-process cache
     while the identity revision is unchanged (see moorage.db.identity_revision).
     """
 
