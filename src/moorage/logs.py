@@ -2,13 +2,93 @@
 
 from __future__ import annotations
 
+import asyncio
+import atexit
 import logging
+import os
 import sys
+import threading
+from typing import Any, TextIO
 
 import structlog
 
+# How long a log line may wait in memory before it is written. The registry
+# writes one line per request, and writing each on its own costs a system call
+# per request. A process killed with SIGKILL loses at most this much of its log.
+FLUSH_SECONDS = 0.1
+
+
+class BufferedLineLogger:
+    """A structlog logger that writes debug and info lines in batches.
+
+    Inside a running event loop, the first such line after a write schedules
+    the next write FLUSH_SECONDS later; outside one (the command line, other
+    threads) each line is written at once. A warning or error is written at
+    once, after the lines before it. Remaining lines are written at
+    interpreter exit.
+    """
+
+    def __init__(self, file: TextIO) -> None:
+        self._file = file
+        self._lines: list[str] = []
+        self._lock = threading.Lock()
+        self._scheduled = False
+        atexit.register(self.flush)
+
+    def msg(self, message: str) -> None:
+        with self._lock:
+            self._lines.append(message + "\n")
+            if self._scheduled:
+                return
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                loop = None
+            if loop is not None:
+                self._scheduled = True
+                loop.call_later(FLUSH_SECONDS, self.flush)
+                return
+        self.flush()
+
+    debug = info = msg
+
+    def write_now(self, message: str) -> None:
+        with self._lock:
+            self._lines.append(message + "\n")
+        self.flush()
+
+    log = warn = warning = error = err = critical = exception = write_now
+    fatal = failure = write_now
+
+    def flush(self) -> None:
+        with self._lock:
+            lines, self._lines = self._lines, []
+            self._scheduled = False
+        if not lines:
+            return
+        try:
+            self._file.write("".join(lines))
+            self._file.flush()
+        except (OSError, ValueError):
+            # A closed or broken stderr: there is nowhere left to report it.
+            pass
+
+
+_logger: BufferedLineLogger | None = None
+
+
+def flush_logs() -> None:
+    """Write every buffered log line now (before a fork or an `os._exit`)."""
+    if _logger is not None:
+        _logger.flush()
+
+
+# A forked child must not inherit unwritten lines, or both processes write them.
+os.register_at_fork(before=flush_logs)
+
 
 def configure_logging(level: str = "info", log_format: str = "auto") -> None:
+    global _logger
     use_json = log_format == "json" or (
         log_format == "auto" and not sys.stderr.isatty()
     )
@@ -18,6 +98,13 @@ def configure_logging(level: str = "info", log_format: str = "auto") -> None:
         else structlog.dev.ConsoleRenderer()
     )
     numeric_level = logging.getLevelNamesMapping()[level.upper()]
+    logger = BufferedLineLogger(sys.stderr)
+    flush_logs()
+    _logger = logger
+
+    def logger_factory(*_args: Any) -> BufferedLineLogger:
+        return logger
+
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
@@ -27,7 +114,7 @@ def configure_logging(level: str = "info", log_format: str = "auto") -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric_level),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=logger_factory,
         cache_logger_on_first_use=True,
     )
     logging.basicConfig(level=max(numeric_level, logging.WARNING), stream=sys.stderr)

@@ -24,6 +24,7 @@ from rich.console import Console
 
 from moorage import admin
 from moorage.config import Settings
+from moorage.logs import flush_logs
 from moorage.server import _announce_admin, run_on_uvloop, run_server
 from moorage.services import open_services
 
@@ -82,6 +83,7 @@ def _prepare_in_child(settings: Settings, console: Console) -> None:
             log.exception("preparing the database failed")
             status = 1
         finally:
+            flush_logs()
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(status)
@@ -121,6 +123,7 @@ def _fork(settings: Settings, console: Console, listener: socket.socket) -> int:
         log.exception("worker failed")
         status = 1
     finally:
+        flush_logs()
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(status)

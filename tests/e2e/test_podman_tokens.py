@@ -19,6 +19,7 @@ from moorage import admin
 from tests.support.database import create_database, drop_database
 from tests.support.identity import add_robot
 from tests.support.images import OciLayout, busybox_image
+from tests.support.receivers import wait_until
 from tests.support.server import ServerProcess
 
 # Short enough to watch a token expire; 5 s is the configured minimum.
@@ -150,7 +151,7 @@ def test_podman_refresh_and_revocation(
 
     before = oauth_requests(server)
     refreshing.ok("pull", "-q", *refreshing.registry_args(), image)
-    assert oauth_requests(server) > before
+    assert wait_until(lambda: oauth_requests(server) > before)
     refreshing.ok("rmi", "-f", image)
 
     time.sleep(TOKEN_TTL + LEEWAY + 1)
@@ -160,7 +161,7 @@ def test_podman_refresh_and_revocation(
     assert expired.status_code == 401
     before = oauth_requests(server)
     refreshing.ok("pull", "-q", *refreshing.registry_args(), image)
-    assert oauth_requests(server) > before
+    assert wait_until(lambda: oauth_requests(server) > before)
     refreshing.ok("rmi", "-f", image)
 
     server.run_admin(

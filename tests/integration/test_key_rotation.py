@@ -18,6 +18,7 @@ from tests.integration.test_encryption_at_rest import (
     stored_manifest,
 )
 from tests.support.images import MEDIA_TYPE_OCI_MANIFEST
+from tests.support.receivers import wait_until
 from tests.support.server import ADMIN_LOGIN, ADMIN_PASSWORD, ServerProcess, unique
 
 
@@ -150,8 +151,8 @@ def test_existing_plaintext_is_encrypted_while_serving(tmp_path: Path) -> None:
                 headers={"Accept": MEDIA_TYPE_OCI_MANIFEST},
             )
         assert response.content == manifest
-        assert "plaintext objects encrypted" in server.log()
-        assert "plaintext manifests encrypted" in server.log()
+        assert wait_until(lambda: "plaintext objects encrypted" in server.log())
+        assert wait_until(lambda: "plaintext manifests encrypted" in server.log())
     finally:
         server.stop()
         drop_database(server.database_url)

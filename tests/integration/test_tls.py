@@ -16,6 +16,7 @@ import pytest
 from cryptography import x509
 
 from tests.support.images import OciLayout, busybox_image
+from tests.support.receivers import wait_until
 from tests.support.server import ADMIN_LOGIN, ADMIN_PASSWORD, ServerProcess, unique
 from tests.support.tls import (
     client_cert_dir,
@@ -131,7 +132,7 @@ def test_renewed_certificate_is_served_after_sighup(tmp_path: Path) -> None:
             assert time.monotonic() < deadline, "the renewed certificate was not served"
             time.sleep(0.2)
         assert served_certificate(server).serial_number == expected
-        assert "tls certificate loaded" in server.log()
+        assert wait_until(lambda: "tls certificate loaded" in server.log())
 
 
 def test_renewed_certificate_is_picked_up_by_file_watch(tmp_path: Path) -> None:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
+import os
 import time
-import uuid
 from typing import Any
 
 import structlog
@@ -36,6 +37,28 @@ _LOG_FIELDS = (
 _UNQUEUED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
+class RequestIds:
+    """Request ids: 32 hex digits, a random prefix per process and a counter.
+
+    They are unique without a random draw (a system call) per request, and
+    they are not secrets. A forked child draws a new prefix.
+    """
+
+    def __init__(self) -> None:
+        self._reset()
+        os.register_at_fork(after_in_child=self._reset)
+
+    def _reset(self) -> None:
+        self._prefix = os.urandom(8).hex()
+        self._counter = itertools.count(1)
+
+    def new(self) -> str:
+        return f"{self._prefix}{next(self._counter):016x}"
+
+
+_request_ids = RequestIds()
+
+
 class RequestMiddleware:
     """Adds `Docker-Distribution-API-Version` and `X-Request-Id`, logs each request,
     and turns an unexpected exception into the spec's 500 UNKNOWN error."""
@@ -51,7 +74,7 @@ class RequestMiddleware:
         started = time.perf_counter()
         if self.observer is not None and scope["path"] not in _UNQUEUED_PATHS:
             await self.observer.wait_for_audit_room()
-        request_id = uuid.uuid4().hex
+        request_id = _request_ids.new()
         state: dict[str, Any] = scope.setdefault("state", {})
         state["request_id"] = request_id
         response: dict[str, Any] = {"status": None, "sent": 0}

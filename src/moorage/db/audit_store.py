@@ -17,6 +17,7 @@ from moorage.audit.events import (
     AuditEvent,
     StoredEvent,
     chain,
+    event_values,
     fit,
 )
 from moorage.db.dialects import insert_ignore
@@ -30,6 +31,13 @@ from moorage.db.schema import (
 from moorage.db.transactions import begin, connect, unit_of_work
 
 _EVENT_COLUMNS = [audit_events.c[name] for name in EVENT_FIELDS]
+# The columns of a stored event in the order `_insert_sqlite` binds them.
+_INSERT_COLUMNS = ("seq", *EVENT_FIELDS, "prev_hash", "hash")
+_INSERT_TIME = _INSERT_COLUMNS.index("time")
+_SQLITE_INSERT = (
+    f"INSERT INTO audit_events ({', '.join(_INSERT_COLUMNS)}) "  # noqa: S608 (constant names)
+    f"VALUES ({', '.join('?' for _ in _INSERT_COLUMNS)})"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,7 +105,10 @@ async def append_events(
         )
     ).one()
     stored = chain([fit(event) for event in events], head.seq, head.hash)
-    await connection.execute(audit_events.insert(), [_row(item) for item in stored])
+    if connection.dialect.name == "sqlite":
+        await _insert_sqlite(connection, stored)
+    else:
+        await connection.execute(audit_events.insert(), [_row(item) for item in stored])
     last = stored[-1]
     await connection.execute(
         update(audit_head)
@@ -105,6 +116,25 @@ async def append_events(
         .values(seq=last.seq, hash=last.hash)
     )
     return stored
+
+
+async def _insert_sqlite(
+    connection: AsyncConnection, stored: list[StoredEvent]
+) -> None:
+    """Insert events as plain tuples, skipping SQLAlchemy's per-row bind work.
+
+    Every pull and push adds a row, so on SQLite the statement goes to the driver
+    directly. The time is bound by the column type's own processor, so the rows
+    equal those of a Core insert.
+    """
+    bind_time = audit_events.c.time.type.bind_processor(connection.dialect)
+    assert bind_time is not None
+    rows = []
+    for item in stored:
+        values = [item.seq, *event_values(item.event), item.prev_hash, item.hash]
+        values[_INSERT_TIME] = bind_time(values[_INSERT_TIME])
+        rows.append(tuple(values))
+    await connection.exec_driver_sql(_SQLITE_INSERT, rows)
 
 
 def _row(stored: StoredEvent) -> dict[str, Any]:

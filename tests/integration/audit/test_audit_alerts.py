@@ -82,7 +82,7 @@ def test_failed_login_burst_alerts(
         == 1
     )
     assert wait_until(lambda: _posted(receiver, "failed_logins", login))
-    assert _warned(server, "failed_logins", login)
+    assert wait_until(lambda: _warned(server, "failed_logins", login))
 
 
 def test_shared_credential_alerts(
@@ -102,7 +102,7 @@ def test_shared_credential_alerts(
     alerts = _alerts(server, "shared_credential", login)
     assert len(alerts) == 1
     assert wait_until(lambda: _posted(receiver, "shared_credential", login))
-    assert _warned(server, "shared_credential", login)
+    assert wait_until(lambda: _warned(server, "shared_credential", login))
 
 
 def test_revoked_token_alerts(alerting: tuple[ServerProcess, WebhookReceiver]) -> None:
@@ -130,4 +130,4 @@ def test_revoked_token_alerts(alerting: tuple[ServerProcess, WebhookReceiver]) -
     alerts = _alerts(server, "unusable_credential", login)
     assert len(alerts) == 1
     assert wait_until(lambda: _posted(receiver, "unusable_credential", login))
-    assert _warned(server, "unusable_credential", login)
+    assert wait_until(lambda: _warned(server, "unusable_credential", login))

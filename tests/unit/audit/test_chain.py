@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import json
 from dataclasses import replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -18,7 +18,9 @@ from moorage.audit.events import (
     GENESIS_HASH,
     AuditEvent,
     StoredEvent,
+    canonical_document,
     chain,
+    event_dict,
     event_hash,
 )
 from moorage.audit.verify import ChainChecker, Verification
@@ -91,6 +93,49 @@ def test_hash_covers_every_field() -> None:
             event_hash(1, replace(event, **{name: value}), GENESIS_HASH) != original
         ), name
     assert event_hash(2, event, GENESIS_HASH) != original
+
+
+def _json_dumps_document(seq: int, event: AuditEvent, prev_hash: str) -> str:
+    """Return the hashed document as its definition states it: plain json.dumps."""
+    document = {"seq": seq, **event_dict(event), "prev_hash": prev_hash}
+    return json.dumps(
+        document, sort_keys=True, separators=(",", ":"), ensure_ascii=False
+    )
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        AuditEvent("manifest.pull", time=datetime(2026, 1, 1, tzinfo=UTC)),
+        AuditEvent(
+            "blob.pull",
+            time=datetime(2026, 5, 6, 7, 8, 9, 123456, tzinfo=UTC),
+            actor_account="alice@example.com",
+            actor_customer="acme",
+            source_address="2001:db8::1",
+            user_agent='skopeo/1.9 "quoted" \\ back\\slash',
+            repository="acme/app",
+            reference="v1",
+            digest="sha256:" + "ab" * 32,
+            bytes=2**40,
+            reason="control \x00\x1f\t\n and line separator \u2028 é 漢字 😀",
+            request_id="0123456789abcdef",
+            link="fedcba9876543210",
+        ),
+        AuditEvent(
+            "auth.login",
+            outcome="failure",
+            time=datetime(2026, 3, 1, 12, tzinfo=timezone(timedelta(hours=-5))),
+            bytes=0,
+            reason="",
+        ),
+        AuditEvent("upload.start", time=datetime(999, 1, 1, tzinfo=UTC), bytes=-1),
+    ],
+)
+def test_canonical_document_equals_json_dumps(event: AuditEvent) -> None:
+    expected = _json_dumps_document(7, event, "f" * 64)
+    assert canonical_document(7, event, "f" * 64) == expected
+    assert json.loads(expected)["seq"] == 7
 
 
 def test_chain_names_altered_event() -> None:
