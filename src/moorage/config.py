@@ -232,6 +232,15 @@ class Settings(BaseSettings):
             "this interval plus one write."
         ),
     )
+    audit_shutdown_seconds: float = Field(
+        default=30,
+        gt=0,
+        description=(
+            "Seconds a stopping server keeps retrying failed audit writes. Events "
+            "still unwritten then go to a file under <data_dir>/audit-pending, "
+            "which the next start adds to the audit log."
+        ),
+    )
     audit_checkpoint_events: int = Field(
         default=10_000,
         ge=1,

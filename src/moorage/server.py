@@ -26,6 +26,7 @@ from moorage.audit.retention import start_retention
 from moorage.auth.throttle import LoginThrottle
 from moorage.config import Settings
 from moorage.db.schema import utcnow
+from moorage.logs import flush_logs
 from moorage.services import Services, open_services
 from moorage.storage.encryption.background import start_background_encryption
 
@@ -86,6 +87,9 @@ async def run_server(
     With `migrated`, the parent has migrated the database already.
     """
     services = await open_services(settings, migrate_schema=not migrated)
+    if not migrated:
+        # With workers, the parent adds saved events once, before forking them.
+        await services.audit.import_pending()
     services.audit.start()
     retention = start_retention(services.audit, settings)
     try:
@@ -240,6 +244,9 @@ def _closing_lifespan(services: Services) -> Lifespan[Starlette]:
         yield
         await services.audit.close()
         log.info("audit log closed", events_written=services.audit.written)
+        # uvicorn re-raises the stop signal next, which ends the process
+        # without running exit handlers.
+        flush_logs()
 
     return lifespan
 

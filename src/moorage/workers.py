@@ -72,8 +72,9 @@ def _stop_with_parent(parent: int) -> None:
 
 
 def _prepare_in_child(settings: Settings, console: Console) -> None:
-    """Migrate and create the first admin before any worker starts, in a child
-    process, so that what it imports and allocates leaves with it."""
+    """Migrate, add audit events saved at the last shutdown and create the first
+    admin before any worker starts, in a child process, so that what it imports
+    and allocates leaves with it."""
     pid = os.fork()
     if pid == 0:
         status = 0
@@ -95,6 +96,7 @@ def _prepare_in_child(settings: Settings, console: Console) -> None:
 async def _prepare(settings: Settings, console: Console) -> None:
     services = await open_services(settings)
     try:
+        await services.audit.import_pending()
         password = (
             settings.admin_password.get_secret_value()
             if settings.admin_password

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 
+from sqlalchemy import text
+
 from moorage.audit.events import StoredEvent
 from moorage.db.audit_store import AuditFilter
+from moorage.db.engine import create_engine
+from tests.support.database import backend
 from tests.support.server import ServerProcess
+
+REJECTED = "audit write rejected by the test trigger"
 
 
 def audit_events(
@@ -29,3 +36,38 @@ def wait_for_events(
         if ready(found) or time.monotonic() > deadline:
             return found
         time.sleep(0.2)
+
+
+def rejecting_statements(action: str) -> list[str]:
+    """Return SQL that makes the database reject audit events of one action.
+
+    An action no event has ("none") keeps the trigger but rejects nothing.
+    """
+    if backend() == "sqlite":
+        return [
+            "DROP TRIGGER IF EXISTS reject_audit",
+            f"CREATE TRIGGER reject_audit BEFORE INSERT ON audit_events "
+            f"WHEN NEW.action = '{action}' "
+            f"BEGIN SELECT RAISE(ABORT, '{REJECTED}'); END",
+        ]
+    return [
+        "DROP TRIGGER IF EXISTS reject_audit ON audit_events",
+        "CREATE OR REPLACE FUNCTION reject_audit() RETURNS trigger "
+        f"LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION '{REJECTED}'; END $$",
+        "CREATE TRIGGER reject_audit BEFORE INSERT ON audit_events FOR EACH ROW "
+        f"WHEN (NEW.action = '{action}') EXECUTE FUNCTION reject_audit()",
+    ]
+
+
+async def execute_sql(url: str, statements: list[str]) -> None:
+    engine = create_engine(url)
+    try:
+        async with engine.begin() as connection:
+            for statement in statements:
+                await connection.execute(text(statement))
+    finally:
+        await engine.dispose()
+
+
+def reject_audit_events(database_url: str, action: str) -> None:
+    asyncio.run(execute_sql(database_url, rejecting_statements(action)))

@@ -64,6 +64,7 @@ SIGNING_KEY_ROTATE = "signing_key.rotate"
 KEY_ROTATE = "key.rotate"
 KEY_REENCRYPT = "key.reencrypt"
 AUDIT_ARCHIVE = "audit.archive"
+AUDIT_IMPORT = "audit.import"
 # Alerts raised by the detectors in moorage.audit.alerts.
 ALERT_PREFIX = "alert."
 

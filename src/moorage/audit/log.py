@@ -10,10 +10,12 @@ moved on to its next request. The request middleware therefore calls
 sends requests faster than the writer stores events leaves one request task
 per response in memory, each waiting in `record`, without limit.
 
-On a graceful shutdown `close` writes everything still queued. A crash
-(SIGKILL, power loss) loses the events queued since the last write: at most
-`flush_seconds` plus the duration of one write, and never more than the queue
-holds.
+On a graceful shutdown `close` writes everything still queued. While the
+database fails, it retries for `shutdown_seconds`, then saves the events still
+unwritten to a file in `pending_dir`; `import_pending`, run at the next start,
+appends them to the chain. A crash (SIGKILL, power loss) loses the events
+queued since the last write: at most `flush_seconds` plus the duration of one
+write, and never more than the queue holds.
 
 Administrative changes go through `record_with`: the change and its event
 commit in one database transaction, so both are stored or neither is.
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -39,9 +42,13 @@ from moorage.audit import files
 from moorage.audit.checkpoints import Checkpoint, CheckpointSigner, CheckpointVerifier
 from moorage.audit.events import (
     AUDIT_ARCHIVE,
+    AUDIT_IMPORT,
+    EVENT_FIELDS,
     GENESIS_HASH,
     AuditEvent,
     StoredEvent,
+    event_dict,
+    parse_time,
 )
 from moorage.audit.verify import ChainChecker, Verification, check_stream
 from moorage.db.audit_store import AuditFilter, AuditStore
@@ -49,6 +56,11 @@ from moorage.db.schema import utcnow
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
+
+# Directory under the data directory for events saved at shutdown.
+PENDING_DIRECTORY = "audit-pending"
+# How long `close` waits for a write still running after `shutdown_seconds`.
+_LAST_WRITE_SECONDS = 5.0
 
 
 class AuditSink(Protocol):
@@ -99,6 +111,8 @@ class DatabaseAuditLog:
         flush_seconds: float = 0.5,
         checkpoint_events: int = 10_000,
         checkpoint_seconds: float = 300,
+        shutdown_seconds: float = 30,
+        pending_dir: Path | None = None,
     ) -> None:
         self.store = store
         self.signer = signer
@@ -106,6 +120,8 @@ class DatabaseAuditLog:
         self.flush_seconds = flush_seconds
         self.checkpoint_events = checkpoint_events
         self.checkpoint_seconds = checkpoint_seconds
+        self.shutdown_seconds = shutdown_seconds
+        self.pending_dir = pending_dir
         self.sinks: list[AuditSink] = []
         self.observers: list[EventObserver] = []
         # Public keys of every active token signing key, for verification.
@@ -116,6 +132,10 @@ class DatabaseAuditLog:
         # Set when the writer takes events off a full queue.
         self._room = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
+        # The batch the writer is writing, kept for `close` if it gives up.
+        self._in_flight: list[AuditEvent] = []
+        # Set by `close` when retrying takes longer than `shutdown_seconds`.
+        self._give_up = asyncio.Event()
         self._closing = False
         self._checkpoint_at = time.monotonic()
         self._checkpoint_seq = 0
@@ -182,7 +202,12 @@ class DatabaseAuditLog:
             started = time.monotonic()
             batch = [first, *self._drain(self.batch_size - 1)]
             self._room.set()
-            await self._write_with_retry(batch)
+            self._in_flight = batch
+            stored = await self._append_with_retry(batch)
+            if stored is None:
+                return  # `close` gave up and saves the batch.
+            self._in_flight = []
+            await self._publish_logged(stored)
             for _ in batch:
                 self._queue.task_done()
             if self._queue.qsize() < self.batch_size:
@@ -200,12 +225,14 @@ class DatabaseAuditLog:
                 break
         return batch
 
-    async def _write_with_retry(self, batch: list[AuditEvent]) -> None:
+    async def _append_with_retry(
+        self, batch: list[AuditEvent]
+    ) -> list[StoredEvent] | None:
+        """Append a batch, retrying with backoff; None when `close` gave up."""
         delay = 0.5
         while True:
             try:
-                await self._write(batch)
-                return
+                return await self.store.append(batch)
             except Exception as error:  # noqa: BLE001 (any database error; logged)
                 # The batch stays in memory and the queue fills up, so requests
                 # wait rather than lose their events while the database is away.
@@ -215,8 +242,19 @@ class DatabaseAuditLog:
                     error=str(error),
                     retry_in_seconds=delay,
                 )
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 30)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._give_up.wait(), delay)
+            if self._give_up.is_set():
+                return None
+            delay = min(delay * 2, 30)
+
+    async def _publish_logged(self, stored: list[StoredEvent]) -> None:
+        """Publish appended events. A failure is logged and not retried, because
+        a retry would append the events a second time."""
+        try:
+            await self._publish(stored)
+        except Exception as error:  # noqa: BLE001 (a failed checkpoint; logged)
+            log.error("audit checkpoint failed", error=str(error))
 
     async def _write(self, events: list[AuditEvent]) -> list[StoredEvent]:
         stored = await self.store.append(events)
@@ -253,6 +291,8 @@ class DatabaseAuditLog:
     async def close(self) -> None:
         """Write every queued event, sign a last checkpoint, then stop the sinks.
 
+        While writes fail, retry for `shutdown_seconds`, then save the events
+        still unwritten to a file in `pending_dir` (see `import_pending`).
         Calling it again does nothing.
         """
         if self._closing:
@@ -260,20 +300,110 @@ class DatabaseAuditLog:
         self._closing = True
         self._room.set()
         if self._writer is not None:
-            await self._queue.join()
-            self._writer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._writer
-            self._writer = None
-        pending = self._drain(self._queue.qsize())
-        if pending:
-            await self._write(pending)
-        if self.written:
-            await self.checkpoint()
+            await self._stop_writer()
+        pending = [*self._in_flight, *self._drain(self._queue.qsize())]
+        self._in_flight = []
+        if pending and self._give_up.is_set():
+            self._save_pending(pending)
+        elif pending:
+            try:
+                await self._write(pending)
+            except Exception as error:  # noqa: BLE001 (any database error; logged)
+                log.error("audit write failed at shutdown", error=str(error))
+                self._save_pending(pending)
+        if self.written and not self._give_up.is_set():
+            try:
+                await self.checkpoint()
+            except Exception as error:  # noqa: BLE001 (any database error; logged)
+                log.error("audit checkpoint failed at shutdown", error=str(error))
         for sink in self.sinks:
             await sink.close()
         if self.alert_webhook is not None:
             await self.alert_webhook.close()
+
+    async def _stop_writer(self) -> None:
+        """Let the writer empty the queue, for at most `shutdown_seconds`."""
+        assert self._writer is not None
+        try:
+            await asyncio.wait_for(self._queue.join(), self.shutdown_seconds)
+        except TimeoutError:
+            log.error(
+                "audit writes still failing at shutdown; saving the queued "
+                "events to a file",
+                queued=self._queue.qsize() + len(self._in_flight),
+                waited_seconds=self.shutdown_seconds,
+            )
+            self._give_up.set()
+            # The writer stops after its current attempt. One that hangs (a
+            # database that does not answer) is cancelled.
+            # NOTE: a write cancelled after its commit went through is saved to
+            # the file as well, so the next start adds those events twice.
+            await asyncio.wait({self._writer}, timeout=_LAST_WRITE_SECONDS)
+        self._writer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._writer
+        self._writer = None
+
+    def _save_pending(self, events: list[AuditEvent]) -> Path | None:
+        """Write events to a new file in `pending_dir` and sync it to disk."""
+        if self.pending_dir is None:
+            log.error(
+                "audit events lost: no directory to save them", events=len(events)
+            )
+            return None
+        self.pending_dir.mkdir(parents=True, exist_ok=True)
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        path = self.pending_dir / f"audit-pending-{stamp}-{os.getpid()}.jsonl"
+        temporary = path.with_suffix(".tmp")
+        with temporary.open("w", encoding="utf-8") as out:
+            for event in events:
+                out.write(json.dumps(event_dict(event), ensure_ascii=False) + "\n")
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temporary, path)
+        _sync_directory(self.pending_dir)
+        log.error(
+            "audit events saved to a file; the next start adds them to the log",
+            events=len(events),
+            path=str(path),
+        )
+        return path
+
+    async def import_pending(self) -> int:
+        """Append the events that a stopping server saved to files; return how many.
+
+        Each file is appended in one transaction together with an `audit.import`
+        event that names it, and removed afterwards. A file whose import event
+        exists already (the process stopped before removing it) is only removed.
+        A file that cannot be read is logged and left in place.
+        """
+        if self.pending_dir is None or not self.pending_dir.is_dir():
+            return 0
+        imported = 0
+        for path in sorted(self.pending_dir.glob("audit-pending-*.jsonl")):
+            if await self.store.has_event(AUDIT_IMPORT, path.name):
+                path.unlink()
+                continue
+            try:
+                events = _read_pending(path)
+            except (OSError, ValueError, TypeError, KeyError) as error:
+                log.error(
+                    "saved audit events unreadable; left in place",
+                    path=str(path),
+                    error=str(error),
+                )
+                continue
+            marker = AuditEvent(
+                AUDIT_IMPORT,
+                reference=path.name,
+                reason=f"added {len(events)} events saved at shutdown",
+            )
+            stored = await self.store.append([*events, marker])
+            await self._publish_logged(stored)
+            path.unlink()
+            imported += len(events)
+            log.info("saved audit events added", path=str(path), events=len(events))
+        return imported
 
     # Reading
 
@@ -378,6 +508,27 @@ class DatabaseAuditLog:
             ),
         )
         return path
+
+
+def _sync_directory(path: Path) -> None:
+    """Make the creation or rename of a file in `path` durable."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _read_pending(path: Path) -> list[AuditEvent]:
+    events = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        data = json.loads(line)
+        values = {name: data.get(name) for name in EVENT_FIELDS}
+        values["time"] = parse_time(str(data["time"]))
+        events.append(AuditEvent(**values))
+    return events
 
 
 def _check_archive(path: Path, expected_prev: str, recorded_last: str) -> str | None:

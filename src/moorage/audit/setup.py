@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from moorage.audit.alerts import AlertDetector, AlertPublisher, AlertSettings
 from moorage.audit.checkpoints import CheckpointSigner
-from moorage.audit.log import DatabaseAuditLog, EventObserver
+from moorage.audit.log import PENDING_DIRECTORY, DatabaseAuditLog, EventObserver
 from moorage.audit.sinks import SyslogSink, WebhookSender
 from moorage.config import Settings
 from moorage.db.audit_store import AuditStore
@@ -26,6 +26,8 @@ def open_audit_log(
         flush_seconds=settings.audit_flush_seconds,
         checkpoint_events=settings.audit_checkpoint_events,
         checkpoint_seconds=settings.audit_checkpoint_seconds,
+        shutdown_seconds=settings.audit_shutdown_seconds,
+        pending_dir=settings.data_dir / PENDING_DIRECTORY,
     )
     if settings.audit_syslog:
         audit.sinks.append(SyslogSink(settings.audit_syslog))

@@ -199,6 +199,17 @@ class AuditStore:
         async with begin(self.engine) as connection:
             return await append_events(connection, events)
 
+    async def has_event(self, action: str, reference: str) -> bool:
+        """Return whether an event with this action and reference is stored."""
+        query = (
+            select(audit_events.c.seq)
+            .where(audit_events.c.action == action)
+            .where(audit_events.c.reference == reference)
+            .limit(1)
+        )
+        async with connect(self.engine) as connection:
+            return (await connection.execute(query)).first() is not None
+
     async def head(self) -> tuple[int, str]:
         async with connect(self.engine) as connection:
             row = (

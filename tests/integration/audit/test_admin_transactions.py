@@ -34,12 +34,17 @@ from moorage.db.schema import (
 )
 from moorage.errors import ConflictError, NotFoundError
 from moorage.services import Services, open_services
-from tests.support.audit import audit_events
-from tests.support.database import backend, create_database, drop_database
+from tests.support.audit import (
+    REJECTED,
+    audit_events,
+    execute_sql,
+    reject_audit_events,
+    rejecting_statements,
+)
+from tests.support.database import create_database, drop_database
 from tests.support.oci_client import pull_image, push_image, small_image
 from tests.support.server import ServerProcess
 
-REJECTED = "audit write rejected by the test trigger"
 # Tables that administrative commands change, compared row by row.
 ADMIN_TABLES = (
     customers,
@@ -82,38 +87,6 @@ def _cli(settings: Settings, *arguments: str) -> subprocess.CompletedProcess[str
         text=True,
         check=False,
     )
-
-
-def _trigger_statements(action: str) -> list[str]:
-    """Return SQL that makes the database reject audit events of one action."""
-    if backend() == "sqlite":
-        return [
-            "DROP TRIGGER IF EXISTS reject_audit",
-            f"CREATE TRIGGER reject_audit BEFORE INSERT ON audit_events "
-            f"WHEN NEW.action = '{action}' "
-            f"BEGIN SELECT RAISE(ABORT, '{REJECTED}'); END",
-        ]
-    return [
-        "DROP TRIGGER IF EXISTS reject_audit ON audit_events",
-        "CREATE OR REPLACE FUNCTION reject_audit() RETURNS trigger "
-        f"LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION '{REJECTED}'; END $$",
-        "CREATE TRIGGER reject_audit BEFORE INSERT ON audit_events FOR EACH ROW "
-        f"WHEN (NEW.action = '{action}') EXECUTE FUNCTION reject_audit()",
-    ]
-
-
-async def _sql_async(url: str, statements: list[str]) -> None:
-    engine = create_engine(url)
-    try:
-        async with engine.begin() as connection:
-            for statement in statements:
-                await connection.execute(text(statement))
-    finally:
-        await engine.dispose()
-
-
-def _reject_audit_events(settings: Settings, action: str) -> None:
-    asyncio.run(_sql_async(settings.resolved_database_url, _trigger_statements(action)))
 
 
 async def _snapshot_async(url: str) -> dict[str, Any]:
@@ -189,7 +162,7 @@ def test_rejected_audit_write_keeps_no_change(settings: Settings) -> None:
         assert prepared.returncode == 0, prepared.stderr
 
     for name, (arguments, action) in REJECTED_COMMANDS.items():
-        _reject_audit_events(settings, action)
+        reject_audit_events(settings.resolved_database_url, action)
         before = _snapshot(settings)
         completed = _cli(settings, *arguments)
         after = _snapshot(settings)
@@ -198,11 +171,11 @@ def test_rejected_audit_write_keeps_no_change(settings: Settings) -> None:
         assert after == before, name
 
     # Shredding needs a suspended customer with a key-encryption key.
-    _reject_audit_events(settings, "none")
+    reject_audit_events(settings.resolved_database_url, "none")
     asyncio.run(_create_owner_key(settings, "customer:acme"))
     suspended = _cli(settings, "customer", "suspend", "acme")
     assert suspended.returncode == 0, suspended.stderr
-    _reject_audit_events(settings, "customer.shred")
+    reject_audit_events(settings.resolved_database_url, "customer.shred")
     before = _snapshot(settings)
     assert "customer:acme" in [row[0] for row in before["sealed_keys"]]
     shredded = _cli(settings, "customer", "shred", "acme", "--confirm")
@@ -210,7 +183,7 @@ def test_rejected_audit_write_keeps_no_change(settings: Settings) -> None:
     assert REJECTED in shredded.stderr, shredded.stderr
     assert _snapshot(settings) == before
 
-    _reject_audit_events(settings, "none")
+    reject_audit_events(settings.resolved_database_url, "none")
     verified = _cli(settings, "audit", "verify")
     assert verified.returncode == 0, verified.stderr
 
@@ -222,7 +195,7 @@ async def test_rejected_audit_write_reaches_no_observer(
     observed: list[AuditEvent] = []
     services.audit.observers.append(observed.append)
     recorder = AdminRecorder(services.audit, Actor("os:test"))
-    await _sql_async(settings.resolved_database_url, _trigger_statements("grant.add"))
+    await execute_sql(settings.resolved_database_url, rejecting_statements("grant.add"))
     await admin.add_customer(services.identity, "acme", "Acme", None, audit=recorder)
     written = services.audit.written
 
