@@ -2,18 +2,28 @@
 
 Two Moorage servers run side by side on loopback: one as shipped, and one with
 `MOORAGE_AUDIT_REQUEST_EVENTS=false`, the measurement setting that stops
-recording pulls, pushes and logins. wrk sends manifest GETs by tag and blob GETs
-(a 16 KiB layer) to each, alternating which goes first, for several rounds. The
-cost is reported as the drop in requests/s and the rise in server CPU seconds
-per 1,000 requests, each as a percentage of the server without request events.
-On a shared machine the CPU figure is the steadier of the two.
+recording pulls, pushes and logins. Each scenario runs against both,
+alternating which goes first, for several rounds:
+
+- small requests with wrk: manifest GETs by tag and GETs of a 16 KiB blob,
+  where every response is one audit event;
+- a 4 MiB layer fetched with wrk, about the size of a real image's layer;
+- the main benchmark's pull: 8 clients each pulling the whole benchmark blob
+  (1 GiB, or 32 MiB with --quick).
+
+The cost is reported as the drop in throughput and the rise in server CPU
+seconds per unit of work (1,000 requests or 1 GiB), each as a percentage of the
+server without request events. On a shared machine the CPU figure is the
+steadier of the two.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
+import random
 import shutil
 import statistics
 import sys
@@ -27,7 +37,17 @@ from typing import Any
 from bench import procstat
 from bench.load import LoadResult, run_wrk
 from bench.runner import load_average, machine
-from bench.scenarios import MANIFEST_TYPE, Context, Sizes, setup_small_requests
+from bench.scenarios import (
+    GIB,
+    MANIFEST_TYPE,
+    MIB,
+    Context,
+    Sizes,
+    make_blob,
+    pull_eight,
+    setup_pull,
+    setup_small_requests,
+)
 from bench.servers import MoorageRegistry
 
 AUDITED = "audited"
@@ -36,60 +56,106 @@ UNAUDITED = "unaudited"
 # load ends puts the last batch's write inside the CPU measurement.
 FLUSH_WAIT_SECONDS = 1.5
 QUICK_LOAD_SECONDS = 3
+LAYER_BYTES = 4 * MIB
 
 
 @dataclass(frozen=True)
 class Sample:
-    requests_per_second: float
-    cpu_seconds_per_1k: float
+    rate: float
+    cpu_seconds_per_unit: float
 
 
-def _manifest_get(context: Context, registry: MoorageRegistry) -> LoadResult:
+@dataclass(frozen=True)
+class Measured:
+    """What one run of a scenario did: its throughput and its units of work."""
+
+    rate: float
+    units: float
+
+
+@dataclass(frozen=True)
+class Scenario:
+    run: Callable[[Context, MoorageRegistry], Measured]
+    rate_unit: str
+    work_unit: str
+
+
+def _requests(result: LoadResult, seconds: float) -> Measured:
+    if result.requests == 0:
+        raise RuntimeError(
+            f"wrk completed no request in {seconds} s; the machine may be "
+            "overloaded, so run again with longer loads (without --quick)"
+        )
+    return Measured(result.requests_per_second, result.requests / 1000)
+
+
+def _manifest_get(context: Context, registry: MoorageRegistry) -> Measured:
     token = context.token(["repository:bench/small:pull"])
-    return run_wrk(
+    result = run_wrk(
         f"{registry.url}/v2/bench/small/manifests/latest",
         {"Authorization": f"Bearer {token}", "Accept": MANIFEST_TYPE},
         connections=context.sizes.connections,
         seconds=context.sizes.load_seconds,
     )
+    return _requests(result, context.sizes.load_seconds)
 
 
-def _blob_get(context: Context, registry: MoorageRegistry) -> LoadResult:
+def _blob_get(context: Context, registry: MoorageRegistry) -> Measured:
     token = context.token(["repository:bench/small:pull"])
     layer = context.small_manifest["layer"]
-    return run_wrk(
+    result = run_wrk(
         f"{registry.url}/v2/bench/small/blobs/{layer}",
         {"Authorization": f"Bearer {token}"},
         connections=context.sizes.connections,
         seconds=context.sizes.load_seconds,
     )
+    return _requests(result, context.sizes.load_seconds)
 
 
-SCENARIOS: dict[str, Callable[[Context, MoorageRegistry], LoadResult]] = {
-    "manifest_get": _manifest_get,
-    "blob_get": _blob_get,
+def _layer_get(context: Context, registry: MoorageRegistry) -> Measured:
+    token = context.token(["repository:bench/layer:pull"])
+    # Fewer connections than the small requests: 64 concurrent 4 MiB bodies
+    # measure loopback buffers more than the server.
+    result = run_wrk(
+        f"{registry.url}/v2/bench/layer/blobs/{context.small_manifest['big_layer']}",
+        {"Authorization": f"Bearer {token}"},
+        connections=8,
+        seconds=context.sizes.load_seconds,
+    )
+    measured = _requests(result, context.sizes.load_seconds)
+    gib = measured.units * 1000 * LAYER_BYTES / GIB
+    return Measured(measured.rate * LAYER_BYTES / 1e6, gib)
+
+
+def _pull_eight(context: Context, registry: MoorageRegistry) -> Measured:
+    outcome = pull_eight(context, registry, 0)
+    return Measured(outcome.value, outcome.work)
+
+
+def _setup_layer(context: Context, registry: MoorageRegistry) -> None:
+    client = context.client(registry, ["bench/layer"])
+    data = random.Random(2).randbytes(LAYER_BYTES)  # noqa: S311 - test data
+    digest = f"sha256:{hashlib.sha256(data).hexdigest()}"
+    client.push_blob("bench/layer", digest, memoryview(data))
+    client.close()
+    context.small_manifest["big_layer"] = digest
+
+
+SCENARIOS: dict[str, Scenario] = {
+    "manifest_get": Scenario(_manifest_get, "req/s", "1k requests"),
+    "blob_get": Scenario(_blob_get, "req/s", "1k requests"),
+    "layer_get": Scenario(_layer_get, "MB/s", "GiB"),
+    "pull_eight": Scenario(_pull_eight, "MB/s", "GiB"),
 }
 
 
-def _measure(
-    run: Callable[[Context, MoorageRegistry], LoadResult],
-    context: Context,
-    registry: MoorageRegistry,
-) -> Sample:
+def _measure(scenario: Scenario, context: Context, registry: MoorageRegistry) -> Sample:
     meter = procstat.UsageMeter(registry.pid)
     meter.start()
-    result = run(context, registry)
+    measured = scenario.run(context, registry)
     time.sleep(FLUSH_WAIT_SECONDS)
     usage = meter.stop()
-    if result.requests == 0:
-        raise RuntimeError(
-            f"wrk completed no request against {registry.name} in "
-            f"{context.sizes.load_seconds} s; the machine may be overloaded, so "
-            "run again with longer loads (without --quick)"
-        )
-    return Sample(
-        result.requests_per_second, usage.cpu_seconds / (result.requests / 1000)
-    )
+    return Sample(measured.rate, usage.cpu_seconds / measured.units)
 
 
 def _start(root: Path, name: str, workers: int, audited: bool) -> MoorageRegistry:
@@ -100,19 +166,20 @@ def _start(root: Path, name: str, workers: int, audited: bool) -> MoorageRegistr
     return registry
 
 
-def _cost(samples: dict[str, list[Sample]]) -> dict[str, Any]:
+def _cost(samples: dict[str, list[Sample]], scenario: Scenario) -> dict[str, Any]:
     """Return the medians and the cost of auditing as percentages."""
     rate = {
-        name: statistics.median(s.requests_per_second for s in runs)
-        for name, runs in samples.items()
+        name: statistics.median(s.rate for s in runs) for name, runs in samples.items()
     }
     cpu = {
-        name: statistics.median(s.cpu_seconds_per_1k for s in runs)
+        name: statistics.median(s.cpu_seconds_per_unit for s in runs)
         for name, runs in samples.items()
     }
     return {
-        "requests_per_second": rate,
-        "cpu_seconds_per_1k_requests": cpu,
+        "rate_unit": scenario.rate_unit,
+        "cpu_unit": f"CPU s per {scenario.work_unit}",
+        "rate": rate,
+        "cpu_seconds_per_unit": cpu,
         "rate_cost_percent": 100 * (rate[UNAUDITED] - rate[AUDITED]) / rate[UNAUDITED],
         "cpu_cost_percent": 100 * (cpu[AUDITED] - cpu[UNAUDITED]) / cpu[UNAUDITED],
         "samples": {
@@ -138,12 +205,15 @@ def run(sizes: Sizes, rounds: int, workers: int, log: Any = print) -> dict[str, 
     }
     results: dict[str, Any] = {}
     try:
+        blob, blob_digest = make_blob(workdir, sizes.blob_bytes)
         contexts = {
-            name: Context(sizes, f"{server.url}/token", workdir, memoryview(b""), "")
+            name: Context(sizes, f"{server.url}/token", workdir, blob, blob_digest)
             for name, server in servers.items()
         }
         for name, server in servers.items():
             setup_small_requests(contexts[name], server)
+            _setup_layer(contexts[name], server)
+            setup_pull(contexts[name], server)
         for key, scenario in SCENARIOS.items():
             samples: dict[str, list[Sample]] = {AUDITED: [], UNAUDITED: []}
             for round_ in range(rounds):
@@ -155,11 +225,11 @@ def run(sizes: Sizes, rounds: int, workers: int, log: Any = print) -> dict[str, 
                     samples[name].append(sample)
                     log(
                         f"{key:13} round {round_ + 1} {name:9} "
-                        f"{sample.requests_per_second:9.0f} req/s  "
-                        f"{sample.cpu_seconds_per_1k:6.3f} CPU s/1k  "
-                        f"load {load_average()}"
+                        f"{sample.rate:9.0f} {scenario.rate_unit:5}  "
+                        f"{sample.cpu_seconds_per_unit:6.3f} CPU s per "
+                        f"{scenario.work_unit}  load {load_average()}"
                     )
-            results[key] = _cost(samples)
+            results[key] = _cost(samples, scenario)
     finally:
         for server in servers.values():
             server.stop()
@@ -170,17 +240,18 @@ def run(sizes: Sizes, rounds: int, workers: int, log: Any = print) -> dict[str, 
 
 def render(results: dict[str, Any]) -> str:
     lines = [
-        "| scenario | req/s audited | req/s without | cost | "
-        "CPU s/1k audited | CPU s/1k without | cost |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| scenario | unit | audited | without | cost | CPU unit | "
+        "CPU audited | CPU without | cost |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for key, figures in results["scenarios"].items():
-        rate = figures["requests_per_second"]
-        cpu = figures["cpu_seconds_per_1k_requests"]
+        rate = figures["rate"]
+        cpu = figures["cpu_seconds_per_unit"]
         lines.append(
-            f"| {key} | {rate[AUDITED]:.0f} | {rate[UNAUDITED]:.0f} | "
-            f"{figures['rate_cost_percent']:.1f} % | {cpu[AUDITED]:.3f} | "
-            f"{cpu[UNAUDITED]:.3f} | {figures['cpu_cost_percent']:.1f} % |"
+            f"| {key} | {figures['rate_unit']} | {rate[AUDITED]:,.0f} | "
+            f"{rate[UNAUDITED]:,.0f} | {figures['rate_cost_percent']:.1f} % | "
+            f"{figures['cpu_unit']} | {cpu[AUDITED]:.3f} | {cpu[UNAUDITED]:.3f} | "
+            f"{figures['cpu_cost_percent']:.1f} % |"
         )
     return "\n".join(lines)
 

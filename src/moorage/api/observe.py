@@ -153,19 +153,34 @@ class RequestObserver:
         """Return the fields every event of this request shares."""
         state = finished.state
         caller = state.get("caller")
-        request = Request(finished.scope)
         principal = caller.principal if caller is not None else None
         return {
             "actor_account": principal.login if principal else None,
             "actor_customer": principal.customer_slug if principal else None,
-            "source_address": client_address(request, self.services.trust),
-            "user_agent": request.headers.get("user-agent"),
+            "source_address": self._source_address(finished.scope),
+            "user_agent": _user_agent(finished.scope),
             "repository": state.get("repository"),
             "reference": state.get("reference") or state.get("upload_id"),
             "digest": state.get("digest"),
             "request_id": state.get("request_id"),
             "reason": state.get("token_scopes"),
         }
+
+    def _source_address(self, scope: Scope) -> str | None:
+        client = scope.get("client")
+        peer = client[0] if client else None
+        if not self.services.trust.trusts(peer):
+            return peer
+        return client_address(Request(scope), self.services.trust)
+
+
+def _user_agent(scope: Scope) -> str | None:
+    """Return the User-Agent header, read from the raw headers without parsing
+    them all (this runs for every audited request)."""
+    for name, value in scope["headers"]:
+        if name == b"user-agent":
+            return str(value.decode("latin-1"))
+    return None
 
 
 def _auth_event(common: dict[str, Any], attempt: AuthAttempt) -> AuditEvent:
