@@ -10,7 +10,7 @@ from moorage.api.access import RequestGuard
 from moorage.api.http import ProxyTrust
 from moorage.audit.log import DatabaseAuditLog
 from moorage.audit.setup import open_audit_log
-from moorage.auth.authenticator import Authenticator
+from moorage.auth.authenticator import Authenticator, password_check_limit
 from moorage.auth.secrets import SECRET_HASH_KEY
 from moorage.auth.throttle import Limit, LoginThrottle, ThrottlePolicy
 from moorage.auth.tokens import TokenService, open_signing_key
@@ -93,6 +93,7 @@ async def open_services(settings: Settings, *, migrate_schema: bool = True) -> S
         secret_key,
         LoginThrottle(LoginFailureStore(engine), throttle_policy(settings)),
         RefreshTokenStore(engine),
+        max_password_checks=password_check_limit(settings.workers),
     )
     trust = ProxyTrust(settings.trusted_proxies)
     guard = RequestGuard(authenticator, settings, trust)

@@ -26,7 +26,8 @@ from fastapi import FastAPI
 from starlette.routing import BaseRoute, Mount, Route
 
 from moorage import admin
-from moorage.api.admin.app import PREFIX as ADMIN_API_PREFIX
+from moorage.api.admin import PREFIX as ADMIN_API_PREFIX
+from moorage.api.admin import AdminApiOnFirstUse
 from moorage.api.admin.app import ROUTERS as ADMIN_API_ROUTERS
 from moorage.api.app import build_routes
 from tests.integration.test_admin_api_matrix import API_ENDPOINTS, API_OTHER_ROUTES
@@ -340,8 +341,8 @@ def _flatten(routes: object, prefix: str = "") -> list[tuple[str, Route]]:
     found: list[tuple[str, Route]] = []
     for route in routes:
         assert isinstance(route, BaseRoute)
-        if isinstance(route, Mount) and isinstance(route.app, FastAPI):
-            found += _flatten_api(route.app, prefix + route.path)
+        if isinstance(route, Mount) and isinstance(route.app, AdminApiOnFirstUse):
+            found += _flatten_api(route.app.build(), prefix + route.path)
             continue
         if isinstance(route, Mount):
             found += _flatten(list(route.routes), prefix + route.path)

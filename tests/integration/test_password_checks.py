@@ -1,49 +1,141 @@
-"""Concurrent password logins share argon2id work and memory."""
+"""Concurrent password logins share argon2id work and stay within its bound."""
 
 from __future__ import annotations
 
 import asyncio
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import pytest
 
 from moorage.auth import authenticator
-from moorage.auth.authenticator import MAX_CONCURRENT_PASSWORD_CHECKS
+from moorage.errors import UnauthorizedError
 from moorage.services import Services
 from tests.support.server import ServerProcess
 
-LOGINS = 3 * MAX_CONCURRENT_PASSWORD_CHECKS
+LOGINS = 16
+# The signature of verify_password: stored hash (None for the dummy), password.
+VerifyPassword = Callable[[str | None, str], bool]
 
 
-def test_concurrent_logins_share_verification(
-    server: ServerProcess, monkeypatch: pytest.MonkeyPatch
+@dataclass
+class VerifyCounter:
+    """Counts argon2id verifications and the most that ran at the same time."""
+
+    total: int = 0
+    running: int = 0
+    peak: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    started: threading.Event = field(default_factory=threading.Event)
+
+    def wrap(self, verify: VerifyPassword) -> VerifyPassword:
+        def counting_verify(stored: str | None, given: str) -> bool:
+            with self.lock:
+                self.total += 1
+                self.running += 1
+                self.peak = max(self.peak, self.running)
+            self.started.set()
+            try:
+                return verify(stored, given)
+            finally:
+                with self.lock:
+                    self.running -= 1
+
+        return counting_verify
+
+
+@pytest.fixture
+def counter(monkeypatch: pytest.MonkeyPatch) -> VerifyCounter:
+    counter = VerifyCounter()
+    monkeypatch.setattr(
+        authenticator, "verify_password", counter.wrap(authenticator.verify_password)
+    )
+    return counter
+
+
+def test_same_credentials_verified_once(
+    server: ServerProcess, counter: VerifyCounter
 ) -> None:
-    """A burst of logins with the same password runs argon2id at most once per
-    slot, and never more than MAX_CONCURRENT_PASSWORD_CHECKS at a time."""
+    """A burst of logins with the same credentials runs argon2id once."""
     customer = server.add_customer()
     login, password = server.add_user(customer, "reader")
-    real_verify = authenticator.verify_password
-    calls = {"total": 0, "running": 0, "peak": 0}
 
-    def counting_verify(stored: str | None, given: str) -> bool:
-        calls["total"] += 1
-        calls["running"] += 1
-        calls["peak"] = max(calls["peak"], calls["running"])
-        try:
-            return real_verify(stored, given)
-        finally:
-            calls["running"] -= 1
-
-    monkeypatch.setattr(authenticator, "verify_password", counting_verify)
-
-    async def burst(services: Services) -> None:
-        await asyncio.gather(
+    async def burst(services: Services) -> list[str]:
+        principals = await asyncio.gather(
             *(
                 services.authenticator.login(login, password, f"192.0.2.{index}")
                 for index in range(LOGINS)
             )
         )
+        return [principal.login for principal in principals]
+
+    assert server.run_admin(burst) == [login] * LOGINS
+    assert counter.total == 1
+
+
+def test_wrong_password_burst_verified_once(
+    server: ServerProcess, counter: VerifyCounter
+) -> None:
+    """Concurrent logins with the same wrong password share one check, and each
+    of them fails."""
+    customer = server.add_customer()
+    login, _ = server.add_user(customer, "reader")
+
+    async def burst(services: Services) -> list[BaseException | object]:
+        return await asyncio.gather(
+            *(
+                services.authenticator.login(login, "wrong-password-1234")
+                for _ in range(4)
+            ),
+            return_exceptions=True,
+        )
+
+    results = server.run_admin(burst)
+    assert all(isinstance(result, UnauthorizedError) for result in results)
+    assert counter.total == 1
+
+
+def test_different_users_within_bound(
+    server: ServerProcess, counter: VerifyCounter
+) -> None:
+    """Logins of different users each run argon2id, never more at once than the
+    authenticator's bound."""
+    customer = server.add_customer()
+    users = [server.add_user(customer, "reader") for _ in range(6)]
+    limits: list[int] = []
+
+    async def burst(services: Services) -> None:
+        limits.append(services.authenticator.max_password_checks)
+        await asyncio.gather(
+            *(
+                services.authenticator.login(login, password)
+                for login, password in users
+            )
+        )
 
     server.run_admin(burst)
-    assert calls["total"] <= MAX_CONCURRENT_PASSWORD_CHECKS
-    assert calls["peak"] <= MAX_CONCURRENT_PASSWORD_CHECKS
-    assert calls["total"] >= 1
+    assert counter.total == len(users)
+    assert counter.peak <= limits[0]
+    assert counter.peak >= 1
+
+
+def test_cancelled_login_leaves_check_running(
+    server: ServerProcess, counter: VerifyCounter
+) -> None:
+    """When the first of two concurrent logins is cancelled, the second still
+    gets the shared result."""
+    customer = server.add_customer()
+    login, password = server.add_user(customer, "reader")
+
+    async def cancel_first(services: Services) -> str:
+        first = asyncio.create_task(services.authenticator.login(login, password))
+        second = asyncio.create_task(services.authenticator.login(login, password))
+        assert await asyncio.to_thread(counter.started.wait, 30)
+        first.cancel()
+        principal = await second
+        assert first.cancelled()
+        return principal.login
+
+    assert server.run_admin(cancel_first) == login
+    assert counter.total == 1

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import hmac
+import secrets
 import time
 from collections import OrderedDict
 from datetime import UTC, datetime
@@ -24,6 +26,7 @@ from moorage.auth.access import Grant, Principal
 from moorage.auth.secrets import (
     PERSONAL_TOKEN_PREFIX,
     is_keyed_hash,
+    usable_cpu_count,
     verify_keyed,
     verify_password,
 )
@@ -49,13 +52,21 @@ log = structlog.get_logger(__name__)
 
 # A verified password is remembered this long, so that clients which send Basic
 # credentials on every request do not pay an argon2id verification each time.
-# The entry is keyed by a hash of the credentials and dropped when the account's
-# token generation changes (secret rotated or tokens revoked).
+# The entry is keyed by an HMAC of the credentials under a random per-process
+# key, and dropped when the account's token generation changes (secret rotated
+# or tokens revoked).
 PASSWORD_CACHE_SECONDS = 60
 PASSWORD_CACHE_ENTRIES = 10_000
-# An argon2id verification takes 64 MiB of memory, so at most this many run at
-# once and a burst of logins waits instead of taking gigabytes.
-MAX_CONCURRENT_PASSWORD_CHECKS = 4
+
+
+def password_check_limit(workers: int) -> int:
+    """Return how many argon2id verifications each of `workers` server
+    processes may run at once: its share of the usable CPU cores, at least one.
+
+    Each verification takes a core and 64 MiB while it runs, so together the
+    processes run at most one per core unless there are more workers than cores.
+    """
+    return max(1, usable_cpu_count() // workers)
 
 
 class Authenticator:
@@ -66,16 +77,24 @@ class Authenticator:
         secret_key: bytes,
         throttle: LoginThrottle | None = None,
         refresh_tokens: RefreshTokenStore | None = None,
+        max_password_checks: int | None = None,
     ) -> None:
         """`secret_key` is the server key of the keyed hashes (SECRET_HASH_KEY in
-        the database); robot secrets and personal access tokens fail without it."""
+        the database); robot secrets and personal access tokens fail without it.
+        At most `max_password_checks` argon2id verifications run at once (by
+        default one per usable CPU core); further logins wait on the event loop."""
         self.identity = identity
         self.tokens = tokens
         self.secret_key = secret_key
         self.throttle = throttle or LoginThrottle(LoginFailureStore(identity.engine))
         self.refresh_tokens = refresh_tokens or RefreshTokenStore(identity.engine)
         self._verified: OrderedDict[bytes, tuple[int, int, float]] = OrderedDict()
-        self._password_slots = asyncio.Semaphore(MAX_CONCURRENT_PASSWORD_CHECKS)
+        self._cache_key_secret = secrets.token_bytes(32)
+        self.max_password_checks = max_password_checks or usable_cpu_count()
+        self._password_slots = asyncio.Semaphore(self.max_password_checks)
+        # Verifications running now, by credentials key and stored hash. A
+        # login that presents the same credentials awaits the running one.
+        self._checks_in_flight: dict[tuple[bytes, str | None], asyncio.Task[bool]] = {}
 
     async def login(
         self, login: str, password: str, address: str | None = None
@@ -205,8 +224,9 @@ class Authenticator:
             # logins contain "+" and have keyed hashes, users have argon2id.
             if "+" in login:
                 return verify_keyed(self.secret_key, None, password)
-            async with self._password_slots:
-                return await asyncio.to_thread(verify_password, None, password)
+            return await self._check_password(
+                self._cache_key(login, password), None, password
+            )
         if is_keyed_hash(account.secret_hash):
             return verify_keyed(self.secret_key, account.secret_hash, password)
         return await self._password_matches(account, login, password)
@@ -214,20 +234,42 @@ class Authenticator:
     async def _password_matches(
         self, account: AccountRecord, login: str, password: str
     ) -> bool:
-        key = hashlib.sha256(f"{login}\0{password}".encode()).digest()
+        key = self._cache_key(login, password)
         if self._recently_verified(key, account):
             return True
-        async with self._password_slots:
-            # A request with the same credentials may have verified them while
-            # this one waited for a slot.
-            if self._recently_verified(key, account):
-                return True
-            matches = await asyncio.to_thread(
-                verify_password, account.secret_hash, password
-            )
+        matches = await self._check_password(key, account.secret_hash, password)
         if matches:
             self._remember(key, account)
         return matches
+
+    def _cache_key(self, login: str, password: str) -> bytes:
+        credentials = f"{login}\0{password}".encode()
+        return hmac.new(self._cache_key_secret, credentials, hashlib.sha256).digest()
+
+    async def _check_password(
+        self, key: bytes, stored: str | None, password: str
+    ) -> bool:
+        """Verify `password` against `stored` (None: the dummy hash), sharing the
+        result with concurrent checks of the same credentials and stored hash."""
+        flight = (key, stored)
+        check = self._checks_in_flight.get(flight)
+        if check is None:
+            check = asyncio.create_task(self._run_password_check(stored, password))
+            self._checks_in_flight[flight] = check
+            check.add_done_callback(lambda done: self._end_flight(flight, done))
+        # A caller that is cancelled (its client went away) leaves the check
+        # running for the others.
+        return await asyncio.shield(check)
+
+    def _end_flight(
+        self, flight: tuple[bytes, str | None], check: asyncio.Task[bool]
+    ) -> None:
+        if self._checks_in_flight.get(flight) is check:
+            del self._checks_in_flight[flight]
+
+    async def _run_password_check(self, stored: str | None, password: str) -> bool:
+        async with self._password_slots:
+            return await asyncio.to_thread(verify_password, stored, password)
 
     def _recently_verified(self, key: bytes, account: AccountRecord) -> bool:
         cached = self._verified.get(key)

@@ -16,7 +16,9 @@ from __future__ import annotations
 import functools
 import hashlib
 import hmac
+import os
 import secrets
+import threading
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
@@ -26,15 +28,23 @@ from argon2.exceptions import InvalidHashError, VerificationError
 _hasher = PasswordHasher()
 
 
-@functools.cache
-def _dummy_hash() -> str:
-    """Return the hash checked when a login name is unknown, so that a failed
-    login takes the same time whether or not the account exists.
+def usable_cpu_count() -> int:
+    """Return the number of CPU cores this process may run on (at least 1)."""
+    process_cpu_count = getattr(os, "process_cpu_count", None)  # Python 3.13+
+    if process_cpu_count is not None:
+        return process_cpu_count() or 1
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0)) or 1
+    return os.cpu_count() or 1
 
-    Made on first use: hashing takes 64 MiB and about 50 ms, which every
-    process paid at import before.
-    """
-    return _hasher.hash(secrets.token_urlsafe(16))
+
+# Every argon2id computation takes 64 MiB and one core for its duration, so a
+# process runs at most one per usable core, because more would add memory but
+# no speed.
+# Callers that wait on the event loop (the Authenticator) have their own, lower
+# bound, so that waiting logins do not hold the threads that read blobs.
+ARGON2_SLOTS = usable_cpu_count()
+_argon2_slots = threading.BoundedSemaphore(ARGON2_SLOTS)
 
 
 # 24 random bytes give 192 bits of entropy, above the 128 bits that generated
@@ -54,17 +64,33 @@ def generate_secret() -> str:
 
 
 def hash_password(password: str) -> str:
-    return _hasher.hash(password)
+    """Hash a password with argon2id, waiting while ARGON2_SLOTS others run."""
+    with _argon2_slots:
+        return _hasher.hash(password)
 
 
 def verify_password(password_hash: str | None, password: str) -> bool:
-    """Check a password; with `password_hash` None, spend the same time and fail."""
+    """Check a password; with `password_hash` None, spend the same time and fail.
+
+    Waits while ARGON2_SLOTS other argon2id computations run."""
+    checked = password_hash if password_hash is not None else _dummy_hash()
     try:
-        return _hasher.verify(password_hash or _dummy_hash(), password) and (
-            password_hash is not None
-        )
+        with _argon2_slots:
+            matches = _hasher.verify(checked, password)
     except (VerificationError, InvalidHashError):
         return False
+    return matches and password_hash is not None
+
+
+@functools.cache
+def _dummy_hash() -> str:
+    """Return the hash checked when a login name is unknown, so that a failed
+    login takes the same time whether or not the account exists.
+
+    Made on first use: hashing takes 64 MiB and about 50 ms, which every
+    process paid at import before.
+    """
+    return hash_password(secrets.token_urlsafe(16))
 
 
 def keyed_hash(key: bytes, secret: str) -> str:

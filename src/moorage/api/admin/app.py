@@ -33,7 +33,6 @@ from moorage.api.errors import (
 from moorage.errors import MoorageError
 from moorage.services import Services
 
-PREFIX = "/api/v1"
 # Request bodies are small JSON documents; anything larger is rejected unread.
 MAX_BODY_BYTES = 64 * 1024
 # Fixes for the most common validation problems, by pydantic error type.
