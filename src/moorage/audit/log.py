@@ -107,7 +107,7 @@ class DatabaseAuditLog:
         signer: CheckpointSigner | None,
         *,
         queue_size: int = 10_000,
-        batch_size: int = 1000,
+        batch_size: int | None = None,
         flush_seconds: float = 0.5,
         checkpoint_events: int = 10_000,
         checkpoint_seconds: float = 300,
@@ -116,7 +116,11 @@ class DatabaseAuditLog:
     ) -> None:
         self.store = store
         self.signer = signer
-        self.batch_size = batch_size
+        # By default a write takes everything queued: each write costs several
+        # database round trips whatever its size, and with batches of 1,000 a
+        # busy worker's writer fell behind (the queue filled, so requests
+        # waited for room) at about 2,000 pulls a second.
+        self.batch_size = batch_size or queue_size
         self.flush_seconds = flush_seconds
         self.checkpoint_events = checkpoint_events
         self.checkpoint_seconds = checkpoint_seconds
