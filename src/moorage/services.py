@@ -8,7 +8,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from moorage.api.access import RequestGuard
 from moorage.api.http import ProxyTrust
-from moorage.audit.log import DatabaseAuditLog
+from moorage.audit.log import AUDIT_PENDING_KEY, DatabaseAuditLog
 from moorage.audit.setup import open_audit_log
 from moorage.auth.authenticator import Authenticator, password_check_limit
 from moorage.auth.secrets import SECRET_HASH_KEY
@@ -68,7 +68,7 @@ def throttle_policy(settings: Settings) -> ThrottlePolicy:
 async def open_services(settings: Settings, *, migrate_schema: bool = True) -> Services:
     """Connect to the database (migrating it unless `migrate_schema` is False)
     and the blob store."""
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     engine = create_engine(settings.resolved_database_url)
     if migrate_schema:
         await migrate(engine)
@@ -76,6 +76,7 @@ async def open_services(settings: Settings, *, migrate_schema: bool = True) -> S
     driver = encrypting_layer(FilesystemDriver(settings.resolved_storage_dir), settings)
     attach_owner_keys(engine, driver)
     codec = await database_codec(engine, driver)
+    identity.codec = codec
     registry = Registry(
         RegistryStore(engine, codec), driver, settings.max_manifest_bytes
     )
@@ -106,6 +107,7 @@ async def open_services(settings: Settings, *, migrate_schema: bool = True) -> S
             for record in await identity.active_signing_keys()
         ],
         [metrics.observe_event],
+        await identity.server_key(AUDIT_PENDING_KEY),
     )
     return Services(
         settings=settings,

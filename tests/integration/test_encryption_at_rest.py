@@ -14,7 +14,7 @@ import httpx
 import pytest
 from sqlalchemy import select, update
 
-from moorage.db.schema import manifests, repositories, signing_keys
+from moorage.db.schema import manifests, repositories, server_keys, signing_keys
 from moorage.services import Services
 from tests.support.images import (
     MEDIA_TYPE_OCI_CONFIG,
@@ -312,3 +312,16 @@ def test_token_signing_key_is_encrypted(server: ServerProcess) -> None:
     assert stored
     assert all(key.startswith("sealed:") for key in stored)
     assert not any("PRIVATE KEY" in key for key in stored)
+
+
+def test_server_keys_are_encrypted(server: ServerProcess) -> None:
+    """The server keys (the HMAC key of robot secrets and others) are sealed."""
+
+    async def query(services: Services) -> list[bytes]:
+        async with services.engine.connect() as connection:
+            rows = await connection.execute(select(server_keys.c.material))
+            return [bytes(row.material) for row in rows]
+
+    stored = server.run_admin(query)
+    assert len(stored) >= 2
+    assert all(material.startswith(b"MRGDB1\x00") for material in stored)

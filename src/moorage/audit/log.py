@@ -28,10 +28,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
 import json
 import os
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol, TextIO, TypeVar
@@ -48,6 +52,7 @@ from moorage.audit.events import (
     AuditEvent,
     StoredEvent,
     event_dict,
+    fit,
     parse_time,
 )
 from moorage.audit.verify import ChainChecker, Verification, check_stream
@@ -57,8 +62,12 @@ from moorage.db.schema import utcnow
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
 
-# Directory under the data directory for events saved at shutdown.
+# Directory under the data directory for events saved at shutdown, and the key
+# that marks the header line of such a file.
 PENDING_DIRECTORY = "audit-pending"
+PENDING_FORMAT = "moorage_audit_pending"
+# Name of the server key (in the database) for those files' HMAC.
+AUDIT_PENDING_KEY = "audit_pending_hmac"
 # How long `close` waits for a write still running after `shutdown_seconds`.
 _LAST_WRITE_SECONDS = 5.0
 
@@ -113,19 +122,22 @@ class DatabaseAuditLog:
         checkpoint_seconds: float = 300,
         shutdown_seconds: float = 30,
         pending_dir: Path | None = None,
+        pending_key: bytes | None = None,
     ) -> None:
         self.store = store
         self.signer = signer
-        # By default a write takes everything queued: each write costs several
-        # database round trips whatever its size, and with batches of 1,000 a
-        # busy worker's writer fell behind (the queue filled, so requests
-        # waited for room) at about 2,000 pulls a second.
+        # By default a write takes everything queued, because each write costs
+        # several database round trips whatever its size. With batches of
+        # 1,000, a busy worker's writer fell behind at about 2,000 pulls a
+        # second, and requests then waited for room in the full queue.
         self.batch_size = batch_size or queue_size
         self.flush_seconds = flush_seconds
         self.checkpoint_events = checkpoint_events
         self.checkpoint_seconds = checkpoint_seconds
         self.shutdown_seconds = shutdown_seconds
         self.pending_dir = pending_dir
+        # Authenticates the files of events saved at shutdown (see _save_pending).
+        self.pending_key = pending_key
         self.sinks: list[AuditSink] = []
         self.observers: list[EventObserver] = []
         # Public keys of every active token signing key, for verification.
@@ -344,24 +356,52 @@ class DatabaseAuditLog:
             # the file as well, so the next start adds those events twice.
             await asyncio.wait({self._writer}, timeout=_LAST_WRITE_SECONDS)
         self._writer.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._writer
+        # A write blocked inside the database driver (a locked SQLite file waits
+        # out its busy timeout) does not end at once on cancel: stop waiting.
+        await asyncio.wait({self._writer}, timeout=1)
         self._writer = None
 
     def _save_pending(self, events: list[AuditEvent]) -> Path | None:
-        """Write events to a new file in `pending_dir` and sync it to disk."""
+        """Write events to a new file in `pending_dir` and sync it to disk.
+
+        The first line names the file's id and carries an HMAC of the id and
+        the event lines under `pending_key`, so `import_pending` rejects a file
+        that was edited, and adds a copy of one at most once.
+        """
+        try:
+            return self._write_pending_file(events)
+        except OSError as error:
+            log.error(
+                "audit events lost: saving them to a file failed",
+                events=len(events),
+                directory=str(self.pending_dir),
+                error=str(error),
+            )
+            return None
+
+    def _write_pending_file(self, events: list[AuditEvent]) -> Path | None:
         if self.pending_dir is None:
             log.error(
                 "audit events lost: no directory to save them", events=len(events)
             )
             return None
-        self.pending_dir.mkdir(parents=True, exist_ok=True)
+        self.pending_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        file_id = uuid.uuid4().hex
+        lines = [json.dumps(event_dict(event), ensure_ascii=False) for event in events]
+        header = {
+            PENDING_FORMAT: 1,
+            "id": file_id,
+            "events": len(lines),
+            "mac": self._pending_mac(file_id, lines),
+        }
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         path = self.pending_dir / f"audit-pending-{stamp}-{os.getpid()}.jsonl"
         temporary = path.with_suffix(".tmp")
-        with temporary.open("w", encoding="utf-8") as out:
-            for event in events:
-                out.write(json.dumps(event_dict(event), ensure_ascii=False) + "\n")
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with open(descriptor, "w", encoding="utf-8") as out:
+            out.write(json.dumps(header) + "\n")
+            for line in lines:
+                out.write(line + "\n")
             out.flush()
             os.fsync(out.fileno())
         os.replace(temporary, path)
@@ -373,41 +413,61 @@ class DatabaseAuditLog:
         )
         return path
 
+    def _pending_mac(self, file_id: str, lines: list[str]) -> str | None:
+        if self.pending_key is None:
+            return None
+        message = "\n".join([file_id, *lines]).encode()
+        return hmac.new(self.pending_key, message, hashlib.sha256).hexdigest()
+
+    def _pending_files(self) -> list[Path]:
+        if self.pending_dir is None or not self.pending_dir.is_dir():
+            return []
+        return sorted(self.pending_dir.glob("audit-pending-*.jsonl"))
+
     async def import_pending(self) -> int:
         """Append the events that a stopping server saved to files; return how many.
 
         Each file is appended in one transaction together with an `audit.import`
-        event that names it, and removed afterwards. A file whose import event
-        exists already (the process stopped before removing it) is only removed.
-        A file that cannot be read is logged and left in place.
+        event whose reference is the file's id, then removed. A file whose id was
+        imported already (the process stopped before removing it, or the file is
+        a copy) is only removed. A file that is unreadable, fails its HMAC or
+        cannot be appended is logged and left in place, and the server starts.
         """
-        if self.pending_dir is None or not self.pending_dir.is_dir():
-            return 0
         imported = 0
-        for path in sorted(self.pending_dir.glob("audit-pending-*.jsonl")):
-            if await self.store.has_event(AUDIT_IMPORT, path.name):
-                path.unlink()
+        for path in self._pending_files():
+            try:
+                saved = _read_pending(path)
+            except (OSError, ValueError) as error:
+                _log_rejected(path, f"unreadable: {error}")
+                continue
+            if not _mac_matches(self._pending_mac(saved.id, saved.lines), saved.mac):
+                _log_rejected(path, "its HMAC does not match, so it was changed")
                 continue
             try:
-                events = _read_pending(path)
-            except (OSError, ValueError, TypeError, KeyError) as error:
-                log.error(
-                    "saved audit events unreadable; left in place",
-                    path=str(path),
-                    error=str(error),
-                )
-                continue
-            marker = AuditEvent(
-                AUDIT_IMPORT,
-                reference=path.name,
-                reason=f"added {len(events)} events saved at shutdown",
-            )
-            stored = await self.store.append([*events, marker])
-            await self._publish_logged(stored)
-            path.unlink()
-            imported += len(events)
-            log.info("saved audit events added", path=str(path), events=len(events))
+                imported += await self._import_file(path, saved.id, saved.events)
+            except Exception as error:  # noqa: BLE001 (any database error; logged)
+                _log_rejected(path, f"adding its events failed: {error}")
         return imported
+
+    async def _import_file(
+        self, path: Path, file_id: str, events: list[AuditEvent]
+    ) -> int:
+        # NOTE: the check and the append are separate transactions, so two
+        # processes importing the same file at once could both add it. Only
+        # one process per data directory imports (the first worker's parent).
+        if await self.store.has_event(AUDIT_IMPORT, file_id):
+            await asyncio.to_thread(path.unlink)
+            return 0
+        marker = AuditEvent(
+            AUDIT_IMPORT,
+            reference=file_id,
+            reason=f"added {len(events)} events saved at shutdown to {path.name}",
+        )
+        stored = await self.store.append([*events, marker])
+        await self._publish_logged(stored)
+        await asyncio.to_thread(path.unlink)
+        log.info("saved audit events added", path=str(path), events=len(events))
+        return len(events)
 
     # Reading
 
@@ -430,6 +490,14 @@ class DatabaseAuditLog:
         await check_stream(checker, self.store.iterate())
         result = checker.finish(await self.store.head())
         checker.check_checkpoints(checkpoints, CheckpointVerifier(self.keys()))
+        saved = self._pending_files()
+        if saved:
+            names = ", ".join(path.name for path in saved)
+            result.warnings.append(
+                f"{len(saved)} file(s) of events saved at shutdown are not in the "
+                f"log yet ({names} in {self.pending_dir}); the next server start "
+                "adds them"
+            )
         return result
 
     async def _verify_archives(self) -> tuple[tuple[int, str], Verification | None]:
@@ -523,16 +591,71 @@ def _sync_directory(path: Path) -> None:
         os.close(descriptor)
 
 
-def _read_pending(path: Path) -> list[AuditEvent]:
-    events = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if not line.strip():
-            continue
-        data = json.loads(line)
-        values = {name: data.get(name) for name in EVENT_FIELDS}
-        values["time"] = parse_time(str(data["time"]))
-        events.append(AuditEvent(**values))
-    return events
+@dataclass(frozen=True)
+class _SavedEvents:
+    """A file of events saved at shutdown, as read (see `_save_pending`)."""
+
+    id: str
+    mac: str | None
+    lines: list[str]
+    events: list[AuditEvent]
+
+
+def _read_pending(path: Path) -> _SavedEvents:
+    """Read a saved file; raise ValueError when it is malformed."""
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line]
+    if not lines:
+        raise ValueError("the file is empty")
+    header = json.loads(lines[0])
+    if not isinstance(header, dict) or header.get(PENDING_FORMAT) != 1:
+        raise ValueError("the first line is not a saved-events header")
+    file_id, mac = header.get("id"), header.get("mac")
+    if not isinstance(file_id, str) or not file_id:
+        raise ValueError("the header has no id")
+    if mac is not None and not isinstance(mac, str):
+        raise ValueError("the header's mac is not text")
+    if header.get("events") != len(lines) - 1:
+        raise ValueError(
+            f"the header names {header.get('events')} events, the file has "
+            f"{len(lines) - 1}"
+        )
+    events = [_pending_event(json.loads(line)) for line in lines[1:]]
+    return _SavedEvents(file_id, mac, lines[1:], events)
+
+
+def _pending_event(data: Any) -> AuditEvent:
+    if not isinstance(data, dict):
+        raise ValueError("an event line is not a JSON object")
+    values: dict[str, Any] = {}
+    for name in EVENT_FIELDS:
+        value = data.get(name)
+        if name == "time":
+            values[name] = parse_time(str(value))
+        elif name == "bytes":
+            if value is not None and (type(value) is not int or value < 0):
+                raise ValueError(f"bytes is not a count: {value!r}")
+            values[name] = value
+        elif value is not None and not isinstance(value, str):
+            raise ValueError(f"{name} is not text: {value!r}")
+        else:
+            values[name] = value
+    if not values["action"] or not values["outcome"]:
+        raise ValueError("an event has no action or outcome")
+    return fit(AuditEvent(**values))
+
+
+def _mac_matches(expected: str | None, found: str | None) -> bool:
+    if expected is None or found is None:
+        return expected is None and found is None
+    return hmac.compare_digest(expected, found)
+
+
+def _log_rejected(path: Path, reason: str) -> None:
+    log.error(
+        "saved audit events not added; the file is left in place",
+        path=str(path),
+        reason=reason,
+    )
 
 
 def _check_archive(path: Path, expected_prev: str, recorded_last: str) -> str | None:

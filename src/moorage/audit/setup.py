@@ -16,8 +16,10 @@ def open_audit_log(
     settings: Settings,
     keys: list[SigningKeyRecord],
     observers: list[EventObserver],
+    pending_key: bytes | None = None,
 ) -> DatabaseAuditLog:
-    """Create the audit log; checkpoints use the newest token signing key."""
+    """Create the audit log; checkpoints use the newest token signing key, and
+    files of events saved at shutdown carry an HMAC under `pending_key`."""
     signer = CheckpointSigner(keys[0].kid, keys[0].private_key) if keys else None
     audit = DatabaseAuditLog(
         store,
@@ -28,6 +30,7 @@ def open_audit_log(
         checkpoint_seconds=settings.audit_checkpoint_seconds,
         shutdown_seconds=settings.audit_shutdown_seconds,
         pending_dir=settings.data_dir / PENDING_DIRECTORY,
+        pending_key=pending_key,
     )
     if settings.audit_syslog:
         audit.sinks.append(SyslogSink(settings.audit_syslog))

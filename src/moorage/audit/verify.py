@@ -98,8 +98,11 @@ class ChainChecker:
             if self.result.problem is not None:
                 return
             seen = self._hashes.get(checkpoint.seq)
-            if seen is None:
+            if seen is None and checkpoint.seq > self._seq:
+                self._check_past_end(checkpoint, verifier)
                 continue
+            if seen is None:
+                continue  # an archived event, or one outside an export's range
             error = verifier.check(checkpoint)
             if error is not None:
                 self.result.problem = f"checkpoint at event {checkpoint.seq}: {error}"
@@ -122,6 +125,25 @@ class ChainChecker:
                     f"events after {last_signed} are not yet covered by a signed "
                     "checkpoint"
                 )
+
+    def _check_past_end(
+        self, checkpoint: Checkpoint, verifier: CheckpointVerifier
+    ) -> None:
+        """Fail on a checkpoint that names an event after the end of the log.
+
+        The checkpoints are read before the events, so a live server cannot
+        sign one past the events read; a valid signature there means events
+        were cut off the end of the log (and its head row rewritten).
+        """
+        error = verifier.check(checkpoint)
+        if error is not None:
+            self.result.problem = f"checkpoint at event {checkpoint.seq}: {error}"
+        else:
+            self.result.problem = (
+                f"checkpoint at event {checkpoint.seq} names an event past the end "
+                f"of the log (event {self._seq}): events were removed from its end"
+            )
+        self.result.bad_seq = self._seq + 1
 
 
 async def check_stream(

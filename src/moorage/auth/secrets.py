@@ -6,9 +6,10 @@ which no guessing can cover. They are stored as HMAC-SHA256 under a server key,
 so a check takes microseconds and a robot can fetch thousands of tokens per
 second.
 
-NOTE: the server key lives in the same database (table `server_keys`), so it
-protects a leaked accounts table, not a full database dump; against a dump the
-192 bits of entropy are the protection.
+The server key lives in the database (table `server_keys`), sealed by the
+database key when encryption at rest is on, so a database dump alone does not
+reveal it. Without encryption it protects a leaked accounts table only, and
+against a full dump the 192 bits of entropy are the protection.
 """
 
 from __future__ import annotations

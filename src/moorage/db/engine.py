@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import structlog
-from sqlalchemy import event, text
+from sqlalchemy import event, make_url, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
@@ -23,10 +25,36 @@ _MIGRATION_LOCK_ID = 0x6D6F6F72
 def create_engine(url: str) -> AsyncEngine:
     """Create an async engine with the settings each dialect needs."""
     if url.startswith("sqlite"):
+        _restrict_sqlite_file(url)
         engine = create_async_engine(url, connect_args={"timeout": 30})
         event.listen(engine.sync_engine, "connect", _configure_sqlite)
         return engine
     return create_async_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True)
+
+
+def _restrict_sqlite_file(url: str) -> None:
+    """Make the database file readable by its owner only, creating it if needed.
+
+    It holds password hashes and the audit trail; SQLite gives the -wal and
+    -shm files the database file's permissions.
+    """
+    database = make_url(url).database
+    if not database or database == ":memory:":
+        return
+    path = Path(database)
+    if not path.parent.is_dir():
+        return  # the connection will report the missing directory
+    descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        mode = os.fstat(descriptor).st_mode
+        if mode & 0o077:
+            os.fchmod(descriptor, stat.S_IMODE(mode) & 0o700)
+            log.warning(
+                "database file was readable by other users; now owner only",
+                path=str(path),
+            )
+    finally:
+        os.close(descriptor)
 
 
 def _configure_sqlite(dbapi_connection: Any, _record: Any) -> None:

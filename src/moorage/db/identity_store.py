@@ -6,7 +6,7 @@ import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import delete, or_, select, update
 from sqlalchemy.exc import IntegrityError
@@ -28,6 +28,9 @@ from moorage.db.schema import (
 )
 from moorage.db.transactions import begin, connect
 from moorage.errors import ConflictError, NotFoundError
+
+if TYPE_CHECKING:
+    from moorage.db.registry_store import ContentCodec
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,6 +183,8 @@ class IdentityStore:
 
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
+        # Seals server keys (see `server_key`); set when encryption is set up.
+        self.codec: ContentCodec | None = None
         self.revision = revision_reader(engine)
         self._access_cache: RevisionCache[str, AccountAccess] = RevisionCache(
             CACHED_IDENTITIES
@@ -642,24 +647,47 @@ class IdentityStore:
     # Server keys
 
     async def server_key(self, name: str, size: int = 32) -> bytes:
-        """Return the named server key, creating a random one on first use."""
+        """Return the named server key, creating a random one on first use.
+
+        With a `codec`, the key is stored sealed by the database key, and a key
+        stored in the clear before encryption was on is sealed when read.
+        """
+        context = f"server-key:{name}"
         async with connect(self.engine) as connection:
             found = await connection.scalar(
                 select(server_keys.c.material).where(server_keys.c.name == name)
             )
         if found is not None:
-            return bytes(found)
+            stored = bytes(found)
+            if self.codec is None:
+                return stored
+            if not self.codec.is_sealed(stored):
+                await self._seal_server_key(name, stored, context)
+                return stored
+            return self.codec.open(stored, context)
         # When another process created the key first, the insert does nothing
         # and the second read returns theirs. No IntegrityError is raised, so a
         # unit of work that calls this stays usable on PostgreSQL.
+        material = secrets.token_bytes(size)
+        if self.codec is not None:
+            material = self.codec.seal(material, context)
         async with begin(self.engine) as connection:
             await insert_ignore(
                 connection,
                 server_keys,
-                {
-                    "name": name,
-                    "material": secrets.token_bytes(size),
-                    "created_at": utcnow(),
-                },
+                {"name": name, "material": material, "created_at": utcnow()},
             )
         return await self.server_key(name, size)
+
+    async def _seal_server_key(self, name: str, clear: bytes, context: str) -> None:
+        assert self.codec is not None
+        sealed = self.codec.seal(clear, context)
+        if not self.codec.is_sealed(sealed):
+            return  # encryption of new data is off
+        async with begin(self.engine) as connection:
+            await connection.execute(
+                update(server_keys)
+                .where(server_keys.c.name == name)
+                .where(server_keys.c.material == clear)
+                .values(material=sealed)
+            )

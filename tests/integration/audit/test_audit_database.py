@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from sqlalchemy import text
 
-from moorage.audit.events import AuditEvent, StoredEvent, event_hash
+from moorage.audit.events import AUDIT_IMPORT, AuditEvent, StoredEvent, event_hash
 from moorage.audit.log import DatabaseAuditLog
 from moorage.config import Settings
 from moorage.db.audit_store import AuditFilter, AuditStore
@@ -286,3 +286,54 @@ def test_cli_verify_names_edited_row(settings: Settings) -> None:
     )
     assert completed.returncode == 1
     assert "event 4 was altered" in completed.stderr
+
+
+def _pulls(count: int) -> list[AuditEvent]:
+    return [
+        AuditEvent("manifest.pull", actor_account="alice", reference=f"v{index}")
+        for index in range(count)
+    ]
+
+
+async def test_saved_events_added_once(services: Services) -> None:
+    """A file saved at shutdown is added once, and a copy of it is not added."""
+    audit = services.audit
+    saved = audit._save_pending(_pulls(3))
+    assert saved is not None
+    copy = saved.with_name(saved.name.replace("audit-pending-", "audit-pending-0"))
+    copy.write_bytes(saved.read_bytes())
+
+    assert await audit.import_pending() == 3
+    assert not saved.exists()
+    assert not copy.exists()
+    imports = await audit.query(AuditFilter(action=AUDIT_IMPORT), 10)
+    assert len(imports) == 1
+    assert len(await audit.query(AuditFilter(action="manifest.pull"), 10)) == 3
+    assert (await audit.verify()).ok
+
+
+async def test_changed_saved_file_left_in_place(services: Services) -> None:
+    """An edited file fails its HMAC: nothing is added and the file stays."""
+    audit = services.audit
+    saved = audit._save_pending(_pulls(2))
+    assert saved is not None
+    saved.write_text(saved.read_text().replace('"alice"', '"mallory"'))
+
+    assert await audit.import_pending() == 0
+    assert saved.exists()
+    assert await audit.query(AuditFilter(action="manifest.pull"), 10) == []
+    result = await audit.verify()
+    assert result.ok
+    assert any(saved.name in warning for warning in result.warnings)
+
+
+async def test_saved_file_wrong_types_left_in_place(services: Services) -> None:
+    """Values the audit table cannot hold are rejected before any write."""
+    audit = services.audit
+    saved = audit._save_pending(_pulls(1))
+    assert saved is not None
+    header, line = saved.read_text().splitlines()
+    saved.write_text(header + "\n" + line.replace('"bytes": null', '"bytes": "lots"'))
+
+    assert await audit.import_pending() == 0
+    assert saved.exists()

@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from moorage.audit import files
-from moorage.audit.checkpoints import CheckpointSigner
+from moorage.audit.checkpoints import CheckpointSigner, CheckpointVerifier
 from moorage.audit.events import (
     GENESIS_HASH,
     AuditEvent,
@@ -187,6 +187,37 @@ def test_chain_names_removed_last_event() -> None:
     result = checker.finish((5, stored[-1].hash))
     assert result.bad_seq == 5
     assert "event 5 is missing" in (result.problem or "")
+
+
+def test_checkpoint_past_end_names_cut_tail() -> None:
+    """Cutting events off the end and rewriting the head fails on a checkpoint
+    that names one of the removed events."""
+    signer = _signer()
+    stored = chain(_events(10), 0, GENESIS_HASH)
+    checkpoints = [
+        signer.sign(5, stored[4].hash, datetime.now(UTC)),
+        signer.sign(10, stored[9].hash, datetime.now(UTC)),
+    ]
+    checker = ChainChecker(0, GENESIS_HASH, keep={5, 10})
+    for item in stored[:8]:
+        checker.add(item)
+    checker.finish((8, stored[7].hash))
+    checker.check_checkpoints(checkpoints, CheckpointVerifier(signer.jwks()))
+    assert checker.result.bad_seq == 9
+    assert "past the end of the log (event 8)" in (checker.result.problem or "")
+
+
+def test_checkpoint_before_anchor_ignored() -> None:
+    """A checkpoint of an archived event (before the anchor) is not a problem."""
+    signer = _signer()
+    stored = chain(_events(10), 0, GENESIS_HASH)
+    checkpoints = [signer.sign(3, stored[2].hash, datetime.now(UTC))]
+    checker = ChainChecker(5, stored[4].hash, keep={3})
+    for item in stored[5:]:
+        checker.add(item)
+    checker.finish((10, stored[9].hash))
+    checker.check_checkpoints(checkpoints, CheckpointVerifier(signer.jwks()))
+    assert checker.result.problem is None
 
 
 def _export(tmp_path: Path, signer: CheckpointSigner, count: int = 20) -> Path:
