@@ -114,9 +114,10 @@ class Registry:
 
     async def read_blob(
         self, digest: str, offset: int, length: int
-    ) -> AsyncIterator[bytes]:
+    ) -> AsyncIterator[bytes | memoryview]:
         """Open a blob's bytes; the caller has checked visibility with blob_size."""
         stream = self.driver.read(paths.blob_path(parse_digest(digest)), offset, length)
+        first: bytes | memoryview
         try:
             first = await anext(stream)
         except StopAsyncIteration:
@@ -516,7 +517,9 @@ class _BlockSink:
         )
 
 
-async def _prepend(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+async def _prepend(
+    first: bytes | memoryview, rest: AsyncIterator[bytes | memoryview]
+) -> AsyncIterator[bytes | memoryview]:
     if first:
         yield first
     async for chunk in rest:

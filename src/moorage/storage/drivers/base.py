@@ -64,8 +64,10 @@ class StorageDriver(ABC):
     @abstractmethod
     def read(
         self, path: str, offset: int = 0, length: int | None = None
-    ) -> AsyncIterator[bytes]:
+    ) -> AsyncIterator[bytes | memoryview]:
         """Yield the bytes from `offset`, `length` of them or up to the end.
+
+        A chunk may be a memoryview, for a driver that fills buffers of its own.
 
         Raises PathNotFoundError before yielding anything when the key is missing.
         """
