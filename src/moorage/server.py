@@ -28,6 +28,7 @@ from moorage.config import Settings
 from moorage.db.schema import utcnow
 from moorage.services import Services, open_services
 from moorage.storage.encryption.background import start_background_encryption
+from moorage.zerocopy import ZeroCopyProtocol
 
 log = structlog.get_logger(__name__)
 
@@ -109,7 +110,9 @@ async def run_server(
             port=settings.port,
             loop="uvloop",
             http=(
-                tls.ClientCertificateProtocol if settings.tls_client_ca else "httptools"
+                tls.ClientCertificateProtocol
+                if settings.tls_client_ca
+                else ZeroCopyProtocol
             ),
             log_config=None,
             access_log=False,

@@ -150,6 +150,15 @@ async def test_flipped_byte_fails(layer: Layer) -> None:
     assert [error.path for error in layer.errors] == ["blobs/f"]
 
 
+async def test_no_local_file_for_zero_copy(layer: Layer) -> None:
+    """The layer offers no file to send as it is: its bytes are ciphertext."""
+    await layer.store("blobs/z", sample(10))
+    stored = await layer.plain.open_file("blobs/z")
+    assert stored is not None
+    stored.close()
+    assert await layer.driver.open_file("blobs/z") is None
+
+
 async def test_failed_segment_yields_nothing_after(layer: Layer) -> None:
     """Chunks read before a failing segment are a prefix of the plaintext that
     stops before that segment: decrypted but unauthenticated bytes never leave."""

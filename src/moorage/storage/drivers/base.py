@@ -16,6 +16,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import BinaryIO
 
 
 class PathNotFoundError(Exception):
@@ -71,6 +72,15 @@ class StorageDriver(ABC):
 
         Raises PathNotFoundError before yielding anything when the key is missing.
         """
+
+    async def open_file(self, path: str) -> BinaryIO | None:
+        """Open the object as a local file whose bytes are the object's, or return
+        None (the default) when it has no such file.
+
+        The server sends a file it gets here with `sendfile`, without copies.
+        Raises PathNotFoundError when the key is missing.
+        """
+        return None
 
     @abstractmethod
     async def writer(self, path: str, offset: int = 0) -> FileWriter:
