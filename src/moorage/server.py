@@ -29,6 +29,7 @@ from moorage.db.schema import utcnow
 from moorage.logs import flush_logs
 from moorage.services import Services, open_services
 from moorage.storage.encryption.background import start_background_encryption
+from moorage.zerocopy import ZeroCopyProtocol
 
 log = structlog.get_logger(__name__)
 
@@ -113,7 +114,9 @@ async def run_server(
             port=settings.port,
             loop="uvloop",
             http=(
-                tls.ClientCertificateProtocol if settings.tls_client_ca else "httptools"
+                tls.ClientCertificateProtocol
+                if settings.tls_client_ca
+                else ZeroCopyProtocol
             ),
             log_config=None,
             access_log=False,

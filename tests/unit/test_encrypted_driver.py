@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -60,6 +61,13 @@ class Layer:
 @pytest.fixture
 def layer(tmp_path: Path) -> Layer:
     return Layer(tmp_path)
+
+
+async def read_into(
+    chunks: AsyncIterator[bytes | memoryview], received: bytearray
+) -> None:
+    async for chunk in chunks:
+        received += chunk
 
 
 def sample(size: int) -> bytes:
@@ -140,6 +148,32 @@ async def test_flipped_byte_fails(layer: Layer) -> None:
     with pytest.raises(IntegrityError, match="segment 1"):
         await layer.load("blobs/f")
     assert [error.path for error in layer.errors] == ["blobs/f"]
+
+
+async def test_no_local_file_for_zero_copy(layer: Layer) -> None:
+    """The layer offers no file to send as it is: its bytes are ciphertext."""
+    await layer.store("blobs/z", sample(10))
+    stored = await layer.plain.open_file("blobs/z")
+    assert stored is not None
+    stored.close()
+    assert await layer.driver.open_file("blobs/z") is None
+
+
+async def test_failed_segment_yields_nothing_after(layer: Layer) -> None:
+    """Chunks read before a failing segment are a prefix of the plaintext that
+    stops before that segment: decrypted but unauthenticated bytes never leave."""
+    data = sample(3 * 1024 * 1024)
+    await layer.store("blobs/m", data)
+    bad = 1500  # a segment in the second 1 MiB chunk the filesystem driver reads
+    raw = bytearray(layer.raw("blobs/m"))
+    raw[HEADER_BYTES + bad * SEALED + 100] ^= 0x01
+    layer.write_raw("blobs/m", bytes(raw))
+    received = bytearray()
+    with pytest.raises(IntegrityError, match=f"segment {bad} "):
+        await read_into(layer.driver.read("blobs/m"), received)
+    assert received
+    assert len(received) <= bad * SEGMENT
+    assert bytes(received) == data[: len(received)]
 
 
 @pytest.mark.parametrize("cut", [1, 28, SEALED])

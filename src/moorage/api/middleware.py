@@ -14,6 +14,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from moorage.api.errors import UNKNOWN, error_body
 from moorage.api.http import API_VERSION_HEADER
 from moorage.api.observe import FinishedRequest, RequestObserver
+from moorage.zerocopy import ZEROCOPY
 
 log = structlog.get_logger("moorage.request")
 
@@ -88,6 +89,8 @@ class RequestMiddleware:
                 message["headers"] = headers
             elif message["type"] == "http.response.body":
                 response["sent"] += len(message.get("body", b""))
+            elif message["type"] == ZEROCOPY:
+                response["sent"] += message["count"]
             await send(message)
 
         try:

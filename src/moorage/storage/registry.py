@@ -18,7 +18,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, BinaryIO
 
 import structlog
 
@@ -114,9 +114,10 @@ class Registry:
 
     async def read_blob(
         self, digest: str, offset: int, length: int
-    ) -> AsyncIterator[bytes]:
+    ) -> AsyncIterator[bytes | memoryview]:
         """Open a blob's bytes; the caller has checked visibility with blob_size."""
         stream = self.driver.read(paths.blob_path(parse_digest(digest)), offset, length)
+        first: bytes | memoryview
         try:
             first = await anext(stream)
         except StopAsyncIteration:
@@ -125,6 +126,15 @@ class Registry:
             log.error("blob missing from storage", digest=digest)
             raise BlobUnknownError(detail={"digest": digest}) from None
         return _prepend(first, stream)
+
+    async def open_blob_file(self, digest: str) -> BinaryIO | None:
+        """Open a blob's local file for zero-copy sending, or return None when the
+        driver has none (an object store, or encryption at rest)."""
+        try:
+            return await self.driver.open_file(paths.blob_path(parse_digest(digest)))
+        except PathNotFoundError:
+            log.error("blob missing from storage", digest=digest)
+            raise BlobUnknownError(detail={"digest": digest}) from None
 
     async def delete_blob(self, repository: str, digest: str) -> None:
         parse_digest(digest)
@@ -516,7 +526,9 @@ class _BlockSink:
         )
 
 
-async def _prepend(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+async def _prepend(
+    first: bytes | memoryview, rest: AsyncIterator[bytes | memoryview]
+) -> AsyncIterator[bytes | memoryview]:
     if first:
         yield first
     async for chunk in rest:

@@ -12,6 +12,7 @@ from moorage.auth.access import DELETE, PULL
 from moorage.digests import parse_digest
 from moorage.errors import BlobUnknownError
 from moorage.services import Services
+from moorage.zerocopy import ZeroCopyFileResponse, supports_zerocopy
 
 
 def routes(services: Services) -> list[Route]:
@@ -50,6 +51,17 @@ def routes(services: Services) -> list[Route]:
                 media_type="application/octet-stream",
             )
         request.state.bytes_sent = length
+        if supports_zerocopy(request.scope):
+            file = await registry.open_blob_file(digest)
+            if file is not None:
+                return ZeroCopyFileResponse(
+                    file,
+                    start,
+                    length,
+                    status_code=status,
+                    headers=headers,
+                    media_type="application/octet-stream",
+                )
         body = await registry.read_blob(digest, start, length)
         return StreamingResponse(
             body,

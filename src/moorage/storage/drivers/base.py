@@ -16,6 +16,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import BinaryIO
 
 
 class PathNotFoundError(Exception):
@@ -64,11 +65,22 @@ class StorageDriver(ABC):
     @abstractmethod
     def read(
         self, path: str, offset: int = 0, length: int | None = None
-    ) -> AsyncIterator[bytes]:
+    ) -> AsyncIterator[bytes | memoryview]:
         """Yield the bytes from `offset`, `length` of them or up to the end.
+
+        A chunk may be a memoryview, for a driver that fills buffers of its own.
 
         Raises PathNotFoundError before yielding anything when the key is missing.
         """
+
+    async def open_file(self, path: str) -> BinaryIO | None:
+        """Open the object as a local file whose bytes are the object's, or return
+        None (the default) when it has no such file.
+
+        The server sends a file it gets here with `sendfile`, without copies.
+        Raises PathNotFoundError when the key is missing.
+        """
+        return None
 
     @abstractmethod
     async def writer(self, path: str, offset: int = 0) -> FileWriter:

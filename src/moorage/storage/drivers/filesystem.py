@@ -8,6 +8,7 @@ import shutil
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import BinaryIO
 
 from moorage.storage.drivers.base import (
     FileInfo,
@@ -69,6 +70,15 @@ class FilesystemDriver(StorageDriver):
                 yield chunk
         finally:
             os.close(fd)
+
+    async def open_file(self, path: str) -> BinaryIO | None:
+        # Opening a local file does not wait for the disk long enough to need
+        # a worker thread; `read` opens inline as well.
+        try:
+            fd = os.open(self._full_path(path), os.O_RDONLY)
+        except FileNotFoundError:
+            raise PathNotFoundError(path) from None
+        return os.fdopen(fd, "rb", buffering=0)
 
     async def writer(self, path: str, offset: int = 0) -> FileWriter:
         full = self._full_path(path)

@@ -39,6 +39,7 @@ from moorage.storage.encryption.format import (
     DATA_KEY_BYTES,
     DEFAULT_SEGMENT_BYTES,
     HEADER_BYTES,
+    SEGMENT_OVERHEAD,
     DataKeyUnavailableError,
     Header,
     IntegrityError,
@@ -230,7 +231,7 @@ class EncryptedDriver(StorageDriver):
 
     async def read(
         self, path: str, offset: int = 0, length: int | None = None
-    ) -> AsyncIterator[bytes]:
+    ) -> AsyncIterator[bytes | memoryview]:
         if offset == 0:
             # One stream from the start: the header and the data come from the
             # same open object even if it is replaced meanwhile.
@@ -261,26 +262,24 @@ class EncryptedDriver(StorageDriver):
         self,
         path: str,
         cipher: SegmentCipher,
-        body: AsyncIterator[bytes],
+        body: AsyncIterator[bytes | memoryview],
         index: int,
         skip: int,
         length: int | None,
-    ) -> AsyncIterator[bytes]:
+    ) -> AsyncIterator[bytes | memoryview]:
         remaining = length
         batches = _open_segments(path, cipher, body, index)
         try:
-            async for batch in batches:
-                for piece in batch:
-                    plain = piece
-                    if skip:
-                        plain, skip = plain[skip:], max(0, skip - len(plain))
-                    if remaining is not None:
-                        plain = plain[:remaining]
-                        remaining -= len(plain)
-                    if plain:
-                        yield plain
-                    if remaining == 0:
-                        return
+            async for plain in batches:
+                if skip:
+                    plain, skip = plain[skip:], max(0, skip - len(plain))
+                if remaining is not None:
+                    plain = plain[:remaining]
+                    remaining -= len(plain)
+                if plain:
+                    yield plain
+                if remaining == 0:
+                    return
         except IntegrityError as error:
             self.on_integrity_error(error)
             raise
@@ -437,9 +436,12 @@ def seal_whole(cipher: SegmentCipher, data: bytes) -> bytes:
 
 
 async def _open_segments(
-    path: str, cipher: SegmentCipher, body: AsyncIterator[bytes], index: int
-) -> AsyncIterator[list[bytes]]:
-    """Decrypt a stream of sealed segments, one batch per chunk read.
+    path: str,
+    cipher: SegmentCipher,
+    body: AsyncIterator[bytes | memoryview],
+    index: int,
+) -> AsyncIterator[memoryview]:
+    """Decrypt a stream of sealed segments into one buffer per chunk read.
 
     The last complete segment is held back until a byte after it arrives or the
     stream ends, so that only the true last segment is opened as the final one.
@@ -499,18 +501,24 @@ def _open_batch(
     sealed: list[memoryview],
     *,
     final: bool,
-) -> list[bytes]:
-    """Decrypt consecutive segments; only the last may be the final one.
+) -> memoryview:
+    """Decrypt consecutive segments into one new buffer; only the last may be final.
 
-    Each segment becomes its own bytes object: buffers of one segment come from
-    the heap, while joining them into one large buffer would cost a fresh
-    mapping and its page faults on every batch.
+    With one buffer per batch the server sends about 1 MiB at a time. Sending
+    each 64 KiB segment on its own cost about 0.3 s more server CPU per GiB
+    pulled (one worker, 1 and 8 clients, on a 2-core machine). The buffer is
+    never reused, because the server's transport may still hold the last one.
     """
+    sizes = [max(0, len(piece) - SEGMENT_OVERHEAD) for piece in sealed]
+    buffer = memoryview(bytearray(sum(sizes)))
     last = len(sealed) - 1
-    return [
-        cipher.open(path, index + offset, piece, final and offset == last)
-        for offset, piece in enumerate(sealed)
-    ]
+    position = 0
+    for offset, piece in enumerate(sealed):
+        end = position + sizes[offset]
+        final_piece = final and offset == last
+        cipher.open_into(path, index + offset, piece, final_piece, buffer[position:end])
+        position = end
+    return buffer
 
 
 async def _read_all(
@@ -519,7 +527,7 @@ async def _read_all(
     return b"".join([chunk async for chunk in driver.read(path, offset, length)])
 
 
-async def _read_prefix(stream: AsyncIterator[bytes], size: int) -> bytes:
+async def _read_prefix(stream: AsyncIterator[bytes | memoryview], size: int) -> bytes:
     """Read at least `size` bytes from the stream, or all of it when shorter."""
     data = b""
     while len(data) < size:
@@ -530,7 +538,9 @@ async def _read_prefix(stream: AsyncIterator[bytes], size: int) -> bytes:
     return data
 
 
-async def _prepend(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+async def _prepend(
+    first: bytes, rest: AsyncIterator[bytes | memoryview]
+) -> AsyncIterator[bytes | memoryview]:
     try:
         if first:
             yield first
@@ -541,8 +551,8 @@ async def _prepend(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[by
 
 
 async def _limit(
-    chunks: AsyncIterator[bytes], length: int | None
-) -> AsyncIterator[bytes]:
+    chunks: AsyncIterator[bytes | memoryview], length: int | None
+) -> AsyncIterator[bytes | memoryview]:
     if length is None:
         async for chunk in chunks:
             yield chunk

@@ -139,3 +139,32 @@ class SegmentCipher:
             raise IntegrityError(
                 path, f"{where} {index} does not authenticate"
             ) from None
+
+    def open_into(
+        self,
+        path: str,
+        index: int,
+        sealed: bytes | memoryview,
+        final: bool,
+        out: memoryview,
+    ) -> None:
+        """Decrypt one segment into `out`, which has room for exactly its plaintext.
+
+        Raise IntegrityError when it does not authenticate; `out` then contains
+        bytes that must not be used.
+        """
+        if len(sealed) < SEGMENT_OVERHEAD:
+            raise IntegrityError(path, f"segment {index} is cut short")
+        view = memoryview(sealed)
+        try:
+            self._aead.decrypt_into(
+                view[:NONCE_BYTES],
+                view[NONCE_BYTES:],
+                self._associated_data(index, final),
+                out,
+            )
+        except InvalidTag:
+            where = "last segment" if final else "segment"
+            raise IntegrityError(
+                path, f"{where} {index} does not authenticate"
+            ) from None

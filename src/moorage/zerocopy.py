@@ -1,0 +1,212 @@
+"""Zero-copy blob bodies: the ASGI `http.response.zerocopy` extension on uvicorn.
+
+uvicorn (0.55) copies every response body through Python: a blob chunk is read
+from the file into a bytes object and written to the socket from there.
+`ZeroCopyProtocol` is uvicorn's httptools protocol with the ASGI zero-copy send
+extension added for plain-HTTP connections: the application sends
+`{"type": "http.response.zerocopy", "file": ..., "offset": ..., "count": ...}`
+and the protocol hands the file's pages to the socket with `os.sendfile`.
+
+The protocol writes to the socket's descriptor itself, so it first waits until
+the transport has nothing buffered (the response head was sent), and nothing
+else writes to a connection while its response is sent. When the socket is
+full, one piece of the file goes through the transport the usual way, and the
+transport's flow control reports when that piece, and so everything before it,
+has been sent. Connections with TLS never get the extension: their bytes must
+pass through the TLS layer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
+from typing import Any, BinaryIO
+
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+from uvicorn.protocols.http.httptools_impl import (
+    HttpToolsProtocol,
+    RequestResponseCycle,
+)
+
+ZEROCOPY = "http.response.zerocopy"
+# Bytes per sendfile call at most. The socket takes what fits, so a larger
+# value only saves system calls.
+SENDFILE_BYTES = 4 * 1024 * 1024
+# Bytes of the file written through the transport when the socket is full. The
+# transport reports when it has sent them, which is when the socket has room.
+FALLBACK_BYTES = 64 * 1024
+
+SendMessage = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+
+
+class ZeroCopyProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with the zero-copy send extension on plain HTTP.
+
+    NOTE: this hooks `_start_asgi_task`, a private method of uvicorn's protocol
+    (present in 0.55). With a uvicorn without it, scopes lack the extension and
+    blobs are streamed through Python as before.
+    """
+
+    _zerocopy = False
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        has_socket = transport.get_extra_info("socket") is not None
+        self._zerocopy = self.scheme == "http" and has_socket
+
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
+        if self._zerocopy:
+            extensions = cycle.scope.setdefault("extensions", {})  # type: ignore[typeddict-item]
+            extensions[ZEROCOPY] = {}
+            sender = _ZeroCopySender(cycle, cycle.send)  # type: ignore[arg-type]
+            cycle.send = sender.send  # type: ignore[method-assign,assignment]
+        super()._start_asgi_task(cycle, app)
+
+
+class _ZeroCopySender:
+    """One response's ASGI `send`, which also takes zero-copy messages."""
+
+    def __init__(self, cycle: RequestResponseCycle, send: SendMessage) -> None:
+        self._cycle = cycle
+        self._send = send
+
+    async def send(self, message: MutableMapping[str, Any]) -> None:
+        if message["type"] != ZEROCOPY:
+            await self._send(message)
+            return
+        cycle = self._cycle
+        if not cycle.response_started or cycle.response_complete:
+            raise RuntimeError(f"ASGI message {ZEROCOPY!r} outside a response body")
+        count = message["count"]
+        if count > cycle.expected_content_length:
+            raise RuntimeError("Response content longer than Content-Length")
+        if not cycle.disconnected:
+            sent = await _send_file(
+                cycle, message["file"].fileno(), message.get("offset", 0), count
+            )
+            cycle.expected_content_length -= sent
+        # uvicorn's own send completes the response (or ignores a disconnected one).
+        more_body = message.get("more_body", False)
+        await self._send(
+            {"type": "http.response.body", "body": b"", "more_body": more_body}
+        )
+
+
+async def _send_file(
+    cycle: RequestResponseCycle, file: int, offset: int, count: int
+) -> int:
+    """Send `count` bytes of `file` from `offset`; return how many were sent.
+
+    Returns fewer only when the client disconnected, and then marks the cycle
+    disconnected. Raises RuntimeError when the file ends early, so that the
+    connection is closed.
+    """
+    transport = cycle.transport
+    socket = transport.get_extra_info("socket").fileno()
+    # Flow control then pauses on any buffered byte and resumes when the
+    # buffer is empty, which is what a direct write to the socket needs.
+    low, high = transport.get_write_buffer_limits()  # type: ignore[attr-defined]
+    transport.set_write_buffer_limits(high=0, low=0)
+    sent = 0
+    try:
+        while sent < count:
+            await _wait_until_flushed(cycle)
+            if cycle.disconnected:
+                break
+            try:
+                written = os.sendfile(
+                    socket, file, offset + sent, min(count - sent, SENDFILE_BYTES)
+                )
+            except BlockingIOError:
+                sent += await _send_piece(cycle, file, offset + sent, count - sent)
+                continue
+            except (BrokenPipeError, ConnectionResetError):
+                # uvicorn learns of the loss later; until then its send must
+                # not complete the response as if every byte went out.
+                cycle.disconnected = True
+                transport.close()
+                break
+            if written == 0:
+                raise RuntimeError("Response content shorter than Content-Length")
+            sent += written
+    finally:
+        if not transport.is_closing():
+            transport.set_write_buffer_limits(high=high, low=low)
+    return sent
+
+
+async def _wait_until_flushed(cycle: RequestResponseCycle) -> None:
+    while cycle.transport.get_write_buffer_size() and not cycle.disconnected:
+        if cycle.flow.write_paused:
+            await cycle.flow.drain()
+        else:
+            # NOTE: with a high-water mark of 0 the transport pauses the flow
+            # whenever it buffers a byte, so this poll is a guard that should
+            # not run.
+            await asyncio.sleep(0.001)
+
+
+async def _send_piece(
+    cycle: RequestResponseCycle, file: int, offset: int, remaining: int
+) -> int:
+    """Write one piece through the transport, which sends it once the socket has
+    room and then resumes the flow."""
+    piece = await asyncio.to_thread(
+        os.pread, file, min(remaining, FALLBACK_BYTES), offset
+    )
+    if not piece:
+        raise RuntimeError("Response content shorter than Content-Length")
+    cycle.transport.write(piece)
+    return len(piece)
+
+
+class ZeroCopyFileResponse(Response):
+    """A response whose body is `count` bytes of an open file from `offset`.
+
+    Only for a scope with the zero-copy extension (see `supports_zerocopy`).
+    The headers must contain Content-Length. The file is closed at the end.
+    """
+
+    def __init__(
+        self,
+        file: BinaryIO,
+        offset: int,
+        count: int,
+        status_code: int,
+        headers: Mapping[str, str],
+        media_type: str,
+    ) -> None:
+        super().__init__(
+            status_code=status_code, headers=headers, media_type=media_type
+        )
+        self.file = file
+        self.offset = offset
+        self.count = count
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": self.status_code,
+                    "headers": self.raw_headers,
+                }
+            )
+            await send(
+                {
+                    "type": ZEROCOPY,
+                    "file": self.file,
+                    "offset": self.offset,
+                    "count": self.count,
+                    "more_body": False,
+                }
+            )
+        finally:
+            self.file.close()
+
+
+def supports_zerocopy(scope: Scope) -> bool:
+    """Return whether the server sends files for this request without copies."""
+    return ZEROCOPY in (scope.get("extensions") or {})

@@ -1,0 +1,159 @@
+"""Zero-copy file bodies through uvicorn's protocol with the extension added."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvicorn
+from starlette.types import Receive, Scope, Send
+
+from moorage.zerocopy import ZeroCopyFileResponse, ZeroCopyProtocol, supports_zerocopy
+
+SIZE = 24 * 1024 * 1024 + 11
+
+
+class FileApp:
+    """Serves `path`: the whole file, a range from `?offset=..&count=..`, and
+    records whether each request's scope offered the extension."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.offered: list[bool] = []
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        self.offered.append(supports_zerocopy(scope))
+        query = dict(
+            part.split("=")
+            for part in scope["query_string"].decode().split("&")
+            if part
+        )
+        offset = int(query.get("offset", 0))
+        count = int(query.get("count", self.path.stat().st_size - offset))
+        announced = int(query.get("announce", count))
+        response = ZeroCopyFileResponse(
+            open(self.path, "rb", buffering=0),  # noqa: ASYNC230, SIM115
+            offset,
+            count,
+            status_code=200,
+            headers={"Content-Length": str(announced)},
+            media_type="application/octet-stream",
+        )
+        await response(scope, receive, send)
+
+
+@pytest.fixture
+def content() -> bytes:
+    return os.urandom(SIZE)
+
+
+@pytest.fixture
+def data_file(tmp_path: Path, content: bytes) -> Path:
+    path = tmp_path / "blob"
+    path.write_bytes(content)
+    return path
+
+
+@pytest.fixture
+async def server(data_file: Path) -> AsyncIterator[tuple[FileApp, int]]:
+    app = FileApp(data_file)
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    config = uvicorn.Config(
+        app, http=ZeroCopyProtocol, log_config=None, lifespan="off", access_log=False
+    )
+    instance = uvicorn.Server(config)
+    task = asyncio.create_task(instance.serve(sockets=[listener]))
+    # uvicorn.Server offers only a `started` flag to wait for.
+    while not instance.started:  # noqa: ASYNC110
+        await asyncio.sleep(0.01)
+    try:
+        yield app, listener.getsockname()[1]
+    finally:
+        instance.should_exit = True
+        await task
+
+
+async def get(port: int, target: str, *, pause: float = 0) -> tuple[bytes, bytes]:
+    """Send a GET; return the response head and as much body as arrives before
+    the server closes or Content-Length is reached. `pause` slows the reader so
+    that the server finds the socket full."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.get_extra_info("socket").setsockopt(
+        socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024
+    )
+    writer.write(f"GET {target} HTTP/1.1\r\nHost: test\r\n\r\n".encode())
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = int(
+        next(
+            line.split(b":")[1]
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"content-length:")
+        )
+    )
+    body = bytearray()
+    while len(body) < length:
+        chunk = await reader.read(256 * 1024)
+        if not chunk:
+            break
+        body += chunk
+        if pause:
+            await asyncio.sleep(pause)
+    writer.close()
+    return head, bytes(body)
+
+
+async def test_whole_file_sent(server: Any, content: bytes) -> None:
+    """A plain-HTTP scope offers the extension and the body equals the file."""
+    app, port = server
+    head, body = await get(port, "/")
+    assert head.startswith(b"HTTP/1.1 200")
+    assert app.offered == [True]
+    assert body == content
+
+
+async def test_slow_reader_gets_every_byte(server: Any, content: bytes) -> None:
+    """A reader slower than the server fills the socket; nothing is lost or
+    reordered while the server waits for room."""
+    _, port = server
+    _, body = await get(port, "/", pause=0.002)
+    assert len(body) == SIZE
+    assert body == content
+
+
+@pytest.mark.parametrize(("offset", "count"), [(0, 1), (5, 0), (1000, 3 * 1024 * 1024)])
+async def test_range_sent(server: Any, content: bytes, offset: int, count: int) -> None:
+    """`offset` and `count` select the bytes sent."""
+    _, port = server
+    _, body = await get(port, f"/?offset={offset}&count={count}")
+    assert body == content[offset : offset + count]
+
+
+async def test_short_file_closes_connection(server: Any, content: bytes) -> None:
+    """A file that ends before the announced length closes the connection
+    instead of leaving the client waiting."""
+    _, port = server
+    offset = SIZE - 100
+    target = f"/?offset={offset}&count=200&announce=200"
+    _, body = await asyncio.wait_for(get(port, target), timeout=10)
+    assert body == content[offset:]
+
+
+async def test_keep_alive_after_zerocopy(server: Any, content: bytes) -> None:
+    """A second request on the same connection gets its own complete response."""
+    _, port = server
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    expected = content[:1000]
+    for _ in range(2):
+        writer.write(b"GET /?count=1000 HTTP/1.1\r\nHost: test\r\n\r\n")
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200")
+        assert await reader.readexactly(1000) == expected
+    writer.close()
