@@ -572,6 +572,12 @@ def test_invalid_input_and_conflicts(
         f"{base}/users", content=b"{", headers={"Content-Type": "application/json"}
     )
     assert error_of(not_json, 400)["code"] == "INVALID_INPUT"
+    nested = as_owner.post(
+        f"{base}/users",
+        content=b"[" * 30_000 + b"]" * 30_000,
+        headers={"Content-Type": "application/json"},
+    )
+    assert error_of(nested, 400)["code"] == "INVALID_INPUT"
     past = error_of(
         as_owner.post(
             f"{base}/robots", json={"name": "old", "expires_at": "2020-01-01T00:00:00Z"}
