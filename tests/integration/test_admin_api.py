@@ -611,6 +611,15 @@ def test_invalid_input_and_conflicts(
     error_of(as_owner.get("/no-such-page"), 404)
 
 
+def test_oversized_ids_not_found(as_owner: httpx.Client, acme: str) -> None:
+    """An id past the 64-bit range of the database gets 404, not 500."""
+    huge = "9" * 23
+    grant = error_of(as_owner.delete(f"/customers/{acme}/grants/{huge}"), 404)
+    assert grant["code"] == "NOT_FOUND"
+    token = error_of(as_owner.delete(f"/me/tokens/{huge}"), 404)
+    assert token["code"] == "NOT_FOUND"
+
+
 def test_registry_bearer_token_rejected(
     server: ServerProcess, owner: tuple[str, str], acme: str
 ) -> None:

@@ -186,6 +186,25 @@ def test_grant_invalid_role(cli: Cli) -> None:
     assert "reader" in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("command", "returncode"),
+    [
+        (("grant", "remove", "acme", "9" * 23), 1),
+        (("token", "revoke", "acme", "ida", "9" * 23), 1),
+        (("robot", "add", "acme", "r10", "--expires", "99999999999d"), 2),
+    ],
+)
+def test_oversized_numbers_rejected(
+    cli: Cli, command: tuple[str, ...], returncode: int
+) -> None:
+    """Numbers too large for the database or a datetime get a one-line error."""
+    cli.run("user", "add", "acme", "ida")
+    result = cli.run(*command)
+    assert result.returncode == returncode
+    assert result.stderr.startswith("error: ")
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
 def test_customer_suspend_resume(cli: Cli) -> None:
     """customer suspend and resume change the status customer list shows."""
     cli.ok("customer", "add", "globex")

@@ -67,8 +67,15 @@ def parse_expiry(value: str | None) -> datetime | None:
         return None
     match = _DURATION.fullmatch(value)
     if match:
-        amount = {_UNITS[match.group(2)]: int(match.group(1))}
-        return datetime.now(UTC) + timedelta(**amount)
+        try:
+            amount = {_UNITS[match.group(2)]: int(match.group(1))}
+            return datetime.now(UTC) + timedelta(**amount)
+        except (OverflowError, ValueError):
+            errors.print(
+                f"[red]error:[/red] expiry {value!r} is past the year 9999; "
+                "use a shorter one"
+            )
+            raise typer.Exit(2) from None
     return _parse_date(value)
 
 
