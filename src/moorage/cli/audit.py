@@ -231,7 +231,7 @@ def audit_archive(
     settings = _settings(data_dir=data_dir)
     target = directory or settings.resolved_audit_archive_dir
     cutoff = utcnow() - timedelta(days=older_than_days)
-    path = _run(settings, lambda s: s.audit.archive(cutoff, target))
+    path = _run(settings, lambda s: s.audit.archive(cutoff, target), atomic=False)
     if path is None:
         console.print("no events old enough to archive")
     else:
