@@ -62,3 +62,11 @@ def test_database_error_traceback_at_debug(cli: Cli) -> None:
     assert completed.returncode == 1
     assert "Traceback" in completed.stderr
     assert "error: database error: " in completed.stderr
+
+
+@pytest.mark.parametrize("limit", ["0", "-1"])
+def test_audit_list_limit_below_one(cli: Cli, limit: str) -> None:
+    """audit list rejects a limit below 1 instead of listing every event."""
+    result = cli.run("audit", "list", "--limit", limit)
+    assert result.returncode == 2
+    assert "--limit" in result.stderr

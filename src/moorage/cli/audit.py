@@ -85,7 +85,9 @@ def audit_list(
     source: SourceOption = None,
     since: SinceOption = None,
     until: UntilOption = None,
-    limit: Annotated[int, typer.Option(help="Maximum number of events to show.")] = 100,
+    limit: Annotated[
+        int, typer.Option(min=1, help="Maximum number of events to show.")
+    ] = 100,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print JSON lines instead of a table.")
     ] = False,
