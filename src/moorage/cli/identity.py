@@ -21,6 +21,7 @@ from moorage.cli.main import (
     _audited,
     _encrypted_driver,
     _parse_date,
+    _parse_end_date,
     _recorder,
     _run,
     _settings,
@@ -623,7 +624,7 @@ def grant_add(
     data_dir: DataDirOption = None,
 ) -> None:
     """Grant a role on a repository pattern to a customer or one of its accounts."""
-    end = _parse_date(until)
+    end = _parse_end_date(until, "--until")
     grant_id = _run(
         _settings(data_dir=data_dir),
         lambda s: _audited(

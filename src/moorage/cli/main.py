@@ -204,6 +204,17 @@ def _parse_date(value: str | None) -> datetime | None:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
+def _parse_end_date(value: str | None, option: str) -> datetime | None:
+    """Parse an end of access like `_parse_date`; reject one in the past."""
+    parsed = _parse_date(value)
+    if parsed is not None and parsed <= datetime.now(UTC):
+        errors.print(
+            f"[red]error:[/red] {option} {value} is in the past; use a later date"
+        )
+        raise typer.Exit(2)
+    return parsed
+
+
 @customer_app.command("add")
 def customer_add(
     slug: Annotated[
@@ -217,7 +228,7 @@ def customer_add(
     data_dir: DataDirOption = None,
 ) -> None:
     """Add a customer and its namespace."""
-    until = _parse_date(access_until)
+    until = _parse_end_date(access_until, "--access-until")
     customer = _run(
         _settings(data_dir=data_dir),
         lambda s: admin.add_customer(
