@@ -60,6 +60,9 @@ _PATTERN_COMPONENT = r"[a-z0-9*]+(?:(?:\.|_|__|-+)[a-z0-9*]+)*"
 _PATTERN = re.compile(rf"{_PATTERN_COMPONENT}(?:/{_PATTERN_COMPONENT})*")
 MAX_PASSWORD_LENGTH = 256
 MIN_DISTINCT_CHARACTERS = 5
+# The largest id a row can have: both databases store ids as signed 64-bit
+# integers and reject a larger parameter with an error instead of no match.
+MAX_ROW_ID = 2**63 - 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -581,7 +584,9 @@ async def _revoke_personal_token(
     identity: IdentityStore, customer_slug: str, login: str, token_id: int
 ) -> None:
     account = await find_account_of(identity, customer_slug, login, "user")
-    token = await identity.get_personal_token(token_id)
+    token = None
+    if 1 <= token_id <= MAX_ROW_ID:
+        token = await identity.get_personal_token(token_id)
     if token is None or token.account_id != account.id:
         raise NotFoundError(f"token {token_id} of {login!r} not found")
     await identity.revoke_personal_token(token_id)
@@ -746,6 +751,8 @@ async def _remove_grant(
     own_namespaces_only: bool,
 ) -> None:
     customer = await identity.get_customer(customer_slug)
+    if not 1 <= grant_id <= MAX_ROW_ID:
+        raise NotFoundError(f"grant {grant_id} of {customer_slug!r} not found")
     if own_namespaces_only:
         found = [g for g in await identity.list_grants(customer.id) if g.id == grant_id]
         if found:

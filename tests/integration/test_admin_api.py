@@ -572,6 +572,12 @@ def test_invalid_input_and_conflicts(
         f"{base}/users", content=b"{", headers={"Content-Type": "application/json"}
     )
     assert error_of(not_json, 400)["code"] == "INVALID_INPUT"
+    nested = as_owner.post(
+        f"{base}/users",
+        content=b"[" * 30_000 + b"]" * 30_000,
+        headers={"Content-Type": "application/json"},
+    )
+    assert error_of(nested, 400)["code"] == "INVALID_INPUT"
     past = error_of(
         as_owner.post(
             f"{base}/robots", json={"name": "old", "expires_at": "2020-01-01T00:00:00Z"}
@@ -603,6 +609,37 @@ def test_invalid_input_and_conflicts(
     large = as_owner.post(f"{base}/users", content=b" " * 100_000)
     assert error_of(large, 413)["code"] == "SIZE_INVALID"
     error_of(as_owner.get("/no-such-page"), 404)
+
+
+def test_grant_until_future_and_utc(as_owner: httpx.Client, acme: str) -> None:
+    """A grant's end must be in the future; the response gives it in UTC."""
+    grants = f"/customers/{acme}/grants"
+    for until in ("2020-01-01T00:00:00Z", "0001-01-01T00:00:00-23:59"):
+        body = {"pattern": f"{acme}/y", "role": "reader", "until": until}
+        past = error_of(as_owner.post(grants, json=body), 400)
+        assert past["code"] == "INVALID_INPUT"
+        assert "is in the past" in past["message"]
+    too_late = {"pattern": f"{acme}/y", "role": "reader"}
+    too_late["until"] = "9999-12-31T23:59:59-23:59"
+    out_of_range = error_of(as_owner.post(grants, json=too_late), 400)
+    assert "out of range" in out_of_range["message"]
+
+    body = {"pattern": f"{acme}/z", "role": "reader"}
+    body["until"] = "2030-06-30T00:00:00+02:00"
+    created = as_owner.post(grants, json=body)
+    assert created.status_code == 201, created.text
+    assert created.json()["until"] == "2030-06-29T22:00:00Z"
+    listed = [g for g in as_owner.get(grants).json() if g["id"] == created.json()["id"]]
+    assert listed[0]["until"] == created.json()["until"]
+
+
+def test_oversized_ids_not_found(as_owner: httpx.Client, acme: str) -> None:
+    """An id past the 64-bit range of the database gets 404, not 500."""
+    huge = "9" * 23
+    grant = error_of(as_owner.delete(f"/customers/{acme}/grants/{huge}"), 404)
+    assert grant["code"] == "NOT_FOUND"
+    token = error_of(as_owner.delete(f"/me/tokens/{huge}"), 404)
+    assert token["code"] == "NOT_FOUND"
 
 
 def test_registry_bearer_token_rejected(

@@ -268,6 +268,13 @@ def test_invalid_manifest_changes_nothing(writer: Account) -> None:
     assert got.content == image.manifest
 
 
+def test_deeply_nested_manifest(writer: Account) -> None:
+    """A manifest nested past json.loads' recursion limit gets MANIFEST_INVALID."""
+    body = b"[" * 100_000 + b"]" * 100_000
+    response = put_manifest(writer.client, writer.repository(), "nested", body)
+    assert_error(response, 400, "MANIFEST_INVALID")
+
+
 def open_descriptors(server: ServerProcess) -> int:
     assert server.process is not None
     return len(os.listdir(f"/proc/{server.process.pid}/fd"))

@@ -335,6 +335,21 @@ def test_password_policy(server: ServerProcess, weak: str) -> None:
     assert response.json()["errors"][0]["code"] == "INVALID_INPUT"
 
 
+def test_password_body_nested_too_deeply(server: ServerProcess) -> None:
+    """A body nested past json.loads' recursion limit gets 400, not 500."""
+    customer = server.add_customer()
+    login, password = server.add_user(customer, "reader")
+    response = httpx.put(
+        f"{server.url}/account/password",
+        timeout=PASSWORD_TIMEOUT,
+        content=b"[" * 2000 + b"]" * 2000,
+        headers={"Content-Type": "application/json"},
+        auth=(login, password),
+    )
+    assert response.status_code == 400
+    assert response.json()["errors"][0]["code"] == "INVALID_INPUT"
+
+
 def test_password_change_needs_password(server: ServerProcess) -> None:
     """A personal access token cannot change its user's password."""
     customer = server.add_customer()

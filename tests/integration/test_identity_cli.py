@@ -179,11 +179,46 @@ def test_grant_add_list_remove(cli: Cli) -> None:
     assert "products/*" not in cli.ok("grant", "list", "acme")
 
 
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("grant", "add", "acme", "acme/z", "reader", "--until", "2020-01-01"),
+        ("customer", "add", "lapsed", "--access-until", "2020-01-01"),
+    ],
+)
+def test_end_date_in_past_rejected(cli: Cli, command: tuple[str, ...]) -> None:
+    """A grant or contract that would end in the past is rejected, not added."""
+    result = cli.run(*command)
+    assert result.returncode == 2
+    assert "is in the past" in result.stderr
+    assert "acme/z" not in cli.ok("grant", "list", "acme")
+    assert "lapsed" not in cli.ok("customer", "list")
+
+
 def test_grant_invalid_role(cli: Cli) -> None:
     """An unknown role is rejected with the list of roles."""
     result = cli.run("grant", "add", "acme", "products/*", "superuser")
     assert result.returncode == 1
     assert "reader" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("command", "returncode"),
+    [
+        (("grant", "remove", "acme", "9" * 23), 1),
+        (("token", "revoke", "acme", "ida", "9" * 23), 1),
+        (("robot", "add", "acme", "r10", "--expires", "99999999999d"), 2),
+    ],
+)
+def test_oversized_numbers_rejected(
+    cli: Cli, command: tuple[str, ...], returncode: int
+) -> None:
+    """Numbers too large for the database or a datetime get a one-line error."""
+    cli.run("user", "add", "acme", "ida")
+    result = cli.run(*command)
+    assert result.returncode == returncode
+    assert result.stderr.startswith("error: ")
+    assert len(result.stderr.strip().splitlines()) == 1
 
 
 def test_customer_suspend_resume(cli: Cli) -> None:

@@ -352,6 +352,9 @@ def attacks(server: ServerProcess, genuine: str, customer: str) -> dict[str, str
         "actions": ["pull", "push"],
     }
     signature = genuine.rpartition(".")[2]
+    # Past the recursion limit of json.loads (1000 by default), small enough
+    # for a request header.
+    nested = b64(b"[" * 2000 + b"]" * 2000)
 
     return {
         "alg-none": unsigned({"alg": "none", "typ": "JWT", "kid": kid}, claims, ""),
@@ -370,6 +373,8 @@ def attacks(server: ServerProcess, genuine: str, customer: str) -> dict[str, str
         "wrong-issuer": signed(iss="someone-else"),
         "old-generation": signed(gen=claims["gen"] - 1),
         "garbage": "not.a.jwt",
+        "nested-header": f"{nested}.{b64(json.dumps(claims).encode())}.{signature}",
+        "nested-claims": f"{b64(json.dumps(header).encode())}.{nested}.{signature}",
     }
 
 
@@ -386,6 +391,8 @@ ATTACKS = [
     "wrong-issuer",
     "old-generation",
     "garbage",
+    "nested-header",
+    "nested-claims",
 ]
 
 

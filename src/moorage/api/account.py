@@ -58,7 +58,7 @@ def routes(services: Services) -> list[Route]:
 def _new_password(body: bytes | None) -> str:
     try:
         document = json.loads(body or b"")
-    except ValueError:
+    except (ValueError, RecursionError):
         document = None
     if not isinstance(document, dict) or not isinstance(document.get("password"), str):
         raise admin.InvalidInputError(

@@ -85,7 +85,9 @@ def audit_list(
     source: SourceOption = None,
     since: SinceOption = None,
     until: UntilOption = None,
-    limit: Annotated[int, typer.Option(help="Maximum number of events to show.")] = 100,
+    limit: Annotated[
+        int, typer.Option(min=1, help="Maximum number of events to show.")
+    ] = 100,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print JSON lines instead of a table.")
     ] = False,
@@ -231,7 +233,7 @@ def audit_archive(
     settings = _settings(data_dir=data_dir)
     target = directory or settings.resolved_audit_archive_dir
     cutoff = utcnow() - timedelta(days=older_than_days)
-    path = _run(settings, lambda s: s.audit.archive(cutoff, target))
+    path = _run(settings, lambda s: s.audit.archive(cutoff, target), atomic=False)
     if path is None:
         console.print("no events old enough to archive")
     else:

@@ -21,6 +21,7 @@ from moorage.cli.main import (
     _audited,
     _encrypted_driver,
     _parse_date,
+    _parse_end_date,
     _recorder,
     _run,
     _settings,
@@ -67,8 +68,15 @@ def parse_expiry(value: str | None) -> datetime | None:
         return None
     match = _DURATION.fullmatch(value)
     if match:
-        amount = {_UNITS[match.group(2)]: int(match.group(1))}
-        return datetime.now(UTC) + timedelta(**amount)
+        try:
+            amount = {_UNITS[match.group(2)]: int(match.group(1))}
+            return datetime.now(UTC) + timedelta(**amount)
+        except (OverflowError, ValueError):
+            errors.print(
+                f"[red]error:[/red] expiry {value!r} is past the year 9999; "
+                "use a shorter one"
+            )
+            raise typer.Exit(2) from None
     return _parse_date(value)
 
 
@@ -616,7 +624,7 @@ def grant_add(
     data_dir: DataDirOption = None,
 ) -> None:
     """Grant a role on a repository pattern to a customer or one of its accounts."""
-    end = _parse_date(until)
+    end = _parse_end_date(until, "--until")
     grant_id = _run(
         _settings(data_dir=data_dir),
         lambda s: _audited(

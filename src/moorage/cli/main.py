@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, TypeVar
 
+import structlog
 import typer
 from pydantic import ValidationError
 from rich.console import Console
@@ -26,6 +27,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from moorage import admin
 from moorage.audit import events as actions
@@ -62,6 +64,7 @@ app.add_typer(key_app, name="key")
 
 console = Console()
 errors = Console(stderr=True)
+log = structlog.get_logger(__name__)
 T = TypeVar("T")
 
 DataDirOption = Annotated[
@@ -83,8 +86,19 @@ def _settings(**overrides: object) -> Settings:
         raise typer.Exit(2) from None
 
 
-def _run(settings: Settings, action: Callable[[Services], Awaitable[T]]) -> T:
-    """Open the services, run one action on them, and report domain errors."""
+def _run(
+    settings: Settings,
+    action: Callable[[Services], Awaitable[T]],
+    *,
+    atomic: bool = True,
+) -> T:
+    """Open the services, run one action on them, and report its errors.
+
+    A domain error or a database error becomes one line on stderr and exit
+    code 1; the traceback of a database error is logged at debug level.
+    Pass `atomic=False` for an action that commits in several transactions,
+    because then a failed run may have changed something.
+    """
 
     async def main() -> T:
         services = await open_services(settings)
@@ -93,12 +107,39 @@ def _run(settings: Settings, action: Callable[[Services], Awaitable[T]]) -> T:
         finally:
             await services.close()
 
-    configure_logging("warning", settings.log_format)
+    debug = settings.log_level == "debug"
+    configure_logging("debug" if debug else "warning", settings.log_format)
     try:
         return asyncio.run(main())
     except MoorageError as error:
         errors.print(f"[red]error:[/red] {error.message}")
         raise typer.Exit(1) from None
+    except SQLAlchemyError as error:
+        log.debug("database error", exc_info=error)
+        outcome = (
+            "nothing was changed"
+            if atomic
+            else "what was done before it stays; run the command again to finish"
+        )
+        more = "" if debug else " (MOORAGE_LOG_LEVEL=debug shows the traceback)"
+        errors.print(
+            f"[red]error:[/red] database error: {_database_reason(error)}; "
+            f"{outcome}{more}",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(1) from None
+
+
+def _database_reason(error: SQLAlchemyError) -> str:
+    """Return the driver's own message, without the SQL statement and its values."""
+    cause: BaseException = error
+    if isinstance(error, DBAPIError) and error.orig is not None:
+        cause = error.orig
+    # The asyncpg adapter wraps the driver's exception; its message is plainer.
+    cause = cause.__cause__ or cause
+    lines = str(cause).strip().splitlines()
+    return lines[0] if lines else type(cause).__name__
 
 
 def _recorder(services: Services) -> AdminRecorder:
@@ -163,6 +204,17 @@ def _parse_date(value: str | None) -> datetime | None:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
+def _parse_end_date(value: str | None, option: str) -> datetime | None:
+    """Parse an end of access like `_parse_date`; reject one in the past."""
+    parsed = _parse_date(value)
+    if parsed is not None and parsed <= datetime.now(UTC):
+        errors.print(
+            f"[red]error:[/red] {option} {value} is in the past; use a later date"
+        )
+        raise typer.Exit(2)
+    return parsed
+
+
 @customer_app.command("add")
 def customer_add(
     slug: Annotated[
@@ -176,7 +228,7 @@ def customer_add(
     data_dir: DataDirOption = None,
 ) -> None:
     """Add a customer and its namespace."""
-    until = _parse_date(access_until)
+    until = _parse_end_date(access_until, "--access-until")
     customer = _run(
         _settings(data_dir=data_dir),
         lambda s: admin.add_customer(
@@ -394,7 +446,7 @@ def key_rotate(
             services, actions.KEY_ROTATE, "key-encryption key", None, rotate(services)
         )
 
-    report = _run(_settings(data_dir=data_dir), action)
+    report = _run(_settings(data_dir=data_dir), action, atomic=False)
     console.print(
         f"{report.rewrapped} data keys rewrapped, "
         f"{report.already_current} already under the active key"
@@ -422,7 +474,7 @@ def key_reencrypt(
             services, actions.KEY_REENCRYPT, "blobs", None, reencrypt(services)
         )
 
-    count = _run(_settings(data_dir=data_dir), action)
+    count = _run(_settings(data_dir=data_dir), action, atomic=False)
     console.print(f"{count} blobs re-encrypted")
 
 

@@ -92,6 +92,10 @@ def _load_json(body: bytes) -> dict[str, Any]:
         document = json.loads(body)
     except (ValueError, UnicodeDecodeError) as error:
         raise ManifestInvalidError(f"manifest is not valid JSON: {error}") from None
+    except RecursionError:
+        # json.loads recurses once per nesting level and gives up at the
+        # interpreter's recursion limit (1000 by default).
+        raise ManifestInvalidError("manifest is nested too deeply") from None
     if not isinstance(document, dict):
         raise ManifestInvalidError("manifest must be a JSON object")
     return document

@@ -6,9 +6,10 @@ them, so its messages (with the value and the fix) reach the caller unchanged.
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
+from typing import Annotated
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field
 
 from moorage.db.identity_store import (
     AccountRecord,
@@ -16,6 +17,19 @@ from moorage.db.identity_store import (
     GrantRecord,
     PersonalTokenRecord,
 )
+
+
+def _to_utc(value: datetime) -> datetime:
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:
+        raise ValueError(
+            "time is out of range in UTC; use a year from 1 to 9999"
+        ) from None
+
+
+# A time in a request body, which needs a zone and is converted to UTC as stored.
+UTCDatetime = Annotated[AwareDatetime, AfterValidator(_to_utc)]
 
 
 class Body(BaseModel):
@@ -40,13 +54,13 @@ class RoleChange(Body):
 class NewRobot(Body):
     name: str = Field(description="Its login is CUSTOMER+NAME.", examples=["ci"])
     role: str = Field("reader", description="reader, writer, maintainer or owner")
-    expires_at: AwareDatetime | None = Field(
+    expires_at: UTCDatetime | None = Field(
         None, description="When the secret stops working (ISO 8601 with a zone)."
     )
 
 
 class RobotRotation(Body):
-    expires_at: AwareDatetime | None = Field(
+    expires_at: UTCDatetime | None = Field(
         None, description="New expiry; the old one stays when this is missing."
     )
 
@@ -54,7 +68,7 @@ class RobotRotation(Body):
 class NewGrant(Body):
     pattern: str = Field(examples=["acme/app", "acme/*"])
     role: str = Field(description="reader, writer, maintainer or owner")
-    until: AwareDatetime | None = Field(None, description="Last moment of access.")
+    until: UTCDatetime | None = Field(None, description="Last moment of access.")
     account: str | None = Field(
         None, description="Grant to this login only, not the whole customer."
     )
@@ -66,7 +80,7 @@ class NewPersonalToken(Body):
         "reader",
         description="The maximum role the token acts with, never above the user's.",
     )
-    expires_at: AwareDatetime | None = Field(
+    expires_at: UTCDatetime | None = Field(
         None, description="Expiry; 90 days from now when missing."
     )
     repositories: list[str] | None = Field(

@@ -1,0 +1,72 @@
+"""How `moorage` commands report failures: one line on stderr and a non-zero
+exit code, never a traceback, and nothing changed when the command says so."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.audit import REJECTED, reject_audit_events
+from tests.support.cli import Cli
+from tests.support.database import create_database, drop_database
+
+
+@pytest.fixture
+def cli(tmp_path: Path) -> Iterator[Cli]:
+    """A data directory and database of the test's own, with the customer acme."""
+    url = create_database(tmp_path)
+    runner = Cli(tmp_path, url)
+    runner.ok("customer", "add", "acme")
+    yield runner
+    drop_database(url)
+
+
+def run_moorage(cli: Cli, *arguments: str) -> subprocess.CompletedProcess[str]:
+    """Run a command in its own interpreter, so that stderr is what users see."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MOORAGE_")}
+    env.update(cli.env)
+    return subprocess.run(
+        [sys.executable, "-m", "moorage", *arguments],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
+def test_database_error_one_line(cli: Cli) -> None:
+    """A database error is one line that says nothing changed, not a traceback."""
+    reject_audit_events(cli.env["MOORAGE_DATABASE_URL"], "grant.add")
+    completed = run_moorage(cli, "grant", "add", "acme", "products/*", "reader")
+    assert completed.returncode == 1
+    assert "Traceback" not in completed.stderr
+    # Other lines are the warnings of the set-up (keys inside the data directory).
+    lines = [line for line in completed.stderr.splitlines() if '"level"' not in line]
+    assert len(lines) == 1, completed.stderr
+    assert lines[0].startswith("error: database error: ")
+    assert REJECTED in lines[0]
+    assert "nothing was changed" in lines[0]
+    assert "products/*" not in cli.ok("grant", "list", "acme")
+
+
+def test_database_error_traceback_at_debug(cli: Cli) -> None:
+    """With MOORAGE_LOG_LEVEL=debug the traceback is logged as well."""
+    reject_audit_events(cli.env["MOORAGE_DATABASE_URL"], "grant.add")
+    cli.env["MOORAGE_LOG_LEVEL"] = "debug"
+    completed = run_moorage(cli, "grant", "add", "acme", "products/*", "reader")
+    assert completed.returncode == 1
+    assert "Traceback" in completed.stderr
+    assert "error: database error: " in completed.stderr
+
+
+@pytest.mark.parametrize("limit", ["0", "-1"])
+def test_audit_list_limit_below_one(cli: Cli, limit: str) -> None:
+    """audit list rejects a limit below 1 instead of listing every event."""
+    result = cli.run("audit", "list", "--limit", limit)
+    assert result.returncode == 2
+    assert "--limit" in result.stderr
