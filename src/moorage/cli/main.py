@@ -86,6 +86,26 @@ def _settings(**overrides: object) -> Settings:
         raise typer.Exit(2) from None
 
 
+def _check_data_dir(settings: Settings) -> None:
+    """Exit when the data directory is missing or not a directory.
+
+    Only `moorage serve` creates a new installation. Other commands run from the
+    wrong working directory would otherwise create an empty one in ./data and
+    act on it.
+    """
+    data_dir = settings.data_dir
+    if data_dir.exists() and not data_dir.is_dir():
+        errors.print(f"[red]error:[/red] data directory {data_dir} is not a directory")
+        raise typer.Exit(2)
+    if not data_dir.exists():
+        errors.print(
+            f"[red]error:[/red] data directory {data_dir.resolve()} does not exist; "
+            "pass --data-dir or set MOORAGE_DATA_DIR to the directory of an "
+            "installation, or run `moorage serve` to create one"
+        )
+        raise typer.Exit(2)
+
+
 def _run(
     settings: Settings,
     action: Callable[[Services], Awaitable[T]],
@@ -107,6 +127,7 @@ def _run(
         finally:
             await services.close()
 
+    _check_data_dir(settings)
     debug = settings.log_level == "debug"
     configure_logging("debug" if debug else "warning", settings.log_format)
     try:
