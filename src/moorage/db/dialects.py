@@ -20,12 +20,35 @@ def insert_statement(dialect: Dialect, table: Table) -> Any:
     return sqlite.insert(table)
 
 
+def insert_ignore_statement(
+    dialect: Dialect, table: Table, values: dict[str, Any]
+) -> Any:
+    """Return an INSERT of a row that does nothing when the row's key exists."""
+    statement = insert_statement(dialect, table).values(**values)
+    return statement.on_conflict_do_nothing()
+
+
+def upsert_statement(
+    dialect: Dialect,
+    table: Table,
+    values: dict[str, Any],
+    keys: Sequence[str],
+    update: Sequence[str],
+) -> Any:
+    """Return an INSERT of a row that updates the `update` columns of the row
+    with the same keys instead, when there is one."""
+    statement = insert_statement(dialect, table).values(**values)
+    return statement.on_conflict_do_update(
+        index_elements=list(keys),
+        set_={name: statement.excluded[name] for name in update},
+    )
+
+
 async def insert_ignore(
     connection: AsyncConnection, table: Table, values: dict[str, Any]
 ) -> None:
     """Insert a row unless one with the same key already exists."""
-    statement = insert_statement(connection.dialect, table).values(**values)
-    await connection.execute(statement.on_conflict_do_nothing())
+    await connection.execute(insert_ignore_statement(connection.dialect, table, values))
 
 
 async def upsert(
@@ -36,11 +59,7 @@ async def upsert(
     update: Sequence[str],
 ) -> None:
     """Insert a row, or update the `update` columns of the row with the same keys."""
-    statement = insert_statement(connection.dialect, table).values(**values)
-    statement = statement.on_conflict_do_update(
-        index_elements=list(keys),
-        set_={name: statement.excluded[name] for name in update},
-    )
+    statement = upsert_statement(connection.dialect, table, values, keys, update)
     await connection.execute(statement)
 
 
