@@ -206,7 +206,9 @@ class Registry:
             upload = await self.get_upload(repository, upload_id)
             size = upload.size
             if body is not None:
-                size = await self._write(upload, body, length)
+                # The new size is not recorded: the commit below deletes the
+                # session in the transaction that links the blob.
+                size = await self._write(upload, body, length, record=False)
             else:
                 await self._drop_unrecorded_bytes(upload)
             actual = await self._session_digest(upload_id, size, expected.algorithm)
@@ -216,7 +218,7 @@ class Registry:
                     f"uploaded content has digest {actual}, not {expected}",
                     detail={"digest": str(expected)},
                 )
-            await self._commit(repository, upload_id, expected, size)
+            await self._commit(upload, expected, size)
         self._hashers.pop(upload_id, None)
         return size
 
@@ -242,8 +244,18 @@ class Registry:
             raise
 
     async def _write(
-        self, upload: UploadRecord, body: AsyncIterator[bytes], length: int | None
+        self,
+        upload: UploadRecord,
+        body: AsyncIterator[bytes],
+        length: int | None,
+        *,
+        record: bool = True,
     ) -> int:
+        """Append `body` to the session's data; return the session's new size.
+
+        With `record`, the new size is stored in the database as well, unless
+        another request changed the session meanwhile (UploadInvalidError).
+        """
         writer = await self._open_session_data(upload)
         hasher = self._running_hasher(upload.id, upload.size)
         sink = _BlockSink(writer, hasher, length)
@@ -263,7 +275,9 @@ class Registry:
             await writer.cancel()
             self._hashers.pop(upload.id, None)
             raise
-        if not await self.store.advance_upload(upload.id, upload.size, new_size):
+        if record and not await self.store.advance_upload(
+            upload.id, upload.size, new_size
+        ):
             # Another process appended to the same session meanwhile.
             self._hashers.pop(upload.id, None)
             raise UploadInvalidError("the upload session changed during this request")
@@ -334,9 +348,16 @@ class Registry:
                 await asyncio.to_thread(hasher.update, chunk)
         return Digest(algorithm, hasher.hexdigest())
 
-    async def _commit(
-        self, repository: str, upload_id: str, digest: Digest, size: int
-    ) -> None:
+    async def _commit(self, upload: UploadRecord, digest: Digest, size: int) -> None:
+        """Move a verified upload into place and make the blob visible.
+
+        Durability: the writer's commit has fsynced the data and `move` fsyncs
+        the directory of the new name, both before the transaction that links
+        the blob, so a blob that a repository shows survives a crash. A crash
+        before that transaction leaves at most an unlinked file under `blobs/`,
+        which the next upload of the same digest replaces.
+        """
+        repository, upload_id = upload.repository, upload.id
         target = paths.blob_path(digest)
         source = paths.upload_data_path(upload_id)
         if await self._stored_copy_usable(repository, digest, target):
@@ -348,9 +369,18 @@ class Registry:
         else:
             await self.driver.move(source, target)
             await self.driver.delete(paths.upload_dir(upload_id))
-        await self.store.link_blob(
-            repository, str(digest), size, finished_upload=upload_id
+        linked = await self.store.link_blob(
+            repository,
+            str(digest),
+            size,
+            finished_upload=upload_id,
+            upload_size=upload.size,
         )
+        if not linked:
+            # Another request appended to or cancelled the same session meanwhile.
+            # The blob's file may be in place already, but nothing links it.
+            self._hashers.pop(upload_id, None)
+            raise UploadInvalidError("the upload session changed during this request")
         # Again after the link: a concurrent delete of the blob in another of
         # the owner's repositories may have dropped the wrap in between.
         await self._share_key(repository, str(digest))
