@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -42,6 +43,19 @@ def upsert_statement(
         index_elements=list(keys),
         set_={name: statement.excluded[name] for name in update},
     )
+
+
+@functools.cache
+def prepared_insert_ignore(dialect_name: str, table: Table) -> Any:
+    """Return an INSERT into `table` that skips a row whose key exists.
+
+    The statement has no values: pass each row to `execute` as parameters. It
+    is built once per dialect and table, so SQLAlchemy finds its compiled
+    form without building the statement and its cache key again.
+    """
+    if dialect_name == "postgresql":
+        return postgresql.insert(table).on_conflict_do_nothing()
+    return sqlite.insert(table).on_conflict_do_nothing()
 
 
 async def insert_ignore(

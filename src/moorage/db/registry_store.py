@@ -23,9 +23,9 @@ from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from moorage.db.dialects import (
-    insert_ignore_statement,
     lexical,
     like_pattern,
+    prepared_insert_ignore,
     upsert_statement,
 )
 from moorage.db.direct import DirectReadError, PreparedRead, direct_reads, prepare
@@ -210,18 +210,21 @@ class RegistryStore:
 
         def work(connection: Connection) -> bool:
             if finished_upload is not None:
-                condition = uploads.c.id == finished_upload
-                if upload_size is not None:
-                    condition = and_(condition, uploads.c.size == upload_size)
-                result = connection.execute(delete(uploads).where(condition))
+                if upload_size is None:
+                    statement = _DELETE_UPLOAD
+                    values: dict[str, Any] = {"upload_id": finished_upload}
+                else:
+                    statement = _DELETE_UPLOAD_OF_SIZE
+                    values = {"upload_id": finished_upload, "size": upload_size}
+                result = connection.execute(statement, values)
                 if upload_size is not None and result.rowcount != 1:
                     return False
             repository_id = _ensure_repository(connection, repository)
-            dialect = connection.dialect
+            dialect = connection.dialect.name
             row = {"digest": digest, "size": size}
-            connection.execute(insert_ignore_statement(dialect, blobs, row))
+            connection.execute(prepared_insert_ignore(dialect, blobs), row)
             link = {"repository_id": repository_id, "digest": digest}
-            connection.execute(insert_ignore_statement(dialect, repository_blobs, link))
+            connection.execute(prepared_insert_ignore(dialect, repository_blobs), link)
             return True
 
         return await self._transact(work)
@@ -235,9 +238,8 @@ class RegistryStore:
                 return None
             repository_id = _ensure_repository(connection, target)
             link = {"repository_id": repository_id, "digest": digest}
-            connection.execute(
-                insert_ignore_statement(connection.dialect, repository_blobs, link)
-            )
+            insert = prepared_insert_ignore(connection.dialect.name, repository_blobs)
+            connection.execute(insert, link)
             return size
 
         return await self._transact(work)
@@ -278,15 +280,14 @@ class RegistryStore:
 
         def work(connection: Connection) -> None:
             repository_id = _ensure_repository(connection, repository)
-            connection.execute(
-                uploads.insert().values(
-                    id=upload_id,
-                    repository_id=repository_id,
-                    size=0,
-                    created_at=now,
-                    updated_at=now,
-                )
-            )
+            row = {
+                "id": upload_id,
+                "repository_id": repository_id,
+                "size": 0,
+                "created_at": now,
+                "updated_at": now,
+            }
+            connection.execute(_INSERT_UPLOAD, row)
 
         await self._transact(work)
         return UploadRecord(upload_id, repository, 0, now)
@@ -563,9 +564,7 @@ def prefix_upper_bound(prefix: str) -> str:
 
 
 def _repository_id(connection: Connection, name: str) -> int | None:
-    return connection.scalar(
-        select(repositories.c.id).where(repositories.c.name == name)
-    )
+    return connection.scalar(_REPOSITORY_ID, {"name": name})
 
 
 def _ensure_repository(connection: Connection, name: str) -> int:
@@ -573,7 +572,9 @@ def _ensure_repository(connection: Connection, name: str) -> int:
     if repository_id is not None:
         return repository_id
     row = {"name": name, "namespace": namespace_of(name), "created_at": utcnow()}
-    connection.execute(insert_ignore_statement(connection.dialect, repositories, row))
+    connection.execute(
+        prepared_insert_ignore(connection.dialect.name, repositories), row
+    )
     repository_id = _repository_id(connection, name)
     assert repository_id is not None
     return repository_id
@@ -674,11 +675,8 @@ def _insert_manifest(
     manifest: NewManifest,
     codec: ContentCodec | None,
 ) -> int:
-    where = and_(
-        manifests.c.repository_id == repository_id,
-        manifests.c.digest == manifest.digest,
-    )
-    existing = connection.scalar(select(manifests.c.id).where(where))
+    key = {"repository_id": repository_id, "digest": manifest.digest}
+    existing = connection.scalar(_MANIFEST_ID, key)
     if existing is not None:
         return int(existing)
     row = {
@@ -694,15 +692,16 @@ def _insert_manifest(
         ),
         "created_at": utcnow(),
     }
-    connection.execute(insert_ignore_statement(connection.dialect, manifests, row))
-    manifest_id = connection.scalar(select(manifests.c.id).where(where))
+    dialect = connection.dialect.name
+    connection.execute(prepared_insert_ignore(dialect, manifests), row)
+    manifest_id = connection.scalar(_MANIFEST_ID, key)
     assert manifest_id is not None
     references = dict.fromkeys(manifest.blob_references, "blob")
     references.update(dict.fromkeys(manifest.manifest_references, "manifest"))
     for digest, kind in references.items():
         reference = {"manifest_id": manifest_id, "digest": digest, "kind": kind}
         connection.execute(
-            insert_ignore_statement(connection.dialect, manifest_references, reference)
+            prepared_insert_ignore(dialect, manifest_references), reference
         )
     return int(manifest_id)
 
@@ -743,6 +742,18 @@ _UPLOAD = (
         uploads.c.id == bindparam("upload_id"),
         repositories.c.name == bindparam("repository"),
     )
+)
+_REPOSITORY_ID = select(repositories.c.id).where(
+    repositories.c.name == bindparam("name")
+)
+_MANIFEST_ID = select(manifests.c.id).where(
+    manifests.c.repository_id == bindparam("repository_id"),
+    manifests.c.digest == bindparam("digest"),
+)
+_INSERT_UPLOAD = uploads.insert()
+_DELETE_UPLOAD = delete(uploads).where(uploads.c.id == bindparam("upload_id"))
+_DELETE_UPLOAD_OF_SIZE = delete(uploads).where(
+    uploads.c.id == bindparam("upload_id"), uploads.c.size == bindparam("size")
 )
 _DIRECT_BLOB_SIZE = prepare(_BLOB_SIZE)
 _DIRECT_UPLOAD = prepare(_UPLOAD)

@@ -104,6 +104,13 @@ class FilesystemDriver(StorageDriver):
     async def delete(self, path: str) -> None:
         full = self._full_path(path)
         if full.is_dir():
+            # An upload's directory is empty once its data has moved into place,
+            # and one rmdir call is far cheaper than rmtree in a worker thread.
+            try:
+                os.rmdir(full)
+                return
+            except OSError:
+                pass
             await asyncio.to_thread(shutil.rmtree, full, True)
         else:
             full.unlink(missing_ok=True)
