@@ -72,15 +72,10 @@ class FilesystemDriver(StorageDriver):
 
     async def writer(self, path: str, offset: int = 0) -> FileWriter:
         full = self._full_path(path)
-        if offset == 0:
-            full.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(full, os.O_WRONLY | os.O_CREAT, 0o640)
-        else:
-            try:
-                fd = os.open(full, os.O_WRONLY)
-            except FileNotFoundError:
-                raise PathNotFoundError(path) from None
-        os.ftruncate(fd, offset)
+        try:
+            fd = await asyncio.to_thread(_open_for_writing, full, offset)
+        except FileNotFoundError:
+            raise PathNotFoundError(path) from None
         return _FilesystemWriter(fd, offset, fsync=self.fsync)
 
     async def put(self, path: str, data: bytes) -> None:
@@ -93,25 +88,15 @@ class FilesystemDriver(StorageDriver):
     async def move(self, source: str, destination: str) -> None:
         source_path = self._full_path(source)
         target = self._full_path(destination)
-        target.parent.mkdir(parents=True, exist_ok=True)
         try:
-            os.replace(source_path, target)
+            await asyncio.to_thread(_move, source_path, target, self.fsync)
         except FileNotFoundError:
             raise PathNotFoundError(source) from None
-        if self.fsync:
-            await asyncio.to_thread(_fsync_directory, target.parent)
 
     async def delete(self, path: str) -> None:
         full = self._full_path(path)
         if full.is_dir():
-            # An upload's directory is empty once its data has moved into place,
-            # and one rmdir call is far cheaper than rmtree in a worker thread.
-            try:
-                os.rmdir(full)
-                return
-            except OSError:
-                pass
-            await asyncio.to_thread(shutil.rmtree, full, True)
+            await asyncio.to_thread(_remove_directory, full)
         else:
             full.unlink(missing_ok=True)
 
@@ -179,10 +164,14 @@ class _FilesystemWriter(FileWriter):
             await syncing
 
     async def commit(self) -> int:
-        await self._flush()
         await self._wait_for_sync()
-        if self._fsync:
-            await asyncio.to_thread(os.fsync, self._fd)
+        # The rest of the data and the fsync go to the same worker thread.
+        data = bytes(self._buffer)
+        self._buffer.clear()
+        await asyncio.to_thread(
+            _write_and_sync, self._fd, data, self._written, self._fsync
+        )
+        self._written += len(data)
         self._close()
         return self._written
 
@@ -208,6 +197,44 @@ def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
         written = os.pwrite(fd, view, offset)
         view = view[written:]
         offset += written
+
+
+def _write_and_sync(fd: int, data: bytes, offset: int, fsync: bool) -> None:
+    _pwrite_all(fd, data, offset)
+    if fsync:
+        os.fsync(fd)
+
+
+def _open_for_writing(path: Path, offset: int) -> int:
+    """Open a file to write at `offset`, cut to that length; create it at 0."""
+    if offset == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o640)
+    else:
+        fd = os.open(path, os.O_WRONLY)
+    try:
+        os.ftruncate(fd, offset)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _move(source: Path, target: Path, fsync: bool) -> None:
+    """Rename `source` to `target`; with `fsync`, make the new name durable."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(source, target)
+    if fsync:
+        _fsync_directory(target.parent)
+
+
+def _remove_directory(path: Path) -> None:
+    # An upload's directory is empty once its data has moved into place, and
+    # one rmdir is cheaper than shutil.rmtree walking it.
+    try:
+        os.rmdir(path)
+    except OSError:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _write_file(path: Path, data: bytes, fsync: bool) -> None:
