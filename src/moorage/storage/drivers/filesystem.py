@@ -80,10 +80,8 @@ class FilesystemDriver(StorageDriver):
 
     async def put(self, path: str, data: bytes) -> None:
         full = self._full_path(path)
-        full.parent.mkdir(parents=True, exist_ok=True)
         temporary = full.with_name(f".{full.name}.{uuid.uuid4().hex}.tmp")
-        await asyncio.to_thread(_write_file, temporary, data, self.fsync)
-        os.replace(temporary, full)
+        await asyncio.to_thread(_put_file, temporary, full, data, self.fsync)
 
     async def move(self, source: str, destination: str) -> None:
         source_path = self._full_path(source)
@@ -237,12 +235,20 @@ def _remove_directory(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _write_file(path: Path, data: bytes, fsync: bool) -> None:
-    with open(path, "wb") as handle:
+def _put_file(temporary: Path, target: Path, data: bytes, fsync: bool) -> None:
+    """Write `data` to `temporary` and rename it to `target`.
+
+    With `fsync`, the data and then the new name are durable when this returns.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(temporary, "wb") as handle:
         handle.write(data)
         if fsync:
             handle.flush()
             os.fsync(handle.fileno())
+    os.replace(temporary, target)
+    if fsync:
+        _fsync_directory(target.parent)
 
 
 def _fsync_directory(path: Path) -> None:
