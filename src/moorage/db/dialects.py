@@ -65,18 +65,6 @@ async def insert_ignore(
     await connection.execute(insert_ignore_statement(connection.dialect, table, values))
 
 
-async def upsert(
-    connection: AsyncConnection,
-    table: Table,
-    values: dict[str, Any],
-    keys: Sequence[str],
-    update: Sequence[str],
-) -> None:
-    """Insert a row, or update the `update` columns of the row with the same keys."""
-    statement = upsert_statement(connection.dialect, table, values, keys, update)
-    await connection.execute(statement)
-
-
 def lexical(column: ColumnClause[Any] | ColumnElement[Any], dialect: Dialect) -> Any:
     """Order by code point, as the distribution spec requires for tags and the catalog.
 
