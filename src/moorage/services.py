@@ -46,6 +46,7 @@ class Services:
 
     async def close(self) -> None:
         await self.audit.close()
+        self.audit.store.close()
         self.identity.close()
         self.registry.store.close()
         await self.engine.dispose()

@@ -167,6 +167,55 @@ def test_put_whole_body(writer: Account) -> None:
     assert_blob(writer, repository, DATA, digest_of(DATA))
 
 
+@pytest.mark.parametrize("size", [1, 256 * 1024, 256 * 1024 + 1, 3 * 1024 * 1024])
+def test_put_whole_body_sizes(
+    server: ServerProcess, writer: Account, size: int
+) -> None:
+    """A whole body in the PUT is stored whether it is received in memory or not.
+
+    Up to 256 KiB the registry keeps the body in memory and stores it with one
+    put; above that it streams the body through the session's data file.
+    """
+    data = os.urandom(size)
+    repository = writer.repository()
+    location = start_upload(writer.client, repository)
+    done = writer.client.put(location, params={"digest": digest_of(data)}, content=data)
+    assert done.status_code == 201
+    assert_blob(writer, repository, data, digest_of(data))
+    assert not upload_dir(server, upload_id(location)).exists()
+    assert_storage_consistent(server)
+
+
+def test_put_whole_body_wrong_digest(server: ServerProcess, writer: Account) -> None:
+    """A whole body with the wrong digest cancels the session and stores nothing."""
+    data = os.urandom(3000)
+    repository = writer.repository()
+    location = start_upload(writer.client, repository)
+    wrong = digest_of(data[:-1])
+    response = writer.client.put(location, params={"digest": wrong}, content=data)
+    assert_error(response, 400, "DIGEST_INVALID")
+    assert_error(writer.client.get(location), 404, "BLOB_UPLOAD_UNKNOWN")
+    stored = [path.name for path in stored_blob_files(server)]
+    assert wrong.partition(":")[2] not in stored
+    assert digest_of(data).partition(":")[2] not in stored
+
+
+def test_put_whole_body_after_dead_request(
+    server: ServerProcess, writer: Account
+) -> None:
+    """Bytes that a dead request left in the session's data do not reach the blob."""
+    repository = writer.repository()
+    location = start_upload(writer.client, repository)
+    leftover = upload_dir(server, upload_id(location))
+    leftover.mkdir(parents=True)
+    (leftover / "data").write_bytes(b"unrecorded bytes")
+    done = writer.client.put(location, params={"digest": digest_of(DATA)}, content=DATA)
+    assert done.status_code == 201
+    assert_blob(writer, repository, DATA, digest_of(DATA))
+    assert not leftover.exists()
+    assert_storage_consistent(server)
+
+
 def test_put_sha512(writer: Account) -> None:
     """A session verified against a sha512 digest commits under that digest."""
     repository = writer.repository()

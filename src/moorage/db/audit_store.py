@@ -9,7 +9,8 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Select, delete, func, select, update
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from moorage.audit.checkpoints import Checkpoint
 from moorage.audit.events import (
@@ -28,7 +29,8 @@ from moorage.db.schema import (
     audit_head,
     utcnow,
 )
-from moorage.db.transactions import begin, connect, unit_of_work
+from moorage.db.sqlite_writer import sqlite_writer
+from moorage.db.transactions import begin, connect, in_unit_of_work, unit_of_work
 
 _EVENT_COLUMNS = [audit_events.c[name] for name in EVENT_FIELDS]
 # The columns of a stored event in the order `_insert_sqlite` binds them.
@@ -87,30 +89,30 @@ def _event_select() -> Select[Any]:
     )
 
 
-async def append_events(
-    connection: AsyncConnection, events: Sequence[AuditEvent]
+def append_events(
+    connection: Connection, events: Sequence[AuditEvent]
 ) -> list[StoredEvent]:
     """Chain and insert events in the caller's transaction.
 
-    The UPDATE of the head row comes first: it takes the write lock (SQLite) or
-    the row lock (PostgreSQL) before the head is read, so concurrent writers in
-    other processes append one after the other.
+    It runs synchronously: on SQLite in the process's writer thread (see
+    `AuditStore.append`), else through `run_sync`. The UPDATE of the head row
+    comes first: it takes the write lock (SQLite) or the row lock (PostgreSQL)
+    before the head is read, so concurrent writers in other processes append
+    one after the other.
     """
-    await connection.execute(
+    connection.execute(
         update(audit_head).where(audit_head.c.id == 1).values(seq=audit_head.c.seq)
     )
-    head = (
-        await connection.execute(
-            select(audit_head.c.seq, audit_head.c.hash).where(audit_head.c.id == 1)
-        )
+    head = connection.execute(
+        select(audit_head.c.seq, audit_head.c.hash).where(audit_head.c.id == 1)
     ).one()
     stored = chain([fit(event) for event in events], head.seq, head.hash)
     if connection.dialect.name == "sqlite":
-        await _insert_sqlite(connection, stored)
+        _insert_sqlite(connection, stored)
     else:
-        await connection.execute(audit_events.insert(), [_row(item) for item in stored])
+        connection.execute(audit_events.insert(), [_row(item) for item in stored])
     last = stored[-1]
-    await connection.execute(
+    connection.execute(
         update(audit_head)
         .where(audit_head.c.id == 1)
         .values(seq=last.seq, hash=last.hash)
@@ -118,9 +120,7 @@ async def append_events(
     return stored
 
 
-async def _insert_sqlite(
-    connection: AsyncConnection, stored: list[StoredEvent]
-) -> None:
+def _insert_sqlite(connection: Connection, stored: list[StoredEvent]) -> None:
     """Insert events as plain tuples, skipping SQLAlchemy's per-row bind work.
 
     Every pull and push adds a row, so on SQLite the statement goes to the driver
@@ -134,7 +134,7 @@ async def _insert_sqlite(
         values = [item.seq, *event_values(item.event), item.prev_hash, item.hash]
         values[_INSERT_TIME] = bind_time(values[_INSERT_TIME])
         rows.append(tuple(values))
-    await connection.exec_driver_sql(_SQLITE_INSERT, rows)
+    connection.exec_driver_sql(_SQLITE_INSERT, rows)
 
 
 def _row(stored: StoredEvent) -> dict[str, Any]:
@@ -182,6 +182,11 @@ class AuditStore:
 
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
+        self.writer = sqlite_writer(engine)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
 
     def unit_of_work(self) -> AbstractAsyncContextManager[None]:
         """Open one transaction that every store call in this task joins until exit.
@@ -196,8 +201,15 @@ class AuditStore:
         """Chain and insert events, inside the open unit of work when there is one."""
         if not events:
             return []
+        if self.writer is not None and not in_unit_of_work(self.engine):
+            # The whole append (head, chain hashes, insert) runs in the writer
+            # thread: the SQLite write lock is held for one thread's work, not
+            # across event-loop turns, and the loop waits for one result.
+            return await self.writer.run(
+                lambda connection: append_events(connection, events)
+            )
         async with begin(self.engine) as connection:
-            return await append_events(connection, events)
+            return await connection.run_sync(append_events, events)
 
     async def has_event(self, action: str, reference: str) -> bool:
         """Return whether an event with this action and reference is stored."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,28 +21,48 @@ def insert_statement(dialect: Dialect, table: Table) -> Any:
     return sqlite.insert(table)
 
 
-async def insert_ignore(
-    connection: AsyncConnection, table: Table, values: dict[str, Any]
-) -> None:
-    """Insert a row unless one with the same key already exists."""
-    statement = insert_statement(connection.dialect, table).values(**values)
-    await connection.execute(statement.on_conflict_do_nothing())
+def insert_ignore_statement(
+    dialect: Dialect, table: Table, values: dict[str, Any]
+) -> Any:
+    """Return an INSERT of a row that does nothing when the row's key exists."""
+    statement = insert_statement(dialect, table).values(**values)
+    return statement.on_conflict_do_nothing()
 
 
-async def upsert(
-    connection: AsyncConnection,
+def upsert_statement(
+    dialect: Dialect,
     table: Table,
     values: dict[str, Any],
     keys: Sequence[str],
     update: Sequence[str],
-) -> None:
-    """Insert a row, or update the `update` columns of the row with the same keys."""
-    statement = insert_statement(connection.dialect, table).values(**values)
-    statement = statement.on_conflict_do_update(
+) -> Any:
+    """Return an INSERT of a row that updates the `update` columns of the row
+    with the same keys instead, when there is one."""
+    statement = insert_statement(dialect, table).values(**values)
+    return statement.on_conflict_do_update(
         index_elements=list(keys),
         set_={name: statement.excluded[name] for name in update},
     )
-    await connection.execute(statement)
+
+
+@functools.cache
+def prepared_insert_ignore(dialect_name: str, table: Table) -> Any:
+    """Return an INSERT into `table` that skips a row whose key exists.
+
+    The statement has no values: pass each row to `execute` as parameters. It
+    is built once per dialect and table, so SQLAlchemy finds its compiled
+    form without building the statement and its cache key again.
+    """
+    if dialect_name == "postgresql":
+        return postgresql.insert(table).on_conflict_do_nothing()
+    return sqlite.insert(table).on_conflict_do_nothing()
+
+
+async def insert_ignore(
+    connection: AsyncConnection, table: Table, values: dict[str, Any]
+) -> None:
+    """Insert a row unless one with the same key already exists."""
+    await connection.execute(insert_ignore_statement(connection.dialect, table, values))
 
 
 def lexical(column: ColumnClause[Any] | ColumnElement[Any], dialect: Dialect) -> Any:

@@ -27,7 +27,7 @@ def create_engine(url: str) -> AsyncEngine:
     if url.startswith("sqlite"):
         _restrict_sqlite_file(url)
         engine = create_async_engine(url, connect_args={"timeout": 30})
-        event.listen(engine.sync_engine, "connect", _configure_sqlite)
+        event.listen(engine.sync_engine, "connect", configure_sqlite)
         return engine
     return create_async_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True)
 
@@ -57,7 +57,7 @@ def _restrict_sqlite_file(url: str) -> None:
         os.close(descriptor)
 
 
-def _configure_sqlite(dbapi_connection: Any, _record: Any) -> None:
+def configure_sqlite(dbapi_connection: Any, _record: Any) -> None:
     # WAL lets the CLI and the server use the database at the same time;
     # NORMAL synchronous is durable across process crashes in WAL mode.
     cursor = dbapi_connection.cursor()

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from sqlalchemy import (
     ColumnElement,
@@ -19,10 +19,15 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.engine import Dialect
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.engine import Connection, Dialect
+from sqlalchemy.ext.asyncio import AsyncEngine
 
-from moorage.db.dialects import insert_ignore, lexical, like_pattern, upsert
+from moorage.db.dialects import (
+    lexical,
+    like_pattern,
+    prepared_insert_ignore,
+    upsert_statement,
+)
 from moorage.db.direct import DirectReadError, PreparedRead, direct_reads, prepare
 from moorage.db.schema import (
     blobs,
@@ -34,9 +39,12 @@ from moorage.db.schema import (
     uploads,
     utcnow,
 )
-from moorage.db.transactions import begin, connect
+from moorage.db.sqlite_writer import sqlite_writer
+from moorage.db.transactions import begin, connect, in_unit_of_work
 from moorage.errors import BlobReferencedError, ManifestBlobUnknownError
 from moorage.names import namespace_of
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,12 +121,23 @@ class RegistryStore:
     def __init__(self, engine: AsyncEngine, codec: ContentCodec | None = None) -> None:
         self.engine = engine
         self.codec = codec
-        # Point reads on every pull go around aiosqlite (see moorage.db.direct).
+        # Point reads on every pull go around aiosqlite (see moorage.db.direct),
+        # and so do the writes of every push (see moorage.db.sqlite_writer).
         self.direct = direct_reads(engine)
+        self.writer = sqlite_writer(engine)
 
     def close(self) -> None:
         if self.direct is not None:
             self.direct.close()
+        if self.writer is not None:
+            self.writer.close()
+
+    async def _transact(self, work: Callable[[Connection], T]) -> T:
+        """Run `work` in a transaction of its own, or in the open unit of work."""
+        if self.writer is not None and not in_unit_of_work(self.engine):
+            return await self.writer.run(work)
+        async with begin(self.engine) as connection:
+            return await connection.run_sync(work)
 
     # Repositories
 
@@ -167,7 +186,7 @@ class RegistryStore:
             except DirectReadError:
                 pass
         async with connect(self.engine) as connection:
-            return await _visible_blob_size(connection, repository, digest)
+            return await connection.run_sync(_visible_blob_size, repository, digest)
 
     async def blob_exists(self, digest: str) -> bool:
         row = await self._first(_BLOB_SIZE, _DIRECT_BLOB_SIZE, digest=digest)
@@ -180,34 +199,50 @@ class RegistryStore:
         size: int,
         *,
         finished_upload: str | None = None,
-    ) -> None:
-        """Record a committed blob and make it visible in `repository`."""
-        async with begin(self.engine) as connection:
-            repository_id = await _ensure_repository(connection, repository)
-            await insert_ignore(connection, blobs, {"digest": digest, "size": size})
-            await insert_ignore(
-                connection,
-                repository_blobs,
-                {"repository_id": repository_id, "digest": digest},
-            )
+        upload_size: int | None = None,
+    ) -> bool:
+        """Record a committed blob and make it visible in `repository`.
+
+        With `finished_upload`, the same transaction deletes that upload session.
+        With `upload_size` as well, it does so only while the session has that
+        many bytes recorded. Otherwise it changes nothing and returns False.
+        """
+
+        def work(connection: Connection) -> bool:
             if finished_upload is not None:
-                await connection.execute(
-                    delete(uploads).where(uploads.c.id == finished_upload)
-                )
+                if upload_size is None:
+                    statement = _DELETE_UPLOAD
+                    values: dict[str, Any] = {"upload_id": finished_upload}
+                else:
+                    statement = _DELETE_UPLOAD_OF_SIZE
+                    values = {"upload_id": finished_upload, "size": upload_size}
+                result = connection.execute(statement, values)
+                if upload_size is not None and result.rowcount != 1:
+                    return False
+            repository_id = _ensure_repository(connection, repository)
+            dialect = connection.dialect.name
+            row = {"digest": digest, "size": size}
+            connection.execute(prepared_insert_ignore(dialect, blobs), row)
+            link = {"repository_id": repository_id, "digest": digest}
+            connection.execute(prepared_insert_ignore(dialect, repository_blobs), link)
+            return True
+
+        return await self._transact(work)
 
     async def mount_blob(self, source: str, target: str, digest: str) -> int | None:
         """Link a blob visible in `source` into `target`; return its size or None."""
-        async with begin(self.engine) as connection:
-            size = await _visible_blob_size(connection, source, digest)
+
+        def work(connection: Connection) -> int | None:
+            size = _visible_blob_size(connection, source, digest)
             if size is None:
                 return None
-            repository_id = await _ensure_repository(connection, target)
-            await insert_ignore(
-                connection,
-                repository_blobs,
-                {"repository_id": repository_id, "digest": digest},
-            )
+            repository_id = _ensure_repository(connection, target)
+            link = {"repository_id": repository_id, "digest": digest}
+            insert = prepared_insert_ignore(connection.dialect.name, repository_blobs)
+            connection.execute(insert, link)
             return size
+
+        return await self._transact(work)
 
     async def unlink_blob(self, repository: str, digest: str) -> bool:
         """Remove a blob from a repository; return False when it was not linked.
@@ -215,18 +250,19 @@ class RegistryStore:
         Raises BlobReferencedError when a manifest of the repository references
         the blob, because the blob would stay visible through that manifest.
         """
-        async with begin(self.engine) as connection:
-            repository_id = await _repository_id(connection, repository)
+
+        def work(connection: Connection) -> bool:
+            repository_id = _repository_id(connection, repository)
             if repository_id is None:
                 return False
-            referencing = await _manifest_referencing(connection, repository_id, digest)
+            referencing = _manifest_referencing(connection, repository_id, digest)
             if referencing is not None:
                 raise BlobReferencedError(
                     f"blob {digest} is referenced by manifest {referencing} in "
                     f"{repository}; delete that manifest first",
                     detail={"digest": digest, "manifest": referencing},
                 )
-            result = await connection.execute(
+            result = connection.execute(
                 delete(repository_blobs).where(
                     repository_blobs.c.repository_id == repository_id,
                     repository_blobs.c.digest == digest,
@@ -234,22 +270,26 @@ class RegistryStore:
             )
             return result.rowcount > 0
 
+        return await self._transact(work)
+
     # Upload sessions
 
     async def create_upload(self, repository: str) -> UploadRecord:
-        async with begin(self.engine) as connection:
-            repository_id = await _ensure_repository(connection, repository)
-            now = utcnow()
-            upload_id = str(uuid.uuid4())
-            await connection.execute(
-                uploads.insert().values(
-                    id=upload_id,
-                    repository_id=repository_id,
-                    size=0,
-                    created_at=now,
-                    updated_at=now,
-                )
-            )
+        now = utcnow()
+        upload_id = str(uuid.uuid4())
+
+        def work(connection: Connection) -> None:
+            repository_id = _ensure_repository(connection, repository)
+            row = {
+                "id": upload_id,
+                "repository_id": repository_id,
+                "size": 0,
+                "created_at": now,
+                "updated_at": now,
+            }
+            connection.execute(_INSERT_UPLOAD, row)
+
+        await self._transact(work)
         return UploadRecord(upload_id, repository, 0, now)
 
     async def get_upload(self, repository: str, upload_id: str) -> UploadRecord | None:
@@ -269,20 +309,20 @@ class RegistryStore:
     ) -> bool:
         """Move an upload from `expected` to `new_size` bytes, unless another
         request moved it first."""
-        async with begin(self.engine) as connection:
-            result = await connection.execute(
-                update(uploads)
-                .where(uploads.c.id == upload_id, uploads.c.size == expected)
-                .values(size=new_size, updated_at=utcnow())
-            )
-            return result.rowcount == 1
+        statement = (
+            update(uploads)
+            .where(uploads.c.id == upload_id, uploads.c.size == expected)
+            .values(size=new_size, updated_at=utcnow())
+        )
+        return await self._transact(
+            lambda connection: connection.execute(statement).rowcount == 1
+        )
 
     async def delete_upload(self, upload_id: str) -> bool:
-        async with begin(self.engine) as connection:
-            result = await connection.execute(
-                delete(uploads).where(uploads.c.id == upload_id)
-            )
-            return result.rowcount > 0
+        statement = delete(uploads).where(uploads.c.id == upload_id)
+        return await self._transact(
+            lambda connection: connection.execute(statement).rowcount > 0
+        )
 
     async def list_stale_uploads(self, older_than: datetime) -> list[str]:
         async with connect(self.engine) as connection:
@@ -375,67 +415,74 @@ class RegistryStore:
         Raises ManifestBlobUnknownError when a referenced blob or child manifest is
         not in the repository; nothing is stored then.
         """
-        async with begin(self.engine) as connection:
-            repository_id = await _ensure_repository(connection, repository)
-            await _check_references(connection, repository, repository_id, manifest)
-            manifest_id = await _insert_manifest(
-                connection, repository_id, manifest, self.codec
-            )
-            if tag is not None:
-                await upsert(
-                    connection,
+        codec = self.codec
+
+        def work(connection: Connection) -> None:
+            repository_id = _ensure_repository(connection, repository)
+            _check_references(connection, repository, repository_id, manifest)
+            manifest_id = _insert_manifest(connection, repository_id, manifest, codec)
+            if tag is None:
+                return
+            row = {
+                "repository_id": repository_id,
+                "name": tag,
+                "manifest_id": manifest_id,
+                "updated_at": utcnow(),
+            }
+            connection.execute(
+                upsert_statement(
+                    connection.dialect,
                     tags,
-                    {
-                        "repository_id": repository_id,
-                        "name": tag,
-                        "manifest_id": manifest_id,
-                        "updated_at": utcnow(),
-                    },
+                    row,
                     keys=("repository_id", "name"),
                     update=("manifest_id", "updated_at"),
                 )
+            )
+
+        await self._transact(work)
 
     async def delete_manifest(self, repository: str, digest: str) -> bool:
         """Delete a manifest and every tag that points at it."""
-        async with begin(self.engine) as connection:
-            manifest_id = await connection.scalar(
+
+        def work(connection: Connection) -> bool:
+            manifest_id = connection.scalar(
                 select(manifests.c.id)
                 .join(repositories, repositories.c.id == manifests.c.repository_id)
                 .where(repositories.c.name == repository, manifests.c.digest == digest)
             )
             if manifest_id is None:
                 return False
-            await connection.execute(
-                delete(tags).where(tags.c.manifest_id == manifest_id)
-            )
-            await connection.execute(
+            connection.execute(delete(tags).where(tags.c.manifest_id == manifest_id))
+            connection.execute(
                 delete(manifest_references).where(
                     manifest_references.c.manifest_id == manifest_id
                 )
             )
-            await connection.execute(
-                delete(manifests).where(manifests.c.id == manifest_id)
-            )
+            connection.execute(delete(manifests).where(manifests.c.id == manifest_id))
             return True
 
+        return await self._transact(work)
+
     async def delete_tag(self, repository: str, tag: str) -> bool:
-        async with begin(self.engine) as connection:
-            repository_id = await _repository_id(connection, repository)
+        def work(connection: Connection) -> bool:
+            repository_id = _repository_id(connection, repository)
             if repository_id is None:
                 return False
-            result = await connection.execute(
+            result = connection.execute(
                 delete(tags).where(
                     tags.c.repository_id == repository_id, tags.c.name == tag
                 )
             )
             return result.rowcount > 0
 
+        return await self._transact(work)
+
     async def list_tags(
         self, repository: str, limit: int | None, last: str | None
     ) -> list[str] | None:
         """Return tags after `last` in lexical order, or None for no such repository."""
         async with connect(self.engine) as connection:
-            repository_id = await _repository_id(connection, repository)
+            repository_id = await connection.run_sync(_repository_id, repository)
             if repository_id is None:
                 return None
             name = lexical(tags.c.name, connection.dialect)
@@ -516,22 +563,19 @@ def prefix_upper_bound(prefix: str) -> str:
     return prefix[:-1] + chr(ord(prefix[-1]) + 1)
 
 
-async def _repository_id(connection: AsyncConnection, name: str) -> int | None:
-    return await connection.scalar(
-        select(repositories.c.id).where(repositories.c.name == name)
-    )
+def _repository_id(connection: Connection, name: str) -> int | None:
+    return connection.scalar(_REPOSITORY_ID, {"name": name})
 
 
-async def _ensure_repository(connection: AsyncConnection, name: str) -> int:
-    repository_id = await _repository_id(connection, name)
+def _ensure_repository(connection: Connection, name: str) -> int:
+    repository_id = _repository_id(connection, name)
     if repository_id is not None:
         return repository_id
-    await insert_ignore(
-        connection,
-        repositories,
-        {"name": name, "namespace": namespace_of(name), "created_at": utcnow()},
+    row = {"name": name, "namespace": namespace_of(name), "created_at": utcnow()}
+    connection.execute(
+        prepared_insert_ignore(connection.dialect.name, repositories), row
     )
-    repository_id = await _repository_id(connection, name)
+    repository_id = _repository_id(connection, name)
     assert repository_id is not None
     return repository_id
 
@@ -563,23 +607,23 @@ _REFERENCED_BLOB_SIZE = select(blobs.c.size).where(
 _DIRECT_VISIBLE_BLOB = (prepare(_LINKED_BLOB_SIZE), prepare(_REFERENCED_BLOB_SIZE))
 
 
-async def _visible_blob_size(
-    connection: AsyncConnection, repository: str, digest: str
+def _visible_blob_size(
+    connection: Connection, repository: str, digest: str
 ) -> int | None:
     """Return the size of a blob linked to or referenced in a repository."""
     values = {"repository": repository, "digest": digest}
     for statement in (_LINKED_BLOB_SIZE, _REFERENCED_BLOB_SIZE):
-        size = await connection.scalar(statement, values)
+        size = connection.scalar(statement, values)
         if size is not None:
             return int(size)
     return None
 
 
-async def _manifest_referencing(
-    connection: AsyncConnection, repository_id: int, digest: str
+def _manifest_referencing(
+    connection: Connection, repository_id: int, digest: str
 ) -> str | None:
     """Return the digest of a manifest in the repository that names a blob."""
-    return await connection.scalar(
+    return connection.scalar(
         select(manifests.c.digest)
         .join(
             manifest_references,
@@ -595,14 +639,14 @@ async def _manifest_referencing(
     )
 
 
-async def _check_references(
-    connection: AsyncConnection,
+def _check_references(
+    connection: Connection,
     repository: str,
     repository_id: int,
     manifest: NewManifest,
 ) -> None:
     for digest in manifest.blob_references:
-        if await _visible_blob_size(connection, repository, digest) is None:
+        if _visible_blob_size(connection, repository, digest) is None:
             raise ManifestBlobUnknownError(
                 f"manifest references blob {digest}, which is not in {repository}; "
                 "push or mount it first",
@@ -610,7 +654,7 @@ async def _check_references(
             )
     if manifest.manifest_references:
         referenced = set(manifest.manifest_references)
-        result = await connection.execute(
+        result = connection.execute(
             select(manifests.c.digest).where(
                 manifests.c.repository_id == repository_id,
                 manifests.c.digest.in_(referenced),
@@ -625,49 +669,41 @@ async def _check_references(
             )
 
 
-async def _insert_manifest(
-    connection: AsyncConnection,
+def _insert_manifest(
+    connection: Connection,
     repository_id: int,
     manifest: NewManifest,
     codec: ContentCodec | None,
 ) -> int:
-    where = and_(
-        manifests.c.repository_id == repository_id,
-        manifests.c.digest == manifest.digest,
-    )
-    existing = await connection.scalar(select(manifests.c.id).where(where))
+    key = {"repository_id": repository_id, "digest": manifest.digest}
+    existing = connection.scalar(_MANIFEST_ID, key)
     if existing is not None:
         return int(existing)
-    await insert_ignore(
-        connection,
-        manifests,
-        {
-            "repository_id": repository_id,
-            "digest": manifest.digest,
-            "media_type": manifest.media_type,
-            "artifact_type": manifest.artifact_type,
-            "subject_digest": manifest.subject_digest,
-            "annotations": manifest.annotations_json,
-            "size": len(manifest.content),
-            "content": (
-                codec.seal(manifest.content, manifest.digest)
-                if codec
-                else manifest.content
-            ),
-            "created_at": utcnow(),
-        },
-    )
-    manifest_id = await connection.scalar(select(manifests.c.id).where(where))
+    row = {
+        "repository_id": repository_id,
+        "digest": manifest.digest,
+        "media_type": manifest.media_type,
+        "artifact_type": manifest.artifact_type,
+        "subject_digest": manifest.subject_digest,
+        "annotations": manifest.annotations_json,
+        "size": len(manifest.content),
+        "content": (
+            codec.seal(manifest.content, manifest.digest) if codec else manifest.content
+        ),
+        "created_at": utcnow(),
+    }
+    dialect = connection.dialect.name
+    connection.execute(prepared_insert_ignore(dialect, manifests), row)
+    manifest_id = connection.scalar(_MANIFEST_ID, key)
     assert manifest_id is not None
     references = dict.fromkeys(manifest.blob_references, "blob")
     references.update(dict.fromkeys(manifest.manifest_references, "manifest"))
     for digest, kind in references.items():
-        await insert_ignore(
-            connection,
-            manifest_references,
-            {"manifest_id": manifest_id, "digest": digest, "kind": kind},
+        reference = {"manifest_id": manifest_id, "digest": digest, "kind": kind}
+        connection.execute(
+            prepared_insert_ignore(dialect, manifest_references), reference
         )
-    return manifest_id
+    return int(manifest_id)
 
 
 def _manifest_columns():  # type: ignore[no-untyped-def]
@@ -706,6 +742,18 @@ _UPLOAD = (
         uploads.c.id == bindparam("upload_id"),
         repositories.c.name == bindparam("repository"),
     )
+)
+_REPOSITORY_ID = select(repositories.c.id).where(
+    repositories.c.name == bindparam("name")
+)
+_MANIFEST_ID = select(manifests.c.id).where(
+    manifests.c.repository_id == bindparam("repository_id"),
+    manifests.c.digest == bindparam("digest"),
+)
+_INSERT_UPLOAD = uploads.insert()
+_DELETE_UPLOAD = delete(uploads).where(uploads.c.id == bindparam("upload_id"))
+_DELETE_UPLOAD_OF_SIZE = delete(uploads).where(
+    uploads.c.id == bindparam("upload_id"), uploads.c.size == bindparam("size")
 )
 _DIRECT_BLOB_SIZE = prepare(_BLOB_SIZE)
 _DIRECT_UPLOAD = prepare(_UPLOAD)

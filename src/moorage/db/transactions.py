@@ -70,6 +70,11 @@ def _open_unit(engine: AsyncEngine) -> AsyncConnection | None:
     return unit.connection
 
 
+def in_unit_of_work(engine: AsyncEngine) -> bool:
+    """Return whether this task has a unit of work open on `engine`."""
+    return _open_unit(engine) is not None
+
+
 def begin(engine: AsyncEngine) -> AbstractAsyncContextManager[AsyncConnection]:
     """Join the open unit of work on `engine`, or begin a transaction of its own."""
     connection = _open_unit(engine)

@@ -82,39 +82,29 @@ class FilesystemDriver(StorageDriver):
 
     async def writer(self, path: str, offset: int = 0) -> FileWriter:
         full = self._full_path(path)
-        if offset == 0:
-            full.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(full, os.O_WRONLY | os.O_CREAT, 0o640)
-        else:
-            try:
-                fd = os.open(full, os.O_WRONLY)
-            except FileNotFoundError:
-                raise PathNotFoundError(path) from None
-        os.ftruncate(fd, offset)
+        try:
+            fd = await asyncio.to_thread(_open_for_writing, full, offset)
+        except FileNotFoundError:
+            raise PathNotFoundError(path) from None
         return _FilesystemWriter(fd, offset, fsync=self.fsync)
 
     async def put(self, path: str, data: bytes) -> None:
         full = self._full_path(path)
-        full.parent.mkdir(parents=True, exist_ok=True)
         temporary = full.with_name(f".{full.name}.{uuid.uuid4().hex}.tmp")
-        await asyncio.to_thread(_write_file, temporary, data, self.fsync)
-        os.replace(temporary, full)
+        await asyncio.to_thread(_put_file, temporary, full, data, self.fsync)
 
     async def move(self, source: str, destination: str) -> None:
         source_path = self._full_path(source)
         target = self._full_path(destination)
-        target.parent.mkdir(parents=True, exist_ok=True)
         try:
-            os.replace(source_path, target)
+            await asyncio.to_thread(_move, source_path, target, self.fsync)
         except FileNotFoundError:
             raise PathNotFoundError(source) from None
-        if self.fsync:
-            await asyncio.to_thread(_fsync_directory, target.parent)
 
     async def delete(self, path: str) -> None:
         full = self._full_path(path)
         if full.is_dir():
-            await asyncio.to_thread(shutil.rmtree, full, True)
+            await asyncio.to_thread(_remove_directory, full)
         else:
             full.unlink(missing_ok=True)
 
@@ -182,10 +172,14 @@ class _FilesystemWriter(FileWriter):
             await syncing
 
     async def commit(self) -> int:
-        await self._flush()
         await self._wait_for_sync()
-        if self._fsync:
-            await asyncio.to_thread(os.fsync, self._fd)
+        # The rest of the data and the fsync go to the same worker thread.
+        data = bytes(self._buffer)
+        self._buffer.clear()
+        await asyncio.to_thread(
+            _write_and_sync, self._fd, data, self._written, self._fsync
+        )
+        self._written += len(data)
         self._close()
         return self._written
 
@@ -213,12 +207,58 @@ def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
         offset += written
 
 
-def _write_file(path: Path, data: bytes, fsync: bool) -> None:
-    with open(path, "wb") as handle:
+def _write_and_sync(fd: int, data: bytes, offset: int, fsync: bool) -> None:
+    _pwrite_all(fd, data, offset)
+    if fsync:
+        os.fsync(fd)
+
+
+def _open_for_writing(path: Path, offset: int) -> int:
+    """Open a file to write at `offset`, cut to that length; create it at 0."""
+    if offset == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o640)
+    else:
+        fd = os.open(path, os.O_WRONLY)
+    try:
+        os.ftruncate(fd, offset)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _move(source: Path, target: Path, fsync: bool) -> None:
+    """Rename `source` to `target`; with `fsync`, make the new name durable."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(source, target)
+    if fsync:
+        _fsync_directory(target.parent)
+
+
+def _remove_directory(path: Path) -> None:
+    # An upload's directory is empty once its data has moved into place, and
+    # one rmdir is cheaper than shutil.rmtree walking it.
+    try:
+        os.rmdir(path)
+    except OSError:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _put_file(temporary: Path, target: Path, data: bytes, fsync: bool) -> None:
+    """Write `data` to `temporary` and rename it to `target`.
+
+    With `fsync`, the data and then the new name are durable when this returns.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(temporary, "wb") as handle:
         handle.write(data)
         if fsync:
             handle.flush()
             os.fsync(handle.fileno())
+    os.replace(temporary, target)
+    if fsync:
+        _fsync_directory(target.parent)
 
 
 def _fsync_directory(path: Path) -> None:
