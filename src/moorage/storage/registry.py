@@ -295,7 +295,11 @@ class Registry:
                 raise SizeInvalidError(
                     f"received {received} bytes but Content-Length was {length}"
                 )
-            new_size = await writer.commit()
+            # A chunk (PATCH) is not synced: the final PUT syncs the whole file
+            # before the blob is moved into place, and a chunk lost to a power
+            # loss makes that PUT fail its digest check instead of storing a
+            # wrong blob.
+            new_size = await writer.commit(sync=not record)
         except BaseException:
             await sink.abandon()
             await writer.cancel()

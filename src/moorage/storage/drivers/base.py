@@ -47,8 +47,12 @@ class FileWriter(ABC):
         """Append `data`; the caller may reuse its buffer once this returns."""
 
     @abstractmethod
-    async def commit(self) -> int:
-        """Make the appended bytes durable and return the total size."""
+    async def commit(self, *, sync: bool = True) -> int:
+        """Write out the appended bytes and return the total size.
+
+        With `sync` they are durable when it returns; without it, a power loss
+        may drop them (a process crash does not).
+        """
 
     @abstractmethod
     async def cancel(self) -> None:

@@ -171,13 +171,13 @@ class _FilesystemWriter(FileWriter):
             syncing, self._syncing = self._syncing, None
             await syncing
 
-    async def commit(self) -> int:
+    async def commit(self, *, sync: bool = True) -> int:
         await self._wait_for_sync()
         # The rest of the data and the fsync go to the same worker thread.
         data = bytes(self._buffer)
         self._buffer.clear()
         await asyncio.to_thread(
-            _write_and_sync, self._fd, data, self._written, self._fsync
+            _write_and_sync, self._fd, data, self._written, self._fsync and sync
         )
         self._written += len(data)
         self._close()

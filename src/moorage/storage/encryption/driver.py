@@ -407,11 +407,11 @@ class _EncryptedWriter(FileWriter):
         self._sealed_before += end
         await self._inner.write(sealed)
 
-    async def commit(self) -> int:
+    async def commit(self, *, sync: bool = True) -> int:
         await self._inner.write(
             self._cipher.seal(self._index, bytes(self._pending), True)
         )
-        await self._inner.commit()
+        await self._inner.commit(sync=sync)
         return self.size
 
     async def cancel(self) -> None:
