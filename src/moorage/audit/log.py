@@ -58,6 +58,7 @@ from moorage.audit.events import (
 from moorage.audit.verify import ChainChecker, Verification, check_stream
 from moorage.db.audit_store import AuditFilter, AuditStore
 from moorage.db.schema import utcnow
+from moorage.storage.drivers.filesystem import fsync_directory
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
@@ -405,7 +406,7 @@ class DatabaseAuditLog:
             out.flush()
             os.fsync(out.fileno())
         os.replace(temporary, path)
-        _sync_directory(self.pending_dir)
+        fsync_directory(self.pending_dir)
         log.error(
             "audit events saved to a file; the next start adds them to the log",
             events=len(events),
@@ -580,15 +581,6 @@ class DatabaseAuditLog:
             ),
         )
         return path
-
-
-def _sync_directory(path: Path) -> None:
-    """Make the creation or rename of a file in `path` durable."""
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 @dataclass(frozen=True)

@@ -233,7 +233,7 @@ def _move(source: Path, target: Path, fsync: bool) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     os.replace(source, target)
     if fsync:
-        _fsync_directory(target.parent)
+        fsync_directory(target.parent)
 
 
 def _remove_directory(path: Path) -> None:
@@ -258,10 +258,11 @@ def _put_file(temporary: Path, target: Path, data: bytes, fsync: bool) -> None:
             os.fsync(handle.fileno())
     os.replace(temporary, target)
     if fsync:
-        _fsync_directory(target.parent)
+        fsync_directory(target.parent)
 
 
-def _fsync_directory(path: Path) -> None:
+def fsync_directory(path: Path) -> None:
+    """Make the creation, rename or removal of a file in `path` durable."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
