@@ -83,8 +83,15 @@ def flush_logs() -> None:
         _logger.flush()
 
 
+def _reset_after_fork() -> None:
+    # Another thread may have held the lock when the process forked.
+    if _logger is not None:
+        _logger._lock = threading.Lock()
+        _logger._scheduled = False
+
+
 # A forked child must not inherit unwritten lines, or both processes write them.
-os.register_at_fork(before=flush_logs)
+os.register_at_fork(before=flush_logs, after_in_child=_reset_after_fork)
 
 
 def configure_logging(level: str = "info", log_format: str = "auto") -> None:
