@@ -27,6 +27,9 @@ class MoorageError(Exception):
         super().__init__(message or self.__doc__ or type(self).__name__)
         self.message = message or (self.__doc__ or "").strip()
         self.detail = detail
+        # Set once an audit event records this error, so that the request's
+        # observer does not record the same failure again.
+        self.audited = False
 
 
 class NameInvalidError(MoorageError):

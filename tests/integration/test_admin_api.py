@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -25,6 +26,9 @@ from tests.support.server import ADMIN_LOGIN, ADMIN_PASSWORD, ServerProcess, uni
 # test machine; httpx's default 5 s timeout is too short there.
 TIMEOUT = 30
 USER_AGENT = "admin-api-test/1"
+
+# Time for the audit writer to store a request's queued events.
+REQUEST_EVENT_WRITE_SECONDS = 1.5
 
 
 def api(server: ServerProcess, auth: tuple[str, str] | None) -> httpx.Client:
@@ -441,6 +445,9 @@ def test_every_change_is_audited(
         f"{base}/grants", json={"pattern": "products/*", "role": "reader"}
     )
     assert rejected.status_code == 403
+    # Request events are written in batches (every 0.5 s by default): wait, so
+    # that a second event for the same request would be seen too.
+    time.sleep(REQUEST_EVENT_WRITE_SECONDS)
     failure = _event_of(server, rejected).event
     assert failure.action == "grant.add"
     assert failure.outcome == "failure"

@@ -106,6 +106,8 @@ async def handle_domain_error(request: Request, error: Exception) -> Response:
     """Starlette exception handler for every MoorageError."""
     assert isinstance(error, errors.MoorageError)
     request.state.error_code = code_for(error).code
+    if error.audited:
+        request.state.failure_audited = True
     headers = dict(getattr(error, "headers", None) or {})
     if isinstance(error, errors.RangeInvalidError) and error.size is not None:
         headers.setdefault("Content-Range", f"bytes */{error.size}")

@@ -114,7 +114,11 @@ class RequestObserver:
             if attempt.failure:
                 return found
         denied = state.get("denied")
-        if denied is None and state.get("error_code") == "DENIED":
+        if (
+            denied is None
+            and state.get("error_code") == "DENIED"
+            and not state.get("failure_audited")
+        ):
             denied = "requested access to the resource is denied"
         if denied is not None:
             fields = {**common, "outcome": FAILURE, "reason": denied}

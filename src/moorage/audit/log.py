@@ -58,7 +58,7 @@ from moorage.audit.events import (
 from moorage.audit.verify import ChainChecker, Verification, check_stream
 from moorage.db.audit_store import AuditFilter, AuditStore
 from moorage.db.schema import utcnow
-from moorage.storage.drivers.filesystem import fsync_directory
+from moorage.fsync import fsync_directory
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")

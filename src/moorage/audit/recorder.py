@@ -82,6 +82,7 @@ class AdminRecorder:
         await self.audit.record_now(
             self._event(action, target, customer, FAILURE, error.message)
         )
+        error.audited = True
 
     def _event(
         self,

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import BinaryIO
 
+from moorage.fsync import fsync_directory
 from moorage.storage.drivers.base import (
     FileInfo,
     FileWriter,
@@ -259,12 +260,3 @@ def _put_file(temporary: Path, target: Path, data: bytes, fsync: bool) -> None:
     os.replace(temporary, target)
     if fsync:
         fsync_directory(target.parent)
-
-
-def fsync_directory(path: Path) -> None:
-    """Make the creation, rename or removal of a file in `path` durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
