@@ -20,14 +20,19 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-def test_workers_serve_and_stop_together(tmp_path: Path) -> None:
-    """Two workers answer on one port, and SIGTERM to the parent stops both."""
+def _start_two_workers(tmp_path: Path) -> ServerProcess:
     server = ServerProcess(
         data_dir=tmp_path / "data", database_url="", extra_env={"MOORAGE_WORKERS": "2"}
     )
     server.data_dir.mkdir()
     server.database_url = create_database(server.data_dir)
     server.start()
+    return server
+
+
+def test_workers_serve_and_stop_together(tmp_path: Path) -> None:
+    """Two workers answer on one port, and SIGTERM to the parent stops both."""
+    server = _start_two_workers(tmp_path)
     try:
         assert server.process is not None
         workers = _children(server.process.pid)
@@ -51,12 +56,7 @@ def _state(pid: int) -> str:
 
 def test_workers_stop_when_parent_killed(tmp_path: Path) -> None:
     """Workers of a supervisor killed with SIGKILL stop instead of serving on."""
-    server = ServerProcess(
-        data_dir=tmp_path / "data", database_url="", extra_env={"MOORAGE_WORKERS": "2"}
-    )
-    server.data_dir.mkdir()
-    server.database_url = create_database(server.data_dir)
-    server.start()
+    server = _start_two_workers(tmp_path)
     try:
         assert server.process is not None
         workers = _children(server.process.pid)
