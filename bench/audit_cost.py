@@ -67,7 +67,7 @@ class Sample:
 
 @dataclass(frozen=True)
 class Measured:
-    """What one run of a scenario did: its throughput and its units of work."""
+    """The outcome of one run of a scenario: its throughput and its units of work."""
 
     rate: float
     units: float

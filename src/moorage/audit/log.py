@@ -352,7 +352,7 @@ class DatabaseAuditLog:
             )
             self._give_up.set()
             # The writer stops after its current attempt. One that hangs (a
-            # database that does not answer) is cancelled.
+            # database that does not respond) is cancelled.
             # NOTE: a write cancelled after its commit went through is saved to
             # the file as well, so the next start adds those events twice.
             await asyncio.wait({self._writer}, timeout=_LAST_WRITE_SECONDS)

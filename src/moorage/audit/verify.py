@@ -132,8 +132,8 @@ class ChainChecker:
         """Fail on a checkpoint that names an event after the end of the log.
 
         The checkpoints are read before the events, so a live server cannot
-        sign one past the events read; a valid signature there means events
-        were cut off the end of the log (and its head row rewritten).
+        sign one past the events read. A valid signature there means that
+        events were cut off the end of the log and its head row rewritten.
         """
         error = verifier.check(checkpoint)
         if error is not None:

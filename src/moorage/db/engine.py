@@ -35,8 +35,8 @@ def create_engine(url: str) -> AsyncEngine:
 def _restrict_sqlite_file(url: str) -> None:
     """Make the database file readable by its owner only, creating it if needed.
 
-    It holds password hashes and the audit trail; SQLite gives the -wal and
-    -shm files the database file's permissions.
+    It contains password hashes and the audit trail. SQLite gives the -wal
+    and -shm files the database file's permissions.
     """
     database = make_url(url).database
     if not database or database == ":memory:":

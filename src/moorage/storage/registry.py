@@ -295,10 +295,10 @@ class Registry:
                 raise SizeInvalidError(
                     f"received {received} bytes but Content-Length was {length}"
                 )
-            # A chunk (PATCH) is not synced: the final PUT syncs the whole file
-            # before the blob is moved into place, and a chunk lost to a power
-            # loss makes that PUT fail its digest check instead of storing a
-            # wrong blob.
+            # A chunk (PATCH) is not synced, because the final PUT syncs the
+            # whole file before the blob is moved into place. A chunk lost to a
+            # power loss makes that PUT fail its digest check, so no wrong blob
+            # is stored.
             new_size = await writer.commit(sync=not record)
         except BaseException:
             await sink.abandon()
