@@ -55,6 +55,7 @@ from tests.support.images import (
     host_architecture,
     read_busybox,
 )
+from tests.support.receivers import wait_until
 from tests.support.registry import Account, open_account
 from tests.support.server import (
     ADMIN_LOGIN,
@@ -580,7 +581,10 @@ def test_server_adopts_envelopes_at_start(shared: SharedRegistry) -> None:
     while envelope_files(server) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert envelope_files(server) == []
-    assert "data keys moved from envelopes to owner keys" in server.log()
+    # Info lines reach the log file in batches, after the envelopes go.
+    assert wait_until(
+        lambda: "data keys moved from envelopes to owner keys" in server.log()
+    )
     assert stored.read_bytes() == before
     assert wrap_owners(server, private) == {f"customer:{shared.first.customer}"}
     assert_pulls(shared.first.client, shared.images["first"])
