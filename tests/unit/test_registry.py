@@ -1,14 +1,19 @@
-"""Registry bookkeeping that the HTTP API cannot observe."""
+"""Registry bookkeeping and upload buffers that the HTTP API cannot observe."""
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
+import os
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 from moorage.db.engine import create_engine, migrate
 from moorage.db.registry_store import RegistryStore
+from moorage.fsync import start_writeback
 from moorage.storage.drivers.filesystem import FilesystemDriver
-from moorage.storage.registry import Registry
+from moorage.storage.registry import UPLOAD_BLOCK_BYTES, Registry, _BlockSink
 
 
 async def chunks(*parts: bytes) -> AsyncIterator[bytes]:
@@ -30,3 +35,54 @@ async def test_abandoned_sessions_keep_no_lock(tmp_path: Path) -> None:
         assert len(registry._upload_locks) == 0
     finally:
         await engine.dispose()
+
+
+async def test_concurrent_chunked_uploads_store_their_own_bytes(
+    tmp_path: Path,
+) -> None:
+    """Uploads that run at once in one process, each PATCH taking buffers that
+    an earlier body gave back to the pool, store exactly their own bytes."""
+    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'moorage.db'}")
+    await migrate(engine)
+    registry = Registry(
+        RegistryStore(engine), FilesystemDriver(tmp_path / "storage"), 4096
+    )
+    block = UPLOAD_BLOCK_BYTES
+    # Parts of 2.5 blocks, sent in pieces that do not line up with the blocks.
+    bodies = [os.urandom(5 * block // 2 * 3) for _ in range(4)]
+
+    async def push(data: bytes) -> str:
+        upload = await registry.start_upload("acme/app")
+        part = 5 * block // 2
+        for start in range(0, len(data), part):
+            piece = data[start : start + part]
+            pieces = [piece[i : i + 300_000] for i in range(0, len(piece), 300_000)]
+            await registry.append("acme/app", upload.id, chunks(*pieces), start=start)
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        await registry.finish_upload("acme/app", upload.id, digest, None)
+        return digest
+
+    try:
+        digests = await asyncio.gather(*(push(data) for data in bodies))
+        assert _BlockSink._spare, "no buffer went back to the pool"
+        for digest, data in zip(digests, bodies, strict=True):
+            stream = await registry.read_blob(digest, 0, len(data))
+            stored = b"".join([bytes(piece) async for piece in stream])
+            assert stored == data
+    finally:
+        registry.store.close()
+        await engine.dispose()
+
+
+def test_writeback_starts_on_a_written_file(tmp_path: Path) -> None:
+    """On Linux the kernel is asked to write a range back; a bad descriptor
+    or an empty range asks nothing and raises nothing."""
+    path = tmp_path / "data"
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        os.write(descriptor, os.urandom(1024 * 1024))
+        assert start_writeback(descriptor, 0, 1024 * 1024) is (sys.platform == "linux")
+        assert start_writeback(descriptor, 0, 0) is False
+    finally:
+        os.close(descriptor)
+    assert start_writeback(descriptor, 0, 1024) is False

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import BinaryIO
 
-from moorage.fsync import fsync_directory
+from moorage.fsync import fsync_directory, start_writeback
 from moorage.storage.drivers.base import (
     FileInfo,
     FileWriter,
@@ -175,10 +175,19 @@ class _FilesystemWriter(FileWriter):
     async def commit(self, *, sync: bool = True) -> int:
         await self._wait_for_sync()
         # The rest of the data and the fsync go to the same worker thread.
+        # Without `sync` (an upload's chunk), the kernel is asked to start
+        # writing the data to disk: the fsync when the upload finishes then has
+        # little left to do, and dirty pages do not pile up over a large upload.
         data = bytes(self._buffer)
         self._buffer.clear()
         await asyncio.to_thread(
-            _write_and_sync, self._fd, data, self._written, self._fsync and sync
+            _write_and_sync,
+            self._fd,
+            data,
+            self._written,
+            self._start,
+            sync=self._fsync and sync,
+            writeback=self._fsync and not sync,
         )
         self._written += len(data)
         self._close()
@@ -208,10 +217,16 @@ def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
         offset += written
 
 
-def _write_and_sync(fd: int, data: bytes, offset: int, fsync: bool) -> None:
+def _write_and_sync(
+    fd: int, data: bytes, offset: int, start: int, *, sync: bool, writeback: bool
+) -> None:
+    """Write the rest of the data at `offset`. Then sync the file, or start
+    writing back what this writer wrote since `start` (see `commit`)."""
     _pwrite_all(fd, data, offset)
-    if fsync:
+    if sync:
         os.fsync(fd)
+    elif writeback:
+        start_writeback(fd, start, offset + len(data) - start)
 
 
 def _open_for_writing(path: Path, offset: int) -> int:
