@@ -63,6 +63,9 @@ GRANT_REMOVE = "grant.remove"
 SIGNING_KEY_ROTATE = "signing_key.rotate"
 KEY_ROTATE = "key.rotate"
 KEY_REENCRYPT = "key.reencrypt"
+# A change that spans many transactions (key rotate, key reencrypt) records
+# its action with this suffix before it starts, and the action when it ends.
+START_SUFFIX = ".start"
 AUDIT_ARCHIVE = "audit.archive"
 AUDIT_IMPORT = "audit.import"
 # Alerts raised by the detectors in moorage.audit.alerts.

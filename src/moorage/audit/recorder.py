@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import getpass
+import inspect
 from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from moorage.audit.events import FAILURE, AuditEvent
+from moorage.audit.events import FAILURE, START_SUFFIX, AuditEvent
 from moorage.audit.log import AuditLog
 from moorage.errors import MoorageError
 
@@ -60,19 +61,35 @@ class AdminRecorder:
     async def run_outside_transaction(
         self, action: str, target: str, change: Awaitable[T], customer: str | None
     ) -> T:
-        """Await a long change that spans many transactions, then record it.
+        """Record that a long change starts, await it, then record how it ended.
 
         For changes to stored files over minutes (key rotation, re-encryption),
         which must not hold one database transaction, and the SQLite write lock,
-        for that long. Each step of such a change is resumable.
+        for that long. Each step of such a change is resumable. The start event
+        (`action` + ".start") is written before the work begins, so a crash
+        during the work leaves a start without an end in the trail, and a start
+        event that cannot be written stops the change before it begins.
         """
-        # NOTE: a crash after the change and before its event is written loses
-        # the event, and a failed audit write leaves the change without one.
+        try:
+            await self.audit.record_now(
+                self._event(action + START_SUFFIX, target, customer)
+            )
+        except BaseException:
+            if inspect.iscoroutine(change):
+                change.close()  # never started
+            raise
         try:
             result = await change
         except MoorageError as error:
             await self._record_failure(action, target, customer, error)
             raise
+        except Exception as error:
+            await self.audit.record_now(
+                self._event(action, target, customer, FAILURE, type(error).__name__)
+            )
+            raise
+        # NOTE: a crash after the change and before its end event is written
+        # leaves only the start event, as a crash during the change does.
         await self.audit.record_now(self._event(action, target, customer))
         return result
 

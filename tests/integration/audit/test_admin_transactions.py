@@ -404,3 +404,31 @@ def test_cli_changes_during_pulls_keep_chain(fresh_server: ServerProcess) -> Non
     ):
         recorded = audit_events(server, AuditFilter(action=action))
         assert [stored.event.outcome for stored in recorded] == ["success"] * 6, action
+
+
+def test_key_rotation_records_its_start_first(settings: Settings) -> None:
+    """`key rotate` writes `key.rotate.start` before any work: when the database
+    rejects it, no key is added and no data key rewrapped; when it is accepted,
+    the start event comes right before the end event."""
+    asyncio.run(_create_owner_key(settings, "customer:acme"))
+    keys = settings.data_dir / "keys"
+    key_files = sorted(path.name for path in keys.iterdir())
+    reject_audit_events(settings.resolved_database_url, "key.rotate.start")
+    before = _snapshot(settings)
+
+    rejected = _cli(settings, "key", "rotate")
+
+    assert rejected.returncode != 0
+    assert REJECTED in rejected.stderr, rejected.stderr
+    assert _snapshot(settings) == before
+    assert sorted(path.name for path in keys.iterdir()) == key_files
+
+    reject_audit_events(settings.resolved_database_url, "none")
+    rotated = _cli(settings, "key", "rotate")
+    assert rotated.returncode == 0, rotated.stderr
+    assert sorted(path.name for path in keys.iterdir()) != key_files
+    events = _snapshot(settings)["audit_events"]
+    assert [action for _, action, _ in events[-2:]] == [
+        "key.rotate.start",
+        "key.rotate",
+    ]
