@@ -143,6 +143,65 @@ def test_chunk_out_of_order(writer: Account, start: int, length: int) -> None:
     assert_blob(writer, repository, DATA, digest_of(DATA))
 
 
+@pytest.mark.parametrize(
+    ("received", "start"),
+    [(1000, 2000), (1000, 0), (1000, 500), (0, 1000)],
+    ids=["gap", "repeat", "overlap", "empty-session-gap"],
+)
+def test_put_last_chunk_out_of_order(
+    server: ServerProcess, writer: Account, received: int, start: int
+) -> None:
+    """A PUT whose last chunk does not start at the current size gets 416.
+
+    The session is left unchanged, so the client can send the chunk again from
+    the offset that GET reports.
+    """
+    repository = writer.repository()
+    location = start_upload(writer.client, repository)
+    if received:
+        first = DATA[:received]
+        response = writer.client.patch(
+            location, content=first, headers=chunk_headers(0, first)
+        )
+        assert response.status_code == 202
+    bad = DATA[start:]
+    rejected = writer.client.put(
+        location,
+        params={"digest": digest_of(DATA)},
+        content=bad,
+        headers=chunk_headers(start, bad),
+    )
+    assert_error(rejected, 416, "RANGE_INVALID")
+    expected_range = f"0-{received - 1}" if received else "0-0"
+    assert rejected.headers["range"] == expected_range
+    assert rejected.headers["location"] == location
+    status = writer.client.get(location)
+    assert status.status_code == 204
+    assert status.headers["range"] == expected_range
+    rest = DATA[received:]
+    done = writer.client.put(
+        location,
+        params={"digest": digest_of(DATA)},
+        content=rest,
+        headers=chunk_headers(received, rest),
+    )
+    assert done.status_code == 201
+    assert_blob(writer, repository, DATA, digest_of(DATA))
+    assert_storage_consistent(server)
+
+
+def test_put_last_chunk_length_mismatch(writer: Account) -> None:
+    """A PUT whose Content-Length disagrees with its Content-Range gets 400."""
+    repository = writer.repository()
+    location = start_upload(writer.client, repository)
+    headers = chunk_headers(0, DATA) | {"Content-Range": f"0-{len(DATA)}"}
+    rejected = writer.client.put(
+        location, params={"digest": digest_of(DATA)}, content=DATA, headers=headers
+    )
+    assert_error(rejected, 400, "SIZE_INVALID")
+    assert writer.client.get(location).headers["range"] == "0-0"
+
+
 def test_put_with_last_chunk(writer: Account) -> None:
     """PUT may carry the last chunk, which is appended before the check."""
     repository = writer.repository()

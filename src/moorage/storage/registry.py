@@ -200,12 +200,7 @@ class Registry:
         """
         async with self._lock(upload_id):
             upload = await self.get_upload(repository, upload_id)
-            if start is not None and start != upload.size:
-                raise RangeInvalidError(
-                    f"chunk starts at {start} but the upload has {upload.size} bytes; "
-                    "send chunks in order without gaps or overlaps",
-                    size=upload.size,
-                )
+            _check_chunk_start(upload, start)
             new_size = await self._write(upload, body, length)
             return UploadRecord(upload.id, repository, new_size, upload.created_at)
 
@@ -216,14 +211,20 @@ class Registry:
         digest: str,
         body: AsyncIterator[bytes] | None,
         length: int | None = None,
+        *,
+        start: int | None = None,
     ) -> int:
         """Append an optional last chunk, verify the digest and commit the blob.
 
-        On a digest mismatch the session is cancelled, so nothing of it remains.
+        `start` is the first offset of a last chunk sent with Content-Range. When
+        it is not the bytes received so far, RangeInvalidError is raised and the
+        session is left unchanged. On a digest mismatch the session is cancelled,
+        so nothing of it remains.
         """
         expected = parse_digest(digest)
         async with self._lock(upload_id):
             upload = await self.get_upload(repository, upload_id)
+            _check_chunk_start(upload, start)
             size = upload.size
             data: bytes | None = None
             if body is not None and upload.size == 0 and _fits_in_memory(length):
@@ -599,6 +600,16 @@ class _BlockSink:
             return
         await asyncio.gather(
             asyncio.to_thread(self._hasher.update, block), self._writer.write(block)
+        )
+
+
+def _check_chunk_start(upload: UploadRecord, start: int | None) -> None:
+    """Raise RangeInvalidError unless a chunk starts where the session ends."""
+    if start is not None and start != upload.size:
+        raise RangeInvalidError(
+            f"chunk starts at {start} but the upload has {upload.size} bytes; "
+            "send chunks in order without gaps or overlaps",
+            size=upload.size,
         )
 
 

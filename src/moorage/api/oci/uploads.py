@@ -3,7 +3,8 @@
 POST                 start a session; or whole blob with ?digest=; or
                      ?mount=<digest>&from=<repository> to link an existing blob
 PATCH <id>           append a chunk (streamed, or with Content-Range)
-PUT <id>?digest=     append an optional last chunk, verify, commit
+PUT <id>?digest=     append an optional last chunk (with Content-Range or
+                     not), verify, commit
 GET <id>             report progress (204 with Range)
 DELETE <id>          cancel
 """
@@ -107,24 +108,14 @@ def routes(services: Services) -> list[Route]:
         upload_id = request.path_params["upload_id"]
         request.state.upload_id = upload_id
         await authorize_push(request, name)
-        chunk = parse_content_range(request.headers.get("content-range"))
         length = content_length(request)
-        start = None
-        if chunk is not None:
-            start = chunk[0]
-            if length is not None and length != chunk[1] - chunk[0] + 1:
-                raise SizeInvalidError(
-                    f"Content-Length {length} does not match Content-Range "
-                    f"{chunk[0]}-{chunk[1]}"
-                )
+        start = _chunk_start(request, length)
         try:
             upload = await registry.append(
                 name, upload_id, request.stream(), start=start, length=length
             )
         except RangeInvalidError as error:
-            current = await registry.get_upload(name, upload_id)
-            error.headers = _session_headers(name, current)  # type: ignore[attr-defined]
-            error.size = None
+            await add_session_headers(error, name, upload_id)
             raise
         return Response(status_code=202, headers=_session_headers(name, upload))
 
@@ -137,13 +128,31 @@ def routes(services: Services) -> list[Route]:
         if not digest:
             raise DigestInvalidError("the digest query parameter is required")
         parse_digest(digest)
-        body = request.stream() if has_body(request) else None
-        size = await registry.finish_upload(
-            name, upload_id, digest, body, content_length(request) if body else None
-        )
+        body = None
+        length = None
+        start = None
+        if has_body(request):
+            body = request.stream()
+            length = content_length(request)
+            start = _chunk_start(request, length)
+        try:
+            size = await registry.finish_upload(
+                name, upload_id, digest, body, length, start=start
+            )
+        except RangeInvalidError as error:
+            await add_session_headers(error, name, upload_id)
+            raise
         request.state.digest = digest
         request.state.bytes_received = size
         return Response(status_code=201, headers=_blob_headers(name, digest))
+
+    async def add_session_headers(
+        error: RangeInvalidError, name: str, upload_id: str
+    ) -> None:
+        """Add the session's Location and Range headers to a chunk's 416 error."""
+        current = await registry.get_upload(name, upload_id)
+        error.headers = _session_headers(name, current)  # type: ignore[attr-defined]
+        error.size = None
 
     async def status(request: Request) -> Response:
         name = repository_name(request)
@@ -170,6 +179,22 @@ def routes(services: Services) -> list[Route]:
         Route(session, status, methods=["GET"]),
         Route(session, cancel, methods=["DELETE"]),
     ]
+
+
+def _chunk_start(request: Request, length: int | None) -> int | None:
+    """Return the first offset of a chunk sent with Content-Range, if any.
+
+    Raises SizeInvalidError when Content-Length disagrees with the range.
+    """
+    chunk = parse_content_range(request.headers.get("content-range"))
+    if chunk is None:
+        return None
+    first, last = chunk
+    if length is not None and length != last - first + 1:
+        raise SizeInvalidError(
+            f"Content-Length {length} does not match Content-Range {first}-{last}"
+        )
+    return first
 
 
 def _mount_source(request: Request) -> str | None:
