@@ -59,6 +59,24 @@ def test_realm_ignores_untrusted_headers(server: ServerProcess) -> None:
     assert realm(response) == f"{server.url}/token"
 
 
+@pytest.mark.parametrize(
+    "host", ['a"b, x="y', "evil.example/path", "host:port", "[::1", "-dash"]
+)
+def test_realm_ignores_invalid_host(server: ServerProcess, host: str) -> None:
+    """A Host header that is not a host and port never reaches the challenge."""
+    response = httpx.get(f"{server.url}/v2/", headers={"Host": host})
+    assert response.status_code == 401
+    assert realm(response) == f"{server.url}/token"
+    assert response.headers["WWW-Authenticate"].count('"') == 4
+
+
+def test_realm_ignores_invalid_forwarded_values(proxied: ServerProcess) -> None:
+    """A trusted proxy's forwarded values are used only when they are valid."""
+    headers = {"X-Forwarded-Proto": "javascript", "X-Forwarded-Host": 'a"b'}
+    response = httpx.get(f"{proxied.url}/v2/", headers=headers)
+    assert realm(response) == f"{proxied.url}/token"
+
+
 def test_realm_from_public_url(tmp_path: Path) -> None:
     """A configured public_url wins over every header."""
     process = start_server(

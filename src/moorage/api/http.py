@@ -23,6 +23,10 @@ MAX_PAGE_SIZE = 10_000
 
 _BYTE_RANGE = re.compile(r"bytes=(\d*)-(\d*)")
 _CONTENT_RANGE = re.compile(r"(?:bytes )?(\d+)-(\d+)")
+# A host name, IPv4 address or bracketed IPv6 address, and an optional port.
+_HOST = re.compile(
+    r"(?:[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\])(?::\d{1,5})?"
+)
 
 
 class ProxyTrust:
@@ -56,9 +60,13 @@ def base_url(request: Request, settings: Settings, trust: ProxyTrust) -> str:
     if settings.public_url:
         return settings.public_url.rstrip("/")
     scheme = _forwarded(request, trust, "x-forwarded-proto") or request.url.scheme
-    host = _forwarded(request, trust, "x-forwarded-host") or request.headers.get(
-        "host", f"{settings.host}:{settings.port}"
-    )
+    if scheme not in ("http", "https"):
+        scheme = request.url.scheme
+    host = _forwarded(request, trust, "x-forwarded-host") or request.headers.get("host")
+    if host is None or not _HOST.fullmatch(host):
+        # The URL goes into headers (the token realm, Location), so a Host
+        # header that is not a host and port is not copied into them.
+        host = f"{settings.host}:{settings.port}"
     return f"{scheme}://{host}"
 
 
