@@ -308,7 +308,10 @@ class Settings(BaseSettings):
     )
     metrics_token: SecretStr | None = Field(
         default=None,
-        description="When set, /metrics requires `Authorization: Bearer <token>`.",
+        description=(
+            "When set, /metrics requires `Authorization: Bearer <token>`; when "
+            "unset, /metrics answers clients on this machine only."
+        ),
     )
     log_level: str = Field(default="info", description="debug, info or warning.")
     log_format: str = Field(

@@ -149,3 +149,24 @@ def test_metrics_token_required(tmp_path: Path) -> None:
     finally:
         process.stop()
         drop_database(process.database_url)
+
+
+def test_metrics_without_token_only_for_this_machine(tmp_path: Path) -> None:
+    """Without metrics_token, /metrics answers loopback clients and denies the
+    others (here a client behind a trusted proxy)."""
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    process = ServerProcess(data_dir=data_dir, database_url=create_database(data_dir))
+    process.extra_env["MOORAGE_TRUSTED_PROXIES"] = '["127.0.0.1/32"]'
+    process.start()
+    try:
+        assert httpx.get(f"{process.url}/metrics").status_code == 200
+        local = {"X-Forwarded-For": "::1"}
+        assert httpx.get(f"{process.url}/metrics", headers=local).status_code == 200
+        remote = {"X-Forwarded-For": "203.0.113.5"}
+        response = httpx.get(f"{process.url}/metrics", headers=remote)
+        assert response.status_code == 403
+        assert "metrics_token" in response.text
+    finally:
+        process.stop()
+        drop_database(process.database_url)

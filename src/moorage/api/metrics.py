@@ -1,15 +1,18 @@
-"""`GET /metrics`: the Prometheus text format, optionally behind a bearer token."""
+"""`GET /metrics`: the Prometheus text format, behind a bearer token or, when
+none is configured, for clients on this machine only."""
 
 from __future__ import annotations
 
 import hmac
+import ipaddress
 
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from moorage.errors import UnauthorizedError
+from moorage.api.http import client_address
+from moorage.errors import DeniedError, UnauthorizedError
 from moorage.services import Services
 
 
@@ -27,6 +30,13 @@ def routes(services: Services) -> list[Route]:
     async def metrics(request: Request) -> Response:
         if expected is not None:
             _check_bearer(request, expected.get_secret_value())
+        elif not _is_loopback(client_address(request, services.trust)):
+            # The series name every customer, so they are not for everyone
+            # who can reach the registry.
+            raise DeniedError(
+                "/metrics answers only clients on this machine; set metrics_token "
+                "to scrape it from elsewhere"
+            )
         audit = services.audit
         await services.metrics.refresh(
             services.engine, audit.queue_depth(), audit.written
@@ -34,6 +44,18 @@ def routes(services: Services) -> list[Route]:
         return Response(services.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     return [Route("/metrics", metrics, methods=["GET"])]
+
+
+def _is_loopback(address: str | None) -> bool:
+    if address is None:
+        return False
+    try:
+        parsed = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    if isinstance(parsed, ipaddress.IPv6Address) and parsed.ipv4_mapped:
+        return parsed.ipv4_mapped.is_loopback
+    return parsed.is_loopback
 
 
 def _check_bearer(request: Request, expected: str) -> None:
