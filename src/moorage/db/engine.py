@@ -81,7 +81,7 @@ def _alembic_config(connection: Connection) -> Config:
     return config
 
 
-def _upgrade(connection: Connection) -> list[str]:
+def _upgrade(connection: Connection) -> tuple[list[str], list[str]]:
     from alembic import command
     from alembic.runtime.migration import MigrationContext
 
@@ -91,26 +91,34 @@ def _upgrade(connection: Connection) -> list[str]:
             text("SELECT pg_advisory_xact_lock(:id)"), {"id": _MIGRATION_LOCK_ID}
         )
     before = MigrationContext.configure(connection).get_current_heads()
-    command.upgrade(_alembic_config(connection), "heads")
+    command.upgrade(_alembic_config(connection), "head")
     after = MigrationContext.configure(connection).get_current_heads()
-    return [] if set(before) == set(after) else list(after)
+    return list(before), list(after)
 
 
 async def migrate(engine: AsyncEngine) -> list[str]:
-    """Bring the schema to the newest revisions; return the new heads if it changed.
+    """Bring the schema to the newest revision; return the new heads if it changed.
 
-    Features may add migrations on branches of their own (each revising an
-    older revision); every branch head is applied.
+    The history has one head: a feature that adds a migration revises the
+    newest revision, or adds a merge revision, as Alembic's `upgrade head`
+    requires. A database stamped at several heads (before merge revision 0006)
+    is upgraded through the merge.
     """
     async with engine.begin() as connection:
-        applied = await connection.run_sync(_upgrade)
-    if applied:
-        log.info("database migrated", revision=",".join(applied))
-    return applied
+        before, after = await connection.run_sync(_upgrade)
+    if set(before) == set(after):
+        return []
+    log.info(
+        "database migrated",
+        revision=",".join(after),
+        previous=",".join(before) or "none",
+    )
+    return after
 
 
 def head_revisions() -> set[str]:
-    """Return the newest revision of each migration branch."""
+    """Return the head revisions of the migration history: one, unless a new
+    branch was added without a merge revision."""
     from alembic.config import Config
     from alembic.script import ScriptDirectory
 
