@@ -195,6 +195,32 @@ def test_end_date_in_past_rejected(cli: Cli, command: tuple[str, ...]) -> None:
     assert "lapsed" not in cli.ok("customer", "list")
 
 
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("robot", "add", "acme", "late", "--expires", "2020-01-01"),
+        ("robot", "add", "acme", "late", "--expires", "0m"),
+        ("robot", "rotate", "acme", "steady", "--expires", "2020-01-01"),
+        ("token", "add", "acme", "jo", "--name", "late", "--expires", "2020-01-01"),
+    ],
+)
+def test_expiry_in_past_rejected(cli: Cli, command: tuple[str, ...]) -> None:
+    """An --expires in the past gets the admin API's message and changes nothing."""
+    cli.run("robot", "add", "acme", "steady")
+    cli.run("user", "add", "acme", "jo")
+    robots = cli.ok("robot", "list", "acme")
+    tokens = cli.ok("token", "list", "acme", "jo")
+
+    result = cli.run(*command)
+
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: --expires ")
+    assert "is in the past: use a later time" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert cli.ok("robot", "list", "acme") == robots
+    assert cli.ok("token", "list", "acme", "jo") == tokens
+
+
 def test_grant_invalid_role(cli: Cli) -> None:
     """An unknown role is rejected with the list of roles."""
     result = cli.run("grant", "add", "acme", "products/*", "superuser")

@@ -33,6 +33,7 @@ from moorage.cli.main import (
 )
 from moorage.db.identity_store import AccountRecord, GrantRecord, PersonalTokenRecord
 from moorage.db.refresh_token_store import RefreshTokenRecord
+from moorage.errors import InvalidInputError
 from moorage.services import Services
 
 robot_app = typer.Typer(help="Manage customers' robot accounts.", no_args_is_help=True)
@@ -63,7 +64,21 @@ _UNITS = {"d": "days", "h": "hours", "m": "minutes"}
 
 
 def parse_expiry(value: str | None) -> datetime | None:
-    """Parse `90d`, `12h`, `30m` or a date (YYYY-MM-DD) into a UTC time."""
+    """Parse `90d`, `12h`, `30m` or a date (YYYY-MM-DD) into a UTC time.
+
+    Exit with the admin API's message when the time is not in the future.
+    """
+    expires_at = _parse_expiry_time(value)
+    try:
+        return admin.check_future(expires_at, "--expires")
+    except InvalidInputError as error:
+        errors.print(
+            f"[red]error:[/red] {error.message}", highlight=False, soft_wrap=True
+        )
+        raise typer.Exit(2) from None
+
+
+def _parse_expiry_time(value: str | None) -> datetime | None:
     if value is None:
         return None
     match = _DURATION.fullmatch(value)
