@@ -6,6 +6,7 @@ Runs on SQLite, or on PostgreSQL with MOORAGE_TEST_DATABASE=postgresql.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -20,9 +21,14 @@ from sqlalchemy import inspect, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from moorage import admin
+from moorage.audit.log import DatabaseAuditLog
+from moorage.audit.recorder import AdminRecorder, local_actor
+from moorage.db.audit_store import AuditStore
 from moorage.db.engine import MIGRATIONS_DIR, create_engine, head_revisions, migrate
 from moorage.db.identity_store import IdentityStore
 from moorage.db.schema import metadata
+from moorage.errors import NotFoundError
 from tests.support.database import create_database, drop_database
 
 # The heads of the history before merge revision 0006.
@@ -35,6 +41,8 @@ OLD_HEADS = (
     "0005_tokens_refresh",
     "0005_tokens_throttle",
 )
+# A grant id no test reaches, within PostgreSQL's 32-bit INTEGER.
+NEVER_USED_ID = 2**31 - 1
 # Indexes on expressions (COLLATE "C"), which autogenerate cannot compare.
 EXPRESSION_INDEXES = {"ix_repositories_name_c", "ix_tags_repository_id_name_c"}
 
@@ -136,6 +144,20 @@ def _schema_objects(connection: Connection) -> list[tuple[Any, ...]]:
     return objects
 
 
+async def remove_grants_audited(
+    engine: AsyncEngine, identity: IdentityStore, grant_ids: list[int]
+) -> None:
+    """Remove grants of acme as the command line does, each with its audit event."""
+    store = AuditStore(engine)
+    recorder = AdminRecorder(DatabaseAuditLog(store, None), local_actor("test"))
+    try:
+        for grant_id in grant_ids:
+            with contextlib.suppress(NotFoundError):
+                await admin.remove_grant(identity, "acme", grant_id, audit=recorder)
+    finally:
+        store.close()
+
+
 async def identity_revision(engine: AsyncEngine) -> int:
     async with engine.connect() as connection:
         value = await connection.scalar(
@@ -190,6 +212,8 @@ async def test_upgrade_from_old_heads(engines: Callable[[str], AsyncEngine]) -> 
     second = await identity.add_grant(
         customer.id, account_id, "acme/app", "writer", None
     )
+    removed = await identity.add_grant(customer.id, None, "acme/old", "reader", None)
+    await remove_grants_audited(old, identity, [removed, NEVER_USED_ID])
     identity.close()
 
     applied = await migrate(old)
@@ -219,7 +243,12 @@ async def test_upgrade_from_old_heads(engines: Callable[[str], AsyncEngine]) -> 
         assert [grant.id for grant in grants] == [first, second]
         # The rebuilt tables still change the identity revision.
         before = await identity_revision(old)
-        await identity.add_grant(customer.id, None, "acme/tools", "reader", None)
+        added = await identity.add_grant(
+            customer.id, None, "acme/tools", "reader", None
+        )
         assert await identity_revision(old) > before
+        # A grant removed before the upgrade keeps its id, because its audit
+        # event names it. The failed removal of NEVER_USED_ID is no reason to skip.
+        assert added == removed + 1
     finally:
         identity.close()

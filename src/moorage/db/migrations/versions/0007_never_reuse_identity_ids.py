@@ -14,8 +14,10 @@ again. PostgreSQL needs nothing: a SERIAL column's sequence never returns a
 number twice.
 """
 
+import re
 from collections.abc import Sequence
 
+import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0007"
@@ -34,11 +36,14 @@ _BUMP = "UPDATE identity_revision SET revision = revision + 1 WHERE id = 1"
 def upgrade() -> None:
     if op.get_bind().dialect.name != "sqlite":
         return
-    # NOTE: sqlite_sequence starts at the largest id left in each table, so an
-    # id deleted from the top before this upgrade can be handed out once more.
     _check_foreign_keys_off()
     for table in _TABLES:
         _rebuild(table, autoincrement=True)
+    # NOTE: sqlite_sequence starts at the largest id left in each table, so an
+    # account or token id deleted from the top before this upgrade can be handed
+    # out once more. Removed grants are named in the audit trail, so their ids
+    # are skipped, unless retention archived those events.
+    _skip_removed_grant_ids()
 
 
 def downgrade() -> None:
@@ -47,6 +52,44 @@ def downgrade() -> None:
     _check_foreign_keys_off()
     for table in _TABLES:
         _rebuild(table, autoincrement=False)
+
+
+# The description of a grant.remove audit event, as moorage.admin writes it.
+_GRANT_REMOVED = re.compile(r"grant (\d+) of ")
+
+
+def _skip_removed_grant_ids() -> None:
+    """Start new grant ids above every id that a successful grant.remove audit
+    event names. Failed removals can name ids that never existed, up to 2**63 - 1.
+    """
+    bind = op.get_bind()
+    reasons = bind.execute(
+        sa.text(
+            "SELECT reason FROM audit_events "
+            "WHERE action = 'grant.remove' AND outcome = 'success'"
+        )
+    ).scalars()
+    named = [
+        int(match.group(1))
+        for reason in reasons
+        if (match := _GRANT_REMOVED.match(reason or ""))
+    ]
+    if not named:
+        return
+    highest = max(named)
+    # The table has no sqlite_sequence row until its first insert.
+    bind.execute(
+        sa.text(
+            "INSERT INTO sqlite_sequence (name, seq) SELECT 'grants', 0 "
+            "WHERE NOT EXISTS (SELECT 1 FROM sqlite_sequence WHERE name = 'grants')"
+        )
+    )
+    bind.execute(
+        sa.text(
+            "UPDATE sqlite_sequence SET seq = max(seq, :highest) WHERE name = 'grants'"
+        ),
+        {"highest": highest},
+    )
 
 
 def _check_foreign_keys_off() -> None:
