@@ -359,20 +359,32 @@ async def _rotate_robot(
     return CreatedAccount(login, secret)
 
 
+# Removing, disabling or demoting the last active owner of a customer (or the
+# last active vendor admin) raises LastOwnerError, unless the caller passes
+# `force`: the API allows it to vendor admins only, the command line to its
+# operator.
+
+
+def forced(target: str, force: bool) -> str:
+    """Mark an audit description when `force` overrode the last-owner check."""
+    return f"{target} (forced)" if force else target
+
+
 async def remove_robot(
     identity: IdentityStore,
     customer_slug: str,
     name: str,
     *,
+    force: bool = False,
     audit: AdminRecorder | None = None,
 ) -> None:
     """Delete a robot account with its grants."""
     change = _remove_account(
-        identity, customer_slug, robot_login(customer_slug, name), "robot"
+        identity, customer_slug, robot_login(customer_slug, name), "robot", force
     )
     if audit is None:
         return await change
-    target = f"robot {name} of {customer_slug}"
+    target = forced(f"robot {name} of {customer_slug}", force)
     return await audit.run(ROBOT_REMOVE, target, change, customer_slug)
 
 
@@ -381,21 +393,22 @@ async def remove_user(
     customer_slug: str,
     login: str,
     *,
+    force: bool = False,
     audit: AdminRecorder | None = None,
 ) -> None:
     """Delete a user with its grants and personal access tokens."""
-    change = _remove_account(identity, customer_slug, login, "user")
+    change = _remove_account(identity, customer_slug, login, "user", force)
     if audit is None:
         return await change
-    target = f"user {login} of {customer_slug}"
+    target = forced(f"user {login} of {customer_slug}", force)
     return await audit.run(USER_REMOVE, target, change, customer_slug)
 
 
 async def _remove_account(
-    identity: IdentityStore, customer_slug: str, login: str, kind: str
+    identity: IdentityStore, customer_slug: str, login: str, kind: str, force: bool
 ) -> None:
     account = await find_account_of(identity, customer_slug, login, kind)
-    await identity.delete_account(account.id)
+    await identity.delete_account(account.id, keep_an_owner=not force)
 
 
 _ENABLE_ACTIONS = {
@@ -413,22 +426,28 @@ async def set_enabled(
     kind: str,
     enabled: bool,
     *,
+    force: bool = False,
     audit: AdminRecorder | None = None,
 ) -> None:
     """Enable or disable a user or robot; disabling rejects its tokens now."""
-    change = _set_enabled(identity, customer_slug, login, kind, enabled)
+    change = _set_enabled(identity, customer_slug, login, kind, enabled, force)
     if audit is None:
         return await change
     target = f"robot {login}" if kind == "robot" else f"user {login} of {customer_slug}"
     action = _ENABLE_ACTIONS[(kind, enabled)]
-    return await audit.run(action, target, change, customer_slug)
+    return await audit.run(action, forced(target, force), change, customer_slug)
 
 
 async def _set_enabled(
-    identity: IdentityStore, customer_slug: str, login: str, kind: str, enabled: bool
+    identity: IdentityStore,
+    customer_slug: str,
+    login: str,
+    kind: str,
+    enabled: bool,
+    force: bool,
 ) -> None:
     account = await find_account_of(identity, customer_slug, login, kind)
-    await identity.set_disabled(account.id, not enabled)
+    await identity.set_disabled(account.id, not enabled, keep_an_owner=not force)
 
 
 _ROLE_ACTIONS = {"user": USER_ROLE, "robot": ROBOT_ROLE}
@@ -441,6 +460,7 @@ async def set_role(
     kind: str,
     role: str,
     *,
+    force: bool = False,
     audit: AdminRecorder | None = None,
 ) -> None:
     """Change a customer's user or robot to another customer role.
@@ -448,21 +468,26 @@ async def set_role(
     The new role applies from the next request: tokens carry scopes, and
     every request checks them against the account's current rights.
     """
-    change = _set_role(identity, customer_slug, login, kind, role)
+    change = _set_role(identity, customer_slug, login, kind, role, force)
     if audit is None:
         return await change
-    target = f"{kind} {login} of {customer_slug} to {role}"
+    target = forced(f"{kind} {login} of {customer_slug} to {role}", force)
     return await audit.run(_ROLE_ACTIONS[kind], target, change, customer_slug)
 
 
 async def _set_role(
-    identity: IdentityStore, customer_slug: str, login: str, kind: str, role: str
+    identity: IdentityStore,
+    customer_slug: str,
+    login: str,
+    kind: str,
+    role: str,
+    force: bool,
 ) -> None:
     _check_role(role)
     account = await find_account_of(identity, customer_slug, login, kind)
     if account.customer_id is None:
         raise InvalidInputError("vendor accounts keep their role; add a new account")
-    await identity.set_role(account.id, role)
+    await identity.set_role(account.id, role, keep_an_owner=not force)
 
 
 async def change_password(

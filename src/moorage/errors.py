@@ -13,6 +13,7 @@ The API layer maps each class to an OCI error code and HTTP status in one table
     ├── UnauthorizedError, DeniedError, TooManyRequestsError
     ├── InvalidInputError (administrative input: a bad name, role or password)
     └── ConflictError (administrative changes: a name already taken)
+        └── LastOwnerError (a change would leave nobody to manage a customer)
 """
 
 from __future__ import annotations
@@ -127,6 +128,11 @@ class InvalidInputError(MoorageError):
 
 class ConflictError(MoorageError):
     """the name is already taken"""
+
+
+class LastOwnerError(ConflictError):
+    """the change would leave a customer without an active owner, or the
+    installation without an active vendor admin"""
 
 
 class NotFoundError(MoorageError):

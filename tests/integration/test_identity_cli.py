@@ -5,16 +5,20 @@ takes a fraction of the time of one interpreter start per command."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
+from moorage import admin
 from moorage.config import Settings
 from moorage.errors import UnauthorizedError
-from moorage.services import open_services
+from moorage.services import Services, open_services
 from tests.support.cli import Cli
 from tests.support.database import create_database, drop_database
+
+T = TypeVar("T")
 
 
 @pytest.fixture(scope="module")
@@ -80,21 +84,31 @@ def test_user_disable_enable(cli: Cli) -> None:
 def _can_log_in(cli: Cli, login: str, password: str) -> bool:
     """Return whether the login and password authenticate, as a registry would."""
 
-    async def attempt() -> bool:
+    async def attempt(services: Services) -> bool:
+        try:
+            await services.authenticator.login(login, password, "127.0.0.1")
+        except UnauthorizedError:
+            return False
+        return True
+
+    return _with_services(cli, attempt)
+
+
+def _with_services(cli: Cli, action: Callable[[Services], Awaitable[T]]) -> T:
+    """Run an action on the services of the CLI's data directory and database."""
+
+    async def main() -> T:
         settings = Settings(
             data_dir=Path(cli.env["MOORAGE_DATA_DIR"]),
             database_url=cli.env["MOORAGE_DATABASE_URL"],
         )
         services = await open_services(settings)
         try:
-            await services.authenticator.login(login, password, "127.0.0.1")
-        except UnauthorizedError:
-            return False
+            return await action(services)
         finally:
             await services.close()
-        return True
 
-    return asyncio.run(attempt())
+    return asyncio.run(main())
 
 
 def test_user_reset_password(cli: Cli) -> None:
@@ -193,6 +207,79 @@ def test_end_date_in_past_rejected(cli: Cli, command: tuple[str, ...]) -> None:
     assert "is in the past" in result.stderr
     assert "acme/z" not in cli.ok("grant", "list", "acme")
     assert "lapsed" not in cli.ok("customer", "list")
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("robot", "add", "acme", "late", "--expires", "2020-01-01"),
+        ("robot", "add", "acme", "late", "--expires", "0m"),
+        ("robot", "rotate", "acme", "steady", "--expires", "2020-01-01"),
+        ("token", "add", "acme", "jo", "--name", "late", "--expires", "2020-01-01"),
+    ],
+)
+def test_expiry_in_past_rejected(cli: Cli, command: tuple[str, ...]) -> None:
+    """An --expires in the past gets the admin API's message and changes nothing."""
+    cli.run("robot", "add", "acme", "steady")
+    cli.run("user", "add", "acme", "jo")
+    robots = cli.ok("robot", "list", "acme")
+    tokens = cli.ok("token", "list", "acme", "jo")
+
+    result = cli.run(*command)
+
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: --expires ")
+    assert "is in the past: use a later time" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert cli.ok("robot", "list", "acme") == robots
+    assert cli.ok("token", "list", "acme", "jo") == tokens
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("user", "role", "solo", "ann", "reader"),
+        ("user", "disable", "solo", "ann"),
+        ("user", "remove", "solo", "ann"),
+    ],
+)
+def test_last_owner_kept(cli: Cli, command: tuple[str, ...]) -> None:
+    """A change that leaves a customer without an active owner needs --force."""
+    cli.run("customer", "add", "solo")
+    cli.run("user", "add", "solo", "ann", "--role", "owner")
+    cli.run("user", "enable", "solo", "ann")
+    cli.run("user", "role", "solo", "ann", "owner")
+
+    result = cli.run(*command)
+
+    assert result.returncode == 1
+    assert result.stderr.startswith(
+        "error: user 'ann' is the last active owner of customer 'solo'"
+    )
+    assert len(result.stderr.strip().splitlines()) == 1
+    listing = cli.ok("user", "list", "solo").split("ann", 1)[1]
+    assert "owner" in listing.splitlines()[0]
+    assert "active" in listing.splitlines()[0]
+    cli.ok(*command, "--force")
+
+
+def test_last_vendor_admin_kept(cli: Cli) -> None:
+    """Disabling or removing the last vendor admin needs --force."""
+
+    async def add_admin(services: Services) -> None:
+        await admin.add_vendor_user(
+            services.identity, "boss", "admin", "a-long-vendor-password"
+        )
+
+    _with_services(cli, add_admin)
+    for command in (("user", "disable", "-", "boss"), ("user", "remove", "-", "boss")):
+        result = cli.run(*command)
+        assert result.returncode == 1
+        assert result.stderr.startswith("error: 'boss' is the last active vendor admin")
+        assert "--force" in result.stderr
+    assert _can_log_in(cli, "boss", "a-long-vendor-password")
+    cli.ok("user", "remove", "-", "boss", "--force")
+    assert not _can_log_in(cli, "boss", "a-long-vendor-password")
 
 
 def test_grant_invalid_role(cli: Cli) -> None:

@@ -44,6 +44,7 @@ MANIFEST_TOO_LARGE = ErrorCode("SIZE_INVALID", 413)
 METHOD_NOT_ALLOWED = ErrorCode("UNSUPPORTED", 405)
 NOT_FOUND = ErrorCode("NOT_FOUND", 404)
 CONFLICT = ErrorCode("CONFLICT", 409)
+LAST_OWNER = ErrorCode("LAST_OWNER", 409)
 INVALID_INPUT = ErrorCode("INVALID_INPUT", 400)
 UNKNOWN = ErrorCode("UNKNOWN", 500)
 
@@ -69,6 +70,7 @@ ERROR_CODES: dict[type[errors.MoorageError], ErrorCode] = {
     errors.PaginationInvalidError: PAGINATION_NUMBER_INVALID,
     errors.RangeInvalidError: RANGE_INVALID,
     errors.ConflictError: CONFLICT,
+    errors.LastOwnerError: LAST_OWNER,
     errors.InvalidInputError: INVALID_INPUT,
     errors.NotFoundError: NOT_FOUND,
 }

@@ -33,6 +33,7 @@ from moorage.cli.main import (
 )
 from moorage.db.identity_store import AccountRecord, GrantRecord, PersonalTokenRecord
 from moorage.db.refresh_token_store import RefreshTokenRecord
+from moorage.errors import InvalidInputError
 from moorage.services import Services
 
 robot_app = typer.Typer(help="Manage customers' robot accounts.", no_args_is_help=True)
@@ -58,12 +59,34 @@ app.add_typer(signing_key_app, name="signing-key")
 CustomerArgument = Annotated[
     str, typer.Argument(help="Customer slug, or '-' for the vendor's own accounts.")
 ]
+ForceOption = Annotated[
+    bool,
+    typer.Option(
+        "--force",
+        help="Make the change even when it leaves the customer without an active "
+        "owner, or the installation without an active vendor admin.",
+    ),
+]
 _DURATION = re.compile(r"(\d+)([dhm])")
 _UNITS = {"d": "days", "h": "hours", "m": "minutes"}
 
 
 def parse_expiry(value: str | None) -> datetime | None:
-    """Parse `90d`, `12h`, `30m` or a date (YYYY-MM-DD) into a UTC time."""
+    """Parse `90d`, `12h`, `30m` or a date (YYYY-MM-DD) into a UTC time.
+
+    Exit with the admin API's message when the time is not in the future.
+    """
+    expires_at = _parse_expiry_time(value)
+    try:
+        return admin.check_future(expires_at, "--expires")
+    except InvalidInputError as error:
+        errors.print(
+            f"[red]error:[/red] {error.message}", highlight=False, soft_wrap=True
+        )
+        raise typer.Exit(2) from None
+
+
+def _parse_expiry_time(value: str | None) -> datetime | None:
     if value is None:
         return None
     match = _DURATION.fullmatch(value)
@@ -167,7 +190,10 @@ def customer_shred(
 
 @user_app.command("disable")
 def user_disable(
-    customer: CustomerArgument, name: str, data_dir: DataDirOption = None
+    customer: CustomerArgument,
+    name: str,
+    force: ForceOption = False,
+    data_dir: DataDirOption = None,
 ) -> None:
     """Disable a user; its tokens stop working on the next request."""
     _run(
@@ -175,9 +201,9 @@ def user_disable(
         lambda s: _audited(
             s,
             actions.USER_DISABLE,
-            f"user {name} of {customer}",
+            admin.forced(f"user {name} of {customer}", force),
             customer,
-            admin.set_enabled(s.identity, customer, name, "user", False),
+            admin.set_enabled(s.identity, customer, name, "user", False, force=force),
         ),
     )
     console.print(f"user {name} disabled")
@@ -221,13 +247,17 @@ RoleArgument = Annotated[
 
 @user_app.command("role")
 def user_role(
-    customer: str, name: str, role: RoleArgument, data_dir: DataDirOption = None
+    customer: str,
+    name: str,
+    role: RoleArgument,
+    force: ForceOption = False,
+    data_dir: DataDirOption = None,
 ) -> None:
     """Change a user's role on its customer's namespaces, from the next request."""
     _run(
         _settings(data_dir=data_dir),
         lambda s: admin.set_role(
-            s.identity, customer, name, "user", role, audit=_recorder(s)
+            s.identity, customer, name, "user", role, force=force, audit=_recorder(s)
         ),
     )
     console.print(f"user {name} of {customer} is now {role}")
@@ -235,12 +265,17 @@ def user_role(
 
 @user_app.command("remove")
 def user_remove(
-    customer: CustomerArgument, name: str, data_dir: DataDirOption = None
+    customer: CustomerArgument,
+    name: str,
+    force: ForceOption = False,
+    data_dir: DataDirOption = None,
 ) -> None:
     """Delete a user with its grants and personal access tokens."""
     _run(
         _settings(data_dir=data_dir),
-        lambda s: admin.remove_user(s.identity, customer, name, audit=_recorder(s)),
+        lambda s: admin.remove_user(
+            s.identity, customer, name, force=force, audit=_recorder(s)
+        ),
     )
     console.print(f"user {name} removed")
 
@@ -350,21 +385,30 @@ def robot_rotate(
 
 @robot_app.command("role")
 def robot_role(
-    customer: str, name: str, role: RoleArgument, data_dir: DataDirOption = None
+    customer: str,
+    name: str,
+    role: RoleArgument,
+    force: ForceOption = False,
+    data_dir: DataDirOption = None,
 ) -> None:
     """Change a robot's role on its customer's namespaces, from the next request."""
     login = admin.robot_login(customer, name)
     _run(
         _settings(data_dir=data_dir),
         lambda s: admin.set_role(
-            s.identity, customer, login, "robot", role, audit=_recorder(s)
+            s.identity, customer, login, "robot", role, force=force, audit=_recorder(s)
         ),
     )
     console.print(f"robot {login} is now {role}")
 
 
 @robot_app.command("disable")
-def robot_disable(customer: str, name: str, data_dir: DataDirOption = None) -> None:
+def robot_disable(
+    customer: str,
+    name: str,
+    force: ForceOption = False,
+    data_dir: DataDirOption = None,
+) -> None:
     """Disable a robot; its tokens stop working on the next request."""
     login = admin.robot_login(customer, name)
     _run(
@@ -372,9 +416,9 @@ def robot_disable(customer: str, name: str, data_dir: DataDirOption = None) -> N
         lambda s: _audited(
             s,
             actions.ROBOT_DISABLE,
-            f"robot {login}",
+            admin.forced(f"robot {login}", force),
             customer,
-            admin.set_enabled(s.identity, customer, login, "robot", False),
+            admin.set_enabled(s.identity, customer, login, "robot", False, force=force),
         ),
     )
     console.print(f"robot {login} disabled")
@@ -398,16 +442,21 @@ def robot_enable(customer: str, name: str, data_dir: DataDirOption = None) -> No
 
 
 @robot_app.command("remove")
-def robot_remove(customer: str, name: str, data_dir: DataDirOption = None) -> None:
+def robot_remove(
+    customer: str,
+    name: str,
+    force: ForceOption = False,
+    data_dir: DataDirOption = None,
+) -> None:
     """Delete a robot account with its grants."""
     _run(
         _settings(data_dir=data_dir),
         lambda s: _audited(
             s,
             actions.ROBOT_REMOVE,
-            f"robot {name} of {customer}",
+            admin.forced(f"robot {name} of {customer}", force),
             customer,
-            admin.remove_robot(s.identity, customer, name),
+            admin.remove_robot(s.identity, customer, name, force=force),
         ),
     )
     console.print(f"robot {admin.robot_login(customer, name)} removed")

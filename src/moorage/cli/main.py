@@ -133,7 +133,7 @@ def _run(
     try:
         return asyncio.run(main())
     except MoorageError as error:
-        errors.print(f"[red]error:[/red] {error.message}")
+        errors.print(f"[red]error:[/red] {error.message}", soft_wrap=True)
         raise typer.Exit(1) from None
     except SQLAlchemyError as error:
         log.debug("database error", exc_info=error)

@@ -81,7 +81,7 @@ def _alembic_config(connection: Connection) -> Config:
     return config
 
 
-def _upgrade(connection: Connection) -> list[str]:
+def _upgrade(connection: Connection) -> tuple[list[str], list[str]]:
     from alembic import command
     from alembic.runtime.migration import MigrationContext
 
@@ -91,26 +91,68 @@ def _upgrade(connection: Connection) -> list[str]:
             text("SELECT pg_advisory_xact_lock(:id)"), {"id": _MIGRATION_LOCK_ID}
         )
     before = MigrationContext.configure(connection).get_current_heads()
-    command.upgrade(_alembic_config(connection), "heads")
+    command.upgrade(_alembic_config(connection), "head")
     after = MigrationContext.configure(connection).get_current_heads()
-    return [] if set(before) == set(after) else list(after)
+    # The check reads every table, so it runs only when a migration did.
+    if connection.dialect.name == "sqlite" and set(before) != set(after):
+        _check_foreign_keys(connection)
+    return list(before), list(after)
+
+
+def _check_foreign_keys(connection: Connection) -> None:
+    """Raise when a migration left a row whose foreign key matches no row.
+
+    SQLite migrations run with enforcement off (see `migrate`), so this check
+    replaces it before the commit.
+    """
+    violations = connection.exec_driver_sql("PRAGMA foreign_key_check").all()
+    if violations:
+        table, rowid, parent, _ = violations[0]
+        raise RuntimeError(
+            f"the migration left {len(violations)} rows whose foreign key matches "
+            f"no row, such as row {rowid} of {table} (no match in {parent}); "
+            "nothing was changed"
+        )
 
 
 async def migrate(engine: AsyncEngine) -> list[str]:
-    """Bring the schema to the newest revisions; return the new heads if it changed.
+    """Bring the schema to the newest revision; return the new heads if it changed.
 
-    Features may add migrations on branches of their own (each revising an
-    older revision); every branch head is applied.
+    The history has one head: a feature that adds a migration revises the
+    newest revision, or adds a merge revision, as Alembic's `upgrade head`
+    requires. A database stamped at several heads (before merge revision 0006)
+    is upgraded through the merge.
+
+    On SQLite, foreign key enforcement is off while the migrations run, because
+    rebuilding a table in batch mode drops the table that other rows reference.
+    `PRAGMA foreign_key_check` runs before the commit instead. The pragma is
+    ignored inside a transaction, so it is set before the first write begins one.
     """
-    async with engine.begin() as connection:
-        applied = await connection.run_sync(_upgrade)
-    if applied:
-        log.info("database migrated", revision=",".join(applied))
-    return applied
+    sqlite = engine.dialect.name == "sqlite"
+    async with engine.connect() as connection:
+        try:
+            if sqlite:
+                await connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
+                await connection.commit()
+            async with connection.begin():
+                before, after = await connection.run_sync(_upgrade)
+        finally:
+            if sqlite:
+                await connection.exec_driver_sql("PRAGMA foreign_keys=ON")
+                await connection.commit()
+    if set(before) == set(after):
+        return []
+    log.info(
+        "database migrated",
+        revision=",".join(after),
+        previous=",".join(before) or "none",
+    )
+    return after
 
 
 def head_revisions() -> set[str]:
-    """Return the newest revision of each migration branch."""
+    """Return the head revisions of the migration history: one, unless a new
+    branch was added without a merge revision."""
     from alembic.config import Config
     from alembic.script import ScriptDirectory
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import delete, or_, select, update
+from sqlalchemy import ColumnElement, Executable, delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -27,7 +27,7 @@ from moorage.db.schema import (
     utcnow,
 )
 from moorage.db.transactions import begin, connect
-from moorage.errors import ConflictError, NotFoundError
+from moorage.errors import ConflictError, LastOwnerError, NotFoundError
 
 if TYPE_CHECKING:
     from moorage.db.registry_store import ContentCodec
@@ -164,6 +164,81 @@ def _grants_condition(account_id: int, customer_id: int | None) -> Any:
         condition,
         (grants.c.customer_id == customer_id) & grants.c.account_id.is_(None),
     )
+
+
+def _managers_of(customer_id: int | None) -> ColumnElement[bool]:
+    """Select the accounts that can manage a customer's accounts (its active
+    owners) or, for customer_id None, the installation (active vendor admins).
+
+    Disabled and expired accounts cannot log in, so they do not count.
+    """
+    if customer_id is None:
+        scope = accounts.c.customer_id.is_(None) & (accounts.c.role == "admin")
+    else:
+        scope = (accounts.c.customer_id == customer_id) & (accounts.c.role == "owner")
+    return (
+        scope
+        & accounts.c.disabled.is_(False)
+        & or_(accounts.c.expires_at.is_(None), accounts.c.expires_at > utcnow())
+    )
+
+
+def _last_owner_error(row: Any) -> LastOwnerError:
+    if row.customer_id is None:
+        # Vendor accounts are managed with the command line only.
+        return LastOwnerError(
+            f"{row.login!r} is the last active vendor admin, so no vendor account "
+            "could change customers through the admin API: pass --force to change "
+            "it anyway"
+        )
+    return LastOwnerError(
+        f"{row.kind} {row.login!r} is the last active owner of customer "
+        f"{row.slug!r}: make another account owner first, or have a vendor admin "
+        "force the change"
+    )
+
+
+async def _change_keeping_a_manager(
+    connection: AsyncConnection, account_id: int, statements: Sequence[Executable]
+) -> None:
+    """Run statements that change an account; raise LastOwnerError (and roll
+    back) when they leave its customer or the installation with no manager.
+
+    On PostgreSQL, the manager rows are locked first, so two owners demoting each
+    other at the same time are applied one after the other, and the second is
+    rejected. On SQLite, the first write takes the database's write lock, so the
+    count after the change reads every committed change.
+    """
+    target = (
+        await connection.execute(
+            select(
+                accounts.c.customer_id,
+                accounts.c.login,
+                accounts.c.kind,
+                customers.c.slug,
+            )
+            .select_from(accounts.outerjoin(customers))
+            .where(accounts.c.id == account_id)
+        )
+    ).first()
+    if target is None:
+        for statement in statements:
+            await connection.execute(statement)
+        return
+    managers = _managers_of(target.customer_id)
+    locked = await connection.execute(
+        select(accounts.c.id).where(managers).order_by(accounts.c.id).with_for_update()
+    )
+    was_manager = account_id in set(locked.scalars())
+    for statement in statements:
+        await connection.execute(statement)
+    if not was_manager:
+        return
+    remaining = await connection.scalar(
+        select(func.count()).select_from(accounts).where(managers)
+    )
+    if not remaining:
+        raise _last_owner_error(target)
 
 
 # Accounts and personal access tokens whose rows each process keeps while the
@@ -405,41 +480,60 @@ class IdentityStore:
                 .values(expires_at=expires_at)
             )
 
-    async def set_role(self, account_id: int, role: str) -> None:
-        """Change an account's role on its customer's own namespaces."""
-        async with begin(self.engine) as connection:
-            await connection.execute(
-                update(accounts).where(accounts.c.id == account_id).values(role=role)
-            )
+    async def set_role(
+        self, account_id: int, role: str, *, keep_an_owner: bool = False
+    ) -> None:
+        """Change an account's role on its customer's own namespaces.
 
-    async def set_disabled(self, account_id: int, disabled: bool) -> None:
+        With `keep_an_owner`, raise LastOwnerError instead of demoting the
+        customer's last active owner.
+        """
+        change = update(accounts).where(accounts.c.id == account_id).values(role=role)
+        await self._change_account(account_id, [change], keep_an_owner)
+
+    async def set_disabled(
+        self, account_id: int, disabled: bool, *, keep_an_owner: bool = False
+    ) -> None:
         """Disable or enable an account; disabling also rejects its tokens for good,
-        so enabling it again does not revive them."""
+        so enabling it again does not revive them.
+
+        With `keep_an_owner`, raise LastOwnerError instead of disabling the last
+        active owner of a customer or the last active vendor admin.
+        """
         values: dict[str, Any] = {"disabled": disabled}
         if disabled:
             values["token_generation"] = accounts.c.token_generation + 1
-        async with begin(self.engine) as connection:
-            await connection.execute(
-                update(accounts).where(accounts.c.id == account_id).values(**values)
-            )
+        change = update(accounts).where(accounts.c.id == account_id).values(**values)
+        await self._change_account(account_id, [change], keep_an_owner)
 
-    async def delete_account(self, account_id: int) -> None:
-        """Delete an account with its grants, personal access and refresh tokens."""
+    async def delete_account(
+        self, account_id: int, *, keep_an_owner: bool = False
+    ) -> None:
+        """Delete an account with its grants, personal access and refresh tokens.
+
+        With `keep_an_owner`, raise LastOwnerError instead of deleting the last
+        active owner of a customer or the last active vendor admin.
+        """
+        statements = [
+            delete(grants).where(grants.c.account_id == account_id),
+            delete(refresh_tokens).where(refresh_tokens.c.account_id == account_id),
+            delete(personal_tokens).where(personal_tokens.c.account_id == account_id),
+            delete(accounts).where(accounts.c.id == account_id),
+        ]
+        await self._change_account(account_id, statements, keep_an_owner)
+
+    async def _change_account(
+        self,
+        account_id: int,
+        statements: Sequence[Executable],
+        keep_an_owner: bool,
+    ) -> None:
         async with begin(self.engine) as connection:
-            await connection.execute(
-                delete(grants).where(grants.c.account_id == account_id)
-            )
-            await connection.execute(
-                delete(refresh_tokens).where(refresh_tokens.c.account_id == account_id)
-            )
-            await connection.execute(
-                delete(personal_tokens).where(
-                    personal_tokens.c.account_id == account_id
-                )
-            )
-            await connection.execute(
-                delete(accounts).where(accounts.c.id == account_id)
-            )
+            if keep_an_owner:
+                await _change_keeping_a_manager(connection, account_id, statements)
+                return
+            for statement in statements:
+                await connection.execute(statement)
 
     async def set_customer_status(self, customer_id: int, status: str) -> None:
         """Set a customer active or suspended; suspending also rejects every token

@@ -59,6 +59,10 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+# The tables whose ids appear in the API, the command line and audit events use
+# `sqlite_autoincrement=True`, because without it SQLite gives a new row the id
+# of the newest row deleted before it (migration 0007). PostgreSQL sequences
+# never hand out a number twice.
 customers = Table(
     "customers",
     metadata,
@@ -69,6 +73,7 @@ customers = Table(
     Column("status", String(16), nullable=False, default="active"),
     Column("access_until", UTCDateTime, nullable=True),
     Column("created_at", UTCDateTime, nullable=False, default=utcnow),
+    sqlite_autoincrement=True,
 )
 
 # The owner of each namespace; customer_id NULL means the vendor owns it.
@@ -100,6 +105,7 @@ accounts = Table(
     # tokens carry the generation they were issued under.
     Column("token_generation", Integer, nullable=False, default=0),
     Column("created_at", UTCDateTime, nullable=False, default=utcnow),
+    sqlite_autoincrement=True,
 )
 
 grants = Table(
@@ -116,6 +122,7 @@ grants = Table(
     Column("created_at", UTCDateTime, nullable=False, default=utcnow),
     Index(None, "customer_id"),
     Index(None, "account_id"),
+    sqlite_autoincrement=True,
 )
 
 repositories = Table(
@@ -250,6 +257,7 @@ personal_tokens = Table(
     # that match one of them. NULL: no limit beyond the role.
     Column("repositories", Text, nullable=True),
     Index(None, "account_id"),
+    sqlite_autoincrement=True,
 )
 
 # One row (id 1) whose revision increases with every change to the tables in

@@ -4,7 +4,9 @@ response that creates them."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Response
 from starlette.requests import Request
 
 from moorage import admin
@@ -21,9 +23,30 @@ from moorage.api.admin.models import (
     RoleChange,
 )
 from moorage.db.identity_store import AccountRecord
+from moorage.errors import DeniedError
 
 router = APIRouter(prefix="/customers/{customer}", tags=["accounts"])
 NO_CONTENT = 204
+
+# Removing, disabling or demoting the customer's last active owner gets 409
+# LAST_OWNER, unless a vendor admin passes force=true.
+Force = Annotated[
+    bool,
+    Query(
+        description="Vendor admins only: make the change even when it leaves the "
+        "customer without an active owner."
+    ),
+]
+
+
+def _force_allowed(request: Request, access: ChangeableCustomer, force: bool) -> bool:
+    """Return `force`, or raise DeniedError when a customer's owner passes it."""
+    if force and access.owner:
+        request.state.denied = f"force=true from an owner of customer {access.slug}"
+        raise DeniedError(
+            "force=true is for vendor admins: make another account owner first"
+        )
+    return force
 
 
 async def _accounts(request: Request, slug: str, kind: str) -> list[Account]:
@@ -74,21 +97,27 @@ async def show_customer_user(
 
 @router.delete("/users/{login}", status_code=NO_CONTENT)
 async def remove_customer_user(
-    request: Request, access: ChangeableCustomer, login: str
+    request: Request, access: ChangeableCustomer, login: str, force: Force = False
 ) -> Response:
     """Delete a user with its grants and personal access tokens."""
     identity = services_of(request).identity
     await identity.get_customer(access.slug)
-    await admin.remove_user(identity, access.slug, login, audit=access.audit)
+    await admin.remove_user(
+        identity,
+        access.slug,
+        login,
+        force=_force_allowed(request, access, force),
+        audit=access.audit,
+    )
     return Response(status_code=NO_CONTENT)
 
 
 @router.post("/users/{login}/disable", status_code=NO_CONTENT)
 async def disable_customer_user(
-    request: Request, access: ChangeableCustomer, login: str
+    request: Request, access: ChangeableCustomer, login: str, force: Force = False
 ) -> Response:
     """Disable a user; its credentials and tokens fail from the next request."""
-    await _set_enabled(request, access, login, "user", enabled=False)
+    await _set_enabled(request, access, login, "user", enabled=False, force=force)
     return Response(status_code=NO_CONTENT)
 
 
@@ -103,10 +132,14 @@ async def enable_customer_user(
 
 @router.put("/users/{login}/role", response_model=Account)
 async def set_customer_user_role(
-    request: Request, access: ChangeableCustomer, login: str, body: RoleChange
+    request: Request,
+    access: ChangeableCustomer,
+    login: str,
+    body: RoleChange,
+    force: Force = False,
 ) -> Account:
     """Change a user's role; it applies from the user's next request."""
-    return await _set_role(request, access, login, "user", body.role)
+    return await _set_role(request, access, login, "user", body.role, force)
 
 
 @router.post("/users/{login}/password", response_model=NewPassword)
@@ -124,11 +157,24 @@ async def reset_customer_user_password(
 
 
 async def _set_role(
-    request: Request, access: ChangeableCustomer, login: str, kind: str, role: str
+    request: Request,
+    access: ChangeableCustomer,
+    login: str,
+    kind: str,
+    role: str,
+    force: bool,
 ) -> Account:
     identity = services_of(request).identity
     await identity.get_customer(access.slug)
-    await admin.set_role(identity, access.slug, login, kind, role, audit=access.audit)
+    await admin.set_role(
+        identity,
+        access.slug,
+        login,
+        kind,
+        role,
+        force=_force_allowed(request, access, force),
+        audit=access.audit,
+    )
     return Account.of(await _account(request, access.slug, login, kind))
 
 
@@ -139,11 +185,18 @@ async def _set_enabled(
     kind: str,
     *,
     enabled: bool,
+    force: bool = False,
 ) -> None:
     identity = services_of(request).identity
     await identity.get_customer(access.slug)
     await admin.set_enabled(
-        identity, access.slug, login, kind, enabled, audit=access.audit
+        identity,
+        access.slug,
+        login,
+        kind,
+        enabled,
+        force=_force_allowed(request, access, force),
+        audit=access.audit,
     )
 
 
@@ -184,31 +237,41 @@ async def show_customer_robot(
 
 @router.delete("/robots/{name}", status_code=NO_CONTENT)
 async def remove_customer_robot(
-    request: Request, access: ChangeableCustomer, name: str
+    request: Request, access: ChangeableCustomer, name: str, force: Force = False
 ) -> Response:
     """Delete a robot with its grants."""
     identity = services_of(request).identity
     await identity.get_customer(access.slug)
-    await admin.remove_robot(identity, access.slug, name, audit=access.audit)
+    await admin.remove_robot(
+        identity,
+        access.slug,
+        name,
+        force=_force_allowed(request, access, force),
+        audit=access.audit,
+    )
     return Response(status_code=NO_CONTENT)
 
 
 @router.put("/robots/{name}/role", response_model=Account)
 async def set_customer_robot_role(
-    request: Request, access: ChangeableCustomer, name: str, body: RoleChange
+    request: Request,
+    access: ChangeableCustomer,
+    name: str,
+    body: RoleChange,
+    force: Force = False,
 ) -> Account:
     """Change a robot's role; it applies from the robot's next request."""
     login = admin.robot_login(access.slug, name)
-    return await _set_role(request, access, login, "robot", body.role)
+    return await _set_role(request, access, login, "robot", body.role, force)
 
 
 @router.post("/robots/{name}/disable", status_code=NO_CONTENT)
 async def disable_customer_robot(
-    request: Request, access: ChangeableCustomer, name: str
+    request: Request, access: ChangeableCustomer, name: str, force: Force = False
 ) -> Response:
     """Disable a robot; its secret and tokens fail from the next request."""
     login = admin.robot_login(access.slug, name)
-    await _set_enabled(request, access, login, "robot", enabled=False)
+    await _set_enabled(request, access, login, "robot", enabled=False, force=force)
     return Response(status_code=NO_CONTENT)
 
 
