@@ -233,6 +233,31 @@ def test_refresh_after_revocation(server: ServerProcess) -> None:
     assert httpx.post(f"{server.url}/token", data=form).status_code == 401
 
 
+def test_token_dies_with_removed_account(server: ServerProcess) -> None:
+    """A bearer token of a removed account stays revoked when an account with
+    the same login is created again, for users and robots alike."""
+    customer = server.add_customer()
+    repository = f"{customer}/app"
+    scope = f"repository:{repository}:pull"
+    login, password = server.add_user(customer, "reader")
+    robot, secret = add_robot(server, customer, "reader", name="ci")
+    tokens = {
+        login: get_token(server, login, password, scope),
+        robot: get_token(server, robot, secret, scope),
+    }
+    server.run_admin(lambda s: admin.remove_user(s.identity, customer, login))
+    server.run_admin(lambda s: admin.remove_robot(s.identity, customer, "ci"))
+    server.add_user(customer, "reader", login=login)
+    assert add_robot(server, customer, "reader", name="ci")[0] == robot
+
+    for account, token in tokens.items():
+        response = httpx.get(
+            f"{server.url}/v2/{repository}/tags/list", headers=bearer(token)
+        )
+        assert response.status_code == 401, account
+        assert "revoked" in response.text, account
+
+
 def test_refresh_follows_grant_removal(server: ServerProcess) -> None:
     """Tokens refreshed after a grant is removed no longer carry it."""
     customer = server.add_customer()

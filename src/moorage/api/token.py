@@ -112,6 +112,7 @@ def routes(services: Services) -> list[Route]:
             principal.token_generation,
             granted,
             principal.personal_token_id,
+            account_id=principal.account_id,
         )
         body: dict[str, Any] = {
             "token": issued.token,

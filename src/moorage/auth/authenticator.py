@@ -165,7 +165,10 @@ class Authenticator:
     ) -> IssuedToken:
         """Issue a refresh token for the principal and record it."""
         issued = self.tokens.issue_refresh(
-            principal.login, principal.token_generation, principal.personal_token_id
+            principal.login,
+            principal.token_generation,
+            principal.personal_token_id,
+            account_id=principal.account_id,
         )
         await self.refresh_tokens.add(
             jti=issued.token_id,
@@ -181,7 +184,13 @@ class Authenticator:
 
     async def _current(self, claims: TokenClaims) -> Principal:
         access = await self.identity.account_access(claims.subject)
-        if access is None or access.account.token_generation != claims.generation:
+        if (
+            access is None
+            or access.account.token_generation != claims.generation
+            or (
+                claims.account_id is not None and access.account.id != claims.account_id
+            )
+        ):
             raise UnauthorizedError("token has been revoked")
         account = access.account
         _check_usable(account, utcnow())

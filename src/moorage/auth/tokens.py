@@ -65,6 +65,10 @@ class TokenClaims:
     personal_token_id: int | None = None
     # The `jti` claim.
     token_id: str = ""
+    # The `aid` claim: the account's id, so that a token never passes for a
+    # later account created with the same login. Tokens signed before the
+    # claim existed carry none.
+    account_id: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,16 +188,23 @@ class TokenService:
         generation: int,
         access: list[Scope],
         personal_token_id: int | None = None,
+        *,
+        account_id: int | None = None,
     ) -> IssuedToken:
         claims: dict[str, Any] = {
             "access": [scope.to_claim() for scope in access],
         }
         return self._sign(
-            subject, generation, personal_token_id, self.ttl_seconds, claims
+            subject, generation, personal_token_id, self.ttl_seconds, claims, account_id
         )
 
     def issue_refresh(
-        self, subject: str, generation: int, personal_token_id: int | None = None
+        self,
+        subject: str,
+        generation: int,
+        personal_token_id: int | None = None,
+        *,
+        account_id: int | None = None,
     ) -> IssuedToken:
         """Issue an OAuth2 refresh token for the account (typ "refresh")."""
         return self._sign(
@@ -202,6 +213,7 @@ class TokenService:
             personal_token_id,
             self.refresh_ttl_seconds,
             {"typ": REFRESH_TYPE},
+            account_id,
         )
 
     def _sign(
@@ -211,6 +223,7 @@ class TokenService:
         personal_token_id: int | None,
         ttl: int,
         extra: dict[str, Any],
+        account_id: int | None,
     ) -> IssuedToken:
         key = self._keys[0]
         now = int(time.time())
@@ -228,6 +241,8 @@ class TokenService:
         }
         if personal_token_id is not None:
             claims["pat"] = personal_token_id
+        if account_id is not None:
+            claims["aid"] = account_id
         token = jwt.encode(
             claims, key.private_key, algorithm=ALGORITHM, headers={"kid": key.kid}
         )
@@ -338,6 +353,7 @@ def _claims(
     claims: dict[str, Any], access: dict[tuple[str, str], frozenset[str]]
 ) -> TokenClaims:
     personal_token = claims.get("pat")
+    account_id = claims.get("aid")
     return TokenClaims(
         subject=str(claims["sub"]),
         generation=int(claims.get("gen", -1)),
@@ -348,6 +364,7 @@ def _claims(
             int(personal_token) if isinstance(personal_token, int) else None
         ),
         token_id=str(claims.get("jti", "")),
+        account_id=account_id if isinstance(account_id, int) else None,
     )
 
 
