@@ -17,6 +17,8 @@ from moorage.errors import UnauthorizedError
 from moorage.services import Services, open_services
 from tests.support.cli import Cli
 from tests.support.database import create_database, drop_database
+from tests.support.identity import admin_client, push_image
+from tests.support.server import ServerProcess, unique
 
 T = TypeVar("T")
 
@@ -325,3 +327,29 @@ def test_signing_key_rotate(cli: Cli) -> None:
     assert listing.count("ES256") == max(before, 1) + 1
     result = cli.run("signing-key", "rotate", "--overlap", "-1")
     assert result.returncode == 2
+
+
+def test_vendor_user_add(cli: Cli) -> None:
+    """`user add -` creates a vendor account with a vendor role only."""
+    output = cli.ok("user", "add", "-", "auditor-1", "--role", "auditor")
+    assert "vendor user auditor-1 added as auditor" in output
+    assert "auditor-1" in cli.ok("user", "list", "-")
+
+    refused = cli.run("user", "add", "-", "writer-1", "--role", "writer")
+    assert refused.returncode == 1
+    assert "invalid vendor role 'writer'" in refused.stderr
+    assert "writer-1" not in cli.ok("user", "list", "-")
+
+
+def test_customer_add_refuses_used_namespace(server: ServerProcess) -> None:
+    """A new customer cannot take a namespace where the vendor already pushed."""
+    namespace = unique("products")
+    with admin_client(server) as client:
+        push_image(client, f"{namespace}/app")
+    runner = Cli(server.data_dir, server.database_url)
+
+    refused = runner.run("customer", "add", namespace)
+
+    assert refused.returncode == 1
+    assert "already holds repositories" in refused.stderr
+    assert namespace not in runner.ok("customer", "list")

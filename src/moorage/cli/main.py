@@ -310,25 +310,44 @@ def customer_show(customer: str, data_dir: DataDirOption = None) -> None:
 
 @user_app.command("add")
 def user_add(
-    customer: Annotated[str, typer.Argument(help="Customer the user belongs to.")],
+    customer: Annotated[
+        str,
+        typer.Argument(
+            help="Customer the user belongs to, or '-' for a vendor account."
+        ),
+    ],
     name: Annotated[str, typer.Argument(help="Login name, unique in the registry.")],
     role: Annotated[
-        str, typer.Option(help="reader, writer, maintainer or owner on own namespaces.")
+        str,
+        typer.Option(
+            help="reader, writer, maintainer or owner on the customer's own "
+            "namespaces; admin or auditor for a vendor account."
+        ),
     ] = "reader",
     password_stdin: Annotated[
         bool, typer.Option("--password-stdin", help="Read the password from stdin.")
     ] = False,
     data_dir: DataDirOption = None,
 ) -> None:
-    """Add a user to a customer. Prints a generated password once."""
+    """Add a user to a customer, or a vendor account. Prints a generated password
+    once."""
     password = sys.stdin.readline().rstrip("\n") if password_stdin else None
-    created = _run(
-        _settings(data_dir=data_dir),
-        lambda s: admin.add_user(
-            s.identity, customer, name, role, password, audit=_recorder(s)
-        ),
-    )
-    console.print(f"user {created.login} added to {customer} as {role}")
+    if customer == "-":
+        created = _run(
+            _settings(data_dir=data_dir),
+            lambda s: admin.add_vendor_user(
+                s.identity, name, role, password, audit=_recorder(s)
+            ),
+        )
+        console.print(f"vendor user {created.login} added as {role}")
+    else:
+        created = _run(
+            _settings(data_dir=data_dir),
+            lambda s: admin.add_user(
+                s.identity, customer, name, role, password, audit=_recorder(s)
+            ),
+        )
+        console.print(f"user {created.login} added to {customer} as {role}")
     if created.password is not None:
         console.print("password (shown once, store it now):")
         print(created.password)

@@ -22,6 +22,7 @@ from moorage.db.schema import (
     namespaces,
     personal_tokens,
     refresh_tokens,
+    repositories,
     server_keys,
     signing_keys,
     utcnow,
@@ -188,8 +189,8 @@ def _last_owner_error(row: Any) -> LastOwnerError:
         # Vendor accounts are managed with the command line only.
         return LastOwnerError(
             f"{row.login!r} is the last active vendor admin, so no vendor account "
-            "could change customers through the admin API: pass --force to change "
-            "it anyway"
+            "could change customers through the admin API: add another with "
+            "`moorage user add - NAME --role admin` first, or pass --force"
         )
     return LastOwnerError(
         f"{row.kind} {row.login!r} is the last active owner of customer "
@@ -285,6 +286,18 @@ class IdentityStore:
                 )
                 if taken is not None:
                     raise ConflictError(f"namespace {slug!r} is already taken")
+                # Repositories pushed by the vendor into a namespace no customer
+                # owns (such as products/) must not pass to a new customer.
+                existing = await connection.scalar(
+                    select(repositories.c.name)
+                    .where(repositories.c.namespace == slug)
+                    .limit(1)
+                )
+                if existing is not None:
+                    raise ConflictError(
+                        f"namespace {slug!r} already holds repositories, such as "
+                        f"{existing!r}: choose another slug for the customer"
+                    )
                 customer_id = (
                     await connection.execute(
                         customers.insert()
