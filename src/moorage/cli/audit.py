@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Annotated, TextIO
 
 import typer
-from rich.table import Table
 
 from moorage.audit import files
 from moorage.audit.usage import usage_report
@@ -25,6 +24,7 @@ from moorage.cli.main import (
     console,
     errors,
 )
+from moorage.cli.output import Table
 from moorage.db.audit_store import AuditFilter
 from moorage.db.schema import utcnow
 from moorage.services import Services

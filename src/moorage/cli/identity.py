@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated
 
 import typer
-from rich.table import Column, Table
+from rich.table import Column
 
 from moorage import admin
 from moorage.audit import events as actions
@@ -31,6 +31,7 @@ from moorage.cli.main import (
     errors,
     user_app,
 )
+from moorage.cli.output import Table
 from moorage.db.identity_store import AccountRecord, GrantRecord, PersonalTokenRecord
 from moorage.db.refresh_token_store import RefreshTokenRecord
 from moorage.errors import InvalidInputError

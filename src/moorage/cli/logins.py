@@ -11,12 +11,13 @@ from datetime import UTC, datetime
 from typing import Annotated
 
 import typer
-from rich.table import Column, Table
+from rich.table import Column
 
 from moorage import admin
 from moorage.audit import events as actions
 from moorage.cli.main import DataDirOption, _audited, _run, _settings, app, console
 from moorage.cli.main import errors as error_console
+from moorage.cli.output import Table
 from moorage.db.login_failure_store import CounterRecord
 from moorage.services import Services
 

@@ -26,12 +26,12 @@ from rich.progress import (
     TextColumn,
     TimeRemainingColumn,
 )
-from rich.table import Table
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from moorage import admin
 from moorage.audit import events as actions
 from moorage.audit.recorder import AdminRecorder, local_actor
+from moorage.cli.output import Table, shown
 from moorage.config import Settings, load_settings
 from moorage.db.identity_store import AccountRecord, CustomerRecord, GrantRecord
 from moorage.db.key_store import KeyStore
@@ -82,7 +82,7 @@ def _settings(**overrides: object) -> Settings:
     try:
         return load_settings(**overrides)
     except (ValidationError, FileNotFoundError) as error:
-        errors.print(f"[red]invalid configuration:[/red] {error}")
+        errors.print(f"[red]invalid configuration:[/red] {shown(error)}")
         raise typer.Exit(2) from None
 
 
@@ -133,7 +133,7 @@ def _run(
     try:
         return asyncio.run(main())
     except MoorageError as error:
-        errors.print(f"[red]error:[/red] {error.message}", soft_wrap=True)
+        _print_error(error)
         raise typer.Exit(1) from None
     except SQLAlchemyError as error:
         log.debug("database error", exc_info=error)
@@ -150,6 +150,12 @@ def _run(
             soft_wrap=True,
         )
         raise typer.Exit(1) from None
+
+
+def _print_error(error: MoorageError) -> None:
+    errors.print(
+        f"[red]error:[/red] {shown(error.message)}", highlight=False, soft_wrap=True
+    )
 
 
 def _database_reason(error: SQLAlchemyError) -> str:
@@ -296,7 +302,7 @@ def customer_show(customer: str, data_dir: DataDirOption = None) -> None:
     until = record.access_until.date().isoformat() if record.access_until else "-"
     users = [account for account in accounts if account.kind == "user"]
     disabled = sum(1 for account in accounts if account.disabled)
-    console.print(f"customer      {record.slug} ({record.display_name})")
+    console.print(f"customer      {record.slug} ({shown(record.display_name)})")
     console.print(f"status        {record.status}")
     console.print(f"access until  {until}")
     console.print(f"created       {record.created_at.strftime('%Y-%m-%d %H:%M')}")
@@ -442,7 +448,7 @@ def key_status(data_dir: DataDirOption = None) -> None:
         table = Table("key-encryption key", "active", "data keys")
         for key_id in sorted(set(driver.keyring.key_ids()) | set(usage)):
             table.add_row(key_id, "yes" if key_id == active else "", str(usage[key_id]))
-        console.print(f"keys from {driver.keyring.describe()}")
+        console.print(f"keys from {shown(driver.keyring.describe())}")
         console.print(table)
         if driver.custody is not None:
             owners = Table("owner key-encryption key", "data keys")
