@@ -116,6 +116,9 @@ class Registry:
 
     async def blob_size(self, repository: str, digest: str) -> int:
         """Return the size of a blob visible in `repository`; raise BlobUnknownError."""
+        # NOTE: this reads the database only, so HEAD returns the size of a blob
+        # whose data key was destroyed by shredding, and only a GET returns
+        # BLOB_UNKNOWN.
         parse_digest(digest)
         size = await self.store.blob_size_in_repository(repository, digest)
         if size is None:
@@ -135,6 +138,14 @@ class Registry:
         except PathNotFoundError:
             log.error("blob missing from storage", digest=digest)
             raise BlobUnknownError(detail={"digest": digest}) from None
+        except DataKeyUnavailableError:
+            # The driver has logged it. The content is gone on purpose, so the
+            # client gets a not-found, not a server error.
+            raise BlobUnknownError(
+                "blob content is no longer readable: its data key was destroyed "
+                "when the keys of every owner that used it were shredded",
+                detail={"digest": digest, "reason": "data key destroyed"},
+            ) from None
         return _prepend(first, stream)
 
     async def open_blob_file(self, digest: str) -> BinaryIO | None:

@@ -16,7 +16,10 @@ as they are, and `maintenance.encrypt_all` converts them.
 
 Integrity failures raise `IntegrityError` and are reported to
 `on_integrity_error` (logged, and handed to the audit trail when one is
-attached), so a reader gets an error and never altered bytes.
+attached), so a reader gets an error and never altered bytes. An object whose
+data key no key here unwraps, as after its owners were shredded, raises
+`DataKeyUnavailableError` and is logged as a warning instead: its content was
+destroyed on purpose, not altered.
 """
 
 from __future__ import annotations
@@ -88,6 +91,10 @@ def log_integrity_error(error: IntegrityError) -> None:
     log.error("storage integrity error", path=error.path, reason=error.reason)
 
 
+def log_data_key_unavailable(error: DataKeyUnavailableError) -> None:
+    log.warning("object data key unavailable", path=error.path, reason=error.reason)
+
+
 class EncryptedDriver(StorageDriver):
     """Encrypts objects of `inner` with AES-256-GCM in fixed-size segments."""
 
@@ -135,8 +142,8 @@ class EncryptedDriver(StorageDriver):
         if self.custody is not None:
             try:
                 data_key = await self.custody.unwrap(path, header.object_id)
-            except IntegrityError as error:
-                self.on_integrity_error(error)
+            except DataKeyUnavailableError as error:
+                log_data_key_unavailable(error)
                 raise
             if data_key is not None:
                 return data_key
@@ -165,7 +172,7 @@ class EncryptedDriver(StorageDriver):
                 "no owner key wraps its data key (every owner's key was destroyed, "
                 "or its wraps were lost) and it has no envelope",
             )
-            self.on_integrity_error(error)
+            log_data_key_unavailable(error)
             raise error from None
         return Envelope.from_bytes(stored)
 
