@@ -29,6 +29,7 @@ from moorage.db.schema import utcnow
 from moorage.logs import flush_logs
 from moorage.services import Services, open_services
 from moorage.storage.encryption.background import start_background_encryption
+from moorage.storage.encryption.setup import keys_inside_data_dir
 from moorage.zerocopy import ZeroCopyProtocol
 
 log = structlog.get_logger(__name__)
@@ -43,6 +44,21 @@ def run(settings: Settings, console: Console) -> None:
         run_workers(settings, console)
     else:
         run_on_uvloop(run_server(settings, console))
+
+
+def warn_when_keys_sit_with_data(settings: Settings) -> None:
+    """Log a warning when the key files are inside the data directory.
+
+    Only the server logs it (and `moorage key status` prints it), so that other
+    commands do not repeat it on every run.
+    """
+    if keys_inside_data_dir(settings):
+        log.warning(
+            "encryption keys are stored inside the data directory, so a copy of "
+            "that directory can be decrypted; set encryption_key_dir to another "
+            "disk, or use the env or pkcs11 key source",
+            key_dir=str(settings.resolved_key_dir.resolve()),
+        )
 
 
 # glibc's mallopt parameter for the number of memory arenas.

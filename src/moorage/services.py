@@ -18,6 +18,7 @@ from moorage.config import Settings
 from moorage.db.audit_store import AuditStore
 from moorage.db.engine import create_engine, migrate
 from moorage.db.identity_store import IdentityStore
+from moorage.db.key_store import KeyStore
 from moorage.db.login_failure_store import LoginFailureStore
 from moorage.db.refresh_token_store import RefreshTokenStore
 from moorage.db.registry_store import RegistryStore
@@ -74,7 +75,9 @@ async def open_services(settings: Settings, *, migrate_schema: bool = True) -> S
     if migrate_schema:
         await migrate(engine)
     identity = IdentityStore(engine)
-    driver = encrypting_layer(FilesystemDriver(settings.resolved_storage_dir), settings)
+    driver = await encrypting_layer(
+        FilesystemDriver(settings.resolved_storage_dir), settings, KeyStore(engine)
+    )
     attach_owner_keys(engine, driver)
     codec = await database_codec(engine, driver)
     identity.codec = codec

@@ -16,6 +16,7 @@ import asyncio
 import datetime
 import ipaddress
 import os
+import re
 import signal
 import ssl
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import idna
 import structlog
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -30,12 +32,19 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from moorage.errors import MoorageError
+
 log = structlog.get_logger(__name__)
 
 TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!eNULL"
 HSTS_VALUE = b"max-age=31536000"
 CA_DAYS = 3650
 SERVER_DAYS = 397
+# X.509 caps a common name at 64 characters (RFC 5280, ub-common-name); a longer
+# DNS name goes into the subject alternative name only.
+MAX_COMMON_NAME = 64
+MAX_DNS_NAME = 253
+_DNS_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 
 ASGIApp = Callable[
     [MutableMapping[str, Any], Callable[..., Awaitable[Any]], Callable[..., Any]],
@@ -57,11 +66,54 @@ def server_context(
     context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
     context.options |= ssl.OP_NO_RENEGOTIATION
     context.set_alpn_protocols(["http/1.1"])
-    context.load_cert_chain(cert_file, key_file)
+    _check_readable(cert_file, "TLS certificate")
+    _check_readable(key_file, "TLS private key")
+    try:
+        context.load_cert_chain(cert_file, key_file)
+    except ssl.SSLError as error:
+        raise TlsSetupError(_load_failure(cert_file, key_file, error)) from None
     if client_ca is not None:
-        context.load_verify_locations(client_ca)
+        _check_readable(client_ca, "client CA certificate")
+        try:
+            context.load_verify_locations(client_ca)
+        except ssl.SSLError as error:
+            raise TlsSetupError(
+                f"client CA certificate {client_ca} does not load: "
+                f"{error.reason or error}; give a PEM file of CA certificates"
+            ) from None
         context.verify_mode = ssl.CERT_OPTIONAL
     return context
+
+
+class TlsSetupError(MoorageError):
+    """A TLS file cannot be read or used, or a name cannot go into a certificate."""
+
+
+def _check_readable(path: Path, what: str) -> None:
+    """Raise TlsSetupError naming `path` when it cannot be opened for reading.
+
+    OpenSSL's own error for a missing file names neither the file nor the option.
+    """
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as error:
+        raise TlsSetupError(
+            f"cannot read {what} {path}: {error.strerror or error}"
+        ) from None
+
+
+def _load_failure(cert_file: Path, key_file: Path, error: ssl.SSLError) -> str:
+    if error.reason == "KEY_VALUES_MISMATCH":
+        return (
+            f"TLS private key {key_file} does not belong to the certificate "
+            f"{cert_file}; give the key the certificate was issued for"
+        )
+    return (
+        f"TLS certificate {cert_file} and key {key_file} do not load: "
+        f"{error.reason or error}; give a PEM certificate (chain) and its "
+        "unencrypted PEM private key"
+    )
 
 
 class ClientCertificateProtocol(HttpToolsProtocol):
@@ -185,19 +237,80 @@ class CreatedCertificates:
     server_cert: Path
     server_key: Path
 
+    def as_tuple(self) -> tuple[Path, Path, Path, Path]:
+        return (self.ca_cert, self.ca_key, self.server_cert, self.server_key)
 
-def init_private_ca(hostname: str, out: Path) -> CreatedCertificates:
-    """Create a CA and a server certificate for `hostname`, localhost and 127.0.0.1."""
+
+def _output_paths(out: Path) -> CreatedCertificates:
+    return CreatedCertificates(
+        out / "ca.crt", out / "ca.key", out / "server.crt", out / "server.key"
+    )
+
+
+def server_name(hostname: str) -> str:
+    """Return `hostname` as it goes into a certificate; raise TlsSetupError.
+
+    An IP address comes back in its normal form. A DNS name comes back in ASCII:
+    lowercased, with internationalised labels as IDNA 2008 A-labels (`xn--...`),
+    each label 1 to 63 letters, digits or inner hyphens.
+    """
+    if not hostname:
+        raise TlsSetupError(
+            "the hostname is empty; give the name clients use to reach the "
+            "registry, such as registry.example.com"
+        )
+    try:
+        return str(ipaddress.ip_address(hostname))
+    except ValueError:
+        pass
+    try:
+        name = idna.encode(hostname, uts46=True).decode("ascii")
+    except idna.IDNAError as error:
+        raise TlsSetupError(
+            f"invalid hostname {hostname!r}: {error}; give a DNS name such as "
+            "registry.example.com or an IP address"
+        ) from None
+    labels = name.split(".")
+    if len(name) > MAX_DNS_NAME or not all(_DNS_LABEL.fullmatch(x) for x in labels):
+        raise TlsSetupError(
+            f"invalid hostname {hostname!r}: a DNS name has at most {MAX_DNS_NAME} "
+            "characters, in dot-separated labels of 1 to 63 letters, digits and "
+            "hyphens, with no hyphen at either end of a label and no trailing dot"
+        )
+    return name
+
+
+def existing_outputs(out: Path) -> list[Path]:
+    """Return the files `init_private_ca` would overwrite in `out`."""
+    return [path for path in _output_paths(out).as_tuple() if path.exists()]
+
+
+def init_private_ca(
+    hostname: str, out: Path, *, force: bool = False
+) -> CreatedCertificates:
+    """Create a CA and a server certificate for `hostname`, localhost and 127.0.0.1.
+
+    Raises TlsSetupError when `hostname` is invalid, or when one of the files
+    exists already and `force` is false: a new CA key would break every client
+    that trusts the old CA and every client certificate it signed.
+    """
+    name = server_name(hostname)
+    existing = existing_outputs(out)
+    if existing and not force:
+        listed = ", ".join(str(path) for path in existing)
+        raise TlsSetupError(
+            f"not replacing the existing files {listed}: a new CA would break "
+            "every client that trusts the old one and every client certificate "
+            "it signed. Use another --out, or pass --force to replace them"
+        )
     out.mkdir(parents=True, exist_ok=True)
     now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_cert = _ca_certificate(ca_key, now)
     server_key = ec.generate_private_key(ec.SECP256R1())
-    server_cert = _server_certificate(hostname, server_key, ca_cert, ca_key, now)
+    server_cert = _server_certificate(name, server_key, ca_cert, ca_key, now)
 
-    created = CreatedCertificates(
-        out / "ca.crt", out / "ca.key", out / "server.crt", out / "server.key"
-    )
+    created = _output_paths(out)
     _write_private(created.ca_key, _key_pem(ca_key))
     created.ca_cert.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
     _write_private(created.server_key, _key_pem(server_key))
@@ -230,7 +343,10 @@ def _server_certificate(
     ca_key: ec.EllipticCurvePrivateKey,
     now: datetime.datetime,
 ) -> x509.Certificate:
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
+    attributes = []
+    if len(hostname) <= MAX_COMMON_NAME:
+        attributes.append(x509.NameAttribute(NameOID.COMMON_NAME, hostname))
+    name = x509.Name(attributes)
     return (
         _builder(name, ca_cert.subject, server_key.public_key(), now, SERVER_DAYS)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), True)
@@ -239,7 +355,9 @@ def _server_certificate(
             x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
         )
         .add_extension(
-            x509.SubjectAlternativeName(_alternative_names(hostname)), critical=False
+            x509.SubjectAlternativeName(_alternative_names(hostname)),
+            # RFC 5280 requires a critical SAN when the subject is empty.
+            critical=not attributes,
         )
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
@@ -254,11 +372,17 @@ def issue_client_certificate(ca_dir: Path, login: str, out: Path) -> Path:
 
     Writes `<login>.cert` and `<login>.key`, the pair of names that docker,
     podman and skopeo look for in a certificates directory; returns the first.
+    Raises TlsSetupError when those files would land outside `out` or the CA
+    files do not load. The caller checks that `login` is a valid login.
     """
-    ca_cert = x509.load_pem_x509_certificate((ca_dir / "ca.crt").read_bytes())
-    ca_key = serialization.load_pem_private_key((ca_dir / "ca.key").read_bytes(), None)
-    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
-        raise ValueError(f"{ca_dir / 'ca.key'} is not the EC key that tls init writes")
+    cert_path = out / f"{login}.cert"
+    key_path = out / f"{login}.key"
+    for path in (cert_path, key_path):
+        if path.resolve().parent != out.resolve():
+            raise TlsSetupError(
+                f"login {login!r} would write {path.resolve()} outside {out}"
+            )
+    ca_cert, ca_key = _load_ca(ca_dir)
     now = datetime.datetime.now(datetime.UTC)
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, login)])
@@ -272,15 +396,38 @@ def issue_client_certificate(ca_dir: Path, login: str, out: Path) -> Path:
         .sign(ca_key, hashes.SHA256())
     )
     out.mkdir(parents=True, exist_ok=True)
-    _write_private(out / f"{login}.key", _key_pem(key))
-    cert_path = out / f"{login}.cert"
+    _write_private(key_path, _key_pem(key))
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return cert_path
 
 
+def _load_ca(ca_dir: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    cert_file, key_file = ca_dir / "ca.crt", ca_dir / "ca.key"
+    _check_readable(cert_file, "CA certificate")
+    _check_readable(key_file, "CA private key")
+    try:
+        ca_cert = x509.load_pem_x509_certificate(cert_file.read_bytes())
+        ca_key = serialization.load_pem_private_key(key_file.read_bytes(), None)
+    except (ValueError, TypeError) as error:
+        raise TlsSetupError(
+            f"the CA in {ca_dir} does not load: {error}; give the --ca-dir that "
+            "`moorage tls init` wrote"
+        ) from None
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
+        raise TlsSetupError(f"{key_file} is not the EC key that tls init writes")
+    return ca_cert, ca_key
+
+
 def trust_instructions(hostname: str, port: int, ca_cert: Path) -> str:
-    """Explain how docker, podman and containerd trust the private CA."""
-    host = f"{hostname}:{port}"
+    """Explain how docker, podman and containerd trust the private CA.
+
+    The text contains TOML tables in brackets, so print it without markup.
+    """
+    try:
+        bracketed = ipaddress.ip_address(hostname).version == 6
+    except ValueError:
+        bracketed = False
+    host = f"[{hostname}]:{port}" if bracketed else f"{hostname}:{port}"
     return f"""\
 Trust the CA on each client machine (as root):
 

@@ -24,6 +24,7 @@ from rich.console import Console
 
 from moorage import admin
 from moorage.config import Settings
+from moorage.errors import MoorageError
 from moorage.logs import flush_logs
 from moorage.server import _announce_admin, run_on_uvloop, run_server
 from moorage.services import open_services
@@ -80,6 +81,10 @@ def _prepare_in_child(settings: Settings, console: Console) -> None:
         status = 0
         try:
             run_on_uvloop(_prepare(settings, console))
+        except MoorageError as error:
+            # A set-up problem for the operator to fix, such as missing keys.
+            print(f"error: {error.message}", file=sys.stderr)
+            status = 1
         except BaseException:
             log.exception("preparing the database failed")
             status = 1

@@ -276,8 +276,7 @@ def client_with_cert(
 def test_client_certificate_logs_in(mtls_server: ServerProcess, tmp_path: Path) -> None:
     """A certificate whose CN is a login gets a token for that account at /token."""
     login, _ = mtls_server.add_user(MTLS_CUSTOMER, "writer")
-    assert mtls_server.ca_file is not None
-    cert = issue_client_cert(mtls_server.ca_file.parent, login, tmp_path)
+    cert = issue_client_cert(mtls_server, login, tmp_path)
     with client_with_cert(mtls_server, cert) as client:
         token = client.get("/token", params={"service": "moorage"})
         assert token.status_code == 200, token.text
@@ -293,14 +292,16 @@ def test_required_certificate_rejects_password_alone(
     """For a customer that requires mTLS, a right password without its cert fails."""
     login, password = mtls_server.add_user(MTLS_CUSTOMER, "reader")
     other, _ = mtls_server.add_user(MTLS_CUSTOMER, "reader")
-    assert mtls_server.ca_file is not None
-    certs = mtls_server.ca_file.parent
     with client_with_cert(mtls_server, None) as client:
         assert client.get("/v2/", auth=(login, password)).status_code == 401
         assert client.get("/token", auth=(login, password)).status_code == 401
-    with client_with_cert(mtls_server, issue_client_cert(certs, other, tmp_path)) as c:
+    with client_with_cert(
+        mtls_server, issue_client_cert(mtls_server, other, tmp_path)
+    ) as c:
         assert c.get("/v2/", auth=(login, password)).status_code == 401
-    with client_with_cert(mtls_server, issue_client_cert(certs, login, tmp_path)) as c:
+    with client_with_cert(
+        mtls_server, issue_client_cert(mtls_server, login, tmp_path)
+    ) as c:
         assert c.get("/v2/", auth=(login, password)).status_code == 200
 
 
@@ -319,8 +320,7 @@ def test_skopeo_pushes_with_client_certificate(
     """skopeo pushes with only a client certificate in its --cert-dir, no password."""
     login, _ = mtls_server.add_user(MTLS_CUSTOMER, "writer")
     cert_dir = client_cert_dir(mtls_server, tmp_path / "certs")
-    assert mtls_server.ca_file is not None
-    issue_client_cert(mtls_server.ca_file.parent, login, cert_dir)
+    issue_client_cert(mtls_server, login, cert_dir)
     layout = OciLayout(tmp_path / "image")
     busybox_image(layout, "v1")
     target = f"docker://{mtls_server.address}/{MTLS_CUSTOMER}/busybox:v1"

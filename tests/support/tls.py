@@ -45,8 +45,12 @@ def client_cert_dir(server: ServerProcess, out: Path) -> Path:
     return out
 
 
-def issue_client_cert(certs: Path, login: str, out: Path) -> tuple[Path, Path]:
-    """Run `moorage tls client-cert` and return the certificate and key paths."""
+def issue_client_cert(
+    server: ServerProcess, login: str, out: Path
+) -> tuple[Path, Path]:
+    """Run `moorage tls client-cert` with the server's CA and installation, which
+    must have an account `login`; return the certificate and key paths."""
+    assert server.ca_file is not None
     subprocess.run(
         [
             sys.executable,
@@ -56,10 +60,11 @@ def issue_client_cert(certs: Path, login: str, out: Path) -> tuple[Path, Path]:
             "client-cert",
             login,
             "--ca-dir",
-            str(certs),
+            str(server.ca_file.parent),
             "--out",
             str(out),
         ],
+        env=server.environment(),
         check=True,
         capture_output=True,
     )

@@ -211,13 +211,24 @@ def serve(
     ] = None,
 ) -> None:
     """Run the registry. The first start initialises the data directory."""
-    from moorage.server import run
+    from moorage import tls
+    from moorage.server import run, warn_when_keys_sit_with_data
 
     settings = _settings(
         data_dir=data_dir, host=host, port=port, tls_cert=tls_cert, tls_key=tls_key
     )
     configure_logging(settings.log_level, settings.log_format)
-    run(settings, console)
+    try:
+        # Checked before the first start creates the data directory and admin.
+        if settings.tls_cert is not None and settings.tls_key is not None:
+            tls.server_context(
+                settings.tls_cert, settings.tls_key, settings.tls_client_ca
+            )
+        warn_when_keys_sit_with_data(settings)
+        run(settings, console)
+    except MoorageError as error:
+        _print_error(error)
+        raise typer.Exit(1) from None
 
 
 def _parse_date(value: str | None) -> datetime | None:
@@ -386,26 +397,59 @@ def config_reference() -> None:
 
 @tls_app.command("init")
 def tls_init(
-    hostname: Annotated[str, typer.Option(help="Name clients use for the registry.")],
+    hostname: Annotated[
+        str,
+        typer.Option(
+            help="DNS name or IP address clients use for the registry; an "
+            "internationalised name is written in its xn-- (IDNA) form."
+        ),
+    ],
     out: Annotated[Path, typer.Option(help="Directory for the files.")] = Path("tls"),
     port: Annotated[int, typer.Option(help="Port, for the instructions.")] = 5000,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="Replace existing files in --out. Clients that trust the old CA, "
+            "and client certificates it signed, stop working.",
+        ),
+    ] = False,
 ) -> None:
-    """Create a private CA and a server certificate for a quick start."""
+    """Create a private CA and a server certificate for a quick start.
+
+    Exits with an error instead of overwriting existing files, unless --force.
+    """
     from moorage import tls
 
-    created = tls.init_private_ca(hostname, out)
-    console.print(
+    try:
+        name = tls.server_name(hostname)
+        created = tls.init_private_ca(name, out, force=force)
+    except MoorageError as error:
+        _print_error(error)
+        raise typer.Exit(1) from None
+    if name != hostname:
+        _print_plain(f"{hostname} is written as {name} in the certificate.\n")
+    _print_plain(
         f"created {created.ca_cert} (the CA clients trust), {created.server_cert} and "
         f"{created.server_key}.\nKeep {created.ca_key} offline; it signs "
         "certificates.\n\nServe with:\n"
         f"  moorage serve --tls-cert {created.server_cert} "
-        f"--tls-key {created.server_key}\n",
-        highlight=False,
+        f"--tls-key {created.server_key}\n"
     )
-    console.print(
-        tls.trust_instructions(hostname, port, created.ca_cert.resolve()),
-        highlight=False,
-    )
+    _print_plain(tls.trust_instructions(name, port, created.ca_cert.resolve()))
+
+
+def _print_plain(text: str) -> None:
+    """Print text as it is: no markup, no highlighting, and no wrapping at the
+    terminal width, so that commands in it can be copied whole."""
+    console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+
+KEYS_WITH_DATA = (
+    "encryption keys are stored inside the data directory, so a copy of that "
+    "directory can be decrypted; set encryption_key_dir to another disk, or use "
+    "the env or pkcs11 key source"
+)
 
 
 def _encrypted_driver(services: Services) -> EncryptedDriver:
@@ -424,22 +468,79 @@ def tls_client_cert(
         Path, typer.Option(help="Directory with ca.crt and ca.key from tls init.")
     ] = Path("tls"),
     out: Annotated[Path, typer.Option(help="Directory for the files.")] = Path("."),
+    skip_account_check: Annotated[
+        bool,
+        typer.Option(
+            "--skip-account-check",
+            help="Do not open the database to check that the account exists, for "
+            "a CA kept on a machine without access to the installation. The "
+            "login's syntax is still checked.",
+        ),
+    ] = False,
+    data_dir: DataDirOption = None,
 ) -> None:
-    """Issue a client certificate for mutual TLS, signed by the private CA."""
+    """Issue a client certificate for mutual TLS, signed by the private CA.
+
+    Rejects a login that no account of the installation has (see
+    --skip-account-check), because such a certificate would log in as whoever
+    gets that login later.
+    """
     from moorage import tls
 
-    cert = tls.issue_client_certificate(ca_dir, login, out)
-    console.print(
+    try:
+        _check_login_syntax(login)
+    except MoorageError as error:
+        _print_error(error)
+        raise typer.Exit(1) from None
+    if not skip_account_check:
+        settings = _settings(data_dir=data_dir)
+        if not settings.data_dir.is_dir():
+            errors.print(
+                f"[red]error:[/red] data directory {settings.data_dir.resolve()} "
+                f"does not exist, so account {login} cannot be checked; pass "
+                "--data-dir or set MOORAGE_DATA_DIR, or pass --skip-account-check",
+                highlight=False,
+                soft_wrap=True,
+            )
+            raise typer.Exit(2)
+        _run(settings, lambda services: _require_account(services, login))
+    try:
+        cert = tls.issue_client_certificate(ca_dir, login, out)
+    except MoorageError as error:
+        _print_error(error)
+        raise typer.Exit(1) from None
+    _print_plain(
         f"created {cert} and {cert.with_suffix('.key')}. Put both, with the "
         "server's ca.crt, in the client's certificates directory "
-        "(/etc/containers/certs.d/HOST:PORT/ or --cert-dir).",
-        highlight=False,
+        "(/etc/containers/certs.d/HOST:PORT/ or --cert-dir)."
     )
+
+
+def _check_login_syntax(login: str) -> None:
+    """Raise InvalidInputError unless `login` is a valid user or robot login."""
+    customer, separator, robot = login.partition("+")
+    if separator:
+        admin.robot_login(admin.validate_slug(customer), robot)
+    else:
+        admin.validate_login(login)
+
+
+async def _require_account(services: Services, login: str) -> None:
+    if await services.identity.find_account(login) is None:
+        raise MoorageError(
+            f"no account has the login {login!r}; add the user or robot first, or "
+            "pass --skip-account-check to issue the certificate anyway"
+        )
 
 
 @key_app.command("status")
 def key_status(data_dir: DataDirOption = None) -> None:
     """List key-encryption keys and how many data keys each one wraps."""
+    from moorage.storage.encryption.setup import keys_inside_data_dir
+
+    settings = _settings(data_dir=data_dir)
+    if keys_inside_data_dir(settings):
+        errors.print(f"warning: {KEYS_WITH_DATA}", highlight=False, soft_wrap=True)
 
     async def action(services: Services) -> None:
         driver = _encrypted_driver(services)
@@ -458,7 +559,7 @@ def key_status(data_dir: DataDirOption = None) -> None:
                 owners.add_row(owner, str(count))
             console.print(owners)
 
-    _run(_settings(data_dir=data_dir), action)
+    _run(settings, action)
 
 
 @key_app.command("rotate")

@@ -12,7 +12,12 @@ from moorage.storage.drivers.base import StorageDriver
 from moorage.storage.encryption.custody import DataKeyCustody, OwnerKeys
 from moorage.storage.encryption.database import DatabaseCipher, open_database_cipher
 from moorage.storage.encryption.driver import EncryptedDriver
-from moorage.storage.encryption.keys import EnvKeyring, FileKeyring, Keyring
+from moorage.storage.encryption.keys import (
+    EnvKeyring,
+    FileKeyring,
+    KeyManagementError,
+    Keyring,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -41,17 +46,58 @@ def open_keyring(settings: Settings) -> Keyring | None:
     return keyring
 
 
-def encrypting_layer(inner: StorageDriver, settings: Settings) -> StorageDriver:
-    """Wrap `inner` so it encrypts new objects (when enabled) and reads old ones."""
+class MissingKeysError(KeyManagementError):
+    """The database contains keys wrapped by key-encryption keys that are missing."""
+
+    def __init__(self, key_ids: list[str], settings: Settings) -> None:
+        where, remedy = _key_source_help(settings)
+        super().__init__(
+            f"key-encryption key {', '.join(key_ids)} not found in {where}, but the "
+            f"database holds keys wrapped by it; {remedy}. No new key was created"
+        )
+        self.key_ids = key_ids
+
+
+def _key_source_help(settings: Settings) -> tuple[str, str]:
+    """Return where the configured source looks for keys, and how to restore one."""
+    source = settings.encryption_key_source
+    if source == "env":
+        return (
+            "MOORAGE_ENCRYPTION_KEY or MOORAGE_ENCRYPTION_PREVIOUS_KEYS",
+            "set one of them to the key from the backup of this installation",
+        )
+    if source == "pkcs11":
+        return (
+            f"PKCS#11 token {settings.pkcs11_token!r}",
+            "restore the key to the token from the module's backup",
+        )
+    return (
+        f"the key directory {settings.resolved_key_dir.resolve()}",
+        "restore its key files from the backup of this installation, or set "
+        "encryption_key_dir to where they are",
+    )
+
+
+async def encrypting_layer(
+    inner: StorageDriver, settings: Settings, sealed: KeyStore
+) -> StorageDriver:
+    """Wrap `inner` so it encrypts new objects (when enabled) and reads old ones.
+
+    Raises MissingKeysError, before any key is created, when the database
+    contains keys wrapped by key-encryption keys that the keyring lacks: a data
+    directory restored without its keys.
+    """
     keyring = open_keyring(settings)
+    stored = {key.key_id for key in await sealed.list()}
+    missing = sorted(stored - set(keyring.key_ids() if keyring else []))
+    if missing:
+        raise MissingKeysError(missing, settings)
     if keyring is None:
         return inner
     if settings.encryption:
         # Fails early on a missing or unusable key; a new installation gets its
         # first key here.
         log.debug("key-encryption key ready", key_id=keyring.active().key_id)
-        if isinstance(keyring, FileKeyring):
-            _warn_when_keys_sit_with_data(settings)
     return EncryptedDriver(inner, keyring, encrypt_new=settings.encryption)
 
 
@@ -74,13 +120,11 @@ async def database_codec(
     )
 
 
-def _warn_when_keys_sit_with_data(settings: Settings) -> None:
+def keys_inside_data_dir(settings: Settings) -> bool:
+    """Return whether new data is encrypted under key files in the data directory,
+    so that a copy of that directory can be decrypted."""
+    if not settings.encryption or settings.encryption_key_source != "file":
+        return False
     key_dir = settings.resolved_key_dir.resolve()
     data_dir = settings.data_dir.resolve()
-    if key_dir == data_dir or data_dir in key_dir.parents:
-        log.warning(
-            "encryption keys are stored inside the data directory, so a copy of "
-            "that directory can be decrypted; set encryption_key_dir to another "
-            "disk, or use the env or pkcs11 key source",
-            key_dir=str(key_dir),
-        )
+    return key_dir == data_dir or data_dir in key_dir.parents

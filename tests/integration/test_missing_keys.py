@@ -1,0 +1,149 @@
+"""A data directory restored without its key-encryption keys: `moorage serve` and
+the other commands stop with one line naming the missing keys, and create no
+new key."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.support.database import create_database, drop_database
+from tests.support.server import ADMIN_LOGIN, ADMIN_PASSWORD, ServerProcess, unique
+
+BLOB = b"restored-without-keys-" * 1000
+DIGEST = "sha256:" + hashlib.sha256(BLOB).hexdigest()
+
+
+@pytest.fixture
+def stopped_server(tmp_path: Path) -> Iterator[tuple[ServerProcess, str]]:
+    """A registry that stored one blob and was stopped; yields it and the blob's
+    repository."""
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    server = ServerProcess(data_dir=data_dir, database_url=create_database(data_dir))
+    repository = f"products/{unique('restore')}"
+    server.start()
+    try:
+        with httpx.Client(
+            base_url=server.url, auth=(ADMIN_LOGIN, ADMIN_PASSWORD), timeout=30
+        ) as client:
+            response = client.post(
+                f"/v2/{repository}/blobs/uploads/",
+                params={"digest": DIGEST},
+                content=BLOB,
+            )
+            assert response.status_code == 201, response.text
+    finally:
+        server.stop()
+    yield server, repository
+    server.stop()
+    drop_database(server.database_url)
+
+
+def moorage(server: ServerProcess, *arguments: str) -> subprocess.CompletedProcess[str]:
+    env = server.environment()
+    return subprocess.run(
+        [sys.executable, "-m", "moorage", *arguments],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def error_lines(result: subprocess.CompletedProcess[str]) -> list[str]:
+    """Return stderr without the JSON log lines the server writes."""
+    return [line for line in result.stderr.splitlines() if not line.startswith("{")]
+
+
+def test_serve_without_key_directory(
+    stopped_server: tuple[ServerProcess, str],
+) -> None:
+    """Without `keys/`, serve names the missing key and where it looked, and
+    creates no key; with the directory back, the blob pulls again."""
+    server, repository = stopped_server
+    keys = server.data_dir / "keys"
+    key_id = (keys / "active").read_text().strip()
+    backup = server.data_dir.parent / "keys-backup"
+    shutil.move(keys, backup)
+
+    result = moorage(server, "serve", "--port", str(server.port))
+
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = error_lines(result)
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ")
+    assert key_id in lines[0]
+    assert str(keys) in lines[0]
+    assert not keys.exists()
+
+    shutil.move(backup, keys)
+    server.start()
+    response = httpx.get(
+        f"{server.url}/v2/{repository}/blobs/{DIGEST}",
+        auth=(ADMIN_LOGIN, ADMIN_PASSWORD),
+    )
+    assert response.status_code == 200
+    assert response.content == BLOB
+
+
+def test_command_without_key_directory(
+    stopped_server: tuple[ServerProcess, str],
+) -> None:
+    """Other commands stop with the same one line and create no key either."""
+    server, _ = stopped_server
+    keys = server.data_dir / "keys"
+    key_id = (keys / "active").read_text().strip()
+    shutil.rmtree(keys)
+
+    result = moorage(server, "customer", "list")
+
+    assert result.returncode == 1, result.stderr
+    lines = error_lines(result)
+    assert len(lines) == 1, result.stderr
+    assert key_id in lines[0]
+    assert not keys.exists()
+
+
+def test_serve_with_other_environment_key(tmp_path: Path) -> None:
+    """With the env key source, a different MOORAGE_ENCRYPTION_KEY is named as
+    the wrong source and no data is written under it."""
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    first = base64.b64encode(os.urandom(32)).decode()
+    server = ServerProcess(
+        data_dir=data_dir,
+        database_url=create_database(data_dir),
+        extra_env={
+            "MOORAGE_ENCRYPTION_KEY_SOURCE": "env",
+            "MOORAGE_ENCRYPTION_KEY": first,
+        },
+    )
+    try:
+        server.start()
+        server.stop()
+        server.extra_env["MOORAGE_ENCRYPTION_KEY"] = base64.b64encode(
+            os.urandom(32)
+        ).decode()
+
+        result = moorage(server, "serve", "--port", str(server.port))
+
+        assert result.returncode == 1, result.stderr
+        lines = error_lines(result)
+        assert len(lines) == 1, result.stderr
+        assert "env-" in lines[0]
+        assert "MOORAGE_ENCRYPTION_KEY" in lines[0]
+    finally:
+        server.stop()
+        drop_database(server.database_url)
