@@ -45,7 +45,7 @@ def test_database_error_one_line(cli: Cli) -> None:
     completed = run_moorage(cli, "grant", "add", "acme", "products/*", "reader")
     assert completed.returncode == 1
     assert "Traceback" not in completed.stderr
-    # Other lines are the warnings of the set-up (keys inside the data directory).
+    # Other lines are JSON log lines written while the services open.
     lines = [line for line in completed.stderr.splitlines() if '"level"' not in line]
     assert len(lines) == 1, completed.stderr
     assert lines[0].startswith("error: database error: ")
