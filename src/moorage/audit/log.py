@@ -570,6 +570,9 @@ class DatabaseAuditLog:
             reference=file_id,
             reason=f"added {len(events)} events saved at shutdown to {path.name}",
         )
+        # NOTE: unlike the writer, an import does not replace an event that the
+        # database rejects: the file stays in place until it is fixed by hand,
+        # because its events and marker must commit in one transaction.
         stored = await self.store.append([*events, marker])
         await self._publish_logged(stored)
         await asyncio.to_thread(path.unlink)

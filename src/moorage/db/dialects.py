@@ -87,7 +87,7 @@ def is_data_error(error: BaseException) -> bool:
     values bound to it, rather than failing as a whole (lost connection, lock).
 
     PostgreSQL reports such values with an SQLSTATE of class 22 ("data
-    exception"); asyncpg uses 22000 as well for a value it cannot encode, such
+    exception"). asyncpg 0.32 reports 22000 for a value it cannot encode, such
     as an int out of range. The SQLite driver raises OverflowError or
     UnicodeEncodeError before the statement runs, or sqlite3.DataError.
     """
