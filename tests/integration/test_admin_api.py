@@ -640,13 +640,29 @@ def test_grant_until_future_and_utc(as_owner: httpx.Client, acme: str) -> None:
     assert listed[0]["until"] == created.json()["until"]
 
 
-def test_oversized_ids_not_found(as_owner: httpx.Client, acme: str) -> None:
-    """An id past the 64-bit range of the database gets 404, not 500."""
-    huge = "9" * 23
+# Past the 32-bit id columns of PostgreSQL, and past 64 bits.
+OVERSIZED_IDS = [str(2**31), str(2**63 - 1), "9" * 23]
+
+
+@pytest.mark.parametrize("huge", OVERSIZED_IDS)
+def test_oversized_ids_not_found(as_owner: httpx.Client, acme: str, huge: str) -> None:
+    """An id past the range of the id column gets 404, not 500."""
     grant = error_of(as_owner.delete(f"/customers/{acme}/grants/{huge}"), 404)
     assert grant["code"] == "NOT_FOUND"
     token = error_of(as_owner.delete(f"/me/tokens/{huge}"), 404)
     assert token["code"] == "NOT_FOUND"
+
+
+@pytest.mark.parametrize("huge", [*OVERSIZED_IDS, "\u00b2"])
+def test_personal_token_oversized_id_rejected(server: ServerProcess, huge: str) -> None:
+    """A personal access token whose id part no row can have is a failed login
+    (401) on the registry and the token endpoint, not a 500."""
+    token = f"moorage_pat_{huge}_abcdefghijklmnopqrstuvwxyzABCDEF"
+    # A login name of its own for each request, so that no name reaches the
+    # failed-login limit.
+    assert registry_status(server, (unique("pete"), token)) == 401
+    response = httpx.get(f"{server.url}/token", auth=(unique("pete"), token))
+    assert response.status_code == 401, response.text
 
 
 def test_registry_bearer_token_rejected(
