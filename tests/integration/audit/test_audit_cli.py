@@ -69,6 +69,42 @@ def test_list_filters(server: ServerProcess) -> None:
     assert len(listed("--customer", customer, "--since", "2000-01-01")) >= 6
 
 
+def test_list_rejects_unknown_outcome(server: ServerProcess) -> None:
+    """An outcome no event can have is a one-line usage error, not an empty table."""
+    completed = subprocess.run(
+        [sys.executable, "-m", "moorage", "audit", "list", "--outcome", "maybe"],
+        env=server.environment(),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert completed.returncode == 2
+    # Other lines are the warnings of the set-up (keys inside the data directory).
+    lines = [line for line in completed.stderr.splitlines() if '"level"' not in line]
+    assert lines == ["error: invalid outcome 'maybe'; use success, failure, alert"]
+    assert completed.stdout == ""
+
+
+def test_list_table_at_80_columns(server: ServerProcess) -> None:
+    """At 80 columns the table keeps logins and actions whole and fits the width."""
+    _, login = _pulled_customer(server)
+    completed = subprocess.run(
+        [sys.executable, "-m", "moorage", "audit", "list", "--account", login],
+        env={**server.environment(), "COLUMNS": "80"},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr
+    lines = [line for line in completed.stdout.splitlines() if line.strip()]
+    assert lines, "no table printed"
+    assert max(len(line.rstrip()) for line in lines) <= 80
+    for word in ("account", "action", "outcome", "target"):
+        assert word in lines[0]
+    for value in (login, "manifest.push", "manifest.pull", "auth.login", "failure"):
+        assert value in completed.stdout
+
+
 def test_export_formats(server: ServerProcess, tmp_path: Path) -> None:
     """A JSON lines export verifies on its own; CSV has one row per event."""
     customer, _ = _pulled_customer(server)

@@ -43,7 +43,8 @@ def check_text(value: str) -> str:
     for character in value:
         if unicodedata.category(character) in ("Cc", "Cs"):
             raise ValueError(
-                f"contains the control character U+{ord(character):04X}; remove it"
+                f"contains U+{ord(character):04X}, a control character or lone "
+                "surrogate; remove it"
             )
     return value
 
