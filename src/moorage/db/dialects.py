@@ -99,3 +99,13 @@ def is_data_error(error: BaseException) -> bool:
             return True
         return isinstance(error, DataError)
     return isinstance(error, (OverflowError, UnicodeError))
+
+
+def before_nul(text: str) -> str:
+    """Return `text` up to its first NUL, which PostgreSQL cannot compare.
+
+    For a `last` pagination bound the result is the same: names and tags
+    contain no control characters, so the names after "a<NUL>b" are exactly
+    those after "a".
+    """
+    return text.partition("\x00")[0]
