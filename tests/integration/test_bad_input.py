@@ -365,3 +365,16 @@ def test_nul_in_lookups(writer: Account) -> None:
     )
     assert referrers.status_code == 200, referrers.text
     assert referrers.json()["manifests"] == []
+
+
+def test_artifact_type_with_nul_rejected(writer: Account) -> None:
+    """A manifest whose artifactType holds a NUL is invalid (400), where
+    PostgreSQL failed to store it with a 500."""
+    repository = writer.repository()
+    image = make_image("nul-type", artifact_type="application/a\u0000b")
+    for blob in image.blobs:
+        push_blob(writer.client, repository, blob)
+    response = put_manifest(
+        writer.client, repository, "v1", image.manifest, image.media_type
+    )
+    assert_error(response, 400, "MANIFEST_INVALID")
