@@ -60,6 +60,19 @@ def _check_outcome(value: str | None) -> str | None:
     return value
 
 
+# The largest LIMIT both databases take: a signed 64-bit integer.
+MAX_LIMIT = 2**63 - 1
+
+
+def _check_limit(value: int) -> int:
+    if value > MAX_LIMIT:
+        errors.print(
+            f"[red]error:[/red] --limit must be at most {MAX_LIMIT}", soft_wrap=True
+        )
+        raise typer.Exit(2)
+    return value
+
+
 OutcomeOption = Annotated[
     str | None,
     typer.Option(
@@ -110,7 +123,10 @@ def audit_list(
     since: SinceOption = None,
     until: UntilOption = None,
     limit: Annotated[
-        int, typer.Option(min=1, help="Maximum number of events to show.")
+        int,
+        typer.Option(
+            min=1, callback=_check_limit, help="Maximum number of events to show."
+        ),
     ] = 100,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print JSON lines instead of a table.")
@@ -310,7 +326,15 @@ def audit_archive(
     """Move events older than the given age to a file, then delete them."""
     settings = _settings(data_dir=data_dir)
     target = directory or settings.resolved_audit_archive_dir
-    cutoff = utcnow() - timedelta(days=older_than_days)
+    try:
+        cutoff = utcnow() - timedelta(days=older_than_days)
+    except OverflowError:
+        errors.print(
+            f"[red]error:[/red] an age of {older_than_days} days reaches before "
+            "the year 1; use a smaller number",
+            soft_wrap=True,
+        )
+        raise typer.Exit(2) from None
     path = _run(settings, lambda s: s.audit.archive(cutoff, target), atomic=False)
     if path is None:
         console.print("no events old enough to archive")

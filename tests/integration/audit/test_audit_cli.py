@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import httpx
+import pytest
 
 from moorage.db.audit_store import AuditFilter
 from tests.support.audit import wait_for_events
@@ -69,10 +70,31 @@ def test_list_filters(server: ServerProcess) -> None:
     assert len(listed("--customer", customer, "--since", "2000-01-01")) >= 6
 
 
-def test_list_rejects_unknown_outcome(server: ServerProcess) -> None:
-    """An outcome no event can have is a one-line usage error, not an empty table."""
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (
+            ("list", "--outcome", "maybe"),
+            "error: invalid outcome 'maybe'; use success, failure, alert",
+        ),
+        (
+            ("list", "--limit", str(2**63)),
+            f"error: --limit must be at most {2**63 - 1}",
+        ),
+        (
+            ("archive", "--older-than-days", str(10**12)),
+            f"error: an age of {10**12} days reaches before the year 1; use a "
+            "smaller number",
+        ),
+    ],
+)
+def test_usage_errors_one_line(
+    server: ServerProcess, arguments: tuple[str, ...], message: str
+) -> None:
+    """A value out of range is a one-line usage error, not an empty table, a
+    database error or a traceback."""
     completed = subprocess.run(
-        [sys.executable, "-m", "moorage", "audit", "list", "--outcome", "maybe"],
+        [sys.executable, "-m", "moorage", "audit", *arguments],
         env=server.environment(),
         capture_output=True,
         text=True,
@@ -81,7 +103,7 @@ def test_list_rejects_unknown_outcome(server: ServerProcess) -> None:
     assert completed.returncode == 2
     # Other lines are the warnings of the set-up (keys inside the data directory).
     lines = [line for line in completed.stderr.splitlines() if '"level"' not in line]
-    assert lines == ["error: invalid outcome 'maybe'; use success, failure, alert"]
+    assert lines == [message]
     assert completed.stdout == ""
 
 
