@@ -606,7 +606,7 @@ class DatabaseAuditLog:
             result.warnings.append(
                 f"{len(saved)} file(s) of events saved at shutdown are not in the "
                 f"log yet ({names} in {self.pending_dir}); the next server start "
-                "adds them"
+                "adds them, or logs at ERROR why it cannot"
             )
         return result
 
