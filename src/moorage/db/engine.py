@@ -27,6 +27,8 @@ def create_engine(url: str) -> AsyncEngine:
 
     hide_parameters keeps bound values (password hashes, token hashes, names)
     out of the text of database errors, which the server logs.
+    NOTE: asyncpg's own message for a value it cannot encode ("invalid input
+    for query argument $1: <value> ...") still contains that value.
     """
     if url.startswith("sqlite"):
         _restrict_sqlite_file(url)
