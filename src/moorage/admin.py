@@ -44,6 +44,7 @@ from moorage.auth.secrets import (
 from moorage.db.identity_store import AccountRecord, CustomerRecord, IdentityStore
 from moorage.db.login_failure_store import LoginFailureStore
 from moorage.db.refresh_token_store import RefreshTokenRecord, RefreshTokenStore
+from moorage.db.schema import MAX_INTEGER_ID
 from moorage.db.wrap_store import customer_owner
 from moorage.errors import ConflictError, DeniedError, InvalidInputError, NotFoundError
 from moorage.storage.encryption.driver import EncryptedDriver
@@ -60,9 +61,8 @@ _PATTERN_COMPONENT = r"[a-z0-9*]+(?:(?:\.|_|__|-+)[a-z0-9*]+)*"
 _PATTERN = re.compile(rf"{_PATTERN_COMPONENT}(?:/{_PATTERN_COMPONENT})*")
 MAX_PASSWORD_LENGTH = 256
 MIN_DISTINCT_CHARACTERS = 5
-# The largest id a row can have: both databases store ids as signed 64-bit
-# integers and reject a larger parameter with an error instead of no match.
-MAX_ROW_ID = 2**63 - 1
+# The largest id a grant or personal access token can have (see MAX_INTEGER_ID).
+MAX_ROW_ID = MAX_INTEGER_ID
 
 
 @dataclass(frozen=True, slots=True)

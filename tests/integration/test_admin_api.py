@@ -4,6 +4,7 @@ take effect on the next request and every change is an audit event."""
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import subprocess
 import time
@@ -18,8 +19,10 @@ import pytest
 
 from moorage.audit.events import StoredEvent
 from moorage.db.audit_store import AuditFilter
-from tests.support.audit import audit_events, wait_for_events
+from tests.support.audit import audit_events, execute_sql, wait_for_events
+from tests.support.database import backend
 from tests.support.identity import admin_client, bearer, get_token, push_image
+from tests.support.registry import wait_for_request
 from tests.support.server import ADMIN_LOGIN, ADMIN_PASSWORD, ServerProcess, unique
 
 # A password reset and a login run argon2id, which takes seconds on a loaded
@@ -640,13 +643,76 @@ def test_grant_until_future_and_utc(as_owner: httpx.Client, acme: str) -> None:
     assert listed[0]["until"] == created.json()["until"]
 
 
-def test_oversized_ids_not_found(as_owner: httpx.Client, acme: str) -> None:
-    """An id past the 64-bit range of the database gets 404, not 500."""
-    huge = "9" * 23
+# Past the 32-bit id columns of PostgreSQL, and past 64 bits.
+OVERSIZED_IDS = [str(2**31), str(2**63 - 1), "9" * 23]
+
+
+@pytest.mark.parametrize("huge", OVERSIZED_IDS)
+def test_oversized_ids_not_found(as_owner: httpx.Client, acme: str, huge: str) -> None:
+    """An id past the range of the id column gets 404, not 500."""
     grant = error_of(as_owner.delete(f"/customers/{acme}/grants/{huge}"), 404)
     assert grant["code"] == "NOT_FOUND"
     token = error_of(as_owner.delete(f"/me/tokens/{huge}"), 404)
     assert token["code"] == "NOT_FOUND"
+
+
+@pytest.mark.parametrize("control", ["\x00", "\x1b", "\x7f"])
+def test_control_characters_rejected(
+    vendor: httpx.Client,
+    as_owner: httpx.Client,
+    owner: tuple[str, str],
+    acme: str,
+    control: str,
+) -> None:
+    """A control character in any text of a body gets 400 INVALID_INPUT, on
+    PostgreSQL too, where a NUL cannot be stored or looked up."""
+    bad = f"a{control}b"
+    base = f"/customers/{acme}"
+    requests = [
+        (as_owner, "POST", "/me/tokens", {"name": bad, "role": "reader"}),
+        (as_owner, "POST", "/me/tokens", {"name": "n", "repositories": [bad]}),
+        (vendor, "POST", f"{base}/users", {"login": bad}),
+        (vendor, "PUT", f"{base}/users/{owner[0]}/role", {"role": bad}),
+        (vendor, "POST", f"{base}/robots", {"name": bad}),
+        (vendor, "POST", f"{base}/grants", {"pattern": bad, "role": "reader"}),
+        (
+            vendor,
+            "POST",
+            f"{base}/grants",
+            {"pattern": f"{acme}/x", "role": "reader", "account": bad},
+        ),
+    ]
+    for client, method, path, body in requests:
+        response = client.request(method, path, json=body)
+        problem = error_of(response, 400)
+        assert problem["code"] == "INVALID_INPUT", (path, body)
+        assert f"U+{ord(control):04X}" in problem["message"], (path, body)
+
+
+@pytest.mark.parametrize("control", ["%00", "%1B"])
+def test_control_characters_in_path_rejected(
+    vendor: httpx.Client, acme: str, control: str
+) -> None:
+    """A control character in a path parameter gets 400, not 500."""
+    for path in [
+        f"/customers/a{control}b",
+        f"/customers/{acme}/users/a{control}b",
+        f"/customers/{acme}/robots/a{control}b",
+    ]:
+        problem = error_of(vendor.get(path), 400)
+        assert problem["code"] == "INVALID_INPUT", path
+
+
+@pytest.mark.parametrize("huge", [*OVERSIZED_IDS, "\u00b2"])
+def test_personal_token_oversized_id_rejected(server: ServerProcess, huge: str) -> None:
+    """A personal access token whose id part no row can have is a failed login
+    (401) on the registry and the token endpoint, not a 500."""
+    token = f"moorage_pat_{huge}_abcdefghijklmnopqrstuvwxyzABCDEF"
+    # A login name of its own for each request, so that no name reaches the
+    # failed-login limit.
+    assert registry_status(server, (unique("pete"), token)) == 401
+    response = httpx.get(f"{server.url}/token", auth=(unique("pete"), token))
+    assert response.status_code == 401, response.text
 
 
 def test_registry_bearer_token_rejected(
@@ -703,3 +769,38 @@ def test_customer_list_per_caller(
     with api(server, member) as client:
         assert client.get("/customers").json() == []
         error_of(client.get(f"/customers/{acme}"), 403)
+
+
+def _reject_personal_tokens(database_url: str) -> None:
+    """Make the database reject every insert into personal_tokens."""
+    if backend() == "sqlite":
+        statements = [
+            "CREATE TRIGGER reject_tokens BEFORE INSERT ON personal_tokens "
+            "BEGIN SELECT RAISE(ABORT, 'rejected by the test trigger'); END"
+        ]
+    else:
+        statements = [
+            "CREATE FUNCTION reject_tokens() RETURNS trigger LANGUAGE plpgsql "
+            "AS $$ BEGIN RAISE EXCEPTION 'rejected by the test trigger'; END $$",
+            "CREATE TRIGGER reject_tokens BEFORE INSERT ON personal_tokens "
+            "FOR EACH ROW EXECUTE FUNCTION reject_tokens()",
+        ]
+    asyncio.run(execute_sql(database_url, statements))
+
+
+def test_database_error_log_hides_values(fresh_server: ServerProcess) -> None:
+    """The logged database error of a failed insert names no bound value, so
+    the token's HMAC hash and name stay out of the server log."""
+    customer = fresh_server.add_customer()
+    login, password = fresh_server.add_user(customer, "reader")
+    _reject_personal_tokens(fresh_server.database_url)
+    name = unique("bound-value")
+    with api(fresh_server, (login, password)) as client:
+        response = client.post("/me/tokens", json={"name": name, "role": "reader"})
+    assert response.status_code == 500, response.text
+
+    wait_for_request(fresh_server, "/api/v1/me/tokens", 1, "UNKNOWN")
+    log = fresh_server.log()
+    assert "rejected by the test trigger" in log
+    assert "SQL parameters hidden" in log
+    assert name not in log

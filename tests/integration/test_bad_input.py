@@ -22,6 +22,7 @@ from tests.support.registry import (
     logged_requests,
     make_image,
     push_blob,
+    push_image,
     put_manifest,
     raw_request,
     read_stored,
@@ -334,3 +335,46 @@ def test_lost_session_data(server: ServerProcess, writer: Account, method: str) 
     assert_error(response, 404, "BLOB_UPLOAD_UNKNOWN")
     assert_error(writer.client.get(location), 404, "BLOB_UPLOAD_UNKNOWN")
     assert not data_file.parent.exists()
+
+
+def test_nul_in_lookups(writer: Account) -> None:
+    """A NUL (%00) in an upload id, a `last` bound or an artifactType filter
+    gets the response for a value that matches nothing, not a 500 from
+    PostgreSQL, which cannot compare text with a NUL."""
+    repository = writer.repository()
+    push_image(writer.client, repository, make_image("nul"), "v1")
+    zeros = "sha256:" + "0" * 64
+    session = f"/v2/{repository}/blobs/uploads/a%00b"
+    for method, path in [
+        ("GET", session),
+        ("PATCH", session),
+        ("PUT", f"{session}?digest={zeros}"),
+        ("DELETE", session),
+    ]:
+        response = writer.client.request(method, path)
+        assert_error(response, 404, "BLOB_UPLOAD_UNKNOWN")
+
+    tags = writer.client.get(f"/v2/{repository}/tags/list?last=a%00b")
+    assert tags.status_code == 200, tags.text
+    assert tags.json()["tags"] == ["v1"]
+    catalog = writer.client.get(f"/v2/_catalog?last={repository}%00x")
+    assert catalog.status_code == 200, catalog.text
+    assert repository not in catalog.json()["repositories"]
+    referrers = writer.client.get(
+        f"/v2/{repository}/referrers/{zeros}?artifactType=a%00b"
+    )
+    assert referrers.status_code == 200, referrers.text
+    assert referrers.json()["manifests"] == []
+
+
+def test_artifact_type_with_nul_rejected(writer: Account) -> None:
+    """A manifest whose artifactType holds a NUL is invalid (400), where
+    PostgreSQL failed to store it with a 500."""
+    repository = writer.repository()
+    image = make_image("nul-type", artifact_type="application/a\u0000b")
+    for blob in image.blobs:
+        push_blob(writer.client, repository, blob)
+    response = put_manifest(
+        writer.client, repository, "v1", image.manifest, image.media_type
+    )
+    assert_error(response, 400, "MANIFEST_INVALID")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import operator
+import re
 from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, datetime
 from typing import Any
@@ -68,6 +69,8 @@ KEY_REENCRYPT = "key.reencrypt"
 START_SUFFIX = ".start"
 AUDIT_ARCHIVE = "audit.archive"
 AUDIT_IMPORT = "audit.import"
+# Stored in place of an event that the database rejected for its values.
+AUDIT_REJECTED = "audit.rejected"
 # Alerts raised by the detectors in moorage.audit.alerts.
 ALERT_PREFIX = "alert."
 
@@ -116,18 +119,33 @@ _LIMITS = {
 _LIMITED_FIELDS = tuple(_LIMITS)
 _LIMITED_WIDTHS = tuple(_LIMITS.values())
 _limited_values = operator.attrgetter(*_LIMITED_FIELDS)
+# Every text field, in EVENT_FIELDS order.
+_TEXT_FIELDS = tuple(name for name in EVENT_FIELDS if name not in ("time", "bytes"))
+_text_values = operator.attrgetter(*_TEXT_FIELDS)
+# Characters that PostgreSQL cannot store in a text column: NUL, and the lone
+# surrogates that a str can hold but UTF-8 cannot encode.
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+REPLACEMENT_CHARACTER = "\ufffd"
 
 
 def fit(event: AuditEvent) -> AuditEvent:
-    """Return the event with its time in whole microseconds of UTC and long
-    text cut to the column widths, so that it reads back exactly as hashed."""
+    """Return the event as both databases store it, so that it reads back
+    exactly as hashed.
+
+    The time becomes UTC, each NUL or lone surrogate in a text field becomes
+    U+FFFD, and long text is cut to the column widths.
+    """
     changes: dict[str, Any] = {}
     if event.time.tzinfo is not UTC:
         changes["time"] = event.time.astimezone(UTC)
+    for name, value in zip(_TEXT_FIELDS, _text_values(event), strict=True):
+        if value is not None and _UNSTORABLE.search(value):
+            changes[name] = _UNSTORABLE.sub(REPLACEMENT_CHARACTER, value)
     values = _limited_values(event)
     for name, value, limit in zip(
         _LIMITED_FIELDS, values, _LIMITED_WIDTHS, strict=True
     ):
+        value = changes.get(name, value)
         if value is not None and len(value) > limit:
             changes[name] = value[:limit]
     return replace(event, **changes) if changes else event

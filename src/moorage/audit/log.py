@@ -41,13 +41,16 @@ from pathlib import Path
 from typing import Any, Protocol, TextIO, TypeVar
 
 import structlog
+from sqlalchemy.exc import DBAPIError
 
 from moorage.audit import files
 from moorage.audit.checkpoints import Checkpoint, CheckpointSigner, CheckpointVerifier
 from moorage.audit.events import (
     AUDIT_ARCHIVE,
     AUDIT_IMPORT,
+    AUDIT_REJECTED,
     EVENT_FIELDS,
+    FAILURE,
     GENESIS_HASH,
     AuditEvent,
     StoredEvent,
@@ -57,6 +60,7 @@ from moorage.audit.events import (
 )
 from moorage.audit.verify import ChainChecker, Verification, check_stream
 from moorage.db.audit_store import AuditFilter, AuditStore
+from moorage.db.dialects import is_data_error
 from moorage.db.schema import utcnow
 from moorage.fsync import fsync_directory
 
@@ -218,14 +222,15 @@ class DatabaseAuditLog:
             first = await self._queue.get()
             started = time.monotonic()
             batch = [first, *self._drain(self.batch_size - 1)]
+            taken = len(batch)
             self._room.set()
             self._in_flight = batch
             stored = await self._append_with_retry(batch)
             if stored is None:
-                return  # `close` gave up and saves the batch.
+                return  # `close` gave up and saves the events left in the batch.
             self._in_flight = []
             await self._publish_logged(stored)
-            for _ in batch:
+            for _ in range(taken):
                 self._queue.task_done()
             if self._queue.qsize() < self.batch_size:
                 # Wait out the interval unless a full batch is already waiting,
@@ -245,25 +250,118 @@ class DatabaseAuditLog:
     async def _append_with_retry(
         self, batch: list[AuditEvent]
     ) -> list[StoredEvent] | None:
-        """Append a batch, retrying with backoff; None when `close` gave up."""
+        """Append a batch, retrying with backoff; None when `close` gave up.
+
+        Events leave `batch` as they are stored (see `_append_batch`), so a
+        `close` that gives up saves only the events still unwritten.
+        """
+        stored: list[StoredEvent] = []
         delay = 0.5
         while True:
             try:
-                return await self.store.append(batch)
+                await self._append_batch(batch, stored)
+                return stored
             except Exception as error:  # noqa: BLE001 (any database error; logged)
                 # The batch stays in memory and the queue fills up, so requests
                 # wait rather than lose their events while the database is away.
                 log.error(
                     "audit write failed; retrying",
                     events=len(batch),
-                    error=str(error),
+                    error=_describe_error(error),
                     retry_in_seconds=delay,
                 )
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._give_up.wait(), delay)
             if self._give_up.is_set():
+                if stored:
+                    await self._publish_logged(stored)
                 return None
             delay = min(delay * 2, 30)
+
+    async def _append_batch(
+        self, batch: list[AuditEvent], stored: list[StoredEvent]
+    ) -> None:
+        """Append `batch` in one transaction, or one event at a time when the
+        database rejects it for its values.
+
+        Stored events are added to `stored` and removed from `batch`. An error
+        other than a data error (a lost connection, a lock) propagates, and
+        `batch` then holds the events still unwritten.
+        """
+        try:
+            stored += await self.store.append(batch)
+        except Exception as error:
+            if not is_data_error(error):
+                raise
+            log.error(
+                "audit write rejected for its values; writing the batch one "
+                "event at a time",
+                events=len(batch),
+                error=_describe_error(error),
+            )
+            await self._append_each(batch, stored)
+            return
+        batch.clear()
+
+    async def _append_each(
+        self, batch: list[AuditEvent], stored: list[StoredEvent]
+    ) -> None:
+        """Append events one at a time, each in its own transaction.
+
+        An event that the database still rejects for its values is replaced by
+        an `audit.rejected` event, so it cannot hold up the events behind it.
+        """
+        done = 0
+        try:
+            for event in batch:
+                try:
+                    stored += await self.store.append([event])
+                except Exception as error:
+                    if not is_data_error(error):
+                        raise
+                    stored += await self._append_rejected(event, error)
+                done += 1
+        finally:
+            del batch[:done]
+
+    async def _append_rejected(
+        self, event: AuditEvent, error: Exception
+    ) -> list[StoredEvent]:
+        """Append an `audit.rejected` event in place of an event the database
+        rejected; return nothing when the database rejects that one too."""
+        message = _describe_error(error)
+        log.error(
+            "audit event rejected by the database; storing an audit.rejected "
+            "event in its place",
+            action=event.action,
+            outcome=event.outcome,
+            request_id=event.request_id,
+            error=message,
+        )
+        replacement = AuditEvent(
+            AUDIT_REJECTED,
+            outcome=FAILURE,
+            time=event.time,
+            actor_account=event.actor_account,
+            actor_customer=event.actor_customer,
+            source_address=event.source_address,
+            request_id=event.request_id,
+            reason=f"the database rejected a {event.action} event (outcome "
+            f"{event.outcome}): {message}",
+        )
+        try:
+            return await self.store.append([replacement])
+        except Exception as second:
+            if not is_data_error(second):
+                raise
+            log.error(
+                "audit event lost: the database rejected its audit.rejected "
+                "event as well",
+                action=event.action,
+                request_id=event.request_id,
+                error=_describe_error(second),
+            )
+            return []
 
     async def _publish_logged(self, stored: list[StoredEvent]) -> None:
         """Publish appended events. A failure is logged and not retried, because
@@ -323,11 +421,16 @@ class DatabaseAuditLog:
         if pending and self._give_up.is_set():
             self._save_pending(pending)
         elif pending:
+            stored: list[StoredEvent] = []
             try:
-                await self._write(pending)
+                await self._append_batch(pending, stored)
             except Exception as error:  # noqa: BLE001 (any database error; logged)
-                log.error("audit write failed at shutdown", error=str(error))
+                log.error(
+                    "audit write failed at shutdown", error=_describe_error(error)
+                )
                 self._save_pending(pending)
+            if stored:
+                await self._publish_logged(stored)
         if self.written and not self._give_up.is_set():
             try:
                 await self.checkpoint()
@@ -388,7 +491,10 @@ class DatabaseAuditLog:
             return None
         self.pending_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         file_id = uuid.uuid4().hex
-        lines = [json.dumps(event_dict(event), ensure_ascii=False) for event in events]
+        # fit() first: a lone surrogate cannot be written as UTF-8.
+        lines = [
+            json.dumps(event_dict(fit(event)), ensure_ascii=False) for event in events
+        ]
         header = {
             PENDING_FORMAT: 1,
             "id": file_id,
@@ -464,6 +570,9 @@ class DatabaseAuditLog:
             reference=file_id,
             reason=f"added {len(events)} events saved at shutdown to {path.name}",
         )
+        # NOTE: unlike the writer, an import does not replace an event that the
+        # database rejects: the file stays in place until it is fixed by hand,
+        # because its events and marker must commit in one transaction.
         stored = await self.store.append([*events, marker])
         await self._publish_logged(stored)
         await asyncio.to_thread(path.unlink)
@@ -497,7 +606,7 @@ class DatabaseAuditLog:
             result.warnings.append(
                 f"{len(saved)} file(s) of events saved at shutdown are not in the "
                 f"log yet ({names} in {self.pending_dir}); the next server start "
-                "adds them"
+                "adds them, or logs at ERROR why it cannot"
             )
         return result
 
@@ -634,6 +743,14 @@ def _pending_event(data: Any) -> AuditEvent:
     if not values["action"] or not values["outcome"]:
         raise ValueError("an event has no action or outcome")
     return fit(AuditEvent(**values))
+
+
+def _describe_error(error: Exception) -> str:
+    """Return an error's message without the SQL statement SQLAlchemy adds."""
+    if isinstance(error, DBAPIError):
+        sqlstate = getattr(error.orig, "sqlstate", None)
+        return f"{error.orig} (SQLSTATE {sqlstate})" if sqlstate else str(error.orig)
+    return f"{type(error).__name__}: {error}"
 
 
 def _mac_matches(expected: str | None, found: str | None) -> bool:

@@ -45,7 +45,7 @@ from moorage.db.identity_store import (
 )
 from moorage.db.login_failure_store import LoginFailureStore
 from moorage.db.refresh_token_store import RefreshTokenStore
-from moorage.db.schema import utcnow
+from moorage.db.schema import MAX_INTEGER_ID, utcnow
 from moorage.errors import UnauthorizedError
 
 log = structlog.get_logger(__name__)
@@ -212,10 +212,9 @@ class Authenticator:
         token_id, _, secret = presented.removeprefix(PERSONAL_TOKEN_PREFIX).partition(
             "_"
         )
+        row_id = _personal_token_id(token_id)
         record = (
-            await self.identity.get_personal_token(int(token_id))
-            if token_id.isdigit() and len(token_id) < 12
-            else None
+            None if row_id is None else await self.identity.get_personal_token(row_id)
         )
         stored = record.secret_hash if record is not None else None
         if not verify_keyed(self.secret_key, stored, secret):
@@ -342,3 +341,12 @@ def _check_usable(account: AccountRecord, now: datetime) -> None:
         and account.customer_access_until <= now
     ):
         raise UnauthorizedError("customer access has ended")
+
+
+def _personal_token_id(text: str) -> int | None:
+    """Return the id part of a personal access token, or None when no row can
+    have it (not ASCII digits, or past the id column's range)."""
+    if not (text.isascii() and text.isdigit()) or len(text) > 10:
+        return None
+    row_id = int(text)
+    return row_id if 1 <= row_id <= MAX_INTEGER_ID else None

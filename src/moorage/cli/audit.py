@@ -12,8 +12,10 @@ from pathlib import Path
 from typing import Annotated, TextIO
 
 import typer
+from rich import box
 
 from moorage.audit import files
+from moorage.audit.events import AuditEvent, StoredEvent
 from moorage.audit.usage import usage_report
 from moorage.audit.verify import Verification
 from moorage.cli.main import (
@@ -43,7 +45,42 @@ ActionOption = Annotated[
     str | None,
     typer.Option(help="Action, such as manifest.pull; a trailing * matches a prefix."),
 ]
-OutcomeOption = Annotated[str | None, typer.Option(help="success, failure or alert.")]
+# The outcomes an event can have: requests and changes succeed or fail, and the
+# detectors in moorage.audit.alerts record "alert".
+OUTCOMES = ("success", "failure", "alert")
+
+
+def _check_outcome(value: str | None) -> str | None:
+    if value is not None and value not in OUTCOMES:
+        errors.print(
+            f"[red]error:[/red] invalid outcome {value!r}; use " + ", ".join(OUTCOMES),
+            highlight=False,
+        )
+        raise typer.Exit(2)
+    return value
+
+
+# The largest LIMIT both databases take: a signed 64-bit integer.
+MAX_LIMIT = 2**63 - 1
+
+
+def _check_limit(value: int) -> int:
+    if value > MAX_LIMIT:
+        errors.print(
+            f"[red]error:[/red] --limit must be at most {MAX_LIMIT}", soft_wrap=True
+        )
+        raise typer.Exit(2)
+    return value
+
+
+OutcomeOption = Annotated[
+    str | None,
+    typer.Option(
+        metavar="[success|failure|alert]",
+        help="Only events with this outcome.",
+        callback=_check_outcome,
+    ),
+]
 SourceOption = Annotated[str | None, typer.Option("--source", help="Source address.")]
 SinceOption = Annotated[
     str | None, typer.Option(help="From this time (ISO 8601, UTC if no zone).")
@@ -86,14 +123,28 @@ def audit_list(
     since: SinceOption = None,
     until: UntilOption = None,
     limit: Annotated[
-        int, typer.Option(min=1, help="Maximum number of events to show.")
+        int,
+        typer.Option(
+            min=1, callback=_check_limit, help="Maximum number of events to show."
+        ),
     ] = 100,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print JSON lines instead of a table.")
     ] = False,
+    wide: Annotated[
+        bool,
+        typer.Option(
+            "--wide",
+            help="Show every column: customer, source, reason and full digests.",
+        ),
+    ] = False,
     data_dir: DataDirOption = None,
 ) -> None:
-    """List audit events, oldest first."""
+    """List audit events, oldest first.
+
+    The table shows the columns that fit an 80-column terminal, wrapping long
+    values. `--wide` adds the rest, and `--json` prints every field.
+    """
     where = _filter(
         customer, account, repository, action, outcome, source, since, until
     )
@@ -102,25 +153,68 @@ def audit_list(
         for stored in found:
             print(json.dumps(stored.to_dict(), separators=(",", ":")))
         return
-    table = Table(
-        "seq", "time", "account", "customer", "source", "action", "repository",
-        "reference", "outcome", "reason",
-    )  # fmt: skip
+    console.print(_event_table(found, wide))
+
+
+# Short columns that are never broken, so an action reads as one word.
+_UNBROKEN_COLUMNS = ("seq", "action", "outcome")
+
+
+def _event_table(found: list[StoredEvent], wide: bool) -> Table:
+    """Build the `audit list` table. Columns wrap long values instead of
+    cutting them (only the narrow table shortens digests, see `_target`), and
+    have no vertical borders, to leave room for the text."""
+    names = ["seq", "time", "account", "action", "outcome", "target"]
+    if wide:
+        names = [*names[:3], "customer", "source", *names[3:], "reason"]
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+    for name in names:
+        if name in _UNBROKEN_COLUMNS:
+            table.add_column(name, no_wrap=True)
+        elif name == "time":
+            # The date above the time of day: 10 characters wide.
+            table.add_column(name, min_width=10, max_width=10, overflow="fold")
+        else:
+            # Digests and repository names have no spaces to break at: fold them.
+            table.add_column(name, overflow="fold")
     for stored in found:
         event = stored.event
-        table.add_row(
-            str(stored.seq),
-            event.time.strftime("%Y-%m-%d %H:%M:%S"),
-            event.actor_account or "-",
-            event.actor_customer or "-",
-            event.source_address or "-",
-            event.action,
-            event.repository or "-",
-            event.reference or event.digest or "-",
-            event.outcome,
-            event.reason or "",
-        )
-    console.print(table)
+        cells = {
+            "seq": str(stored.seq),
+            "time": event.time.strftime("%Y-%m-%d %H:%M:%S"),
+            "account": event.actor_account or "-",
+            "customer": event.actor_customer or "-",
+            "source": event.source_address or "-",
+            "action": event.action,
+            "outcome": event.outcome,
+            "target": _target(event, wide),
+            "reason": event.reason or "",
+        }
+        table.add_row(*(cells[name] for name in names))
+    return table
+
+
+def _target(event: AuditEvent, wide: bool) -> str:
+    """Return what an event acted on: its repository, then its tag or digest.
+
+    The narrow table shows a digest by its first 12 hexadecimal digits, as
+    `docker images` does, and adds the reason, which has no column there.
+    """
+    reference = event.reference
+    if not reference and event.digest:
+        reference = event.digest if wide else _short_digest(event.digest)
+    parts = [part for part in (event.repository, reference) if part]
+    target = " ".join(parts) or "-"
+    if not wide and event.reason:
+        target += f" ({event.reason})"
+    return target
+
+
+def _short_digest(digest: str) -> str:
+    algorithm, separator, encoded = digest.partition(":")
+    if not separator or len(encoded) <= 12:
+        return digest
+    return f"{algorithm}:{encoded[:12]}…"
 
 
 @audit_app.command("verify")
@@ -232,7 +326,15 @@ def audit_archive(
     """Move events older than the given age to a file, then delete them."""
     settings = _settings(data_dir=data_dir)
     target = directory or settings.resolved_audit_archive_dir
-    cutoff = utcnow() - timedelta(days=older_than_days)
+    try:
+        cutoff = utcnow() - timedelta(days=older_than_days)
+    except OverflowError:
+        errors.print(
+            f"[red]error:[/red] an age of {older_than_days} days reaches before "
+            "the year 1; use a smaller number",
+            soft_wrap=True,
+        )
+        raise typer.Exit(2) from None
     path = _run(settings, lambda s: s.audit.archive(cutoff, target), atomic=False)
     if path is None:
         console.print("no events old enough to archive")

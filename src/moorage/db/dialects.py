@@ -9,6 +9,7 @@ from typing import Any
 from sqlalchemy import ColumnElement, Table
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Dialect
+from sqlalchemy.exc import DataError, DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql.elements import ColumnClause
 
@@ -79,3 +80,32 @@ def like_pattern(glob: str) -> str:
     """Turn a `*` glob into a LIKE pattern with `\\` as the escape character."""
     escaped = glob.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
     return escaped.replace("*", "%")
+
+
+def is_data_error(error: BaseException) -> bool:
+    """Return whether the database, or its driver, rejected a statement for the
+    values bound to it, rather than failing as a whole (lost connection, lock).
+
+    PostgreSQL reports such values with an SQLSTATE of class 22 ("data
+    exception"). asyncpg 0.32 reports 22000 for a value it cannot encode, such
+    as an int out of range. The SQLite driver raises OverflowError or
+    UnicodeEncodeError before the statement runs, or sqlite3.DataError.
+    """
+    if isinstance(error, DBAPIError):
+        if error.connection_invalidated:
+            return False
+        sqlstate = getattr(error.orig, "sqlstate", None)
+        if isinstance(sqlstate, str) and sqlstate.startswith("22"):
+            return True
+        return isinstance(error, DataError)
+    return isinstance(error, (OverflowError, UnicodeError))
+
+
+def before_nul(text: str) -> str:
+    """Return `text` up to its first NUL, which PostgreSQL cannot compare.
+
+    For a `last` pagination bound the result is the same: names and tags
+    contain no control characters, so the names after "a<NUL>b" are exactly
+    those after "a".
+    """
+    return text.partition("\x00")[0]

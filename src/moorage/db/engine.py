@@ -23,13 +23,23 @@ _MIGRATION_LOCK_ID = 0x6D6F6F72
 
 
 def create_engine(url: str) -> AsyncEngine:
-    """Create an async engine with the settings each dialect needs."""
+    """Create an async engine with the settings each dialect needs.
+
+    hide_parameters keeps bound values (password hashes, token hashes, names)
+    out of the text of database errors, which the server logs.
+    NOTE: asyncpg's own message for a value it cannot encode ("invalid input
+    for query argument $1: <value> ...") still contains that value.
+    """
     if url.startswith("sqlite"):
         _restrict_sqlite_file(url)
-        engine = create_async_engine(url, connect_args={"timeout": 30})
+        engine = create_async_engine(
+            url, connect_args={"timeout": 30}, hide_parameters=True
+        )
         event.listen(engine.sync_engine, "connect", configure_sqlite)
         return engine
-    return create_async_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True)
+    return create_async_engine(
+        url, pool_size=10, max_overflow=10, pool_pre_ping=True, hide_parameters=True
+    )
 
 
 def _restrict_sqlite_file(url: str) -> None:

@@ -23,6 +23,7 @@ from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from moorage.db.dialects import (
+    before_nul,
     lexical,
     like_pattern,
     prepared_insert_ignore,
@@ -166,6 +167,7 @@ class RegistryStore:
                 within = _pattern_conditions(access.within, connection.dialect)
                 query = query.where(or_(*within))
             if last:
+                last = before_nul(last)
                 query = query.where(lexical(name, connection.dialect) > last)
             query = query.order_by(lexical(name, connection.dialect)).limit(limit)
             result = await connection.execute(query)
@@ -293,6 +295,8 @@ class RegistryStore:
         return UploadRecord(upload_id, repository, 0, now)
 
     async def get_upload(self, repository: str, upload_id: str) -> UploadRecord | None:
+        if "\x00" in upload_id:
+            return None  # PostgreSQL cannot compare it, and ids are UUIDs.
         row = await self._first(
             _UPLOAD, _DIRECT_UPLOAD, upload_id=upload_id, repository=repository
         )
@@ -488,7 +492,7 @@ class RegistryStore:
             name = lexical(tags.c.name, connection.dialect)
             query = select(tags.c.name).where(tags.c.repository_id == repository_id)
             if last:
-                query = query.where(name > last)
+                query = query.where(name > before_nul(last))
             query = query.order_by(name)
             if limit is not None:
                 query = query.limit(limit)
@@ -498,6 +502,8 @@ class RegistryStore:
     async def list_referrers(
         self, repository: str, subject: str, artifact_type: str | None
     ) -> list[ReferrerRecord]:
+        if artifact_type is not None and "\x00" in artifact_type:
+            return []  # PostgreSQL cannot compare it, and stores none.
         async with connect(self.engine) as connection:
             query = (
                 select(

@@ -55,6 +55,12 @@ class UTCDateTime(TypeDecorator[datetime]):
         return value.replace(tzinfo=UTC)
 
 
+# The largest id of a row in a table whose id column is an Integer: 32 bits
+# on PostgreSQL (SQLite's are 64). asyncpg raises on a larger parameter
+# instead of matching no row, so ids from outside are checked against it.
+MAX_INTEGER_ID = 2**31 - 1
+
+
 def utcnow() -> datetime:
     return datetime.now(UTC)
 

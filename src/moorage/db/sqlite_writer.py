@@ -66,6 +66,8 @@ class SQLiteWriter:
                 f"sqlite:///{self.path}",
                 connect_args={"timeout": 30, "check_same_thread": False},
                 poolclass=StaticPool,
+                # As in moorage.db.engine: no bound values in error messages.
+                hide_parameters=True,
             )
             event.listen(engine, "connect", configure_sqlite)
             self._engine = engine

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +37,9 @@ _FOREIGN_LAYER_PREFIXES = (
 class ParsedManifest:
     record: NewManifest
     digest: Digest
+
+
+_CONTROL_CHARACTER = re.compile("[\x00-\x1f\x7f-\x9f]")
 
 
 def parse_manifest(
@@ -72,6 +76,12 @@ def parse_manifest(
         manifest_references = [
             descriptor["digest"] for descriptor in _descriptors(document, "manifests")
         ]
+
+    if artifact_type is not None and _CONTROL_CHARACTER.search(artifact_type):
+        # A media type never has one, and PostgreSQL cannot store a NUL.
+        raise ManifestInvalidError(
+            f"artifact type {artifact_type[:100]!r} contains a control character"
+        )
 
     digest = digest_of(body, algorithm)
     record = NewManifest(

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import httpx
+import pytest
 
 from moorage.db.audit_store import AuditFilter
 from tests.support.audit import wait_for_events
@@ -67,6 +68,63 @@ def test_list_filters(server: ServerProcess) -> None:
     assert len(listed("--customer", customer, "--source", "127.0.0.1")) >= 6
     assert listed("--customer", customer, "--until", "2000-01-01") == []
     assert len(listed("--customer", customer, "--since", "2000-01-01")) >= 6
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (
+            ("list", "--outcome", "maybe"),
+            "error: invalid outcome 'maybe'; use success, failure, alert",
+        ),
+        (
+            ("list", "--limit", str(2**63)),
+            f"error: --limit must be at most {2**63 - 1}",
+        ),
+        (
+            ("archive", "--older-than-days", str(10**12)),
+            f"error: an age of {10**12} days reaches before the year 1; use a "
+            "smaller number",
+        ),
+    ],
+)
+def test_usage_errors_one_line(
+    server: ServerProcess, arguments: tuple[str, ...], message: str
+) -> None:
+    """A value out of range is a one-line usage error, not an empty table, a
+    database error or a traceback."""
+    completed = subprocess.run(
+        [sys.executable, "-m", "moorage", "audit", *arguments],
+        env=server.environment(),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert completed.returncode == 2
+    # Other lines are the warnings of the set-up (keys inside the data directory).
+    lines = [line for line in completed.stderr.splitlines() if '"level"' not in line]
+    assert lines == [message]
+    assert completed.stdout == ""
+
+
+def test_list_table_at_80_columns(server: ServerProcess) -> None:
+    """At 80 columns the table keeps logins and actions whole and fits the width."""
+    _, login = _pulled_customer(server)
+    completed = subprocess.run(
+        [sys.executable, "-m", "moorage", "audit", "list", "--account", login],
+        env={**server.environment(), "COLUMNS": "80"},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr
+    lines = [line for line in completed.stdout.splitlines() if line.strip()]
+    assert lines, "no table printed"
+    assert max(len(line.rstrip()) for line in lines) <= 80
+    for word in ("account", "action", "outcome", "target"):
+        assert word in lines[0]
+    for value in (login, "manifest.push", "manifest.pull", "auth.login", "failure"):
+        assert value in completed.stdout
 
 
 def test_export_formats(server: ServerProcess, tmp_path: Path) -> None:

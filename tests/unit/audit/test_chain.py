@@ -22,6 +22,7 @@ from moorage.audit.events import (
     chain,
     event_dict,
     event_hash,
+    fit,
 )
 from moorage.audit.verify import ChainChecker, Verification
 
@@ -288,3 +289,33 @@ def test_export_rejects_other_files(tmp_path: Path) -> None:
     path.write_text('{"hello": 1}\n')
     with pytest.raises(files.ExportFormatError, match="header"):
         files.read_export(path)
+
+
+@pytest.mark.parametrize(
+    ("value", "stored"),
+    [
+        ("ev\0il", "ev\ufffdil"),
+        ("a\ud800b\udfff", "a\ufffdb\ufffd"),
+        ("caf\u00e9 \U0001f600", "caf\u00e9 \U0001f600"),
+    ],
+)
+def test_fit_replaces_unstorable_characters(value: str, stored: str) -> None:
+    """fit() replaces NUL and lone surrogates in every text field with U+FFFD
+    and keeps other characters, so the event encodes as UTF-8."""
+    event = AuditEvent(
+        value, outcome=value, actor_account=value, reason=value, user_agent=value
+    )
+    fitted = fit(event)
+    assert fitted.action == stored
+    assert fitted.outcome == stored
+    assert fitted.actor_account == stored
+    assert fitted.reason == stored
+    assert fitted.user_agent == stored
+    canonical_document(1, fitted, GENESIS_HASH).encode()
+
+
+def test_fit_cuts_after_replacing() -> None:
+    """A replaced value is still cut to its column's width."""
+    fitted = fit(AuditEvent("x", request_id="\0" * 100))
+    assert fitted.request_id == "\ufffd" * 64
+    assert fit(fitted) == fitted

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -21,6 +21,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from moorage.api.admin import accounts, customers, grants, me
+from moorage.api.admin.models import check_text
 from moorage.api.errors import (
     INVALID_INPUT,
     METHOD_NOT_ALLOWED,
@@ -60,6 +61,7 @@ def create_admin_api(services: Services) -> FastAPI:
         docs_url="/docs",
         redoc_url=None,
         swagger_ui_oauth2_redirect_url=None,
+        dependencies=[Depends(check_path_text)],
         exception_handlers={
             MoorageError: handle_domain_error,
             RequestValidationError: _invalid_request,
@@ -72,6 +74,26 @@ def create_admin_api(services: Services) -> FastAPI:
     for router in ROUTERS:
         api.include_router(router)
     return api
+
+
+def check_path_text(request: Request) -> None:
+    """Reject a path parameter with a control character (from %00 and the
+    like) with 400, before any route looks it up in the database."""
+    problems = []
+    for name, value in request.path_params.items():
+        try:
+            check_text(str(value))
+        except ValueError as error:
+            problems.append(
+                {
+                    "type": "value_error",
+                    "loc": ("path", name),
+                    "msg": str(error),
+                    "input": value,
+                }
+            )
+    if problems:
+        raise RequestValidationError(problems)
 
 
 def _json_error(

@@ -6,6 +6,7 @@ them, so its messages (with the value and the fix) reach the caller unchanged.
 
 from __future__ import annotations
 
+import unicodedata
 from datetime import UTC, datetime
 from typing import Annotated
 
@@ -32,6 +33,26 @@ def _to_utc(value: datetime) -> datetime:
 UTCDatetime = Annotated[AwareDatetime, AfterValidator(_to_utc)]
 
 
+def check_text(value: str) -> str:
+    """Return `value` unless it contains a control character or a lone
+    surrogate; raise ValueError naming the first one.
+
+    PostgreSQL cannot store NUL or a lone surrogate, and no name needs any of
+    them, so both databases reject the same input.
+    """
+    for character in value:
+        if unicodedata.category(character) in ("Cc", "Cs"):
+            raise ValueError(
+                f"contains U+{ord(character):04X}, a control character or lone "
+                "surrogate; remove it"
+            )
+    return value
+
+
+# Text in a request body: every string field, because each is stored or looked up.
+Text = Annotated[str, AfterValidator(check_text)]
+
+
 class Body(BaseModel):
     """A request body: unknown fields are rejected, so a typo is not ignored."""
 
@@ -39,21 +60,21 @@ class Body(BaseModel):
 
 
 class NewUser(Body):
-    login: str = Field(examples=["alice"])
-    role: str = Field(
+    login: Text = Field(examples=["alice"])
+    role: Text = Field(
         "reader", description="reader, writer, maintainer or owner", examples=["writer"]
     )
 
 
 class RoleChange(Body):
-    role: str = Field(
+    role: Text = Field(
         description="reader, writer, maintainer or owner", examples=["reader"]
     )
 
 
 class NewRobot(Body):
-    name: str = Field(description="Its login is CUSTOMER+NAME.", examples=["ci"])
-    role: str = Field("reader", description="reader, writer, maintainer or owner")
+    name: Text = Field(description="Its login is CUSTOMER+NAME.", examples=["ci"])
+    role: Text = Field("reader", description="reader, writer, maintainer or owner")
     expires_at: UTCDatetime | None = Field(
         None, description="When the secret stops working (ISO 8601 with a zone)."
     )
@@ -66,24 +87,24 @@ class RobotRotation(Body):
 
 
 class NewGrant(Body):
-    pattern: str = Field(examples=["acme/app", "acme/*"])
-    role: str = Field(description="reader, writer, maintainer or owner")
+    pattern: Text = Field(examples=["acme/app", "acme/*"])
+    role: Text = Field(description="reader, writer, maintainer or owner")
     until: UTCDatetime | None = Field(None, description="Last moment of access.")
-    account: str | None = Field(
+    account: Text | None = Field(
         None, description="Grant to this login only, not the whole customer."
     )
 
 
 class NewPersonalToken(Body):
-    name: str = Field("token", min_length=1, max_length=100, examples=["laptop"])
-    role: str = Field(
+    name: Text = Field("token", min_length=1, max_length=100, examples=["laptop"])
+    role: Text = Field(
         "reader",
         description="The maximum role the token acts with, never above the user's.",
     )
     expires_at: UTCDatetime | None = Field(
         None, description="Expiry; 90 days from now when missing."
     )
-    repositories: list[str] | None = Field(
+    repositories: list[Text] | None = Field(
         None,
         description="Repository patterns (such as acme/app or acme/ci-*) the token "
         "is limited to; every repository the user may reach when missing.",
