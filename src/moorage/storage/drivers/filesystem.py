@@ -58,19 +58,35 @@ class FilesystemDriver(StorageDriver):
             fd = os.open(self._full_path(path), os.O_RDONLY)
         except FileNotFoundError:
             raise PathNotFoundError(path) from None
+        # The next chunk is read in a worker thread while the caller handles
+        # this one (decrypts it, sends it), so reading and sending overlap.
+        pending: asyncio.Future[bytes] | None = None
         try:
             remaining = length if length is not None else os.fstat(fd).st_size - offset
             position = offset
-            while remaining > 0:
+            loop = asyncio.get_running_loop()
+            if remaining > 0:
                 want = min(READ_CHUNK_BYTES, remaining)
-                chunk = await asyncio.to_thread(os.pread, fd, want, position)
+                pending = loop.run_in_executor(None, os.pread, fd, want, position)
+            while pending is not None:
+                chunk = await pending
+                pending = None
                 if not chunk:
                     break
                 position += len(chunk)
                 remaining -= len(chunk)
+                if remaining > 0:
+                    want = min(READ_CHUNK_BYTES, remaining)
+                    pending = loop.run_in_executor(None, os.pread, fd, want, position)
                 yield chunk
         finally:
-            os.close(fd)
+            if pending is not None and not pending.done():
+                # The reader stopped early: close the descriptor when the read
+                # ahead finishes. (After a cancel, a read still running in its
+                # thread may find it closed. Its result is discarded either way.)
+                pending.add_done_callback(lambda _: os.close(fd))
+            else:
+                os.close(fd)
 
     async def open_file(self, path: str) -> BinaryIO | None:
         # Opening a local file does not wait for the disk long enough to need
