@@ -355,5 +355,5 @@ def test_customer_add_refuses_used_namespace(server: ServerProcess) -> None:
     refused = runner.run("customer", "add", namespace)
 
     assert refused.returncode == 1
-    assert "already holds repositories" in refused.stderr
+    assert "already contains repositories" in refused.stderr
     assert namespace not in runner.ok("customer", "list")

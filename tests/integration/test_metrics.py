@@ -152,8 +152,8 @@ def test_metrics_token_required(tmp_path: Path) -> None:
 
 
 def test_metrics_without_token_only_for_this_machine(tmp_path: Path) -> None:
-    """Without metrics_token, /metrics answers loopback clients and denies the
-    others (here a client behind a trusted proxy)."""
+    """Without metrics_token, /metrics responds to loopback clients and denies
+    the others (here a client behind a trusted proxy)."""
     data_dir = tmp_path / "data"
     data_dir.mkdir()
     process = ServerProcess(data_dir=data_dir, database_url=create_database(data_dir))

@@ -75,8 +75,8 @@ async def test_concurrent_chunked_uploads_store_their_own_bytes(
 
 
 def test_writeback_starts_on_a_written_file(tmp_path: Path) -> None:
-    """On Linux the kernel is asked to write a range back; a bad descriptor
-    or an empty range asks nothing and raises nothing."""
+    """On Linux, writeback of a written range starts. A bad descriptor or an
+    empty range starts nothing and raises nothing."""
     path = tmp_path / "data"
     descriptor = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
     try:

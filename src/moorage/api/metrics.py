@@ -34,7 +34,7 @@ def routes(services: Services) -> list[Route]:
             # The series name every customer, so they are not for everyone
             # who can reach the registry.
             raise DeniedError(
-                "/metrics answers only clients on this machine; set metrics_token "
+                "/metrics responds only to clients on this machine; set metrics_token "
                 "to scrape it from elsewhere"
             )
         audit = services.audit

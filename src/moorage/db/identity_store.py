@@ -295,7 +295,7 @@ class IdentityStore:
                 )
                 if existing is not None:
                     raise ConflictError(
-                        f"namespace {slug!r} already holds repositories, such as "
+                        f"namespace {slug!r} already contains repositories, such as "
                         f"{existing!r}: choose another slug for the customer"
                     )
                 customer_id = (

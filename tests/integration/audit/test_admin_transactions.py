@@ -407,9 +407,9 @@ def test_cli_changes_during_pulls_keep_chain(fresh_server: ServerProcess) -> Non
 
 
 def test_key_rotation_records_its_start_first(settings: Settings) -> None:
-    """`key rotate` writes `key.rotate.start` before any work: when the database
-    rejects it, no key is added and no data key rewrapped; when it is accepted,
-    the start event comes right before the end event."""
+    """`key rotate` writes `key.rotate.start` before any work. When the
+    database rejects that event, no key is added and no data key rewrapped.
+    When it accepts it, the start event comes right before the end event."""
     asyncio.run(_create_owner_key(settings, "customer:acme"))
     keys = settings.data_dir / "keys"
     key_files = sorted(path.name for path in keys.iterdir())
