@@ -28,6 +28,8 @@ class Summary:
     cpu_per_unit: float
     peak_rss_mib: float
     pss_mib: float
+    # 0 for samples recorded before the benchmark sampled PSS during the work.
+    peak_pss_mib: float
     extra: dict[str, float]
 
 
@@ -42,6 +44,7 @@ def summarise(samples: list[dict[str, Any]]) -> Summary:
         cpu_per_unit=statistics.median(cpu) if cpu else 0.0,
         peak_rss_mib=max(s["peak_rss_bytes"] for s in samples) / MIB,
         pss_mib=max(s.get("pss_bytes", 0) for s in samples) / MIB,
+        peak_pss_mib=max(s.get("peak_pss_bytes", 0) for s in samples) / MIB,
         extra={
             k: statistics.median(s["extra"][k] for s in samples) for k in extra_keys
         },
@@ -167,8 +170,9 @@ def _latency_table(results: dict[str, Any]) -> list[str]:
 def _resource_table(results: dict[str, Any]) -> list[str]:
     lines = [
         "| scenario | server CPU s per unit: Moorage / distribution "
-        "| peak RSS MiB: Moorage / distribution | PSS at end MiB: Moorage |",
-        "| --- | --- | --- | --- |",
+        "| peak RSS MiB: Moorage / distribution "
+        "| peak PSS MiB: Moorage / distribution | PSS at end MiB: Moorage |",
+        "| --- | --- | --- | --- | --- |",
     ]
     for scenario in results["scenarios"]:
         samples = scenario["samples"]
@@ -178,12 +182,14 @@ def _resource_table(results: dict[str, Any]) -> list[str]:
         )
         cpu = f"{ours.cpu_per_unit:.2f}"
         rss = f"{ours.peak_rss_mib:.0f}"
+        pss = f"{ours.peak_pss_mib:.0f}"
         if theirs is not None:
             cpu += f" / {theirs.cpu_per_unit:.2f}"
             rss += f" / {theirs.peak_rss_mib:.0f}"
+            pss += f" / {theirs.peak_pss_mib:.0f}"
         lines.append(
             f"| {scenario['title']} | {cpu} per {scenario['work_unit']} | {rss} "
-            f"| {ours.pss_mib:.0f} |"
+            f"| {pss} | {ours.pss_mib:.0f} |"
         )
     return lines
 

@@ -100,6 +100,7 @@ def run_scenario(
                 "cpu_seconds": usage.cpu_seconds,
                 "peak_rss_bytes": usage.peak_rss_bytes,
                 "pss_bytes": usage.pss_bytes,
+                "peak_pss_bytes": usage.peak_pss_bytes,
                 "extra": outcome.extra,
                 "load": load_average(),
             }
@@ -108,7 +109,8 @@ def run_scenario(
                 f"{scenario.key:16} round {round_ + 1} {registry.name:17} "
                 f"{outcome.value:10.1f} {scenario.unit:8} "
                 f"cpu {usage.cpu_seconds:6.2f} s  "
-                f"rss {usage.peak_rss_bytes / 2**20:6.1f} MiB  load {sample['load']}"
+                f"rss {usage.peak_rss_bytes / 2**20:6.1f} MiB  "
+                f"pss {usage.peak_pss_bytes / 2**20:6.1f} MiB  load {sample['load']}"
             )
     return samples
 

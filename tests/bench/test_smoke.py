@@ -44,6 +44,7 @@ def test_bench_quick_run_measures_every_scenario(tmp_path: Path) -> None:
         for sample in (s for runs in samples.values() for s in runs):
             assert sample["value"] > 0, scenario["key"]
             assert sample["peak_rss_bytes"] > 0, scenario["key"]
+            assert sample["peak_pss_bytes"] > 0, scenario["key"]
     loaded = {scenario["key"]: scenario for scenario in results["scale"]["scenarios"]}
     assert set(loaded) == {
         "manifest_get",
