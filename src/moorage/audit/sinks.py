@@ -21,7 +21,6 @@ from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
-import httpx
 import structlog
 
 from moorage.audit.events import ALERT_PREFIX, FAILURE, StoredEvent, format_time
@@ -220,6 +219,10 @@ class WebhookSender(_QueuedSender):
         self.envelope = envelope
         self.attempts = attempts
         self.first_delay = first_delay
+        # Imported here, so that servers without a webhook sink do not hold
+        # httpx and its dependencies (about 2 MiB per worker process).
+        import httpx
+
         self._client = httpx.AsyncClient(timeout=timeout)
 
     def publish(self, events: Sequence[StoredEvent]) -> None:
@@ -227,6 +230,8 @@ class WebhookSender(_QueuedSender):
             self.put(stored.to_dict())
 
     async def _send_batch(self, batch: list[dict[str, Any]]) -> None:
+        import httpx
+
         delay = self.first_delay
         for attempt in range(1, self.attempts + 1):
             try:
