@@ -92,10 +92,12 @@ class Usage:
     peak_pss_bytes: int
 
 
-# Seconds between PSS samples. Reading smaps_rollup of an 80 MiB worker took
-# about 0.1 ms of the reading process's CPU time (not the server's) on the
-# benchmark machine, so sampling a three-process tree ten times a second costs
-# the load generators little. A peak shorter than the interval can be missed.
+# Seconds between PSS samples. Reading smaps_rollup of an 85-110 MiB worker
+# took 0.8-1 ms of the reading process's CPU time (the kernel walks the page
+# tables) on the 2-core benchmark machine under load, so sampling a
+# three-process tree ten times a second takes about 3% of a core from the
+# benchmark process, not from the server. A peak shorter than the interval
+# can be missed.
 PSS_INTERVAL_SECONDS = 0.1
 
 
