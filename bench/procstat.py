@@ -93,16 +93,17 @@ class Usage:
 
 
 # Seconds between PSS samples. Reading smaps_rollup of an 85-110 MiB worker
-# took 0.8-1 ms of the reading process's CPU time (the kernel walks the page
-# tables) on the 2-core benchmark machine under load, so sampling a
-# three-process tree ten times a second takes about 3% of a core from the
-# benchmark process, not from the server. A peak shorter than the interval
-# can be missed.
+# took 0.8-1 ms of the reading process's CPU time on the 2-core benchmark
+# machine under load, because the kernel walks the page tables. Sampling a
+# three-process tree ten times a second so takes about 3% of a core, charged
+# to the benchmark process and not to the server. A peak shorter than the
+# interval can be missed.
 PSS_INTERVAL_SECONDS = 0.1
 
 
 class PssSampler:
-    """Samples the summed PSS of a process tree in a thread; keeps the highest."""
+    """Sampler of a process tree's summed PSS, run in a thread, that keeps the
+    highest sample."""
 
     def __init__(self, pid: int, interval: float = PSS_INTERVAL_SECONDS) -> None:
         self.pid = pid
