@@ -134,6 +134,9 @@ async def run_server(
                 if settings.tls_client_ca
                 else ZeroCopyProtocol
             ),
+            # The registry has no WebSocket routes. With "auto", each worker
+            # imported the websockets package to serve upgrades nobody sends.
+            ws="none",
             log_config=None,
             access_log=False,
             server_header=False,
