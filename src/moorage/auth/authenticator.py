@@ -24,9 +24,9 @@ import structlog
 
 from moorage.auth.access import Grant, Principal
 from moorage.auth.secrets import (
+    ARGON2_SLOTS,
     PERSONAL_TOKEN_PREFIX,
     is_keyed_hash,
-    usable_cpu_count,
     verify_keyed,
     verify_password,
 )
@@ -61,12 +61,9 @@ PASSWORD_CACHE_ENTRIES = 10_000
 
 def password_check_limit(workers: int) -> int:
     """Return how many argon2id verifications each of `workers` server
-    processes may run at once: its share of the usable CPU cores, at least one.
-
-    Each verification takes a core and 64 MiB while it runs, so together the
-    processes run at most one per core unless there are more workers than cores.
-    """
-    return max(1, usable_cpu_count() // workers)
+    processes lets wait for a slot at once: its share of ARGON2_SLOTS, the
+    bound for all of them together, and at least one."""
+    return max(1, ARGON2_SLOTS // workers)
 
 
 class Authenticator:
@@ -82,7 +79,7 @@ class Authenticator:
         """`secret_key` is the server key of the keyed hashes (SECRET_HASH_KEY in
         the database); robot secrets and personal access tokens fail without it.
         At most `max_password_checks` argon2id verifications run at once (by
-        default one per usable CPU core); further logins wait on the event loop."""
+        default ARGON2_SLOTS); further logins wait on the event loop."""
         self.identity = identity
         self.tokens = tokens
         self.secret_key = secret_key
@@ -90,7 +87,7 @@ class Authenticator:
         self.refresh_tokens = refresh_tokens or RefreshTokenStore(identity.engine)
         self._verified: OrderedDict[bytes, tuple[int, int, float]] = OrderedDict()
         self._cache_key_secret = secrets.token_bytes(32)
-        self.max_password_checks = max_password_checks or usable_cpu_count()
+        self.max_password_checks = max_password_checks or ARGON2_SLOTS
         self._password_slots = asyncio.Semaphore(self.max_password_checks)
         # Verifications running now, by credentials key and stored hash. A
         # login that presents the same credentials awaits the running one.

@@ -17,9 +17,11 @@ from __future__ import annotations
 import functools
 import hashlib
 import hmac
+import multiprocessing
 import os
 import secrets
 import threading
+from typing import Any
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
@@ -27,6 +29,15 @@ from argon2.exceptions import InvalidHashError, VerificationError
 # argon2-cffi's defaults are RFC 9106's second recommended profile (argon2id,
 # 64 MiB, 3 passes), which keeps a verification near 50 ms on a server core.
 _hasher = PasswordHasher()
+
+
+def _shared_semaphore(value: int) -> Any:
+    """Return a semaphore that forked child processes share with this one, or
+    one for this process alone where the system has no shared semaphores."""
+    try:
+        return multiprocessing.get_context("fork").BoundedSemaphore(value)
+    except (OSError, ValueError):  # no /dev/shm, or no fork on this platform
+        return threading.BoundedSemaphore(value)
 
 
 def usable_cpu_count() -> int:
@@ -39,13 +50,16 @@ def usable_cpu_count() -> int:
     return os.cpu_count() or 1
 
 
-# Every argon2id computation takes 64 MiB and one core for its duration, so a
-# process runs at most one per usable core, because more would add memory but
-# no speed.
-# Callers that wait on the event loop (the Authenticator) have their own, lower
-# bound, so that waiting logins do not hold the threads that read blobs.
-ARGON2_SLOTS = usable_cpu_count()
-_argon2_slots = threading.BoundedSemaphore(ARGON2_SLOTS)
+# Every argon2id computation takes 64 MiB for its duration and runs its four
+# lanes in four threads, so one computation already keeps up to four cores
+# busy: more at once would add memory but no speed. The bound holds across the
+# server's processes, because the semaphore is created before the workers are
+# forked and they share it; a worker that dies holding a slot stops the server
+# (see moorage.supervisor), so a slot is never lost for good.
+# Callers that wait on the event loop (the Authenticator) have their own bound
+# as well, so that waiting logins do not hold the threads that read blobs.
+ARGON2_SLOTS = max(1, usable_cpu_count() // _hasher.parallelism)
+_argon2_slots = _shared_semaphore(ARGON2_SLOTS)
 
 
 # 24 random bytes give 192 bits of entropy, above the 128 bits that generated
@@ -65,7 +79,8 @@ def generate_secret() -> str:
 
 
 def hash_password(password: str) -> str:
-    """Hash a password with argon2id, waiting while ARGON2_SLOTS others run."""
+    """Hash a password with argon2id, waiting while ARGON2_SLOTS others run in
+    this server's processes."""
     with _argon2_slots:
         return _hasher.hash(password)
 

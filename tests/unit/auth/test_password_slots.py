@@ -1,11 +1,15 @@
-"""argon2id computations in one process never exceed one per usable core."""
+"""argon2id computations never exceed ARGON2_SLOTS at once, in one process
+and across the server's forked worker processes."""
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import pytest
 from argon2 import PasswordHasher
@@ -60,8 +64,10 @@ def hasher(monkeypatch: pytest.MonkeyPatch) -> Iterator[CountingHasher]:
 
 
 def test_slots_match_usable_cores() -> None:
-    assert secrets.usable_cpu_count() == secrets.ARGON2_SLOTS
-    assert secrets.ARGON2_SLOTS >= 1
+    """One computation runs `parallelism` threads, so the slots are the cores
+    divided by that, and at least one."""
+    lanes = secrets._hasher.parallelism
+    assert max(1, secrets.usable_cpu_count() // lanes) == secrets.ARGON2_SLOTS
 
 
 def test_hashes_within_slots(hasher: CountingHasher) -> None:
@@ -87,3 +93,45 @@ def test_unknown_account_check_fails(hasher: CountingHasher) -> None:
     """The dummy check for an unknown account runs argon2id and fails."""
     assert not secrets.verify_password(None, "anything")
     assert hasher.peak == 1
+
+
+def _hash_in_child(started: Any, running: Any, peak: Any) -> None:
+    """Hash once while counting, in `running` and `peak`, the processes that
+    hold an argon2id slot at the same time."""
+    started.wait()
+
+    class SharedCountingHasher(PasswordHasher):
+        def hash(self, password: str | bytes, *, salt: bytes | None = None) -> str:
+            with running.get_lock():
+                running.value += 1
+                peak.value = max(peak.value, running.value)
+            time.sleep(0.05)  # long enough for unbounded processes to overlap
+            try:
+                return super().hash(password, salt=salt)
+            finally:
+                with running.get_lock():
+                    running.value -= 1
+
+    secrets._hasher = SharedCountingHasher(time_cost=1, memory_cost=8, parallelism=1)
+    secrets.hash_password("pw")
+    os._exit(0)
+
+
+def test_slots_are_shared_by_forked_processes() -> None:
+    """Worker processes forked from the server share the slots: together they
+    run at most ARGON2_SLOTS computations at once."""
+    context = multiprocessing.get_context("fork")
+    started = context.Event()
+    running = context.Value("i", 0)
+    peak = context.Value("i", 0)
+    children = [
+        context.Process(target=_hash_in_child, args=(started, running, peak))
+        for _ in range(secrets.ARGON2_SLOTS + 3)
+    ]
+    for child in children:
+        child.start()
+    started.set()
+    for child in children:
+        child.join(timeout=60)
+        assert child.exitcode == 0
+    assert 1 <= peak.value <= secrets.ARGON2_SLOTS
