@@ -200,6 +200,46 @@ def test_unknown_grant_type(server: ServerProcess) -> None:
     assert response.status_code == 400
 
 
+def test_token_service_name_checked(
+    server: ServerProcess, reader: tuple[str, str]
+) -> None:
+    """GET and POST /token reject a service other than the registry's with 400,
+    and accept the registry's own service or none."""
+    login, password = reader
+    for params in ({"service": "moorage"}, {}):
+        response = httpx.get(f"{server.url}/token", params=params, auth=reader)
+        assert response.status_code == 200, (params, response.text)
+
+    response = httpx.get(
+        f"{server.url}/token", params={"service": "other.example"}, auth=reader
+    )
+    assert response.status_code == 400, response.text
+    error = response.json()["errors"][0]
+    assert error["code"] == "UNSUPPORTED"
+    assert error["detail"] == {"service": "other.example", "expected": "moorage"}
+    assert "other.example" in error["message"]
+
+    response = httpx.post(
+        f"{server.url}/token",
+        data={
+            "grant_type": "password",
+            "username": login,
+            "password": password,
+            "service": "other.example",
+        },
+    )
+    assert response.status_code == 400, response.text
+    assert response.json()["errors"][0]["code"] == "UNSUPPORTED"
+    form = {
+        "grant_type": "password",
+        "username": login,
+        "password": password,
+        "service": "moorage",
+    }
+    response = httpx.post(f"{server.url}/token", data=form)
+    assert response.status_code == 200, response.text
+
+
 def test_refresh_token_not_a_bearer(
     server: ServerProcess, reader: tuple[str, str]
 ) -> None:

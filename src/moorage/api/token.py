@@ -5,6 +5,11 @@ The response holds a JWT whose `access` claim is the intersection of the scopes
 asked for and what the account may do. A partial or empty grant is no error;
 only bad credentials get a 401.
 
+Both reject a `service` other than the registry's own with 400. In the CNCF
+distribution token specification, `service` names the service that hosts the
+resource, and the registry's `WWW-Authenticate` challenge sends its
+`service_name`. A missing or empty `service` is accepted.
+
 GET takes HTTP Basic credentials and `scope` parameters (several, each possibly
 space-separated); `offline_token=true` adds a refresh token. POST takes the
 OAuth2 form that docker and podman send: `grant_type=password` with `username`
@@ -76,6 +81,19 @@ def granted_scopes(principal: Principal, asked: list[Scope]) -> list[Scope]:
     return granted
 
 
+def check_service(values: list[str], service_name: str) -> None:
+    """Raise UnsupportedError unless each `service` value is empty or `service_name`."""
+    for value in values:
+        if value and value != service_name:
+            truncated = value[:100]
+            raise UnsupportedError(
+                f"invalid service {truncated!r}: this registry issues tokens only "
+                f"for service {service_name!r}, the one in its WWW-Authenticate "
+                "challenge",
+                detail={"service": truncated, "expected": service_name},
+            )
+
+
 def format_granted(scope: Scope) -> str:
     return format_scope(scope.type, scope.name, sorted(scope.actions))
 
@@ -95,6 +113,7 @@ def routes(services: Services) -> list[Route]:
     authenticator = services.authenticator
     tokens = services.tokens
     trust = services.trust
+    service_name = services.settings.service_name
 
     async def token_response(
         request: Request,
@@ -131,6 +150,7 @@ def routes(services: Services) -> list[Route]:
         return JSONResponse(body, headers={"Cache-Control": "no-store"})
 
     async def issue_token(request: Request) -> Response:
+        check_service(request.query_params.getlist("service"), service_name)
         await tokens.reload()
         header = request.headers.get("authorization", "")
         scheme, _, value = header.partition(" ")
@@ -164,6 +184,7 @@ def routes(services: Services) -> list[Route]:
     async def oauth_token(request: Request) -> Response:
         await tokens.reload()
         form = await read_form(request)
+        check_service(form.getlist("service"), service_name)
         grant_type = form.get("grant_type", "")
         if grant_type == "password":
             login = form.get("username", "")
