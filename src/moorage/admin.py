@@ -428,8 +428,11 @@ async def set_enabled(
     *,
     force: bool = False,
     audit: AdminRecorder | None = None,
-) -> None:
-    """Enable or disable a user or robot; disabling rejects its tokens now."""
+) -> bool:
+    """Enable or disable a user or robot; disabling rejects its tokens now.
+
+    Returns False when the account was enabled or disabled already.
+    """
     change = _set_enabled(identity, customer_slug, login, kind, enabled, force)
     if audit is None:
         return await change
@@ -445,9 +448,10 @@ async def _set_enabled(
     kind: str,
     enabled: bool,
     force: bool,
-) -> None:
+) -> bool:
     account = await find_account_of(identity, customer_slug, login, kind)
     await identity.set_disabled(account.id, not enabled, keep_an_owner=not force)
+    return account.disabled == enabled
 
 
 _ROLE_ACTIONS = {"user": USER_ROLE, "robot": ROBOT_ROLE}
@@ -597,7 +601,8 @@ async def revoke_personal_token(
     token_id: int,
     *,
     audit: AdminRecorder | None = None,
-) -> None:
+) -> bool:
+    """Revoke a user's personal access token; return False if it was revoked before."""
     change = _revoke_personal_token(identity, customer_slug, login, token_id)
     if audit is None:
         return await change
@@ -607,7 +612,7 @@ async def revoke_personal_token(
 
 async def _revoke_personal_token(
     identity: IdentityStore, customer_slug: str, login: str, token_id: int
-) -> None:
+) -> bool:
     account = await find_account_of(identity, customer_slug, login, "user")
     token = None
     if 1 <= token_id <= MAX_ROW_ID:
@@ -615,6 +620,7 @@ async def _revoke_personal_token(
     if token is None or token.account_id != account.id:
         raise NotFoundError(f"token {token_id} of {login!r} not found")
     await identity.revoke_personal_token(token_id)
+    return token.revoked_at is None
 
 
 # Refresh tokens
@@ -789,10 +795,15 @@ async def _remove_grant(
 
 async def set_customer_active(
     identity: IdentityStore, customer_slug: str, active: bool
-) -> None:
-    """Resume or suspend a customer; suspending rejects all its tokens now."""
+) -> bool:
+    """Resume or suspend a customer; suspending rejects all its tokens now.
+
+    Returns False when the customer already had that status.
+    """
     customer = await identity.get_customer(customer_slug)
-    await identity.set_customer_status(customer.id, "active" if active else "suspended")
+    status = "active" if active else "suspended"
+    await identity.set_customer_status(customer.id, status)
+    return customer.status != status
 
 
 async def shred_customer(

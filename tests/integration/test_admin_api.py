@@ -497,6 +497,28 @@ def test_personal_tokens_of_me(
         error_of(with_token.get("/me"), 401)
 
 
+def test_expired_personal_token_says_expired(
+    server: ServerProcess, vendor: httpx.Client, acme: str
+) -> None:
+    """A bearer token issued under a personal access token that has expired since
+    is rejected with a message that says expired, not revoked."""
+    login, password = add_user(vendor, acme, "reader")
+    with api(server, (login, password)) as client:
+        expires = datetime.now(UTC) + timedelta(seconds=5)
+        created = client.post(
+            "/me/tokens", json={"name": "short", "expires_at": expires.isoformat()}
+        )
+        assert created.status_code == 201, created.text
+    token = get_token(server, login, str(created.json()["token"]))
+    assert httpx.get(f"{server.url}/v2/", headers=bearer(token)).status_code == 200
+    time.sleep(max(0.0, (expires - datetime.now(UTC)).total_seconds()) + 0.5)
+
+    response = httpx.get(f"{server.url}/v2/", headers=bearer(token))
+    message = error_of(response, 401)["message"]
+    assert "expired" in message
+    assert "revoked" not in message
+
+
 def test_role_change_applies_at_once(
     server: ServerProcess, as_owner: httpx.Client, acme: str
 ) -> None:

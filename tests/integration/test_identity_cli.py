@@ -177,9 +177,12 @@ def test_token_add_list_revoke(cli: Cli) -> None:
     listing = cli.ok("token", "list", "acme", "dave")
     assert "laptop" in listing
     assert token not in listing
-    cli.ok("token", "revoke", "acme", "dave", token_id)
+    output = cli.ok("token", "revoke", "acme", "dave", token_id)
+    assert f"token {token_id} revoked" in output
     revoked_row = cli.ok("token", "list", "acme", "dave").split("laptop", 1)[1]
     assert revoked_row.split("│")[3].strip() != "-"
+    output = cli.ok("token", "revoke", "acme", "dave", token_id)
+    assert f"token {token_id} was already revoked; nothing changed" in output
 
 
 def test_grant_add_list_remove(cli: Cli) -> None:
@@ -321,6 +324,34 @@ def test_customer_suspend_resume(cli: Cli) -> None:
     assert "suspended" in cli.ok("customer", "list").split("globex", 1)[1]
     cli.ok("customer", "resume", "globex")
     assert "active" in cli.ok("customer", "list").split("globex", 1)[1]
+
+
+def test_no_op_changes_say_so(cli: Cli) -> None:
+    """Suspend, resume, disable and enable exit 0 when there is nothing to change,
+    and say that nothing changed instead of reporting a change."""
+    cli.ok("customer", "add", "hooli")
+    output = cli.ok("customer", "resume", "hooli")
+    assert "hooli is not suspended; nothing changed" in output
+    assert "resumed" not in output
+    assert "suspended; its tokens" in cli.ok("customer", "suspend", "hooli")
+    output = cli.ok("customer", "suspend", "hooli")
+    assert "hooli was already suspended; nothing changed" in output
+    assert "resumed;" in cli.ok("customer", "resume", "hooli")
+
+    cli.ok("user", "add", "acme", "grace")
+    output = cli.ok("user", "enable", "acme", "grace")
+    assert "user grace is not disabled; nothing changed" in output
+    assert "user grace disabled" in cli.ok("user", "disable", "acme", "grace")
+    output = cli.ok("user", "disable", "acme", "grace")
+    assert "user grace was already disabled; nothing changed" in output
+    assert "user grace enabled" in cli.ok("user", "enable", "acme", "grace")
+
+    cli.ok("robot", "add", "acme", "idle")
+    output = cli.ok("robot", "enable", "acme", "idle")
+    assert "robot acme+idle is not disabled; nothing changed" in output
+    cli.ok("robot", "disable", "acme", "idle")
+    output = cli.ok("robot", "disable", "acme", "idle")
+    assert "robot acme+idle was already disabled; nothing changed" in output
 
 
 def test_signing_key_rotate(cli: Cli) -> None:

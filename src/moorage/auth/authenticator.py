@@ -199,7 +199,9 @@ class Authenticator:
             if personal_token is None or not _token_usable(
                 personal_token, account, utcnow()
             ):
-                raise UnauthorizedError("token has been revoked")
+                raise UnauthorizedError(
+                    _personal_token_rejection(personal_token, account)
+                )
         return _principal(access, personal_token)
 
     async def _personal_token(
@@ -321,6 +323,15 @@ def _token_usable(
         and token.revoked_at is None
         and (token.expires_at is None or token.expires_at > now)
     )
+
+
+def _personal_token_rejection(
+    token: PersonalTokenRecord | None, account: AccountRecord
+) -> str:
+    """Return why a bearer token issued under a personal access token is rejected."""
+    if token is not None and token.account_id == account.id and not token.revoked_at:
+        return "personal access token has expired"
+    return "token has been revoked"
 
 
 def _check_usable(account: AccountRecord, now: datetime) -> None:

@@ -119,7 +119,7 @@ def _print_secret(label: str, secret: str) -> None:
 @customer_app.command("suspend")
 def customer_suspend(customer: str, data_dir: DataDirOption = None) -> None:
     """Stop every login and token of a customer at once."""
-    _run(
+    changed = _run(
         _settings(data_dir=data_dir),
         lambda s: _audited(
             s,
@@ -129,13 +129,16 @@ def customer_suspend(customer: str, data_dir: DataDirOption = None) -> None:
             admin.set_customer_active(s.identity, customer, False),
         ),
     )
+    if not changed:
+        console.print(f"customer {customer} was already suspended; nothing changed")
+        return
     console.print(f"customer {customer} suspended; its tokens no longer work")
 
 
 @customer_app.command("resume")
 def customer_resume(customer: str, data_dir: DataDirOption = None) -> None:
     """Let a suspended customer's accounts log in again."""
-    _run(
+    changed = _run(
         _settings(data_dir=data_dir),
         lambda s: _audited(
             s,
@@ -145,6 +148,9 @@ def customer_resume(customer: str, data_dir: DataDirOption = None) -> None:
             admin.set_customer_active(s.identity, customer, True),
         ),
     )
+    if not changed:
+        console.print(f"customer {customer} is not suspended; nothing changed")
+        return
     console.print(f"customer {customer} resumed; its accounts must log in again")
 
 
@@ -197,7 +203,7 @@ def user_disable(
     data_dir: DataDirOption = None,
 ) -> None:
     """Disable a user; its tokens stop working on the next request."""
-    _run(
+    changed = _run(
         _settings(data_dir=data_dir),
         lambda s: _audited(
             s,
@@ -207,7 +213,11 @@ def user_disable(
             admin.set_enabled(s.identity, customer, name, "user", False, force=force),
         ),
     )
-    console.print(f"user {name} disabled")
+    console.print(
+        f"user {name} disabled"
+        if changed
+        else f"user {name} was already disabled; nothing changed"
+    )
 
 
 @user_app.command("enable")
@@ -215,7 +225,7 @@ def user_enable(
     customer: CustomerArgument, name: str, data_dir: DataDirOption = None
 ) -> None:
     """Enable a disabled user again (it must log in again)."""
-    _run(
+    changed = _run(
         _settings(data_dir=data_dir),
         lambda s: _audited(
             s,
@@ -225,7 +235,11 @@ def user_enable(
             admin.set_enabled(s.identity, customer, name, "user", True),
         ),
     )
-    console.print(f"user {name} enabled")
+    console.print(
+        f"user {name} enabled"
+        if changed
+        else f"user {name} is not disabled; nothing changed"
+    )
 
 
 @user_app.command("reset-password")
@@ -412,7 +426,7 @@ def robot_disable(
 ) -> None:
     """Disable a robot; its tokens stop working on the next request."""
     login = admin.robot_login(customer, name)
-    _run(
+    changed = _run(
         _settings(data_dir=data_dir),
         lambda s: _audited(
             s,
@@ -422,14 +436,18 @@ def robot_disable(
             admin.set_enabled(s.identity, customer, login, "robot", False, force=force),
         ),
     )
-    console.print(f"robot {login} disabled")
+    console.print(
+        f"robot {login} disabled"
+        if changed
+        else f"robot {login} was already disabled; nothing changed"
+    )
 
 
 @robot_app.command("enable")
 def robot_enable(customer: str, name: str, data_dir: DataDirOption = None) -> None:
     """Enable a disabled robot again."""
     login = admin.robot_login(customer, name)
-    _run(
+    changed = _run(
         _settings(data_dir=data_dir),
         lambda s: _audited(
             s,
@@ -439,7 +457,11 @@ def robot_enable(customer: str, name: str, data_dir: DataDirOption = None) -> No
             admin.set_enabled(s.identity, customer, login, "robot", True),
         ),
     )
-    console.print(f"robot {login} enabled")
+    console.print(
+        f"robot {login} enabled"
+        if changed
+        else f"robot {login} is not disabled; nothing changed"
+    )
 
 
 @robot_app.command("remove")
@@ -545,7 +567,7 @@ def token_revoke(
     data_dir: DataDirOption = None,
 ) -> None:
     """Revoke a personal access token; it stops working on the next request."""
-    _run(
+    changed = _run(
         _settings(data_dir=data_dir),
         lambda s: _audited(
             s,
@@ -555,7 +577,11 @@ def token_revoke(
             admin.revoke_personal_token(s.identity, customer, user, token_id),
         ),
     )
-    console.print(f"token {token_id} revoked")
+    console.print(
+        f"token {token_id} revoked"
+        if changed
+        else f"token {token_id} was already revoked; nothing changed"
+    )
 
 
 # Refresh tokens
