@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -52,6 +53,8 @@ from moorage.storage.encryption.maintenance import ShredReport, shred_owner
 
 # A customer slug is also its namespace, so it follows the repository name
 # component grammar, without the double underscore.
+# The width of the customers.display_name column.
+MAX_DISPLAY_NAME_LENGTH = 200
 _SLUG_PATTERN = re.compile(r"[a-z0-9]+(?:[._-][a-z0-9]+)*")
 _LOGIN_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,127}")
 # The password policy (NIST SP 800-63B style: length over composition rules).
@@ -78,6 +81,22 @@ def validate_slug(slug: str) -> str:
             "and single '.', '_' or '-' between them"
         )
     return slug
+
+
+def validate_display_name(name: str) -> str:
+    """Return a customer's display name when it fits; raise InvalidInputError."""
+    if len(name) > MAX_DISPLAY_NAME_LENGTH:
+        raise InvalidInputError(
+            f"customer display name is too long ({len(name)} characters): use at "
+            f"most {MAX_DISPLAY_NAME_LENGTH}"
+        )
+    for character in name:
+        if unicodedata.category(character) == "Cc":
+            raise InvalidInputError(
+                f"invalid customer display name {name!r}: it contains the control "
+                f"character U+{ord(character):04X}; use printable characters only"
+            )
+    return name
 
 
 def validate_login(login: str) -> str:
@@ -133,7 +152,7 @@ async def _create_customer(
     identity: IdentityStore, slug: str, display_name: str, access_until: datetime | None
 ) -> CustomerRecord:
     return await identity.create_customer(
-        validate_slug(slug), display_name, access_until
+        validate_slug(slug), validate_display_name(display_name), access_until
     )
 
 

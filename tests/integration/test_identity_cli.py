@@ -13,7 +13,7 @@ import pytest
 
 from moorage import admin
 from moorage.config import Settings
-from moorage.errors import UnauthorizedError
+from moorage.errors import InvalidInputError, UnauthorizedError
 from moorage.services import Services, open_services
 from tests.support.cli import Cli
 from tests.support.database import create_database, drop_database
@@ -352,6 +352,44 @@ def test_no_op_changes_say_so(cli: Cli) -> None:
     cli.ok("robot", "disable", "acme", "idle")
     output = cli.ok("robot", "disable", "acme", "idle")
     assert "robot acme+idle was already disabled; nothing changed" in output
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("x" * 201, "too long (201 characters): use at most 200"),
+        ("Evil\x1b[31mCo", "control character U+001B"),
+        ("two\nlines", "control character U+000A"),
+    ],
+)
+def test_customer_display_name_checked(cli: Cli, name: str, message: str) -> None:
+    """customer add rejects a display name that is too long or contains a control
+    character with exit code 2 and one line, and adds no customer."""
+    slug = unique("named")
+    result = cli.run("customer", "add", slug, "--name", name)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: --name: ")
+    assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert slug not in cli.ok("customer", "list")
+
+    async def add(services: Services) -> None:
+        await admin.add_customer(services.identity, slug, name, None)
+
+    with pytest.raises(InvalidInputError, match="display name"):
+        _with_services(cli, add)
+
+
+def test_customer_display_name_limit(cli: Cli) -> None:
+    """A display name of exactly 200 characters, accented ones included, is kept."""
+    slug = unique("wide")
+    name = "é" * 200
+    cli.ok("customer", "add", slug, "--name", name)
+
+    async def stored(services: Services) -> str:
+        return (await services.identity.get_customer(slug)).display_name
+
+    assert _with_services(cli, stored) == name
 
 
 def test_signing_key_rotate(cli: Cli) -> None:

@@ -35,7 +35,7 @@ from moorage.cli.output import Table, shown
 from moorage.config import Settings, load_settings
 from moorage.db.identity_store import AccountRecord, CustomerRecord, GrantRecord
 from moorage.db.key_store import KeyStore
-from moorage.errors import MoorageError
+from moorage.errors import InvalidInputError, MoorageError
 from moorage.logs import configure_logging
 from moorage.services import Services, open_services
 from moorage.storage.encryption import maintenance
@@ -267,6 +267,16 @@ def customer_add(
 ) -> None:
     """Add a customer and its namespace."""
     until = _parse_end_date(access_until, "--access-until")
+    if name is not None:
+        try:
+            admin.validate_display_name(name)
+        except InvalidInputError as error:
+            errors.print(
+                f"[red]error:[/red] --name: {shown(error.message)}",
+                highlight=False,
+                soft_wrap=True,
+            )
+            raise typer.Exit(2) from None
     customer = _run(
         _settings(data_dir=data_dir),
         lambda s: admin.add_customer(
