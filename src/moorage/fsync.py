@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 
-def fsync_directory(path: Path) -> None:
+def fsync_directory(path: str | Path) -> None:
     """Make the creation, rename or removal of a file in `path` durable."""
     descriptor = os.open(path, os.O_RDONLY)
     try:

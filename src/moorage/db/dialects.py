@@ -59,6 +59,23 @@ def prepared_insert_ignore(dialect_name: str, table: Table) -> Any:
     return sqlite.insert(table).on_conflict_do_nothing()
 
 
+@functools.cache
+def prepared_upsert(
+    dialect_name: str, table: Table, keys: Sequence[str], update: Sequence[str]
+) -> Any:
+    """Return an INSERT into `table` that updates the `update` columns of the
+    row with the same `keys` instead, when there is one.
+
+    Like `prepared_insert_ignore`, it has no values and is built once.
+    """
+    insert = postgresql.insert if dialect_name == "postgresql" else sqlite.insert
+    statement = insert(table)
+    return statement.on_conflict_do_update(
+        index_elements=list(keys),
+        set_={name: statement.excluded[name] for name in update},
+    )
+
+
 async def insert_ignore(
     connection: AsyncConnection, table: Table, values: dict[str, Any]
 ) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -15,6 +16,7 @@ from sqlalchemy import (
     delete,
     exists,
     func,
+    literal,
     or_,
     select,
     update,
@@ -27,7 +29,7 @@ from moorage.db.dialects import (
     lexical,
     like_pattern,
     prepared_insert_ignore,
-    upsert_statement,
+    prepared_upsert,
 )
 from moorage.db.direct import DirectReadError, PreparedRead, direct_reads, prepare
 from moorage.db.schema import (
@@ -211,6 +213,7 @@ class RegistryStore:
         """
 
         def work(connection: Connection) -> bool:
+            repository_id: int | None = None
             if finished_upload is not None:
                 if upload_size is None:
                     statement = _DELETE_UPLOAD
@@ -218,14 +221,21 @@ class RegistryStore:
                 else:
                     statement = _DELETE_UPLOAD_OF_SIZE
                     values = {"upload_id": finished_upload, "size": upload_size}
-                result = connection.execute(statement, values)
-                if upload_size is not None and result.rowcount != 1:
+                # The session's row names its repository, so the link needs no
+                # lookup by name.
+                repository_id = connection.execute(statement, values).scalar()
+                if upload_size is not None and repository_id is None:
                     return False
-            repository_id = _ensure_repository(connection, repository)
+            if repository_id is None:
+                repository_id = _ensure_repository(connection, repository)
             dialect = connection.dialect.name
-            row = {"digest": digest, "size": size}
+            row = {"digest": digest, "size": size, "created_at": utcnow()}
             connection.execute(prepared_insert_ignore(dialect, blobs), row)
-            link = {"repository_id": repository_id, "digest": digest}
+            link = {
+                "repository_id": repository_id,
+                "digest": digest,
+                "created_at": row["created_at"],
+            }
             connection.execute(prepared_insert_ignore(dialect, repository_blobs), link)
             return True
 
@@ -281,15 +291,13 @@ class RegistryStore:
         upload_id = str(uuid.uuid4())
 
         def work(connection: Connection) -> None:
-            repository_id = _ensure_repository(connection, repository)
-            row = {
-                "id": upload_id,
-                "repository_id": repository_id,
-                "size": 0,
-                "created_at": now,
-                "updated_at": now,
-            }
-            connection.execute(_INSERT_UPLOAD, row)
+            row = {"id": upload_id, "name": repository, "now": now}
+            # One statement when the repository exists, as it does after its
+            # first push.
+            if connection.execute(_INSERT_UPLOAD_BY_NAME, row).rowcount == 1:
+                return
+            _ensure_repository(connection, repository)
+            connection.execute(_INSERT_UPLOAD_BY_NAME, row)
 
         await self._transact(work)
         return UploadRecord(upload_id, repository, 0, now)
@@ -433,15 +441,7 @@ class RegistryStore:
                 "manifest_id": manifest_id,
                 "updated_at": utcnow(),
             }
-            connection.execute(
-                upsert_statement(
-                    connection.dialect,
-                    tags,
-                    row,
-                    keys=("repository_id", "name"),
-                    update=("manifest_id", "updated_at"),
-                )
-            )
+            connection.execute(_tag_upsert(connection.dialect.name), row)
 
         await self._transact(work)
 
@@ -651,13 +651,23 @@ def _check_references(
     repository_id: int,
     manifest: NewManifest,
 ) -> None:
-    for digest in manifest.blob_references:
-        if _visible_blob_size(connection, repository, digest) is None:
-            raise ManifestBlobUnknownError(
-                f"manifest references blob {digest}, which is not in {repository}; "
-                "push or mount it first",
-                detail={"digest": digest},
-            )
+    if manifest.blob_references:
+        # One query finds the blobs linked to the repository, as most are;
+        # only the others are looked up one by one among its manifests'.
+        values = {
+            "repository_id": repository_id,
+            "digests": sorted(set(manifest.blob_references)),
+        }
+        linked = {row[0] for row in connection.execute(_LINKED_AMONG, values)}
+        for digest in manifest.blob_references:
+            if digest in linked:
+                continue
+            if _visible_blob_size(connection, repository, digest) is None:
+                raise ManifestBlobUnknownError(
+                    f"manifest references blob {digest}, which is not in "
+                    f"{repository}; push or mount it first",
+                    detail={"digest": digest},
+                )
     if manifest.manifest_references:
         referenced = set(manifest.manifest_references)
         result = connection.execute(
@@ -681,10 +691,7 @@ def _insert_manifest(
     manifest: NewManifest,
     codec: ContentCodec | None,
 ) -> int:
-    key = {"repository_id": repository_id, "digest": manifest.digest}
-    existing = connection.scalar(_MANIFEST_ID, key)
-    if existing is not None:
-        return int(existing)
+    now = utcnow()
     row = {
         "repository_id": repository_id,
         "digest": manifest.digest,
@@ -696,20 +703,45 @@ def _insert_manifest(
         "content": (
             codec.seal(manifest.content, manifest.digest) if codec else manifest.content
         ),
-        "created_at": utcnow(),
+        "created_at": now,
     }
+    # A new manifest, the usual case, is inserted with one statement. A
+    # manifest already stored returns no id here and keeps its references.
     dialect = connection.dialect.name
-    connection.execute(prepared_insert_ignore(dialect, manifests), row)
-    manifest_id = connection.scalar(_MANIFEST_ID, key)
-    assert manifest_id is not None
+    manifest_id = connection.execute(_insert_manifest_returning(dialect), row).scalar()
+    if manifest_id is None:
+        key = {"repository_id": repository_id, "digest": manifest.digest}
+        existing = connection.scalar(_MANIFEST_ID, key)
+        assert existing is not None
+        return int(existing)
     references = dict.fromkeys(manifest.blob_references, "blob")
     references.update(dict.fromkeys(manifest.manifest_references, "manifest"))
-    for digest, kind in references.items():
-        reference = {"manifest_id": manifest_id, "digest": digest, "kind": kind}
+    if references:
         connection.execute(
-            prepared_insert_ignore(dialect, manifest_references), reference
+            prepared_insert_ignore(dialect, manifest_references),
+            [
+                {"manifest_id": manifest_id, "digest": digest, "kind": kind}
+                for digest, kind in references.items()
+            ],
         )
     return int(manifest_id)
+
+
+@functools.cache
+def _insert_manifest_returning(dialect_name: str) -> Any:
+    """Insert a manifest unless the repository has it; return the new row's id."""
+    return prepared_insert_ignore(dialect_name, manifests).returning(manifests.c.id)
+
+
+@functools.cache
+def _tag_upsert(dialect_name: str) -> Any:
+    """Point a tag at a manifest, whether the tag exists or not."""
+    return prepared_upsert(
+        dialect_name,
+        tags,
+        keys=("repository_id", "name"),
+        update=("manifest_id", "updated_at"),
+    )
 
 
 def _manifest_columns():  # type: ignore[no-untyped-def]
@@ -756,10 +788,36 @@ _MANIFEST_ID = select(manifests.c.id).where(
     manifests.c.repository_id == bindparam("repository_id"),
     manifests.c.digest == bindparam("digest"),
 )
-_INSERT_UPLOAD = uploads.insert()
-_DELETE_UPLOAD = delete(uploads).where(uploads.c.id == bindparam("upload_id"))
-_DELETE_UPLOAD_OF_SIZE = delete(uploads).where(
-    uploads.c.id == bindparam("upload_id"), uploads.c.size == bindparam("size")
+# A new session in the repository of that name; no row when there is none.
+_now = bindparam("now", type_=uploads.c.created_at.type)
+_INSERT_UPLOAD_BY_NAME = uploads.insert().from_select(
+    ["id", "repository_id", "size", "created_at", "updated_at"],
+    select(
+        bindparam("id", type_=uploads.c.id.type),
+        repositories.c.id,
+        literal(0, type_=uploads.c.size.type),
+        _now,
+        _now,
+    ).where(repositories.c.name == bindparam("name")),
+)
+_DELETE_UPLOAD = (
+    delete(uploads)
+    .where(uploads.c.id == bindparam("upload_id"))
+    .returning(uploads.c.repository_id)
+)
+_DELETE_UPLOAD_OF_SIZE = (
+    delete(uploads)
+    .where(uploads.c.id == bindparam("upload_id"), uploads.c.size == bindparam("size"))
+    .returning(uploads.c.repository_id)
+)
+# Which of `digests` are linked to a repository.
+_LINKED_AMONG = (
+    select(repository_blobs.c.digest)
+    .join(blobs, blobs.c.digest == repository_blobs.c.digest)
+    .where(
+        repository_blobs.c.repository_id == bindparam("repository_id"),
+        repository_blobs.c.digest.in_(bindparam("digests", expanding=True)),
+    )
 )
 _DIRECT_BLOB_SIZE = prepare(_BLOB_SIZE)
 _DIRECT_UPLOAD = prepare(_UPLOAD)

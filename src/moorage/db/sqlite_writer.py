@@ -40,6 +40,7 @@ class SQLiteWriter:
     def __init__(self, path: str) -> None:
         self.path = path
         self._engine: Engine | None = None
+        self._connection: Connection | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._pid = 0
 
@@ -54,9 +55,22 @@ class SQLiteWriter:
         return await loop.run_in_executor(executor, self._transact, work)
 
     def _transact(self, work: Callable[[Connection], T]) -> T:
+        # The thread keeps its connection open between transactions, which
+        # saves a pool checkout and return (with its rollback) on each.
         assert self._engine is not None
-        with self._engine.begin() as connection:
-            return work(connection)
+        if self._connection is None or self._connection.invalidated:
+            if self._connection is not None:
+                self._connection.close()
+            self._connection = self._engine.connect()
+        try:
+            with self._connection.begin():
+                return work(self._connection)
+        except BaseException:
+            if self._connection.in_transaction():
+                # The rollback itself failed: start over with a new connection.
+                self._connection.close()
+                self._connection = None
+            raise
 
     def _start(self) -> ThreadPoolExecutor:
         # Neither the thread nor the connection survives a fork: each worker
@@ -71,6 +85,7 @@ class SQLiteWriter:
             )
             event.listen(engine, "connect", configure_sqlite)
             self._engine = engine
+            self._connection = None
             self._executor = ThreadPoolExecutor(1, thread_name_prefix="sqlite-writer")
             self._pid = os.getpid()
         return self._executor
@@ -78,11 +93,19 @@ class SQLiteWriter:
     def close(self) -> None:
         """Wait for the transaction in progress, then close the connection."""
         if self._executor is not None and self._pid == os.getpid():
-            self._executor.shutdown(wait=True)
+            executor, self._executor = self._executor, None
+            executor.submit(self._close_connection)
+            executor.shutdown(wait=True)
             assert self._engine is not None
             self._engine.dispose()
         self._executor = None
         self._engine = None
+        self._connection = None
+
+    def _close_connection(self) -> None:
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
 
 
 def sqlite_writer(engine: AsyncEngine) -> SQLiteWriter | None:
