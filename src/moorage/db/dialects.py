@@ -30,22 +30,6 @@ def insert_ignore_statement(
     return statement.on_conflict_do_nothing()
 
 
-def upsert_statement(
-    dialect: Dialect,
-    table: Table,
-    values: dict[str, Any],
-    keys: Sequence[str],
-    update: Sequence[str],
-) -> Any:
-    """Return an INSERT of a row that updates the `update` columns of the row
-    with the same keys instead, when there is one."""
-    statement = insert_statement(dialect, table).values(**values)
-    return statement.on_conflict_do_update(
-        index_elements=list(keys),
-        set_={name: statement.excluded[name] for name in update},
-    )
-
-
 @functools.cache
 def prepared_insert_ignore(dialect_name: str, table: Table) -> Any:
     """Return an INSERT into `table` that skips a row whose key exists.
