@@ -281,6 +281,23 @@ async def test_chunks_stay_intact_while_later_ones_are_read(layer: Layer) -> Non
     assert bytes(received) == data[7:]
 
 
+async def test_concurrent_reads_interleaved(layer: Layer) -> None:
+    """Two reads of one object, advanced in turn, each return the whole object
+    (a lone local read decrypts ahead in a thread, concurrent ones inline)."""
+    data = sample(4 * 1024 * 1024 + 3)
+    await layer.store("blobs/i", data)
+    first, second = layer.driver.read("blobs/i"), layer.driver.read("blobs/i")
+    received = [bytearray(), bytearray()]
+    pending = [first, second]
+    while pending:
+        for stream in list(pending):
+            try:
+                received[0 if stream is first else 1] += await anext(stream)
+            except StopAsyncIteration:
+                pending.remove(stream)
+    assert received == [data, data]
+
+
 async def test_reads_a_file_not_in_the_page_cache(tmp_path: Path) -> None:
     """A file whose pages were evicted is read in a worker thread, correctly."""
     layer = Layer(tmp_path)

@@ -73,6 +73,8 @@ _KEPT_BUFFERS = 3
 # Reads that fail rather than wait for the disk (Linux); elsewhere every run
 # is read in a worker thread.
 _NOWAIT: int | None = getattr(os, "RWF_NOWAIT", None)
+# Encrypted local files being read by this process now.
+_local_reads = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -292,6 +294,8 @@ class EncryptedDriver(StorageDriver):
         last = max(index, (end - 1) // segment)
         per_run = max(1, READ_RUN_BYTES // segment)
         skip = offset - index * segment
+        global _local_reads
+        _local_reads += 1
         try:
             while index <= last:
                 count = min(per_run, last + 1 - index)
@@ -302,12 +306,19 @@ class EncryptedDriver(StorageDriver):
                     raise
                 start = index * segment
                 index += count
+                if index <= last and _local_reads == 1:
+                    # A lone read leaves a core idle: the next run is read and
+                    # decrypted there while this one is sent. Concurrent reads
+                    # keep the cores busy already, and a thread per run would
+                    # only add CPU time.
+                    runs.read_ahead(index, min(per_run, last + 1 - index))
                 view = memoryview(plain)[skip : end - start]
                 skip = 0
                 if view:
                     yield view
                 del view, plain
         finally:
+            _local_reads -= 1
             runs.close(file)
         if length is not None and offset + length > end:
             missing = offset + length - end
@@ -641,16 +652,25 @@ class _FileSegments:
 
     async def open(self, first: int, count: int) -> bytearray:
         """Return the plaintext of `count` segments from `first`, all authenticated."""
-        if _NOWAIT is not None:
+        if self._pending is None and _NOWAIT is not None:
             plain = self._open(first, count, _NOWAIT)
             if plain is not None:
                 return plain
-        loop = asyncio.get_running_loop()
-        self._pending = loop.run_in_executor(None, self._open, first, count, 0)
-        plain = await self._pending
-        self._pending = None
+        if self._pending is None:
+            self.read_ahead(first, count)
+        assert self._pending is not None
+        try:
+            plain = await self._pending
+        finally:
+            self._pending = None
         assert plain is not None
         return plain
+
+    def read_ahead(self, first: int, count: int) -> None:
+        """Start reading and decrypting a run in a worker thread; the next call
+        to `open`, which must ask for the same run, returns it."""
+        loop = asyncio.get_running_loop()
+        self._pending = loop.run_in_executor(None, self._open, first, count, 0)
 
     def _open(self, first: int, count: int, flags: int) -> bytearray | None:
         """Read and decrypt a run. Return None when `flags` contains RWF_NOWAIT
