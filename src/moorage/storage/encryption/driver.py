@@ -620,11 +620,11 @@ class _FileSegments:
     """Reads and decrypts runs of segments of one encrypted local file.
 
     A run whose bytes are in the page cache is read and decrypted in the event
-    loop thread. Only a run that has to wait for the disk goes to a worker
-    thread. Handing every run to a thread cost about 0.25 s more CPU per GiB
-    pulled, against about 0.1 s/GiB for AES-GCM itself. That cost is a thread
-    hop per run and the GIL passed back and forth around each segment's
-    AES-GCM call.
+    loop thread. A run goes to a worker thread when it has to wait for the
+    disk, or when the caller reads it ahead (see `read_ahead`). Handing every
+    run to a thread cost about 0.25 s more CPU per GiB pulled, against about
+    0.1 s/GiB for AES-GCM itself. That cost is a thread hop per run and the
+    GIL passed back and forth around each segment's AES-GCM call.
 
     Plaintext buffers are reused once nothing else refers to them (see
     `_free_buffer`), which saves zeroing and faulting in 1 MiB per run.
