@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import BinaryIO
 
 import pytest
 
@@ -18,12 +19,21 @@ SEALED = SEGMENT + 28
 MARKER = b"MOORAGE-PLAINTEXT-MARKER"
 
 
+class StreamingFilesystemDriver(FilesystemDriver):
+    """The filesystem driver without local files, as an object store would be:
+    the encrypted layer then decrypts the chunks that `read` streams."""
+
+    async def open_file(self, path: str) -> BinaryIO | None:
+        return None
+
+
 class Layer:
     """An encrypted driver over a directory, with the raw files at hand."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, local_files: bool = True) -> None:
         self.root = root / "storage"
-        self.plain = FilesystemDriver(self.root, fsync=False)
+        inner = FilesystemDriver if local_files else StreamingFilesystemDriver
+        self.plain = inner(self.root, fsync=False)
         self.keyring = FileKeyring(root / "keys")
         self.errors: list[IntegrityError] = []
         self.driver = EncryptedDriver(
@@ -58,9 +68,10 @@ class Layer:
         )
 
 
-@pytest.fixture
-def layer(tmp_path: Path) -> Layer:
-    return Layer(tmp_path)
+@pytest.fixture(params=["local file", "streamed"])
+def layer(tmp_path: Path, request: pytest.FixtureRequest) -> Layer:
+    """Both read paths: runs read from a local file, or chunks from a stream."""
+    return Layer(tmp_path, local_files=request.param == "local file")
 
 
 async def read_into(
@@ -150,8 +161,9 @@ async def test_flipped_byte_fails(layer: Layer) -> None:
     assert [error.path for error in layer.errors] == ["blobs/f"]
 
 
-async def test_no_local_file_for_zero_copy(layer: Layer) -> None:
+async def test_no_local_file_for_zero_copy(tmp_path: Path) -> None:
     """The layer offers no file to send as it is: its bytes are ciphertext."""
+    layer = Layer(tmp_path)
     await layer.store("blobs/z", sample(10))
     stored = await layer.plain.open_file("blobs/z")
     assert stored is not None
@@ -253,3 +265,56 @@ async def test_move_and_delete_keep_envelopes_in_step(layer: Layer) -> None:
     await layer.driver.delete("blobs")
     assert await layer.plain.list(".keys") == []
     assert await layer.driver.list("") == []
+
+
+async def test_chunks_stay_intact_while_later_ones_are_read(layer: Layer) -> None:
+    """Chunks stay unchanged while later ones are read, whether the reader
+    keeps every chunk or only the latest (the local path reuses free buffers)."""
+    data = sample(5 * 1024 * 1024 + 100)
+    await layer.store("blobs/l", data)
+    kept = [chunk async for chunk in layer.driver.read("blobs/l")]
+    assert len(kept) > 3
+    assert b"".join(kept) == data
+    received = bytearray()
+    async for chunk in layer.driver.read("blobs/l", 7, len(data) - 7):
+        received += chunk
+    assert bytes(received) == data[7:]
+
+
+async def test_concurrent_reads_interleaved(layer: Layer) -> None:
+    """Two reads of one object, advanced in turn, each return the whole object
+    (a lone local read decrypts ahead in a thread, concurrent ones inline)."""
+    data = sample(4 * 1024 * 1024 + 3)
+    await layer.store("blobs/i", data)
+    first, second = layer.driver.read("blobs/i"), layer.driver.read("blobs/i")
+    received = [bytearray(), bytearray()]
+    pending = [first, second]
+    while pending:
+        for stream in list(pending):
+            try:
+                received[0 if stream is first else 1] += await anext(stream)
+            except StopAsyncIteration:
+                pending.remove(stream)
+    assert received == [data, data]
+
+
+async def test_reads_a_file_not_in_the_page_cache(tmp_path: Path) -> None:
+    """A file whose pages were evicted is read in a worker thread, correctly."""
+    layer = Layer(tmp_path)
+    data = sample(3 * 1024 * 1024)
+    await layer.store("blobs/c", data)
+    fd = os.open(layer.root / "blobs/c", os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        probe = bytearray(4096)
+        try:
+            os.preadv(fd, [probe], 2 * 1024 * 1024, os.RWF_NOWAIT)
+        except BlockingIOError:
+            pass
+        else:
+            pytest.skip("the kernel kept the file's pages cached")
+    finally:
+        os.close(fd)
+    assert await layer.load("blobs/c") == data
+    assert await layer.load("blobs/c", 1000, 5000) == data[1000:6000]

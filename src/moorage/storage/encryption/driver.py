@@ -24,11 +24,13 @@ destroyed on purpose, not altered.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import sys
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 import structlog
 
@@ -62,6 +64,17 @@ WORK_PREFIX = ".reencrypt"
 _PRIVATE_PREFIXES = (f"{ENVELOPES_PREFIX}/", f"{WORK_PREFIX}/")
 
 IntegrityHook = Callable[[IntegrityError], None]
+# Plaintext bytes read and decrypted at a time from a local file, and so the
+# size of each chunk the server sends.
+READ_RUN_BYTES = 1024 * 1024
+# Plaintext buffers kept per read for reuse: one the caller holds, one the
+# transport may still be sending, one to fill.
+_KEPT_BUFFERS = 3
+# Reads that fail rather than wait for the disk (Linux); elsewhere every run
+# is read in a worker thread.
+_NOWAIT: int | None = getattr(os, "RWF_NOWAIT", None)
+# Encrypted local files being read by this process now.
+_local_reads = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,6 +251,81 @@ class EncryptedDriver(StorageDriver):
 
     async def read(
         self, path: str, offset: int = 0, length: int | None = None
+    ) -> AsyncIterator[bytes | memoryview]:
+        file = await self.inner.open_file(path)
+        if file is not None:
+            chunks = self._read_file(path, file, offset, length)
+        else:
+            chunks = self._read_stream(path, offset, length)
+        try:
+            async for chunk in chunks:
+                yield chunk
+        finally:
+            await chunks.aclose()  # type: ignore[attr-defined]
+
+    async def _read_file(
+        self, path: str, file: BinaryIO, offset: int, length: int | None
+    ) -> AsyncIterator[bytes | memoryview]:
+        """Read a local file a run of segments at a time (see `_FileSegments`)."""
+        try:
+            fd = file.fileno()
+            stored_size = os.fstat(fd).st_size
+            header = parse_header(os.pread(fd, HEADER_BYTES, 0))
+            if header is not None:
+                cipher = await self.open_cipher(path, header)
+        except BaseException:
+            file.close()
+            raise
+        if header is None:
+            file.close()
+            async for chunk in self.inner.read(path, offset, length):
+                yield chunk
+            return
+        runs = _FileSegments(path, fd, cipher, stored_size)
+        if runs.plaintext_size < 0:
+            file.close()
+            raise self._integrity(path, "the stored object is cut short")
+        end = runs.plaintext_size
+        if length is not None:
+            end = min(end, offset + length)
+        segment = header.segment_bytes
+        index = min(offset // segment, runs.segments - 1)
+        # At least one segment is opened, so that an empty object is authenticated.
+        last = max(index, (end - 1) // segment)
+        per_run = max(1, READ_RUN_BYTES // segment)
+        skip = offset - index * segment
+        global _local_reads
+        _local_reads += 1
+        try:
+            while index <= last:
+                count = min(per_run, last + 1 - index)
+                try:
+                    plain = await runs.open(index, count)
+                except IntegrityError as error:
+                    self.on_integrity_error(error)
+                    raise
+                start = index * segment
+                index += count
+                if index <= last and _local_reads == 1:
+                    # A lone read leaves a core idle: the next run is read and
+                    # decrypted there while this one is sent. Concurrent reads
+                    # keep the cores busy already, and a thread per run would
+                    # only add CPU time.
+                    runs.read_ahead(index, min(per_run, last + 1 - index))
+                view = memoryview(plain)[skip : end - start]
+                skip = 0
+                if view:
+                    yield view
+                del view, plain
+        finally:
+            _local_reads -= 1
+            runs.close(file)
+        if length is not None and offset + length > end:
+            missing = offset + length - end
+            raise self._integrity(path, f"{missing} bytes short of the length read")
+
+    async def _read_stream(
+        self, path: str, offset: int, length: int | None
     ) -> AsyncIterator[bytes | memoryview]:
         if offset == 0:
             # One stream from the start: the header and the data come from the
@@ -526,6 +614,143 @@ def _open_batch(
         cipher.open_into(path, index + offset, piece, final_piece, buffer[position:end])
         position = end
     return buffer
+
+
+class _FileSegments:
+    """Reads and decrypts runs of segments of one encrypted local file.
+
+    A run whose bytes are in the page cache is read and decrypted in the event
+    loop thread. A run goes to a worker thread when it has to wait for the
+    disk, or when the caller reads it ahead (see `read_ahead`). Handing every
+    run to a thread cost about 0.25 s more CPU per GiB pulled, against about
+    0.1 s/GiB for AES-GCM itself. That cost is a thread hop per run and the
+    GIL passed back and forth around each segment's AES-GCM call.
+
+    Plaintext buffers are reused once nothing else refers to them (see
+    `_free_buffer`), which saves zeroing and faulting in 1 MiB per run.
+
+    NOTE: each byte is still copied twice, from the page cache into the sealed
+    buffer and from the plaintext buffer into the socket. With AES-GCM that
+    costs about 0.45 s of CPU per GiB on the 2-core benchmark machine, where
+    sending a plaintext blob with sendfile costs about 0.13 s/GiB.
+    """
+
+    def __init__(
+        self, path: str, fd: int, cipher: SegmentCipher, stored_size: int
+    ) -> None:
+        header = cipher.header
+        self._path = path
+        self._fd = fd
+        self._cipher = cipher
+        self._stored_size = stored_size
+        self._sealed = bytearray()
+        self._buffers: list[bytearray] = []
+        self._pending: asyncio.Future[bytearray | None] | None = None
+        self.plaintext_size = header.plaintext_size(stored_size)
+        body = stored_size - HEADER_BYTES
+        self.segments = max(1, -(-body // header.sealed_segment_bytes))
+
+    async def open(self, first: int, count: int) -> bytearray:
+        """Return the plaintext of `count` segments from `first`, all authenticated."""
+        if self._pending is None and _NOWAIT is not None:
+            plain = self._open(first, count, _NOWAIT)
+            if plain is not None:
+                return plain
+        if self._pending is None:
+            self.read_ahead(first, count)
+        assert self._pending is not None
+        try:
+            plain = await self._pending
+        finally:
+            self._pending = None
+        assert plain is not None
+        return plain
+
+    def read_ahead(self, first: int, count: int) -> None:
+        """Start reading and decrypting a run in a worker thread; the next call
+        to `open`, which must ask for the same run, returns it."""
+        loop = asyncio.get_running_loop()
+        self._pending = loop.run_in_executor(None, self._open, first, count, 0)
+
+    def _open(self, first: int, count: int, flags: int) -> bytearray | None:
+        """Read and decrypt a run. Return None when `flags` contains RWF_NOWAIT
+        and some of the run's bytes are not in the page cache."""
+        header = self._cipher.header
+        start = header.segment_offset(first)
+        size = min(count * header.sealed_segment_bytes, self._stored_size - start)
+        if len(self._sealed) < size:
+            self._sealed = bytearray(size)
+        sealed = memoryview(self._sealed)[:size]
+        try:
+            read = _pread_into(self._fd, sealed, start, flags)
+        except BlockingIOError:
+            return None
+        if read < size:
+            # The file shrank after it was opened.
+            raise IntegrityError(self._path, "the stored object is cut short")
+        final = first + count == self.segments
+        plain = self._free_buffer(size - count * SEGMENT_OVERHEAD)
+        self._cipher.open_run_into(self._path, first, sealed, final, memoryview(plain))
+        return plain
+
+    def _free_buffer(self, size: int) -> bytearray:
+        """Return a buffer of `size` bytes that nothing else refers to.
+
+        A buffer handed out earlier may still be referenced by the caller or
+        queued in the server's transport, directly or through a memoryview.
+        A buffer whose only reference is `_buffers` is free: no other code can
+        read it any more, so it is overwritten. Reference counts are compared
+        with those of a buffer known to be free, counted the same way, so the
+        test holds whatever the interpreter's own references are.
+        """
+        free = _unshared_reference_count()
+        counts = _reference_counts(self._buffers)
+        for buffer, count in zip(self._buffers, counts, strict=True):
+            if count == free and len(buffer) == size:
+                return buffer
+        buffer = bytearray(size)
+        if len(self._buffers) < _KEPT_BUFFERS:
+            self._buffers.append(buffer)
+        return buffer
+
+    def close(self, file: BinaryIO) -> None:
+        """Close `file` now, or when a worker thread still reading it finishes."""
+        self._buffers.clear()
+        pending = self._pending
+        if pending is None or pending.done():
+            file.close()
+            return
+
+        def close(future: asyncio.Future[bytearray | None]) -> None:
+            # No reader awaits this run any more, so its error is discarded.
+            if not future.cancelled():
+                future.exception()
+            file.close()
+
+        pending.add_done_callback(close)
+
+
+def _reference_counts(buffers: list[bytearray]) -> list[int]:
+    return [sys.getrefcount(buffer) for buffer in buffers]
+
+
+def _unshared_reference_count() -> int:
+    """Count the references `_reference_counts` sees for a buffer only its list has."""
+    return _reference_counts([bytearray()])[0]
+
+
+def _pread_into(fd: int, buffer: memoryview, offset: int, flags: int) -> int:
+    """Fill `buffer` from `offset`; return the bytes read, fewer only at the end.
+
+    With RWF_NOWAIT in `flags`, raise BlockingIOError when a part is not cached.
+    """
+    filled = 0
+    while filled < len(buffer):
+        count = os.preadv(fd, [buffer[filled:]], offset + filled, flags)
+        if count == 0:
+            break
+        filled += count
+    return filled
 
 
 async def _read_all(

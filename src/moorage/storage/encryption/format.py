@@ -168,3 +168,45 @@ class SegmentCipher:
             raise IntegrityError(
                 path, f"{where} {index} does not authenticate"
             ) from None
+
+    def open_run_into(
+        self,
+        path: str,
+        first: int,
+        sealed: memoryview,
+        final: bool,
+        out: memoryview,
+    ) -> None:
+        """Decrypt consecutive segments from `first` into `out`, in order.
+
+        `sealed` contains whole sealed segments, the last of which may be shorter;
+        `out` has room for exactly their plaintext. Only the last segment is
+        opened as the final one, and only when `final` is set. Raise
+        IntegrityError at the first segment that does not authenticate; `out`
+        then contains bytes that must not be used.
+        """
+        size = self.header.sealed_segment_bytes
+        plain = size - SEGMENT_OVERHEAD
+        count = -(-len(sealed) // size)
+        decrypt_into = self._aead.decrypt_into
+        prefix = self._prefix
+        pack = _POSITION.pack
+        for step in range(count):
+            start = step * size
+            piece = sealed[start : start + size]
+            index = first + step
+            is_final = final and step == count - 1
+            if len(piece) < SEGMENT_OVERHEAD:
+                raise IntegrityError(path, f"segment {index} is cut short")
+            try:
+                decrypt_into(
+                    piece[:NONCE_BYTES],
+                    piece[NONCE_BYTES:],
+                    prefix + pack(index, is_final),
+                    out[step * plain : step * plain + len(piece) - SEGMENT_OVERHEAD],
+                )
+            except InvalidTag:
+                where = "last segment" if is_final else "segment"
+                raise IntegrityError(
+                    path, f"{where} {index} does not authenticate"
+                ) from None
