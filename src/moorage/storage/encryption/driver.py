@@ -73,8 +73,6 @@ _KEPT_BUFFERS = 3
 # Reads that fail rather than wait for the disk (Linux); elsewhere every run
 # is read in a worker thread.
 _NOWAIT: int | None = getattr(os, "RWF_NOWAIT", None)
-# Encrypted local files being read by this process now.
-_local_reads = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +124,8 @@ class EncryptedDriver(StorageDriver):
         self.segment_bytes = segment_bytes
         self.on_integrity_error = on_integrity_error
         self.custody: DataKeyCustody | None = None
+        # Encrypted local files being read through this driver now.
+        self._local_reads = 0
 
     # Keys
 
@@ -294,8 +294,7 @@ class EncryptedDriver(StorageDriver):
         last = max(index, (end - 1) // segment)
         per_run = max(1, READ_RUN_BYTES // segment)
         skip = offset - index * segment
-        global _local_reads
-        _local_reads += 1
+        self._local_reads += 1
         try:
             while index <= last:
                 count = min(per_run, last + 1 - index)
@@ -306,7 +305,7 @@ class EncryptedDriver(StorageDriver):
                     raise
                 start = index * segment
                 index += count
-                if index <= last and _local_reads == 1:
+                if index <= last and self._local_reads == 1:
                     # A lone read leaves a core idle: the next run is read and
                     # decrypted there while this one is sent. Concurrent reads
                     # keep the cores busy already, and a thread per run would
@@ -318,7 +317,7 @@ class EncryptedDriver(StorageDriver):
                     yield view
                 del view, plain
         finally:
-            _local_reads -= 1
+            self._local_reads -= 1
             runs.close(file)
         if length is not None and offset + length > end:
             missing = offset + length - end
