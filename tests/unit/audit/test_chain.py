@@ -143,7 +143,9 @@ def test_canonical_document_equals_json_dumps(event: AuditEvent) -> None:
 
 
 # Characters whose JSON escaping differs between encoders, when any does.
-_TRICKY = '\x00\x01\x08\t\n\x0b\x0c\r\x1f "\\/\x7f\x80\xa0é\u2028\u2029\ufeff\uffff漢😀'
+_ESCAPE_CASES = (
+    '\x00\x01\x08\t\n\x0b\x0c\r\x1f "\\/\x7f\x80\xa0é\u2028\u2029\ufeff\uffff漢😀'
+)
 
 
 def test_canonical_document_every_character() -> None:
@@ -152,7 +154,7 @@ def test_canonical_document_every_character() -> None:
     characters = [
         chr(code) for code in range(0x800) if code not in range(0xD800, 0xE000)
     ]
-    characters += list(_TRICKY)
+    characters += list(_ESCAPE_CASES)
     for character in characters:
         event = AuditEvent(
             "manifest.pull",
@@ -166,7 +168,7 @@ def test_canonical_document_every_character() -> None:
 def _random_text(generator: random.Random) -> str | None:
     if generator.random() < 0.3:
         return None
-    pool = _TRICKY + "abcxyz09-_:/@$+"
+    pool = _ESCAPE_CASES + "abcxyz09-_:/@$+"
     return "".join(generator.choice(pool) for _ in range(generator.randrange(0, 12)))
 
 
