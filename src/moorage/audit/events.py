@@ -16,6 +16,8 @@ from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
+
 GENESIS_HASH = "0" * 64
 
 SUCCESS = "success"
@@ -135,6 +137,8 @@ def fit(event: AuditEvent) -> AuditEvent:
     The time becomes UTC, each NUL or lone surrogate in a text field becomes
     U+FFFD, and long text is cut to the column widths.
     """
+    if _needs_no_change(event):
+        return event
     changes: dict[str, Any] = {}
     if event.time.tzinfo is not UTC:
         changes["time"] = event.time.astimezone(UTC)
@@ -149,6 +153,31 @@ def fit(event: AuditEvent) -> AuditEvent:
         if value is not None and len(value) > limit:
             changes[name] = value[:limit]
     return replace(event, **changes) if changes else event
+
+
+def _needs_no_change(event: AuditEvent) -> bool:
+    """Tell cheaply whether `fit` would return the event unchanged.
+
+    The widths repeat _LIMITS, because a dict look-up per field costs more than
+    the check itself; a unit test keeps the two equal.
+    """
+    text = "".join(filter(None, _text_values(event)))
+    if not text.isascii() and _UNSTORABLE.search(text):
+        return False
+    return (
+        "\x00" not in text
+        and event.time.tzinfo is UTC
+        and len(event.actor_account or "") <= 255
+        and len(event.actor_customer or "") <= 64
+        and len(event.source_address or "") <= 64
+        and len(event.user_agent or "") <= 255
+        and len(event.repository or "") <= 255
+        and len(event.reference or "") <= 255
+        and len(event.digest or "") <= 200
+        and len(event.reason or "") <= 500
+        and len(event.request_id or "") <= 64
+        and len(event.link or "") <= 64
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,26 +231,57 @@ def event_dict(event: AuditEvent) -> dict[str, Any]:
     return data
 
 
-# The hashed document's keys in sorted order, each with its JSON key prefix, and
-# where its value sits in (seq, *EVENT_FIELDS, prev_hash).
-_DOCUMENT_KEYS = ("seq", *EVENT_FIELDS, "prev_hash")
-_SORTED_KEYS = tuple(sorted(_DOCUMENT_KEYS))
-_KEY_PREFIXES = tuple(json.dumps(key) + ":" for key in _SORTED_KEYS)
-_KEY_POSITIONS = tuple(_DOCUMENT_KEYS.index(key) for key in _SORTED_KEYS)
-_TIME_POSITION = _DOCUMENT_KEYS.index("time")
 # An event's field values as a tuple in EVENT_FIELDS order.
 event_values = operator.attrgetter(*EVENT_FIELDS)
-_encode_string = json.encoder.encode_basestring  # ensure_ascii=False's encoder
+# orjson writes a UTC datetime as format_time does (microseconds, "Z") unless
+# its microsecond is 0 or its year is before 1000; those get format_time.
+_ORJSON_OPTIONS = orjson.OPT_SORT_KEYS | orjson.OPT_UTC_Z
 
 
-def _json_value(value: Any) -> str:
-    if value is None:
-        return "null"
-    if type(value) is str:
-        return _encode_string(value)
-    if type(value) is int:
-        return int.__repr__(value)
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+def _document(seq: int, event: AuditEvent, prev_hash: str) -> dict[str, Any]:
+    """Return the hashed document, with the time as a string or as a datetime
+    that orjson formats to the same string."""
+    time: datetime | str = event.time
+    if event.time.tzinfo is not UTC or not event.time.microsecond:
+        time = format_time(event.time)
+    elif event.time.year < 1000:
+        time = format_time(event.time)
+    return {
+        "seq": seq,
+        "action": event.action,
+        "outcome": event.outcome,
+        "time": time,
+        "actor_account": event.actor_account,
+        "actor_customer": event.actor_customer,
+        "source_address": event.source_address,
+        "user_agent": event.user_agent,
+        "repository": event.repository,
+        "reference": event.reference,
+        "digest": event.digest,
+        "bytes": event.bytes,
+        "reason": event.reason,
+        "request_id": event.request_id,
+        "link": event.link,
+        "prev_hash": prev_hash,
+    }
+
+
+def _json_dumps(document: dict[str, Any]) -> str:
+    if not isinstance(document["time"], str):
+        document["time"] = format_time(document["time"])
+    return json.dumps(
+        document, sort_keys=True, separators=(",", ":"), ensure_ascii=False
+    )
+
+
+def _canonical_bytes(seq: int, event: AuditEvent, prev_hash: str) -> bytes:
+    document = _document(seq, event, prev_hash)
+    if document["bytes"] is None or type(document["bytes"]) is int:
+        try:
+            return orjson.dumps(document, option=_ORJSON_OPTIONS)
+        except TypeError:
+            pass  # an int beyond 64 bits, or a lone surrogate
+    return _json_dumps(document).encode()
 
 
 def canonical_document(seq: int, event: AuditEvent, prev_hash: str) -> str:
@@ -229,23 +289,24 @@ def canonical_document(seq: int, event: AuditEvent, prev_hash: str) -> str:
 
     The result equals `json.dumps(document, sort_keys=True, separators=(",", ":"),
     ensure_ascii=False)` of {"seq", every event field with the time formatted,
-    "prev_hash"}; it is built from precomputed key prefixes because the audit
-    writer hashes every request's event, and json.dumps costs several times more.
+    "prev_hash"}. orjson builds it, because the audit writer hashes every
+    request's event and json.dumps costs several times more. orjson escapes
+    strings as json.dumps does with ensure_ascii=False (a test checks every
+    character below U+0800 and random text); ints beyond 64 bits and other
+    types that orjson rejects or writes differently go through json.dumps.
     """
-    values = [seq, *event_values(event), prev_hash]
-    values[_TIME_POSITION] = format_time(event.time)
-    members = [
-        prefix + _json_value(values[position])
-        for prefix, position in zip(_KEY_PREFIXES, _KEY_POSITIONS, strict=True)
-    ]
-    return "{" + ",".join(members) + "}"
+    document = _document(seq, event, prev_hash)
+    if document["bytes"] is None or type(document["bytes"]) is int:
+        try:
+            return orjson.dumps(document, option=_ORJSON_OPTIONS).decode()
+        except TypeError:
+            pass
+    return _json_dumps(document)
 
 
 def event_hash(seq: int, event: AuditEvent, prev_hash: str) -> str:
     """Return the chain hash of an event at position `seq` after `prev_hash`."""
-    return hashlib.sha256(
-        canonical_document(seq, event, prev_hash).encode()
-    ).hexdigest()
+    return hashlib.sha256(_canonical_bytes(seq, event, prev_hash)).hexdigest()
 
 
 def chain(events: list[AuditEvent], seq: int, prev_hash: str) -> list[StoredEvent]:

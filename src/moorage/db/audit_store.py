@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Select, delete, func, select, update
@@ -18,7 +19,6 @@ from moorage.audit.events import (
     AuditEvent,
     StoredEvent,
     chain,
-    event_values,
     fit,
 )
 from moorage.db.dialects import insert_ignore
@@ -33,9 +33,11 @@ from moorage.db.sqlite_writer import sqlite_writer
 from moorage.db.transactions import begin, connect, in_unit_of_work, unit_of_work
 
 _EVENT_COLUMNS = [audit_events.c[name] for name in EVENT_FIELDS]
-# The columns of a stored event in the order `_insert_sqlite` binds them.
-_INSERT_COLUMNS = ("seq", *EVENT_FIELDS, "prev_hash", "hash")
-_INSERT_TIME = _INSERT_COLUMNS.index("time")
+# The columns of a stored event in the order `_insert_sqlite` binds them: the
+# time last, because it is bound as text.
+_UNTIMED_FIELDS = tuple(name for name in EVENT_FIELDS if name != "time")
+_untimed_values = operator.attrgetter(*_UNTIMED_FIELDS)
+_INSERT_COLUMNS = (*_UNTIMED_FIELDS, "seq", "prev_hash", "hash", "time")
 _SQLITE_INSERT = (
     f"INSERT INTO audit_events ({', '.join(_INSERT_COLUMNS)}) "  # noqa: S608 (constant names)
     f"VALUES ({', '.join('?' for _ in _INSERT_COLUMNS)})"
@@ -124,17 +126,30 @@ def _insert_sqlite(connection: Connection, stored: list[StoredEvent]) -> None:
     """Insert events as plain tuples, skipping SQLAlchemy's per-row bind work.
 
     Every pull and push adds a row, so on SQLite the statement goes to the driver
-    directly. The time is bound by the column type's own processor, so the rows
-    equal those of a Core insert.
+    directly. The time is bound as the text that a Core insert stores. (Before,
+    the sqlite3 module's datetime adapter wrote it, which leaves out a
+    microsecond of 0; both forms read back as the same time.)
     """
-    bind_time = audit_events.c.time.type.bind_processor(connection.dialect)
-    assert bind_time is not None
-    rows = []
-    for item in stored:
-        values = [item.seq, *event_values(item.event), item.prev_hash, item.hash]
-        values[_INSERT_TIME] = bind_time(values[_INSERT_TIME])
-        rows.append(tuple(values))
+    rows = [
+        (
+            *_untimed_values(item.event),
+            item.seq,
+            item.prev_hash,
+            item.hash,
+            sqlite_time(item.event.time),
+        )
+        for item in stored
+    ]
     connection.exec_driver_sql(_SQLITE_INSERT, rows)
+
+
+def sqlite_time(value: datetime) -> str:
+    """Return a time as a Core insert stores it on SQLite: naive UTC,
+    "YYYY-MM-DD HH:MM:SS.ffffff" (a unit test compares the two)."""
+    if value.tzinfo is not UTC:
+        value = value.astimezone(UTC)
+    # isoformat pads the year to four digits, as SQLAlchemy's format does.
+    return value.isoformat(" ", "microseconds")[:-6]  # without "+00:00"
 
 
 def _row(stored: StoredEvent) -> dict[str, Any]:

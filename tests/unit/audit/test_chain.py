@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import random
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
@@ -25,6 +27,7 @@ from moorage.audit.events import (
     fit,
 )
 from moorage.audit.verify import ChainChecker, Verification
+from moorage.db.schema import audit_events
 
 
 def _events(count: int) -> list[AuditEvent]:
@@ -137,6 +140,89 @@ def test_canonical_document_equals_json_dumps(event: AuditEvent) -> None:
     expected = _json_dumps_document(7, event, "f" * 64)
     assert canonical_document(7, event, "f" * 64) == expected
     assert json.loads(expected)["seq"] == 7
+
+
+# Characters whose JSON escaping differs between encoders, when any does.
+_ESCAPE_CASES = (
+    '\x00\x01\x08\t\n\x0b\x0c\r\x1f "\\/\x7f\x80\xa0é\u2028\u2029\ufeff\uffff漢😀'
+)
+
+
+def test_canonical_document_every_character() -> None:
+    """Each character below U+0800, and some beyond, is written as json.dumps
+    writes it."""
+    characters = [
+        chr(code) for code in range(0x800) if code not in range(0xD800, 0xE000)
+    ]
+    characters += list(_ESCAPE_CASES)
+    for character in characters:
+        event = AuditEvent(
+            "manifest.pull",
+            time=datetime(2026, 1, 1, 0, 0, 0, 1, tzinfo=UTC),
+            reason=f"a{character}b",
+        )
+        expected = _json_dumps_document(1, event, GENESIS_HASH)
+        assert canonical_document(1, event, GENESIS_HASH) == expected, repr(character)
+
+
+def _random_text(generator: random.Random) -> str | None:
+    if generator.random() < 0.3:
+        return None
+    pool = _ESCAPE_CASES + "abcxyz09-_:/@$+"
+    return "".join(generator.choice(pool) for _ in range(generator.randrange(0, 12)))
+
+
+def _random_time(generator: random.Random) -> datetime:
+    year = generator.choice([1, 999, 1000, 1970, 2026, 9999])
+    microsecond = generator.choice([0, 1, 123456, 999999])
+    zone = generator.choice([UTC, timezone(timedelta(hours=5, minutes=30))])
+    return datetime(year, 6, 15, 12, 30, 45, microsecond, tzinfo=zone)
+
+
+def test_canonical_document_random_events() -> None:
+    """Random events, with the values that orjson rejects or writes in its own
+    way (ints beyond 64 bits, times without microseconds or before year 1000,
+    other time zones), hash as the json.dumps document does."""
+    generator = random.Random(4)  # noqa: S311 (test data)
+    sizes = [None, 0, -1, 2**40, 2**63 - 1, 2**63, 2**64 - 1, 2**64, -(2**63) - 1]
+    for _ in range(2000):
+        values = {name: _random_text(generator) for name in _TEXT_FIELD_NAMES}
+        event = AuditEvent(
+            generator.choice(["manifest.pull", "blob.pull", "alert.x"]),
+            outcome=generator.choice(["success", "failure"]),
+            time=_random_time(generator),
+            bytes=generator.choice(sizes),
+            **values,
+        )
+        seq = generator.randrange(1, 2**40)
+        expected = _json_dumps_document(seq, event, "e" * 64)
+        assert canonical_document(seq, event, "e" * 64) == expected, event
+        digest = hashlib.sha256(expected.encode()).hexdigest()
+        assert event_hash(seq, event, "e" * 64) == digest, event
+
+
+_TEXT_FIELD_NAMES = (
+    "actor_account",
+    "actor_customer",
+    "source_address",
+    "user_agent",
+    "repository",
+    "reference",
+    "digest",
+    "reason",
+    "request_id",
+    "link",
+)
+
+
+@pytest.mark.parametrize("name", _TEXT_FIELD_NAMES)
+def test_fit_cuts_only_past_column_width(name: str) -> None:
+    """fit keeps a value as long as its column and cuts one character more."""
+    width = audit_events.c[name].type.length
+    at_width = AuditEvent("manifest.pull", **{name: "x" * width})
+    past_width = AuditEvent("manifest.pull", **{name: "y" * (width + 1)})
+    assert fit(at_width) is at_width
+    assert getattr(fit(past_width), name) == "y" * width
 
 
 def test_chain_names_altered_event() -> None:

@@ -1,0 +1,41 @@
+"""The audit writer's SQLite time text against what a Core insert stores."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta, timezone
+
+import pytest
+from sqlalchemy import create_engine, text
+
+from moorage.db.audit_store import sqlite_time
+from moorage.db.schema import audit_events
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        datetime(2026, 5, 6, 7, 8, 9, 123456, tzinfo=UTC),
+        datetime(2026, 5, 6, 7, 8, 9, tzinfo=UTC),
+        datetime(1, 1, 1, tzinfo=UTC),
+        datetime(999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
+        datetime(9999, 12, 31, 23, 59, 59, 1, tzinfo=UTC),
+        datetime(2026, 3, 1, 12, tzinfo=timezone(timedelta(hours=-5))),
+    ],
+)
+def test_sqlite_time_equals_core_insert(value: datetime) -> None:
+    """The text bound for an audit event's time is the text SQLAlchemy stores."""
+    engine = create_engine("sqlite://")
+    audit_events.create(engine)
+    row = {
+        "seq": 1,
+        "time": value,
+        "action": "manifest.pull",
+        "outcome": "success",
+        "prev_hash": "0" * 64,
+        "hash": "1" * 64,
+    }
+    with engine.begin() as connection:
+        connection.execute(audit_events.insert(), row)
+        stored = connection.scalar(text("SELECT time FROM audit_events"))
+    engine.dispose()
+    assert stored == sqlite_time(value)
