@@ -242,10 +242,9 @@ def _document(seq: int, event: AuditEvent, prev_hash: str) -> dict[str, Any]:
     """Return the hashed document, with the time as a string or as a datetime
     that orjson formats to the same string."""
     time: datetime | str = event.time
-    if event.time.tzinfo is not UTC or not event.time.microsecond:
-        time = format_time(event.time)
-    elif event.time.year < 1000:
-        time = format_time(event.time)
+    value = event.time
+    if value.tzinfo is not UTC or not value.microsecond or value.year < 1000:
+        time = format_time(value)
     return {
         "seq": seq,
         "action": event.action,
