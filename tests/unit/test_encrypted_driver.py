@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import BinaryIO
@@ -318,3 +320,28 @@ async def test_reads_a_file_not_in_the_page_cache(tmp_path: Path) -> None:
         os.close(fd)
     assert await layer.load("blobs/c") == data
     assert await layer.load("blobs/c", 1000, 5000) == data[1000:6000]
+
+
+def _memory_filesystem() -> Path | None:
+    """Return a writable tmpfs mount, whose files reject RWF_NOWAIT reads."""
+    shm = Path("/dev/shm")
+    if shm.is_dir() and os.access(shm, os.W_OK):
+        return shm
+    return None
+
+
+@pytest.mark.skipif(_memory_filesystem() is None, reason="no writable /dev/shm")
+async def test_reads_on_tmpfs_without_nowait(tmp_path: Path) -> None:
+    """On a filesystem that rejects RWF_NOWAIT, each run is read in a thread."""
+    shm = _memory_filesystem()
+    assert shm is not None
+    directory = Path(tempfile.mkdtemp(dir=shm, prefix="moorage-test-"))
+    try:
+        layer = Layer(directory)
+        data = sample(3 * 1024 * 1024)
+        await layer.store("blobs/d", data)
+        assert await layer.load("blobs/d") == data
+        assert await layer.load("blobs/d", 1000, 5000) == data[1000:6000]
+        assert layer.errors == []
+    finally:
+        shutil.rmtree(directory)

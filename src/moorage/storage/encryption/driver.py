@@ -25,6 +25,7 @@ destroyed on purpose, not altered.
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import os
 import sys
@@ -645,14 +646,16 @@ class _FileSegments:
         self._sealed = bytearray()
         self._buffers: list[bytearray] = []
         self._pending: asyncio.Future[bytearray | None] | None = None
+        # None once the file's filesystem rejects RWF_NOWAIT (tmpfs, NFS).
+        self._nowait = _NOWAIT
         self.plaintext_size = header.plaintext_size(stored_size)
         body = stored_size - HEADER_BYTES
         self.segments = max(1, -(-body // header.sealed_segment_bytes))
 
     async def open(self, first: int, count: int) -> bytearray:
         """Return the plaintext of `count` segments from `first`, all authenticated."""
-        if self._pending is None and _NOWAIT is not None:
-            plain = self._open(first, count, _NOWAIT)
+        if self._pending is None and self._nowait is not None:
+            plain = self._open(first, count, self._nowait)
             if plain is not None:
                 return plain
         if self._pending is None:
@@ -683,6 +686,13 @@ class _FileSegments:
         try:
             read = _pread_into(self._fd, sealed, start, flags)
         except BlockingIOError:
+            return None
+        except OSError as error:
+            if not flags or error.errno != errno.EOPNOTSUPP:
+                raise
+            # This filesystem cannot tell whether the pages are cached, so
+            # every run of this file is read in a worker thread.
+            self._nowait = None
             return None
         if read < size:
             # The file shrank after it was opened.
