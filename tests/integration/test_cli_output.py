@@ -22,6 +22,8 @@ from tests.support.database import create_database, drop_database
 # Markup that Rich would turn into bold text, and ESC [2J, which clears the screen.
 HOSTILE = "[bold]evil[/bold]\x1b[2J"
 SHOWN = "[bold]evil[/bold]\\x1b[2J"
+# Display names cannot hold control characters, so the customer's has markup only.
+NAME = "[bold]evil[/bold]"
 KEYS_WARNING = "encryption keys are stored inside the data directory"
 
 
@@ -30,7 +32,7 @@ def cli(tmp_path: Path) -> Iterator[Cli]:
     """A data directory with its key files inside, and the customer acme."""
     url = create_database(tmp_path)
     runner = Cli(tmp_path, url)
-    runner.ok("customer", "add", "acme", "--name", HOSTILE)
+    runner.ok("customer", "add", "acme", "--name", NAME)
     yield runner
     drop_database(url)
 
@@ -54,14 +56,12 @@ def test_customer_list_shows_name_literally(cli: Cli) -> None:
     result = run_moorage(cli, "customer", "list")
     output = result.stdout
     assert result.returncode == 0, result.stderr
-    assert SHOWN in output
-    assert "\x1b" not in output
+    assert NAME in output
 
 
 def test_customer_show_shows_name_literally(cli: Cli) -> None:
     output = cli.ok("customer", "show", "acme")
-    assert SHOWN in output
-    assert "\x1b" not in output
+    assert NAME in output
 
 
 def test_audit_list_shows_reason_literally(cli: Cli) -> None:
