@@ -294,13 +294,7 @@ def canonical_document(seq: int, event: AuditEvent, prev_hash: str) -> str:
     character below U+0800 and random text); ints beyond 64 bits and other
     types that orjson rejects or writes differently go through json.dumps.
     """
-    document = _document(seq, event, prev_hash)
-    if document["bytes"] is None or type(document["bytes"]) is int:
-        try:
-            return orjson.dumps(document, option=_ORJSON_OPTIONS).decode()
-        except TypeError:
-            pass
-    return _json_dumps(document)
+    return _canonical_bytes(seq, event, prev_hash).decode()
 
 
 def event_hash(seq: int, event: AuditEvent, prev_hash: str) -> str:

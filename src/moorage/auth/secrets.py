@@ -54,7 +54,7 @@ def usable_cpu_count() -> int:
 # lanes in four threads, so one computation already keeps up to four cores
 # busy: more at once would add memory but no speed. The bound holds across the
 # server's processes, because the semaphore is created before the workers are
-# forked and they share it; a worker that dies holding a slot stops the server
+# forked and they share it. A worker that dies holding a slot stops the server
 # (see moorage.supervisor), so a slot is never lost for good.
 # Callers that wait on the event loop (the Authenticator) have their own bound
 # as well, so that waiting logins do not hold the threads that read blobs.

@@ -810,7 +810,7 @@ _DELETE_UPLOAD_OF_SIZE = (
     .where(uploads.c.id == bindparam("upload_id"), uploads.c.size == bindparam("size"))
     .returning(uploads.c.repository_id)
 )
-# Which of `digests` are linked to a repository.
+# The digests among `digests` that are linked to a repository.
 _LINKED_AMONG = (
     select(repository_blobs.c.digest)
     .join(blobs, blobs.c.digest == repository_blobs.c.digest)

@@ -744,7 +744,7 @@ def _reference_counts(buffers: list[bytearray]) -> list[int]:
 
 
 def _unshared_reference_count() -> int:
-    """Count the references `_reference_counts` sees for a buffer only its list has."""
+    """Return the count `_reference_counts` gives a buffer only its list refers to."""
     return _reference_counts([bytearray()])[0]
 
 
