@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pytest
+from argon2 import PasswordHasher
 
 from moorage.auth import authenticator
 from moorage.errors import UnauthorizedError
@@ -139,3 +140,43 @@ def test_cancelled_login_leaves_check_running(
 
     assert server.run_admin(cancel_first) == login
     assert counter.total == 1
+
+
+def test_login_replaces_hash_with_other_parameters(server: ServerProcess) -> None:
+    """A password hashed with other argon2id parameters still logs in, and the
+    login stores a hash under the current ones without revoking tokens."""
+    customer = server.add_customer()
+    login, password = server.add_user(customer, "reader")
+    old_hash = PasswordHasher(memory_cost=65536, time_cost=3, parallelism=4).hash(
+        password
+    )
+
+    async def log_in_with_old_hash(services: Services) -> tuple[str, str, int, int]:
+        access = await services.identity.account_access(login)
+        assert access is not None
+        await services.identity.set_secret(access.account.id, old_hash)
+        before = await services.identity.account_access(login)
+        assert before is not None
+        principal = await services.authenticator.login(login, password)
+        after = await services.identity.account_access(login)
+        assert after is not None
+        assert after.account.secret_hash is not None
+        return (
+            principal.login,
+            after.account.secret_hash,
+            before.account.token_generation,
+            after.account.token_generation,
+        )
+
+    logged_in, stored, generation_before, generation_after = server.run_admin(
+        log_in_with_old_hash
+    )
+    assert logged_in == login
+    assert stored != old_hash
+    assert stored.startswith("$argon2id$v=19$m=19456,t=2,p=1$")
+    assert generation_after == generation_before
+
+    async def log_in(services: Services) -> str:
+        return (await services.authenticator.login(login, password)).login
+
+    assert server.run_admin(log_in) == login

@@ -26,7 +26,9 @@ from moorage.auth.access import Grant, Principal
 from moorage.auth.secrets import (
     ARGON2_SLOTS,
     PERSONAL_TOKEN_PREFIX,
+    hash_password,
     is_keyed_hash,
+    needs_rehash,
     verify_keyed,
     verify_password,
 )
@@ -247,7 +249,15 @@ class Authenticator:
         matches = await self._check_password(key, account.secret_hash, password)
         if matches:
             self._remember(key, account)
+            if account.secret_hash is not None and needs_rehash(account.secret_hash):
+                await self._rehash(account.id, account.secret_hash, password)
         return matches
+
+    async def _rehash(self, account_id: int, stored: str, password: str) -> None:
+        """Store the password's hash under the current argon2id parameters."""
+        async with self._password_slots:
+            rehashed = await asyncio.to_thread(hash_password, password)
+        await self.identity.replace_password_hash(account_id, stored, rehashed)
 
     def _cache_key(self, login: str, password: str) -> bytes:
         credentials = f"{login}\0{password}".encode()

@@ -485,6 +485,19 @@ class IdentityStore:
                 )
             )
 
+    async def replace_password_hash(
+        self, account_id: int, old_hash: str, new_hash: str
+    ) -> bool:
+        """Swap a password's hash for one of the same password, unless the
+        password changed meanwhile; issued tokens stay valid."""
+        async with begin(self.engine) as connection:
+            result = await connection.execute(
+                update(accounts)
+                .where(accounts.c.id == account_id, accounts.c.secret_hash == old_hash)
+                .values(secret_hash=new_hash)
+            )
+        return result.rowcount > 0
+
     async def set_expiry(self, account_id: int, expires_at: datetime | None) -> None:
         async with begin(self.engine) as connection:
             await connection.execute(

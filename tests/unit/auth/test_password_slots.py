@@ -63,11 +63,20 @@ def hasher(monkeypatch: pytest.MonkeyPatch) -> Iterator[CountingHasher]:
     secrets._dummy_hash.cache_clear()
 
 
-def test_slots_match_usable_cores() -> None:
-    """One computation runs `parallelism` threads, so the slots are the cores
-    divided by that, and at least one."""
-    lanes = secrets._hasher.parallelism
-    assert max(1, secrets.usable_cpu_count() // lanes) == secrets.ARGON2_SLOTS
+def test_slots_are_half_the_usable_cores() -> None:
+    """One computation runs one thread; half the cores, and at least one, may
+    compute at once."""
+    assert secrets._hasher.parallelism == 1
+    assert max(1, secrets.usable_cpu_count() // 2) == secrets.ARGON2_SLOTS
+
+
+def test_hashes_use_current_parameters() -> None:
+    """New hashes need no rehash; hashes with other parameters or of another
+    kind are told apart."""
+    fresh = secrets.hash_password("correct horse battery")
+    assert not secrets.needs_rehash(fresh)
+    assert secrets.needs_rehash(PasswordHasher().hash("correct horse battery"))
+    assert not secrets.needs_rehash(secrets.KEYED_HASH_PREFIX + "00" * 32)
 
 
 def test_hashes_within_slots(hasher: CountingHasher) -> None:
