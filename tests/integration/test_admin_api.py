@@ -5,6 +5,7 @@ take effect on the next request and every change is an audit event."""
 from __future__ import annotations
 
 import asyncio
+import re
 import shutil
 import subprocess
 import time
@@ -104,6 +105,21 @@ def test_openapi_document_served(server: ServerProcess) -> None:
     docs = httpx.get(f"{server.url}/api/v1/docs")
     assert docs.status_code == 200
     assert "/api/v1/openapi.json" in docs.text
+
+
+def test_docs_page_files_served_locally(server: ServerProcess) -> None:
+    """The /docs page loads Swagger UI's script, styles and icon from this
+    server only, and each of them is served."""
+    page = httpx.get(f"{server.url}/api/v1/docs").text
+    sources = re.findall(r'(?:src|href)="([^"]+)"', page)
+    assert sources
+    for source in sources:
+        assert source.startswith("/api/v1/docs/assets/")
+        response = httpx.get(f"{server.url}{source}")
+        assert response.status_code == 200
+        assert response.content
+    escaped = httpx.get(f"{server.url}/api/v1/docs/assets/..%2F..%2Fopenapi.json")
+    assert escaped.status_code == 404
 
 
 def test_owner_manages_own_users(

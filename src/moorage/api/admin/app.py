@@ -11,13 +11,16 @@ with the value and the fix. Unknown paths get 404, unexpected failures 500
 from __future__ import annotations
 
 import json
+from importlib.resources import files
 from typing import Any
 
 from fastapi import Depends, FastAPI
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from moorage.api.admin import accounts, customers, grants, me
@@ -46,6 +49,8 @@ _FIXES = {
 }
 BODY_TOO_LARGE = ErrorCode(SIZE_INVALID.code, 413)
 _STATUS_CODES = {404: NOT_FOUND, 405: METHOD_NOT_ALLOWED, 413: BODY_TOO_LARGE}
+# Where the /docs page's Swagger UI files are served, under the API's prefix.
+DOCS_ASSETS = "/docs/assets"
 # Every router of the API; the authorization matrix test walks their routes.
 ROUTERS = (me.router, customers.router, accounts.router, grants.router)
 
@@ -56,9 +61,8 @@ def create_admin_api(services: Services) -> FastAPI:
         version="1",
         summary="Manage customers' users, robots and grants, and your own tokens.",
         openapi_url="/openapi.json",
-        # NOTE: the /docs page loads the Swagger UI from a public CDN in the
-        # browser, so it stays blank where browsers cannot reach the internet.
-        docs_url="/docs",
+        # /docs is added below, with Swagger UI's files served from here.
+        docs_url=None,
         redoc_url=None,
         swagger_ui_oauth2_redirect_url=None,
         dependencies=[Depends(check_path_text)],
@@ -73,7 +77,23 @@ def create_admin_api(services: Services) -> FastAPI:
     api.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
     for router in ROUTERS:
         api.include_router(router)
+    swagger_ui = StaticFiles(directory=str(files("fastapi_offline") / "static"))
+    api.mount(DOCS_ASSETS, swagger_ui, name="docs_assets")
+    api.add_api_route("/docs", _docs_page, include_in_schema=False)
     return api
+
+
+async def _docs_page(request: Request) -> Response:
+    """Serve the Swagger UI page for the OpenAPI document, with its scripts and
+    styles from this server, so that it works without internet access."""
+    root = request.scope.get("root_path", "").rstrip("/")
+    return get_swagger_ui_html(
+        openapi_url=f"{root}/openapi.json",
+        title="Moorage admin API",
+        swagger_js_url=f"{root}{DOCS_ASSETS}/swagger-ui-bundle.js",
+        swagger_css_url=f"{root}{DOCS_ASSETS}/swagger-ui.css",
+        swagger_favicon_url=f"{root}{DOCS_ASSETS}/favicon.png",
+    )
 
 
 def check_path_text(request: Request) -> None:
