@@ -9,7 +9,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from moorage.api.access import RequestGuard
 from moorage.api.http import ProxyTrust
 from moorage.audit.log import AUDIT_PENDING_KEY, DatabaseAuditLog
-from moorage.audit.setup import open_audit_log
+from moorage.audit.setup import integrity_reporter, open_audit_log
 from moorage.auth.authenticator import Authenticator, password_check_limit
 from moorage.auth.secrets import SECRET_HASH_KEY
 from moorage.auth.throttle import Limit, LoginThrottle, ThrottlePolicy
@@ -24,6 +24,7 @@ from moorage.db.refresh_token_store import RefreshTokenStore
 from moorage.db.registry_store import RegistryStore
 from moorage.metrics import Metrics
 from moorage.storage.drivers.filesystem import FilesystemDriver
+from moorage.storage.encryption.driver import EncryptedDriver
 from moorage.storage.encryption.setup import (
     attach_owner_keys,
     database_codec,
@@ -113,6 +114,11 @@ async def open_services(settings: Settings, *, migrate_schema: bool = True) -> S
         [metrics.observe_event],
         await identity.server_key(AUDIT_PENDING_KEY),
     )
+    # Stored data that fails its integrity check becomes an audit event and an alert.
+    if isinstance(driver, EncryptedDriver):
+        driver.on_integrity_error = integrity_reporter(audit)
+    if codec is not None:
+        codec.on_integrity_error = integrity_reporter(audit)
     return Services(
         settings=settings,
         engine=engine,

@@ -14,8 +14,12 @@ import httpx
 import pytest
 from sqlalchemy import select, update
 
+from moorage.api.middleware import STORAGE_INTEGRITY_CODE
+from moorage.audit.events import BLOB_PULL, FAILURE, STORAGE_INTEGRITY
+from moorage.db.audit_store import AuditFilter
 from moorage.db.schema import manifests, repositories, server_keys, signing_keys
 from moorage.services import Services
+from tests.support.audit import wait_for_events
 from tests.support.images import (
     MEDIA_TYPE_OCI_CONFIG,
     MEDIA_TYPE_OCI_LAYER,
@@ -166,6 +170,33 @@ def test_tampered_blob_fails_the_pull(
     tampered_pull(admin_client, repository, digest)
     assert f'"path": "blobs/sha256/{digest[7:9]}/{digest[7:]}"' in server.log()
     assert "storage integrity error" in server.log()
+    assert_integrity_recorded(server, digest)
+    pulls = wait_for_events(
+        server,
+        AuditFilter(repository=repository, action=BLOB_PULL),
+        lambda found: len(found) >= 1,
+    )
+    assert [event.event.outcome for event in pulls] == [FAILURE]
+    assert pulls[0].event.reason == STORAGE_INTEGRITY_CODE
+
+
+def assert_integrity_recorded(server: ServerProcess, digest: str) -> None:
+    """The failure is a storage.integrity event and raises a tampering alert."""
+    recorded = wait_for_events(
+        server,
+        AuditFilter(action=STORAGE_INTEGRITY),
+        lambda found: any(event.event.digest == digest for event in found),
+    )
+    ours = [event.event for event in recorded if event.event.digest == digest]
+    assert ours
+    assert ours[0].outcome == FAILURE
+    assert ours[0].reason is not None
+    alerts = wait_for_events(
+        server,
+        AuditFilter(action="alert.tampered_storage"),
+        lambda found: any(digest[7:] in (event.event.reason or "") for event in found),
+    )
+    assert any(digest[7:] in (event.event.reason or "") for event in alerts)
 
 
 @pytest.mark.clients
@@ -288,7 +319,7 @@ def test_tampered_manifest_fails(
 ) -> None:
     """An altered manifest row fails the pull with an error and is logged."""
     repository = f"{unique('enc')}/manifests"
-    push_manifest(admin_client, repository, "tamper")
+    manifest = push_manifest(admin_client, repository, "tamper")
     stored = bytearray(stored_manifest(server, repository))
     stored[-5] ^= 0x01
     overwrite_manifest(server, repository, bytes(stored))
@@ -297,7 +328,9 @@ def test_tampered_manifest_fails(
         headers={"Accept": MEDIA_TYPE_OCI_MANIFEST},
     )
     assert response.status_code == 500
+    assert "failed its integrity check" in response.json()["errors"][0]["message"]
     assert "content does not authenticate" in server.log()
+    assert_integrity_recorded(server, f"sha256:{hashlib.sha256(manifest).hexdigest()}")
 
 
 def test_token_signing_key_is_encrypted(server: ServerProcess) -> None:

@@ -14,6 +14,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from moorage.api.errors import UNKNOWN, error_body
 from moorage.api.http import API_VERSION_HEADER
 from moorage.api.observe import FinishedRequest, RequestObserver
+from moorage.storage.encryption.format import IntegrityError
 from moorage.zerocopy import ZEROCOPY
 
 log = structlog.get_logger("moorage.request")
@@ -59,6 +60,15 @@ class RequestIds:
 
 _request_ids = RequestIds()
 
+_UNKNOWN_MESSAGE = "internal server error; see the server log"
+# The reason recorded, in the audit trail and the request log, for a response
+# cut short or refused because stored data failed its integrity check.
+STORAGE_INTEGRITY_CODE = "STORAGE_INTEGRITY"
+_INTEGRITY_MESSAGE = (
+    "stored data failed its integrity check and was not served; "
+    "the registry's operators have been alerted"
+)
+
 
 class RequestMiddleware:
     """Adds `Docker-Distribution-API-Version` and `X-Request-Id`, logs each request,
@@ -98,6 +108,12 @@ class RequestMiddleware:
         except ClientDisconnect:
             response["status"] = response["status"] or 499
             state["error_code"] = "CLIENT_DISCONNECTED"
+        except IntegrityError:
+            # The encryption layer has logged it and recorded storage.integrity.
+            state["error_code"] = STORAGE_INTEGRITY_CODE
+            if response["status"] is None:
+                response["status"] = UNKNOWN.status
+                await _send_unknown(send_with_headers, _INTEGRITY_MESSAGE)
         except Exception:
             state["error_code"] = UNKNOWN.code
             log.exception("unexpected error", request_id=request_id, path=scope["path"])
@@ -130,8 +146,8 @@ class RequestMiddleware:
             log.exception("request observer failed", request_id=state["request_id"])
 
 
-async def _send_unknown(send: Send) -> None:
-    body = error_body(UNKNOWN.code, "internal server error; see the server log")
+async def _send_unknown(send: Send, message: str = _UNKNOWN_MESSAGE) -> None:
+    body = error_body(UNKNOWN.code, message)
     await send(
         {
             "type": "http.response.start",

@@ -134,7 +134,8 @@ class RequestObserver:
     ) -> AuditEvent:
         state = finished.state
         fields = dict(common)
-        if finished.status >= 400:
+        # An error code with a success status means the response was cut short.
+        if finished.status >= 400 or state.get("error_code"):
             fields["outcome"] = FAILURE
             fields["reason"] = str(state.get("error_code") or finished.status)
         if action in _CONTENT_ACTIONS:

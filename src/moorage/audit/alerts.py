@@ -21,6 +21,7 @@ from moorage.audit.events import (
     AUTH_LOGIN,
     AUTH_TOKEN,
     FAILURE,
+    STORAGE_INTEGRITY,
     SUCCESS,
     TOKEN_ISSUE,
     AuditEvent,
@@ -33,6 +34,7 @@ ALERT = "alert"
 FAILED_LOGINS = "failed_logins"
 SHARED_CREDENTIAL = "shared_credential"
 UNUSABLE_CREDENTIAL = "unusable_credential"
+TAMPERED_STORAGE = "tampered_storage"
 
 _AUTH_ACTIONS = (AUTH_LOGIN, AUTH_TOKEN)
 # Words in an authentication failure's reason that mean the credential itself
@@ -111,6 +113,13 @@ class AlertDetector:
             self._check_failure(event, now)
         if event.outcome == SUCCESS and event.action in (AUTH_LOGIN, TOKEN_ISSUE):
             self._check_addresses(event, now)
+        if event.action == STORAGE_INTEGRITY:
+            self._raise(
+                TAMPERED_STORAGE,
+                f"object:{event.digest or event.reason}",
+                event,
+                event.reason or "stored data failed its integrity check",
+            )
 
     def _check_failure(self, event: AuditEvent, now: float) -> None:
         limit = self.settings.failed_logins

@@ -38,6 +38,8 @@ BLOB_DELETE = "blob.delete"
 UPLOAD_START = "upload.start"
 UPLOAD_APPEND = "upload.append"
 UPLOAD_CANCEL = "upload.cancel"
+# Stored data (an encrypted blob, upload or manifest) failed its integrity check.
+STORAGE_INTEGRITY = "storage.integrity"
 # Administrative actions.
 CUSTOMER_ADD = "customer.add"
 CUSTOMER_SUSPEND = "customer.suspend"
