@@ -187,9 +187,11 @@ class Authenticator:
                 claims.account_id is not None and access.account.id != claims.account_id
             )
         ):
-            # The customer only of the account the token was issued to.
-            same = access is not None and claims.account_id in (None, access.account.id)
-            customer = access.account.customer_slug if same and access else None
+            # Name a customer only for the account the token was issued to, not
+            # for a newer account that took over its login name.
+            customer = None
+            if access is not None and claims.account_id in (None, access.account.id):
+                customer = access.account.customer_slug
             raise UnauthorizedError("token has been revoked", customer=customer)
         account = access.account
         _check_usable(account, utcnow())

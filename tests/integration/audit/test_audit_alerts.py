@@ -245,7 +245,7 @@ def test_rotated_robot_secret_alerts(
     alerting: tuple[ServerProcess, WebhookReceiver],
 ) -> None:
     """A robot's secret from before its last rotation is rejected like a wrong
-    secret and raises an alert; a secret two rotations old is not recognised."""
+    secret and raises an alert. A secret two rotations old is not recognised."""
     server, receiver = alerting
     customer = server.add_customer()
     first = server.run_admin(
