@@ -372,7 +372,7 @@ async def _rotate_robot(
     account = await find_account_of(identity, customer_slug, login, "robot")
     secret = generate_secret()
     key = await identity.server_key(SECRET_HASH_KEY)
-    await identity.set_secret(account.id, keyed_hash(key, secret))
+    await identity.rotate_secret(account.id, keyed_hash(key, secret))
     if expires_at is not None:
         await identity.set_expiry(account.id, expires_at)
     return CreatedAccount(login, secret)

@@ -106,6 +106,21 @@ class UnsupportedError(MoorageError):
 class UnauthorizedError(MoorageError):
     """authentication required"""
 
+    def __init__(
+        self,
+        message: str | None = None,
+        detail: Any = None,
+        *,
+        reason: str | None = None,
+        customer: str | None = None,
+    ) -> None:
+        """`reason` and `customer` are for the audit trail only and never sent:
+        a reason more exact than the message (which must not tell a guesser
+        more), and the customer of the account that the credentials name."""
+        super().__init__(message, detail)
+        self.reason = reason or self.message
+        self.customer = customer
+
 
 class DeniedError(MoorageError):
     """requested access to the resource is denied"""

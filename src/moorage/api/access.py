@@ -67,6 +67,9 @@ class AuthAttempt:
     scheme: str
     login: str | None
     failure: str | None
+    # The customer of the account, when the login names one; kept for failed
+    # attempts too, but never sent in a response.
+    customer: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,7 +109,7 @@ class RequestGuard:
             check_client_certificate(self.settings, caller.principal, certificate_login)
         except UnauthorizedError as error:
             if value:
-                request.state.auth = failed_attempt(scheme, value, login, error.message)
+                request.state.auth = failed_attempt(scheme, value, login, error)
             raise self.challenge(request, scope, error.message) from None
         except TooManyRequestsError as error:
             request.state.auth = AuthAttempt(scheme.lower(), login, error.message)
@@ -181,12 +184,13 @@ def check_client_certificate(
             reason="client certificate required",
         )
         raise UnauthorizedError(
-            f"a client certificate for {principal.login} is required"
+            f"a client certificate for {principal.login} is required",
+            customer=principal.customer_slug,
         )
 
 
 def failed_attempt(
-    scheme: str, value: str, login: str | None, reason: str
+    scheme: str, value: str, login: str | None, error: UnauthorizedError
 ) -> AuthAttempt:
     """Describe a failed authentication for the audit trail.
 
@@ -194,13 +198,22 @@ def failed_attempt(
     longer use it (revoked, disabled, expired), the unverified subject names the
     account; for a token that failed verification the subject is not trusted.
     """
+    reason = error.reason
     if scheme.lower() == "bearer" and not reason.startswith("invalid token"):
         try:
             claims = jwt.decode(value.strip(), options={"verify_signature": False})
             login = str(claims.get("sub")) if claims.get("sub") else None
         except jwt.PyJWTError:
             login = None
-    return AuthAttempt(scheme.lower(), login, reason)
+    return AuthAttempt(scheme.lower(), login, reason, error.customer)
+
+
+def failed_login(
+    scheme: str, login: str | None, error: UnauthorizedError
+) -> AuthAttempt:
+    """Describe a rejected login for the audit trail: the error's audit reason
+    (more exact than its message) and the customer of the account, if known."""
+    return AuthAttempt(scheme, login, error.reason, error.customer)
 
 
 def decode_basic(value: str) -> tuple[str, str]:

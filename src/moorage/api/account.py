@@ -14,7 +14,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from moorage import admin
-from moorage.api.access import AuthAttempt, Caller, decode_basic
+from moorage.api.access import AuthAttempt, Caller, decode_basic, failed_login
 from moorage.api.http import client_address, read_limited
 from moorage.api.token import BasicChallengeError
 from moorage.auth.secrets import PERSONAL_TOKEN_PREFIX
@@ -41,7 +41,7 @@ def routes(services: Services) -> list[Route]:
                 login, password, client_address(request, services.trust)
             )
         except UnauthorizedError as error:
-            request.state.auth = AuthAttempt("basic", login, error.message)
+            request.state.auth = failed_login("basic", login, error)
             raise BasicChallengeError(error.message) from None
         request.state.subject = principal.login
         request.state.caller = Caller(principal, None)

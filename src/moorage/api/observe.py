@@ -197,7 +197,7 @@ def _auth_event(common: dict[str, Any], attempt: AuthAttempt) -> AuditEvent:
     fields = {**common, "actor_account": attempt.login, "reason": attempt.failure}
     if attempt.failure:
         fields["outcome"] = FAILURE
-        fields["actor_customer"] = None
+        fields["actor_customer"] = attempt.customer
     return AuditEvent(action, **fields)
 
 

@@ -32,6 +32,7 @@ from moorage.api.access import (
     Caller,
     check_client_certificate,
     decode_basic,
+    failed_login,
 )
 from moorage.api.http import client_address, read_limited
 from moorage.auth.access import Principal
@@ -169,7 +170,7 @@ def routes(services: Services) -> list[Route]:
             check_client_certificate(services.settings, principal, certificate_login)
         except UnauthorizedError as error:
             if value or certificate_login is not None:
-                request.state.auth = AuthAttempt("basic", login, error.message)
+                request.state.auth = failed_login("basic", login, error)
             raise BasicChallengeError(error.message) from None
         except TooManyRequestsError as error:
             request.state.auth = AuthAttempt("basic", login, error.message)
@@ -192,7 +193,10 @@ def routes(services: Services) -> list[Route]:
                 principal = await authenticator.login(
                     login, form.get("password", ""), client_address(request, trust)
                 )
-            except (UnauthorizedError, TooManyRequestsError) as error:
+            except UnauthorizedError as error:
+                request.state.auth = failed_login("password", login, error)
+                raise
+            except TooManyRequestsError as error:
                 request.state.auth = AuthAttempt("password", login, error.message)
                 raise
             request.state.auth = AuthAttempt("password", principal.login, None)

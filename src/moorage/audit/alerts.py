@@ -104,6 +104,9 @@ class AlertDetector:
         self._failures = _Window(settings.failed_login_seconds)
         self._addresses = _Addresses(settings.credential_window_seconds)
         self._raised: OrderedDict[str, float] = OrderedDict()
+        # The customer of each account seen in a failed login, for the alerts
+        # raised on a later failure that carries none (a throttled login).
+        self._customers: OrderedDict[str, str] = OrderedDict()
 
     def observe(self, event: AuditEvent) -> None:
         if event.action.startswith(ALERT_PREFIX):
@@ -122,6 +125,11 @@ class AlertDetector:
             )
 
     def _check_failure(self, event: AuditEvent, now: float) -> None:
+        if event.actor_account and event.actor_customer:
+            self._customers.pop(event.actor_account, None)
+            self._customers[event.actor_account] = event.actor_customer
+            if len(self._customers) > _MAX_KEYS:
+                self._customers.popitem(last=False)
         limit = self.settings.failed_logins
         keys = [("account", event.actor_account), ("address", event.source_address)]
         for kind, value in keys:
@@ -164,12 +172,15 @@ class AlertDetector:
         self._raised[f"{kind}:{key}"] = now
         if len(self._raised) > _MAX_KEYS:
             self._raised.popitem(last=False)
+        customer = cause.actor_customer
+        if customer is None and cause.actor_account:
+            customer = self._customers.get(cause.actor_account)
         self._emit(
             AuditEvent(
                 ALERT_PREFIX + kind,
                 outcome=ALERT,
                 actor_account=cause.actor_account,
-                actor_customer=cause.actor_customer,
+                actor_customer=customer,
                 source_address=cause.source_address,
                 user_agent=cause.user_agent,
                 reason=reason,

@@ -100,24 +100,21 @@ class Authenticator:
     ) -> Principal:
         """Check a login name and secret; raise UnauthorizedError on any failure,
         TooManyRequestsError while failed logins are throttled."""
+        # NOTE: a login rejected here by the throttle carries no customer in
+        # the audit trail, because finding the account would cost the server
+        # work that the throttle exists to save.
         throttle_state = await self.throttle.check(login, address)
         access = await self.identity.account_access(login)
         account = access.account if access is not None else None
-        personal_token: PersonalTokenRecord | None = None
-        if password.startswith(PERSONAL_TOKEN_PREFIX):
-            personal_token = await self._personal_token(account, password)
-            matches = personal_token is not None
-        else:
-            matches = await self._secret_matches(account, login, password)
-        if not matches:
+        try:
+            personal_token = await self._check_secret(account, login, password)
+        except UnauthorizedError as error:
             await self.throttle.failed(login, address)
-            log.info(
-                "login failed",
-                subject=login,
-                client=address,
-                reason="invalid credentials",
-            )
-            raise UnauthorizedError("invalid username or password")
+            log.info("login failed", subject=login, client=address, reason=error.reason)
+            # The response is the same whether or not the account exists; only
+            # the audit trail learns its customer.
+            error.customer = account.customer_slug if account is not None else None
+            raise
         assert access is not None
         _check_usable(access.account, utcnow())
         await self.throttle.succeeded(login, address, throttle_state)
@@ -190,7 +187,12 @@ class Authenticator:
                 claims.account_id is not None and access.account.id != claims.account_id
             )
         ):
-            raise UnauthorizedError("token has been revoked")
+            # Name a customer only for the account the token was issued to, not
+            # for a newer account that took over its login name.
+            customer = None
+            if access is not None and claims.account_id in (None, access.account.id):
+                customer = access.account.customer_slug
+            raise UnauthorizedError("token has been revoked", customer=customer)
         account = access.account
         _check_usable(account, utcnow())
         personal_token = None
@@ -202,14 +204,43 @@ class Authenticator:
                 personal_token, account, utcnow()
             ):
                 raise UnauthorizedError(
-                    _personal_token_rejection(personal_token, account)
+                    _personal_token_rejection(personal_token, account),
+                    customer=account.customer_slug,
                 )
         return _principal(access, personal_token)
 
+    async def _check_secret(
+        self, account: AccountRecord | None, login: str, password: str
+    ) -> PersonalTokenRecord | None:
+        """Check a password, robot secret or personal access token against the
+        account; return the personal access token, if that is what `password` is.
+
+        Raise UnauthorizedError("invalid username or password") when it does
+        not match, with a `reason` for the audit trail when the secret is right
+        but revoked or expired.
+        """
+        if password.startswith(PERSONAL_TOKEN_PREFIX):
+            return await self._personal_token(account, password)
+        if account is None:
+            # Spend the time a real check of this kind of login takes: robot
+            # logins contain "+" and have keyed hashes, users have argon2id.
+            if "+" in login:
+                self._check_robot_secret(None, password)
+            else:
+                key = self._cache_key(login, password)
+                await self._check_password(key, None, password)
+            raise _invalid_credentials()
+        if is_keyed_hash(account.secret_hash):
+            self._check_robot_secret(account, password)
+        elif not await self._password_matches(account, login, password):
+            raise _invalid_credentials()
+        return None
+
     async def _personal_token(
         self, account: AccountRecord | None, presented: str
-    ) -> PersonalTokenRecord | None:
-        """Return the personal access token `presented` if it is valid for account."""
+    ) -> PersonalTokenRecord:
+        """Return the personal access token `presented`; raise UnauthorizedError
+        unless it is valid for account."""
         token_id, _, secret = presented.removeprefix(PERSONAL_TOKEN_PREFIX).partition(
             "_"
         )
@@ -219,26 +250,40 @@ class Authenticator:
         )
         stored = record.secret_hash if record is not None else None
         if not verify_keyed(self.secret_key, stored, secret):
-            return None
+            raise _invalid_credentials()
         assert record is not None
-        if account is None or not _token_usable(record, account, utcnow()):
-            return None
+        if account is None or record.account_id != account.id:
+            raise _invalid_credentials()
+        # The secret is right, so its holder learns nothing new from these
+        # reasons, but the response stays the same as for a wrong secret.
+        if record.revoked_at is not None:
+            raise _invalid_credentials(
+                f"personal access token {record.id} ({record.name}) was revoked"
+            )
+        if record.expires_at is not None and record.expires_at <= utcnow():
+            raise _invalid_credentials(
+                f"personal access token {record.id} ({record.name}) has expired"
+            )
         return record
 
-    async def _secret_matches(
-        self, account: AccountRecord | None, login: str, password: str
-    ) -> bool:
-        if account is None:
-            # Spend the time a real check of this kind of login takes: robot
-            # logins contain "+" and have keyed hashes, users have argon2id.
-            if "+" in login:
-                return verify_keyed(self.secret_key, None, password)
-            return await self._check_password(
-                self._cache_key(login, password), None, password
+    def _check_robot_secret(self, account: AccountRecord | None, secret: str) -> None:
+        """Raise UnauthorizedError unless `secret` is the robot's current secret.
+
+        Both the current and the previous secret's keyed hash are checked on
+        every call, known robot or not, so the time taken does not tell
+        whether a robot exists or was ever rotated.
+        """
+        current = account.secret_hash if account is not None else None
+        previous = account.previous_secret_hash if account is not None else None
+        matches = verify_keyed(self.secret_key, current, secret)
+        matches_previous = verify_keyed(self.secret_key, previous, secret)
+        if matches:
+            return
+        if matches_previous:
+            raise _invalid_credentials(
+                "old secret, revoked when the secret was rotated"
             )
-        if is_keyed_hash(account.secret_hash):
-            return verify_keyed(self.secret_key, account.secret_hash, password)
-        return await self._password_matches(account, login, password)
+        raise _invalid_credentials()
 
     async def _password_matches(
         self, account: AccountRecord, login: str, password: str
@@ -325,6 +370,10 @@ def _principal(
     )
 
 
+def _invalid_credentials(reason: str | None = None) -> UnauthorizedError:
+    return UnauthorizedError("invalid username or password", reason=reason)
+
+
 def _token_usable(
     token: PersonalTokenRecord, account: AccountRecord, now: datetime
 ) -> bool:
@@ -346,19 +395,20 @@ def _personal_token_rejection(
 
 def _check_usable(account: AccountRecord, now: datetime) -> None:
     """Raise UnauthorizedError when the account or its customer may not log in."""
+    customer = account.customer_slug
     if account.disabled:
-        raise UnauthorizedError("account is disabled")
+        raise UnauthorizedError("account is disabled", customer=customer)
     if account.expires_at is not None and account.expires_at <= now:
-        raise UnauthorizedError("account has expired")
+        raise UnauthorizedError("account has expired", customer=customer)
     if account.customer_id is None:
         return
     if account.customer_status != "active":
-        raise UnauthorizedError("customer access is suspended")
+        raise UnauthorizedError("customer access is suspended", customer=customer)
     if (
         account.customer_access_until is not None
         and account.customer_access_until <= now
     ):
-        raise UnauthorizedError("customer access has ended")
+        raise UnauthorizedError("customer access has ended", customer=customer)
 
 
 def _personal_token_id(text: str) -> int | None:

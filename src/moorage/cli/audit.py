@@ -38,7 +38,13 @@ usage_app: typer.Typer = typer.Typer(
     help="Report usage per customer.", no_args_is_help=True
 )
 
-CustomerOption = Annotated[str | None, typer.Option(help="Customer (its short name).")]
+CustomerOption = Annotated[
+    str | None,
+    typer.Option(
+        help="Customer (its short name): events of its accounts, and events in its "
+        "namespace, such as changes made to it and requests by vendor accounts."
+    ),
+]
 AccountOption = Annotated[str | None, typer.Option(help="Account login.")]
 RepositoryOption = Annotated[str | None, typer.Option(help="Repository name.")]
 ActionOption = Annotated[

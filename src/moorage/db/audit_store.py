@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Select, delete, func, select, update
+from sqlalchemy import Select, delete, func, or_, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -46,7 +46,11 @@ _SQLITE_INSERT = (
 
 @dataclass(frozen=True, slots=True)
 class AuditFilter:
-    """Conditions for listing events; None means any."""
+    """Conditions for listing events; None means any.
+
+    `customer` matches the events of that customer's accounts and the events in
+    its namespace (see `_customer_condition`).
+    """
 
     customer: str | None = None
     account: str | None = None
@@ -164,8 +168,9 @@ def _row(stored: StoredEvent) -> dict[str, Any]:
 
 def _conditions(query: Select[Any], where: AuditFilter) -> Select[Any]:
     columns = audit_events.c
+    if where.customer is not None:
+        query = query.where(_customer_condition(where.customer))
     equal = {
-        columns.actor_customer: where.customer,
         columns.actor_account: where.account,
         columns.repository: where.repository,
         columns.outcome: where.outcome,
@@ -186,6 +191,17 @@ def _conditions(query: Select[Any], where: AuditFilter) -> Select[Any]:
     if where.after_seq is not None:
         query = query.where(columns.seq > where.after_seq)
     return query
+
+
+def _customer_condition(customer: str) -> Any:
+    """Match the events of a customer: those of its accounts, and those in its
+    namespace, which includes administrative changes to the customer (stored
+    with the repository `<customer>/`) and requests by vendor accounts."""
+    columns = audit_events.c
+    return or_(
+        columns.actor_customer == customer,
+        columns.repository.startswith(customer + "/", autoescape=True),
+    )
 
 
 class AuditStore:

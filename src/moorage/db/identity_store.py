@@ -60,6 +60,8 @@ class AccountRecord:
     customer_slug: str | None
     customer_status: str | None
     customer_access_until: datetime | None
+    # A robot's secret before its last rotation (keyed hash); never accepted.
+    previous_secret_hash: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +136,7 @@ _ACCOUNT_COLUMNS = (
     customers.c.slug,
     customers.c.status,
     customers.c.access_until,
+    accounts.c.previous_secret_hash,
 )
 
 
@@ -480,6 +483,20 @@ class IdentityStore:
                 update(accounts)
                 .where(accounts.c.id == account_id)
                 .values(
+                    secret_hash=secret_hash,
+                    token_generation=accounts.c.token_generation + 1,
+                )
+            )
+
+    async def rotate_secret(self, account_id: int, secret_hash: str) -> None:
+        """Replace a robot's secret, keep the old one's keyed hash as the previous
+        secret (to recognise its use), and reject every token issued before now."""
+        async with begin(self.engine) as connection:
+            await connection.execute(
+                update(accounts)
+                .where(accounts.c.id == account_id)
+                .values(
+                    previous_secret_hash=accounts.c.secret_hash,
                     secret_hash=secret_hash,
                     token_generation=accounts.c.token_generation + 1,
                 )

@@ -105,6 +105,9 @@ accounts = Table(
     Column("role", String(16), nullable=True),
     # argon2id hash for user passwords.
     Column("secret_hash", Text, nullable=False),
+    # For robots: the keyed hash of the secret before the last rotation, kept
+    # only to recognise (and raise an alert on) a use of that old secret.
+    Column("previous_secret_hash", Text, nullable=True),
     Column("disabled", Boolean, nullable=False, default=False),
     Column("expires_at", UTCDateTime, nullable=True),
     # Incremented whenever the secret is rotated or every token is revoked;

@@ -14,7 +14,7 @@ import pytest
 from moorage.db.audit_store import AuditFilter
 from tests.support.audit import wait_for_events
 from tests.support.oci_client import pull_image, push_image, small_image
-from tests.support.server import ServerProcess
+from tests.support.server import ServerProcess, unique
 
 
 def _moorage(server: ServerProcess, *arguments: str, check: bool = True) -> str:
@@ -68,6 +68,26 @@ def test_list_filters(server: ServerProcess) -> None:
     assert len(listed("--customer", customer, "--source", "127.0.0.1")) >= 6
     assert listed("--customer", customer, "--until", "2000-01-01") == []
     assert len(listed("--customer", customer, "--since", "2000-01-01")) >= 6
+
+
+def test_customer_filter_includes_changes_to_it(server: ServerProcess) -> None:
+    """`--customer` lists the changes the vendor's operator made to that
+    customer, and leaves out changes to other customers."""
+    customer = unique("cust")
+    other = unique("cust")
+    for slug in (customer, other):
+        _moorage(server, "customer", "add", slug)
+        _moorage(server, "user", "add", slug, unique("user"))
+
+    output = _moorage(
+        server, "audit", "list", "--json", "--limit", "1000", "--customer", customer
+    )
+
+    events = [json.loads(line) for line in output.splitlines()]
+    assert [event["action"] for event in events] == ["customer.add", "user.add"]
+    assert {event["actor_account"].startswith("os:") for event in events} == {True}
+    assert {event["actor_customer"] for event in events} == {None}
+    assert {event["repository"] for event in events} == {f"{customer}/"}
 
 
 @pytest.mark.parametrize(

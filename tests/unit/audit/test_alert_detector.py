@@ -142,3 +142,46 @@ def test_alerts_ignore_alerts(
             AuditEvent("alert.failed_logins", outcome="failure", actor_account="x")
         )
     assert raised == []
+
+
+def test_alert_takes_customer_of_earlier_failure(
+    detector: AlertDetector, raised: list[AuditEvent]
+) -> None:
+    """A burst whose last failure has no customer (a throttled login) raises
+    its alert with the customer seen on an earlier failure for that account."""
+    first = AuditEvent(
+        "auth.login",
+        outcome="failure",
+        actor_account="alice",
+        actor_customer="acme",
+        source_address="10.0.0.1",
+        reason="invalid username or password",
+    )
+    detector.observe(first)
+    detector.observe(_failure("alice", "10.0.0.1", "too many failed logins"))
+    detector.observe(_failure("alice", "10.0.0.1", "too many failed logins"))
+    assert [alert.action for alert in raised] == [
+        "alert.failed_logins",
+        "alert.failed_logins",
+    ]
+    assert [alert.actor_customer for alert in raised] == ["acme", "acme"]
+
+
+def test_unusable_personal_token_reasons(
+    detector: AlertDetector, raised: list[AuditEvent]
+) -> None:
+    """The audit reasons for a revoked or expired personal access token and for
+    a robot's rotated secret each raise an unusable-credential alert."""
+    reasons = [
+        "personal access token 1 (ci) was revoked",
+        "personal access token 2 (ci) has expired",
+        "old secret, revoked when the secret was rotated",
+    ]
+    for index, reason in enumerate(reasons):
+        detector.observe(_failure(f"account-{index}", "10.0.0.1", reason))
+    unusable = [a for a in raised if a.action == "alert.unusable_credential"]
+    assert [alert.actor_account for alert in unusable] == [
+        "account-0",
+        "account-1",
+        "account-2",
+    ]

@@ -33,7 +33,12 @@ from fastapi.openapi.models import HTTPBase as HTTPBaseModel
 from fastapi.security.base import SecurityBase
 from starlette.requests import Request
 
-from moorage.api.access import AuthAttempt, Caller, check_client_certificate
+from moorage.api.access import (
+    AuthAttempt,
+    Caller,
+    check_client_certificate,
+    failed_login,
+)
 from moorage.api.access import decode_basic as decode_basic_credentials
 from moorage.api.http import client_address
 from moorage.api.token import BasicChallengeError
@@ -136,7 +141,7 @@ class BasicLogin(SecurityBase):
             )
         except UnauthorizedError as error:
             if value:
-                request.state.auth = AuthAttempt(scheme.lower(), login, error.message)
+                request.state.auth = failed_login(scheme.lower(), login, error)
             raise BasicChallengeError(error.message) from None
         except TooManyRequestsError as error:
             request.state.auth = AuthAttempt("basic", login, error.message)
