@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
@@ -19,6 +20,9 @@ from moorage.db.schema import audit_events
         datetime(1, 1, 1, tzinfo=UTC),
         datetime(999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
         datetime(9999, 12, 31, 23, 59, 59, 1, tzinfo=UTC),
+        datetime(1000, 1, 1, 0, 0, 0, 1, tzinfo=UTC),
+        datetime(2026, 12, 5, 8, 0, 0, 10, tzinfo=UTC),
+        datetime(2026, 3, 1, 12, 0, 0, 500000, tzinfo=timezone(timedelta(hours=9))),
         datetime(2026, 3, 1, 12, tzinfo=timezone(timedelta(hours=-5))),
     ],
 )
@@ -39,3 +43,15 @@ def test_sqlite_time_equals_core_insert(value: datetime) -> None:
         stored = connection.scalar(text("SELECT time FROM audit_events"))
     engine.dispose()
     assert stored == sqlite_time(value)
+
+
+def test_sqlite_time_of_random_times() -> None:
+    """The orjson path gives isoformat's text for times across the whole range."""
+    generator = random.Random(4)  # noqa: S311 (test data)
+    smallest = datetime(1, 1, 1, tzinfo=UTC)
+    span = datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC) - smallest
+    for _ in range(5000):
+        value = smallest + span * generator.random()
+        if generator.random() < 0.2:
+            value = value.replace(microsecond=generator.choice([0, 1, 999999]))
+        assert sqlite_time(value) == value.isoformat(" ", "microseconds")[:-6]

@@ -83,7 +83,11 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
-@dataclass(frozen=True, slots=True)
+# NOTE: AuditEvent and StoredEvent are not frozen, and code must not change
+# them once made: a frozen dataclass's __init__ sets each field through
+# object.__setattr__, which made building a request's event cost about 4 us
+# instead of 1 us on the benchmark machine.
+@dataclass(slots=True)
 class AuditEvent:
     """One thing that happened. Never put a secret in any field."""
 
@@ -182,7 +186,7 @@ def _needs_no_change(event: AuditEvent) -> bool:
     )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class StoredEvent:
     """An event as stored: with its place in the chain."""
 

@@ -174,7 +174,12 @@ class DatabaseAuditLog:
         if self._writer is None or self._closing:
             await self._write([event])
             return
-        await self._queue.put(event)
+        try:
+            # Without a second coroutine when there is room, as there nearly
+            # always is (see `wait_for_room`): this runs for every request.
+            self._queue.put_nowait(event)
+        except asyncio.QueueFull:
+            await self._queue.put(event)
 
     async def record_now(self, event: AuditEvent) -> StoredEvent:
         stored = await self.store.append([event])

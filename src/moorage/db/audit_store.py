@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 from sqlalchemy import Select, delete, func, or_, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -41,6 +42,11 @@ _INSERT_COLUMNS = (*_UNTIMED_FIELDS, "seq", "prev_hash", "hash", "time")
 _SQLITE_INSERT = (
     f"INSERT INTO audit_events ({', '.join(_INSERT_COLUMNS)}) "  # noqa: S608 (constant names)
     f"VALUES ({', '.join('?' for _ in _INSERT_COLUMNS)})"
+)
+# The same statement in asyncpg's placeholders ($1, $2, ...).
+_ASYNCPG_INSERT = (
+    f"INSERT INTO audit_events ({', '.join(_INSERT_COLUMNS)}) "  # noqa: S608 (constant names)
+    f"VALUES ({', '.join(f'${n}' for n in range(1, len(_INSERT_COLUMNS) + 1))})"
 )
 
 
@@ -115,6 +121,8 @@ def append_events(
     stored = chain([fit(event) for event in events], head.seq, head.hash)
     if connection.dialect.name == "sqlite":
         _insert_sqlite(connection, stored)
+    elif connection.dialect.driver == "asyncpg":
+        _insert_asyncpg(connection, stored)
     else:
         connection.execute(audit_events.insert(), [_row(item) for item in stored])
     last = stored[-1]
@@ -147,11 +155,38 @@ def _insert_sqlite(connection: Connection, stored: list[StoredEvent]) -> None:
     connection.exec_driver_sql(_SQLITE_INSERT, rows)
 
 
+def _insert_asyncpg(connection: Connection, stored: list[StoredEvent]) -> None:
+    """Insert events as plain tuples through asyncpg's executemany.
+
+    A Core insert built each row's parameters through SQLAlchemy (a dict per
+    row, bind processors, `construct_params`): about 5 us of an event's 17 us
+    on PostgreSQL. The time is bound as `UTCDateTime` binds it: naive UTC
+    (`fit` made it UTC).
+    """
+    rows = [
+        (
+            *_untimed_values(item.event),
+            item.seq,
+            item.prev_hash,
+            item.hash,
+            item.event.time.replace(tzinfo=None),
+        )
+        for item in stored
+    ]
+    connection.exec_driver_sql(_ASYNCPG_INSERT, rows)
+
+
 def sqlite_time(value: datetime) -> str:
     """Return a time as a Core insert stores it on SQLite: naive UTC,
     "YYYY-MM-DD HH:MM:SS.ffffff" (a unit test compares the two)."""
     if value.tzinfo is not UTC:
         value = value.astimezone(UTC)
+    if value.microsecond and value.year >= 1000:
+        # orjson formats a time in C, in about a third of isoformat's time,
+        # as "YYYY-MM-DDTHH:MM:SS.ffffffZ" in quotes; it leaves out a
+        # microsecond of 0 and writes early years differently.
+        stamp = orjson.dumps(value, option=orjson.OPT_UTC_Z).decode()
+        return stamp[1:11] + " " + stamp[12:-2]
     # isoformat pads the year to four digits, as SQLAlchemy's format does.
     return value.isoformat(" ", "microseconds")[:-6]  # without "+00:00"
 
