@@ -362,6 +362,20 @@ data_key_wraps = Table(
     Index(None, "owner"),
 )
 
+# Objects whose last data key wrap was deleted by shredding (`customer shred`),
+# written in the transaction that destroys the owner's key. An object with no
+# wrap and no envelope that is not listed here lost its wraps to damage, and
+# reading it is reported as an integrity error rather than as shredded content.
+shredded_objects = Table(
+    "shredded_objects",
+    metadata,
+    # The random id in the object's header, in hex.
+    Column("object_id", String(32), primary_key=True),
+    # The owner whose key held the last wrap.
+    Column("owner", String(128), nullable=False),
+    Column("shredded_at", UTCDateTime, nullable=False, default=utcnow),
+)
+
 # The audit trail: append-only, each event hash-chained to the one before it
 # (see moorage.audit.events for the hash). Rows are only ever inserted, except
 # that retention archives the oldest ones to a file and then deletes them.

@@ -8,9 +8,10 @@ owner name is also the name of that owner's key-encryption key in `sealed_keys`.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import delete, func, select, union
+from sqlalchemy import delete, func, insert, select, union
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from moorage.db.dialects import insert_ignore
@@ -22,6 +23,8 @@ from moorage.db.schema import (
     namespaces,
     repositories,
     repository_blobs,
+    sealed_keys,
+    shredded_objects,
     uploads,
     utcnow,
 )
@@ -30,6 +33,9 @@ from moorage.names import namespace_of
 
 VENDOR_OWNER = "vendor"
 CUSTOMER_OWNER_PREFIX = "customer:"
+# Object ids per statement when shredding, well below the bound parameters
+# that SQLite and asyncpg accept in one statement.
+_SHRED_BATCH = 500
 
 
 def customer_owner(slug: str) -> str:
@@ -40,6 +46,14 @@ def customer_owner(slug: str) -> str:
 class DataKeyWrap:
     owner: str
     wrapped: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ShredCounts:
+    key_destroyed: bool
+    wraps_deleted: int
+    # Objects whose only wrap was the owner's: no key opens them any more.
+    objects_unreadable: int
 
 
 class WrapStore:
@@ -75,20 +89,73 @@ class WrapStore:
                 )
 
     async def remove_objects(self, object_ids: list[str]) -> None:
+        """Forget deleted objects: their wraps and their shredding records."""
         if not object_ids:
             return
         async with begin(self.engine) as connection:
             await connection.execute(
                 delete(data_key_wraps).where(data_key_wraps.c.object_id.in_(object_ids))
             )
+            await connection.execute(
+                delete(shredded_objects).where(
+                    shredded_objects.c.object_id.in_(object_ids)
+                )
+            )
 
-    async def remove_owner(self, owner: str) -> int:
-        """Delete every wrap under one owner's key; return how many there were."""
+    async def shred(self, owner: str) -> ShredCounts:
+        """Destroy an owner's key and its wraps, and record what no key opens now.
+
+        One transaction deletes the owner's sealed key, deletes every wrap under
+        it, and adds each object left without a wrap to `shredded_objects`.
+        """
         async with begin(self.engine) as connection:
-            result = await connection.execute(
+            destroyed = await connection.execute(
+                delete(sealed_keys).where(sealed_keys.c.name == owner)
+            )
+            query = select(data_key_wraps.c.object_id).where(
+                data_key_wraps.c.owner == owner
+            )
+            if connection.dialect.name == "postgresql":
+                query = query.with_for_update()
+            object_ids = list(await connection.scalars(query))
+            await connection.execute(
                 delete(data_key_wraps).where(data_key_wraps.c.owner == owner)
             )
-            return int(result.rowcount)
+            remaining: set[str] = set()
+            for batch in _batches(object_ids):
+                remaining.update(
+                    await connection.scalars(
+                        select(data_key_wraps.c.object_id)
+                        .where(data_key_wraps.c.object_id.in_(batch))
+                        .distinct()
+                    )
+                )
+            unreadable = [i for i in object_ids if i not in remaining]
+            now = utcnow()
+            for batch in _batches(unreadable):
+                await connection.execute(
+                    delete(shredded_objects).where(
+                        shredded_objects.c.object_id.in_(batch)
+                    )
+                )
+                await connection.execute(
+                    insert(shredded_objects),
+                    [
+                        {"object_id": i, "owner": owner, "shredded_at": now}
+                        for i in batch
+                    ],
+                )
+        return ShredCounts(destroyed.rowcount == 1, len(object_ids), len(unreadable))
+
+    async def shredded(self, object_id: str) -> bool:
+        """Return whether shredding deleted the object's last wrap."""
+        async with connect(self.engine) as connection:
+            found = await connection.scalar(
+                select(shredded_objects.c.object_id).where(
+                    shredded_objects.c.object_id == object_id
+                )
+            )
+        return found is not None
 
     async def release(self, object_id: str, owner: str, digest: str) -> bool:
         """Delete the owner's wrap of a blob that none of its repositories uses.
@@ -118,23 +185,6 @@ class WrapStore:
                 )
             )
             return result.rowcount > 0
-
-    async def count_sole(self, owner: str) -> int:
-        """Count the objects whose only wrap is under `owner`'s key."""
-        alone = (
-            select(data_key_wraps.c.object_id)
-            .group_by(data_key_wraps.c.object_id)
-            .having(func.count() == 1)
-            .subquery()
-        )
-        async with connect(self.engine) as connection:
-            count = await connection.scalar(
-                select(func.count())
-                .select_from(data_key_wraps)
-                .join(alone, alone.c.object_id == data_key_wraps.c.object_id)
-                .where(data_key_wraps.c.owner == owner)
-            )
-        return int(count or 0)
 
     async def count_by_owner(self) -> Counter[str]:
         async with connect(self.engine) as connection:
@@ -203,3 +253,8 @@ async def _owners_of_digest(connection: AsyncConnection, digest: str) -> set[str
     return {
         VENDOR_OWNER if row.slug is None else customer_owner(row.slug) for row in result
     }
+
+
+def _batches(items: Sequence[str]) -> Iterator[Sequence[str]]:
+    for start in range(0, len(items), _SHRED_BATCH):
+        yield items[start : start + _SHRED_BATCH]

@@ -48,6 +48,7 @@ from moorage.storage.drivers.base import (
 )
 from moorage.storage.encryption.custody import DataKeyUnavailableError, writing_for
 from moorage.storage.encryption.driver import EncryptedDriver
+from moorage.storage.encryption.format import IntegrityError
 from moorage.storage.manifests import parse_manifest
 
 log = structlog.get_logger(__name__)
@@ -168,15 +169,17 @@ class Registry:
 
         The blob's data key is wrapped for the new repository's owner before the
         link is recorded, so a crash between the two leaves no link without a
-        wrap. A blob whose data key no key unwraps any more is not mounted: the
-        client uploads it instead, which replaces the stored copy.
+        wrap. A blob whose data key no key unwraps any more (shredded, or its
+        wraps lost) is not mounted: the client uploads it instead, which
+        replaces the stored copy.
         """
         parse_digest(digest)
         if await self.store.blob_size_in_repository(source, digest) is None:
             return None
         try:
             await self._share_key(repository, digest)
-        except DataKeyUnavailableError:
+        except IntegrityError:
+            # The driver has logged why: a warning when shredded, else an error.
             log.warning("blob to mount has no usable data key", digest=digest)
             return None
         size = await self.store.mount_blob(source, repository, digest)
@@ -439,7 +442,8 @@ class Registry:
         """Check that a blob is stored already and wrap its data key for `repository`.
 
         A stored copy whose data key no key here unwraps (every owner that
-        referenced it was shredded) is replaced by the upload.
+        referenced it was shredded, or its wraps were lost) is replaced by the
+        upload, whose digest has been checked.
         """
         if not await self.store.blob_exists(str(digest)):
             return False
@@ -447,7 +451,8 @@ class Registry:
             return False
         try:
             await self._share_key(repository, str(digest))
-        except DataKeyUnavailableError:
+        except IntegrityError:
+            # The driver has logged why: a warning when shredded, else an error.
             log.warning(
                 "stored blob has no usable data key; replacing it with the upload",
                 digest=str(digest),

@@ -283,24 +283,25 @@ class ShredReport:
 
 
 async def shred_owner(driver: EncryptedDriver, owner: str) -> ShredReport:
-    """Destroy an owner's key-encryption key, then every wrap made under it.
+    """Destroy an owner's key-encryption key and every wrap made under it.
 
-    `objects_unreadable` counts the objects whose only wrap was the owner's.
+    `objects_unreadable` counts the objects whose only wrap was the owner's;
+    they are recorded as shredded in the same transaction.
     """
     custody = driver.custody
     if custody is None:
         raise ValueError("owner keys are not attached to this storage driver")
-    sole = await custody.wraps.count_sole(owner)
-    destroyed = await custody.owner_keys.destroy(owner)
-    deleted = await custody.wraps.remove_owner(owner)
+    counts = await custody.shred(owner)
     log.info(
         "owner key-encryption key destroyed",
         owner=owner,
-        existed=destroyed,
-        wraps_deleted=deleted,
-        objects_unreadable=sole,
+        existed=counts.key_destroyed,
+        wraps_deleted=counts.wraps_deleted,
+        objects_unreadable=counts.objects_unreadable,
     )
-    return ShredReport(destroyed, deleted, sole)
+    return ShredReport(
+        counts.key_destroyed, counts.wraps_deleted, counts.objects_unreadable
+    )
 
 
 async def _load_envelope(driver: EncryptedDriver, path: str) -> Envelope | None:
