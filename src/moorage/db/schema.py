@@ -147,6 +147,10 @@ blobs = Table(
     Column("digest", String(200), primary_key=True),
     Column("size", BigInteger, nullable=False),
     Column("created_at", UTCDateTime, nullable=False, default=utcnow),
+    # Set by shredding when no key is left that opens the stored content; the
+    # blob is then visible in no repository. Cleared when the blob is pushed
+    # again, because that stores a new copy with a new data key.
+    Column("shredded_at", UTCDateTime, nullable=True),
 )
 
 # Which blobs each repository may serve: pushed, mounted, or referenced there.

@@ -8,14 +8,16 @@ owner name is also the name of that owner's key-encryption key in `sealed_keys`.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from sqlalchemy import delete, func, insert, select, union
+from sqlalchemy import delete, func, insert, select, union, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from moorage.db.dialects import insert_ignore
 from moorage.db.schema import (
+    blobs,
     customers,
     data_key_wraps,
     manifest_references,
@@ -54,6 +56,8 @@ class ShredCounts:
     wraps_deleted: int
     # Objects whose only wrap was the owner's: no key opens them any more.
     objects_unreadable: int
+    # Blobs among those objects, now marked shredded in the `blobs` table.
+    blobs_unreadable: int
 
 
 class WrapStore:
@@ -102,11 +106,15 @@ class WrapStore:
                 )
             )
 
-    async def shred(self, owner: str) -> ShredCounts:
+    async def shred(
+        self, owner: str, blob_objects: Mapping[str, str] | None = None
+    ) -> ShredCounts:
         """Destroy an owner's key and its wraps, and record what no key opens now.
 
         One transaction deletes the owner's sealed key, deletes every wrap under
-        it, and adds each object left without a wrap to `shredded_objects`.
+        it, adds each object left without a wrap to `shredded_objects`, and
+        sets `blobs.shredded_at` of those that `blob_objects` (object id to
+        digest) names.
         """
         async with begin(self.engine) as connection:
             destroyed = await connection.execute(
@@ -145,7 +153,34 @@ class WrapStore:
                         for i in batch
                     ],
                 )
-        return ShredCounts(destroyed.rowcount == 1, len(object_ids), len(unreadable))
+            objects = blob_objects or {}
+            digests = [objects[i] for i in unreadable if i in objects]
+            for batch in _batches(digests):
+                await connection.execute(
+                    update(blobs)
+                    .where(blobs.c.digest.in_(batch))
+                    .values(shredded_at=now)
+                )
+        return ShredCounts(
+            destroyed.rowcount == 1, len(object_ids), len(unreadable), len(digests)
+        )
+
+    async def digests_used_by(self, owner: str) -> list[str]:
+        """Return the blobs that the owner's repositories link or reference."""
+        owned = _repositories_of(owner)
+        linked = select(repository_blobs.c.digest).where(
+            repository_blobs.c.repository_id.in_(owned)
+        )
+        referenced = (
+            select(manifest_references.c.digest)
+            .join(manifests, manifests.c.id == manifest_references.c.manifest_id)
+            .where(
+                manifests.c.repository_id.in_(owned),
+                manifest_references.c.kind == "blob",
+            )
+        )
+        async with connect(self.engine) as connection:
+            return list(await connection.scalars(union(linked, referenced)))
 
     async def shredded(self, object_id: str) -> bool:
         """Return whether shredding deleted the object's last wrap."""
@@ -217,6 +252,23 @@ class WrapStore:
         """Return the owners of every repository that links or references a blob."""
         async with connect(self.engine) as connection:
             return await _owners_of_digest(connection, digest)
+
+
+def _repositories_of(owner: str) -> Any:
+    """Return a SELECT of the ids of the owner's repositories."""
+    if owner.startswith(CUSTOMER_OWNER_PREFIX):
+        slug = owner.removeprefix(CUSTOMER_OWNER_PREFIX)
+        return (
+            select(repositories.c.id)
+            .join(namespaces, namespaces.c.name == repositories.c.namespace)
+            .join(customers, customers.c.id == namespaces.c.customer_id)
+            .where(customers.c.slug == slug)
+        )
+    return (
+        select(repositories.c.id)
+        .outerjoin(namespaces, namespaces.c.name == repositories.c.namespace)
+        .where(namespaces.c.customer_id.is_(None))
+    )
 
 
 async def _owner_of_namespace(connection: AsyncConnection, namespace: str) -> str:

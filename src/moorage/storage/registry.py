@@ -116,15 +116,18 @@ class Registry:
     # Blobs
 
     async def blob_size(self, repository: str, digest: str) -> int:
-        """Return the size of a blob visible in `repository`; raise BlobUnknownError."""
-        # NOTE: this reads the database only, so HEAD returns the size of a blob
-        # whose data key was destroyed by shredding, and only a GET returns
-        # BLOB_UNKNOWN.
+        """Return the size of a blob visible in `repository`; raise BlobUnknownError.
+
+        A blob that shredding marked unreadable is not found, from the same
+        database read, so HEAD and GET agree without opening its data key.
+        """
         parse_digest(digest)
-        size = await self.store.blob_size_in_repository(repository, digest)
-        if size is None:
+        blob = await self.store.blob_in_repository(repository, digest)
+        if blob is None:
             raise BlobUnknownError(detail={"digest": digest})
-        return size
+        if blob.shredded:
+            raise _shredded_blob(digest)
+        return blob.size
 
     async def read_blob(
         self, digest: str, offset: int, length: int
@@ -141,12 +144,10 @@ class Registry:
             raise BlobUnknownError(detail={"digest": digest}) from None
         except DataKeyUnavailableError:
             # The driver has logged it. The content is gone on purpose, so the
-            # client gets a not-found, not a server error.
-            raise BlobUnknownError(
-                "blob content is no longer readable: its data key was destroyed "
-                "when the keys of every owner that used it were shredded",
-                detail={"digest": digest, "reason": "data key destroyed"},
-            ) from None
+            # client gets a not-found, not a server error. Shredding marks the
+            # blobs it can map to a digest, so this is reached only by the
+            # others, or by a read that began before the shredding committed.
+            raise _shredded_blob(digest) from None
         return _prepend(first, stream)
 
     async def open_blob_file(self, digest: str) -> BinaryIO | None:
@@ -661,3 +662,11 @@ async def _prepend(
         yield first
     async for chunk in rest:
         yield chunk
+
+
+def _shredded_blob(digest: str) -> BlobUnknownError:
+    return BlobUnknownError(
+        "blob content is no longer readable: its data key was destroyed "
+        "when the keys of every owner that used it were shredded",
+        detail={"digest": digest, "reason": "data key destroyed"},
+    )

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 
@@ -192,10 +192,12 @@ class DataKeyCustody:
             path, f"its data key does not unwrap under the keys of {owners}"
         )
 
-    async def shred(self, owner: str) -> ShredCounts:
+    async def shred(
+        self, owner: str, blob_objects: Mapping[str, str] | None = None
+    ) -> ShredCounts:
         """Destroy the owner's KEK and every wrap under it (see WrapStore.shred)."""
         self.owner_keys.forget(owner)
-        return await self.wraps.shred(owner)
+        return await self.wraps.shred(owner, blob_objects)
 
     async def shredded(self, object_id: bytes) -> bool:
         """Return whether shredding deleted the object's last wrap."""
