@@ -3,16 +3,25 @@
 An owner is the customer whose namespace holds a repository, named
 `customer:<slug>`, or the vendor (`vendor`) for every other namespace. The
 owner name is also the name of that owner's key-encryption key in `sealed_keys`.
+
+Shredding deletes an owner's key and its wraps, and records every object whose
+last wrap went with them in `shredded_objects`, all in one transaction, so an
+object without wraps is known to be shredded or else damaged.
+
+Concurrent changes to one object's wraps are serialised (see `_lock_object`).
+A release of an owner's wrap cannot interleave with the check that a new link
+of the same blob has its owner's wrap. On PostgreSQL, row locks also keep a
+shredding that deletes another wrap of the object from interleaving with them.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import delete, func, insert, select, union, update
+from sqlalchemy import delete, false, func, insert, select, text, union, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from moorage.db.dialects import insert_ignore
@@ -35,6 +44,11 @@ from moorage.names import namespace_of
 
 VENDOR_OWNER = "vendor"
 CUSTOMER_OWNER_PREFIX = "customer:"
+# Advisory lock keys on PostgreSQL: (class, key) pairs, a key space apart from
+# the single 64-bit keys that migrations lock. The classes are "wrap" and
+# "shrd" in ASCII.
+_WRAP_LOCK_CLASS = 0x77726170
+_SHRED_LOCK_CLASS = 0x73687264
 # Object ids per statement when shredding, well below the bound parameters
 # that SQLite and asyncpg accept in one statement.
 _SHRED_BATCH = 500
@@ -92,6 +106,49 @@ class WrapStore:
                     },
                 )
 
+    async def add_missing(
+        self,
+        object_id: str,
+        owner: str,
+        new_wraps: Callable[[], Awaitable[list[DataKeyWrap]]],
+    ) -> bool:
+        """Store the wraps that `new_wraps` makes, unless `owner` has a wrap already.
+
+        A request that links a blob calls this after its link commits. On
+        PostgreSQL the check and the insert hold the object's lock, so a
+        concurrent `release` of the owner's wrap either finds that link or is
+        undone here. On SQLite `release` holds the database's write lock from
+        its first statement, so the link commits before it or after it.
+        Returns True when wraps were stored.
+
+        NOTE: `new_wraps` reads the database on a second pooled connection
+        while this one waits, so more concurrent calls than the pool holds can
+        time out. Only a blob that the owner has no wrap of yet calls it.
+        """
+        async with begin(self.engine) as connection:
+            query = select(data_key_wraps.c.owner).where(
+                data_key_wraps.c.object_id == object_id
+            )
+            if connection.dialect.name == "postgresql":
+                await _lock_object(connection, object_id)
+                # Shredding waits for these rows, so the wraps that `new_wraps`
+                # unwraps stay until this transaction ends.
+                query = query.with_for_update(read=True)
+            if owner in set(await connection.scalars(query)):
+                return False
+            for wrap in await new_wraps():
+                await insert_ignore(
+                    connection,
+                    data_key_wraps,
+                    {
+                        "object_id": object_id,
+                        "owner": wrap.owner,
+                        "wrapped": wrap.wrapped,
+                        "created_at": utcnow(),
+                    },
+                )
+            return True
+
     async def remove_objects(self, object_ids: list[str]) -> None:
         """Forget deleted objects: their wraps and their shredding records."""
         if not object_ids:
@@ -117,6 +174,13 @@ class WrapStore:
         digest) names.
         """
         async with begin(self.engine) as connection:
+            if connection.dialect.name == "postgresql":
+                # Two owners shredded at once would each see the other's wraps
+                # of an object they share and record it as shredded by neither.
+                await connection.execute(
+                    text("SELECT pg_advisory_xact_lock(:class, 0)"),
+                    {"class": _SHRED_LOCK_CLASS},
+                )
             destroyed = await connection.execute(
                 delete(sealed_keys).where(sealed_keys.c.name == owner)
             )
@@ -200,19 +264,18 @@ class WrapStore:
         makes it unreadable. Returns True when a wrap was deleted.
         """
         async with begin(self.engine) as connection:
+            await _lock_object(connection, object_id)
             if owner in await _owners_of_digest(connection, digest):
                 return False
-            count = await connection.scalar(
-                select(func.count())
-                .select_from(data_key_wraps)
-                .where(data_key_wraps.c.object_id == object_id)
+            query = select(data_key_wraps.c.owner).where(
+                data_key_wraps.c.object_id == object_id
             )
-            if not count or count < 2:
+            if connection.dialect.name == "postgresql":
+                # A shredding that deleted another wrap and has not committed
+                # is waited for, so the count is of the wraps that stay.
+                query = query.with_for_update()
+            if len(list(await connection.scalars(query))) < 2:
                 return False
-            # NOTE: on PostgreSQL a link committed by another request between the
-            # check above and this delete is not seen, so the wrap can go while
-            # that link needs it. The linking request adds the wrap again after
-            # its link (Registry._link_blob), which closes all but a tiny window.
             result = await connection.execute(
                 delete(data_key_wraps).where(
                     data_key_wraps.c.object_id == object_id,
@@ -252,6 +315,29 @@ class WrapStore:
         """Return the owners of every repository that links or references a blob."""
         async with connect(self.engine) as connection:
             return await _owners_of_digest(connection, digest)
+
+
+async def _lock_object(connection: AsyncConnection, object_id: str) -> None:
+    """Serialise changes to one object's wraps until the transaction ends.
+
+    PostgreSQL takes an advisory lock per object id (objects whose ids share
+    their first 32 bits share a lock, which only makes one wait for the other).
+    SQLite has neither row nor advisory locks, so a write statement takes the
+    database's write lock, for which every other writer waits. The statement
+    changes no row.
+    """
+    if connection.dialect.name == "postgresql":
+        key = int(object_id[:8], 16) - 2**31
+        await connection.execute(
+            text("SELECT pg_advisory_xact_lock(:class, :key)"),
+            {"class": _WRAP_LOCK_CLASS, "key": key},
+        )
+        return
+    await connection.execute(
+        update(data_key_wraps)
+        .where(data_key_wraps.c.object_id == object_id, false())
+        .values(owner=data_key_wraps.c.owner)
+    )
 
 
 def _repositories_of(owner: str) -> Any:

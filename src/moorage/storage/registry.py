@@ -434,7 +434,8 @@ class Registry:
             self._hashers.pop(upload_id, None)
             raise UploadInvalidError("the upload session changed during this request")
         # Again after the link: a concurrent delete of the blob in another of
-        # the owner's repositories may have dropped the wrap in between.
+        # the owner's repositories may have dropped the wrap before the link
+        # committed. A delete that begins after this check sees the link.
         await self._share_key(repository, str(digest))
 
     async def _stored_copy_usable(

@@ -166,12 +166,20 @@ class DataKeyCustody:
         self, object_id: bytes, data_key: bytes, owners: Iterable[str]
     ) -> None:
         """Store one wrap of the data key per owner (kept when one exists)."""
+        await self.wraps.add(
+            object_id.hex(), await self.wraps_for(object_id, data_key, owners)
+        )
+
+    async def wraps_for(
+        self, object_id: bytes, data_key: bytes, owners: Iterable[str]
+    ) -> list[DataKeyWrap]:
+        """Wrap the data key under each owner's KEK, without storing the wraps."""
         context = wrap_context(object_id)
         wraps = []
         for owner in owners:
             kek = await self.owner_keys.current(owner)
             wraps.append(DataKeyWrap(owner, kek.wrap(data_key, context)))
-        await self.wraps.add(object_id.hex(), wraps)
+        return wraps
 
     async def unwrap(self, path: str, object_id: bytes) -> bytes | None:
         """Return the object's data key, or None when it has no wraps here.

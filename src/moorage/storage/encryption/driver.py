@@ -57,6 +57,7 @@ from moorage.storage.encryption.format import (
 from moorage.storage.encryption.keys import Keyring, UnwrapError
 
 if TYPE_CHECKING:
+    from moorage.db.wrap_store import DataKeyWrap
     from moorage.storage.encryption.custody import DataKeyCustody
 
 log = structlog.get_logger(__name__)
@@ -213,9 +214,11 @@ class EncryptedDriver(StorageDriver):
 
         A blob that still has only an installation envelope is first given a
         wrap for each owner of `digest`, and its envelope is deleted, so that
-        no owner's wrap is left out.
+        no owner's wrap is left out. The check and the new wraps are one step
+        of `WrapStore.add_missing`, which a concurrent release cannot split.
         """
-        if self.custody is None:
+        custody = self.custody
+        if custody is None:
             return
         try:
             header = await self.read_header(path)
@@ -223,16 +226,21 @@ class EncryptedDriver(StorageDriver):
             return
         if header is None:
             return
-        owners = await self.custody.owners(header.object_id)
-        if owner in owners:
-            return
-        data_key = await self.data_key(path, header)
-        if owners:
-            await self.custody.wrap(header.object_id, data_key, [owner])
-            return
-        everyone = await self.custody.wraps.owners_of_digest(digest) | {owner}
-        await self.custody.wrap(header.object_id, data_key, everyone)
-        await self.inner.delete(envelope_path(header.object_id))
+        object_id = header.object_id
+        adopted = False
+
+        async def new_wraps() -> list[DataKeyWrap]:
+            nonlocal adopted
+            data_key = await self.data_key(path, header)
+            if await custody.owners(object_id):
+                return await custody.wraps_for(object_id, data_key, [owner])
+            adopted = True
+            everyone = await custody.wraps.owners_of_digest(digest) | {owner}
+            return await custody.wraps_for(object_id, data_key, everyone)
+
+        await custody.wraps.add_missing(object_id.hex(), owner, new_wraps)
+        if adopted:
+            await self.inner.delete(envelope_path(object_id))
 
     async def release(self, path: str, owner: str, digest: str) -> None:
         """Delete `owner`'s wrap of a blob that none of its repositories uses now."""
