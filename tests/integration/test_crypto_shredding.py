@@ -28,6 +28,7 @@ from sqlalchemy import select
 from moorage import admin
 from moorage.db.schema import (
     audit_events,
+    blobs,
     data_key_wraps,
     repositories,
     repository_blobs,
@@ -278,6 +279,12 @@ def assert_pull_destroyed(client: httpx.Client, repository: str, digest: str) ->
     assert "data key was destroyed" in error["message"]
 
 
+def assert_head_destroyed(client: httpx.Client, repository: str, digest: str) -> None:
+    """A HEAD of a shredded blob gets 404, as its GET does."""
+    response = client.head(f"/v2/{repository}/blobs/{digest}")
+    assert response.status_code == 404, digest
+
+
 def log_events(server: ServerProcess, event: str) -> list[dict[str, Any]]:
     """Return the server's JSON log lines whose event is `event`."""
     found = []
@@ -339,10 +346,9 @@ def test_shred_keeps_shared_blobs(shared: SharedRegistry, tmp_path: Path) -> Non
     assert_pull_destroyed(shared.vendor, shared.images["first"].repository, private)
     with pytest.raises(DataKeyUnavailableError):
         read_blob(server, private)
-    # Destroyed on purpose: a warning, and not reported as tampering.
-    assert wait_until(lambda: log_events(server, "object data key unavailable"))
-    levels = {e["level"] for e in log_events(server, "object data key unavailable")}
-    assert levels == {"warning"}
+    # Destroyed on purpose and marked so: the server answers from the database
+    # without opening the data key, and reports no tampering.
+    assert log_events(server, "object data key unavailable") == []
     assert "storage integrity error" not in server.log()
 
     # The first customer's config blob was its own too.
@@ -386,6 +392,10 @@ def test_push_replaces_shredded_copy(shared: SharedRegistry) -> None:
     assert response.status_code == 200
     assert response.content == layer.data
     assert wrap_owners(shared.server, layer.digest) == {"vendor"}
+    # The new copy is readable, so the shredded customer's repository, which
+    # still links the digest, serves it again.
+    response = shared.vendor.head(f"/v2/{first.repository}/blobs/{layer.digest}")
+    assert response.status_code == 200
 
 
 def test_backup_from_before_stays_unreadable(
@@ -604,3 +614,49 @@ def test_server_adopts_envelopes_at_start(shared: SharedRegistry) -> None:
     assert stored.read_bytes() == before
     assert wrap_owners(server, private) == {f"customer:{shared.first.customer}"}
     assert_pulls(shared.first.client, shared.images["first"])
+
+
+def test_head_after_shred(shared: SharedRegistry) -> None:
+    """After shredding, HEAD and GET of the customer's own blobs answer 404
+    BLOB_UNKNOWN in its repositories, while its shared base layer and the other
+    customer's blobs answer 200 with their sizes."""
+    first = shared.images["first"]
+    own = {first.config.digest, first.layers[-1].blob.digest}
+    shred(shared)
+
+    for digest in own:
+        assert_head_destroyed(shared.vendor, first.repository, digest)
+        assert_pull_destroyed(shared.vendor, first.repository, digest)
+    base = shared.base.blob
+    response = shared.vendor.head(f"/v2/{first.repository}/blobs/{base.digest}")
+    assert response.status_code == 200
+    assert response.headers["Content-Length"] == str(len(base.data))
+    second = shared.images["second"]
+    for digest, data in second.blobs().items():
+        response = shared.second.client.head(f"/v2/{second.repository}/blobs/{digest}")
+        assert response.status_code == 200, digest
+        assert response.headers["Content-Length"] == str(len(data))
+
+    async def marked(services: Services) -> set[str]:
+        async with services.engine.connect() as connection:
+            result = await connection.execute(
+                select(blobs.c.digest).where(blobs.c.shredded_at.is_not(None))
+            )
+            return {row.digest for row in result}
+
+    assert shared.server.run_admin(marked) == own
+    assert log_events(shared.server, "object data key unavailable") == []
+
+
+def test_shredded_blob_cannot_be_referenced(shared: SharedRegistry) -> None:
+    """A manifest pushed after shredding cannot name a shredded blob, and a
+    mount of it starts an upload instead."""
+    first = shared.images["first"]
+    shred(shared)
+    response = shared.vendor.put(
+        f"/v2/{first.repository}/manifests/again",
+        content=first.manifest.data,
+        headers={"Content-Type": MEDIA_TYPE_OCI_MANIFEST},
+    )
+    assert response.status_code == 400, response.text
+    assert response.json()["errors"][0]["code"] == "MANIFEST_BLOB_UNKNOWN"

@@ -12,12 +12,19 @@ from pathlib import Path
 
 import httpx
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
 
 from moorage.api.middleware import STORAGE_INTEGRITY_CODE
 from moorage.audit.events import BLOB_PULL, FAILURE, STORAGE_INTEGRITY
 from moorage.db.audit_store import AuditFilter
-from moorage.db.schema import manifests, repositories, server_keys, signing_keys
+from moorage.db.schema import (
+    audit_events,
+    data_key_wraps,
+    manifests,
+    repositories,
+    server_keys,
+    signing_keys,
+)
 from moorage.services import Services
 from tests.support.audit import wait_for_events
 from tests.support.images import (
@@ -29,6 +36,7 @@ from tests.support.images import (
     add_image,
     host_architecture,
 )
+from tests.support.receivers import wait_until
 from tests.support.server import (
     ADMIN_LOGIN,
     ADMIN_PASSWORD,
@@ -197,6 +205,62 @@ def assert_integrity_recorded(server: ServerProcess, digest: str) -> None:
         lambda found: any(digest[7:] in (event.event.reason or "") for event in found),
     )
     assert any(digest[7:] in (event.event.reason or "") for event in alerts)
+
+
+def log_entries(server: ServerProcess, event: str) -> list[dict[str, object]]:
+    """Return the server's JSON log lines whose event is `event`."""
+    entries = (
+        json.loads(line) for line in server.log().splitlines() if line[:1] == "{"
+    )
+    return [entry for entry in entries if entry.get("event") == event]
+
+
+def test_lost_wraps_fail_the_pull_loudly(
+    admin_client: httpx.Client, server: ServerProcess
+) -> None:
+    """A blob whose data key wraps vanished without shredding fails its pull with a
+    server error, an ERROR log line and a failed audit event, not BLOB_UNKNOWN."""
+    data = marker_blob(b"lost", 2 * SEGMENT + 10)
+    repository = f"{unique('enc')}/lost"
+    digest = push_blob(admin_client, repository, data, chunks=1)
+    object_id = stored_file(server, digest).read_bytes()[8:24].hex()
+
+    async def lose_wraps(services: Services) -> int:
+        async with services.engine.begin() as connection:
+            result = await connection.execute(
+                delete(data_key_wraps).where(data_key_wraps.c.object_id == object_id)
+            )
+        return int(result.rowcount)
+
+    assert server.run_admin(lose_wraps) == 1
+    response = admin_client.get(f"/v2/{repository}/blobs/{digest}")
+    assert response.status_code == 500
+    assert response.json()["errors"][0]["code"] == "UNKNOWN"
+
+    def logged() -> list[dict[str, object]]:
+        return [
+            entry
+            for entry in log_entries(server, "storage integrity error")
+            if digest[7:] in str(entry.get("path"))
+        ]
+
+    assert wait_until(lambda: bool(logged()))
+    assert [entry["level"] for entry in logged()] == ["error"]
+    assert "wraps were lost" in str(logged()[0]["reason"])
+    assert not log_entries(server, "object data key unavailable")
+
+    async def pull_events(services: Services) -> list[tuple[str, str]]:
+        async with services.engine.connect() as connection:
+            result = await connection.execute(
+                select(audit_events.c.action, audit_events.c.outcome).where(
+                    audit_events.c.digest == digest,
+                    audit_events.c.action == "blob.pull",
+                )
+            )
+            return [(row.action, row.outcome) for row in result]
+
+    assert wait_until(lambda: bool(server.run_admin(pull_events)))
+    assert server.run_admin(pull_events) == [("blob.pull", "failure")]
 
 
 @pytest.mark.clients

@@ -2,16 +2,30 @@
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy import delete, insert, select
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from moorage.db import wrap_store
 from moorage.db.engine import create_engine, migrate
 from moorage.db.key_store import KeyStore
+from moorage.db.schema import (
+    blobs,
+    data_key_wraps,
+    repositories,
+    repository_blobs,
+    sealed_keys,
+    shredded_objects,
+)
 from moorage.db.wrap_store import WrapStore
+from moorage.digests import parse_digest
+from moorage.storage import paths
 from moorage.storage.drivers.filesystem import FilesystemDriver
 from moorage.storage.encryption import maintenance
 from moorage.storage.encryption.custody import (
@@ -22,27 +36,43 @@ from moorage.storage.encryption.custody import (
 )
 from moorage.storage.encryption.database import rewrap_database_keys
 from moorage.storage.encryption.driver import EncryptedDriver
+from moorage.storage.encryption.format import IntegrityError
 from moorage.storage.encryption.keys import FileKeyring
+from tests.support.database import backend, create_database, drop_database
 
 SEGMENT = 1024
+# How long a call must stay blocked to count as waiting for a lock.
+BLOCKED_SECONDS = 0.5
 
 
 @pytest.fixture
 async def engine(tmp_path: Path) -> AsyncIterator[AsyncEngine]:
-    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'moorage.db'}")
+    """A migrated database of the backend under test (docs/testing.md)."""
+    url = create_database(tmp_path)
+    engine = create_engine(url)
     await migrate(engine)
     yield engine
     await engine.dispose()
+    drop_database(url)
 
 
-def make_driver(tmp_path: Path, engine: AsyncEngine) -> EncryptedDriver:
-    """An encrypting driver with owner keys; each call is a separate process."""
+def make_driver(
+    tmp_path: Path,
+    engine: AsyncEngine,
+    integrity_errors: list[IntegrityError] | None = None,
+) -> EncryptedDriver:
+    """An encrypting driver with owner keys; each call is a separate process.
+
+    With `integrity_errors`, the driver's integrity hook appends to that list.
+    """
     keyring = FileKeyring(tmp_path / "keys")
     driver = EncryptedDriver(
         FilesystemDriver(tmp_path / "storage", fsync=False),
         keyring,
         segment_bytes=SEGMENT,
     )
+    if integrity_errors is not None:
+        driver.on_integrity_error = integrity_errors.append
     driver.custody = DataKeyCustody(
         OwnerKeys(KeyStore(engine), keyring), WrapStore(engine)
     )
@@ -125,3 +155,203 @@ async def test_objects_without_owners_use_envelopes(
     await driver.put("blobs/orphan", b"orphan")
     assert list((tmp_path / "storage" / ".keys").rglob("*"))
     assert await load(make_driver(tmp_path, engine), "blobs/orphan") == b"orphan"
+
+
+async def object_id_of(driver: EncryptedDriver, path: str) -> str:
+    header = await driver.read_header(path)
+    assert header is not None
+    return header.object_id.hex()
+
+
+async def test_shredding_records_unreadable_objects(
+    tmp_path: Path, engine: AsyncEngine
+) -> None:
+    """Shredding records the objects it leaves without a wrap, and only those;
+    reading one is a data-key-unavailable error, not an integrity report."""
+    driver = make_driver(tmp_path, engine)
+    with wrapping_for(["customer:a"]):
+        await driver.put("blobs/own", b"own")
+    with wrapping_for(["customer:a", "vendor"]):
+        await driver.put("blobs/shared", b"shared")
+    await maintenance.shred_owner(driver, "customer:a")
+
+    async with engine.connect() as connection:
+        rows = (await connection.execute(select(shredded_objects))).all()
+    assert [(row.object_id, row.owner) for row in rows] == [
+        (await object_id_of(driver, "blobs/own"), "customer:a")
+    ]
+    errors: list[IntegrityError] = []
+    with pytest.raises(DataKeyUnavailableError, match="shredded"):
+        await load(make_driver(tmp_path, engine, errors), "blobs/own")
+    assert errors == []
+    assert await load(make_driver(tmp_path, engine), "blobs/shared") == b"shared"
+
+
+async def test_lost_wraps_are_an_integrity_error(
+    tmp_path: Path, engine: AsyncEngine
+) -> None:
+    """An object whose wraps vanished without shredding is reported as damage."""
+    driver = make_driver(tmp_path, engine)
+    with wrapping_for(["customer:a"]):
+        await driver.put("blobs/x", b"data")
+    async with engine.begin() as connection:
+        await connection.execute(delete(data_key_wraps))
+
+    errors: list[IntegrityError] = []
+    with pytest.raises(IntegrityError, match="wraps were lost") as raised:
+        await load(make_driver(tmp_path, engine, errors), "blobs/x")
+    assert not isinstance(raised.value, DataKeyUnavailableError)
+    assert errors == [raised.value]
+
+
+async def test_lost_owner_key_is_an_integrity_error(
+    tmp_path: Path, engine: AsyncEngine
+) -> None:
+    """Wraps whose owner key vanished without shredding are reported as damage."""
+    driver = make_driver(tmp_path, engine)
+    with wrapping_for(["customer:a"]):
+        await driver.put("blobs/x", b"data")
+    async with engine.begin() as connection:
+        await connection.execute(delete(sealed_keys))
+
+    errors: list[IntegrityError] = []
+    with pytest.raises(IntegrityError, match="not shredded") as raised:
+        await load(make_driver(tmp_path, engine, errors), "blobs/x")
+    assert not isinstance(raised.value, DataKeyUnavailableError)
+    assert errors == [raised.value]
+
+
+async def test_deleting_an_object_forgets_its_shredding(
+    tmp_path: Path, engine: AsyncEngine
+) -> None:
+    """A shredded object's record goes when the object is deleted."""
+    driver = make_driver(tmp_path, engine)
+    with wrapping_for(["customer:a"]):
+        await driver.put("blobs/x", b"data")
+    await maintenance.shred_owner(driver, "customer:a")
+    await driver.delete("blobs/x")
+    async with engine.connect() as connection:
+        assert (await connection.execute(select(shredded_objects))).all() == []
+
+
+async def store_blob(
+    driver: EncryptedDriver, engine: AsyncEngine, data: bytes, owners: list[str]
+) -> tuple[str, str]:
+    """Store a committed blob wrapped for `owners`; return its digest and object id."""
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    path = paths.blob_path(parse_digest(digest))
+    with wrapping_for(owners):
+        await driver.put(path, data)
+    async with engine.begin() as connection:
+        await connection.execute(insert(blobs).values(digest=digest, size=len(data)))
+    return digest, await object_id_of(driver, path)
+
+
+async def link(connection: AsyncConnection, repository: str, digest: str) -> None:
+    """Link a blob into a repository of the vendor's namespace `products`."""
+    result = await connection.execute(
+        insert(repositories).values(name=repository, namespace="products")
+    )
+    repository_id = result.inserted_primary_key[0]
+    await connection.execute(
+        insert(repository_blobs).values(repository_id=repository_id, digest=digest)
+    )
+
+
+async def wrap_owners(engine: AsyncEngine, object_id: str) -> set[str]:
+    async with engine.connect() as connection:
+        result = await connection.scalars(
+            select(data_key_wraps.c.owner).where(
+                data_key_wraps.c.object_id == object_id
+            )
+        )
+        return set(result)
+
+
+async def test_release_waits_for_locked_link(
+    tmp_path: Path, engine: AsyncEngine
+) -> None:
+    """A release that starts while a link of the same blob holds the object's
+    lock sees that link once it commits, and keeps the owner's wrap."""
+    driver = make_driver(tmp_path, engine)
+    digest, object_id = await store_blob(
+        driver, engine, b"layer", ["vendor", "customer:a"]
+    )
+    store = WrapStore(engine)
+    async with engine.connect() as other:
+        transaction = await other.begin()
+        await wrap_store._lock_object(other, object_id)
+        await link(other, "products/app", digest)
+        release = asyncio.create_task(store.release(object_id, "vendor", digest))
+        await asyncio.sleep(BLOCKED_SECONDS)
+        assert not release.done()
+        await transaction.commit()
+    assert await release is False
+    assert await wrap_owners(engine, object_id) == {"vendor", "customer:a"}
+
+
+@pytest.mark.skipif(
+    backend() != "postgresql",
+    reason="on SQLite a release holds the write lock, so no link commits during it",
+)
+async def test_link_check_waits_for_release(
+    tmp_path: Path, engine: AsyncEngine
+) -> None:
+    """The wrap check after a link waits for a release that holds the object's
+    lock, and adds the owner's wrap again when that release deleted it."""
+    driver = make_driver(tmp_path, engine)
+    digest, object_id = await store_blob(
+        driver, engine, b"layer", ["vendor", "customer:a"]
+    )
+    async with engine.begin() as connection:
+        await link(connection, "products/app", digest)
+    path = paths.blob_path(parse_digest(digest))
+    async with engine.connect() as other:
+        transaction = await other.begin()
+        await wrap_store._lock_object(other, object_id)
+        await other.execute(
+            delete(data_key_wraps).where(
+                data_key_wraps.c.object_id == object_id,
+                data_key_wraps.c.owner == "vendor",
+            )
+        )
+        share = asyncio.create_task(driver.share(path, "vendor", digest))
+        await asyncio.sleep(BLOCKED_SECONDS)
+        assert not share.done()
+        await transaction.commit()
+    await share
+    assert await wrap_owners(engine, object_id) == {"vendor", "customer:a"}
+    assert await load(make_driver(tmp_path, engine), path) == b"layer"
+
+
+@pytest.mark.skipif(
+    backend() != "postgresql",
+    reason="on SQLite shredding holds the write lock from its first statement",
+)
+async def test_shred_waits_for_release(tmp_path: Path, engine: AsyncEngine) -> None:
+    """A release that counted two wraps holds them, so a shredding of the other
+    owner waits and then records the object, whose last wrap it deleted."""
+    driver = make_driver(tmp_path, engine)
+    _, object_id = await store_blob(driver, engine, b"layer", ["vendor", "customer:a"])
+    store = WrapStore(engine)
+    async with engine.connect() as other:
+        transaction = await other.begin()
+        # What `release` holds after counting the wraps and before deleting one.
+        await other.execute(
+            select(data_key_wraps.c.owner)
+            .where(data_key_wraps.c.object_id == object_id)
+            .with_for_update()
+        )
+        shred = asyncio.create_task(store.shred("customer:a"))
+        await asyncio.sleep(BLOCKED_SECONDS)
+        assert not shred.done()
+        await other.execute(
+            delete(data_key_wraps).where(
+                data_key_wraps.c.object_id == object_id,
+                data_key_wraps.c.owner == "vendor",
+            )
+        )
+        await transaction.commit()
+    counts = await shred
+    assert counts.objects_unreadable == 1
+    assert await store.shredded(object_id)

@@ -26,6 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from moorage.db.dialects import (
     before_nul,
+    insert_statement,
     lexical,
     like_pattern,
     prepared_insert_ignore,
@@ -48,6 +49,15 @@ from moorage.errors import BlobReferencedError, ManifestBlobUnknownError
 from moorage.names import namespace_of
 
 T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class VisibleBlob:
+    """A blob that a repository links or references."""
+
+    size: int
+    # Shredding left no key that opens its content (`blobs.shredded_at`).
+    shredded: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,20 +187,27 @@ class RegistryStore:
 
     # Blobs
 
-    async def blob_size_in_repository(self, repository: str, digest: str) -> int | None:
-        """Return the size of a blob that the repository may serve, else None."""
+    async def blob_in_repository(
+        self, repository: str, digest: str
+    ) -> VisibleBlob | None:
+        """Return a blob that the repository links or references, shredded or not."""
         values = {"repository": repository, "digest": digest}
         if self.direct is not None:
             try:
                 for read in _DIRECT_VISIBLE_BLOB:
                     row = self.direct.first(read, **values)
                     if row is not None:
-                        return int(row[0])
+                        return VisibleBlob(int(row[0]), row[1] is not None)
                 return None
             except DirectReadError:
                 pass
         async with connect(self.engine) as connection:
-            return await connection.run_sync(_visible_blob_size, repository, digest)
+            return await connection.run_sync(_visible_blob, repository, digest)
+
+    async def blob_size_in_repository(self, repository: str, digest: str) -> int | None:
+        """Return the size of a blob that the repository may serve, else None."""
+        blob = await self.blob_in_repository(repository, digest)
+        return None if blob is None or blob.shredded else blob.size
 
     async def blob_exists(self, digest: str) -> bool:
         row = await self._first(_BLOB_SIZE, _DIRECT_BLOB_SIZE, digest=digest)
@@ -230,7 +247,7 @@ class RegistryStore:
                 repository_id = _ensure_repository(connection, repository)
             dialect = connection.dialect.name
             row = {"digest": digest, "size": size, "created_at": utcnow()}
-            connection.execute(prepared_insert_ignore(dialect, blobs), row)
+            connection.execute(_insert_blob(connection.dialect), row)
             link = {
                 "repository_id": repository_id,
                 "digest": digest,
@@ -587,9 +604,11 @@ def _ensure_repository(connection: Connection, name: str) -> int:
 
 
 # A blob is visible in a repository when it is linked there (pushed or mounted)
-# or referenced by one of the repository's manifests. The links are read first.
+# or referenced by one of the repository's manifests, and not shredded. The
+# links are read first. Both reads return `shredded_at`, so that a HEAD or GET
+# of a shredded blob can say why it is not found without another query.
 _LINKED_BLOB_SIZE = (
-    select(blobs.c.size)
+    select(blobs.c.size, blobs.c.shredded_at)
     .join(repository_blobs, repository_blobs.c.digest == blobs.c.digest)
     .join(repositories, repositories.c.id == repository_blobs.c.repository_id)
     .where(
@@ -597,7 +616,7 @@ _LINKED_BLOB_SIZE = (
         blobs.c.digest == bindparam("digest"),
     )
 )
-_REFERENCED_BLOB_SIZE = select(blobs.c.size).where(
+_REFERENCED_BLOB_SIZE = select(blobs.c.size, blobs.c.shredded_at).where(
     blobs.c.digest == bindparam("digest"),
     exists(
         select(manifest_references.c.digest)
@@ -613,16 +632,37 @@ _REFERENCED_BLOB_SIZE = select(blobs.c.size).where(
 _DIRECT_VISIBLE_BLOB = (prepare(_LINKED_BLOB_SIZE), prepare(_REFERENCED_BLOB_SIZE))
 
 
+def _visible_blob(
+    connection: Connection, repository: str, digest: str
+) -> VisibleBlob | None:
+    """Return a blob linked to or referenced in a repository, shredded or not."""
+    values = {"repository": repository, "digest": digest}
+    for statement in (_LINKED_BLOB_SIZE, _REFERENCED_BLOB_SIZE):
+        row = connection.execute(statement, values).first()
+        if row is not None:
+            return VisibleBlob(int(row[0]), row[1] is not None)
+    return None
+
+
 def _visible_blob_size(
     connection: Connection, repository: str, digest: str
 ) -> int | None:
-    """Return the size of a blob linked to or referenced in a repository."""
-    values = {"repository": repository, "digest": digest}
-    for statement in (_LINKED_BLOB_SIZE, _REFERENCED_BLOB_SIZE):
-        size = connection.scalar(statement, values)
-        if size is not None:
-            return int(size)
-    return None
+    """Return the size of a blob that a repository may serve, else None."""
+    blob = _visible_blob(connection, repository, digest)
+    return None if blob is None or blob.shredded else blob.size
+
+
+@functools.cache
+def _insert_blob(dialect: Dialect) -> Any:
+    """Return an INSERT of a committed blob that clears `shredded_at` on a row
+    that has it: the push that links the blob either stored a new copy, with a
+    new data key, or found that a key still opens the stored one."""
+    statement = insert_statement(dialect, blobs)
+    return statement.on_conflict_do_update(
+        index_elements=[blobs.c.digest],
+        set_={"shredded_at": None},
+        where=blobs.c.shredded_at.is_not(None),
+    )
 
 
 def _manifest_referencing(
@@ -817,6 +857,7 @@ _LINKED_AMONG = (
     .where(
         repository_blobs.c.repository_id == bindparam("repository_id"),
         repository_blobs.c.digest.in_(bindparam("digests", expanding=True)),
+        blobs.c.shredded_at.is_(None),
     )
 )
 _DIRECT_BLOB_SIZE = prepare(_BLOB_SIZE)

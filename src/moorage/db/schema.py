@@ -150,6 +150,10 @@ blobs = Table(
     Column("digest", String(200), primary_key=True),
     Column("size", BigInteger, nullable=False),
     Column("created_at", UTCDateTime, nullable=False, default=utcnow),
+    # Set by shredding when no key is left that opens the stored content; the
+    # blob is then visible in no repository. Cleared when the blob is pushed
+    # again, because that stores a new copy with a new data key.
+    Column("shredded_at", UTCDateTime, nullable=True),
 )
 
 # Which blobs each repository may serve: pushed, mounted, or referenced there.
@@ -363,6 +367,20 @@ data_key_wraps = Table(
     Column("wrapped", LargeBinary, nullable=False),
     Column("created_at", UTCDateTime, nullable=False, default=utcnow),
     Index(None, "owner"),
+)
+
+# Objects whose last data key wrap was deleted by shredding (`customer shred`),
+# written in the transaction that destroys the owner's key. An object with no
+# wrap and no envelope that is not listed here lost its wraps to damage, and
+# reading it is reported as an integrity error rather than as shredded content.
+shredded_objects = Table(
+    "shredded_objects",
+    metadata,
+    # The random id in the object's header, in hex.
+    Column("object_id", String(32), primary_key=True),
+    # The owner whose key held the last wrap.
+    Column("owner", String(128), nullable=False),
+    Column("shredded_at", UTCDateTime, nullable=False, default=utcnow),
 )
 
 # The audit trail: append-only, each event hash-chained to the one before it

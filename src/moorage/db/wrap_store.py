@@ -3,18 +3,30 @@
 An owner is the customer whose namespace holds a repository, named
 `customer:<slug>`, or the vendor (`vendor`) for every other namespace. The
 owner name is also the name of that owner's key-encryption key in `sealed_keys`.
+
+Shredding deletes an owner's key and its wraps, and records every object whose
+last wrap went with them in `shredded_objects`, all in one transaction, so an
+object without wraps is known to be shredded or else damaged.
+
+Concurrent changes to one object's wraps are serialised (see `_lock_object`).
+A release of an owner's wrap cannot interleave with the check that a new link
+of the same blob has its owner's wrap. On PostgreSQL, row locks also keep a
+shredding that deletes another wrap of the object from interleaving with them.
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from sqlalchemy import delete, func, select, union
+from sqlalchemy import delete, false, func, insert, select, text, union, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from moorage.db.dialects import insert_ignore
 from moorage.db.schema import (
+    blobs,
     customers,
     data_key_wraps,
     manifest_references,
@@ -22,6 +34,8 @@ from moorage.db.schema import (
     namespaces,
     repositories,
     repository_blobs,
+    sealed_keys,
+    shredded_objects,
     uploads,
     utcnow,
 )
@@ -30,6 +44,14 @@ from moorage.names import namespace_of
 
 VENDOR_OWNER = "vendor"
 CUSTOMER_OWNER_PREFIX = "customer:"
+# Advisory lock keys on PostgreSQL: (class, key) pairs, a key space apart from
+# the single 64-bit keys that migrations lock. The classes are "wrap" and
+# "shrd" in ASCII.
+_WRAP_LOCK_CLASS = 0x77726170
+_SHRED_LOCK_CLASS = 0x73687264
+# Object ids per statement when shredding, well below the bound parameters
+# that SQLite and asyncpg accept in one statement.
+_SHRED_BATCH = 500
 
 
 def customer_owner(slug: str) -> str:
@@ -40,6 +62,16 @@ def customer_owner(slug: str) -> str:
 class DataKeyWrap:
     owner: str
     wrapped: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ShredCounts:
+    key_destroyed: bool
+    wraps_deleted: int
+    # Objects whose only wrap was the owner's: no key opens them any more.
+    objects_unreadable: int
+    # Blobs among those objects, now marked shredded in the `blobs` table.
+    blobs_unreadable: int
 
 
 class WrapStore:
@@ -74,21 +106,155 @@ class WrapStore:
                     },
                 )
 
+    async def add_missing(
+        self,
+        object_id: str,
+        owner: str,
+        new_wraps: Callable[[], Awaitable[list[DataKeyWrap]]],
+    ) -> bool:
+        """Store the wraps that `new_wraps` makes, unless `owner` has a wrap already.
+
+        A request that links a blob calls this after its link commits. On
+        PostgreSQL the check and the insert hold the object's lock, so a
+        concurrent `release` of the owner's wrap either finds that link or is
+        undone here. On SQLite `release` holds the database's write lock from
+        its first statement, so the link commits before it or after it.
+        Returns True when wraps were stored.
+
+        NOTE: `new_wraps` reads the database on a second pooled connection
+        while this one waits, so more concurrent calls than the pool holds can
+        time out. Only a blob that the owner has no wrap of yet calls it.
+        """
+        async with begin(self.engine) as connection:
+            query = select(data_key_wraps.c.owner).where(
+                data_key_wraps.c.object_id == object_id
+            )
+            if connection.dialect.name == "postgresql":
+                await _lock_object(connection, object_id)
+                # Shredding waits for these rows, so the wraps that `new_wraps`
+                # unwraps stay until this transaction ends.
+                query = query.with_for_update(read=True)
+            if owner in set(await connection.scalars(query)):
+                return False
+            for wrap in await new_wraps():
+                await insert_ignore(
+                    connection,
+                    data_key_wraps,
+                    {
+                        "object_id": object_id,
+                        "owner": wrap.owner,
+                        "wrapped": wrap.wrapped,
+                        "created_at": utcnow(),
+                    },
+                )
+            return True
+
     async def remove_objects(self, object_ids: list[str]) -> None:
+        """Forget deleted objects: their wraps and their shredding records."""
         if not object_ids:
             return
         async with begin(self.engine) as connection:
             await connection.execute(
                 delete(data_key_wraps).where(data_key_wraps.c.object_id.in_(object_ids))
             )
+            await connection.execute(
+                delete(shredded_objects).where(
+                    shredded_objects.c.object_id.in_(object_ids)
+                )
+            )
 
-    async def remove_owner(self, owner: str) -> int:
-        """Delete every wrap under one owner's key; return how many there were."""
+    async def shred(
+        self, owner: str, blob_objects: Mapping[str, str] | None = None
+    ) -> ShredCounts:
+        """Destroy an owner's key and its wraps, and record what no key opens now.
+
+        One transaction deletes the owner's sealed key, deletes every wrap under
+        it, adds each object left without a wrap to `shredded_objects`, and
+        sets `blobs.shredded_at` of those that `blob_objects` (object id to
+        digest) names.
+        """
         async with begin(self.engine) as connection:
-            result = await connection.execute(
+            if connection.dialect.name == "postgresql":
+                # Two owners shredded at once would each see the other's wraps
+                # of an object they share and record it as shredded by neither.
+                await connection.execute(
+                    text("SELECT pg_advisory_xact_lock(:class, 0)"),
+                    {"class": _SHRED_LOCK_CLASS},
+                )
+            destroyed = await connection.execute(
+                delete(sealed_keys).where(sealed_keys.c.name == owner)
+            )
+            query = select(data_key_wraps.c.object_id).where(
+                data_key_wraps.c.owner == owner
+            )
+            if connection.dialect.name == "postgresql":
+                query = query.with_for_update()
+            object_ids = list(await connection.scalars(query))
+            await connection.execute(
                 delete(data_key_wraps).where(data_key_wraps.c.owner == owner)
             )
-            return int(result.rowcount)
+            remaining: set[str] = set()
+            for batch in _batches(object_ids):
+                remaining.update(
+                    await connection.scalars(
+                        select(data_key_wraps.c.object_id)
+                        .where(data_key_wraps.c.object_id.in_(batch))
+                        .distinct()
+                    )
+                )
+            unreadable = [i for i in object_ids if i not in remaining]
+            now = utcnow()
+            for batch in _batches(unreadable):
+                await connection.execute(
+                    delete(shredded_objects).where(
+                        shredded_objects.c.object_id.in_(batch)
+                    )
+                )
+                await connection.execute(
+                    insert(shredded_objects),
+                    [
+                        {"object_id": i, "owner": owner, "shredded_at": now}
+                        for i in batch
+                    ],
+                )
+            objects = blob_objects or {}
+            digests = [objects[i] for i in unreadable if i in objects]
+            for batch in _batches(digests):
+                await connection.execute(
+                    update(blobs)
+                    .where(blobs.c.digest.in_(batch))
+                    .values(shredded_at=now)
+                )
+        return ShredCounts(
+            destroyed.rowcount == 1, len(object_ids), len(unreadable), len(digests)
+        )
+
+    async def digests_used_by(self, owner: str) -> list[str]:
+        """Return the blobs that the owner's repositories link or reference."""
+        owned = _repositories_of(owner)
+        linked = select(repository_blobs.c.digest).where(
+            repository_blobs.c.repository_id.in_(owned)
+        )
+        referenced = (
+            select(manifest_references.c.digest)
+            .join(manifests, manifests.c.id == manifest_references.c.manifest_id)
+            .where(
+                manifests.c.repository_id.in_(owned),
+                manifest_references.c.kind == "blob",
+            )
+        )
+        async with connect(self.engine) as connection:
+            return list(await connection.scalars(union(linked, referenced)))
+
+    async def shredded(self, object_id: str) -> bool:
+        """Return whether shredding deleted the object's last wrap."""
+        async with connect(self.engine) as connection:
+            found = await connection.scalar(
+                select(shredded_objects.c.object_id).where(
+                    shredded_objects.c.object_id == object_id
+                )
+            )
+        return found is not None
 
     async def release(self, object_id: str, owner: str, digest: str) -> bool:
         """Delete the owner's wrap of a blob that none of its repositories uses.
@@ -98,19 +264,18 @@ class WrapStore:
         makes it unreadable. Returns True when a wrap was deleted.
         """
         async with begin(self.engine) as connection:
+            await _lock_object(connection, object_id)
             if owner in await _owners_of_digest(connection, digest):
                 return False
-            count = await connection.scalar(
-                select(func.count())
-                .select_from(data_key_wraps)
-                .where(data_key_wraps.c.object_id == object_id)
+            query = select(data_key_wraps.c.owner).where(
+                data_key_wraps.c.object_id == object_id
             )
-            if not count or count < 2:
+            if connection.dialect.name == "postgresql":
+                # A shredding that deleted another wrap and has not committed
+                # is waited for, so the count is of the wraps that stay.
+                query = query.with_for_update()
+            if len(list(await connection.scalars(query))) < 2:
                 return False
-            # NOTE: on PostgreSQL a link committed by another request between the
-            # check above and this delete is not seen, so the wrap can go while
-            # that link needs it. The linking request adds the wrap again after
-            # its link (Registry._link_blob), which closes all but a tiny window.
             result = await connection.execute(
                 delete(data_key_wraps).where(
                     data_key_wraps.c.object_id == object_id,
@@ -118,23 +283,6 @@ class WrapStore:
                 )
             )
             return result.rowcount > 0
-
-    async def count_sole(self, owner: str) -> int:
-        """Count the objects whose only wrap is under `owner`'s key."""
-        alone = (
-            select(data_key_wraps.c.object_id)
-            .group_by(data_key_wraps.c.object_id)
-            .having(func.count() == 1)
-            .subquery()
-        )
-        async with connect(self.engine) as connection:
-            count = await connection.scalar(
-                select(func.count())
-                .select_from(data_key_wraps)
-                .join(alone, alone.c.object_id == data_key_wraps.c.object_id)
-                .where(data_key_wraps.c.owner == owner)
-            )
-        return int(count or 0)
 
     async def count_by_owner(self) -> Counter[str]:
         async with connect(self.engine) as connection:
@@ -167,6 +315,46 @@ class WrapStore:
         """Return the owners of every repository that links or references a blob."""
         async with connect(self.engine) as connection:
             return await _owners_of_digest(connection, digest)
+
+
+async def _lock_object(connection: AsyncConnection, object_id: str) -> None:
+    """Serialise changes to one object's wraps until the transaction ends.
+
+    PostgreSQL takes an advisory lock per object id (objects whose ids share
+    their first 32 bits share a lock, which only makes one wait for the other).
+    SQLite has neither row nor advisory locks, so a write statement takes the
+    database's write lock, for which every other writer waits. The statement
+    changes no row.
+    """
+    if connection.dialect.name == "postgresql":
+        key = int(object_id[:8], 16) - 2**31
+        await connection.execute(
+            text("SELECT pg_advisory_xact_lock(:class, :key)"),
+            {"class": _WRAP_LOCK_CLASS, "key": key},
+        )
+        return
+    await connection.execute(
+        update(data_key_wraps)
+        .where(data_key_wraps.c.object_id == object_id, false())
+        .values(owner=data_key_wraps.c.owner)
+    )
+
+
+def _repositories_of(owner: str) -> Any:
+    """Return a SELECT of the ids of the owner's repositories."""
+    if owner.startswith(CUSTOMER_OWNER_PREFIX):
+        slug = owner.removeprefix(CUSTOMER_OWNER_PREFIX)
+        return (
+            select(repositories.c.id)
+            .join(namespaces, namespaces.c.name == repositories.c.namespace)
+            .join(customers, customers.c.id == namespaces.c.customer_id)
+            .where(customers.c.slug == slug)
+        )
+    return (
+        select(repositories.c.id)
+        .outerjoin(namespaces, namespaces.c.name == repositories.c.namespace)
+        .where(namespaces.c.customer_id.is_(None))
+    )
 
 
 async def _owner_of_namespace(connection: AsyncConnection, namespace: str) -> str:
@@ -203,3 +391,8 @@ async def _owners_of_digest(connection: AsyncConnection, digest: str) -> set[str
     return {
         VENDOR_OWNER if row.slug is None else customer_owner(row.slug) for row in result
     }
+
+
+def _batches(items: Sequence[str]) -> Iterator[Sequence[str]]:
+    for start in range(0, len(items), _SHRED_BATCH):
+        yield items[start : start + _SHRED_BATCH]

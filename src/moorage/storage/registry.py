@@ -48,6 +48,7 @@ from moorage.storage.drivers.base import (
 )
 from moorage.storage.encryption.custody import DataKeyUnavailableError, writing_for
 from moorage.storage.encryption.driver import EncryptedDriver
+from moorage.storage.encryption.format import IntegrityError
 from moorage.storage.manifests import parse_manifest
 
 log = structlog.get_logger(__name__)
@@ -115,15 +116,18 @@ class Registry:
     # Blobs
 
     async def blob_size(self, repository: str, digest: str) -> int:
-        """Return the size of a blob visible in `repository`; raise BlobUnknownError."""
-        # NOTE: this reads the database only, so HEAD returns the size of a blob
-        # whose data key was destroyed by shredding, and only a GET returns
-        # BLOB_UNKNOWN.
+        """Return the size of a blob visible in `repository`; raise BlobUnknownError.
+
+        A blob that shredding marked unreadable is not found, from the same
+        database read, so HEAD and GET agree without opening its data key.
+        """
         parse_digest(digest)
-        size = await self.store.blob_size_in_repository(repository, digest)
-        if size is None:
+        blob = await self.store.blob_in_repository(repository, digest)
+        if blob is None:
             raise BlobUnknownError(detail={"digest": digest})
-        return size
+        if blob.shredded:
+            raise _shredded_blob(digest)
+        return blob.size
 
     async def read_blob(
         self, digest: str, offset: int, length: int
@@ -140,12 +144,10 @@ class Registry:
             raise BlobUnknownError(detail={"digest": digest}) from None
         except DataKeyUnavailableError:
             # The driver has logged it. The content is gone on purpose, so the
-            # client gets a not-found, not a server error.
-            raise BlobUnknownError(
-                "blob content is no longer readable: its data key was destroyed "
-                "when the keys of every owner that used it were shredded",
-                detail={"digest": digest, "reason": "data key destroyed"},
-            ) from None
+            # client gets a not-found, not a server error. Shredding marks the
+            # blobs it can map to a digest, so this is reached only by the
+            # others, or by a read that began before the shredding committed.
+            raise _shredded_blob(digest) from None
         return _prepend(first, stream)
 
     async def open_blob_file(self, digest: str) -> BinaryIO | None:
@@ -168,15 +170,17 @@ class Registry:
 
         The blob's data key is wrapped for the new repository's owner before the
         link is recorded, so a crash between the two leaves no link without a
-        wrap. A blob whose data key no key unwraps any more is not mounted: the
-        client uploads it instead, which replaces the stored copy.
+        wrap. A blob whose data key no key unwraps any more (shredded, or its
+        wraps lost) is not mounted: the client uploads it instead, which
+        replaces the stored copy.
         """
         parse_digest(digest)
         if await self.store.blob_size_in_repository(source, digest) is None:
             return None
         try:
             await self._share_key(repository, digest)
-        except DataKeyUnavailableError:
+        except IntegrityError:
+            # The driver has logged why: a warning when shredded, else an error.
             log.warning("blob to mount has no usable data key", digest=digest)
             return None
         size = await self.store.mount_blob(source, repository, digest)
@@ -430,7 +434,8 @@ class Registry:
             self._hashers.pop(upload_id, None)
             raise UploadInvalidError("the upload session changed during this request")
         # Again after the link: a concurrent delete of the blob in another of
-        # the owner's repositories may have dropped the wrap in between.
+        # the owner's repositories may have dropped the wrap before the link
+        # committed. A delete that begins after this check sees the link.
         await self._share_key(repository, str(digest))
 
     async def _stored_copy_usable(
@@ -439,7 +444,8 @@ class Registry:
         """Check that a blob is stored already and wrap its data key for `repository`.
 
         A stored copy whose data key no key here unwraps (every owner that
-        referenced it was shredded) is replaced by the upload.
+        referenced it was shredded, or its wraps were lost) is replaced by the
+        upload, whose digest has been checked.
         """
         if not await self.store.blob_exists(str(digest)):
             return False
@@ -447,7 +453,8 @@ class Registry:
             return False
         try:
             await self._share_key(repository, str(digest))
-        except DataKeyUnavailableError:
+        except IntegrityError:
+            # The driver has logged why: a warning when shredded, else an error.
             log.warning(
                 "stored blob has no usable data key; replacing it with the upload",
                 digest=str(digest),
@@ -656,3 +663,11 @@ async def _prepend(
         yield first
     async for chunk in rest:
         yield chunk
+
+
+def _shredded_blob(digest: str) -> BlobUnknownError:
+    return BlobUnknownError(
+        "blob content is no longer readable: its data key was destroyed "
+        "when the keys of every owner that used it were shredded",
+        detail={"digest": digest, "reason": "data key destroyed"},
+    )

@@ -10,7 +10,8 @@ database data key and never touches a blob.
 Destroying an owner KEK (`moorage customer shred`) deletes its sealed row and
 every wrap under it. An object that only that owner referenced then has no
 wrap left that any key opens, in the live store and in every copy of the blob
-store. An object that other owners reference keeps their wraps.
+store, and is recorded in `shredded_objects` in the same transaction. An object
+that other owners reference keeps their wraps.
 
 The blob read path unwraps one data key per object opened, with an owner KEK
 taken from memory: owner KEKs are unwrapped by the installation KEK once per
@@ -21,14 +22,14 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 
 import structlog
 
 from moorage.db.key_store import KeyStore
-from moorage.db.wrap_store import DataKeyWrap, WrapStore
+from moorage.db.wrap_store import DataKeyWrap, ShredCounts, WrapStore
 from moorage.storage.encryption.database import wrap_context as sealing_context
 from moorage.storage.encryption.format import DataKeyUnavailableError, wrap_context
 from moorage.storage.encryption.keys import (
@@ -123,10 +124,9 @@ class OwnerKeys:
             return cached[1]
         return self._remember(owner, stored.key_id, stored.wrapped)
 
-    async def destroy(self, owner: str) -> bool:
-        """Delete the owner's KEK; return False when there was none."""
+    def forget(self, owner: str) -> None:
+        """Drop the owner's KEK from this process's memory."""
         self._cache.pop(owner, None)
-        return await self.sealed.delete(owner)
 
     def _remember(self, owner: str, key_id: str, wrapped: bytes) -> LocalKey:
         secret = self.keyring.get(key_id).unwrap(wrapped, sealing_context(owner))
@@ -166,12 +166,20 @@ class DataKeyCustody:
         self, object_id: bytes, data_key: bytes, owners: Iterable[str]
     ) -> None:
         """Store one wrap of the data key per owner (kept when one exists)."""
+        await self.wraps.add(
+            object_id.hex(), await self.wraps_for(object_id, data_key, owners)
+        )
+
+    async def wraps_for(
+        self, object_id: bytes, data_key: bytes, owners: Iterable[str]
+    ) -> list[DataKeyWrap]:
+        """Wrap the data key under each owner's KEK, without storing the wraps."""
         context = wrap_context(object_id)
         wraps = []
         for owner in owners:
             kek = await self.owner_keys.current(owner)
             wraps.append(DataKeyWrap(owner, kek.wrap(data_key, context)))
-        await self.wraps.add(object_id.hex(), wraps)
+        return wraps
 
     async def unwrap(self, path: str, object_id: bytes) -> bytes | None:
         """Return the object's data key, or None when it has no wraps here.
@@ -191,6 +199,17 @@ class DataKeyCustody:
         raise DataKeyUnavailableError(
             path, f"its data key does not unwrap under the keys of {owners}"
         )
+
+    async def shred(
+        self, owner: str, blob_objects: Mapping[str, str] | None = None
+    ) -> ShredCounts:
+        """Destroy the owner's KEK and every wrap under it (see WrapStore.shred)."""
+        self.owner_keys.forget(owner)
+        return await self.wraps.shred(owner, blob_objects)
+
+    async def shredded(self, object_id: bytes) -> bool:
+        """Return whether shredding deleted the object's last wrap."""
+        return await self.wraps.shredded(object_id.hex())
 
     async def owners(self, object_id: bytes) -> list[str]:
         return [wrap.owner for wrap in await self.wraps.wraps(object_id.hex())]

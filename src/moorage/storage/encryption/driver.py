@@ -17,9 +17,10 @@ as they are, and `maintenance.encrypt_all` converts them.
 Integrity failures raise `IntegrityError` and are reported to
 `on_integrity_error` (logged, and handed to the audit trail when one is
 attached), so a reader gets an error and never altered bytes. An object whose
-data key no key here unwraps, as after its owners were shredded, raises
-`DataKeyUnavailableError` and is logged as a warning instead: its content was
-destroyed on purpose, not altered.
+data key no key here unwraps because its owners were shredded (the database
+records it in `shredded_objects`) raises `DataKeyUnavailableError` and is
+logged as a warning instead: its content was destroyed on purpose, not altered.
+An object that lost its wraps any other way is damage, an integrity error.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ from moorage.storage.encryption.format import (
 from moorage.storage.encryption.keys import Keyring, UnwrapError
 
 if TYPE_CHECKING:
+    from moorage.db.wrap_store import DataKeyWrap
     from moorage.storage.encryption.custody import DataKeyCustody
 
 log = structlog.get_logger(__name__)
@@ -157,11 +159,10 @@ class EncryptedDriver(StorageDriver):
             try:
                 data_key = await self.custody.unwrap(path, header.object_id)
             except DataKeyUnavailableError as error:
-                log_data_key_unavailable(error)
-                raise
+                raise await self._unavailable(path, header, error.reason) from None
             if data_key is not None:
                 return data_key
-        envelope = await self._load_envelope(path, header.object_id)
+        envelope = await self._load_envelope(path, header)
         kek = self.keyring.get(envelope.key_id)
         try:
             return kek.unwrap(envelope.wrapped, wrap_context(header.object_id))
@@ -173,22 +174,38 @@ class EncryptedDriver(StorageDriver):
         envelope = Envelope(kek.key_id, kek.wrap(data_key, wrap_context(object_id)))
         await self.inner.put(envelope_path(object_id), envelope.to_bytes())
 
-    async def _load_envelope(self, path: str, object_id: bytes) -> Envelope:
+    async def _load_envelope(self, path: str, header: Header) -> Envelope:
         try:
-            stored = await _read_all(self.inner, envelope_path(object_id))
+            stored = await _read_all(self.inner, envelope_path(header.object_id))
         except PathNotFoundError:
             if self.custody is None:
                 raise self._integrity(
                     path, "its data key envelope is missing"
                 ) from None
+            reason = "no owner key wraps its data key and it has no envelope"
+            raise await self._unavailable(path, header, reason) from None
+        return Envelope.from_bytes(stored)
+
+    async def _unavailable(
+        self, path: str, header: Header, reason: str
+    ) -> IntegrityError:
+        """Classify an object whose data key no key here opens.
+
+        Shredding records every object whose last wrap it deletes, in the
+        transaction that deletes it. Such an object was destroyed on purpose
+        (a warning); any other was damaged, by lost wraps or a lost owner key,
+        and is reported like altered ciphertext.
+        """
+        assert self.custody is not None
+        if await self.custody.shredded(header.object_id):
             error = DataKeyUnavailableError(
-                path,
-                "no owner key wraps its data key (every owner's key was destroyed, "
-                "or its wraps were lost) and it has no envelope",
+                path, f"{reason}: its owners' keys were shredded"
             )
             log_data_key_unavailable(error)
-            raise error from None
-        return Envelope.from_bytes(stored)
+            return error
+        return self._integrity(
+            path, f"{reason}, and it was not shredded: its wraps were lost"
+        )
 
     # Owners
 
@@ -197,9 +214,11 @@ class EncryptedDriver(StorageDriver):
 
         A blob that still has only an installation envelope is first given a
         wrap for each owner of `digest`, and its envelope is deleted, so that
-        no owner's wrap is left out.
+        no owner's wrap is left out. The check and the new wraps are one step
+        of `WrapStore.add_missing`, which a concurrent release cannot split.
         """
-        if self.custody is None:
+        custody = self.custody
+        if custody is None:
             return
         try:
             header = await self.read_header(path)
@@ -207,16 +226,21 @@ class EncryptedDriver(StorageDriver):
             return
         if header is None:
             return
-        owners = await self.custody.owners(header.object_id)
-        if owner in owners:
-            return
-        data_key = await self.data_key(path, header)
-        if owners:
-            await self.custody.wrap(header.object_id, data_key, [owner])
-            return
-        everyone = await self.custody.wraps.owners_of_digest(digest) | {owner}
-        await self.custody.wrap(header.object_id, data_key, everyone)
-        await self.inner.delete(envelope_path(header.object_id))
+        object_id = header.object_id
+        adopted = False
+
+        async def new_wraps() -> list[DataKeyWrap]:
+            nonlocal adopted
+            data_key = await self.data_key(path, header)
+            if await custody.owners(object_id):
+                return await custody.wraps_for(object_id, data_key, [owner])
+            adopted = True
+            everyone = await custody.wraps.owners_of_digest(digest) | {owner}
+            return await custody.wraps_for(object_id, data_key, everyone)
+
+        await custody.wraps.add_missing(object_id.hex(), owner, new_wraps)
+        if adopted:
+            await self.inner.delete(envelope_path(object_id))
 
     async def release(self, path: str, owner: str, digest: str) -> None:
         """Delete `owner`'s wrap of a blob that none of its repositories uses now."""

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import structlog
 
 from moorage.db.key_store import KeyStore
+from moorage.digests import parse_digest
 from moorage.storage import paths
 from moorage.storage.drivers.base import PathNotFoundError
 from moorage.storage.encryption.custody import DataKeyCustody, wrapping_for
@@ -283,24 +284,45 @@ class ShredReport:
 
 
 async def shred_owner(driver: EncryptedDriver, owner: str) -> ShredReport:
-    """Destroy an owner's key-encryption key, then every wrap made under it.
+    """Destroy an owner's key-encryption key and every wrap made under it.
 
-    `objects_unreadable` counts the objects whose only wrap was the owner's.
+    `objects_unreadable` counts the objects whose only wrap was the owner's;
+    they are recorded as shredded in the same transaction, and those that are
+    blobs of the owner's repositories are marked so that HEAD and GET answer
+    BLOB_UNKNOWN. Mapping blobs to objects reads the header of every blob
+    that the owner's repositories use.
     """
     custody = driver.custody
     if custody is None:
         raise ValueError("owner keys are not attached to this storage driver")
-    sole = await custody.wraps.count_sole(owner)
-    destroyed = await custody.owner_keys.destroy(owner)
-    deleted = await custody.wraps.remove_owner(owner)
+    blob_objects = await _blob_objects(
+        driver, await custody.wraps.digests_used_by(owner)
+    )
+    counts = await custody.shred(owner, blob_objects)
     log.info(
         "owner key-encryption key destroyed",
         owner=owner,
-        existed=destroyed,
-        wraps_deleted=deleted,
-        objects_unreadable=sole,
+        existed=counts.key_destroyed,
+        wraps_deleted=counts.wraps_deleted,
+        objects_unreadable=counts.objects_unreadable,
+        blobs_unreadable=counts.blobs_unreadable,
     )
-    return ShredReport(destroyed, deleted, sole)
+    return ShredReport(
+        counts.key_destroyed, counts.wraps_deleted, counts.objects_unreadable
+    )
+
+
+async def _blob_objects(driver: EncryptedDriver, digests: list[str]) -> dict[str, str]:
+    """Map the object id in each stored blob's header to the blob's digest."""
+    found: dict[str, str] = {}
+    for digest in digests:
+        try:
+            header = await driver.read_header(paths.blob_path(parse_digest(digest)))
+        except PathNotFoundError:
+            continue
+        if header is not None:
+            found[header.object_id.hex()] = digest
+    return found
 
 
 async def _load_envelope(driver: EncryptedDriver, path: str) -> Envelope | None:
