@@ -11,6 +11,7 @@ import ipaddress
 import os
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
@@ -413,6 +414,48 @@ def load_settings(**overrides: Any) -> Settings:
     """Build settings from the environment, the TOML file and explicit overrides."""
     given = {key: value for key, value in overrides.items() if value is not None}
     return Settings(**given)
+
+
+HIDDEN = "**********"
+
+
+def hide_url_password(url: str) -> str:
+    """Return `url` with the password of its user part replaced by `***`.
+
+    Works for database URLs (`postgresql+asyncpg://user:password@host/db`) and
+    HTTP URLs alike. A password passed as a query parameter is not recognized.
+    """
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return url
+    if password is None:
+        return url
+    user_part, _, host_part = parts.netloc.rpartition("@")
+    user = user_part.partition(":")[0]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host_part}"))
+
+
+def displayed_value(value: object) -> str:
+    """Return a setting's value as `config check` prints it: secrets hidden,
+    passwords in URLs hidden, paths and lists as plain text."""
+    if value is None:
+        return "(none)"
+    if isinstance(value, SecretStr):
+        return HIDDEN
+    if isinstance(value, list):
+        return "[" + ", ".join(displayed_value(item) for item in value) + "]"
+    if isinstance(value, str) and "://" in value:
+        return hide_url_password(value)
+    return str(value)
+
+
+def displayed_settings(settings: Settings) -> dict[str, str]:
+    """Return every setting's effective value as `config check` prints it."""
+    return {
+        name: displayed_value(getattr(settings, name)) for name in Settings.model_fields
+    }
 
 
 def settings_reference() -> str:

@@ -32,7 +32,7 @@ from moorage import admin
 from moorage.audit import events as actions
 from moorage.audit.recorder import AdminRecorder, local_actor
 from moorage.cli.output import Table, shown
-from moorage.config import Settings, load_settings
+from moorage.config import Settings, displayed_settings, load_settings
 from moorage.db.identity_store import AccountRecord, CustomerRecord, GrantRecord
 from moorage.db.key_store import KeyStore
 from moorage.errors import InvalidInputError, MoorageError
@@ -384,8 +384,8 @@ def user_add(
 def config_check(data_dir: DataDirOption = None) -> None:
     """Validate the configuration and print the effective values (secrets hidden)."""
     settings = _settings(data_dir=data_dir)
-    for key, value in settings.model_dump().items():
-        console.print(f"{key} = {value!r}", highlight=False)
+    for key, value in displayed_settings(settings).items():
+        console.print(f"{key} = {shown(value)}", highlight=False, soft_wrap=True)
     if not settings.audit_request_events:
         errors.print(_REQUEST_EVENTS_OFF, highlight=False)
 
