@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import subprocess
 import sys
@@ -79,3 +80,94 @@ def test_check_prints_plain_values(tmp_path: Path) -> None:
     assert "METRICSTOKEN" not in completed.stdout
     assert "SecretStr" not in completed.stdout
     assert "PosixPath" not in completed.stdout
+
+
+def error_lines(completed: subprocess.CompletedProcess[str]) -> list[str]:
+    """Return stderr's lines, after checking that the command failed cleanly."""
+    assert completed.returncode == 2, completed.stdout
+    assert "Traceback" not in completed.stderr
+    assert "\\x0a" not in completed.stderr
+    assert "errors.pydantic.dev" not in completed.stderr
+    return completed.stderr.splitlines()
+
+
+def test_invalid_port_one_line(tmp_path: Path) -> None:
+    """A value of the wrong type names the setting, the value and the variable."""
+    lines = error_lines(config_check(tmp_path, {"MOORAGE_PORT": "abc"}))
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("invalid configuration: port = 'abc'")
+    assert "environment variable MOORAGE_PORT" in lines[0]
+    assert "valid integer" in lines[0]
+
+
+def test_invalid_json_list_one_line(tmp_path: Path) -> None:
+    """A list setting that is not valid JSON is one line, not a traceback."""
+    environment = {"MOORAGE_ENCRYPTION_PREVIOUS_KEYS": '["x", 5'}
+    lines = error_lines(config_check(tmp_path, environment))
+    assert len(lines) == 1, lines
+    assert "encryption_previous_keys" in lines[0]
+    assert "MOORAGE_ENCRYPTION_PREVIOUS_KEYS" in lines[0]
+    assert "not valid JSON" in lines[0]
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "problem"),
+    [
+        ("MOORAGE_ENCRYPTION_KEY", "notbase64SECRET!!", "not valid base64"),
+        ("MOORAGE_ENCRYPTION_KEY", base64.b64encode(b"SECRET16").decode(), "8 bytes"),
+        (
+            "MOORAGE_ENCRYPTION_PREVIOUS_KEYS",
+            '["notbase64SECRET!!"]',
+            "key 1: not valid base64",
+        ),
+    ],
+)
+def test_invalid_key_rejected(
+    tmp_path: Path, variable: str, value: str, problem: str
+) -> None:
+    """A key-encryption key that is not base64 of 32 bytes is rejected without
+    showing the key."""
+    good_key = base64.b64encode(bytes(32)).decode()
+    environment = {
+        "MOORAGE_ENCRYPTION_KEY_SOURCE": "env",
+        "MOORAGE_ENCRYPTION_KEY": good_key,
+        variable: value,
+    }
+    lines = error_lines(config_check(tmp_path, environment))
+    assert len(lines) == 1, lines
+    assert problem in lines[0]
+    assert variable in lines[0]
+    assert "SECRET" not in lines[0]
+    assert base64.b64encode(b"SECRET16").decode() not in lines[0]
+
+
+def test_env_source_needs_key(tmp_path: Path) -> None:
+    """The env key source without a key is a configuration error."""
+    environment = {"MOORAGE_ENCRYPTION_KEY_SOURCE": "env"}
+    lines = error_lines(config_check(tmp_path, environment))
+    assert lines == [
+        "invalid configuration: encryption_key_source is env but encryption_key "
+        "(MOORAGE_ENCRYPTION_KEY) is unset"
+    ]
+
+
+def test_file_errors_name_file(tmp_path: Path) -> None:
+    """Errors in moorage.toml name the file: a wrong type, an unknown key, and
+    a file that is not TOML."""
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    config = data_dir / "moorage.toml"
+    config.write_text('port = "x"\nbogus = 1\n')
+    lines = error_lines(config_check(tmp_path, {}))
+    assert len(lines) == 2, lines
+    assert lines[0].startswith("invalid configuration: port = 'x' (file data/")
+    assert (
+        lines[1]
+        == "invalid configuration: bogus (file data/moorage.toml): unknown setting"
+    )
+    config.write_text("port = \n")
+    lines = error_lines(config_check(tmp_path, {}))
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(
+        "invalid configuration: data/moorage.toml is not valid TOML"
+    )

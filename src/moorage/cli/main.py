@@ -17,7 +17,6 @@ from typing import Annotated, TypeVar
 
 import structlog
 import typer
-from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -32,7 +31,12 @@ from moorage import admin
 from moorage.audit import events as actions
 from moorage.audit.recorder import AdminRecorder, local_actor
 from moorage.cli.output import Table, shown
-from moorage.config import Settings, displayed_settings, load_settings
+from moorage.config import (
+    ConfigurationError,
+    Settings,
+    displayed_settings,
+    load_settings,
+)
 from moorage.db.identity_store import AccountRecord, CustomerRecord, GrantRecord
 from moorage.db.key_store import KeyStore
 from moorage.errors import InvalidInputError, MoorageError
@@ -81,7 +85,13 @@ DataDirOption = Annotated[
 def _settings(**overrides: object) -> Settings:
     try:
         return load_settings(**overrides)
-    except (ValidationError, FileNotFoundError) as error:
+    except ConfigurationError as error:
+        for problem in error.problems:
+            errors.print(
+                f"[red]invalid configuration:[/red] {shown(problem)}", soft_wrap=True
+            )
+        raise typer.Exit(2) from None
+    except FileNotFoundError as error:
         errors.print(f"[red]invalid configuration:[/red] {shown(error)}")
         raise typer.Exit(2) from None
 
