@@ -368,7 +368,7 @@ def usage_report_command(
         writer = csv.writer(sys.stdout)
         writer.writerow(columns)
         for row in rows:
-            writer.writerow(row.values())
+            files.write_csv_cells(writer, row.values())
         return
     table = Table(*columns)
     for row in rows:
