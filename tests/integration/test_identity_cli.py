@@ -185,6 +185,18 @@ def test_token_add_list_revoke(cli: Cli) -> None:
     assert f"token {token_id} was already revoked; nothing changed" in output
 
 
+def test_token_add_owner_rejected(cli: Cli) -> None:
+    """`token add --role owner` fails with the roles a token may have, and no
+    token is created."""
+    cli.ok("user", "add", "acme", "olga", "--role", "owner")
+    result = cli.run("token", "add", "acme", "olga", "--role", "owner")
+    assert result.returncode == 1
+    assert "invalid token role 'owner'" in result.stderr
+    assert "reader, writer or maintainer" in result.stderr
+    assert "moorage_pat_" not in result.stdout
+    assert "owner" not in cli.ok("token", "list", "acme", "olga")
+
+
 def test_grant_add_list_remove(cli: Cli) -> None:
     """Grants are added, listed with their end date, and removed by id."""
     output = cli.ok(
