@@ -70,3 +70,54 @@ def test_audit_list_limit_below_one(cli: Cli, limit: str) -> None:
     result = cli.run("audit", "list", "--limit", limit)
     assert result.returncode == 2
     assert "--limit" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("output", "problem"),
+    [
+        ("missing/x.jsonl", "missing does not exist"),
+        (".", "it is a directory"),
+    ],
+)
+def test_export_unwritable_output(
+    cli: Cli, tmp_path: Path, output: str, problem: str
+) -> None:
+    """`audit export --output` to a missing directory or onto a directory is
+    one line naming the path and the cause, and writes nothing."""
+    target = tmp_path / output
+    before = sorted(tmp_path.rglob("*"))
+    completed = run_moorage(cli, "audit", "export", "--output", str(target))
+    assert completed.returncode == 2
+    assert "Traceback" not in completed.stderr
+    lines = completed.stderr.splitlines()
+    assert len(lines) == 1, completed.stderr
+    assert lines[0].startswith(f"error: cannot write {target}")
+    assert problem in lines[0]
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_archive_unwritable_directory(cli: Cli, tmp_path: Path) -> None:
+    """`audit archive --dir` to a directory that cannot be created is one line,
+    and the events stay in the database."""
+    completed = run_moorage(
+        cli, "audit", "archive", "--older-than-days", "0", "--dir", "/proc/nope"
+    )
+    assert completed.returncode == 1
+    assert "Traceback" not in completed.stderr
+    lines = [line for line in completed.stderr.splitlines() if '"level"' not in line]
+    assert len(lines) == 1, completed.stderr
+    assert "/proc/nope" in lines[0]
+    assert "no events removed" in lines[0]
+    assert "No such file or directory" in lines[0]
+    verified = run_moorage(cli, "audit", "verify")
+    assert "audit trail intact: 1 events" in verified.stdout
+
+
+def test_export_replaces_file_whole(cli: Cli, tmp_path: Path) -> None:
+    """An export to an existing file replaces it and leaves no temporary file."""
+    target = tmp_path / "audit.jsonl"
+    target.write_text("old\n")
+    completed = run_moorage(cli, "audit", "export", "--output", str(target))
+    assert completed.returncode == 0, completed.stderr
+    assert target.read_text().startswith('{"type":"header"')
+    assert [path.name for path in tmp_path.glob(".audit.jsonl.*")] == []

@@ -788,13 +788,26 @@ def _write_archive(
     checkpoints: list[Checkpoint],
     keys: dict[str, Any],
 ) -> None:
-    """Write an archive file and sync it to disk before any row is deleted."""
+    """Write an archive file and sync it to disk before any row is deleted.
+
+    The events go to a temporary file that is renamed to `path` once complete,
+    so a failed write leaves no partial archive.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as out:
-        files.write_header(out, events[0].seq, events[-1].seq, keys)
-        for stored in events:
-            files.write_event(out, stored)
-        for checkpoint in checkpoints:
-            files.write_checkpoint(out, checkpoint)
-        out.flush()
-        os.fsync(out.fileno())
+    temporary = path.with_name(f".{path.name}.tmp")
+    try:
+        with temporary.open("w", encoding="utf-8") as out:
+            files.write_header(out, events[0].seq, events[-1].seq, keys)
+            for stored in events:
+                files.write_event(out, stored)
+            for checkpoint in checkpoints:
+                files.write_checkpoint(out, checkpoint)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temporary, path)
+        fsync_directory(path.parent)
+    except OSError as error:
+        # Name the archive, not its temporary file or a parent directory.
+        raise OSError(error.errno, error.strerror, str(path)) from error
+    finally:
+        temporary.unlink(missing_ok=True)

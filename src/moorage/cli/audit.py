@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
-from typing import Annotated, TextIO
+from typing import Annotated, NoReturn, TextIO
 
 import typer
 from rich import box
@@ -26,7 +27,7 @@ from moorage.cli.main import (
     console,
     errors,
 )
-from moorage.cli.output import Table
+from moorage.cli.output import Table, shown
 from moorage.db.audit_store import AuditFilter
 from moorage.db.schema import utcnow
 from moorage.services import Services
@@ -262,11 +263,49 @@ def _report_verification(result: Verification) -> None:
 
 @contextmanager
 def _output(path: Path | None) -> Iterator[TextIO]:
+    """Yield stdout, or a temporary file beside `path` that replaces `path`
+    only when the block completes, so a failed export leaves no partial file."""
     if path is None:
         yield sys.stdout
         return
-    with path.open("w", encoding="utf-8", newline="") as out:
-        yield out
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with temporary.open("x", encoding="utf-8", newline="") as out:
+            yield out
+        os.replace(temporary, path)
+    except OSError as error:
+        raise OSError(error.errno, error.strerror, str(path)) from error
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def _check_output_path(path: Path) -> None:
+    """Exit with one line when `path` cannot be an output file."""
+    problem = None
+    if path.is_dir():
+        problem = "it is a directory"
+    elif not path.parent.is_dir():
+        problem = f"directory {path.parent} does not exist"
+    elif not os.access(path.parent, os.W_OK):
+        problem = f"directory {path.parent} is not writable"
+    if problem is not None:
+        errors.print(
+            f"[red]error:[/red] cannot write {shown(path)}: {problem}",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(2)
+
+
+def _exit_for_file_error(action: str, error: OSError) -> NoReturn:
+    """Print a failed file operation as one line and exit with code 1."""
+    where = f" {error.filename}" if error.filename else ""
+    errors.print(
+        f"[red]error:[/red] {action}{shown(where)}: {error.strerror or error}",
+        highlight=False,
+        soft_wrap=True,
+    )
+    raise typer.Exit(1)
 
 
 @audit_app.command("export")
@@ -300,6 +339,8 @@ def audit_export(
     where = _filter(
         customer, account, repository, action, outcome, source, since, until
     )
+    if output is not None:
+        _check_output_path(output)
 
     async def export(services: Services) -> int:
         with _output(output) as out:
@@ -307,7 +348,10 @@ def audit_export(
                 return await services.audit.export_csv(out, where)
             return await services.audit.export_jsonl(out, where)
 
-    count = _run(_settings(data_dir=data_dir), export)
+    try:
+        count = _run(_settings(data_dir=data_dir), export)
+    except OSError as error:
+        _exit_for_file_error("export failed, nothing written: cannot write", error)
     if output is not None:
         console.print(f"{count} events written to {output}")
 
@@ -335,7 +379,10 @@ def audit_archive(
             soft_wrap=True,
         )
         raise typer.Exit(2) from None
-    path = _run(settings, lambda s: s.audit.archive(cutoff, target), atomic=False)
+    try:
+        path = _run(settings, lambda s: s.audit.archive(cutoff, target), atomic=False)
+    except OSError as error:
+        _exit_for_file_error("archive failed, no events removed: cannot write", error)
     if path is None:
         console.print("no events old enough to archive")
     else:
