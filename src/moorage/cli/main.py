@@ -241,13 +241,37 @@ def serve(
         raise typer.Exit(1) from None
 
 
-def _parse_date(value: str | None) -> datetime | None:
+# The forms `_parse_date` accepts (ISO 8601 as Python's datetime.fromisoformat
+# reads it), for error messages.
+DATE_FORMS = (
+    "a date YYYY-MM-DD or a time YYYY-MM-DDTHH:MM[:SS], UTC unless it ends "
+    "with an offset such as +02:00 or Z"
+)
+
+
+def _parse_date(
+    value: str | None, forms: str = DATE_FORMS, kind: str = "date or time"
+) -> datetime | None:
+    """Parse an ISO 8601 date or time, UTC when it has no offset.
+
+    Exit with a message that names the `kind` of value and lists `forms` when
+    the value is invalid.
+    """
     if value is None:
         return None
     try:
         parsed = datetime.fromisoformat(value)
-    except ValueError:
-        errors.print(f"[red]error:[/red] invalid date {value!r}; use YYYY-MM-DD")
+    except ValueError as error:
+        # fromisoformat names an out-of-range field (such as "hour must be in
+        # 0..23"), but reports only "Invalid isoformat string" for other input.
+        reason = str(error)
+        detail = "" if reason.startswith("Invalid isoformat") else f" ({reason})"
+        errors.print(
+            f"[red]error:[/red] invalid {kind} {shown(repr(value))}{detail}; "
+            f"use {forms}",
+            highlight=False,
+            soft_wrap=True,
+        )
         raise typer.Exit(2) from None
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
