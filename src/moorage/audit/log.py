@@ -103,7 +103,9 @@ class AuditLog(Protocol):
     async def wait_for_room(self) -> None:
         """Wait while the queue is full (see the module docstring)."""
 
-    async def query(self, where: AuditFilter, limit: int) -> list[StoredEvent]: ...
+    async def query(
+        self, where: AuditFilter, limit: int, *, newest_first: bool = False
+    ) -> list[StoredEvent]: ...
 
     async def verify(self) -> Verification: ...
 
@@ -581,8 +583,10 @@ class DatabaseAuditLog:
 
     # Reading
 
-    async def query(self, where: AuditFilter, limit: int) -> list[StoredEvent]:
-        return await self.store.list_events(where, limit)
+    async def query(
+        self, where: AuditFilter, limit: int, *, newest_first: bool = False
+    ) -> list[StoredEvent]:
+        return await self.store.list_events(where, limit, newest_first=newest_first)
 
     def keys(self) -> dict[str, Any]:
         """Return the JWKS that checks checkpoints: every active signing key."""

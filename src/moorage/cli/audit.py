@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import ipaddress
 import json
 import os
 import sys
@@ -16,7 +17,7 @@ import typer
 from rich import box
 
 from moorage.audit import files
-from moorage.audit.events import AuditEvent, StoredEvent
+from moorage.audit.events import AuditEvent, StoredEvent, is_known_action
 from moorage.audit.usage import usage_report
 from moorage.audit.verify import Verification
 from moorage.cli.main import (
@@ -42,9 +43,27 @@ usage_app: typer.Typer = typer.Typer(
 CustomerOption = Annotated[str | None, typer.Option(help="Customer (its short name).")]
 AccountOption = Annotated[str | None, typer.Option(help="Account login.")]
 RepositoryOption = Annotated[str | None, typer.Option(help="Repository name.")]
+
+
+def _check_action(value: str | None) -> str | None:
+    if value is not None and not is_known_action(value):
+        errors.print(
+            f"[red]error:[/red] unknown action {shown(repr(value))}; use an action "
+            "such as manifest.pull or auth.login, or a prefix with * such as "
+            "'user.*' (docs/audit.md lists every action)",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(2)
+    return value
+
+
 ActionOption = Annotated[
     str | None,
-    typer.Option(help="Action, such as manifest.pull; a trailing * matches a prefix."),
+    typer.Option(
+        help="Action, such as manifest.pull; a trailing * matches a prefix.",
+        callback=_check_action,
+    ),
 ]
 # The outcomes an event can have: requests and changes succeed or fail, and the
 # detectors in moorage.audit.alerts record "alert".
@@ -82,7 +101,36 @@ OutcomeOption = Annotated[
         callback=_check_outcome,
     ),
 ]
-SourceOption = Annotated[str | None, typer.Option("--source", help="Source address.")]
+
+
+def _check_source(value: str | None) -> str | None:
+    """Return the address in the form events store it, or exit."""
+    if value is None:
+        return None
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        pass
+    # NOTE: events store the address as text, so a network (CIDR) cannot be
+    # matched in the query; it is rejected with its own message.
+    try:
+        ipaddress.ip_network(value, strict=False)
+        problem = "networks are not supported yet; give one address"
+    except ValueError:
+        problem = "not an IP address"
+    errors.print(
+        f"[red]error:[/red] invalid --source {shown(repr(value))}: {problem}, "
+        "such as 203.0.113.7 or 2001:db8::1",
+        highlight=False,
+        soft_wrap=True,
+    )
+    raise typer.Exit(2)
+
+
+SourceOption = Annotated[
+    str | None,
+    typer.Option("--source", help="Source IP address.", callback=_check_source),
+]
 SinceOption = Annotated[
     str | None, typer.Option(help="From this time (ISO 8601, UTC if no zone).")
 ]
@@ -129,6 +177,13 @@ def audit_list(
             min=1, callback=_check_limit, help="Maximum number of events to show."
         ),
     ] = 100,
+    newest_first: Annotated[
+        bool,
+        typer.Option(
+            "--newest-first",
+            help="Show the newest matching events, newest first.",
+        ),
+    ] = False,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print JSON lines instead of a table.")
     ] = False,
@@ -141,20 +196,42 @@ def audit_list(
     ] = False,
     data_dir: DataDirOption = None,
 ) -> None:
-    """List audit events, oldest first.
+    """List audit events, oldest first (or newest first with --newest-first).
 
     The table shows the columns that fit an 80-column terminal, wrapping long
-    values. `--wide` adds the rest, and `--json` prints every field.
+    values. `--wide` adds the rest, and `--json` prints every field. When more
+    events match than --limit, it prints a note on stderr.
     """
     where = _filter(
         customer, account, repository, action, outcome, source, since, until
     )
-    found = _run(_settings(data_dir=data_dir), lambda s: s.audit.query(where, limit))
+    # One event more than the limit shows whether the limit cut the list.
+    found = _run(
+        _settings(data_dir=data_dir),
+        lambda s: s.audit.query(
+            where, min(limit + 1, MAX_LIMIT), newest_first=newest_first
+        ),
+    )
+    cut = len(found) > limit
+    found = found[:limit]
     if as_json:
         for stored in found:
             print(json.dumps(stored.to_dict(), separators=(",", ":")))
-        return
-    console.print(_event_table(found, wide))
+    else:
+        console.print(_event_table(found, wide))
+    if cut:
+        _print_cut_notice(limit, newest_first)
+
+
+def _print_cut_notice(limit: int, newest_first: bool) -> None:
+    end = "newest" if newest_first else "oldest"
+    other = "" if newest_first else ", --newest-first for the latest ones"
+    errors.print(
+        f"note: more events match; these are the {limit} {end}. Use "
+        f"--limit for more, --since and --until to narrow the range{other}.",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 # Short columns that are never broken, so an action reads as one word.
