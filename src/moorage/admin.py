@@ -255,6 +255,21 @@ def _check_role(role: str) -> str:
     return role
 
 
+# Roles a personal access token may have. A token never gets `owner`: it
+# would manage the customer's accounts and grants, so a leaked token could
+# create an owner account with a permanent password.
+TOKEN_ROLES = ("reader", "writer", "maintainer")
+
+
+def _check_token_role(role: str) -> str:
+    if role not in TOKEN_ROLES:
+        raise InvalidInputError(
+            f"invalid token role {role!r}: use reader, writer or maintainer; "
+            "to manage accounts and grants, log in with the password"
+        )
+    return role
+
+
 def robot_login(customer_slug: str, name: str) -> str:
     """Return a robot's login name, `customer+name`, which shows whose it is."""
     if not _SLUG_PATTERN.fullmatch(name) or len(name) > 63:
@@ -594,6 +609,7 @@ async def _create_personal_token(
     expires_at: datetime | None,
     repositories: Sequence[str] | None,
 ) -> CreatedToken:
+    _check_token_role(role)
     patterns = None
     if repositories is not None:
         if not repositories:

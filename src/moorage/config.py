@@ -7,16 +7,29 @@ by `MOORAGE_CONFIG` (default `<data dir>/moorage.toml`), then the defaults below
 
 from __future__ import annotations
 
+import base64
+import binascii
 import ipaddress
+import json
 import os
+import re
+import tomllib
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
     TomlConfigSettingsSource,
 )
 
@@ -344,6 +357,23 @@ class Settings(BaseSettings):
             ipaddress.ip_network(entry, strict=False)
         return value
 
+    @field_validator("encryption_key")
+    @classmethod
+    def _check_key(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            _check_key_text(value.get_secret_value())
+        return value
+
+    @field_validator("encryption_previous_keys")
+    @classmethod
+    def _check_previous_keys(cls, value: list[SecretStr]) -> list[SecretStr]:
+        for position, key in enumerate(value, start=1):
+            try:
+                _check_key_text(key.get_secret_value())
+            except ValueError as error:
+                raise ValueError(f"key {position}: {error}") from None
+        return value
+
     @field_validator("encryption_key_source")
     @classmethod
     def _check_key_source(cls, value: str) -> str:
@@ -359,6 +389,19 @@ class Settings(BaseSettings):
             raise ValueError("tls_client_ca needs tls_cert and tls_key")
         if self.tls_client_cert_customers and self.tls_client_ca is None:
             raise ValueError("tls_client_cert_customers needs tls_client_ca")
+        return self
+
+    @model_validator(mode="after")
+    def _check_env_key(self) -> Settings:
+        if (
+            self.encryption
+            and self.encryption_key_source == "env"
+            and self.encryption_key is None
+        ):
+            raise ValueError(
+                "encryption_key_source is env but encryption_key "
+                "(MOORAGE_ENCRYPTION_KEY) is unset"
+            )
         return self
 
     @field_validator("log_level")
@@ -394,6 +437,22 @@ class Settings(BaseSettings):
         return self.audit_archive_dir or self.data_dir / "audit-archive"
 
 
+# The key-encryption key's size: AES-256.
+KEY_BYTES = 32
+
+
+def _check_key_text(text: str) -> None:
+    """Raise ValueError unless `text` is base64 of 32 bytes; never show the text."""
+    try:
+        decoded = base64.b64decode(text.strip(), validate=True)
+    except binascii.Error:
+        raise ValueError("not valid base64; expected base64 of 32 bytes") from None
+    if len(decoded) != KEY_BYTES:
+        raise ValueError(
+            f"decodes to {len(decoded)} bytes; expected base64 of {KEY_BYTES} bytes"
+        )
+
+
 def _config_file(data_dir: Path | str | None) -> Path | None:
     """Return the TOML file to read, or None when there is none."""
     explicit = os.environ.get("MOORAGE_CONFIG")
@@ -409,10 +468,126 @@ def _config_file(data_dir: Path | str | None) -> Path | None:
     return candidate if candidate.is_file() else None
 
 
+class ConfigurationError(ValueError):
+    """Invalid settings; `problems` has one line per invalid setting."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
 def load_settings(**overrides: Any) -> Settings:
-    """Build settings from the environment, the TOML file and explicit overrides."""
+    """Build settings from the environment, the TOML file and explicit overrides.
+
+    Raises ConfigurationError with one line per problem (setting, what is wrong
+    and where the value came from), and FileNotFoundError when MOORAGE_CONFIG
+    names a missing file.
+    """
     given = {key: value for key, value in overrides.items() if value is not None}
-    return Settings(**given)
+    try:
+        return Settings(**given)
+    except ValidationError as error:
+        problems = [_describe_error(details, given) for details in error.errors()]
+        raise ConfigurationError(problems) from None
+    except SettingsError as error:
+        raise ConfigurationError([_describe_parse_error(error, given)]) from None
+    except tomllib.TOMLDecodeError as error:
+        file = _config_file(given.get("data_dir"))
+        raise ConfigurationError([f"{file} is not valid TOML: {error}"]) from None
+
+
+# pydantic-settings names the field in the message of a value it cannot decode.
+_PARSE_FIELD = re.compile(r'error parsing value for field "(\w+)"')
+
+
+def _describe_parse_error(error: SettingsError, given: dict[str, Any]) -> str:
+    """Describe a value that pydantic-settings could not decode, such as a list
+    setting whose environment variable is not valid JSON."""
+    match = _PARSE_FIELD.search(str(error))
+    if match is None:
+        return str(error)
+    name = match.group(1)
+    cause = error.__cause__
+    reason = "could not be decoded"
+    if isinstance(cause, json.JSONDecodeError):
+        reason = f"not valid JSON ({cause.msg} at position {cause.pos})"
+    return f"{name} ({_origin(name, given)}): {reason}"
+
+
+def _describe_error(details: Any, given: dict[str, Any]) -> str:
+    """Describe one pydantic validation error as `setting (origin): problem`."""
+    location = details["loc"]
+    message = str(details["msg"]).removeprefix("Value error, ")
+    if not location:
+        return message
+    name = str(location[0])
+    if name not in Settings.model_fields:
+        return f"{name} ({_origin(name, given)}): unknown setting"
+    item = "".join(f"[{part}]" for part in location[1:])
+    value = ""
+    if not _is_secret(name) and isinstance(details.get("input"), str | int | float):
+        value = f" = {details['input']!r}"
+    return f"{name}{item}{value} ({_origin(name, given)}): {message}"
+
+
+def _is_secret(name: str) -> bool:
+    annotation = str(Settings.model_fields[name].annotation)
+    return "SecretStr" in annotation
+
+
+def _origin(name: str, given: dict[str, Any]) -> str:
+    """Name where a setting's value came from, in precedence order."""
+    if name in given:
+        return "command line"
+    variable = f"MOORAGE_{name.upper()}"
+    if any(key.upper() == variable for key in os.environ):
+        return f"environment variable {variable}"
+    file = _config_file(given.get("data_dir"))
+    if file is not None:
+        return f"file {file}"
+    return "default"
+
+
+HIDDEN = "**********"
+
+
+def hide_url_password(url: str) -> str:
+    """Return `url` with the password of its user part replaced by `***`.
+
+    Works for database URLs (`postgresql+asyncpg://user:password@host/db`) and
+    HTTP URLs alike. A password passed as a query parameter is not recognized.
+    """
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return url
+    if password is None:
+        return url
+    user_part, _, host_part = parts.netloc.rpartition("@")
+    user = user_part.partition(":")[0]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host_part}"))
+
+
+def displayed_value(value: object) -> str:
+    """Return a setting's value as `config check` prints it: secrets hidden,
+    passwords in URLs hidden, paths and lists as plain text."""
+    if value is None:
+        return "(none)"
+    if isinstance(value, SecretStr):
+        return HIDDEN
+    if isinstance(value, list):
+        return "[" + ", ".join(displayed_value(item) for item in value) + "]"
+    if isinstance(value, str) and "://" in value:
+        return hide_url_password(value)
+    return str(value)
+
+
+def displayed_settings(settings: Settings) -> dict[str, str]:
+    """Return every setting's effective value as `config check` prints it."""
+    return {
+        name: displayed_value(getattr(settings, name)) for name in Settings.model_fields
+    }
 
 
 def settings_reference() -> str:

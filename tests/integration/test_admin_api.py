@@ -491,18 +491,26 @@ def test_secrets_never_in_audit_trail(
 def test_personal_tokens_of_me(
     server: ServerProcess, vendor: httpx.Client, acme: str
 ) -> None:
-    """A user creates a token with its password, uses it, and revokes it."""
+    """A user creates a token with its password, uses it, and revokes it. An
+    owner's token manages nothing, and a token with the owner role is rejected."""
     login, password = add_user(vendor, acme, "owner")
     with api(server, (login, password)) as client:
-        created = client.post("/me/tokens", json={"name": "laptop", "role": "owner"})
+        as_owner = client.post("/me/tokens", json={"name": "x", "role": "owner"})
+        assert "reader, writer or maintainer" in error_of(as_owner, 400)["message"]
+        assert client.get("/me/tokens").json() == []
+        created = client.post(
+            "/me/tokens", json={"name": "laptop", "role": "maintainer"}
+        )
         assert created.status_code == 201, created.text
         token = created.json()["token"]
         assert created.json()["expires_at"] is not None
     with api(server, (login, token)) as with_token:
         me = with_token.get("/me").json()
         assert me["personal_token_id"] == created.json()["id"]
-        assert me["token_role"] == "owner"
-        assert me["management_role"] == "owner"
+        assert me["token_role"] == "maintainer"
+        assert me["management_role"] is None
+        users = with_token.get(f"/customers/{acme}/users")
+        assert users.status_code == 403
         listed = with_token.get("/me/tokens").json()
         assert [t["name"] for t in listed] == ["laptop"]
         assert "token" not in listed[0]

@@ -9,10 +9,10 @@ in docs/access-control.md:
 - no credentials, a disabled account: 401;
 - vendor admin: every change on every existing customer, 404 for a missing one;
 - vendor auditor: reads like the admin, 403 for every change;
-- a customer's owner (a user, a robot, or an owner's token capped at owner):
-  everything on its own customer, 404 on others, as for a missing customer;
-- any other account of the customer, or a token capped below owner: 403 on its
-  own customer, 404 on others;
+- a customer's owner (a user or a robot): everything on its own customer, 404
+  on others, as for a missing customer;
+- any other account of the customer, or an owner's personal access token: 403
+  on its own customer, 404 on others;
 - `/me` for every login; personal access tokens for users only (403 for a
   robot), created only with a password (403 with a token).
 """
@@ -38,7 +38,6 @@ SUBJECTS = (
     "owner",
     "owner-robot",
     "owner-token",
-    "capped-token",
     "vendor-admin",
     "auditor",
     "disabled",
@@ -118,7 +117,7 @@ def expected_status(subject: str, endpoint: ApiEndpoint, column: str) -> int:
         return 404 if column == "missing" else endpoint.success
     if column != "own":
         return 404
-    owner = subject in ("owner", "owner-robot", "owner-token")
+    owner = subject in ("owner", "owner-robot")
     return endpoint.success if owner else 403
 
 
@@ -127,7 +126,7 @@ def _me_status(subject: str, endpoint: ApiEndpoint) -> int:
         return endpoint.success
     if subject == "owner-robot":
         return 403
-    if endpoint.needs == PASSWORD and subject in ("owner-token", "capped-token"):
+    if endpoint.needs == PASSWORD and subject == "owner-token":
         return 403
     return endpoint.success
 
@@ -191,10 +190,9 @@ def _subject(
             )
         )
         return Subject((str(body["login"]), str(body["secret"])))
-    if name in ("owner-token", "capped-token"):
+    if name == "owner-token":
         login, password = _new_user(setup, own, "owner")
-        role = "owner" if name == "owner-token" else "maintainer"
-        token = _new_token(server, (login, password), role)
+        token = _new_token(server, (login, password), "maintainer")
         return Subject((login, token), (login, password))
     role = "owner" if name == "disabled" else name
     login, password = _new_user(setup, own, role)

@@ -3,6 +3,7 @@ exit code, never a traceback, and nothing changed when the command says so."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -70,3 +71,109 @@ def test_audit_list_limit_below_one(cli: Cli, limit: str) -> None:
     result = cli.run("audit", "list", "--limit", limit)
     assert result.returncode == 2
     assert "--limit" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("output", "problem"),
+    [
+        ("missing/x.jsonl", "missing does not exist"),
+        (".", "it is a directory"),
+    ],
+)
+def test_export_unwritable_output(
+    cli: Cli, tmp_path: Path, output: str, problem: str
+) -> None:
+    """`audit export --output` to a missing directory or onto a directory is
+    one line naming the path and the cause, and writes nothing."""
+    target = tmp_path / output
+    before = sorted(tmp_path.rglob("*"))
+    completed = run_moorage(cli, "audit", "export", "--output", str(target))
+    assert completed.returncode == 2
+    assert "Traceback" not in completed.stderr
+    lines = completed.stderr.splitlines()
+    assert len(lines) == 1, completed.stderr
+    assert lines[0].startswith(f"error: cannot write {target}")
+    assert problem in lines[0]
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_archive_unwritable_directory(cli: Cli, tmp_path: Path) -> None:
+    """`audit archive --dir` to a directory that cannot be created is one line,
+    and the events stay in the database."""
+    completed = run_moorage(
+        cli, "audit", "archive", "--older-than-days", "0", "--dir", "/proc/nope"
+    )
+    assert completed.returncode == 1
+    assert "Traceback" not in completed.stderr
+    lines = [line for line in completed.stderr.splitlines() if '"level"' not in line]
+    assert len(lines) == 1, completed.stderr
+    assert "/proc/nope" in lines[0]
+    assert "no events removed" in lines[0]
+    assert "No such file or directory" in lines[0]
+    verified = run_moorage(cli, "audit", "verify")
+    assert "audit trail intact: 1 events" in verified.stdout
+
+
+def test_export_replaces_file_whole(cli: Cli, tmp_path: Path) -> None:
+    """An export to an existing file replaces it and leaves no temporary file."""
+    target = tmp_path / "audit.jsonl"
+    target.write_text("old\n")
+    completed = run_moorage(cli, "audit", "export", "--output", str(target))
+    assert completed.returncode == 0, completed.stderr
+    assert target.read_text().startswith('{"type":"header"')
+    assert [path.name for path in tmp_path.glob(".audit.jsonl.*")] == []
+
+
+def _listed_seqs(output: str) -> list[int]:
+    return [json.loads(line)["seq"] for line in output.splitlines()]
+
+
+def test_audit_list_cut_notice(cli: Cli) -> None:
+    """`audit list` says on stderr when --limit cut the list, and
+    --newest-first lists the newest events first."""
+    cli.ok("customer", "add", "bravo")
+    cli.ok("customer", "add", "charlie")
+    oldest = cli.run("audit", "list", "--json", "--limit", "2")
+    assert oldest.returncode == 0, oldest.stderr
+    assert _listed_seqs(oldest.stdout) == [1, 2]
+    assert "more events match; these are the 2 oldest" in oldest.stderr
+    assert "--newest-first" in oldest.stderr
+    newest = cli.run("audit", "list", "--json", "--limit", "2", "--newest-first")
+    assert _listed_seqs(newest.stdout) == [3, 2]
+    assert "these are the 2 newest" in newest.stderr
+    whole = cli.run("audit", "list", "--json", "--limit", "3")
+    assert _listed_seqs(whole.stdout) == [1, 2, 3]
+    assert whole.stderr == ""
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("--action", "manifest.pul", "unknown action 'manifest.pul'"),
+        ("--action", "bogus*", "unknown action 'bogus*'"),
+        ("--source", "nope", "invalid --source 'nope': not an IP address"),
+        ("--source", "10.0.0.0/8", "networks are not supported"),
+    ],
+)
+def test_audit_list_bad_filter(cli: Cli, option: str, value: str, message: str) -> None:
+    """An unknown action or a source that is not an address is an error, not an
+    empty table."""
+    for command in ("list", "export"):
+        result = cli.run("audit", command, option, value)
+        assert result.returncode == 2
+        assert message in result.stderr
+        assert result.stdout == ""
+
+
+def test_audit_list_known_filters(cli: Cli) -> None:
+    """Known actions, prefixes, alert actions and addresses are accepted."""
+    for option, value in [
+        ("--action", "customer.add"),
+        ("--action", "user.*"),
+        ("--action", "alert.failed_logins"),
+        ("--action", "key.rotate.start"),
+        ("--source", "127.0.0.1"),
+        ("--source", "2001:db8::1"),
+    ]:
+        result = cli.run("audit", "list", option, value)
+        assert result.returncode == 0, result.stderr

@@ -185,6 +185,44 @@ def test_token_add_list_revoke(cli: Cli) -> None:
     assert f"token {token_id} was already revoked; nothing changed" in output
 
 
+def test_token_add_owner_rejected(cli: Cli) -> None:
+    """`token add --role owner` fails with the roles a token may have, and no
+    token is created."""
+    cli.ok("user", "add", "acme", "olga", "--role", "owner")
+    result = cli.run("token", "add", "acme", "olga", "--role", "owner")
+    assert result.returncode == 1
+    assert "invalid token role 'owner'" in result.stderr
+    assert "reader, writer or maintainer" in result.stderr
+    assert "moorage_pat_" not in result.stdout
+    assert "owner" not in cli.ok("token", "list", "acme", "olga")
+
+
+@pytest.mark.parametrize(
+    ("command", "message", "forms"),
+    [
+        (
+            ("audit", "list", "--since", "2026-12-05T25:00"),
+            "invalid date or time '2026-12-05T25:00' (hour must be in 0..23)",
+            ("YYYY-MM-DD", "YYYY-MM-DDTHH:MM"),
+        ),
+        (
+            ("robot", "add", "acme", "r5", "--expires", "-5d"),
+            "invalid expiry '-5d'",
+            ("90d", "12h", "30m", "YYYY-MM-DD", "YYYY-MM-DDTHH:MM"),
+        ),
+    ],
+)
+def test_date_error_lists_forms(
+    cli: Cli, command: tuple[str, ...], message: str, forms: tuple[str, ...]
+) -> None:
+    """An invalid date, time or expiry names the value and every accepted form."""
+    result = cli.run(*command)
+    assert result.returncode == 2
+    assert message in result.stderr
+    for form in forms:
+        assert form in result.stderr
+
+
 def test_grant_add_list_remove(cli: Cli) -> None:
     """Grants are added, listed with their end date, and removed by id."""
     output = cli.ok(

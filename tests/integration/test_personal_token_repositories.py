@@ -317,13 +317,14 @@ def test_cli_token_with_repositories(server: ServerProcess, setup: Setup) -> Non
     assert "invalid pattern" in rejected.stderr
 
 
-def test_limited_owner_token_manages_nothing(server: ServerProcess) -> None:
-    """An owner's token limited to repository patterns gets no admin API rights,
-    while an unlimited owner token keeps them."""
+def test_owner_tokens_manage_nothing(server: ServerProcess) -> None:
+    """An owner's tokens, limited to repository patterns or not, get no admin
+    API rights, while the owner's password keeps them."""
     customer = server.add_customer()
-    login, _ = server.add_user(customer, "owner")
-    limited = personal_token(server, customer, login, "owner", [f"{customer}/app"])
-    unlimited = personal_token(server, customer, login, "owner", None)
+    login, password = server.add_user(customer, "owner")
+    limited = personal_token(server, customer, login, "maintainer", [f"{customer}/app"])
+    unlimited = personal_token(server, customer, login, "maintainer", None)
     users = f"{server.url}/api/v1/customers/{customer}/users"
-    assert httpx.get(users, auth=(login, unlimited)).status_code == 200
+    assert httpx.get(users, auth=(login, password)).status_code == 200
+    assert httpx.get(users, auth=(login, unlimited)).status_code == 403
     assert httpx.get(users, auth=(login, limited)).status_code == 403

@@ -65,3 +65,20 @@ async def test_read_closed_early_closes_file(
             break
         await asyncio.sleep(0.01)
     assert _open_descriptors() <= before
+
+
+async def test_check_missing_root(tmp_path: Path) -> None:
+    """The readiness check fails when the root has been moved away or replaced
+    by a file, and passes again once it is back."""
+    root = tmp_path / "storage"
+    driver = FilesystemDriver(root, fsync=False)
+    await driver.check()
+    root.rename(tmp_path / "storage.off")
+    with pytest.raises(FileNotFoundError):
+        await driver.check()
+    root.write_bytes(b"")
+    with pytest.raises(NotADirectoryError):
+        await driver.check()
+    root.unlink()
+    (tmp_path / "storage.off").rename(root)
+    await driver.check()

@@ -29,7 +29,7 @@ def routes(services: Services) -> list[Route]:
             )
             checks["database"] = f"failed: {type(error).__name__}"
         try:
-            await services.registry.driver.list("blobs/none")
+            await services.registry.driver.check()
             checks["storage"] = "ok"
         except OSError as error:
             log.warning("readiness check failed", component="storage", error=str(error))

@@ -79,6 +79,34 @@ AUDIT_REJECTED = "audit.rejected"
 ALERT_PREFIX = "alert."
 
 
+def _action_names() -> frozenset[str]:
+    """Collect the action constants above: every `group.name` string."""
+    pattern = re.compile(r"[a-z_]+\.[a-z_]+")
+    return frozenset(
+        value
+        for name, value in globals().items()
+        if name.isupper() and isinstance(value, str) and pattern.fullmatch(value)
+    )
+
+
+# Every action an event can have, apart from the `.start` form of long changes
+# and the `alert.<kind>` actions.
+ACTIONS = _action_names()
+
+
+def is_known_action(action: str) -> bool:
+    """Return whether events can have `action`; a trailing `*` matches a prefix."""
+    if action.endswith("*"):
+        prefix = action[:-1]
+        return any(
+            name.startswith(prefix) or (name + START_SUFFIX).startswith(prefix)
+            for name in ACTIONS | {ALERT_PREFIX}
+        ) or prefix.startswith(ALERT_PREFIX)
+    if action.startswith(ALERT_PREFIX):
+        return len(action) > len(ALERT_PREFIX)
+    return action.removesuffix(START_SUFFIX) in ACTIONS
+
+
 def _now() -> datetime:
     return datetime.now(UTC)
 

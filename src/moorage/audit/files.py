@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import json
+import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +46,37 @@ def write_checkpoint(out: TextIO, checkpoint: Checkpoint) -> None:
     _line(out, {"type": "checkpoint", **checkpoint.to_dict()})
 
 
+# A spreadsheet reads a cell that starts with one of these as a formula (the
+# OWASP "CSV injection" rule), so a cell that does gets a leading single quote.
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value: object) -> object:
+    """Make one CSV cell safe to open in a spreadsheet.
+
+    A text value that starts like a formula gets a leading `'`, and control
+    characters become `\\xNN` escapes, so a user name such as
+    `=HYPERLINK(...)` shows as text and every event stays on one line.
+    Numbers and None are returned unchanged.
+    """
+    if not isinstance(value, str):
+        return value
+    quoted = "'" + value if value.startswith(_FORMULA_STARTS) else value
+    if quoted.isprintable():
+        return quoted
+    return "".join(
+        f"\\x{ord(character):02x}"
+        if unicodedata.category(character) == "Cc"
+        else character
+        for character in quoted
+    )
+
+
+def write_csv_cells(writer: Any, row: Iterable[object]) -> None:
+    """Write one row with every cell passed through `csv_cell`."""
+    writer.writerow([csv_cell(value) for value in row])
+
+
 def csv_writer(out: TextIO) -> Any:
     writer = csv.writer(out)
     writer.writerow(CSV_COLUMNS)
@@ -54,7 +86,7 @@ def csv_writer(out: TextIO) -> Any:
 def write_csv_row(writer: Any, stored: StoredEvent) -> None:
     values = event_dict(stored.event)
     row = [stored.seq, *(values[name] for name in EVENT_FIELDS)]
-    writer.writerow([*row, stored.prev_hash, stored.hash])
+    write_csv_cells(writer, [*row, stored.prev_hash, stored.hash])
 
 
 @dataclass

@@ -103,7 +103,9 @@ class AuditLog(Protocol):
     async def wait_for_room(self) -> None:
         """Wait while the queue is full (see the module docstring)."""
 
-    async def query(self, where: AuditFilter, limit: int) -> list[StoredEvent]: ...
+    async def query(
+        self, where: AuditFilter, limit: int, *, newest_first: bool = False
+    ) -> list[StoredEvent]: ...
 
     async def verify(self) -> Verification: ...
 
@@ -586,8 +588,10 @@ class DatabaseAuditLog:
 
     # Reading
 
-    async def query(self, where: AuditFilter, limit: int) -> list[StoredEvent]:
-        return await self.store.list_events(where, limit)
+    async def query(
+        self, where: AuditFilter, limit: int, *, newest_first: bool = False
+    ) -> list[StoredEvent]:
+        return await self.store.list_events(where, limit, newest_first=newest_first)
 
     def keys(self) -> dict[str, Any]:
         """Return the JWKS that checks checkpoints: every active signing key."""
@@ -793,13 +797,26 @@ def _write_archive(
     checkpoints: list[Checkpoint],
     keys: dict[str, Any],
 ) -> None:
-    """Write an archive file and sync it to disk before any row is deleted."""
+    """Write an archive file and sync it to disk before any row is deleted.
+
+    The events go to a temporary file that is renamed to `path` once complete,
+    so a failed write leaves no partial archive.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as out:
-        files.write_header(out, events[0].seq, events[-1].seq, keys)
-        for stored in events:
-            files.write_event(out, stored)
-        for checkpoint in checkpoints:
-            files.write_checkpoint(out, checkpoint)
-        out.flush()
-        os.fsync(out.fileno())
+    temporary = path.with_name(f".{path.name}.tmp")
+    try:
+        with temporary.open("w", encoding="utf-8") as out:
+            files.write_header(out, events[0].seq, events[-1].seq, keys)
+            for stored in events:
+                files.write_event(out, stored)
+            for checkpoint in checkpoints:
+                files.write_checkpoint(out, checkpoint)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temporary, path)
+        fsync_directory(path.parent)
+    except OSError as error:
+        # Name the archive, not its temporary file or a parent directory.
+        raise OSError(error.errno, error.strerror, str(path)) from error
+    finally:
+        temporary.unlink(missing_ok=True)

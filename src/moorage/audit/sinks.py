@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 import structlog
 
 from moorage.audit.events import ALERT_PREFIX, FAILURE, StoredEvent, format_time
+from moorage.config import hide_url_password
 
 log = structlog.get_logger(__name__)
 
@@ -245,7 +246,7 @@ class WebhookSender(_QueuedSender):
                 problem = f"{type(error).__name__}: {error}"
             log.warning(
                 "webhook delivery failed",
-                url=self.url,
+                url=hide_url_password(self.url),
                 attempt=attempt,
                 attempts=self.attempts,
                 error=problem,
@@ -253,7 +254,9 @@ class WebhookSender(_QueuedSender):
             if attempt < self.attempts:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 60)
-        log.error("webhook batch dropped", url=self.url, events=len(batch))
+        log.error(
+            "webhook batch dropped", url=hide_url_password(self.url), events=len(batch)
+        )
 
     async def close(self, drain_seconds: float = 5) -> None:
         await super().close(drain_seconds)

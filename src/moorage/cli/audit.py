@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import csv
+import ipaddress
 import json
+import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
-from typing import Annotated, TextIO
+from typing import Annotated, NoReturn, TextIO
 
 import typer
 from rich import box
 
 from moorage.audit import files
-from moorage.audit.events import AuditEvent, StoredEvent
+from moorage.audit.events import AuditEvent, StoredEvent, is_known_action
 from moorage.audit.usage import usage_report
 from moorage.audit.verify import Verification
 from moorage.cli.main import (
@@ -26,7 +28,7 @@ from moorage.cli.main import (
     console,
     errors,
 )
-from moorage.cli.output import Table
+from moorage.cli.output import Table, shown
 from moorage.db.audit_store import AuditFilter
 from moorage.db.schema import utcnow
 from moorage.services import Services
@@ -47,9 +49,27 @@ CustomerOption = Annotated[
 ]
 AccountOption = Annotated[str | None, typer.Option(help="Account login.")]
 RepositoryOption = Annotated[str | None, typer.Option(help="Repository name.")]
+
+
+def _check_action(value: str | None) -> str | None:
+    if value is not None and not is_known_action(value):
+        errors.print(
+            f"[red]error:[/red] unknown action {shown(repr(value))}; use an action "
+            "such as manifest.pull or auth.login, or a prefix with * such as "
+            "'user.*' (docs/audit.md lists every action)",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(2)
+    return value
+
+
 ActionOption = Annotated[
     str | None,
-    typer.Option(help="Action, such as manifest.pull; a trailing * matches a prefix."),
+    typer.Option(
+        help="Action, such as manifest.pull; a trailing * matches a prefix.",
+        callback=_check_action,
+    ),
 ]
 # The outcomes an event can have: requests and changes succeed or fail, and the
 # detectors in moorage.audit.alerts record "alert".
@@ -87,7 +107,36 @@ OutcomeOption = Annotated[
         callback=_check_outcome,
     ),
 ]
-SourceOption = Annotated[str | None, typer.Option("--source", help="Source address.")]
+
+
+def _check_source(value: str | None) -> str | None:
+    """Return the address in the form events store it, or exit."""
+    if value is None:
+        return None
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        pass
+    # NOTE: events store the address as text, so a network (CIDR) cannot be
+    # matched in the query; it is rejected with its own message.
+    try:
+        ipaddress.ip_network(value, strict=False)
+        problem = "networks are not supported yet; give one address"
+    except ValueError:
+        problem = "not an IP address"
+    errors.print(
+        f"[red]error:[/red] invalid --source {shown(repr(value))}: {problem}, "
+        "such as 203.0.113.7 or 2001:db8::1",
+        highlight=False,
+        soft_wrap=True,
+    )
+    raise typer.Exit(2)
+
+
+SourceOption = Annotated[
+    str | None,
+    typer.Option("--source", help="Source IP address.", callback=_check_source),
+]
 SinceOption = Annotated[
     str | None, typer.Option(help="From this time (ISO 8601, UTC if no zone).")
 ]
@@ -134,6 +183,13 @@ def audit_list(
             min=1, callback=_check_limit, help="Maximum number of events to show."
         ),
     ] = 100,
+    newest_first: Annotated[
+        bool,
+        typer.Option(
+            "--newest-first",
+            help="Show the newest matching events, newest first.",
+        ),
+    ] = False,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print JSON lines instead of a table.")
     ] = False,
@@ -146,20 +202,42 @@ def audit_list(
     ] = False,
     data_dir: DataDirOption = None,
 ) -> None:
-    """List audit events, oldest first.
+    """List audit events, oldest first (or newest first with --newest-first).
 
     The table shows the columns that fit an 80-column terminal, wrapping long
-    values. `--wide` adds the rest, and `--json` prints every field.
+    values. `--wide` adds the rest, and `--json` prints every field. When more
+    events match than --limit, it prints a note on stderr.
     """
     where = _filter(
         customer, account, repository, action, outcome, source, since, until
     )
-    found = _run(_settings(data_dir=data_dir), lambda s: s.audit.query(where, limit))
+    # One event more than the limit shows whether the limit cut the list.
+    found = _run(
+        _settings(data_dir=data_dir),
+        lambda s: s.audit.query(
+            where, min(limit + 1, MAX_LIMIT), newest_first=newest_first
+        ),
+    )
+    cut = len(found) > limit
+    found = found[:limit]
     if as_json:
         for stored in found:
             print(json.dumps(stored.to_dict(), separators=(",", ":")))
-        return
-    console.print(_event_table(found, wide))
+    else:
+        console.print(_event_table(found, wide))
+    if cut:
+        _print_cut_notice(limit, newest_first)
+
+
+def _print_cut_notice(limit: int, newest_first: bool) -> None:
+    end = "newest" if newest_first else "oldest"
+    other = "" if newest_first else ", --newest-first for the latest ones"
+    errors.print(
+        f"note: more events match; these are the {limit} {end}. Use "
+        f"--limit for more, --since and --until to narrow the range{other}.",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 # Short columns that are never broken, so an action reads as one word.
@@ -268,11 +346,49 @@ def _report_verification(result: Verification) -> None:
 
 @contextmanager
 def _output(path: Path | None) -> Iterator[TextIO]:
+    """Yield stdout, or a temporary file beside `path` that replaces `path`
+    only when the block completes, so a failed export leaves no partial file."""
     if path is None:
         yield sys.stdout
         return
-    with path.open("w", encoding="utf-8", newline="") as out:
-        yield out
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with temporary.open("x", encoding="utf-8", newline="") as out:
+            yield out
+        os.replace(temporary, path)
+    except OSError as error:
+        raise OSError(error.errno, error.strerror, str(path)) from error
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def _check_output_path(path: Path) -> None:
+    """Exit with one line when `path` cannot be an output file."""
+    problem = None
+    if path.is_dir():
+        problem = "it is a directory"
+    elif not path.parent.is_dir():
+        problem = f"directory {path.parent} does not exist"
+    elif not os.access(path.parent, os.W_OK):
+        problem = f"directory {path.parent} is not writable"
+    if problem is not None:
+        errors.print(
+            f"[red]error:[/red] cannot write {shown(path)}: {problem}",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(2)
+
+
+def _exit_for_file_error(action: str, error: OSError) -> NoReturn:
+    """Print a failed file operation as one line and exit with code 1."""
+    where = f" {error.filename}" if error.filename else ""
+    errors.print(
+        f"[red]error:[/red] {action}{shown(where)}: {error.strerror or error}",
+        highlight=False,
+        soft_wrap=True,
+    )
+    raise typer.Exit(1)
 
 
 @audit_app.command("export")
@@ -306,6 +422,8 @@ def audit_export(
     where = _filter(
         customer, account, repository, action, outcome, source, since, until
     )
+    if output is not None:
+        _check_output_path(output)
 
     async def export(services: Services) -> int:
         with _output(output) as out:
@@ -313,7 +431,10 @@ def audit_export(
                 return await services.audit.export_csv(out, where)
             return await services.audit.export_jsonl(out, where)
 
-    count = _run(_settings(data_dir=data_dir), export)
+    try:
+        count = _run(_settings(data_dir=data_dir), export)
+    except OSError as error:
+        _exit_for_file_error("export failed, nothing written: cannot write", error)
     if output is not None:
         console.print(f"{count} events written to {output}")
 
@@ -341,7 +462,10 @@ def audit_archive(
             soft_wrap=True,
         )
         raise typer.Exit(2) from None
-    path = _run(settings, lambda s: s.audit.archive(cutoff, target), atomic=False)
+    try:
+        path = _run(settings, lambda s: s.audit.archive(cutoff, target), atomic=False)
+    except OSError as error:
+        _exit_for_file_error("archive failed, no events removed: cannot write", error)
     if path is None:
         console.print("no events old enough to archive")
     else:
@@ -374,7 +498,7 @@ def usage_report_command(
         writer = csv.writer(sys.stdout)
         writer.writerow(columns)
         for row in rows:
-            writer.writerow(row.values())
+            files.write_csv_cells(writer, row.values())
         return
     table = Table(*columns)
     for row in rows:

@@ -17,6 +17,7 @@ from moorage import admin
 from moorage.audit import events as actions
 from moorage.auth.tokens import add_signing_key
 from moorage.cli.main import (
+    DATE_FORMS,
     DataDirOption,
     _audited,
     _encrypted_driver,
@@ -69,6 +70,9 @@ ForceOption = Annotated[
     ),
 ]
 _DURATION = re.compile(r"(\d+)([dhm])")
+EXPIRY_FORMS = (
+    "a duration such as 90d, 12h or 30m (days, hours, minutes), or " + DATE_FORMS
+)
 _UNITS = {"d": "days", "h": "hours", "m": "minutes"}
 
 
@@ -101,7 +105,7 @@ def _parse_expiry_time(value: str | None) -> datetime | None:
                 "use a shorter one"
             )
             raise typer.Exit(2) from None
-    return _parse_date(value)
+    return _parse_date(value, EXPIRY_FORMS, "expiry")
 
 
 def _when(value: datetime | None) -> str:

@@ -17,7 +17,6 @@ from typing import Annotated, TypeVar
 
 import structlog
 import typer
-from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -32,7 +31,12 @@ from moorage import admin
 from moorage.audit import events as actions
 from moorage.audit.recorder import AdminRecorder, local_actor
 from moorage.cli.output import Table, shown
-from moorage.config import Settings, load_settings
+from moorage.config import (
+    ConfigurationError,
+    Settings,
+    displayed_settings,
+    load_settings,
+)
 from moorage.db.identity_store import AccountRecord, CustomerRecord, GrantRecord
 from moorage.db.key_store import KeyStore
 from moorage.errors import InvalidInputError, MoorageError
@@ -81,7 +85,13 @@ DataDirOption = Annotated[
 def _settings(**overrides: object) -> Settings:
     try:
         return load_settings(**overrides)
-    except (ValidationError, FileNotFoundError) as error:
+    except ConfigurationError as error:
+        for problem in error.problems:
+            errors.print(
+                f"[red]invalid configuration:[/red] {shown(problem)}", soft_wrap=True
+            )
+        raise typer.Exit(2) from None
+    except FileNotFoundError as error:
         errors.print(f"[red]invalid configuration:[/red] {shown(error)}")
         raise typer.Exit(2) from None
 
@@ -231,13 +241,37 @@ def serve(
         raise typer.Exit(1) from None
 
 
-def _parse_date(value: str | None) -> datetime | None:
+# The forms `_parse_date` accepts (ISO 8601 as Python's datetime.fromisoformat
+# reads it), for error messages.
+DATE_FORMS = (
+    "a date YYYY-MM-DD or a time YYYY-MM-DDTHH:MM[:SS], UTC unless it ends "
+    "with an offset such as +02:00 or Z"
+)
+
+
+def _parse_date(
+    value: str | None, forms: str = DATE_FORMS, kind: str = "date or time"
+) -> datetime | None:
+    """Parse an ISO 8601 date or time, UTC when it has no offset.
+
+    Exit with a message that names the `kind` of value and lists `forms` when
+    the value is invalid.
+    """
     if value is None:
         return None
     try:
         parsed = datetime.fromisoformat(value)
-    except ValueError:
-        errors.print(f"[red]error:[/red] invalid date {value!r}; use YYYY-MM-DD")
+    except ValueError as error:
+        # fromisoformat names an out-of-range field (such as "hour must be in
+        # 0..23"), but reports only "Invalid isoformat string" for other input.
+        reason = str(error)
+        detail = "" if reason.startswith("Invalid isoformat") else f" ({reason})"
+        errors.print(
+            f"[red]error:[/red] invalid {kind} {shown(repr(value))}{detail}; "
+            f"use {forms}",
+            highlight=False,
+            soft_wrap=True,
+        )
         raise typer.Exit(2) from None
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
@@ -384,8 +418,8 @@ def user_add(
 def config_check(data_dir: DataDirOption = None) -> None:
     """Validate the configuration and print the effective values (secrets hidden)."""
     settings = _settings(data_dir=data_dir)
-    for key, value in settings.model_dump().items():
-        console.print(f"{key} = {value!r}", highlight=False)
+    for key, value in displayed_settings(settings).items():
+        console.print(f"{key} = {shown(value)}", highlight=False, soft_wrap=True)
     if not settings.audit_request_events:
         errors.print(_REQUEST_EVENTS_OFF, highlight=False)
 

@@ -311,9 +311,13 @@ class AuditStore:
             ).first()
         return None if row is None else (int(row[0]), str(row[1]))
 
-    async def list_events(self, where: AuditFilter, limit: int) -> list[StoredEvent]:
-        query = _conditions(_event_select(), where)
-        query = query.order_by(audit_events.c.seq).limit(limit)
+    async def list_events(
+        self, where: AuditFilter, limit: int, *, newest_first: bool = False
+    ) -> list[StoredEvent]:
+        """Return up to `limit` matching events, by sequence number: the oldest
+        ones first, or with `newest_first` the newest ones first."""
+        order = audit_events.c.seq.desc() if newest_first else audit_events.c.seq
+        query = _conditions(_event_select(), where).order_by(order).limit(limit)
         async with connect(self.engine) as connection:
             return [_stored(row) for row in await connection.execute(query)]
 

@@ -185,3 +185,28 @@ def test_export_formats(server: ServerProcess, tmp_path: Path) -> None:
     )
     assert completed.returncode == 1
     assert f"event {middle['seq']} was altered" in completed.stderr
+
+
+def test_csv_export_neutralizes_formulas(server: ServerProcess, tmp_path: Path) -> None:
+    """A login name chosen by an attacker lands in the CSV export as text: a
+    leading quote before a formula, control characters escaped. (A Basic
+    credential's user name cannot contain a colon.)"""
+    names = ['=HYPERLINK("evil.example/x","click")', "@SUM(1+1)\nnext"]
+    for name in names:
+        httpx.get(f"{server.url}/v2/", auth=(name, "wrong-password-xyz"))
+    for name in names:
+        wait_for_events(
+            server, AuditFilter(account=name), lambda found: len(found) == 1
+        )
+    csv_path = tmp_path / "audit.csv"
+    _moorage(
+        server, "audit", "export", "--format", "csv", "--action", "auth.login",
+        "--outcome", "failure", "--output", str(csv_path),
+    )  # fmt: skip
+    with csv_path.open(newline="") as source:
+        accounts = [row["actor_account"] for row in csv.DictReader(source)]
+    assert "'" + names[0] in accounts
+    assert "'@SUM(1+1)\\x0anext" in accounts
+    for account in accounts:
+        assert not account.startswith(("=", "+", "-", "@", "\t", "\r"))
+    assert len(csv_path.read_text().splitlines()) == len(accounts) + 1

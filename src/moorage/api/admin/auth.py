@@ -74,10 +74,11 @@ class ApiCaller:
     @property
     def management_role(self) -> ManagementRole | None:
         principal = self.principal
-        # A token below owner, or limited to repository patterns, manages nothing.
+        # A personal access token manages nothing. New tokens cannot be owner;
+        # this also holds for owner tokens created before that rule.
         capped = (
-            principal.ceiling is not None and principal.ceiling != "owner"
-        ) or principal.token_repositories is not None
+            principal.ceiling is not None or principal.token_repositories is not None
+        )
         if principal.is_vendor:
             if principal.role == "admin" and not capped:
                 return ManagementRole.ADMIN

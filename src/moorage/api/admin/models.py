@@ -99,7 +99,8 @@ class NewPersonalToken(Body):
     name: Text = Field("token", min_length=1, max_length=100, examples=["laptop"])
     role: Text = Field(
         "reader",
-        description="The maximum role the token acts with, never above the user's.",
+        description="The maximum role the token acts with, never above the "
+        "user's: reader, writer or maintainer.",
     )
     expires_at: UTCDatetime | None = Field(
         None, description="Expiry; 90 days from now when missing."

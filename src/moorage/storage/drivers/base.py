@@ -110,6 +110,10 @@ class StorageDriver(ABC):
     async def list(self, prefix: str) -> list[str]:
         """Return the keys of all objects under `prefix`, sorted."""
 
+    @abstractmethod
+    async def check(self) -> None:
+        """Raise OSError unless the store can be read and written, for `/readyz`."""
+
     async def exists(self, path: str) -> bool:
         try:
             await self.stat(path)

@@ -138,6 +138,23 @@ class FilesystemDriver(StorageDriver):
     async def list(self, prefix: str) -> list[str]:
         return _list_keys(self.root, self._full_path(prefix))
 
+    async def check(self) -> None:
+        """Raise OSError when the root is missing, not a directory, or lacks
+        read, write or search permission for this process."""
+        # os.stat, os.access and os.scandir raise FileNotFoundError,
+        # NotADirectoryError or PermissionError with the root's path.
+        # NOTE: a root that was replaced by a new, empty directory passes.
+        if not stat.S_ISDIR(os.stat(self._root_text).st_mode):
+            raise NotADirectoryError(
+                f"storage root {self._root_text} is not a directory"
+            )
+        if not os.access(self._root_text, os.R_OK | os.W_OK | os.X_OK):
+            raise PermissionError(
+                f"storage root {self._root_text} is not readable and writable"
+            )
+        with os.scandir(self._root_text) as entries:
+            next(entries, None)
+
 
 class _FilesystemWriter(FileWriter):
     def __init__(self, fd: int, offset: int, *, fsync: bool) -> None:

@@ -474,6 +474,9 @@ class EncryptedDriver(StorageDriver):
         if self.custody is not None:
             await self.custody.forget(object_ids)
 
+    async def check(self) -> None:
+        await self.inner.check()
+
     async def list(self, prefix: str) -> list[str]:
         keys = await self.inner.list(prefix)
         return [key for key in keys if not key.startswith(_PRIVATE_PREFIXES)]

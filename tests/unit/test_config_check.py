@@ -1,0 +1,173 @@
+"""`moorage config check`: the values it prints and how it reports invalid ones."""
+
+from __future__ import annotations
+
+import base64
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from moorage.config import hide_url_password
+
+
+def config_check(
+    tmp_path: Path, environment: dict[str, str], *arguments: str
+) -> subprocess.CompletedProcess[str]:
+    """Run `moorage config check` in its own interpreter, from `tmp_path`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MOORAGE_")}
+    env.update(environment)
+    return subprocess.run(
+        [sys.executable, "-m", "moorage", "config", "check", *arguments],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        (
+            "postgresql+asyncpg://u:DBPASSWORD123@127.0.0.1:1/x",
+            "postgresql+asyncpg://u:***@127.0.0.1:1/x",
+        ),
+        ("https://hook:s3cret@example.test/in", "https://hook:***@example.test/in"),
+        ("https://example.test/in", "https://example.test/in"),
+        (
+            "postgresql+asyncpg://moorage@db/moorage",
+            "postgresql+asyncpg://moorage@db/moorage",
+        ),
+        (
+            "sqlite+aiosqlite:////srv/data/moorage.db",
+            "sqlite+aiosqlite:////srv/data/moorage.db",
+        ),
+    ],
+)
+def test_hide_url_password(url: str, expected: str) -> None:
+    """The password part of a URL becomes `***`; the rest stays."""
+    assert hide_url_password(url) == expected
+
+
+def test_check_hides_url_passwords(tmp_path: Path) -> None:
+    """Passwords in the database and webhook URLs are not printed."""
+    completed = config_check(
+        tmp_path,
+        {
+            "MOORAGE_DATABASE_URL": "postgresql+asyncpg://u:DBPASSWORD123@127.0.0.1:1/x",
+            "MOORAGE_AUDIT_WEBHOOK_URL": "https://hook:HOOKPASSWORD@example.test/in",
+        },
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert "DBPASSWORD123" not in completed.stdout
+    assert "HOOKPASSWORD" not in completed.stdout
+    assert "database_url = postgresql+asyncpg://u:***@127.0.0.1:1/x" in completed.stdout
+
+
+def test_check_prints_plain_values(tmp_path: Path) -> None:
+    """Secrets show as stars and paths as text, not as Python reprs."""
+    completed = config_check(
+        tmp_path, {"MOORAGE_METRICS_TOKEN": "METRICSTOKEN", "MOORAGE_DATA_DIR": "data"}
+    )
+    assert completed.returncode == 0, completed.stderr
+    lines = completed.stdout.splitlines()
+    assert "metrics_token = **********" in lines
+    assert "data_dir = data" in lines
+    assert "METRICSTOKEN" not in completed.stdout
+    assert "SecretStr" not in completed.stdout
+    assert "PosixPath" not in completed.stdout
+
+
+def error_lines(completed: subprocess.CompletedProcess[str]) -> list[str]:
+    """Return stderr's lines, after checking that the command failed cleanly."""
+    assert completed.returncode == 2, completed.stdout
+    assert "Traceback" not in completed.stderr
+    assert "\\x0a" not in completed.stderr
+    assert "errors.pydantic.dev" not in completed.stderr
+    return completed.stderr.splitlines()
+
+
+def test_invalid_port_one_line(tmp_path: Path) -> None:
+    """A value of the wrong type names the setting, the value and the variable."""
+    lines = error_lines(config_check(tmp_path, {"MOORAGE_PORT": "abc"}))
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("invalid configuration: port = 'abc'")
+    assert "environment variable MOORAGE_PORT" in lines[0]
+    assert "valid integer" in lines[0]
+
+
+def test_invalid_json_list_one_line(tmp_path: Path) -> None:
+    """A list setting that is not valid JSON is one line, not a traceback."""
+    environment = {"MOORAGE_ENCRYPTION_PREVIOUS_KEYS": '["x", 5'}
+    lines = error_lines(config_check(tmp_path, environment))
+    assert len(lines) == 1, lines
+    assert "encryption_previous_keys" in lines[0]
+    assert "MOORAGE_ENCRYPTION_PREVIOUS_KEYS" in lines[0]
+    assert "not valid JSON" in lines[0]
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "problem"),
+    [
+        ("MOORAGE_ENCRYPTION_KEY", "notbase64SECRET!!", "not valid base64"),
+        ("MOORAGE_ENCRYPTION_KEY", base64.b64encode(b"SECRET16").decode(), "8 bytes"),
+        (
+            "MOORAGE_ENCRYPTION_PREVIOUS_KEYS",
+            '["notbase64SECRET!!"]',
+            "key 1: not valid base64",
+        ),
+    ],
+)
+def test_invalid_key_rejected(
+    tmp_path: Path, variable: str, value: str, problem: str
+) -> None:
+    """A key-encryption key that is not base64 of 32 bytes is rejected without
+    showing the key."""
+    good_key = base64.b64encode(bytes(32)).decode()
+    environment = {
+        "MOORAGE_ENCRYPTION_KEY_SOURCE": "env",
+        "MOORAGE_ENCRYPTION_KEY": good_key,
+        variable: value,
+    }
+    lines = error_lines(config_check(tmp_path, environment))
+    assert len(lines) == 1, lines
+    assert problem in lines[0]
+    assert variable in lines[0]
+    assert "SECRET" not in lines[0]
+    assert base64.b64encode(b"SECRET16").decode() not in lines[0]
+
+
+def test_env_source_needs_key(tmp_path: Path) -> None:
+    """The env key source without a key is a configuration error."""
+    environment = {"MOORAGE_ENCRYPTION_KEY_SOURCE": "env"}
+    lines = error_lines(config_check(tmp_path, environment))
+    assert lines == [
+        "invalid configuration: encryption_key_source is env but encryption_key "
+        "(MOORAGE_ENCRYPTION_KEY) is unset"
+    ]
+
+
+def test_file_errors_name_file(tmp_path: Path) -> None:
+    """Errors in moorage.toml name the file: a wrong type, an unknown key, and
+    a file that is not TOML."""
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    config = data_dir / "moorage.toml"
+    config.write_text('port = "x"\nbogus = 1\n')
+    lines = error_lines(config_check(tmp_path, {}))
+    assert len(lines) == 2, lines
+    assert lines[0].startswith("invalid configuration: port = 'x' (file data/")
+    assert (
+        lines[1]
+        == "invalid configuration: bogus (file data/moorage.toml): unknown setting"
+    )
+    config.write_text("port = \n")
+    lines = error_lines(config_check(tmp_path, {}))
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(
+        "invalid configuration: data/moorage.toml is not valid TOML"
+    )
