@@ -17,7 +17,7 @@ from moorage.zerocopy import BODY_HIGH_WATER, ZeroCopyProtocol
 
 
 class EchoDigestApp:
-    """Answers each request with the sha256 and length of its body, after
+    """Responds to each request with the sha256 and length of its body, after
     taking the body's messages slowly when `?slow=1`. Records per request the
     number of body messages and what a `receive` after the body returned."""
 
