@@ -14,12 +14,21 @@ full, one piece of the file goes through the transport the usual way, and the
 transport's flow control reports when that piece, and so everything before it,
 has been sent. Connections with TLS never get the extension: their bytes must
 pass through the TLS layer.
+
+The protocol also receives request bodies with fewer copies than uvicorn's:
+uvicorn appends each piece of a body to a bytearray and copies that into a
+new bytes object for the application, and pauses reading the socket whenever
+64 KiB wait, which with 256 KiB reads is at every read. Here the pieces that
+the parser hands over are queued and given to the application as they are,
+one per `http.request` message, and reading pauses only when
+`BODY_HIGH_WATER` bytes wait. This holds on every connection, TLS or not.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any, BinaryIO
 
@@ -37,6 +46,10 @@ SENDFILE_BYTES = 4 * 1024 * 1024
 # Bytes of the file written through the transport when the socket is full. The
 # transport reports when it has sent them, which is when the socket has room.
 FALLBACK_BYTES = 64 * 1024
+
+# Request body bytes queued per request before the protocol stops reading
+# the socket, until the application takes some.
+BODY_HIGH_WATER = 1024 * 1024
 
 SendMessage = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
@@ -56,13 +69,76 @@ class ZeroCopyProtocol(HttpToolsProtocol):
         has_socket = transport.get_extra_info("socket") is not None
         self._zerocopy = self.scheme == "http" and has_socket
 
+    def on_body(self, body: bytes) -> None:
+        cycle = self.cycle
+        if (
+            self.parser.should_upgrade() and self._should_upgrade()
+        ) or cycle.response_complete:
+            return
+        queue = _body_queue(cycle)
+        queue.append(body)
+        queue.size += len(body)
+        if queue.size > BODY_HIGH_WATER:
+            self.flow.pause_reading()
+        cycle.message_event.set()
+
     def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
+        cycle.receive = _BodyReceiver(cycle).receive  # type: ignore[method-assign,assignment]
         if self._zerocopy:
             extensions = cycle.scope.setdefault("extensions", {})  # type: ignore[typeddict-item]
             extensions[ZEROCOPY] = {}
             sender = _ZeroCopySender(cycle, cycle.send)  # type: ignore[arg-type]
             cycle.send = sender.send  # type: ignore[method-assign,assignment]
         super()._start_asgi_task(cycle, app)
+
+
+class _BodyQueue(deque[bytes]):
+    """The body pieces of one request not yet given to the application."""
+
+    size = 0
+
+
+def _body_queue(cycle: RequestResponseCycle) -> _BodyQueue:
+    queue: _BodyQueue | None = getattr(cycle, "moorage_body", None)
+    if queue is None:
+        queue = _BodyQueue()
+        cycle.moorage_body = queue  # type: ignore[attr-defined]
+    return queue
+
+
+class _BodyReceiver:
+    """One request's ASGI `receive`, which gives the queued body pieces one by
+    one; otherwise what uvicorn's `RequestResponseCycle.receive` does."""
+
+    def __init__(self, cycle: RequestResponseCycle) -> None:
+        self._cycle = cycle
+        self._queue = _body_queue(cycle)
+        self._finished = False
+
+    async def receive(self) -> dict[str, Any]:
+        cycle = self._cycle
+        if cycle.waiting_for_100_continue and not cycle.transport.is_closing():
+            cycle.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            cycle.waiting_for_100_continue = False
+        queue = self._queue
+        while not cycle.disconnected and not cycle.response_complete:
+            if queue:
+                body = queue.popleft()
+                queue.size -= len(body)
+                more_body = bool(queue) or cycle.more_body
+                self._finished = not more_body
+                if queue.size <= BODY_HIGH_WATER:
+                    cycle.flow.resume_reading()
+                return {"type": "http.request", "body": body, "more_body": more_body}
+            if not cycle.more_body and not self._finished:
+                self._finished = True
+                return {"type": "http.request", "body": b"", "more_body": False}
+            # Wait for more of the body, or, after all of it, for the
+            # response to complete or the client to leave.
+            cycle.flow.resume_reading()
+            await cycle.message_event.wait()
+            cycle.message_event.clear()
+        return {"type": "http.disconnect"}
 
 
 class _ZeroCopySender:

@@ -1,14 +1,22 @@
-"""Reads of the filesystem driver: ranges across chunks, and early closes."""
+"""The filesystem driver: reads across chunks, early closes, O_DIRECT writes."""
 
 from __future__ import annotations
 
 import asyncio
+import mmap
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 
-from moorage.storage.drivers.filesystem import READ_CHUNK_BYTES, FilesystemDriver
+from moorage.storage.drivers.filesystem import (
+    READ_CHUNK_BYTES,
+    WRITE_BUFFER_BYTES,
+    FilesystemDriver,
+    _open_direct,
+    _write_block,
+)
 
 SIZE = 3 * READ_CHUNK_BYTES + 12_345
 
@@ -82,3 +90,77 @@ async def test_check_missing_root(tmp_path: Path) -> None:
     root.unlink()
     (tmp_path / "storage.off").rename(root)
     await driver.check()
+
+
+def _direct_supported(directory: Path) -> bool:
+    probe = directory / "probe"
+    probe.write_bytes(b"")
+    descriptor = _open_direct(str(probe))
+    if descriptor is None:
+        return False
+    os.close(descriptor)
+    return True
+
+
+def _aligned_block(size: int) -> mmap.mmap:
+    block = mmap.mmap(-1, size)
+    block.write(os.urandom(size))
+    return block
+
+
+def test_write_block_direct_only_when_aligned(tmp_path: Path) -> None:
+    """A page-aligned block at an aligned offset goes with O_DIRECT; bytes
+    objects, unaligned offsets and unaligned lengths through the page cache."""
+    if not _direct_supported(tmp_path):
+        pytest.skip("the filesystem of tmp_path refuses O_DIRECT")
+    path = tmp_path / "file"
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    direct = _open_direct(str(path))
+    assert direct is not None
+    block = _aligned_block(WRITE_BUFFER_BYTES)
+    view = memoryview(block)
+    try:
+        assert _write_block(descriptor, direct, view, 0) == "direct"
+        assert _write_block(descriptor, direct, bytes(view), 0) == "buffered"
+        assert _write_block(descriptor, direct, view, 100) == "buffered"
+        assert _write_block(descriptor, direct, view[:-1], 0) == "buffered"
+        assert _write_block(descriptor, None, view, 0) == "buffered"
+    finally:
+        os.close(direct)
+        os.close(descriptor)
+
+
+@pytest.mark.parametrize("where", ["tmp_path", "/dev/shm"])
+async def test_mixed_writes_read_back(tmp_path: Path, where: str) -> None:
+    """Blocks written with O_DIRECT, through the page cache and after reopening
+    at an unaligned offset make up the file in order, on a filesystem with
+    O_DIRECT and on tmpfs, where it may be refused."""
+    root = tmp_path if where == "tmp_path" else Path(where)
+    if not root.is_dir():
+        pytest.skip(f"no {where}")
+    driver = FilesystemDriver(root / f"storage-{os.getpid()}-{id(tmp_path)}")
+    try:
+        first = _aligned_block(2 * WRITE_BUFFER_BYTES)
+        tail = os.urandom(WRITE_BUFFER_BYTES + 5)
+        later = _aligned_block(WRITE_BUFFER_BYTES)
+        writer = await driver.writer("uploads/x/data")
+        await writer.write(memoryview(first)[:WRITE_BUFFER_BYTES])
+        await writer.write(memoryview(first)[WRITE_BUFFER_BYTES:])
+        await writer.write(tail)
+        await writer.write(b"small")
+        assert await writer.commit(sync=False) == 3 * WRITE_BUFFER_BYTES + 10
+        writer = await driver.writer("uploads/x/data", 3 * WRITE_BUFFER_BYTES + 10)
+        await writer.write(memoryview(later))
+        size = await writer.commit()
+        expected = bytes(first) + tail + b"small" + bytes(later)
+        assert size == len(expected)
+        stored = b"".join([c async for c in driver.read("uploads/x/data")])
+        assert stored == expected
+        # A cancelled writer leaves the file as it was.
+        writer = await driver.writer("uploads/x/data", size)
+        await writer.write(memoryview(later))
+        await writer.cancel()
+        assert (await driver.stat("uploads/x/data")).size == size
+    finally:
+        await driver.delete("uploads")
+        shutil.rmtree(driver.root, ignore_errors=True)

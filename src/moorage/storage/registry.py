@@ -13,6 +13,7 @@ replica) the data received so far is hashed again when the upload finishes.
 from __future__ import annotations
 
 import asyncio
+import mmap
 import weakref
 from collections import OrderedDict
 from collections.abc import AsyncIterator
@@ -543,16 +544,18 @@ class _BlockSink:
     blocks however large the body is, and the caller's chunks are copied once.
     Full-size buffers go back to a small pool when the body is stored: a fresh
     one costs its page faults again, on every PATCH of a chunked upload.
+    Full-size buffers are anonymous memory maps, so they start on a page
+    boundary and the filesystem driver can write them with O_DIRECT.
     """
 
-    _spare: ClassVar[list[bytearray]] = []
+    _spare: ClassVar[list[mmap.mmap]] = []
 
     def __init__(self, writer: FileWriter, hasher: Any | None, length: int | None):
         self._writer = writer
         self._hasher = hasher
         # A small body of known length gets a buffer of its own size.
         self._block_bytes = min(length or UPLOAD_BLOCK_BYTES, UPLOAD_BLOCK_BYTES)
-        self._buffers: list[bytearray] = []
+        self._buffers: list[bytearray | mmap.mmap] = []
         self._current = 0
         self._filled = 0
         self._pending: asyncio.Future[None] | None = None
@@ -584,18 +587,20 @@ class _BlockSink:
             self._pending = None
         self._release()
 
-    def _buffer(self) -> bytearray:
+    def _buffer(self) -> bytearray | mmap.mmap:
         if len(self._buffers) <= self._current:
-            if self._block_bytes == UPLOAD_BLOCK_BYTES and self._spare:
+            if self._block_bytes < UPLOAD_BLOCK_BYTES:
+                self._buffers.append(bytearray(max(self._block_bytes, 1)))
+            elif self._spare:
                 self._buffers.append(self._spare.pop())
             else:
-                self._buffers.append(bytearray(max(self._block_bytes, 1)))
+                self._buffers.append(mmap.mmap(-1, UPLOAD_BLOCK_BYTES))
         return self._buffers[self._current]
 
     def _release(self) -> None:
         """Give the buffers to the pool; no block of this body is in flight."""
         for buffer in self._buffers:
-            if len(buffer) == UPLOAD_BLOCK_BYTES and len(self._spare) < SPARE_BUFFERS:
+            if isinstance(buffer, mmap.mmap) and len(self._spare) < SPARE_BUFFERS:
                 self._spare.append(buffer)
         self._buffers = []
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import errno
 import os
 import shutil
 import stat
@@ -26,6 +28,10 @@ WRITE_BUFFER_BYTES = 1024 * 1024
 # background every this many bytes, so that the disk works while the rest
 # arrives and the fsync at commit has little left to do.
 EARLY_SYNC_BYTES = 32 * 1024 * 1024
+# A large block whose memory, file offset and length are multiples of this is
+# written with O_DIRECT, past the page cache (see `_write_block`).
+DIRECT_ALIGNMENT = 4096
+_O_DIRECT = getattr(os, "O_DIRECT", 0)
 
 
 class FilesystemDriver(StorageDriver):
@@ -104,10 +110,10 @@ class FilesystemDriver(StorageDriver):
     async def writer(self, path: str, offset: int = 0) -> FileWriter:
         full = self._full_path(path)
         try:
-            fd = await asyncio.to_thread(_open_for_writing, full, offset)
+            fd, direct_fd = await asyncio.to_thread(_open_for_writing, full, offset)
         except FileNotFoundError:
             raise PathNotFoundError(path) from None
-        return _FilesystemWriter(fd, offset, fsync=self.fsync)
+        return _FilesystemWriter(fd, offset, fsync=self.fsync, direct_fd=direct_fd)
 
     async def put(self, path: str, data: bytes) -> None:
         full = self._full_path(path)
@@ -157,8 +163,15 @@ class FilesystemDriver(StorageDriver):
 
 
 class _FilesystemWriter(FileWriter):
-    def __init__(self, fd: int, offset: int, *, fsync: bool) -> None:
+    """Appends to a file. Large aligned blocks go to disk with O_DIRECT, the
+    rest through the page cache with early writeback (see `_write_block`)."""
+
+    def __init__(
+        self, fd: int, offset: int, *, fsync: bool, direct_fd: int | None = None
+    ) -> None:
         self._fd = fd
+        # The same file opened with O_DIRECT, or None where the filesystem rejects it.
+        self._direct_fd = direct_fd
         self._start = offset
         self._written = offset
         self._buffer = bytearray()
@@ -174,8 +187,16 @@ class _FilesystemWriter(FileWriter):
     async def write(self, data: bytes | memoryview) -> None:
         if not self._buffer and len(data) >= WRITE_BUFFER_BYTES:
             # A large block goes to the file as it is, without a copy.
-            await asyncio.to_thread(_pwrite_all, self._fd, data, self._written)
+            how = await asyncio.to_thread(
+                _write_block, self._fd, self._direct_fd, data, self._written
+            )
             self._written += len(data)
+            if how == _DIRECT:
+                # On the disk already: nothing for an early sync to write.
+                self._synced += len(data)
+                return
+            if how == _REJECTED:
+                self._close_direct()
             await self._sync_early()
             return
         self._buffer += data
@@ -238,9 +259,16 @@ class _FilesystemWriter(FileWriter):
         self._written = self._start
         self._close()
 
+    def _close_direct(self) -> None:
+        """Stop writing with O_DIRECT, after the filesystem rejected a block."""
+        if self._direct_fd is not None:
+            os.close(self._direct_fd)
+            self._direct_fd = None
+
     def _close(self) -> None:
         if not self._closed:
             self._closed = True
+            self._close_direct()
             os.close(self._fd)
 
 
@@ -255,6 +283,59 @@ def _list_keys(root: Path, prefix: str) -> list[str]:
         if file.is_file() and not file.name.endswith(".tmp")
     ]
     return sorted(keys)
+
+
+_DIRECT, _BUFFERED, _REJECTED = "direct", "buffered", "rejected"
+
+
+def _write_block(
+    fd: int, direct_fd: int | None, data: bytes | memoryview, offset: int
+) -> str:
+    """Write a large block at `offset`; return how: _DIRECT with O_DIRECT,
+    _BUFFERED through the page cache, _REJECTED through the page cache after
+    the filesystem rejected O_DIRECT.
+
+    Writing through the page cache costs the kernel a copy, page allocation and
+    later writeback: about 1 s of system CPU per GiB on a 2-core VM, against
+    0.1 s with O_DIRECT, which sends the block from its memory to the disk.
+    O_DIRECT needs the memory address, the offset and the length aligned, so
+    only blocks from page-aligned buffers (see `_BlockSink` in the registry)
+    qualify; any other write goes through the page cache. The data is durable
+    only after the fsync at commit either way: O_DIRECT does not flush the
+    disk's write cache nor the file's metadata.
+    """
+    # NOTE: only plaintext uploads get here with aligned blocks. The encrypted
+    # driver writes sealed 64 KiB segments plus nonce and tag, so its offsets
+    # are never aligned and it still pays the page cache's cost. A chunked
+    # upload whose chunk sizes are not multiples of 4 KiB goes through the
+    # page cache from its second chunk on, for the same reason.
+    if (
+        direct_fd is not None
+        and offset % DIRECT_ALIGNMENT == 0
+        and len(data) % DIRECT_ALIGNMENT == 0
+        and _is_aligned(data)
+    ):
+        try:
+            _pwrite_all(direct_fd, data, offset)
+        except OSError as error:
+            # A filesystem may reject O_DIRECT writes although the open succeeded, so
+            # the block is written again through the page cache.
+            if error.errno != errno.EINVAL:
+                raise
+            _pwrite_all(fd, data, offset)
+            return _REJECTED
+        return _DIRECT
+    _pwrite_all(fd, data, offset)
+    return _BUFFERED
+
+
+def _is_aligned(data: bytes | memoryview) -> bool:
+    """Return whether `data` is writable memory starting on an aligned address."""
+    try:
+        address = ctypes.addressof(ctypes.c_char.from_buffer(data))
+    except (TypeError, ValueError, BufferError):
+        return False
+    return address % DIRECT_ALIGNMENT == 0
 
 
 def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
@@ -277,8 +358,12 @@ def _write_and_sync(
         start_writeback(fd, start, offset + len(data) - start)
 
 
-def _open_for_writing(path: str, offset: int) -> int:
-    """Open a file to write at `offset`, cut to that length; create it at 0."""
+def _open_for_writing(path: str, offset: int) -> tuple[int, int | None]:
+    """Open a file to write at `offset`, cut to that length; create it at 0.
+
+    Return its descriptor and a second one with O_DIRECT, or None where the
+    filesystem rejects O_DIRECT.
+    """
     if offset == 0:
         # An upload's data is synced, with its directory, only when it moves
         # into place.
@@ -291,7 +376,16 @@ def _open_for_writing(path: str, offset: int) -> int:
     except BaseException:
         os.close(fd)
         raise
-    return fd
+    return fd, _open_direct(path)
+
+
+def _open_direct(path: str) -> int | None:
+    if not _O_DIRECT:
+        return None
+    try:
+        return os.open(path, os.O_WRONLY | _O_DIRECT)
+    except OSError:
+        return None
 
 
 def _move(source: str, target: str, fsync: bool) -> None:
