@@ -151,7 +151,7 @@ def test_blob_of_several_runs_over_http(admin_client: httpx.Client) -> None:
 
 
 def stream_into(client: httpx.Client, url: str, received: bytearray) -> None:
-    """GET `url`, which must answer 200, and append the body to `received`."""
+    """GET `url`, which must return status 200, and append the body to `received`."""
     with client.stream("GET", url) as response:
         assert response.status_code == 200
         for chunk in response.iter_bytes():

@@ -380,7 +380,7 @@ async def test_reads_on_tmpfs_without_nowait(tmp_path: Path) -> None:
 
 
 async def test_threaded_reader_stops_before_a_failing_run(tmp_path: Path) -> None:
-    """A lone threaded read decrypts the next run ahead; a segment that fails in
+    """A lone threaded read decrypts the next run ahead. A segment that fails in
     a later run stops the read before any of that run's bytes, is reported on
     the event loop, and the file is closed."""
     layer = Layer(tmp_path)
