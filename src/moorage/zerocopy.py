@@ -22,6 +22,12 @@ new bytes object for the application, and pauses reading the socket whenever
 the parser hands over are queued and given to the application as they are,
 one per `http.request` message, and reading pauses only when
 `BODY_HIGH_WATER` bytes wait. This holds on every connection, TLS or not.
+
+The same message may carry a `"body"` instead of a `"file"`: an object whose
+blocking `read_chunk` returns the next piece of the body (see `ThreadedBody`).
+Pieces are then produced and written to the socket in a worker thread, so that
+work which releases the GIL (reading and decrypting an encrypted file) and the
+socket writes stay off the event loop, and cost no hand-off per piece.
 """
 
 from __future__ import annotations
@@ -30,7 +36,8 @@ import asyncio
 import os
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
-from typing import Any, BinaryIO
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, BinaryIO, Protocol
 
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
@@ -46,12 +53,34 @@ SENDFILE_BYTES = 4 * 1024 * 1024
 # Bytes of the file written through the transport when the socket is full. The
 # transport reports when it has sent them, which is when the socket has room.
 FALLBACK_BYTES = 64 * 1024
+# Bytes of a threaded body written per trip to a worker thread at most, so that
+# the event loop checks for a lost client now and then.
+THREAD_TRIP_BYTES = 16 * 1024 * 1024
+# Threads that write threaded bodies: one per core, apart from the default
+# executor, so that slow pulls cannot hold up other work sent to threads.
+_BODY_THREADS = ThreadPoolExecutor(
+    max_workers=os.cpu_count() or 2, thread_name_prefix="moorage-body"
+)
 
 # Request body bytes queued per request before the protocol stops reading
 # the socket, until the application takes some.
 BODY_HIGH_WATER = 1024 * 1024
 
 SendMessage = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+
+
+class ThreadedBody(Protocol):
+    """A response body produced by blocking calls in a worker thread."""
+
+    def read_chunk(self) -> memoryview | None:
+        """Return the next piece of the body, or None after the last one.
+
+        Called in a worker thread, one call at a time. The piece stays valid
+        until the next call.
+        """
+
+    def close(self) -> None:
+        """Release the body; called on the event loop once no thread reads it."""
 
 
 class ZeroCopyProtocol(HttpToolsProtocol):
@@ -159,9 +188,12 @@ class _ZeroCopySender:
         if count > cycle.expected_content_length:
             raise RuntimeError("Response content longer than Content-Length")
         if not cycle.disconnected:
-            sent = await _send_file(
-                cycle, message["file"].fileno(), message.get("offset", 0), count
-            )
+            if "body" in message:
+                sent = await _send_body(cycle, message["body"], count)
+            else:
+                sent = await _send_file(
+                    cycle, message["file"].fileno(), message.get("offset", 0), count
+                )
             cycle.expected_content_length -= sent
         # uvicorn's own send completes the response (or ignores a disconnected one).
         more_body = message.get("more_body", False)
@@ -211,6 +243,86 @@ async def _send_file(
         if not transport.is_closing():
             transport.set_write_buffer_limits(high=high, low=low)
     return sent
+
+
+async def _send_body(
+    cycle: RequestResponseCycle, body: ThreadedBody, count: int
+) -> int:
+    """Send `count` bytes of `body`; return how many were sent.
+
+    Returns fewer only when the client disconnected. Raises RuntimeError when
+    the body is shorter or longer than `count`, and whatever `read_chunk`
+    raises, so that the connection is closed.
+    """
+    transport = cycle.transport
+    socket = transport.get_extra_info("socket").fileno()
+    loop = asyncio.get_running_loop()
+    low, high = transport.get_write_buffer_limits()  # type: ignore[attr-defined]
+    transport.set_write_buffer_limits(high=0, low=0)
+    pending = memoryview(b"")
+    sent = 0
+    try:
+        while sent < count:
+            await _wait_until_flushed(cycle)
+            if cycle.disconnected:
+                break
+            trip = loop.run_in_executor(
+                _BODY_THREADS, _write_body, socket, body, pending, count - sent
+            )
+            try:
+                written, pending, ended = await asyncio.shield(trip)
+            except (BrokenPipeError, ConnectionResetError):
+                cycle.disconnected = True
+                transport.close()
+                break
+            except asyncio.CancelledError:
+                # The thread still uses the body and the socket: wait for it
+                # before the caller closes either.
+                await asyncio.wait([trip])
+                raise
+            sent += written
+            if ended and sent < count:
+                raise RuntimeError("Response content shorter than Content-Length")
+            if pending:
+                # The socket is full: the transport sends a piece when it has
+                # room, and its flow control reports when.
+                piece = bytes(pending[:FALLBACK_BYTES])
+                pending = pending[len(piece) :]
+                transport.write(piece)
+                sent += len(piece)
+    finally:
+        if not transport.is_closing():
+            transport.set_write_buffer_limits(high=high, low=low)
+    return sent
+
+
+def _write_body(
+    socket: int, body: ThreadedBody, pending: memoryview, remaining: int
+) -> tuple[int, memoryview, bool]:
+    """In a worker thread: write `pending`, then further pieces of `body`.
+
+    Stops when the socket is full, after `THREAD_TRIP_BYTES`, or at the end of
+    the body. Returns the bytes written, what is left of the current piece,
+    and whether the body ended.
+    """
+    written = 0
+    limit = min(remaining, THREAD_TRIP_BYTES)
+    while written < limit:
+        if not pending:
+            chunk = body.read_chunk()
+            if chunk is None:
+                return written, pending, True
+            pending = chunk
+            if len(pending) > remaining - written:
+                raise RuntimeError("Response content longer than Content-Length")
+            continue
+        try:
+            count = os.write(socket, pending)
+        except BlockingIOError:
+            break
+        written += count
+        pending = pending[count:]
+    return written, pending, False
 
 
 async def _wait_until_flushed(cycle: RequestResponseCycle) -> None:
@@ -281,6 +393,48 @@ class ZeroCopyFileResponse(Response):
             )
         finally:
             self.file.close()
+
+
+class ThreadedBodyResponse(Response):
+    """A response whose body of `count` bytes comes from a `ThreadedBody`.
+
+    Only for a scope with the zero-copy extension (see `supports_zerocopy`).
+    The headers must contain Content-Length. The body is closed at the end.
+    """
+
+    def __init__(
+        self,
+        body: ThreadedBody,
+        count: int,
+        status_code: int,
+        headers: Mapping[str, str],
+        media_type: str,
+    ) -> None:
+        super().__init__(
+            status_code=status_code, headers=headers, media_type=media_type
+        )
+        self.threaded_body = body
+        self.count = count
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": self.status_code,
+                    "headers": self.raw_headers,
+                }
+            )
+            await send(
+                {
+                    "type": ZEROCOPY,
+                    "body": self.threaded_body,
+                    "count": self.count,
+                    "more_body": False,
+                }
+            )
+        finally:
+            self.threaded_body.close()
 
 
 def supports_zerocopy(scope: Scope) -> bool:

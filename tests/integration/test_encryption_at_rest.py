@@ -143,6 +143,59 @@ def test_range_reads_over_http(
     assert response.content == data[start : end + 1]
 
 
+def test_blob_of_several_runs_over_http(admin_client: httpx.Client) -> None:
+    """A blob of several 1 MiB runs, which the server reads, decrypts and sends
+    in worker threads, comes back whole and by ranges across run boundaries."""
+    run = 1024 * 1024
+    data = marker_blob(b"runs", 3 * run + 12345)
+    repository = f"{unique('enc')}/runs"
+    digest = push_blob(admin_client, repository, data, chunks=2)
+    response = admin_client.get(f"/v2/{repository}/blobs/{digest}")
+    assert response.status_code == 200
+    assert hashlib.sha256(response.content).hexdigest() == digest[7:]
+    for start, end in [(run - 7, 2 * run + 9), (SEGMENT + 3, 3 * run + 100)]:
+        response = admin_client.get(
+            f"/v2/{repository}/blobs/{digest}",
+            headers={"Range": f"bytes={start}-{end}"},
+        )
+        assert response.status_code == 206
+        assert response.content == data[start : end + 1]
+
+
+def stream_into(client: httpx.Client, url: str, received: bytearray) -> None:
+    """GET `url`, which must return status 200, and append the body to `received`."""
+    with client.stream("GET", url) as response:
+        assert response.status_code == 200
+        for chunk in response.iter_bytes():
+            received += chunk
+
+
+@pytest.mark.parametrize("damage", ["flip-later-run", "truncate-later-run"])
+def test_tampered_later_run_breaks_the_pull(
+    admin_client: httpx.Client, server: ServerProcess, damage: str
+) -> None:
+    """Damage in a later run, after the response has started, cuts the response
+    short before any byte of the damaged segment's run, and is logged."""
+    run = 1024 * 1024
+    data = marker_blob(b"late", 3 * run)
+    repository = f"{unique('enc')}/late"
+    digest = push_blob(admin_client, repository, data, chunks=1)
+    path = stored_file(server, digest)
+    raw = bytearray(path.read_bytes())
+    bad = 2 * (run // SEGMENT) + 3  # a segment of the third run
+    if damage == "flip-later-run":
+        raw[HEADER + bad * SEALED + 50] ^= 0x01
+    else:
+        del raw[HEADER + bad * SEALED + 50 :]
+    path.write_bytes(bytes(raw))
+    received = bytearray()
+    with pytest.raises(httpx.RemoteProtocolError):
+        stream_into(admin_client, f"/v2/{repository}/blobs/{digest}", received)
+    assert len(received) <= 2 * run
+    assert bytes(received) == data[: len(received)]
+    assert "storage integrity error" in server.log()
+
+
 def tampered_pull(admin_client: httpx.Client, repository: str, digest: str) -> None:
     """A pull of a tampered blob must fail: an error status or a broken stream."""
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import tempfile
@@ -12,7 +13,11 @@ from typing import BinaryIO
 import pytest
 
 from moorage.storage.drivers.filesystem import FilesystemDriver
-from moorage.storage.encryption.driver import EncryptedDriver, envelope_path
+from moorage.storage.encryption.driver import (
+    EncryptedDriver,
+    SegmentReader,
+    envelope_path,
+)
 from moorage.storage.encryption.format import HEADER_BYTES, IntegrityError
 from moorage.storage.encryption.keys import FileKeyring
 
@@ -32,8 +37,13 @@ class StreamingFilesystemDriver(FilesystemDriver):
 class Layer:
     """An encrypted driver over a directory, with the raw files at hand."""
 
-    def __init__(self, root: Path, *, local_files: bool = True) -> None:
+    def __init__(
+        self, root: Path, *, local_files: bool = True, threaded: bool = False
+    ) -> None:
         self.root = root / "storage"
+        # Read local files as the server sends them: with a `SegmentReader`
+        # in worker threads.
+        self.threaded = threaded
         inner = FilesystemDriver if local_files else StreamingFilesystemDriver
         self.plain = inner(self.root, fsync=False)
         self.keyring = FileKeyring(root / "keys")
@@ -65,15 +75,37 @@ class Layer:
     async def load(
         self, path: str, offset: int = 0, length: int | None = None
     ) -> bytes:
+        if self.threaded:
+            reader = await self.driver.open_reader(path, offset, length)
+            if reader is not None:
+                return await read_threaded(reader)
         return b"".join(
             [chunk async for chunk in self.driver.read(path, offset, length)]
         )
 
 
-@pytest.fixture(params=["local file", "streamed"])
+@pytest.fixture(params=["local file", "streamed", "threaded reader"])
 def layer(tmp_path: Path, request: pytest.FixtureRequest) -> Layer:
-    """Both read paths: runs read from a local file, or chunks from a stream."""
-    return Layer(tmp_path, local_files=request.param == "local file")
+    """Every read path: runs read from a local file, chunks from a stream, or
+    runs read from a local file in worker threads."""
+    return Layer(
+        tmp_path,
+        local_files=request.param != "streamed",
+        threaded=request.param == "threaded reader",
+    )
+
+
+async def read_threaded(
+    reader: SegmentReader, received: bytearray | None = None
+) -> bytes:
+    """Read all of `reader` in worker threads, as the server does, and close it."""
+    received = bytearray() if received is None else received
+    try:
+        while (chunk := await asyncio.to_thread(reader.read_chunk)) is not None:
+            received += chunk
+    finally:
+        reader.close()
+    return bytes(received)
 
 
 async def read_into(
@@ -345,3 +377,43 @@ async def test_reads_on_tmpfs_without_nowait(tmp_path: Path) -> None:
         assert layer.errors == []
     finally:
         shutil.rmtree(directory)
+
+
+async def test_threaded_reader_stops_before_a_failing_run(tmp_path: Path) -> None:
+    """A lone threaded read decrypts the next run ahead. A segment that fails in
+    a later run stops the read before any of that run's bytes, is reported on
+    the event loop, and the file is closed."""
+    layer = Layer(tmp_path)
+    data = sample(3 * 1024 * 1024 + 5)
+    await layer.store("blobs/m", data)
+    bad = 2100  # a segment of the third run of 1 MiB
+    raw = bytearray(layer.raw("blobs/m"))
+    raw[HEADER_BYTES + bad * SEALED + 100] ^= 0x01
+    layer.write_raw("blobs/m", bytes(raw))
+    reader = await layer.driver.open_reader("blobs/m")
+    assert reader is not None
+    received = bytearray()
+    with pytest.raises(IntegrityError, match=f"segment {bad} "):
+        await read_threaded(reader, received)
+    assert bytes(received) == data[: 2 * 1024 * 1024]
+    assert [error.path for error in layer.errors] == ["blobs/m"]
+    assert reader._file.closed
+    assert layer.driver._local_reads == 0
+
+
+async def test_threaded_reader_closed_while_reading_ahead(tmp_path: Path) -> None:
+    """Closing a reader whose next run is still being read closes its file once
+    that thread is done, and a read after closing fails."""
+    layer = Layer(tmp_path)
+    await layer.store("blobs/c", sample(4 * 1024 * 1024))
+    reader = await layer.driver.open_reader("blobs/c", 10, 3 * 1024 * 1024)
+    assert reader is not None
+    assert await asyncio.to_thread(reader.read_chunk) is not None
+    reader.close()
+    for _ in range(100):
+        if reader._file.closed:
+            break
+        await asyncio.sleep(0.01)
+    assert reader._file.closed
+    with pytest.raises(ValueError, match="closed"):
+        reader.read_chunk()

@@ -13,18 +13,56 @@ import pytest
 import uvicorn
 from starlette.types import Receive, Scope, Send
 
-from moorage.zerocopy import ZeroCopyFileResponse, ZeroCopyProtocol, supports_zerocopy
+from moorage.zerocopy import (
+    ThreadedBodyResponse,
+    ZeroCopyFileResponse,
+    ZeroCopyProtocol,
+    supports_zerocopy,
+)
 
 SIZE = 24 * 1024 * 1024 + 11
 
 
+class FileBody:
+    """A threaded body: `count` bytes of the file from `offset` (fewer when the
+    file ends first) in pieces of up to 1 MiB, read into
+    one reused buffer, so a piece used after the next call would show as wrong
+    bytes. Raises after `fail_at` bytes of the file, when given."""
+
+    def __init__(
+        self, path: Path, offset: int, count: int, fail_at: int | None
+    ) -> None:
+        self.file = open(path, "rb", buffering=0)  # noqa: SIM115
+        self.position = offset
+        self.end = offset + count
+        self.fail_at = fail_at
+        self.buffer = bytearray(1024 * 1024)
+        self.closed = False
+
+    def read_chunk(self) -> memoryview | None:
+        if self.fail_at is not None and self.position >= self.fail_at:
+            raise ValueError("this piece does not authenticate")
+        piece = memoryview(self.buffer)[: self.end - self.position]
+        read = os.preadv(self.file.fileno(), [piece], self.position)
+        if not read:
+            return None
+        self.position += read
+        return memoryview(self.buffer)[:read]
+
+    def close(self) -> None:
+        self.closed = True
+        self.file.close()
+
+
 class FileApp:
     """Serves `path`: the whole file, a range from `?offset=..&count=..`, and
-    records whether each request's scope offered the extension."""
+    records whether each request's scope offered the extension. With
+    `?threaded=1` the file goes out as a `FileBody` (`fail=N` makes it raise)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.offered: list[bool] = []
+        self.bodies: list[FileBody] = []
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -38,6 +76,18 @@ class FileApp:
         offset = int(query.get("offset", 0))
         count = int(query.get("count", self.path.stat().st_size - offset))
         announced = int(query.get("announce", count))
+        if "threaded" in query:
+            fail = int(query["fail"]) if "fail" in query else None
+            body = FileBody(self.path, offset, announced, fail)
+            self.bodies.append(body)
+            await ThreadedBodyResponse(
+                body,
+                announced,
+                status_code=200,
+                headers={"Content-Length": str(announced)},
+                media_type="application/octet-stream",
+            )(scope, receive, send)
+            return
         response = ZeroCopyFileResponse(
             open(self.path, "rb", buffering=0),  # noqa: ASYNC230, SIM115
             offset,
@@ -157,3 +207,39 @@ async def test_keep_alive_after_zerocopy(server: Any, content: bytes) -> None:
         assert head.startswith(b"HTTP/1.1 200")
         assert await reader.readexactly(1000) == expected
     writer.close()
+
+
+async def test_threaded_body_sent_whole_and_slowly(server: Any, content: bytes) -> None:
+    """A threaded body arrives intact to a fast and to a slow reader, whose full
+    socket sends pieces through the transport; the body is closed."""
+    app, port = server
+    _, body = await get(port, "/?threaded=1")
+    assert body == content
+    _, body = await get(port, "/?threaded=1", pause=0.002)
+    assert body == content
+    assert [body.closed for body in app.bodies] == [True, True]
+
+
+async def test_threaded_body_range(server: Any, content: bytes) -> None:
+    offset, count = 1000, 3 * 1024 * 1024 + 7
+    _, body = await get(
+        port=server[1], target=f"/?threaded=1&offset={offset}&count={count}"
+    )
+    assert body == content[offset : offset + count]
+
+
+async def test_threaded_body_short_or_failing_closes_connection(
+    server: Any, content: bytes
+) -> None:
+    """A body that ends early, or whose `read_chunk` raises, closes the
+    connection after the bytes before it, instead of leaving the client waiting."""
+    app, port = server
+    offset = SIZE - 100
+    target = f"/?threaded=1&offset={offset}&announce=200"
+    _, body = await asyncio.wait_for(get(port, target), timeout=10)
+    assert body == content[offset:]
+    fail_at = 5 * 1024 * 1024
+    target = f"/?threaded=1&fail={fail_at}"
+    _, body = await asyncio.wait_for(get(port, target), timeout=10)
+    assert body == content[:fail_at]
+    assert all(body.closed for body in app.bodies)

@@ -48,7 +48,7 @@ from moorage.storage.drivers.base import (
     StorageDriver,
 )
 from moorage.storage.encryption.custody import DataKeyUnavailableError, writing_for
-from moorage.storage.encryption.driver import EncryptedDriver
+from moorage.storage.encryption.driver import EncryptedDriver, SegmentReader
 from moorage.storage.encryption.format import IntegrityError
 from moorage.storage.manifests import parse_manifest
 
@@ -150,6 +150,23 @@ class Registry:
             # others, or by a read that began before the shredding committed.
             raise _shredded_blob(digest) from None
         return _prepend(first, stream)
+
+    async def open_blob_reader(
+        self, digest: str, offset: int, length: int
+    ) -> SegmentReader | None:
+        """Open an encrypted blob's local file for reading and sending in a worker
+        thread, or return None when the driver does not encrypt it or has no
+        local file. The caller has checked visibility with blob_size."""
+        if not isinstance(self.driver, EncryptedDriver):
+            return None
+        path = paths.blob_path(parse_digest(digest))
+        try:
+            return await self.driver.open_reader(path, offset, length)
+        except PathNotFoundError:
+            log.error("blob missing from storage", digest=digest)
+            raise BlobUnknownError(detail={"digest": digest}) from None
+        except DataKeyUnavailableError:
+            raise _shredded_blob(digest) from None
 
     async def open_blob_file(self, digest: str) -> BinaryIO | None:
         """Open a blob's local file for zero-copy sending, or return None when the
@@ -671,6 +688,11 @@ async def _prepend(
 
 
 def _shredded_blob(digest: str) -> BlobUnknownError:
+    """The error for a blob whose data key no key unwraps.
+
+    The driver has logged it. The content is gone on purpose, so the client
+    gets a not-found, not a server error.
+    """
     return BlobUnknownError(
         "blob content is no longer readable: its data key was destroyed "
         "when the keys of every owner that used it were shredded",

@@ -12,7 +12,11 @@ from moorage.auth.access import DELETE, PULL
 from moorage.digests import parse_digest
 from moorage.errors import BlobUnknownError
 from moorage.services import Services
-from moorage.zerocopy import ZeroCopyFileResponse, supports_zerocopy
+from moorage.zerocopy import (
+    ThreadedBodyResponse,
+    ZeroCopyFileResponse,
+    supports_zerocopy,
+)
 
 
 def routes(services: Services) -> list[Route]:
@@ -57,6 +61,19 @@ def routes(services: Services) -> list[Route]:
                 return ZeroCopyFileResponse(
                     file,
                     start,
+                    length,
+                    status_code=status,
+                    headers=headers,
+                    media_type="application/octet-stream",
+                )
+            # NOTE: the reader authenticates its first run only after the
+            # response head has gone out, so a damaged first segment closes the
+            # connection after a 200 or 206 head instead of answering 500 as
+            # the streamed path does.
+            reader = await registry.open_blob_reader(digest, start, length)
+            if reader is not None:
+                return ThreadedBodyResponse(
+                    reader,
                     length,
                     status_code=status,
                     headers=headers,

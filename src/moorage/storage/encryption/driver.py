@@ -30,7 +30,9 @@ import errno
 import json
 import os
 import sys
+import threading
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, BinaryIO
 
@@ -76,6 +78,11 @@ _KEPT_BUFFERS = 3
 # Reads that fail rather than wait for the disk (Linux); elsewhere every run
 # is read in a worker thread.
 _NOWAIT: int | None = getattr(os, "RWF_NOWAIT", None)
+# Threads that read and decrypt the next run for a `SegmentReader`. Apart from
+# the threads that wait for them, so that a wait cannot block its own run.
+_READ_AHEAD = ThreadPoolExecutor(
+    max_workers=os.cpu_count() or 2, thread_name_prefix="moorage-read-ahead"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -347,6 +354,33 @@ class EncryptedDriver(StorageDriver):
         if length is not None and offset + length > end:
             missing = offset + length - end
             raise self._integrity(path, f"{missing} bytes short of the length read")
+
+    async def open_reader(
+        self, path: str, offset: int = 0, length: int | None = None
+    ) -> SegmentReader | None:
+        """Open an encrypted local file for reading in a worker thread.
+
+        Returns None when the object has no local file or is stored in
+        plaintext; `read` serves those.
+        """
+        file = await self.inner.open_file(path)
+        if file is None:
+            return None
+        try:
+            fd = file.fileno()
+            stored_size = os.fstat(fd).st_size
+            header = parse_header(os.pread(fd, HEADER_BYTES, 0))
+            if header is None:
+                file.close()
+                return None
+            cipher = await self.open_cipher(path, header)
+            runs = _FileSegments(path, fd, cipher, stored_size)
+            if runs.plaintext_size < 0:
+                raise self._integrity(path, "the stored object is cut short")
+        except BaseException:
+            file.close()
+            raise
+        return SegmentReader(self, runs, file, offset, length, header.segment_bytes)
 
     async def _read_stream(
         self, path: str, offset: int, length: int | None
@@ -666,7 +700,7 @@ class _FileSegments:
         self, path: str, fd: int, cipher: SegmentCipher, stored_size: int
     ) -> None:
         header = cipher.header
-        self._path = path
+        self.path = self._path = path
         self._fd = fd
         self._cipher = cipher
         self._stored_size = stored_size
@@ -704,6 +738,25 @@ class _FileSegments:
     def _open(self, first: int, count: int, flags: int) -> bytearray | None:
         """Read and decrypt a run. Return None when `flags` contains RWF_NOWAIT
         and some of the run's bytes are not in the page cache."""
+        sealed = self._read_sealed(first, count, flags)
+        if sealed is None:
+            return None
+        plain = self._free_buffer(len(sealed) - count * SEGMENT_OVERHEAD)
+        self._decrypt(first, count, sealed, memoryview(plain))
+        return plain
+
+    def open_into(self, first: int, count: int, out: bytearray) -> memoryview:
+        """Read and decrypt a run into `out`, blocking; return the plaintext part.
+
+        `out` must have room for `count` whole segments.
+        """
+        sealed = self._read_sealed(first, count, 0)
+        assert sealed is not None
+        plain = memoryview(out)[: len(sealed) - count * SEGMENT_OVERHEAD]
+        self._decrypt(first, count, sealed, plain)
+        return plain
+
+    def _read_sealed(self, first: int, count: int, flags: int) -> memoryview | None:
         header = self._cipher.header
         start = header.segment_offset(first)
         size = min(count * header.sealed_segment_bytes, self._stored_size - start)
@@ -724,10 +777,13 @@ class _FileSegments:
         if read < size:
             # The file shrank after it was opened.
             raise IntegrityError(self._path, "the stored object is cut short")
+        return sealed
+
+    def _decrypt(
+        self, first: int, count: int, sealed: memoryview, out: memoryview
+    ) -> None:
         final = first + count == self.segments
-        plain = self._free_buffer(size - count * SEGMENT_OVERHEAD)
-        self._cipher.open_run_into(self._path, first, sealed, final, memoryview(plain))
-        return plain
+        self._cipher.open_run_into(self._path, first, sealed, final, out)
 
     def _free_buffer(self, size: int) -> bytearray:
         """Return a buffer of `size` bytes that nothing else refers to.
@@ -764,6 +820,126 @@ class _FileSegments:
             file.close()
 
         pending.add_done_callback(close)
+
+
+class SegmentReader:
+    """Reads an encrypted local file's plaintext a run of segments at a time,
+    with blocking calls, for a worker thread (a `moorage.zerocopy.ThreadedBody`).
+
+    Every segment of a run is authenticated before `read_chunk` returns any of
+    its bytes, and only the segments that the range touches are read. An
+    integrity error is raised to the caller and reported to the driver's
+    `on_integrity_error` on the event loop.
+
+    While it is the driver's only read of a local file, the reader reads and
+    decrypts the next run in another thread while the caller sends the last
+    one: AES-GCM, `preadv` and socket writes release the GIL, so the two
+    threads use both cores. Concurrent reads keep the cores busy already.
+    """
+
+    def __init__(
+        self,
+        driver: EncryptedDriver,
+        runs: _FileSegments,
+        file: BinaryIO,
+        offset: int,
+        length: int | None,
+        segment: int,
+    ) -> None:
+        self._driver = driver
+        self._runs = runs
+        self._file = file
+        self._loop = asyncio.get_running_loop()
+        end = runs.plaintext_size
+        if length is not None:
+            end = min(end, offset + length)
+        self._end = end
+        self._missing = 0 if length is None else max(0, offset + length - end)
+        self._segment = segment
+        self._index = min(offset // segment, runs.segments - 1)
+        # At least one segment is opened, so that an empty object is authenticated.
+        self._last = max(self._index, (end - 1) // segment)
+        self._per_run = max(1, READ_RUN_BYTES // segment)
+        self._skip = offset - self._index * segment
+        # One buffer the caller sends from, one the next run is decrypted into.
+        self._buffers = [bytearray(self._per_run * segment) for _ in range(2)]
+        self._turn = 0
+        self._ahead: Future[memoryview | None] | None = None
+        self._lock = threading.Lock()
+        self._busy = False
+        self._closed = False
+        driver._local_reads += 1
+
+    def read_chunk(self) -> memoryview | None:
+        """Return the next run's plaintext within the range, or None at the end.
+
+        The plaintext stays valid until the next call.
+        """
+        with self._lock:
+            if self._closed:
+                raise ValueError("read from a closed SegmentReader")
+            self._busy = True
+        try:
+            return self._next()
+        except IntegrityError as error:
+            self._loop.call_soon_threadsafe(self._driver.on_integrity_error, error)
+            raise
+        finally:
+            with self._lock:
+                self._busy = False
+                if self._closed:
+                    self._close_file()
+
+    def _next(self) -> memoryview | None:
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            view = ahead.result()
+        else:
+            view = self._read(self._buffers[self._turn])
+        self._turn ^= 1
+        if self._index <= self._last and self._driver._local_reads == 1:
+            self._ahead = _READ_AHEAD.submit(self._read, self._buffers[self._turn])
+        return view
+
+    def _read(self, buffer: bytearray) -> memoryview | None:
+        index = self._index
+        if index > self._last:
+            if self._missing:
+                raise IntegrityError(
+                    self._runs.path, f"{self._missing} bytes short of the length read"
+                )
+            return None
+        count = min(self._per_run, self._last + 1 - index)
+        plain = self._runs.open_into(index, count, buffer)
+        start = index * self._segment
+        self._index = index + count
+        view = plain[self._skip : self._end - start]
+        self._skip = 0
+        return view
+
+    def close(self) -> None:
+        """Close the file now, or once no thread reads it any more."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._driver._local_reads -= 1
+            if not self._busy:
+                self._close_file()
+
+    def _close_file(self) -> None:
+        ahead = self._ahead
+        if ahead is None or ahead.done():
+            self._file.close()
+            return
+
+        def close(future: Future[memoryview | None]) -> None:
+            # No caller reads this run any more, so its error is discarded.
+            if not future.cancelled():
+                future.exception()
+            self._file.close()
+
+        ahead.add_done_callback(close)
 
 
 def _reference_counts(buffers: list[bytearray]) -> list[int]:
