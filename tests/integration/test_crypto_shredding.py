@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -473,6 +474,22 @@ def test_rotation_and_reencrypt_keep_owner_wraps(shared: SharedRegistry) -> None
     assert_pulls(shared.vendor, shared.images["vendor"])
     with pytest.raises(DataKeyUnavailableError):
         read_blob(server, shared.images["first"].layers[-1].blob.digest)
+
+
+def test_reencrypt_skips_shredded_blobs(shared: SharedRegistry) -> None:
+    """Re-encryption after a shredding skips the blobs nothing can read any more,
+    finishes, and leaves every other blob readable."""
+    server = shared.server
+    shred(shared)
+    result = moorage(server, "key", "reencrypt")
+    assert result.returncode == 0, result.stderr
+    assert "blobs re-encrypted" in result.stdout
+    assert re.search(r"\b[1-9][0-9]* blobs skipped", result.stdout)
+    server.restart()
+    assert_pulls(shared.second.client, shared.images["second"])
+    assert_pulls(shared.vendor, shared.images["vendor"])
+    private = shared.images["first"].layers[-1].blob.digest
+    assert_pull_destroyed(shared.vendor, shared.images["first"].repository, private)
 
 
 def test_deleting_last_reference_drops_the_wrap(shared: SharedRegistry) -> None:

@@ -93,7 +93,7 @@ async def test_reencrypt_gives_new_data_keys(tmp_path: Path) -> None:
     driver = make_driver(tmp_path, FileKeyring(tmp_path / "keys"))
     stored = await fill(driver, 4)
     before = {path: await driver.read_header(path) for path in stored}
-    assert await maintenance.reencrypt_all(driver, "blobs") == 4
+    assert (await maintenance.reencrypt_all(driver, "blobs")).reencrypted == 4
     for path, data in stored.items():
         assert await load(driver, path) == data
         assert await driver.read_header(path) != before[path]
@@ -105,8 +105,8 @@ async def test_reencrypt_resumes_after_the_last_object(tmp_path: Path) -> None:
     driver = make_driver(tmp_path, FileKeyring(tmp_path / "keys"))
     await fill(driver, 5)
     await maintenance._save_state(driver, {"prefix": "blobs", "last": "blobs/002"})
-    assert await maintenance.reencrypt_all(driver, "blobs") == 2
-    assert await maintenance.reencrypt_all(driver, "blobs") == 5
+    assert (await maintenance.reencrypt_all(driver, "blobs")).reencrypted == 2
+    assert (await maintenance.reencrypt_all(driver, "blobs")).reencrypted == 5
 
 
 async def test_plaintext_objects_are_encrypted(tmp_path: Path) -> None:

@@ -653,20 +653,25 @@ def key_reencrypt(
 ) -> None:
     """Encrypt every blob again with new data keys. Resumes an interrupted run."""
 
-    async def reencrypt(services: Services) -> int:
+    async def reencrypt(services: Services) -> maintenance.ReencryptReport:
         driver = _encrypted_driver(services)
         with _progress("re-encrypting blobs") as update:
             return await maintenance.reencrypt_all(
                 driver, BLOBS_PREFIX, update, restart=restart
             )
 
-    async def action(services: Services) -> int:
+    async def action(services: Services) -> maintenance.ReencryptReport:
         return await _audited_outside_transaction(
             services, actions.KEY_REENCRYPT, "blobs", None, reencrypt(services)
         )
 
-    count = _run(_settings(data_dir=data_dir), action, atomic=False)
-    console.print(f"{count} blobs re-encrypted")
+    report = _run(_settings(data_dir=data_dir), action, atomic=False)
+    console.print(f"{report.reencrypted} blobs re-encrypted")
+    if report.shredded:
+        console.print(
+            f"{report.shredded} blobs skipped: their data keys were destroyed "
+            "by shredding, so nothing can read them"
+        )
 
 
 @contextmanager

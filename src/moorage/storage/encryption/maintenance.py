@@ -30,7 +30,11 @@ from moorage.db.key_store import KeyStore
 from moorage.digests import parse_digest
 from moorage.storage import paths
 from moorage.storage.drivers.base import PathNotFoundError
-from moorage.storage.encryption.custody import DataKeyCustody, wrapping_for
+from moorage.storage.encryption.custody import (
+    DataKeyCustody,
+    DataKeyUnavailableError,
+    wrapping_for,
+)
 from moorage.storage.encryption.database import rewrap_database_keys
 from moorage.storage.encryption.driver import (
     ENVELOPES_PREFIX,
@@ -137,27 +141,48 @@ async def rotate(
     return report
 
 
+@dataclass
+class ReencryptReport:
+    reencrypted: int = 0
+    # Objects whose data key shredding destroyed: nothing can read them, so
+    # they are left as they are.
+    shredded: int = 0
+
+
 async def reencrypt_all(
     driver: EncryptedDriver,
     prefix: str,
     progress: Progress = _no_progress,
     *,
     restart: bool = False,
-) -> int:
-    """Give every object under `prefix` a new data key; resume an earlier run."""
+) -> ReencryptReport:
+    """Give every object under `prefix` a new data key; resume an earlier run.
+
+    Shredded objects are skipped and counted. Damaged ones raise
+    IntegrityError, and a later run starts again at the object that failed.
+    """
     state = {} if restart else await _load_state(driver)
     last = state.get("last", "") if state.get("prefix") == prefix else ""
     objects = await driver.list(prefix)
-    done = 0
+    report = ReencryptReport()
     for position, path in enumerate(objects, 1):
         if path > last:
-            if await _replace_encrypted(driver, path):
-                done += 1
+            try:
+                if await _replace_encrypted(driver, path):
+                    report.reencrypted += 1
+            except DataKeyUnavailableError:
+                log.info("shredded object not re-encrypted", path=path)
+                report.shredded += 1
             await _save_state(driver, {"prefix": prefix, "last": path})
         progress(position, len(objects))
     await driver.inner.delete(STATE_PATH)
-    log.info("objects re-encrypted", prefix=prefix, count=done)
-    return done
+    log.info(
+        "objects re-encrypted",
+        prefix=prefix,
+        count=report.reencrypted,
+        shredded=report.shredded,
+    )
+    return report
 
 
 async def encrypt_plaintext(
