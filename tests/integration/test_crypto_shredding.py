@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -490,6 +491,44 @@ def test_reencrypt_skips_shredded_blobs(shared: SharedRegistry) -> None:
     assert_pulls(shared.vendor, shared.images["vendor"])
     private = shared.images["first"].layers[-1].blob.digest
     assert_pull_destroyed(shared.vendor, shared.images["first"].repository, private)
+
+
+def test_upload_open_during_shred_starts_again(shared: SharedRegistry) -> None:
+    """An upload begun before its customer was shredded is cancelled with
+    BLOB_UPLOAD_UNKNOWN on its next chunk, and a new upload then works."""
+    server, first = shared.server, shared.first
+    repository = first.repository()
+    data = os.urandom(200_000)
+    started = first.client.post(f"/v2/{repository}/blobs/uploads/")
+    assert started.status_code == 202, started.text
+    location = started.headers["Location"]
+    chunk = first.client.patch(
+        location,
+        content=data[:100_000],
+        headers={"Content-Type": "application/octet-stream"},
+    )
+    assert chunk.status_code == 202, chunk.text
+
+    shred(shared)
+    assert moorage(server, "customer", "resume", first.customer).returncode == 0
+    rest = first.client.patch(
+        chunk.headers["Location"],
+        content=data[100_000:],
+        headers={"Content-Type": "application/octet-stream"},
+    )
+    assert rest.status_code == 404, rest.text
+    assert rest.json()["errors"][0]["code"] == "BLOB_UPLOAD_UNKNOWN"
+    assert "shredded" in rest.json()["errors"][0]["message"]
+
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    again = first.client.post(
+        f"/v2/{repository}/blobs/uploads/",
+        params={"digest": digest},
+        content=data,
+        headers={"Content-Type": "application/octet-stream"},
+    )
+    assert again.status_code == 201, again.text
+    assert first.client.get(f"/v2/{repository}/blobs/{digest}").content == data
 
 
 def test_deleting_last_reference_drops_the_wrap(shared: SharedRegistry) -> None:

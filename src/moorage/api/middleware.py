@@ -14,7 +14,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from moorage.api.errors import UNKNOWN, error_body
 from moorage.api.http import API_VERSION_HEADER
 from moorage.api.observe import FinishedRequest, RequestObserver
-from moorage.storage.encryption.format import IntegrityError
+from moorage.storage.encryption.format import DataKeyUnavailableError, IntegrityError
 from moorage.zerocopy import ZEROCOPY
 
 log = structlog.get_logger("moorage.request")
@@ -108,18 +108,22 @@ class RequestMiddleware:
         except ClientDisconnect:
             response["status"] = response["status"] or 499
             state["error_code"] = "CLIENT_DISCONNECTED"
-        except IntegrityError:
-            # The encryption layer has logged it and recorded storage.integrity.
-            state["error_code"] = STORAGE_INTEGRITY_CODE
+        except Exception as error:
+            # The encryption layer has logged an integrity failure and recorded
+            # storage.integrity. A data key destroyed by shredding is not one:
+            # the registry turns it into a not-found, so one here is a bug.
+            tampered = isinstance(error, IntegrityError) and not isinstance(
+                error, DataKeyUnavailableError
+            )
+            state["error_code"] = STORAGE_INTEGRITY_CODE if tampered else UNKNOWN.code
+            if not tampered:
+                log.exception(
+                    "unexpected error", request_id=request_id, path=scope["path"]
+                )
             if response["status"] is None:
                 response["status"] = UNKNOWN.status
-                await _send_unknown(send_with_headers, _INTEGRITY_MESSAGE)
-        except Exception:
-            state["error_code"] = UNKNOWN.code
-            log.exception("unexpected error", request_id=request_id, path=scope["path"])
-            if response["status"] is None:
-                response["status"] = UNKNOWN.status
-                await _send_unknown(send_with_headers)
+                message = _INTEGRITY_MESSAGE if tampered else _UNKNOWN_MESSAGE
+                await _send_unknown(send_with_headers, message)
         finally:
             _log_request(scope, state, response["status"], started)
             if self.observer is not None:

@@ -384,6 +384,19 @@ class Registry:
                 "the upload's data is missing from storage; start a new upload",
                 detail={"upload": upload.id},
             ) from None
+        except DataKeyUnavailableError:
+            raise await self._shredded_upload(upload.id) from None
+
+    async def _shredded_upload(self, upload_id: str) -> UploadUnknownError:
+        """Cancel a session whose data key was destroyed by shredding its
+        owner, and return the error that tells the client to start again."""
+        log.warning("upload data key destroyed; session cancelled", upload_id=upload_id)
+        await self._discard(upload_id)
+        return UploadUnknownError(
+            "the upload's data key was destroyed when its customer's key was "
+            "shredded; start a new upload",
+            detail={"upload": upload_id},
+        )
 
     def _running_hasher(self, upload_id: str, size: int) -> Any | None:
         """Return a copy of the session's running sha256, or None if unknown."""
@@ -408,10 +421,13 @@ class Registry:
             return Digest(algorithm, cached[1].hexdigest())
         hasher = new_hasher(algorithm)
         if size > 0:
-            async for chunk in self.driver.read(
-                paths.upload_data_path(upload_id), 0, size
-            ):
-                await asyncio.to_thread(hasher.update, chunk)
+            try:
+                async for chunk in self.driver.read(
+                    paths.upload_data_path(upload_id), 0, size
+                ):
+                    await asyncio.to_thread(hasher.update, chunk)
+            except DataKeyUnavailableError:
+                raise await self._shredded_upload(upload_id) from None
         return Digest(algorithm, hasher.hexdigest())
 
     async def _commit(
