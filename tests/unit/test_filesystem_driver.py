@@ -164,3 +164,19 @@ async def test_mixed_writes_read_back(tmp_path: Path, where: str) -> None:
     finally:
         await driver.delete("uploads")
         shutil.rmtree(driver.root, ignore_errors=True)
+
+
+async def test_stored_files_private(tmp_path: Path) -> None:
+    """Objects written whole or through a writer are readable by their owner
+    only, even with an umask that allows more."""
+    driver = FilesystemDriver(tmp_path / "storage", fsync=False)
+    previous = os.umask(0)
+    try:
+        await driver.put("blobs/whole", b"whole")
+        writer = await driver.writer("uploads/session/data")
+        await writer.write(b"chunk")
+        await writer.commit()
+    finally:
+        os.umask(previous)
+    for name in ("blobs/whole", "uploads/session/data"):
+        assert (tmp_path / "storage" / name).stat().st_mode & 0o777 == 0o600

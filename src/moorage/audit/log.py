@@ -805,7 +805,9 @@ def _write_archive(
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.tmp")
     try:
-        with temporary.open("w", encoding="utf-8") as out:
+        # Readable by the server's user only, like the database it comes from.
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with open(descriptor, "w", encoding="utf-8") as out:
             files.write_header(out, events[0].seq, events[-1].seq, keys)
             for stored in events:
                 files.write_event(out, stored)

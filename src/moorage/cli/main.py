@@ -51,7 +51,9 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-customer_app = typer.Typer(help="Add and list customers.", no_args_is_help=True)
+customer_app = typer.Typer(
+    help="Add, list, suspend, resume and shred customers.", no_args_is_help=True
+)
 user_app = typer.Typer(help="Manage customer users.", no_args_is_help=True)
 app.add_typer(customer_app, name="customer")
 config_app = typer.Typer(

@@ -141,6 +141,7 @@ async def test_archive_keeps_chain_verifiable(
     path = await services.audit.archive(cutoff, tmp_path / "archive")
     assert path is not None
     assert path.name == "audit-000000000001-000000000004.jsonl"
+    assert path.stat().st_mode & 0o777 == 0o600
     remaining = await services.audit.query(AuditFilter(), 100)
     assert [item.seq for item in remaining] == [5, 6, 7]
     assert remaining[-1].event.action == "audit.archive"

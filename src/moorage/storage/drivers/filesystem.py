@@ -28,6 +28,8 @@ WRITE_BUFFER_BYTES = 1024 * 1024
 # background every this many bytes, so that the disk works while the rest
 # arrives and the fsync at commit has little left to do.
 EARLY_SYNC_BYTES = 32 * 1024 * 1024
+# Stored objects are readable by the server's user only, whatever the umask.
+STORED_FILE_MODE = 0o600
 # A large block whose memory, file offset and length are multiples of this is
 # written with O_DIRECT, past the page cache (see `_write_block`).
 DIRECT_ALIGNMENT = 4096
@@ -368,7 +370,7 @@ def _open_for_writing(path: str, offset: int) -> tuple[int, int | None]:
         # An upload's data is synced, with its directory, only when it moves
         # into place.
         _make_directory(os.path.dirname(path), fsync=False)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o640)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT, STORED_FILE_MODE)
     else:
         fd = os.open(path, os.O_WRONLY)
     try:
@@ -432,7 +434,9 @@ def _put_file(temporary: str, target: str, data: bytes, fsync: bool) -> None:
     """
     directory = os.path.dirname(target)
     _make_directory(directory, fsync=fsync)
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+    descriptor = os.open(
+        temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, STORED_FILE_MODE
+    )
     try:
         _pwrite_all(descriptor, data, 0)
         if fsync:
