@@ -486,6 +486,15 @@ def test_reencrypt_skips_shredded_blobs(shared: SharedRegistry) -> None:
     assert result.returncode == 0, result.stderr
     assert "blobs re-encrypted" in result.stdout
     assert re.search(r"\b[1-9][0-9]* blobs skipped", result.stdout)
+    # The shredded customer gets no key and no wrap back: the base layer, which
+    # it shared, is re-encrypted for the other owners only.
+    first = f"customer:{shared.first.customer}"
+    owners = server.run_admin(lambda s: _select(s, sealed_keys.c.name))
+    assert first not in owners
+    second = f"customer:{shared.second.customer}"
+    assert wrap_owners(server, shared.base.blob.digest) == {"vendor", second}
+    wrapped = server.run_admin(lambda s: _select(s, data_key_wraps.c.owner))
+    assert first not in wrapped
     server.restart()
     assert_pulls(shared.second.client, shared.images["second"])
     assert_pulls(shared.vendor, shared.images["vendor"])

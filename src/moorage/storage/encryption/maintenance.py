@@ -215,9 +215,15 @@ async def _replace_encrypted(driver: EncryptedDriver, path: str) -> bool:
         raise ValueError("encryption is turned off; turn it on to re-encrypt")
     try:
         old = await driver.read_header(path)
+        if old is not None:
+            # Raises DataKeyUnavailableError for a shredded object before any
+            # new data key or wrap is made for it.
+            await driver.data_key(path, old)
         owners: set[str] = set()
         if driver.custody is not None:
-            owners = await owners_of_object(driver.custody, path)
+            owners = await _owners_with_keys(
+                driver.custody, await owners_of_object(driver.custody, path)
+            )
             if old is not None:
                 owners.update(await driver.custody.owners(old.object_id))
         temporary = f"{WORK_PREFIX}/{uuid.uuid4().hex}"
@@ -241,6 +247,18 @@ async def _replace_encrypted(driver: EncryptedDriver, path: str) -> bool:
         if driver.custody is not None:
             await driver.custody.forget([old.object_id])
     return True
+
+
+async def _owners_with_keys(custody: DataKeyCustody, owners: set[str]) -> set[str]:
+    """Keep the owners whose key exists now.
+
+    A shredded customer whose repositories still link a blob has no key, and
+    re-encryption must not make one: that would make readable again, under a
+    new key, what shredding put out of its reach.
+    """
+    return {
+        owner for owner in owners if await custody.owner_keys.reload(owner) is not None
+    }
 
 
 async def owners_of_object(custody: DataKeyCustody, path: str) -> set[str]:
