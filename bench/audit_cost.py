@@ -8,6 +8,9 @@ alternating which goes first, for several rounds:
 - small requests with wrk: manifest GETs by tag and GETs of a 16 KiB blob,
   where every response is one audit event;
 - a 4 MiB layer fetched with wrk, about the size of a real image's layer;
+- whole image pulls with wrk: the manifest by tag, the config and five layers
+  of 64 KiB to 8 MiB (14.6 MiB in all) fetched in turn on each connection,
+  seven audit events per image, as a client pulling an image makes them;
 - the main benchmark's pull: 8 clients each pulling the whole benchmark blob
   (1 GiB, or 32 MiB with --quick).
 
@@ -45,10 +48,12 @@ from bench.scenarios import (
     Sizes,
     make_blob,
     pull_eight,
+    push_image,
     setup_pull,
     setup_small_requests,
 )
 from bench.servers import MoorageRegistry
+from tests.support.images import canonical_json
 
 AUDITED = "audited"
 UNAUDITED = "unaudited"
@@ -57,6 +62,8 @@ UNAUDITED = "unaudited"
 FLUSH_WAIT_SECONDS = 1.5
 QUICK_LOAD_SECONDS = 3
 LAYER_BYTES = 4 * MIB
+IMAGE_REPOSITORY = "bench/image"
+IMAGE_LAYER_BYTES = (8 * MIB, 4 * MIB, 2 * MIB, 512 * 1024, 64 * 1024)
 
 
 @dataclass(frozen=True)
@@ -127,6 +134,39 @@ def _layer_get(context: Context, registry: MoorageRegistry) -> Measured:
     return Measured(measured.rate * LAYER_BYTES / 1e6, gib)
 
 
+def _image_pull(context: Context, registry: MoorageRegistry) -> Measured:
+    token = context.token([f"repository:{IMAGE_REPOSITORY}:pull"])
+    paths = context.small_manifest["image_paths"].split()
+    result = run_wrk(
+        registry.url,
+        {"Authorization": f"Bearer {token}", "Accept": MANIFEST_TYPE},
+        connections=8,
+        seconds=context.sizes.load_seconds,
+        paths=paths,
+    )
+    measured = _requests(result, context.sizes.load_seconds)
+    per_request = int(context.small_manifest["image_bytes"]) / len(paths)
+    gib = measured.units * 1000 * per_request / GIB
+    return Measured(measured.rate * per_request / 1e6, gib)
+
+
+def _setup_image(context: Context, registry: MoorageRegistry) -> None:
+    client = context.client(registry, [IMAGE_REPOSITORY])
+    generator = random.Random(3)  # noqa: S311 - test data
+    layers = [generator.randbytes(size) for size in IMAGE_LAYER_BYTES]
+    config = canonical_json({"architecture": "amd64", "os": "linux", "image": 1})
+    push_image(client, IMAGE_REPOSITORY, "1.0", layers, config)
+    client.close()
+    blobs = [config, *layers]
+    prefix = f"/v2/{IMAGE_REPOSITORY}"
+    paths = [f"{prefix}/manifests/1.0"] + [
+        f"{prefix}/blobs/sha256:{hashlib.sha256(blob).hexdigest()}" for blob in blobs
+    ]
+    context.small_manifest["image_paths"] = " ".join(paths)
+    # The manifest's few hundred bytes are left out of the figure.
+    context.small_manifest["image_bytes"] = str(sum(len(blob) for blob in blobs))
+
+
 def _pull_eight(context: Context, registry: MoorageRegistry) -> Measured:
     outcome = pull_eight(context, registry, 0)
     return Measured(outcome.value, outcome.work)
@@ -145,6 +185,7 @@ SCENARIOS: dict[str, Scenario] = {
     "manifest_get": Scenario(_manifest_get, "req/s", "1k requests"),
     "blob_get": Scenario(_blob_get, "req/s", "1k requests"),
     "layer_get": Scenario(_layer_get, "MB/s", "GiB"),
+    "image_pull": Scenario(_image_pull, "MB/s", "GiB"),
     "pull_eight": Scenario(_pull_eight, "MB/s", "GiB"),
 }
 
@@ -213,6 +254,7 @@ def run(sizes: Sizes, rounds: int, workers: int, log: Any = print) -> dict[str, 
         for name, server in servers.items():
             setup_small_requests(contexts[name], server)
             _setup_layer(contexts[name], server)
+            _setup_image(contexts[name], server)
             setup_pull(contexts[name], server)
         for key, scenario in SCENARIOS.items():
             samples: dict[str, list[Sample]] = {AUDITED: [], UNAUDITED: []}

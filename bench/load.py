@@ -32,6 +32,19 @@ def lua_headers(headers: dict[str, str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def lua_cycle(paths: list[str]) -> str:
+    """Return a wrk script body that GETs `paths` in turn, over and over."""
+    quoted = ", ".join(f'"{path}"' for path in paths)
+    return (
+        f"local paths = {{{quoted}}}\n"
+        "local next_path = 0\n"
+        "request = function()\n"
+        "  next_path = next_path % #paths + 1\n"
+        '  return wrk.format("GET", paths[next_path])\n'
+        "end\n"
+    )
+
+
 def run_wrk(
     url: str,
     headers: dict[str, str],
@@ -39,10 +52,14 @@ def run_wrk(
     connections: int,
     seconds: float,
     threads: int = 2,
+    paths: list[str] | None = None,
 ) -> LoadResult:
-    """GET `url` for `seconds` at `connections` keep-alive connections."""
+    """GET `url` for `seconds` at `connections` keep-alive connections; with
+    `paths`, GET those paths of `url`'s server in turn instead."""
     with tempfile.NamedTemporaryFile("w", suffix=".lua") as script:
         script.write(lua_headers(headers))
+        if paths:
+            script.write(lua_cycle(paths))
         script.flush()
         completed = subprocess.run(
             [

@@ -220,7 +220,7 @@ def setup_small_requests(context: Context, registry: Registry) -> None:
     client = context.client(registry, ["bench/small"])
     layer = random.Random(1).randbytes(16 * 1024)  # noqa: S311 - test data
     config = canonical_json({"architecture": "amd64", "os": "linux"})
-    manifest = _push_image(client, "bench/small", "latest", [layer], config)
+    manifest = push_image(client, "bench/small", "latest", [layer], config)
     client.close()
     context.small_manifest = {"layer": _digest(layer), "manifest": manifest}
 
@@ -293,7 +293,7 @@ def small_images(context: Context, registry: Registry, round_: int) -> Outcome:
             clients.append(local.client)
         layers, config = images[index]
         repository = repositories[index % IMAGE_REPOSITORIES]
-        _push_image(local.client, repository, f"r{seed}-{index}", layers, config)
+        push_image(local.client, repository, f"r{seed}-{index}", layers, config)
 
     started = time.perf_counter()
     with ThreadPoolExecutor(4) as pool:
@@ -309,7 +309,7 @@ def setup_tags(context: Context, registry: Registry) -> None:
     client = context.client(registry, ["bench/tags"])
     layer = random.Random(2).randbytes(4096)  # noqa: S311 - test data
     config = canonical_json({"architecture": "amd64", "os": "linux", "tags": True})
-    _push_image(client, "bench/tags", "tag-0", [layer], config)
+    push_image(client, "bench/tags", "tag-0", [layer], config)
     manifest = client.request(
         "GET", "/v2/bench/tags/manifests/tag-0", headers={"Accept": MANIFEST_TYPE}
     ).body
@@ -356,7 +356,7 @@ def push_scale_seed(context: Context, registry: Registry) -> None:
     client = context.client(registry, [SEED_REPOSITORY])
     layer = random.Random(3).randbytes(2048)  # noqa: S311 - test data
     config = canonical_json({"architecture": "amd64", "os": "linux", "scale": True})
-    _push_image(client, SEED_REPOSITORY, SEED_TAG, [layer], config)
+    push_image(client, SEED_REPOSITORY, SEED_TAG, [layer], config)
     client.close()
 
 
@@ -448,7 +448,7 @@ def _random_image(seed: int, index: int) -> tuple[list[bytes], bytes]:
     return layers, config
 
 
-def _push_image(
+def push_image(
     client: Client, repository: str, tag: str, layers: list[bytes], config: bytes
 ) -> str:
     """Push layers, config and manifest the way docker does; return the digest."""

@@ -30,6 +30,7 @@ def test_audit_cost_quick_run(tmp_path: Path) -> None:
         "manifest_get",
         "blob_get",
         "layer_get",
+        "image_pull",
         "pull_eight",
     }
     for key, figures in results["scenarios"].items():
