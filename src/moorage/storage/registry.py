@@ -161,12 +161,21 @@ class Registry:
             return None
         path = paths.blob_path(parse_digest(digest))
         try:
-            return await self.driver.open_reader(path, offset, length)
+            reader = await self.driver.open_reader(path, offset, length)
         except PathNotFoundError:
             log.error("blob missing from storage", digest=digest)
             raise BlobUnknownError(detail={"digest": digest}) from None
         except DataKeyUnavailableError:
             raise _shredded_blob(digest) from None
+        if reader is None:
+            return None
+        # Damage in the first run then gets an error response, not a cut one.
+        try:
+            await reader.read_first()
+        except BaseException:
+            reader.close()
+            raise
+        return reader
 
     async def open_blob_file(self, digest: str) -> BinaryIO | None:
         """Open a blob's local file for zero-copy sending, or return None when the

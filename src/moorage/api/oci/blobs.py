@@ -66,10 +66,6 @@ def routes(services: Services) -> list[Route]:
                     headers=headers,
                     media_type="application/octet-stream",
                 )
-            # NOTE: the reader authenticates its first run only after the
-            # response head has gone out, so a damaged first segment closes the
-            # connection after a 200 or 206 head instead of answering 500 as
-            # the streamed path does.
             reader = await registry.open_blob_reader(digest, start, length)
             if reader is not None:
                 return ThreadedBodyResponse(

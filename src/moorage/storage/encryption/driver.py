@@ -822,6 +822,10 @@ class _FileSegments:
         pending.add_done_callback(close)
 
 
+# `SegmentReader._first` before `read_first` (None means the end of the range).
+_UNREAD = object()
+
+
 class SegmentReader:
     """Reads an encrypted local file's plaintext a run of segments at a time,
     with blocking calls, for a worker thread (a `moorage.zerocopy.ThreadedBody`).
@@ -868,13 +872,23 @@ class SegmentReader:
         self._lock = threading.Lock()
         self._busy = False
         self._closed = False
+        # The first run, once `read_first` has read it.
+        self._first: memoryview | object | None = _UNREAD
         driver._local_reads += 1
+
+    async def read_first(self) -> None:
+        """Read and authenticate the first run now, in a worker thread, so that
+        damage there raises IntegrityError before the response starts."""
+        self._first = await asyncio.to_thread(self.read_chunk)
 
     def read_chunk(self) -> memoryview | None:
         """Return the next run's plaintext within the range, or None at the end.
 
         The plaintext stays valid until the next call.
         """
+        first, self._first = self._first, _UNREAD
+        if first is not _UNREAD:
+            return first  # type: ignore[return-value]
         with self._lock:
             if self._closed:
                 raise ValueError("read from a closed SegmentReader")
