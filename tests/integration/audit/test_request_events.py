@@ -187,6 +187,26 @@ def test_denials_recorded(server: ServerProcess, writer: tuple[str, str, str]) -
     assert found[1].event.reason == f"no push permission on {customer}/app"
 
 
+def test_failed_blob_pull_names_digest(
+    server: ServerProcess, writer: tuple[str, str, str]
+) -> None:
+    """A pull of a blob the repository does not have is a failure that names
+    the digest asked for."""
+    customer, login, password = writer
+    repository = f"{customer}/{unique('app')}"
+    digest = "sha256:" + "ab" * 32
+    with httpx.Client(base_url=server.url, auth=(login, password)) as client:
+        response = client.get(f"/v2/{repository}/blobs/{digest}")
+    assert response.status_code == 404
+    found = wait_for_events(
+        server,
+        AuditFilter(repository=repository, action="blob.pull"),
+        lambda e: len(e) >= 1,
+    )
+    assert [(i.event.outcome, i.event.digest) for i in found] == [("failure", digest)]
+    assert found[0].event.reason == "BLOB_UNKNOWN"
+
+
 def test_oauth_and_password_change_events(
     server: ServerProcess, writer: tuple[str, str, str]
 ) -> None:

@@ -27,11 +27,12 @@ def routes(services: Services) -> list[Route]:
         name = repository_name(request)
         digest = request.path_params["digest"]
         parse_digest(digest)
+        # Recorded before the checks, so that a failed pull names the blob too.
+        request.state.digest = digest
         access = await guard.authorize(request, name, [PULL])
         if not access.visible:
             raise BlobUnknownError(detail={"digest": digest})
         size = await registry.blob_size(name, digest)
-        request.state.digest = digest
 
         headers = {
             "Docker-Content-Digest": digest,
