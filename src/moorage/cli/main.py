@@ -25,6 +25,7 @@ from rich.progress import (
     TextColumn,
     TimeRemainingColumn,
 )
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from moorage import admin
@@ -158,6 +159,18 @@ def _run(
         errors.print(
             f"[red]error:[/red] database error: {_database_reason(error)}; "
             f"{outcome}{more}",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(1) from None
+    except (ConnectionError, TimeoutError) as error:
+        # asyncpg raises these itself when the server cannot be reached.
+        log.debug("database connection failed", exc_info=error)
+        address = make_url(settings.resolved_database_url)
+        errors.print(
+            f"[red]error:[/red] cannot connect to the database at "
+            f"{address.host}:{address.port or 'default port'}: {error}; "
+            "check database_url and that the database server runs",
             highlight=False,
             soft_wrap=True,
         )
