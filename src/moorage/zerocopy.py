@@ -255,7 +255,11 @@ async def _send_body(
     raises, so that the connection is closed.
     """
     transport = cycle.transport
-    socket = transport.get_extra_info("socket").fileno()
+    # The threads write to a duplicate of the socket's descriptor. When the
+    # client leaves, uvicorn closes the transport's descriptor while a thread
+    # may still be writing, and a new connection can get the same number:
+    # the duplicate keeps this connection's socket until the last trip ends.
+    socket = os.dup(transport.get_extra_info("socket").fileno())
     loop = asyncio.get_running_loop()
     low, high = transport.get_write_buffer_limits()  # type: ignore[attr-defined]
     transport.set_write_buffer_limits(high=0, low=0)
@@ -291,6 +295,8 @@ async def _send_body(
                 transport.write(piece)
                 sent += len(piece)
     finally:
+        # No trip runs any more: each was awaited, also on cancellation.
+        os.close(socket)
         if not transport.is_closing():
             transport.set_write_buffer_limits(high=high, low=low)
     return sent
