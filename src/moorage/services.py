@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from moorage.api.access import RequestGuard
 from moorage.api.http import ProxyTrust
+from moorage.audit.events import FAILURE, STORAGE_INTEGRITY, AuditEvent
 from moorage.audit.log import AUDIT_PENDING_KEY, DatabaseAuditLog
-from moorage.audit.setup import integrity_reporter, open_audit_log
+from moorage.audit.setup import open_audit_log
 from moorage.auth.authenticator import Authenticator, password_check_limit
 from moorage.auth.secrets import SECRET_HASH_KEY
 from moorage.auth.throttle import Limit, LoginThrottle, ThrottlePolicy
@@ -24,7 +29,8 @@ from moorage.db.refresh_token_store import RefreshTokenStore
 from moorage.db.registry_store import RegistryStore
 from moorage.metrics import Metrics
 from moorage.storage.drivers.filesystem import FilesystemDriver
-from moorage.storage.encryption.driver import EncryptedDriver
+from moorage.storage.encryption.driver import EncryptedDriver, log_integrity_error
+from moorage.storage.encryption.format import DataKeyUnavailableError, IntegrityError
 from moorage.storage.encryption.setup import (
     attach_owner_keys,
     database_codec,
@@ -131,3 +137,31 @@ async def open_services(settings: Settings, *, migrate_schema: bool = True) -> S
         audit=audit,
         metrics=metrics,
     )
+
+
+# A blob's digest in a storage path (blobs/sha256/ab/<hex>) or a manifest's name.
+_DIGEST = re.compile(r"sha256[:/](?:[0-9a-f]{2}/)?([0-9a-f]{64})")
+
+
+def integrity_reporter(audit: DatabaseAuditLog) -> Callable[[IntegrityError], None]:
+    """Return the hook that the encryption layer calls when stored data fails
+    its integrity check: it logs the failure and records a `storage.integrity`
+    event, from which the alert detector raises `alert.tampered_storage`."""
+    writes: set[asyncio.Task[Any]] = set()
+
+    def report(error: IntegrityError) -> None:
+        log_integrity_error(error)
+        if isinstance(error, DataKeyUnavailableError):
+            return  # destroyed on purpose by shredding, not altered
+        found = _DIGEST.search(error.path)
+        event = AuditEvent(
+            STORAGE_INTEGRITY,
+            outcome=FAILURE,
+            digest=f"sha256:{found.group(1)}" if found else None,
+            reason=f"{error.path}: {error.reason}",
+        )
+        write = asyncio.get_running_loop().create_task(audit.record(event))
+        writes.add(write)
+        write.add_done_callback(writes.discard)
+
+    return report

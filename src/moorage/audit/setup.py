@@ -2,23 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
-import re
-from collections.abc import Callable
-from typing import Any
-
 from moorage.audit.alerts import AlertDetector, AlertPublisher, AlertSettings
 from moorage.audit.checkpoints import CheckpointSigner
-from moorage.audit.events import FAILURE, STORAGE_INTEGRITY, AuditEvent
 from moorage.audit.log import PENDING_DIRECTORY, DatabaseAuditLog, EventObserver
 from moorage.audit.sinks import SyslogSink, WebhookSender
 from moorage.config import Settings
 from moorage.db.audit_store import AuditStore
 from moorage.db.identity_store import SigningKeyRecord
-from moorage.storage.encryption.driver import log_integrity_error
-from moorage.storage.encryption.format import DataKeyUnavailableError, IntegrityError
-
-_DIGEST = re.compile(r"sha256[:/](?:[0-9a-f]{2}/)?([0-9a-f]{64})")
 
 
 def open_audit_log(
@@ -71,27 +61,3 @@ def open_audit_log(
     )
     audit.observers.append(detector.observe)
     return audit
-
-
-def integrity_reporter(audit: DatabaseAuditLog) -> Callable[[IntegrityError], None]:
-    """Return the hook that the encryption layer calls when stored data fails
-    its integrity check: it logs the failure and records a `storage.integrity`
-    event, from which the alert detector raises `alert.tampered_storage`."""
-    writes: set[asyncio.Task[Any]] = set()
-
-    def report(error: IntegrityError) -> None:
-        log_integrity_error(error)
-        if isinstance(error, DataKeyUnavailableError):
-            return  # destroyed on purpose by shredding, not altered
-        found = _DIGEST.search(error.path)
-        event = AuditEvent(
-            STORAGE_INTEGRITY,
-            outcome=FAILURE,
-            digest=f"sha256:{found.group(1)}" if found else None,
-            reason=f"{error.path}: {error.reason}",
-        )
-        write = asyncio.get_running_loop().create_task(audit.record(event))
-        writes.add(write)
-        write.add_done_callback(writes.discard)
-
-    return report
