@@ -113,13 +113,16 @@ class UnauthorizedError(MoorageError):
         *,
         reason: str | None = None,
         customer: str | None = None,
+        login: str | None = None,
     ) -> None:
-        """`reason` and `customer` are for the audit trail only and never sent:
-        a reason more exact than the message (which must not tell a guesser
-        more), and the customer of the account that the credentials name."""
+        """`reason`, `customer` and `login` are for the audit trail only and
+        never sent: a reason more exact than the message (which must not tell a
+        guesser more), and the customer and login of the account that
+        authentic credentials name (a signed token, say)."""
         super().__init__(message, detail)
         self.reason = reason or self.message
         self.customer = customer
+        self.login = login
 
 
 class DeniedError(MoorageError):

@@ -206,7 +206,7 @@ def routes(services: Services) -> list[Route]:
                     form.get("refresh_token", ""), client_address(request, trust)
                 )
             except UnauthorizedError as error:
-                request.state.auth = AuthAttempt("refresh", None, error.message)
+                request.state.auth = failed_login("refresh", error.login, error)
                 raise
         else:
             raise UnsupportedError(

@@ -149,11 +149,20 @@ class Authenticator:
             claims = self.tokens.verify_refresh(token)
         except InvalidTokenError as error:
             raise UnauthorizedError(f"invalid refresh token: {error}") from None
-        principal = await self._current(claims)
+        try:
+            principal = await self._current(claims)
+        except UnauthorizedError as error:
+            # The signature is valid, so the token names its account for sure.
+            error.login = claims.subject
+            raise
         if not await self.refresh_tokens.redeem(
             claims.token_id, principal.account_id, address
         ):
-            raise UnauthorizedError("refresh token is revoked, expired or unknown")
+            raise UnauthorizedError(
+                "refresh token is revoked, expired or unknown",
+                customer=principal.customer_slug,
+                login=principal.login,
+            )
         return principal
 
     async def issue_refresh(

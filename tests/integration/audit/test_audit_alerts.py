@@ -139,6 +139,45 @@ def test_revoked_token_alerts(alerting: tuple[ServerProcess, WebhookReceiver]) -
     assert wait_until(lambda: _warned(server, "unusable_credential", login))
 
 
+def test_revoked_refresh_token_alerts(
+    alerting: tuple[ServerProcess, WebhookReceiver],
+) -> None:
+    """A refresh token used after the admin revoked it raises an alert that
+    names its account and customer; the client sees a plain 401."""
+    server, receiver = alerting
+    customer = server.add_customer()
+    login, password = server.add_user(customer, "reader")
+    response = httpx.get(
+        f"{server.url}/token",
+        params={"service": "moorage", "offline_token": "true", "client_id": "t"},
+        auth=(login, password),
+    )
+    assert response.status_code == 200, response.text
+    refresh_token = response.json()["refresh_token"]
+    server.run_admin(
+        lambda s: admin.revoke_refresh_tokens(
+            s.identity, s.authenticator.refresh_tokens, customer, login, None
+        )
+    )
+    response = httpx.post(
+        f"{server.url}/token",
+        data={
+            "grant_type": "refresh_token",
+            "refresh_token": refresh_token,
+            "service": "moorage",
+            "client_id": "t",
+        },
+    )
+    assert response.status_code == 401
+    assert customer not in response.text
+    assert login not in response.text
+    alerts = _alerts(server, "unusable_credential", login)
+    assert len(alerts) == 1
+    assert alerts[0].event.actor_customer == customer
+    assert "refresh token is revoked" in (alerts[0].event.reason or "")
+    assert wait_until(lambda: _posted(receiver, "unusable_credential", login))
+
+
 def _token_request(
     server: ServerProcess, login: str, secret: str, address: str
 ) -> httpx.Response:
