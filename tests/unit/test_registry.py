@@ -11,7 +11,7 @@ from pathlib import Path
 
 from moorage.db.engine import create_engine, migrate
 from moorage.db.registry_store import RegistryStore
-from moorage.fsync import start_writeback
+from moorage.fsync import start_writeback, wait_for_writeback
 from moorage.storage.drivers.filesystem import FilesystemDriver
 from moorage.storage.registry import UPLOAD_BLOCK_BYTES, Registry, _BlockSink
 
@@ -83,9 +83,14 @@ def test_writeback_starts_on_a_written_file(tmp_path: Path) -> None:
         os.write(descriptor, os.urandom(1024 * 1024))
         assert start_writeback(descriptor, 0, 1024 * 1024) is (sys.platform == "linux")
         assert start_writeback(descriptor, 0, 0) is False
+        assert wait_for_writeback(descriptor, 0, 1024 * 1024) is (
+            sys.platform == "linux"
+        )
+        assert wait_for_writeback(descriptor, 0, 0) is False
     finally:
         os.close(descriptor)
     assert start_writeback(descriptor, 0, 1024) is False
+    assert wait_for_writeback(descriptor, 0, 1024) is False
 
 
 async def test_repeated_digest_leaves_no_upload_data(tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import BinaryIO
 
-from moorage.fsync import fsync_directory, start_writeback
+from moorage.fsync import fsync_directory, start_writeback, wait_for_writeback
 from moorage.storage.drivers.base import (
     FileInfo,
     FileWriter,
@@ -224,13 +224,15 @@ class _FilesystemWriter(FileWriter):
         await self._sync_early()
 
     async def _sync_early(self) -> None:
-        """Start writing back to disk in a worker thread; one range at a time.
+        """Write the new range back in a worker thread, one range at a time.
 
-        The kernel is asked to start writing the range (`start_writeback`),
-        without a wait for the disk and its cache flush as `fdatasync` has.
-        Writing 1 GiB in 1 MiB blocks with that every 32 MiB took 0.26-0.61 s
-        of system CPU against 0.65-0.80 s with `fdatasync` (a Python loop on
-        ext4 on a 2-core VM, load 9-10), and the final `fsync` waited less.
+        The thread starts writeback of the range and then waits for the
+        ranges before it (`_write_back`), so that at most about two ranges
+        are left for the final `fsync` whatever the disk's speed. Unlike the
+        `fdatasync` used before, this commits no journal and flushes no disk
+        cache every 32 MiB. A Python loop writing 1 GiB in 1 MiB blocks took
+        0.26-0.61 s of system CPU with `sync_file_range` every 32 MiB against
+        0.65-0.80 s with `fdatasync` (ext4 on a 2-core VM, load 9-10).
         """
         if not self._fsync or self._written - self._synced < EARLY_SYNC_BYTES:
             return
@@ -240,7 +242,9 @@ class _FilesystemWriter(FileWriter):
             await self._syncing  # raises the error of a failed sync
         start, self._synced = self._synced, self._written
         self._syncing = asyncio.ensure_future(
-            asyncio.to_thread(_start_writeback, self._fd, start, self._written - start)
+            asyncio.to_thread(
+                _write_back, self._fd, self._start, start, self._written - start
+            )
         )
 
     async def _wait_for_sync(self) -> None:
@@ -445,11 +449,16 @@ def _remove_directory(path: str) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _start_writeback(fd: int, offset: int, length: int) -> None:
-    """Start writing a range back, or sync the file where the kernel has no
-    call for that, so that the final fsync stays short either way."""
+def _write_back(fd: int, first: int, offset: int, length: int) -> None:
+    """Start writing back `length` bytes at `offset` and wait for the writeback
+    of the bytes from `first` up to `offset`, started by earlier calls.
+
+    Where the kernel has no call for that, sync the file instead.
+    """
     if not start_writeback(fd, offset, length):
         os.fdatasync(fd)
+        return
+    wait_for_writeback(fd, first, offset - first)
 
 
 def _unlink(path: str) -> None:
