@@ -124,7 +124,7 @@ def test_repeated_push_leaves_no_upload_key(
     admin_client: httpx.Client, server: ServerProcess
 ) -> None:
     """A second push of a stored blob reads back, and its upload's data and
-    data key envelope are deleted after the answer."""
+    data key envelope are deleted after the response."""
     data = marker_blob(b"repeat", 3 * SEGMENT + 7)
     first = f"{unique('enc')}/once"
     digest = push_blob(admin_client, first, data, chunks=2)

@@ -6,7 +6,7 @@ Layout:
     uploads/<upload id>/data                             an upload in progress
     trash/<upload id>                                    upload data whose digest
                                                          was stored already, deleted
-                                                         after the client's answer
+                                                         after the response
 """
 
 from __future__ import annotations

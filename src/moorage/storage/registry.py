@@ -513,7 +513,7 @@ class Registry:
         """Rename a session's data, a copy of a stored blob, into `trash/` and
         delete it in the background.
 
-        Deleting a large file takes the filesystem a while (0.3 s for 1 GiB on
+        Deleting a large file takes the filesystem a while (about 0.3 s per GiB on
         ext4 with `discard`), and the client need not wait for it. A process
         that stops before the delete leaves the file in `trash/`, which
         `empty_trash` clears at start-up and then periodically.

@@ -29,7 +29,7 @@ WRITE_BUFFER_BYTES = 1024 * 1024
 # arrives and the fsync at commit has little left to do.
 EARLY_SYNC_BYTES = 32 * 1024 * 1024
 # A file at least this large is unlinked in a worker thread: freeing its
-# blocks takes the filesystem time (0.3 s for 1 GiB on ext4 with `discard`).
+# blocks takes the filesystem time (about 0.3 s for 1 GiB on ext4 with `discard`).
 UNLINK_IN_THREAD_BYTES = 1024 * 1024
 # Stored objects are readable by the server's user only, whatever the umask.
 STORED_FILE_MODE = 0o600
