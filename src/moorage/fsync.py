@@ -32,6 +32,7 @@ def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
 
 
 _sync_file_range = _load_sync_file_range() if sys.platform == "linux" else None
+_SYNC_FILE_RANGE_WAIT_BEFORE = 1
 _SYNC_FILE_RANGE_WRITE = 2
 
 
@@ -46,3 +47,16 @@ def start_writeback(descriptor: int, offset: int, length: int) -> bool:
     if _sync_file_range is None or length <= 0:
         return False
     return _sync_file_range(descriptor, offset, length, _SYNC_FILE_RANGE_WRITE) == 0
+
+
+def wait_for_writeback(descriptor: int, offset: int, length: int) -> bool:
+    """Wait until the writeback started on a file's range has finished; return
+    whether the kernel was asked.
+
+    Like `start_writeback`, this is sync_file_range and makes nothing durable:
+    it neither writes the file's metadata nor flushes the disk's cache.
+    """
+    if _sync_file_range is None or length <= 0:
+        return False
+    flags = _SYNC_FILE_RANGE_WAIT_BEFORE
+    return _sync_file_range(descriptor, offset, length, flags) == 0

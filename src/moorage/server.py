@@ -209,8 +209,8 @@ PURGE_INTERVAL_SECONDS = 600
 
 
 async def _purge_periodically(services: Services) -> None:
-    """Delete stale upload sessions, the records of expired refresh tokens and
-    failed-login counters past the throttle's memory.
+    """Delete stale upload sessions, upload data left in trash, the records of
+    expired refresh tokens and failed-login counters past the throttle's memory.
 
     Every worker process runs this; the deletes are idempotent.
     """
@@ -225,6 +225,13 @@ async def _purge_periodically(services: Services) -> None:
         else:
             if purged:
                 log.info("purged stale uploads", count=purged)
+        try:
+            deleted = await services.registry.empty_trash()
+        except Exception:
+            log.exception("emptying the upload trash failed")
+        else:
+            if deleted:
+                log.info("deleted upload data left in trash", count=deleted)
         try:
             purged = await refresh_tokens.purge_expired(utcnow())
         except Exception:

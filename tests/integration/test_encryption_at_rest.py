@@ -120,6 +120,32 @@ def test_pushed_blob_is_not_stored_in_plaintext(
     assert stored_file(server, digest).stat().st_size > len(data)
 
 
+def test_repeated_push_leaves_no_upload_key(
+    admin_client: httpx.Client, server: ServerProcess
+) -> None:
+    """A second push of a stored blob reads back, and its upload's data and
+    data key envelope are deleted after the response."""
+    data = marker_blob(b"repeat", 3 * SEGMENT + 7)
+    first = f"{unique('enc')}/once"
+    digest = push_blob(admin_client, first, data, chunks=2)
+    storage = server.data_dir / "storage"
+
+    def files_under(name: str) -> list[Path]:
+        return [path for path in (storage / name).rglob("*") if path.is_file()]
+
+    envelopes = len(files_under(".keys"))
+
+    second = f"{unique('enc')}/again"
+    assert push_blob(admin_client, second, data, chunks=2) == digest
+
+    assert wait_until(lambda: not files_under("trash"))
+    assert len(files_under(".keys")) == envelopes
+    for repository in (first, second):
+        response = admin_client.get(f"/v2/{repository}/blobs/{digest}")
+        assert response.status_code == 200
+        assert response.content == data
+
+
 @pytest.mark.parametrize(
     ("start", "end"),
     [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from datetime import timedelta
 
 import httpx
@@ -33,3 +34,20 @@ def test_purge_removes_stale_session(fresh_server: ServerProcess) -> None:
         status = client.get(location)
     assert status.status_code == 404
     assert status.json()["errors"][0]["code"] == "BLOB_UPLOAD_UNKNOWN"
+
+
+def test_start_empties_upload_trash(fresh_server: ServerProcess) -> None:
+    """Upload data left in trash/ by a stopped server is deleted when it starts."""
+    server = fresh_server
+    server.stop()
+    trash = server.data_dir / "storage" / "trash"
+    trash.mkdir(parents=True, exist_ok=True)
+    leftover = trash / "0123456789abcdef"
+    leftover.write_bytes(b"data of a finished upload")
+
+    server.start()
+
+    deadline = time.monotonic() + 10
+    while leftover.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not leftover.exists()

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from moorage.storage.drivers import filesystem
 from moorage.storage.drivers.filesystem import (
     READ_CHUNK_BYTES,
     WRITE_BUFFER_BYTES,
@@ -180,3 +181,25 @@ async def test_stored_files_private(tmp_path: Path) -> None:
         os.umask(previous)
     for name in ("blobs/whole", "uploads/session/data"):
         assert (tmp_path / "storage" / name).stat().st_mode & 0o777 == 0o600
+
+
+async def test_early_writeback_keeps_data(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file written back early every two blocks, from a writer that started
+    at offset 0 and from one that resumed later, reads back whole."""
+    monkeypatch.setattr(filesystem, "EARLY_SYNC_BYTES", 2 * WRITE_BUFFER_BYTES)
+    driver = FilesystemDriver(tmp_path / "storage")
+    blocks = [os.urandom(WRITE_BUFFER_BYTES) for _ in range(9)]
+    writer = await driver.writer("uploads/x/data")
+    for block in blocks[:5]:
+        await writer.write(block)
+    first = await writer.commit(sync=False)
+    writer = await driver.writer("uploads/x/data", first)
+    for block in blocks[5:]:
+        await writer.write(block)
+    size = await writer.commit()
+
+    assert size == 9 * WRITE_BUFFER_BYTES
+    stored = b"".join([c async for c in driver.read("uploads/x/data")])
+    assert stored == b"".join(blocks)

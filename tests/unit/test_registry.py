@@ -11,7 +11,7 @@ from pathlib import Path
 
 from moorage.db.engine import create_engine, migrate
 from moorage.db.registry_store import RegistryStore
-from moorage.fsync import start_writeback
+from moorage.fsync import start_writeback, wait_for_writeback
 from moorage.storage.drivers.filesystem import FilesystemDriver
 from moorage.storage.registry import UPLOAD_BLOCK_BYTES, Registry, _BlockSink
 
@@ -83,6 +83,61 @@ def test_writeback_starts_on_a_written_file(tmp_path: Path) -> None:
         os.write(descriptor, os.urandom(1024 * 1024))
         assert start_writeback(descriptor, 0, 1024 * 1024) is (sys.platform == "linux")
         assert start_writeback(descriptor, 0, 0) is False
+        assert wait_for_writeback(descriptor, 0, 1024 * 1024) is (
+            sys.platform == "linux"
+        )
+        assert wait_for_writeback(descriptor, 0, 0) is False
     finally:
         os.close(descriptor)
     assert start_writeback(descriptor, 0, 1024) is False
+    assert wait_for_writeback(descriptor, 0, 1024) is False
+
+
+async def test_repeated_digest_leaves_no_upload_data(tmp_path: Path) -> None:
+    """A second upload of a stored digest keeps the stored blob and leaves its
+    own data neither under uploads/ nor in trash/ once the background delete ran."""
+    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'moorage.db'}")
+    await migrate(engine)
+    storage = tmp_path / "storage"
+    registry = Registry(RegistryStore(engine), FilesystemDriver(storage), 4096)
+    data = os.urandom(3 * UPLOAD_BLOCK_BYTES + 5)
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    try:
+        for repository in ("acme/app", "acme/other"):
+            upload = await registry.start_upload(repository)
+            await registry.append(repository, upload.id, chunks(data))
+            size = await registry.finish_upload(repository, upload.id, digest, None)
+            assert size == len(data)
+        await registry.wait_for_trash()
+
+        assert list((storage / "uploads").iterdir()) == []
+        assert list((storage / "trash").iterdir()) == []
+        for repository in ("acme/app", "acme/other"):
+            assert await registry.blob_size(repository, digest) == len(data)
+        stream = await registry.read_blob(digest, 0, len(data))
+        assert b"".join([bytes(piece) async for piece in stream]) == data
+    finally:
+        registry.store.close()
+        await engine.dispose()
+
+
+async def test_empty_trash_deletes_leftovers(tmp_path: Path) -> None:
+    """Upload data that a stopped process left in trash/ is deleted, and an
+    empty or missing trash/ counts zero."""
+    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'moorage.db'}")
+    await migrate(engine)
+    storage = tmp_path / "storage"
+    registry = Registry(RegistryStore(engine), FilesystemDriver(storage), 4096)
+    try:
+        assert await registry.empty_trash() == 0
+        (storage / "trash").mkdir(parents=True)
+        for name in ("one", "two"):
+            (storage / "trash" / name).write_bytes(os.urandom(2 * UPLOAD_BLOCK_BYTES))
+
+        assert await registry.empty_trash() == 2
+
+        assert list((storage / "trash").iterdir()) == []
+        assert await registry.empty_trash() == 0
+    finally:
+        registry.store.close()
+        await engine.dispose()

@@ -4,6 +4,9 @@ Layout:
 
     blobs/<algorithm>/<first two hex characters>/<hex>   committed content
     uploads/<upload id>/data                             an upload in progress
+    trash/<upload id>                                    upload data whose digest
+                                                         was stored already, deleted
+                                                         after the response
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from moorage.digests import Digest
 
 BLOBS_PREFIX = "blobs"
 UPLOADS_PREFIX = "uploads"
+TRASH_PREFIX = "trash"
 
 
 def blob_path(digest: Digest) -> str:
@@ -24,6 +28,10 @@ def upload_dir(upload_id: str) -> str:
 
 def upload_data_path(upload_id: str) -> str:
     return f"{upload_dir(upload_id)}/data"
+
+
+def trash_path(upload_id: str) -> str:
+    return f"{TRASH_PREFIX}/{upload_id}"
 
 
 def blob_digest_of(path: str) -> str | None:

@@ -94,6 +94,9 @@ class Registry:
         self._upload_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = (
             weakref.WeakValueDictionary()
         )
+        # Background deletes of upload data moved to trash (see _move_to_trash),
+        # kept here so that they are not garbage collected while they run.
+        self._trash_tasks: set[asyncio.Task[None]] = set()
         # The layer that wraps blob data keys per owner, when blobs are encrypted
         # with owner keys.
         self._keys: EncryptedDriver | None = None
@@ -455,7 +458,8 @@ class Registry:
         repository, upload_id = upload.repository, upload.id
         target = paths.blob_path(digest)
         if await self._stored_copy_usable(repository, digest, target):
-            pass
+            if data is None and size > 0:
+                await self._move_to_trash(upload_id)
         elif data is not None or size == 0:
             with writing_for(repository):
                 await self.driver.put(target, data or b"")
@@ -504,6 +508,44 @@ class Registry:
             )
             return False
         return True
+
+    async def _move_to_trash(self, upload_id: str) -> None:
+        """Rename a session's data, a copy of a stored blob, into `trash/` and
+        delete it in the background.
+
+        Deleting a large file takes the filesystem a while (about 0.3 s per GiB on
+        ext4 with `discard`), and the client need not wait for it. A process
+        that stops before the delete leaves the file in `trash/`, which
+        `empty_trash` clears at start-up and then periodically.
+        """
+        key = paths.trash_path(upload_id)
+        await self.driver.move(paths.upload_data_path(upload_id), key)
+        task = asyncio.create_task(self._delete_trash(key))
+        self._trash_tasks.add(task)
+        task.add_done_callback(self._trash_tasks.discard)
+
+    async def _delete_trash(self, key: str) -> None:
+        try:
+            await self.driver.delete(key)
+        except Exception:
+            # The next `empty_trash` tries again.
+            log.exception("deleting upload data from trash failed", path=key)
+
+    async def empty_trash(self) -> int:
+        """Delete what `_move_to_trash` left behind; return the count deleted.
+
+        An entry may be one that another process is deleting at the same time,
+        which is harmless: a delete of a missing key is no error.
+        """
+        keys = await self.driver.list(paths.TRASH_PREFIX)
+        for key in keys:
+            await self.driver.delete(key)
+        return len(keys)
+
+    async def wait_for_trash(self) -> None:
+        """Wait until the background deletes started so far have finished."""
+        while self._trash_tasks:
+            await asyncio.gather(*self._trash_tasks, return_exceptions=True)
 
     async def _discard(self, upload_id: str) -> None:
         await self.driver.delete(paths.upload_dir(upload_id))

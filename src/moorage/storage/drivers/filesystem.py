@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import BinaryIO
 
-from moorage.fsync import fsync_directory, start_writeback
+from moorage.fsync import fsync_directory, start_writeback, wait_for_writeback
 from moorage.storage.drivers.base import (
     FileInfo,
     FileWriter,
@@ -28,6 +28,9 @@ WRITE_BUFFER_BYTES = 1024 * 1024
 # background every this many bytes, so that the disk works while the rest
 # arrives and the fsync at commit has little left to do.
 EARLY_SYNC_BYTES = 32 * 1024 * 1024
+# A file at least this large is unlinked in a worker thread: freeing its
+# blocks takes the filesystem time (about 0.3 s for 1 GiB on ext4 with `discard`).
+UNLINK_IN_THREAD_BYTES = 1024 * 1024
 # Stored objects are readable by the server's user only, whatever the umask.
 STORED_FILE_MODE = 0o600
 # A large block whose memory, file offset and length are multiples of this is
@@ -139,14 +142,15 @@ class FilesystemDriver(StorageDriver):
     async def delete(self, path: str) -> None:
         full = self._full_path(path)
         try:
-            mode = os.lstat(full).st_mode
+            info = os.lstat(full)
         except FileNotFoundError:
             return
-        if stat.S_ISDIR(mode):
+        if stat.S_ISDIR(info.st_mode):
             await asyncio.to_thread(_remove_directory, full)
-            return
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(full)
+        elif info.st_size >= UNLINK_IN_THREAD_BYTES:
+            await asyncio.to_thread(_unlink, full)
+        else:
+            _unlink(full)
 
     async def list(self, prefix: str) -> list[str]:
         return _list_keys(self.root, self._full_path(prefix))
@@ -220,15 +224,28 @@ class _FilesystemWriter(FileWriter):
         await self._sync_early()
 
     async def _sync_early(self) -> None:
-        """Start writing back to disk in the background; one sync at a time."""
+        """Write the new range back in a worker thread, one range at a time.
+
+        The thread starts writeback of the range and then waits for the
+        ranges before it (`_write_back`), so that at most about two ranges
+        are left for the final `fsync` whatever the disk's speed. Unlike the
+        `fdatasync` used before, this commits no journal and flushes no disk
+        cache every 32 MiB. A Python loop writing 1 GiB in 1 MiB blocks took
+        0.26-0.61 s of system CPU with `sync_file_range` every 32 MiB against
+        0.65-0.80 s with `fdatasync` (ext4 on a 2-core VM, load 9-10).
+        """
         if not self._fsync or self._written - self._synced < EARLY_SYNC_BYTES:
             return
         if self._syncing is not None:
             if not self._syncing.done():
                 return
             await self._syncing  # raises the error of a failed sync
-        self._synced = self._written
-        self._syncing = asyncio.ensure_future(asyncio.to_thread(os.fdatasync, self._fd))
+        start, self._synced = self._synced, self._written
+        self._syncing = asyncio.ensure_future(
+            asyncio.to_thread(
+                _write_back, self._fd, self._start, start, self._written - start
+            )
+        )
 
     async def _wait_for_sync(self) -> None:
         if self._syncing is not None:
@@ -430,6 +447,23 @@ def _remove_directory(path: str) -> None:
         os.rmdir(path)
     except OSError:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def _write_back(fd: int, first: int, offset: int, length: int) -> None:
+    """Start writing back `length` bytes at `offset` and wait for the writeback
+    of the bytes from `first` up to `offset`, started by earlier calls.
+
+    Where the kernel has no call for that, sync the file instead.
+    """
+    if not start_writeback(fd, offset, length):
+        os.fdatasync(fd)
+        return
+    wait_for_writeback(fd, first, offset - first)
+
+
+def _unlink(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
 
 
 def _put_file(temporary: str, target: str, data: bytes, fsync: bool) -> None:
