@@ -58,7 +58,7 @@ FALLBACK_BYTES = 64 * 1024
 THREAD_TRIP_BYTES = 16 * 1024 * 1024
 # Threads that write threaded bodies, apart from the default executor, so that
 # slow pulls cannot hold up other work sent to threads. `size_body_threads`
-# sets how many; until then, one per core.
+# sets how many. Until then, one per core.
 _body_threads = ThreadPoolExecutor(
     max_workers=os.cpu_count() or 2, thread_name_prefix="moorage-body"
 )
@@ -336,15 +336,15 @@ def size_body_threads(processes: int) -> None:
     """Give each of `processes` server processes an equal share of the cores for
     writing threaded bodies, at least one thread. Call before serving.
 
-    More threads than cores cost CPU without sending faster: with eight clients
-    pulling a 1 GiB encrypted blob from two processes on two cores, two body
-    threads per process used about 0.52 s of server CPU per GiB and one used
-    about 0.45 s (six pulls each, load average 16). The extra threads contend
-    for the GIL and for the cores.
+    More threads than cores cost CPU without sending faster, because they
+    contend for the GIL and for the cores. Eight clients pulled a 1 GiB
+    encrypted blob from two processes on a 2-core VM, six times per setting,
+    alternating, at a load average of 16. Two body threads per process used a
+    median of 0.52 s of server CPU per GiB, and one thread 0.45 s.
 
     NOTE: with one thread per process, a body whose file must be read from disk
     holds up the other threaded bodies of that process until its trip ends
-    (`THREAD_TRIP_BYTES`); with page-cached files a trip takes milliseconds.
+    (`THREAD_TRIP_BYTES`). With page-cached files a trip takes milliseconds.
     """
     global _body_threads
     threads = max(1, (os.cpu_count() or 2) // processes)
