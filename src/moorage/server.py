@@ -30,7 +30,7 @@ from moorage.logs import flush_logs
 from moorage.services import Services, open_services
 from moorage.storage.encryption.background import start_background_encryption
 from moorage.storage.encryption.setup import keys_inside_data_dir
-from moorage.zerocopy import ZeroCopyProtocol
+from moorage.zerocopy import ZeroCopyProtocol, size_body_threads
 
 log = structlog.get_logger(__name__)
 
@@ -145,6 +145,7 @@ async def run_server(
                 (lambda _config, _default: reloader.context) if reloader else None
             ),
         )
+        size_body_threads(settings.workers)
         server = uvicorn.Server(config)
         purger = asyncio.create_task(_purge_periodically(services))
         log.info(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ from moorage.zerocopy import (
     ThreadedBodyResponse,
     ZeroCopyFileResponse,
     ZeroCopyProtocol,
+    size_body_threads,
     supports_zerocopy,
 )
 
@@ -97,6 +98,17 @@ class FileApp:
             media_type="application/octet-stream",
         )
         await response(scope, receive, send)
+
+
+@pytest.fixture
+def one_body_thread() -> Iterator[None]:
+    """Leave one body thread, as a process gets when there are as many processes
+    as cores; restore one thread per core afterwards."""
+    size_body_threads(os.cpu_count() or 2)
+    try:
+        yield
+    finally:
+        size_body_threads(1)
 
 
 @pytest.fixture
@@ -243,3 +255,17 @@ async def test_threaded_body_short_or_failing_closes_connection(
     _, body = await asyncio.wait_for(get(port, target), timeout=10)
     assert body == content[:fail_at]
     assert all(body.closed for body in app.bodies)
+
+
+@pytest.mark.usefixtures("one_body_thread")
+async def test_threaded_bodies_share_one_thread(server: Any, content: bytes) -> None:
+    """Three slow readers served by one body thread each get the whole body: a
+    full socket ends its trip, so the thread turns to the others."""
+    _, port = server
+    results = await asyncio.wait_for(
+        asyncio.gather(*(get(port, "/?threaded=1", pause=0.002) for _ in range(3))),
+        timeout=60,
+    )
+    for _, body in results:
+        assert len(body) == SIZE
+        assert body == content
