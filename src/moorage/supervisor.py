@@ -6,8 +6,9 @@ forked them, so the process that only waits uses about 11 MiB instead of the
 whole application's 90 MiB. That is why this module imports nothing outside
 the standard library (argon2-cffi only at the first password request) and
 writes its few log lines as JSON itself. SIGTERM or SIGINT is passed on to
-every worker, which finishes its requests and stops; when one worker exits,
-the others are stopped. On the inherited password sockets it hashes and checks
+every worker, which finishes its requests and stops, and SIGHUP, which makes
+workers serving TLS load their certificate again; when one worker exits, the
+others are stopped. On the inherited password sockets it hashes and checks
 passwords for the workers (see moorage.auth.password_service).
 """
 
@@ -37,6 +38,10 @@ def log(event: str, level: str = "info", **fields: Any) -> None:
     print(json.dumps(line), file=sys.stderr, flush=True)
 
 
+# Signals the parent blocks before it turns into the supervisor.
+FORWARDED_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+
+
 def supervise(workers: list[int]) -> int:
     """Wait for the workers; stop them all when asked to or when one exits.
 
@@ -50,11 +55,17 @@ def supervise(workers: list[int]) -> int:
         for pid in workers:
             _signal(pid, signal.SIGTERM)
 
+    def reload(signum: int, _frame: FrameType | None) -> None:
+        for pid in workers:
+            _signal(pid, signal.SIGHUP)
+
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    # The parent blocked both signals before exec, so none was lost meanwhile;
+    # Workers serving TLS load their certificate again; the others ignore it.
+    signal.signal(signal.SIGHUP, reload)
+    # The parent blocked these signals before exec, so none was lost meanwhile;
     # one that arrived is delivered now.
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED_SIGNALS)
     remaining = set(workers)
     status = 0
     while remaining:

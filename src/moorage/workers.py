@@ -35,6 +35,7 @@ from moorage.errors import MoorageError
 from moorage.logs import flush_logs
 from moorage.server import _announce_admin, run_on_uvloop, run_server
 from moorage.services import open_services
+from moorage.supervisor import FORWARDED_SIGNALS
 
 log = structlog.get_logger(__name__)
 
@@ -73,7 +74,7 @@ def run_workers(settings: Settings, console: Console) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     # Blocked until the supervisor has its handlers (the mask survives exec).
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+    signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED_SIGNALS)
     arguments = [
         f"--password-slots={ARGON2_SLOTS}",
         f"--password-sockets={','.join(kept)}",
@@ -181,6 +182,9 @@ def _fork(
         _stop_with_parent(parent)
         _use_password_service(pairs, index)
         signal.signal(signal.SIGINT, signal.SIG_DFL)
+        # The supervisor passes SIGHUP on; a worker serving TLS replaces this
+        # with its certificate reload, the others ignore the signal.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
         run_on_uvloop(run_server(settings, console, [listener], migrated=True))
     except BaseException:
         log.exception("worker failed")
