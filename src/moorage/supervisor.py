@@ -2,13 +2,13 @@
 
 `python -m moorage.supervisor [--password-slots=N --password-sockets=FD,...]
 PID...` is what the parent of the workers turns into (with exec) once it has
-forked them, so the process that only waits uses about 11 MiB instead of the
+forked them, so the process that only waits uses about 12 MiB instead of the
 whole application's 90 MiB. That is why this module imports nothing outside
 the standard library (argon2-cffi only at the first password request) and
 writes its few log lines as JSON itself. SIGTERM or SIGINT is passed on to
-every worker, which finishes its requests and stops, and SIGHUP, which makes
-workers serving TLS load their certificate again; when one worker exits, the
-others are stopped. On the inherited password sockets it hashes and checks
+every worker, which finishes its requests and stops. SIGHUP is passed on too,
+and workers serving TLS load their certificate again. When one worker exits,
+the others are stopped. On the inherited password sockets it hashes and checks
 passwords for the workers (see moorage.auth.password_service).
 """
 
@@ -91,7 +91,7 @@ def _signal(pid: int, signum: int) -> None:
 
 
 def serve_passwords(descriptors: list[int], slots: int) -> None:
-    """Answer the workers' password requests on inherited sockets, in threads."""
+    """Serve the workers' password requests on inherited sockets, in threads."""
     semaphore = threading.BoundedSemaphore(slots)
     for descriptor in descriptors:
         threading.Thread(

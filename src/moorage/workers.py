@@ -65,11 +65,11 @@ def run_workers(settings: Settings, console: Console) -> None:
         for index in range(settings.workers)
     ]
     listener.close()
-    kept = []
+    supervisor_descriptors = []
     for own, theirs in itertools.chain.from_iterable(pairs):
         theirs.close()
         own.set_inheritable(True)
-        kept.append(str(own.fileno()))
+        supervisor_descriptors.append(str(own.fileno()))
     log.info("workers started", pids=workers)
     sys.stdout.flush()
     sys.stderr.flush()
@@ -77,7 +77,7 @@ def run_workers(settings: Settings, console: Console) -> None:
     signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED_SIGNALS)
     arguments = [
         f"--password-slots={ARGON2_SLOTS}",
-        f"--password-sockets={','.join(kept)}",
+        f"--password-sockets={','.join(supervisor_descriptors)}",
         *map(str, workers),
     ]
     os.execve(  # noqa: S606 (runs this interpreter with fixed arguments)

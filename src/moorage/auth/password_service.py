@@ -6,14 +6,14 @@ after its second computation glibc keeps the 19 MiB resident, because the
 first free raised its mmap threshold. With `workers` > 1 every worker would
 pay this, although together they run at most ARGON2_SLOTS computations at once.
 So the workers send their hashes and checks over socket pairs to
-`moorage.supervisor`, a process of about 11 MiB that imports argon2-cffi at the
+`moorage.supervisor`, a process of about 12 MiB that imports argon2-cffi at the
 first request and computes in one thread per socket, at most `slots` at once.
 
 A message is a 4-byte big-endian length and a JSON object. Requests and replies:
 `{"op": "hash", "password": str}` returns `{"hash": str}`;
 `{"op": "verify", "hash": str | null, "password": str}` returns
 `{"matches": bool}`, where a null hash is checked against a dummy hash and fails;
-a request that cannot be answered returns `{"error": str}`.
+a request that cannot be served returns `{"error": str}`.
 
 This module imports only the standard library and works on file descriptors,
 because the socket module alone adds 0.7 MiB to the supervisor.
@@ -77,8 +77,9 @@ class PasswordService:
     """A worker's client of the supervisor's password service.
 
     Each socket carries one request at a time, so the number of sockets bounds
-    this worker's concurrent requests; a further caller blocks until one is
-    free. Call it from threads (asyncio.to_thread), never on the event loop.
+    this worker's concurrent requests. A further caller blocks until a socket
+    is free, so call it from threads (asyncio.to_thread), never on the event
+    loop.
     """
 
     def __init__(self, sockets: list[socket.socket]) -> None:
@@ -103,7 +104,7 @@ class PasswordService:
             raise PasswordServiceError(f"password service failed: {error}") from error
         finally:
             # A thread cannot be cancelled between send and receive, so the
-            # socket never holds an unread reply here.
+            # socket never contains an unread reply here.
             self._idle.put(sock)
         if reply is None:
             raise PasswordServiceError("the supervisor closed the password socket")
@@ -113,7 +114,7 @@ class PasswordService:
 
 
 def serve(descriptor: int, slots: threading.Semaphore) -> None:
-    """Answer one worker's requests on the socket `descriptor` until the worker
+    """Serve one worker's requests on the socket `descriptor` until the worker
     closes it, then close it.
 
     Runs in a thread of the supervisor; `slots` bounds the computations of all
@@ -145,8 +146,8 @@ def _answer(request: Any) -> dict[str, Any]:
     if request.get("op") == "hash":
         return {"hash": HASHER.hash(password)}
     if request.get("op") == "verify" and stored is None:
-        # The same time as a real check, so that an unknown login is not told
-        # apart by its speed.
+        # The same time as a real check, so that an unknown login cannot be
+        # distinguished by its speed.
         matches(HASHER, _dummy_hash(), password)
         return {"matches": False}
     if request.get("op") == "verify" and isinstance(stored, str):
