@@ -1,11 +1,15 @@
 """Wait for the worker processes of `moorage serve` and stop them together.
 
-`python -m moorage.supervisor PID...` is what the parent of the workers turns
-into (with exec) once it has forked them, so the process that only waits uses
-about 10 MiB instead of the whole application's 90 MiB. That is why this
-module imports nothing outside the standard library and writes its few log
-lines as JSON itself. SIGTERM or SIGINT is passed on to every worker, which
-finishes its requests and stops; when one worker exits, the others are stopped.
+`python -m moorage.supervisor [--password-slots=N --password-sockets=FD,...]
+PID...` is what the parent of the workers turns into (with exec) once it has
+forked them, so the process that only waits uses about 12 MiB instead of the
+whole application's 90 MiB. That is why this module imports nothing outside
+the standard library (argon2-cffi only at the first password request) and
+writes its few log lines as JSON itself. SIGTERM or SIGINT is passed on to
+every worker, which finishes its requests and stops. SIGHUP is passed on too,
+and workers serving TLS load their certificate again. When one worker exits,
+the others are stopped. On the inherited password sockets it hashes and checks
+passwords for the workers (see moorage.auth.password_service).
 """
 
 from __future__ import annotations
@@ -15,9 +19,12 @@ import json
 import os
 import signal
 import sys
+import threading
 from datetime import UTC, datetime
 from types import FrameType
 from typing import Any
+
+from moorage.auth import password_service
 
 
 def log(event: str, level: str = "info", **fields: Any) -> None:
@@ -29,6 +36,10 @@ def log(event: str, level: str = "info", **fields: Any) -> None:
         "timestamp": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
     }
     print(json.dumps(line), file=sys.stderr, flush=True)
+
+
+# Signals the parent blocks before it turns into the supervisor.
+FORWARDED_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 
 
 def supervise(workers: list[int]) -> int:
@@ -44,11 +55,17 @@ def supervise(workers: list[int]) -> int:
         for pid in workers:
             _signal(pid, signal.SIGTERM)
 
+    def reload(signum: int, _frame: FrameType | None) -> None:
+        for pid in workers:
+            _signal(pid, signal.SIGHUP)
+
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    # The parent blocked both signals before exec, so none was lost meanwhile;
+    # Workers serving TLS load their certificate again; the others ignore it.
+    signal.signal(signal.SIGHUP, reload)
+    # The parent blocked these signals before exec, so none was lost meanwhile;
     # one that arrived is delivered now.
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED_SIGNALS)
     remaining = set(workers)
     status = 0
     while remaining:
@@ -73,8 +90,22 @@ def _signal(pid: int, signum: int) -> None:
         os.kill(pid, signum)
 
 
+def serve_passwords(descriptors: list[int], slots: int) -> None:
+    """Serve the workers' password requests on inherited sockets, in threads."""
+    semaphore = threading.BoundedSemaphore(slots)
+    for descriptor in descriptors:
+        threading.Thread(
+            target=password_service.serve, args=(descriptor, semaphore), daemon=True
+        ).start()
+
+
 def main(arguments: list[str]) -> int:
-    return supervise([int(pid) for pid in arguments])
+    options = dict(a[2:].split("=", 1) for a in arguments if a.startswith("--"))
+    pids = [int(a) for a in arguments if not a.startswith("--")]
+    if options.get("password-sockets"):
+        descriptors = [int(fd) for fd in options["password-sockets"].split(",")]
+        serve_passwords(descriptors, int(options["password-slots"]))
+    return supervise(pids)
 
 
 if __name__ == "__main__":

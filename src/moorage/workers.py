@@ -7,13 +7,17 @@ only to migrate) nor the parent's copy of the application (about 90 MiB) stays
 in memory. SIGTERM or SIGINT to the parent is passed on to every worker, which
 finishes its requests and stops. Each worker opens its own database
 connections and blob store; caches are per process, and upload sessions
-already work across processes (see `moorage.storage.registry`).
+already work across processes (see `moorage.storage.registry`). Password
+hashes and checks go to the supervisor over socket pairs, so that argon2id's
+19 MiB count once instead of in every worker (see
+`moorage.auth.password_service`).
 """
 
 from __future__ import annotations
 
 import ctypes
 import gc
+import itertools
 import os
 import signal
 import socket
@@ -23,35 +27,80 @@ import structlog
 from rich.console import Console
 
 from moorage import admin
+from moorage.auth.authenticator import password_check_limit
+from moorage.auth.password_service import PasswordService
+from moorage.auth.secrets import ARGON2_SLOTS, use_password_service
 from moorage.config import Settings
 from moorage.errors import MoorageError
 from moorage.logs import flush_logs
 from moorage.server import _announce_admin, run_on_uvloop, run_server
 from moorage.services import open_services
+from moorage.supervisor import FORWARDED_SIGNALS
 
 log = structlog.get_logger(__name__)
 
 # prctl option: the signal a process gets when its parent dies (linux/prctl.h).
 _PR_SET_PDEATHSIG = 1
+# glibc raises its mmap threshold to the size of the first large block freed,
+# so without a fixed threshold the supervisor keeps argon2id's 19 MiB resident
+# after its second computation. With one, each block is mapped and unmapped.
+# Other C libraries ignore the variable.
+_SUPERVISOR_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(1024 * 1024)}
 
 
 def run_workers(settings: Settings, console: Console) -> None:
     _prepare_in_child(settings, console)
     listener = socket.create_server((settings.host, settings.port), backlog=2048)
+    # One socket pair per password check a worker may run at once; the
+    # supervisor keeps the first ends (see moorage.auth.password_service).
+    checks = password_check_limit(settings.workers)
+    pairs = [
+        [socket.socketpair() for _ in range(checks)] for _ in range(settings.workers)
+    ]
     # Objects that exist now are never collected, so the garbage collector does
     # not write to the pages the workers share with this process.
     gc.freeze()
-    workers = [_fork(settings, console, listener) for _ in range(settings.workers)]
+    workers = [
+        _fork(settings, console, listener, pairs, index)
+        for index in range(settings.workers)
+    ]
     listener.close()
+    supervisor_descriptors = []
+    for own, theirs in itertools.chain.from_iterable(pairs):
+        theirs.close()
+        own.set_inheritable(True)
+        supervisor_descriptors.append(str(own.fileno()))
     log.info("workers started", pids=workers)
     sys.stdout.flush()
     sys.stderr.flush()
     # Blocked until the supervisor has its handlers (the mask survives exec).
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
-    os.execv(  # noqa: S606 (runs this interpreter with fixed arguments)
+    signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED_SIGNALS)
+    arguments = [
+        f"--password-slots={ARGON2_SLOTS}",
+        f"--password-sockets={','.join(supervisor_descriptors)}",
+        *map(str, workers),
+    ]
+    os.execve(  # noqa: S606 (runs this interpreter with fixed arguments)
         sys.executable,
-        [sys.executable, "-m", "moorage.supervisor", *map(str, workers)],
+        [sys.executable, "-m", "moorage.supervisor", *arguments],
+        {**os.environ, **_SUPERVISOR_MALLOC},
     )
+
+
+def _use_password_service(
+    pairs: list[list[tuple[socket.socket, socket.socket]]], index: int
+) -> None:
+    """Close the sockets that belong to the supervisor and the other workers,
+    and send this worker's password hashes and checks over its own."""
+    mine = []
+    for number, pairs_of_worker in enumerate(pairs):
+        for own, theirs in pairs_of_worker:
+            own.close()
+            if number == index:
+                mine.append(theirs)
+            else:
+                theirs.close()
+    use_password_service(PasswordService(mine))
 
 
 def _stop_with_parent(parent: int) -> None:
@@ -116,7 +165,14 @@ async def _prepare(settings: Settings, console: Console) -> None:
         await services.close()
 
 
-def _fork(settings: Settings, console: Console, listener: socket.socket) -> int:
+def _fork(
+    settings: Settings,
+    console: Console,
+    listener: socket.socket,
+    pairs: list[list[tuple[socket.socket, socket.socket]]],
+    index: int,
+) -> int:
+    """Fork worker `index`, which keeps the second ends of `pairs[index]`."""
     parent = os.getpid()
     pid = os.fork()
     if pid != 0:
@@ -124,7 +180,11 @@ def _fork(settings: Settings, console: Console, listener: socket.socket) -> int:
     status = 0
     try:
         _stop_with_parent(parent)
+        _use_password_service(pairs, index)
         signal.signal(signal.SIGINT, signal.SIG_DFL)
+        # The supervisor passes SIGHUP on; a worker serving TLS replaces this
+        # with its certificate reload, the others ignore the signal.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
         run_on_uvloop(run_server(settings, console, [listener], migrated=True))
     except BaseException:
         log.exception("worker failed")

@@ -345,3 +345,25 @@ def test_skopeo_pushes_with_client_certificate(
         timeout=60,
     )
     assert '"Name"' in result.stdout
+
+
+def test_sighup_reloads_every_worker(tmp_path: Path) -> None:
+    """With two workers, SIGHUP to the server's process reaches both workers:
+    the server keeps serving and new connections get the renewed certificate."""
+    with tls_server(
+        tmp_path, MOORAGE_WORKERS="2", MOORAGE_TLS_RELOAD_SECONDS="3600"
+    ) as server:
+        renewed = tls_init(tmp_path / "renewed")
+        certs = tmp_path / "tls"
+        shutil.copy(renewed / "server.key", certs / "server.key")
+        shutil.copy(renewed / "server.crt", certs / "server.crt")
+        assert server.process is not None
+        server.process.send_signal(signal.SIGHUP)
+        expected = x509.load_pem_x509_certificate(
+            (renewed / "server.crt").read_bytes()
+        ).serial_number
+        assert wait_until(lambda: server.log().count("tls certificate loaded") >= 2)
+        # New connections land on either worker; each must serve the new one.
+        serials = {served_certificate(server).serial_number for _ in range(10)}
+        assert serials == {expected}
+        assert server.process.poll() is None

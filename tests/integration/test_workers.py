@@ -50,6 +50,35 @@ def test_workers_serve_and_stop_together(tmp_path: Path) -> None:
         assert not os.path.exists(f"/proc/{pid}") or "Z" in _state(pid)
 
 
+def _peak_rss_kib(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(status.split("VmHWM:")[1].split()[0])
+
+
+def test_supervisor_checks_the_workers_passwords(tmp_path: Path) -> None:
+    """The workers' argon2id checks run in the supervisor, whose peak memory
+    grows by the 19 MiB of a check, and logins still succeed or fail."""
+    server = _start_two_workers(tmp_path)
+    try:
+        assert server.process is not None
+        supervisor = server.process.pid
+        before = _peak_rss_kib(supervisor)
+        with httpx.Client(base_url=server.url) as client:
+            right = client.get("/v2/", auth=(ADMIN_LOGIN, ADMIN_PASSWORD))
+            wrong = client.get("/v2/", auth=(ADMIN_LOGIN, "not-the-password"))
+            unknown = client.get("/v2/", auth=("nobody", "not-the-password"))
+        assert (right.status_code, wrong.status_code, unknown.status_code) == (
+            200,
+            401,
+            401,
+        )
+        assert _peak_rss_kib(supervisor) - before > 15 * 1024
+    finally:
+        server.stop()
+        drop_database(server.database_url)
+    assert server.process.returncode == 0
+
+
 def _state(pid: int) -> str:
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import socket
 from collections.abc import AsyncIterator, Iterator
@@ -12,6 +13,7 @@ from typing import Any
 import pytest
 import uvicorn
 from starlette.types import Receive, Scope, Send
+from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
 
 from moorage.zerocopy import (
     ThreadedBodyResponse,
@@ -269,3 +271,28 @@ async def test_threaded_bodies_share_one_thread(server: Any, content: bytes) -> 
     for _, body in results:
         assert len(body) == SIZE
         assert body == content
+
+
+async def test_finished_requests_are_freed_without_the_garbage_collector(
+    server: Any,
+) -> None:
+    """A finished request's cycle is freed by reference counting: the receive
+    and send wrappers do not form reference cycles with it."""
+    _, port = server
+    gc.collect()
+    gc.disable()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        for _ in range(12):
+            writer.write(b"GET /?count=10 HTTP/1.1\r\nHost: test\r\n\r\n")
+            await reader.readuntil(b"\r\n\r\n")
+            await reader.readexactly(10)
+        # The task that ran the last request ends after sending its response.
+        await asyncio.sleep(0.1)
+        # type(), because isinstance also matches weak proxies to a cycle.
+        cycles = [o for o in gc.get_objects() if type(o) is RequestResponseCycle]
+        writer.close()
+    finally:
+        gc.enable()
+    # The connection's protocol still holds its latest request.
+    assert len(cycles) <= 1

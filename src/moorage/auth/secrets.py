@@ -23,16 +23,14 @@ import secrets
 import threading
 from typing import Any
 
-from argon2 import PasswordHasher
-from argon2.exceptions import InvalidHashError, VerificationError
+from argon2.exceptions import InvalidHashError
 
-# The minimum parameters of OWASP's Password Storage Cheat Sheet (19 MiB,
-# 2 passes, 1 lane). argon2-cffi's default, RFC 9106's second profile (64 MiB,
-# 3 passes, 4 lanes), measured 8 times the CPU time per check here and takes
-# 3 times the memory, which the server pays at every password login. Hashes
-# made with other parameters still verify, and the next successful login
-# replaces them (see needs_rehash).
-_hasher = PasswordHasher(memory_cost=19 * 1024, time_cost=2, parallelism=1)
+from moorage.auth import argon2id
+from moorage.auth.password_service import PasswordService
+
+_hasher = argon2id.HASHER
+# Set in worker processes, whose hashes and checks the supervisor computes.
+_service: PasswordService | None = None
 
 
 def _shared_semaphore(value: int) -> Any:
@@ -59,7 +57,10 @@ def usable_cpu_count() -> int:
 # serving and add at most that many times 19 MiB to memory. The bound holds
 # across the server's processes, because the semaphore is created before the workers are
 # forked and they share it. A worker that dies holding a slot stops the server
-# (see moorage.supervisor), so a slot is never lost for good.
+# (see moorage.supervisor), so a slot is never lost for good. With workers > 1
+# the supervisor computes for the workers instead, with slots of its own (see
+# moorage.auth.password_service); this semaphore then bounds the processes that
+# hash before the workers start.
 # Callers that wait on the event loop (the Authenticator) have their own bound
 # as well, so that waiting logins do not hold the threads that read blobs.
 ARGON2_SLOTS = max(1, usable_cpu_count() // 2)
@@ -82,9 +83,18 @@ def generate_secret() -> str:
     return secrets.token_urlsafe(GENERATED_SECRET_BYTES)
 
 
+def use_password_service(service: PasswordService) -> None:
+    """Send this process's hashes and checks to the supervisor's password
+    service (see moorage.auth.password_service)."""
+    global _service
+    _service = service
+
+
 def hash_password(password: str) -> str:
     """Hash a password with argon2id, waiting while ARGON2_SLOTS others run in
     this server's processes."""
+    if _service is not None:
+        return _service.hash(password)
     with _argon2_slots:
         return _hasher.hash(password)
 
@@ -93,12 +103,11 @@ def verify_password(password_hash: str | None, password: str) -> bool:
     """Check a password; with `password_hash` None, spend the same time and fail.
 
     Waits while ARGON2_SLOTS other argon2id computations run."""
+    if _service is not None:
+        return _service.verify(password_hash, password)
     checked = password_hash if password_hash is not None else _dummy_hash()
-    try:
-        with _argon2_slots:
-            matches = _hasher.verify(checked, password)
-    except (VerificationError, InvalidHashError):
-        return False
+    with _argon2_slots:
+        matches = argon2id.matches(_hasher, checked, password)
     return matches and password_hash is not None
 
 
