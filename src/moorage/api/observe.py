@@ -20,7 +20,7 @@ from starlette.types import Scope
 from moorage.api.access import AuthAttempt
 from moorage.api.http import client_address
 from moorage.audit import events as actions
-from moorage.audit.events import FAILURE, SUCCESS, AuditEvent
+from moorage.audit.events import FAILURE, SUCCESS, AuditEvent, new_event
 from moorage.services import Services
 
 # Audited requests: (route endpoint name, method) to the action recorded.
@@ -158,7 +158,7 @@ class RequestObserver:
             self._remember_pull(key, request_id or "")
         elif action == actions.BLOB_PULL:
             link = self._pulls.get(key)
-        return AuditEvent(
+        return new_event(
             _refine(action, state),
             outcome,
             actor_account=account,

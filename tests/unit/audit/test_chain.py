@@ -29,6 +29,7 @@ from moorage.audit.events import (
     event_hash,
     fit,
     format_time,
+    new_event,
 )
 from moorage.audit.verify import ChainChecker, Verification
 from moorage.db.schema import audit_events
@@ -144,6 +145,18 @@ def test_canonical_document_equals_json_dumps(event: AuditEvent) -> None:
     expected = _json_dumps_document(7, event, "f" * 64)
     assert canonical_document(7, event, "f" * 64) == expected
     assert json.loads(expected)["seq"] == 7
+
+
+def test_new_event_sets_each_field() -> None:
+    """new_event passes its arguments positionally; each lands in its field."""
+    values = {name: f"value of {name}" for name in EVENT_FIELDS}
+    values["bytes"] = 42
+    del values["time"]
+    before = datetime.now(UTC)
+    event = new_event(**values)
+    for name, value in values.items():
+        assert getattr(event, name) == value, name
+    assert before <= event.time <= datetime.now(UTC)
 
 
 def test_document_keys_sorted_and_complete() -> None:
