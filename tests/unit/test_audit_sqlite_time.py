@@ -10,7 +10,7 @@ from sqlalchemy import create_engine, text
 
 from moorage.audit.events import AuditEvent, format_time
 from moorage.db.audit_store import (
-    _SQLITE_COLUMNS,
+    _ROW_COLUMNS,
     _sqlite_time,
     _statement_sizes,
     sqlite_time,
@@ -79,8 +79,8 @@ def test_sqlite_time_from_format_time_random() -> None:
 
 
 def test_sqlite_insert_names_every_column_once() -> None:
-    """The writer's multi-row INSERT binds every column of the table once."""
-    assert sorted(_SQLITE_COLUMNS) == sorted(audit_events.c.keys())
+    """The writer's inserts bind every column of the table once."""
+    assert sorted(_ROW_COLUMNS) == sorted(audit_events.c.keys())
 
 
 @pytest.mark.parametrize("rows", [0, 1, 5, 127, 128, 129, 1000, 2000])

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import operator
 import sqlite3
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager
@@ -38,18 +37,8 @@ from moorage.db.sqlite_writer import sqlite_writer
 from moorage.db.transactions import begin, connect, in_unit_of_work, unit_of_work
 
 _EVENT_COLUMNS = [audit_events.c[name] for name in EVENT_FIELDS]
-# The columns of a stored event in the order `_insert_asyncpg` binds them: the
-# time last, because it is converted apart.
-_UNTIMED_FIELDS = tuple(name for name in EVENT_FIELDS if name != "time")
-_untimed_values = operator.attrgetter(*_UNTIMED_FIELDS)
-_INSERT_COLUMNS = (*_UNTIMED_FIELDS, "seq", "prev_hash", "hash", "time")
-# The same statement in asyncpg's placeholders ($1, $2, ...).
-_ASYNCPG_INSERT = (
-    f"INSERT INTO audit_events ({', '.join(_INSERT_COLUMNS)}) "  # noqa: S608 (constant names)
-    f"VALUES ({', '.join(f'${n}' for n in range(1, len(_INSERT_COLUMNS) + 1))})"
-)
-# The order in which `_sqlite_row` lists an event's values.
-_SQLITE_COLUMNS = (
+# The columns of a stored event in the order `_row_values` lists them.
+_ROW_COLUMNS = (
     "action",
     "outcome",
     "actor_account",
@@ -68,7 +57,12 @@ _SQLITE_COLUMNS = (
     "hash",
     "time",
 )
-_SQLITE_ROW = f"({', '.join('?' for _ in _SQLITE_COLUMNS)})"
+# The asyncpg insert of one row, in asyncpg's placeholders ($1, $2, ...).
+_ASYNCPG_INSERT = (
+    f"INSERT INTO audit_events ({', '.join(_ROW_COLUMNS)}) "  # noqa: S608 (constant names)
+    f"VALUES ({', '.join(f'${n}' for n in range(1, len(_ROW_COLUMNS) + 1))})"
+)
+_SQLITE_ROW = f"({', '.join('?' for _ in _ROW_COLUMNS)})"
 # Most rows per SQLite INSERT statement. Under callgrind (SQLite 3.40) an
 # executemany of 2,000 rows took about 52,000 instructions per row, and
 # statements of 100 rows 43,000, of 500 rows 42,000 once compiled. Compiling a
@@ -178,8 +172,8 @@ def _insert_sqlite(
     stored, times = chain_with_times(events, seq, prev_hash)
     values: list[Any] = []
     for item, text in zip(stored, times, strict=True):
-        values += _sqlite_row(item, text)
-    width = len(_SQLITE_COLUMNS)
+        values += _row_values(item, _sqlite_time(text, item.event))
+    width = len(_ROW_COLUMNS)
     start = 0
     for count in _statement_sizes(len(stored), _rows_per_insert()):
         connection.exec_driver_sql(
@@ -205,7 +199,7 @@ def _sqlite_insert(rows: int) -> str:
     """Return the INSERT statement for `rows` events (cached: the statement
     text is also the key of the driver's prepared-statement cache)."""
     return (
-        f"INSERT INTO audit_events ({', '.join(_SQLITE_COLUMNS)}) "  # noqa: S608 (constant names)
+        f"INSERT INTO audit_events ({', '.join(_ROW_COLUMNS)}) "  # noqa: S608 (constant names)
         f"VALUES {', '.join([_SQLITE_ROW] * rows)}"
     )
 
@@ -217,12 +211,14 @@ def _rows_per_insert() -> int:
     was 999 before SQLite 3.32)."""
     with contextlib.closing(sqlite3.connect(":memory:")) as probe:
         limit = probe.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
-    return max(1, min(_SQLITE_ROWS_PER_INSERT, limit // len(_SQLITE_COLUMNS)))
+    return max(1, min(_SQLITE_ROWS_PER_INSERT, limit // len(_ROW_COLUMNS)))
 
 
-def _sqlite_row(item: StoredEvent, time: str) -> tuple[Any, ...]:
-    """Return a stored event's values in `_SQLITE_COLUMNS` order, read as plain
-    attributes (operator.attrgetter reads slots several times slower)."""
+def _row_values(item: StoredEvent, time: Any) -> tuple[Any, ...]:
+    """Return a stored event's values in `_ROW_COLUMNS` order, with `time` as
+    the driver binds it. The values are read as plain attributes, because
+    operator.attrgetter reads slots through the generic attribute look-up,
+    several times slower."""
     event = item.event
     return (
         event.action,
@@ -241,7 +237,7 @@ def _sqlite_row(item: StoredEvent, time: str) -> tuple[Any, ...]:
         item.seq,
         item.prev_hash,
         item.hash,
-        _sqlite_time(time, event),
+        time,
     )
 
 
@@ -260,16 +256,7 @@ def _insert_asyncpg(connection: Connection, stored: list[StoredEvent]) -> None:
     on PostgreSQL. The time is bound as `UTCDateTime` binds it: naive UTC
     (`fit` made it UTC).
     """
-    rows = [
-        (
-            *_untimed_values(item.event),
-            item.seq,
-            item.prev_hash,
-            item.hash,
-            item.event.time.replace(tzinfo=None),
-        )
-        for item in stored
-    ]
+    rows = [_row_values(item, item.event.time.replace(tzinfo=None)) for item in stored]
     connection.exec_driver_sql(_ASYNCPG_INSERT, rows)
 
 
