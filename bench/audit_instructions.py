@@ -1,11 +1,12 @@
 """`python -m bench.audit_instructions`: instructions per request audit event.
 
-Counts the CPU instructions that recording a manifest GET's audit event costs,
-with valgrind's callgrind, in the setting of `bench.audit_writer`: one process,
-a fresh SQLite data directory, `RequestObserver.observe` as the request
-middleware calls it, and the real audit writer storing the events. Instruction
-counts do not depend on what else runs on the machine, so two versions of the
-code compare on a shared machine where CPU time swings by a fifth.
+Counts with valgrind's callgrind the CPU instructions that recording a
+manifest GET's audit event costs. The setting is that of `bench.audit_writer`:
+one process, a fresh SQLite data directory, `RequestObserver.observe` as the
+request middleware calls it, and the real audit writer storing the events.
+Instruction counts do not depend on what else runs on the machine, so two
+versions of the code compare on a shared machine where CPU time swings by a
+fifth.
 
 The script starts itself under callgrind with instrumentation off, and turns it
 on around each measured phase with `callgrind_control`:
@@ -15,7 +16,8 @@ on around each measured phase with `callgrind_control`:
 - writer: the audit writer storing the queued events (fit, hash chain, insert,
   commit, and the hand-over to its thread).
 
-It needs valgrind (Debian's `valgrind` package) and takes about a minute.
+It needs valgrind (Debian's `valgrind` package) and took one to two minutes
+on a shared 2-core machine.
 """
 
 from __future__ import annotations
@@ -118,10 +120,12 @@ def main(argv: list[str] | None = None) -> int:
     if arguments.measure:
         asyncio.run(_measure(arguments.events, arguments.rounds))
         return 0
+
     valgrind = shutil.which("valgrind")
     if valgrind is None:
         print("valgrind is not installed; install Debian's valgrind package")
         return 1
+
     with tempfile.TemporaryDirectory(prefix="moorage-callgrind-") as directory:
         command = [
             valgrind,
@@ -139,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
             command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
         totals = _totals(Path(directory))
+
     for name in ("request", "writer", "unaudited"):
         if len(totals.get(name, [])) != arguments.rounds:
             print(
@@ -146,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"expected {arguments.rounds}; is callgrind_control installed?"
             )
             return 1
+
     for round_ in range(arguments.rounds):
         request = totals["request"][round_] - totals["unaudited"][round_]
         writer = totals["writer"][round_]
