@@ -103,7 +103,8 @@ class _EventQueue:
         self.maxsize = maxsize
         self._items: deque[AuditEvent] = deque()
         self._unfinished = 0
-        # Set while events are queued, clear while the queue is empty.
+        # Set when an event arrives in an empty queue; the consumer clears it
+        # before it waits on an empty queue.
         self._ready = asyncio.Event()
         # Set when `take` makes room; `put` waits for it.
         self._taken = asyncio.Event()
