@@ -229,8 +229,18 @@ def _cost(samples: dict[str, list[Sample]], scenario: Scenario) -> dict[str, Any
     }
 
 
-def run(sizes: Sizes, rounds: int, workers: int, log: Any = print) -> dict[str, Any]:
-    """Start both servers in a temporary directory, measure, stop, return results."""
+def run(
+    sizes: Sizes,
+    rounds: int,
+    workers: int,
+    log: Any = print,
+    only: list[str] | None = None,
+) -> dict[str, Any]:
+    """Start both servers in a temporary directory, measure, stop, return results.
+
+    `only` names the scenarios to run (default: all); the others are not set up.
+    """
+    chosen = {key: SCENARIOS[key] for key in only or SCENARIOS}
     workdir = Path(tempfile.mkdtemp(prefix="moorage-audit-cost-"))
     meta = {
         "machine": machine(),
@@ -246,17 +256,22 @@ def run(sizes: Sizes, rounds: int, workers: int, log: Any = print) -> dict[str, 
     }
     results: dict[str, Any] = {}
     try:
-        blob, blob_digest = make_blob(workdir, sizes.blob_bytes)
+        # Only the pull of eight clients reads the big blob.
+        blob_bytes = sizes.blob_bytes if "pull_eight" in chosen else 1
+        blob, blob_digest = make_blob(workdir, blob_bytes)
         contexts = {
             name: Context(sizes, f"{server.url}/token", workdir, blob, blob_digest)
             for name, server in servers.items()
         }
         for name, server in servers.items():
             setup_small_requests(contexts[name], server)
-            _setup_layer(contexts[name], server)
-            _setup_image(contexts[name], server)
-            setup_pull(contexts[name], server)
-        for key, scenario in SCENARIOS.items():
+            if "layer_get" in chosen:
+                _setup_layer(contexts[name], server)
+            if "image_pull" in chosen:
+                _setup_image(contexts[name], server)
+            if "pull_eight" in chosen:
+                setup_pull(contexts[name], server)
+        for key, scenario in chosen.items():
             samples: dict[str, list[Sample]] = {AUDITED: [], UNAUDITED: []}
             for round_ in range(rounds):
                 order = [AUDITED, UNAUDITED]
@@ -312,13 +327,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--out", type=Path, default=Path("bench-results"), help="results directory"
     )
+    parser.add_argument(
+        "--only",
+        action="append",
+        choices=sorted(SCENARIOS),
+        help="run only this scenario (repeatable; default: all)",
+    )
     arguments = parser.parse_args(sys.argv[1:] if argv is None else argv)
     sizes = Sizes.full()
     if arguments.quick:
         # One second of load can complete no request on a busy 2-core machine.
         sizes = dataclasses.replace(Sizes.quick(), load_seconds=QUICK_LOAD_SECONDS)
     rounds = arguments.rounds or (1 if arguments.quick else 5)
-    results = run(sizes, rounds, arguments.moorage_workers)
+    results = run(sizes, rounds, arguments.moorage_workers, only=arguments.only)
     arguments.out.mkdir(parents=True, exist_ok=True)
     (arguments.out / "audit-cost.json").write_text(json.dumps(results, indent=2))
     print(render(results))

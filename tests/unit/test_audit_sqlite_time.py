@@ -8,7 +8,13 @@ from datetime import UTC, datetime, timedelta, timezone
 import pytest
 from sqlalchemy import create_engine, text
 
-from moorage.db.audit_store import sqlite_time
+from moorage.audit.events import AuditEvent, format_time
+from moorage.db.audit_store import (
+    _ROW_COLUMNS,
+    _sqlite_time,
+    _statement_sizes,
+    sqlite_time,
+)
 from moorage.db.schema import audit_events
 
 
@@ -43,6 +49,8 @@ def test_sqlite_time_equals_core_insert(value: datetime) -> None:
         stored = connection.scalar(text("SELECT time FROM audit_events"))
     engine.dispose()
     assert stored == sqlite_time(value)
+    event = AuditEvent("manifest.pull", time=value)
+    assert _sqlite_time(format_time(value), event) == stored
 
 
 def test_sqlite_time_of_random_times() -> None:
@@ -55,3 +63,31 @@ def test_sqlite_time_of_random_times() -> None:
         if generator.random() < 0.2:
             value = value.replace(microsecond=generator.choice([0, 1, 999999]))
         assert sqlite_time(value) == value.isoformat(" ", "microseconds")[:-6]
+
+
+def test_sqlite_time_from_format_time_random() -> None:
+    """The time cut from the hashed text equals `sqlite_time` across the range."""
+    generator = random.Random(5)  # noqa: S311 (test data)
+    smallest = datetime(1, 1, 1, tzinfo=UTC)
+    span = datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC) - smallest
+    for _ in range(5000):
+        value = smallest + span * generator.random()
+        if generator.random() < 0.2:
+            value = value.replace(microsecond=generator.choice([0, 1, 999999]))
+        event = AuditEvent("manifest.pull", time=value)
+        assert _sqlite_time(format_time(value), event) == sqlite_time(value)
+
+
+def test_sqlite_insert_names_every_column_once() -> None:
+    """The writer's inserts bind every column of the table once."""
+    assert sorted(_ROW_COLUMNS) == sorted(audit_events.c.keys())
+
+
+@pytest.mark.parametrize("rows", [0, 1, 5, 127, 128, 129, 1000, 2000])
+def test_statement_sizes_cover_rows(rows: int) -> None:
+    """A batch splits into full statements, then a few powers of two."""
+    sizes = _statement_sizes(rows, 128)
+    assert sum(sizes) == rows
+    assert all(size == 128 or size & (size - 1) == 0 for size in sizes)
+    below = [size for size in sizes if size != 128]
+    assert len(below) == len(set(below))

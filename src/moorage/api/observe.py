@@ -20,7 +20,7 @@ from starlette.types import Scope
 from moorage.api.access import AuthAttempt
 from moorage.api.http import client_address
 from moorage.audit import events as actions
-from moorage.audit.events import FAILURE, AuditEvent
+from moorage.audit.events import FAILURE, SUCCESS, AuditEvent, new_event
 from moorage.services import Services
 
 # Audited requests: (route endpoint name, method) to the action recorded.
@@ -103,16 +103,11 @@ class RequestObserver:
         self, finished: FinishedRequest, route: str, method: str
     ) -> list[AuditEvent]:
         state = finished.state
-        common = self._common_fields(finished)
-        found: list[AuditEvent] = []
         attempt: AuthAttempt | None = state.get("auth")
         # A password check is always an event; a token only when it fails.
-        if attempt is not None and (
+        checked = attempt is not None and (
             attempt.scheme in _PASSWORD_SCHEMES or attempt.failure
-        ):
-            found.append(_auth_event(common, attempt))
-            if attempt.failure:
-                return found
+        )
         denied = state.get("denied")
         if (
             denied is None
@@ -120,33 +115,64 @@ class RequestObserver:
             and not state.get("failure_audited")
         ):
             denied = "requested access to the resource is denied"
+        routed = ROUTE_ACTIONS.get((route, method))
+        if not checked and denied is None:
+            # Nearly every request: at most the event of its route.
+            return [] if routed is None else [self._request_event(routed, finished)]
+        common = self._common_fields(finished)
+        found: list[AuditEvent] = []
+        if checked:
+            assert attempt is not None
+            found.append(_auth_event(common, attempt))
+            if attempt.failure:
+                return found
         if denied is not None:
             fields = {**common, "outcome": FAILURE, "reason": denied}
             found.append(AuditEvent(actions.ACCESS_DENIED, **fields))
             return found
-        routed = ROUTE_ACTIONS.get((route, method))
         if routed is not None:
-            found.append(self._request_event(common, routed, finished))
+            found.append(self._request_event(routed, finished))
         return found
 
-    def _request_event(
-        self, common: dict[str, Any], action: str, finished: FinishedRequest
-    ) -> AuditEvent:
+    def _request_event(self, action: str, finished: FinishedRequest) -> AuditEvent:
+        """Return the event of an audited route, with the fields of
+        `_common_fields`; built without that dict, because every pull runs it."""
         state = finished.state
-        fields = dict(common)
+        caller = state.get("caller")
+        principal = caller.principal if caller is not None else None
+        account = principal.login if principal else None
+        repository = state.get("repository")
+        request_id = state.get("request_id")
+        outcome = SUCCESS
+        reason = state.get("token_scopes")
         # An error code with a success status means the response was cut short.
         if finished.status >= 400 or state.get("error_code"):
-            fields["outcome"] = FAILURE
-            fields["reason"] = str(state.get("error_code") or finished.status)
+            outcome = FAILURE
+            reason = str(state.get("error_code") or finished.status)
+        moved = None
         if action in _CONTENT_ACTIONS:
             moved = finished.bytes_sent or int(state.get("bytes_received") or 0)
-            fields["bytes"] = moved or None
-        key = (fields["actor_account"] or "", fields["repository"] or "")
+        link = None
+        key = (account or "", repository or "")
         if action == actions.MANIFEST_PULL and finished.status < 400:
-            self._remember_pull(key, fields["request_id"] or "")
+            self._remember_pull(key, request_id or "")
         elif action == actions.BLOB_PULL:
-            fields["link"] = self._pulls.get(key)
-        return AuditEvent(_refine(action, state), **fields)
+            link = self._pulls.get(key)
+        return new_event(
+            _refine(action, state),
+            outcome,
+            actor_account=account,
+            actor_customer=principal.customer_slug if principal else None,
+            source_address=self._source_address(finished.scope),
+            user_agent=_user_agent(finished.scope),
+            repository=repository,
+            reference=state.get("reference") or state.get("upload_id"),
+            digest=state.get("digest"),
+            bytes=moved or None,
+            reason=reason,
+            request_id=request_id,
+            link=link,
+        )
 
     def _remember_pull(self, key: tuple[str, str], request_id: str) -> None:
         self._pulls.pop(key, None)

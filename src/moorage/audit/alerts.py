@@ -37,6 +37,8 @@ UNUSABLE_CREDENTIAL = "unusable_credential"
 TAMPERED_STORAGE = "tampered_storage"
 
 _AUTH_ACTIONS = (AUTH_LOGIN, AUTH_TOKEN)
+# Every action that `AlertDetector.observe` checks; it returns at once for others.
+_WATCHED_ACTIONS = frozenset({*_AUTH_ACTIONS, TOKEN_ISSUE, STORAGE_INTEGRITY})
 # Words in an authentication failure's reason that mean the credential itself
 # was right but may no longer be used. A bearer token that merely expired is
 # routine (clients fetch a new one) and is reported as "invalid token: ...".
@@ -109,8 +111,8 @@ class AlertDetector:
         self._customers: OrderedDict[str, str] = OrderedDict()
 
     def observe(self, event: AuditEvent) -> None:
-        if event.action.startswith(ALERT_PREFIX):
-            return
+        if event.action not in _WATCHED_ACTIONS:
+            return  # nearly every event: pulls and pushes
         now = self._clock()
         if event.action in _AUTH_ACTIONS and event.outcome == FAILURE:
             self._check_failure(event, now)

@@ -34,6 +34,7 @@ import json
 import os
 import time
 import uuid
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -86,6 +87,84 @@ class AuditSink(Protocol):
 
 
 EventObserver = Callable[[AuditEvent], None]
+
+
+class _EventQueue:
+    """A bounded FIFO of events with one consumer, which takes them in batches.
+
+    It has the part of asyncio.Queue's interface that the writer needs, but
+    `take` removes a whole batch and `task_done` counts a whole batch in one
+    call. asyncio.Queue does both one event at a time, and under callgrind its
+    put, get and task_done cost about 7,000 instructions per event (CPython
+    3.11), about a twentieth of an event's cost.
+    """
+
+    def __init__(self, maxsize: int) -> None:
+        self.maxsize = maxsize
+        self._items: deque[AuditEvent] = deque()
+        self._unfinished = 0
+        # Set when an event arrives in an empty queue; the consumer clears it
+        # before it waits on an empty queue.
+        self._ready = asyncio.Event()
+        # Set when `take` makes room; `put` waits for it.
+        self._taken = asyncio.Event()
+        self._finished = asyncio.Event()
+        self._finished.set()
+
+    def qsize(self) -> int:
+        return len(self._items)
+
+    def full(self) -> bool:
+        return len(self._items) >= self.maxsize
+
+    def put_nowait(self, event: AuditEvent) -> None:
+        items = self._items
+        if len(items) >= self.maxsize:
+            raise asyncio.QueueFull
+        items.append(event)
+        if not self._unfinished:
+            self._finished.clear()
+        self._unfinished += 1
+        if len(items) == 1:
+            self._ready.set()
+
+    async def put(self, event: AuditEvent) -> None:
+        while self.full():
+            self._taken.clear()
+            await self._taken.wait()
+        self.put_nowait(event)
+
+    async def get_batch(self, limit: int) -> list[AuditEvent]:
+        """Wait for an event, then take up to `limit` events."""
+        while not self._items:
+            self._ready.clear()
+            await self._ready.wait()
+        return self.take(limit)
+
+    def take(self, limit: int) -> list[AuditEvent]:
+        """Take up to `limit` events without waiting."""
+        items = self._items
+        if limit >= len(items):
+            batch = list(items)
+            items.clear()
+        else:
+            batch = [items.popleft() for _ in range(limit)]
+        if batch:
+            self._taken.set()
+        return batch
+
+    def task_done(self, count: int = 1) -> None:
+        """Mark `count` taken events as handled (stored, or given up on)."""
+        if count > self._unfinished:
+            raise ValueError("task_done() called more times than events were put")
+        self._unfinished -= count
+        if not self._unfinished:
+            self._finished.set()
+
+    async def join(self) -> None:
+        """Wait until every event put has been marked done."""
+        if self._unfinished:
+            await self._finished.wait()
 
 
 class AuditLog(Protocol):
@@ -151,7 +230,7 @@ class DatabaseAuditLog:
         self.public_keys: dict[str, Any] | None = None
         # Posts alerts (see moorage.audit.alerts); closed with the log.
         self.alert_webhook: Any | None = None
-        self._queue: asyncio.Queue[AuditEvent] = asyncio.Queue(queue_size)
+        self._queue = _EventQueue(queue_size)
         # Set when the writer takes events off a full queue.
         self._room = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
@@ -226,9 +305,8 @@ class DatabaseAuditLog:
 
     async def _write_loop(self) -> None:
         while True:
-            first = await self._queue.get()
+            batch = await self._queue.get_batch(self.batch_size)
             started = time.monotonic()
-            batch = [first, *self._drain(self.batch_size - 1)]
             taken = len(batch)
             self._room.set()
             self._in_flight = batch
@@ -237,8 +315,7 @@ class DatabaseAuditLog:
                 return  # `close` gave up and saves the events left in the batch.
             self._in_flight = []
             await self._publish_logged(stored)
-            for _ in range(taken):
-                self._queue.task_done()
+            self._queue.task_done(taken)
             if self._queue.qsize() < self.batch_size:
                 # Wait out the interval unless a full batch is already waiting,
                 # so a busy registry is never capped at one batch per interval.
@@ -246,13 +323,7 @@ class DatabaseAuditLog:
                 await asyncio.sleep(max(0.0, self.flush_seconds - elapsed))
 
     def _drain(self, limit: int) -> list[AuditEvent]:
-        batch: list[AuditEvent] = []
-        while len(batch) < limit:
-            try:
-                batch.append(self._queue.get_nowait())
-            except asyncio.QueueEmpty:
-                break
-        return batch
+        return self._queue.take(limit)
 
     async def _append_with_retry(
         self, batch: list[AuditEvent]

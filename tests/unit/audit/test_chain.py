@@ -17,14 +17,19 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from moorage.audit import files
 from moorage.audit.checkpoints import CheckpointSigner, CheckpointVerifier
 from moorage.audit.events import (
+    EVENT_FIELDS,
     GENESIS_HASH,
     AuditEvent,
     StoredEvent,
+    _document,
     canonical_document,
     chain,
+    chain_with_times,
     event_dict,
     event_hash,
     fit,
+    format_time,
+    new_event,
 )
 from moorage.audit.verify import ChainChecker, Verification
 from moorage.db.schema import audit_events
@@ -140,6 +145,39 @@ def test_canonical_document_equals_json_dumps(event: AuditEvent) -> None:
     expected = _json_dumps_document(7, event, "f" * 64)
     assert canonical_document(7, event, "f" * 64) == expected
     assert json.loads(expected)["seq"] == 7
+
+
+def test_new_event_sets_each_field() -> None:
+    """new_event passes its arguments positionally; each lands in its field."""
+    values = {name: f"value of {name}" for name in EVENT_FIELDS}
+    values["bytes"] = 42
+    del values["time"]
+    before = datetime.now(UTC)
+    event = new_event(**values)
+    for name, value in values.items():
+        assert getattr(event, name) == value, name
+    assert before <= event.time <= datetime.now(UTC)
+
+
+def test_document_keys_sorted_and_complete() -> None:
+    """orjson keeps insertion order, so the document is built with sorted keys."""
+    event = AuditEvent("manifest.pull")
+    keys = list(_document(1, event, GENESIS_HASH, format_time(event.time)))
+    assert keys == sorted(keys)
+    assert set(keys) == {"seq", "prev_hash", *EVENT_FIELDS}
+
+
+def test_chain_with_times_matches_chain() -> None:
+    """Both give the same hashes; the times are the text the hash covers."""
+    events = [
+        AuditEvent("manifest.pull", time=datetime(2026, 1, 1, tzinfo=UTC)),
+        AuditEvent("blob.pull", time=datetime(999, 1, 1, 0, 0, 0, 5, tzinfo=UTC)),
+    ]
+    stored, times = chain_with_times(events, 4, "a" * 64)
+    assert [item.hash for item in stored] == [
+        item.hash for item in chain(events, 4, "a" * 64)
+    ]
+    assert times == [format_time(event.time) for event in events]
 
 
 # Characters whose JSON escaping differs between encoders, when any does.
