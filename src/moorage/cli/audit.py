@@ -110,23 +110,21 @@ OutcomeOption = Annotated[
 
 
 def _check_source(value: str | None) -> str | None:
-    """Return the address in the form events store it, or exit."""
+    """Return the address or network in the form events store it, or exit."""
     if value is None:
         return None
     try:
         return str(ipaddress.ip_address(value))
     except ValueError:
         pass
-    # NOTE: events store the address as text, so a network (CIDR) cannot be
-    # matched in the query; it is rejected with its own message.
     try:
-        ipaddress.ip_network(value, strict=False)
-        problem = "networks are not supported yet; give one address"
+        return str(ipaddress.ip_network(value, strict=False))
     except ValueError:
-        problem = "not an IP address"
+        problem = "not a network" if "/" in value else "not an IP address or network"
     errors.print(
-        f"[red]error:[/red] invalid --source {shown(repr(value))}: {problem}, "
-        "such as 203.0.113.7 or 2001:db8::1",
+        f"[red]error:[/red] invalid --source {shown(repr(value))}: {problem}; give "
+        "an address such as 203.0.113.7 or 2001:db8::1, or a network such as "
+        "10.0.0.0/8 or 2001:db8::/32",
         highlight=False,
         soft_wrap=True,
     )
@@ -135,7 +133,11 @@ def _check_source(value: str | None) -> str | None:
 
 SourceOption = Annotated[
     str | None,
-    typer.Option("--source", help="Source IP address.", callback=_check_source),
+    typer.Option(
+        "--source",
+        help="Source IP address, or a network in CIDR form (10.0.0.0/8).",
+        callback=_check_source,
+    ),
 ]
 SinceOption = Annotated[
     str | None, typer.Option(help="From this time (ISO 8601, UTC if no zone).")
@@ -155,13 +157,16 @@ def _filter(
     since: str | None,
     until: str | None,
 ) -> AuditFilter:
+    # `_check_source` has already turned `source` into an address or a network.
+    is_network = source is not None and "/" in source
     return AuditFilter(
         customer=customer,
         account=account,
         repository=repository,
         action=action,
         outcome=outcome,
-        source_address=source,
+        source_address=None if is_network else source,
+        source_network=source if is_network else None,
         since=_parse_date(since),
         until=_parse_date(until),
     )

@@ -66,6 +66,9 @@ def test_list_filters(server: ServerProcess) -> None:
     )
     assert listed("--customer", customer, "--source", "192.0.2.1") == []
     assert len(listed("--customer", customer, "--source", "127.0.0.1")) >= 6
+    assert len(listed("--customer", customer, "--source", "127.0.0.0/8")) >= 6
+    assert listed("--customer", customer, "--source", "192.0.2.0/24") == []
+    assert listed("--customer", customer, "--source", "::/0") == []
     assert listed("--customer", customer, "--until", "2000-01-01") == []
     assert len(listed("--customer", customer, "--since", "2000-01-01")) >= 6
 
