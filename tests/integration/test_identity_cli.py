@@ -325,6 +325,35 @@ def test_last_vendor_admin_kept(cli: Cli) -> None:
     assert not _can_log_in(cli, "boss", "a-long-vendor-password")
 
 
+def test_grant_every_namespace_needs_force(cli: Cli) -> None:
+    """A pattern with `*` in its namespace part is refused, and recorded as a
+    failure, unless --force is given; with --force it is granted with a warning."""
+    for pattern in ("*", "*/app", "ac*"):
+        refused = cli.run("grant", "add", "acme", pattern, "reader")
+        assert refused.returncode == 1
+        assert f"pattern '{pattern}' matches repositories in every namespace" in (
+            refused.stderr
+        )
+        assert "--force" in refused.stderr
+    assert "*" not in cli.ok("grant", "list", "acme")
+    failures = cli.ok(
+        "audit", "list", "--json", "--action", "grant.add", "--outcome", "failure"
+    )
+    assert "pattern '*/app' matches" in failures
+
+    granted = cli.run("grant", "add", "acme", "*", "reader", "--force")
+    assert granted.returncode == 0, granted.stderr
+    assert "reaches every namespace that matches '*'" in granted.stderr
+    grant_id = granted.stdout.split()[1].rstrip(":")
+    rows = [
+        [cell.strip() for cell in line.strip("│").split("│")]
+        for line in cli.ok("grant", "list", "acme").splitlines()
+        if line.startswith("│")
+    ]
+    assert [grant_id, "*", "reader", "(customer)", "-"] in rows
+    cli.ok("grant", "remove", "acme", grant_id)
+
+
 def test_grant_invalid_role(cli: Cli) -> None:
     """An unknown role is rejected with the list of roles."""
     result = cli.run("grant", "add", "acme", "products/*", "superuser")

@@ -701,10 +701,28 @@ def grant_add(
     account: Annotated[
         str | None, typer.Option(help="Grant to this login only, not the customer.")
     ] = None,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="Grant a pattern whose namespace part has a `*` (such as `*` or "
+            "`*/app`), which reaches other customers' namespaces.",
+        ),
+    ] = False,
     data_dir: DataDirOption = None,
 ) -> None:
-    """Grant a role on a repository pattern to a customer or one of its accounts."""
+    """Grant a role on a repository pattern to a customer or one of its accounts.
+
+    A pattern with `*` in its first component matches repositories in many
+    namespaces, other customers' and future ones included; it needs --force.
+    """
     end = _parse_end_date(until, "--until")
+
+    async def change(s: Services) -> int:
+        if not force:
+            _check_one_namespace(pattern)
+        return await admin.add_grant(s.identity, customer, pattern, role, end, account)
+
     grant_id = _run(
         _settings(data_dir=data_dir),
         lambda s: _audited(
@@ -712,10 +730,32 @@ def grant_add(
             actions.GRANT_ADD,
             f"{role} on {pattern} to {account or customer}, until {_when(end)}",
             customer,
-            admin.add_grant(s.identity, customer, pattern, role, end, account),
+            change(s),
         ),
     )
+    if _reaches_many_namespaces(pattern):
+        errors.print(
+            f"warning: grant {grant_id} on {pattern!r} reaches every namespace that "
+            f"matches {pattern.split('/', 1)[0]!r}, other customers' included",
+            highlight=False,
+            soft_wrap=True,
+        )
     console.print(f"grant {grant_id}: {role} on {pattern} to {account or customer}")
+
+
+def _reaches_many_namespaces(pattern: str) -> bool:
+    return "*" in pattern.split("/", 1)[0]
+
+
+def _check_one_namespace(pattern: str) -> None:
+    """Raise InvalidInputError when `pattern` matches more than one namespace."""
+    if _reaches_many_namespaces(pattern):
+        raise InvalidInputError(
+            f"pattern {pattern!r} matches repositories in every namespace that "
+            f"matches {pattern.split('/', 1)[0]!r}, other customers' and ones added "
+            "later included; name the namespace (products/*), or pass --force to "
+            "grant it anyway"
+        )
 
 
 @grant_app.command("list")
