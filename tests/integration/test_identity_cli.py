@@ -5,6 +5,7 @@ takes a fraction of the time of one interpreter start per command."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
@@ -352,6 +353,64 @@ def test_grant_every_namespace_needs_force(cli: Cli) -> None:
     ]
     assert [grant_id, "*", "reader", "(customer)", "-"] in rows
     cli.ok("grant", "remove", "acme", grant_id)
+
+
+def _failures(cli: Cli, action: str) -> list[str]:
+    """Return the reasons of the failed `action` events, oldest first."""
+    output = cli.ok(
+        "audit", "list", "--json", "--limit", "1000", "--action", action,
+        "--outcome", "failure",
+    )  # fmt: skip
+    return [json.loads(line)["reason"] for line in output.splitlines()]
+
+
+@pytest.mark.parametrize(
+    ("command", "action", "reason"),
+    [
+        (
+            ("grant", "add", "acme", "acme/r", "reader", "--until", "2020-01-01"),
+            "grant.add",
+            "grant add: --until 2020-01-01 is in the past; use a later date",
+        ),
+        (
+            ("robot", "add", "acme", "r1", "--expires", "soon"),
+            "robot.add",
+            "robot add: invalid expiry 'soon'",
+        ),
+        (
+            ("customer", "shred", "acme"),
+            "customer.shred",
+            "customer shred: shredding destroys the key of customer acme",
+        ),
+        (
+            ("signing-key", "rotate", "--overlap", "-1"),
+            "signing_key.rotate",
+            "signing-key rotate: --overlap must be 0 or more seconds",
+        ),
+    ],
+)
+def test_rejected_change_recorded(
+    cli: Cli, command: tuple[str, ...], action: str, reason: str
+) -> None:
+    """A change whose value the command rejects is recorded as a failure."""
+    before = _failures(cli, action)
+    result = cli.run(*command)
+    assert result.returncode == 2
+    after = _failures(cli, action)
+    assert len(after) == len(before) + 1
+    assert after[-1].startswith(reason)
+
+
+def test_usage_error_not_recorded(cli: Cli) -> None:
+    """A usage error that Click reports (missing argument, unknown option,
+    --help) records no event."""
+    before = _failures(cli, "grant.add")
+    assert cli.run("grant", "add", "acme").returncode == 2
+    assert (
+        cli.run("grant", "add", "acme", "acme/x", "reader", "--bogus").returncode == 2
+    )
+    assert cli.run("grant", "add", "--help").returncode == 0
+    assert _failures(cli, "grant.add") == before
 
 
 def test_grant_invalid_role(cli: Cli) -> None:

@@ -93,6 +93,15 @@ class AdminRecorder:
         await self.audit.record_now(self._event(action, target, customer))
         return result
 
+    async def record_rejection(
+        self, action: str, target: str, customer: str | None, reason: str
+    ) -> None:
+        """Record a change that was rejected before it started, such as a command
+        whose --until date is in the past."""
+        await self.audit.record_now(
+            self._event(action, target, customer, FAILURE, reason)
+        )
+
     async def _record_failure(
         self, action: str, target: str, customer: str | None, error: MoorageError
     ) -> None:

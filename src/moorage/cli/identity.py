@@ -30,6 +30,8 @@ from moorage.cli.main import (
     console,
     customer_app,
     errors,
+    records_rejections,
+    reject,
     user_app,
 )
 from moorage.cli.output import Table
@@ -85,10 +87,7 @@ def parse_expiry(value: str | None) -> datetime | None:
     try:
         return admin.check_future(expires_at, "--expires")
     except InvalidInputError as error:
-        errors.print(
-            f"[red]error:[/red] {error.message}", highlight=False, soft_wrap=True
-        )
-        raise typer.Exit(2) from None
+        reject(error.message)
 
 
 def _parse_expiry_time(value: str | None) -> datetime | None:
@@ -100,11 +99,7 @@ def _parse_expiry_time(value: str | None) -> datetime | None:
             amount = {_UNITS[match.group(2)]: int(match.group(1))}
             return datetime.now(UTC) + timedelta(**amount)
         except (OverflowError, ValueError):
-            errors.print(
-                f"[red]error:[/red] expiry {value!r} is past the year 9999; "
-                "use a shorter one"
-            )
-            raise typer.Exit(2) from None
+            reject(f"expiry {value!r} is past the year 9999; use a shorter one")
     return _parse_date(value, EXPIRY_FORMS, "expiry")
 
 
@@ -159,6 +154,7 @@ def customer_resume(customer: str, data_dir: DataDirOption = None) -> None:
 
 
 @customer_app.command("shred")
+@records_rejections(actions.CUSTOMER_SHRED, "customer shred")
 def customer_shred(
     customer: str,
     confirm: Annotated[
@@ -173,11 +169,10 @@ def customer_shred(
     """Destroy a suspended customer's encryption key: its own blobs become
     unreadable everywhere, blobs shared with others stay readable."""
     if not confirm:
-        errors.print(
-            f"[red]error:[/red] shredding destroys the key of customer {customer} "
-            "for good; run again with --confirm to do it"
+        reject(
+            f"shredding destroys the key of customer {customer} for good; run "
+            "again with --confirm to do it"
         )
-        raise typer.Exit(2)
     report = _run(
         _settings(data_dir=data_dir),
         lambda s: _audited(
@@ -327,6 +322,7 @@ def user_list(customer: CustomerArgument, data_dir: DataDirOption = None) -> Non
 
 
 @robot_app.command("add")
+@records_rejections(actions.ROBOT_ADD, "robot add")
 def robot_add(
     customer: str,
     name: Annotated[
@@ -377,6 +373,7 @@ def robot_list(customer: str, data_dir: DataDirOption = None) -> None:
 
 
 @robot_app.command("rotate")
+@records_rejections(actions.ROBOT_ROTATE, "robot rotate")
 def robot_rotate(
     customer: str,
     name: str,
@@ -493,6 +490,7 @@ def robot_remove(
 
 
 @token_app.command("add")
+@records_rejections(actions.PERSONAL_TOKEN_ADD, "token add")
 def token_add(
     customer: CustomerArgument,
     user: str,
@@ -689,6 +687,7 @@ def refresh_revoke(
 
 
 @grant_app.command("add")
+@records_rejections(actions.GRANT_ADD, "grant add")
 def grant_add(
     customer: str,
     pattern: Annotated[
@@ -797,6 +796,7 @@ def grant_remove(customer: str, grant_id: int, data_dir: DataDirOption = None) -
 
 
 @signing_key_app.command("rotate")
+@records_rejections(actions.SIGNING_KEY_ROTATE, "signing-key rotate")
 def signing_key_rotate(
     overlap: Annotated[
         int | None,
@@ -811,8 +811,7 @@ def signing_key_rotate(
     settings = _settings(data_dir=data_dir)
     seconds = settings.refresh_token_ttl_seconds if overlap is None else overlap
     if seconds < 0:
-        errors.print("[red]error:[/red] --overlap must be 0 or more seconds")
-        raise typer.Exit(2)
+        reject("--overlap must be 0 or more seconds")
     kid = _run(
         settings,
         lambda s: _audited(
