@@ -52,6 +52,8 @@ STATE_PATH = f"{WORK_PREFIX}/state.json"
 # envelope a moment later; rotation looks again after this pause.
 SETTLE_SECONDS = 1.0
 
+# Called with (done, total): once with done 0 as soon as the objects are
+# listed, so a progress bar knows its total, then after each object.
 Progress = Callable[[int, int], None]
 
 
@@ -91,11 +93,12 @@ async def rewrap_all(
     report = RewrapReport()
     active = driver.keyring.active()
     paths = await envelope_paths(driver)
+    progress(0, len(paths))
     for done, path in enumerate(paths, 1):
         envelope = await _load_envelope(driver, path)
         if envelope is None:
-            continue
-        if envelope.key_id == active.key_id:
+            pass  # deleted since it was listed
+        elif envelope.key_id == active.key_id:
             report.already_current += 1
         else:
             context = wrap_context(bytes.fromhex(path.rsplit("/", 1)[1]))
@@ -164,6 +167,7 @@ async def reencrypt_all(
     state = {} if restart else await _load_state(driver)
     last = state.get("last", "") if state.get("prefix") == prefix else ""
     objects = await driver.list(prefix)
+    progress(0, len(objects))
     report = ReencryptReport()
     for position, path in enumerate(objects, 1):
         if path > last:
@@ -190,6 +194,7 @@ async def encrypt_plaintext(
 ) -> int:
     """Encrypt every object under `prefix` that is still stored in plaintext."""
     objects = await driver.list(prefix)
+    progress(0, len(objects))
     converted = 0
     for position, path in enumerate(objects, 1):
         try:
@@ -288,6 +293,7 @@ async def adopt_envelopes(
         return 0
     objects = await driver.list(paths.BLOBS_PREFIX)
     objects += await driver.list(paths.UPLOADS_PREFIX)
+    progress(0, len(objects))
     adopted = 0
     for position, path in enumerate(objects, 1):
         if await _adopt_envelope(driver, custody, path):
