@@ -413,6 +413,24 @@ def test_usage_error_not_recorded(cli: Cli) -> None:
     assert _failures(cli, "grant.add") == before
 
 
+def test_shred_event_has_counts(cli: Cli) -> None:
+    """The customer.shred event gives what the shredding did, as the output does."""
+    cli.ok("customer", "add", "shredded")
+    cli.ok("user", "add", "shredded", "leaver")
+    cli.ok("customer", "suspend", "shredded")
+    output = cli.ok("customer", "shred", "shredded", "--confirm")
+    listed = cli.ok(
+        "audit", "list", "--json", "--action", "customer.shred", "--customer",
+        "shredded", "--outcome", "success",
+    )  # fmt: skip
+    reasons = [json.loads(line)["reason"] for line in listed.splitlines()]
+    counts = "data key wraps deleted, 0 objects now unreadable (0 of them blobs)"
+    assert len(reasons) == 1
+    assert reasons[0].startswith("customer shredded key-encryption key: ")
+    assert counts in reasons[0]
+    assert counts in " ".join(output.split())
+
+
 def test_grant_invalid_role(cli: Cli) -> None:
     """An unknown role is rejected with the list of roles."""
     result = cli.run("grant", "add", "acme", "products/*", "superuser")

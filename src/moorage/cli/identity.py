@@ -39,6 +39,7 @@ from moorage.db.identity_store import AccountRecord, GrantRecord, PersonalTokenR
 from moorage.db.refresh_token_store import RefreshTokenRecord
 from moorage.errors import InvalidInputError
 from moorage.services import Services
+from moorage.storage.encryption.maintenance import ShredReport
 
 robot_app = typer.Typer(help="Manage customers' robot accounts.", no_args_is_help=True)
 token_app = typer.Typer(
@@ -181,13 +182,21 @@ def customer_shred(
             f"customer {customer} key-encryption key",
             customer,
             admin.shred_customer(s.identity, _encrypted_driver(s), customer),
+            _describe_shred,
         ),
     )
-    outcome = "key destroyed" if report.key_destroyed else "had no key"
     console.print(
-        f"customer {customer}: {outcome}, {report.wraps_deleted} data key wraps "
-        f"deleted, {report.objects_unreadable} objects now unreadable. Restart "
-        "running servers to drop the key from their memory."
+        f"customer {customer}: {_describe_shred(report)}. Restart running servers "
+        "to drop the key from their memory."
+    )
+
+
+def _describe_shred(report: ShredReport) -> str:
+    outcome = "key destroyed" if report.key_destroyed else "had no key"
+    return (
+        f"{outcome}, {report.wraps_deleted} data key wraps deleted, "
+        f"{report.objects_unreadable} objects now unreadable "
+        f"({report.blobs_unreadable} of them blobs)"
     )
 
 

@@ -207,9 +207,10 @@ async def _audited(
     target: str,
     customer: str | None,
     change: Awaitable[T],
+    result: Callable[[T], str] | None = None,
 ) -> T:
     """Await a command's change and record it (see AdminRecorder.run)."""
-    return await _recorder(services).run(action, target, change, customer)
+    return await _recorder(services).run(action, target, change, customer, result)
 
 
 async def _audited_outside_transaction(

@@ -329,7 +329,10 @@ async def _adopt_envelope(
 class ShredReport:
     key_destroyed: bool
     wraps_deleted: int
+    # Stored objects (blobs and upload parts) that no key opens any more.
     objects_unreadable: int
+    # Blobs of the owner's repositories among them, now answered as unknown.
+    blobs_unreadable: int
 
 
 async def shred_owner(driver: EncryptedDriver, owner: str) -> ShredReport:
@@ -357,7 +360,10 @@ async def shred_owner(driver: EncryptedDriver, owner: str) -> ShredReport:
         blobs_unreadable=counts.blobs_unreadable,
     )
     return ShredReport(
-        counts.key_destroyed, counts.wraps_deleted, counts.objects_unreadable
+        counts.key_destroyed,
+        counts.wraps_deleted,
+        counts.objects_unreadable,
+        counts.blobs_unreadable,
     )
 
 
