@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -130,11 +131,16 @@ def test_usage_errors_one_line(
     assert completed.stdout == ""
 
 
-def test_list_table_at_80_columns(server: ServerProcess) -> None:
-    """At 80 columns the table keeps logins and actions whole and fits the width."""
-    _, login = _pulled_customer(server)
+@pytest.mark.parametrize("layout", [(), ("--wide",)])
+def test_list_table_at_80_columns(
+    server: ServerProcess, layout: tuple[str, ...]
+) -> None:
+    """At 80 columns both layouts keep logins and actions whole, give each
+    column room, and fit the width."""
+    customer, login = _pulled_customer(server)
+    arguments = ["audit", "list", "--account", login, *layout]
     completed = subprocess.run(
-        [sys.executable, "-m", "moorage", "audit", "list", "--account", login],
+        [sys.executable, "-m", "moorage", *arguments],
         env={**server.environment(), "COLUMNS": "80"},
         capture_output=True,
         text=True,
@@ -144,10 +150,18 @@ def test_list_table_at_80_columns(server: ServerProcess) -> None:
     lines = [line for line in completed.stdout.splitlines() if line.strip()]
     assert lines, "no table printed"
     assert max(len(line.rstrip()) for line in lines) <= 80
-    for word in ("account", "action", "outcome", "target"):
-        assert word in lines[0]
+    header = " ".join(lines[:3])
+    for word in ("seq", "time", "account", "action", "outcome", "target"):
+        assert word in header
     for value in (login, "manifest.push", "manifest.pull", "auth.login", "failure"):
         assert value in completed.stdout
+    # No column is squeezed to a few characters: a digest's first 12
+    # hexadecimal digits stay on one line.
+    assert re.search(r"sha256:[0-9a-f]{12}", completed.stdout)
+    if layout:
+        assert "source" in header
+        assert customer in completed.stdout
+        assert "127.0.0.1" in completed.stdout
 
 
 def test_export_formats(server: ServerProcess, tmp_path: Path) -> None:
