@@ -457,6 +457,8 @@ def audit_export(
 
     try:
         count = _run(_settings(data_dir=data_dir), export)
+    except BrokenPipeError:
+        raise  # stdout closed; the root command ends quietly
     except OSError as error:
         _exit_for_file_error("export failed, nothing written: cannot write", error)
     if output is not None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import os
+import select
 import sys
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
@@ -28,6 +30,7 @@ from rich.progress import (
 )
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from typer.core import TyperGroup
 
 from moorage import admin
 from moorage.audit import events as actions
@@ -48,7 +51,43 @@ from moorage.storage.encryption import maintenance
 from moorage.storage.encryption.driver import EncryptedDriver
 from moorage.storage.paths import BLOBS_PREFIX
 
+# The exit code of a command whose reader closed stdout, as for a process that
+# SIGPIPE ended: 128 + 13.
+CLOSED_STDOUT_EXIT = 141
+
+
+def stdout_closed() -> bool:
+    """Return whether stdout is a pipe whose reader has closed it (Linux sets
+    POLLERR on the write end of a pipe that has no reader)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError):
+        return False  # not a file descriptor, as under a test runner
+
+
+class _CommandGroup(TyperGroup):
+    """The root command: ends a command quietly when its reader closes stdout,
+    as `moorage audit export | head` does."""
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            result = super().invoke(ctx)
+            sys.stdout.flush()
+            return result
+        except BrokenPipeError:
+            if not stdout_closed():
+                raise
+            # Output still buffered would fail again at exit: send it nowhere.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+            raise typer.Exit(CLOSED_STDOUT_EXIT) from None
+
+
 app = typer.Typer(
+    cls=_CommandGroup,
     help="Moorage: a container registry for vendors that ship images to customers.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -70,7 +109,17 @@ key_app = typer.Typer(
 )
 app.add_typer(key_app, name="key")
 
-console = Console()
+
+class _StdoutConsole(Console):
+    """A Console for stdout that leaves a closed stdout to `_CommandGroup`,
+    where Rich's own handling would exit with code 1."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        raise BrokenPipeError
+
+
+console = _StdoutConsole()
 errors = Console(stderr=True)
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
@@ -166,6 +215,8 @@ def _run(
         )
         raise typer.Exit(1) from None
     except (ConnectionError, TimeoutError) as error:
+        if isinstance(error, BrokenPipeError) and stdout_closed():
+            raise  # the reader of stdout left (see _CommandGroup)
         # asyncpg raises these itself when the server cannot be reached.
         log.debug("database connection failed", exc_info=error)
         address = make_url(settings.resolved_database_url)

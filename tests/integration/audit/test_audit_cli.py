@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 import subprocess
 import sys
@@ -162,6 +163,58 @@ def test_list_table_at_80_columns(
         assert "source" in header
         assert customer in completed.stdout
         assert "127.0.0.1" in completed.stdout
+
+
+def _with_closed_stdout(
+    server: ServerProcess, *arguments: str
+) -> subprocess.CompletedProcess[str]:
+    """Run `moorage` with stdout on a pipe whose reader has already closed."""
+    reader, writer = os.pipe()
+    os.close(reader)
+    try:
+        return subprocess.run(
+            [sys.executable, "-m", "moorage", *arguments],
+            env=server.environment(),
+            stdout=writer,
+            stderr=subprocess.PIPE,
+            text=True,
+            check=False,
+        )
+    finally:
+        os.close(writer)
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [("export",), ("export", "--format", "csv"), ("list", "--json"), ("list",)],
+)
+def test_closed_stdout_ends_quietly(
+    server: ServerProcess, arguments: tuple[str, ...]
+) -> None:
+    """A reader that closes the pipe first (`| head`) ends the command with
+    exit code 141 (128 + SIGPIPE), without a traceback or an error message."""
+    _pulled_customer(server)
+    completed = _with_closed_stdout(server, "audit", *arguments)
+    assert completed.returncode == 141, completed.stderr
+    # Other lines are the warnings of the set-up (keys inside the data directory).
+    lines = [line for line in completed.stderr.splitlines() if '"level"' not in line]
+    assert lines == []
+
+
+def test_export_to_file_with_closed_stdout(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    """With --output, a closed stdout loses only the closing note: the file is
+    complete and verifies."""
+    _pulled_customer(server)
+    exported = tmp_path / "audit.jsonl"
+    completed = _with_closed_stdout(
+        server, "audit", "export", "--output", str(exported)
+    )
+    assert completed.returncode == 141, completed.stderr
+    verified = _moorage(server, "audit", "verify", "--file", str(exported))
+    assert "audit trail intact" in verified
+    assert [path.name for path in tmp_path.iterdir()] == ["audit.jsonl"]
 
 
 def test_export_formats(server: ServerProcess, tmp_path: Path) -> None:
