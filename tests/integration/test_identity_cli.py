@@ -327,8 +327,8 @@ def test_last_vendor_admin_kept(cli: Cli) -> None:
 
 
 def test_grant_every_namespace_needs_force(cli: Cli) -> None:
-    """A pattern with `*` in its namespace part is refused, and recorded as a
-    failure, unless --force is given; with --force it is granted with a warning."""
+    """A pattern with `*` in its namespace part is rejected and recorded as a
+    failure. With --force it is granted, with a warning."""
     for pattern in ("*", "*/app", "ac*"):
         refused = cli.run("grant", "add", "acme", pattern, "reader")
         assert refused.returncode == 1

@@ -53,7 +53,8 @@ STATE_PATH = f"{WORK_PREFIX}/state.json"
 SETTLE_SECONDS = 1.0
 
 # Called with (done, total): once with done 0 as soon as the objects are
-# listed, so a progress bar knows its total, then after each object.
+# listed, so a progress bar shows its total from the start, then after each
+# object.
 Progress = Callable[[int, int], None]
 
 
@@ -331,7 +332,7 @@ class ShredReport:
     wraps_deleted: int
     # Stored objects (blobs and upload parts) that no key opens any more.
     objects_unreadable: int
-    # Blobs of the owner's repositories among them, now answered as unknown.
+    # Blobs of the owner's repositories among them, now reported as unknown.
     blobs_unreadable: int
 
 
