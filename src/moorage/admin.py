@@ -9,9 +9,10 @@ from __future__ import annotations
 import asyncio
 import re
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 
 from moorage.audit.events import (
     CUSTOMER_ADD,
@@ -180,14 +181,14 @@ async def _create_user(
     role: str,
     password: str | None,
 ) -> CreatedAccount:
-    if role not in CUSTOMER_ROLES:
-        raise InvalidInputError(
-            f"invalid role {role!r}: use one of {', '.join(CUSTOMER_ROLES)}"
-        )
+    check_each(
+        lambda: _check_role(role),
+        lambda: validate_login(login),
+        lambda: password is None or check_password(password, login),
+    )
     customer = await identity.get_customer(customer_slug)
     generated = password is None
-    secret = generate_secret() if password is None else check_password(password, login)
-    validate_login(login)
+    secret = generate_secret() if password is None else password
     # argon2id takes tens of milliseconds: keep it off the server's event loop.
     secret_hash = await asyncio.to_thread(hash_password, secret)
     await identity.create_account(
@@ -218,20 +219,29 @@ async def add_vendor_user(
 async def _create_vendor_user(
     identity: IdentityStore, login: str, role: str, password: str | None
 ) -> CreatedAccount:
-    if role not in VENDOR_ROLES:
-        raise InvalidInputError(
-            f"invalid vendor role {role!r}: use one of {', '.join(VENDOR_ROLES)}"
-        )
+    check_each(
+        lambda: _check_vendor_role(role),
+        lambda: validate_login(login),
+        lambda: password is None or check_password(password, login),
+    )
     generated = password is None
-    secret = generate_secret() if password is None else check_password(password, login)
+    secret = generate_secret() if password is None else password
     await identity.create_account(
-        login=validate_login(login),
+        login=login,
         customer_id=None,
         kind="user",
         role=role,
         secret_hash=hash_password(secret),
     )
     return CreatedAccount(login, secret if generated else None)
+
+
+def _check_vendor_role(role: str) -> str:
+    if role not in VENDOR_ROLES:
+        raise InvalidInputError(
+            f"invalid vendor role {role!r}: use one of {', '.join(VENDOR_ROLES)}"
+        )
+    return role
 
 
 async def ensure_vendor_admin(
@@ -245,6 +255,19 @@ async def ensure_vendor_admin(
     if await identity.has_vendor_admin():
         return None
     return await add_vendor_user(identity, login, "admin", password, audit=audit)
+
+
+def check_each(*checks: Callable[[], object]) -> None:
+    """Run every check and raise one InvalidInputError with the problems of all
+    of them, so that a caller learns of every invalid value at once."""
+    problems: list[str] = []
+    for check in checks:
+        try:
+            check()
+        except InvalidInputError as error:
+            problems.extend(error.problems)
+    if problems:
+        raise InvalidInputError(problems=problems)
 
 
 def _check_role(role: str) -> str:
@@ -344,6 +367,11 @@ async def _create_robot(
     role: str,
     expires_at: datetime | None,
 ) -> CreatedAccount:
+    check_each(
+        lambda: robot_login(customer_slug, name),
+        lambda: _check_role(role),
+        lambda: check_future(expires_at, "expires_at"),
+    )
     customer = await identity.get_customer(customer_slug)
     login = robot_login(customer.slug, name)
     secret = generate_secret()
@@ -609,12 +637,16 @@ async def _create_personal_token(
     expires_at: datetime | None,
     repositories: Sequence[str] | None,
 ) -> CreatedToken:
-    _check_token_role(role)
+    check_each(
+        lambda: _check_token_role(role),
+        lambda: check_future(expires_at, "expires_at"),
+        *(partial(validate_pattern, pattern) for pattern in repositories or ()),
+    )
     patterns = None
     if repositories is not None:
         if not repositories:
             raise InvalidInputError("give at least one repository pattern")
-        patterns = list(dict.fromkeys(map(validate_pattern, repositories)))
+        patterns = list(dict.fromkeys(repositories))
     account = await find_account_of(identity, customer_slug, login, "user")
     secret = generate_secret()
     key = await identity.server_key(SECRET_HASH_KEY)
@@ -777,9 +809,12 @@ async def _create_grant(
     account_login: str | None,
     own_namespaces_only: bool,
 ) -> int:
+    check_each(
+        lambda: validate_pattern(pattern),
+        lambda: _check_role(role),
+        lambda: check_future(until, "until"),
+    )
     customer = await identity.get_customer(customer_slug)
-    validate_pattern(pattern)
-    _check_role(role)
     if own_namespaces_only:
         check_within_namespaces(pattern, await identity.namespaces_of(customer.id))
     account_id = None

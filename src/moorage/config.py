@@ -525,8 +525,11 @@ def _describe_error(details: Any, given: dict[str, Any]) -> str:
         return f"{name} ({_origin(name, given)}): unknown setting"
     item = "".join(f"[{part}]" for part in location[1:])
     value = ""
-    if not _is_secret(name) and isinstance(details.get("input"), str | int | float):
-        value = f" = {details['input']!r}"
+    given_value = details.get("input")
+    if isinstance(given_value, str):
+        given_value = hide_url_secrets(given_value)
+    if not _is_secret(name) and isinstance(given_value, str | int | float):
+        value = f" = {given_value!r}"
     return f"{name}{item}{value} ({_origin(name, given)}): {message}"
 
 
@@ -551,27 +554,70 @@ def _origin(name: str, given: dict[str, Any]) -> str:
 HIDDEN = "**********"
 
 
-def hide_url_password(url: str) -> str:
-    """Return `url` with the password of its user part replaced by `***`.
+# Query parameters of a non-HTTP URL (a database URL) whose values are hidden:
+# libpq's password and sslpassword, and the names that tokens and keys go by.
+_SECRET_QUERY_NAME = re.compile(r"pass|pwd|token|secret|key|sig|auth|credential", re.I)
 
-    Works for database URLs (`postgresql+asyncpg://user:password@host/db`) and
-    HTTP URLs alike. A password passed as a query parameter is not recognized.
+# Path segments of an HTTP URL at least this long that mix letters and digits
+# are hidden, like the token at the end of a Slack or Discord webhook URL.
+_TOKEN_SEGMENT_CHARACTERS = 16
+
+
+def hide_url_secrets(url: str) -> str:
+    """Return `url` with the secrets it may carry replaced by `***`.
+
+    Hidden are the password of the user part
+    (`postgresql+asyncpg://user:***@host/db`), and query values: in an HTTP URL
+    (a webhook) every query value and the fragment, in other URLs (database URLs)
+    the values of parameters named like a password, token or key. Path segments
+    of an HTTP URL that look like a token (16 or more characters, letters and
+    digits) are hidden too.
     """
     try:
         parts = urlsplit(url)
         password = parts.password
     except ValueError:
         return url
-    if password is None:
-        return url
-    user_part, _, host_part = parts.netloc.rpartition("@")
-    user = user_part.partition(":")[0]
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host_part}"))
+    web = parts.scheme.lower() in {"http", "https"}
+    netloc = parts.netloc
+    if password is not None:
+        user_part, _, host_part = netloc.rpartition("@")
+        user = user_part.partition(":")[0]
+        netloc = f"{user}:***@{host_part}"
+    path = parts.path
+    if web:
+        path = "/".join(_hide_token_segment(part) for part in path.split("/"))
+    fragment = "***" if web and parts.fragment else parts.fragment
+    query = "&".join(_hide_query_value(item, web) for item in parts.query.split("&"))
+    hidden = parts._replace(netloc=netloc, path=path, query=query, fragment=fragment)
+    # urlunsplit drops the empty host of sqlite:////path, so a URL without
+    # secrets is returned as given.
+    return url if hidden == parts else urlunsplit(hidden)
+
+
+def _hide_token_segment(segment: str) -> str:
+    if (
+        len(segment) >= _TOKEN_SEGMENT_CHARACTERS
+        and any(character.isdigit() for character in segment)
+        and any(character.isalpha() for character in segment)
+    ):
+        return "***"
+    return segment
+
+
+def _hide_query_value(item: str, hide_every_value: bool) -> str:
+    name, equals, value = item.partition("=")
+    if hide_every_value and item and not equals:
+        return "***"
+    if value and (hide_every_value or _SECRET_QUERY_NAME.search(name)):
+        return f"{name}{equals}***"
+    return item
 
 
 def displayed_value(value: object) -> str:
     """Return a setting's value as `config check` prints it: secrets hidden,
-    passwords in URLs hidden, paths and lists as plain text."""
+    secrets in URLs hidden (see `hide_url_secrets`), paths and lists as plain
+    text."""
     if value is None:
         return "(none)"
     if isinstance(value, SecretStr):
@@ -579,7 +625,7 @@ def displayed_value(value: object) -> str:
     if isinstance(value, list):
         return "[" + ", ".join(displayed_value(item) for item in value) + "]"
     if isinstance(value, str) and "://" in value:
-        return hide_url_password(value)
+        return hide_url_secrets(value)
     return str(value)
 
 

@@ -18,6 +18,7 @@ The API layer maps each class to an OCI error code and HTTP status in one table
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 
@@ -142,6 +143,17 @@ class TooManyRequestsError(MoorageError):
 
 class InvalidInputError(MoorageError):
     """invalid input"""
+
+    def __init__(
+        self,
+        message: str | None = None,
+        detail: Any = None,
+        *,
+        problems: Sequence[str] = (),
+    ) -> None:
+        super().__init__(message or "; ".join(problems) or None, detail)
+        # One message per invalid value, when a check found several at once.
+        self.problems = list(problems) or [self.message]
 
 
 class ConflictError(MoorageError):

@@ -667,6 +667,33 @@ def test_invalid_input_and_conflicts(
     error_of(as_owner.get("/no-such-page"), 404)
 
 
+def test_every_invalid_field_reported(as_owner: httpx.Client, acme: str) -> None:
+    """A body with several invalid values gets one error entry for each."""
+    base = f"/customers/{acme}"
+    user = as_owner.post(f"{base}/users", json={"login": "no spaces", "role": "boss"})
+    assert user.status_code == 400, user.text
+    messages = [entry["message"] for entry in user.json()["errors"]]
+    assert len(messages) == 2
+    assert "invalid role 'boss'" in messages[0]
+    assert "invalid user name 'no spaces'" in messages[1]
+
+    body = {"pattern": "A B", "role": "boss", "until": "2020-01-01T00:00:00Z"}
+    grant = as_owner.post(f"{base}/grants", json=body)
+    assert grant.status_code == 400, grant.text
+    entries = grant.json()["errors"]
+    assert {entry["code"] for entry in entries} == {"INVALID_INPUT"}
+    messages = [entry["message"] for entry in entries]
+    assert len(messages) == 3
+    assert "invalid pattern 'A B'" in messages[0]
+    assert "invalid role 'boss'" in messages[1]
+    assert "is in the past" in messages[2]
+
+    body = {"name": "Bad Name", "role": "boss", "expires_at": "2020-01-01T00:00:00Z"}
+    robot = as_owner.post(f"{base}/robots", json=body)
+    assert robot.status_code == 400, robot.text
+    assert len(robot.json()["errors"]) == 3
+
+
 def test_grant_until_future_and_utc(as_owner: httpx.Client, acme: str) -> None:
     """A grant's end must be in the future; the response gives it in UTC."""
     grants = f"/customers/{acme}/grants"

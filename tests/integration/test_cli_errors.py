@@ -166,13 +166,19 @@ def test_audit_list_cut_notice(cli: Cli) -> None:
     [
         ("--action", "manifest.pul", "unknown action 'manifest.pul'"),
         ("--action", "bogus*", "unknown action 'bogus*'"),
-        ("--source", "nope", "invalid --source 'nope': not an IP address"),
-        ("--source", "10.0.0.0/8", "networks are not supported"),
+        (
+            "--source",
+            "nope",
+            "invalid --source 'nope': not an IP address or network; give an "
+            "address such as 203.0.113.7",
+        ),
+        ("--source", "10.0.0.0/33", "invalid --source '10.0.0.0/33': not a network"),
+        ("--source", "2001:db8::/129", "invalid --source '2001:db8::/129': not a"),
     ],
 )
 def test_audit_list_bad_filter(cli: Cli, option: str, value: str, message: str) -> None:
-    """An unknown action or a source that is not an address is an error, not an
-    empty table."""
+    """An unknown action or a source that is not an address or network is an
+    error, not an empty table."""
     for command in ("list", "export"):
         result = cli.run("audit", command, option, value)
         assert result.returncode == 2
@@ -189,6 +195,8 @@ def test_audit_list_known_filters(cli: Cli) -> None:
         ("--action", "key.rotate.start"),
         ("--source", "127.0.0.1"),
         ("--source", "2001:db8::1"),
+        ("--source", "10.0.0.0/8"),
+        ("--source", "2001:db8::/32"),
     ]:
         result = cli.run("audit", "list", option, value)
         assert result.returncode == 0, result.stderr

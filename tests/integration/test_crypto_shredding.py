@@ -370,6 +370,12 @@ def test_shred_keeps_shared_blobs(shared: SharedRegistry, tmp_path: Path) -> Non
     )
     shreds = [row for row in events if row[0] == "customer.shred"]
     assert [row[1] for row in shreds] == ["success"], events
+    counts = re.search(
+        r"key destroyed, [1-9]\d* data key wraps deleted, [1-9]\d* objects now "
+        r"unreadable \([1-9]\d* of them blobs\)",
+        shreds[0][2],
+    )
+    assert counts is not None, shreds[0][2]
 
 
 def test_push_replaces_shredded_copy(shared: SharedRegistry) -> None:

@@ -5,6 +5,7 @@ takes a fraction of the time of one interpreter start per command."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
@@ -323,6 +324,111 @@ def test_last_vendor_admin_kept(cli: Cli) -> None:
     assert _can_log_in(cli, "boss", "a-long-vendor-password")
     cli.ok("user", "remove", "-", "boss", "--force")
     assert not _can_log_in(cli, "boss", "a-long-vendor-password")
+
+
+def test_grant_every_namespace_needs_force(cli: Cli) -> None:
+    """A pattern with `*` in its namespace part is rejected and recorded as a
+    failure. With --force it is granted, with a warning."""
+    for pattern in ("*", "*/app", "ac*"):
+        refused = cli.run("grant", "add", "acme", pattern, "reader")
+        assert refused.returncode == 1
+        assert f"pattern '{pattern}' matches repositories in every namespace" in (
+            refused.stderr
+        )
+        assert "--force" in refused.stderr
+    assert "*" not in cli.ok("grant", "list", "acme")
+    failures = cli.ok(
+        "audit", "list", "--json", "--action", "grant.add", "--outcome", "failure"
+    )
+    assert "pattern '*/app' matches" in failures
+
+    granted = cli.run("grant", "add", "acme", "*", "reader", "--force")
+    assert granted.returncode == 0, granted.stderr
+    assert "reaches every namespace that matches '*'" in granted.stderr
+    grant_id = granted.stdout.split()[1].rstrip(":")
+    rows = [
+        [cell.strip() for cell in line.strip("│").split("│")]
+        for line in cli.ok("grant", "list", "acme").splitlines()
+        if line.startswith("│")
+    ]
+    assert [grant_id, "*", "reader", "(customer)", "-"] in rows
+    cli.ok("grant", "remove", "acme", grant_id)
+
+
+def _failures(cli: Cli, action: str) -> list[str]:
+    """Return the reasons of the failed `action` events, oldest first."""
+    output = cli.ok(
+        "audit", "list", "--json", "--limit", "1000", "--action", action,
+        "--outcome", "failure",
+    )  # fmt: skip
+    return [json.loads(line)["reason"] for line in output.splitlines()]
+
+
+@pytest.mark.parametrize(
+    ("command", "action", "reason"),
+    [
+        (
+            ("grant", "add", "acme", "acme/r", "reader", "--until", "2020-01-01"),
+            "grant.add",
+            "grant add: --until 2020-01-01 is in the past; use a later date",
+        ),
+        (
+            ("robot", "add", "acme", "r1", "--expires", "soon"),
+            "robot.add",
+            "robot add: invalid expiry 'soon'",
+        ),
+        (
+            ("customer", "shred", "acme"),
+            "customer.shred",
+            "customer shred: shredding destroys the key of customer acme",
+        ),
+        (
+            ("signing-key", "rotate", "--overlap", "-1"),
+            "signing_key.rotate",
+            "signing-key rotate: --overlap must be 0 or more seconds",
+        ),
+    ],
+)
+def test_rejected_change_recorded(
+    cli: Cli, command: tuple[str, ...], action: str, reason: str
+) -> None:
+    """A change whose value the command rejects is recorded as a failure."""
+    before = _failures(cli, action)
+    result = cli.run(*command)
+    assert result.returncode == 2
+    after = _failures(cli, action)
+    assert len(after) == len(before) + 1
+    assert after[-1].startswith(reason)
+
+
+def test_usage_error_not_recorded(cli: Cli) -> None:
+    """A usage error that Click reports (missing argument, unknown option,
+    --help) records no event."""
+    before = _failures(cli, "grant.add")
+    assert cli.run("grant", "add", "acme").returncode == 2
+    assert (
+        cli.run("grant", "add", "acme", "acme/x", "reader", "--bogus").returncode == 2
+    )
+    assert cli.run("grant", "add", "--help").returncode == 0
+    assert _failures(cli, "grant.add") == before
+
+
+def test_shred_event_has_counts(cli: Cli) -> None:
+    """The customer.shred event gives what the shredding did, as the output does."""
+    cli.ok("customer", "add", "shredded")
+    cli.ok("user", "add", "shredded", "leaver")
+    cli.ok("customer", "suspend", "shredded")
+    output = cli.ok("customer", "shred", "shredded", "--confirm")
+    listed = cli.ok(
+        "audit", "list", "--json", "--action", "customer.shred", "--customer",
+        "shredded", "--outcome", "success",
+    )  # fmt: skip
+    reasons = [json.loads(line)["reason"] for line in listed.splitlines()]
+    counts = "data key wraps deleted, 0 objects now unreadable (0 of them blobs)"
+    assert len(reasons) == 1
+    assert reasons[0].startswith("customer shredded key-encryption key: ")
+    assert counts in reasons[0]
+    assert counts in " ".join(output.split())
 
 
 def test_grant_invalid_role(cli: Cli) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from moorage.config import hide_url_password
+from moorage.config import hide_url_secrets
 
 
 def config_check(
@@ -46,11 +46,30 @@ def config_check(
             "sqlite+aiosqlite:////srv/data/moorage.db",
             "sqlite+aiosqlite:////srv/data/moorage.db",
         ),
+        (
+            "postgresql+asyncpg://u@db/x?password=QUERYPW&ssl=require",
+            "postgresql+asyncpg://u@db/x?password=***&ssl=require",
+        ),
+        (
+            "postgresql://u@db/x?sslpassword=KEYPW&application_name=moorage",
+            "postgresql://u@db/x?sslpassword=***&application_name=moorage",
+        ),
+        (
+            "https://siem.example.test/in?token=HOOKTOKEN&source=moorage",
+            "https://siem.example.test/in?token=***&source=***",
+        ),
+        ("https://siem.example.test/in?HOOKTOKEN", "https://siem.example.test/in?***"),
+        ("https://siem.example.test/in#HOOKTOKEN", "https://siem.example.test/in#***"),
+        (
+            "https://hooks.example.test/services/T0001/B0002/Xk29sLq81mZp04Tb7QwErT5y",
+            "https://hooks.example.test/services/T0001/B0002/***",
+        ),
     ],
 )
-def test_hide_url_password(url: str, expected: str) -> None:
-    """The password part of a URL becomes `***`; the rest stays."""
-    assert hide_url_password(url) == expected
+def test_hide_url_secrets(url: str, expected: str) -> None:
+    """Passwords, query values that can be secrets and token-like path segments
+    of a URL become `***`; the rest stays."""
+    assert hide_url_secrets(url) == expected
 
 
 def test_check_hides_url_passwords(tmp_path: Path) -> None:
@@ -66,6 +85,31 @@ def test_check_hides_url_passwords(tmp_path: Path) -> None:
     assert "DBPASSWORD123" not in completed.stdout
     assert "HOOKPASSWORD" not in completed.stdout
     assert "database_url = postgresql+asyncpg://u:***@127.0.0.1:1/x" in completed.stdout
+
+
+def test_check_hides_url_query_secrets(tmp_path: Path) -> None:
+    """A password in the database URL's query and tokens in the webhook URLs
+    (query and path) are not printed."""
+    completed = config_check(
+        tmp_path,
+        {
+            "MOORAGE_DATABASE_URL": "postgresql+asyncpg://u@127.0.0.1:1/x?password=DBQUERYPW",
+            "MOORAGE_AUDIT_WEBHOOK_URL": "https://example.test/in?access_token=AUDITTOKEN",
+            "MOORAGE_ALERT_WEBHOOK_URL": (
+                "https://example.test/hooks/123/AlertToken0123456789abcdef"
+            ),
+        },
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert "DBQUERYPW" not in completed.stdout
+    assert "AUDITTOKEN" not in completed.stdout
+    assert "AlertToken0123456789abcdef" not in completed.stdout
+    assert "database_url = postgresql+asyncpg://u@127.0.0.1:1/x?password=***" in (
+        completed.stdout
+    )
+    assert "audit_webhook_url = https://example.test/in?access_token=***" in (
+        completed.stdout
+    )
 
 
 def test_check_prints_plain_values(tmp_path: Path) -> None:

@@ -118,3 +118,23 @@ async def test_plaintext_objects_are_encrypted(tmp_path: Path) -> None:
     assert await maintenance.encrypt_plaintext(driver, "blobs") == 1
     assert b"MARKER-old-plaintext" not in (tmp_path / "storage/blobs/old").read_bytes()
     assert await load(driver, "blobs/old") == data
+
+
+@pytest.mark.parametrize("count", [0, 3])
+async def test_progress_reports_total_first(tmp_path: Path, count: int) -> None:
+    """Each long task reports its total before the first object, and also when
+    there is nothing to do, so a progress bar never shows an unknown total."""
+    driver = make_driver(tmp_path, FileKeyring(tmp_path / "keys"))
+    await fill(driver, count)
+    tasks = {
+        "rewrap": lambda report: maintenance.rewrap_all(driver, report),
+        "reencrypt": lambda report: maintenance.reencrypt_all(driver, "blobs/", report),
+        "encrypt plaintext": lambda report: maintenance.encrypt_plaintext(
+            driver, "blobs/", report
+        ),
+    }
+    for name, task in tasks.items():
+        calls: list[tuple[int, int]] = []
+        await task(lambda done, total, calls=calls: calls.append((done, total)))
+        assert calls[0] == (0, count), name
+        assert calls[-1] == (count, count), name

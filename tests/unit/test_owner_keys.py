@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import delete, insert, select
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from moorage.db import wrap_store
 from moorage.db.engine import create_engine, migrate
@@ -355,3 +355,29 @@ async def test_shred_waits_for_release(tmp_path: Path, engine: AsyncEngine) -> N
     counts = await shred
     assert counts.objects_unreadable == 1
     assert await store.shredded(object_id)
+
+
+async def test_add_missing_uses_one_connection(tmp_path: Path) -> None:
+    """Adding a wrap works with a pool of one connection: the wraps are made
+    before the transaction, not on a second connection while it waits."""
+    url = create_database(tmp_path)
+    engine = create_engine(url)
+    await migrate(engine)
+    await engine.dispose()
+    one = create_async_engine(url, pool_size=1, max_overflow=0, pool_timeout=2)
+    try:
+        store = WrapStore(one)
+        object_id = "ab" * 16
+        await store.add(object_id, [wrap_store.DataKeyWrap("vendor", b"v")])
+
+        async def new_wraps() -> list[wrap_store.DataKeyWrap]:
+            # As the driver does: read the object's wraps to open its data key.
+            assert [wrap.owner for wrap in await store.wraps(object_id)] == ["vendor"]
+            return [wrap_store.DataKeyWrap("customer:a", b"a")]
+
+        assert await store.add_missing(object_id, "customer:a", new_wraps) is True
+        assert await wrap_owners(one, object_id) == {"vendor", "customer:a"}
+        assert await store.add_missing(object_id, "customer:a", new_wraps) is False
+    finally:
+        await one.dispose()
+        drop_database(url)

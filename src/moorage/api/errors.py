@@ -94,10 +94,15 @@ def error_body(code: str, message: str, detail: Any = None) -> bytes:
 def error_response(
     error: errors.MoorageError, headers: dict[str, str] | None = None
 ) -> Response:
-    """Build the spec's JSON error response for a domain error."""
+    """Build the spec's JSON error response for a domain error: one entry per
+    problem of an InvalidInputError that found several."""
     code = code_for(error)
+    body = error_body(code.code, error.message, error.detail)
+    if isinstance(error, errors.InvalidInputError) and len(error.problems) > 1:
+        entries = [{"code": code.code, "message": item} for item in error.problems]
+        body = json.dumps({"errors": entries}, separators=(",", ":")).encode()
     return Response(
-        error_body(code.code, error.message, error.detail),
+        body,
         status_code=code.status,
         headers=headers,
         media_type="application/json",

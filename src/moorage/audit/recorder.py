@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import getpass
 import inspect
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -41,19 +41,29 @@ class AdminRecorder:
         self.actor = actor
 
     async def run(
-        self, action: str, target: str, change: Awaitable[T], customer: str | None
+        self,
+        action: str,
+        target: str,
+        change: Awaitable[T],
+        customer: str | None,
+        result: Callable[[T], str] | None = None,
     ) -> T:
         """Await a change and commit its event in the same transaction.
 
         Both are stored or neither is (see `AuditLog.record_with`). A change that
         raises a MoorageError is rolled back, and its failure event is then
         written on its own before the error is re-raised. `target` describes what
-        changed (for example "customer acme") and never contains a secret.
+        changed (for example "customer acme") and never contains a secret;
+        `result`, when given, describes the change's return value, which the
+        success event's reason adds after the target.
         """
+
+        def event(value: T) -> AuditEvent:
+            described = target if result is None else f"{target}: {result(value)}"
+            return self._event(action, described, customer)
+
         try:
-            return await self.audit.record_with(
-                change, lambda _result: self._event(action, target, customer)
-            )
+            return await self.audit.record_with(change, event)
         except MoorageError as error:
             await self._record_failure(action, target, customer, error)
             raise
@@ -92,6 +102,15 @@ class AdminRecorder:
         # leaves only the start event, as a crash during the change does.
         await self.audit.record_now(self._event(action, target, customer))
         return result
+
+    async def record_rejection(
+        self, action: str, target: str, customer: str | None, reason: str
+    ) -> None:
+        """Record a change that was rejected before it started, such as a command
+        whose --until date is in the past."""
+        await self.audit.record_now(
+            self._event(action, target, customer, FAILURE, reason)
+        )
 
     async def _record_failure(
         self, action: str, target: str, customer: str | None, error: MoorageError

@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 import structlog
 
 from moorage.audit.events import ALERT_PREFIX, FAILURE, StoredEvent, format_time
-from moorage.config import hide_url_password
+from moorage.config import hide_url_secrets
 
 log = structlog.get_logger(__name__)
 
@@ -246,7 +246,7 @@ class WebhookSender(_QueuedSender):
                 problem = f"{type(error).__name__}: {error}"
             log.warning(
                 "webhook delivery failed",
-                url=hide_url_password(self.url),
+                url=hide_url_secrets(self.url),
                 attempt=attempt,
                 attempts=self.attempts,
                 error=problem,
@@ -255,7 +255,7 @@ class WebhookSender(_QueuedSender):
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 60)
         log.error(
-            "webhook batch dropped", url=hide_url_password(self.url), events=len(batch)
+            "webhook batch dropped", url=hide_url_secrets(self.url), events=len(batch)
         )
 
     async def close(self, drain_seconds: float = 5) -> None:

@@ -15,6 +15,7 @@ from typing import Annotated, NoReturn, TextIO
 
 import typer
 from rich import box
+from rich.text import Text
 
 from moorage.audit import files
 from moorage.audit.events import AuditEvent, StoredEvent, is_known_action
@@ -28,7 +29,7 @@ from moorage.cli.main import (
     console,
     errors,
 )
-from moorage.cli.output import Table, shown
+from moorage.cli.output import Table, shown, visible
 from moorage.db.audit_store import AuditFilter
 from moorage.db.schema import utcnow
 from moorage.services import Services
@@ -110,23 +111,21 @@ OutcomeOption = Annotated[
 
 
 def _check_source(value: str | None) -> str | None:
-    """Return the address in the form events store it, or exit."""
+    """Return the address or network in the form events store it, or exit."""
     if value is None:
         return None
     try:
         return str(ipaddress.ip_address(value))
     except ValueError:
         pass
-    # NOTE: events store the address as text, so a network (CIDR) cannot be
-    # matched in the query; it is rejected with its own message.
     try:
-        ipaddress.ip_network(value, strict=False)
-        problem = "networks are not supported yet; give one address"
+        return str(ipaddress.ip_network(value, strict=False))
     except ValueError:
-        problem = "not an IP address"
+        problem = "not a network" if "/" in value else "not an IP address or network"
     errors.print(
-        f"[red]error:[/red] invalid --source {shown(repr(value))}: {problem}, "
-        "such as 203.0.113.7 or 2001:db8::1",
+        f"[red]error:[/red] invalid --source {shown(repr(value))}: {problem}; give "
+        "an address such as 203.0.113.7 or 2001:db8::1, or a network such as "
+        "10.0.0.0/8 or 2001:db8::/32",
         highlight=False,
         soft_wrap=True,
     )
@@ -135,7 +134,11 @@ def _check_source(value: str | None) -> str | None:
 
 SourceOption = Annotated[
     str | None,
-    typer.Option("--source", help="Source IP address.", callback=_check_source),
+    typer.Option(
+        "--source",
+        help="Source IP address, or a network in CIDR form (10.0.0.0/8).",
+        callback=_check_source,
+    ),
 ]
 SinceOption = Annotated[
     str | None, typer.Option(help="From this time (ISO 8601, UTC if no zone).")
@@ -155,13 +158,16 @@ def _filter(
     since: str | None,
     until: str | None,
 ) -> AuditFilter:
+    # `_check_source` has already turned `source` into an address or a network.
+    is_network = source is not None and "/" in source
     return AuditFilter(
         customer=customer,
         account=account,
         repository=repository,
         action=action,
         outcome=outcome,
-        source_address=source,
+        source_address=None if is_network else source,
+        source_network=source if is_network else None,
         since=_parse_date(since),
         until=_parse_date(until),
     )
@@ -240,58 +246,76 @@ def _print_cut_notice(limit: int, newest_first: bool) -> None:
     )
 
 
-# Short columns that are never broken, so an action reads as one word.
-_UNBROKEN_COLUMNS = ("seq", "action", "outcome")
-
-
 def _event_table(found: list[StoredEvent], wide: bool) -> Table:
-    """Build the `audit list` table. Columns wrap long values instead of
-    cutting them (only the narrow table shortens digests, see `_target`), and
-    have no vertical borders, to leave room for the text."""
-    names = ["seq", "time", "account", "action", "outcome", "target"]
-    if wide:
-        names = [*names[:3], "customer", "source", *names[3:], "reason"]
+    """Build the `audit list` table, readable at 80 columns in both layouts.
+
+    Each row takes two lines or more: the date above the time of day, the
+    outcome below the action. `--wide` adds lines, not columns: the customer
+    and source address below the account, the full digest and the reason
+    below the target. Long values wrap instead of being cut (only the narrow
+    table shortens digests, see `_target`), and there are no vertical
+    borders, to leave room for the text.
+    """
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
-    for name in names:
-        if name in _UNBROKEN_COLUMNS:
-            table.add_column(name, no_wrap=True)
-        elif name == "time":
-            # The date above the time of day: 10 characters wide.
-            table.add_column(name, min_width=10, max_width=10, overflow="fold")
-        else:
-            # Digests and repository names have no spaces to break at: fold them.
-            table.add_column(name, overflow="fold")
+    table.add_column("seq", no_wrap=True)
+    table.add_column("time", min_width=10, max_width=10, overflow="fold")
+    # Logins, repository names and digests have no spaces to break at: fold them.
+    actor = "account\ncustomer\nsource" if wide else "account"
+    table.add_column(actor, overflow="fold", ratio=2, min_width=12)
+    table.add_column("action\noutcome", no_wrap=True)
+    table.add_column("target", overflow="fold", ratio=3)
     for stored in found:
         event = stored.event
-        cells = {
-            "seq": str(stored.seq),
-            "time": event.time.strftime("%Y-%m-%d %H:%M:%S"),
-            "account": event.actor_account or "-",
-            "customer": event.actor_customer or "-",
-            "source": event.source_address or "-",
-            "action": event.action,
-            "outcome": event.outcome,
-            "target": _target(event, wide),
-            "reason": event.reason or "",
-        }
-        table.add_row(*(cells[name] for name in names))
+        table.add_row(
+            str(stored.seq),
+            event.time.strftime("%Y-%m-%d %H:%M:%S"),
+            _lines(*_actor(event, wide)),
+            _lines(event.action, event.outcome),
+            _lines(*_target(event, wide)),
+        )
     return table
 
 
-def _target(event: AuditEvent, wide: bool) -> str:
-    """Return what an event acted on: its repository, then its tag or digest.
+def _lines(*lines: str) -> Text:
+    """Return a table cell of one or more lines, each shown as it is (control
+    characters escaped, see `visible`)."""
+    return Text("\n").join(Text(visible(line)) for line in lines)
+
+
+def _actor(event: AuditEvent, wide: bool) -> list[str]:
+    """Return who acted: the account, and in the wide table its customer and
+    the source address on lines of their own."""
+    if not wide:
+        return [event.actor_account or "-"]
+    return [
+        event.actor_account or "-",
+        event.actor_customer or "-",
+        event.source_address or "-",
+    ]
+
+
+def _target(event: AuditEvent, wide: bool) -> list[str]:
+    """Return what an event acted on: its repository, then its tag or digest,
+    then the reason.
 
     The narrow table shows a digest by its first 12 hexadecimal digits, as
-    `docker images` does, and adds the reason, which has no column there.
+    `docker images` does, and only when there is no tag, and the reason in
+    brackets; the wide table shows the tag and the full digest, and the reason
+    on a line of its own.
     """
-    reference = event.reference
-    if not reference and event.digest:
-        reference = event.digest if wide else _short_digest(event.digest)
-    parts = [part for part in (event.repository, reference) if part]
-    target = " ".join(parts) or "-"
-    if not wide and event.reason:
-        target += f" ({event.reason})"
-    return target
+    if wide:
+        parts = [event.repository, event.reference, event.digest]
+    else:
+        reference = event.reference
+        if not reference and event.digest:
+            reference = _short_digest(event.digest)
+        parts = [event.repository, reference]
+    target = " ".join(part for part in parts if part) or "-"
+    if event.reason and wide:
+        return [target, event.reason]
+    if event.reason:
+        return [f"{target} ({event.reason})"]
+    return [target]
 
 
 def _short_digest(digest: str) -> str:
@@ -433,6 +457,8 @@ def audit_export(
 
     try:
         count = _run(_settings(data_dir=data_dir), export)
+    except BrokenPipeError:
+        raise  # stdout closed; the root command ends quietly
     except OSError as error:
         _exit_for_file_error("export failed, nothing written: cannot write", error)
     if output is not None:

@@ -30,6 +30,8 @@ from moorage.cli.main import (
     console,
     customer_app,
     errors,
+    records_rejections,
+    reject,
     user_app,
 )
 from moorage.cli.output import Table
@@ -37,6 +39,7 @@ from moorage.db.identity_store import AccountRecord, GrantRecord, PersonalTokenR
 from moorage.db.refresh_token_store import RefreshTokenRecord
 from moorage.errors import InvalidInputError
 from moorage.services import Services
+from moorage.storage.encryption.maintenance import ShredReport
 
 robot_app = typer.Typer(help="Manage customers' robot accounts.", no_args_is_help=True)
 token_app = typer.Typer(
@@ -85,10 +88,7 @@ def parse_expiry(value: str | None) -> datetime | None:
     try:
         return admin.check_future(expires_at, "--expires")
     except InvalidInputError as error:
-        errors.print(
-            f"[red]error:[/red] {error.message}", highlight=False, soft_wrap=True
-        )
-        raise typer.Exit(2) from None
+        reject(error.message)
 
 
 def _parse_expiry_time(value: str | None) -> datetime | None:
@@ -100,11 +100,7 @@ def _parse_expiry_time(value: str | None) -> datetime | None:
             amount = {_UNITS[match.group(2)]: int(match.group(1))}
             return datetime.now(UTC) + timedelta(**amount)
         except (OverflowError, ValueError):
-            errors.print(
-                f"[red]error:[/red] expiry {value!r} is past the year 9999; "
-                "use a shorter one"
-            )
-            raise typer.Exit(2) from None
+            reject(f"expiry {value!r} is past the year 9999; use a shorter one")
     return _parse_date(value, EXPIRY_FORMS, "expiry")
 
 
@@ -159,6 +155,7 @@ def customer_resume(customer: str, data_dir: DataDirOption = None) -> None:
 
 
 @customer_app.command("shred")
+@records_rejections(actions.CUSTOMER_SHRED, "customer shred")
 def customer_shred(
     customer: str,
     confirm: Annotated[
@@ -173,11 +170,10 @@ def customer_shred(
     """Destroy a suspended customer's encryption key: its own blobs become
     unreadable everywhere, blobs shared with others stay readable."""
     if not confirm:
-        errors.print(
-            f"[red]error:[/red] shredding destroys the key of customer {customer} "
-            "for good; run again with --confirm to do it"
+        reject(
+            f"shredding destroys the key of customer {customer} for good; run "
+            "again with --confirm to do it"
         )
-        raise typer.Exit(2)
     report = _run(
         _settings(data_dir=data_dir),
         lambda s: _audited(
@@ -186,13 +182,21 @@ def customer_shred(
             f"customer {customer} key-encryption key",
             customer,
             admin.shred_customer(s.identity, _encrypted_driver(s), customer),
+            _describe_shred,
         ),
     )
-    outcome = "key destroyed" if report.key_destroyed else "had no key"
     console.print(
-        f"customer {customer}: {outcome}, {report.wraps_deleted} data key wraps "
-        f"deleted, {report.objects_unreadable} objects now unreadable. Restart "
-        "running servers to drop the key from their memory."
+        f"customer {customer}: {_describe_shred(report)}. Restart running servers "
+        "to drop the key from their memory."
+    )
+
+
+def _describe_shred(report: ShredReport) -> str:
+    outcome = "key destroyed" if report.key_destroyed else "had no key"
+    return (
+        f"{outcome}, {report.wraps_deleted} data key wraps deleted, "
+        f"{report.objects_unreadable} objects now unreadable "
+        f"({report.blobs_unreadable} of them blobs)"
     )
 
 
@@ -327,6 +331,7 @@ def user_list(customer: CustomerArgument, data_dir: DataDirOption = None) -> Non
 
 
 @robot_app.command("add")
+@records_rejections(actions.ROBOT_ADD, "robot add")
 def robot_add(
     customer: str,
     name: Annotated[
@@ -377,6 +382,7 @@ def robot_list(customer: str, data_dir: DataDirOption = None) -> None:
 
 
 @robot_app.command("rotate")
+@records_rejections(actions.ROBOT_ROTATE, "robot rotate")
 def robot_rotate(
     customer: str,
     name: str,
@@ -493,6 +499,7 @@ def robot_remove(
 
 
 @token_app.command("add")
+@records_rejections(actions.PERSONAL_TOKEN_ADD, "token add")
 def token_add(
     customer: CustomerArgument,
     user: str,
@@ -689,6 +696,7 @@ def refresh_revoke(
 
 
 @grant_app.command("add")
+@records_rejections(actions.GRANT_ADD, "grant add")
 def grant_add(
     customer: str,
     pattern: Annotated[
@@ -701,10 +709,28 @@ def grant_add(
     account: Annotated[
         str | None, typer.Option(help="Grant to this login only, not the customer.")
     ] = None,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="Grant a pattern whose namespace part has a `*` (such as `*` or "
+            "`*/app`), which reaches other customers' namespaces.",
+        ),
+    ] = False,
     data_dir: DataDirOption = None,
 ) -> None:
-    """Grant a role on a repository pattern to a customer or one of its accounts."""
+    """Grant a role on a repository pattern to a customer or one of its accounts.
+
+    A pattern with `*` in its first component matches repositories in many
+    namespaces, other customers' and future ones included; it needs --force.
+    """
     end = _parse_end_date(until, "--until")
+
+    async def change(s: Services) -> int:
+        if not force:
+            _check_one_namespace(pattern)
+        return await admin.add_grant(s.identity, customer, pattern, role, end, account)
+
     grant_id = _run(
         _settings(data_dir=data_dir),
         lambda s: _audited(
@@ -712,10 +738,32 @@ def grant_add(
             actions.GRANT_ADD,
             f"{role} on {pattern} to {account or customer}, until {_when(end)}",
             customer,
-            admin.add_grant(s.identity, customer, pattern, role, end, account),
+            change(s),
         ),
     )
+    if _reaches_many_namespaces(pattern):
+        errors.print(
+            f"warning: grant {grant_id} on {pattern!r} reaches every namespace that "
+            f"matches {pattern.split('/', 1)[0]!r}, other customers' included",
+            highlight=False,
+            soft_wrap=True,
+        )
     console.print(f"grant {grant_id}: {role} on {pattern} to {account or customer}")
+
+
+def _reaches_many_namespaces(pattern: str) -> bool:
+    return "*" in pattern.split("/", 1)[0]
+
+
+def _check_one_namespace(pattern: str) -> None:
+    """Raise InvalidInputError when `pattern` matches more than one namespace."""
+    if _reaches_many_namespaces(pattern):
+        raise InvalidInputError(
+            f"pattern {pattern!r} matches repositories in every namespace that "
+            f"matches {pattern.split('/', 1)[0]!r}, other customers' and ones added "
+            "later included; name the namespace (products/*), or pass --force to "
+            "grant it anyway"
+        )
 
 
 @grant_app.command("list")
@@ -757,6 +805,7 @@ def grant_remove(customer: str, grant_id: int, data_dir: DataDirOption = None) -
 
 
 @signing_key_app.command("rotate")
+@records_rejections(actions.SIGNING_KEY_ROTATE, "signing-key rotate")
 def signing_key_rotate(
     overlap: Annotated[
         int | None,
@@ -771,8 +820,7 @@ def signing_key_rotate(
     settings = _settings(data_dir=data_dir)
     seconds = settings.refresh_token_ttl_seconds if overlap is None else overlap
     if seconds < 0:
-        errors.print("[red]error:[/red] --overlap must be 0 or more seconds")
-        raise typer.Exit(2)
+        reject("--overlap must be 0 or more seconds")
     kid = _run(
         settings,
         lambda s: _audited(

@@ -8,12 +8,15 @@ database, so it is safe to use while the server runs.
 from __future__ import annotations
 
 import asyncio
+import functools
+import os
+import select
 import sys
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import Annotated, Any, NoReturn, TypeVar
 
 import structlog
 import typer
@@ -27,6 +30,7 @@ from rich.progress import (
 )
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from typer.core import TyperGroup
 
 from moorage import admin
 from moorage.audit import events as actions
@@ -47,7 +51,43 @@ from moorage.storage.encryption import maintenance
 from moorage.storage.encryption.driver import EncryptedDriver
 from moorage.storage.paths import BLOBS_PREFIX
 
+# The exit code of a command whose reader closed stdout, as for a process that
+# SIGPIPE ended: 128 + 13.
+CLOSED_STDOUT_EXIT = 141
+
+
+def stdout_closed() -> bool:
+    """Return whether stdout is a pipe whose reader has closed it (Linux sets
+    POLLERR on the write end of a pipe that has no reader)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError):
+        return False  # not a file descriptor, as under a test runner
+
+
+class _CommandGroup(TyperGroup):
+    """The root command: ends a command quietly when its reader closes stdout,
+    as `moorage audit export | head` does."""
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            result = super().invoke(ctx)
+            sys.stdout.flush()
+            return result
+        except BrokenPipeError:
+            if not stdout_closed():
+                raise
+            # Output still buffered would fail again at exit: send it nowhere.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+            raise typer.Exit(CLOSED_STDOUT_EXIT) from None
+
+
 app = typer.Typer(
+    cls=_CommandGroup,
     help="Moorage: a container registry for vendors that ship images to customers.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -69,10 +109,21 @@ key_app = typer.Typer(
 )
 app.add_typer(key_app, name="key")
 
-console = Console()
+
+class _StdoutConsole(Console):
+    """A Console for stdout that leaves a closed stdout to `_CommandGroup`,
+    where Rich's own handling would exit with code 1."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        raise BrokenPipeError
+
+
+console = _StdoutConsole()
 errors = Console(stderr=True)
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
+CommandFunction = TypeVar("CommandFunction", bound=Callable[..., Any])
 
 DataDirOption = Annotated[
     Path | None,
@@ -164,6 +215,8 @@ def _run(
         )
         raise typer.Exit(1) from None
     except (ConnectionError, TimeoutError) as error:
+        if isinstance(error, BrokenPipeError) and stdout_closed():
+            raise  # the reader of stdout left (see _CommandGroup)
         # asyncpg raises these itself when the server cannot be reached.
         log.debug("database connection failed", exc_info=error)
         address = make_url(settings.resolved_database_url)
@@ -205,9 +258,10 @@ async def _audited(
     target: str,
     customer: str | None,
     change: Awaitable[T],
+    result: Callable[[T], str] | None = None,
 ) -> T:
     """Await a command's change and record it (see AdminRecorder.run)."""
-    return await _recorder(services).run(action, target, change, customer)
+    return await _recorder(services).run(action, target, change, customer, result)
 
 
 async def _audited_outside_transaction(
@@ -264,6 +318,65 @@ DATE_FORMS = (
 )
 
 
+class RejectedValueExit(typer.Exit):
+    """Exit code 2 for a value that a command rejects after Click parsed it,
+    carrying the message for the command's failure event."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(2)
+        self.message = message
+
+
+def reject(message: str) -> NoReturn:
+    """Print `message` as an error and exit with code 2."""
+    errors.print(f"[red]error:[/red] {shown(message)}", highlight=False, soft_wrap=True)
+    raise RejectedValueExit(message)
+
+
+def records_rejections(
+    action: str, command_name: str
+) -> Callable[[CommandFunction], CommandFunction]:
+    """Make an administrative command record a value it rejects (see `reject`)
+    as a failed `action` event, its reason starting with `command_name`,
+    before it exits.
+
+    Usage errors that Click reports itself (an unknown option, a missing
+    argument, `--help`) never reach the command and are not recorded.
+    """
+
+    def decorate(command: CommandFunction) -> CommandFunction:
+        @functools.wraps(command)
+        def run(**arguments: Any) -> Any:
+            try:
+                return command(**arguments)
+            except RejectedValueExit as rejection:
+                _record_rejection(action, command_name, arguments, rejection.message)
+                raise
+
+        return run  # type: ignore[return-value]
+
+    return decorate
+
+
+def _record_rejection(
+    action: str, target: str, arguments: dict[str, Any], reason: str
+) -> None:
+    """Write the failure event of a rejected command, if the data directory
+    and database can be opened; the rejection's own exit code stays."""
+    customer = arguments.get("customer", arguments.get("slug"))
+    try:
+        settings = _settings(data_dir=arguments.get("data_dir"))
+        if settings.data_dir.is_dir():
+            _run(
+                settings,
+                lambda s: _recorder(s).record_rejection(
+                    action, target, customer, reason
+                ),
+            )
+    except typer.Exit:
+        pass  # _settings or _run printed why the event was not written
+
+
 def _parse_date(
     value: str | None, forms: str = DATE_FORMS, kind: str = "date or time"
 ) -> datetime | None:
@@ -281,13 +394,7 @@ def _parse_date(
         # 0..23"), but reports only "Invalid isoformat string" for other input.
         reason = str(error)
         detail = "" if reason.startswith("Invalid isoformat") else f" ({reason})"
-        errors.print(
-            f"[red]error:[/red] invalid {kind} {shown(repr(value))}{detail}; "
-            f"use {forms}",
-            highlight=False,
-            soft_wrap=True,
-        )
-        raise typer.Exit(2) from None
+        reject(f"invalid {kind} {value!r}{detail}; use {forms}")
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
@@ -295,14 +402,12 @@ def _parse_end_date(value: str | None, option: str) -> datetime | None:
     """Parse an end of access like `_parse_date`; reject one in the past."""
     parsed = _parse_date(value)
     if parsed is not None and parsed <= datetime.now(UTC):
-        errors.print(
-            f"[red]error:[/red] {option} {value} is in the past; use a later date"
-        )
-        raise typer.Exit(2)
+        reject(f"{option} {value} is in the past; use a later date")
     return parsed
 
 
 @customer_app.command("add")
+@records_rejections(actions.CUSTOMER_ADD, "customer add")
 def customer_add(
     slug: Annotated[
         str, typer.Argument(help="Short name; also the customer's namespace.")
@@ -320,12 +425,7 @@ def customer_add(
         try:
             admin.validate_display_name(name)
         except InvalidInputError as error:
-            errors.print(
-                f"[red]error:[/red] --name: {shown(error.message)}",
-                highlight=False,
-                soft_wrap=True,
-            )
-            raise typer.Exit(2) from None
+            reject(f"--name: {error.message}")
     customer = _run(
         _settings(data_dir=data_dir),
         lambda s: admin.add_customer(

@@ -25,7 +25,7 @@ from moorage.audit.events import (
     chain_with_times,
     fit,
 )
-from moorage.db.dialects import insert_ignore
+from moorage.db.dialects import InNetwork, insert_ignore
 from moorage.db.schema import (
     audit_archives,
     audit_checkpoints,
@@ -86,6 +86,9 @@ class AuditFilter:
     action: str | None = None
     outcome: str | None = None
     source_address: str | None = None
+    # A network in CIDR form (10.0.0.0/8, 2001:db8::/32): matches the events
+    # whose source address is inside it.
+    source_network: str | None = None
     since: datetime | None = None
     until: datetime | None = None
     after_seq: int | None = None
@@ -298,6 +301,8 @@ def _conditions(query: Select[Any], where: AuditFilter) -> Select[Any]:
     for column, value in equal.items():
         if value is not None:
             query = query.where(column == value)
+    if where.source_network is not None:
+        query = query.where(InNetwork(columns.source_address, where.source_network))
     if where.action is not None:
         if where.action.endswith("*"):
             query = query.where(columns.action.startswith(where.action[:-1]))

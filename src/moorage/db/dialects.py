@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import functools
+import ipaddress
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import ColumnElement, Table
+from sqlalchemy import Boolean, ColumnElement, Table
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import DataError, DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.elements import ColumnClause
+from sqlalchemy.sql.functions import FunctionElement
 
 
 def insert_statement(dialect: Dialect, table: Table) -> Any:
@@ -110,3 +113,49 @@ def before_nul(text: str) -> str:
     those after "a".
     """
     return text.partition("\x00")[0]
+
+
+class InNetwork(FunctionElement[bool]):
+    """SQL condition `InNetwork(address, network)`: true when the text `address`
+    is an IP address inside the CIDR text `network`.
+
+    PostgreSQL compares the two as inet and cidr; SQLite calls the Python
+    function that `configure_sqlite` registers (`sqlite_in_network`). Text that
+    is not an address, such as `local` for command-line events, never matches.
+    """
+
+    type = Boolean()
+    inherit_cache = True
+    name = "in_network"
+
+
+@compiles(InNetwork, "postgresql")
+def _in_network_postgresql(element: InNetwork, compiler: Any, **kw: Any) -> str:
+    address, network = (compiler.process(part, **kw) for part in element.clauses)
+    # CASE keeps the cast away from text that is not an address, which
+    # would make it fail.
+    return (
+        f"(CASE WHEN {address} ~ '^[0-9A-Fa-f:.]+$' "
+        f"THEN CAST({address} AS inet) <<= CAST({network} AS cidr) ELSE false END)"
+    )
+
+
+@compiles(InNetwork, "sqlite")
+def _in_network_sqlite(element: InNetwork, compiler: Any, **kw: Any) -> str:
+    return f"moorage_in_network({compiler.process(element.clauses, **kw)})"
+
+
+@functools.lru_cache(maxsize=16)
+def _parse_network(network: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    return ipaddress.ip_network(network, strict=False)
+
+
+def sqlite_in_network(address: str | None, network: str) -> int | None:
+    """Return 1 when `address` is in `network`, 0 when not or when `address`
+    is not an IP address; registered in SQLite as `moorage_in_network`."""
+    if address is None:
+        return None
+    try:
+        return int(ipaddress.ip_address(address) in _parse_network(network))
+    except ValueError:
+        return 0

@@ -13,6 +13,8 @@ from sqlalchemy import event, make_url, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from moorage.db.dialects import sqlite_in_network
+
 if TYPE_CHECKING:
     from alembic.config import Config
 
@@ -90,6 +92,9 @@ def configure_sqlite(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA busy_timeout=30000")
     cursor.close()
+    dbapi_connection.create_function(
+        "moorage_in_network", 2, sqlite_in_network, deterministic=True
+    )
 
 
 # alembic is imported where it is used: it brings mako and pygments (about

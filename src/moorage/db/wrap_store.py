@@ -52,6 +52,9 @@ _SHRED_LOCK_CLASS = 0x73687264
 # Object ids per statement when shredding, well below the bound parameters
 # that SQLite and asyncpg accept in one statement.
 _SHRED_BATCH = 500
+# Times `WrapStore.add_missing` makes wraps before the transaction and finds
+# that the object's owners changed meanwhile, before it stops retrying.
+_ADD_ATTEMPTS = 3
 
 
 def customer_owner(slug: str) -> str:
@@ -114,39 +117,37 @@ class WrapStore:
     ) -> bool:
         """Store the wraps that `new_wraps` makes, unless `owner` has a wrap already.
 
-        A request that links a blob calls this after its link commits. On
-        PostgreSQL the check and the insert hold the object's lock, so a
-        concurrent `release` of the owner's wrap either finds that link or is
-        undone here. On SQLite `release` holds the database's write lock from
-        its first statement, so the link commits before it or after it.
-        Returns True when wraps were stored.
-
-        NOTE: `new_wraps` reads the database on a second pooled connection
-        while this one waits, so more concurrent calls than the pool holds can
-        time out. Only a blob that the owner has no wrap of yet calls it.
+        A request that links a blob calls this after its link commits.
+        `new_wraps` reads the database, so it runs before this method's
+        transaction, and a call holds one pooled connection at a time. The
+        transaction stores the wraps only if the object's owners are still the
+        ones seen before `new_wraps` ran; otherwise (a release, a shredding or
+        another link in between) it starts again, so no wrap is made from a
+        data key that a shredding has destroyed since. On PostgreSQL the check
+        and the insert hold the object's lock, so a concurrent `release` of the
+        owner's wrap either finds that link or is undone here. On SQLite
+        `release` holds the database's write lock from its first statement, so
+        the link commits before it or after it. Returns True when wraps were
+        stored.
         """
+        for _ in range(_ADD_ATTEMPTS):
+            seen = {wrap.owner for wrap in await self.wraps(object_id)}
+            # The owner's wrap may be going: only the locked check below counts.
+            wraps = [] if owner in seen else await new_wraps()
+            async with begin(self.engine) as connection:
+                current = await _locked_owners(connection, object_id)
+                if owner in current:
+                    return False
+                if current == seen:
+                    await _insert_wraps(connection, object_id, wraps)
+                    return True
+        # NOTE: after this many changes to the object's owners in a row,
+        # `new_wraps` runs inside the transaction, which then holds a second
+        # pooled connection while it waits.
         async with begin(self.engine) as connection:
-            query = select(data_key_wraps.c.owner).where(
-                data_key_wraps.c.object_id == object_id
-            )
-            if connection.dialect.name == "postgresql":
-                await _lock_object(connection, object_id)
-                # Shredding waits for these rows, so the wraps that `new_wraps`
-                # unwraps stay until this transaction ends.
-                query = query.with_for_update(read=True)
-            if owner in set(await connection.scalars(query)):
+            if owner in await _locked_owners(connection, object_id):
                 return False
-            for wrap in await new_wraps():
-                await insert_ignore(
-                    connection,
-                    data_key_wraps,
-                    {
-                        "object_id": object_id,
-                        "owner": wrap.owner,
-                        "wrapped": wrap.wrapped,
-                        "created_at": utcnow(),
-                    },
-                )
+            await _insert_wraps(connection, object_id, await new_wraps())
             return True
 
     async def remove_objects(self, object_ids: list[str]) -> None:
@@ -315,6 +316,35 @@ class WrapStore:
         """Return the owners of every repository that links or references a blob."""
         async with connect(self.engine) as connection:
             return await _owners_of_digest(connection, digest)
+
+
+async def _locked_owners(connection: AsyncConnection, object_id: str) -> set[str]:
+    """Return the owners of an object's wraps, and keep them until the
+    transaction ends: on PostgreSQL the object's lock and a share lock on the
+    rows, for which shredding waits."""
+    query = select(data_key_wraps.c.owner).where(
+        data_key_wraps.c.object_id == object_id
+    )
+    if connection.dialect.name == "postgresql":
+        await _lock_object(connection, object_id)
+        query = query.with_for_update(read=True)
+    return set(await connection.scalars(query))
+
+
+async def _insert_wraps(
+    connection: AsyncConnection, object_id: str, wraps: list[DataKeyWrap]
+) -> None:
+    for wrap in wraps:
+        await insert_ignore(
+            connection,
+            data_key_wraps,
+            {
+                "object_id": object_id,
+                "owner": wrap.owner,
+                "wrapped": wrap.wrapped,
+                "created_at": utcnow(),
+            },
+        )
 
 
 async def _lock_object(connection: AsyncConnection, object_id: str) -> None:

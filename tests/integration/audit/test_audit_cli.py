@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -66,6 +68,9 @@ def test_list_filters(server: ServerProcess) -> None:
     )
     assert listed("--customer", customer, "--source", "192.0.2.1") == []
     assert len(listed("--customer", customer, "--source", "127.0.0.1")) >= 6
+    assert len(listed("--customer", customer, "--source", "127.0.0.0/8")) >= 6
+    assert listed("--customer", customer, "--source", "192.0.2.0/24") == []
+    assert listed("--customer", customer, "--source", "::/0") == []
     assert listed("--customer", customer, "--until", "2000-01-01") == []
     assert len(listed("--customer", customer, "--since", "2000-01-01")) >= 6
 
@@ -127,11 +132,16 @@ def test_usage_errors_one_line(
     assert completed.stdout == ""
 
 
-def test_list_table_at_80_columns(server: ServerProcess) -> None:
-    """At 80 columns the table keeps logins and actions whole and fits the width."""
-    _, login = _pulled_customer(server)
+@pytest.mark.parametrize("layout", [(), ("--wide",)])
+def test_list_table_at_80_columns(
+    server: ServerProcess, layout: tuple[str, ...]
+) -> None:
+    """At 80 columns both layouts keep logins and actions whole, give each
+    column room, and fit the width."""
+    customer, login = _pulled_customer(server)
+    arguments = ["audit", "list", "--account", login, *layout]
     completed = subprocess.run(
-        [sys.executable, "-m", "moorage", "audit", "list", "--account", login],
+        [sys.executable, "-m", "moorage", *arguments],
         env={**server.environment(), "COLUMNS": "80"},
         capture_output=True,
         text=True,
@@ -141,10 +151,70 @@ def test_list_table_at_80_columns(server: ServerProcess) -> None:
     lines = [line for line in completed.stdout.splitlines() if line.strip()]
     assert lines, "no table printed"
     assert max(len(line.rstrip()) for line in lines) <= 80
-    for word in ("account", "action", "outcome", "target"):
-        assert word in lines[0]
+    header = " ".join(lines[:3])
+    for word in ("seq", "time", "account", "action", "outcome", "target"):
+        assert word in header
     for value in (login, "manifest.push", "manifest.pull", "auth.login", "failure"):
         assert value in completed.stdout
+    # No column is squeezed to a few characters: a digest's first 12
+    # hexadecimal digits stay on one line.
+    assert re.search(r"sha256:[0-9a-f]{12}", completed.stdout)
+    if layout:
+        assert "source" in header
+        assert customer in completed.stdout
+        assert "127.0.0.1" in completed.stdout
+
+
+def _with_closed_stdout(
+    server: ServerProcess, *arguments: str
+) -> subprocess.CompletedProcess[str]:
+    """Run `moorage` with stdout on a pipe whose reader has already closed."""
+    reader, writer = os.pipe()
+    os.close(reader)
+    try:
+        return subprocess.run(
+            [sys.executable, "-m", "moorage", *arguments],
+            env=server.environment(),
+            stdout=writer,
+            stderr=subprocess.PIPE,
+            text=True,
+            check=False,
+        )
+    finally:
+        os.close(writer)
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [("export",), ("export", "--format", "csv"), ("list", "--json"), ("list",)],
+)
+def test_closed_stdout_ends_quietly(
+    server: ServerProcess, arguments: tuple[str, ...]
+) -> None:
+    """A reader that closes the pipe first (`| head`) ends the command with
+    exit code 141 (128 + SIGPIPE), without a traceback or an error message."""
+    _pulled_customer(server)
+    completed = _with_closed_stdout(server, "audit", *arguments)
+    assert completed.returncode == 141, completed.stderr
+    # Other lines are the warnings of the set-up (keys inside the data directory).
+    lines = [line for line in completed.stderr.splitlines() if '"level"' not in line]
+    assert lines == []
+
+
+def test_export_to_file_with_closed_stdout(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    """With --output, a closed stdout loses only the closing note: the file is
+    complete and verifies."""
+    _pulled_customer(server)
+    exported = tmp_path / "audit.jsonl"
+    completed = _with_closed_stdout(
+        server, "audit", "export", "--output", str(exported)
+    )
+    assert completed.returncode == 141, completed.stderr
+    verified = _moorage(server, "audit", "verify", "--file", str(exported))
+    assert "audit trail intact" in verified
+    assert [path.name for path in tmp_path.iterdir()] == ["audit.jsonl"]
 
 
 def test_export_formats(server: ServerProcess, tmp_path: Path) -> None:

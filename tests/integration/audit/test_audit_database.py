@@ -338,3 +338,22 @@ async def test_saved_file_wrong_types_left_in_place(services: Services) -> None:
 
     assert await audit.import_pending() == 0
     assert saved.exists()
+
+
+async def test_query_source_network(services: Services) -> None:
+    """A source network matches the events from addresses inside it, IPv4 and
+    IPv6, and never events whose source is not an address."""
+    for address in ("10.1.2.3", "10.200.0.9", "192.0.2.7", "2001:db8::5", "local"):
+        await services.audit.record_now(
+            AuditEvent("auth.login", actor_account="alice", source_address=address)
+        )
+
+    async def sources(network: str) -> list[str | None]:
+        found = await services.audit.query(AuditFilter(source_network=network), 100)
+        return [stored.event.source_address for stored in found]
+
+    assert await sources("10.0.0.0/8") == ["10.1.2.3", "10.200.0.9"]
+    assert await sources("10.1.2.3/32") == ["10.1.2.3"]
+    assert await sources("2001:db8::/32") == ["2001:db8::5"]
+    assert await sources("0.0.0.0/0") == ["10.1.2.3", "10.200.0.9", "192.0.2.7"]
+    assert await sources("198.51.100.0/24") == []

@@ -3,9 +3,11 @@
 Errors use the registry's JSON envelope, `{"errors": [{"code", "message"}]}`.
 Domain errors map through the same table as in the registry API. Invalid
 request bodies and parameters get 400 `INVALID_INPUT`, one entry per problem
-with the value and the fix. Unknown paths get 404, unexpected failures 500
-`UNKNOWN`. The OpenAPI document is `/api/v1/openapi.json`, browsable at
-`/api/v1/docs`; both need no login because they describe no customer's data.
+with the value and the fix; names, roles, patterns and times that
+`moorage.admin` rejects are likewise listed together, one entry each. Unknown
+paths get 404, unexpected failures 500 `UNKNOWN`. The OpenAPI document is
+`/api/v1/openapi.json`, browsable at `/api/v1/docs`; both need no login because
+they describe no customer's data.
 """
 
 from __future__ import annotations

@@ -39,7 +39,6 @@ async def add_customer_grant(
 ) -> Grant:
     """Grant a role on a pattern to the customer or one of its accounts."""
     identity = services_of(request).identity
-    admin.check_future(body.until, "until")
     grant_id = await admin.add_grant(
         identity,
         access.slug,

@@ -52,6 +52,9 @@ STATE_PATH = f"{WORK_PREFIX}/state.json"
 # envelope a moment later; rotation looks again after this pause.
 SETTLE_SECONDS = 1.0
 
+# Called with (done, total): once with done 0 as soon as the objects are
+# listed, so a progress bar shows its total from the start, then after each
+# object.
 Progress = Callable[[int, int], None]
 
 
@@ -91,11 +94,12 @@ async def rewrap_all(
     report = RewrapReport()
     active = driver.keyring.active()
     paths = await envelope_paths(driver)
+    progress(0, len(paths))
     for done, path in enumerate(paths, 1):
         envelope = await _load_envelope(driver, path)
         if envelope is None:
-            continue
-        if envelope.key_id == active.key_id:
+            pass  # deleted since it was listed
+        elif envelope.key_id == active.key_id:
             report.already_current += 1
         else:
             context = wrap_context(bytes.fromhex(path.rsplit("/", 1)[1]))
@@ -164,6 +168,7 @@ async def reencrypt_all(
     state = {} if restart else await _load_state(driver)
     last = state.get("last", "") if state.get("prefix") == prefix else ""
     objects = await driver.list(prefix)
+    progress(0, len(objects))
     report = ReencryptReport()
     for position, path in enumerate(objects, 1):
         if path > last:
@@ -190,6 +195,7 @@ async def encrypt_plaintext(
 ) -> int:
     """Encrypt every object under `prefix` that is still stored in plaintext."""
     objects = await driver.list(prefix)
+    progress(0, len(objects))
     converted = 0
     for position, path in enumerate(objects, 1):
         try:
@@ -288,6 +294,7 @@ async def adopt_envelopes(
         return 0
     objects = await driver.list(paths.BLOBS_PREFIX)
     objects += await driver.list(paths.UPLOADS_PREFIX)
+    progress(0, len(objects))
     adopted = 0
     for position, path in enumerate(objects, 1):
         if await _adopt_envelope(driver, custody, path):
@@ -323,7 +330,10 @@ async def _adopt_envelope(
 class ShredReport:
     key_destroyed: bool
     wraps_deleted: int
+    # Stored objects (blobs and upload parts) that no key opens any more.
     objects_unreadable: int
+    # Blobs of the owner's repositories among them, now reported as unknown.
+    blobs_unreadable: int
 
 
 async def shred_owner(driver: EncryptedDriver, owner: str) -> ShredReport:
@@ -351,7 +361,10 @@ async def shred_owner(driver: EncryptedDriver, owner: str) -> ShredReport:
         blobs_unreadable=counts.blobs_unreadable,
     )
     return ShredReport(
-        counts.key_destroyed, counts.wraps_deleted, counts.objects_unreadable
+        counts.key_destroyed,
+        counts.wraps_deleted,
+        counts.objects_unreadable,
+        counts.blobs_unreadable,
     )
 
 
