@@ -90,6 +90,9 @@ def run_scenario(
     for round_ in range(first_round, first_round + rounds):
         order = targets if round_ % 2 == 0 else list(reversed(targets))
         for registry in order:
+            # Write out what earlier runs left dirty in the page cache (1 GiB
+            # per push), so that its writeback does not slow the next run.
+            os.sync()
             meter = procstat.UsageMeter(registry.pid)
             meter.start()
             outcome = scenario.run(context, registry, round_)
