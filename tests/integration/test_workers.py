@@ -79,6 +79,38 @@ def test_supervisor_checks_the_workers_passwords(tmp_path: Path) -> None:
     assert server.process.returncode == 0
 
 
+def test_long_passwords_leave_password_checks_working(tmp_path: Path) -> None:
+    """Passwords far over any account's length fail as wrong ones, and the
+    workers' password checks keep working after them. Each request opens its
+    own connection, so that both workers get some."""
+    server = _start_two_workers(tmp_path)
+    try:
+        for index, length in enumerate((2_000, 70_000, 70_000, 70_000)):
+            # A login of its own each time, so that the throttle stays out.
+            login = f"nobody-{index}"
+            long = httpx.get(f"{server.url}/v2/", auth=(login, '"' * length))
+            assert long.status_code == 401
+        # Quotes unencoded, as curl --data-binary sends them: 40 KB of form,
+        # 80 KB once escaped in JSON.
+        form = "grant_type=password&service=moorage&username=nobody-5&password="
+        response = httpx.post(
+            f"{server.url}/token",
+            content=(form + '"' * 40_000).encode(),
+            headers={"Content-Type": "application/x-www-form-urlencoded"},
+        )
+        assert response.status_code == 401
+        statuses = {
+            httpx.get(
+                f"{server.url}/v2/", auth=(ADMIN_LOGIN, ADMIN_PASSWORD)
+            ).status_code
+            for _ in range(8)
+        }
+        assert statuses == {200}
+    finally:
+        server.stop()
+        drop_database(server.database_url)
+
+
 def _state(pid: int) -> str:
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
 

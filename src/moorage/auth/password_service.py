@@ -41,8 +41,16 @@ class PasswordServiceError(Exception):
     """The supervisor's password service failed or cannot be reached."""
 
 
+class MessageTooLarge(ValueError):
+    """A message over MAX_MESSAGE_BYTES; the stream stays in step."""
+
+
 def send(descriptor: int, message: dict[str, Any]) -> None:
+    """Send one message; raise MessageTooLarge, before writing anything, for
+    one over MAX_MESSAGE_BYTES."""
     data = json.dumps(message).encode()
+    if len(data) > MAX_MESSAGE_BYTES:
+        raise MessageTooLarge(f"message of {len(data)} bytes")
     view = memoryview(_LENGTH.pack(len(data)) + data)
     while view:
         view = view[os.write(descriptor, view) :]
@@ -51,14 +59,21 @@ def send(descriptor: int, message: dict[str, Any]) -> None:
 def receive(descriptor: int) -> Any:
     """Return the next message, or None when the peer closed the socket.
 
-    Raise ValueError for a message over MAX_MESSAGE_BYTES or not JSON.
+    Raise MessageTooLarge for a message over MAX_MESSAGE_BYTES, after reading
+    past it, and ValueError for one that is not JSON: the next message can
+    still be read after either.
     """
     header = _receive_exactly(descriptor, _LENGTH.size)
     if header is None:
         return None
     (length,) = _LENGTH.unpack(header)
     if length > MAX_MESSAGE_BYTES:
-        raise ValueError(f"message of {length} bytes")
+        while length > 0:
+            skipped = _receive_exactly(descriptor, min(length, MAX_MESSAGE_BYTES))
+            if skipped is None:
+                return None
+            length -= len(skipped)
+        raise MessageTooLarge(f"message of {_LENGTH.unpack(header)[0]} bytes")
     body = _receive_exactly(descriptor, length)
     return None if body is None else json.loads(body)
 
@@ -122,13 +137,19 @@ def serve(descriptor: int, slots: threading.Semaphore) -> None:
     """
     try:
         while True:
-            request = receive(descriptor)
+            try:
+                request = receive(descriptor)
+            except ValueError as error:
+                # Framed, so the stream is still in step: answer and go on. A
+                # closed socket would leave its worker without password checks.
+                send(descriptor, {"error": f"unreadable request: {error}"})
+                continue
             if request is None:
                 return
             with slots:
                 reply = _answer(request)
             send(descriptor, reply)
-    except (OSError, ValueError):
+    except OSError:
         return
     finally:
         os.close(descriptor)

@@ -67,6 +67,11 @@ ARGON2_SLOTS = max(1, usable_cpu_count() // 2)
 _argon2_slots = _shared_semaphore(ARGON2_SLOTS)
 
 
+# Longer than any password an account can have (moorage.admin allows 256
+# characters), and short enough for a message to the supervisor's password
+# service (see moorage.auth.password_service.MAX_MESSAGE_BYTES).
+MAX_CHECKED_PASSWORD_LENGTH = 1024
+
 # 24 random bytes give 192 bits of entropy, above the 128 bits that generated
 # secrets must have at least.
 GENERATED_SECRET_BYTES = 24
@@ -102,7 +107,10 @@ def hash_password(password: str) -> str:
 def verify_password(password_hash: str | None, password: str) -> bool:
     """Check a password; with `password_hash` None, spend the same time and fail.
 
-    Waits while ARGON2_SLOTS other argon2id computations run."""
+    A password over MAX_CHECKED_PASSWORD_LENGTH fails at once: no account can
+    have one. Waits while ARGON2_SLOTS other argon2id computations run."""
+    if len(password) > MAX_CHECKED_PASSWORD_LENGTH:
+        return False
     if _service is not None:
         return _service.verify(password_hash, password)
     checked = password_hash if password_hash is not None else _dummy_hash()

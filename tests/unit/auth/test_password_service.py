@@ -63,14 +63,41 @@ def test_malformed_request_is_an_error(
     assert service.verify(service.hash("pw"), "pw")
 
 
-def test_oversized_request_closes_the_socket(
+def test_oversized_request_is_an_error(
     served: tuple[PasswordService, socket.socket],
 ) -> None:
-    """The service closes a socket that announces a message over the limit."""
+    """A message over the limit gets an error reply after the service reads
+    past it, and the socket keeps working: a closed one would leave its worker
+    without password checks until restart."""
     service, sock = served
-    sock.sendall(struct.pack("!I", password_service.MAX_MESSAGE_BYTES + 1))
+    size = password_service.MAX_MESSAGE_BYTES * 2 + 5
+    sock.sendall(struct.pack("!I", size) + b"x" * size)
+    reply = password_service.receive(sock.fileno())
+    assert reply == {"error": f"unreadable request: message of {size} bytes"}
+    assert service.verify(service.hash("pw"), "pw")
+
+
+def test_oversized_message_not_sent(
+    served: tuple[PasswordService, socket.socket],
+) -> None:
+    """The client refuses to send a message over the limit, and its socket
+    stays in step."""
+    service, _ = served
     with pytest.raises(PasswordServiceError):
-        service.hash("pw")
+        service.hash("x" * password_service.MAX_MESSAGE_BYTES)
+    assert service.verify(service.hash("pw"), "pw")
+
+
+def test_unreadable_request_is_an_error(
+    served: tuple[PasswordService, socket.socket],
+) -> None:
+    """A message that is not JSON gets an error reply; the socket keeps working."""
+    service, sock = served
+    sock.sendall(struct.pack("!I", 3) + b"{{{")
+    reply = password_service.receive(sock.fileno())
+    assert reply is not None
+    assert reply["error"].startswith("unreadable request")
+    assert service.verify(service.hash("pw"), "pw")
 
 
 def test_closed_service_raises() -> None:
