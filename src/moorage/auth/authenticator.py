@@ -158,10 +158,17 @@ class Authenticator:
         if not await self.refresh_tokens.redeem(
             claims.token_id, principal.account_id, address
         ):
+            why = await self.refresh_tokens.refusal(
+                claims.token_id, principal.account_id
+            )
+            # Only a revoked or expired record names the account, which makes
+            # the use an alert. An unknown one may be a token issued before
+            # tokens were recorded, whose clients simply log in again.
             raise UnauthorizedError(
                 "refresh token is revoked, expired or unknown",
+                reason=f"refresh token is {why}",
                 customer=principal.customer_slug,
-                login=principal.login,
+                login=None if why == "unknown" else principal.login,
             )
         return principal
 

@@ -83,6 +83,24 @@ class RefreshTokenStore:
             )
         return bool(result.rowcount)
 
+    async def refusal(self, jti: str, account_id: int) -> str:
+        """Say why `redeem` refused a token: "revoked", "expired" or "unknown"
+        (no record of this account, as for tokens from before the records)."""
+        async with connect(self.engine) as connection:
+            row = (
+                await connection.execute(
+                    select(
+                        refresh_tokens.c.revoked_at, refresh_tokens.c.expires_at
+                    ).where(
+                        refresh_tokens.c.jti == jti,
+                        refresh_tokens.c.account_id == account_id,
+                    )
+                )
+            ).first()
+        if row is None:
+            return "unknown"
+        return "revoked" if row.revoked_at is not None else "expired"
+
     async def list_for(self, account_id: int) -> list[RefreshTokenRecord]:
         """Return an account's refresh tokens, newest first."""
         async with connect(self.engine) as connection:

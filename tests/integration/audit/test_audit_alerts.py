@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from datetime import timedelta
 
 import httpx
 import pytest
+from sqlalchemy import delete as sa_delete
 
 from moorage import admin
 from moorage.audit.events import StoredEvent
 from moorage.auth.secrets import hash_password
 from moorage.db.audit_store import AuditFilter
-from moorage.db.schema import utcnow
+from moorage.db.schema import refresh_tokens, utcnow
 from tests.support.audit import audit_events, wait_for_events
 from tests.support.database import create_database, drop_database
 from tests.support.receivers import WebhookReceiver, wait_until
@@ -175,7 +177,50 @@ def test_revoked_refresh_token_alerts(
     assert len(alerts) == 1
     assert alerts[0].event.actor_customer == customer
     assert "refresh token is revoked" in (alerts[0].event.reason or "")
+    assert "or unknown" not in (alerts[0].event.reason or "")
     assert wait_until(lambda: _posted(receiver, "unusable_credential", login))
+
+
+def test_unknown_refresh_token_no_alert(
+    alerting: tuple[ServerProcess, WebhookReceiver],
+) -> None:
+    """A refresh token without a record (issued before tokens were recorded)
+    is an ordinary failed use: recorded, but no alert."""
+    server, _ = alerting
+    customer = server.add_customer()
+    login, password = server.add_user(customer, "reader")
+    response = httpx.get(
+        f"{server.url}/token",
+        params={"service": "moorage", "offline_token": "true", "client_id": "t"},
+        auth=(login, password),
+    )
+    assert response.status_code == 200, response.text
+    refresh_token = response.json()["refresh_token"]
+
+    async def forget(services):  # type: ignore[no-untyped-def]
+        async with services.identity.engine.begin() as connection:
+            await connection.execute(sa_delete(refresh_tokens))
+
+    server.run_admin(forget)
+    response = httpx.post(
+        f"{server.url}/token",
+        data={
+            "grant_type": "refresh_token",
+            "refresh_token": refresh_token,
+            "service": "moorage",
+            "client_id": "t",
+        },
+    )
+    assert response.status_code == 401
+    where = AuditFilter(action="auth.token", outcome="failure", customer=customer)
+    failures = wait_for_events(
+        server,
+        where,
+        lambda found: any(e.event.reason == "refresh token is unknown" for e in found),
+    )
+    assert any(e.event.reason == "refresh token is unknown" for e in failures)
+    alerts = audit_events(server, AuditFilter(action="alert.unusable_credential"))
+    assert all(alert.event.actor_customer != customer for alert in alerts)
 
 
 def _token_request(
@@ -207,7 +252,7 @@ def _assert_rejected_as_wrong_secret(response: httpx.Response) -> None:
     ("expires_in", "revoke", "reason"),
     [
         (None, True, "was revoked"),
-        (timedelta(hours=-1), False, "has expired"),
+        (timedelta(seconds=2), False, "has expired"),
     ],
     ids=["revoked", "expired"],
 )
@@ -233,6 +278,9 @@ def test_unusable_personal_token_alerts(
         server.run_admin(
             lambda s: admin.revoke_personal_token(s.identity, customer, login, token.id)
         )
+    if expires_at is not None:
+        # Tokens cannot be made with an end in the past: wait for this one's.
+        time.sleep(max(0.0, (expires_at - utcnow()).total_seconds()) + 0.2)
 
     response = _token_request(server, login, token.token, "198.51.100.20")
     _assert_rejected_as_wrong_secret(response)
