@@ -31,6 +31,7 @@ from moorage.api.admin import AdminApiOnFirstUse
 from moorage.api.admin.app import DOCS_ASSETS
 from moorage.api.admin.app import ROUTERS as ADMIN_API_ROUTERS
 from moorage.api.app import build_routes
+from moorage.db.schema import grants
 from tests.integration.test_admin_api_matrix import API_ENDPOINTS, API_OTHER_ROUTES
 from tests.support.identity import (
     OCI_MANIFEST,
@@ -38,9 +39,9 @@ from tests.support.identity import (
     admin_client,
     bearer,
     digest_of,
+    end_in_past,
     get_token,
     manifest_body,
-    past,
     push_blob,
     push_image,
     start_upload,
@@ -173,10 +174,11 @@ def _subject_login(
         return login, created.password
     role = {"disabled": "writer", "expired-grant": "reader"}.get(subject, subject)
     login, password = server.add_user(customer, role)
-    until = past() if subject == "expired-grant" else None
-    add_grant(
-        server, customer, f"{granted_namespace}/*", role, until=until, account=login
+    grant_id = add_grant(
+        server, customer, f"{granted_namespace}/*", role, account=login
     )
+    if subject == "expired-grant":
+        end_in_past(server, grants, "until", id=grant_id)
     return login, password
 
 

@@ -22,6 +22,7 @@ from tests.support.identity import (
     add_robot,
     admin_client,
     bearer,
+    end_in_past,
     get_token,
     past,
     push_image,
@@ -116,9 +117,10 @@ def test_robot_expired_secret(server: ServerProcess) -> None:
     """A robot whose secret expired cannot log in."""
     customer = server.add_customer()
     created = server.run_admin(
-        lambda s: admin.add_robot(s.identity, customer, "old", "reader", past())
+        lambda s: admin.add_robot(s.identity, customer, "old", "reader")
     )
     assert created.password is not None
+    end_in_past(server, accounts, "expires_at", login=created.login)
     response = httpx.get(f"{server.url}/v2/", auth=(created.login, created.password))
     assert response.status_code == 401
 
@@ -180,7 +182,8 @@ def test_customer_suspend_and_resume(server: ServerProcess) -> None:
 def test_access_until_ends_logins(server: ServerProcess) -> None:
     """After a customer's access_until nothing of it authenticates."""
     slug = unique("ended")
-    server.run_admin(lambda s: admin.add_customer(s.identity, slug, slug, past()))
+    server.run_admin(lambda s: admin.add_customer(s.identity, slug, slug, None))
+    end_in_past(server, customers, "access_until", slug=slug)
     login, password = server.add_user(slug, "reader")
     assert httpx.get(f"{server.url}/v2/", auth=(login, password)).status_code == 401
 
@@ -429,9 +432,10 @@ def test_personal_token_expired(server: ServerProcess) -> None:
     login, _ = server.add_user(customer, "reader")
     created = server.run_admin(
         lambda s: admin.add_personal_token(
-            s.identity, customer, login, "old", "reader", past()
+            s.identity, customer, login, "old", "reader", None
         )
     )
+    end_in_past(server, personal_tokens, "expires_at", id=created.id)
     response = httpx.get(f"{server.url}/v2/", auth=(login, created.token))
     assert response.status_code == 401
 

@@ -11,10 +11,13 @@ import hashlib
 import json
 import uuid
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import httpx
+from sqlalchemy import Table, update
 
 from moorage import admin
+from moorage.services import Services
 from tests.support.server import ADMIN_LOGIN, ADMIN_PASSWORD, ServerProcess
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -54,6 +57,22 @@ def add_grant(
 
 def past() -> datetime:
     return datetime.now(UTC) - timedelta(days=1)
+
+
+def end_in_past(server: ServerProcess, table: Table, column: str, **where: Any) -> None:
+    """Set `column` of the rows of `table` that match `where` to yesterday, as
+    if that end date had passed: the admin functions refuse an end in the past.
+    Database triggers bump the identity revision, so the server sees it."""
+
+    async def action(services: Services) -> None:
+        async with services.engine.begin() as connection:
+            await connection.execute(
+                update(table)
+                .where(*(table.c[name] == value for name, value in where.items()))
+                .values({column: past()})
+            )
+
+    server.run_admin(action)
 
 
 def basic_header(login: str, password: str) -> dict[str, str]:
