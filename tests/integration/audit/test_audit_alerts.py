@@ -141,27 +141,20 @@ def test_revoked_token_alerts(alerting: tuple[ServerProcess, WebhookReceiver]) -
     assert wait_until(lambda: _warned(server, "unusable_credential", login))
 
 
-def test_revoked_refresh_token_alerts(
-    alerting: tuple[ServerProcess, WebhookReceiver],
-) -> None:
-    """A refresh token used after the admin revoked it raises an alert that
-    names its account and customer; the client sees a plain 401."""
-    server, receiver = alerting
-    customer = server.add_customer()
-    login, password = server.add_user(customer, "reader")
+def _offline_token(server: ServerProcess, login: str, password: str) -> str:
+    """Log in with offline_token=true; return the refresh token."""
     response = httpx.get(
         f"{server.url}/token",
         params={"service": "moorage", "offline_token": "true", "client_id": "t"},
         auth=(login, password),
     )
     assert response.status_code == 200, response.text
-    refresh_token = response.json()["refresh_token"]
-    server.run_admin(
-        lambda s: admin.revoke_refresh_tokens(
-            s.identity, s.authenticator.refresh_tokens, customer, login, None
-        )
-    )
-    response = httpx.post(
+    return str(response.json()["refresh_token"])
+
+
+def _refresh(server: ServerProcess, refresh_token: str) -> httpx.Response:
+    """Exchange a refresh token at POST /token."""
+    return httpx.post(
         f"{server.url}/token",
         data={
             "grant_type": "refresh_token",
@@ -170,6 +163,23 @@ def test_revoked_refresh_token_alerts(
             "client_id": "t",
         },
     )
+
+
+def test_revoked_refresh_token_alerts(
+    alerting: tuple[ServerProcess, WebhookReceiver],
+) -> None:
+    """A refresh token used after the admin revoked it raises an alert that
+    names its account and customer; the client sees a plain 401."""
+    server, receiver = alerting
+    customer = server.add_customer()
+    login, password = server.add_user(customer, "reader")
+    refresh_token = _offline_token(server, login, password)
+    server.run_admin(
+        lambda s: admin.revoke_refresh_tokens(
+            s.identity, s.authenticator.refresh_tokens, customer, login, None
+        )
+    )
+    response = _refresh(server, refresh_token)
     assert response.status_code == 401
     assert customer not in response.text
     assert login not in response.text
@@ -189,28 +199,14 @@ def test_unknown_refresh_token_no_alert(
     server, _ = alerting
     customer = server.add_customer()
     login, password = server.add_user(customer, "reader")
-    response = httpx.get(
-        f"{server.url}/token",
-        params={"service": "moorage", "offline_token": "true", "client_id": "t"},
-        auth=(login, password),
-    )
-    assert response.status_code == 200, response.text
-    refresh_token = response.json()["refresh_token"]
+    refresh_token = _offline_token(server, login, password)
 
     async def forget(services):  # type: ignore[no-untyped-def]
         async with services.identity.engine.begin() as connection:
             await connection.execute(sa_delete(refresh_tokens))
 
     server.run_admin(forget)
-    response = httpx.post(
-        f"{server.url}/token",
-        data={
-            "grant_type": "refresh_token",
-            "refresh_token": refresh_token,
-            "service": "moorage",
-            "client_id": "t",
-        },
-    )
+    response = _refresh(server, refresh_token)
     assert response.status_code == 401
     where = AuditFilter(action="auth.token", outcome="failure", customer=customer)
     failures = wait_for_events(
