@@ -97,17 +97,7 @@ class WrapStore:
     async def add(self, object_id: str, wraps: list[DataKeyWrap]) -> None:
         """Store wraps; an owner that already has a wrap for the object keeps it."""
         async with begin(self.engine) as connection:
-            for wrap in wraps:
-                await insert_ignore(
-                    connection,
-                    data_key_wraps,
-                    {
-                        "object_id": object_id,
-                        "owner": wrap.owner,
-                        "wrapped": wrap.wrapped,
-                        "created_at": utcnow(),
-                    },
-                )
+            await _insert_wraps(connection, object_id, wraps)
 
     async def add_missing(
         self,
