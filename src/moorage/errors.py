@@ -116,10 +116,10 @@ class UnauthorizedError(MoorageError):
         customer: str | None = None,
         login: str | None = None,
     ) -> None:
-        """`reason`, `customer` and `login` are for the audit trail only and
-        never sent: a reason more exact than the message (which must not tell a
-        guesser more), and the customer and login of the account that
-        authentic credentials name (a signed token, say)."""
+        """Keep `reason`, `customer` and `login` for the audit trail only, never
+        sent. `reason` is more exact than the message, which must not help a
+        guesser. `customer` and `login` name the account of authentic
+        credentials, such as a signed token."""
         super().__init__(message, detail)
         self.reason = reason or self.message
         self.customer = customer

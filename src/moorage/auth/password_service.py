@@ -140,8 +140,8 @@ def serve(descriptor: int, slots: threading.Semaphore) -> None:
             try:
                 request = receive(descriptor)
             except ValueError as error:
-                # Framed, so the stream is still in step: answer and go on. A
-                # closed socket would leave its worker without password checks.
+                # The message was framed, so the stream is still in step: reply
+                # and continue. Closing would leave the worker without checks.
                 send(descriptor, {"error": f"unreadable request: {error}"})
                 continue
             if request is None:

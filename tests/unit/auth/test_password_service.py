@@ -1,4 +1,4 @@
-"""The supervisor's password service answers the workers' hashes and checks."""
+"""The supervisor's password service computes the workers' hashes and checks."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from moorage.auth.password_service import PasswordService, PasswordServiceError
 
 @pytest.fixture
 def served() -> Iterator[tuple[PasswordService, socket.socket]]:
-    """A client with one socket, answered by `serve` in a thread."""
+    """A client with one socket, served by `serve` in a thread."""
     own, theirs = socket.socketpair()
     thread = threading.Thread(
         target=password_service.serve,
