@@ -46,6 +46,7 @@ from moorage.auth.secrets import (
 from moorage.db.identity_store import AccountRecord, CustomerRecord, IdentityStore
 from moorage.db.login_failure_store import LoginFailureStore
 from moorage.db.refresh_token_store import RefreshTokenRecord, RefreshTokenStore
+from moorage.db.registry_store import RegistryStore
 from moorage.db.schema import MAX_INTEGER_ID
 from moorage.db.wrap_store import customer_owner
 from moorage.errors import ConflictError, DeniedError, InvalidInputError, NotFoundError
@@ -877,13 +878,18 @@ async def set_customer_active(
 
 
 async def shred_customer(
-    identity: IdentityStore, driver: EncryptedDriver, customer_slug: str
+    identity: IdentityStore,
+    driver: EncryptedDriver,
+    customer_slug: str,
+    manifests: RegistryStore | None = None,
 ) -> ShredReport:
     """Destroy a suspended or expired customer's key-encryption key for good.
 
     Blobs that only this customer referenced can no longer be decrypted, here
     or from any copy of the blob store; blobs that other customers or the
-    vendor also reference stay readable through their wraps.
+    vendor also reference stay readable through their wraps. With `manifests`,
+    the manifests of the customer's repositories become unreadable too, here
+    and in copies of the database made afterwards.
     """
     customer = await identity.get_customer(customer_slug)
     ended = customer.access_until is not None and customer.access_until <= (
@@ -894,4 +900,4 @@ async def shred_customer(
             f"customer {customer_slug!r} is active; suspend it first "
             f"(moorage customer suspend {customer_slug}) or let its contract end"
         )
-    return await shred_owner(driver, customer_owner(customer_slug))
+    return await shred_owner(driver, customer_owner(customer_slug), manifests)

@@ -35,6 +35,7 @@ from moorage.storage.encryption.setup import (
     attach_owner_keys,
     database_codec,
     encrypting_layer,
+    manifest_codec,
 )
 from moorage.storage.registry import Registry
 
@@ -88,8 +89,9 @@ async def open_services(settings: Settings, *, migrate_schema: bool = True) -> S
     attach_owner_keys(engine, driver)
     codec = await database_codec(engine, driver)
     identity.codec = codec
+    manifests = manifest_codec(driver, codec)
     registry = Registry(
-        RegistryStore(engine, codec), driver, settings.max_manifest_bytes
+        RegistryStore(engine, manifests), driver, settings.max_manifest_bytes
     )
     tokens = await TokenService.load(
         identity,
@@ -125,6 +127,8 @@ async def open_services(settings: Settings, *, migrate_schema: bool = True) -> S
         driver.on_integrity_error = integrity_reporter(audit)
     if codec is not None:
         codec.on_integrity_error = integrity_reporter(audit)
+    if manifests is not None:
+        manifests.on_integrity_error = integrity_reporter(audit)
     return Services(
         settings=settings,
         engine=engine,

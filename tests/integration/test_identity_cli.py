@@ -424,7 +424,10 @@ def test_shred_event_has_counts(cli: Cli) -> None:
         "shredded", "--outcome", "success",
     )  # fmt: skip
     reasons = [json.loads(line)["reason"] for line in listed.splitlines()]
-    counts = "data key wraps deleted, 0 objects now unreadable (0 of them blobs)"
+    counts = (
+        "data key wraps deleted, 0 objects now unreadable (0 of them blobs), "
+        "0 manifests now unreadable"
+    )
     assert len(reasons) == 1
     assert reasons[0].startswith("customer shredded key-encryption key: ")
     assert counts in reasons[0]

@@ -152,7 +152,7 @@ def test_existing_plaintext_is_encrypted_while_serving(tmp_path: Path) -> None:
             )
         assert response.content == manifest
         assert wait_until(lambda: "plaintext objects encrypted" in server.log())
-        assert wait_until(lambda: "plaintext manifests encrypted" in server.log())
+        assert wait_until(lambda: "manifests sealed for their owners" in server.log())
     finally:
         server.stop()
         drop_database(server.database_url)

@@ -167,8 +167,8 @@ def customer_shred(
     ] = False,
     data_dir: DataDirOption = None,
 ) -> None:
-    """Destroy a suspended customer's encryption key: its own blobs become
-    unreadable everywhere, blobs shared with others stay readable."""
+    """Destroy a suspended customer's encryption key: its manifests and own blobs
+    become unreadable everywhere, blobs shared with others stay readable."""
     if not confirm:
         reject(
             f"shredding destroys the key of customer {customer} for good; run "
@@ -181,7 +181,9 @@ def customer_shred(
             actions.CUSTOMER_SHRED,
             f"customer {customer} key-encryption key",
             customer,
-            admin.shred_customer(s.identity, _encrypted_driver(s), customer),
+            admin.shred_customer(
+                s.identity, _encrypted_driver(s), customer, s.registry.store
+            ),
             _describe_shred,
         ),
     )
@@ -196,7 +198,8 @@ def _describe_shred(report: ShredReport) -> str:
     return (
         f"{outcome}, {report.wraps_deleted} data key wraps deleted, "
         f"{report.objects_unreadable} objects now unreadable "
-        f"({report.blobs_unreadable} of them blobs)"
+        f"({report.blobs_unreadable} of them blobs), "
+        f"{report.manifests_unreadable} manifests now unreadable"
     )
 
 

@@ -49,6 +49,7 @@ from moorage.logs import configure_logging
 from moorage.services import Services, open_services
 from moorage.storage.encryption import maintenance
 from moorage.storage.encryption.driver import EncryptedDriver
+from moorage.storage.encryption.manifests import ResealReport, reseal_manifests
 from moorage.storage.paths import BLOBS_PREFIX
 
 # The exit code of a command whose reader closed stdout, as for a process that
@@ -766,26 +767,47 @@ def key_reencrypt(
     ] = False,
     data_dir: DataDirOption = None,
 ) -> None:
-    """Encrypt every blob again with new data keys. Resumes an interrupted run."""
+    """Encrypt every blob and manifest again with new data keys. Resumes an
+    interrupted run of the blobs."""
 
-    async def reencrypt(services: Services) -> maintenance.ReencryptReport:
+    async def reencrypt(
+        services: Services,
+    ) -> tuple[maintenance.ReencryptReport, ResealReport]:
         driver = _encrypted_driver(services)
         with _progress("re-encrypting blobs") as update:
-            return await maintenance.reencrypt_all(
+            blobs = await maintenance.reencrypt_all(
                 driver, BLOBS_PREFIX, update, restart=restart
             )
+        return blobs, await reseal_manifests(services.registry.store, renew=True)
 
-    async def action(services: Services) -> maintenance.ReencryptReport:
+    async def action(
+        services: Services,
+    ) -> tuple[maintenance.ReencryptReport, ResealReport]:
         return await _audited_outside_transaction(
-            services, actions.KEY_REENCRYPT, "blobs", None, reencrypt(services)
+            services,
+            actions.KEY_REENCRYPT,
+            "blobs and manifests",
+            None,
+            reencrypt(services),
         )
 
-    report = _run(_settings(data_dir=data_dir), action, atomic=False)
+    report, manifests = _run(_settings(data_dir=data_dir), action, atomic=False)
     console.print(f"{report.reencrypted} blobs re-encrypted")
     if report.shredded:
         console.print(
             f"{report.shredded} blobs skipped: their data keys were destroyed "
             "by shredding, so nothing can read them"
+        )
+    console.print(f"{manifests.resealed} manifests re-encrypted")
+    if manifests.shredded:
+        console.print(
+            f"{manifests.shredded} manifests skipped: their owners' keys were "
+            "destroyed by shredding, so nothing can read them"
+        )
+    if manifests.damaged:
+        console.print(
+            f"{manifests.damaged} manifests skipped: they failed their integrity "
+            "check; see the server log and `moorage audit list`"
         )
 
 

@@ -115,13 +115,35 @@ class RepositoryFilter:
 
 
 class ContentCodec(Protocol):
-    """Encrypts manifest content on its way into the database and back."""
+    """Encrypts content on its way into the database and back, under one key."""
 
     def seal(self, content: bytes, digest: str) -> bytes: ...
 
     def open(self, stored: bytes, digest: str) -> bytes: ...
 
     def is_sealed(self, stored: bytes) -> bool: ...
+
+
+class ManifestCodec(Protocol):
+    """Encrypts manifest content for the owner of its repository, and back."""
+
+    seal_new: bool
+
+    async def seal(self, repository: str, content: bytes, digest: str) -> bytes: ...
+
+    async def open(self, stored: bytes, digest: str) -> bytes: ...
+
+    def is_owner_sealed(self, stored: bytes) -> bool: ...
+
+
+@dataclass(frozen=True, slots=True)
+class StoredManifestRow:
+    """A manifest row as stored, with its content sealed or not."""
+
+    id: int
+    repository: str
+    digest: str
+    content: bytes
 
 
 class RegistryStore:
@@ -131,7 +153,7 @@ class RegistryStore:
     `moorage.db.transactions`).
     """
 
-    def __init__(self, engine: AsyncEngine, codec: ContentCodec | None = None) -> None:
+    def __init__(self, engine: AsyncEngine, codec: ManifestCodec | None = None) -> None:
         self.engine = engine
         self.codec = codec
         # Point reads on every pull go around aiosqlite (see moorage.db.direct),
@@ -360,43 +382,37 @@ class RegistryStore:
             )
             return [row[0] for row in result]
 
-    async def seal_plaintext_manifests(self, batch: int = 200) -> int:
-        """Seal manifest content stored before encryption was on; return the count.
+    async def manifest_rows(self, after_id: int, limit: int) -> list[StoredManifestRow]:
+        """Return up to `limit` stored manifest rows with ids above `after_id`."""
+        async with connect(self.engine) as connection:
+            result = await connection.execute(
+                _MANIFEST_ROWS, {"after_id": after_id, "limit": limit}
+            )
+            return [
+                StoredManifestRow(r.id, r.repository, r.digest, bytes(r.content))
+                for r in result
+            ]
 
-        A row changed meanwhile keeps its newer content.
-        """
-        if self.codec is None:
-            return 0
-        sealed = 0
-        last_id = 0
-        while True:
-            async with begin(self.engine) as connection:
-                rows = (
-                    await connection.execute(
-                        select(manifests.c.id, manifests.c.digest, manifests.c.content)
-                        .where(manifests.c.id > last_id)
-                        .order_by(manifests.c.id)
-                        .limit(batch)
-                    )
-                ).all()
-                if not rows:
-                    return sealed
-                for row in rows:
-                    last_id = row.id
-                    content = bytes(row.content)
-                    if self.codec.is_sealed(content):
-                        continue
-                    result = await connection.execute(
-                        update(manifests)
-                        .where(manifests.c.id == row.id, manifests.c.content == content)
-                        .values(content=self.codec.seal(content, row.digest))
-                    )
-                    sealed += result.rowcount
+    async def replace_manifest_contents(
+        self, changes: Sequence[tuple[int, bytes, bytes]]
+    ) -> int:
+        """Store new content for rows, by (id, old content, new content), where
+        the content is still the old one; return how many changed."""
+        replaced = 0
+        async with begin(self.engine) as connection:
+            for manifest_id, old, new in changes:
+                result = await connection.execute(
+                    update(manifests)
+                    .where(manifests.c.id == manifest_id, manifests.c.content == old)
+                    .values(content=new)
+                )
+                replaced += result.rowcount
+        return replaced
 
     # Manifests and tags
 
     async def get_manifest(self, repository: str, digest: str) -> ManifestRecord | None:
-        return self._manifest_record(
+        return await self._manifest_record(
             await self._first(
                 _MANIFEST_BY_DIGEST,
                 _DIRECT_MANIFEST_BY_DIGEST,
@@ -408,7 +424,7 @@ class RegistryStore:
     async def get_tagged_manifest(
         self, repository: str, tag: str
     ) -> ManifestRecord | None:
-        return self._manifest_record(
+        return await self._manifest_record(
             await self._first(
                 _TAGGED_MANIFEST,
                 _DIRECT_TAGGED_MANIFEST,
@@ -430,11 +446,12 @@ class RegistryStore:
             row = (await connection.execute(statement, values)).first()
         return None if row is None else tuple(row)
 
-    def _manifest_record(self, row: Any) -> ManifestRecord | None:
+    async def _manifest_record(self, row: Any) -> ManifestRecord | None:
         record = _manifest_record(row)
         if record is None or self.codec is None:
             return record
-        return replace(record, content=self.codec.open(record.content, record.digest))
+        content = await self.codec.open(record.content, record.digest)
+        return replace(record, content=content)
 
     async def put_manifest(
         self, repository: str, manifest: NewManifest, tag: str | None
@@ -444,12 +461,14 @@ class RegistryStore:
         Raises ManifestBlobUnknownError when a referenced blob or child manifest is
         not in the repository; nothing is stored then.
         """
-        codec = self.codec
+        stored = manifest.content
+        if self.codec is not None:
+            stored = await self.codec.seal(repository, stored, manifest.digest)
 
         def work(connection: Connection) -> None:
             repository_id = _ensure_repository(connection, repository)
             _check_references(connection, repository, repository_id, manifest)
-            manifest_id = _insert_manifest(connection, repository_id, manifest, codec)
+            manifest_id = _insert_manifest(connection, repository_id, manifest, stored)
             if tag is None:
                 return
             row = {
@@ -729,7 +748,7 @@ def _insert_manifest(
     connection: Connection,
     repository_id: int,
     manifest: NewManifest,
-    codec: ContentCodec | None,
+    stored_content: bytes,
 ) -> int:
     now = utcnow()
     row = {
@@ -740,9 +759,7 @@ def _insert_manifest(
         "subject_digest": manifest.subject_digest,
         "annotations": manifest.annotations_json,
         "size": len(manifest.content),
-        "content": (
-            codec.seal(manifest.content, manifest.digest) if codec else manifest.content
-        ),
+        "content": stored_content,
         "created_at": now,
     }
     # A new manifest, the usual case, is inserted with one statement. A
@@ -811,6 +828,18 @@ _TAGGED_MANIFEST = (
         repositories.c.name == bindparam("repository"),
         tags.c.name == bindparam("tag"),
     )
+)
+_MANIFEST_ROWS = (
+    select(
+        manifests.c.id,
+        repositories.c.name.label("repository"),
+        manifests.c.digest,
+        manifests.c.content,
+    )
+    .join(repositories, repositories.c.id == manifests.c.repository_id)
+    .where(manifests.c.id > bindparam("after_id"))
+    .order_by(manifests.c.id)
+    .limit(bindparam("limit"))
 )
 _BLOB_SIZE = select(blobs.c.size).where(blobs.c.digest == bindparam("digest"))
 _UPLOAD = (

@@ -6,7 +6,9 @@ owner name is also the name of that owner's key-encryption key in `sealed_keys`.
 
 Shredding deletes an owner's key and its wraps, and records every object whose
 last wrap went with them in `shredded_objects`, all in one transaction, so an
-object without wraps is known to be shredded or else damaged.
+object without wraps is known to be shredded or else damaged. The same table
+records the id of the destroyed owner key itself, for manifests, whose data
+keys are wrapped in their own rows (see `moorage.storage.encryption.manifests`).
 
 Concurrent changes to one object's wraps are serialised (see `_lock_object`).
 A release of an owner's wrap cannot interleave with the check that a new link
@@ -75,6 +77,8 @@ class ShredCounts:
     objects_unreadable: int
     # Blobs among those objects, now marked shredded in the `blobs` table.
     blobs_unreadable: int
+    # Manifests of the owner's repositories, sealed under the destroyed key.
+    manifests_unreadable: int = 0
 
 
 class WrapStore:
@@ -155,14 +159,19 @@ class WrapStore:
             )
 
     async def shred(
-        self, owner: str, blob_objects: Mapping[str, str] | None = None
+        self,
+        owner: str,
+        blob_objects: Mapping[str, str] | None = None,
+        key_fingerprint: str | None = None,
     ) -> ShredCounts:
         """Destroy an owner's key and its wraps, and record what no key opens now.
 
         One transaction deletes the owner's sealed key, deletes every wrap under
         it, adds each object left without a wrap to `shredded_objects`, and
         sets `blobs.shredded_at` of those that `blob_objects` (object id to
-        digest) names.
+        digest) names. `key_fingerprint`, the id of the key destroyed, goes
+        into `shredded_objects` too, so that manifests sealed under it read as
+        shredded rather than damaged.
         """
         async with begin(self.engine) as connection:
             if connection.dialect.name == "postgresql":
@@ -216,8 +225,21 @@ class WrapStore:
                     .where(blobs.c.digest.in_(batch))
                     .values(shredded_at=now)
                 )
+            manifest_count = 0
+            if key_fingerprint is not None:
+                await _record_destroyed_key(connection, key_fingerprint, owner)
+                counted = await connection.scalar(
+                    select(func.count())
+                    .select_from(manifests)
+                    .where(manifests.c.repository_id.in_(_repositories_of(owner)))
+                )
+                manifest_count = int(counted or 0)
         return ShredCounts(
-            destroyed.rowcount == 1, len(object_ids), len(unreadable), len(digests)
+            destroyed.rowcount == 1,
+            len(object_ids),
+            len(unreadable),
+            len(digests),
+            manifest_count,
         )
 
     async def digests_used_by(self, owner: str) -> list[str]:
@@ -319,6 +341,19 @@ async def _locked_owners(connection: AsyncConnection, object_id: str) -> set[str
         await _lock_object(connection, object_id)
         query = query.with_for_update(read=True)
     return set(await connection.scalars(query))
+
+
+async def _record_destroyed_key(
+    connection: AsyncConnection, key_fingerprint: str, owner: str
+) -> None:
+    await connection.execute(
+        delete(shredded_objects).where(shredded_objects.c.object_id == key_fingerprint)
+    )
+    await connection.execute(
+        insert(shredded_objects).values(
+            object_id=key_fingerprint, owner=owner, shredded_at=utcnow()
+        )
+    )
 
 
 async def _insert_wraps(

@@ -567,13 +567,34 @@ class Registry:
     async def get_manifest(self, repository: str, reference: str) -> ManifestRecord:
         if is_digest(reference):
             parse_digest(reference)
-            manifest = await self.store.get_manifest(repository, reference)
         else:
             validate_tag(reference)
-            manifest = await self.store.get_tagged_manifest(repository, reference)
+        manifest = await self._read_manifest(repository, reference)
         if manifest is None:
             raise ManifestUnknownError(detail={"reference": reference})
         return manifest
+
+    async def _read_manifest(
+        self, repository: str, reference: str
+    ) -> ManifestRecord | None:
+        """Read a manifest by digest or tag. One sealed under a shredded owner
+        key raises ManifestUnknownError, saying so."""
+        try:
+            if is_digest(reference):
+                return await self.store.get_manifest(repository, reference)
+            return await self.store.get_tagged_manifest(repository, reference)
+        except DataKeyUnavailableError as error:
+            log.info(
+                "manifest data key destroyed",
+                repository=repository,
+                reference=reference,
+                reason=error.reason,
+            )
+            raise ManifestUnknownError(
+                "manifest content is no longer readable: the key of the owner "
+                "of its repository was shredded",
+                detail={"reference": reference, "reason": "data key destroyed"},
+            ) from None
 
     async def put_manifest(
         self, repository: str, reference: str, content_type: str | None, body: bytes

@@ -1,7 +1,8 @@
 """Encrypt, in the background, what an installation stored before encryption.
 
 The same task moves data keys that only the installation key-encryption key
-wraps (envelopes from before owner keys) to wraps under their owners' keys.
+wraps (envelopes from before owner keys) to wraps under their owners' keys,
+and seals manifests that the database data key seals for their owners.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from moorage.storage import paths
 from moorage.storage.drivers.base import PathNotFoundError, StorageDriver
 from moorage.storage.encryption.driver import EncryptedDriver
 from moorage.storage.encryption.maintenance import adopt_envelopes, encrypt_plaintext
+from moorage.storage.encryption.manifests import reseal_manifests
 
 log = structlog.get_logger(__name__)
 
@@ -40,9 +42,7 @@ async def _convert(driver: EncryptedDriver, store: RegistryStore) -> None:
     """
     try:
         while True:
-            manifests = await store.seal_plaintext_manifests()
-            if manifests:
-                log.info("plaintext manifests encrypted", count=manifests)
+            await reseal_manifests(store)
             await encrypt_plaintext(driver, paths.BLOBS_PREFIX)
             await adopt_envelopes(driver)
             if not await _plaintext_uploads_remain(driver):

@@ -20,6 +20,7 @@ process and then cached.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -42,6 +43,7 @@ from moorage.storage.encryption.keys import (
 __all__ = [
     "DataKeyCustody",
     "DataKeyUnavailableError",
+    "OwnerKey",
     "OwnerKeys",
     "wrapping_for",
     "writing_for",
@@ -82,6 +84,21 @@ def wrapping_for(owners: Iterable[str]) -> Iterator[None]:
         _wrapping_for.reset(token)
 
 
+class OwnerKey(LocalKey):
+    """An owner KEK, with an id that names this key and no other.
+
+    The fingerprint is a hash of the key itself, so it stays the same when
+    rotation rewraps the key and changes when shredding destroys the key and a
+    new one is made for the same owner.
+    """
+
+    def __init__(self, owner: str, secret: bytes) -> None:
+        super().__init__(owner, secret)
+        self.fingerprint = hashlib.sha256(b"moorage-owner-kek-id:" + secret).digest()[
+            :16
+        ]
+
+
 class OwnerKeys:
     """Owner KEKs, sealed in `sealed_keys` by the installation KEK, cached unwrapped."""
 
@@ -89,16 +106,16 @@ class OwnerKeys:
         self.sealed = sealed
         self.keyring = keyring
         # owner -> (the sealed bytes it was unwrapped from, the key)
-        self._cache: dict[str, tuple[bytes, LocalKey]] = {}
+        self._cache: dict[str, tuple[bytes, OwnerKey]] = {}
 
-    async def get(self, owner: str) -> LocalKey | None:
+    async def get(self, owner: str) -> OwnerKey | None:
         """Return the owner's KEK, or None when it does not exist (or was destroyed)."""
         cached = self._cache.get(owner)
         if cached is not None:
             return cached[1]
         return await self.reload(owner)
 
-    async def reload(self, owner: str) -> LocalKey | None:
+    async def reload(self, owner: str) -> OwnerKey | None:
         """Read the owner's KEK from the database again, replacing the cached copy."""
         stored = await self.sealed.get(owner)
         if stored is None:
@@ -106,7 +123,7 @@ class OwnerKeys:
             return None
         return self._remember(owner, stored.key_id, stored.wrapped)
 
-    async def current(self, owner: str) -> LocalKey:
+    async def current(self, owner: str) -> OwnerKey:
         """Return the owner's KEK as stored now, creating it on first use.
 
         Wrapping a new data key goes through here rather than the cache, so a
@@ -128,9 +145,9 @@ class OwnerKeys:
         """Drop the owner's KEK from this process's memory."""
         self._cache.pop(owner, None)
 
-    def _remember(self, owner: str, key_id: str, wrapped: bytes) -> LocalKey:
+    def _remember(self, owner: str, key_id: str, wrapped: bytes) -> OwnerKey:
         secret = self.keyring.get(key_id).unwrap(wrapped, sealing_context(owner))
-        key = LocalKey(owner, secret)
+        key = OwnerKey(owner, secret)
         self._cache[owner] = (wrapped, key)
         return key
 
@@ -201,11 +218,14 @@ class DataKeyCustody:
         )
 
     async def shred(
-        self, owner: str, blob_objects: Mapping[str, str] | None = None
+        self,
+        owner: str,
+        blob_objects: Mapping[str, str] | None = None,
+        key_fingerprint: str | None = None,
     ) -> ShredCounts:
         """Destroy the owner's KEK and every wrap under it (see WrapStore.shred)."""
         self.owner_keys.forget(owner)
-        return await self.wraps.shred(owner, blob_objects)
+        return await self.wraps.shred(owner, blob_objects, key_fingerprint)
 
     async def shredded(self, object_id: bytes) -> bool:
         """Return whether shredding deleted the object's last wrap."""

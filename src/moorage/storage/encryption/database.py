@@ -1,12 +1,15 @@
-"""Encryption of data kept in the database: manifest content, signing keys.
+"""Encryption of data kept in the database under one key: signing and server keys.
 
-One data key, wrapped by the key-encryption key, protects every manifest; its
-wrapped form lives in the `sealed_keys` table, so rotation rewraps one row. Each
-manifest is sealed with AES-256-GCM under a random nonce, its digest as the
-associated data, so content moved to another row does not decrypt.
+One data key, wrapped by the key-encryption key, protects them; its wrapped
+form lives in the `sealed_keys` table, so rotation rewraps one row. Each value
+is sealed with AES-256-GCM under a random nonce, with a context (a key's name,
+a manifest's digest) as the associated data, so content moved to another row
+does not decrypt.
 
-Rows written before encryption was on have no prefix and are returned as they
-are.
+Manifest rows stored before owner keys were sealed with this key too.
+`manifests.ManifestCipher` reads them through it until they are sealed for
+their owners. Rows written before encryption was on have no prefix and are
+returned as they are.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ def wrap_context(name: str) -> bytes:
 
 
 class DatabaseCipher:
-    """Seals and opens manifest content (a `ContentCodec` for RegistryStore)."""
+    """Seals and opens values under the database data key (a `ContentCodec`)."""
 
     def __init__(
         self,

@@ -13,6 +13,9 @@ All of it runs while the server serves:
   their owners' keys, for objects stored before owner keys existed; the server
   runs it in the background too.
 - `shred_owner` destroys one owner's key-encryption key and its wraps.
+
+Manifests, sealed in the database, have their own counterpart of
+`reencrypt_all` and of the background conversion: `manifests.reseal_manifests`.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from dataclasses import dataclass, field
 import structlog
 
 from moorage.db.key_store import KeyStore
+from moorage.db.registry_store import RegistryStore
 from moorage.digests import parse_digest
 from moorage.storage import paths
 from moorage.storage.drivers.base import PathNotFoundError
@@ -44,6 +48,7 @@ from moorage.storage.encryption.driver import (
     envelope_path,
     wrap_context,
 )
+from moorage.storage.encryption.manifests import reseal_manifests
 
 log = structlog.get_logger(__name__)
 
@@ -334,9 +339,13 @@ class ShredReport:
     objects_unreadable: int
     # Blobs of the owner's repositories among them, now reported as unknown.
     blobs_unreadable: int
+    # Manifests of the owner's repositories, sealed under the destroyed key.
+    manifests_unreadable: int = 0
 
 
-async def shred_owner(driver: EncryptedDriver, owner: str) -> ShredReport:
+async def shred_owner(
+    driver: EncryptedDriver, owner: str, manifests: RegistryStore | None = None
+) -> ShredReport:
     """Destroy an owner's key-encryption key and every wrap made under it.
 
     `objects_unreadable` counts the objects whose only wrap was the owner's;
@@ -344,14 +353,23 @@ async def shred_owner(driver: EncryptedDriver, owner: str) -> ShredReport:
     blobs of the owner's repositories are marked so that HEAD and GET answer
     BLOB_UNKNOWN. Mapping blobs to objects reads the header of every blob
     that the owner's repositories use.
+
+    With `manifests`, manifest rows that the database data key still seals
+    are first sealed for their owners, so that the owner's manifests are
+    sealed under the key destroyed, and the key's id is recorded as shredded.
     """
     custody = driver.custody
     if custody is None:
         raise ValueError("owner keys are not attached to this storage driver")
+    fingerprint = None
+    if manifests is not None:
+        await reseal_manifests(manifests)
+        kek = await custody.owner_keys.reload(owner)
+        fingerprint = None if kek is None else kek.fingerprint.hex()
     blob_objects = await _blob_objects(
         driver, await custody.wraps.digests_used_by(owner)
     )
-    counts = await custody.shred(owner, blob_objects)
+    counts = await custody.shred(owner, blob_objects, fingerprint)
     log.info(
         "owner key-encryption key destroyed",
         owner=owner,
@@ -359,12 +377,14 @@ async def shred_owner(driver: EncryptedDriver, owner: str) -> ShredReport:
         wraps_deleted=counts.wraps_deleted,
         objects_unreadable=counts.objects_unreadable,
         blobs_unreadable=counts.blobs_unreadable,
+        manifests_unreadable=counts.manifests_unreadable,
     )
     return ShredReport(
         counts.key_destroyed,
         counts.wraps_deleted,
         counts.objects_unreadable,
         counts.blobs_unreadable,
+        counts.manifests_unreadable,
     )
 
 

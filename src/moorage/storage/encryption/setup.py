@@ -18,6 +18,7 @@ from moorage.storage.encryption.keys import (
     KeyManagementError,
     Keyring,
 )
+from moorage.storage.encryption.manifests import ManifestCipher
 
 log = structlog.get_logger(__name__)
 
@@ -112,12 +113,22 @@ def attach_owner_keys(engine: AsyncEngine, driver: StorageDriver) -> None:
 async def database_codec(
     engine: AsyncEngine, driver: StorageDriver
 ) -> DatabaseCipher | None:
-    """Open the cipher for manifest content when blobs are encrypted too."""
+    """Open the cipher of the database data key when blobs are encrypted too."""
     if not isinstance(driver, EncryptedDriver):
         return None
     return await open_database_cipher(
         KeyStore(engine), driver.keyring, seal_new=driver.encrypt_new
     )
+
+
+def manifest_codec(
+    driver: StorageDriver, database: DatabaseCipher | None
+) -> ManifestCipher | None:
+    """Open the cipher that seals manifest content for each repository's owner."""
+    if not isinstance(driver, EncryptedDriver) or driver.custody is None:
+        return None
+    assert database is not None
+    return ManifestCipher(driver.custody, database, seal_new=database.seal_new)
 
 
 def keys_inside_data_dir(settings: Settings) -> bool:
