@@ -1,11 +1,15 @@
-"""Crypto-shredding: destroying one customer's key loses only that customer's blobs.
+"""Crypto-shredding: destroying one customer's key loses only that customer's
+blobs and manifests.
 
 Two customers push images that share a base layer (a real busybox layer) and
 each adds a private layer; the second customer also mounts a vendor layer.
 After the first customer is shredded, everything the second customer and the
 vendor reference pulls back byte-identical, while the first customer's
 private layer cannot be decrypted: not from the live store, and not from a
-copy of the blob store taken before the shredding.
+copy of the blob store taken before the shredding. The first customer's
+manifests cannot be decrypted either, not even from a copy of the database
+and storage taken after the shredding together with the installation key,
+while the second customer's copy of a manifest that both pushed still serves.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from moorage.db.schema import (
     audit_events,
     blobs,
     data_key_wraps,
+    manifests,
     repositories,
     repository_blobs,
     sealed_keys,
@@ -46,7 +51,10 @@ from moorage.storage.encryption.driver import (
     envelope_path,
 )
 from moorage.storage.encryption.format import IntegrityError, wrap_context
+from tests.support.database import copy_database, drop_database
+from tests.support.identity import push_blob
 from tests.support.images import (
+    MEDIA_TYPE_OCI_CONFIG,
     MEDIA_TYPE_OCI_LAYER_GZIP,
     MEDIA_TYPE_OCI_MANIFEST,
     Blob,
@@ -731,3 +739,108 @@ def test_shredded_blob_cannot_be_referenced(shared: SharedRegistry) -> None:
     )
     assert response.status_code == 400, response.text
     assert response.json()["errors"][0]["code"] == "MANIFEST_BLOB_UNKNOWN"
+
+
+def push_annotated(client: httpx.Client, repository: str, marker: str) -> bytes:
+    """Push a manifest annotated with `marker` as tag `shared`; return its bytes.
+
+    Pushes of the same marker produce the same manifest, in any repository.
+    """
+    config = json.dumps({"architecture": "amd64", "os": "linux"}).encode()
+    manifest = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": MEDIA_TYPE_OCI_MANIFEST,
+            "config": {
+                "mediaType": MEDIA_TYPE_OCI_CONFIG,
+                "digest": push_blob(client, repository, config),
+                "size": len(config),
+            },
+            "layers": [],
+            "annotations": {"note": marker},
+        }
+    ).encode()
+    response = client.put(
+        f"/v2/{repository}/manifests/shared",
+        content=manifest,
+        headers={"Content-Type": MEDIA_TYPE_OCI_MANIFEST},
+    )
+    assert response.status_code == 201, response.text
+    return manifest
+
+
+def assert_manifest_destroyed(
+    client: httpx.Client, repository: str, reference: str
+) -> None:
+    """A GET of a manifest sealed under a shredded key gets MANIFEST_UNKNOWN,
+    saying so."""
+    response = client.get(
+        f"/v2/{repository}/manifests/{reference}",
+        headers={"Accept": MEDIA_TYPE_OCI_MANIFEST},
+    )
+    assert response.status_code == 404, response.text
+    error = response.json()["errors"][0]
+    assert error["code"] == "MANIFEST_UNKNOWN"
+    assert error["detail"] == {"reference": reference, "reason": "data key destroyed"}
+
+
+def test_shred_makes_manifests_unreadable(
+    shared: SharedRegistry, tmp_path: Path
+) -> None:
+    """After shredding, the first customer's manifests open neither in the
+    server nor from a copy of the database and storage made with the keys,
+    while the second customer's row of a manifest both pushed still serves."""
+    server = shared.server
+    first, second = shared.images["first"], shared.images["second"]
+    marker = unique("first-and-second")
+    pushed = push_annotated(shared.first.client, first.repository, marker)
+    assert push_annotated(shared.second.client, second.repository, marker) == pushed
+
+    shred(shared)
+    server.restart()
+    assert_manifest_destroyed(shared.vendor, first.repository, "v1")
+    assert_manifest_destroyed(shared.vendor, first.repository, "shared")
+    response = shared.second.client.get(
+        f"/v2/{second.repository}/manifests/shared",
+        headers={"Accept": MEDIA_TYPE_OCI_MANIFEST},
+    )
+    assert response.status_code == 200, response.text
+    assert response.content == pushed
+    assert_pulls(shared.second.client, second)
+    assert_pulls(shared.vendor, shared.images["vendor"])
+    assert "storage integrity error" not in server.log()
+
+    server.stop()
+    copy_dir = tmp_path / "copy"
+    shutil.copytree(server.data_dir, copy_dir)
+    copy = ServerProcess(copy_dir, copy_database(server.database_url, copy_dir))
+    try:
+        rows = copy.run_admin(_manifest_rows)
+        assert marker.encode() not in b"".join(rows.values())
+        assert first.manifest.data not in b"".join(rows.values())
+
+        async def read(services: Services, repository: str, tag: str) -> bytes:
+            record = await services.registry.store.get_tagged_manifest(repository, tag)
+            assert record is not None
+            return record.content
+
+        for tag in ("v1", "shared"):
+            with pytest.raises(DataKeyUnavailableError):
+                copy.run_admin(lambda s, tag=tag: read(s, first.repository, tag))
+        assert copy.run_admin(lambda s: read(s, second.repository, "shared")) == pushed
+        assert copy.run_admin(lambda s: read(s, second.repository, "v1")) == (
+            second.manifest.data
+        )
+    finally:
+        drop_database(copy.database_url)
+
+
+async def _manifest_rows(services: Services) -> dict[str, bytes]:
+    """Return the stored content of every manifest row, by repository and digest."""
+    async with services.engine.connect() as connection:
+        result = await connection.execute(
+            select(repositories.c.name, manifests.c.digest, manifests.c.content).join(
+                repositories, repositories.c.id == manifests.c.repository_id
+            )
+        )
+        return {f"{row.name}@{row.digest}": bytes(row.content) for row in result}

@@ -444,13 +444,45 @@ def test_manifest_content_is_encrypted_in_the_database(
     manifest = push_manifest(admin_client, repository, marker)
     stored = stored_manifest(server, repository)
     assert marker.encode() not in stored
-    assert stored.startswith(b"MRGDB1")
+    # Sealed for the vendor, whose key covers namespaces that no customer owns.
+    assert stored.startswith(b"MRGMF1\x00\x06vendor")
     response = admin_client.get(
         f"/v2/{repository}/manifests/v1",
         headers={"Accept": MEDIA_TYPE_OCI_MANIFEST},
     )
     assert response.content == manifest
     assert response.headers["Content-Length"] == str(len(manifest))
+
+
+def test_manifest_under_database_key_is_resealed(
+    admin_client: httpx.Client, server: ServerProcess
+) -> None:
+    """A row sealed with the database data key, as before owner keys, serves as
+    it is, and the server seals it for its owner in the background at start."""
+    repository = f"{unique('enc')}/legacy"
+    manifest = push_manifest(admin_client, repository, "legacy")
+    digest = f"sha256:{hashlib.sha256(manifest).hexdigest()}"
+
+    async def seal_with_database_key(services: Services) -> bytes:
+        assert services.identity.codec is not None
+        return services.identity.codec.seal(manifest, digest)
+
+    legacy = server.run_admin(seal_with_database_key)
+    assert legacy.startswith(b"MRGDB1")
+    overwrite_manifest(server, repository, legacy)
+
+    def pull() -> bytes:
+        response = admin_client.get(
+            f"/v2/{repository}/manifests/v1",
+            headers={"Accept": MEDIA_TYPE_OCI_MANIFEST},
+        )
+        assert response.status_code == 200, response.text
+        return response.content
+
+    assert pull() == manifest
+    server.restart()
+    assert wait_until(lambda: stored_manifest(server, repository).startswith(b"MRGMF1"))
+    assert pull() == manifest
 
 
 def test_tampered_manifest_fails(

@@ -58,3 +58,20 @@ def drop_database(url: str) -> None:
     if url.startswith("postgresql"):
         name = url.rsplit("/", 1)[1]
         _psql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def copy_database(url: str, data_dir: Path) -> str:
+    """Copy a metadata database that nothing is connected to; return the copy's
+    URL. A SQLite copy goes to `data_dir`."""
+    if url.startswith("postgresql"):
+        name = url.rsplit("/", 1)[1]
+        copy = f"moorage_test_{uuid.uuid4().hex[:12]}"
+        _psql(f'CREATE DATABASE "{copy}" TEMPLATE "{name}"')
+        return f"{POSTGRES_DSN}/{copy}"
+    source = Path(url.split(":///", 1)[1])
+    target = data_dir / source.name
+    for suffix in ("", "-wal", "-shm"):
+        part = source.with_name(source.name + suffix)
+        if part.exists():
+            target.with_name(target.name + suffix).write_bytes(part.read_bytes())
+    return f"sqlite+aiosqlite:///{target}"
