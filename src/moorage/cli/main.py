@@ -712,6 +712,8 @@ def key_status(data_dir: DataDirOption = None) -> None:
         console.print(f"keys from {shown(driver.keyring.describe())}")
         console.print(table)
         if driver.custody is not None:
+            # NOTE: counts blob data keys only. Manifest data keys are wrapped
+            # in their own rows, which this does not read.
             owners = Table("owner key-encryption key", "data keys")
             for owner, count in sorted(
                 (await driver.custody.wraps.count_by_owner()).items()
