@@ -190,7 +190,7 @@ class ManifestCipher:
         if kek is None or kek.fingerprint != sealed.key_id:
             raise await self._unavailable(sealed, digest)
         cached = self._data_keys.get(sealed.wrapped)
-        if cached is not None:
+        if cached is not None and cached[0] == sealed.owner:
             self._data_keys.move_to_end(sealed.wrapped)
             return cached[1]
         try:
