@@ -53,9 +53,9 @@ _KEY_ID_BYTES = 16
 _WRAPPED_BYTES = 12 + DATA_KEY_BYTES + 16
 _NONCE_BYTES = 12
 # Unwrapped data keys kept in memory, as ready AES-GCM objects. Opening a
-# manifest without one costs an unwrap and a key setup, an estimated 9 us of
-# CPU on a 2-core test machine (timeit, under load), where a cached key costs
-# a dictionary lookup.
+# 1.5 KiB manifest took 3.4 us of CPU with its key cached and 5.7 us without
+# (an unwrap and a key setup), against 1.3 us under the database data key
+# (2-core test machine, 20,000 opens in one process, three runs).
 CACHED_DATA_KEYS = 4096
 # Seconds an owner KEK is used from memory before it is read from the database
 # again: a server stops opening the manifests of a shredded owner within this
