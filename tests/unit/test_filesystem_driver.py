@@ -11,10 +11,12 @@ from pathlib import Path
 import pytest
 
 from moorage.storage.drivers import filesystem
+from moorage.storage.drivers.base import PathNotFoundError
 from moorage.storage.drivers.filesystem import (
     READ_CHUNK_BYTES,
     WRITE_BUFFER_BYTES,
     FilesystemDriver,
+    _completed_ranges,
     _open_direct,
     _write_block,
 )
@@ -203,3 +205,82 @@ async def test_early_writeback_keeps_data(
     assert size == 9 * WRITE_BUFFER_BYTES
     stored = b"".join([c async for c in driver.read("uploads/x/data")])
     assert stored == b"".join(blocks)
+
+
+@pytest.mark.parametrize(
+    ("start", "end", "expected"),
+    [
+        (0, 0, None),
+        (0, 31, None),
+        (0, 32, (0, 32)),
+        (8, 32, (0, 32)),
+        (24, 40, (0, 32)),
+        (32, 64, (32, 32)),
+        (33, 63, None),
+        (40, 100, (32, 64)),
+    ],
+)
+def test_completed_ranges(
+    monkeypatch: pytest.MonkeyPatch,
+    start: int,
+    end: int,
+    expected: tuple[int, int] | None,
+) -> None:
+    """A chunk's commit writes back the aligned ranges it completed, from the
+    start of the range it began in."""
+    monkeypatch.setattr(filesystem, "EARLY_SYNC_BYTES", 32)
+    assert _completed_ranges(start, end) == expected
+
+
+async def test_chunk_commits_write_back_completed_ranges(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Chunks of one block each start writeback on every second commit, for
+    the two blocks that commit completed, and the file reads back whole."""
+    monkeypatch.setattr(filesystem, "EARLY_SYNC_BYTES", 2 * WRITE_BUFFER_BYTES)
+    started: list[tuple[int, int]] = []
+    real_start_writeback = filesystem.start_writeback
+
+    def recording_start_writeback(fd: int, offset: int, length: int) -> bool:
+        started.append((offset, length))
+        return real_start_writeback(fd, offset, length)
+
+    monkeypatch.setattr(filesystem, "start_writeback", recording_start_writeback)
+    driver = FilesystemDriver(tmp_path / "storage")
+    blocks = [os.urandom(WRITE_BUFFER_BYTES) for _ in range(5)]
+    size = 0
+    for block in blocks:
+        writer = await driver.writer("uploads/x/data", size)
+        await writer.write(block)
+        size = await writer.commit(sync=False)
+
+    pair = 2 * WRITE_BUFFER_BYTES
+    assert started == [(0, pair), (pair, pair)]
+    stored = b"".join([c async for c in driver.read("uploads/x/data")])
+    assert stored == b"".join(blocks)
+
+
+async def test_writer_cuts_bytes_past_offset(tmp_path: Path) -> None:
+    """A writer reopened at an offset drops what the file contains past it,
+    keeps what comes before, and appends after it."""
+    driver = FilesystemDriver(tmp_path / "storage", fsync=False)
+    writer = await driver.writer("uploads/x/data")
+    await writer.write(b"kept-dropped")
+    assert await writer.commit() == 12
+
+    writer = await driver.writer("uploads/x/data", 4)
+    assert (await driver.stat("uploads/x/data")).size == 4
+    await writer.write(b"+new")
+    assert await writer.commit() == 8
+    writer = await driver.writer("uploads/x/data", 8)
+    assert await writer.commit() == 8
+
+    stored = b"".join([c async for c in driver.read("uploads/x/data")])
+    assert stored == b"kept+new"
+
+
+async def test_writer_at_offset_needs_the_file(tmp_path: Path) -> None:
+    """Reopening a missing key at an offset raises PathNotFoundError."""
+    driver = FilesystemDriver(tmp_path / "storage", fsync=False)
+    with pytest.raises(PathNotFoundError):
+        await driver.writer("uploads/missing/data", 10)

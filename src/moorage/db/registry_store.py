@@ -360,13 +360,14 @@ class RegistryStore:
     ) -> bool:
         """Move an upload from `expected` to `new_size` bytes, unless another
         request moved it first."""
-        statement = (
-            update(uploads)
-            .where(uploads.c.id == upload_id, uploads.c.size == expected)
-            .values(size=new_size, updated_at=utcnow())
-        )
+        values = {
+            "upload_id": upload_id,
+            "expected": expected,
+            "new_size": new_size,
+            "now": utcnow(),
+        }
         return await self._transact(
-            lambda connection: connection.execute(statement).rowcount == 1
+            lambda connection: connection.execute(_ADVANCE_UPLOAD, values).rowcount == 1
         )
 
     async def delete_upload(self, upload_id: str) -> bool:
@@ -868,6 +869,16 @@ _INSERT_UPLOAD_BY_NAME = uploads.insert().from_select(
         _now,
         _now,
     ).where(repositories.c.name == bindparam("name")),
+)
+# Built once because each PATCH of a chunked upload runs it. In a py-spy
+# profile of small PATCHes, building the UPDATE took longer than running it.
+_ADVANCE_UPLOAD = (
+    update(uploads)
+    .where(
+        uploads.c.id == bindparam("upload_id"),
+        uploads.c.size == bindparam("expected"),
+    )
+    .values(size=bindparam("new_size"), updated_at=_now)
 )
 _DELETE_UPLOAD = (
     delete(uploads)

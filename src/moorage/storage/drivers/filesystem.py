@@ -120,9 +120,21 @@ class FilesystemDriver(StorageDriver):
     async def writer(self, path: str, offset: int = 0) -> FileWriter:
         full = self._full_path(path)
         try:
-            fd, direct_fd = await asyncio.to_thread(_open_for_writing, full, offset)
+            if offset == 0:
+                # Creating a file and its directory may wait for the journal,
+                # so it runs in a worker thread.
+                fd = await asyncio.to_thread(_create_for_writing, full)
+            else:
+                # Reopening a file to append takes an open and an fstat, which
+                # do not wait for the disk, so they run inline and each PATCH
+                # of a chunked upload saves a thread hop. A file of another
+                # size, such as one that a dead request wrote past `offset`,
+                # is cut in a worker thread.
+                fd = os.open(full, os.O_WRONLY)
+                await _cut_to(fd, offset)
         except FileNotFoundError:
             raise PathNotFoundError(path) from None
+        direct_fd = _open_direct(full) if DIRECT_WRITES else None
         return _FilesystemWriter(fd, offset, fsync=self.fsync, direct_fd=direct_fd)
 
     async def put(self, path: str, data: bytes) -> None:
@@ -256,19 +268,20 @@ class _FilesystemWriter(FileWriter):
         await self._wait_for_sync()
         # The rest of the data and the fsync go to the same worker thread.
         # Without `sync` (an upload's chunk), the kernel is asked to start
-        # writing the data to disk: the fsync when the upload finishes then has
-        # little left to do, and dirty pages do not pile up over a large upload.
+        # writing back each range of EARLY_SYNC_BYTES that the chunk completed,
+        # so that the fsync when the upload finishes has little left to do and
+        # dirty pages do not pile up over a large upload. A chunk that
+        # completes no range and has nothing buffered needs no worker thread.
         data = bytes(self._buffer)
         self._buffer.clear()
-        await asyncio.to_thread(
-            _write_and_sync,
-            self._fd,
-            data,
-            self._written,
-            self._start,
-            sync=self._fsync and sync,
-            writeback=self._fsync and not sync,
-        )
+        sync = self._fsync and sync
+        writeback = None
+        if self._fsync and not sync:
+            writeback = _completed_ranges(self._start, self._written + len(data))
+        if data or sync or writeback is not None:
+            await asyncio.to_thread(
+                _write_and_sync, self._fd, data, self._written, sync, writeback
+            )
         self._written += len(data)
         self._close()
         return self._written
@@ -371,36 +384,59 @@ def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
 
 
 def _write_and_sync(
-    fd: int, data: bytes, offset: int, start: int, *, sync: bool, writeback: bool
+    fd: int,
+    data: bytes,
+    offset: int,
+    sync: bool,
+    writeback: tuple[int, int] | None,
 ) -> None:
     """Write the rest of the data at `offset`. Then sync the file, or start
-    writing back what this writer wrote since `start` (see `commit`)."""
+    writing back the `writeback` range, given as (offset, length)."""
     _pwrite_all(fd, data, offset)
     if sync:
         os.fsync(fd)
-    elif writeback:
-        start_writeback(fd, start, offset + len(data) - start)
+    elif writeback is not None:
+        start_writeback(fd, *writeback)
 
 
-def _open_for_writing(path: str, offset: int) -> tuple[int, int | None]:
-    """Open a file to write at `offset`, cut to that length; create it at 0.
+def _completed_ranges(start: int, end: int) -> tuple[int, int] | None:
+    """Return the file's ranges of EARLY_SYNC_BYTES, aligned to multiples of
+    that size, that bytes `start` to `end` completed, as one (offset, length).
 
-    Return its descriptor and a second one with O_DIRECT, or None where the
-    filesystem rejects O_DIRECT.
+    The first range may begin before `start`, because the chunks that wrote
+    its earlier bytes started no writeback for it. Return None when `start`
+    and `end` lie in the same range.
     """
-    if offset == 0:
-        # An upload's data is synced, with its directory, only when it moves
-        # into place.
-        _make_directory(os.path.dirname(path), fsync=False)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT, STORED_FILE_MODE)
-    else:
-        fd = os.open(path, os.O_WRONLY)
+    first = start - start % EARLY_SYNC_BYTES
+    last = end - end % EARLY_SYNC_BYTES
+    if last <= first:
+        return None
+    return first, last - first
+
+
+def _create_for_writing(path: str) -> int:
+    """Create a file, or empty an existing one, and open it to write."""
+    # An upload's data is synced, with its directory, only when it moves
+    # into place.
+    _make_directory(os.path.dirname(path), fsync=False)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, STORED_FILE_MODE)
     try:
-        os.ftruncate(fd, offset)
+        os.ftruncate(fd, 0)
     except BaseException:
         os.close(fd)
         raise
-    return fd, _open_direct(path) if DIRECT_WRITES else None
+    return fd
+
+
+async def _cut_to(fd: int, offset: int) -> None:
+    """Cut the open file to `offset` bytes unless it has that size already;
+    close the descriptor when that fails."""
+    try:
+        if os.fstat(fd).st_size != offset:
+            await asyncio.to_thread(os.ftruncate, fd, offset)
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _open_direct(path: str) -> int | None:
