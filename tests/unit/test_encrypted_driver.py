@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import BinaryIO
@@ -417,3 +419,73 @@ async def test_threaded_reader_closed_while_reading_ahead(tmp_path: Path) -> Non
     assert reader._file.closed
     with pytest.raises(ValueError, match="closed"):
         reader.read_chunk()
+
+
+async def test_threaded_reader_decrypts_from_a_map(tmp_path: Path) -> None:
+    """A threaded read of a local file decrypts from a memory map under a read
+    lease, reads ranges at segment boundaries right, and releases the map."""
+    layer = Layer(tmp_path)
+    data = sample(3 * 1024 * 1024 + 5)
+    await layer.store("blobs/p", data)
+    cases = [(0, None), (SEGMENT, SEGMENT), (SEGMENT - 1, 2), (2 * 1024 * 1024, None)]
+    for offset, length in cases:
+        reader = await layer.driver.open_reader("blobs/p", offset, length)
+        assert reader is not None
+        assert reader._runs._mapped is not None
+        received = await read_threaded(reader)
+        end = None if length is None else offset + length
+        assert received == data[offset:end]
+        assert reader._runs._mapped is None
+        if length is None:
+            assert reader._runs._dropped > 0
+    assert layer.errors == []
+
+
+async def read_while_joining(
+    reader: SegmentReader, received: bytearray, truncation: threading.Thread
+) -> None:
+    """Read all of `reader`, checking after each run that `truncation` ended.
+
+    The kernel's lease break time is 45 s by default, so a join that returns
+    within 10 s shows that the reader released its lease itself.
+    """
+    while (chunk := await asyncio.to_thread(reader.read_chunk)) is not None:
+        received += chunk
+        await asyncio.to_thread(truncation.join, 10)
+        assert not truncation.is_alive()
+
+
+async def test_truncation_waits_for_a_mapped_reader(tmp_path: Path) -> None:
+    """A truncation by another thread waits for the read lease of a mapped
+    reader. The reader gives up the map at its next run, the truncation goes
+    ahead, and the rest of the read fails as cut short, never with wrong bytes."""
+    layer = Layer(tmp_path)
+    data = sample(8 * 1024 * 1024)
+    await layer.store("blobs/t", data)
+    path = layer.root / "blobs/t"
+    reader = await layer.driver.open_reader("blobs/t")
+    assert reader is not None
+    received = bytearray()
+    first = await asyncio.to_thread(reader.read_chunk)
+    assert first is not None
+    received += first
+    truncation = threading.Thread(
+        target=os.truncate, args=(path, HEADER_BYTES + 100 * SEALED)
+    )
+    truncation.start()
+    fd = reader._file.fileno()
+    for _ in range(500):
+        if fcntl.fcntl(fd, fcntl.F_GETLEASE) != fcntl.F_RDLCK:
+            break
+        await asyncio.sleep(0.01)
+    assert fcntl.fcntl(fd, fcntl.F_GETLEASE) == fcntl.F_UNLCK
+    assert truncation.is_alive()
+    with pytest.raises(IntegrityError, match="cut short"):
+        await read_while_joining(reader, received, truncation)
+    reader.close()
+    assert not truncation.is_alive()
+    stored = await asyncio.to_thread(os.stat, path)
+    assert stored.st_size == HEADER_BYTES + 100 * SEALED
+    assert len(received) >= 1024 * 1024
+    assert bytes(received) == data[: len(received)]
+    assert [error.path for error in layer.errors] == ["blobs/t"]
