@@ -422,11 +422,17 @@ async def test_threaded_reader_closed_while_reading_ahead(tmp_path: Path) -> Non
 
 
 async def test_threaded_reader_decrypts_from_a_map(tmp_path: Path) -> None:
-    """A threaded read of a local file decrypts from a memory map under a read
-    lease, reads ranges at segment boundaries right, and releases the map."""
+    """A threaded read of a local file of 4 MiB or more decrypts from a memory
+    map under a read lease, reads ranges at segment boundaries right, and
+    releases the map. A smaller file is read without a map."""
     layer = Layer(tmp_path)
-    data = sample(3 * 1024 * 1024 + 5)
+    data = sample(5 * 1024 * 1024 + 5)
     await layer.store("blobs/p", data)
+    await layer.store("blobs/small", data[: 3 * 1024 * 1024])
+    small = await layer.driver.open_reader("blobs/small", 0, None)
+    assert small is not None
+    assert small._runs._mapped is None
+    assert await read_threaded(small) == data[: 3 * 1024 * 1024]
     cases = [(0, None), (SEGMENT, SEGMENT), (SEGMENT - 1, 2), (2 * 1024 * 1024, None)]
     for offset, length in cases:
         reader = await layer.driver.open_reader("blobs/p", offset, length)

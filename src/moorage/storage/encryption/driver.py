@@ -88,6 +88,9 @@ _LEASES = hasattr(fcntl, "F_SETLEASE")
 # The shortest /proc/sys/fs/lease-break-time, in seconds, with which files are
 # mapped: a run must be decrypted within that time (see `_FileSegments.map`).
 _MIN_LEASE_BREAK_SECONDS = 5
+# Files smaller than this are read with preadv: for a run or two, taking a
+# lease, mapping and unmapping cost about as much as the copy they save.
+_MIN_MAPPED_BYTES = 4 * READ_RUN_BYTES
 # Threads that read and decrypt the next run for a `SegmentReader`. Apart from
 # the threads that wait for them, so that a wait cannot block its own run.
 _READ_AHEAD = ThreadPoolExecutor(
@@ -779,11 +782,16 @@ class _FileSegments:
         a truncated page. Files are mapped only with a break time of at least
         `_MIN_LEASE_BREAK_SECONDS` (the kernel's default is 45).
 
-        Does nothing where leases are unavailable: off Linux, when leases are
-        disabled, when the process does not own the file and lacks
-        CAP_LEASE, or when the file is open for writing.
+        Does nothing for files under `_MIN_MAPPED_BYTES`, and where leases are
+        unavailable: off Linux, when leases are disabled, when the process
+        does not own the file and lacks CAP_LEASE, or when the file is open
+        for writing.
         """
-        if not _LEASES or _lease_break_seconds() < _MIN_LEASE_BREAK_SECONDS:
+        if (
+            not _LEASES
+            or self._stored_size < _MIN_MAPPED_BYTES
+            or _lease_break_seconds() < _MIN_LEASE_BREAK_SECONDS
+        ):
             return
         try:
             # A lease break sends the lease holder SIGIO unless F_SETSIG sets
