@@ -725,12 +725,13 @@ def grant_add(
     namespaces, other customers' and future ones included; it needs --force.
     """
     end = _parse_end_date(until, "--until")
-
-    async def change(s: Services) -> int:
-        if not force:
-            _check_one_namespace(pattern)
-        return await admin.add_grant(s.identity, customer, pattern, role, end, account)
-
+    if not force and _reaches_many_namespaces(pattern):
+        reject(
+            f"pattern {pattern!r} matches repositories in every namespace that "
+            f"matches {pattern.split('/', 1)[0]!r}, other customers' and ones added "
+            "later included; name the namespace (products/*), or pass --force to "
+            "grant it anyway"
+        )
     grant_id = _run(
         _settings(data_dir=data_dir),
         lambda s: _audited(
@@ -738,7 +739,7 @@ def grant_add(
             actions.GRANT_ADD,
             f"{role} on {pattern} to {account or customer}, until {_when(end)}",
             customer,
-            change(s),
+            admin.add_grant(s.identity, customer, pattern, role, end, account),
         ),
     )
     if _reaches_many_namespaces(pattern):
@@ -753,17 +754,6 @@ def grant_add(
 
 def _reaches_many_namespaces(pattern: str) -> bool:
     return "*" in pattern.split("/", 1)[0]
-
-
-def _check_one_namespace(pattern: str) -> None:
-    """Raise InvalidInputError when `pattern` matches more than one namespace."""
-    if _reaches_many_namespaces(pattern):
-        raise InvalidInputError(
-            f"pattern {pattern!r} matches repositories in every namespace that "
-            f"matches {pattern.split('/', 1)[0]!r}, other customers' and ones added "
-            "later included; name the namespace (products/*), or pass --force to "
-            "grant it anyway"
-        )
 
 
 @grant_app.command("list")
