@@ -32,6 +32,8 @@ from pydantic_settings import (
     SettingsError,
     TomlConfigSettingsSource,
 )
+from sqlalchemy import make_url
+from sqlalchemy.exc import ArgumentError
 
 DEFAULT_DATA_DIR = Path("./data")
 
@@ -357,6 +359,13 @@ class Settings(BaseSettings):
             ipaddress.ip_network(entry, strict=False)
         return value
 
+    @field_validator("database_url")
+    @classmethod
+    def _check_database_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            _check_database_url_text(value)
+        return value
+
     @field_validator("encryption_key")
     @classmethod
     def _check_key(cls, value: SecretStr | None) -> SecretStr | None:
@@ -435,6 +444,24 @@ class Settings(BaseSettings):
     @property
     def resolved_audit_archive_dir(self) -> Path:
         return self.audit_archive_dir or self.data_dir / "audit-archive"
+
+
+def _check_database_url_text(url: str) -> None:
+    """Raise ValueError when `url` is not an SQLAlchemy URL or its port is not a
+    number from 1 to 65535. The message never contains the URL's password."""
+    host_part = urlsplit(url).netloc.rpartition("@")[2]
+    if host_part.startswith("["):
+        host_part = host_part.partition("]")[2]  # the port after an IPv6 address
+    _, colon, port = host_part.rpartition(":")
+    if colon and port and not (port.isdigit() and 1 <= int(port) <= 65535):
+        raise ValueError(f"invalid port {port!r}; use a number from 1 to 65535")
+    try:
+        make_url(url)
+    except (ArgumentError, ValueError):
+        raise ValueError(
+            "not a valid SQLAlchemy URL; expected for example "
+            "postgresql+asyncpg://moorage@db/moorage"
+        ) from None
 
 
 # The key-encryption key's size: AES-256.

@@ -215,3 +215,48 @@ def test_file_errors_name_file(tmp_path: Path) -> None:
     assert lines[0].startswith(
         "invalid configuration: data/moorage.toml is not valid TOML"
     )
+
+
+@pytest.mark.parametrize(
+    ("url", "port"),
+    [
+        ("postgresql+asyncpg://u:DBSECRET@127.0.0.1:99999/db", "99999"),
+        ("postgresql+asyncpg://u:DBSECRET@127.0.0.1:abc/db", "abc"),
+        ("postgresql+asyncpg://u:DBSECRET@127.0.0.1:0/db", "0"),
+        ("postgresql+asyncpg://u:DBSECRET@[::1]:70000/db", "70000"),
+    ],
+)
+def test_invalid_database_port_one_line(tmp_path: Path, url: str, port: str) -> None:
+    """A database URL whose port is not a number from 1 to 65535 is reported
+    with the other invalid values, without the password."""
+    environment = {"MOORAGE_DATABASE_URL": url, "MOORAGE_PORT": "abc"}
+    lines = error_lines(config_check(tmp_path, environment))
+    assert len(lines) == 2, lines
+    database_line = next(line for line in lines if "database_url" in line)
+    assert "MOORAGE_DATABASE_URL" in database_line
+    assert f"invalid port {port!r}" in database_line
+    assert "1 to 65535" in database_line
+    assert "u:***@" in database_line
+    assert "DBSECRET" not in "\n".join(lines)
+
+
+def test_serve_rejects_invalid_database_port(tmp_path: Path) -> None:
+    """`moorage serve` reports an invalid database port as a configuration
+    error before it starts, without a traceback."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MOORAGE_")}
+    env["MOORAGE_DATABASE_URL"] = "postgresql+asyncpg://u:DBSECRET@127.0.0.1:99999/db"
+    completed = subprocess.run(
+        [sys.executable, "-m", "moorage", "serve", "--port", "0"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    lines = error_lines(completed)
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("invalid configuration: database_url = ")
+    assert "invalid port '99999'" in lines[0]
+    assert "DBSECRET" not in completed.stderr
+    assert not (tmp_path / "data").exists()
