@@ -174,11 +174,23 @@ def test_audit_list_cut_notice(cli: Cli) -> None:
         ),
         ("--source", "10.0.0.0/33", "invalid --source '10.0.0.0/33': not a network"),
         ("--source", "2001:db8::/129", "invalid --source '2001:db8::/129': not a"),
+        (
+            "--source",
+            "127.0.0.1/8",
+            "invalid --source '127.0.0.1/8': host bits are set; give the network "
+            "127.0.0.0/8, or the address 127.0.0.1",
+        ),
+        (
+            "--source",
+            "2001:db8::1/32",
+            "invalid --source '2001:db8::1/32': host bits are set; give the network "
+            "2001:db8::/32, or the address 2001:db8::1",
+        ),
     ],
 )
 def test_audit_list_bad_filter(cli: Cli, option: str, value: str, message: str) -> None:
-    """An unknown action or a source that is not an address or network is an
-    error, not an empty table."""
+    """An unknown action, a source that is not an address or network, or a
+    network with host bits set is an error, not an empty table."""
     for command in ("list", "export"):
         result = cli.run("audit", command, option, value)
         assert result.returncode == 2

@@ -119,17 +119,31 @@ def _check_source(value: str | None) -> str | None:
     except ValueError:
         pass
     try:
-        return str(ipaddress.ip_network(value, strict=False))
+        return str(ipaddress.ip_network(value))
     except ValueError:
-        problem = "not a network" if "/" in value else "not an IP address or network"
+        pass
     errors.print(
-        f"[red]error:[/red] invalid --source {shown(repr(value))}: {problem}; give "
-        "an address such as 203.0.113.7 or 2001:db8::1, or a network such as "
-        "10.0.0.0/8 or 2001:db8::/32",
+        f"[red]error:[/red] invalid --source {shown(repr(value))}: "
+        f"{shown(_source_problem(value))}",
         highlight=False,
         soft_wrap=True,
     )
     raise typer.Exit(2)
+
+
+def _source_problem(value: str) -> str:
+    """Describe why `value` is neither an IP address nor a network."""
+    try:
+        network = ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        problem = "not a network" if "/" in value else "not an IP address or network"
+        return (
+            f"{problem}; give an address such as 203.0.113.7 or 2001:db8::1, or a "
+            "network such as 10.0.0.0/8 or 2001:db8::/32"
+        )
+    # A network with host bits set (127.0.0.1/8) may mean either; name both.
+    address = value.partition("/")[0]
+    return f"host bits are set; give the network {network}, or the address {address}"
 
 
 SourceOption = Annotated[
