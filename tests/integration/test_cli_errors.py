@@ -161,6 +161,16 @@ def test_audit_list_cut_notice(cli: Cli) -> None:
     assert whole.stderr == ""
 
 
+def test_audit_list_no_match_message(cli: Cli) -> None:
+    """`audit list` with filters that match nothing says so on stderr and
+    exits with 0; the table is left out and `--json` prints no line."""
+    for layout in ((), ("--wide",), ("--json",)):
+        result = cli.run("audit", "list", "--customer", "nosuch", *layout)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout == ""
+        assert result.stderr == "no audit events match the filters\n"
+
+
 @pytest.mark.parametrize(
     ("option", "value", "message"),
     [

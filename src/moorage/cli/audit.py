@@ -226,7 +226,7 @@ def audit_list(
 
     The table shows the columns that fit an 80-column terminal, wrapping long
     values. `--wide` adds the rest, and `--json` prints every field. When more
-    events match than --limit, it prints a note on stderr.
+    events match than --limit, or none, it prints a note on stderr.
     """
     where = _filter(
         customer, account, repository, action, outcome, source, since, until
@@ -240,7 +240,13 @@ def audit_list(
     )
     cut = len(found) > limit
     found = found[:limit]
-    if as_json:
+    if not found:
+        # On stderr, so that `--json` output stays a valid, empty JSON lines file.
+        message = "no audit events match the filters"
+        if where == AuditFilter():
+            message = "the audit trail has no events"
+        errors.print(message, highlight=False)
+    elif as_json:
         for stored in found:
             print(json.dumps(stored.to_dict(), separators=(",", ":")))
     else:
