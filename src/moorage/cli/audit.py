@@ -15,7 +15,6 @@ from typing import Annotated, NoReturn, TextIO
 
 import typer
 from rich import box
-from rich.text import Text
 
 from moorage.audit import files
 from moorage.audit.events import AuditEvent, StoredEvent, is_known_action
@@ -29,7 +28,7 @@ from moorage.cli.main import (
     console,
     errors,
 )
-from moorage.cli.output import Table, shown, visible
+from moorage.cli.output import Table, lines_cell, shown
 from moorage.db.audit_store import AuditFilter
 from moorage.db.schema import utcnow
 from moorage.services import Services
@@ -289,17 +288,11 @@ def _event_table(found: list[StoredEvent], wide: bool) -> Table:
         table.add_row(
             str(stored.seq),
             event.time.strftime("%Y-%m-%d %H:%M:%S"),
-            _lines(*_actor(event, wide)),
-            _lines(event.action, event.outcome),
-            _lines(*_target(event, wide)),
+            lines_cell(*_actor(event, wide)),
+            lines_cell(event.action, event.outcome),
+            lines_cell(*_target(event, wide)),
         )
     return table
-
-
-def _lines(*lines: str) -> Text:
-    """Return a table cell of one or more lines, each shown as it is (control
-    characters escaped, see `visible`)."""
-    return Text("\n").join(Text(visible(line)) for line in lines)
 
 
 def _actor(event: AuditEvent, wide: bool) -> list[str]:
