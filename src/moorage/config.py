@@ -446,9 +446,16 @@ class Settings(BaseSettings):
         return self.audit_archive_dir or self.data_dir / "audit-archive"
 
 
+# SQLAlchemy dialect and driver of each database Moorage supports. The engine
+# is asynchronous, so each needs an asyncio driver, and these are the ones that
+# Moorage installs.
+DATABASE_DRIVERS = ("postgresql+asyncpg", "sqlite+aiosqlite")
+
+
 def _check_database_url_text(url: str) -> None:
-    """Raise ValueError when `url` is not an SQLAlchemy URL or its port is not a
-    number from 1 to 65535. The message never contains the URL's password."""
+    """Raise ValueError when `url` is not an SQLAlchemy URL, names a driver other
+    than those of DATABASE_DRIVERS, or has a port that is not a number from 1 to
+    65535. The message never contains the URL's password."""
     host_part = urlsplit(url).netloc.rpartition("@")[2]
     if host_part.startswith("["):
         host_part = host_part.partition("]")[2]  # the port after an IPv6 address
@@ -456,12 +463,17 @@ def _check_database_url_text(url: str) -> None:
     if colon and port and not (port.isdigit() and 1 <= int(port) <= 65535):
         raise ValueError(f"invalid port {port!r}; use a number from 1 to 65535")
     try:
-        make_url(url)
+        driver = make_url(url).drivername
     except (ArgumentError, ValueError):
         raise ValueError(
             "not a valid SQLAlchemy URL; expected for example "
             "postgresql+asyncpg://moorage@db/moorage"
         ) from None
+    if driver not in DATABASE_DRIVERS:
+        raise ValueError(
+            f"unsupported database driver {driver!r}; use postgresql+asyncpg://"
+            "user@host/database or sqlite+aiosqlite:///path/to/file.db"
+        )
 
 
 # The key-encryption key's size: AES-256.

@@ -260,3 +260,24 @@ def test_serve_rejects_invalid_database_port(tmp_path: Path) -> None:
     assert "invalid port '99999'" in lines[0]
     assert "DBSECRET" not in completed.stderr
     assert not (tmp_path / "data").exists()
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://u:DBSECRET@127.0.0.1:5432/db",
+        "sqlite:////var/lib/moorage/moorage.db",
+        "mysql+aiomysql://u:DBSECRET@127.0.0.1/db",
+    ],
+)
+def test_unsupported_database_driver(tmp_path: Path, url: str) -> None:
+    """A database URL without one of the two supported async drivers is a
+    configuration error that names the drivers to use."""
+    lines = error_lines(config_check(tmp_path, {"MOORAGE_DATABASE_URL": url}))
+    assert len(lines) == 1, lines
+    assert "MOORAGE_DATABASE_URL" in lines[0]
+    driver = url.partition(":")[0]
+    assert f"unsupported database driver {driver!r}" in lines[0]
+    assert "postgresql+asyncpg://" in lines[0]
+    assert "sqlite+aiosqlite://" in lines[0]
+    assert "DBSECRET" not in lines[0]
