@@ -80,6 +80,21 @@ def test_unreachable_database_one_line(cli: Cli) -> None:
     assert lines[0].startswith("error: cannot connect to the database at 127.0.0.1:1")
 
 
+def test_serve_unreachable_database_one_line(cli: Cli) -> None:
+    """`moorage serve` with a PostgreSQL server that cannot be reached stops
+    with the line that other commands print, not a traceback."""
+    cli.env["MOORAGE_DATABASE_URL"] = (
+        "postgresql+asyncpg://moorage:hunter2-secret@127.0.0.1:1/moorage"
+    )
+    completed = run_moorage(cli, "serve", "--port", "0")
+    assert completed.returncode == 1
+    assert "Traceback" not in completed.stderr
+    assert "hunter2-secret" not in completed.stderr
+    lines = [line for line in completed.stderr.splitlines() if '"level"' not in line]
+    assert len(lines) == 1, completed.stderr
+    assert lines[0].startswith("error: cannot connect to the database at 127.0.0.1:1")
+
+
 @pytest.mark.parametrize("limit", ["0", "-1"])
 def test_audit_list_limit_below_one(cli: Cli, limit: str) -> None:
     """audit list rejects a limit below 1 instead of listing every event."""
