@@ -345,6 +345,18 @@ def test_refresh_list_states(server: ServerProcess, customer: str, cli: Cli) -> 
     assert refresh(server, active).status_code == 401
 
 
+def test_refresh_list_empty_message(
+    server: ServerProcess, customer: str, cli: Cli
+) -> None:
+    """An account without refresh tokens gets a note on stderr, not an empty
+    table, and exit code 0."""
+    login, _ = add_robot(server, customer, "reader")
+    result = cli.run("token", "refresh", "list", customer, login)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == ""
+    assert result.stderr == f"{login} has no refresh tokens\n"
+
+
 def refresh_list_at_80_columns(
     server: ServerProcess, customer: str, login: str, *layout: str
 ) -> str:

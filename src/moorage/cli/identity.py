@@ -35,7 +35,7 @@ from moorage.cli.main import (
     reject,
     user_app,
 )
-from moorage.cli.output import Table, lines_cell
+from moorage.cli.output import Table, lines_cell, shown
 from moorage.db.identity_store import AccountRecord, GrantRecord, PersonalTokenRecord
 from moorage.db.refresh_token_store import RefreshTokenRecord
 from moorage.errors import InvalidInputError
@@ -654,6 +654,9 @@ def refresh_list(
         return account, tokens, dead
 
     account, tokens, dead_personal_tokens = _run(_settings(data_dir=data_dir), action)
+    if not tokens:
+        errors.print(f"{shown(login)} has no refresh tokens", highlight=False)
+        return
     table = _refresh_table(wide)
     for token in tokens:
         state = _refresh_state(token, account, dead_personal_tokens)
