@@ -362,7 +362,7 @@ class Settings(BaseSettings):
     @field_validator("database_url")
     @classmethod
     def _check_database_url(cls, value: str | None) -> str | None:
-        if value is not None:
+        if value:  # empty means the default, as in `resolved_database_url`
             _check_database_url_text(value)
         return value
 

@@ -281,3 +281,11 @@ def test_unsupported_database_driver(tmp_path: Path, url: str) -> None:
     assert "postgresql+asyncpg://" in lines[0]
     assert "sqlite+aiosqlite://" in lines[0]
     assert "DBSECRET" not in lines[0]
+
+
+def test_empty_database_url_means_sqlite(tmp_path: Path) -> None:
+    """An empty database URL selects the default SQLite database, as before
+    the URL was checked."""
+    completed = config_check(tmp_path, {"MOORAGE_DATABASE_URL": ""})
+    assert completed.returncode == 0, completed.stderr
+    assert "database_url = \n" in completed.stdout
