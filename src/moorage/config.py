@@ -32,6 +32,8 @@ from pydantic_settings import (
     SettingsError,
     TomlConfigSettingsSource,
 )
+from sqlalchemy import make_url
+from sqlalchemy.exc import ArgumentError
 
 DEFAULT_DATA_DIR = Path("./data")
 
@@ -357,6 +359,13 @@ class Settings(BaseSettings):
             ipaddress.ip_network(entry, strict=False)
         return value
 
+    @field_validator("database_url")
+    @classmethod
+    def _check_database_url(cls, value: str | None) -> str | None:
+        if value:  # empty means the default, as in `resolved_database_url`
+            _check_database_url_text(value)
+        return value
+
     @field_validator("encryption_key")
     @classmethod
     def _check_key(cls, value: SecretStr | None) -> SecretStr | None:
@@ -435,6 +444,36 @@ class Settings(BaseSettings):
     @property
     def resolved_audit_archive_dir(self) -> Path:
         return self.audit_archive_dir or self.data_dir / "audit-archive"
+
+
+# SQLAlchemy dialect and driver of each database Moorage supports. The engine
+# is asynchronous, so each needs an asyncio driver, and these are the ones that
+# Moorage installs.
+DATABASE_DRIVERS = ("postgresql+asyncpg", "sqlite+aiosqlite")
+
+
+def _check_database_url_text(url: str) -> None:
+    """Raise ValueError when `url` is not an SQLAlchemy URL, names a driver other
+    than those of DATABASE_DRIVERS, or has a port that is not a number from 1 to
+    65535. The message never contains the URL's password."""
+    host_part = urlsplit(url).netloc.rpartition("@")[2]
+    if host_part.startswith("["):
+        host_part = host_part.partition("]")[2]  # the port after an IPv6 address
+    _, colon, port = host_part.rpartition(":")
+    if colon and port and not (port.isdigit() and 1 <= int(port) <= 65535):
+        raise ValueError(f"invalid port {port!r}; use a number from 1 to 65535")
+    try:
+        driver = make_url(url).drivername
+    except (ArgumentError, ValueError):
+        raise ValueError(
+            "not a valid SQLAlchemy URL; expected for example "
+            "postgresql+asyncpg://moorage@db/moorage"
+        ) from None
+    if driver not in DATABASE_DRIVERS:
+        raise ValueError(
+            f"unsupported database driver {driver!r}; use postgresql+asyncpg://"
+            "user@host/database or sqlite+aiosqlite:///path/to/file.db"
+        )
 
 
 # The key-encryption key's size: AES-256.

@@ -94,6 +94,68 @@ def _reset_after_fork() -> None:
 os.register_at_fork(before=flush_logs, after_in_child=_reset_after_fork)
 
 
+class StandardLibraryHandler(logging.Handler):
+    """Logging handler that writes the records of standard library loggers
+    (uvicorn's, asyncio's) in structlog's format, through the same buffered
+    logger.
+
+    Of a record's extra fields only `source_address` is written (see
+    `connection_logger`), because others may contain anything a library put in.
+    """
+
+    def __init__(self, logger: BufferedLineLogger, renderer: Any) -> None:
+        super().__init__()
+        self._logger = logger
+        self.setFormatter(
+            structlog.stdlib.ProcessorFormatter(
+                foreign_pre_chain=[
+                    structlog.stdlib.add_logger_name,
+                    structlog.processors.add_log_level,
+                    structlog.processors.TimeStamper(fmt="iso", utc=True),
+                    structlog.stdlib.ExtraAdder(allow=["source_address"]),
+                ],
+                processors=[
+                    structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                    structlog.processors.format_exc_info,
+                    renderer,
+                ],
+            )
+        )
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record)
+        except Exception:  # noqa: BLE001 - a log call never raises, as in logging
+            self.handleError(record)
+            return
+        if record.levelno >= logging.WARNING:
+            self._logger.write_now(line)
+        else:
+            self._logger.msg(line)
+
+
+class _ConnectionLogger(logging.LoggerAdapter[logging.Logger]):
+    """A logger that adds a connection's source address to each record."""
+
+    @property
+    def level(self) -> int:
+        # uvicorn reads `logger.level`, which LoggerAdapter does not have.
+        return self.logger.level
+
+
+def connection_logger(
+    logger: logging.Logger, client: tuple[str, int] | None
+) -> logging.Logger:
+    """Wrap `logger` so that each record gets the host of `client`, a (host,
+    port) pair or None, as its `source_address` field."""
+    if client is None:
+        return logger
+    adapter = _ConnectionLogger(logger, {"source_address": client[0]})
+    # uvicorn's protocol types its `logger` as Logger. The adapter has the
+    # methods it calls, and `level`.
+    return adapter  # type: ignore[return-value]
+
+
 def configure_logging(level: str = "info", log_format: str = "auto") -> None:
     global _logger
     use_json = log_format == "json" or (
@@ -124,4 +186,8 @@ def configure_logging(level: str = "info", log_format: str = "auto") -> None:
         logger_factory=logger_factory,
         cache_logger_on_first_use=True,
     )
-    logging.basicConfig(level=max(numeric_level, logging.WARNING), stream=sys.stderr)
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, StandardLibraryHandler)]:
+        root.removeHandler(handler)
+    root.addHandler(StandardLibraryHandler(logger, renderer))
+    root.setLevel(max(numeric_level, logging.WARNING))

@@ -47,6 +47,8 @@ from uvicorn.protocols.http.httptools_impl import (
     RequestResponseCycle,
 )
 
+from moorage.logs import connection_logger
+
 ZEROCOPY = "http.response.zerocopy"
 # Bytes per sendfile call at most. The socket takes what fits, so a larger
 # value only saves system calls.
@@ -97,6 +99,7 @@ class ZeroCopyProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        self.logger = connection_logger(self.logger, self.client)
         has_socket = transport.get_extra_info("socket") is not None
         self._zerocopy = self.scheme == "http" and has_socket
 

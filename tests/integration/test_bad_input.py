@@ -6,8 +6,11 @@ sends and then closes, as a client that dies mid-upload does.
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -384,3 +387,42 @@ def test_artifact_type_with_nul_rejected(writer: Account) -> None:
         writer.client, repository, "v1", image.manifest, image.media_type
     )
     assert_error(response, 400, "MANIFEST_INVALID")
+
+
+def _logged_lines(server: ServerProcess, event: str) -> list[str]:
+    return [line for line in server.log().splitlines() if event in line]
+
+
+@pytest.mark.parametrize(
+    "request_head",
+    [
+        b"GET /v2/ HTTP/1.1 extra\r\n",  # a request line with four parts
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03",  # TLS to the HTTP port
+    ],
+)
+def test_invalid_http_request_logged_as_json(
+    server: ServerProcess, request_head: bytes
+) -> None:
+    """A request that is not valid HTTP gets 400 and a JSON log line with the
+    source address, without the credentials it carried."""
+    secret = base64.b64encode(b"robot:leaked-secret-7f3a").decode()
+    event = "Invalid HTTP request received."
+    before = len(_logged_lines(server, event))
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(request_head + f"Authorization: Basic {secret}\r\n\r\n".encode())
+        response = sock.recv(4096)
+    assert response.startswith(b"HTTP/1.1 400")
+
+    deadline = time.monotonic() + 5
+    while len(_logged_lines(server, event)) == before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    lines = _logged_lines(server, event)
+    assert len(lines) == before + 1, lines
+    entry = json.loads(lines[-1])
+    assert entry["event"] == event
+    assert entry["level"] == "warning"
+    assert entry["logger"] == "uvicorn.error"
+    assert entry["source_address"] == "127.0.0.1"
+    assert "timestamp" in entry
+    assert secret not in server.log()
+    assert "leaked-secret" not in server.log()

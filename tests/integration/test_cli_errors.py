@@ -80,6 +80,21 @@ def test_unreachable_database_one_line(cli: Cli) -> None:
     assert lines[0].startswith("error: cannot connect to the database at 127.0.0.1:1")
 
 
+def test_serve_unreachable_database_one_line(cli: Cli) -> None:
+    """`moorage serve` with a PostgreSQL server that cannot be reached stops
+    with the line that other commands print, not a traceback."""
+    cli.env["MOORAGE_DATABASE_URL"] = (
+        "postgresql+asyncpg://moorage:hunter2-secret@127.0.0.1:1/moorage"
+    )
+    completed = run_moorage(cli, "serve", "--port", "0")
+    assert completed.returncode == 1
+    assert "Traceback" not in completed.stderr
+    assert "hunter2-secret" not in completed.stderr
+    lines = [line for line in completed.stderr.splitlines() if '"level"' not in line]
+    assert len(lines) == 1, completed.stderr
+    assert lines[0].startswith("error: cannot connect to the database at 127.0.0.1:1")
+
+
 @pytest.mark.parametrize("limit", ["0", "-1"])
 def test_audit_list_limit_below_one(cli: Cli, limit: str) -> None:
     """audit list rejects a limit below 1 instead of listing every event."""
@@ -161,6 +176,16 @@ def test_audit_list_cut_notice(cli: Cli) -> None:
     assert whole.stderr == ""
 
 
+def test_audit_list_no_match_message(cli: Cli) -> None:
+    """`audit list` with filters that match nothing says so on stderr and
+    exits with 0; the table is left out and `--json` prints no line."""
+    for layout in ((), ("--wide",), ("--json",)):
+        result = cli.run("audit", "list", "--customer", "nosuch", *layout)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout == ""
+        assert result.stderr == "no audit events match the filters\n"
+
+
 @pytest.mark.parametrize(
     ("option", "value", "message"),
     [
@@ -174,11 +199,23 @@ def test_audit_list_cut_notice(cli: Cli) -> None:
         ),
         ("--source", "10.0.0.0/33", "invalid --source '10.0.0.0/33': not a network"),
         ("--source", "2001:db8::/129", "invalid --source '2001:db8::/129': not a"),
+        (
+            "--source",
+            "127.0.0.1/8",
+            "invalid --source '127.0.0.1/8': host bits are set; give the network "
+            "127.0.0.0/8, or the address 127.0.0.1",
+        ),
+        (
+            "--source",
+            "2001:db8::1/32",
+            "invalid --source '2001:db8::1/32': host bits are set; give the network "
+            "2001:db8::/32, or the address 2001:db8::1",
+        ),
     ],
 )
 def test_audit_list_bad_filter(cli: Cli, option: str, value: str, message: str) -> None:
-    """An unknown action or a source that is not an address or network is an
-    error, not an empty table."""
+    """An unknown action, a source that is not an address or network, or a
+    network with host bits set is an error, not an empty table."""
     for command in ("list", "export"):
         result = cli.run("audit", command, option, value)
         assert result.returncode == 2

@@ -331,7 +331,7 @@ def test_grant_every_namespace_needs_force(cli: Cli) -> None:
     failure. With --force it is granted, with a warning."""
     for pattern in ("*", "*/app", "ac*"):
         refused = cli.run("grant", "add", "acme", pattern, "reader")
-        assert refused.returncode == 1
+        assert refused.returncode == 2
         assert f"pattern '{pattern}' matches repositories in every namespace" in (
             refused.stderr
         )
@@ -371,6 +371,11 @@ def _failures(cli: Cli, action: str) -> list[str]:
             ("grant", "add", "acme", "acme/r", "reader", "--until", "2020-01-01"),
             "grant.add",
             "grant add: --until 2020-01-01 is in the past; use a later date",
+        ),
+        (
+            ("grant", "add", "acme", "*/app", "reader"),
+            "grant.add",
+            "grant add: pattern '*/app' matches repositories in every namespace",
         ),
         (
             ("robot", "add", "acme", "r1", "--expires", "soon"),

@@ -3,6 +3,9 @@ and unknown token ids, and the purge of expired records."""
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
 import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -305,9 +308,11 @@ def test_expired_records_purged(fresh_server: ServerProcess) -> None:
 
 
 def state_of(listing: str, jti: str) -> str:
-    """Return the state column of the listing row that starts with `jti`."""
-    row = next(line for line in listing.splitlines() if jti in line)
-    return row.split("│")[-2].strip()
+    """Return the state of the listing row that starts with `jti`: the first
+    word of the line below it."""
+    lines = listing.splitlines()
+    row = next(number for number, line in enumerate(lines) if line.startswith(jti))
+    return lines[row + 1].split()[0]
 
 
 def test_refresh_list_states(server: ServerProcess, customer: str, cli: Cli) -> None:
@@ -338,3 +343,58 @@ def test_refresh_list_states(server: ServerProcess, customer: str, cli: Cli) -> 
     listing = cli.ok("token", "refresh", "list", customer, login)
     assert state_of(listing, jti_of(active)) == "superseded"
     assert refresh(server, active).status_code == 401
+
+
+def test_refresh_list_empty_message(
+    server: ServerProcess, customer: str, cli: Cli
+) -> None:
+    """An account without refresh tokens gets a note on stderr, not an empty
+    table, and exit code 0."""
+    login, _ = add_robot(server, customer, "reader")
+    result = cli.run("token", "refresh", "list", customer, login)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == ""
+    assert result.stderr == f"{login} has no refresh tokens\n"
+
+
+def refresh_list_at_80_columns(
+    server: ServerProcess, customer: str, login: str, *layout: str
+) -> str:
+    """Return the output of `moorage token refresh list` in an 80-column terminal."""
+    command = ["token", "refresh", "list", customer, login, *layout]
+    completed = subprocess.run(
+        [sys.executable, "-m", "moorage", *command],
+        env={**server.environment(), "COLUMNS": "80"},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr
+    return completed.stdout
+
+
+@pytest.mark.parametrize("layout", [(), ("--wide",)])
+def test_refresh_list_at_80_columns(
+    server: ServerProcess, customer: str, layout: tuple[str, ...]
+) -> None:
+    """At 80 columns both layouts fit the width and keep each token id, short
+    client id, time and state whole on one line."""
+    login, secret = add_robot(server, customer, "reader")
+    token = offline_token(server, login, secret, client_id="laptop")
+    assert refresh(server, token).status_code == 200
+
+    output = refresh_list_at_80_columns(server, customer, login, *layout)
+    lines = [line for line in output.splitlines() if line.strip()]
+    assert lines, "no table printed"
+    assert max(len(line.rstrip()) for line in lines) <= 80
+    header = " ".join(lines[:3])
+    for word in ("id", "client", "issued", "expires", "last used", "state"):
+        assert word in header
+    row = next(number for number, line in enumerate(lines) if jti_of(token) in line)
+    assert lines[row].startswith(jti_of(token))
+    assert "laptop" in lines[row]
+    today = datetime.now(UTC).strftime("%Y-%m-%d")
+    assert re.search(rf"{today} \d\d:\d\d +{today} \d\d:\d\d$", lines[row])
+    assert state_of(output, jti_of(token)) == "active"
+    if layout:
+        assert "127.0.0.1" in output

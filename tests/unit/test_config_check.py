@@ -215,3 +215,77 @@ def test_file_errors_name_file(tmp_path: Path) -> None:
     assert lines[0].startswith(
         "invalid configuration: data/moorage.toml is not valid TOML"
     )
+
+
+@pytest.mark.parametrize(
+    ("url", "port"),
+    [
+        ("postgresql+asyncpg://u:DBSECRET@127.0.0.1:99999/db", "99999"),
+        ("postgresql+asyncpg://u:DBSECRET@127.0.0.1:abc/db", "abc"),
+        ("postgresql+asyncpg://u:DBSECRET@127.0.0.1:0/db", "0"),
+        ("postgresql+asyncpg://u:DBSECRET@[::1]:70000/db", "70000"),
+    ],
+)
+def test_invalid_database_port_one_line(tmp_path: Path, url: str, port: str) -> None:
+    """A database URL whose port is not a number from 1 to 65535 is reported
+    with the other invalid values, without the password."""
+    environment = {"MOORAGE_DATABASE_URL": url, "MOORAGE_PORT": "abc"}
+    lines = error_lines(config_check(tmp_path, environment))
+    assert len(lines) == 2, lines
+    database_line = next(line for line in lines if "database_url" in line)
+    assert "MOORAGE_DATABASE_URL" in database_line
+    assert f"invalid port {port!r}" in database_line
+    assert "1 to 65535" in database_line
+    assert "u:***@" in database_line
+    assert "DBSECRET" not in "\n".join(lines)
+
+
+def test_serve_rejects_invalid_database_port(tmp_path: Path) -> None:
+    """`moorage serve` reports an invalid database port as a configuration
+    error before it starts, without a traceback."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MOORAGE_")}
+    env["MOORAGE_DATABASE_URL"] = "postgresql+asyncpg://u:DBSECRET@127.0.0.1:99999/db"
+    completed = subprocess.run(
+        [sys.executable, "-m", "moorage", "serve", "--port", "0"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    lines = error_lines(completed)
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("invalid configuration: database_url = ")
+    assert "invalid port '99999'" in lines[0]
+    assert "DBSECRET" not in completed.stderr
+    assert not (tmp_path / "data").exists()
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://u:DBSECRET@127.0.0.1:5432/db",
+        "sqlite:////var/lib/moorage/moorage.db",
+        "mysql+aiomysql://u:DBSECRET@127.0.0.1/db",
+    ],
+)
+def test_unsupported_database_driver(tmp_path: Path, url: str) -> None:
+    """A database URL without one of the two supported async drivers is a
+    configuration error that names the drivers to use."""
+    lines = error_lines(config_check(tmp_path, {"MOORAGE_DATABASE_URL": url}))
+    assert len(lines) == 1, lines
+    assert "MOORAGE_DATABASE_URL" in lines[0]
+    driver = url.partition(":")[0]
+    assert f"unsupported database driver {driver!r}" in lines[0]
+    assert "postgresql+asyncpg://" in lines[0]
+    assert "sqlite+aiosqlite://" in lines[0]
+    assert "DBSECRET" not in lines[0]
+
+
+def test_empty_database_url_means_sqlite(tmp_path: Path) -> None:
+    """An empty database URL selects the default SQLite database, as before
+    the URL was checked."""
+    completed = config_check(tmp_path, {"MOORAGE_DATABASE_URL": ""})
+    assert completed.returncode == 0, completed.stderr
+    assert "database_url = \n" in completed.stdout

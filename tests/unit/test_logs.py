@@ -4,11 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
+import logging
 import os
 import re
+from collections.abc import Iterator
+
+import pytest
+import structlog
 
 from moorage.api.middleware import RequestIds
-from moorage.logs import FLUSH_SECONDS, BufferedLineLogger
+from moorage.logs import (
+    FLUSH_SECONDS,
+    BufferedLineLogger,
+    StandardLibraryHandler,
+    connection_logger,
+)
 
 
 def test_logger_outside_loop_writes_at_once() -> None:
@@ -56,6 +67,50 @@ def test_logger_flush_writes_pending_lines() -> None:
         return out.getvalue()
 
     assert asyncio.run(log_and_flush()) == "pending\n"
+
+
+@pytest.fixture
+def json_lines() -> Iterator[tuple[logging.Logger, io.StringIO]]:
+    """A standard library logger whose records go to a StandardLibraryHandler
+    that writes JSON lines into the returned buffer."""
+    out = io.StringIO()
+    handler = StandardLibraryHandler(
+        BufferedLineLogger(out), structlog.processors.JSONRenderer()
+    )
+    logger = logging.getLogger("moorage.test.standard_library")
+    logger.addHandler(handler)
+    logger.propagate = False
+    yield logger, out
+    logger.removeHandler(handler)
+
+
+def test_standard_library_record_json(
+    json_lines: tuple[logging.Logger, io.StringIO],
+) -> None:
+    """A standard library record becomes one JSON line with the logger name and
+    level, and without extra fields other than the source address."""
+    logger, out = json_lines
+    logger.warning("bad %s", "request", extra={"authorization": "Basic c2VjcmV0"})
+    entry = json.loads(out.getvalue())
+    assert entry["event"] == "bad request"
+    assert entry["logger"] == "moorage.test.standard_library"
+    assert entry["level"] == "warning"
+    assert "authorization" not in entry
+    assert "c2VjcmV0" not in out.getvalue()
+
+
+def test_connection_logger_adds_source_address(
+    json_lines: tuple[logging.Logger, io.StringIO],
+) -> None:
+    """A connection's logger adds the client's host as `source_address` and
+    has the `level` that uvicorn reads."""
+    logger, out = json_lines
+    adapter = connection_logger(logger, ("203.0.113.7", 50000))
+    assert adapter.level == logger.level
+    adapter.warning("Invalid HTTP request received.")
+    entry = json.loads(out.getvalue())
+    assert entry["source_address"] == "203.0.113.7"
+    assert connection_logger(logger, None) is logger
 
 
 def test_request_ids_unique_hex() -> None:

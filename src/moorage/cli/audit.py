@@ -15,7 +15,6 @@ from typing import Annotated, NoReturn, TextIO
 
 import typer
 from rich import box
-from rich.text import Text
 
 from moorage.audit import files
 from moorage.audit.events import AuditEvent, StoredEvent, is_known_action
@@ -29,7 +28,7 @@ from moorage.cli.main import (
     console,
     errors,
 )
-from moorage.cli.output import Table, shown, visible
+from moorage.cli.output import Table, lines_cell, shown
 from moorage.db.audit_store import AuditFilter
 from moorage.db.schema import utcnow
 from moorage.services import Services
@@ -119,17 +118,31 @@ def _check_source(value: str | None) -> str | None:
     except ValueError:
         pass
     try:
-        return str(ipaddress.ip_network(value, strict=False))
+        return str(ipaddress.ip_network(value))
     except ValueError:
-        problem = "not a network" if "/" in value else "not an IP address or network"
+        pass
     errors.print(
-        f"[red]error:[/red] invalid --source {shown(repr(value))}: {problem}; give "
-        "an address such as 203.0.113.7 or 2001:db8::1, or a network such as "
-        "10.0.0.0/8 or 2001:db8::/32",
+        f"[red]error:[/red] invalid --source {shown(repr(value))}: "
+        f"{shown(_source_problem(value))}",
         highlight=False,
         soft_wrap=True,
     )
     raise typer.Exit(2)
+
+
+def _source_problem(value: str) -> str:
+    """Describe why `value` is neither an IP address nor a network."""
+    try:
+        network = ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        problem = "not a network" if "/" in value else "not an IP address or network"
+        return (
+            f"{problem}; give an address such as 203.0.113.7 or 2001:db8::1, or a "
+            "network such as 10.0.0.0/8 or 2001:db8::/32"
+        )
+    # A network with host bits set (127.0.0.1/8) may mean either; name both.
+    address = value.partition("/")[0]
+    return f"host bits are set; give the network {network}, or the address {address}"
 
 
 SourceOption = Annotated[
@@ -212,7 +225,7 @@ def audit_list(
 
     The table shows the columns that fit an 80-column terminal, wrapping long
     values. `--wide` adds the rest, and `--json` prints every field. When more
-    events match than --limit, it prints a note on stderr.
+    events match than --limit, or none, it prints a note on stderr.
     """
     where = _filter(
         customer, account, repository, action, outcome, source, since, until
@@ -226,7 +239,13 @@ def audit_list(
     )
     cut = len(found) > limit
     found = found[:limit]
-    if as_json:
+    if not found:
+        # On stderr, so that `--json` output stays a valid, empty JSON lines file.
+        message = "no audit events match the filters"
+        if where == AuditFilter():
+            message = "the audit trail has no events"
+        errors.print(message, highlight=False)
+    elif as_json:
         for stored in found:
             print(json.dumps(stored.to_dict(), separators=(",", ":")))
     else:
@@ -269,17 +288,11 @@ def _event_table(found: list[StoredEvent], wide: bool) -> Table:
         table.add_row(
             str(stored.seq),
             event.time.strftime("%Y-%m-%d %H:%M:%S"),
-            _lines(*_actor(event, wide)),
-            _lines(event.action, event.outcome),
-            _lines(*_target(event, wide)),
+            lines_cell(*_actor(event, wide)),
+            lines_cell(event.action, event.outcome),
+            lines_cell(*_target(event, wide)),
         )
     return table
-
-
-def _lines(*lines: str) -> Text:
-    """Return a table cell of one or more lines, each shown as it is (control
-    characters escaped, see `visible`)."""
-    return Text("\n").join(Text(visible(line)) for line in lines)
 
 
 def _actor(event: AuditEvent, wide: bool) -> list[str]:

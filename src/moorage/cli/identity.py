@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated
 
 import typer
+from rich import box
 from rich.table import Column
 
 from moorage import admin
@@ -34,7 +35,7 @@ from moorage.cli.main import (
     reject,
     user_app,
 )
-from moorage.cli.output import Table
+from moorage.cli.output import Table, lines_cell, shown
 from moorage.db.identity_store import AccountRecord, GrantRecord, PersonalTokenRecord
 from moorage.db.refresh_token_store import RefreshTokenRecord
 from moorage.errors import InvalidInputError
@@ -623,9 +624,22 @@ def _refresh_state(
 
 @refresh_app.command("list")
 def refresh_list(
-    customer: CustomerArgument, login: LoginArgument, data_dir: DataDirOption = None
+    customer: CustomerArgument,
+    login: LoginArgument,
+    wide: Annotated[
+        bool,
+        typer.Option(
+            "--wide",
+            help="Also show the addresses each token was issued to and last used from.",
+        ),
+    ] = False,
+    data_dir: DataDirOption = None,
 ) -> None:
-    """List the refresh tokens issued to an account (never the tokens)."""
+    """List the refresh tokens issued to an account (never the tokens).
+
+    The table fits an 80-column terminal: each token takes two lines, its id
+    above its state. `--wide` adds lines, not columns.
+    """
 
     async def action(
         services: Services,
@@ -643,24 +657,54 @@ def refresh_list(
         return account, tokens, dead
 
     account, tokens, dead_personal_tokens = _run(_settings(data_dir=data_dir), action)
-    # The id is what `revoke` takes, so neither it nor the state is ever cut.
-    token_id = Column("id", no_wrap=True, min_width=32)
-    state = Column("state", no_wrap=True)
-    table = Table(
-        token_id, "client", "issued", "from", "expires", "last used", "from", state
-    )
+    if not tokens:
+        errors.print(f"{shown(login)} has no refresh tokens", highlight=False)
+        return
+    table = _refresh_table(wide)
     for token in tokens:
+        state = _refresh_state(token, account, dead_personal_tokens)
         table.add_row(
-            token.jti,
+            lines_cell(token.jti, state),
             token.client_id or "-",
-            _when(token.issued_at),
-            token.issued_address or "-",
-            _when(token.expires_at),
-            _when(token.last_used_at),
-            token.last_used_address or "-",
-            _refresh_state(token, account, dead_personal_tokens),
+            lines_cell(*_refresh_issue(token, wide)),
+            lines_cell(*_refresh_last_use(token, wide)),
         )
     console.print(table)
+
+
+def _refresh_table(wide: bool) -> Table:
+    """Build the empty `token refresh list` table, which fits 80 columns."""
+    table = Table(
+        box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, collapse_padding=True
+    )
+    # The id is what `revoke` takes, so neither it nor the state is ever cut.
+    table.add_column("id\nstate", no_wrap=True, min_width=32)
+    # Client ids and IPv6 addresses have no spaces to break at, so they fold.
+    # Each time is 16 characters, and the client gets the rest of the width.
+    table.add_column("client", overflow="fold")
+    issue = "issued\nfrom\nexpires" if wide else "issued\nexpires"
+    table.add_column(issue, overflow="fold", width=16)
+    last_use = "last used\nfrom" if wide else "last used"
+    table.add_column(last_use, overflow="fold", width=16)
+    return table
+
+
+def _refresh_issue(token: RefreshTokenRecord, wide: bool) -> list[str]:
+    """Return when a token was issued and when it expires, and in the wide
+    table the address it was issued to between them."""
+    if not wide:
+        return [_when(token.issued_at), _when(token.expires_at)]
+    return [
+        _when(token.issued_at),
+        token.issued_address or "-",
+        _when(token.expires_at),
+    ]
+
+
+def _refresh_last_use(token: RefreshTokenRecord, wide: bool) -> list[str]:
+    if not wide:
+        return [_when(token.last_used_at)]
+    return [_when(token.last_used_at), token.last_used_address or "-"]
 
 
 @refresh_app.command("revoke")
@@ -728,12 +772,13 @@ def grant_add(
     namespaces, other customers' and future ones included; it needs --force.
     """
     end = _parse_end_date(until, "--until")
-
-    async def change(s: Services) -> int:
-        if not force:
-            _check_one_namespace(pattern)
-        return await admin.add_grant(s.identity, customer, pattern, role, end, account)
-
+    if not force and _reaches_many_namespaces(pattern):
+        reject(
+            f"pattern {pattern!r} matches repositories in every namespace that "
+            f"matches {pattern.split('/', 1)[0]!r}, other customers' and ones added "
+            "later included; name the namespace (products/*), or pass --force to "
+            "grant it anyway"
+        )
     grant_id = _run(
         _settings(data_dir=data_dir),
         lambda s: _audited(
@@ -741,7 +786,7 @@ def grant_add(
             actions.GRANT_ADD,
             f"{role} on {pattern} to {account or customer}, until {_when(end)}",
             customer,
-            change(s),
+            admin.add_grant(s.identity, customer, pattern, role, end, account),
         ),
     )
     if _reaches_many_namespaces(pattern):
@@ -756,17 +801,6 @@ def grant_add(
 
 def _reaches_many_namespaces(pattern: str) -> bool:
     return "*" in pattern.split("/", 1)[0]
-
-
-def _check_one_namespace(pattern: str) -> None:
-    """Raise InvalidInputError when `pattern` matches more than one namespace."""
-    if _reaches_many_namespaces(pattern):
-        raise InvalidInputError(
-            f"pattern {pattern!r} matches repositories in every namespace that "
-            f"matches {pattern.split('/', 1)[0]!r}, other customers' and ones added "
-            "later included; name the namespace (products/*), or pass --force to "
-            "grant it anyway"
-        )
 
 
 @grant_app.command("list")

@@ -218,17 +218,25 @@ def _run(
     except (ConnectionError, TimeoutError) as error:
         if isinstance(error, BrokenPipeError) and stdout_closed():
             raise  # the reader of stdout left (see _CommandGroup)
-        # asyncpg raises these itself when the server cannot be reached.
-        log.debug("database connection failed", exc_info=error)
-        address = make_url(settings.resolved_database_url)
-        errors.print(
-            f"[red]error:[/red] cannot connect to the database at "
-            f"{address.host}:{address.port or 'default port'}: {error}; "
-            "check database_url and that the database server runs",
-            highlight=False,
-            soft_wrap=True,
-        )
-        raise typer.Exit(1) from None
+        _exit_for_connection_error(settings, error)
+
+
+def _exit_for_connection_error(settings: Settings, error: OSError) -> NoReturn:
+    """Print that the database cannot be reached, and exit with code 1.
+
+    asyncpg raises ConnectionError or TimeoutError itself when the server
+    cannot be reached. The traceback is logged at debug level.
+    """
+    log.debug("database connection failed", exc_info=error)
+    address = make_url(settings.resolved_database_url)
+    errors.print(
+        f"[red]error:[/red] cannot connect to the database at "
+        f"{address.host}:{address.port or 'default port'}: {error}; "
+        "check database_url and that the database server runs",
+        highlight=False,
+        soft_wrap=True,
+    )
+    raise typer.Exit(1) from None
 
 
 def _print_error(error: MoorageError) -> None:
@@ -309,6 +317,10 @@ def serve(
     except MoorageError as error:
         _print_error(error)
         raise typer.Exit(1) from None
+    except (ConnectionError, TimeoutError) as error:
+        # Before it listens, the server opens no connection but the database's.
+        # Afterwards, the audit sinks catch their own connection errors.
+        _exit_for_connection_error(settings, error)
 
 
 # The forms `_parse_date` accepts (ISO 8601 as Python's datetime.fromisoformat

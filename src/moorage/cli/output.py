@@ -43,6 +43,12 @@ def shown(value: object) -> str:
     return escape(visible(str(value)))
 
 
+def lines_cell(*lines: str) -> Text:
+    """Return a table cell of one or more lines, each shown as it is (control
+    characters escaped, see `visible`)."""
+    return Text("\n").join(Text(visible(line)) for line in lines)
+
+
 class Table(table.Table):
     """A Rich table whose string cells are shown as they are, never as markup."""
 
