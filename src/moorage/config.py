@@ -363,7 +363,7 @@ class Settings(BaseSettings):
     @classmethod
     def _check_database_url(cls, value: str | None) -> str | None:
         if value:  # empty means the default, as in `resolved_database_url`
-            _check_database_url_text(value)
+            return _check_database_url_text(value)
         return value
 
     @field_validator("encryption_key")
@@ -450,12 +450,24 @@ class Settings(BaseSettings):
 # is asynchronous, so each needs an asyncio driver, and these are the ones that
 # Moorage installs.
 DATABASE_DRIVERS = ("postgresql+asyncpg", "sqlite+aiosqlite")
+# URL schemes without a driver, as libpq and most tools write them, and the
+# driver Moorage uses for each.
+_DEFAULT_DRIVERS = {
+    "postgres": "postgresql+asyncpg",
+    "postgresql": "postgresql+asyncpg",
+    "sqlite": "sqlite+aiosqlite",
+}
 
 
-def _check_database_url_text(url: str) -> None:
-    """Raise ValueError when `url` is not an SQLAlchemy URL, names a driver other
+def _check_database_url_text(url: str) -> str:
+    """Return `url` with the driver Moorage uses when it names none.
+
+    Raise ValueError when `url` is not an SQLAlchemy URL, names a driver other
     than those of DATABASE_DRIVERS, or has a port that is not a number from 1 to
     65535. The message never contains the URL's password."""
+    scheme, separator, rest = url.partition("://")
+    if separator and scheme in _DEFAULT_DRIVERS:
+        url = f"{_DEFAULT_DRIVERS[scheme]}://{rest}"
     host_part = urlsplit(url).netloc.rpartition("@")[2]
     if host_part.startswith("["):
         host_part = host_part.partition("]")[2]  # the port after an IPv6 address
@@ -474,6 +486,7 @@ def _check_database_url_text(url: str) -> None:
             f"unsupported database driver {driver!r}; use postgresql+asyncpg://"
             "user@host/database or sqlite+aiosqlite:///path/to/file.db"
         )
+    return url
 
 
 # The key-encryption key's size: AES-256.

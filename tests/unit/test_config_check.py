@@ -265,13 +265,13 @@ def test_serve_rejects_invalid_database_port(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "url",
     [
-        "postgresql://u:DBSECRET@127.0.0.1:5432/db",
-        "sqlite:////var/lib/moorage/moorage.db",
+        "postgresql+psycopg://u:DBSECRET@127.0.0.1:5432/db",
+        "sqlite+pysqlite:////var/lib/moorage/moorage.db",
         "mysql+aiomysql://u:DBSECRET@127.0.0.1/db",
     ],
 )
 def test_unsupported_database_driver(tmp_path: Path, url: str) -> None:
-    """A database URL without one of the two supported async drivers is a
+    """A database URL with a driver other than the two supported async ones is a
     configuration error that names the drivers to use."""
     lines = error_lines(config_check(tmp_path, {"MOORAGE_DATABASE_URL": url}))
     assert len(lines) == 1, lines
@@ -281,6 +281,32 @@ def test_unsupported_database_driver(tmp_path: Path, url: str) -> None:
     assert "postgresql+asyncpg://" in lines[0]
     assert "sqlite+aiosqlite://" in lines[0]
     assert "DBSECRET" not in lines[0]
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        (
+            "postgresql://u:DBSECRET@127.0.0.1:5432/db",
+            "postgresql+asyncpg://u:***@127.0.0.1:5432/db",
+        ),
+        (
+            "postgres://u@db.internal/moorage",
+            "postgresql+asyncpg://u@db.internal/moorage",
+        ),
+        (
+            "sqlite:////var/lib/moorage/moorage.db",
+            "sqlite+aiosqlite:////var/lib/moorage/moorage.db",
+        ),
+    ],
+)
+def test_database_url_without_driver(tmp_path: Path, url: str, shown: str) -> None:
+    """A database URL that names no driver, as libpq writes them, gets the
+    driver Moorage installs for its database."""
+    completed = config_check(tmp_path, {"MOORAGE_DATABASE_URL": url})
+    assert completed.returncode == 0, completed.stderr
+    assert shown in completed.stdout
+    assert "DBSECRET" not in completed.stdout
 
 
 def test_empty_database_url_means_sqlite(tmp_path: Path) -> None:
