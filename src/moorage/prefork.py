@@ -29,21 +29,28 @@ def exec_prefork(settings: Settings) -> NoReturn:
     """Replace this process with `moorage.prefork`, which serves `settings`."""
     data = pickle.dumps(settings)
     read, write = os.pipe()
-    # Nobody reads the pipe before the exec, so a write that does not fit the
-    # pipe's buffer (64 KiB by default on Linux) would block forever.
+    # No process reads the pipe until after the exec, so a write larger than
+    # the pipe's buffer (64 KiB by default on Linux) would block forever.
     os.set_blocking(write, False)
     try:
         written = os.write(write, data)
     except BlockingIOError:
         written = 0
     if written != len(data):
-        # NOTE: pickled settings take about 1.3 KiB; none so far came near this.
+        # NOTE: the default settings pickle to about 1.3 KiB, so only very
+        # long configuration values reach this limit.
         raise RuntimeError(
             f"the settings ({len(data)} bytes pickled) do not fit the pipe to "
-            "the worker parent process"
+            "the worker parent process; shorten the longest configuration "
+            "values or set workers = 1"
         )
     os.close(write)
     os.set_inheritable(read, True)
+
+    # A local import: in the new process, structlog must wait for `prepare`.
+    from moorage.logs import flush_logs
+
+    flush_logs()
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(  # noqa: S606 (runs this interpreter with fixed arguments)
@@ -53,8 +60,9 @@ def exec_prefork(settings: Settings) -> NoReturn:
 
 
 def read_settings(descriptor: int) -> Settings:
+    """Read the settings that `exec_prefork` wrote to the pipe `descriptor`."""
     with os.fdopen(descriptor, "rb") as pipe:
-        # The parent wrote the pipe just before its exec into this process.
+        # Only this process, before its exec, wrote to the pipe.
         settings: Settings = pickle.load(pipe)  # noqa: S301
     return settings
 
@@ -65,8 +73,8 @@ def prepare(settings: Settings) -> None:
     if _logs_json(settings.log_format):
         # structlog imports rich, when it is installed, only to print
         # tracebacks in its console renderer. A None entry makes that import
-        # fail, so structlog does without: 3 MiB less in each worker
-        # (tracemalloc, rich 15 with pygments).
+        # fail, so structlog does without it, and each worker holds 3 MiB
+        # less (tracemalloc, rich 15 with pygments).
         sys.modules.setdefault("rich", None)  # type: ignore[arg-type]
 
     from moorage.logs import configure_logging
