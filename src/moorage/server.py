@@ -10,12 +10,11 @@ import socket
 import time
 from collections.abc import AsyncIterator, Coroutine
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 import uvicorn
 import uvloop
-from rich.console import Console
 from starlette.applications import Starlette
 from starlette.types import Lifespan
 
@@ -32,17 +31,21 @@ from moorage.storage.encryption.background import start_background_encryption
 from moorage.storage.encryption.setup import keys_inside_data_dir
 from moorage.zerocopy import ZeroCopyProtocol, size_body_threads
 
+if TYPE_CHECKING:
+    # Only a type here, because worker processes run without rich.
+    from rich.console import Console
+
 log = structlog.get_logger(__name__)
 
 
 def run(settings: Settings, console: Console) -> None:
     """Serve until stopped, in one process or in `settings.workers` processes."""
-    limit_malloc_arenas()
     if settings.workers > 1:
-        from moorage.workers import run_workers
+        from moorage.prefork import exec_prefork
 
-        run_workers(settings, console)
+        exec_prefork(settings)
     else:
+        limit_malloc_arenas()
         run_on_uvloop(run_server(settings, console))
 
 
@@ -94,14 +97,16 @@ def run_on_uvloop(coroutine: Coroutine[Any, Any, None]) -> None:
 
 async def run_server(
     settings: Settings,
-    console: Console,
+    console: Console | None,
     sockets: list[socket.socket] | None = None,
     *,
     migrated: bool = False,
 ) -> None:
     """Serve on `settings.host` and `port`, or on `sockets` a parent opened.
 
-    With `migrated`, the parent has migrated the database already.
+    With `migrated`, the parent has migrated the database already. The
+    password of a vendor admin created here is printed to `console`, or with
+    `print` when it is None.
     """
     services = await open_services(settings, migrate_schema=not migrated)
     if not migrated:
@@ -281,11 +286,13 @@ def _closing_lifespan(services: Services) -> Lifespan[Starlette]:
     return lifespan
 
 
-def _announce_admin(console: Console, created: admin.CreatedAccount) -> None:
+def _announce_admin(console: Console | None, created: admin.CreatedAccount) -> None:
+    # Worker processes pass no console, because they run without rich.
+    write = print if console is None else console.print
     if created.password is None:
-        console.print(f"vendor admin {created.login!r} created with the given password")
+        write(f"vendor admin {created.login!r} created with the given password")
         return
-    console.print(
+    write(
         f"vendor admin created. login: {created.login}  password: {created.password}\n"
         "This password is shown once; store it now."
     )

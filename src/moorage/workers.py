@@ -1,16 +1,17 @@
 """Serve with several worker processes that share one listening socket.
 
-The parent migrates the database and creates the first admin in a child process
-of its own, opens the socket, forks the workers and then replaces itself with
-`moorage.supervisor`, which waits. So neither alembic (about 10 MiB, needed
-only to migrate) nor the parent's copy of the application (about 90 MiB) stays
-in memory. SIGTERM or SIGINT to the parent is passed on to every worker, which
-finishes its requests and stops. Each worker opens its own database
-connections and blob store; caches are per process, and upload sessions
-already work across processes (see `moorage.storage.registry`). Password
-hashes and checks go to the supervisor over socket pairs, so that argon2id's
-19 MiB count once instead of in every worker (see
-`moorage.auth.password_service`).
+The parent (`moorage.prefork`, which `moorage serve` execs so that the workers
+do not inherit the command line's modules) migrates the database and creates
+the first admin in a child process of its own, opens the socket, forks the
+workers and then replaces itself with `moorage.supervisor`, which waits. So
+neither alembic (about 10 MiB, needed only to migrate) nor the parent's copy of
+the application (about 80 MiB) stays in memory. SIGTERM or SIGINT to the parent
+is passed on to every worker, which finishes its requests and stops. Each
+worker opens its own database connections and blob store; caches are per
+process, and upload sessions already work across processes (see
+`moorage.storage.registry`). Password hashes and checks go to the supervisor
+over socket pairs, so that argon2id's 19 MiB count once instead of in every
+worker (see `moorage.auth.password_service`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ import socket
 import sys
 
 import structlog
-from rich.console import Console
 
 from moorage import admin
 from moorage.auth.authenticator import password_check_limit
@@ -48,8 +48,8 @@ _PR_SET_PDEATHSIG = 1
 _SUPERVISOR_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(1024 * 1024)}
 
 
-def run_workers(settings: Settings, console: Console) -> None:
-    _prepare_in_child(settings, console)
+def run_workers(settings: Settings) -> None:
+    _prepare_in_child(settings)
     listener = socket.create_server((settings.host, settings.port), backlog=2048)
     # One socket pair per password check a worker may run at once; the
     # supervisor keeps the first ends (see moorage.auth.password_service).
@@ -61,8 +61,7 @@ def run_workers(settings: Settings, console: Console) -> None:
     # not write to the pages the workers share with this process.
     gc.freeze()
     workers = [
-        _fork(settings, console, listener, pairs, index)
-        for index in range(settings.workers)
+        _fork(settings, listener, pairs, index) for index in range(settings.workers)
     ]
     listener.close()
     supervisor_descriptors = []
@@ -121,7 +120,7 @@ def _stop_with_parent(parent: int) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _prepare_in_child(settings: Settings, console: Console) -> None:
+def _prepare_in_child(settings: Settings) -> None:
     """Migrate, add audit events saved at the last shutdown and create the first
     admin before any worker starts, in a child process, so that what it imports
     and allocates leaves with it."""
@@ -129,7 +128,7 @@ def _prepare_in_child(settings: Settings, console: Console) -> None:
     if pid == 0:
         status = 0
         try:
-            run_on_uvloop(_prepare(settings, console))
+            run_on_uvloop(_prepare(settings))
         except MoorageError as error:
             # A set-up problem for the operator to fix, such as missing keys.
             print(f"error: {error.message}", file=sys.stderr)
@@ -147,7 +146,7 @@ def _prepare_in_child(settings: Settings, console: Console) -> None:
         raise SystemExit(1)
 
 
-async def _prepare(settings: Settings, console: Console) -> None:
+async def _prepare(settings: Settings) -> None:
     services = await open_services(settings)
     try:
         await services.audit.import_pending()
@@ -160,14 +159,13 @@ async def _prepare(settings: Settings, console: Console) -> None:
             services.identity, settings.admin_username, password
         )
         if created is not None:
-            _announce_admin(console, created)
+            _announce_admin(None, created)
     finally:
         await services.close()
 
 
 def _fork(
     settings: Settings,
-    console: Console,
     listener: socket.socket,
     pairs: list[list[tuple[socket.socket, socket.socket]]],
     index: int,
@@ -185,7 +183,7 @@ def _fork(
         # The supervisor passes SIGHUP on; a worker serving TLS replaces this
         # with its certificate reload, the others ignore the signal.
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
-        run_on_uvloop(run_server(settings, console, [listener], migrated=True))
+        run_on_uvloop(run_server(settings, None, [listener], migrated=True))
     except BaseException:
         log.exception("worker failed")
         status = 1

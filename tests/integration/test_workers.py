@@ -37,6 +37,10 @@ def test_workers_serve_and_stop_together(tmp_path: Path) -> None:
         assert server.process is not None
         workers = _children(server.process.pid)
         assert len(workers) == 2
+        for pid in workers:
+            # Forked from the interpreter that has not loaded the CLI.
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            assert b"moorage.prefork" in command
         with httpx.Client(
             base_url=server.url, auth=(ADMIN_LOGIN, ADMIN_PASSWORD)
         ) as client:

@@ -1,0 +1,109 @@
+"""Fork the workers of `moorage serve` from an interpreter without the CLI.
+
+Forked workers keep every module their parent imported. So with several
+workers, `moorage serve` replaces itself (exec) with `python -m
+moorage.prefork --settings-fd=FD`, which imports only what a server needs and
+then runs `moorage.workers.run_workers`. The command line's own modules (typer,
+rich and the CLI commands) stay out of the workers, and rich stays out of
+structlog too when the log is JSON lines. The settings arrive pickled through
+an inherited pipe, so that secrets read from the configuration file stay out of
+the command line and the environment of the processes.
+
+This module imports only the standard library and `moorage.config` before it
+has decided about rich, because structlog imports rich when it is first
+imported.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import sys
+from typing import TYPE_CHECKING, NoReturn
+
+if TYPE_CHECKING:
+    from moorage.config import Settings
+
+
+def exec_prefork(settings: Settings) -> NoReturn:
+    """Replace this process with `moorage.prefork`, which serves `settings`."""
+    data = pickle.dumps(settings)
+    read, write = os.pipe()
+    # No process reads the pipe until after the exec, so a write larger than
+    # the pipe's buffer (64 KiB by default on Linux) would block forever.
+    os.set_blocking(write, False)
+    try:
+        written = os.write(write, data)
+    except BlockingIOError:
+        written = 0
+    if written != len(data):
+        # NOTE: the default settings pickle to about 1.3 KiB, so only very
+        # long configuration values reach this limit.
+        raise RuntimeError(
+            f"the settings ({len(data)} bytes pickled) do not fit the pipe to "
+            "the worker parent process; shorten the longest configuration "
+            "values or set workers = 1"
+        )
+    os.close(write)
+    os.set_inheritable(read, True)
+
+    # A local import: in the new process, structlog must wait for `prepare`.
+    from moorage.logs import flush_logs
+
+    flush_logs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(  # noqa: S606 (runs this interpreter with fixed arguments)
+        sys.executable,
+        [sys.executable, "-m", "moorage.prefork", f"--settings-fd={read}"],
+    )
+
+
+def read_settings(descriptor: int) -> Settings:
+    """Read the settings that `exec_prefork` wrote to the pipe `descriptor`."""
+    with os.fdopen(descriptor, "rb") as pipe:
+        # Only this process, before its exec, wrote to the pipe.
+        settings: Settings = pickle.load(pipe)  # noqa: S301
+    return settings
+
+
+def prepare(settings: Settings) -> None:
+    """Configure logging and memory arenas the way `moorage serve` did before
+    the exec, leaving rich out when the log is JSON lines."""
+    if _logs_json(settings.log_format):
+        # structlog imports rich, when it is installed, only to print
+        # tracebacks in its console renderer. A None entry makes that import
+        # fail, so structlog does without it, and each worker holds 3 MiB
+        # less (tracemalloc, rich 15 with pygments).
+        sys.modules.setdefault("rich", None)  # type: ignore[arg-type]
+
+    from moorage.logs import configure_logging
+    from moorage.server import limit_malloc_arenas
+
+    configure_logging(settings.log_level, settings.log_format)
+    limit_malloc_arenas()
+
+
+def _logs_json(log_format: str) -> bool:
+    """Return whether `moorage.logs.configure_logging` writes JSON lines."""
+    return log_format == "json" or (log_format == "auto" and not sys.stderr.isatty())
+
+
+def main(arguments: list[str]) -> int:
+    options = dict(a[2:].split("=", 1) for a in arguments if a.startswith("--"))
+    settings = read_settings(int(options["settings-fd"]))
+    prepare(settings)
+
+    from moorage.errors import MoorageError
+    from moorage.workers import run_workers
+
+    try:
+        run_workers(settings)
+    except MoorageError as error:
+        print(f"error: {error.message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
