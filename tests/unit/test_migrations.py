@@ -264,7 +264,7 @@ async def test_upgrade_from_old_heads(engines: Callable[[str], AsyncEngine]) -> 
 
 
 async def test_audit_events_indexes(engines: Callable[[str], AsyncEngine]) -> None:
-    """Each event inserts into as few B-trees as the queries need: on SQLite
+    """Each event inserts into as few B-trees as the queries need. On SQLite
     `seq` is the rowid, so the table has only its two secondary indexes."""
     engine = engines("audit")
     await migrate(engine)

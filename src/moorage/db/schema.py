@@ -386,9 +386,9 @@ shredded_objects = Table(
 # The audit trail: append-only, each event hash-chained to the one before it
 # (see moorage.audit.events for the hash). Rows are only ever inserted, except
 # that retention archives the oldest ones to a file and then deletes them.
-# On SQLite `seq` is declared INTEGER, so that it is the table's rowid rather
-# than a second B-tree beside it (see migration 0011); there a pull inserts
-# into the table and its two indexes on `time` and on `action, time`.
+# On SQLite `seq` is declared INTEGER, so it is the table's rowid rather than
+# a second B-tree beside it. Each pull there inserts into the table and its two
+# indexes.
 audit_events = Table(
     "audit_events",
     metadata,

@@ -3,17 +3,18 @@
 Revision ID: 0011
 Revises: 0010
 
-Every registry request inserts an audit event, so each index on
-`audit_events` costs every pull. No query uses `ix_audit_events_actor_customer_time`:
-the customer filter is `actor_customer = ? OR repository LIKE '<customer>/%'`,
-and with no index on `repository` neither SQLite 3.40 nor PostgreSQL can use
-an index for that OR, so both scan by `seq`. The usage report groups by
-customer after filtering by action and time (`ix_audit_events_action_time`).
+Every pull and push inserts an audit event, so each index on `audit_events`
+costs every pull. No query uses `ix_audit_events_actor_customer_time`. The
+customer filter is `actor_customer = ? OR repository LIKE '<customer>/%'`, and
+`repository` has no index, so neither SQLite 3.40 nor PostgreSQL can use an
+index for that OR. Both scan by `seq` (EXPLAIN, with the index present). The
+usage report groups by customer after filtering by action and time
+(`ix_audit_events_action_time`).
 
 On SQLite a `BIGINT` primary key is a second B-tree beside the table's rowid.
 Only a column declared exactly `INTEGER PRIMARY KEY` is the rowid itself, so
 `seq` becomes `INTEGER` there (64-bit, like every SQLite integer). SQLite cannot
-change a column's type in place: the table is rebuilt (batch mode: copy, drop,
+change a column's type in place, so the table is rebuilt (batch mode: copy, drop,
 rename), which takes time and disk space in proportion to the events stored.
 PostgreSQL keeps `seq BIGINT`.
 """
