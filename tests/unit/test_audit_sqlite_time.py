@@ -1,13 +1,17 @@
-"""The audit writer's SQLite time text against what a Core insert stores."""
+"""The audit writer's SQLite time text against what a Core insert stores, and
+the adapter that binds None."""
 
 from __future__ import annotations
 
+import contextlib
 import random
+import sqlite3
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 from sqlalchemy import create_engine, text
 
+import moorage.db.engine  # noqa: F401 (registers the adapter for None)
 from moorage.audit.events import AuditEvent, format_time
 from moorage.db.audit_store import (
     _ROW_COLUMNS,
@@ -91,3 +95,15 @@ def test_statement_sizes_cover_rows(rows: int) -> None:
     assert all(size == 128 or size & (size - 1) == 0 for size in sizes)
     below = [size for size in sizes if size != 128]
     assert len(below) == len(set(below))
+
+
+def test_none_binds_as_null() -> None:
+    """The process-wide adapter for None that moorage.db.engine registers
+    still stores SQL NULL, next to values of other types."""
+    with contextlib.closing(sqlite3.connect(":memory:")) as connection:
+        connection.execute("CREATE TABLE t (a, b, c)")
+        connection.execute("INSERT INTO t VALUES (?, ?, ?)", (None, "x", None))
+        row = connection.execute(
+            "SELECT a IS NULL, typeof(b), c IS NULL FROM t"
+        ).fetchone()
+    assert row == (1, "text", 1)

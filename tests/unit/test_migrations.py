@@ -233,6 +233,15 @@ async def test_upgrade_from_old_heads(engines: Callable[[str], AsyncEngine]) -> 
     assert not only_old, f"only in the upgraded database: {sorted(only_old)}"
     assert not only_new, f"only in the new database: {sorted(only_new)}"
 
+    # The audit table, rebuilt on SQLite, keeps its events and their chain.
+    audit_store = AuditStore(old)
+    try:
+        verification = await DatabaseAuditLog(audit_store, None).verify()
+        assert verification.ok, verification.problem
+        assert verification.events == 2
+    finally:
+        audit_store.close()
+
     identity = IdentityStore(old)
     try:
         assert (await identity.get_customer("acme")).id == customer.id
@@ -252,3 +261,25 @@ async def test_upgrade_from_old_heads(engines: Callable[[str], AsyncEngine]) -> 
         assert added == removed + 1
     finally:
         identity.close()
+
+
+async def test_audit_events_indexes(engines: Callable[[str], AsyncEngine]) -> None:
+    """Each event inserts into as few B-trees as the queries need. On SQLite
+    `seq` is the rowid, so the table has only its two secondary indexes."""
+    engine = engines("audit")
+    await migrate(engine)
+    async with engine.connect() as connection:
+        dialect = connection.dialect.name
+        indexes = await connection.run_sync(
+            lambda sync: inspect(sync).get_indexes("audit_events")
+        )
+        if dialect == "sqlite":
+            listed = await connection.exec_driver_sql(
+                "SELECT name FROM pragma_index_list('audit_events')"
+            )
+            btrees = sorted(row[0] for row in listed)
+    names = sorted(index["name"] for index in indexes)
+    assert names == ["ix_audit_events_action_time", "ix_audit_events_time"]
+    if dialect == "sqlite":
+        # A BIGINT primary key would add sqlite_autoindex_audit_events_1.
+        assert btrees == ["ix_audit_events_action_time", "ix_audit_events_time"]

@@ -70,17 +70,18 @@ def _restrict_sqlite_file(url: str) -> None:
         os.close(descriptor)
 
 
-def _bind_null(value: None) -> None:
-    return value
-
-
 # The sqlite3 module binds None as NULL only after it looked for an adapter,
 # then for `__adapt__` on its protocol type, which raises and clears an
 # AttributeError for each None bound (CPython 3.11, Modules/_sqlite). An
 # adapter for None skips that: under callgrind it cut about 8,000 of the
 # audit writer's instructions per event, which binds six or so None values.
 # The adapter is process-wide and returns None, which still binds as NULL.
-sqlite3.register_adapter(type(None), _bind_null)
+# It is the `get` method of an empty dict, which returns None for the key
+# None. That call into C costs about 240 instructions less per value than a
+# Python function that returns its argument (callgrind, CPython 3.11, raw
+# sqlite3 inserts of six NULLs).
+_NO_ENTRIES: dict[None, None] = {}
+sqlite3.register_adapter(type(None), _NO_ENTRIES.get)
 
 
 def configure_sqlite(dbapi_connection: Any, _record: Any) -> None:
