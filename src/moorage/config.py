@@ -463,30 +463,61 @@ def _check_database_url_text(url: str) -> str:
     """Return `url` with the driver Moorage uses when it names none.
 
     Raise ValueError when `url` is not an SQLAlchemy URL, names a driver other
-    than those of DATABASE_DRIVERS, or has a port that is not a number from 1 to
-    65535. The message never contains the URL's password."""
+    than those of DATABASE_DRIVERS, has a port that is not a number from 1 to
+    65535, or is a SQLite URL without a file. The message never contains the
+    URL's password."""
     scheme, separator, rest = url.partition("://")
-    if separator and scheme in _DEFAULT_DRIVERS:
-        url = f"{_DEFAULT_DRIVERS[scheme]}://{rest}"
-    host_part = urlsplit(url).netloc.rpartition("@")[2]
+    if separator and scheme.lower() in _DEFAULT_DRIVERS:
+        url = f"{_DEFAULT_DRIVERS[scheme.lower()]}://{rest}"
+    # The password may hold "/", "?" or "#" unencoded, as SQLAlchemy allows, so
+    # the port is looked for after the password is taken out.
+    host_part = urlsplit(_hide_password(url)).netloc.rpartition("@")[2]
     if host_part.startswith("["):
         host_part = host_part.partition("]")[2]  # the port after an IPv6 address
     _, colon, port = host_part.rpartition(":")
-    if colon and port and not (port.isdigit() and 1 <= int(port) <= 65535):
+    if colon and port and not (port.isascii() and port.isdigit()):
+        raise ValueError(f"invalid port {port!r}; use a number from 1 to 65535")
+    if colon and port and not 1 <= int(port) <= 65535:
         raise ValueError(f"invalid port {port!r}; use a number from 1 to 65535")
     try:
-        driver = make_url(url).drivername
+        parsed = make_url(url)
     except (ArgumentError, ValueError):
         raise ValueError(
             "not a valid SQLAlchemy URL; expected for example "
             "postgresql+asyncpg://moorage@db/moorage"
         ) from None
-    if driver not in DATABASE_DRIVERS:
+    if parsed.drivername not in DATABASE_DRIVERS:
         raise ValueError(
-            f"unsupported database driver {driver!r}; use postgresql+asyncpg://"
-            "user@host/database or sqlite+aiosqlite:///path/to/file.db"
+            f"unsupported database driver {parsed.drivername!r}; use "
+            "postgresql+asyncpg://user@host/database or "
+            "sqlite+aiosqlite:///path/to/file.db"
+        )
+    if parsed.drivername.startswith("sqlite") and parsed.database in {
+        None,
+        "",
+        ":memory:",
+    }:
+        # An in-memory database would be a new, empty one in each process.
+        raise ValueError(
+            "a SQLite URL needs a file, for example "
+            "sqlite+aiosqlite:////var/lib/moorage/moorage.db; leave database_url "
+            "empty for moorage.db in the data directory"
         )
     return url
+
+
+# The user part and password of a URL, as SQLAlchemy reads them: the password
+# runs to the first "@", and may hold "/", "?", "#" and ":".
+_USER_AND_PASSWORD = re.compile(r"(?P<user>[^:/@]*):(?P<password>[^@]*)@")
+
+
+def _hide_password(url: str) -> str:
+    """Return `url` with the password of its user part replaced by `***`."""
+    scheme, separator, rest = url.partition("://")
+    found = _USER_AND_PASSWORD.match(rest) if separator else None
+    if found is None:
+        return url
+    return f"{scheme}://{found['user']}:***@{rest[found.end() :]}"
 
 
 # The key-encryption key's size: AES-256.
@@ -625,17 +656,13 @@ def hide_url_secrets(url: str) -> str:
     of an HTTP URL that look like a token (16 or more characters, letters and
     digits) are hidden too.
     """
+    url = _hide_password(url)
     try:
         parts = urlsplit(url)
-        password = parts.password
     except ValueError:
         return url
     web = parts.scheme.lower() in {"http", "https"}
     netloc = parts.netloc
-    if password is not None:
-        user_part, _, host_part = netloc.rpartition("@")
-        user = user_part.partition(":")[0]
-        netloc = f"{user}:***@{host_part}"
     path = parts.path
     if web:
         path = "/".join(_hide_token_segment(part) for part in path.split("/"))

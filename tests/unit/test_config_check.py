@@ -224,6 +224,11 @@ def test_file_errors_name_file(tmp_path: Path) -> None:
         ("postgresql+asyncpg://u:DBSECRET@127.0.0.1:abc/db", "abc"),
         ("postgresql+asyncpg://u:DBSECRET@127.0.0.1:0/db", "0"),
         ("postgresql+asyncpg://u:DBSECRET@[::1]:70000/db", "70000"),
+        ("postgresql+asyncpg://u:DB/SECRET@127.0.0.1:99999/db", "99999"),
+        (
+            "postgresql+asyncpg://u:DBSECRET@127.0.0.1:\u0665\u0664\u0663\u0662/db",
+            "\u0665\u0664\u0663\u0662",
+        ),
     ],
 )
 def test_invalid_database_port_one_line(tmp_path: Path, url: str, port: str) -> None:
@@ -238,6 +243,7 @@ def test_invalid_database_port_one_line(tmp_path: Path, url: str, port: str) -> 
     assert "1 to 65535" in database_line
     assert "u:***@" in database_line
     assert "DBSECRET" not in "\n".join(lines)
+    assert "SECRET" not in "\n".join(lines)
 
 
 def test_serve_rejects_invalid_database_port(tmp_path: Path) -> None:
@@ -298,6 +304,10 @@ def test_unsupported_database_driver(tmp_path: Path, url: str) -> None:
             "sqlite:////var/lib/moorage/moorage.db",
             "sqlite+aiosqlite:////var/lib/moorage/moorage.db",
         ),
+        (
+            "POSTGRESQL://u:DB/SE?CR#ET@127.0.0.1:5432/db",
+            "postgresql+asyncpg://u:***@127.0.0.1:5432/db",
+        ),
     ],
 )
 def test_database_url_without_driver(tmp_path: Path, url: str, shown: str) -> None:
@@ -307,6 +317,18 @@ def test_database_url_without_driver(tmp_path: Path, url: str, shown: str) -> No
     assert completed.returncode == 0, completed.stderr
     assert shown in completed.stdout
     assert "DBSECRET" not in completed.stdout
+    assert "SE?CR" not in completed.stdout
+
+
+@pytest.mark.parametrize(
+    "url", ["sqlite://", "sqlite+aiosqlite://", "sqlite+aiosqlite:///:memory:"]
+)
+def test_sqlite_url_without_file(tmp_path: Path, url: str) -> None:
+    """A SQLite URL without a file, an in-memory database that each process
+    would see empty, is a configuration error."""
+    lines = error_lines(config_check(tmp_path, {"MOORAGE_DATABASE_URL": url}))
+    assert len(lines) == 1, lines
+    assert "a SQLite URL needs a file" in lines[0]
 
 
 def test_empty_database_url_means_sqlite(tmp_path: Path) -> None:
