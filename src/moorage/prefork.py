@@ -53,9 +53,11 @@ def exec_prefork(settings: Settings) -> NoReturn:
     flush_logs()
     sys.stdout.flush()
     sys.stderr.flush()
+    # -P keeps the working directory off sys.path, so that a file there named
+    # like a module the server imports cannot run in it.
     os.execv(  # noqa: S606 (runs this interpreter with fixed arguments)
         sys.executable,
-        [sys.executable, "-m", "moorage.prefork", f"--settings-fd={read}"],
+        [sys.executable, "-P", "-m", "moorage.prefork", f"--settings-fd={read}"],
     )
 
 

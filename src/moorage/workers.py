@@ -81,7 +81,8 @@ def run_workers(settings: Settings) -> None:
     ]
     os.execve(  # noqa: S606 (runs this interpreter with fixed arguments)
         sys.executable,
-        [sys.executable, "-m", "moorage.supervisor", *arguments],
+        # -P: the working directory stays off sys.path (see `exec_prefork`).
+        [sys.executable, "-P", "-m", "moorage.supervisor", *arguments],
         {**os.environ, **_SUPERVISOR_MALLOC},
     )
 

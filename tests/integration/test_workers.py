@@ -20,9 +20,12 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-def _start_two_workers(tmp_path: Path) -> ServerProcess:
+def _start_two_workers(tmp_path: Path, cwd: Path | None = None) -> ServerProcess:
     server = ServerProcess(
-        data_dir=tmp_path / "data", database_url="", extra_env={"MOORAGE_WORKERS": "2"}
+        data_dir=tmp_path / "data",
+        database_url="",
+        extra_env={"MOORAGE_WORKERS": "2"},
+        cwd=cwd,
     )
     server.data_dir.mkdir()
     server.database_url = create_database(server.data_dir)
@@ -52,6 +55,24 @@ def test_workers_serve_and_stop_together(tmp_path: Path) -> None:
     assert server.process.returncode == 0
     for pid in workers:
         assert not os.path.exists(f"/proc/{pid}") or "Z" in _state(pid)
+
+
+def test_workers_ignore_modules_in_working_directory(tmp_path: Path) -> None:
+    """A file in the working directory named like a module the server imports
+    does not run in the re-executed parent, workers or supervisor."""
+    directory = tmp_path / "cwd"
+    directory.mkdir()
+    for name in ("structlog", "uvicorn", "pickle"):
+        (directory / f"{name}.py").write_text("raise SystemExit(3)\n")
+    server = _start_two_workers(tmp_path, cwd=directory)
+    try:
+        with httpx.Client(base_url=server.url) as client:
+            assert client.get("/healthz").status_code == 200
+    finally:
+        server.stop()
+        drop_database(server.database_url)
+    assert server.process is not None
+    assert server.process.returncode == 0
 
 
 def _peak_rss_kib(pid: int) -> int:

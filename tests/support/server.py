@@ -56,6 +56,8 @@ class ServerProcess:
     extra_env: dict[str, str] = field(default_factory=dict)
     # The CA that signed the server's certificate, when it serves HTTPS.
     ca_file: Path | None = None
+    # The server's working directory; None keeps the test's.
+    cwd: Path | None = None
 
     @property
     def url(self) -> str:
@@ -95,8 +97,19 @@ class ServerProcess:
     def start(self, timeout: float = 30) -> None:
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "moorage", "serve", "--port", str(self.port)],
+                # -P, as the `moorage` script runs: the working directory is
+                # not on sys.path.
+                [
+                    sys.executable,
+                    "-P",
+                    "-m",
+                    "moorage",
+                    "serve",
+                    "--port",
+                    str(self.port),
+                ],
                 env=self.environment(),
+                cwd=self.cwd,
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
