@@ -31,6 +31,10 @@ from moorage.auth.authenticator import password_check_limit
 from moorage.auth.password_service import PasswordService
 from moorage.auth.secrets import ARGON2_SLOTS, use_password_service
 from moorage.config import Settings
+from moorage.db.engine import (
+    UNREACHABLE_DATABASE_ERRORS,
+    unreachable_database_message,
+)
 from moorage.errors import MoorageError
 from moorage.logs import flush_logs
 from moorage.server import _announce_admin, run_on_uvloop, run_server
@@ -133,6 +137,13 @@ def _prepare_in_child(settings: Settings) -> None:
         except MoorageError as error:
             # A set-up problem for the operator to fix, such as missing keys.
             print(f"error: {error.message}", file=sys.stderr)
+            status = 1
+        except UNREACHABLE_DATABASE_ERRORS as error:
+            log.debug("database connection failed", exc_info=error)
+            message = unreachable_database_message(
+                settings.resolved_database_url, error
+            )
+            print(f"error: {message}", file=sys.stderr)
             status = 1
         except BaseException:
             log.exception("preparing the database failed")

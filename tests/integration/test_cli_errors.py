@@ -80,19 +80,32 @@ def test_unreachable_database_one_line(cli: Cli) -> None:
     assert lines[0].startswith("error: cannot connect to the database at 127.0.0.1:1")
 
 
-def test_serve_unreachable_database_one_line(cli: Cli) -> None:
+@pytest.mark.parametrize("workers", ["1", "2"])
+@pytest.mark.parametrize(
+    ("host", "shown"),
+    [
+        ("127.0.0.1:1", "127.0.0.1:1"),
+        ("[::1]:1", "[::1]:1"),
+        ("no-such-host.invalid", "no-such-host.invalid:default port"),
+    ],
+)
+def test_serve_unreachable_database_one_line(
+    cli: Cli, workers: str, host: str, shown: str
+) -> None:
     """`moorage serve` with a PostgreSQL server that cannot be reached stops
-    with the line that other commands print, not a traceback."""
+    with the line that other commands print, not a traceback, with one worker
+    or several."""
     cli.env["MOORAGE_DATABASE_URL"] = (
-        "postgresql+asyncpg://moorage:hunter2-secret@127.0.0.1:1/moorage"
+        f"postgresql+asyncpg://moorage:hunter2-secret@{host}/moorage"
     )
+    cli.env["MOORAGE_WORKERS"] = workers
     completed = run_moorage(cli, "serve", "--port", "0")
     assert completed.returncode == 1
     assert "Traceback" not in completed.stderr
     assert "hunter2-secret" not in completed.stderr
     lines = [line for line in completed.stderr.splitlines() if '"level"' not in line]
     assert len(lines) == 1, completed.stderr
-    assert lines[0].startswith("error: cannot connect to the database at 127.0.0.1:1")
+    assert lines[0].startswith(f"error: cannot connect to the database at {shown}: ")
 
 
 @pytest.mark.parametrize("limit", ["0", "-1"])

@@ -21,6 +21,7 @@ from typing import Annotated, Any, NoReturn, TypeVar
 import structlog
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -28,7 +29,6 @@ from rich.progress import (
     TextColumn,
     TimeRemainingColumn,
 )
-from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from typer.core import TyperGroup
 
@@ -41,6 +41,10 @@ from moorage.config import (
     Settings,
     displayed_settings,
     load_settings,
+)
+from moorage.db.engine import (
+    UNREACHABLE_DATABASE_ERRORS,
+    unreachable_database_message,
 )
 from moorage.db.identity_store import AccountRecord, CustomerRecord, GrantRecord
 from moorage.db.key_store import KeyStore
@@ -215,7 +219,7 @@ def _run(
             soft_wrap=True,
         )
         raise typer.Exit(1) from None
-    except (ConnectionError, TimeoutError) as error:
+    except UNREACHABLE_DATABASE_ERRORS as error:
         if isinstance(error, BrokenPipeError) and stdout_closed():
             raise  # the reader of stdout left (see _CommandGroup)
         _exit_for_connection_error(settings, error)
@@ -224,17 +228,12 @@ def _run(
 def _exit_for_connection_error(settings: Settings, error: OSError) -> NoReturn:
     """Print that the database cannot be reached, and exit with code 1.
 
-    asyncpg raises ConnectionError or TimeoutError itself when the server
-    cannot be reached. The traceback is logged at debug level.
+    The traceback is logged at debug level.
     """
     log.debug("database connection failed", exc_info=error)
-    address = make_url(settings.resolved_database_url)
+    message = unreachable_database_message(settings.resolved_database_url, error)
     errors.print(
-        f"[red]error:[/red] cannot connect to the database at "
-        f"{address.host}:{address.port or 'default port'}: {error}; "
-        "check database_url and that the database server runs",
-        highlight=False,
-        soft_wrap=True,
+        f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True
     )
     raise typer.Exit(1) from None
 
@@ -317,7 +316,7 @@ def serve(
     except MoorageError as error:
         _print_error(error)
         raise typer.Exit(1) from None
-    except (ConnectionError, TimeoutError) as error:
+    except UNREACHABLE_DATABASE_ERRORS as error:
         # Before it listens, the server opens no connection but the database's.
         # Afterwards, the audit sinks catch their own connection errors.
         _exit_for_connection_error(settings, error)

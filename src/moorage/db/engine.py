@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import sqlite3
 import stat
 from pathlib import Path
@@ -189,3 +190,21 @@ def head_revisions() -> set[str]:
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS_DIR))
     return set(ScriptDirectory.from_config(config).get_heads())
+
+
+# What asyncpg raises when it cannot reach the database server: a refused or
+# timed-out connection, or a host name that does not resolve.
+UNREACHABLE_DATABASE_ERRORS = (ConnectionError, TimeoutError, socket.gaierror)
+
+
+def unreachable_database_message(url: str, error: BaseException) -> str:
+    """Describe a failed connection to the database at `url`, without its
+    password, and say what to check."""
+    address = make_url(url)
+    host = address.host or "localhost"
+    if ":" in host:
+        host = f"[{host}]"  # an IPv6 address
+    return (
+        f"cannot connect to the database at {host}:{address.port or 'default port'}: "
+        f"{error}; check database_url and that the database server runs"
+    )
