@@ -769,18 +769,20 @@ class _FileSegments:
         AES-GCM then reads the page cache itself, without the copy that
         `preadv` makes (see `benchmarks/encrypted_pull.py floor`). A file cut
         short while mapped would kill the process with SIGBUS when a mapped
-        page past its new end is read. So the file is mapped only under a read
-        lease: the kernel makes another process that opens the file for writing
-        or truncates it wait until the lease is released, and `open_into` checks
-        the lease before each run. Once a break is pending, the map is closed,
-        the lease released, and later runs are read with `preadv`, which
-        reports a file cut short as an integrity error.
+        page past its new end is read. So the map is read only under a read
+        lease, which `open_into` takes for each run and releases after it: the
+        kernel makes another process that opens the file for writing or
+        truncates it wait until the run is decrypted, about a millisecond. A
+        run that finds the lease unavailable, or the file's size changed,
+        closes the map, and that run and the later ones are read with
+        `preadv`, which reports a file cut short as an integrity error.
 
-        NOTE: the kernel takes the lease away by force after
-        /proc/sys/fs/lease-break-time seconds. A run that takes longer to
-        decrypt than that, after a writer started to wait, could still read
-        a truncated page. Files are mapped only with a break time of at least
-        `_MIN_LEASE_BREAK_SECONDS` (the kernel's default is 45).
+        NOTE: the kernel takes a lease away by force after
+        /proc/sys/fs/lease-break-time seconds. A run whose decryption stalls
+        for longer than that (a stopped process), after a writer started to
+        wait, could still read a truncated page. Files are mapped only with a
+        break time of at least `_MIN_LEASE_BREAK_SECONDS` (the kernel's
+        default is 45).
 
         Does nothing for files under `_MIN_MAPPED_BYTES`, and where leases are
         unavailable: off Linux, when leases are disabled, when the process
@@ -798,33 +800,43 @@ class _FileSegments:
             # another signal, and SIGIO would end the process. SIGWINCH is
             # ignored unless a handler is installed.
             fcntl.fcntl(self._fd, fcntl.F_SETSIG, signal.SIGWINCH)
-            fcntl.fcntl(self._fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
         except OSError:
             return
-        # The lease now keeps the size; a file cut short before it was taken
-        # is read with preadv, which reports it.
-        if os.fstat(self._fd).st_size != self._stored_size:
-            self._release_lease()
+        # Taking the lease once here tells whether this file can have one.
+        if not self._take_lease():
             return
         try:
             self._mapped = mmap.mmap(self._fd, 0, access=mmap.ACCESS_READ)
         except (OSError, ValueError):
+            pass
+        finally:
             self._release_lease()
 
     def unmap(self) -> None:
-        """Close the memory map and release the read lease, if there is one."""
+        """Close the memory map, if there is one."""
         mapped, self._mapped = self._mapped, None
         if mapped is None:
             return
-        try:
+        with contextlib.suppress(BufferError):
+            # BufferError: a view of the map still exists, for example in the
+            # traceback of an integrity error. Nothing reads it, and the map
+            # closes when the view goes.
             mapped.close()
-        except BufferError:
-            # A view of the map still exists, for example in the traceback of
-            # an integrity error. The lease stays, so that no writer cuts the
-            # file short under it, until the map goes with that view and the
-            # file is closed.
-            return
-        self._release_lease()
+
+    def _take_lease(self) -> bool:
+        """Take a read lease on the file; return whether it has its stored size
+        under it. Release the lease when not."""
+        try:
+            fcntl.fcntl(self._fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+        except OSError:
+            # Leases unavailable, or the file is open for writing somewhere.
+            return False
+        # The lease now keeps the size. A file cut short before it was taken
+        # is read with preadv, which reports it.
+        if os.fstat(self._fd).st_size != self._stored_size:
+            self._release_lease()
+            return False
+        return True
 
     def _release_lease(self) -> None:
         # OSError: the kernel took the lease away by force already.
@@ -832,11 +844,12 @@ class _FileSegments:
             fcntl.fcntl(self._fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
 
     def _mapped_run(self, first: int, count: int) -> memoryview | None:
-        """Return a run's sealed bytes from the map, or None to read them."""
+        """Return a run's sealed bytes from the map under a read lease, which
+        the caller releases, or None to read them."""
         if self._mapped is None:
             return None
-        if fcntl.fcntl(self._fd, fcntl.F_GETLEASE) != fcntl.F_RDLCK:
-            # Another process waits to write to or truncate the file.
+        if not self._take_lease():
+            # Another process writes to or truncated the file.
             self.unmap()
             return None
         header = self._cipher.header
@@ -860,6 +873,8 @@ class _FileSegments:
         finally:
             # A view of the map would keep `unmap` from closing it.
             sealed.release()
+            if mapped:
+                self._release_lease()
         if mapped and self._mapped is not None:
             self._drop_pages(self._cipher.header.segment_offset(first + count))
         return plain
