@@ -5,9 +5,9 @@ workers, `moorage serve` replaces itself (exec) with `python -m
 moorage.prefork --settings-fd=FD`, which imports only what a server needs and
 then runs `moorage.workers.run_workers`. The command line's own modules (typer,
 rich and the CLI commands) stay out of the workers, and rich stays out of
-structlog too when the log is JSON lines. The settings arrive pickled through
-an inherited pipe, so that secrets read from the configuration file stay out of
-the command line and the environment of the processes.
+structlog too when the log is JSON lines. The settings arrive pickled in an
+inherited anonymous file (memfd), so that secrets read from the configuration
+file stay out of the command line and the environment of the processes.
 
 This module imports only the standard library and `moorage.config` before it
 has decided about rich, because structlog imports rich when it is first
@@ -27,24 +27,12 @@ if TYPE_CHECKING:
 
 def exec_prefork(settings: Settings) -> NoReturn:
     """Replace this process with `moorage.prefork`, which serves `settings`."""
-    data = pickle.dumps(settings)
-    read, write = os.pipe()
-    # No process reads the pipe until after the exec, so a write larger than
-    # the pipe's buffer (64 KiB by default on Linux) would block forever.
-    os.set_blocking(write, False)
-    try:
-        written = os.write(write, data)
-    except BlockingIOError:
-        written = 0
-    if written != len(data):
-        # NOTE: the default settings pickle to about 1.3 KiB, so only very
-        # long configuration values reach this limit.
-        raise RuntimeError(
-            f"the settings ({len(data)} bytes pickled) do not fit the pipe to "
-            "the worker parent process; shorten the longest configuration "
-            "values or set workers = 1"
-        )
-    os.close(write)
+    # An anonymous file in memory, not a pipe: no process reads it before the
+    # exec, and a pipe's buffer (64 KiB) would limit the settings' size.
+    read = os.memfd_create("moorage-settings")
+    with open(read, "wb", closefd=False) as file:
+        pickle.dump(settings, file)
+    os.lseek(read, 0, os.SEEK_SET)
     os.set_inheritable(read, True)
 
     # A local import: in the new process, structlog must wait for `prepare`.
@@ -62,10 +50,10 @@ def exec_prefork(settings: Settings) -> NoReturn:
 
 
 def read_settings(descriptor: int) -> Settings:
-    """Read the settings that `exec_prefork` wrote to the pipe `descriptor`."""
-    with os.fdopen(descriptor, "rb") as pipe:
-        # Only this process, before its exec, wrote to the pipe.
-        settings: Settings = pickle.load(pipe)  # noqa: S301
+    """Read the settings that `exec_prefork` wrote to the file `descriptor`."""
+    with os.fdopen(descriptor, "rb") as file:
+        # Only this process, before its exec, wrote to the file.
+        settings: Settings = pickle.load(file)  # noqa: S301
     return settings
 
 

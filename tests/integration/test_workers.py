@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -65,6 +66,30 @@ def test_workers_ignore_modules_in_working_directory(tmp_path: Path) -> None:
     for name in ("structlog", "uvicorn", "pickle"):
         (directory / f"{name}.py").write_text("raise SystemExit(3)\n")
     server = _start_two_workers(tmp_path, cwd=directory)
+    try:
+        with httpx.Client(base_url=server.url) as client:
+            assert client.get("/healthz").status_code == 200
+    finally:
+        server.stop()
+        drop_database(server.database_url)
+    assert server.process is not None
+    assert server.process.returncode == 0
+
+
+def test_workers_start_with_large_settings(tmp_path: Path) -> None:
+    """Settings that pickle to more than a pipe's 64 KiB reach the workers."""
+    networks = [f"10.{i // 256}.{i % 256}.0/24" for i in range(6000)]
+    server = ServerProcess(
+        data_dir=tmp_path / "data",
+        database_url="",
+        extra_env={
+            "MOORAGE_WORKERS": "2",
+            "MOORAGE_TRUSTED_PROXIES": json.dumps(networks),
+        },
+    )
+    server.data_dir.mkdir()
+    server.database_url = create_database(server.data_dir)
+    server.start()
     try:
         with httpx.Client(base_url=server.url) as client:
             assert client.get("/healthz").status_code == 200
