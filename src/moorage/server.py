@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import ctypes
 import os
+import signal
 import socket
 import time
 from collections.abc import AsyncIterator, Coroutine
@@ -202,8 +203,15 @@ def _wrap_for_tls(app: Any, reloader: tls.CertificateReloader | None) -> Any:
 def _start_tls_watch(
     reloader: tls.CertificateReloader | None, interval: float
 ) -> asyncio.Task[None] | None:
-    """Reload the certificate on SIGHUP and when its files change."""
+    """Reload the certificate on SIGHUP and when its files change.
+
+    Without TLS, SIGHUP is logged and ignored, as with several workers, so that
+    a signal meant for a reload does not stop the server.
+    """
     if reloader is None:
+        asyncio.get_running_loop().add_signal_handler(
+            signal.SIGHUP, log.info, "SIGHUP ignored: no TLS certificate to reload"
+        )
         return None
     reloader.install_signal_handler()
     return asyncio.create_task(reloader.watch(interval))

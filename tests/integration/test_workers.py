@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.support.database import create_database, drop_database
 from tests.support.server import ADMIN_LOGIN, ADMIN_PASSWORD, ServerProcess
@@ -98,6 +99,34 @@ def test_workers_start_with_large_settings(tmp_path: Path) -> None:
         drop_database(server.database_url)
     assert server.process is not None
     assert server.process.returncode == 0
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_sighup_without_tls_keeps_serving(tmp_path: Path, workers: str) -> None:
+    """Without TLS, SIGHUP has no certificate to reload: the server logs it and
+    goes on serving, with one worker or several."""
+    server = ServerProcess(
+        data_dir=tmp_path / "data",
+        database_url="",
+        extra_env={"MOORAGE_WORKERS": workers},
+    )
+    server.data_dir.mkdir()
+    server.database_url = create_database(server.data_dir)
+    server.start()
+    try:
+        assert server.process is not None
+        server.process.send_signal(signal.SIGHUP)
+        time.sleep(1)
+        assert server.process.poll() is None
+        with httpx.Client(base_url=server.url) as client:
+            assert client.get("/healthz").status_code == 200
+    finally:
+        server.stop()
+        drop_database(server.database_url)
+    # One worker ends by the SIGTERM of `stop`, which uvicorn raises again
+    # once it has shut down; the supervisor of several exits with 0.
+    assert server.process.returncode in (0, -signal.SIGTERM)
+    assert "SIGHUP ignored" in server.log()
 
 
 def _peak_rss_kib(pid: int) -> int:
