@@ -835,6 +835,36 @@ def test_shred_makes_manifests_unreadable(
         drop_database(copy.database_url)
 
 
+def test_push_after_shred_replaces_manifest(shared: SharedRegistry) -> None:
+    """After shredding and resuming a customer, pushing the same manifest again
+    makes it readable by its old tag, by digest and by a new tag."""
+    server, first = shared.server, shared.first
+    repository = first.repository()
+    marker = unique("again")
+    pushed = push_annotated(first.client, repository, marker)
+    digest = "sha256:" + hashlib.sha256(pushed).hexdigest()
+
+    shred(shared)
+    assert moorage(server, "customer", "resume", first.customer).returncode == 0
+    assert_manifest_destroyed(first.client, repository, "shared")
+    assert push_annotated(first.client, repository, marker) == pushed
+    response = first.client.put(
+        f"/v2/{repository}/manifests/later",
+        content=pushed,
+        headers={"Content-Type": MEDIA_TYPE_OCI_MANIFEST},
+    )
+    assert response.status_code == 201, response.text
+
+    for reference in ("shared", digest, "later"):
+        response = first.client.get(
+            f"/v2/{repository}/manifests/{reference}",
+            headers={"Accept": MEDIA_TYPE_OCI_MANIFEST},
+        )
+        assert response.status_code == 200, (reference, response.text)
+        assert response.content == pushed, reference
+    assert "storage integrity error" not in server.log()
+
+
 async def _manifest_rows(services: Services) -> dict[str, bytes]:
     """Return the stored content of every manifest row, by repository and digest."""
     async with services.engine.connect() as connection:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -181,6 +182,51 @@ async def test_recreated_owner_key_opens_only_new_rows(shared: Process) -> None:
     assert record.content == manifest("new").content
     with pytest.raises(DataKeyUnavailableError):
         await store.get_tagged_manifest("a/own", "v1")
+
+
+async def test_push_after_shred_replaces_row(shared: Process) -> None:
+    """Pushing a manifest again after its owner was shredded seals the row under
+    the new owner key: the old tag, the digest and a new tag all open it."""
+    await shred(shared, "customer:a")
+    own = manifest("own")
+    store = await shared.again().store()
+    await store.put_manifest("a/own", own, "v2")
+
+    for record in (
+        await store.get_tagged_manifest("a/own", "v1"),
+        await store.get_tagged_manifest("a/own", "v2"),
+        await store.get_manifest("a/own", own.digest),
+    ):
+        assert record is not None
+        assert record.content == own.content
+    with pytest.raises(DataKeyUnavailableError):
+        await store.get_tagged_manifest("a/app", "v1")
+    assert shared.errors == []
+
+
+async def test_concurrent_pushes_after_shred(shared: Process) -> None:
+    """Two processes pushing the same manifest at once after a shredding both
+    succeed, and the row they leave opens in either."""
+    await shred(shared, "customer:a")
+    own = manifest("own")
+    first = await shared.again().store()
+    second = await shared.again().store()
+    await asyncio.gather(
+        first.put_manifest("a/own", own, "v1"),
+        second.put_manifest("a/own", own, "v1"),
+    )
+
+    for store in (first, second):
+        record = await store.get_tagged_manifest("a/own", "v1")
+        assert record is not None
+        assert record.content == own.content
+
+
+async def test_push_of_readable_manifest_keeps_row(shared: Process) -> None:
+    """Pushing a readable manifest again leaves its stored row as it was."""
+    before = await stored_content(shared.engine, "a/own")
+    await (await shared.store()).put_manifest("a/own", manifest("own"), "v2")
+    assert await stored_content(shared.engine, "a/own") == before
 
 
 async def test_lost_owner_key_is_an_integrity_error(shared: Process) -> None:

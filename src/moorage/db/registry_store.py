@@ -135,6 +135,8 @@ class ManifestCodec(Protocol):
 
     def is_owner_sealed(self, stored: bytes) -> bool: ...
 
+    async def is_shredded(self, stored: bytes, fresh: bytes) -> bool: ...
+
 
 @dataclass(frozen=True, slots=True)
 class StoredManifestRow:
@@ -460,18 +462,22 @@ class RegistryStore:
         """Store a manifest and point `tag` at it, after checking its references.
 
         Raises ManifestBlobUnknownError when a referenced blob or child manifest is
-        not in the repository; nothing is stored then.
+        not in the repository; nothing is stored then. A row of the same manifest
+        that is sealed under a shredded owner key gets the new content, in a
+        second transaction, so the tags that point at it serve it again.
         """
         stored = manifest.content
         if self.codec is not None:
             stored = await self.codec.seal(repository, stored, manifest.digest)
 
-        def work(connection: Connection) -> None:
+        def work(connection: Connection) -> tuple[int, bytes | None]:
             repository_id = _ensure_repository(connection, repository)
             _check_references(connection, repository, repository_id, manifest)
-            manifest_id = _insert_manifest(connection, repository_id, manifest, stored)
+            manifest_id, existing = _insert_manifest(
+                connection, repository_id, manifest, stored
+            )
             if tag is None:
-                return
+                return manifest_id, existing
             row = {
                 "repository_id": repository_id,
                 "name": tag,
@@ -479,6 +485,29 @@ class RegistryStore:
                 "updated_at": utcnow(),
             }
             connection.execute(_tag_upsert(connection.dialect.name), row)
+            return manifest_id, existing
+
+        manifest_id, existing = await self._transact(work)
+        if (
+            existing is not None
+            and self.codec is not None
+            and await self.codec.is_shredded(existing, stored)
+        ):
+            await self._replace_content(manifest_id, existing, stored)
+
+    async def _replace_content(self, manifest_id: int, old: bytes, new: bytes) -> None:
+        """Store new content in a row whose content is still `old`.
+
+        Of two pushes that replace the same row at once, the second changes
+        nothing, because its UPDATE no longer matches the old content. Under
+        PostgreSQL's default READ COMMITTED isolation, which Moorage keeps, an
+        UPDATE that waited for another one's row lock checks its WHERE clause
+        again against the committed row.
+        """
+        values = {"manifest_id": manifest_id, "old": old, "new": new}
+
+        def work(connection: Connection) -> None:
+            connection.execute(_REPLACE_MANIFEST_CONTENT, values)
 
         await self._transact(work)
 
@@ -750,7 +779,9 @@ def _insert_manifest(
     repository_id: int,
     manifest: NewManifest,
     stored_content: bytes,
-) -> int:
+) -> tuple[int, bytes | None]:
+    """Insert a manifest unless the repository has it; return the row's id and,
+    for a row that was there already, its stored content."""
     now = utcnow()
     row = {
         "repository_id": repository_id,
@@ -769,9 +800,8 @@ def _insert_manifest(
     manifest_id = connection.execute(_insert_manifest_returning(dialect), row).scalar()
     if manifest_id is None:
         key = {"repository_id": repository_id, "digest": manifest.digest}
-        existing = connection.scalar(_MANIFEST_ID, key)
-        assert existing is not None
-        return int(existing)
+        existing = connection.execute(_MANIFEST_ID_AND_CONTENT, key).one()
+        return int(existing.id), bytes(existing.content)
     references = dict.fromkeys(manifest.blob_references, "blob")
     references.update(dict.fromkeys(manifest.manifest_references, "manifest"))
     if references:
@@ -782,7 +812,7 @@ def _insert_manifest(
                 for digest, kind in references.items()
             ],
         )
-    return int(manifest_id)
+    return int(manifest_id), None
 
 
 @functools.cache
@@ -854,9 +884,17 @@ _UPLOAD = (
 _REPOSITORY_ID = select(repositories.c.id).where(
     repositories.c.name == bindparam("name")
 )
-_MANIFEST_ID = select(manifests.c.id).where(
+_MANIFEST_ID_AND_CONTENT = select(manifests.c.id, manifests.c.content).where(
     manifests.c.repository_id == bindparam("repository_id"),
     manifests.c.digest == bindparam("digest"),
+)
+_REPLACE_MANIFEST_CONTENT = (
+    update(manifests)
+    .where(
+        manifests.c.id == bindparam("manifest_id"),
+        manifests.c.content == bindparam("old", type_=manifests.c.content.type),
+    )
+    .values(content=bindparam("new", type_=manifests.c.content.type))
 )
 # A new session in the repository of that name; no row when there is none.
 _now = bindparam("now", type_=uploads.c.created_at.type)

@@ -159,6 +159,21 @@ class ManifestCipher:
     def is_owner_sealed(self, stored: bytes) -> bool:
         return stored.startswith(MAGIC)
 
+    async def is_shredded(self, stored: bytes, fresh: bytes) -> bool:
+        """Return whether a stored row is sealed under a shredded owner key.
+
+        `fresh` is the same manifest just sealed for its owner. A row sealed
+        under the same owner key is readable without a lookup, so pushing an
+        unchanged manifest again costs no query here.
+        """
+        sealed = parse_sealed(stored)
+        if sealed is None:
+            return False
+        current = parse_sealed(fresh)
+        if current is not None and current.key_id == sealed.key_id:
+            return False
+        return await self.custody.shredded(sealed.key_id)
+
     # Opening
 
     async def open(self, stored: bytes, digest: str) -> bytes:
