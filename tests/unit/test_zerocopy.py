@@ -19,6 +19,7 @@ from moorage.zerocopy import (
     ThreadedBodyResponse,
     ZeroCopyFileResponse,
     ZeroCopyProtocol,
+    _read_cached,
     size_body_threads,
     supports_zerocopy,
 )
@@ -234,6 +235,21 @@ async def test_client_leaving_mid_body_ends_response(server: Any) -> None:
             break
         await asyncio.sleep(0.01)
     assert app.files[0].closed
+
+
+def test_read_cached_reads_only_cached_pages(data_file: Path, content: bytes) -> None:
+    """The fallback piece is read on the event loop only from the page cache:
+    evicted pages raise BlockingIOError, so the read goes to a thread."""
+    file = os.open(data_file, os.O_RDONLY)
+    try:
+        assert _read_cached(file, 1000, 5) == content[5:1005]
+        assert _read_cached(file, 1000, SIZE - 10) == content[-10:]
+        os.fsync(file)
+        os.posix_fadvise(file, 0, 0, os.POSIX_FADV_DONTNEED)
+        with pytest.raises(BlockingIOError):
+            _read_cached(file, 1000, 1024 * 1024)
+    finally:
+        os.close(file)
 
 
 async def test_keep_alive_after_zerocopy(server: Any, content: bytes) -> None:
