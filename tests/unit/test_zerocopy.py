@@ -19,6 +19,7 @@ from moorage.zerocopy import (
     ThreadedBodyResponse,
     ZeroCopyFileResponse,
     ZeroCopyProtocol,
+    _read_cached,
     size_body_threads,
     supports_zerocopy,
 )
@@ -66,6 +67,7 @@ class FileApp:
         self.path = path
         self.offered: list[bool] = []
         self.bodies: list[FileBody] = []
+        self.files: list[Any] = []
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -91,8 +93,10 @@ class FileApp:
                 media_type="application/octet-stream",
             )(scope, receive, send)
             return
+        file = open(self.path, "rb", buffering=0)  # noqa: ASYNC230, SIM115
+        self.files.append(file)
         response = ZeroCopyFileResponse(
-            open(self.path, "rb", buffering=0),  # noqa: ASYNC230, SIM115
+            file,
             offset,
             count,
             status_code=200,
@@ -142,7 +146,9 @@ async def server(data_file: Path) -> AsyncIterator[tuple[FileApp, int]]:
         yield app, listener.getsockname()[1]
     finally:
         instance.should_exit = True
-        await task
+        # uvicorn waits for running responses, so one that never ends would
+        # hang the test instead of failing it.
+        await asyncio.wait_for(task, timeout=30)
 
 
 async def get(port: int, target: str, *, pause: float = 0) -> tuple[bytes, bytes]:
@@ -208,6 +214,42 @@ async def test_short_file_closes_connection(server: Any, content: bytes) -> None
     target = f"/?offset={offset}&count=200&announce=200"
     _, body = await asyncio.wait_for(get(port, target), timeout=10)
     assert body == content[offset:]
+
+
+async def test_client_leaving_mid_body_ends_response(server: Any) -> None:
+    """A client that stops reading and closes its socket while the server waits
+    for room in the socket ends the response: the file is closed."""
+    app, port = server
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.get_extra_info("socket").setsockopt(
+        socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024
+    )
+    writer.write(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n")
+    await reader.readuntil(b"\r\n\r\n")
+    await reader.readexactly(1024 * 1024)
+    # Give the server time to fill the socket and start waiting for room.
+    await asyncio.sleep(0.2)
+    writer.close()
+    for _ in range(500):
+        if app.files and app.files[0].closed:
+            break
+        await asyncio.sleep(0.01)
+    assert app.files[0].closed
+
+
+def test_read_cached_reads_only_cached_pages(data_file: Path, content: bytes) -> None:
+    """The fallback piece is read on the event loop only from the page cache:
+    evicted pages raise BlockingIOError, so the read goes to a thread."""
+    file = os.open(data_file, os.O_RDONLY)
+    try:
+        assert _read_cached(file, 1000, 5) == content[5:1005]
+        assert _read_cached(file, 1000, SIZE - 10) == content[-10:]
+        os.fsync(file)
+        os.posix_fadvise(file, 0, 0, os.POSIX_FADV_DONTNEED)
+        with pytest.raises(BlockingIOError):
+            _read_cached(file, 1000, 1024 * 1024)
+    finally:
+        os.close(file)
 
 
 async def test_keep_alive_after_zerocopy(server: Any, content: bytes) -> None:
