@@ -33,6 +33,7 @@ socket writes stay off the event loop, and cost no hand-off per piece.
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import weakref
 from collections import deque
@@ -50,6 +51,8 @@ from uvicorn.protocols.http.httptools_impl import (
 from moorage.logs import connection_logger
 
 ZEROCOPY = "http.response.zerocopy"
+# Reads that fail rather than wait for the disk (Linux only).
+_NOWAIT: int | None = getattr(os, "RWF_NOWAIT", None)
 # Bytes per sendfile call at most. The socket takes what fits, so a larger
 # value only saves system calls.
 SENDFILE_BYTES = 4 * 1024 * 1024
@@ -408,8 +411,10 @@ def _read_cached(file: int, size: int, offset: int) -> bytes:
     Raises OSError (BlockingIOError when the bytes are not cached) otherwise.
     A read that gets only part of the bytes from the cache returns that part.
     """
+    if _NOWAIT is None:
+        raise OSError(errno.EOPNOTSUPP, "RWF_NOWAIT is not available here")
     buffer = bytearray(size)
-    read = os.preadv(file, [buffer], offset, os.RWF_NOWAIT)
+    read = os.preadv(file, [buffer], offset, _NOWAIT)
     del buffer[read:]
     return bytes(buffer)
 
