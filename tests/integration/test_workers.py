@@ -22,11 +22,17 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-def _start_two_workers(tmp_path: Path, cwd: Path | None = None) -> ServerProcess:
+def _start_server(
+    tmp_path: Path,
+    workers: str = "2",
+    cwd: Path | None = None,
+    environment: dict[str, str] | None = None,
+) -> ServerProcess:
+    """Start a server with `workers` processes on a database of its own."""
     server = ServerProcess(
         data_dir=tmp_path / "data",
         database_url="",
-        extra_env={"MOORAGE_WORKERS": "2"},
+        extra_env={"MOORAGE_WORKERS": workers, **(environment or {})},
         cwd=cwd,
     )
     server.data_dir.mkdir()
@@ -35,9 +41,19 @@ def _start_two_workers(tmp_path: Path, cwd: Path | None = None) -> ServerProcess
     return server
 
 
+def _serves_health_then_stops(server: ServerProcess) -> None:
+    """Check that `server` answers /healthz, then stop it and drop its database."""
+    try:
+        with httpx.Client(base_url=server.url) as client:
+            assert client.get("/healthz").status_code == 200
+    finally:
+        server.stop()
+        drop_database(server.database_url)
+
+
 def test_workers_serve_and_stop_together(tmp_path: Path) -> None:
     """Two workers answer on one port, and SIGTERM to the parent stops both."""
-    server = _start_two_workers(tmp_path)
+    server = _start_server(tmp_path)
     try:
         assert server.process is not None
         workers = _children(server.process.pid)
@@ -66,13 +82,8 @@ def test_workers_ignore_modules_in_working_directory(tmp_path: Path) -> None:
     directory.mkdir()
     for name in ("structlog", "uvicorn", "pickle"):
         (directory / f"{name}.py").write_text("raise SystemExit(3)\n")
-    server = _start_two_workers(tmp_path, cwd=directory)
-    try:
-        with httpx.Client(base_url=server.url) as client:
-            assert client.get("/healthz").status_code == 200
-    finally:
-        server.stop()
-        drop_database(server.database_url)
+    server = _start_server(tmp_path, cwd=directory)
+    _serves_health_then_stops(server)
     assert server.process is not None
     assert server.process.returncode == 0
 
@@ -80,23 +91,9 @@ def test_workers_ignore_modules_in_working_directory(tmp_path: Path) -> None:
 def test_workers_start_with_large_settings(tmp_path: Path) -> None:
     """Settings that pickle to more than a pipe's 64 KiB reach the workers."""
     networks = [f"10.{i // 256}.{i % 256}.0/24" for i in range(6000)]
-    server = ServerProcess(
-        data_dir=tmp_path / "data",
-        database_url="",
-        extra_env={
-            "MOORAGE_WORKERS": "2",
-            "MOORAGE_TRUSTED_PROXIES": json.dumps(networks),
-        },
-    )
-    server.data_dir.mkdir()
-    server.database_url = create_database(server.data_dir)
-    server.start()
-    try:
-        with httpx.Client(base_url=server.url) as client:
-            assert client.get("/healthz").status_code == 200
-    finally:
-        server.stop()
-        drop_database(server.database_url)
+    environment = {"MOORAGE_TRUSTED_PROXIES": json.dumps(networks)}
+    server = _start_server(tmp_path, environment=environment)
+    _serves_health_then_stops(server)
     assert server.process is not None
     assert server.process.returncode == 0
 
@@ -105,24 +102,13 @@ def test_workers_start_with_large_settings(tmp_path: Path) -> None:
 def test_sighup_without_tls_keeps_serving(tmp_path: Path, workers: str) -> None:
     """Without TLS, SIGHUP has no certificate to reload: the server logs it and
     goes on serving, with one worker or several."""
-    server = ServerProcess(
-        data_dir=tmp_path / "data",
-        database_url="",
-        extra_env={"MOORAGE_WORKERS": workers},
-    )
-    server.data_dir.mkdir()
-    server.database_url = create_database(server.data_dir)
-    server.start()
-    try:
-        assert server.process is not None
-        server.process.send_signal(signal.SIGHUP)
-        time.sleep(1)
-        assert server.process.poll() is None
-        with httpx.Client(base_url=server.url) as client:
-            assert client.get("/healthz").status_code == 200
-    finally:
-        server.stop()
-        drop_database(server.database_url)
+    server = _start_server(tmp_path, workers=workers)
+    assert server.process is not None
+    server.process.send_signal(signal.SIGHUP)
+    time.sleep(1)
+    still_running = server.process.poll() is None
+    _serves_health_then_stops(server)
+    assert still_running
     # One worker ends by the SIGTERM of `stop`, which uvicorn raises again
     # once it has shut down; the supervisor of several exits with 0.
     assert server.process.returncode in (0, -signal.SIGTERM)
@@ -137,7 +123,7 @@ def _peak_rss_kib(pid: int) -> int:
 def test_supervisor_checks_the_workers_passwords(tmp_path: Path) -> None:
     """The workers' argon2id checks run in the supervisor, whose peak memory
     grows by the 19 MiB of a check, and logins still succeed or fail."""
-    server = _start_two_workers(tmp_path)
+    server = _start_server(tmp_path)
     try:
         assert server.process is not None
         supervisor = server.process.pid
@@ -162,7 +148,7 @@ def test_long_passwords_leave_password_checks_working(tmp_path: Path) -> None:
     """Passwords far over any account's length fail as wrong ones, and the
     workers' password checks keep working after them. Each request opens its
     own connection, so that both workers get some."""
-    server = _start_two_workers(tmp_path)
+    server = _start_server(tmp_path)
     try:
         for index, length in enumerate((2_000, 70_000, 70_000, 70_000)):
             # A login of its own each time, so that the throttle stays out.
@@ -196,7 +182,7 @@ def _state(pid: int) -> str:
 
 def test_workers_stop_when_parent_killed(tmp_path: Path) -> None:
     """Workers of a supervisor killed with SIGKILL stop instead of serving on."""
-    server = _start_two_workers(tmp_path)
+    server = _start_server(tmp_path)
     try:
         assert server.process is not None
         workers = _children(server.process.pid)
