@@ -63,7 +63,7 @@ def prepare(settings: Settings) -> None:
     if _logs_json(settings.log_format):
         # structlog imports rich, when it is installed, only to print
         # tracebacks in its console renderer. A None entry makes that import
-        # fail, so structlog does without it, and each worker holds 3 MiB
+        # fail, so structlog does without it, and each worker uses 3 MiB
         # less (tracemalloc, rich 15 with pygments).
         sys.modules.setdefault("rich", None)  # type: ignore[arg-type]
 

@@ -406,7 +406,7 @@ async def _send_piece(
 
 
 def _read_cached(file: int, size: int, offset: int) -> bytes:
-    """Read `size` bytes of `file` from `offset` if the page cache holds them.
+    """Read `size` bytes of `file` from `offset` if they are in the page cache.
 
     Raises OSError (BlockingIOError when the bytes are not cached) otherwise.
     A read that gets only part of the bytes from the cache returns that part.

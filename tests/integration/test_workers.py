@@ -42,7 +42,8 @@ def _start_server(
 
 
 def _serves_health_then_stops(server: ServerProcess) -> None:
-    """Check that `server` answers /healthz, then stop it and drop its database."""
+    """Check that `server` returns 200 for /healthz, then stop it and drop its
+    database."""
     try:
         with httpx.Client(base_url=server.url) as client:
             assert client.get("/healthz").status_code == 200

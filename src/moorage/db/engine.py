@@ -192,14 +192,14 @@ def head_revisions() -> set[str]:
     return set(ScriptDirectory.from_config(config).get_heads())
 
 
-# What asyncpg raises when it cannot reach the database server: a refused or
-# timed-out connection, or a host name that does not resolve.
+# Exceptions that asyncpg raises when it cannot reach the database server: a
+# refused or timed-out connection, or a host name that does not resolve.
 UNREACHABLE_DATABASE_ERRORS = (ConnectionError, TimeoutError, socket.gaierror)
 
 
 def unreachable_database_message(url: str, error: BaseException) -> str:
-    """Describe a failed connection to the database at `url`, without its
-    password, and say what to check."""
+    """Return the message for a failed connection to the database at `url`,
+    without its password, with what to check next."""
     address = make_url(url)
     host = address.host or "localhost"
     if ":" in host:

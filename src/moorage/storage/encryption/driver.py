@@ -770,8 +770,8 @@ class _FileSegments:
         `preadv` makes (see `benchmarks/encrypted_pull.py floor`). A file cut
         short while mapped would kill the process with SIGBUS when a mapped
         page past its new end is read. So the map is read only under a read
-        lease, which `open_into` takes for each run and releases after it: the
-        kernel makes another process that opens the file for writing or
+        lease, which `open_into` takes for each run and releases after it.
+        The kernel makes another process that opens the file for writing or
         truncates it wait until the run is decrypted, about a millisecond. A
         run that finds the lease unavailable, or the file's size changed,
         closes the map, and that run and the later ones are read with
@@ -802,7 +802,7 @@ class _FileSegments:
             fcntl.fcntl(self._fd, fcntl.F_SETSIG, signal.SIGWINCH)
         except OSError:
             return
-        # Taking the lease once here tells whether this file can have one.
+        # Taking the lease once here shows whether this file can have one.
         if not self._take_lease():
             return
         try:
