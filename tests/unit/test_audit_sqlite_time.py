@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import random
 import sqlite3
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
@@ -57,27 +58,28 @@ def test_sqlite_time_equals_core_insert(value: datetime) -> None:
     assert _sqlite_time(format_time(value), event) == stored
 
 
-def test_sqlite_time_of_random_times() -> None:
-    """The orjson path gives isoformat's text for times across the whole range."""
-    generator = random.Random(4)  # noqa: S311 (test data)
+def random_times(seed: int, count: int = 5000) -> Iterator[datetime]:
+    """Yield `count` UTC times spread over datetime's whole range, one in five
+    with a microsecond of 0, 1 or 999999."""
+    generator = random.Random(seed)  # noqa: S311 (test data)
     smallest = datetime(1, 1, 1, tzinfo=UTC)
     span = datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC) - smallest
-    for _ in range(5000):
+    for _ in range(count):
         value = smallest + span * generator.random()
         if generator.random() < 0.2:
             value = value.replace(microsecond=generator.choice([0, 1, 999999]))
+        yield value
+
+
+def test_sqlite_time_of_random_times() -> None:
+    """The orjson path gives isoformat's text for times across the whole range."""
+    for value in random_times(4):
         assert sqlite_time(value) == value.isoformat(" ", "microseconds")[:-6]
 
 
 def test_sqlite_time_from_format_time_random() -> None:
     """The time cut from the hashed text equals `sqlite_time` across the range."""
-    generator = random.Random(5)  # noqa: S311 (test data)
-    smallest = datetime(1, 1, 1, tzinfo=UTC)
-    span = datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC) - smallest
-    for _ in range(5000):
-        value = smallest + span * generator.random()
-        if generator.random() < 0.2:
-            value = value.replace(microsecond=generator.choice([0, 1, 999999]))
+    for value in random_times(5):
         event = AuditEvent("manifest.pull", time=value)
         assert _sqlite_time(format_time(value), event) == sqlite_time(value)
 
