@@ -11,8 +11,10 @@ from typing import Any
 MIB = 1024 * 1024
 # The sample key of Moorage with encryption at rest (bench.servers.ENCRYPTED).
 ENCRYPTED = "moorage-encrypted"
-# Encrypted blob throughput should be at least this share of the plaintext one.
+# Encrypted pulls should be at least this share of the plaintext figure (issue
+# 5 sets it for pulls only; pushes are reported without a target).
 ENCRYPTED_TARGET = 0.8
+ENCRYPTED_TARGET_SCENARIOS = frozenset({"pull_one", "pull_eight"})
 # With many repositories and tags loaded, a figure should lose at most 20%.
 SCALE_TARGET = 0.8
 REGISTRIES = ("moorage", "distribution")
@@ -213,12 +215,15 @@ def _encryption_table(results: dict[str, Any]) -> list[str]:
         found = encryption_ratio(scenario)
         assert found is not None
         per_round = ", ".join(f"{value:.2f}" for value in _round_ratios(scenario))
-        met = "yes" if found >= ENCRYPTED_TARGET else "no"
+        target, met = "-", "-"
+        if scenario["key"] in ENCRYPTED_TARGET_SCENARIOS:
+            target = f"ratio >= {ENCRYPTED_TARGET}"
+            met = "yes" if found >= ENCRYPTED_TARGET else "no"
         lines.append(
             f"| {scenario['title']} | {_figure(sealed)} | {_figure(plain)} "
             f"| {found:.2f} ({per_round}) "
             f"| {sealed.cpu_per_unit:.2f} / {plain.cpu_per_unit:.2f} "
-            f"| ratio >= {ENCRYPTED_TARGET} | {met} |"
+            f"| {target} | {met} |"
         )
     return lines
 
