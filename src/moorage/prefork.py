@@ -1,11 +1,12 @@
-"""Fork the workers of `moorage serve` from an interpreter without the CLI.
+"""Run `moorage serve`'s server, or fork its workers, without the CLI.
 
-Forked workers keep every module their parent imported. So with several
-workers, `moorage serve` replaces itself (exec) with `python -m
-moorage.prefork --settings-fd=FD`, which imports only what a server needs and
-then runs `moorage.workers.run_workers`. The command line's own modules (typer,
-rich and the CLI commands) stay out of the workers, and rich stays out of
-structlog too when the log is JSON lines. The settings arrive pickled in an
+Forked workers keep every module their parent imported, and a server that
+stays in the command line's process keeps its modules too. So `moorage serve`
+replaces itself (exec) with `python -m moorage.prefork --settings-fd=FD`,
+which imports only what a server needs and then runs
+`moorage.workers.run_workers`, or `run_single` with one worker. The command
+line's own modules (typer, rich and the CLI commands) stay out of the server,
+and rich stays out of structlog too when the log is JSON lines. The settings arrive pickled in an
 inherited anonymous file (memfd), so that secrets read from the configuration
 file stay out of the command line and the environment of the processes.
 
@@ -85,10 +86,13 @@ def main(arguments: list[str]) -> int:
     prepare(settings)
 
     from moorage.errors import MoorageError
-    from moorage.workers import run_workers
+    from moorage.workers import run_single, run_workers
 
     try:
-        run_workers(settings)
+        if settings.workers > 1:
+            run_workers(settings)
+        else:
+            run_single(settings)
     except MoorageError as error:
         print(f"error: {error.message}", file=sys.stderr)
         return 1

@@ -11,7 +11,7 @@ import socket
 import time
 from collections.abc import AsyncIterator, Coroutine
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import structlog
 import uvicorn
@@ -19,9 +19,8 @@ import uvloop
 from starlette.applications import Starlette
 from starlette.types import Lifespan
 
-from moorage import __version__, admin, tls
+from moorage import __version__, tls
 from moorage.api.app import create_app
-from moorage.audit.recorder import AdminRecorder, local_actor
 from moorage.audit.retention import start_retention
 from moorage.auth.throttle import LoginThrottle
 from moorage.config import Settings
@@ -32,22 +31,18 @@ from moorage.storage.encryption.background import start_background_encryption
 from moorage.storage.encryption.setup import keys_inside_data_dir
 from moorage.zerocopy import ZeroCopyProtocol, size_body_threads
 
-if TYPE_CHECKING:
-    # Only a type here, because worker processes run without rich.
-    from rich.console import Console
-
 log = structlog.get_logger(__name__)
 
 
-def run(settings: Settings, console: Console) -> None:
-    """Serve until stopped, in one process or in `settings.workers` processes."""
-    if settings.workers > 1:
-        from moorage.prefork import exec_prefork
+def run(settings: Settings) -> None:
+    """Serve until stopped, in one process or in `settings.workers` processes.
 
-        exec_prefork(settings)
-    else:
-        limit_malloc_arenas()
-        run_on_uvloop(run_server(settings, console))
+    Either way this process replaces itself with `moorage.prefork`, so that the
+    server runs without the command line's modules (see that module).
+    """
+    from moorage.prefork import exec_prefork
+
+    exec_prefork(settings)
 
 
 def warn_when_keys_sit_with_data(settings: Settings) -> None:
@@ -98,37 +93,17 @@ def run_on_uvloop(coroutine: Coroutine[Any, Any, None]) -> None:
 
 async def run_server(
     settings: Settings,
-    console: Console | None,
     sockets: list[socket.socket] | None = None,
-    *,
-    migrated: bool = False,
 ) -> None:
     """Serve on `settings.host` and `port`, or on `sockets` a parent opened.
 
-    With `migrated`, the parent has migrated the database already. The
-    password of a vendor admin created here is printed to `console`, or with
-    `print` when it is None.
+    The database must be migrated and the first admin created already (see
+    `moorage.workers.prepare_in_child`).
     """
-    services = await open_services(settings, migrate_schema=not migrated)
-    if not migrated:
-        # With workers, the parent adds saved events once, before forking them.
-        await services.audit.import_pending()
+    services = await open_services(settings, migrate_schema=False)
     services.audit.start()
     retention = start_retention(services.audit, settings)
     try:
-        password = (
-            settings.admin_password.get_secret_value()
-            if settings.admin_password
-            else None
-        )
-        created = await admin.ensure_vendor_admin(
-            services.identity,
-            settings.admin_username,
-            password,
-            audit=AdminRecorder(services.audit, local_actor("moorage-serve")),
-        )
-        if created is not None:
-            _announce_admin(console, created)
         reloader = _tls_reloader(settings)
         config = uvicorn.Config(
             _wrap_for_tls(create_app(services, _closing_lifespan(services)), reloader),
@@ -292,15 +267,3 @@ def _closing_lifespan(services: Services) -> Lifespan[Starlette]:
         flush_logs()
 
     return lifespan
-
-
-def _announce_admin(console: Console | None, created: admin.CreatedAccount) -> None:
-    # Worker processes pass no console, because they run without rich.
-    write = print if console is None else console.print
-    if created.password is None:
-        write(f"vendor admin {created.login!r} created with the given password")
-        return
-    write(
-        f"vendor admin created. login: {created.login}  password: {created.password}\n"
-        "This password is shown once; store it now."
-    )

@@ -27,6 +27,7 @@ import sys
 import structlog
 
 from moorage import admin
+from moorage.audit.recorder import AdminRecorder, local_actor
 from moorage.auth.authenticator import password_check_limit
 from moorage.auth.password_service import PasswordService
 from moorage.auth.secrets import ARGON2_SLOTS, use_password_service
@@ -37,7 +38,7 @@ from moorage.db.engine import (
 )
 from moorage.errors import MoorageError
 from moorage.logs import flush_logs
-from moorage.server import _announce_admin, run_on_uvloop, run_server
+from moorage.server import run_on_uvloop, run_server
 from moorage.services import open_services
 from moorage.supervisor import FORWARDED_SIGNALS
 
@@ -50,6 +51,12 @@ _PR_SET_PDEATHSIG = 1
 # after its second computation. With one, each block is mapped and unmapped.
 # Other C libraries ignore the variable.
 _SUPERVISOR_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(1024 * 1024)}
+
+
+def run_single(settings: Settings) -> None:
+    """Serve in this process, after preparing the database in a child."""
+    _prepare_in_child(settings)
+    run_on_uvloop(run_server(settings))
 
 
 def run_workers(settings: Settings) -> None:
@@ -168,10 +175,13 @@ async def _prepare(settings: Settings) -> None:
             else None
         )
         created = await admin.ensure_vendor_admin(
-            services.identity, settings.admin_username, password
+            services.identity,
+            settings.admin_username,
+            password,
+            audit=AdminRecorder(services.audit, local_actor("moorage-serve")),
         )
         if created is not None:
-            _announce_admin(None, created)
+            _announce_admin(created)
     finally:
         await services.close()
 
@@ -195,7 +205,7 @@ def _fork(
         # The supervisor passes SIGHUP on; a worker serving TLS replaces this
         # with its certificate reload, the others ignore the signal.
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
-        run_on_uvloop(run_server(settings, None, [listener], migrated=True))
+        run_on_uvloop(run_server(settings, [listener]))
     except BaseException:
         log.exception("worker failed")
         status = 1
@@ -204,3 +214,14 @@ def _fork(
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(status)
+
+
+def _announce_admin(created: admin.CreatedAccount) -> None:
+    # With print, not rich: the server runs without rich (see moorage.prefork).
+    if created.password is None:
+        print(f"vendor admin {created.login!r} created with the given password")
+        return
+    print(
+        f"vendor admin created. login: {created.login}  password: {created.password}\n"
+        "This password is shown once; store it now."
+    )

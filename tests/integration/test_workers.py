@@ -11,6 +11,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from moorage.audit.events import SUCCESS, VENDOR_USER_ADD
+from moorage.db.audit_store import AuditFilter
 from tests.support.database import create_database, drop_database
 from tests.support.server import ADMIN_LOGIN, ADMIN_PASSWORD, ServerProcess
 
@@ -74,6 +76,37 @@ def test_workers_serve_and_stop_together(tmp_path: Path) -> None:
     assert server.process.returncode == 0
     for pid in workers:
         assert not os.path.exists(f"/proc/{pid}") or "Z" in _state(pid)
+
+
+def test_one_worker_serves_without_the_command_line(tmp_path: Path) -> None:
+    """With one worker, `moorage serve` also replaces itself with the server
+    interpreter that has not loaded the CLI, and serves in that process."""
+    server = _start_server(tmp_path, workers="1")
+    assert server.process is not None
+    command = Path(f"/proc/{server.process.pid}/cmdline").read_bytes().split(b"\0")
+    children = _children(server.process.pid)
+    _serves_health_then_stops(server)
+    assert b"moorage.prefork" in command
+    assert children == []
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_first_admin_is_audited(tmp_path: Path, workers: str) -> None:
+    """The vendor admin created on the first start has its audit event, with one
+    worker or several."""
+    server = _start_server(tmp_path, workers=workers)
+    try:
+        events = server.run_admin(
+            lambda services: services.audit.query(
+                AuditFilter(action=VENDOR_USER_ADD), limit=10
+            )
+        )
+    finally:
+        server.stop()
+        drop_database(server.database_url)
+    assert len(events) == 1
+    assert events[0].event.outcome == SUCCESS
+    assert f"vendor user {ADMIN_LOGIN} as admin" in (events[0].event.reason or "")
 
 
 def test_workers_ignore_modules_in_working_directory(tmp_path: Path) -> None:

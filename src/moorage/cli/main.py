@@ -312,7 +312,7 @@ def serve(
                 settings.tls_cert, settings.tls_key, settings.tls_client_ca
             )
         warn_when_keys_sit_with_data(settings)
-        run(settings, console)
+        run(settings)
     except MoorageError as error:
         _print_error(error)
         raise typer.Exit(1) from None
