@@ -675,9 +675,9 @@ class DatabaseAuditLog:
             uncertain = events[: saved.maybe_stored]
             found = await self.store.stored_already(uncertain)
             pairs = zip(uncertain, found, strict=True)
-            kept = [event for event, stored in pairs if not stored]
-            skipped = len(uncertain) - len(kept)
-            events = [*kept, *events[saved.maybe_stored :]]
+            unstored = [event for event, stored in pairs if not stored]
+            skipped = len(uncertain) - len(unstored)
+            events = [*unstored, *events[saved.maybe_stored :]]
         reason = f"added {len(events)} events saved at shutdown to {path.name}"
         if skipped:
             reason += f"; left out {skipped} events found stored already"
