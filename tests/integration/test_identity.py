@@ -430,7 +430,7 @@ def test_failed_logins_throttled(strict_server: ServerProcess) -> None:
 
 def test_throttled_login_event_names_customer(strict_server: ServerProcess) -> None:
     """The audit event of a login that the throttle rejects names the account's
-    customer, at /v2/ and at /token; a name that no account has gets none."""
+    customer, at /v2/ and at /token. A name that no account has gets none."""
     server = strict_server
     customer = server.add_customer()
     login, password = server.add_user(customer, "reader")

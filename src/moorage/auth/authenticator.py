@@ -104,7 +104,7 @@ class Authenticator:
             throttle_state = await self.throttle.check(login, address)
         except TooManyRequestsError as error:
             # Looking the account up in the database would cost the work that
-            # the throttle exists to save. The account cache usually holds it,
+            # the throttle exists to save. The account cache usually contains it,
             # because the failures before the throttle looked it up.
             # NOTE: a worker process that has not loaded the account since the
             # last identity change has no entry, so the event names no customer.

@@ -403,8 +403,8 @@ class IdentityStore:
         return access
 
     def cached_customer(self, login: str) -> str | None:
-        """Return the customer of an account that the access cache holds, with
-        no database read; None when the cache has no entry for `login`.
+        """Return the customer of `login`'s account from the access cache, with
+        no database read, or None when the cache has no entry for it.
 
         The entry is as of the identity revision read last, so it may miss a
         change committed since then until the next `account_access` call.

@@ -344,7 +344,7 @@ async def test_saved_file_wrong_types_left_in_place(services: Services) -> None:
 
 async def test_write_cancelled_after_commit_added_once(services: Services) -> None:
     """A writer cancelled as its batch's commit returns leaves that batch in the
-    file saved at shutdown; the next import leaves those events out, and adds
+    file saved at shutdown. The next import leaves those events out and adds
     the events that were still queued."""
     audit = services.audit
     audit.shutdown_seconds = 0.5
