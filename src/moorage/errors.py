@@ -139,6 +139,9 @@ class TooManyRequestsError(MoorageError):
         super().__init__(message, detail)
         self.retry_after = retry_after
         self.headers = {"Retry-After": str(retry_after)}
+        # For the audit trail only, never sent: the customer of the account
+        # that a throttled login names, when known (see Authenticator.login).
+        self.customer: str | None = None
 
 
 class InvalidInputError(MoorageError):

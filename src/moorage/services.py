@@ -12,8 +12,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from moorage.api.access import RequestGuard
 from moorage.api.http import ProxyTrust
+from moorage.api.request_context import request_actor, request_repository
 from moorage.audit.events import FAILURE, STORAGE_INTEGRITY, AuditEvent
 from moorage.audit.log import AUDIT_PENDING_KEY, DatabaseAuditLog
+from moorage.audit.recorder import Actor
 from moorage.audit.setup import open_audit_log
 from moorage.auth.authenticator import Authenticator, password_check_limit
 from moorage.auth.secrets import SECRET_HASH_KEY
@@ -124,11 +126,11 @@ async def open_services(settings: Settings, *, migrate_schema: bool = True) -> S
     )
     # Stored data that fails its integrity check becomes an audit event and an alert.
     if isinstance(driver, EncryptedDriver):
-        driver.on_integrity_error = integrity_reporter(audit)
+        driver.on_integrity_error = integrity_reporter(audit, trust)
     if codec is not None:
-        codec.on_integrity_error = integrity_reporter(audit)
+        codec.on_integrity_error = integrity_reporter(audit, trust)
     if manifests is not None:
-        manifests.on_integrity_error = integrity_reporter(audit)
+        manifests.on_integrity_error = integrity_reporter(audit, trust)
     return Services(
         settings=settings,
         engine=engine,
@@ -143,14 +145,23 @@ async def open_services(settings: Settings, *, migrate_schema: bool = True) -> S
     )
 
 
+_NO_ACTOR = Actor(account=None)
 # A blob's digest in a storage path (blobs/sha256/ab/<hex>) or a manifest's name.
 _DIGEST = re.compile(r"sha256[:/](?:[0-9a-f]{2}/)?([0-9a-f]{64})")
 
 
-def integrity_reporter(audit: DatabaseAuditLog) -> Callable[[IntegrityError], None]:
+def integrity_reporter(
+    audit: DatabaseAuditLog, trust: ProxyTrust
+) -> Callable[[IntegrityError], None]:
     """Return the hook that the encryption layer calls when stored data fails
     its integrity check: it logs the failure and records a `storage.integrity`
-    event, from which the alert detector raises `alert.tampered_storage`."""
+    event, from which the alert detector raises `alert.tampered_storage`.
+
+    A failure found while serving a request names that request's caller, source
+    address, user agent, request id and repository, so the event and its alert
+    match the failed request's own event. Called outside a request (a command,
+    a background job), those fields stay empty.
+    """
     writes: set[asyncio.Task[Any]] = set()
 
     def report(error: IntegrityError) -> None:
@@ -158,11 +169,18 @@ def integrity_reporter(audit: DatabaseAuditLog) -> Callable[[IntegrityError], No
         if isinstance(error, DataKeyUnavailableError):
             return  # destroyed on purpose by shredding, not altered
         found = _DIGEST.search(error.path)
+        actor = request_actor(trust) or _NO_ACTOR
         event = AuditEvent(
             STORAGE_INTEGRITY,
             outcome=FAILURE,
+            actor_account=actor.account,
+            actor_customer=actor.customer,
+            source_address=actor.source_address,
+            user_agent=actor.user_agent,
+            repository=request_repository(),
             digest=f"sha256:{found.group(1)}" if found else None,
             reason=f"{error.path}: {error.reason}",
+            request_id=actor.request_id,
         )
         write = asyncio.get_running_loop().create_task(audit.record(event))
         writes.add(write)

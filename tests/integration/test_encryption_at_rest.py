@@ -27,6 +27,7 @@ from moorage.db.schema import (
 )
 from moorage.services import Services
 from tests.support.audit import wait_for_events
+from tests.support.identity import add_robot, bearer, get_token
 from tests.support.images import (
     MEDIA_TYPE_OCI_CONFIG,
     MEDIA_TYPE_OCI_LAYER,
@@ -280,6 +281,77 @@ def assert_integrity_recorded(server: ServerProcess, digest: str) -> None:
         lambda found: any(digest[7:] in (event.event.reason or "") for event in found),
     )
     assert any(digest[7:] in (event.event.reason or "") for event in alerts)
+
+
+@pytest.mark.parametrize("damage", ["first-run", "later-run"])
+def test_tampered_pull_events_name_the_caller(
+    admin_client: httpx.Client, server: ServerProcess, damage: str
+) -> None:
+    """The storage.integrity event and the alert of a robot's pull that hits
+    damage carry the robot, its customer, the client's address and user agent,
+    and the request id of the pull's own event. Damage in the first run is found
+    in a thread of asyncio.to_thread before the response starts, damage in a
+    later run in a response body thread while the response is sent."""
+    customer = server.add_customer()
+    repository = f"{customer}/{unique('tamper')}"
+    run = 1024 * 1024
+    size = 4 * SEGMENT + 10 if damage == "first-run" else 3 * run
+    digest = push_blob(admin_client, repository, marker_blob(b"caller", size), 1)
+    login, secret = add_robot(server, customer, "reader")
+    token = get_token(server, login, secret, f"repository:{repository}:pull")
+    path = stored_file(server, digest)
+    raw = bytearray(path.read_bytes())
+    bad = 3 if damage == "first-run" else 2 * (run // SEGMENT) + 3
+    raw[HEADER + bad * SEALED + 40] ^= 0x01
+    path.write_bytes(bytes(raw))
+
+    headers = {**bearer(token), "User-Agent": "tamper-test/1.0"}
+    with httpx.Client(base_url=server.url, headers=headers) as client:
+        url = f"/v2/{repository}/blobs/{digest}"
+        if damage == "first-run":
+            response = client.get(url)
+            assert response.status_code == 500
+            request_id = response.headers["X-Request-Id"]
+        else:
+            with client.stream("GET", url) as response:
+                assert response.status_code == 200
+                request_id = response.headers["X-Request-Id"]
+                with pytest.raises(httpx.RemoteProtocolError):
+                    for _ in response.iter_bytes():
+                        pass
+
+    pulls = wait_for_events(
+        server,
+        AuditFilter(repository=repository, action=BLOB_PULL),
+        lambda found: len(found) >= 1,
+    )
+    assert [event.event.request_id for event in pulls] == [request_id]
+    assert pulls[0].event.actor_account == login
+    integrity = wait_for_events(
+        server,
+        AuditFilter(action=STORAGE_INTEGRITY),
+        lambda found: any(event.event.digest == digest for event in found),
+    )
+    found = [event.event for event in integrity if event.event.digest == digest]
+    alerts = wait_for_events(
+        server,
+        AuditFilter(action="alert.tampered_storage"),
+        lambda found: any(digest[7:] in (event.event.reason or "") for event in found),
+    )
+    found += [
+        event.event for event in alerts if digest[7:] in (event.event.reason or "")
+    ]
+    assert [event.action for event in found] == [
+        STORAGE_INTEGRITY,
+        "alert.tampered_storage",
+    ]
+    for event in found:
+        assert event.actor_account == login
+        assert event.actor_customer == customer
+        assert event.request_id == request_id
+        assert event.source_address == "127.0.0.1"
+        assert event.user_agent == "tamper-test/1.0"
+    assert found[0].repository == repository
 
 
 def log_entries(server: ServerProcess, event: str) -> list[dict[str, object]]:

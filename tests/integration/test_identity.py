@@ -13,9 +13,11 @@ from sqlalchemy import select, update
 
 from moorage import admin
 from moorage.auth.secrets import KEYED_HASH_PREFIX
+from moorage.db.audit_store import AuditFilter
 from moorage.db.schema import accounts, customers, personal_tokens
 from moorage.errors import UnauthorizedError
 from moorage.services import Services
+from tests.support.audit import wait_for_events
 from tests.support.database import create_database, drop_database
 from tests.support.identity import (
     add_grant,
@@ -424,6 +426,39 @@ def test_failed_logins_throttled(strict_server: ServerProcess) -> None:
     assert "login throttled" in server.log()
     time.sleep(int(response.headers["Retry-After"]))
     assert httpx.get(f"{server.url}/v2/", auth=(login, password)).is_success
+
+
+def test_throttled_login_event_names_customer(strict_server: ServerProcess) -> None:
+    """The audit event of a login that the throttle rejects names the account's
+    customer, at /v2/ and at /token. A name that no account has gets none."""
+    server = strict_server
+    customer = server.add_customer()
+    login, password = server.add_user(customer, "reader")
+    stranger = unique("nobody")
+    for name in (login, stranger):
+        for index in range(5):
+            response = httpx.get(f"{server.url}/v2/", auth=(name, f"guess-{index}"))
+            assert response.status_code == 401
+        response = httpx.get(f"{server.url}/v2/", auth=(name, password))
+        assert response.status_code == 429
+    response = httpx.get(
+        f"{server.url}/token", params={"service": "moorage"}, auth=(login, password)
+    )
+    assert response.status_code == 429
+
+    throttled = "too many failed logins; try again later"
+    found = wait_for_events(
+        server,
+        AuditFilter(action="auth.login", outcome="failure"),
+        lambda events: sum(item.event.reason == throttled for item in events) >= 3,
+    )
+    customers_seen: dict[str | None, list[str | None]] = {}
+    for item in found:
+        if item.event.reason == throttled:
+            account = item.event.actor_account
+            customers_seen.setdefault(account, []).append(item.event.actor_customer)
+    assert customers_seen[login] == [customer, customer]
+    assert customers_seen[stranger] == [None]
 
 
 def test_personal_token_expired(server: ServerProcess) -> None:

@@ -112,7 +112,9 @@ class RequestGuard:
                 request.state.auth = failed_attempt(scheme, value, login, error)
             raise self.challenge(request, scope, error.message) from None
         except TooManyRequestsError as error:
-            request.state.auth = AuthAttempt(scheme.lower(), login, error.message)
+            request.state.auth = AuthAttempt(
+                scheme.lower(), login, error.message, error.customer
+            )
             raise
         request.state.caller = caller
         request.state.auth = AuthAttempt(scheme.lower(), caller.principal.login, None)

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from starlette.requests import Request
+from starlette.types import Scope
 
 from moorage.config import Settings
 from moorage.errors import (
@@ -83,6 +84,25 @@ def client_address(request: Request, trust: ProxyTrust) -> str | None:
         if not trust.trusts(hop):
             return hop
     return peer
+
+
+def source_address(scope: Scope, trust: ProxyTrust) -> str | None:
+    """Return a request's client address as `client_address` does, without
+    building a Request unless the peer is a trusted proxy."""
+    client = scope.get("client")
+    peer = client[0] if client else None
+    if not trust.trusts(peer):
+        return peer
+    return client_address(Request(scope), trust)
+
+
+def user_agent(scope: Scope) -> str | None:
+    """Return the User-Agent header, read from the raw headers without parsing
+    them all (this runs for every audited request)."""
+    for name, value in scope["headers"]:
+        if name == b"user-agent":
+            return str(value.decode("latin-1"))
+    return None
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,6 +14,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from moorage.api.errors import UNKNOWN, error_body
 from moorage.api.http import API_VERSION_HEADER
 from moorage.api.observe import FinishedRequest, RequestObserver
+from moorage.api.request_context import current_scope
 from moorage.storage.encryption.format import DataKeyUnavailableError, IntegrityError
 from moorage.zerocopy import ZEROCOPY
 
@@ -88,6 +89,9 @@ class RequestMiddleware:
         request_id = _request_ids.new()
         state: dict[str, Any] = scope.setdefault("state", {})
         state["request_id"] = request_id
+        # Events that the storage layer records while serving this request
+        # (storage.integrity) name its caller through this (see request_context).
+        scope_token = current_scope.set(scope)
         response: dict[str, Any] = {"status": None, "sent": 0}
 
         async def send_with_headers(message: Message) -> None:
@@ -125,6 +129,7 @@ class RequestMiddleware:
                 message = _INTEGRITY_MESSAGE if tampered else _UNKNOWN_MESSAGE
                 await _send_unknown(send_with_headers, message)
         finally:
+            current_scope.reset(scope_token)
             _log_request(scope, state, response["status"], started)
             if self.observer is not None:
                 await self._observe(scope, state, response, started)

@@ -14,11 +14,10 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
-from starlette.requests import Request
 from starlette.types import Scope
 
 from moorage.api.access import AuthAttempt
-from moorage.api.http import client_address
+from moorage.api.http import source_address, user_agent
 from moorage.audit import events as actions
 from moorage.audit.events import FAILURE, SUCCESS, AuditEvent, new_event
 from moorage.services import Services
@@ -163,8 +162,8 @@ class RequestObserver:
             outcome,
             actor_account=account,
             actor_customer=principal.customer_slug if principal else None,
-            source_address=self._source_address(finished.scope),
-            user_agent=_user_agent(finished.scope),
+            source_address=source_address(finished.scope, self.services.trust),
+            user_agent=user_agent(finished.scope),
             repository=repository,
             reference=state.get("reference") or state.get("upload_id"),
             digest=state.get("digest"),
@@ -188,30 +187,14 @@ class RequestObserver:
         return {
             "actor_account": principal.login if principal else None,
             "actor_customer": principal.customer_slug if principal else None,
-            "source_address": self._source_address(finished.scope),
-            "user_agent": _user_agent(finished.scope),
+            "source_address": source_address(finished.scope, self.services.trust),
+            "user_agent": user_agent(finished.scope),
             "repository": state.get("repository"),
             "reference": state.get("reference") or state.get("upload_id"),
             "digest": state.get("digest"),
             "request_id": state.get("request_id"),
             "reason": state.get("token_scopes"),
         }
-
-    def _source_address(self, scope: Scope) -> str | None:
-        client = scope.get("client")
-        peer = client[0] if client else None
-        if not self.services.trust.trusts(peer):
-            return peer
-        return client_address(Request(scope), self.services.trust)
-
-
-def _user_agent(scope: Scope) -> str | None:
-    """Return the User-Agent header, read from the raw headers without parsing
-    them all (this runs for every audited request)."""
-    for name, value in scope["headers"]:
-        if name == b"user-agent":
-            return str(value.decode("latin-1"))
-    return None
 
 
 def _auth_event(common: dict[str, Any], attempt: AuthAttempt) -> AuditEvent:

@@ -173,7 +173,9 @@ def routes(services: Services) -> list[Route]:
                 request.state.auth = failed_login("basic", login, error)
             raise BasicChallengeError(error.message) from None
         except TooManyRequestsError as error:
-            request.state.auth = AuthAttempt("basic", login, error.message)
+            request.state.auth = AuthAttempt(
+                "basic", login, error.message, error.customer
+            )
             raise
         request.state.auth = AuthAttempt("basic", principal.login, None)
         params = request.query_params
@@ -197,7 +199,9 @@ def routes(services: Services) -> list[Route]:
                 request.state.auth = failed_login("password", login, error)
                 raise
             except TooManyRequestsError as error:
-                request.state.auth = AuthAttempt("password", login, error.message)
+                request.state.auth = AuthAttempt(
+                    "password", login, error.message, error.customer
+                )
                 raise
             request.state.auth = AuthAttempt("password", principal.login, None)
         elif grant_type == "refresh_token":

@@ -494,10 +494,12 @@ class DatabaseAuditLog:
         self._room.set()
         if self._writer is not None:
             await self._stop_writer()
+        # The writer stopped while it wrote these, so they may be stored.
+        maybe_stored = len(self._in_flight)
         pending = [*self._in_flight, *self._drain(self._queue.qsize())]
         self._in_flight = []
         if pending and self._give_up.is_set():
-            self._save_pending(pending)
+            self._save_pending(pending, maybe_stored)
         elif pending:
             stored: list[StoredEvent] = []
             try:
@@ -506,7 +508,8 @@ class DatabaseAuditLog:
                 log.error(
                     "audit write failed at shutdown", error=_describe_error(error)
                 )
-                self._save_pending(pending)
+                # A write that fails at its commit may have committed.
+                self._save_pending(pending, len(pending))
             if stored:
                 await self._publish_logged(stored)
         if self.written and not self._give_up.is_set():
@@ -533,9 +536,9 @@ class DatabaseAuditLog:
             )
             self._give_up.set()
             # The writer stops after its current attempt. One that hangs (a
-            # database that does not respond) is cancelled.
-            # NOTE: a write cancelled after its commit went through is saved to
-            # the file as well, so the next start adds those events twice.
+            # database that does not respond) is cancelled. Its batch may
+            # commit all the same (on SQLite the write thread goes on), so
+            # the import skips the events of that batch found stored.
             await asyncio.wait({self._writer}, timeout=_LAST_WRITE_SECONDS)
         self._writer.cancel()
         # A write blocked inside the database driver (a locked SQLite file waits
@@ -543,15 +546,21 @@ class DatabaseAuditLog:
         await asyncio.wait({self._writer}, timeout=1)
         self._writer = None
 
-    def _save_pending(self, events: list[AuditEvent]) -> Path | None:
+    def _save_pending(
+        self, events: list[AuditEvent], maybe_stored: int = 0
+    ) -> Path | None:
         """Write events to a new file in `pending_dir` and sync it to disk.
 
         The first line names the file's id and carries an HMAC of the id and
         the event lines under `pending_key`, so `import_pending` rejects a file
-        that was edited, and adds a copy of one at most once.
+        that was edited, and adds a copy of one at most once. It also names how
+        many of the first events were being written when the write stopped
+        (`maybe_stored`), so that the import skips those of them that are stored.
+        The HMAC does not cover that count: a changed count can only make the
+        import skip an event that is stored already, or add one twice.
         """
         try:
-            return self._write_pending_file(events)
+            return self._write_pending_file(events, maybe_stored)
         except OSError as error:
             log.error(
                 "audit events lost: saving them to a file failed",
@@ -561,7 +570,9 @@ class DatabaseAuditLog:
             )
             return None
 
-    def _write_pending_file(self, events: list[AuditEvent]) -> Path | None:
+    def _write_pending_file(
+        self, events: list[AuditEvent], maybe_stored: int
+    ) -> Path | None:
         if self.pending_dir is None:
             log.error(
                 "audit events lost: no directory to save them", events=len(events)
@@ -577,6 +588,7 @@ class DatabaseAuditLog:
             PENDING_FORMAT: 1,
             "id": file_id,
             "events": len(lines),
+            "maybe_stored": maybe_stored,
             "mac": self._pending_mac(file_id, lines),
         }
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
@@ -629,33 +641,56 @@ class DatabaseAuditLog:
                 _log_rejected(path, "its HMAC does not match, so it was changed")
                 continue
             try:
-                imported += await self._import_file(path, saved.id, saved.events)
+                imported += await self._import_file(path, saved)
             except Exception as error:  # noqa: BLE001 (any database error; logged)
                 _log_rejected(path, f"adding its events failed: {error}")
         return imported
 
-    async def _import_file(
-        self, path: Path, file_id: str, events: list[AuditEvent]
-    ) -> int:
-        # NOTE: the check and the append are separate transactions, so two
-        # processes importing the same file at once could both add it. Only
-        # one process per data directory imports (the first worker's parent).
-        if await self.store.has_event(AUDIT_IMPORT, file_id):
-            await asyncio.to_thread(path.unlink)
+    async def _import_file(self, path: Path, saved: _SavedEvents) -> int:
+        """Append a saved file's events in one transaction; return how many.
+
+        The transaction locks the chain head before it checks for the file's
+        `audit.import` event, so a second process importing the same file waits
+        for the first one's commit and then finds its marker.
+        """
+        async with self.store.unit_of_work():
+            await self.store.lock_head()
+            if await self.store.has_event(AUDIT_IMPORT, saved.id):
+                stored = None
+            else:
+                stored = await self._append_saved(path, saved)
+        await asyncio.to_thread(path.unlink, missing_ok=True)
+        if stored is None:
             return 0
-        marker = AuditEvent(
-            AUDIT_IMPORT,
-            reference=file_id,
-            reason=f"added {len(events)} events saved at shutdown to {path.name}",
-        )
+        await self._publish_logged(stored)
+        log.info("saved audit events added", path=str(path), events=len(stored) - 1)
+        return len(stored) - 1
+
+    async def _append_saved(self, path: Path, saved: _SavedEvents) -> list[StoredEvent]:
+        """Append a saved file's events and its `audit.import` event, leaving
+        out the events that were being written at shutdown and are stored."""
+        events = saved.events
+        skipped = 0
+        if saved.maybe_stored:
+            uncertain = events[: saved.maybe_stored]
+            found = await self.store.stored_already(uncertain)
+            pairs = zip(uncertain, found, strict=True)
+            unstored = [event for event, stored in pairs if not stored]
+            skipped = len(uncertain) - len(unstored)
+            events = [*unstored, *events[saved.maybe_stored :]]
+        reason = f"added {len(events)} events saved at shutdown to {path.name}"
+        if skipped:
+            reason += f"; left out {skipped} events found stored already"
+            log.warning(
+                "saved audit events found stored already; not added again",
+                path=str(path),
+                events=skipped,
+            )
+        marker = AuditEvent(AUDIT_IMPORT, reference=saved.id, reason=reason)
         # NOTE: unlike the writer, an import does not replace an event that the
         # database rejects: the file stays in place until it is fixed by hand,
         # because its events and marker must commit in one transaction.
-        stored = await self.store.append([*events, marker])
-        await self._publish_logged(stored)
-        await asyncio.to_thread(path.unlink)
-        log.info("saved audit events added", path=str(path), events=len(events))
-        return len(events)
+        return await self.store.append([*events, marker])
 
     # Reading
 
@@ -780,6 +815,8 @@ class _SavedEvents:
     mac: str | None
     lines: list[str]
     events: list[AuditEvent]
+    # How many of the first events may be stored already (see `_save_pending`).
+    maybe_stored: int = 0
 
 
 def _read_pending(path: Path) -> _SavedEvents:
@@ -800,8 +837,12 @@ def _read_pending(path: Path) -> _SavedEvents:
             f"the header names {header.get('events')} events, the file has "
             f"{len(lines) - 1}"
         )
+    # Files from before the count have none.
+    maybe_stored = header.get("maybe_stored", 0)
+    if type(maybe_stored) is not int or not 0 <= maybe_stored <= len(lines) - 1:
+        raise ValueError(f"the header's maybe_stored is not a count: {maybe_stored!r}")
     events = [_pending_event(json.loads(line)) for line in lines[1:]]
-    return _SavedEvents(file_id, mac, lines[1:], events)
+    return _SavedEvents(file_id, mac, lines[1:], events, maybe_stored)
 
 
 def _pending_event(data: Any) -> AuditEvent:

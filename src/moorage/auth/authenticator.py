@@ -48,7 +48,7 @@ from moorage.db.identity_store import (
 from moorage.db.login_failure_store import LoginFailureStore
 from moorage.db.refresh_token_store import RefreshTokenStore
 from moorage.db.schema import MAX_INTEGER_ID, utcnow
-from moorage.errors import UnauthorizedError
+from moorage.errors import TooManyRequestsError, UnauthorizedError
 
 log = structlog.get_logger(__name__)
 
@@ -100,10 +100,16 @@ class Authenticator:
     ) -> Principal:
         """Check a login name and secret; raise UnauthorizedError on any failure,
         TooManyRequestsError while failed logins are throttled."""
-        # NOTE: a login rejected here by the throttle carries no customer in
-        # the audit trail, because finding the account would cost the server
-        # work that the throttle exists to save.
-        throttle_state = await self.throttle.check(login, address)
+        try:
+            throttle_state = await self.throttle.check(login, address)
+        except TooManyRequestsError as error:
+            # Looking the account up in the database would cost the work that
+            # the throttle exists to save. The account cache usually contains it,
+            # because the failures before the throttle looked it up.
+            # NOTE: a worker process that has not loaded the account since the
+            # last identity change has no entry, so the event names no customer.
+            error.customer = self.identity.cached_customer(login)
+            raise
         access = await self.identity.account_access(login)
         account = access.account if access is not None else None
         try:

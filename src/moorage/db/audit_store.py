@@ -23,6 +23,7 @@ from moorage.audit.events import (
     StoredEvent,
     chain,
     chain_with_times,
+    event_values,
     fit,
 )
 from moorage.db.dialects import InNetwork, insert_ignore
@@ -37,6 +38,9 @@ from moorage.db.sqlite_writer import sqlite_writer
 from moorage.db.transactions import begin, connect, in_unit_of_work, unit_of_work
 
 _EVENT_COLUMNS = [audit_events.c[name] for name in EVENT_FIELDS]
+# Times per query of `AuditStore.stored_already`, well below the parameter
+# limits of SQLite (32,766 since 3.32) and asyncpg (32,767).
+_LOOKUP_TIMES = 500
 # The columns of a stored event in the order `_row_values` lists them.
 _ROW_COLUMNS = (
     "action",
@@ -376,6 +380,42 @@ class AuditStore:
         )
         async with connect(self.engine) as connection:
             return (await connection.execute(query)).first() is not None
+
+    async def lock_head(self) -> None:
+        """Lock the chain head until the open unit of work ends.
+
+        It takes the write lock on SQLite and the head row's lock on PostgreSQL,
+        as `append_events` does first. Appends in other transactions wait until
+        the unit ends, and reads after the lock see every append committed before
+        it (PostgreSQL's default READ COMMITTED takes a snapshot per statement).
+        Raises RuntimeError outside a unit of work, where the lock would end at
+        once.
+        """
+        if not in_unit_of_work(self.engine):
+            raise RuntimeError("lock_head needs an open unit of work")
+        async with begin(self.engine) as connection:
+            await connection.execute(
+                update(audit_head)
+                .where(audit_head.c.id == 1)
+                .values(seq=audit_head.c.seq)
+            )
+
+    async def stored_already(self, events: Sequence[AuditEvent]) -> list[bool]:
+        """Return for each event whether an equal event is stored: one with the
+        same time and the same value in every other field.
+
+        Pass events as `fit` returns them, because that is how they are stored.
+        It reads by the indexed time column, `_LOOKUP_TIMES` times per query.
+        """
+        found: set[tuple[Any, ...]] = set()
+        times = sorted({event.time for event in events})
+        async with connect(self.engine) as connection:
+            for start in range(0, len(times), _LOOKUP_TIMES):
+                query = select(*_EVENT_COLUMNS).where(
+                    audit_events.c.time.in_(times[start : start + _LOOKUP_TIMES])
+                )
+                found.update(tuple(row) for row in await connection.execute(query))
+        return [event_values(event) in found for event in events]
 
     async def head(self) -> tuple[int, str]:
         async with connect(self.engine) as connection:

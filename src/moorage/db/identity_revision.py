@@ -138,6 +138,11 @@ class RevisionCache(Generic[K, V]):
             return None
         return self._entries.get(key)
 
+    def peek(self, key: K) -> V | None:
+        """Return the value kept at the revision read last, without reading the
+        revision: it may be one change behind until the next `get`."""
+        return self._entries.get(key)
+
     def put(self, key: K, value: V, revision: int) -> None:
         if revision != self.revision:
             return

@@ -402,6 +402,16 @@ class IdentityStore:
             self._access_cache.put(login, access, loaded_at)
         return access
 
+    def cached_customer(self, login: str) -> str | None:
+        """Return the customer of `login`'s account from the access cache, with
+        no database read, or None when the cache has no entry for it.
+
+        The entry is as of the identity revision read last, so it may miss a
+        change committed since then until the next `account_access` call.
+        """
+        cached = self._access_cache.peek(login)
+        return cached.account.customer_slug if cached is not None else None
+
     async def _load_account_access(
         self, login: str
     ) -> tuple[int, AccountAccess | None]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sqlite3
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -15,6 +16,7 @@ from typing import Any
 import pytest
 from sqlalchemy import text
 
+from moorage.audit import log as audit_log
 from moorage.audit.events import AUDIT_IMPORT, AuditEvent, StoredEvent, event_hash
 from moorage.audit.log import DatabaseAuditLog
 from moorage.config import Settings
@@ -338,6 +340,139 @@ async def test_saved_file_wrong_types_left_in_place(services: Services) -> None:
 
     assert await audit.import_pending() == 0
     assert saved.exists()
+
+
+async def test_write_cancelled_after_commit_added_once(services: Services) -> None:
+    """A writer cancelled as its batch's commit returns leaves that batch in the
+    file saved at shutdown. The next import leaves those events out and adds
+    the events that were still queued."""
+    audit = services.audit
+    audit.shutdown_seconds = 0.5
+    audit.start()
+    append = audit.store.append
+    writer = audit._writer
+    assert writer is not None
+
+    async def append_then_cancel(events: Sequence[AuditEvent]) -> list[StoredEvent]:
+        stored = await append(events)
+        if asyncio.current_task() is writer:
+            writer.cancel()
+            await asyncio.sleep(0)  # the cancel arrives here, after the commit
+        return stored
+
+    audit.store.append = append_then_cancel  # type: ignore[method-assign]
+    committed = _pulls(3)
+    for event in committed:
+        await audit.record(event)
+    await asyncio.wait({writer}, timeout=10)
+    assert writer.cancelled()
+    assert len(await audit.query(AuditFilter(action="manifest.pull"), 10)) == 3
+    queued = [
+        replace(event, reference=f"q{index}") for index, event in enumerate(_pulls(2))
+    ]
+    for event in queued:
+        await audit.record(event)
+    await audit.close()
+    audit.store.append = append  # type: ignore[method-assign]
+    saved = audit._pending_files()
+    assert len(saved) == 1
+    assert '"maybe_stored": 3' in saved[0].read_text().splitlines()[0]
+
+    assert await audit.import_pending() == 2
+    pulls = await audit.query(AuditFilter(action="manifest.pull"), 10)
+    assert sorted(event.event.reference or "" for event in pulls) == [
+        "q0",
+        "q1",
+        "v0",
+        "v1",
+        "v2",
+    ]
+    imports = await audit.query(AuditFilter(action=AUDIT_IMPORT), 10)
+    assert len(imports) == 1
+    assert "left out 3 events" in (imports[0].event.reason or "")
+    assert (await audit.verify()).ok
+
+
+async def test_locked_sqlite_write_added_once(
+    services: Services, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On SQLite a write that close() abandons while another connection holds
+    the write lock commits once the lock is free, after its events were saved
+    to a file. The next import leaves them out."""
+    audit = services.audit
+    store_writer = audit.store.writer
+    if store_writer is None:
+        pytest.skip("SQLite only: the write thread outlives a cancelled writer")
+    monkeypatch.setattr(audit_log, "_LAST_WRITE_SECONDS", 0.5)
+    audit.shutdown_seconds = 0.5
+    audit.start()
+    locker = sqlite3.connect(store_writer.path, isolation_level=None)
+    try:
+        locker.execute("BEGIN IMMEDIATE")
+        for event in _pulls(3):
+            await audit.record(event)
+        for _ in range(200):  # the writer takes the batch within 10 s
+            if audit._in_flight:
+                break
+            await asyncio.sleep(0.05)
+        assert len(audit._in_flight) == 3
+        await audit.close()
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+    saved = audit._pending_files()
+    assert len(saved) == 1
+    assert '"maybe_stored": 3' in saved[0].read_text().splitlines()[0]
+    for _ in range(100):  # the write thread commits within 10 s
+        pulls = await audit.query(AuditFilter(action="manifest.pull"), 10)
+        if pulls:
+            break
+        await asyncio.sleep(0.1)
+    assert len(pulls) == 3
+
+    assert await audit.import_pending() == 0
+    assert len(await audit.query(AuditFilter(action="manifest.pull"), 10)) == 3
+    assert (await audit.verify()).ok
+
+
+async def test_saved_file_imported_once_concurrently(settings: Settings) -> None:
+    """Two processes that import the same saved file at once add it once: the
+    second waits for the first one's commit, then finds its audit.import event."""
+    first = await open_services(settings)
+    second = await open_services(settings)
+    try:
+        saved = first.audit._save_pending(_pulls(3))
+        assert saved is not None
+        counts = await asyncio.gather(
+            first.audit.import_pending(), second.audit.import_pending()
+        )
+        assert sorted(counts) == [0, 3]
+        assert not saved.exists()
+        imports = await first.audit.query(AuditFilter(action=AUDIT_IMPORT), 10)
+        assert len(imports) == 1
+        pulls = await first.audit.query(AuditFilter(action="manifest.pull"), 10)
+        assert len(pulls) == 3
+        assert (await first.audit.verify()).ok
+    finally:
+        await second.close()
+        await first.close()
+
+
+async def test_saved_file_bad_count_left_in_place(services: Services) -> None:
+    """A header whose maybe_stored is not a count of the file's events is
+    rejected before any write."""
+    audit = services.audit
+    saved = audit._save_pending(_pulls(2), 1)
+    assert saved is not None
+    header, *lines = saved.read_text().splitlines()
+    assert '"maybe_stored": 1' in header
+    saved.write_text(
+        "\n".join([header.replace('"maybe_stored": 1', '"maybe_stored": 3'), *lines])
+    )
+
+    assert await audit.import_pending() == 0
+    assert saved.exists()
+    assert await audit.query(AuditFilter(action="manifest.pull"), 10) == []
 
 
 async def test_query_source_network(services: Services) -> None:

@@ -145,7 +145,9 @@ class BasicLogin(SecurityBase):
                 request.state.auth = failed_login(scheme.lower(), login, error)
             raise BasicChallengeError(error.message) from None
         except TooManyRequestsError as error:
-            request.state.auth = AuthAttempt("basic", login, error.message)
+            request.state.auth = AuthAttempt(
+                "basic", login, error.message, error.customer
+            )
             raise
         request.state.caller = Caller(principal, None)
         request.state.auth = AuthAttempt("basic", principal.login, None)

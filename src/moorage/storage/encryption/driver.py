@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import errno
 import fcntl
 import json
@@ -991,6 +992,10 @@ class SegmentReader:
         self._runs = runs
         self._file = file
         self._loop = asyncio.get_running_loop()
+        # The context of the request that opened the reader: a thread of
+        # `loop.run_in_executor` does not carry it, and the integrity hook
+        # reads the request's caller from it.
+        self._context = contextvars.copy_context()
         end = runs.plaintext_size
         if length is not None:
             end = min(end, offset + length)
@@ -1033,7 +1038,9 @@ class SegmentReader:
         try:
             return self._next()
         except IntegrityError as error:
-            self._loop.call_soon_threadsafe(self._driver.on_integrity_error, error)
+            self._loop.call_soon_threadsafe(
+                self._driver.on_integrity_error, error, context=self._context
+            )
             raise
         finally:
             with self._lock:
