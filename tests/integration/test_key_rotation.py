@@ -212,7 +212,7 @@ def table_rows(output: str) -> dict[str, list[str]]:
     return rows
 
 
-def test_key_status_counts_blob_and_manifest_keys(
+def test_key_status_counts_both_kinds(
     fresh_server: ServerProcess,
 ) -> None:
     """`key status` counts blob and manifest data keys under each owner key,
@@ -274,10 +274,10 @@ async def database_sealed(services: Services, content: bytes, digest: str) -> by
     return codec.database.seal(content, digest)
 
 
-def test_rotate_reports_kinds_and_no_empty_progress(
+def test_rotate_output_by_kind(
     fresh_server: ServerProcess,
 ) -> None:
-    """`key rotate` names what it rewrapped by kind, says when nothing needed
+    """`key rotate` names what it rewrapped by kind, prints when nothing needed
     it, and shows no progress bar when no blob envelope is stored."""
     customer = fresh_server.add_customer(unique("rotate"))
     account = open_account(fresh_server, customer)

@@ -2,12 +2,12 @@
 
 `customer add` rejects a namespace that already contains repositories, but a
 push can look up the owner of its repository just before the customer is
-created and seal for the vendor. These tests build that state on purpose (a
-manifest sealed for the vendor, a blob wrapped for the vendor alone, in the
-customer's namespace) and check that it moves to the customer's key: by
-`claim_namespace`, which `customer add` runs, by the server's reseal at
-start-up, and before `customer shred` destroys the key, so that a copy of the
-database and storage taken after the shredding reads none of it.
+created and seal for the vendor. These tests build that state on purpose: a
+manifest sealed for the vendor and a blob wrapped for the vendor alone, in the
+customer's namespace. They check that it moves to the customer's key through
+`claim_namespace` (which `customer add` runs), through the server's reseal at
+start-up, and before `customer shred` destroys the key. A copy of the
+database and storage taken after the shredding then reads none of it.
 """
 
 from __future__ import annotations
@@ -133,7 +133,7 @@ def pushed_for_vendor(server: ServerProcess) -> tuple[str, str, bytes]:
     return customer, repository, manifest
 
 
-def test_push_soon_after_customer_add_seals_for_customer(
+def test_push_after_customer_add(
     fresh_server: ServerProcess,
 ) -> None:
     """A server that found no customer for a namespace seals for the customer
@@ -173,7 +173,7 @@ def test_push_soon_after_customer_add_seals_for_customer(
     assert blob_wrap_owners(fresh_server, config_digest(pushed)) == {owner}
 
 
-def test_claim_namespace_moves_vendor_sealed_data(
+def test_claim_namespace_moves_vendor_data(
     fresh_server: ServerProcess,
 ) -> None:
     """`claim_namespace`, which `customer add` runs, seals the namespace's
@@ -200,7 +200,7 @@ def test_claim_namespace_moves_vendor_sealed_data(
     assert response.content == manifest
 
 
-def test_server_start_reseals_vendor_sealed_manifests(
+def test_start_reseals_vendor_manifests(
     fresh_server: ServerProcess,
 ) -> None:
     """The server's background reseal at start-up seals a manifest that was
@@ -214,7 +214,7 @@ def test_server_start_reseals_vendor_sealed_manifests(
     assert wait_until(lambda: "moved_from_other_owner" in fresh_server.log())
 
 
-def test_shred_reaches_data_sealed_for_vendor(
+def test_shred_reaches_vendor_sealed_data(
     fresh_server: ServerProcess, tmp_path: Path
 ) -> None:
     """`customer shred` moves what was sealed for the vendor in the customer's

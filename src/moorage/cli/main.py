@@ -58,6 +58,7 @@ from moorage.storage.encryption.custody import DataKeyCustody
 from moorage.storage.encryption.driver import EncryptedDriver
 from moorage.storage.encryption.maintenance import ClaimReport
 from moorage.storage.encryption.manifests import (
+    ManifestKeyCounts,
     ResealReport,
     count_manifest_keys,
     reseal_manifests,
@@ -779,10 +780,11 @@ async def _print_owner_key_usage(services: Services, custody: DataKeyCustody) ->
     manifests that no owner key seals."""
     blobs = await custody.wraps.count_by_owner()
     manifests = await count_manifest_keys(services.registry.store)
-    manifest_owners = {owner for owner, _ in manifests.owner_keys}
+    owners = set(blobs) | {owner for owner, _ in manifests.owner_keys}
+
     table = Table("owner key-encryption key", "blob data keys", "manifest data keys")
     destroyed = 0
-    for owner in sorted(set(blobs) | manifest_owners):
+    for owner in sorted(owners):
         key = await custody.owner_keys.reload(owner)
         current = 0
         for (name, key_id), count in manifests.owner_keys.items():
@@ -795,6 +797,12 @@ async def _print_owner_key_usage(services: Services, custody: DataKeyCustody) ->
         if key is not None or blobs[owner]:
             table.add_row(owner, str(blobs[owner]), str(current))
     console.print(table)
+
+    _print_unsealed_manifests(destroyed, manifests)
+
+
+def _print_unsealed_manifests(destroyed: int, manifests: ManifestKeyCounts) -> None:
+    """Print the counts of manifests that no current owner key seals."""
     if destroyed:
         console.print(
             f"{destroyed} manifests are sealed under destroyed owner keys "

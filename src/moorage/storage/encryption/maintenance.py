@@ -13,7 +13,7 @@ All of it runs while the server serves:
   their owners' keys, for objects stored before owner keys existed; the server
   runs it in the background too.
 - `claim_namespace` moves manifests and blob wraps that a push made for the
-  vendor, in a namespace that a customer has got since, to that customer.
+  vendor, in a namespace that a customer got afterwards, to that customer.
 - `shred_owner` destroys one owner's key-encryption key and its wraps.
 
 Manifests, sealed in the database, have their own counterpart of

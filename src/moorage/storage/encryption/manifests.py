@@ -346,6 +346,9 @@ async def reseal_manifests(
     cipher = store.codec
     if not isinstance(cipher, ManifestCipher) or not cipher.seal_new:
         return report
+    # Repository -> owner, read once per run: the custody's own cache keeps a
+    # vendor answer for a second only, which would cost a query per row.
+    owners: dict[str, str] = {}
     after_id = 0
     while rows := await store.manifest_rows(after_id, batch, namespace):
         after_id = rows[-1].id
@@ -354,7 +357,12 @@ async def reseal_manifests(
             sealed = parse_sealed(row.content)
             moved = False
             if sealed is not None:
-                owner = await cipher.custody.owner_of_repository(row.repository)
+                owner = owners.get(row.repository)
+                if owner is None:
+                    owner = await cipher.custody.wraps.owner_of_repository(
+                        row.repository
+                    )
+                    owners[row.repository] = owner
                 moved = sealed.owner != owner
                 if not renew and not moved:
                     continue
