@@ -11,7 +11,10 @@ from pathlib import Path
 
 import httpx
 
+from moorage.services import Services
+from moorage.storage.encryption.manifests import ManifestCipher
 from tests.integration.test_encryption_at_rest import (
+    overwrite_manifest,
     push_blob,
     push_manifest,
     raw_storage_contains,
@@ -19,6 +22,7 @@ from tests.integration.test_encryption_at_rest import (
 )
 from tests.support.images import MEDIA_TYPE_OCI_MANIFEST
 from tests.support.receivers import wait_until
+from tests.support.registry import open_account
 from tests.support.server import ADMIN_LOGIN, ADMIN_PASSWORD, ServerProcess, unique
 
 
@@ -98,7 +102,7 @@ def test_rotation_under_load(fresh_server: ServerProcess) -> None:
         while traffic.rounds < rounds_during + 3:
             threading.Event().wait(0.05)
     assert traffic.failures == []
-    assert "data keys rewrapped" in output
+    assert output.startswith("rewrapped ")
     new_keys = key_files(fresh_server)
     assert len(old_keys) == len(new_keys) == 1
     assert old_keys != new_keys
@@ -195,3 +199,122 @@ def test_hsm_keys_serve_and_rotate(tmp_path: Path) -> None:
     finally:
         server.stop()
         drop_database(server.database_url)
+
+
+def table_rows(output: str) -> dict[str, list[str]]:
+    """Return the cells of each table line that `moorage` printed (headings
+    too), by first cell."""
+    rows = {}
+    for line in output.replace("┃", "│").splitlines():
+        cells = [cell.strip() for cell in line.strip("│ ").split("│")]
+        if len(cells) > 1 and cells[0]:
+            rows[cells[0]] = cells[1:]
+    return rows
+
+
+def test_key_status_counts_both_kinds(
+    fresh_server: ServerProcess,
+) -> None:
+    """`key status` counts blob and manifest data keys under each owner key,
+    and counts a shredded customer's manifests as under a destroyed key."""
+    customer = fresh_server.add_customer(unique("status"))
+    account = open_account(fresh_server, customer)
+    with account.client:
+        push_manifest(account.client, account.repository(), unique("one"))
+        push_manifest(account.client, account.repository(), unique("two"))
+    with httpx.Client(
+        base_url=fresh_server.url, auth=(ADMIN_LOGIN, ADMIN_PASSWORD)
+    ) as vendor:
+        push_manifest(vendor, f"{unique('products')}/app", unique("vendor"))
+
+    status = moorage(fresh_server, "key", "status")
+    rows = table_rows(status)
+    assert rows["owner key-encryption key"] == ["blob data keys", "manifest data keys"]
+    # Both manifests of the customer share one config blob.
+    assert rows[f"customer:{customer}"] == ["1", "2"]
+    assert rows["vendor"] == ["1", "1"]
+    active = [cells for cells in rows.values() if cells[:1] == ["yes"]]
+    assert active == [["yes", "2", "1", "0"]]
+    assert "destroyed owner keys" not in status
+
+    moorage(fresh_server, "customer", "suspend", customer)
+    moorage(fresh_server, "customer", "shred", customer, "--confirm")
+    status = moorage(fresh_server, "key", "status")
+    rows = table_rows(status)
+    assert f"customer:{customer}" not in rows
+    assert rows["vendor"] == ["1", "1"]
+    assert "2 manifests are sealed under destroyed owner keys" in status
+
+
+def test_key_status_counts_unsealed_manifests(fresh_server: ServerProcess) -> None:
+    """Manifests sealed with the database data key or stored in plaintext are
+    counted apart from owner keys."""
+    with httpx.Client(
+        base_url=fresh_server.url, auth=(ADMIN_LOGIN, ADMIN_PASSWORD)
+    ) as vendor:
+        first = f"{unique('legacy')}/app"
+        second = f"{unique('legacy')}/app"
+        push_manifest(vendor, first, unique("plain"))
+        pushed = push_manifest(vendor, second, unique("database"))
+    digest = "sha256:" + hashlib.sha256(pushed).hexdigest()
+    sealed = fresh_server.run_admin(lambda s: database_sealed(s, pushed, digest))
+    fresh_server.stop()
+    overwrite_manifest(fresh_server, first, b'{"schemaVersion": 2}')
+    overwrite_manifest(fresh_server, second, sealed)
+
+    status = moorage(fresh_server, "key", "status")
+    assert table_rows(status)["vendor"] == ["1", "0"]
+    assert "1 manifests are sealed with the database data key" in status
+    assert "1 manifests are stored in plaintext" in status
+
+
+async def database_sealed(services: Services, content: bytes, digest: str) -> bytes:
+    codec = services.registry.store.codec
+    assert isinstance(codec, ManifestCipher)
+    return codec.database.seal(content, digest)
+
+
+def test_rotate_output_by_kind(
+    fresh_server: ServerProcess,
+) -> None:
+    """`key rotate` names what it rewrapped by kind, prints when nothing needed
+    it, and shows no progress bar when no blob envelope is stored."""
+    customer = fresh_server.add_customer(unique("rotate"))
+    account = open_account(fresh_server, customer)
+    with account.client:
+        push_manifest(account.client, account.repository(), unique("rotate"))
+
+    rotated = run_cli(fresh_server, "key", "rotate")
+    assert rotated.returncode == 0, rotated.stderr
+    active = [
+        key
+        for key, cells in table_rows(moorage(fresh_server, "key", "status")).items()
+        if cells[:1] == ["yes"]
+    ]
+    assert len(active) == 1
+    # The database data key and the owner keys of the customer and the vendor.
+    assert rotated.stdout.strip() == (
+        f"rewrapped 2 keys under key-encryption key {active[0]}: 2 owner and "
+        "database keys, 0 blob envelopes"
+    )
+    assert "0/0" not in rotated.stderr
+    assert "rewrapping" not in rotated.stderr
+
+    again = run_cli(fresh_server, "key", "rotate", "--keep-active")
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.strip() == (
+        "no keys to rewrap: every key is under the active key-encryption key "
+        f"{active[0]}"
+    )
+    assert "0/0" not in again.stderr
+
+
+def run_cli(server: ServerProcess, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "moorage", *args],
+        env=server.environment(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )

@@ -51,7 +51,9 @@ async def test_rotate_leaves_only_the_new_key(tmp_path: Path) -> None:
     assert fresh.keyring.active().key_id != old
     for path, data in stored.items():
         assert await load(fresh, path) == data
-    assert await maintenance.key_usage(fresh) == {fresh.keyring.active().key_id: 6}
+    usage = await maintenance.key_usage(fresh)
+    assert usage.envelopes == {fresh.keyring.active().key_id: 6}
+    assert usage.key_ids() == {fresh.keyring.active().key_id}
 
 
 async def test_rotate_keeps_data_untouched(tmp_path: Path) -> None:

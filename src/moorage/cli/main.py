@@ -26,9 +26,11 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    TaskID,
     TextColumn,
     TimeRemainingColumn,
 )
+from rich.table import Column
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from typer.core import TyperGroup
 
@@ -52,8 +54,15 @@ from moorage.errors import InvalidInputError, MoorageError
 from moorage.logs import configure_logging
 from moorage.services import Services, open_services
 from moorage.storage.encryption import maintenance
+from moorage.storage.encryption.custody import DataKeyCustody
 from moorage.storage.encryption.driver import EncryptedDriver
-from moorage.storage.encryption.manifests import ResealReport, reseal_manifests
+from moorage.storage.encryption.maintenance import ClaimReport
+from moorage.storage.encryption.manifests import (
+    ManifestKeyCounts,
+    ResealReport,
+    count_manifest_keys,
+    reseal_manifests,
+)
 from moorage.storage.paths import BLOBS_PREFIX
 
 # The exit code of a command whose reader closed stdout, as for a process that
@@ -438,13 +447,37 @@ def customer_add(
             admin.validate_display_name(name)
         except InvalidInputError as error:
             reject(f"--name: {error.message}")
-    customer = _run(
-        _settings(data_dir=data_dir),
-        lambda s: admin.add_customer(
-            s.identity, slug, name or slug, until, audit=_recorder(s)
-        ),
-    )
+
+    async def add(services: Services) -> tuple[CustomerRecord, ClaimReport]:
+        customer = await admin.add_customer(
+            services.identity, slug, name or slug, until, audit=_recorder(services)
+        )
+        # A push to the namespace racing with this command may have sealed for
+        # the vendor; seal what it stored for the customer.
+        try:
+            claimed = await maintenance.claim_namespace(
+                services.registry.driver, services.registry.store, customer.slug
+            )
+        except SQLAlchemyError as error:
+            log.debug("database error", exc_info=error)
+            errors.print(
+                f"warning: customer {customer.slug} was added, but checking its "
+                f"namespace for data sealed for the vendor failed: "
+                f"{_database_reason(error)}. `moorage customer shred` repeats "
+                "the check before it destroys the customer's key.",
+                highlight=False,
+                soft_wrap=True,
+            )
+            claimed = ClaimReport()
+        return customer, claimed
+
+    customer, claimed = _run(_settings(data_dir=data_dir), add)
     console.print(f"customer {customer.slug} added, with namespace {customer.slug}/")
+    if claimed.manifests or claimed.blobs:
+        console.print(
+            f"{claimed.manifests} manifests and {claimed.blobs} blobs pushed to "
+            f"{customer.slug}/ for the vendor were moved to the customer's key"
+        )
 
 
 @customer_app.command("list")
@@ -706,7 +739,8 @@ async def _require_account(services: Services, login: str) -> None:
 
 @key_app.command("status")
 def key_status(data_dir: DataDirOption = None) -> None:
-    """List key-encryption keys and how many data keys each one wraps."""
+    """List key-encryption keys and the keys each one wraps, and count the data
+    keys of blobs and manifests under each owner key."""
     from moorage.storage.encryption.setup import keys_inside_data_dir
 
     settings = _settings(data_dir=data_dir)
@@ -717,22 +751,74 @@ def key_status(data_dir: DataDirOption = None) -> None:
         driver = _encrypted_driver(services)
         usage = await maintenance.key_usage(driver, KeyStore(services.engine))
         active = driver.keyring.active().key_id
-        table = Table("key-encryption key", "active", "data keys")
-        for key_id in sorted(set(driver.keyring.key_ids()) | set(usage)):
-            table.add_row(key_id, "yes" if key_id == active else "", str(usage[key_id]))
+        # Key ids are copied into commands, so they are never cut short.
+        table = Table(
+            Column("key-encryption key", no_wrap=True),
+            "active",
+            "owner keys",
+            "database keys",
+            "blob envelopes",
+        )
+        for key_id in sorted(set(driver.keyring.key_ids()) | usage.key_ids()):
+            table.add_row(
+                key_id,
+                "yes" if key_id == active else "",
+                str(usage.owner_keys[key_id]),
+                str(usage.database_keys[key_id]),
+                str(usage.envelopes[key_id]),
+            )
         console.print(f"keys from {shown(driver.keyring.describe())}")
         console.print(table)
         if driver.custody is not None:
-            # NOTE: counts blob data keys only. Manifest data keys are wrapped
-            # in their own rows, which this does not read.
-            owners = Table("owner key-encryption key", "data keys")
-            for owner, count in sorted(
-                (await driver.custody.wraps.count_by_owner()).items()
-            ):
-                owners.add_row(owner, str(count))
-            console.print(owners)
+            await _print_owner_key_usage(services, driver.custody)
 
     _run(settings, action)
+
+
+async def _print_owner_key_usage(services: Services, custody: DataKeyCustody) -> None:
+    """Print the blob and manifest data keys that each owner key wraps, and the
+    manifests that no owner key seals."""
+    blobs = await custody.wraps.count_by_owner()
+    manifests = await count_manifest_keys(services.registry.store)
+    owners = set(blobs) | {owner for owner, _ in manifests.owner_keys}
+
+    table = Table("owner key-encryption key", "blob data keys", "manifest data keys")
+    destroyed = 0
+    for owner in sorted(owners):
+        key = await custody.owner_keys.reload(owner)
+        current = 0
+        for (name, key_id), count in manifests.owner_keys.items():
+            if name != owner:
+                continue
+            if key is not None and key_id == key.fingerprint:
+                current += count
+            else:
+                destroyed += count
+        if key is not None or blobs[owner]:
+            table.add_row(owner, str(blobs[owner]), str(current))
+    console.print(table)
+
+    _print_unsealed_manifests(destroyed, manifests)
+
+
+def _print_unsealed_manifests(destroyed: int, manifests: ManifestKeyCounts) -> None:
+    """Print the counts of manifests that no current owner key seals."""
+    if destroyed:
+        console.print(
+            f"{destroyed} manifests are sealed under destroyed owner keys "
+            "(customer shred); nothing can read them"
+        )
+    if manifests.database_key:
+        console.print(
+            f"{manifests.database_key} manifests are sealed with the database data "
+            "key, not yet for their owners; the server seals them for their owners "
+            "in the background"
+        )
+    if manifests.plaintext:
+        console.print(
+            f"{manifests.plaintext} manifests are stored in plaintext; the server "
+            "encrypts them in the background while encryption is on"
+        )
 
 
 @key_app.command("rotate")
@@ -761,15 +847,32 @@ def key_rotate(
                 progress=update,
             )
 
-    async def action(services: Services) -> maintenance.RewrapReport:
-        return await _audited_outside_transaction(
+    async def action(services: Services) -> tuple[maintenance.RewrapReport, str]:
+        report = await _audited_outside_transaction(
             services, actions.KEY_ROTATE, "key-encryption key", None, rotate(services)
         )
+        return report, _encrypted_driver(services).keyring.active().key_id
 
-    report = _run(_settings(data_dir=data_dir), action, atomic=False)
-    console.print(
-        f"{report.rewrapped} data keys rewrapped, "
-        f"{report.already_current} already under the active key"
+    report, active = _run(_settings(data_dir=data_dir), action, atomic=False)
+    console.print(_describe_rewrap(report, active), highlight=False, soft_wrap=True)
+
+
+def _describe_rewrap(report: maintenance.RewrapReport, active: str) -> str:
+    """Describe what `key rotate` rewrapped, by kind of key."""
+    current = (
+        f"; {report.already_current} blob envelopes were under it already"
+        if report.already_current
+        else ""
+    )
+    if not report.rewrapped:
+        return (
+            f"no keys to rewrap: every key is under the active key-encryption "
+            f"key {active}{current}"
+        )
+    return (
+        f"rewrapped {report.rewrapped} keys under key-encryption key {active}: "
+        f"{report.sealed_keys} owner and database keys, {report.envelopes} blob "
+        f"envelopes{current}"
     )
 
 
@@ -826,20 +929,34 @@ def key_reencrypt(
 
 @contextmanager
 def _progress(description: str) -> Iterator[Callable[[int, int], None]]:
-    """A Rich progress bar, and the callback that moves it."""
-    with Progress(
+    """A Rich progress bar, and the callback that moves it.
+
+    The bar appears at the first update with a total above zero, so work that
+    finds nothing to do shows no empty "0/0" bar.
+    """
+    bar = Progress(
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeRemainingColumn(),
         console=errors,
-    ) as bar:
-        task = bar.add_task(description, total=None)
+    )
+    task: TaskID | None = None
 
-        def update(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total)
+    def update(done: int, total: int) -> None:
+        nonlocal task
+        if task is None:
+            if total <= 0:
+                return
+            bar.start()
+            task = bar.add_task(description, total=total)
+        bar.update(task, completed=done, total=total)
 
+    try:
         yield update
+    finally:
+        if task is not None:
+            bar.stop()
 
 
 @app.command("version")

@@ -385,16 +385,38 @@ class RegistryStore:
             )
             return [row[0] for row in result]
 
-    async def manifest_rows(self, after_id: int, limit: int) -> list[StoredManifestRow]:
-        """Return up to `limit` stored manifest rows with ids above `after_id`."""
+    async def manifest_rows(
+        self, after_id: int, limit: int, namespace: str | None = None
+    ) -> list[StoredManifestRow]:
+        """Return up to `limit` stored manifest rows with ids above `after_id`,
+        of every repository or of those in `namespace`."""
+        values: dict[str, Any] = {"after_id": after_id, "limit": limit}
+        statement = _MANIFEST_ROWS
+        if namespace is not None:
+            statement = _NAMESPACE_MANIFEST_ROWS
+            values["namespace"] = namespace
         async with connect(self.engine) as connection:
-            result = await connection.execute(
-                _MANIFEST_ROWS, {"after_id": after_id, "limit": limit}
-            )
+            result = await connection.execute(statement, values)
             return [
                 StoredManifestRow(r.id, r.repository, r.digest, bytes(r.content))
                 for r in result
             ]
+
+    async def manifest_content_heads(
+        self, after_id: int, limit: int, length: int
+    ) -> list[tuple[int, bytes]]:
+        """Return (id, first `length` bytes of the stored content) of up to
+        `limit` manifest rows with ids above `after_id`, for counting keys
+        without reading whole manifests."""
+        statement = (
+            select(manifests.c.id, func.substr(manifests.c.content, 1, length))
+            .where(manifests.c.id > after_id)
+            .order_by(manifests.c.id)
+            .limit(limit)
+        )
+        async with connect(self.engine) as connection:
+            result = await connection.execute(statement)
+            return [(row[0], bytes(row[1])) for row in result]
 
     async def replace_manifest_contents(
         self, changes: Sequence[tuple[int, bytes, bytes]]
@@ -871,6 +893,9 @@ _MANIFEST_ROWS = (
     .where(manifests.c.id > bindparam("after_id"))
     .order_by(manifests.c.id)
     .limit(bindparam("limit"))
+)
+_NAMESPACE_MANIFEST_ROWS = _MANIFEST_ROWS.where(
+    repositories.c.namespace == bindparam("namespace")
 )
 _BLOB_SIZE = select(blobs.c.size).where(blobs.c.digest == bindparam("digest"))
 _UPLOAD = (

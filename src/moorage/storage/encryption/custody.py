@@ -30,7 +30,7 @@ from contextvars import ContextVar
 import structlog
 
 from moorage.db.key_store import KeyStore
-from moorage.db.wrap_store import DataKeyWrap, ShredCounts, WrapStore
+from moorage.db.wrap_store import VENDOR_OWNER, DataKeyWrap, ShredCounts, WrapStore
 from moorage.storage.encryption.database import wrap_context as sealing_context
 from moorage.storage.encryption.format import DataKeyUnavailableError, wrap_context
 from moorage.storage.encryption.keys import (
@@ -51,9 +51,15 @@ __all__ = [
 
 log = structlog.get_logger(__name__)
 
-# Repository owners do not change once a namespace exists, but a namespace that
-# has no customer yet belongs to the vendor until one is created for it.
+# Repository owners do not change once a customer owns the namespace.
 _OWNER_CACHE_SECONDS = 60.0
+# A namespace that has no customer yet belongs to the vendor until `customer
+# add` creates one for it, so the vendor answer is kept only briefly. A push
+# that looked it up just before that seals for the vendor. `customer add`
+# and `customer shred` move such manifests and blob wraps to the customer
+# (see maintenance.claim_namespace), and the server's start-up reseal moves
+# such manifests.
+_VENDOR_OWNER_CACHE_SECONDS = 1.0
 
 # The repository whose owner wraps the data keys of objects created in this
 # context (an upload's data, an empty blob). Set by `writing_for`.
@@ -176,7 +182,12 @@ class DataKeyCustody:
         if cached is not None and cached[0] > now:
             return cached[1]
         owner = await self.wraps.owner_of_repository(repository)
-        self._owners[repository] = (now + _OWNER_CACHE_SECONDS, owner)
+        ttl = (
+            _VENDOR_OWNER_CACHE_SECONDS
+            if owner == VENDOR_OWNER
+            else _OWNER_CACHE_SECONDS
+        )
+        self._owners[repository] = (now + ttl, owner)
         return owner
 
     async def wrap(

@@ -12,6 +12,8 @@ All of it runs while the server serves:
 - `adopt_envelopes` moves data keys from installation envelopes to wraps under
   their owners' keys, for objects stored before owner keys existed; the server
   runs it in the background too.
+- `claim_namespace` moves manifests and blob wraps that a push made for the
+  vendor, in a namespace that a customer got afterwards, to that customer.
 - `shred_owner` destroys one owner's key-encryption key and its wraps.
 
 Manifests, sealed in the database, have their own counterpart of
@@ -31,15 +33,16 @@ import structlog
 
 from moorage.db.key_store import KeyStore
 from moorage.db.registry_store import RegistryStore
+from moorage.db.wrap_store import VENDOR_OWNER, customer_owner
 from moorage.digests import parse_digest
 from moorage.storage import paths
-from moorage.storage.drivers.base import PathNotFoundError
+from moorage.storage.drivers.base import PathNotFoundError, StorageDriver
 from moorage.storage.encryption.custody import (
     DataKeyCustody,
     DataKeyUnavailableError,
     wrapping_for,
 )
-from moorage.storage.encryption.database import rewrap_database_keys
+from moorage.storage.encryption.database import DATABASE_KEY, rewrap_database_keys
 from moorage.storage.encryption.driver import (
     ENVELOPES_PREFIX,
     WORK_PREFIX,
@@ -69,26 +72,56 @@ def _no_progress(done: int, total: int) -> None:
 
 @dataclass
 class RewrapReport:
+    # Every key rewrapped: installation envelopes, owner KEKs and the
+    # database data key.
     rewrapped: int = 0
+    # Installation envelopes that were under the active KEK already.
     already_current: int = 0
+    # Installation envelopes rewrapped, by the KEK that wrapped them before.
     by_key: Counter[str] = field(default_factory=Counter)
+    # Owner KEKs and the database data key rewrapped (`sealed_keys` rows).
+    sealed_keys: int = 0
+
+    @property
+    def envelopes(self) -> int:
+        return self.rewrapped - self.sealed_keys
 
 
 async def envelope_paths(driver: EncryptedDriver) -> list[str]:
     return await driver.inner.list(ENVELOPES_PREFIX)
 
 
+@dataclass
+class KeyUsage:
+    """The keys each key-encryption key wraps, by kind, counted by KEK id."""
+
+    # Owner KEKs in `sealed_keys`, which wrap the data keys of blobs and
+    # manifests.
+    owner_keys: Counter[str] = field(default_factory=Counter)
+    # The database data key in `sealed_keys`.
+    database_keys: Counter[str] = field(default_factory=Counter)
+    # Installation envelopes: blob data keys from before owner keys.
+    envelopes: Counter[str] = field(default_factory=Counter)
+
+    def key_ids(self) -> set[str]:
+        return set(self.owner_keys) | set(self.database_keys) | set(self.envelopes)
+
+
 async def key_usage(
     driver: EncryptedDriver, database_keys: KeyStore | None = None
-) -> Counter[str]:
-    """Count the data keys each key-encryption key wraps."""
-    usage: Counter[str] = Counter()
+) -> KeyUsage:
+    """Count the keys each key-encryption key wraps."""
+    usage = KeyUsage()
     if database_keys is not None:
-        usage.update(sealed.key_id for sealed in await database_keys.list())
+        for sealed in await database_keys.list():
+            if sealed.name == DATABASE_KEY:
+                usage.database_keys[sealed.key_id] += 1
+            else:
+                usage.owner_keys[sealed.key_id] += 1
     for path in await envelope_paths(driver):
         envelope = await _load_envelope(driver, path)
         if envelope is not None:
-            usage[envelope.key_id] += 1
+            usage.envelopes[envelope.key_id] += 1
     return usage
 
 
@@ -139,7 +172,8 @@ async def rotate(
     report.rewrapped += late.rewrapped
     report.by_key.update(late.by_key)
     if database_keys is not None:
-        report.rewrapped += await rewrap_database_keys(database_keys, driver.keyring)
+        report.sealed_keys = await rewrap_database_keys(database_keys, driver.keyring)
+        report.rewrapped += report.sealed_keys
     active = driver.keyring.active().key_id
     if retire:
         for key_id in driver.keyring.key_ids():
@@ -332,6 +366,70 @@ async def _adopt_envelope(
 
 
 @dataclass
+class ClaimReport:
+    manifests: int = 0
+    blobs: int = 0
+
+
+async def claim_namespace(
+    driver: StorageDriver, store: RegistryStore, slug: str
+) -> ClaimReport:
+    """Seal for customer `slug` what pushes to its namespace sealed for the vendor.
+
+    A server that looked up the owner of a repository just before the customer
+    was created seals for the vendor for a moment longer (see
+    `custody.DataKeyCustody.owner_of_repository`). Manifests of the namespace
+    sealed for another owner are sealed again for the customer, and blobs its
+    repositories use get a wrap for the customer, while the vendor's wrap goes
+    unless a vendor repository uses the blob too.
+    """
+    report = ClaimReport()
+    report.manifests = (await reseal_manifests(store, namespace=slug)).moved
+    if isinstance(driver, EncryptedDriver) and driver.custody is not None:
+        report.blobs = await claim_blobs(driver, customer_owner(slug))
+    if report.manifests or report.blobs:
+        log.info(
+            "manifests and blobs moved to the namespace's customer",
+            customer=slug,
+            manifests=report.manifests,
+            blobs=report.blobs,
+        )
+    return report
+
+
+async def claim_blobs(driver: EncryptedDriver, owner: str) -> int:
+    """Wrap the data key of each blob that `owner`'s repositories use and that
+    other owners' wraps alone open, for `owner` too; return how many.
+
+    The vendor's wrap of such a blob is deleted unless a vendor repository
+    uses the blob. Blobs in plaintext or with an installation envelope only
+    are left to `encrypt_plaintext` and `adopt_envelopes`.
+    """
+    custody = driver.custody
+    if custody is None:
+        return 0
+    claimed = 0
+    for digest in await custody.wraps.digests_used_by(owner):
+        path = paths.blob_path(parse_digest(digest))
+        try:
+            header = await driver.read_header(path)
+        except PathNotFoundError:
+            continue
+        if header is None:
+            continue
+        owners = await custody.owners(header.object_id)
+        if not owners or owner in owners:
+            continue
+        try:
+            await driver.share(path, owner, digest)
+        except DataKeyUnavailableError:
+            continue
+        await driver.release(path, VENDOR_OWNER, digest)
+        claimed += 1
+    return claimed
+
+
+@dataclass
 class ShredReport:
     key_destroyed: bool
     wraps_deleted: int
@@ -354,9 +452,11 @@ async def shred_owner(
     BLOB_UNKNOWN. Mapping blobs to objects reads the header of every blob
     that the owner's repositories use.
 
-    With `manifests`, manifest rows that the database data key still seals
-    are first sealed for their owners, so that the owner's manifests are
-    sealed under the key destroyed, and the key's id is recorded as shredded.
+    With `manifests`, manifest rows that the database data key or another
+    owner's key still seals are first sealed for their owners, so that the
+    owner's manifests are sealed under the key destroyed, and the key's id is
+    recorded as shredded. Blobs of the owner's repositories that only other
+    owners' wraps open get the owner's wrap first, as `claim_blobs` does.
     """
     custody = driver.custody
     if custody is None:
@@ -366,6 +466,9 @@ async def shred_owner(
         await reseal_manifests(manifests)
         kek = await custody.owner_keys.reload(owner)
         fingerprint = None if kek is None else kek.fingerprint.hex()
+    if await custody.owner_keys.reload(owner) is not None:
+        # Blobs that a push wrapped for the vendor alone would stay readable.
+        await claim_blobs(driver, owner)
     blob_objects = await _blob_objects(
         driver, await custody.wraps.digests_used_by(owner)
     )

@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import os
 import time
-from collections import OrderedDict
-from dataclasses import dataclass
+from collections import Counter, OrderedDict
+from dataclasses import dataclass, field
 
 import structlog
 from cryptography.exceptions import InvalidTag
@@ -37,6 +37,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from moorage.db.registry_store import RegistryStore
 from moorage.storage.encryption.custody import DataKeyCustody, OwnerKey
 from moorage.storage.encryption.database import DatabaseCipher
+from moorage.storage.encryption.database import is_sealed as is_database_sealed
 from moorage.storage.encryption.driver import IntegrityHook, log_integrity_error
 from moorage.storage.encryption.format import (
     DATA_KEY_BYTES,
@@ -263,9 +264,62 @@ class ManifestCipher:
         return error
 
 
+# The longest row prefix that names its owner and owner key id: the magic, the
+# owner length, an owner of 255 bytes and the key id.
+_OWNER_HEAD_BYTES = len(MAGIC) + 1 + 255 + _KEY_ID_BYTES
+
+
+@dataclass
+class ManifestKeyCounts:
+    """Manifest rows by the key that seals them."""
+
+    # (owner, owner key id) -> rows sealed under that owner key's data keys
+    owner_keys: Counter[tuple[str, bytes]] = field(default_factory=Counter)
+    # Rows from before owner keys, sealed with the database data key.
+    database_key: int = 0
+    plaintext: int = 0
+
+
+async def count_manifest_keys(
+    store: RegistryStore, batch: int = 1000
+) -> ManifestKeyCounts:
+    """Count manifest rows per owner key, reading only the start of each row."""
+    counts = ManifestKeyCounts()
+    after_id = 0
+    while heads := await store.manifest_content_heads(
+        after_id, batch, _OWNER_HEAD_BYTES
+    ):
+        after_id = heads[-1][0]
+        for _, head in heads:
+            owner_key = _owner_key_of(head)
+            if owner_key is not None:
+                counts.owner_keys[owner_key] += 1
+            elif is_database_sealed(head):
+                counts.database_key += 1
+            else:
+                counts.plaintext += 1
+    return counts
+
+
+def _owner_key_of(head: bytes) -> tuple[str, bytes] | None:
+    """Return the owner and owner key id named at the start of a sealed row."""
+    if not head.startswith(MAGIC) or len(head) <= len(MAGIC):
+        return None
+    start = len(MAGIC) + 1
+    owner_end = start + head[len(MAGIC)]
+    key_end = owner_end + _KEY_ID_BYTES
+    if len(head) < key_end:
+        return None
+    return head[start:owner_end].decode(errors="replace"), head[owner_end:key_end]
+
+
 @dataclass
 class ResealReport:
     resealed: int = 0
+    # Rows found sealed for an owner other than their repository's: the vendor,
+    # when a push looked up the owner just before a customer was created for
+    # the namespace.
+    moved: int = 0
     # Rows whose owner key was shredded: nothing opens them, so they stay.
     shredded: int = 0
     # Rows that failed their integrity check (reported already) and stay.
@@ -273,26 +327,45 @@ class ResealReport:
 
 
 async def reseal_manifests(
-    store: RegistryStore, *, renew: bool = False, batch: int = 200
+    store: RegistryStore,
+    *,
+    renew: bool = False,
+    namespace: str | None = None,
+    batch: int = 200,
 ) -> ResealReport:
     """Seal manifest rows for the owners of their repositories, while serving.
 
-    Rows in plaintext or sealed with the database data key are sealed for
-    their owners. With `renew` (`moorage key reencrypt`), rows sealed for an
-    owner get a new data key too, wrapped by the owner's KEK of now. A row
-    changed meanwhile keeps its newer content.
+    Rows in plaintext, sealed with the database data key, or sealed for an
+    owner other than their repository's owner are sealed for that owner. With
+    `renew` (`moorage key reencrypt`), every other row gets a new data key too,
+    wrapped by the owner's KEK of now. With `namespace`, only the rows of that
+    namespace's repositories are read. A row changed meanwhile keeps its newer
+    content.
     """
     report = ResealReport()
     cipher = store.codec
     if not isinstance(cipher, ManifestCipher) or not cipher.seal_new:
         return report
+    # Repository -> owner, read once per run: the custody's own cache keeps a
+    # vendor answer for a second only, which would cost a query per row.
+    owners: dict[str, str] = {}
     after_id = 0
-    while rows := await store.manifest_rows(after_id, batch):
+    while rows := await store.manifest_rows(after_id, batch, namespace):
         after_id = rows[-1].id
         changes = []
         for row in rows:
-            if not renew and cipher.is_owner_sealed(row.content):
-                continue
+            sealed = parse_sealed(row.content)
+            moved = False
+            if sealed is not None:
+                owner = owners.get(row.repository)
+                if owner is None:
+                    owner = await cipher.custody.wraps.owner_of_repository(
+                        row.repository
+                    )
+                    owners[row.repository] = owner
+                moved = sealed.owner != owner
+                if not renew and not moved:
+                    continue
             try:
                 plain = await cipher.open(row.content, row.digest)
             except DataKeyUnavailableError:
@@ -301,14 +374,16 @@ async def reseal_manifests(
             except IntegrityError:
                 report.damaged += 1
                 continue
-            sealed = await cipher.seal(row.repository, plain, row.digest)
-            changes.append((row.id, row.content, sealed))
+            fresh = await cipher.seal(row.repository, plain, row.digest)
+            changes.append((row.id, row.content, fresh))
+            report.moved += moved
         if changes:
             report.resealed += await store.replace_manifest_contents(changes)
     if report.resealed or report.shredded or report.damaged:
         log.info(
             "manifests sealed for their owners",
             resealed=report.resealed,
+            moved_from_other_owner=report.moved,
             shredded=report.shredded,
             damaged=report.damaged,
         )
