@@ -6,9 +6,10 @@ replaces itself (exec) with `python -m moorage.prefork --settings-fd=FD`,
 which imports only what a server needs and then runs
 `moorage.workers.run_workers`, or `run_single` with one worker. The command
 line's own modules (typer, rich and the CLI commands) stay out of the server,
-and rich stays out of structlog too when the log is JSON lines. The settings arrive pickled in an
-inherited anonymous file (memfd), so that secrets read from the configuration
-file stay out of the command line and the environment of the processes.
+and rich stays out of structlog too when the log is JSON lines. The settings
+arrive pickled in an inherited anonymous file (memfd), so that secrets read
+from the configuration file stay out of the command line and the environment
+of the processes.
 
 This module imports only the standard library and `moorage.config` before it
 has decided about rich, because structlog imports rich when it is first
