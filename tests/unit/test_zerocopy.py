@@ -15,11 +15,14 @@ import uvicorn
 from starlette.types import Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
 
+from moorage import zerocopy
 from moorage.zerocopy import (
+    SEND_BUFFER_BYTES,
     ThreadedBodyResponse,
     ZeroCopyFileResponse,
     ZeroCopyProtocol,
     _read_cached,
+    send_buffer_bytes,
     size_body_threads,
     supports_zerocopy,
 )
@@ -68,6 +71,7 @@ class FileApp:
         self.offered: list[bool] = []
         self.bodies: list[FileBody] = []
         self.files: list[Any] = []
+        self.server: uvicorn.Server | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -138,6 +142,7 @@ async def server(data_file: Path) -> AsyncIterator[tuple[FileApp, int]]:
         app, http=ZeroCopyProtocol, log_config=None, lifespan="off", access_log=False
     )
     instance = uvicorn.Server(config)
+    app.server = instance
     task = asyncio.create_task(instance.serve(sockets=[listener]))
     # uvicorn.Server offers only a `started` flag to wait for.
     while not instance.started:  # noqa: ASYNC110
@@ -235,6 +240,67 @@ async def test_client_leaving_mid_body_ends_response(server: Any) -> None:
             break
         await asyncio.sleep(0.01)
     assert app.files[0].closed
+
+
+def send_buffers(app: FileApp) -> list[int]:
+    """Return SO_SNDBUF of each of the server's open connections."""
+    assert app.server is not None
+    return [
+        protocol.transport.get_extra_info("socket").getsockopt(
+            socket.SOL_SOCKET, socket.SO_SNDBUF
+        )
+        for protocol in app.server.server_state.connections
+    ]
+
+
+def locked_send_buffer() -> int:
+    """Return the SO_SNDBUF that Linux reports after SEND_BUFFER_BYTES is set."""
+    wmem_max = int(Path("/proc/sys/net/core/wmem_max").read_text())
+    return 2 * min(SEND_BUFFER_BYTES, wmem_max)
+
+
+async def test_large_file_enlarges_send_buffer(server: Any, content: bytes) -> None:
+    """A file body larger than SEND_BUFFER_BYTES sets the connection's send
+    buffer to what `send_buffer_bytes` gives; a smaller one leaves it."""
+    if not zerocopy._send_buffer_bytes:
+        pytest.skip("this kernel's own tuning reaches a larger send buffer")
+    app, port = server
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    small = SEND_BUFFER_BYTES
+    for target, length in ((f"/?count={small}", small), ("/", SIZE)):
+        writer.write(f"GET {target} HTTP/1.1\r\nHost: test\r\n\r\n".encode())
+        await reader.readuntil(b"\r\n\r\n")
+        assert await reader.readexactly(length) == content[:length]
+        if length == small:
+            before = send_buffers(app)
+    after = send_buffers(app)
+    writer.close()
+    locked = locked_send_buffer()
+    assert before != [locked]
+    assert after == [locked]
+
+
+@pytest.mark.parametrize(
+    ("wmem_max", "tcp_wmem", "expected"),
+    [
+        ("4194304", "4096 16384 4194304", SEND_BUFFER_BYTES),
+        ("4194304", "4096 16384 16777216", 0),
+        ("1048576", "4096 16384 4194304", 0),
+        ("212992", "4096 16384", 0),
+        (None, "4096 16384 4194304", 0),
+    ],
+)
+def test_send_buffer_only_above_the_kernels_tuning(
+    tmp_path: Path, wmem_max: str | None, tcp_wmem: str, expected: int
+) -> None:
+    """The buffer is set only when the locked size would exceed the largest
+    that the kernel's tuning reaches, and never when the limits are unknown."""
+    cap = tmp_path / "wmem_max"
+    if wmem_max is not None:
+        cap.write_text(wmem_max + "\n")
+    tuned = tmp_path / "tcp_wmem"
+    tuned.write_text(tcp_wmem + "\n")
+    assert send_buffer_bytes(cap, tuned) == expected
 
 
 def test_read_cached_reads_only_cached_pages(data_file: Path, content: bytes) -> None:
