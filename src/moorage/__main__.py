@@ -1,3 +1,3 @@
-from moorage.cli.main import main
+from moorage.cli.entry import main
 
 main()

@@ -100,5 +100,16 @@ def main(arguments: list[str]) -> int:
     return 0
 
 
+# The exit status of a command that Ctrl-C (SIGINT) stopped, as shells report it.
+INTERRUPTED = 130
+
+
 if __name__ == "__main__":
-    raise SystemExit(main(sys.argv[1:]))
+    try:
+        status = main(sys.argv[1:])
+    except KeyboardInterrupt:
+        # Ctrl-C before uvicorn handles the signal (while the server starts):
+        # stop without a traceback.
+        print("interrupted while starting", file=sys.stderr)
+        status = INTERRUPTED
+    raise SystemExit(status)

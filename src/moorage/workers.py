@@ -152,6 +152,9 @@ def _prepare_in_child(settings: Settings) -> None:
             )
             print(f"error: {message}", file=sys.stderr)
             status = 1
+        except KeyboardInterrupt:
+            # Ctrl-C in a terminal reaches this child too; the parent reports it.
+            status = 1
         except BaseException:
             log.exception("preparing the database failed")
             status = 1

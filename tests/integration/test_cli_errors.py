@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -106,6 +108,31 @@ def test_serve_unreachable_database_one_line(
     lines = [line for line in completed.stderr.splitlines() if '"level"' not in line]
     assert len(lines) == 1, completed.stderr
     assert lines[0].startswith(f"error: cannot connect to the database at {shown}: ")
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_serve_interrupted_while_starting(cli: Cli, workers: str) -> None:
+    """Ctrl-C at any moment of `moorage serve`'s start stops it without a
+    traceback: while the modules load, while the database is prepared, or once
+    uvicorn handles the signal."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MOORAGE_")}
+    env.update(cli.env)
+    env["MOORAGE_WORKERS"] = workers
+    for delay in (0.2, 0.6, 1.0, 1.5, 2.5):
+        process = subprocess.Popen(
+            [sys.executable, "-m", "moorage", "serve", "--port", "0"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        time.sleep(delay)
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=30)
+        assert "Traceback" not in stderr, (delay, stderr)
+        # 130 from Moorage, 1 from Click ("Aborted!"), -SIGINT from Python's
+        # default handler, or 0 once uvicorn shut down cleanly.
+        assert process.returncode in (0, 1, 130, -signal.SIGINT), (delay, stderr)
 
 
 @pytest.mark.parametrize("limit", ["0", "-1"])
