@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -29,8 +30,11 @@ def _start_server(
     workers: str = "2",
     cwd: Path | None = None,
     environment: dict[str, str] | None = None,
+    *,
+    start: bool = True,
 ) -> ServerProcess:
-    """Start a server with `workers` processes on a database of its own."""
+    """Start a server with `workers` processes on a database of its own (or
+    only set it up, without `start`)."""
     server = ServerProcess(
         data_dir=tmp_path / "data",
         database_url="",
@@ -39,7 +43,8 @@ def _start_server(
     )
     server.data_dir.mkdir()
     server.database_url = create_database(server.data_dir)
-    server.start()
+    if start:
+        server.start()
     return server
 
 
@@ -147,6 +152,37 @@ def test_sighup_without_tls_keeps_serving(tmp_path: Path, workers: str) -> None:
     # once it has shut down; the supervisor of several exits with 0.
     assert server.process.returncode in (0, -signal.SIGTERM)
     assert "SIGHUP ignored" in server.log()
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_sighup_while_starting_keeps_starting(tmp_path: Path, workers: str) -> None:
+    """A SIGHUP that arrives while the server prepares the database, after the
+    command line replaced itself, does not stop the start."""
+    server = _start_server(tmp_path, workers=workers, start=False)
+    sent = threading.Event()
+
+    def hang_up() -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not sent.is_set():
+            process = server.process
+            if process is not None:
+                try:
+                    command = Path(f"/proc/{process.pid}/cmdline").read_bytes()
+                except FileNotFoundError:
+                    return
+                if b"moorage.prefork" in command:
+                    process.send_signal(signal.SIGHUP)
+                    sent.set()
+            time.sleep(0.002)
+
+    thread = threading.Thread(target=hang_up)
+    thread.start()
+    try:
+        server.start()
+    finally:
+        thread.join()
+    _serves_health_then_stops(server)
+    assert sent.is_set()
 
 
 def _peak_rss_kib(pid: int) -> int:

@@ -11,6 +11,7 @@ import asyncio
 import functools
 import os
 import select
+import signal
 import sys
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
@@ -307,6 +308,10 @@ def serve(
     ] = None,
 ) -> None:
     """Run the registry. The first start initialises the data directory."""
+    # A reload asked for while the server starts must not stop it: SIGHUP is
+    # ignored from here on (across the exec and in the workers) until the
+    # server, or the supervisor of several workers, installs its own handler.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     from moorage import tls
     from moorage.server import run, warn_when_keys_sit_with_data
 
