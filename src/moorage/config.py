@@ -356,7 +356,19 @@ class Settings(BaseSettings):
     @classmethod
     def _check_networks(cls, value: list[str]) -> list[str]:
         for entry in value:
-            ipaddress.ip_network(entry, strict=False)
+            try:
+                ipaddress.ip_network(entry)
+            except ValueError:
+                # Raises the plain error for what is no network at all.
+                network = ipaddress.ip_network(entry, strict=False)
+                # 10.0.0.1/8 may mean the network or the one address, and
+                # trusting the whole network by mistake would let any host in
+                # it forge X-Forwarded-For, so ask which.
+                address = entry.partition("/")[0]
+                raise ValueError(
+                    f"{entry!r}: host bits are set; give the network {network}, "
+                    f"or the address {address}"
+                ) from None
         return value
 
     @field_validator("database_url")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import os
 import subprocess
 import sys
@@ -337,3 +338,33 @@ def test_empty_database_url_means_sqlite(tmp_path: Path) -> None:
     completed = config_check(tmp_path, {"MOORAGE_DATABASE_URL": ""})
     assert completed.returncode == 0, completed.stderr
     assert "database_url = \n" in completed.stdout
+
+
+@pytest.mark.parametrize(
+    ("entry", "network", "address"),
+    [
+        ("10.0.0.1/8", "10.0.0.0/8", "10.0.0.1"),
+        ("2001:db8::1/32", "2001:db8::/32", "2001:db8::1"),
+    ],
+)
+def test_trusted_proxy_with_host_bits(
+    tmp_path: Path, entry: str, network: str, address: str
+) -> None:
+    """A trusted proxy network with host bits set is refused with both readings,
+    because trusting the network by mistake lets its hosts forge addresses."""
+    environment = {"MOORAGE_TRUSTED_PROXIES": json.dumps(["127.0.0.1", entry])}
+    lines = error_lines(config_check(tmp_path, environment))
+    assert len(lines) == 1, lines
+    assert "MOORAGE_TRUSTED_PROXIES" in lines[0]
+    assert f"give the network {network}, or the address {address}" in lines[0]
+
+
+def test_trusted_proxies_accepted(tmp_path: Path) -> None:
+    """Addresses and networks without host bits pass, in any spelling."""
+    environment = {
+        "MOORAGE_TRUSTED_PROXIES": json.dumps(
+            ["127.0.0.1", "10.0.0.0/8", "2001:DB8::/32"]
+        )
+    }
+    completed = config_check(tmp_path, environment)
+    assert completed.returncode == 0, completed.stderr
