@@ -30,9 +30,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from moorage.errors import MoorageError
+from moorage.httplimits import LimitedHttpToolsProtocol
 from moorage.logs import connection_logger
 
 log = structlog.get_logger(__name__)
@@ -117,7 +117,7 @@ def _load_failure(cert_file: Path, key_file: Path, error: ssl.SSLError) -> str:
     )
 
 
-class ClientCertificateProtocol(HttpToolsProtocol):
+class ClientCertificateProtocol(LimitedHttpToolsProtocol):
     """uvicorn's HTTP protocol, adding the ASGI TLS extension with the client's
     verified certificate (`client_cert_chain`, `client_cert_name`) to each scope.
     """

@@ -48,11 +48,9 @@ from typing import Any, BinaryIO, Protocol
 
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
-from uvicorn.protocols.http.httptools_impl import (
-    HttpToolsProtocol,
-    RequestResponseCycle,
-)
+from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
 
+from moorage.httplimits import LimitedHttpToolsProtocol
 from moorage.logs import connection_logger
 
 ZEROCOPY = "http.response.zerocopy"
@@ -101,7 +99,7 @@ class ThreadedBody(Protocol):
         """Release the body; called on the event loop once no thread reads it."""
 
 
-class ZeroCopyProtocol(HttpToolsProtocol):
+class ZeroCopyProtocol(LimitedHttpToolsProtocol):
     """uvicorn's httptools protocol with the zero-copy send extension on plain HTTP.
 
     NOTE: this hooks `_start_asgi_task`, a private method of uvicorn's protocol

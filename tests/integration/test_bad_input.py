@@ -7,6 +7,7 @@ sends and then closes, as a client that dies mid-upload does.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import socket
@@ -426,3 +427,35 @@ def test_invalid_http_request_logged_as_json(
     assert "timestamp" in entry
     assert secret not in server.log()
     assert "leaked-secret" not in server.log()
+
+
+def _send_head(server: ServerProcess, head: bytes) -> bytes:
+    """Send `head` and return the answer; the server may close before the end."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            sock.sendall(head)
+        answer = b""
+        try:
+            while chunk := sock.recv(65536):
+                answer += chunk
+        except ConnectionResetError:
+            pass
+    return answer
+
+
+def test_oversized_headers_refused(server: ServerProcess, writer: Account) -> None:
+    """Headers over 64 KiB get 431 and a closed connection, also when one header
+    line never ends; headers of 32 KiB are served."""
+    auth = basic_header(writer.login, writer.password)
+    request = f"GET /v2/ HTTP/1.1\r\nHost: {server.address}\r\n{auth}"
+    fits = f"{request}X-Padding: {'a' * 32768}\r\nConnection: close\r\n\r\n"
+    assert _send_head(server, fits.encode()).startswith(b"HTTP/1.1 200")
+
+    many = "".join(f"X-Padding-{n}: {'a' * 1000}\r\n" for n in range(70))
+    answer = _send_head(server, f"{request}{many}\r\n".encode())
+    assert answer.startswith(b"HTTP/1.1 431"), answer[:200]
+    # 2 MiB of one header value without its line end: refused before it ends.
+    endless = f"{request}X-Padding: ".encode() + b"a" * (2 * 1024 * 1024)
+    answer = _send_head(server, endless)
+    assert answer.startswith(b"HTTP/1.1 431"), answer[:200]
+    assert "request line and header fields over 65536 bytes" in server.log()
