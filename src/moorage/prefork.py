@@ -62,7 +62,7 @@ def read_settings(descriptor: int) -> Settings:
 def prepare(settings: Settings) -> None:
     """Configure logging and memory arenas the way `moorage serve` did before
     the exec, leaving rich out when the log is JSON lines."""
-    if _logs_json(settings.log_format):
+    if logs_json(settings.log_format):
         # structlog imports rich, when it is installed, only to print
         # tracebacks in its console renderer. A None entry makes that import
         # fail, so structlog does without it, and each worker uses 3 MiB
@@ -76,7 +76,7 @@ def prepare(settings: Settings) -> None:
     limit_malloc_arenas()
 
 
-def _logs_json(log_format: str) -> bool:
+def logs_json(log_format: str) -> bool:
     """Return whether `moorage.logs.configure_logging` writes JSON lines."""
     return log_format == "json" or (log_format == "auto" and not sys.stderr.isatty())
 

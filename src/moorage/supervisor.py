@@ -26,16 +26,21 @@ from typing import Any
 
 from moorage.auth import password_service
 
+# Set from --log-format: the workers' log format, "json" or "console".
+_log_format = "json"
+
 
 def log(event: str, level: str = "info", **fields: Any) -> None:
-    """Write one log line in the shape of the server's JSON log."""
-    line = {
-        **fields,
-        "event": event,
-        "level": level,
-        "timestamp": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
-    }
-    print(json.dumps(line), file=sys.stderr, flush=True)
+    """Write one log line in the shape of the workers' log lines."""
+    timestamp = datetime.now(UTC).isoformat().replace("+00:00", "Z")
+    if _log_format == "console":
+        # The layout of structlog's console renderer, without its colours.
+        pairs = "".join(f" {name}={value}" for name, value in sorted(fields.items()))
+        text = f"{timestamp} [{level:<9}] {event:<30}{pairs}".rstrip()
+    else:
+        line = {**fields, "event": event, "level": level, "timestamp": timestamp}
+        text = json.dumps(line)
+    print(text, file=sys.stderr, flush=True)
 
 
 # Signals the parent blocks before it turns into the supervisor.
@@ -102,6 +107,8 @@ def serve_passwords(descriptors: list[int], slots: int) -> None:
 def main(arguments: list[str]) -> int:
     options = dict(a[2:].split("=", 1) for a in arguments if a.startswith("--"))
     pids = [int(a) for a in arguments if not a.startswith("--")]
+    global _log_format
+    _log_format = options.get("log-format", "json")
     if options.get("password-sockets"):
         descriptors = [int(fd) for fd in options["password-sockets"].split(",")]
         serve_passwords(descriptors, int(options["password-slots"]))

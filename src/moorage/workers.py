@@ -38,6 +38,7 @@ from moorage.db.engine import (
 )
 from moorage.errors import MoorageError
 from moorage.logs import flush_logs
+from moorage.prefork import logs_json
 from moorage.server import run_on_uvloop, run_server
 from moorage.services import open_services
 from moorage.supervisor import FORWARDED_SIGNALS
@@ -86,6 +87,7 @@ def run_workers(settings: Settings) -> None:
     # Blocked until the supervisor has its handlers (the mask survives exec).
     signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED_SIGNALS)
     arguments = [
+        f"--log-format={'json' if logs_json(settings.log_format) else 'console'}",
         f"--password-slots={ARGON2_SLOTS}",
         f"--password-sockets={','.join(supervisor_descriptors)}",
         *map(str, workers),

@@ -114,6 +114,16 @@ def test_first_admin_is_audited(tmp_path: Path, workers: str) -> None:
     assert f"vendor user {ADMIN_LOGIN} as admin" in (events[0].event.reason or "")
 
 
+def test_supervisor_logs_in_the_workers_format(tmp_path: Path) -> None:
+    """With console logs, the supervisor's own lines are console lines too."""
+    server = _start_server(tmp_path, environment={"MOORAGE_LOG_FORMAT": "console"})
+    _serves_health_then_stops(server)
+    stopped = [line for line in server.log().splitlines() if "stopped" in line]
+    assert stopped, server.log()
+    assert not stopped[-1].startswith("{"), stopped[-1]
+    assert "[info     ] stopped" in stopped[-1]
+
+
 def test_workers_ignore_modules_in_working_directory(tmp_path: Path) -> None:
     """A file in the working directory named like a module the server imports
     does not run in the re-executed parent, workers or supervisor."""
