@@ -67,11 +67,13 @@ def test_database_error_traceback_at_debug(cli: Cli) -> None:
     assert "error: database error: " in completed.stderr
 
 
-def test_unreachable_database_one_line(cli: Cli) -> None:
+@pytest.mark.parametrize("address", ["127.0.0.1:1/moorage", "127.0.0.1/moorage?port=1"])
+def test_unreachable_database_one_line(cli: Cli, address: str) -> None:
     """A PostgreSQL server that does not answer is one line naming its
-    address, without the password or a traceback."""
+    address, without the password or a traceback; the port may be in the
+    URL's query, as asyncpg allows."""
     cli.env["MOORAGE_DATABASE_URL"] = (
-        "postgresql+asyncpg://moorage:hunter2-secret@127.0.0.1:1/moorage"
+        f"postgresql+asyncpg://moorage:hunter2-secret@{address}"
     )
     completed = run_moorage(cli, "customer", "list")
     assert completed.returncode == 1

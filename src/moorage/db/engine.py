@@ -204,7 +204,9 @@ def unreachable_database_message(url: str, error: BaseException) -> str:
     host = address.host or "localhost"
     if ":" in host:
         host = f"[{host}]"  # an IPv6 address
+    # asyncpg also takes the port from the query (?port=5433); the URL's wins.
+    port = address.port or address.query.get("port") or "default port"
     return (
-        f"cannot connect to the database at {host}:{address.port or 'default port'}: "
+        f"cannot connect to the database at {host}:{port}: "
         f"{error}; check database_url and that the database server runs"
     )
