@@ -355,6 +355,19 @@ def test_grant_every_namespace_needs_force(cli: Cli) -> None:
     cli.ok("grant", "remove", "acme", grant_id)
 
 
+def test_grant_in_other_customers_namespace_warns(cli: Cli) -> None:
+    """A grant into another customer's namespace is made, with a warning; one
+    into the customer's own or a vendor namespace gets none."""
+    cli.ok("customer", "add", "warned")
+    granted = cli.run("grant", "add", "warned", "acme/app", "reader")
+    assert granted.returncode == 0, granted.stderr
+    assert "gives warned access to the namespace of customer acme" in granted.stderr
+    for pattern in ("warned/app", "products/*"):
+        quiet = cli.run("grant", "add", "warned", pattern, "reader")
+        assert quiet.returncode == 0, quiet.stderr
+        assert "warning" not in quiet.stderr, pattern
+
+
 def _failures(cli: Cli, action: str) -> list[str]:
     """Return the reasons of the failed `action` events, oldest first."""
     output = cli.ok(

@@ -779,20 +779,30 @@ def grant_add(
             "later included; name the namespace (products/*), or pass --force to "
             "grant it anyway"
         )
-    grant_id = _run(
-        _settings(data_dir=data_dir),
-        lambda s: _audited(
+    namespace = pattern.split("/", 1)[0]
+
+    async def add(s: Services) -> tuple[int, str | None]:
+        grant_id = await _audited(
             s,
             actions.GRANT_ADD,
             f"{role} on {pattern} to {account or customer}, until {_when(end)}",
             customer,
             admin.add_grant(s.identity, customer, pattern, role, end, account),
-        ),
-    )
+        )
+        return grant_id, await s.identity.namespace_customer(namespace)
+
+    grant_id, owner = _run(_settings(data_dir=data_dir), add)
     if _reaches_many_namespaces(pattern):
         errors.print(
             f"warning: grant {grant_id} on {pattern!r} reaches every namespace that "
-            f"matches {pattern.split('/', 1)[0]!r}, other customers' included",
+            f"matches {namespace!r}, other customers' included",
+            highlight=False,
+            soft_wrap=True,
+        )
+    elif owner not in (None, customer):
+        errors.print(
+            f"warning: grant {grant_id} on {pattern!r} gives {customer} access to "
+            f"the namespace of customer {owner}",
             highlight=False,
             soft_wrap=True,
         )

@@ -352,6 +352,17 @@ class IdentityStore:
             )
             return [row[0] for row in result]
 
+    async def namespace_customer(self, name: str) -> str | None:
+        """Return the slug of the customer that owns namespace `name`, if any."""
+        async with connect(self.engine) as connection:
+            return (
+                await connection.execute(
+                    select(customers.c.slug)
+                    .select_from(namespaces.join(customers))
+                    .where(namespaces.c.name == name)
+                )
+            ).scalar()
+
     # Accounts
 
     async def create_account(
