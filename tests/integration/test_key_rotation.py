@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import subprocess
@@ -10,8 +11,12 @@ import threading
 from pathlib import Path
 
 import httpx
+from sqlalchemy import select
 
+from moorage.db.engine import create_engine
+from moorage.db.schema import server_keys, signing_keys
 from moorage.services import Services
+from moorage.storage.encryption.database import MAGIC as SEALED_MAGIC
 from moorage.storage.encryption.manifests import ManifestCipher
 from tests.integration.test_encryption_at_rest import (
     overwrite_manifest,
@@ -20,6 +25,7 @@ from tests.integration.test_encryption_at_rest import (
     raw_storage_contains,
     stored_manifest,
 )
+from tests.support.identity import bearer, get_token
 from tests.support.images import MEDIA_TYPE_OCI_MANIFEST
 from tests.support.receivers import wait_until
 from tests.support.registry import open_account
@@ -318,3 +324,81 @@ def run_cli(server: ServerProcess, *args: str) -> subprocess.CompletedProcess[st
         timeout=300,
         check=False,
     )
+
+
+async def stored_secrets(database_url: str) -> tuple[list[str], list[bytes]]:
+    """Read the stored private keys and server keys straight from the database,
+    without opening the services (which would seal them)."""
+    engine = create_engine(database_url)
+    try:
+        async with engine.connect() as connection:
+            private_keys = (
+                await connection.scalars(select(signing_keys.c.private_key))
+            ).all()
+            materials = (await connection.scalars(select(server_keys.c.material))).all()
+    finally:
+        await engine.dispose()
+    return list(private_keys), [bytes(material) for material in materials]
+
+
+def test_secrets_from_before_encryption_are_sealed(tmp_path: Path) -> None:
+    """Signing keys and server keys stored in the clear are sealed when
+    encryption is turned on, retired keys included, and tokens signed before
+    still verify."""
+    from tests.support.database import create_database, drop_database
+
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    server = ServerProcess(
+        data_dir=data_dir,
+        database_url=create_database(data_dir),
+        extra_env={"MOORAGE_ENCRYPTION": "false"},
+    )
+    server.start()
+    try:
+        repository = f"{unique('legacy')}/app"
+        with httpx.Client(
+            base_url=server.url, auth=(ADMIN_LOGIN, ADMIN_PASSWORD)
+        ) as client:
+            digest = push_blob(client, repository, b"signed-before" * 100, chunks=1)
+        old_token = get_token(
+            server, ADMIN_LOGIN, ADMIN_PASSWORD, f"repository:{repository}:pull"
+        )
+        moorage(server, "signing-key", "rotate")
+        private_keys, materials = asyncio.run(stored_secrets(server.database_url))
+        assert len(private_keys) == 2
+        assert all("-----BEGIN PRIVATE KEY-----" in key for key in private_keys)
+        assert materials
+        assert not any(material.startswith(SEALED_MAGIC) for material in materials)
+
+        server.stop()
+        server.extra_env = {}
+        server.start()
+
+        private_keys, materials = asyncio.run(stored_secrets(server.database_url))
+        assert len(private_keys) == 2
+        assert all(key.startswith("sealed:") for key in private_keys)
+        assert not any("PRIVATE KEY" in key for key in private_keys)
+        assert materials
+        assert all(material.startswith(SEALED_MAGIC) for material in materials)
+        blob_url = f"{server.url}/v2/{repository}/blobs/{digest}"
+        response = httpx.get(blob_url, headers=bearer(old_token))
+        assert response.status_code == 200, response.text
+        new_token = get_token(
+            server, ADMIN_LOGIN, ADMIN_PASSWORD, f"repository:{repository}:pull"
+        )
+        response = httpx.get(blob_url, headers=bearer(new_token))
+        assert response.status_code == 200, response.text
+        assert server.log().count("secrets stored in the clear sealed") == 1
+
+        server.restart()
+        assert asyncio.run(stored_secrets(server.database_url)) == (
+            private_keys,
+            materials,
+        )
+        assert server.log().count("secrets stored in the clear sealed") == 1
+        response = httpx.get(blob_url, headers=bearer(old_token))
+        assert response.status_code == 200, response.text
+    finally:
+        server.stop()
+        drop_database(server.database_url)
