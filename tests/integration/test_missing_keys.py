@@ -147,3 +147,41 @@ def test_serve_with_other_environment_key(tmp_path: Path) -> None:
     finally:
         server.stop()
         drop_database(server.database_url)
+
+
+CORRUPT_KEYS = {
+    "not base64": ("garbage!!\n", "it is not valid base64"),
+    "16 bytes": (
+        base64.b64encode(os.urandom(16)).decode() + "\n",
+        "it decodes to 16 bytes; expected base64 of 32 bytes",
+    ),
+    "empty": ("", "it is empty"),
+}
+
+
+@pytest.mark.parametrize("command", [["key", "status"], ["audit", "list"], ["serve"]])
+@pytest.mark.parametrize("content", CORRUPT_KEYS.values(), ids=list(CORRUPT_KEYS))
+def test_corrupt_key_file_one_line(
+    stopped_server: tuple[ServerProcess, str],
+    command: list[str],
+    content: tuple[str, str],
+) -> None:
+    """A damaged active key file stops every command with one line that names
+    the file and what is wrong with it."""
+    server, _ = stopped_server
+    keys = server.data_dir / "keys"
+    key_file = keys / f"{(keys / 'active').read_text().strip()}.key"
+    text, problem = content
+    key_file.write_text(text)
+    if command == ["serve"]:
+        command = [*command, "--port", str(server.port)]
+
+    result = moorage(server, *command)
+
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = [line for line in error_lines(result) if not line.startswith("warning:")]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"error: key file {key_file.resolve()} is invalid: ")
+    assert problem in lines[0]
+    assert sorted(path.name for path in keys.iterdir()) == ["active", key_file.name]

@@ -130,13 +130,20 @@ def new_key_id(prefix: str) -> str:
 
 
 def decode_key(text: str) -> bytes:
-    """Decode a base64 KEK of 32 bytes."""
+    """Decode a base64 KEK of 32 bytes; raise ValueError saying what is wrong,
+    without showing the text."""
+    if not text.strip():
+        raise ValueError(f"it is empty; expected base64 of {KEK_BYTES} bytes")
     try:
         secret = base64.b64decode(text.strip(), validate=True)
     except binascii.Error:
-        raise ValueError("a key-encryption key is base64 of 32 bytes") from None
+        raise ValueError(
+            f"it is not valid base64; expected base64 of {KEK_BYTES} bytes"
+        ) from None
     if len(secret) != KEK_BYTES:
-        raise ValueError("a key-encryption key is base64 of 32 bytes")
+        raise ValueError(
+            f"it decodes to {len(secret)} bytes; expected base64 of {KEK_BYTES} bytes"
+        )
     return secret
 
 
@@ -180,7 +187,7 @@ class FileKeyring(Keyring):
         path = self.directory / f"{key_id}.key"
         if "/" in key_id or not path.is_file():
             raise KeyUnavailableError(key_id)
-        key = LocalKey(key_id, decode_key(path.read_text()))
+        key = LocalKey(key_id, _read_key_file(path))
         self._keys[key_id] = key
         return key
 
@@ -212,6 +219,24 @@ class FileKeyring(Keyring):
         except FileNotFoundError:
             return None
         return (status.st_ino, status.st_mtime)
+
+
+def _read_key_file(path: Path) -> bytes:
+    """Read and decode one key file; raise KeyManagementError naming the file."""
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as error:
+        reason = error.strerror if isinstance(error, OSError) else "it is not text"
+        raise KeyManagementError(
+            f"key file {path.resolve()} cannot be read: {reason}"
+        ) from None
+    try:
+        return decode_key(text)
+    except ValueError as error:
+        raise KeyManagementError(
+            f"key file {path.resolve()} is invalid: {error}. Restore it from the "
+            "backup of this installation's keys"
+        ) from None
 
 
 class EnvKeyring(Keyring):
