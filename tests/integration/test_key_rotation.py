@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -11,12 +13,17 @@ import threading
 from pathlib import Path
 
 import httpx
+from pydantic import SecretStr
 from sqlalchemy import select
 
+from moorage.config import Settings
 from moorage.db.engine import create_engine
+from moorage.db.key_store import KeyStore
 from moorage.db.schema import server_keys, signing_keys
-from moorage.services import Services
+from moorage.services import Services, open_services
+from moorage.storage.encryption import maintenance
 from moorage.storage.encryption.database import MAGIC as SEALED_MAGIC
+from moorage.storage.encryption.driver import EncryptedDriver
 from moorage.storage.encryption.manifests import ManifestCipher
 from tests.integration.test_encryption_at_rest import (
     overwrite_manifest,
@@ -402,3 +409,125 @@ def test_secrets_from_before_encryption_are_sealed(tmp_path: Path) -> None:
     finally:
         server.stop()
         drop_database(server.database_url)
+
+
+def env_key_id(key: str) -> str:
+    """Return the id Moorage gives a key from the environment."""
+    secret = base64.b64decode(key)
+    return "env-" + hashlib.sha256(b"moorage-kek-id:" + secret).hexdigest()[:16]
+
+
+def test_env_rotation_as_documented(tmp_path: Path) -> None:
+    """With the env source, `key rotate --keep-active` after a restart with the
+    new key rewraps everything, exits 0 and names the old key to remove; the
+    server then runs with the new key alone."""
+    from tests.support.database import create_database, drop_database
+
+    old_key = base64.b64encode(os.urandom(32)).decode()
+    new_key = base64.b64encode(os.urandom(32)).decode()
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    server = ServerProcess(
+        data_dir=data_dir,
+        database_url=create_database(data_dir),
+        extra_env={
+            "MOORAGE_ENCRYPTION_KEY_SOURCE": "env",
+            "MOORAGE_ENCRYPTION_KEY": old_key,
+        },
+    )
+    server.start()
+    try:
+        repository = f"{unique('envrotate')}/app"
+        data = os.urandom(100_000)
+        with httpx.Client(
+            base_url=server.url, auth=(ADMIN_LOGIN, ADMIN_PASSWORD)
+        ) as client:
+            digest = push_blob(client, repository, data, chunks=2)
+            manifest = push_manifest(client, repository, unique("env"))
+        server.stop()
+        server.extra_env["MOORAGE_ENCRYPTION_KEY"] = new_key
+        server.extra_env["MOORAGE_ENCRYPTION_PREVIOUS_KEYS"] = json.dumps([old_key])
+        server.start()
+
+        rotated = run_cli(server, "key", "rotate", "--keep-active")
+
+        assert rotated.returncode == 0, rotated.stderr
+        lines = rotated.stdout.strip().splitlines()
+        assert lines[0].startswith(
+            f"rewrapped 2 keys under key-encryption key {env_key_id(new_key)}"
+        )
+        assert lines[1] == (
+            f"key-encryption key {env_key_id(old_key)} wraps nothing now: remove it "
+            "from MOORAGE_ENCRYPTION_PREVIOUS_KEYS and restart the server"
+        )
+        assert "error" not in rotated.stderr
+
+        server.stop()
+        del server.extra_env["MOORAGE_ENCRYPTION_PREVIOUS_KEYS"]
+        server.start()
+        pull_all(server, repository, {digest: data})
+        response = httpx.get(
+            f"{server.url}/v2/{repository}/manifests/v1",
+            headers={"Accept": MEDIA_TYPE_OCI_MANIFEST},
+            auth=(ADMIN_LOGIN, ADMIN_PASSWORD),
+        )
+        assert response.status_code == 200, response.text
+        assert response.content == manifest
+    finally:
+        server.stop()
+        drop_database(server.database_url)
+
+
+def test_env_rotation_keeps_key_still_used(tmp_path: Path) -> None:
+    """An earlier env key that wraps a key written after the rewrap (by a server
+    that still has it as the active key) is reported as still used, not as
+    one to remove."""
+    from tests.support.database import create_database, drop_database
+
+    old_key = base64.b64encode(os.urandom(32)).decode()
+    new_key = base64.b64encode(os.urandom(32)).decode()
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    database_url = create_database(data_dir)
+
+    def settings(active: str, previous: list[str]) -> Settings:
+        return Settings(
+            data_dir=data_dir,
+            database_url=database_url,
+            encryption_key_source="env",
+            encryption_key=SecretStr(active),
+            encryption_previous_keys=[SecretStr(key) for key in previous],
+        )
+
+    async def scenario() -> maintenance.RewrapReport:
+        before = await open_services(settings(old_key, []))
+        after = await open_services(settings(new_key, [old_key]))
+        try:
+            driver = after.registry.driver
+            assert isinstance(driver, EncryptedDriver)
+            store = KeyStore(after.engine)
+            report = await maintenance.rotate(driver, store, new_key=False)
+            assert report.unused == [env_key_id(old_key)]
+            assert report.remove_from == "MOORAGE_ENCRYPTION_PREVIOUS_KEYS"
+            # A server still running with the old key creates an owner key.
+            old = before.registry.driver
+            assert isinstance(old, EncryptedDriver)
+            kek = old.keyring.active()
+            await KeyStore(before.engine).get_or_add(
+                "customer:late", kek.key_id, kek.wrap(os.urandom(32), b"late")
+            )
+            late = maintenance.RewrapReport()
+            await maintenance.find_unused_keys(
+                driver, store, [env_key_id(old_key)], late
+            )
+            return late
+        finally:
+            await after.close()
+            await before.close()
+
+    try:
+        report = asyncio.run(scenario())
+    finally:
+        drop_database(database_url)
+    assert report.unused == []
+    assert report.still_used == {env_key_id(old_key): 1}

@@ -855,6 +855,33 @@ def key_rotate(
 
     report, active = _run(_settings(data_dir=data_dir), action, atomic=False)
     console.print(_describe_rewrap(report, active), highlight=False, soft_wrap=True)
+    _print_retirement(report)
+
+
+def _print_retirement(report: maintenance.RewrapReport) -> None:
+    """Tell the operator which earlier keys to remove by hand, and exit with
+    code 1 when some of them still wrap keys."""
+    if report.unused:
+        console.print(
+            f"key-encryption key {', '.join(report.unused)} wraps nothing now: "
+            f"remove it from {report.remove_from} and restart the server",
+            highlight=False,
+            soft_wrap=True,
+        )
+    if report.still_used:
+        counts = ", ".join(
+            f"{key_id} ({count} keys)" for key_id, count in report.still_used.items()
+        )
+        errors.print(
+            f"[red]error:[/red] key-encryption key {counts} still wraps keys "
+            "written after the rewrap by a server that does not have the new "
+            f"active key yet; keep it in {report.remove_from}, restart every "
+            "server with the new key, and run `moorage key rotate --keep-active` "
+            "again",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(1)
 
 
 def _describe_rewrap(report: maintenance.RewrapReport, active: str) -> str:

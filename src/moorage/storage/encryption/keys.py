@@ -75,6 +75,10 @@ class KeyEncryptionKey(ABC):
 class Keyring(ABC):
     """Every KEK that may wrap a stored data key, and the active one."""
 
+    # Where the operator removes a KEK that rotation left unused, for keyrings
+    # whose `retire` cannot remove it; None when `retire` does.
+    retired_by_operator: str | None = None
+
     @abstractmethod
     def active(self) -> KeyEncryptionKey:
         """Return the KEK that wraps new data keys."""
@@ -248,6 +252,8 @@ class EnvKeyring(Keyring):
         for text in previous:
             key = _env_key(text)
             self._keys.setdefault(key.key_id, key)
+
+    retired_by_operator = "MOORAGE_ENCRYPTION_PREVIOUS_KEYS"
 
     def describe(self) -> str:
         return "the MOORAGE_ENCRYPTION_KEY variable"
