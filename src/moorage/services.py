@@ -39,6 +39,7 @@ from moorage.storage.encryption.setup import (
     database_codec,
     encrypting_layer,
     manifest_codec,
+    open_keyring,
 )
 from moorage.storage.registry import Registry
 
@@ -83,13 +84,19 @@ def throttle_policy(settings: Settings) -> ThrottlePolicy:
 async def open_services(settings: Settings, *, migrate_schema: bool = True) -> Services:
     """Connect to the database (migrating it unless `migrate_schema` is False)
     and the blob store."""
+    # Opened first, so that an unusable key source (a wrong PKCS#11 PIN, an
+    # invalid key variable) fails before a new installation is created.
+    keyring = open_keyring(settings)
     settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     engine = create_engine(settings.resolved_database_url)
     if migrate_schema:
         await migrate(engine)
     identity = IdentityStore(engine)
     driver = await encrypting_layer(
-        FilesystemDriver(settings.resolved_storage_dir), settings, KeyStore(engine)
+        FilesystemDriver(settings.resolved_storage_dir),
+        settings,
+        KeyStore(engine),
+        keyring,
     )
     attach_owner_keys(engine, driver)
     codec = await database_codec(engine, driver)
