@@ -7,6 +7,7 @@ import base64
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -531,3 +532,53 @@ def test_env_rotation_keeps_key_still_used(tmp_path: Path) -> None:
         drop_database(database_url)
     assert report.unused == []
     assert report.still_used == {env_key_id(old_key): 1}
+
+
+def test_reencrypt_interrupted_then_resumed(fresh_server: ServerProcess) -> None:
+    """Ctrl-C during `key reencrypt` says it was interrupted and how to resume,
+    exits 130, and the next run continues where it stopped."""
+    repository = f"{unique('interrupt')}/app"
+    blobs = {}
+    with httpx.Client(
+        base_url=fresh_server.url, auth=(ADMIN_LOGIN, ADMIN_PASSWORD), timeout=60
+    ) as client:
+        for _ in range(150):
+            data = os.urandom(300_000)
+            digest = "sha256:" + hashlib.sha256(data).hexdigest()
+            response = client.post(
+                f"/v2/{repository}/blobs/uploads/",
+                params={"digest": digest},
+                content=data,
+            )
+            assert response.status_code == 201, response.text
+            blobs[digest] = data
+    state = fresh_server.data_dir / "storage" / ".reencrypt" / "state.json"
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "moorage", "key", "reencrypt"],
+        env=fresh_server.environment(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert wait_until(state.exists, timeout=60)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=60)
+
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    assert (
+        "error: key reencrypt interrupted; the blobs re-encrypted so far keep "
+        "their new data keys; run `moorage key reencrypt` again to continue from "
+        "the blob where it stopped"
+    ) in stderr
+    assert "blobs re-encrypted" not in stdout
+    assert state.exists()
+
+    resumed = run_cli(fresh_server, "key", "reencrypt")
+
+    assert resumed.returncode == 0, resumed.stderr
+    count = int(resumed.stdout.split(" blobs re-encrypted")[0])
+    assert 0 < count < len(blobs)
+    assert not state.exists()
+    pull_all(fresh_server, repository, blobs)

@@ -913,14 +913,19 @@ def key_reencrypt(
     """Encrypt every blob and manifest again with new data keys. Resumes an
     interrupted run of the blobs."""
 
+    # The step running when Ctrl-C interrupts, for the message.
+    step = "blobs"
+
     async def reencrypt(
         services: Services,
     ) -> tuple[maintenance.ReencryptReport, ResealReport]:
+        nonlocal step
         driver = _encrypted_driver(services)
         with _progress("re-encrypting blobs") as update:
             blobs = await maintenance.reencrypt_all(
                 driver, BLOBS_PREFIX, update, restart=restart
             )
+        step = "manifests"
         return blobs, await reseal_manifests(services.registry.store, renew=True)
 
     async def action(
@@ -934,7 +939,10 @@ def key_reencrypt(
             reencrypt(services),
         )
 
-    report, manifests = _run(_settings(data_dir=data_dir), action, atomic=False)
+    try:
+        report, manifests = _run(_settings(data_dir=data_dir), action, atomic=False)
+    except KeyboardInterrupt:
+        _exit_reencrypt_interrupted(step)
     console.print(f"{report.reencrypted} blobs re-encrypted")
     if report.shredded:
         console.print(
@@ -952,6 +960,28 @@ def key_reencrypt(
             f"{manifests.damaged} manifests skipped: they failed their integrity "
             "check; see the server log and `moorage audit list`"
         )
+
+
+def _exit_reencrypt_interrupted(step: str) -> NoReturn:
+    """Say what an interrupted `key reencrypt` leaves, and exit with code 130
+    (128 + SIGINT), as shells report a command that Ctrl-C stopped."""
+    if step == "blobs":
+        resume = (
+            "the blobs re-encrypted so far keep their new data keys; run "
+            "`moorage key reencrypt` again to continue from the blob where it "
+            "stopped"
+        )
+    else:
+        resume = (
+            "every blob was re-encrypted, and so were some manifests; run "
+            "`moorage key reencrypt` again to re-encrypt everything once more"
+        )
+    errors.print(
+        f"[red]error:[/red] key reencrypt interrupted; {resume}",
+        highlight=False,
+        soft_wrap=True,
+    )
+    raise typer.Exit(130)
 
 
 @contextmanager
