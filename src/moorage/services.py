@@ -159,7 +159,7 @@ async def open_services(settings: Settings, *, migrate_schema: bool = True) -> S
 
 async def seal_stored_secrets(identity: IdentityStore, codec: ContentCodec) -> None:
     """Seal the signing keys and server keys that an installation stored in the
-    clear before encryption was turned on; each start does it again, and finds
+    clear before encryption was turned on. Each start runs this, and finds
     nothing to do after the first."""
     signing = await seal_signing_keys(identity, codec)
     server = await identity.seal_server_keys()

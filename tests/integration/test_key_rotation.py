@@ -420,7 +420,7 @@ def env_key_id(key: str) -> str:
 
 def test_env_rotation_as_documented(tmp_path: Path) -> None:
     """With the env source, `key rotate --keep-active` after a restart with the
-    new key rewraps everything, exits 0 and names the old key to remove; the
+    new key rewraps everything, exits 0 and names the old key to remove. The
     server then runs with the new key alone."""
     from tests.support.database import create_database, drop_database
 
@@ -535,7 +535,7 @@ def test_env_rotation_keeps_key_still_used(tmp_path: Path) -> None:
 
 
 def test_reencrypt_interrupted_then_resumed(fresh_server: ServerProcess) -> None:
-    """Ctrl-C during `key reencrypt` says it was interrupted and how to resume,
+    """Ctrl-C during `key reencrypt` prints that it was interrupted and how to resume,
     exits 130, and the next run continues where it stopped."""
     repository = f"{unique('interrupt')}/app"
     blobs = {}

@@ -207,7 +207,7 @@ async def find_unused_keys(
 
     With the `env` source a server that still runs with the old
     MOORAGE_ENCRYPTION_KEY wraps new keys under it, so each KEK is checked
-    after the rewrap before the operator is told to remove it.
+    after the rewrap, before `key rotate` names it as one to remove.
     """
     report.remove_from = driver.keyring.retired_by_operator
     usage = await key_usage(driver, database_keys)
