@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import structlog
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from moorage.api.access import RequestGuard
@@ -20,7 +21,7 @@ from moorage.audit.setup import open_audit_log
 from moorage.auth.authenticator import Authenticator, password_check_limit
 from moorage.auth.secrets import SECRET_HASH_KEY
 from moorage.auth.throttle import Limit, LoginThrottle, ThrottlePolicy
-from moorage.auth.tokens import TokenService, open_signing_key
+from moorage.auth.tokens import TokenService, open_signing_key, seal_signing_keys
 from moorage.config import Settings
 from moorage.db.audit_store import AuditStore
 from moorage.db.engine import create_engine, migrate
@@ -28,7 +29,7 @@ from moorage.db.identity_store import IdentityStore
 from moorage.db.key_store import KeyStore
 from moorage.db.login_failure_store import LoginFailureStore
 from moorage.db.refresh_token_store import RefreshTokenStore
-from moorage.db.registry_store import RegistryStore
+from moorage.db.registry_store import ContentCodec, RegistryStore
 from moorage.metrics import Metrics
 from moorage.storage.drivers.filesystem import FilesystemDriver
 from moorage.storage.encryption.driver import EncryptedDriver, log_integrity_error
@@ -38,8 +39,11 @@ from moorage.storage.encryption.setup import (
     database_codec,
     encrypting_layer,
     manifest_codec,
+    open_keyring,
 )
 from moorage.storage.registry import Registry
+
+log = structlog.get_logger(__name__)
 
 
 @dataclass
@@ -80,13 +84,19 @@ def throttle_policy(settings: Settings) -> ThrottlePolicy:
 async def open_services(settings: Settings, *, migrate_schema: bool = True) -> Services:
     """Connect to the database (migrating it unless `migrate_schema` is False)
     and the blob store."""
+    # Opened first, so that an unusable key source (a wrong PKCS#11 PIN, an
+    # invalid key variable) fails before a new installation is created.
+    keyring = open_keyring(settings)
     settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     engine = create_engine(settings.resolved_database_url)
     if migrate_schema:
         await migrate(engine)
     identity = IdentityStore(engine)
     driver = await encrypting_layer(
-        FilesystemDriver(settings.resolved_storage_dir), settings, KeyStore(engine)
+        FilesystemDriver(settings.resolved_storage_dir),
+        settings,
+        KeyStore(engine),
+        keyring,
     )
     attach_owner_keys(engine, driver)
     codec = await database_codec(engine, driver)
@@ -102,6 +112,8 @@ async def open_services(settings: Settings, *, migrate_schema: bool = True) -> S
         settings.refresh_token_ttl_seconds,
         codec,
     )
+    if codec is not None:
+        await seal_stored_secrets(identity, codec)
     secret_key = await identity.server_key(SECRET_HASH_KEY)
     authenticator = Authenticator(
         identity,
@@ -143,6 +155,20 @@ async def open_services(settings: Settings, *, migrate_schema: bool = True) -> S
         audit=audit,
         metrics=metrics,
     )
+
+
+async def seal_stored_secrets(identity: IdentityStore, codec: ContentCodec) -> None:
+    """Seal the signing keys and server keys that an installation stored in the
+    clear before encryption was turned on. Each start runs this, and finds
+    nothing to do after the first."""
+    signing = await seal_signing_keys(identity, codec)
+    server = await identity.seal_server_keys()
+    if signing or server:
+        log.info(
+            "secrets stored in the clear sealed",
+            signing_keys=signing,
+            server_keys=server,
+        )
 
 
 _NO_ACTOR = Actor(account=None)

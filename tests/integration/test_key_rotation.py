@@ -2,16 +2,29 @@
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import hashlib
+import json
 import os
+import signal
 import subprocess
 import sys
 import threading
 from pathlib import Path
 
 import httpx
+from pydantic import SecretStr
+from sqlalchemy import select
 
-from moorage.services import Services
+from moorage.config import Settings
+from moorage.db.engine import create_engine
+from moorage.db.key_store import KeyStore
+from moorage.db.schema import server_keys, signing_keys
+from moorage.services import Services, open_services
+from moorage.storage.encryption import maintenance
+from moorage.storage.encryption.database import MAGIC as SEALED_MAGIC
+from moorage.storage.encryption.driver import EncryptedDriver
 from moorage.storage.encryption.manifests import ManifestCipher
 from tests.integration.test_encryption_at_rest import (
     overwrite_manifest,
@@ -20,6 +33,7 @@ from tests.integration.test_encryption_at_rest import (
     raw_storage_contains,
     stored_manifest,
 )
+from tests.support.identity import bearer, get_token
 from tests.support.images import MEDIA_TYPE_OCI_MANIFEST
 from tests.support.receivers import wait_until
 from tests.support.registry import open_account
@@ -318,3 +332,253 @@ def run_cli(server: ServerProcess, *args: str) -> subprocess.CompletedProcess[st
         timeout=300,
         check=False,
     )
+
+
+async def stored_secrets(database_url: str) -> tuple[list[str], list[bytes]]:
+    """Read the stored private keys and server keys straight from the database,
+    without opening the services (which would seal them)."""
+    engine = create_engine(database_url)
+    try:
+        async with engine.connect() as connection:
+            private_keys = (
+                await connection.scalars(select(signing_keys.c.private_key))
+            ).all()
+            materials = (await connection.scalars(select(server_keys.c.material))).all()
+    finally:
+        await engine.dispose()
+    return list(private_keys), [bytes(material) for material in materials]
+
+
+def test_secrets_from_before_encryption_are_sealed(tmp_path: Path) -> None:
+    """Signing keys and server keys stored in the clear are sealed when
+    encryption is turned on, retired keys included, and tokens signed before
+    still verify."""
+    from tests.support.database import create_database, drop_database
+
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    server = ServerProcess(
+        data_dir=data_dir,
+        database_url=create_database(data_dir),
+        extra_env={"MOORAGE_ENCRYPTION": "false"},
+    )
+    server.start()
+    try:
+        repository = f"{unique('legacy')}/app"
+        with httpx.Client(
+            base_url=server.url, auth=(ADMIN_LOGIN, ADMIN_PASSWORD)
+        ) as client:
+            digest = push_blob(client, repository, b"signed-before" * 100, chunks=1)
+        old_token = get_token(
+            server, ADMIN_LOGIN, ADMIN_PASSWORD, f"repository:{repository}:pull"
+        )
+        moorage(server, "signing-key", "rotate")
+        private_keys, materials = asyncio.run(stored_secrets(server.database_url))
+        assert len(private_keys) == 2
+        assert all("-----BEGIN PRIVATE KEY-----" in key for key in private_keys)
+        assert materials
+        assert not any(material.startswith(SEALED_MAGIC) for material in materials)
+
+        server.stop()
+        server.extra_env = {}
+        server.start()
+
+        private_keys, materials = asyncio.run(stored_secrets(server.database_url))
+        assert len(private_keys) == 2
+        assert all(key.startswith("sealed:") for key in private_keys)
+        assert not any("PRIVATE KEY" in key for key in private_keys)
+        assert materials
+        assert all(material.startswith(SEALED_MAGIC) for material in materials)
+        blob_url = f"{server.url}/v2/{repository}/blobs/{digest}"
+        response = httpx.get(blob_url, headers=bearer(old_token))
+        assert response.status_code == 200, response.text
+        new_token = get_token(
+            server, ADMIN_LOGIN, ADMIN_PASSWORD, f"repository:{repository}:pull"
+        )
+        response = httpx.get(blob_url, headers=bearer(new_token))
+        assert response.status_code == 200, response.text
+        assert server.log().count("secrets stored in the clear sealed") == 1
+
+        server.restart()
+        assert asyncio.run(stored_secrets(server.database_url)) == (
+            private_keys,
+            materials,
+        )
+        assert server.log().count("secrets stored in the clear sealed") == 1
+        response = httpx.get(blob_url, headers=bearer(old_token))
+        assert response.status_code == 200, response.text
+    finally:
+        server.stop()
+        drop_database(server.database_url)
+
+
+def env_key_id(key: str) -> str:
+    """Return the id Moorage gives a key from the environment."""
+    secret = base64.b64decode(key)
+    return "env-" + hashlib.sha256(b"moorage-kek-id:" + secret).hexdigest()[:16]
+
+
+def test_env_rotation_as_documented(tmp_path: Path) -> None:
+    """With the env source, `key rotate --keep-active` after a restart with the
+    new key rewraps everything, exits 0 and names the old key to remove. The
+    server then runs with the new key alone."""
+    from tests.support.database import create_database, drop_database
+
+    old_key = base64.b64encode(os.urandom(32)).decode()
+    new_key = base64.b64encode(os.urandom(32)).decode()
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    server = ServerProcess(
+        data_dir=data_dir,
+        database_url=create_database(data_dir),
+        extra_env={
+            "MOORAGE_ENCRYPTION_KEY_SOURCE": "env",
+            "MOORAGE_ENCRYPTION_KEY": old_key,
+        },
+    )
+    server.start()
+    try:
+        repository = f"{unique('envrotate')}/app"
+        data = os.urandom(100_000)
+        with httpx.Client(
+            base_url=server.url, auth=(ADMIN_LOGIN, ADMIN_PASSWORD)
+        ) as client:
+            digest = push_blob(client, repository, data, chunks=2)
+            manifest = push_manifest(client, repository, unique("env"))
+        server.stop()
+        server.extra_env["MOORAGE_ENCRYPTION_KEY"] = new_key
+        server.extra_env["MOORAGE_ENCRYPTION_PREVIOUS_KEYS"] = json.dumps([old_key])
+        server.start()
+
+        rotated = run_cli(server, "key", "rotate", "--keep-active")
+
+        assert rotated.returncode == 0, rotated.stderr
+        lines = rotated.stdout.strip().splitlines()
+        assert lines[0].startswith(
+            f"rewrapped 2 keys under key-encryption key {env_key_id(new_key)}"
+        )
+        assert lines[1] == (
+            f"key-encryption key {env_key_id(old_key)} wraps nothing now: remove it "
+            "from MOORAGE_ENCRYPTION_PREVIOUS_KEYS and restart the server"
+        )
+        assert "error" not in rotated.stderr
+
+        server.stop()
+        del server.extra_env["MOORAGE_ENCRYPTION_PREVIOUS_KEYS"]
+        server.start()
+        pull_all(server, repository, {digest: data})
+        response = httpx.get(
+            f"{server.url}/v2/{repository}/manifests/v1",
+            headers={"Accept": MEDIA_TYPE_OCI_MANIFEST},
+            auth=(ADMIN_LOGIN, ADMIN_PASSWORD),
+        )
+        assert response.status_code == 200, response.text
+        assert response.content == manifest
+    finally:
+        server.stop()
+        drop_database(server.database_url)
+
+
+def test_env_rotation_keeps_key_still_used(tmp_path: Path) -> None:
+    """An earlier env key that wraps a key written after the rewrap (by a server
+    that still has it as the active key) is reported as still used, not as
+    one to remove."""
+    from tests.support.database import create_database, drop_database
+
+    old_key = base64.b64encode(os.urandom(32)).decode()
+    new_key = base64.b64encode(os.urandom(32)).decode()
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    database_url = create_database(data_dir)
+
+    def settings(active: str, previous: list[str]) -> Settings:
+        return Settings(
+            data_dir=data_dir,
+            database_url=database_url,
+            encryption_key_source="env",
+            encryption_key=SecretStr(active),
+            encryption_previous_keys=[SecretStr(key) for key in previous],
+        )
+
+    async def scenario() -> maintenance.RewrapReport:
+        before = await open_services(settings(old_key, []))
+        after = await open_services(settings(new_key, [old_key]))
+        try:
+            driver = after.registry.driver
+            assert isinstance(driver, EncryptedDriver)
+            store = KeyStore(after.engine)
+            report = await maintenance.rotate(driver, store, new_key=False)
+            assert report.unused == [env_key_id(old_key)]
+            assert report.remove_from == "MOORAGE_ENCRYPTION_PREVIOUS_KEYS"
+            # A server still running with the old key creates an owner key.
+            old = before.registry.driver
+            assert isinstance(old, EncryptedDriver)
+            kek = old.keyring.active()
+            await KeyStore(before.engine).get_or_add(
+                "customer:late", kek.key_id, kek.wrap(os.urandom(32), b"late")
+            )
+            late = maintenance.RewrapReport()
+            await maintenance.find_unused_keys(
+                driver, store, [env_key_id(old_key)], late
+            )
+            return late
+        finally:
+            await after.close()
+            await before.close()
+
+    try:
+        report = asyncio.run(scenario())
+    finally:
+        drop_database(database_url)
+    assert report.unused == []
+    assert report.still_used == {env_key_id(old_key): 1}
+
+
+def test_reencrypt_interrupted_then_resumed(fresh_server: ServerProcess) -> None:
+    """Ctrl-C during `key reencrypt` prints that it was interrupted and how to resume,
+    exits 130, and the next run continues where it stopped."""
+    repository = f"{unique('interrupt')}/app"
+    blobs = {}
+    with httpx.Client(
+        base_url=fresh_server.url, auth=(ADMIN_LOGIN, ADMIN_PASSWORD), timeout=60
+    ) as client:
+        for _ in range(150):
+            data = os.urandom(300_000)
+            digest = "sha256:" + hashlib.sha256(data).hexdigest()
+            response = client.post(
+                f"/v2/{repository}/blobs/uploads/",
+                params={"digest": digest},
+                content=data,
+            )
+            assert response.status_code == 201, response.text
+            blobs[digest] = data
+    state = fresh_server.data_dir / "storage" / ".reencrypt" / "state.json"
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "moorage", "key", "reencrypt"],
+        env=fresh_server.environment(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert wait_until(state.exists, timeout=60)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=60)
+
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    assert (
+        "error: key reencrypt interrupted; the blobs re-encrypted so far keep "
+        "their new data keys; run `moorage key reencrypt` again to continue from "
+        "the blob where it stopped"
+    ) in stderr
+    assert "blobs re-encrypted" not in stdout
+    assert state.exists()
+
+    resumed = run_cli(fresh_server, "key", "reencrypt")
+
+    assert resumed.returncode == 0, resumed.stderr
+    count = int(resumed.stdout.split(" blobs re-encrypted")[0])
+    assert 0 < count < len(blobs)
+    assert not state.exists()
+    pull_all(fresh_server, repository, blobs)

@@ -380,6 +380,26 @@ def _seal_pem(pem: str, kid: str, codec: ContentCodec | None) -> str:
     return _SEALED_PREFIX + base64.b64encode(sealed).decode()
 
 
+async def seal_signing_keys(store: IdentityStore, codec: ContentCodec) -> int:
+    """Seal every private key stored as a PEM, retired ones included, as new
+    keys are stored; return how many were sealed.
+
+    Keys created while encryption was off are stored as PEMs. A row that
+    another process changed meanwhile is left to it, so concurrent runs are
+    safe, and a second run finds nothing to do.
+    """
+    sealed = 0
+    for record in await store.list_signing_keys():
+        if record.private_key.startswith(_SEALED_PREFIX):
+            continue
+        stored = _seal_pem(record.private_key, record.kid, codec)
+        if stored == record.private_key:
+            return 0  # encryption of new data is off
+        if await store.replace_private_key(record.kid, record.private_key, stored):
+            sealed += 1
+    return sealed
+
+
 def open_signing_key(
     record: SigningKeyRecord, codec: ContentCodec | None
 ) -> SigningKeyRecord:

@@ -860,6 +860,33 @@ def key_rotate(
 
     report, active = _run(_settings(data_dir=data_dir), action, atomic=False)
     console.print(_describe_rewrap(report, active), highlight=False, soft_wrap=True)
+    _print_retirement(report)
+
+
+def _print_retirement(report: maintenance.RewrapReport) -> None:
+    """Tell the operator which earlier keys to remove by hand, and exit with
+    code 1 when some of them still wrap keys."""
+    if report.unused:
+        console.print(
+            f"key-encryption key {', '.join(report.unused)} wraps nothing now: "
+            f"remove it from {report.remove_from} and restart the server",
+            highlight=False,
+            soft_wrap=True,
+        )
+    if report.still_used:
+        counts = ", ".join(
+            f"{key_id} ({count} keys)" for key_id, count in report.still_used.items()
+        )
+        errors.print(
+            f"[red]error:[/red] key-encryption key {counts} still wraps keys "
+            "written after the rewrap by a server that does not have the new "
+            f"active key yet; keep it in {report.remove_from}, restart every "
+            "server with the new key, and run `moorage key rotate --keep-active` "
+            "again",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(1)
 
 
 def _describe_rewrap(report: maintenance.RewrapReport, active: str) -> str:
@@ -891,14 +918,19 @@ def key_reencrypt(
     """Encrypt every blob and manifest again with new data keys. Resumes an
     interrupted run of the blobs."""
 
+    # The step running when Ctrl-C interrupts, for the message.
+    step = "blobs"
+
     async def reencrypt(
         services: Services,
     ) -> tuple[maintenance.ReencryptReport, ResealReport]:
+        nonlocal step
         driver = _encrypted_driver(services)
         with _progress("re-encrypting blobs") as update:
             blobs = await maintenance.reencrypt_all(
                 driver, BLOBS_PREFIX, update, restart=restart
             )
+        step = "manifests"
         return blobs, await reseal_manifests(services.registry.store, renew=True)
 
     async def action(
@@ -912,7 +944,10 @@ def key_reencrypt(
             reencrypt(services),
         )
 
-    report, manifests = _run(_settings(data_dir=data_dir), action, atomic=False)
+    try:
+        report, manifests = _run(_settings(data_dir=data_dir), action, atomic=False)
+    except KeyboardInterrupt:
+        _exit_reencrypt_interrupted(step)
     console.print(f"{report.reencrypted} blobs re-encrypted")
     if report.shredded:
         console.print(
@@ -930,6 +965,28 @@ def key_reencrypt(
             f"{manifests.damaged} manifests skipped: they failed their integrity "
             "check; see the server log and `moorage audit list`"
         )
+
+
+def _exit_reencrypt_interrupted(step: str) -> NoReturn:
+    """Say what an interrupted `key reencrypt` leaves, and exit with code 130
+    (128 + SIGINT), as shells report a command that Ctrl-C stopped."""
+    if step == "blobs":
+        resume = (
+            "the blobs re-encrypted so far keep their new data keys; run "
+            "`moorage key reencrypt` again to continue from the blob where it "
+            "stopped"
+        )
+    else:
+        resume = (
+            "every blob was re-encrypted, and so were some manifests; run "
+            "`moorage key reencrypt` again to re-encrypt everything once more"
+        )
+    errors.print(
+        f"[red]error:[/red] key reencrypt interrupted; {resume}",
+        highlight=False,
+        soft_wrap=True,
+    )
+    raise typer.Exit(130)
 
 
 @contextmanager

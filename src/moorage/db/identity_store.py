@@ -802,6 +802,18 @@ class IdentityStore:
                 )
             )
 
+    async def replace_private_key(self, kid: str, old: str, new: str) -> bool:
+        """Store `new` as the private key of `kid` if it is still `old`; return
+        whether it was replaced."""
+        async with begin(self.engine) as connection:
+            result = await connection.execute(
+                update(signing_keys)
+                .where(signing_keys.c.kid == kid)
+                .where(signing_keys.c.private_key == old)
+                .values(private_key=new)
+            )
+        return bool(result.rowcount)
+
     # Server keys
 
     async def server_key(self, name: str, size: int = 32) -> bytes:
@@ -837,15 +849,37 @@ class IdentityStore:
             )
         return await self.server_key(name, size)
 
-    async def _seal_server_key(self, name: str, clear: bytes, context: str) -> None:
+    async def seal_server_keys(self) -> int:
+        """Seal every server key stored in the clear, as a new installation
+        stores it; return how many were sealed. Does nothing without a codec or
+        while encryption of new data is off."""
+        if self.codec is None:
+            return 0
+        async with connect(self.engine) as connection:
+            rows = (
+                await connection.execute(
+                    select(server_keys.c.name, server_keys.c.material)
+                )
+            ).all()
+        sealed = 0
+        for name, material in rows:
+            stored = bytes(material)
+            if self.codec.is_sealed(stored):
+                continue
+            if await self._seal_server_key(name, stored, f"server-key:{name}"):
+                sealed += 1
+        return sealed
+
+    async def _seal_server_key(self, name: str, clear: bytes, context: str) -> bool:
         assert self.codec is not None
         sealed = self.codec.seal(clear, context)
         if not self.codec.is_sealed(sealed):
-            return  # encryption of new data is off
+            return False  # encryption of new data is off
         async with begin(self.engine) as connection:
-            await connection.execute(
+            result = await connection.execute(
                 update(server_keys)
                 .where(server_keys.c.name == name)
                 .where(server_keys.c.material == clear)
                 .values(material=sealed)
             )
+        return bool(result.rowcount)

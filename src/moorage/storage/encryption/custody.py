@@ -99,7 +99,7 @@ class OwnerKey(LocalKey):
     """
 
     def __init__(self, owner: str, secret: bytes) -> None:
-        super().__init__(owner, secret)
+        super().__init__(owner, secret, "the sealed_keys table")
         self.fingerprint = hashlib.sha256(b"moorage-owner-kek-id:" + secret).digest()[
             :16
         ]

@@ -57,6 +57,15 @@ class KeyUnavailableError(KeyManagementError):
 class UnwrapError(KeyManagementError):
     """A wrapped data key does not authenticate under its key-encryption key."""
 
+    def __init__(self, key_id: str, source: str) -> None:
+        super().__init__(
+            f"key-encryption key {key_id} from {source} is not the key the data "
+            "was sealed with: a data key wrapped under that id does not "
+            "authenticate (or its stored wrap is damaged). Restore the key from "
+            "the backup of this installation"
+        )
+        self.key_id = key_id
+
 
 class KeyEncryptionKey(ABC):
     """One KEK: wraps and unwraps data keys, bound to a context."""
@@ -74,6 +83,10 @@ class KeyEncryptionKey(ABC):
 
 class Keyring(ABC):
     """Every KEK that may wrap a stored data key, and the active one."""
+
+    # Where the operator removes a KEK that rotation left unused, for keyrings
+    # whose `retire` cannot remove it; None when `retire` does.
+    retired_by_operator: str | None = None
 
     @abstractmethod
     def active(self) -> KeyEncryptionKey:
@@ -100,12 +113,16 @@ class Keyring(ABC):
 
 
 class LocalKey(KeyEncryptionKey):
-    """A KEK held in this process's memory: AES-256-GCM over the data key."""
+    """A KEK held in this process's memory: AES-256-GCM over the data key.
 
-    def __init__(self, key_id: str, secret: bytes) -> None:
+    `source` names where the key was read from, for error messages.
+    """
+
+    def __init__(self, key_id: str, secret: bytes, source: str) -> None:
         if len(secret) != KEK_BYTES:
             raise ValueError(f"a key-encryption key has {KEK_BYTES} bytes")
         self.key_id = key_id
+        self.source = source
         self._aead = AESGCM(secret)
 
     def wrap(self, data_key: bytes, context: bytes) -> bytes:
@@ -118,9 +135,7 @@ class LocalKey(KeyEncryptionKey):
                 wrapped[:_NONCE_BYTES], wrapped[_NONCE_BYTES:], context
             )
         except InvalidTag:
-            raise UnwrapError(
-                f"data key does not authenticate under {self.key_id!r}"
-            ) from None
+            raise UnwrapError(self.key_id, self.source) from None
 
 
 def new_key_id(prefix: str) -> str:
@@ -130,13 +145,20 @@ def new_key_id(prefix: str) -> str:
 
 
 def decode_key(text: str) -> bytes:
-    """Decode a base64 KEK of 32 bytes."""
+    """Decode a base64 KEK of 32 bytes; raise ValueError saying what is wrong,
+    without showing the text."""
+    if not text.strip():
+        raise ValueError(f"it is empty; expected base64 of {KEK_BYTES} bytes")
     try:
         secret = base64.b64decode(text.strip(), validate=True)
     except binascii.Error:
-        raise ValueError("a key-encryption key is base64 of 32 bytes") from None
+        raise ValueError(
+            f"it is not valid base64; expected base64 of {KEK_BYTES} bytes"
+        ) from None
     if len(secret) != KEK_BYTES:
-        raise ValueError("a key-encryption key is base64 of 32 bytes")
+        raise ValueError(
+            f"it decodes to {len(secret)} bytes; expected base64 of {KEK_BYTES} bytes"
+        )
     return secret
 
 
@@ -180,7 +202,7 @@ class FileKeyring(Keyring):
         path = self.directory / f"{key_id}.key"
         if "/" in key_id or not path.is_file():
             raise KeyUnavailableError(key_id)
-        key = LocalKey(key_id, decode_key(path.read_text()))
+        key = LocalKey(key_id, _read_key_file(path), f"key file {path.resolve()}")
         self._keys[key_id] = key
         return key
 
@@ -214,15 +236,35 @@ class FileKeyring(Keyring):
         return (status.st_ino, status.st_mtime)
 
 
+def _read_key_file(path: Path) -> bytes:
+    """Read and decode one key file; raise KeyManagementError naming the file."""
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as error:
+        reason = error.strerror if isinstance(error, OSError) else "it is not text"
+        raise KeyManagementError(
+            f"key file {path.resolve()} cannot be read: {reason}"
+        ) from None
+    try:
+        return decode_key(text)
+    except ValueError as error:
+        raise KeyManagementError(
+            f"key file {path.resolve()} is invalid: {error}. Restore it from the "
+            "backup of this installation's keys"
+        ) from None
+
+
 class EnvKeyring(Keyring):
     """The KEK given in settings (an environment variable), and earlier ones."""
 
     def __init__(self, current: str, previous: list[str]) -> None:
-        self._active = _env_key(current)
+        self._active = _env_key(current, "MOORAGE_ENCRYPTION_KEY")
         self._keys = {self._active.key_id: self._active}
         for text in previous:
-            key = _env_key(text)
+            key = _env_key(text, "MOORAGE_ENCRYPTION_PREVIOUS_KEYS")
             self._keys.setdefault(key.key_id, key)
+
+    retired_by_operator = "MOORAGE_ENCRYPTION_PREVIOUS_KEYS"
 
     def describe(self) -> str:
         return "the MOORAGE_ENCRYPTION_KEY variable"
@@ -253,11 +295,11 @@ class EnvKeyring(Keyring):
         return list(self._keys)
 
 
-def _env_key(text: str) -> LocalKey:
+def _env_key(text: str, variable: str) -> LocalKey:
     secret = decode_key(text)
     # The id names the key without revealing it: a hash of the key itself.
     fingerprint = hashlib.sha256(b"moorage-kek-id:" + secret).hexdigest()[:16]
-    return LocalKey(f"env-{fingerprint}", secret)
+    return LocalKey(f"env-{fingerprint}", secret, variable)
 
 
 def _write_private(path: Path, text: str) -> None:

@@ -81,6 +81,15 @@ class RewrapReport:
     by_key: Counter[str] = field(default_factory=Counter)
     # Owner KEKs and the database data key rewrapped (`sealed_keys` rows).
     sealed_keys: int = 0
+    # KEKs retired: deleted from the keyring.
+    retired: list[str] = field(default_factory=list)
+    # KEKs that wrap nothing now but that only the operator can remove, from
+    # where `remove_from` names (`Keyring.retired_by_operator`).
+    unused: list[str] = field(default_factory=list)
+    remove_from: str | None = None
+    # KEKs that still wrap keys after the rewrap, and so were kept: a process
+    # that lacks the new active KEK wrapped them meanwhile.
+    still_used: Counter[str] = field(default_factory=Counter)
 
     @property
     def envelopes(self) -> int:
@@ -175,13 +184,43 @@ async def rotate(
         report.sealed_keys = await rewrap_database_keys(database_keys, driver.keyring)
         report.rewrapped += report.sealed_keys
     active = driver.keyring.active().key_id
-    if retire:
-        for key_id in driver.keyring.key_ids():
-            if key_id != active:
-                driver.keyring.retire(key_id)
-                log.info("key-encryption key retired", key_id=key_id)
+    previous = [key_id for key_id in driver.keyring.key_ids() if key_id != active]
+    if retire and driver.keyring.retired_by_operator is not None and previous:
+        await find_unused_keys(driver, database_keys, previous, report)
+    elif retire:
+        for key_id in previous:
+            driver.keyring.retire(key_id)
+            report.retired.append(key_id)
+            log.info("key-encryption key retired", key_id=key_id)
     log.info("data keys rewrapped", key_id=active, rewrapped=report.rewrapped)
     return report
+
+
+async def find_unused_keys(
+    driver: EncryptedDriver,
+    database_keys: KeyStore | None,
+    previous: list[str],
+    report: RewrapReport,
+) -> None:
+    """Sort the earlier KEKs of a keyring that cannot retire keys itself into
+    those the operator can remove and those that still wrap keys.
+
+    With the `env` source a server that still runs with the old
+    MOORAGE_ENCRYPTION_KEY wraps new keys under it, so each KEK is checked
+    after the rewrap, before `key rotate` names it as one to remove.
+    """
+    report.remove_from = driver.keyring.retired_by_operator
+    usage = await key_usage(driver, database_keys)
+    for key_id in previous:
+        count = (
+            usage.owner_keys[key_id]
+            + usage.database_keys[key_id]
+            + usage.envelopes[key_id]
+        )
+        if count:
+            report.still_used[key_id] = count
+        else:
+            report.unused.append(key_id)
 
 
 @dataclass

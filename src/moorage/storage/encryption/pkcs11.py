@@ -13,11 +13,19 @@ Tested against SoftHSM2; any PKCS#11 v2.40 module with CKM_AES_GCM should do.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import pkcs11
 from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
-from pkcs11.exceptions import NoSuchKey, PKCS11Error, UserAlreadyLoggedIn
+from pkcs11.exceptions import (
+    NoSuchKey,
+    NoSuchToken,
+    PinIncorrect,
+    PinLocked,
+    PKCS11Error,
+    UserAlreadyLoggedIn,
+)
 from pkcs11.mechanisms import GCMParams
 
 from moorage.config import Settings
@@ -37,8 +45,9 @@ _NONCE_BYTES = 12
 class Pkcs11Key(KeyEncryptionKey):
     """An AES key on the token; wrapping and unwrapping happen inside it."""
 
-    def __init__(self, key_id: str, key: Any) -> None:
+    def __init__(self, key_id: str, key: Any, source: str) -> None:
         self.key_id = key_id
+        self.source = source
         self._key = key
 
     def wrap(self, data_key: bytes, context: bytes) -> bytes:
@@ -60,23 +69,32 @@ class Pkcs11Key(KeyEncryptionKey):
                 )
             )
         except PKCS11Error:
-            raise UnwrapError(
-                f"data key does not authenticate under {self.key_id!r}"
-            ) from None
+            raise UnwrapError(self.key_id, self.source) from None
 
 
 class Pkcs11Keyring(Keyring):
     """KEKs on one PKCS#11 token, opened with the user PIN."""
 
     def __init__(self, library: str, token_label: str, pin: str) -> None:
+        if not pin:
+            raise KeyManagementError(
+                f"the PIN for PKCS#11 token {token_label!r} is empty; set "
+                "pkcs11_pin (MOORAGE_PKCS11_PIN) to the token's user PIN"
+            )
+        module = _load_library(library)
         try:
-            token = pkcs11.lib(library).get_token(token_label=token_label)
-            self._session = _open_session(token, pin)
+            token = module.get_token(token_label=token_label)
+        except NoSuchToken:
+            raise KeyManagementError(
+                f"PKCS#11 token {token_label!r} not found in {library}; set "
+                "pkcs11_token to the label of an initialised token"
+            ) from None
         except (PKCS11Error, RuntimeError) as error:
             raise KeyManagementError(
-                f"cannot open PKCS#11 token {token_label!r} with {library}: "
-                f"{type(error).__name__}"
+                f"cannot find PKCS#11 token {token_label!r} in {library}: "
+                f"{_reason(error)}"
             ) from None
+        self._session = _open_session(token, token_label, pin)
         self._token_label = token_label
         self._keys: dict[str, Pkcs11Key] = {}
 
@@ -115,7 +133,7 @@ class Pkcs11Keyring(Keyring):
             )
         except NoSuchKey:
             raise KeyUnavailableError(key_id) from None
-        key = Pkcs11Key(key_id, found)
+        key = Pkcs11Key(key_id, found, self.describe())
         self._keys[key_id] = key
         return key
 
@@ -158,13 +176,49 @@ class Pkcs11Keyring(Keyring):
         return sorted(labels)
 
 
-def _open_session(token: Any, pin: str) -> Any:
+def _load_library(library: str) -> Any:
+    """Load the PKCS#11 module; raise KeyManagementError naming its path."""
+    if not Path(library).is_file():
+        raise KeyManagementError(
+            f"PKCS#11 library {library} does not exist; set pkcs11_library to "
+            "the path of the module's shared library"
+        )
+    try:
+        return pkcs11.lib(library)
+    except (PKCS11Error, RuntimeError) as error:
+        raise KeyManagementError(
+            f"PKCS#11 library {library} cannot be loaded: {_reason(error)}"
+        ) from None
+
+
+def _open_session(token: Any, token_label: str, pin: str) -> Any:
     """Open a read-write session, logged in as the user.
 
     A PKCS#11 login belongs to the whole process, so a second keyring in the
     same process opens its session without logging in again.
     """
     try:
-        return token.open(user_pin=pin, rw=True)
-    except UserAlreadyLoggedIn:
-        return token.open(rw=True)
+        try:
+            return token.open(user_pin=pin, rw=True)
+        except UserAlreadyLoggedIn:
+            return token.open(rw=True)
+    except PinIncorrect:
+        raise KeyManagementError(
+            f"the PIN for PKCS#11 token {token_label!r} is incorrect; set "
+            "pkcs11_pin (MOORAGE_PKCS11_PIN) to the token's user PIN. Tokens "
+            "may lock the PIN after repeated failures"
+        ) from None
+    except PinLocked:
+        raise KeyManagementError(
+            f"the user PIN of PKCS#11 token {token_label!r} is locked; unlock it "
+            "with the token's security officer PIN"
+        ) from None
+    except (PKCS11Error, RuntimeError) as error:
+        raise KeyManagementError(
+            f"cannot log in to PKCS#11 token {token_label!r}: {_reason(error)}"
+        ) from None
+
+
+def _reason(error: Exception) -> str:
+    """Return the library's message, or the error's name when it has none."""
+    return str(error) or type(error).__name__

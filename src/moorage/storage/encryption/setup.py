@@ -80,15 +80,15 @@ def _key_source_help(settings: Settings) -> tuple[str, str]:
 
 
 async def encrypting_layer(
-    inner: StorageDriver, settings: Settings, sealed: KeyStore
+    inner: StorageDriver, settings: Settings, sealed: KeyStore, keyring: Keyring | None
 ) -> StorageDriver:
-    """Wrap `inner` so it encrypts new objects (when enabled) and reads old ones.
+    """Wrap `inner` so it encrypts new objects (when enabled) and reads old ones,
+    with `keyring` from `open_keyring`.
 
     Raises MissingKeysError, before any key is created, when the database
     contains keys wrapped by key-encryption keys that the keyring lacks: a data
     directory restored without its keys.
     """
-    keyring = open_keyring(settings)
     stored = {key.key_id for key in await sealed.list()}
     missing = sorted(stored - set(keyring.key_ids() if keyring else []))
     if missing:
