@@ -26,6 +26,7 @@ from moorage.db.schema import (
     signing_keys,
 )
 from moorage.services import Services
+from moorage.storage.encryption.driver import LONE_READ_RUN_BYTES
 from tests.support.audit import wait_for_events
 from tests.support.identity import add_robot, bearer, get_token
 from tests.support.images import (
@@ -171,9 +172,10 @@ def test_range_reads_over_http(
 
 
 def test_blob_of_several_runs_over_http(admin_client: httpx.Client) -> None:
-    """A blob of several 1 MiB runs, which the server reads, decrypts and sends
-    in worker threads, comes back whole and by ranges across run boundaries."""
-    run = 1024 * 1024
+    """A blob of several runs, which the server reads, decrypts and sends in
+    worker threads, comes back whole and by ranges across run boundaries. Runs
+    are `LONE_READ_RUN_BYTES` long for a read that is alone, as here."""
+    run = LONE_READ_RUN_BYTES
     data = marker_blob(b"runs", 3 * run + 12345)
     repository = f"{unique('enc')}/runs"
     digest = push_blob(admin_client, repository, data, chunks=2)
@@ -203,7 +205,7 @@ def test_tampered_later_run_breaks_the_pull(
 ) -> None:
     """Damage in a later run, after the response has started, cuts the response
     short before any byte of the damaged segment's run, and is logged."""
-    run = 1024 * 1024
+    run = LONE_READ_RUN_BYTES
     data = marker_blob(b"late", 3 * run)
     repository = f"{unique('enc')}/late"
     digest = push_blob(admin_client, repository, data, chunks=1)
@@ -294,7 +296,7 @@ def test_tampered_pull_events_name_the_caller(
     later run in a response body thread while the response is sent."""
     customer = server.add_customer()
     repository = f"{customer}/{unique('tamper')}"
-    run = 1024 * 1024
+    run = LONE_READ_RUN_BYTES
     size = 4 * SEGMENT + 10 if damage == "first-run" else 3 * run
     digest = push_blob(admin_client, repository, marker_blob(b"caller", size), 1)
     login, secret = add_robot(server, customer, "reader")

@@ -16,6 +16,8 @@ import pytest
 
 from moorage.storage.drivers.filesystem import FilesystemDriver
 from moorage.storage.encryption.driver import (
+    LONE_READ_RUN_BYTES,
+    READ_RUN_BYTES,
     EncryptedDriver,
     SegmentReader,
     envelope_path,
@@ -386,9 +388,9 @@ async def test_threaded_reader_stops_before_a_failing_run(tmp_path: Path) -> Non
     a later run stops the read before any of that run's bytes, is reported on
     the event loop, and the file is closed."""
     layer = Layer(tmp_path)
-    data = sample(3 * 1024 * 1024 + 5)
+    data = sample(3 * LONE_READ_RUN_BYTES + 5)
     await layer.store("blobs/m", data)
-    bad = 2100  # a segment of the third run of 1 MiB
+    bad = 2 * LONE_READ_RUN_BYTES // SEGMENT + 52  # a segment of the third run
     raw = bytearray(layer.raw("blobs/m"))
     raw[HEADER_BYTES + bad * SEALED + 100] ^= 0x01
     layer.write_raw("blobs/m", bytes(raw))
@@ -397,10 +399,33 @@ async def test_threaded_reader_stops_before_a_failing_run(tmp_path: Path) -> Non
     received = bytearray()
     with pytest.raises(IntegrityError, match=f"segment {bad} "):
         await read_threaded(reader, received)
-    assert bytes(received) == data[: 2 * 1024 * 1024]
+    assert bytes(received) == data[: 2 * LONE_READ_RUN_BYTES]
     assert [error.path for error in layer.errors] == ["blobs/m"]
     assert reader._file.closed
     assert layer.driver._local_reads == 0
+
+
+async def test_threaded_reader_run_sizes(tmp_path: Path) -> None:
+    """A reader opened alone reads larger runs than one opened beside another,
+    and both read every byte."""
+    layer = Layer(tmp_path)
+    data = sample(2 * LONE_READ_RUN_BYTES + 7)
+    await layer.store("blobs/r", data)
+    lone = await layer.driver.open_reader("blobs/r")
+    beside = await layer.driver.open_reader("blobs/r", 3)
+    assert lone is not None
+    assert beside is not None
+    first = await asyncio.to_thread(lone.read_chunk)
+    assert first is not None
+    assert len(first) == LONE_READ_RUN_BYTES
+    second = await asyncio.to_thread(beside.read_chunk)
+    assert second is not None
+    assert len(second) == READ_RUN_BYTES - 3
+    received = bytearray(first)
+    assert await read_threaded(lone, received) == data
+    received = bytearray(second)
+    assert await read_threaded(beside, received) == data[3:]
+    assert layer.errors == []
 
 
 async def test_threaded_reader_closed_while_reading_ahead(tmp_path: Path) -> None:
@@ -458,7 +483,8 @@ async def test_truncation_goes_ahead_of_a_mapped_reader(tmp_path: Path) -> None:
     truncation between runs goes ahead at once, as when a client stops reading.
     The rest of the read fails as cut short, never with wrong bytes."""
     layer = Layer(tmp_path)
-    data = sample(8 * 1024 * 1024)
+    # Three runs: the first is read, the second read ahead, the third cut.
+    data = sample(3 * LONE_READ_RUN_BYTES)
     await layer.store("blobs/t", data)
     path = layer.root / "blobs/t"
     reader = await layer.driver.open_reader("blobs/t")

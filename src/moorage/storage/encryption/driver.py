@@ -77,6 +77,11 @@ IntegrityHook = Callable[[IntegrityError], None]
 # Plaintext bytes read and decrypted at a time from a local file, and so the
 # size of each chunk the server sends.
 READ_RUN_BYTES = 1024 * 1024
+# Run size of a `SegmentReader` that starts as the driver's only local read,
+# which reads the next run ahead in a second thread. Each run then costs a
+# hand-off between the two threads, and larger runs make fewer of them. Of
+# the readers open at one time, at most one per driver has these larger runs.
+LONE_READ_RUN_BYTES = 4 * READ_RUN_BYTES
 # Plaintext buffers kept per read for reuse: one the caller holds, one the
 # transport may still be sending, one to fill.
 _KEPT_BUFFERS = 3
@@ -1005,7 +1010,8 @@ class SegmentReader:
         self._index = min(offset // segment, runs.segments - 1)
         # At least one segment is opened, so that an empty object is authenticated.
         self._last = max(self._index, (end - 1) // segment)
-        self._per_run = max(1, READ_RUN_BYTES // segment)
+        run_bytes = LONE_READ_RUN_BYTES if driver._local_reads == 0 else READ_RUN_BYTES
+        self._per_run = max(1, run_bytes // segment)
         self._skip = offset - self._index * segment
         # One buffer the caller sends from, one the next run is decrypted into.
         self._buffers = [bytearray(self._per_run * segment) for _ in range(2)]
