@@ -11,8 +11,8 @@ keep the old one. A failed `load_cert_chain` can leave a context with the new
 certificate and no key, which fails every handshake, so a reload first loads
 the pair into a spare context and touches the live one only when that worked.
 
-Keys are never decrypted: OpenSSL would prompt for a passphrase on the
-terminal, so an encrypted key is rejected with an error instead.
+Moorage never decrypts a key, because OpenSSL would prompt for the passphrase
+on the terminal. An encrypted key is rejected with an error instead.
 """
 
 from __future__ import annotations
@@ -199,13 +199,13 @@ def private_temporary_files(*contents: bytes) -> Iterator[list[str]]:
         yield paths
 
 
-def _read(path: Path, what: str) -> bytes:
+def _read(path: Path, description: str) -> bytes:
     """Return the contents of `path`; raise TlsSetupError naming it."""
     try:
         return path.read_bytes()
     except OSError as error:
         raise TlsSetupError(
-            f"cannot read {what} {path}: {error.strerror or error}"
+            f"cannot read {description} {path}: {error.strerror or error}"
         ) from None
 
 

@@ -409,9 +409,9 @@ def test_sighup_reloads_every_worker(tmp_path: Path) -> None:
 def test_mismatched_reload_keeps_previous_certificate(
     tmp_path: Path, workers: str
 ) -> None:
-    """A certificate replaced without its key is rejected by every worker, which
-    go on completing handshakes with the previous pair; the matching key, once
-    in place, is loaded on the next SIGHUP."""
+    """Every worker rejects a certificate replaced without its key and goes on
+    completing handshakes with the previous pair. Once the matching key is in
+    place, the next SIGHUP loads the new pair."""
     with tls_server(
         tmp_path, MOORAGE_WORKERS=workers, MOORAGE_TLS_RELOAD_SECONDS="3600"
     ) as server:
@@ -441,8 +441,8 @@ def test_mismatched_reload_keeps_previous_certificate(
 
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_encrypted_key_reload_keeps_serving(tmp_path: Path, workers: str) -> None:
-    """A renewal whose key is encrypted is rejected without a passphrase prompt
-    on the server's terminal; the previous pair keeps serving and SIGTERM still
+    """A renewal with an encrypted key is rejected without a passphrase prompt
+    on the server's terminal. The previous pair keeps serving, and SIGTERM still
     stops the server."""
     with (
         terminal() as tty,
@@ -474,8 +474,8 @@ def test_encrypted_key_reload_keeps_serving(tmp_path: Path, workers: str) -> Non
 
 
 def test_failed_reload_warns_once_per_change(tmp_path: Path) -> None:
-    """The file watcher tries a pair that failed again only when a file changes
-    again, so a bad pair is not reported at every poll; SIGHUP always retries."""
+    """The file watcher tries a failed pair again only after a file changes
+    again, so a bad pair is not reported at every poll. SIGHUP always retries."""
     with tls_server(tmp_path, MOORAGE_TLS_RELOAD_SECONDS="0.2") as server:
         assert server.process is not None
         certs = tmp_path / "tls"

@@ -311,11 +311,11 @@ def test_client_cert_encrypted_ca_key(tmp_path: Path) -> None:
             "tls", "client-cert", "carol", "--ca-dir", str(certs),
             "--out", str(tmp_path / "out"), "--skip-account-check", tty=tty,
         )  # fmt: skip
-        shown = tty.output()
+        terminal_output = tty.output()
 
     line = assert_one_line_error(result)
     assert f"the CA private key {certs / 'ca.key'} is encrypted" in line
-    assert "pass phrase" not in shown
+    assert "pass phrase" not in terminal_output
     assert not (tmp_path / "out").exists()
 
 
@@ -407,10 +407,10 @@ def test_serve_encrypted_key_without_prompt(tmp_path: Path) -> None:
             str(encrypted),
             tty=tty,
         )
-        shown = tty.output()
+        terminal_output = tty.output()
 
     line = assert_one_line_error(result)
     assert f"the TLS private key {encrypted} is encrypted with a passphrase" in line
-    assert "pass phrase" not in shown
+    assert "pass phrase" not in terminal_output
     assert "password" not in result.stdout
     assert not data_dir.exists()

@@ -134,11 +134,12 @@ def encrypt_key(key_file: Path, out: Path) -> Path:
 
 
 def issue_server_cert(ca_dir: Path, out: Path) -> tuple[Path, Path]:
-    """Sign a certificate for 127.0.0.1 with a new key by the CA in `ca_dir`, as
-    a renewal from the same CA would; return the certificate and key paths."""
+    """Sign a certificate for 127.0.0.1 and a new key with the CA in `ca_dir`,
+    like a renewal from the same CA. Return the certificate and key paths."""
     ca_cert = x509.load_pem_x509_certificate((ca_dir / "ca.crt").read_bytes())
     ca_key = serialization.load_pem_private_key((ca_dir / "ca.key").read_bytes(), None)
     assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.now(UTC)
     cert = (
@@ -155,6 +156,7 @@ def issue_server_cert(ca_dir: Path, out: Path) -> tuple[Path, Path]:
         )
         .sign(ca_key, hashes.SHA256())
     )
+
     out.mkdir(parents=True, exist_ok=True)
     cert_path, key_path = out / "server.crt", out / "server.key"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
