@@ -274,25 +274,46 @@ def client_certificate_login(scope: MutableMapping[str, Any]) -> str | None:
     return str(names[0].value) if names else None
 
 
+def _file_stamp(cert_file: Path, key_file: Path) -> tuple[int, ...]:
+    """Return both files' modification and status-change times.
+
+    The status-change time also moves on chmod, chown and a rename onto the
+    path, so a fixed permission or an atomic replacement counts as a change.
+    """
+    cert, key = os.stat(cert_file), os.stat(key_file)
+    return (cert.st_mtime_ns, cert.st_ctime_ns, key.st_mtime_ns, key.st_ctime_ns)
+
+
 class CertificateReloader:
     """Loads a certificate and key again into one live context when they change."""
 
     def __init__(
-        self, context: ssl.SSLContext, cert_file: Path, key_file: Path
+        self,
+        context: ssl.SSLContext,
+        cert_file: Path,
+        key_file: Path,
+        stamp: tuple[int, ...],
     ) -> None:
         self.context = context
         self.cert_file = cert_file
         self.key_file = key_file
-        self._stamp = self._current_stamp()
+        self._stamp = stamp
+
+    @classmethod
+    def load(
+        cls, cert_file: Path, key_file: Path, client_ca: Path | None
+    ) -> CertificateReloader:
+        """Load a new `server_context` from the files; raise TlsSetupError.
+
+        The files' times are taken before the files are read, so a change made
+        while they are read counts as a change at the next check.
+        """
+        stamp = _file_stamp(cert_file, key_file)
+        context = server_context(cert_file, key_file, client_ca)
+        return cls(context, cert_file, key_file, stamp)
 
     def _current_stamp(self) -> tuple[int, ...]:
-        """Return the files' modification and status-change times.
-
-        The status-change time also moves on chmod, chown and a rename onto the
-        path, so a fixed permission or an atomic replacement counts as a change.
-        """
-        cert, key = os.stat(self.cert_file), os.stat(self.key_file)
-        return (cert.st_mtime_ns, cert.st_ctime_ns, key.st_mtime_ns, key.st_ctime_ns)
+        return _file_stamp(self.cert_file, self.key_file)
 
     def reload(self) -> bool:
         """Load the files again; keep the old certificate when they do not load.

@@ -84,6 +84,14 @@ def serial_number(cert_file: Path) -> int:
     return x509.load_pem_x509_certificate(cert_file.read_bytes()).serial_number
 
 
+def wait_for_workers(server: ServerProcess, workers: int) -> None:
+    """Wait until every worker has logged its start, which comes after it read the
+    certificate files. A worker still starting would read files a test replaces."""
+    assert wait_until(lambda: server.log().count('"event": "starting"') >= workers), (
+        server.log()
+    )
+
+
 def replace_file(source: Path, target: Path) -> None:
     """Replace `target` with a copy of `source` in one rename, so that a file
     watcher never sees it half-written."""
@@ -389,6 +397,7 @@ def test_sighup_reloads_every_worker(tmp_path: Path) -> None:
     with tls_server(
         tmp_path, MOORAGE_WORKERS="2", MOORAGE_TLS_RELOAD_SECONDS="3600"
     ) as server:
+        wait_for_workers(server, 2)
         renewed = tls_init(tmp_path / "renewed")
         certs = tmp_path / "tls"
         shutil.copy(renewed / "server.key", certs / "server.key")
@@ -416,6 +425,7 @@ def test_mismatched_reload_keeps_previous_certificate(
         tmp_path, MOORAGE_WORKERS=workers, MOORAGE_TLS_RELOAD_SECONDS="3600"
     ) as server:
         assert server.process is not None
+        wait_for_workers(server, int(workers))
         certs = tmp_path / "tls"
         previous = serial_number(certs / "server.crt")
         renewed_cert, renewed_key = issue_server_cert(certs, tmp_path / "renewed")
@@ -454,6 +464,7 @@ def test_encrypted_key_reload_keeps_serving(tmp_path: Path, workers: str) -> Non
         ) as server,
     ):
         assert server.process is not None
+        wait_for_workers(server, int(workers))
         certs = tmp_path / "tls"
         previous = serial_number(certs / "server.crt")
         renewed_cert, renewed_key = issue_server_cert(certs, tmp_path / "renewed")
