@@ -167,7 +167,11 @@ class Settings(BaseSettings):
         ),
     )
     tls_key: Path | None = Field(
-        default=None, description="PEM private key matching tls_cert."
+        default=None,
+        description=(
+            "Unencrypted PEM private key matching tls_cert. A key encrypted with a "
+            "passphrase is rejected."
+        ),
     )
     tls_client_ca: Path | None = Field(
         default=None,

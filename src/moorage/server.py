@@ -165,10 +165,9 @@ async def run_server(
 def _tls_reloader(settings: Settings) -> tls.CertificateReloader | None:
     if settings.tls_cert is None or settings.tls_key is None:
         return None
-    context = tls.server_context(
+    return tls.CertificateReloader.load(
         settings.tls_cert, settings.tls_key, settings.tls_client_ca
     )
-    return tls.CertificateReloader(context, settings.tls_cert, settings.tls_key)
 
 
 def _wrap_for_tls(app: Any, reloader: tls.CertificateReloader | None) -> Any:
@@ -189,6 +188,9 @@ def _start_tls_watch(
         )
         return None
     reloader.install_signal_handler()
+    # A forked worker ignores SIGHUP until this point (see moorage.workers), so
+    # a renewal since the files were read is loaded now, not at the first poll.
+    reloader.reload_if_changed()
     return asyncio.create_task(reloader.watch(interval))
 
 

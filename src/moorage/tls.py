@@ -5,21 +5,28 @@ with AEAD ciphers (AES-GCM, ChaCha20-Poly1305); TLS 1.3 suites are all AEAD.
 
 A renewed certificate is picked up without a restart: `CertificateReloader`
 loads the files again into the same `ssl.SSLContext` object on SIGHUP and when
-their modification time changes. OpenSSL copies the certificate into each new
-connection when it starts, so new handshakes see the new certificate and open
-connections keep the old one.
+either file changes. OpenSSL copies the certificate into each new connection
+when it starts, so new handshakes see the new certificate and open connections
+keep the old one. A failed `load_cert_chain` can leave a context with the new
+certificate and no key, which fails every handshake, so a reload first loads
+the pair into a spare context and touches the live one only when that worked.
+
+Moorage never decrypts a key, because OpenSSL would prompt for the passphrase
+on the terminal. An encrypted key is rejected with an error instead.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import ipaddress
 import os
 import re
 import signal
 import ssl
-from collections.abc import Awaitable, Callable, MutableMapping
+import tempfile
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,20 +66,11 @@ def server_context(
     """Return a server context for TLS 1.2+ with modern AEAD ciphers only.
 
     With `client_ca`, clients may present a certificate, which must chain to it.
+    Raises TlsSetupError naming the file when a file cannot be read or used.
     """
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.maximum_version = ssl.TLSVersion.TLSv1_3
-    context.set_ciphers(TLS12_CIPHERS)
-    context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
-    context.options |= ssl.OP_NO_RENEGOTIATION
-    context.set_alpn_protocols(["http/1.1"])
-    _check_readable(cert_file, "TLS certificate")
-    _check_readable(key_file, "TLS private key")
-    try:
-        context.load_cert_chain(cert_file, key_file)
-    except ssl.SSLError as error:
-        raise TlsSetupError(_load_failure(cert_file, key_file, error)) from None
+    context = _policy_context()
+    pair = read_key_pair(cert_file, key_file)
+    pair.load_into(context)
     if client_ca is not None:
         _check_readable(client_ca, "client CA certificate")
         try:
@@ -86,8 +84,129 @@ def server_context(
     return context
 
 
+def _policy_context() -> ssl.SSLContext:
+    """Return a server context with the protocol and cipher policy, no certificate."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.maximum_version = ssl.TLSVersion.TLSv1_3
+    context.set_ciphers(TLS12_CIPHERS)
+    context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
+    context.options |= ssl.OP_NO_RENEGOTIATION
+    context.set_alpn_protocols(["http/1.1"])
+    return context
+
+
 class TlsSetupError(MoorageError):
     """A TLS file cannot be read or used, or a name cannot go into a certificate."""
+
+
+@dataclass(frozen=True, slots=True)
+class KeyPair:
+    """A certificate (chain) and its private key, read once from their files.
+
+    Loading from these bytes, not from the files, makes a check and the load
+    that follows it see the same pair while the files are being replaced.
+    """
+
+    cert_file: Path
+    key_file: Path
+    cert_pem: bytes
+    key_pem: bytes
+
+    def load_into(self, context: ssl.SSLContext) -> None:
+        """Load the pair into `context`; raise TlsSetupError naming the file.
+
+        When this raises, `context` may hold the new certificate without a key.
+        """
+        with _unnamed_files(self.cert_pem, self.key_pem) as (cert_path, key_path):
+            try:
+                context.load_cert_chain(
+                    cert_path, key_path, password=_reject_passphrase
+                )
+            except _PassphraseRequested:
+                raise TlsSetupError(_encrypted_key_message(self.key_file)) from None
+            except ssl.SSLError as error:
+                raise TlsSetupError(
+                    _load_failure(self.cert_file, self.key_file, error)
+                ) from None
+
+
+def read_key_pair(cert_file: Path, key_file: Path) -> KeyPair:
+    """Read both files; raise TlsSetupError naming the one that cannot be read."""
+    return KeyPair(
+        cert_file,
+        key_file,
+        _read(cert_file, "TLS certificate"),
+        _read(key_file, "TLS private key"),
+    )
+
+
+class _PassphraseRequested(Exception):
+    """OpenSSL asked for the passphrase of an encrypted key."""
+
+
+def _reject_passphrase() -> bytes:
+    # Without a password callback, OpenSSL prompts on the terminal and blocks.
+    raise _PassphraseRequested
+
+
+def _encrypted_key_message(key_file: Path) -> str:
+    return (
+        f"the TLS private key {key_file} is encrypted with a passphrase, and "
+        "Moorage does not take passphrases; give an unencrypted PEM key that "
+        "only the user running the server can read (`openssl pkey -in "
+        "ENCRYPTED.key -out KEY.key` writes one)"
+    )
+
+
+def _unnamed_files(*contents: bytes) -> contextlib.AbstractContextManager[list[str]]:
+    """Return a context that yields paths OpenSSL can open, one per item.
+
+    `load_cert_chain` takes only paths. On Linux the bytes go into memory files,
+    so a private key is never written to a disk.
+    """
+    if hasattr(os, "memfd_create") and os.path.isdir("/proc/self/fd"):
+        return memory_files(*contents)
+    return private_temporary_files(*contents)
+
+
+@contextlib.contextmanager
+def memory_files(*contents: bytes) -> Iterator[list[str]]:
+    """Yield /proc/self/fd paths of anonymous memory files (memfd) with `contents`."""
+    descriptors: list[int] = []
+    try:
+        for data in contents:
+            descriptor = os.memfd_create("moorage-tls", os.MFD_CLOEXEC)
+            descriptors.append(descriptor)
+            with open(descriptor, "wb", closefd=False) as memory_file:
+                memory_file.write(data)
+        yield [f"/proc/self/fd/{descriptor}" for descriptor in descriptors]
+    finally:
+        for descriptor in descriptors:
+            os.close(descriptor)
+
+
+@contextlib.contextmanager
+def private_temporary_files(*contents: bytes) -> Iterator[list[str]]:
+    """Yield paths of files with `contents` in a new directory only this user can
+    enter (mode 0700, files 0600); remove it on exit."""
+    with tempfile.TemporaryDirectory(prefix="moorage-tls-") as directory:
+        paths = []
+        for index, data in enumerate(contents):
+            path = Path(directory) / str(index)
+            _write_private(path, data)
+            paths.append(str(path))
+        yield paths
+
+
+def _read(path: Path, description: str) -> bytes:
+    """Return the contents of `path`; raise TlsSetupError naming it."""
+    try:
+        return path.read_bytes()
+    except OSError as error:
+        raise TlsSetupError(
+            f"cannot read {description} {path}: {error.strerror or error}"
+        ) from None
 
 
 def _check_readable(path: Path, what: str) -> None:
@@ -155,33 +274,80 @@ def client_certificate_login(scope: MutableMapping[str, Any]) -> str | None:
     return str(names[0].value) if names else None
 
 
+def _file_stamp(cert_file: Path, key_file: Path) -> tuple[int, ...]:
+    """Return both files' modification and status-change times.
+
+    The status-change time also moves on chmod, chown and a rename onto the
+    path, so a fixed permission or an atomic replacement counts as a change.
+    """
+    cert, key = os.stat(cert_file), os.stat(key_file)
+    return (cert.st_mtime_ns, cert.st_ctime_ns, key.st_mtime_ns, key.st_ctime_ns)
+
+
 class CertificateReloader:
     """Loads a certificate and key again into one live context when they change."""
 
     def __init__(
-        self, context: ssl.SSLContext, cert_file: Path, key_file: Path
+        self,
+        context: ssl.SSLContext,
+        cert_file: Path,
+        key_file: Path,
+        stamp: tuple[int, ...],
     ) -> None:
         self.context = context
         self.cert_file = cert_file
         self.key_file = key_file
-        self._stamp = self._current_stamp()
+        self._stamp = stamp
 
-    def _current_stamp(self) -> tuple[float, float]:
-        return (os.stat(self.cert_file).st_mtime, os.stat(self.key_file).st_mtime)
+    @classmethod
+    def load(
+        cls, cert_file: Path, key_file: Path, client_ca: Path | None
+    ) -> CertificateReloader:
+        """Load a new `server_context` from the files; raise TlsSetupError.
+
+        The files' times are taken before the files are read, so a change made
+        while they are read counts as a change at the next check.
+        """
+        stamp = _file_stamp(cert_file, key_file)
+        context = server_context(cert_file, key_file, client_ca)
+        return cls(context, cert_file, key_file, stamp)
+
+    def _current_stamp(self) -> tuple[int, ...]:
+        return _file_stamp(self.cert_file, self.key_file)
 
     def reload(self) -> bool:
-        """Load the files again; keep the old certificate when they do not load."""
+        """Load the files again; keep the old certificate when they do not load.
+
+        The pair is loaded into a spare context first, because a failed load
+        into the live one can leave it with no usable key. A pair that fails is
+        tried again on SIGHUP or when a file changes again, not at every poll.
+        """
         try:
-            stamp = self._current_stamp()
-            self.context.load_cert_chain(self.cert_file, self.key_file)
-        except (OSError, ssl.SSLError) as error:
+            self._stamp = self._current_stamp()
+            pair = read_key_pair(self.cert_file, self.key_file)
+            pair.load_into(_policy_context())
+        except (OSError, TlsSetupError) as error:
             log.warning(
                 "tls certificate reload failed; still serving the previous one",
                 cert_file=str(self.cert_file),
+                key_file=str(self.key_file),
                 error=str(error),
             )
             return False
-        self._stamp = stamp
+        try:
+            pair.load_into(self.context)
+        except (OSError, TlsSetupError) as error:
+            # NOTE: the same bytes loaded into the spare context a moment ago,
+            # so only a lack of memory or descriptors should get here, and the
+            # live context may then fail handshakes until a reload succeeds.
+            log.error(
+                "tls certificate reload failed after its check; new connections "
+                "may fail until a reload succeeds",
+                cert_file=str(self.cert_file),
+                key_file=str(self.key_file),
+                error=str(error),
+            )
+            return False
         log.info("tls certificate loaded", cert_file=str(self.cert_file))
         return True
 
@@ -410,7 +576,15 @@ def _load_ca(ca_dir: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey
     try:
         ca_cert = x509.load_pem_x509_certificate(cert_file.read_bytes())
         ca_key = serialization.load_pem_private_key(key_file.read_bytes(), None)
-    except (ValueError, TypeError) as error:
+    except TypeError:
+        # cryptography raises TypeError for an encrypted key when given no
+        # password; it never prompts.
+        raise TlsSetupError(
+            f"the CA private key {key_file} is encrypted with a passphrase, and "
+            "Moorage does not take passphrases; give a --ca-dir whose ca.key is "
+            "unencrypted, as `moorage tls init` writes it"
+        ) from None
+    except ValueError as error:
         raise TlsSetupError(
             f"the CA in {ca_dir} does not load: {error}; give the --ca-dir that "
             "`moorage tls init` wrote"

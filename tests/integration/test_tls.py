@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import ssl
 import subprocess
 import time
@@ -18,9 +19,12 @@ from cryptography import x509
 from tests.support.images import OciLayout, busybox_image
 from tests.support.receivers import wait_until
 from tests.support.server import ADMIN_LOGIN, ADMIN_PASSWORD, ServerProcess, unique
+from tests.support.terminal import terminal
 from tests.support.tls import (
     client_cert_dir,
+    encrypt_key,
     issue_client_cert,
+    issue_server_cert,
     tls_init,
     tls_server,
 )
@@ -54,6 +58,46 @@ def negotiated_cipher(result: subprocess.CompletedProcess[str]) -> str:
 def served_certificate(server: ServerProcess) -> x509.Certificate:
     pem = ssl.get_server_certificate(("127.0.0.1", server.port))
     return x509.load_pem_x509_certificate(pem.encode())
+
+
+def verified_certificate(server: ServerProcess) -> x509.Certificate:
+    """Complete a handshake verified against the test CA; return the certificate
+    the server presented."""
+    assert server.ca_file is not None
+    context = ssl.create_default_context(cafile=server.ca_file)
+    with (
+        socket.create_connection(("127.0.0.1", server.port), timeout=10) as raw,
+        context.wrap_socket(raw, server_hostname="127.0.0.1") as connection,
+    ):
+        der = connection.getpeercert(binary_form=True)
+    assert der is not None
+    return x509.load_der_x509_certificate(der)
+
+
+def serials_served(server: ServerProcess, connections: int = 10) -> set[int]:
+    """Return the serial numbers presented over several new connections, which
+    land on any of the server's workers."""
+    return {verified_certificate(server).serial_number for _ in range(connections)}
+
+
+def serial_number(cert_file: Path) -> int:
+    return x509.load_pem_x509_certificate(cert_file.read_bytes()).serial_number
+
+
+def wait_for_workers(server: ServerProcess, workers: int) -> None:
+    """Wait until every worker has logged its start, which comes after it read the
+    certificate files. A worker still starting would read files a test replaces."""
+    assert wait_until(lambda: server.log().count('"event": "starting"') >= workers), (
+        server.log()
+    )
+
+
+def replace_file(source: Path, target: Path) -> None:
+    """Replace `target` with a copy of `source` in one rename, so that a file
+    watcher never sees it half-written."""
+    staging = target.with_name(target.name + ".new")
+    shutil.copy(source, staging)
+    os.replace(staging, target)
 
 
 def test_tls_init_names_host_localhost_and_loopback(tmp_path: Path) -> None:
@@ -353,6 +397,7 @@ def test_sighup_reloads_every_worker(tmp_path: Path) -> None:
     with tls_server(
         tmp_path, MOORAGE_WORKERS="2", MOORAGE_TLS_RELOAD_SECONDS="3600"
     ) as server:
+        wait_for_workers(server, 2)
         renewed = tls_init(tmp_path / "renewed")
         certs = tmp_path / "tls"
         shutil.copy(renewed / "server.key", certs / "server.key")
@@ -367,3 +412,92 @@ def test_sighup_reloads_every_worker(tmp_path: Path) -> None:
         serials = {served_certificate(server).serial_number for _ in range(10)}
         assert serials == {expected}
         assert server.process.poll() is None
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_mismatched_reload_keeps_previous_certificate(
+    tmp_path: Path, workers: str
+) -> None:
+    """Every worker rejects a certificate replaced without its key and goes on
+    completing handshakes with the previous pair. Once the matching key is in
+    place, the next SIGHUP loads the new pair."""
+    with tls_server(
+        tmp_path, MOORAGE_WORKERS=workers, MOORAGE_TLS_RELOAD_SECONDS="3600"
+    ) as server:
+        assert server.process is not None
+        wait_for_workers(server, int(workers))
+        certs = tmp_path / "tls"
+        previous = serial_number(certs / "server.crt")
+        renewed_cert, renewed_key = issue_server_cert(certs, tmp_path / "renewed")
+
+        replace_file(renewed_cert, certs / "server.crt")
+        server.process.send_signal(signal.SIGHUP)
+        assert wait_until(
+            lambda: server.log().count("tls certificate reload failed") >= int(workers)
+        ), server.log()
+        assert serials_served(server) == {previous}
+        assert "does not belong to the certificate" in server.log()
+        response = httpx.get(f"{server.url}/v2/", verify=server.verify)
+        assert response.status_code == 401
+
+        replace_file(renewed_key, certs / "server.key")
+        server.process.send_signal(signal.SIGHUP)
+        assert wait_until(
+            lambda: server.log().count("tls certificate loaded") >= int(workers)
+        ), server.log()
+        assert serials_served(server) == {serial_number(renewed_cert)}
+        assert server.process.poll() is None
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_encrypted_key_reload_keeps_serving(tmp_path: Path, workers: str) -> None:
+    """A renewal with an encrypted key is rejected without a passphrase prompt
+    on the server's terminal. The previous pair keeps serving, and SIGTERM still
+    stops the server."""
+    with (
+        terminal() as tty,
+        tls_server(
+            tmp_path,
+            terminal=tty,
+            MOORAGE_WORKERS=workers,
+            MOORAGE_TLS_RELOAD_SECONDS="3600",
+        ) as server,
+    ):
+        assert server.process is not None
+        wait_for_workers(server, int(workers))
+        certs = tmp_path / "tls"
+        previous = serial_number(certs / "server.crt")
+        renewed_cert, renewed_key = issue_server_cert(certs, tmp_path / "renewed")
+        encrypted = encrypt_key(renewed_key, tmp_path / "renewed" / "encrypted.key")
+
+        replace_file(encrypted, certs / "server.key")
+        replace_file(renewed_cert, certs / "server.crt")
+        server.process.send_signal(signal.SIGHUP)
+        message = f"the TLS private key {certs / 'server.key'} is encrypted"
+        assert wait_until(lambda: server.log().count(message) >= int(workers)), (
+            f"log:\n{server.log()}\nterminal:\n{tty.output()}"
+        )
+        assert serials_served(server) == {previous}
+        assert "pass phrase" not in tty.output()
+
+        server.process.send_signal(signal.SIGTERM)
+        server.process.wait(timeout=20)
+
+
+def test_failed_reload_warns_once_per_change(tmp_path: Path) -> None:
+    """The file watcher tries a failed pair again only after a file changes
+    again, so a bad pair is not reported at every poll. SIGHUP always retries."""
+    with tls_server(tmp_path, MOORAGE_TLS_RELOAD_SECONDS="0.2") as server:
+        assert server.process is not None
+        certs = tmp_path / "tls"
+        renewed_cert, _ = issue_server_cert(certs, tmp_path / "renewed")
+
+        replace_file(renewed_cert, certs / "server.crt")
+        assert wait_until(lambda: "tls certificate reload failed" in server.log())
+        time.sleep(2)  # ten more polls
+        assert server.log().count("tls certificate reload failed") == 1
+
+        server.process.send_signal(signal.SIGHUP)
+        assert wait_until(
+            lambda: server.log().count("tls certificate reload failed") == 2
+        )

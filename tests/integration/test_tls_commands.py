@@ -15,16 +15,17 @@ from cryptography import x509
 
 from tests.support.cli import Cli
 from tests.support.database import create_database, drop_database
-from tests.support.tls import tls_init
+from tests.support.terminal import Terminal, terminal
+from tests.support.tls import encrypt_key, tls_init
 
 TLS_FILES = ["ca.crt", "ca.key", "server.crt", "server.key"]
 
 
 def moorage(
-    *arguments: str, env: dict[str, str] | None = None
+    *arguments: str, env: dict[str, str] | None = None, tty: Terminal | None = None
 ) -> subprocess.CompletedProcess[str]:
     """Run a command in its own interpreter, so that stdout and stderr are what
-    users see."""
+    users see. With `tty`, the command runs with that controlling terminal."""
     environment = {k: v for k, v in os.environ.items() if not k.startswith("MOORAGE_")}
     environment.update(env or {})
     return subprocess.run(
@@ -34,6 +35,7 @@ def moorage(
         text=True,
         timeout=120,
         check=False,
+        **(tty.popen_options() if tty else {}),  # type: ignore[arg-type]
     )
 
 
@@ -299,10 +301,30 @@ def test_client_cert_missing_ca(tmp_path: Path) -> None:
     assert str(tmp_path / "nothing" / "ca.crt") in line
 
 
+def test_client_cert_encrypted_ca_key(tmp_path: Path) -> None:
+    """A CA key encrypted with a passphrase is named in one line, with no prompt."""
+    certs = tls_init(tmp_path / "tls")
+    encrypt_key(certs / "ca.key", tmp_path / "ca.key")
+    os.replace(tmp_path / "ca.key", certs / "ca.key")
+    with terminal() as tty:
+        result = moorage(
+            "tls", "client-cert", "carol", "--ca-dir", str(certs),
+            "--out", str(tmp_path / "out"), "--skip-account-check", tty=tty,
+        )  # fmt: skip
+        terminal_output = tty.output()
+
+    line = assert_one_line_error(result)
+    assert f"the CA private key {certs / 'ca.key'} is encrypted" in line
+    assert "pass phrase" not in terminal_output
+    assert not (tmp_path / "out").exists()
+
+
 # serve
 
 
-def serve(data_dir: Path, *options: str) -> subprocess.CompletedProcess[str]:
+def serve(
+    data_dir: Path, *options: str, tty: Terminal | None = None
+) -> subprocess.CompletedProcess[str]:
     """Start `moorage serve` on a new installation; it must fail before serving."""
     env = {
         "MOORAGE_DATA_DIR": str(data_dir),
@@ -310,7 +332,7 @@ def serve(data_dir: Path, *options: str) -> subprocess.CompletedProcess[str]:
         "MOORAGE_PORT": "1",
     }
     try:
-        return moorage("serve", *options, env=env)
+        return moorage("serve", *options, env=env, tty=tty)
     finally:
         drop_database(env["MOORAGE_DATABASE_URL"])
 
@@ -365,4 +387,30 @@ def test_serve_key_that_is_not_a_key(tmp_path: Path) -> None:
 
     line = assert_one_line_error(result)
     assert str(certs / "ca.crt") in line
+    assert not data_dir.exists()
+
+
+def test_serve_encrypted_key_without_prompt(tmp_path: Path) -> None:
+    """A key encrypted with a passphrase ends `moorage serve` with one line
+    naming it, before anything is created. OpenSSL's passphrase prompt, which
+    reads the controlling terminal, never appears there."""
+    certs = tls_init(tmp_path / "tls")
+    encrypted = encrypt_key(certs / "server.key", tmp_path / "encrypted.key")
+    data_dir = tmp_path / "data"
+
+    with terminal() as tty:
+        result = serve(
+            data_dir,
+            "--tls-cert",
+            str(certs / "server.crt"),
+            "--tls-key",
+            str(encrypted),
+            tty=tty,
+        )
+        terminal_output = tty.output()
+
+    line = assert_one_line_error(result)
+    assert f"the TLS private key {encrypted} is encrypted with a passphrase" in line
+    assert "pass phrase" not in terminal_output
+    assert "password" not in result.stdout
     assert not data_dir.exists()

@@ -30,6 +30,7 @@ from moorage import admin
 from moorage.config import Settings
 from moorage.services import Services, open_services
 from tests.support.database import create_database, drop_database
+from tests.support.terminal import Terminal
 
 T = TypeVar("T")
 ADMIN_LOGIN = "admin"
@@ -58,6 +59,9 @@ class ServerProcess:
     ca_file: Path | None = None
     # The server's working directory; None keeps the test's.
     cwd: Path | None = None
+    # A terminal to be the server's stdin and controlling terminal; None
+    # keeps the test's stdin and session.
+    terminal: Terminal | None = None
 
     @property
     def url(self) -> str:
@@ -95,6 +99,7 @@ class ServerProcess:
         return env
 
     def start(self, timeout: float = 30) -> None:
+        options = self.terminal.popen_options() if self.terminal else {}
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
                 # -P, as the `moorage` script runs: the working directory is
@@ -112,6 +117,7 @@ class ServerProcess:
                 cwd=self.cwd,
                 stdout=log,
                 stderr=subprocess.STDOUT,
+                **options,  # type: ignore[arg-type]
             )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
