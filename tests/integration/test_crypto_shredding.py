@@ -30,7 +30,7 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import select, text
+from sqlalchemy import select, text, update
 from sqlalchemy.exc import DBAPIError
 
 from moorage import admin
@@ -797,6 +797,10 @@ def test_shred_makes_manifests_unreadable(
     marker = unique("first-and-second")
     pushed = push_annotated(shared.first.client, first.repository, marker)
     assert push_annotated(shared.second.client, second.repository, marker) == pushed
+    rows = server.run_admin(_manifest_annotations)
+    assert not any(marker in (value or "") for value in rows.values())
+    # Versions that kept the annotations of every manifest in plaintext.
+    server.run_admin(lambda s: _set_annotations(s, first.repository, marker))
 
     shred(shared)
     server.restart()
@@ -819,6 +823,8 @@ def test_shred_makes_manifests_unreadable(
     try:
         rows = copy.run_admin(_manifest_rows)
         assert marker.encode() not in b"".join(rows.values())
+        annotations = copy.run_admin(_manifest_annotations)
+        assert not any(marker in (value or "") for value in annotations.values())
         assert first.manifest.data not in b"".join(rows.values())
 
         async def read(services: Services, repository: str, tag: str) -> bytes:
@@ -865,6 +871,30 @@ def test_push_after_shred_replaces_manifest(shared: SharedRegistry) -> None:
         assert response.status_code == 200, (reference, response.text)
         assert response.content == pushed, reference
     assert "storage integrity error" not in server.log()
+
+
+async def _manifest_annotations(services: Services) -> dict[str, str | None]:
+    """Return the plaintext annotations column of every manifest row."""
+    async with services.engine.connect() as connection:
+        result = await connection.execute(
+            select(
+                repositories.c.name, manifests.c.digest, manifests.c.annotations
+            ).join(repositories, repositories.c.id == manifests.c.repository_id)
+        )
+        return {f"{row.name}@{row.digest}": row.annotations for row in result}
+
+
+async def _set_annotations(services: Services, repository: str, marker: str) -> None:
+    async with services.engine.begin() as connection:
+        await connection.execute(
+            update(manifests)
+            .where(
+                manifests.c.repository_id.in_(
+                    select(repositories.c.id).where(repositories.c.name == repository)
+                )
+            )
+            .values(annotations=json.dumps({"note": marker}))
+        )
 
 
 async def _manifest_rows(services: Services) -> dict[str, bytes]:
