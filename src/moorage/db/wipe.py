@@ -2,12 +2,12 @@
 
 A committed DELETE or UPDATE does not remove the old bytes from the files.
 SQLite, with `PRAGMA secure_delete=ON` (set on every connection by
-`configure_sqlite`), zeroes them in the new version of the page, but that
-version sits in the -wal file while the main file keeps the old page until a
+`configure_sqlite`), zeroes them in the new version of the page. That version
+sits in the -wal file, and the main file keeps the old page until a
 checkpoint copies the new one over it. The -wal file keeps older versions of
 the page until it is reset. PostgreSQL keeps a deleted row in the table's
-heap file until VACUUM reclaims its space, and VACUUM does not zero that
-space; the row also stays in the write-ahead log in pg_wal.
+heap file until VACUUM frees its space, which VACUUM does without zeroing it.
+The row also stays in the write-ahead log in pg_wal.
 
 `wipe_deleted_keys` runs after `customer shred` commits, `checkpoint_wal`
 after manifests are sealed (see docs/encryption.md, "What shredding
@@ -45,7 +45,7 @@ async def wipe_deleted_keys(engine: AsyncEngine) -> bool:
     `VACUUM FULL sealed_keys`, which writes the table to new files and frees
     the old ones, and a plain VACUUM of `data_key_wraps`, which is too large
     to lock. Returns False, after logging a warning, when that could not be
-    done; the deletes stay committed either way.
+    done. The deletes stay committed either way.
     """
     if engine.dialect.name == "sqlite":
         return await checkpoint_wal(engine)
@@ -87,8 +87,8 @@ async def checkpoint_wal(engine: AsyncEngine) -> bool:
         )
         await asyncio.sleep(_CHECKPOINT_PAUSE_SECONDS)
     log.warning(
-        "WAL checkpoint failed: readers kept an older snapshot; deleted rows stay "
-        "in the -wal file until the next complete checkpoint",
+        "WAL checkpoint failed because readers kept an older snapshot, so deleted "
+        "rows stay in the -wal file until the next complete checkpoint",
         attempts=_CHECKPOINT_ATTEMPTS,
     )
     return False
@@ -112,9 +112,10 @@ async def _vacuum_key_tables(engine: AsyncEngine) -> bool:
             await autocommit.exec_driver_sql("RESET lock_timeout")
         after = await autocommit.scalar(filenode)
     if before == after:
-        # VACUUM skips, with only a notice, a table that the role does not own.
+        # VACUUM skips, with only a warning, a table that the role does not own.
         log.warning(
-            "VACUUM FULL did not rewrite sealed_keys; is the database role its owner?"
+            "VACUUM FULL did not rewrite sealed_keys, which only the table's "
+            "owner or a superuser can do"
         )
         return False
     return True
