@@ -95,6 +95,8 @@ async def checkpoint_wal(engine: AsyncEngine) -> bool:
 
 
 async def _vacuum_key_tables(engine: AsyncEngine) -> bool:
+    # NOTE: the WAL records of the deleted rows stay in pg_wal until PostgreSQL
+    # recycles the segments, and in any WAL archive; nothing here removes them.
     async with engine.connect() as connection:
         autocommit = await connection.execution_options(isolation_level="AUTOCOMMIT")
         filenode = text("SELECT pg_relation_filenode('sealed_keys')")
