@@ -19,6 +19,7 @@ import json
 import os
 import re
 import shutil
+import sqlite3
 import subprocess
 import sys
 import time
@@ -29,7 +30,8 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, text, update
+from sqlalchemy.exc import DBAPIError
 
 from moorage import admin
 from moorage.db.schema import (
@@ -795,6 +797,10 @@ def test_shred_makes_manifests_unreadable(
     marker = unique("first-and-second")
     pushed = push_annotated(shared.first.client, first.repository, marker)
     assert push_annotated(shared.second.client, second.repository, marker) == pushed
+    rows = server.run_admin(_manifest_annotations)
+    assert not any(marker in (value or "") for value in rows.values())
+    # Versions that kept the annotations of every manifest in plaintext.
+    server.run_admin(lambda s: _set_annotations(s, first.repository, marker))
 
     shred(shared)
     server.restart()
@@ -817,6 +823,8 @@ def test_shred_makes_manifests_unreadable(
     try:
         rows = copy.run_admin(_manifest_rows)
         assert marker.encode() not in b"".join(rows.values())
+        annotations = copy.run_admin(_manifest_annotations)
+        assert not any(marker in (value or "") for value in annotations.values())
         assert first.manifest.data not in b"".join(rows.values())
 
         async def read(services: Services, repository: str, tag: str) -> bytes:
@@ -865,6 +873,30 @@ def test_push_after_shred_replaces_manifest(shared: SharedRegistry) -> None:
     assert "storage integrity error" not in server.log()
 
 
+async def _manifest_annotations(services: Services) -> dict[str, str | None]:
+    """Return the plaintext annotations column of every manifest row."""
+    async with services.engine.connect() as connection:
+        result = await connection.execute(
+            select(
+                repositories.c.name, manifests.c.digest, manifests.c.annotations
+            ).join(repositories, repositories.c.id == manifests.c.repository_id)
+        )
+        return {f"{row.name}@{row.digest}": row.annotations for row in result}
+
+
+async def _set_annotations(services: Services, repository: str, marker: str) -> None:
+    async with services.engine.begin() as connection:
+        await connection.execute(
+            update(manifests)
+            .where(
+                manifests.c.repository_id.in_(
+                    select(repositories.c.id).where(repositories.c.name == repository)
+                )
+            )
+            .values(annotations=json.dumps({"note": marker}))
+        )
+
+
 async def _manifest_rows(services: Services) -> dict[str, bytes]:
     """Return the stored content of every manifest row, by repository and digest."""
     async with services.engine.connect() as connection:
@@ -874,3 +906,97 @@ async def _manifest_rows(services: Services) -> dict[str, bytes]:
             )
         )
         return {f"{row.name}@{row.digest}": bytes(row.content) for row in result}
+
+
+async def _owner_key_material(
+    services: Services, owner: str
+) -> tuple[bytes, list[bytes]]:
+    """Return the owner's wrapped KEK and the data key wraps made under it."""
+    async with services.engine.connect() as connection:
+        kek = await connection.scalar(
+            select(sealed_keys.c.wrapped).where(sealed_keys.c.name == owner)
+        )
+        wraps = await connection.scalars(
+            select(data_key_wraps.c.wrapped).where(data_key_wraps.c.owner == owner)
+        )
+        assert kek is not None
+        return bytes(kek), [bytes(wrap) for wrap in wraps]
+
+
+def sqlite_files(server: ServerProcess) -> tuple[Path, Path]:
+    database = Path(server.database_url.split(":///", 1)[1])
+    return database, database.with_name(database.name + "-wal")
+
+
+def test_shred_leaves_no_key_in_sqlite_files(shared: SharedRegistry) -> None:
+    """After a shredding with the server running, neither a copy of the main
+    database file nor the -wal file contains the wrapped KEK or its wraps."""
+    server = shared.server
+    if not server.database_url.startswith("sqlite"):
+        pytest.skip("checks SQLite's files")
+    owner = f"customer:{shared.first.customer}"
+    kek, wraps = server.run_admin(lambda s: _owner_key_material(s, owner))
+    assert len(kek) >= 32
+    assert wraps
+    database, wal = sqlite_files(server)
+    before = database.read_bytes() + (wal.read_bytes() if wal.exists() else b"")
+    assert kek in before, "the scan cannot see the key before shredding"
+
+    shred(shared)
+    # A file copy of the main file alone, as a backup tool that skips -wal makes.
+    copy = database.read_bytes()
+    assert kek not in copy
+    for wrap in wraps:
+        assert wrap not in copy
+    if wal.exists():
+        left = wal.read_bytes()
+        assert kek not in left
+        for wrap in wraps:
+            assert wrap not in left
+    with sqlite3.connect(f"file:{database}?mode=ro", uri=True) as connection:
+        names = {row[0] for row in connection.execute("SELECT name FROM sealed_keys")}
+    assert owner not in names
+    assert_pulls(shared.second.client, shared.images["second"])
+
+
+def test_shred_leaves_no_kek_in_postgresql_files(shared: SharedRegistry) -> None:
+    """After a shredding, no file of the database's own directory contains the
+    wrapped KEK. The write-ahead log in pg_wal still may, and is not checked."""
+    server = shared.server
+    if not server.database_url.startswith("postgresql"):
+        pytest.skip("checks PostgreSQL's files")
+    owner = f"customer:{shared.first.customer}"
+    kek, _ = server.run_admin(lambda s: _owner_key_material(s, owner))
+
+    async def relation_file(services: Services) -> Path:
+        async with services.engine.connect() as connection:
+            autocommit = await connection.execution_options(
+                isolation_level="AUTOCOMMIT"
+            )
+            # Writes the row from shared buffers to the table's file.
+            await autocommit.exec_driver_sql("CHECKPOINT")
+            data = await autocommit.scalar(text("SHOW data_directory"))
+            relative = await autocommit.scalar(
+                text("SELECT pg_relation_filepath('sealed_keys')")
+            )
+        return Path(data) / relative
+
+    try:
+        table_file = server.run_admin(relation_file)
+        before = table_file.read_bytes()
+    except (DBAPIError, PermissionError, FileNotFoundError) as error:
+        pytest.skip(f"cannot read PostgreSQL's data files here: {error}")
+    assert kek in before, "the scan cannot see the key before shredding"
+
+    shred(shared)
+    table_file_after = server.run_admin(relation_file)
+    database_files = [path for path in table_file.parent.iterdir() if path.is_file()]
+    for path in database_files:
+        try:
+            content = path.read_bytes()
+        except FileNotFoundError:
+            continue  # dropped meanwhile
+        assert kek not in content, path
+    assert table_file_after != table_file, "VACUUM FULL did not rewrite sealed_keys"
+    assert table_file_after in database_files
+    assert_pulls(shared.second.client, shared.images["second"])

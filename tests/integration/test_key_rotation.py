@@ -171,9 +171,20 @@ def test_existing_plaintext_is_encrypted_while_serving(tmp_path: Path) -> None:
         assert response.content == manifest
         assert wait_until(lambda: "plaintext objects encrypted" in server.log())
         assert wait_until(lambda: "manifests sealed for their owners" in server.log())
+        if server.database_url.startswith("sqlite"):
+            # The old plaintext rows stay neither in the -wal file nor in the
+            # main file's old pages: the conversion checkpoints after sealing.
+            assert wait_until(lambda: marker not in sqlite_file_bytes(server))
     finally:
         server.stop()
         drop_database(server.database_url)
+
+
+def sqlite_file_bytes(server: ServerProcess) -> bytes:
+    """Return the bytes of the SQLite database file and of its -wal file."""
+    database = Path(server.database_url.split(":///", 1)[1])
+    wal = database.with_name(database.name + "-wal")
+    return database.read_bytes() + (wal.read_bytes() if wal.exists() else b"")
 
 
 def test_hsm_keys_serve_and_rotate(tmp_path: Path) -> None:

@@ -10,9 +10,11 @@ import re
 from datetime import UTC, datetime, timedelta
 from typing import Annotated
 
+import structlog
 import typer
 from rich import box
 from rich.table import Column
+from sqlalchemy.exc import SQLAlchemyError
 
 from moorage import admin
 from moorage.audit import events as actions
@@ -38,9 +40,12 @@ from moorage.cli.main import (
 from moorage.cli.output import Table, lines_cell, shown
 from moorage.db.identity_store import AccountRecord, GrantRecord, PersonalTokenRecord
 from moorage.db.refresh_token_store import RefreshTokenRecord
+from moorage.db.wipe import wipe_deleted_keys
 from moorage.errors import InvalidInputError
 from moorage.services import Services
 from moorage.storage.encryption.maintenance import ShredReport
+
+log = structlog.get_logger(__name__)
 
 robot_app = typer.Typer(help="Manage customers' robot accounts.", no_args_is_help=True)
 token_app = typer.Typer(
@@ -175,23 +180,42 @@ def customer_shred(
             f"shredding destroys the key of customer {customer} for good; run "
             "again with --confirm to do it"
         )
-    report = _run(
-        _settings(data_dir=data_dir),
-        lambda s: _audited(
-            s,
+
+    async def shred_and_wipe(services: Services) -> tuple[ShredReport, bool]:
+        report = await _audited(
+            services,
             actions.CUSTOMER_SHRED,
             f"customer {customer} key-encryption key",
             customer,
             admin.shred_customer(
-                s.identity, _encrypted_driver(s), customer, s.registry.store
+                services.identity,
+                _encrypted_driver(services),
+                customer,
+                services.registry.store,
             ),
             _describe_shred,
-        ),
-    )
+        )
+        # After the commit: the checkpoint or VACUUM must see the deletes.
+        try:
+            return report, await wipe_deleted_keys(services.engine)
+        except SQLAlchemyError as error:
+            log.debug("database error", exc_info=error)
+            return report, False
+
+    report, wiped = _run(_settings(data_dir=data_dir), shred_and_wipe)
     console.print(
         f"customer {customer}: {_describe_shred(report)}. Restart running servers "
         "to drop the key from their memory."
     )
+    if not wiped:
+        errors.print(
+            "warning: the database files may still contain the destroyed key, "
+            "because the WAL checkpoint (SQLite) or VACUUM FULL sealed_keys "
+            "(PostgreSQL) failed; run `PRAGMA wal_checkpoint(TRUNCATE)` or "
+            "`VACUUM FULL sealed_keys` when the database is idle",
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 def _describe_shred(report: ShredReport) -> str:

@@ -85,6 +85,9 @@ _NO_ENTRIES: dict[None, None] = {}
 sqlite3.register_adapter(type(None), _NO_ENTRIES.get)
 
 
+SQLITE_BUSY_TIMEOUT_MS = 30000
+
+
 def configure_sqlite(dbapi_connection: Any, _record: Any) -> None:
     # WAL lets the CLI and the server use the database at the same time;
     # NORMAL synchronous is durable across process crashes in WAL mode.
@@ -92,7 +95,11 @@ def configure_sqlite(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+    # Zero the bytes of deleted rows and freed pages instead of leaving them in
+    # the file, so a shredded key leaves no copy behind (see moorage.db.wipe).
+    # Builds of SQLite differ in the default: Debian's has it on.
+    cursor.execute("PRAGMA secure_delete=ON")
     cursor.close()
     dbapi_connection.create_function(
         "moorage_in_network", 2, sqlite_in_network, deterministic=True

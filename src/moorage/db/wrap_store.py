@@ -228,6 +228,17 @@ class WrapStore:
             manifest_count = 0
             if key_fingerprint is not None:
                 await _record_destroyed_key(connection, key_fingerprint, owner)
+                # Rows stored before annotations were kept for referrers only
+                # have a plaintext copy of them.
+                await connection.execute(
+                    update(manifests)
+                    .where(
+                        manifests.c.repository_id.in_(_repositories_of(owner)),
+                        manifests.c.subject_digest.is_(None),
+                        manifests.c.annotations.is_not(None),
+                    )
+                    .values(annotations=None)
+                )
                 counted = await connection.scalar(
                     select(func.count())
                     .select_from(manifests)

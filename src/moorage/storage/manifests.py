@@ -90,7 +90,12 @@ def parse_manifest(
         content=body,
         artifact_type=artifact_type,
         subject_digest=None if subject is None else subject["digest"],
-        annotations_json=None if annotations is None else json.dumps(annotations),
+        # Only the referrers API reads this plaintext copy, and it lists only
+        # manifests that have a subject. Other manifests' annotations stay in
+        # the content alone, which encryption at rest seals.
+        annotations_json=(
+            None if annotations is None or subject is None else json.dumps(annotations)
+        ),
         blob_references=tuple(dict.fromkeys(blob_references)),
         manifest_references=tuple(dict.fromkeys(manifest_references)),
     )

@@ -12,6 +12,7 @@ import asyncio
 import structlog
 
 from moorage.db.registry_store import RegistryStore
+from moorage.db.wipe import checkpoint_wal
 from moorage.storage import paths
 from moorage.storage.drivers.base import PathNotFoundError, StorageDriver
 from moorage.storage.encryption.driver import EncryptedDriver
@@ -42,7 +43,10 @@ async def _convert(driver: EncryptedDriver, store: RegistryStore) -> None:
     """
     try:
         while True:
-            await reseal_manifests(store)
+            if (await reseal_manifests(store)).resealed:
+                # The old plaintext or differently sealed rows stay in SQLite's
+                # -wal file, and in the main file's old pages, until then.
+                await checkpoint_wal(store.engine)
             await encrypt_plaintext(driver, paths.BLOBS_PREFIX)
             await adopt_envelopes(driver)
             if not await _plaintext_uploads_remain(driver):
