@@ -88,6 +88,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
 
 def _head_size(protocol: HttpToolsProtocol) -> int:
-    """Return the bytes of a complete head's target and headers (without the
-    separators), counted only for heads that came in large pieces."""
-    return len(protocol.url) + sum(len(n) + len(v) for n, v in protocol.headers)
+    """Return the bytes of a complete head, counted only for heads that came in
+    large pieces: the target, and each header with its ": " and line end. The
+    method and version are left out, so the count is at most 20 bytes short."""
+    headers = sum(len(n) + len(v) + 4 for n, v in protocol.headers)
+    return len(protocol.url) + headers

@@ -57,12 +57,21 @@ _SUPERVISOR_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(1024 * 1024)}
 def run_single(settings: Settings) -> None:
     """Serve in this process, after preparing the database in a child."""
     _prepare_in_child(settings)
+    # As in each worker: uvicorn stops gracefully on SIGINT, then raises it
+    # again, which the default action turns into a plain exit, as for SIGTERM,
+    # rather than a KeyboardInterrupt that cancels what is still closing.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     run_on_uvloop(run_server(settings))
 
 
 def run_workers(settings: Settings) -> None:
     _prepare_in_child(settings)
-    listener = socket.create_server((settings.host, settings.port), backlog=2048)
+    try:
+        listener = socket.create_server((settings.host, settings.port), backlog=2048)
+    except OSError as error:
+        raise MoorageError(
+            f"cannot listen on {settings.host}:{settings.port}: {error.strerror}"
+        ) from None
     # One socket pair per password check a worker may run at once; the
     # supervisor keeps the first ends (see moorage.auth.password_service).
     checks = password_check_limit(settings.workers)

@@ -454,6 +454,10 @@ def test_oversized_headers_refused(server: ServerProcess, writer: Account) -> No
     many = "".join(f"X-Padding-{n}: {'a' * 1000}\r\n" for n in range(70))
     answer = _send_head(server, f"{request}{many}\r\n".encode())
     assert answer.startswith(b"HTTP/1.1 431"), answer[:200]
+    # Many short headers in one piece: their separators count too.
+    tiny = "".join(f"X{n}: 1\r\n" for n in range(10_000))
+    answer = _send_head(server, f"{request}{tiny}\r\n".encode())
+    assert answer.startswith(b"HTTP/1.1 431"), answer[:200]
     # 2 MiB of one header value without its line end: refused before it ends.
     endless = f"{request}X-Padding: ".encode() + b"a" * (2 * 1024 * 1024)
     answer = _send_head(server, endless)

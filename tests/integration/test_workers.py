@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -122,6 +123,46 @@ def test_supervisor_logs_in_the_workers_format(tmp_path: Path) -> None:
     assert stopped, server.log()
     assert not stopped[-1].startswith("{"), stopped[-1]
     assert "[info     ] stopped" in stopped[-1]
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_interrupt_while_serving_stops_cleanly(tmp_path: Path, workers: str) -> None:
+    """SIGINT (Ctrl-C) to a serving server stops it like SIGTERM: the audit log
+    is closed, and nothing is logged as an error."""
+    server = _start_server(tmp_path, workers=workers)
+    try:
+        server.stop(signal.SIGINT)
+    finally:
+        drop_database(server.database_url)
+    assert server.process is not None
+    assert server.process.returncode in (0, -signal.SIGINT)
+    log = server.log()
+    assert "audit log closed" in log
+    assert "Traceback" not in log
+    assert '"level": "error"' not in log
+    assert "interrupted" not in log
+
+
+def test_workers_port_in_use_one_line(tmp_path: Path) -> None:
+    """Several workers on a port that is taken: one error line, no traceback."""
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        server = ServerProcess(
+            data_dir=tmp_path / "data",
+            database_url="",
+            extra_env={"MOORAGE_WORKERS": "2"},
+            port=port,
+        )
+        server.data_dir.mkdir()
+        server.database_url = create_database(server.data_dir)
+        try:
+            with pytest.raises(RuntimeError, match="server exited"):
+                server.start()
+        finally:
+            drop_database(server.database_url)
+    log = server.log()
+    assert "Traceback" not in log
+    assert f"error: cannot listen on 127.0.0.1:{port}:" in log
 
 
 def test_workers_ignore_modules_in_working_directory(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ imports nothing of Moorage until it can catch that.
 
 from __future__ import annotations
 
+import signal
 import sys
 
 # The exit status of a command that Ctrl-C (SIGINT) stopped, as shells report it.
@@ -14,6 +15,10 @@ INTERRUPTED = 130
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["serve"]:
+        # A certificate reload asked for while the server starts must not stop
+        # it; `moorage serve` keeps SIGHUP ignored until its handler exists.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         from moorage.cli.main import main as run
 
