@@ -217,6 +217,7 @@ class _ZeroCopySender:
         count = message["count"]
         if count > cycle.expected_content_length:
             raise RuntimeError("Response content longer than Content-Length")
+        sent = 0
         if not cycle.disconnected:
             if "body" in message:
                 sent = await _send_body(cycle, message["body"], count)
@@ -225,6 +226,8 @@ class _ZeroCopySender:
                     cycle, message["file"].fileno(), message.get("offset", 0), count
                 )
             cycle.expected_content_length -= sent
+        # For the request log and metrics (see moorage.api.middleware).
+        message["sent"] = sent
         # uvicorn's own send completes the response (or ignores a disconnected one).
         more_body = message.get("more_body", False)
         await self._send(

@@ -101,11 +101,14 @@ class RequestMiddleware:
                 headers.append(_VERSION_HEADER)
                 headers.append((b"x-request-id", request_id.encode()))
                 message["headers"] = headers
-            elif message["type"] == "http.response.body":
+            await send(message)
+            # Counted once sent: a body that fails part way (a segment that
+            # fails its integrity check, a client gone) counts only what the
+            # sender reports as written, nothing when it raises.
+            if message["type"] == "http.response.body":
                 response["sent"] += len(message.get("body", b""))
             elif message["type"] == ZEROCOPY:
-                response["sent"] += message["count"]
-            await send(message)
+                response["sent"] += message.get("sent", 0)
 
         try:
             await self.app(scope, receive, send_with_headers)
