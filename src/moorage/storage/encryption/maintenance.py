@@ -12,6 +12,8 @@ All of it runs while the server serves:
 - `adopt_envelopes` moves data keys from installation envelopes to wraps under
   their owners' keys, for objects stored before owner keys existed; the server
   runs it in the background too.
+- `record_object_paths` records the path of each blob stored before paths
+  were recorded; the server runs it in the background at start-up.
 - `claim_namespace` moves manifests and blob wraps that a push made for the
   vendor, in a namespace that a customer got afterwards, to that customer.
 - `shred_owner` destroys one owner's key-encryption key and its wraps.
@@ -59,6 +61,9 @@ STATE_PATH = f"{WORK_PREFIX}/state.json"
 # A writer that took the old active key just before rotation may store its
 # envelope a moment later; rotation looks again after this pause.
 SETTLE_SECONDS = 1.0
+# Blob paths looked up per query, and recorded per transaction, by
+# `record_object_paths`.
+_RECORD_BATCH = 500
 
 # Called with (done, total): once with done 0 as soon as the objects are
 # listed, so a progress bar shows its total from the start, then after each
@@ -284,6 +289,11 @@ async def _replace_encrypted(driver: EncryptedDriver, path: str) -> bool:
             raise
     except PathNotFoundError:
         return False
+    if driver.custody is not None:
+        # Recorded at `path` before the copy replaces the original there, so a
+        # concurrent read opens either object. Both are recorded at `path`
+        # until the old one is forgotten below.
+        await driver.custody.wraps.move_path(temporary, path)
     # NOTE: an object deleted while it was copied comes back here; garbage
     # collection removes it again on its next run.
     await driver.inner.move(temporary, path)
@@ -316,6 +326,46 @@ async def owners_of_object(custody: DataKeyCustody, path: str) -> set[str]:
         owner = await custody.wraps.owner_of_upload(upload_id)
         return set() if owner is None else {owner}
     return set()
+
+
+async def record_object_paths(
+    driver: EncryptedDriver, progress: Progress = _no_progress
+) -> int:
+    """Record the path of each encrypted blob that has none; return how many.
+
+    Objects stored before paths were recorded have no row in `object_paths`,
+    and open wherever no other object is recorded (see
+    `DataKeyCustody.check_place`). This pass reads their headers and records
+    them. A blob whose object is recorded at another path is a copy, and is
+    left for its next read to report. Uploads in progress are left out: one
+    that finishes while the pass reads it would be recorded at its upload
+    path. Those finished after the pass are recorded at the next start.
+    """
+    custody = driver.custody
+    if custody is None:
+        return 0
+    objects = await driver.list(paths.BLOBS_PREFIX)
+    progress(0, len(objects))
+    recorded = 0
+    for start in range(0, len(objects), _RECORD_BATCH):
+        batch = objects[start : start + _RECORD_BATCH]
+        known = await custody.wraps.paths_recorded(batch)
+        found: dict[str, str] = {}
+        for path in batch:
+            if path in known:
+                continue
+            try:
+                header = await driver.read_header(path)
+            except PathNotFoundError:
+                continue
+            if header is not None:
+                found[path] = header.object_id.hex()
+        if found:
+            recorded += await custody.wraps.record_missing_paths(found)
+        progress(min(start + _RECORD_BATCH, len(objects)), len(objects))
+    if recorded:
+        log.info("paths of stored objects recorded", count=recorded)
+    return recorded
 
 
 async def adopt_envelopes(
