@@ -25,6 +25,7 @@ Manifests, sealed in the database, have their own counterpart of
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import uuid
 from collections import Counter
@@ -53,6 +54,7 @@ from moorage.storage.encryption.driver import (
     envelope_path,
     wrap_context,
 )
+from moorage.storage.encryption.format import IntegrityError
 from moorage.storage.encryption.manifests import reseal_manifests
 
 log = structlog.get_logger(__name__)
@@ -336,21 +338,22 @@ async def record_object_paths(
     Objects stored before paths were recorded have no row in `object_paths`,
     and open wherever no other object is recorded (see
     `DataKeyCustody.check_place`). This pass reads their headers and records
-    them. A blob whose object is recorded at another path is a copy, and is
-    left for its next read to report. Uploads in progress are left out: one
-    that finishes while the pass reads it would be recorded at its upload
-    path. Those finished after the pass are recorded at the next start.
+    them. An object found at several blob paths (a file copied before this
+    pass) is recorded only at the path whose digest its content has. An
+    object recorded at another path already is left for its next read to
+    report. Uploads in progress are left out, because one that finishes while
+    the pass reads it would be recorded at its upload path. Those that finish
+    after the pass are recorded at the next start.
     """
     custody = driver.custody
     if custody is None:
         return 0
     objects = await driver.list(paths.BLOBS_PREFIX)
     progress(0, len(objects))
-    recorded = 0
+    found: dict[str, list[str]] = {}
     for start in range(0, len(objects), _RECORD_BATCH):
         batch = objects[start : start + _RECORD_BATCH]
         known = await custody.wraps.paths_recorded(batch)
-        found: dict[str, str] = {}
         for path in batch:
             if path in known:
                 continue
@@ -359,13 +362,39 @@ async def record_object_paths(
             except PathNotFoundError:
                 continue
             if header is not None:
-                found[path] = header.object_id.hex()
-        if found:
-            recorded += await custody.wraps.record_missing_paths(found)
+                found.setdefault(header.object_id.hex(), []).append(path)
         progress(min(start + _RECORD_BATCH, len(objects)), len(objects))
+    places: dict[str, str] = {}
+    for object_id, found_at in found.items():
+        if len(found_at) > 1:
+            found_at = [
+                path for path in found_at if await _has_its_digest(driver, path)
+            ]
+        if len(found_at) == 1:
+            places[found_at[0]] = object_id
+    recorded = 0
+    items = list(places.items())
+    for start in range(0, len(items), _RECORD_BATCH):
+        chunk = dict(items[start : start + _RECORD_BATCH])
+        recorded += await custody.wraps.record_missing_paths(chunk)
     if recorded:
         log.info("paths of stored objects recorded", count=recorded)
     return recorded
+
+
+async def _has_its_digest(driver: EncryptedDriver, path: str) -> bool:
+    """Return whether a blob's content has the digest that its path names."""
+    digest = paths.blob_digest_of(path)
+    if digest is None:
+        return False
+    algorithm, expected = digest.split(":", 1)
+    hasher = hashlib.new(algorithm)
+    try:
+        async for chunk in driver.read(path):
+            hasher.update(chunk)
+    except (PathNotFoundError, IntegrityError):
+        return False
+    return hasher.hexdigest() == expected
 
 
 async def adopt_envelopes(
