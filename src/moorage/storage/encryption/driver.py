@@ -535,10 +535,10 @@ class EncryptedDriver(StorageDriver):
     async def move(self, source: str, destination: str) -> None:
         """Move an object and the record of its path.
 
-        The file moves first. A crash before the record moves leaves the
-        object recorded at `source`, so reading it at `destination` is an
-        integrity error until the blob is pushed again; the upload at `source`
-        is gone, and its client starts a new one.
+        The file moves first. A process that dies before the record moves
+        leaves the object recorded at `source`, where its file no longer is.
+        The registry moves only finished uploads to blob paths, so the client
+        then starts a new upload, and its push replaces the file.
         """
         await self.inner.move(source, destination)
         if self.custody is not None:
