@@ -360,6 +360,26 @@ async def wrap_owners(engine: AsyncEngine, object_id: str) -> set[str]:
         return set(result)
 
 
+async def test_claim_skips_a_copied_blob(tmp_path: Path, engine: AsyncEngine) -> None:
+    """Claiming blobs for an owner reports a blob file that is a copy of
+    another owner's blob, and wraps that blob's data key for nobody else."""
+    errors: list[IntegrityError] = []
+    driver = make_driver(tmp_path, engine, errors)
+    private, private_id = await store_blob(driver, engine, b"private", ["customer:a"])
+    copied, _ = await store_blob(driver, engine, b"copied", ["customer:a"])
+    async with engine.begin() as connection:
+        await link(connection, "products/copied", copied)
+    copy_file(
+        tmp_path,
+        paths.blob_path(parse_digest(private)),
+        paths.blob_path(parse_digest(copied)),
+    )
+    assert await maintenance.claim_blobs(driver, "vendor") == 0
+    assert await wrap_owners(engine, private_id) == {"customer:a"}
+    assert len(errors) == 1
+    assert isinstance(errors[0], MisplacedObjectError)
+
+
 async def test_release_waits_for_locked_link(
     tmp_path: Path, engine: AsyncEngine
 ) -> None:

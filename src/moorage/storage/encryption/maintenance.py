@@ -54,7 +54,7 @@ from moorage.storage.encryption.driver import (
     envelope_path,
     wrap_context,
 )
-from moorage.storage.encryption.format import IntegrityError
+from moorage.storage.encryption.format import IntegrityError, MisplacedObjectError
 from moorage.storage.encryption.manifests import reseal_manifests
 
 log = structlog.get_logger(__name__)
@@ -501,7 +501,8 @@ async def claim_blobs(driver: EncryptedDriver, owner: str) -> int:
             continue
         try:
             await driver.share(path, owner, digest)
-        except DataKeyUnavailableError:
+        except (DataKeyUnavailableError, MisplacedObjectError):
+            # Shredded, or a copy of another object that `share` has reported.
             continue
         await driver.release(path, VENDOR_OWNER, digest)
         claimed += 1
