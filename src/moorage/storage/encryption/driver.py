@@ -555,7 +555,10 @@ class EncryptedDriver(StorageDriver):
                 continue
             if header is not None:
                 object_ids.append(header.object_id)
-        if self.custody is not None:
+        # NOTE: where no file is left to read, the paths' records stay. They
+        # cost a row each and open nothing, because an object opens only where
+        # its file is.
+        if self.custody is not None and object_ids:
             # A file that is a copy of an object recorded elsewhere goes
             # without that object's wraps and envelope.
             forget = await self.custody.wraps.objects_to_forget(
