@@ -21,6 +21,7 @@ from moorage.db.schema import (
     audit_events,
     data_key_wraps,
     manifests,
+    object_paths,
     repositories,
     server_keys,
     signing_keys,
@@ -39,6 +40,7 @@ from tests.support.images import (
     host_architecture,
 )
 from tests.support.receivers import wait_until
+from tests.support.registry import Account, open_account
 from tests.support.server import (
     ADMIN_LOGIN,
     ADMIN_PASSWORD,
@@ -356,6 +358,257 @@ def test_tampered_pull_events_name_the_caller(
         assert event.source_address == "127.0.0.1"
         assert event.user_agent == "tamper-test/1.0"
     assert found[0].repository == repository
+
+
+def assert_pull_fails(
+    client: httpx.Client, repository: str, digest: str, headers: dict[str, str]
+) -> None:
+    """A GET of the blob fails with 500 and serves none of its bytes."""
+    response = client.get(f"/v2/{repository}/blobs/{digest}", headers=headers)
+    served = len(response.content)
+    assert response.status_code == 500, f"{response.status_code}, {served} bytes"
+    message = response.json()["errors"][0]["message"]
+    assert "integrity check" in message
+
+
+def object_id_of(server: ServerProcess, digest: str) -> str:
+    return stored_file(server, digest).read_bytes()[8:24].hex()
+
+
+def test_blob_copied_from_another_customer_fails(server: ServerProcess) -> None:
+    """A customer's blob file copied over another customer's blob path is not
+    served as that blob, by a whole or a range read, and is recorded as
+    storage.integrity; the copied blob itself still pulls."""
+    acme = open_account(server, server.add_customer(unique("acme")))
+    beta = open_account(server, server.add_customer(unique("beta")))
+    with acme.client, beta.client:
+        secret = marker_blob(b"acme-private", 3 * SEGMENT + 99)
+        own = marker_blob(b"beta-own", 2 * SEGMENT + 5)
+        acme_repository = acme.repository("raw")
+        beta_repository = beta.repository("raw")
+        acme_digest = push_blob(acme.client, acme_repository, secret, chunks=2)
+        beta_digest = push_blob(beta.client, beta_repository, own, chunks=1)
+
+        stored_file(server, beta_digest).write_bytes(
+            stored_file(server, acme_digest).read_bytes()
+        )
+
+        ranges = [{}, {"Range": "bytes=0-99"}, {"Range": f"bytes={SEGMENT + 5}-"}]
+        for headers in ranges:
+            assert_pull_fails(beta.client, beta_repository, beta_digest, headers)
+        assert_integrity_recorded(server, beta_digest)
+        entries = [
+            entry
+            for entry in log_entries(server, "storage integrity error")
+            if beta_digest[7:] in str(entry.get("path"))
+        ]
+        assert entries
+        assert "copied or moved here" in str(entries[0]["reason"])
+        pulls = wait_for_events(
+            server,
+            AuditFilter(repository=beta_repository, action=BLOB_PULL),
+            lambda found: len(found) >= len(ranges),
+        )
+        assert {event.event.outcome for event in pulls} == {FAILURE}
+
+        response = acme.client.get(f"/v2/{acme_repository}/blobs/{acme_digest}")
+        assert response.status_code == 200
+        assert response.content == secret
+
+
+def test_blobs_swapped_within_a_repository_fail(
+    admin_client: httpx.Client, server: ServerProcess
+) -> None:
+    """Two blob files of one owner swapped in storage both fail their pulls."""
+    repository = f"{unique('enc')}/swapped"
+    first = marker_blob(b"first", SEGMENT + 1)
+    second = marker_blob(b"second", SEGMENT + 1)
+    first_digest = push_blob(admin_client, repository, first, chunks=1)
+    second_digest = push_blob(admin_client, repository, second, chunks=1)
+    first_file = stored_file(server, first_digest)
+    second_file = stored_file(server, second_digest)
+    first_bytes = first_file.read_bytes()
+    first_file.write_bytes(second_file.read_bytes())
+    second_file.write_bytes(first_bytes)
+    for digest in (first_digest, second_digest):
+        assert_pull_fails(admin_client, repository, digest, {})
+        assert_pull_fails(admin_client, repository, digest, {"Range": "bytes=3-9"})
+        assert_integrity_recorded(server, digest)
+
+
+def test_copied_blob_is_not_mounted_and_push_repairs(
+    admin_client: httpx.Client, server: ServerProcess
+) -> None:
+    """A blob path holding a copy of another blob is not mounted elsewhere; a
+    push of the blob replaces the copy, and the blob pulls again."""
+    source = f"{unique('enc')}/origin"
+    other = marker_blob(b"other", SEGMENT + 3)
+    data = marker_blob(b"victim", 2 * SEGMENT + 3)
+    other_digest = push_blob(admin_client, source, other, chunks=1)
+    digest = push_blob(admin_client, source, data, chunks=1)
+    stored_file(server, digest).write_bytes(
+        stored_file(server, other_digest).read_bytes()
+    )
+
+    target = f"{unique('enc')}/mounted"
+    response = admin_client.post(
+        f"/v2/{target}/blobs/uploads/", params={"mount": digest, "from": source}
+    )
+    assert response.status_code == 202
+    assert_integrity_recorded(server, digest)
+
+    assert push_blob(admin_client, target, data, chunks=2) == digest
+    for repository in (source, target):
+        response = admin_client.get(f"/v2/{repository}/blobs/{digest}")
+        assert response.status_code == 200
+        assert response.content == data
+    response = admin_client.get(f"/v2/{source}/blobs/{other_digest}")
+    assert response.content == other
+
+
+def test_mount_and_repush_read_back(server: ServerProcess) -> None:
+    """Blobs mounted into another repository, and pushed again to a third, are
+    read back from each; every copy is recorded at its blob path only."""
+    acme = open_account(server, server.add_customer(unique("acme")))
+    with acme.client:
+        read_back_mounted(server, acme)
+
+
+def read_back_mounted(server: ServerProcess, acme: Account) -> None:
+    data = marker_blob(b"mounted", 2 * SEGMENT + 17)
+    first = acme.repository("first")
+    digest = push_blob(acme.client, first, data, chunks=3)
+    second = acme.repository("second")
+    response = acme.client.post(
+        f"/v2/{second}/blobs/uploads/", params={"mount": digest, "from": first}
+    )
+    assert response.status_code == 201
+    third = acme.repository("third")
+    assert push_blob(acme.client, third, data, chunks=1) == digest
+    for repository in (first, second, third):
+        response = acme.client.get(f"/v2/{repository}/blobs/{digest}")
+        assert response.status_code == 200
+        assert response.content == data
+        response = acme.client.get(
+            f"/v2/{repository}/blobs/{digest}",
+            headers={"Range": f"bytes={SEGMENT - 2}-{SEGMENT + 2}"},
+        )
+        assert response.status_code == 206
+        assert response.content == data[SEGMENT - 2 : SEGMENT + 3]
+
+    async def recorded(services: Services) -> list[str]:
+        async with services.engine.connect() as connection:
+            result = await connection.execute(
+                select(object_paths.c.path).where(
+                    object_paths.c.object_id == object_id_of(server, digest)
+                )
+            )
+            return [row.path for row in result]
+
+    assert server.run_admin(recorded) == [f"blobs/sha256/{digest[7:9]}/{digest[7:]}"]
+
+
+def test_blobs_without_recorded_paths(
+    admin_client: httpx.Client, server: ServerProcess
+) -> None:
+    """Blobs stored before paths were recorded still pull, their paths are
+    recorded at start-up, and a copy among them then fails its pull."""
+    repository = f"{unique('enc')}/older"
+    first = marker_blob(b"older-1", SEGMENT + 11)
+    second = marker_blob(b"older-2", SEGMENT + 12)
+    digests = [
+        push_blob(admin_client, repository, data, chunks=1) for data in (first, second)
+    ]
+    object_ids = [object_id_of(server, digest) for digest in digests]
+
+    async def forget_paths(services: Services) -> int:
+        async with services.engine.begin() as connection:
+            result = await connection.execute(
+                delete(object_paths).where(object_paths.c.object_id.in_(object_ids))
+            )
+        return int(result.rowcount)
+
+    async def count_paths(services: Services) -> int:
+        async with services.engine.connect() as connection:
+            found = await connection.scalars(
+                select(object_paths.c.object_id).where(
+                    object_paths.c.object_id.in_(object_ids)
+                )
+            )
+            return len(list(found))
+
+    assert server.run_admin(forget_paths) == 2
+    for digest, data in zip(digests, (first, second), strict=True):
+        response = admin_client.get(f"/v2/{repository}/blobs/{digest}")
+        assert response.status_code == 200
+        assert response.content == data
+
+    server.restart()
+    assert wait_until(lambda: server.run_admin(count_paths) == 2)
+    stored_file(server, digests[1]).write_bytes(
+        stored_file(server, digests[0]).read_bytes()
+    )
+    assert_pull_fails(admin_client, repository, digests[1], {})
+    assert_integrity_recorded(server, digests[1])
+
+
+def test_unrecorded_copy_over_recorded_blob_fails(
+    admin_client: httpx.Client, server: ServerProcess
+) -> None:
+    """A blob without a recorded path, copied over a blob path where another
+    object is recorded, fails its pull there."""
+    repository = f"{unique('enc')}/mixed"
+    older = marker_blob(b"unrecorded", SEGMENT + 21)
+    newer = marker_blob(b"recorded", SEGMENT + 22)
+    older_digest = push_blob(admin_client, repository, older, chunks=1)
+    newer_digest = push_blob(admin_client, repository, newer, chunks=1)
+    older_id = object_id_of(server, older_digest)
+
+    async def forget_path(services: Services) -> None:
+        async with services.engine.begin() as connection:
+            await connection.execute(
+                delete(object_paths).where(object_paths.c.object_id == older_id)
+            )
+
+    server.run_admin(forget_path)
+    stored_file(server, newer_digest).write_bytes(
+        stored_file(server, older_digest).read_bytes()
+    )
+    assert_pull_fails(admin_client, repository, newer_digest, {})
+    assert_integrity_recorded(server, newer_digest)
+    entries = [
+        entry
+        for entry in log_entries(server, "storage integrity error")
+        if newer_digest[7:] in str(entry.get("path"))
+    ]
+    assert "no recorded path" in str(entries[0]["reason"])
+
+
+def test_upload_data_replaced_fails_the_chunk(
+    admin_client: httpx.Client, server: ServerProcess
+) -> None:
+    """An upload whose data file is replaced by a stored blob's file fails its
+    next chunk instead of continuing that blob."""
+    repository = f"{unique('enc')}/upload"
+    stored = push_blob(admin_client, repository, marker_blob(b"kept", 9000), 1)
+    response = admin_client.post(f"/v2/{repository}/blobs/uploads/")
+    location = response.headers["Location"]
+    response = admin_client.patch(
+        location,
+        content=b"x" * 5000,
+        headers={"Content-Type": "application/octet-stream"},
+    )
+    assert response.status_code == 202
+    upload_id = response.headers["Docker-Upload-UUID"]
+    data = server.data_dir / "storage" / "uploads" / upload_id / "data"
+    data.write_bytes(stored_file(server, stored).read_bytes())
+    response = admin_client.patch(
+        response.headers["Location"],
+        content=b"y" * 100,
+        headers={"Content-Type": "application/octet-stream"},
+    )
+    assert response.status_code == 500
+    assert "copied or moved here" in server.log()
 
 
 def log_entries(server: ServerProcess, event: str) -> list[dict[str, object]]:

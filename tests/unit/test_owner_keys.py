@@ -18,6 +18,7 @@ from moorage.db.key_store import KeyStore
 from moorage.db.schema import (
     blobs,
     data_key_wraps,
+    object_paths,
     repositories,
     repository_blobs,
     sealed_keys,
@@ -36,7 +37,7 @@ from moorage.storage.encryption.custody import (
 )
 from moorage.storage.encryption.database import rewrap_database_keys
 from moorage.storage.encryption.driver import EncryptedDriver
-from moorage.storage.encryption.format import IntegrityError
+from moorage.storage.encryption.format import IntegrityError, MisplacedObjectError
 from moorage.storage.encryption.keys import FileKeyring
 from tests.support.database import backend, create_database, drop_database
 
@@ -234,6 +235,97 @@ async def test_deleting_an_object_forgets_its_shredding(
         assert (await connection.execute(select(shredded_objects))).all() == []
 
 
+def copy_file(tmp_path: Path, source: str, target: str) -> None:
+    storage = tmp_path / "storage"
+    (storage / target).parent.mkdir(parents=True, exist_ok=True)
+    (storage / target).write_bytes((storage / source).read_bytes())
+
+
+@pytest.mark.parametrize("owners", [["customer:a"], []])
+async def test_copied_object_is_misplaced(
+    tmp_path: Path, engine: AsyncEngine, owners: list[str]
+) -> None:
+    """An object's file copied over another object's path, with owner wraps
+    or with an installation envelope, does not open there, and deleting the
+    copy keeps the original readable."""
+    driver = make_driver(tmp_path, engine)
+    with wrapping_for(owners):
+        await driver.put("blobs/a", b"a's content")
+        await driver.put("blobs/b", b"b's content")
+    copy_file(tmp_path, "blobs/a", "blobs/b")
+
+    errors: list[IntegrityError] = []
+    reader = make_driver(tmp_path, engine, errors)
+    with pytest.raises(MisplacedObjectError, match="belongs at blobs/a") as raised:
+        await load(reader, "blobs/b")
+    assert errors == [raised.value]
+    with pytest.raises(MisplacedObjectError):
+        await reader.open_reader("blobs/b", 3, 4)
+
+    await driver.delete("blobs/b")
+    assert await load(make_driver(tmp_path, engine), "blobs/a") == b"a's content"
+
+
+async def test_moved_object_opens_at_its_new_path(
+    tmp_path: Path, engine: AsyncEngine
+) -> None:
+    """`move` carries an object's recorded path; its old path is free again."""
+    driver = make_driver(tmp_path, engine)
+    with wrapping_for(["vendor"]):
+        writer = await driver.writer("uploads/u/data")
+        await writer.write(b"uploaded")
+        await writer.commit()
+    await driver.move("uploads/u/data", "blobs/u")
+    assert await load(make_driver(tmp_path, engine), "blobs/u") == b"uploaded"
+    copy_file(tmp_path, "blobs/u", "uploads/u/data")
+    with pytest.raises(MisplacedObjectError, match="belongs at blobs/u"):
+        await load(make_driver(tmp_path, engine), "uploads/u/data")
+
+
+async def test_unrecorded_objects_get_paths(
+    tmp_path: Path, engine: AsyncEngine
+) -> None:
+    """Objects stored before paths were recorded open where nothing else is
+    recorded, and `record_object_paths` records them, skipping copies."""
+    driver = make_driver(tmp_path, engine)
+    old = paths.blob_path(parse_digest("sha256:" + hashlib.sha256(b"old").hexdigest()))
+    new = paths.blob_path(parse_digest("sha256:" + hashlib.sha256(b"new").hexdigest()))
+    copy = paths.blob_path(parse_digest("sha256:" + "0" * 64))
+    with wrapping_for(["vendor"]):
+        await driver.put(old, b"old")
+        await driver.put(new, b"new")
+    async with engine.begin() as connection:
+        await connection.execute(delete(object_paths))
+    copy_file(tmp_path, old, copy)
+    assert await load(make_driver(tmp_path, engine), old) == b"old"
+
+    assert await maintenance.record_object_paths(driver) == 2
+    assert await maintenance.record_object_paths(driver) == 0
+    async with engine.connect() as connection:
+        recorded = {row.path for row in await connection.execute(select(object_paths))}
+    assert recorded == {old, new}
+    with pytest.raises(MisplacedObjectError):
+        await load(make_driver(tmp_path, engine), copy)
+    assert await load(make_driver(tmp_path, engine), old) == b"old"
+
+
+async def test_reencrypted_object_opens_in_place(
+    tmp_path: Path, engine: AsyncEngine
+) -> None:
+    """Re-encryption records the new object at the path it replaces."""
+    driver = make_driver(tmp_path, engine)
+    with wrapping_for(["vendor"]):
+        await driver.put("blobs/r", b"re-encrypted")
+    old_id = await object_id_of(driver, "blobs/r")
+    report = await maintenance.reencrypt_all(driver, "blobs")
+    assert report.reencrypted == 1
+    assert await object_id_of(driver, "blobs/r") != old_id
+    assert await load(make_driver(tmp_path, engine), "blobs/r") == b"re-encrypted"
+    async with engine.connect() as connection:
+        rows = (await connection.execute(select(object_paths))).all()
+    assert [row.path for row in rows] == ["blobs/r"]
+
+
 async def store_blob(
     driver: EncryptedDriver, engine: AsyncEngine, data: bytes, owners: list[str]
 ) -> tuple[str, str]:
@@ -266,6 +358,26 @@ async def wrap_owners(engine: AsyncEngine, object_id: str) -> set[str]:
             )
         )
         return set(result)
+
+
+async def test_claim_skips_a_copied_blob(tmp_path: Path, engine: AsyncEngine) -> None:
+    """Claiming blobs for an owner reports a blob file that is a copy of
+    another owner's blob, and wraps that blob's data key for nobody else."""
+    errors: list[IntegrityError] = []
+    driver = make_driver(tmp_path, engine, errors)
+    private, private_id = await store_blob(driver, engine, b"private", ["customer:a"])
+    copied, _ = await store_blob(driver, engine, b"copied", ["customer:a"])
+    async with engine.begin() as connection:
+        await link(connection, "products/copied", copied)
+    copy_file(
+        tmp_path,
+        paths.blob_path(parse_digest(private)),
+        paths.blob_path(parse_digest(copied)),
+    )
+    assert await maintenance.claim_blobs(driver, "vendor") == 0
+    assert await wrap_owners(engine, private_id) == {"customer:a"}
+    assert len(errors) == 1
+    assert isinstance(errors[0], MisplacedObjectError)
 
 
 async def test_release_waits_for_locked_link(

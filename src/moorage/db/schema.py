@@ -369,6 +369,22 @@ data_key_wraps = Table(
     Index(None, "owner"),
 )
 
+# The path at which each encrypted object is stored, by the object id in its
+# header. The encrypting driver opens an object only at the path recorded for
+# its id, so a whole file copied over another object's path fails its integrity
+# check instead of serving the other object's content. A path may have several
+# objects recorded: concurrent pushes of one blob each write a copy there, and
+# whichever copy stays is one of them.
+object_paths = Table(
+    "object_paths",
+    metadata,
+    # The random id in the object's header, in hex.
+    Column("object_id", String(32), primary_key=True),
+    # The storage driver's key, such as "blobs/sha256/ab/ab12...".
+    Column("path", String(1024), nullable=False),
+    Index(None, "path"),
+)
+
 # Objects whose last data key wrap was deleted by shredding (`customer shred`),
 # written in the transaction that destroys the owner's key. An object with no
 # wrap and no envelope that is not listed here lost its wraps to damage, and

@@ -2,7 +2,8 @@
 
 The same task moves data keys that only the installation key-encryption key
 wraps (envelopes from before owner keys) to wraps under their owners' keys,
-and seals manifests that the database data key seals for their owners.
+seals manifests that the database data key seals for their owners, and
+records the paths of blobs stored before paths were recorded.
 """
 
 from __future__ import annotations
@@ -16,7 +17,11 @@ from moorage.db.wipe import checkpoint_wal
 from moorage.storage import paths
 from moorage.storage.drivers.base import PathNotFoundError, StorageDriver
 from moorage.storage.encryption.driver import EncryptedDriver
-from moorage.storage.encryption.maintenance import adopt_envelopes, encrypt_plaintext
+from moorage.storage.encryption.maintenance import (
+    adopt_envelopes,
+    encrypt_plaintext,
+    record_object_paths,
+)
 from moorage.storage.encryption.manifests import reseal_manifests
 
 log = structlog.get_logger(__name__)
@@ -47,6 +52,7 @@ async def _convert(driver: EncryptedDriver, store: RegistryStore) -> None:
                 # The old plaintext or differently sealed rows stay in SQLite's
                 # -wal file, and in the main file's old pages, until then.
                 await checkpoint_wal(store.engine)
+            await record_object_paths(driver)
             await encrypt_plaintext(driver, paths.BLOBS_PREFIX)
             await adopt_envelopes(driver)
             if not await _plaintext_uploads_remain(driver):

@@ -32,7 +32,11 @@ import structlog
 from moorage.db.key_store import KeyStore
 from moorage.db.wrap_store import VENDOR_OWNER, DataKeyWrap, ShredCounts, WrapStore
 from moorage.storage.encryption.database import wrap_context as sealing_context
-from moorage.storage.encryption.format import DataKeyUnavailableError, wrap_context
+from moorage.storage.encryption.format import (
+    DataKeyUnavailableError,
+    MisplacedObjectError,
+    wrap_context,
+)
 from moorage.storage.encryption.keys import (
     KEK_BYTES,
     Keyring,
@@ -43,6 +47,7 @@ from moorage.storage.encryption.keys import (
 __all__ = [
     "DataKeyCustody",
     "DataKeyUnavailableError",
+    "MisplacedObjectError",
     "OwnerKey",
     "OwnerKeys",
     "wrapping_for",
@@ -191,12 +196,49 @@ class DataKeyCustody:
         return owner
 
     async def wrap(
-        self, object_id: bytes, data_key: bytes, owners: Iterable[str]
+        self,
+        object_id: bytes,
+        data_key: bytes,
+        owners: Iterable[str],
+        path: str | None = None,
     ) -> None:
-        """Store one wrap of the data key per owner (kept when one exists)."""
+        """Store one wrap of the data key per owner (kept when one exists), and
+        the path of a new object when given."""
         await self.wraps.add(
-            object_id.hex(), await self.wraps_for(object_id, data_key, owners)
+            object_id.hex(), await self.wraps_for(object_id, data_key, owners), path
         )
+
+    async def record_path(self, object_id: bytes, path: str) -> None:
+        """Record the path of a new object whose data key has no wraps."""
+        await self.wraps.record_path(object_id.hex(), path)
+
+    async def check_place(
+        self, path: str, object_id: bytes, recorded: str | None = None
+    ) -> None:
+        """Raise MisplacedObjectError unless the object may be opened at `path`.
+
+        An object opens only at the path recorded for it. An object with no
+        recorded path (stored before paths were recorded, and not yet found by
+        the server's start-up pass) opens only where no other object is
+        recorded. `recorded` is the object's path when the caller has read it.
+        """
+        if recorded is None:
+            place = await self.wraps.place(object_id.hex(), path)
+            if place.path is None:
+                if place.path_taken:
+                    raise MisplacedObjectError(
+                        path,
+                        f"object {object_id.hex()} has no recorded path, and "
+                        "other objects are recorded at this path",
+                    )
+                return
+            recorded = place.path
+        if recorded != path:
+            raise MisplacedObjectError(
+                path,
+                f"object {object_id.hex()} belongs at {recorded}: its file was "
+                "copied or moved here",
+            )
 
     async def wraps_for(
         self, object_id: bytes, data_key: bytes, owners: Iterable[str]
@@ -212,10 +254,14 @@ class DataKeyCustody:
     async def unwrap(self, path: str, object_id: bytes) -> bytes | None:
         """Return the object's data key, or None when it has no wraps here.
 
-        Raises DataKeyUnavailableError when wraps exist but none opens, for
-        example because every owner's key was destroyed.
+        Raises MisplacedObjectError when the object is recorded at another
+        path than `path` (see `check_place`), and DataKeyUnavailableError when
+        wraps exist but none opens, for example because every owner's key was
+        destroyed. An object with wraps, recorded at `path`, costs one query.
         """
-        wraps = await self.wraps.wraps(object_id.hex())
+        wraps, recorded = await self.wraps.wraps_and_path(object_id.hex())
+        if recorded != path:
+            await self.check_place(path, object_id, recorded)
         if not wraps:
             return None
         context = wrap_context(object_id)

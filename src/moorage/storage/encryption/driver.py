@@ -11,6 +11,12 @@ such envelopes, and reads fall back to them. The object's header carries its
 id, so `move` needs to touch only the data: the wraps and the envelope follow by
 that id. Rotation rewraps keys and never the data.
 
+With a custody attached, the database also records the path of each object
+(`object_paths`), and an object opens only at its recorded path: a whole file
+copied over another object's path raises `MisplacedObjectError`, an integrity
+error, rather than serving the content of the file copied. `move` carries the
+record along.
+
 Objects written before encryption was turned on have no header; they are read
 as they are, and `maintenance.encrypt_all` converts them.
 
@@ -57,6 +63,7 @@ from moorage.storage.encryption.format import (
     DataKeyUnavailableError,
     Header,
     IntegrityError,
+    MisplacedObjectError,
     SegmentCipher,
     parse_header,
     wrap_context,
@@ -158,8 +165,9 @@ class EncryptedDriver(StorageDriver):
 
     # Keys
 
-    async def new_cipher(self) -> SegmentCipher:
-        """Create a data key for a new object and store its wraps or envelope."""
+    async def new_cipher(self, path: str) -> SegmentCipher:
+        """Create a data key for a new object at `path`, store its wraps or
+        envelope, and record its path."""
         header = Header.new(self.segment_bytes)
         data_key = os.urandom(DATA_KEY_BYTES)
         owners: tuple[str, ...] = ()
@@ -167,8 +175,10 @@ class EncryptedDriver(StorageDriver):
             owners = await self.custody.owners_for_new_object()
         if owners:
             assert self.custody is not None
-            await self.custody.wrap(header.object_id, data_key, owners)
+            await self.custody.wrap(header.object_id, data_key, owners, path)
         else:
+            if self.custody is not None:
+                await self.custody.record_path(header.object_id, path)
             # NOTE: shredding does not reach installation envelopes. The registry
             # names an owner for every upload and blob it writes, so only objects
             # that no repository uses (re-encrypted orphans) end up here.
@@ -186,6 +196,9 @@ class EncryptedDriver(StorageDriver):
                 data_key = await self.custody.unwrap(path, header.object_id)
             except DataKeyUnavailableError as error:
                 raise await self._unavailable(path, header, error.reason) from None
+            except MisplacedObjectError as error:
+                self.on_integrity_error(error)
+                raise
             if data_key is not None:
                 return data_key
         envelope = await self._load_envelope(path, header)
@@ -242,6 +255,8 @@ class EncryptedDriver(StorageDriver):
         wrap for each owner of `digest`, and its envelope is deleted, so that
         no owner's wrap is left out. The check and the new wraps are one step
         of `WrapStore.add_missing`, which a concurrent release cannot split.
+        Raises MisplacedObjectError when the file at `path` is a copy of an
+        object recorded elsewhere.
         """
         custody = self.custody
         if custody is None:
@@ -253,6 +268,13 @@ class EncryptedDriver(StorageDriver):
         if header is None:
             return
         object_id = header.object_id
+        try:
+            # An owner that has a wrap already gets no new one, so the path is
+            # checked here rather than by unwrapping.
+            await custody.check_place(path, object_id)
+        except MisplacedObjectError as error:
+            self.on_integrity_error(error)
+            raise
         adopted = False
 
         async def new_wraps() -> list[DataKeyWrap]:
@@ -276,8 +298,15 @@ class EncryptedDriver(StorageDriver):
             header = await self.read_header(path)
         except PathNotFoundError:
             return
-        if header is not None:
-            await self.custody.wraps.release(header.object_id.hex(), owner, digest)
+        if header is None:
+            return
+        try:
+            await self.custody.check_place(path, header.object_id)
+        except MisplacedObjectError as error:
+            # The file is a copy of another object, whose wraps must stay.
+            self.on_integrity_error(error)
+            return
+        await self.custody.wraps.release(header.object_id.hex(), owner, digest)
 
     async def read_header(self, path: str) -> Header | None:
         """Return the object's header, or None when it is stored in plaintext."""
@@ -467,7 +496,7 @@ class EncryptedDriver(StorageDriver):
         if offset == 0:
             if not self.encrypt_new:
                 return await self.inner.writer(path, 0)
-            cipher = await self.new_cipher()
+            cipher = await self.new_cipher(path)
             inner = await self.inner.writer(path, 0)
             await inner.write(cipher.header.to_bytes())
             return _EncryptedWriter(self, path, inner, cipher, 0, b"", None)
@@ -503,13 +532,22 @@ class EncryptedDriver(StorageDriver):
         if not self.encrypt_new:
             await self.inner.put(path, data)
             return
-        cipher = await self.new_cipher()
+        cipher = await self.new_cipher(path)
         await self.inner.put(path, seal_whole(cipher, data))
 
     # Managing
 
     async def move(self, source: str, destination: str) -> None:
+        """Move an object and the record of its path.
+
+        The file moves first. A process that dies before the record moves
+        leaves the object recorded at `source`, where its file no longer is.
+        The registry moves only finished uploads to blob paths, so the client
+        then starts a new upload, and its push replaces the file.
+        """
         await self.inner.move(source, destination)
+        if self.custody is not None:
+            await self.custody.wraps.move_path(source, destination)
 
     async def delete(self, path: str) -> None:
         # `path` names one object or a prefix: an empty listing means the former.
@@ -522,6 +560,16 @@ class EncryptedDriver(StorageDriver):
                 continue
             if header is not None:
                 object_ids.append(header.object_id)
+        # NOTE: where no file is left to read, the paths' records stay. They
+        # cost a row each and open nothing, because an object opens only where
+        # its file is.
+        if self.custody is not None and object_ids:
+            # A file that is a copy of an object recorded elsewhere goes
+            # without that object's wraps and envelope.
+            forget = await self.custody.wraps.objects_to_forget(
+                objects, [object_id.hex() for object_id in object_ids]
+            )
+            object_ids = [bytes.fromhex(object_id) for object_id in forget]
         await self.inner.delete(path)
         for object_id in object_ids:
             await self.inner.delete(envelope_path(object_id))

@@ -53,6 +53,15 @@ class IntegrityError(Exception):
         self.reason = reason
 
 
+class MisplacedObjectError(IntegrityError):
+    """An object was found at a path other than the one recorded for it.
+
+    A whole encrypted file copied or moved over another object's path in the
+    storage directory authenticates under its own data key, so the recorded
+    path is what tells it apart from the object that belongs there.
+    """
+
+
 class DataKeyUnavailableError(IntegrityError):
     """No key this installation holds unwraps an object's data key.
 

@@ -12,6 +12,8 @@ All of it runs while the server serves:
 - `adopt_envelopes` moves data keys from installation envelopes to wraps under
   their owners' keys, for objects stored before owner keys existed; the server
   runs it in the background too.
+- `record_object_paths` records the path of each blob stored before paths
+  were recorded; the server runs it in the background at start-up.
 - `claim_namespace` moves manifests and blob wraps that a push made for the
   vendor, in a namespace that a customer got afterwards, to that customer.
 - `shred_owner` destroys one owner's key-encryption key and its wraps.
@@ -23,6 +25,7 @@ Manifests, sealed in the database, have their own counterpart of
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import uuid
 from collections import Counter
@@ -51,6 +54,7 @@ from moorage.storage.encryption.driver import (
     envelope_path,
     wrap_context,
 )
+from moorage.storage.encryption.format import IntegrityError, MisplacedObjectError
 from moorage.storage.encryption.manifests import reseal_manifests
 
 log = structlog.get_logger(__name__)
@@ -59,6 +63,9 @@ STATE_PATH = f"{WORK_PREFIX}/state.json"
 # A writer that took the old active key just before rotation may store its
 # envelope a moment later; rotation looks again after this pause.
 SETTLE_SECONDS = 1.0
+# Blob paths looked up per query, and recorded per transaction, by
+# `record_object_paths`.
+_RECORD_BATCH = 500
 
 # Called with (done, total): once with done 0 as soon as the objects are
 # listed, so a progress bar shows its total from the start, then after each
@@ -323,6 +330,11 @@ async def _replace_encrypted(driver: EncryptedDriver, path: str) -> bool:
             raise
     except PathNotFoundError:
         return False
+    if driver.custody is not None:
+        # Recorded at `path` before the copy replaces the original there, so a
+        # concurrent read opens either object. Both are recorded at `path`
+        # until the old one is forgotten below.
+        await driver.custody.wraps.move_path(temporary, path)
     # NOTE: an object deleted while it was copied comes back here; garbage
     # collection removes it again on its next run.
     await driver.inner.move(temporary, path)
@@ -355,6 +367,73 @@ async def owners_of_object(custody: DataKeyCustody, path: str) -> set[str]:
         owner = await custody.wraps.owner_of_upload(upload_id)
         return set() if owner is None else {owner}
     return set()
+
+
+async def record_object_paths(
+    driver: EncryptedDriver, progress: Progress = _no_progress
+) -> int:
+    """Record the path of each encrypted blob that has none; return how many.
+
+    Objects stored before paths were recorded have no row in `object_paths`,
+    and open wherever no other object is recorded (see
+    `DataKeyCustody.check_place`). This pass reads their headers and records
+    them. An object found at several blob paths (a file copied before this
+    pass) is recorded only at the path whose digest its content has. An
+    object recorded at another path already is left for its next read to
+    report. Uploads in progress are left out, because one that finishes while
+    the pass reads it would be recorded at its upload path. Those that finish
+    after the pass are recorded at the next start.
+    """
+    custody = driver.custody
+    if custody is None:
+        return 0
+    objects = await driver.list(paths.BLOBS_PREFIX)
+    progress(0, len(objects))
+    found: dict[str, list[str]] = {}
+    for start in range(0, len(objects), _RECORD_BATCH):
+        batch = objects[start : start + _RECORD_BATCH]
+        known = await custody.wraps.paths_recorded(batch)
+        for path in batch:
+            if path in known:
+                continue
+            try:
+                header = await driver.read_header(path)
+            except PathNotFoundError:
+                continue
+            if header is not None:
+                found.setdefault(header.object_id.hex(), []).append(path)
+        progress(min(start + _RECORD_BATCH, len(objects)), len(objects))
+    places: dict[str, str] = {}
+    for object_id, found_at in found.items():
+        if len(found_at) > 1:
+            found_at = [
+                path for path in found_at if await _has_its_digest(driver, path)
+            ]
+        if len(found_at) == 1:
+            places[found_at[0]] = object_id
+    recorded = 0
+    items = list(places.items())
+    for start in range(0, len(items), _RECORD_BATCH):
+        chunk = dict(items[start : start + _RECORD_BATCH])
+        recorded += await custody.wraps.record_missing_paths(chunk)
+    if recorded:
+        log.info("paths of stored objects recorded", count=recorded)
+    return recorded
+
+
+async def _has_its_digest(driver: EncryptedDriver, path: str) -> bool:
+    """Return whether a blob's content has the digest that its path names."""
+    digest = paths.blob_digest_of(path)
+    if digest is None:
+        return False
+    algorithm, expected = digest.split(":", 1)
+    hasher = hashlib.new(algorithm)
+    try:
+        async for chunk in driver.read(path):
+            hasher.update(chunk)
+    except (PathNotFoundError, IntegrityError):
+        return False
+    return hasher.hexdigest() == expected
 
 
 async def adopt_envelopes(
@@ -461,7 +540,8 @@ async def claim_blobs(driver: EncryptedDriver, owner: str) -> int:
             continue
         try:
             await driver.share(path, owner, digest)
-        except DataKeyUnavailableError:
+        except (DataKeyUnavailableError, MisplacedObjectError):
+            # Shredded, or a copy of another object that `share` has reported.
             continue
         await driver.release(path, VENDOR_OWNER, digest)
         claimed += 1
