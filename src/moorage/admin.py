@@ -35,7 +35,11 @@ from moorage.audit.events import (
     VENDOR_USER_ADD,
 )
 from moorage.audit.recorder import AdminRecorder
-from moorage.auth.access import CUSTOMER_ROLES, VENDOR_ROLES
+from moorage.auth.access import (
+    CUSTOMER_ROLES,
+    VENDOR_ROLES,
+    pattern_reaches_namespace,
+)
 from moorage.auth.secrets import (
     PERSONAL_TOKEN_PREFIX,
     SECRET_HASH_KEY,
@@ -43,7 +47,12 @@ from moorage.auth.secrets import (
     hash_password,
     keyed_hash,
 )
-from moorage.db.identity_store import AccountRecord, CustomerRecord, IdentityStore
+from moorage.db.identity_store import (
+    AccountRecord,
+    CustomerGrant,
+    CustomerRecord,
+    IdentityStore,
+)
 from moorage.db.login_failure_store import LoginFailureStore
 from moorage.db.refresh_token_store import RefreshTokenRecord, RefreshTokenStore
 from moorage.db.registry_store import RegistryStore
@@ -156,6 +165,25 @@ async def _create_customer(
     return await identity.create_customer(
         validate_slug(slug), validate_display_name(display_name), access_until
     )
+
+
+async def grants_reaching_namespace(
+    identity: IdentityStore, namespace: str, owner_slug: str
+) -> list[CustomerGrant]:
+    """Return the unexpired grants of customers other than `owner_slug` that
+    match repositories in `namespace`.
+
+    A grant on `umbrella/*` made while `umbrella` was still a vendor namespace
+    gives its customer access to the images of a customer `umbrella` added
+    later, so adding that customer should name such grants."""
+    now = datetime.now(UTC)
+    return [
+        customer_grant
+        for customer_grant in await identity.list_customer_grants()
+        if customer_grant.customer_slug != owner_slug
+        and (customer_grant.grant.until is None or customer_grant.grant.until > now)
+        and pattern_reaches_namespace(customer_grant.grant.pattern, namespace)
+    ]
 
 
 async def add_user(

@@ -368,6 +368,51 @@ def test_grant_in_other_customers_namespace_warns(cli: Cli) -> None:
         assert "warning" not in quiet.stderr, pattern
 
 
+def _grant_id(output: str) -> str:
+    """Return the id from `grant add` output such as `grant 7: reader on ...`."""
+    return output.split(":", 1)[0].removeprefix("grant ").strip()
+
+
+def test_customer_add_names_grants_on_its_namespace(cli: Cli) -> None:
+    """customer add warns about each unexpired grant of another customer that
+    reaches its new namespace, and still adds the customer."""
+    slug = unique("umbrella")
+    cli.ok("robot", "add", "acme", "watcher")
+    exact = _grant_id(cli.ok("grant", "add", "acme", f"{slug}/*", "reader"))
+    glob = _grant_id(cli.ok("grant", "add", "acme", "*x", "writer", "--force"))
+    robot = _grant_id(
+        cli.ok(
+            "grant", "add", "acme", f"{slug}/app", "reader",
+            "--account", "acme+watcher", "--until", "2099-01-01",
+        )
+    )  # fmt: skip
+    elsewhere = _grant_id(cli.ok("grant", "add", "acme", f"{slug}-old/*", "reader"))
+
+    added = cli.run("customer", "add", slug)
+
+    assert added.returncode == 0, added.stderr
+    assert added.stdout == f"customer {slug} added, with namespace {slug}/\n"
+    assert (
+        f"warning: grant {exact} of acme (reader on {slug}/*) gives acme access to "
+        f"the new customer's namespace {slug}; remove it with `moorage grant "
+        f"remove acme {exact}` unless that is intended"
+    ) in added.stderr
+    assert f"grant {glob} of acme (writer on *x) gives acme access" in added.stderr
+    assert (
+        f"grant {robot} of acme (reader on {slug}/app) gives acme+watcher access"
+    ) in added.stderr
+    assert f"grant {elsewhere} " not in added.stderr
+    assert len(added.stderr.strip().splitlines()) == 3
+    assert cli.run("customer", "show", slug).returncode == 0
+
+    # The glob reaches every namespace; remove it so that later customers of this
+    # module's database are not warned about it.
+    cli.ok("grant", "remove", "acme", glob)
+    quiet = cli.run("customer", "add", unique("plain"))
+    assert quiet.returncode == 0, quiet.stderr
+    assert quiet.stderr == ""
+
+
 def _failures(cli: Cli, action: str) -> list[str]:
     """Return the reasons of the failed `action` events, oldest first."""
     output = cli.ok(

@@ -132,3 +132,40 @@ def as_glob(pattern: str) -> str:
 
 def pattern_matches(pattern: str, repository: str) -> bool:
     return fnmatchcase(repository, as_glob(pattern))
+
+
+def pattern_reaches_namespace(pattern: str, namespace: str) -> bool:
+    """Return whether a grant pattern matches any repository in `namespace`.
+
+    `pattern_matches` tests one name, so this runs the pattern's glob over the
+    prefix `namespace/` and checks that some of the glob is left to match the
+    rest of a name. `*` matches `/` too, so `ac*`, `*/app` and even `*x` reach
+    every namespace: `umbrella/x` matches `*x`.
+    """
+    glob = as_glob(pattern)
+    # Positions in `glob` that the characters read so far can end at.
+    positions = _past_stars(glob, {0})
+    for character in f"{namespace}/":
+        following: set[int] = set()
+        for position in positions:
+            if position == len(glob):
+                continue
+            if glob[position] == "*":
+                following.add(position)
+            elif glob[position] == character:
+                following.add(position + 1)
+        positions = _past_stars(glob, following)
+    # A name needs at least one character after `namespace/`, so some of the
+    # glob must be left. For a pattern that `admin.validate_pattern` accepts,
+    # a valid repository name can then complete the match.
+    return any(position < len(glob) for position in positions)
+
+
+def _past_stars(glob: str, positions: set[int]) -> set[int]:
+    """Add the positions reached by letting each `*` match nothing."""
+    reached = set(positions)
+    for position in positions:
+        while position < len(glob) and glob[position] == "*":
+            position += 1
+            reached.add(position)
+    return reached

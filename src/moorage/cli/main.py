@@ -49,7 +49,12 @@ from moorage.db.engine import (
     UNREACHABLE_DATABASE_ERRORS,
     unreachable_database_message,
 )
-from moorage.db.identity_store import AccountRecord, CustomerRecord, GrantRecord
+from moorage.db.identity_store import (
+    AccountRecord,
+    CustomerGrant,
+    CustomerRecord,
+    GrantRecord,
+)
 from moorage.db.key_store import KeyStore
 from moorage.errors import InvalidInputError, MoorageError
 from moorage.logs import configure_logging
@@ -453,10 +458,13 @@ def customer_add(
         except InvalidInputError as error:
             reject(f"--name: {error.message}")
 
-    async def add(services: Services) -> tuple[CustomerRecord, ClaimReport]:
+    async def add(
+        services: Services,
+    ) -> tuple[CustomerRecord, ClaimReport, list[CustomerGrant]]:
         customer = await admin.add_customer(
             services.identity, slug, name or slug, until, audit=_recorder(services)
         )
+        reaching = await _grants_reaching_new_namespace(services, customer.slug)
         # A push to the namespace racing with this command may have sealed for
         # the vendor; seal what it stored for the customer.
         try:
@@ -474,15 +482,47 @@ def customer_add(
                 soft_wrap=True,
             )
             claimed = ClaimReport()
-        return customer, claimed
+        return customer, claimed, reaching
 
-    customer, claimed = _run(_settings(data_dir=data_dir), add)
+    customer, claimed, reaching = _run(_settings(data_dir=data_dir), add)
     console.print(f"customer {customer.slug} added, with namespace {customer.slug}/")
     if claimed.manifests or claimed.blobs:
         console.print(
             f"{claimed.manifests} manifests and {claimed.blobs} blobs pushed to "
             f"{customer.slug}/ for the vendor were moved to the customer's key"
         )
+    for customer_grant in reaching:
+        grant = customer_grant.grant
+        holder = customer_grant.customer_slug
+        grantee = customer_grant.account_login or holder
+        errors.print(
+            f"warning: grant {grant.id} of {holder} ({grant.role} on "
+            f"{grant.pattern}) gives {grantee} access to the new customer's "
+            f"namespace {customer.slug}; remove it with `moorage grant remove "
+            f"{holder} {grant.id}` unless that is intended",
+            highlight=False,
+            soft_wrap=True,
+        )
+
+
+async def _grants_reaching_new_namespace(
+    services: Services, slug: str
+) -> list[CustomerGrant]:
+    """Return other customers' grants that reach the new customer's namespace
+    `slug`. A database error is printed as a warning, and then none are returned."""
+    try:
+        return await admin.grants_reaching_namespace(services.identity, slug, slug)
+    except SQLAlchemyError as error:
+        log.debug("database error", exc_info=error)
+        errors.print(
+            f"warning: customer {slug} was added, but checking other customers' "
+            f"grants on its namespace failed: {_database_reason(error)}. Run "
+            "`moorage grant list CUSTOMER` to look for grants on "
+            f"{slug}/ or a glob that matches it.",
+            highlight=False,
+            soft_wrap=True,
+        )
+        return []
 
 
 @customer_app.command("list")

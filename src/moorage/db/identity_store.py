@@ -75,6 +75,16 @@ class GrantRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class CustomerGrant:
+    """A grant with the slug of its customer and, for a grant to one account,
+    that account's login."""
+
+    grant: GrantRecord
+    customer_slug: str
+    account_login: str | None
+
+
+@dataclass(frozen=True, slots=True)
 class SigningKeyRecord:
     kid: str
     algorithm: str
@@ -721,6 +731,23 @@ class IdentityStore:
                 .order_by(grants.c.id)
             )
             return [GrantRecord(*row) for row in result]
+
+    async def list_customer_grants(self) -> list[CustomerGrant]:
+        """Return the grants of every customer, by grant id."""
+        async with connect(self.engine) as connection:
+            result = await connection.execute(
+                select(*_GRANT_COLUMNS, customers.c.slug, accounts.c.login)
+                .select_from(
+                    grants.join(
+                        customers, grants.c.customer_id == customers.c.id
+                    ).outerjoin(accounts, grants.c.account_id == accounts.c.id)
+                )
+                .order_by(grants.c.id)
+            )
+            return [
+                CustomerGrant(GrantRecord(*row[:-2]), row[-2], row[-1])
+                for row in result
+            ]
 
     async def remove_grant(self, customer_id: int, grant_id: int) -> bool:
         """Delete one grant of a customer; return False when there is none."""
