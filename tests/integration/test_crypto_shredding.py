@@ -21,7 +21,6 @@ import re
 import shutil
 import sqlite3
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -163,14 +162,7 @@ def skopeo_pull(server: ServerProcess, repository: str, creds: str, target: Path
 
 
 def moorage(server: ServerProcess, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "moorage", *args],
-        env=server.environment(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    return server.run_command(*args)
 
 
 def creds(account: Account) -> str:

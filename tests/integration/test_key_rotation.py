@@ -335,14 +335,7 @@ def test_rotate_output_by_kind(
 
 
 def run_cli(server: ServerProcess, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "moorage", *args],
-        env=server.environment(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    return server.run_command(*args)
 
 
 async def stored_secrets(database_url: str) -> tuple[list[str], list[bytes]]:

@@ -16,7 +16,6 @@ import hashlib
 import json
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -41,14 +40,7 @@ from tests.support.server import ADMIN_LOGIN, ADMIN_PASSWORD, ServerProcess, uni
 
 
 def moorage(server: ServerProcess, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "moorage", *args],
-        env=server.environment(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    return server.run_command(*args)
 
 
 def vendor_client(server: ServerProcess) -> httpx.Client:

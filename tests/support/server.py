@@ -160,6 +160,17 @@ class ServerProcess:
     def settings(self) -> Settings:
         return Settings(data_dir=self.data_dir, database_url=self.database_url)
 
+    def run_command(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """Run `moorage ARGS` against this server's data and database."""
+        return subprocess.run(
+            [sys.executable, "-m", "moorage", *args],
+            env=self.environment(),
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+
     def run_admin(self, action: Callable[[Services], Awaitable[T]]) -> T:
         """Run one administrative action on the server's database."""
 
