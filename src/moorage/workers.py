@@ -16,6 +16,7 @@ worker (see `moorage.auth.password_service`).
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import gc
 import itertools
@@ -163,11 +164,10 @@ def _prepare_in_child(settings: Settings) -> None:
             )
             print(f"error: {message}", file=sys.stderr)
             status = 1
-        except KeyboardInterrupt:
+        except BaseException as error:
             # Ctrl-C in a terminal reaches this child too; the parent reports it.
-            status = 1
-        except BaseException:
-            log.exception("preparing the database failed")
+            if not _interrupted(error):
+                log.exception("preparing the database failed")
             status = 1
         finally:
             flush_logs()
@@ -177,6 +177,20 @@ def _prepare_in_child(settings: Settings) -> None:
     _, code = os.waitpid(pid, 0)
     if os.waitstatus_to_exitcode(code) != 0:
         raise SystemExit(1)
+
+
+def _interrupted(error: BaseException | None) -> bool:
+    """Return whether `error` is Ctrl-C, or came from clean-up that it caused.
+
+    Ctrl-C cancels the task, and the clean-up then finds the connection closed:
+    Alembic, for one, drops the temporary table of a batch operation on the
+    way out and raises PendingRollbackError.
+    """
+    while error is not None:
+        if isinstance(error, KeyboardInterrupt | asyncio.CancelledError):
+            return True
+        error = error.__context__
+    return False
 
 
 async def _prepare(settings: Settings) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import sqlite3
@@ -137,6 +138,42 @@ def _upgrade(connection: Connection) -> tuple[list[str], list[str]]:
     return list(before), list(after)
 
 
+def _upgrade_sqlite(connection: Connection) -> tuple[list[str], list[str]]:
+    """Run `_upgrade` in one SQLite transaction that includes the DDL.
+
+    Python's sqlite3 module begins a transaction only before INSERT, UPDATE,
+    DELETE or REPLACE, so each CREATE TABLE before the first of those commits
+    on its own. A migration killed half-way then left tables without a
+    revision in alembic_version, and every later start failed on "table ...
+    already exists". With the module's own transaction handling off (isolation_level
+    None), an explicit BEGIN covers every statement, as SQLAlchemy's SQLite
+    documentation recommends for transactional DDL. A process that dies before
+    the commit leaves the database as it was.
+
+    NOTE: BEGIN is deferred, so two processes that migrate the same new file
+    at once still collide: the second fails on "database is locked" when it
+    first writes, and the file keeps the first one's schema.
+    """
+    driver = connection.connection.dbapi_connection
+    assert driver is not None
+    previous = driver.isolation_level
+    # Setting None commits what the module began; nothing is open here.
+    driver.isolation_level = None
+    try:
+        with connection.begin():
+            connection.exec_driver_sql("BEGIN")
+            heads = _upgrade(connection)
+    except BaseException:
+        # Ctrl-C cancels the start, which can close the connection before this
+        # runs; the error that stopped the migration is the one to report.
+        with contextlib.suppress(Exception):
+            driver.isolation_level = previous
+        raise
+    # The connection goes back to the pool for the server's own use.
+    driver.isolation_level = previous
+    return heads
+
+
 def _check_foreign_keys(connection: Connection) -> None:
     """Raise when a migration left a row whose foreign key matches no row.
 
@@ -172,8 +209,11 @@ async def migrate(engine: AsyncEngine) -> list[str]:
             if sqlite:
                 await connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
                 await connection.commit()
-            async with connection.begin():
-                before, after = await connection.run_sync(_upgrade)
+            if sqlite:
+                before, after = await connection.run_sync(_upgrade_sqlite)
+            else:
+                async with connection.begin():
+                    before, after = await connection.run_sync(_upgrade)
         finally:
             if sqlite:
                 await connection.exec_driver_sql("PRAGMA foreign_keys=ON")
