@@ -7,7 +7,6 @@ import os
 import signal
 import sqlite3
 import subprocess
-import sys
 from pathlib import Path
 
 import httpx
@@ -55,15 +54,7 @@ def test_interrupted_migration_rolls_back(
         # A session of its own: the hook signals the process group, as a
         # terminal does on Ctrl-C, without reaching pytest.
         first = subprocess.run(
-            [
-                sys.executable,
-                "-P",
-                "-m",
-                "moorage",
-                "serve",
-                "--port",
-                str(server.port),
-            ],
+            server.serve_command(),
             env=environment,
             capture_output=True,
             text=True,

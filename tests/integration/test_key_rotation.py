@@ -33,6 +33,7 @@ from tests.integration.test_encryption_at_rest import (
     raw_storage_contains,
     stored_manifest,
 )
+from tests.support.database import create_database, drop_database
 from tests.support.identity import bearer, get_token
 from tests.support.images import MEDIA_TYPE_OCI_MANIFEST
 from tests.support.receivers import wait_until
@@ -126,10 +127,8 @@ def test_rotation_under_load(fresh_server: ServerProcess) -> None:
     assert status.count("yes") == 1
 
 
-def test_existing_plaintext_is_encrypted_while_serving(tmp_path: Path) -> None:
-    """An installation started without encryption is converted after turning it on."""
-    from tests.support.database import create_database, drop_database
-
+def _plaintext_server(tmp_path: Path) -> ServerProcess:
+    """Start a server with encryption off, on a database of its own."""
     data_dir = tmp_path / "data"
     data_dir.mkdir()
     server = ServerProcess(
@@ -138,6 +137,12 @@ def test_existing_plaintext_is_encrypted_while_serving(tmp_path: Path) -> None:
         extra_env={"MOORAGE_ENCRYPTION": "false"},
     )
     server.start()
+    return server
+
+
+def test_existing_plaintext_is_encrypted_while_serving(tmp_path: Path) -> None:
+    """An installation started without encryption is converted after turning it on."""
+    server = _plaintext_server(tmp_path)
     try:
         marker = f"OLD-PLAINTEXT-{unique('m')}".encode()
         data = (marker + os.urandom(1000)) * 300
@@ -148,7 +153,7 @@ def test_existing_plaintext_is_encrypted_while_serving(tmp_path: Path) -> None:
             digest = push_blob(client, repository, data, chunks=2)
             manifest = push_manifest(client, repository, marker.decode())
         assert raw_storage_contains(server, marker) != []
-        assert not (data_dir / "keys").exists()
+        assert not (server.data_dir / "keys").exists()
         assert marker in stored_manifest(server, repository)
         server.stop()
         server.extra_env = {}
@@ -189,7 +194,6 @@ def sqlite_file_bytes(server: ServerProcess) -> bytes:
 
 def test_hsm_keys_serve_and_rotate(tmp_path: Path) -> None:
     """With keys on a SoftHSM2 token, blobs push, rotate online and pull back."""
-    from tests.support.database import create_database, drop_database
     from tests.support.softhsm import init_token
 
     hsm = init_token(tmp_path / "hsm")
@@ -357,16 +361,7 @@ def test_secrets_from_before_encryption_are_sealed(tmp_path: Path) -> None:
     """Signing keys and server keys stored in the clear are sealed when
     encryption is turned on, retired keys included, and tokens signed before
     still verify."""
-    from tests.support.database import create_database, drop_database
-
-    data_dir = tmp_path / "data"
-    data_dir.mkdir()
-    server = ServerProcess(
-        data_dir=data_dir,
-        database_url=create_database(data_dir),
-        extra_env={"MOORAGE_ENCRYPTION": "false"},
-    )
-    server.start()
+    server = _plaintext_server(tmp_path)
     try:
         repository = f"{unique('legacy')}/app"
         with httpx.Client(
@@ -426,7 +421,6 @@ def test_env_rotation_as_documented(tmp_path: Path) -> None:
     """With the env source, `key rotate --keep-active` after a restart with the
     new key rewraps everything, exits 0 and names the old key to remove. The
     server then runs with the new key alone."""
-    from tests.support.database import create_database, drop_database
 
     old_key = base64.b64encode(os.urandom(32)).decode()
     new_key = base64.b64encode(os.urandom(32)).decode()
@@ -487,7 +481,6 @@ def test_env_rotation_keeps_key_still_used(tmp_path: Path) -> None:
     """An earlier env key that wraps a key written after the rewrap (by a server
     that still has it as the active key) is reported as still used, not as
     one to remove."""
-    from tests.support.database import create_database, drop_database
 
     old_key = base64.b64encode(os.urandom(32)).decode()
     new_key = base64.b64encode(os.urandom(32)).decode()

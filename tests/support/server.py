@@ -98,21 +98,25 @@ class ServerProcess:
         env.update(self.extra_env)
         return env
 
+    def serve_command(self) -> list[str]:
+        """Return the command that starts this server."""
+        # -P, as the `moorage` script runs: the working directory is not on
+        # sys.path.
+        return [
+            sys.executable,
+            "-P",
+            "-m",
+            "moorage",
+            "serve",
+            "--port",
+            str(self.port),
+        ]
+
     def start(self, timeout: float = 30) -> None:
         options = self.terminal.popen_options() if self.terminal else {}
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
-                # -P, as the `moorage` script runs: the working directory is
-                # not on sys.path.
-                [
-                    sys.executable,
-                    "-P",
-                    "-m",
-                    "moorage",
-                    "serve",
-                    "--port",
-                    str(self.port),
-                ],
+                self.serve_command(),
                 env=self.environment(),
                 cwd=self.cwd,
                 stdout=log,
