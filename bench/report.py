@@ -11,8 +11,8 @@ from typing import Any
 MIB = 1024 * 1024
 # The sample key of Moorage with encryption at rest (bench.servers.ENCRYPTED).
 ENCRYPTED = "moorage-encrypted"
-# Encrypted pulls should be at least this share of the plaintext figure (issue
-# 5 sets it for pulls only; pushes are reported without a target).
+# Encrypted pulls should be at least this share of the plaintext figure. The
+# target is set for pulls only, so pushes are reported without one.
 ENCRYPTED_TARGET = 0.8
 ENCRYPTED_TARGET_SCENARIOS = frozenset({"pull_one", "pull_eight"})
 # With many repositories and tags loaded, a figure should lose at most 20%.

@@ -3,11 +3,11 @@
 httptools gathers a header's name and value in memory until the line ends, and
 uvicorn sets no limit, so one client could make a worker hold gigabytes by
 sending a header line without an end. `LimitedHttpToolsProtocol` counts the
-bytes received from the start of each request until its headers are complete,
-and answers 431 and closes the connection beyond `MAX_HEAD_BYTES`. A head that
-completes within a piece of more than the limit (the piece may hold some of the
-body too) is measured exactly once it is parsed; heads that come in smaller
-pieces, nearly all of them, cost one addition per piece.
+bytes received from the start of each request until its headers are complete.
+Beyond `MAX_HEAD_BYTES` it responds with 431 and closes the connection. A head
+that completes within a large piece (which may contain some of the body too)
+is measured exactly once it is parsed. Heads that arrive in smaller pieces,
+nearly all of them, cost one addition per piece.
 
 NOTE: the connection is closed with the rest of the head unread, so Linux may
 answer the client's next bytes with a reset, and a client far away may see
@@ -43,7 +43,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     # Bytes received since the request began, while its head is incomplete.
     _head_bytes = 0
     _in_head = True
-    _head_refused = False
+    _head_rejected = False
 
     def data_received(self, data: bytes) -> None:
         if not self._in_head:
@@ -55,13 +55,13 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         # size (256 KiB for uvloop), so that much is parsed at most.
         super().data_received(data)
         if self._in_head and self._head_bytes > MAX_HEAD_BYTES:
-            self._refuse_head()
+            self._reject_head()
 
     def on_headers_complete(self) -> None:
         self._in_head = False
         if self._head_bytes > MAX_HEAD_BYTES and _head_size(self) > MAX_HEAD_BYTES:
             # uvicorn turns the parser's error into send_400_response, below.
-            self._head_refused = True
+            self._head_rejected = True
             raise _HeadTooLarge
         super().on_headers_complete()
 
@@ -71,16 +71,16 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         super().on_message_complete()
 
     def send_400_response(self, msg: str) -> None:
-        if self._head_refused:
-            self._refuse_head()
+        if self._head_rejected:
+            self._reject_head()
         else:
             super().send_400_response(msg)
 
-    def _refuse_head(self) -> None:
+    def _reject_head(self) -> None:
         if self.transport.is_closing():
             return
         self.logger.warning(
-            "request refused: request line and header fields over %d bytes (431)",
+            "request rejected: request line and header fields over %d bytes (431)",
             MAX_HEAD_BYTES,
         )
         self.transport.write(_TOO_LARGE_RESPONSE)

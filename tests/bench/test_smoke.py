@@ -67,6 +67,6 @@ def test_bench_quick_run_measures_every_scenario(tmp_path: Path) -> None:
     assert difference == results["scale"]["repositories"]
     markdown = (tmp_path / "results.md").read_text()
     assert "| Blob pull, 8 clients |" in markdown
-    # Issue 5 sets the 0.8 target for encrypted pulls; pushes show no target.
+    # The 0.8 target applies to encrypted pulls only, so pushes show no target.
     assert markdown.count("| ratio >= 0.8 |") == 2
     assert "| loss <= 20% |" in markdown

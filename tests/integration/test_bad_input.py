@@ -430,7 +430,8 @@ def test_invalid_http_request_logged_as_json(
 
 
 def _send_head(server: ServerProcess, head: bytes) -> bytes:
-    """Send `head` and return the answer; the server may close before the end."""
+    """Send `head` and return the response, because the server may close the
+    connection before `head` ends."""
     with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):
             sock.sendall(head)

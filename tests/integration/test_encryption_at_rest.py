@@ -377,8 +377,8 @@ def object_id_of(server: ServerProcess, digest: str) -> str:
 
 def test_blob_copied_from_another_customer_fails(server: ServerProcess) -> None:
     """A customer's blob file copied over another customer's blob path is not
-    served as that blob, by a whole or a range read, and is recorded as
-    storage.integrity; the copied blob itself still pulls."""
+    served as that blob, by a whole or a range read. The failure is recorded
+    as storage.integrity, and the copied blob itself still pulls."""
     acme = open_account(server, server.add_customer(unique("acme")))
     beta = open_account(server, server.add_customer(unique("beta")))
     with acme.client, beta.client:
@@ -439,8 +439,8 @@ def test_blobs_swapped_within_a_repository_fail(
 def test_copied_blob_is_not_mounted_and_push_repairs(
     admin_client: httpx.Client, server: ServerProcess
 ) -> None:
-    """A blob path holding a copy of another blob is not mounted elsewhere; a
-    push of the blob replaces the copy, and the blob pulls again."""
+    """A blob path that contains a copy of another blob is not mounted
+    elsewhere. A push of the blob replaces the copy, so the blob pulls again."""
     source = f"{unique('enc')}/origin"
     other = marker_blob(b"other", SEGMENT + 3)
     data = marker_blob(b"victim", 2 * SEGMENT + 3)

@@ -94,7 +94,7 @@ def wait_for_workers(server: ServerProcess, workers: int) -> None:
 
 def replace_file(source: Path, target: Path) -> None:
     """Replace `target` with a copy of `source` in one rename, so that a file
-    watcher never sees it half-written."""
+    watcher never reads it half-written."""
     staging = target.with_name(target.name + ".new")
     shutil.copy(source, staging)
     os.replace(staging, target)

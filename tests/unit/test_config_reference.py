@@ -1,4 +1,4 @@
-"""docs/configuration.md holds the output of `moorage config reference`."""
+"""docs/configuration.md contains the output of `moorage config reference`."""
 
 from __future__ import annotations
 

@@ -362,7 +362,7 @@ async def wrap_owners(engine: AsyncEngine, object_id: str) -> set[str]:
 
 async def test_claim_skips_a_copied_blob(tmp_path: Path, engine: AsyncEngine) -> None:
     """Claiming blobs for an owner reports a blob file that is a copy of
-    another owner's blob, and wraps that blob's data key for nobody else."""
+    another owner's blob, and wraps that blob's data key for no other owner."""
     errors: list[IntegrityError] = []
     driver = make_driver(tmp_path, engine, errors)
     private, private_id = await store_blob(driver, engine, b"private", ["customer:a"])

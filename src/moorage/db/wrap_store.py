@@ -110,13 +110,13 @@ class ShredCounts:
 
 @dataclass(frozen=True, slots=True)
 class ObjectPlace:
-    """Where an object is recorded, and whether other objects are recorded at
-    the path it was found at."""
+    """The recorded path of an object, and whether other objects are recorded
+    at the path where it was found."""
 
     # The path recorded for the object, or None when it has none.
     path: str | None
     # Whether the path it was found at has other objects recorded.
-    path_taken: bool
+    path_has_others: bool
 
 
 class WrapStore:
@@ -160,8 +160,8 @@ class WrapStore:
             )
             rows = result.all()
         recorded = next((row.path for row in rows if row.object_id == object_id), None)
-        taken = any(row.object_id != object_id for row in rows)
-        return ObjectPlace(recorded, taken)
+        has_others = any(row.object_id != object_id for row in rows)
+        return ObjectPlace(recorded, has_others)
 
     async def add(
         self, object_id: str, wraps: list[DataKeyWrap], path: str | None = None
@@ -230,7 +230,7 @@ class WrapStore:
         recorded path. An object of `found` recorded at another path is a copy
         of that object, whose wraps must stay.
         """
-        wanted = set(paths)
+        requested = set(paths)
         recorded: dict[str, str] = {}
         async with connect(self.engine) as connection:
             for batch in _batches(paths):
@@ -247,7 +247,7 @@ class WrapStore:
                     )
                 )
                 recorded.update({row.object_id: row.path for row in result})
-        forget = [i for i, path in recorded.items() if path in wanted]
+        forget = [i for i, path in recorded.items() if path in requested]
         forget += [i for i in dict.fromkeys(found) if i not in recorded]
         return forget
 

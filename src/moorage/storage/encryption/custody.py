@@ -59,7 +59,7 @@ log = structlog.get_logger(__name__)
 # Repository owners do not change once a customer owns the namespace.
 _OWNER_CACHE_SECONDS = 60.0
 # A namespace that has no customer yet belongs to the vendor until `customer
-# add` creates one for it, so the vendor answer is kept only briefly. A push
+# add` creates one for it, so a vendor result is cached only briefly. A push
 # that looked it up just before that seals for the vendor. `customer add`
 # and `customer shred` move such manifests and blob wraps to the customer
 # (see maintenance.claim_namespace), and the server's start-up reseal moves
@@ -225,7 +225,7 @@ class DataKeyCustody:
         if recorded is None:
             place = await self.wraps.place(object_id.hex(), path)
             if place.path is None:
-                if place.path_taken:
+                if place.path_has_others:
                     raise MisplacedObjectError(
                         path,
                         f"object {object_id.hex()} has no recorded path, and "

@@ -264,7 +264,7 @@ class ManifestCipher:
         return error
 
 
-# The longest row prefix that names its owner and owner key id: the magic, the
+# The maximum row prefix that names its owner and owner key id: the magic, the
 # owner length, an owner of 255 bytes and the key id.
 _OWNER_HEAD_BYTES = len(MAGIC) + 1 + 255 + _KEY_ID_BYTES
 
@@ -346,8 +346,8 @@ async def reseal_manifests(
     cipher = store.codec
     if not isinstance(cipher, ManifestCipher) or not cipher.seal_new:
         return report
-    # Repository -> owner, read once per run: the custody's own cache keeps a
-    # vendor answer for a second only, which would cost a query per row.
+    # Repository -> owner, read once per run, because the custody's own cache
+    # keeps a vendor result for one second only, which would cost a query per row.
     owners: dict[str, str] = {}
     after_id = 0
     while rows := await store.manifest_rows(after_id, batch, namespace):
