@@ -207,6 +207,15 @@ def _start(root: Path, name: str, workers: int, audited: bool) -> MoorageRegistr
     return registry
 
 
+def _percent(part: float, whole: float) -> float | None:
+    """Return `part` as a percentage of `whole`, or None when `whole` is 0.
+
+    CPU time is read in clock ticks of 10 ms, so a quick run of a scenario
+    that sends its bodies with sendfile can measure 0 for a server.
+    """
+    return 100 * part / whole if whole else None
+
+
 def _cost(samples: dict[str, list[Sample]], scenario: Scenario) -> dict[str, Any]:
     """Return the medians and the cost of auditing as percentages."""
     rate = {
@@ -221,8 +230,8 @@ def _cost(samples: dict[str, list[Sample]], scenario: Scenario) -> dict[str, Any
         "cpu_unit": f"CPU s per {scenario.work_unit}",
         "rate": rate,
         "cpu_seconds_per_unit": cpu,
-        "rate_cost_percent": 100 * (rate[UNAUDITED] - rate[AUDITED]) / rate[UNAUDITED],
-        "cpu_cost_percent": 100 * (cpu[AUDITED] - cpu[UNAUDITED]) / cpu[UNAUDITED],
+        "rate_cost_percent": _percent(rate[UNAUDITED] - rate[AUDITED], rate[UNAUDITED]),
+        "cpu_cost_percent": _percent(cpu[AUDITED] - cpu[UNAUDITED], cpu[UNAUDITED]),
         "samples": {
             name: [vars(sample) for sample in runs] for name, runs in samples.items()
         },
@@ -295,6 +304,10 @@ def run(
     return {"meta": meta, "scenarios": results}
 
 
+def _shown(percent: float | None) -> str:
+    return "n/a" if percent is None else f"{percent:.1f} %"
+
+
 def render(results: dict[str, Any]) -> str:
     lines = [
         "| scenario | unit | audited | without | cost | CPU unit | "
@@ -306,9 +319,9 @@ def render(results: dict[str, Any]) -> str:
         cpu = figures["cpu_seconds_per_unit"]
         lines.append(
             f"| {key} | {figures['rate_unit']} | {rate[AUDITED]:,.0f} | "
-            f"{rate[UNAUDITED]:,.0f} | {figures['rate_cost_percent']:.1f} % | "
+            f"{rate[UNAUDITED]:,.0f} | {_shown(figures['rate_cost_percent'])} | "
             f"{figures['cpu_unit']} | {cpu[AUDITED]:.3f} | {cpu[UNAUDITED]:.3f} | "
-            f"{figures['cpu_cost_percent']:.1f} % |"
+            f"{_shown(figures['cpu_cost_percent'])} |"
         )
     return "\n".join(lines)
 

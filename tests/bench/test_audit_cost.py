@@ -38,5 +38,10 @@ def test_audit_cost_quick_run(tmp_path: Path) -> None:
         for runs in figures["samples"].values():
             for sample in runs:
                 assert sample["rate"] > 0, key
-                assert sample["cpu_seconds_per_unit"] > 0, key
+                # CPU time comes in 10 ms ticks: a few quick sendfile pulls
+                # can use less than one.
+                assert sample["cpu_seconds_per_unit"] >= 0, key
+    for key in ("manifest_get", "blob_get"):
+        # Seconds of small requests always use CPU, so their cost has a figure.
+        assert results["scenarios"][key]["cpu_cost_percent"] is not None, key
     assert "| manifest_get |" in completed.stdout
