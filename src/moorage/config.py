@@ -180,6 +180,14 @@ class Settings(BaseSettings):
             "authenticate with a certificate whose common name is their login."
         ),
     )
+    tls_client_crl: Path | None = Field(
+        default=None,
+        description=(
+            "PEM certificate revocation list(s) signed by the client CA; a revoked "
+            "client certificate cannot log in. Read again when it changes "
+            "(`moorage tls revoke-client` writes it; needs tls_client_ca)."
+        ),
+    )
     tls_client_cert_customers: list[str] = Field(
         default_factory=list,
         description=(
@@ -190,7 +198,9 @@ class Settings(BaseSettings):
     tls_reload_seconds: float = Field(
         default=30,
         gt=0,
-        description="How often to check tls_cert and tls_key for a renewal.",
+        description=(
+            "How often to check tls_cert, tls_key and tls_client_crl for a change."
+        ),
     )
     encryption: bool = Field(
         default=True,
@@ -412,6 +422,8 @@ class Settings(BaseSettings):
             raise ValueError("tls_cert and tls_key must be given together")
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise ValueError("tls_client_ca needs tls_cert and tls_key")
+        if self.tls_client_crl is not None and self.tls_client_ca is None:
+            raise ValueError("tls_client_crl needs tls_client_ca")
         if self.tls_client_cert_customers and self.tls_client_ca is None:
             raise ValueError("tls_client_cert_customers needs tls_client_ca")
         return self

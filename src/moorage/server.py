@@ -111,8 +111,8 @@ async def run_server(
             port=settings.port,
             loop="uvloop",
             http=(
-                tls.ClientCertificateProtocol
-                if settings.tls_client_ca
+                tls.client_certificate_protocol(reloader.revocations)
+                if reloader is not None and settings.tls_client_ca
                 else ZeroCopyProtocol
             ),
             # The registry has no WebSocket routes. With "auto", each worker
@@ -166,7 +166,10 @@ def _tls_reloader(settings: Settings) -> tls.CertificateReloader | None:
     if settings.tls_cert is None or settings.tls_key is None:
         return None
     return tls.CertificateReloader.load(
-        settings.tls_cert, settings.tls_key, settings.tls_client_ca
+        settings.tls_cert,
+        settings.tls_key,
+        settings.tls_client_ca,
+        settings.tls_client_crl,
     )
 
 

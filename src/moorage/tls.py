@@ -13,6 +13,12 @@ the pair into a spare context and touches the live one only when that worked.
 
 Moorage never decrypts a key, because OpenSSL would prompt for the passphrase
 on the terminal. An encrypted key is rejected with an error instead.
+
+Client certificates are revoked by a certificate revocation list (CRL) file,
+checked by Moorage rather than by OpenSSL: the handshake still succeeds, and a
+request that presents a revoked certificate fails to authenticate, so that the
+failure is audited and raises the alert for revoked credentials. The file is
+read again with the certificate, so a revocation needs no restart.
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from moorage.errors import MoorageError
+from moorage.errors import MoorageError, UnauthorizedError
 from moorage.httplimits import LimitedHttpToolsProtocol
 from moorage.logs import connection_logger
 
@@ -236,12 +242,120 @@ def _load_failure(cert_file: Path, key_file: Path, error: ssl.SSLError) -> str:
     )
 
 
+class ClientRevocations:
+    """The certificates that a revocation list file revokes, by issuer and serial.
+
+    Every CRL in the file must be signed by a CA certificate of the client CA
+    file. The lists' update times are not checked, because the file is the
+    vendor's own and is read again when it changes.
+    """
+
+    def __init__(self, crl_file: Path, ca_file: Path) -> None:
+        self.crl_file = crl_file
+        self.ca_file = ca_file
+        self._stamp = _stamp_of(crl_file, ca_file)
+        self._revoked = read_revocations(crl_file, ca_file)
+
+    def is_revoked(self, cert: x509.Certificate) -> bool:
+        return (cert.issuer.public_bytes(), cert.serial_number) in self._revoked
+
+    def reload(self) -> bool:
+        """Read the files again; keep the previous list when they do not load."""
+        try:
+            self._stamp = _stamp_of(self.crl_file, self.ca_file)
+            self._revoked = read_revocations(self.crl_file, self.ca_file)
+        except (OSError, TlsSetupError) as error:
+            log.warning(
+                "client certificate revocation list reload failed; still using "
+                "the previous one",
+                crl_file=str(self.crl_file),
+                error=str(error),
+            )
+            return False
+        log.info("client certificate revocation list loaded", revoked=len(self))
+        return True
+
+    def reload_if_changed(self) -> None:
+        try:
+            changed = _stamp_of(self.crl_file, self.ca_file) != self._stamp
+        except OSError:
+            return
+        if changed:
+            self.reload()
+
+    def __len__(self) -> int:
+        return len(self._revoked)
+
+
+_CRL_PEM = re.compile(rb"-----BEGIN X509 CRL-----.+?-----END X509 CRL-----", re.DOTALL)
+
+
+def read_revocations(crl_file: Path, ca_file: Path) -> frozenset[tuple[bytes, int]]:
+    """Return (issuer, serial number) of each certificate that `crl_file` revokes.
+
+    Raises TlsSetupError naming the file when it contains no PEM CRL, a CRL does
+    not parse, or a CRL is not signed by a CA certificate in `ca_file`.
+    """
+    data = _read(crl_file, "client certificate revocation list")
+    blocks = _CRL_PEM.findall(data)
+    if not blocks and data.strip():
+        raise TlsSetupError(
+            f"client certificate revocation list {crl_file} contains no PEM CRL "
+            "(-----BEGIN X509 CRL-----); `moorage tls revoke-client` writes one"
+        )
+    try:
+        authorities = x509.load_pem_x509_certificates(
+            _read(ca_file, "client CA certificate")
+        )
+    except ValueError as error:
+        raise TlsSetupError(
+            f"client CA certificate {ca_file} is invalid: {error}"
+        ) from None
+    revoked: set[tuple[bytes, int]] = set()
+    for block in blocks:
+        try:
+            crl = x509.load_pem_x509_crl(block)
+        except ValueError as error:
+            raise TlsSetupError(
+                f"a revocation list in {crl_file} is invalid: {error}"
+            ) from None
+        if not any(
+            authority.subject == crl.issuer
+            and crl.is_signature_valid(authority.public_key())  # type: ignore[arg-type]
+            for authority in authorities
+        ):
+            raise TlsSetupError(
+                f"a revocation list in {crl_file} (issuer "
+                f"{crl.issuer.rfc4514_string()}) is not signed by a CA in {ca_file}"
+            )
+        issuer = crl.issuer.public_bytes()
+        revoked.update((issuer, entry.serial_number) for entry in crl)
+    return frozenset(revoked)
+
+
+def _stamp_of(*paths: Path) -> tuple[int, ...]:
+    """Return the files' modification and status-change times.
+
+    The status-change time also moves on chmod, chown and a rename onto the
+    path, so a fixed permission or an atomic replacement counts as a change.
+    """
+    stamp: list[int] = []
+    for path in paths:
+        status = os.stat(path)
+        stamp += (status.st_mtime_ns, status.st_ctime_ns)
+    return tuple(stamp)
+
+
 class ClientCertificateProtocol(LimitedHttpToolsProtocol):
     """uvicorn's HTTP protocol, adding the ASGI TLS extension with the client's
     verified certificate (`client_cert_chain`, `client_cert_name`) to each scope.
+
+    A certificate that `revocations` lists gets `client_cert_error` "revoked",
+    checked at each request, so that a revocation also ends open connections.
     """
 
     _client_cert: x509.Certificate | None = None
+    revocations: ClientRevocations | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -256,36 +370,54 @@ class ClientCertificateProtocol(LimitedHttpToolsProtocol):
         cert = self._client_cert
         if cert is not None:
             pem = cert.public_bytes(serialization.Encoding.PEM).decode()
-            self.scope["extensions"] = {  # type: ignore[typeddict-unknown-key]
-                "tls": {
-                    "client_cert_chain": [pem],
-                    "client_cert_name": cert.subject.rfc4514_string(),
-                }
+            extension: dict[str, Any] = {
+                "client_cert_chain": [pem],
+                "client_cert_name": cert.subject.rfc4514_string(),
             }
+            if self.revocations is not None and self.revocations.is_revoked(cert):
+                extension["client_cert_error"] = REVOKED
+            # uvicorn types the scope without the TLS extension.
+            self.scope["extensions"] = {"tls": extension}  # type: ignore[typeddict-unknown-key,dict-item]
+
+
+REVOKED = "revoked"
+
+
+def client_certificate_protocol(
+    revocations: ClientRevocations | None,
+) -> type[ClientCertificateProtocol]:
+    """Return the protocol class that checks certificates against `revocations`."""
+    return type(
+        "RevocationCheckingProtocol",
+        (ClientCertificateProtocol,),
+        {"revocations": revocations},
+    )
 
 
 def client_certificate_login(scope: MutableMapping[str, Any]) -> str | None:
-    """Return the common name of the verified client certificate, if one was sent."""
-    chain = scope.get("extensions", {}).get("tls", {}).get("client_cert_chain")
+    """Return the common name of the verified client certificate, if one was sent.
+
+    Raises UnauthorizedError for a revoked certificate.
+    """
+    extension = scope.get("extensions", {}).get("tls", {})
+    chain = extension.get("client_cert_chain")
     if not chain:
         return None
     cert = x509.load_pem_x509_certificate(chain[0].encode())
     names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    return str(names[0].value) if names else None
-
-
-def _file_stamp(cert_file: Path, key_file: Path) -> tuple[int, ...]:
-    """Return both files' modification and status-change times.
-
-    The status-change time also moves on chmod, chown and a rename onto the
-    path, so a fixed permission or an atomic replacement counts as a change.
-    """
-    cert, key = os.stat(cert_file), os.stat(key_file)
-    return (cert.st_mtime_ns, cert.st_ctime_ns, key.st_mtime_ns, key.st_ctime_ns)
+    login = str(names[0].value) if names else None
+    if extension.get("client_cert_error") == REVOKED:
+        raise UnauthorizedError(
+            "the client certificate is revoked",
+            reason=f"client certificate {cert.serial_number:x} revoked",
+            login=login,
+        )
+    return login
 
 
 class CertificateReloader:
-    """Loads a certificate and key again into one live context when they change."""
+    """Loads a certificate and key again into one live context when they change,
+    and the client certificate revocation list, if there is one."""
 
     def __init__(
         self,
@@ -293,35 +425,49 @@ class CertificateReloader:
         cert_file: Path,
         key_file: Path,
         stamp: tuple[int, ...],
+        revocations: ClientRevocations | None = None,
     ) -> None:
         self.context = context
         self.cert_file = cert_file
         self.key_file = key_file
         self._stamp = stamp
+        self.revocations = revocations
 
     @classmethod
     def load(
-        cls, cert_file: Path, key_file: Path, client_ca: Path | None
+        cls,
+        cert_file: Path,
+        key_file: Path,
+        client_ca: Path | None,
+        client_crl: Path | None = None,
     ) -> CertificateReloader:
         """Load a new `server_context` from the files; raise TlsSetupError.
 
         The files' times are taken before the files are read, so a change made
         while they are read counts as a change at the next check.
         """
-        stamp = _file_stamp(cert_file, key_file)
+        stamp = _stamp_of(cert_file, key_file)
         context = server_context(cert_file, key_file, client_ca)
-        return cls(context, cert_file, key_file, stamp)
+        revocations = None
+        if client_crl is not None and client_ca is not None:
+            revocations = ClientRevocations(client_crl, client_ca)
+        return cls(context, cert_file, key_file, stamp, revocations)
 
     def _current_stamp(self) -> tuple[int, ...]:
-        return _file_stamp(self.cert_file, self.key_file)
+        return _stamp_of(self.cert_file, self.key_file)
 
     def reload(self) -> bool:
         """Load the files again; keep the old certificate when they do not load.
+
+        The revocation list is read again too, and kept apart: a failure of one
+        leaves the other's reload in place.
 
         The pair is loaded into a spare context first, because a failed load
         into the live one can leave it with no usable key. A pair that fails is
         tried again on SIGHUP or when a file changes again, not at every poll.
         """
+        if self.revocations is not None:
+            self.revocations.reload()
         try:
             self._stamp = self._current_stamp()
             pair = read_key_pair(self.cert_file, self.key_file)
@@ -352,6 +498,8 @@ class CertificateReloader:
         return True
 
     def reload_if_changed(self) -> None:
+        if self.revocations is not None:
+            self.revocations.reload_if_changed()
         try:
             changed = self._current_stamp() != self._stamp
         except OSError:
@@ -567,6 +715,71 @@ def issue_client_certificate(ca_dir: Path, login: str, out: Path) -> Path:
     _write_private(key_path, _key_pem(key))
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return cert_path
+
+
+def revoke_client_certificates(ca_dir: Path, crl_file: Path, serials: list[int]) -> int:
+    """Add `serials` to the CA's revocation list in `crl_file` and sign it again.
+
+    Creates the file when it does not exist; keeps the serials it lists. The
+    new list replaces the file in one rename, so a server reads either the old
+    list or the new one. Returns how many serials the list holds now.
+    Raises TlsSetupError when the CA does not load or `crl_file` holds a list
+    from another CA.
+    """
+    ca_cert, ca_key = _load_ca(ca_dir)
+    now = datetime.datetime.now(datetime.UTC)
+    entries: dict[int, datetime.datetime] = {}
+    if crl_file.exists():
+        data = _read(crl_file, "revocation list")
+        for block in _CRL_PEM.findall(data):
+            try:
+                crl = x509.load_pem_x509_crl(block)
+            except ValueError as error:
+                raise TlsSetupError(
+                    f"revocation list {crl_file} is invalid: {error}"
+                ) from None
+            if crl.issuer != ca_cert.subject or not crl.is_signature_valid(
+                ca_key.public_key()
+            ):
+                raise TlsSetupError(
+                    f"{crl_file} contains a revocation list of another CA "
+                    f"({crl.issuer.rfc4514_string()}); give the --ca-dir that "
+                    "issued it, or another --crl file"
+                )
+            for entry in crl:
+                entries[entry.serial_number] = entry.revocation_date_utc
+    for serial in serials:
+        entries.setdefault(serial, now)
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca_cert.subject)
+        .last_update(now - datetime.timedelta(minutes=5))
+        # Moorage does not check the next update. For tools that do, the list
+        # is valid as long as the CA.
+        .next_update(ca_cert.not_valid_after_utc)
+    )
+    for serial, revoked_at in sorted(entries.items()):
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder()
+            .serial_number(serial)
+            .revocation_date(revoked_at)
+            .build()
+        )
+    crl = builder.sign(ca_key, hashes.SHA256())
+    partial = crl_file.with_name(crl_file.name + ".partial")
+    partial.write_bytes(crl.public_bytes(serialization.Encoding.PEM))
+    os.replace(partial, crl_file)
+    return len(entries)
+
+
+def certificate_serial(cert_file: Path) -> int:
+    """Return the serial number of the PEM certificate in `cert_file`."""
+    try:
+        return x509.load_pem_x509_certificate(
+            _read(cert_file, "client certificate")
+        ).serial_number
+    except ValueError as error:
+        raise TlsSetupError(f"{cert_file} is not a PEM certificate: {error}") from None
 
 
 def _load_ca(ca_dir: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:

@@ -90,9 +90,9 @@ class RequestGuard:
         """Return the caller; raise a challenge when credentials are missing or bad."""
         header = request.headers.get("authorization", "")
         scheme, _, value = header.partition(" ")
-        certificate_login = client_certificate_login(request.scope)
         login: str | None = None
         try:
+            certificate_login = client_certificate_login(request.scope)
             if scheme.lower() == "bearer" and value:
                 principal, claims = await self.authenticator.from_token(value.strip())
                 caller = Caller(principal, claims)
@@ -109,7 +109,11 @@ class RequestGuard:
             check_client_certificate(self.settings, caller.principal, certificate_login)
         except UnauthorizedError as error:
             if value:
-                request.state.auth = failed_attempt(scheme, value, login, error)
+                request.state.auth = failed_attempt(
+                    scheme, value, login or error.login, error
+                )
+            elif error.login is not None:
+                request.state.auth = failed_login(CERTIFICATE, error.login, error)
             raise self.challenge(request, scope, error.message) from None
         except TooManyRequestsError as error:
             request.state.auth = AuthAttempt(
@@ -208,6 +212,10 @@ def failed_attempt(
         except jwt.PyJWTError:
             login = None
     return AuthAttempt(scheme.lower(), login, reason, error.customer)
+
+
+# The scheme of a failed login with a client certificate alone.
+CERTIFICATE = "certificate"
 
 
 def failed_login(

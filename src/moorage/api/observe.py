@@ -39,9 +39,10 @@ ROUTE_ACTIONS: dict[tuple[str, str], str] = {
     ("oauth_token", "POST"): actions.TOKEN_ISSUE,
     ("set_password", "PUT"): actions.PASSWORD_CHANGE,
 }
-# AuthAttempt schemes that check a password: HTTP Basic and the OAuth2 password
-# grant. The others ("bearer", "refresh") present a token.
-_PASSWORD_SCHEMES = ("basic", "password")
+# AuthAttempt schemes of a login: HTTP Basic, the OAuth2 password grant, and a
+# client certificate alone that failed (a revoked one). The others ("bearer",
+# "refresh") present a token.
+_LOGIN_SCHEMES = ("basic", "password", "certificate")
 # Actions whose events carry the bytes of content moved.
 _CONTENT_ACTIONS = {
     actions.MANIFEST_PULL,
@@ -105,7 +106,7 @@ class RequestObserver:
         attempt: AuthAttempt | None = state.get("auth")
         # A password check is always an event; a token only when it fails.
         checked = attempt is not None and (
-            attempt.scheme in _PASSWORD_SCHEMES or attempt.failure
+            attempt.scheme in _LOGIN_SCHEMES or attempt.failure
         )
         denied = state.get("denied")
         if (
@@ -199,9 +200,7 @@ class RequestObserver:
 
 def _auth_event(common: dict[str, Any], attempt: AuthAttempt) -> AuditEvent:
     action = (
-        actions.AUTH_LOGIN
-        if attempt.scheme in _PASSWORD_SCHEMES
-        else actions.AUTH_TOKEN
+        actions.AUTH_LOGIN if attempt.scheme in _LOGIN_SCHEMES else actions.AUTH_TOKEN
     )
     fields = {**common, "actor_account": attempt.login, "reason": attempt.failure}
     if attempt.failure:

@@ -28,6 +28,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from moorage.api.access import (
+    CERTIFICATE,
     AuthAttempt,
     Caller,
     check_client_certificate,
@@ -155,9 +156,10 @@ def routes(services: Services) -> list[Route]:
         await tokens.reload()
         header = request.headers.get("authorization", "")
         scheme, _, value = header.partition(" ")
-        certificate_login = client_certificate_login(request.scope)
+        certificate_login = None
         login = None
         try:
+            certificate_login = client_certificate_login(request.scope)
             if scheme.lower() == "basic" and value:
                 login, password = decode_basic(value)
                 principal = await authenticator.login(
@@ -170,7 +172,9 @@ def routes(services: Services) -> list[Route]:
             check_client_certificate(services.settings, principal, certificate_login)
         except UnauthorizedError as error:
             if value or certificate_login is not None:
-                request.state.auth = failed_login("basic", login, error)
+                request.state.auth = failed_login("basic", login or error.login, error)
+            elif error.login is not None:
+                request.state.auth = failed_login(CERTIFICATE, error.login, error)
             raise BasicChallengeError(error.message) from None
         except TooManyRequestsError as error:
             request.state.auth = AuthAttempt(
@@ -217,6 +221,16 @@ def routes(services: Services) -> list[Route]:
                 f"unsupported grant_type {grant_type[:40]!r}: use password or "
                 "refresh_token"
             )
+        try:
+            # Both grants, like GET /token: a customer that requires mutual TLS
+            # gets no token without its certificate, and none with a revoked one.
+            check_client_certificate(
+                services.settings, principal, client_certificate_login(request.scope)
+            )
+        except UnauthorizedError as error:
+            scheme = "password" if grant_type == "password" else "refresh"
+            request.state.auth = failed_login(scheme, principal.login, error)
+            raise
         asked = parse_scopes(form.getlist("scope"))
         offline = form.get("access_type") == "offline"
         client_id = form.get("client_id", "")

@@ -330,6 +330,8 @@ def serve(
             tls.server_context(
                 settings.tls_cert, settings.tls_key, settings.tls_client_ca
             )
+            if settings.tls_client_crl and settings.tls_client_ca:
+                tls.read_revocations(settings.tls_client_crl, settings.tls_client_ca)
         warn_when_keys_sit_with_data(settings)
         run(settings)
     except MoorageError as error:
@@ -762,6 +764,61 @@ def tls_client_cert(
         f"created {cert} and {cert.with_suffix('.key')}. Put both, with the "
         "server's ca.crt, in the client's certificates directory "
         "(/etc/containers/certs.d/HOST:PORT/ or --cert-dir)."
+    )
+
+
+@tls_app.command("revoke-client")
+def tls_revoke_client(
+    certificates: Annotated[
+        list[Path] | None,
+        typer.Argument(help="Client certificate files (.cert) to revoke."),
+    ] = None,
+    serial: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Serial number to revoke, in hex as `openssl x509 -serial` prints "
+            "it, for a certificate whose file is gone (repeatable).",
+        ),
+    ] = None,
+    ca_dir: Annotated[
+        Path, typer.Option(help="Directory with ca.crt and ca.key from tls init.")
+    ] = Path("tls"),
+    crl: Annotated[
+        Path,
+        typer.Option(
+            help="Revocation list file to add to (created if missing); the file "
+            "that tls_client_crl names."
+        ),
+    ] = Path("tls/client.crl"),
+) -> None:
+    """Revoke client certificates: add them to the CA's revocation list.
+
+    Servers whose tls_client_crl names the list read it again within
+    tls_reload_seconds or on SIGHUP. From then on, a request with a revoked
+    certificate fails to log in. Tokens it got before stay valid until they
+    expire (token_ttl_seconds).
+    """
+    from moorage import tls
+
+    serials: list[int] = []
+    for text in serial or []:
+        try:
+            serials.append(int(text.replace(":", ""), 16))
+        except ValueError:
+            reject(f"--serial {text!r} is not a hexadecimal serial number")
+    if not certificates and not serials:
+        reject("give the certificate files to revoke, or --serial")
+    try:
+        serials += [tls.certificate_serial(path) for path in certificates or []]
+        count = tls.revoke_client_certificates(ca_dir, crl, serials)
+    except MoorageError as error:
+        _print_error(error)
+        raise typer.Exit(1) from None
+    revoked = ", ".join(f"{number:X}" for number in serials)
+    _print_plain(
+        f"revoked serial {revoked}; {crl} now lists {count} certificate(s). Servers "
+        "with tls_client_crl set to it load it within tls_reload_seconds; tokens "
+        "issued before stay valid until they expire."
     )
 
 

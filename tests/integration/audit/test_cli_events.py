@@ -85,9 +85,11 @@ READ_ONLY = {
     "audit export",
     "usage report",
     "key status",
-    # These two write certificate files only; the registry's state is unchanged.
+    # These write certificate and revocation list files only; the registry's
+    # state is unchanged (servers log when they load a new revocation list).
     "tls init",
     "tls client-cert",
+    "tls revoke-client",
 }
 
 

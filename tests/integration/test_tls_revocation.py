@@ -1,0 +1,216 @@
+"""Revoking client certificates: `moorage tls revoke-client` and tls_client_crl."""
+
+from __future__ import annotations
+
+import ssl
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from cryptography import x509
+
+from moorage import tls
+from moorage.db.audit_store import AuditFilter
+from tests.support.audit import wait_for_events
+from tests.support.receivers import wait_until
+from tests.support.server import ServerProcess
+from tests.support.tls import issue_client_cert, tls_init, tls_server
+
+STRICT = "strict"
+
+
+@pytest.fixture(scope="module")
+def crl_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """A registry with client certificates, a revocation list that starts empty,
+    and one customer that must present its certificate."""
+    root = tmp_path_factory.mktemp("crl")
+    (root / "client.crl").touch()
+    with tls_server(
+        root,
+        MOORAGE_TLS_CLIENT_CA=str(root / "tls" / "ca.crt"),
+        MOORAGE_TLS_CLIENT_CRL=str(root / "client.crl"),
+        MOORAGE_TLS_CLIENT_CERT_CUSTOMERS=f'["{STRICT}"]',
+    ) as process:
+        process.add_customer(STRICT)
+        yield process
+
+
+def _crl(server: ServerProcess) -> Path:
+    assert server.ca_file is not None
+    return server.ca_file.parent.parent / "client.crl"
+
+
+def _client(server: ServerProcess, cert: tuple[Path, Path] | None) -> httpx.Client:
+    assert server.ca_file is not None
+    context = ssl.create_default_context(cafile=server.ca_file)
+    if cert is not None:
+        context.load_cert_chain(*cert)
+    return httpx.Client(base_url=server.url, verify=context)
+
+
+def revoke(server: ServerProcess, *args: str) -> subprocess.CompletedProcess[str]:
+    assert server.ca_file is not None
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "moorage",
+            "tls",
+            "revoke-client",
+            *args,
+            "--ca-dir",
+            str(server.ca_file.parent),
+            "--crl",
+            str(_crl(server)),
+        ],
+        env=server.environment(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def _token(client: httpx.Client) -> httpx.Response:
+    return client.get("/token", params={"service": "moorage"})
+
+
+def _password_grant(client: httpx.Client, login: str, password: str) -> httpx.Response:
+    return client.post(
+        "/token",
+        data={
+            "grant_type": "password",
+            "username": login,
+            "password": password,
+            "service": "moorage",
+            "client_id": "test",
+        },
+    )
+
+
+def test_revoked_certificate_stops_logging_in(
+    crl_server: ServerProcess, tmp_path: Path
+) -> None:
+    """After `tls revoke-client`, the certificate's requests fail on an open
+    connection, including with the right password, while another certificate
+    still works; the failure is audited and raises the revoked-credential alert."""
+    login, password = crl_server.add_user(STRICT, "reader")
+    other, _ = crl_server.add_user(STRICT, "reader")
+    cert = issue_client_cert(crl_server, login, tmp_path / "revoked")
+    kept = issue_client_cert(crl_server, other, tmp_path / "kept")
+    with _client(crl_server, cert) as client:
+        token = _token(client)
+        assert token.status_code == 200, token.text
+        bearer = {"Authorization": f"Bearer {token.json()['token']}"}
+        assert client.get("/v2/", headers=bearer).status_code == 200
+
+        result = revoke(crl_server, str(cert[0]))
+        assert result.returncode == 0, result.stderr
+        serial = x509.load_pem_x509_certificate(cert[0].read_bytes()).serial_number
+        assert f"{serial:X}" in result.stdout
+
+        # The server reads the list again within tls_reload_seconds (0.5 s here),
+        # and checks each request of this still open connection.
+        assert wait_until(lambda: client.get("/v2/", headers=bearer).status_code == 401)
+        assert _token(client).status_code == 401
+        assert client.get("/v2/", auth=(login, password)).status_code == 401
+        assert _password_grant(client, login, password).status_code == 401
+    with _client(crl_server, kept) as client:
+        assert _token(client).status_code == 200
+
+    failures = wait_for_events(
+        crl_server,
+        AuditFilter(account=login, action="auth.login", outcome="failure"),
+        lambda found: any("revoked" in (e.event.reason or "") for e in found),
+    )
+    assert any(f"{serial:x} revoked" in (e.event.reason or "") for e in failures)
+    alerts = wait_for_events(
+        crl_server,
+        AuditFilter(account=login, action="alert.unusable_credential"),
+        bool,
+    )
+    assert alerts, "no alert for the revoked certificate"
+
+
+def test_password_grant_needs_the_certificate(
+    crl_server: ServerProcess, tmp_path: Path
+) -> None:
+    """POST /token with a password gives a customer that requires mutual TLS no
+    token without its certificate, as GET /token does."""
+    login, password = crl_server.add_user(STRICT, "reader")
+    with _client(crl_server, None) as client:
+        assert _password_grant(client, login, password).status_code == 401
+    cert = issue_client_cert(crl_server, login, tmp_path)
+    with _client(crl_server, cert) as client:
+        response = _password_grant(client, login, password)
+        assert response.status_code == 200, response.text
+
+
+def test_revoke_by_serial_keeps_earlier_entries(
+    crl_server: ServerProcess, tmp_path: Path
+) -> None:
+    """--serial adds to the list; serials already listed stay listed."""
+    assert revoke(crl_server, "--serial", "0A:0B").returncode == 0
+    assert revoke(crl_server, "--serial", "c0ffee").returncode == 0
+    assert crl_server.ca_file is not None
+    revoked = tls.read_revocations(_crl(crl_server), crl_server.ca_file)
+    assert {0x0A0B, 0xC0FFEE} <= {serial for _, serial in revoked}
+
+
+def test_revoke_bad_input(crl_server: ServerProcess, tmp_path: Path) -> None:
+    """A serial that is not hex is a usage error, and a list signed by another CA
+    is rejected, each with one line naming the problem."""
+    result = revoke(crl_server, "--serial", "xyz")
+    assert result.returncode == 2
+    assert "not a hexadecimal serial number" in result.stderr
+    assert revoke(crl_server).returncode == 2
+
+    other_ca = tls_init(tmp_path / "other")
+    foreign = tmp_path / "foreign.crl"
+    tls.revoke_client_certificates(other_ca, foreign, [1])
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "moorage",
+            "tls",
+            "revoke-client",
+            "--serial",
+            "2",
+            "--ca-dir",
+            str(crl_server.ca_file.parent),  # type: ignore[union-attr]
+            "--crl",
+            str(foreign),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert "revocation list of another CA" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_foreign_crl_rejected(tmp_path: Path) -> None:
+    """A list not signed by the client CA does not load at start, and a reload
+    that finds one keeps the previous list."""
+    ours = tls_init(tmp_path / "ours")
+    theirs = tls_init(tmp_path / "theirs")
+    crl = tmp_path / "client.crl"
+    tls.revoke_client_certificates(ours, crl, [7])
+    revocations = tls.ClientRevocations(crl, ours / "ca.crt")
+    assert len(revocations) == 1
+
+    foreign = tmp_path / "foreign.crl"
+    tls.revoke_client_certificates(theirs, foreign, [8])
+    with pytest.raises(tls.TlsSetupError, match="not signed by a CA"):
+        tls.read_revocations(foreign, ours / "ca.crt")
+    foreign.replace(crl)
+    assert revocations.reload() is False
+    assert len(revocations) == 1
+
+    crl.write_text("not a list\n")
+    with pytest.raises(tls.TlsSetupError, match="contains no PEM CRL"):
+        tls.read_revocations(crl, ours / "ca.crt")
