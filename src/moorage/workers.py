@@ -144,6 +144,15 @@ def _stop_with_parent(parent: int) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+def prepare_installation(settings: Settings) -> None:
+    """Migrate the database, create the keys and the first admin, and return:
+    what `moorage serve` does before it listens (`moorage init`).
+
+    Raises SystemExit(1) after printing the error when that fails.
+    """
+    _prepare_in_child(settings)
+
+
 def _prepare_in_child(settings: Settings) -> None:
     """Migrate, add audit events saved at the last shutdown and create the first
     admin before any worker starts, in a child process, so that what it imports

@@ -301,6 +301,30 @@ async def _audited_outside_transaction(
 
 
 @app.command()
+def init(data_dir: DataDirOption = None) -> None:
+    """Initialise the data directory, database, keys and first vendor admin, and
+    exit without serving.
+
+    This is what the first `moorage serve` does before it listens. Run it once
+    on the terminal when a service manager will start the server, so that the
+    admin's generated password is printed here rather than into the service's
+    log. Run again, it migrates the database to this version and creates
+    nothing that exists.
+    """
+    from moorage.server import warn_when_keys_sit_with_data
+    from moorage.workers import prepare_installation
+
+    settings = _settings(data_dir=data_dir)
+    configure_logging(settings.log_level, settings.log_format)
+    warn_when_keys_sit_with_data(settings)
+    prepare_installation(settings)
+    _print_plain(
+        f"data directory {settings.data_dir.resolve()} is ready; start the "
+        "server with `moorage serve`"
+    )
+
+
+@app.command()
 def serve(
     data_dir: DataDirOption = None,
     host: Annotated[str | None, typer.Option(help="Address to listen on.")] = None,

@@ -22,6 +22,8 @@ from tests.support.database import create_database, drop_database
 # Each command that changes state, the arguments to run it with, and the action
 # it must record.
 CHANGING = {
+    # Creates the first vendor admin in the empty database.
+    "init": (["init"], "vendor_user.add"),
     "customer add": (["customer", "add", "acme", "--name", "Acme"], "customer.add"),
     "user add": (["user", "add", "acme", "alice", "--role", "writer"], "user.add"),
     "user role": (["user", "role", "acme", "alice", "maintainer"], "user.role"),
