@@ -148,6 +148,48 @@ class StoredManifestRow:
     content: bytes
 
 
+@dataclass(frozen=True, slots=True)
+class NamespaceManifest:
+    """A manifest of a repository in the namespaces being archived."""
+
+    repository: str
+    digest: str
+    media_type: str
+    size: int
+    # Its tags in that repository, in lexical order.
+    tags: tuple[str, ...]
+    # Another manifest of the same repository (an index) names it.
+    in_index: bool
+
+
+@dataclass(frozen=True, slots=True)
+class NamespaceBlob:
+    """A blob that a manifest in the namespaces references."""
+
+    digest: str
+    size: int
+    shredded: bool
+
+
+@dataclass(frozen=True, slots=True)
+class NamespaceContents:
+    """The repositories of some namespaces, their manifests and their blobs."""
+
+    repositories: list[str]
+    manifests: list[NamespaceManifest]
+    blobs: list[NamespaceBlob]
+
+
+@dataclass(frozen=True, slots=True)
+class DeletedContents:
+    """What deleting the repositories of some namespaces removed."""
+
+    repositories: int
+    manifests: int
+    tags: int
+    upload_ids: list[str]
+
+
 class RegistryStore:
     """Metadata of the registry's content.
 
@@ -620,6 +662,61 @@ class RegistryStore:
                 or 0
             )
 
+    # Whole namespaces (customer offboarding)
+
+    async def namespace_contents(self, namespaces: Sequence[str]) -> NamespaceContents:
+        """Return the repositories of `namespaces`, every manifest in them with
+        its tags, and the blobs those manifests reference."""
+        async with connect(self.engine) as connection:
+            return await connection.run_sync(_namespace_contents, list(namespaces))
+
+    async def delete_namespace_repositories(
+        self, namespaces: Sequence[str]
+    ) -> DeletedContents:
+        """Delete every repository of `namespaces` with its manifests, tags, blob
+        links and upload sessions, in one transaction.
+
+        The blobs stay in the `blobs` table and in storage (see
+        docs/limitations.md: there is no garbage collection).
+        """
+        names = list(namespaces)
+
+        def work(connection: Connection) -> DeletedContents:
+            ids = select(repositories.c.id).where(repositories.c.namespace.in_(names))
+            manifest_ids = select(manifests.c.id).where(
+                manifests.c.repository_id.in_(ids)
+            )
+            upload_ids = list(
+                connection.scalars(
+                    select(uploads.c.id).where(uploads.c.repository_id.in_(ids))
+                )
+            )
+            tag_count = connection.execute(
+                delete(tags).where(tags.c.repository_id.in_(ids))
+            ).rowcount
+            connection.execute(
+                delete(manifest_references).where(
+                    manifest_references.c.manifest_id.in_(manifest_ids)
+                )
+            )
+            manifest_count = connection.execute(
+                delete(manifests).where(manifests.c.repository_id.in_(ids))
+            ).rowcount
+            connection.execute(
+                delete(repository_blobs).where(
+                    repository_blobs.c.repository_id.in_(ids)
+                )
+            )
+            connection.execute(delete(uploads).where(uploads.c.repository_id.in_(ids)))
+            repository_count = connection.execute(
+                delete(repositories).where(repositories.c.namespace.in_(names))
+            ).rowcount
+            return DeletedContents(
+                repository_count, manifest_count, tag_count, upload_ids
+            )
+
+        return await self._transact(work)
+
 
 def _pattern_conditions(
     patterns: Sequence[str], dialect: Dialect
@@ -647,6 +744,77 @@ def _pattern_conditions(
             )
         conditions.append(condition)
     return conditions
+
+
+def _namespace_contents(connection: Connection, names: list[str]) -> NamespaceContents:
+    in_namespaces = repositories.c.namespace.in_(names)
+    repository_names = list(
+        connection.scalars(
+            select(repositories.c.name)
+            .where(in_namespaces)
+            .order_by(lexical(repositories.c.name, connection.dialect))
+        )
+    )
+    tagged: dict[tuple[str, str], list[str]] = {}
+    tag_rows = connection.execute(
+        select(repositories.c.name, manifests.c.digest, tags.c.name)
+        .select_from(
+            tags.join(manifests).join(
+                repositories, tags.c.repository_id == repositories.c.id
+            )
+        )
+        .where(in_namespaces)
+    )
+    for repository, digest, tag in tag_rows:
+        tagged.setdefault((repository, digest), []).append(tag)
+    children = {
+        (row[0], row[1])
+        for row in connection.execute(
+            select(repositories.c.name, manifest_references.c.digest)
+            .select_from(manifest_references.join(manifests).join(repositories))
+            .where(in_namespaces, manifest_references.c.kind == "manifest")
+        )
+    }
+    found = []
+    manifest_rows = connection.execute(
+        select(
+            repositories.c.name,
+            manifests.c.digest,
+            manifests.c.media_type,
+            manifests.c.size,
+        )
+        .select_from(manifests.join(repositories))
+        .where(in_namespaces)
+        .order_by(lexical(repositories.c.name, connection.dialect), manifests.c.id)
+    )
+    for repository, digest, media_type, size in manifest_rows:
+        key = (repository, digest)
+        found.append(
+            NamespaceManifest(
+                repository,
+                digest,
+                media_type,
+                int(size),
+                tuple(sorted(tagged.get(key, []))),
+                key in children,
+            )
+        )
+    blob_rows = connection.execute(
+        select(blobs.c.digest, blobs.c.size, blobs.c.shredded_at)
+        .where(
+            blobs.c.digest.in_(
+                select(manifest_references.c.digest)
+                .select_from(manifest_references.join(manifests).join(repositories))
+                .where(in_namespaces, manifest_references.c.kind == "blob")
+            )
+        )
+        .order_by(blobs.c.digest)
+    )
+    found_blobs = [
+        NamespaceBlob(digest, int(size), shredded is not None)
+        for digest, size, shredded in blob_rows
+    ]
+    return NamespaceContents(repository_names, found, found_blobs)
 
 
 def prefix_upper_bound(prefix: str) -> str:
