@@ -30,7 +30,7 @@ from moorage.cli.main import (
     reject,
 )
 from moorage.db.registry_store import DeletedContents, NamespaceContents
-from moorage.errors import MoorageError
+from moorage.errors import MoorageError, NotFoundError
 from moorage.services import Services
 from moorage.storage import paths
 from moorage.storage.archive import ArchiveError, ArchiveReport, write_archive
@@ -44,7 +44,7 @@ log = structlog.get_logger(__name__)
 
 @dataclass
 class _Outcome:
-    """What one offboarding did, for the summary it prints."""
+    """The result of one offboarding, for the summary it prints."""
 
     suspended: bool
     namespaces: list[str]
@@ -123,7 +123,13 @@ async def _check_and_suspend(
     services: Services, customer: str, archive: Path | None
 ) -> tuple[NamespaceContents, _Outcome]:
     """Check what can fail before anything changes, then suspend the customer."""
-    record = await services.identity.get_customer(customer)
+    try:
+        record = await services.identity.get_customer(customer)
+    except NotFoundError as error:
+        await _recorder(services).record_rejection(
+            actions.CUSTOMER_OFFBOARD, "customer offboard", customer, error.message
+        )
+        raise
     namespaces = await services.identity.namespaces_of(record.id)
     contents = await services.registry.store.namespace_contents(namespaces)
     if archive is not None:
@@ -144,7 +150,7 @@ async def _check_and_suspend(
     granted = sorted(
         {g.pattern for g in grants if g.pattern.split("/")[0] not in namespaces}
     )
-    # Read again: a push that was answered before the suspension has landed.
+    # Read again: a push acknowledged just before the suspension has landed.
     contents = await services.registry.store.namespace_contents(namespaces)
     encrypted = services.settings.encryption
     outcome = _Outcome(suspended, namespaces, granted, encrypted=encrypted)
@@ -208,8 +214,8 @@ async def _delete(
         services.registry.store.delete_namespace_repositories(namespaces),
         _describe_deleted,
     )
-    # The sessions' rows are gone; their data would wait for the stale upload
-    # purge otherwise.
+    # The sessions' rows are gone, so their data would otherwise wait for the
+    # stale upload purge.
     for upload_id in deleted.upload_ids:
         try:
             await services.registry.driver.delete(paths.upload_dir(upload_id))

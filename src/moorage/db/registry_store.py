@@ -182,7 +182,7 @@ class NamespaceContents:
 
 @dataclass(frozen=True, slots=True)
 class DeletedContents:
-    """What deleting the repositories of some namespaces removed."""
+    """Counts of the rows that deleting some namespaces' repositories removed."""
 
     repositories: int
     manifests: int
@@ -755,6 +755,15 @@ def _namespace_contents(connection: Connection, names: list[str]) -> NamespaceCo
             .order_by(lexical(repositories.c.name, connection.dialect))
         )
     )
+    manifest_list = _namespace_manifests(connection, in_namespaces)
+    blob_list = _namespace_blobs(connection, in_namespaces)
+    return NamespaceContents(repository_names, manifest_list, blob_list)
+
+
+def _namespace_manifests(
+    connection: Connection, in_namespaces: ColumnElement[bool]
+) -> list[NamespaceManifest]:
+    """Return the manifests of the selected repositories with their tags."""
     tagged: dict[tuple[str, str], list[str]] = {}
     tag_rows = connection.execute(
         select(repositories.c.name, manifests.c.digest, tags.c.name)
@@ -767,7 +776,8 @@ def _namespace_contents(connection: Connection, names: list[str]) -> NamespaceCo
     )
     for repository, digest, tag in tag_rows:
         tagged.setdefault((repository, digest), []).append(tag)
-    children = {
+
+    index_children = {
         (row[0], row[1])
         for row in connection.execute(
             select(repositories.c.name, manifest_references.c.digest)
@@ -775,7 +785,7 @@ def _namespace_contents(connection: Connection, names: list[str]) -> NamespaceCo
             .where(in_namespaces, manifest_references.c.kind == "manifest")
         )
     }
-    found = []
+
     manifest_rows = connection.execute(
         select(
             repositories.c.name,
@@ -787,34 +797,41 @@ def _namespace_contents(connection: Connection, names: list[str]) -> NamespaceCo
         .where(in_namespaces)
         .order_by(lexical(repositories.c.name, connection.dialect), manifests.c.id)
     )
+    found = []
     for repository, digest, media_type, size in manifest_rows:
         key = (repository, digest)
+        manifest_tags = tuple(sorted(tagged.get(key, [])))
         found.append(
             NamespaceManifest(
                 repository,
                 digest,
                 media_type,
                 int(size),
-                tuple(sorted(tagged.get(key, []))),
-                key in children,
+                manifest_tags,
+                key in index_children,
             )
         )
+    return found
+
+
+def _namespace_blobs(
+    connection: Connection, in_namespaces: ColumnElement[bool]
+) -> list[NamespaceBlob]:
+    """Return the blobs that manifests of the selected repositories reference."""
+    referenced = (
+        select(manifest_references.c.digest)
+        .select_from(manifest_references.join(manifests).join(repositories))
+        .where(in_namespaces, manifest_references.c.kind == "blob")
+    )
     blob_rows = connection.execute(
         select(blobs.c.digest, blobs.c.size, blobs.c.shredded_at)
-        .where(
-            blobs.c.digest.in_(
-                select(manifest_references.c.digest)
-                .select_from(manifest_references.join(manifests).join(repositories))
-                .where(in_namespaces, manifest_references.c.kind == "blob")
-            )
-        )
+        .where(blobs.c.digest.in_(referenced))
         .order_by(blobs.c.digest)
     )
-    found_blobs = [
+    return [
         NamespaceBlob(digest, int(size), shredded is not None)
         for digest, size, shredded in blob_rows
     ]
-    return NamespaceContents(repository_names, found, found_blobs)
 
 
 def prefix_upper_bound(prefix: str) -> str:

@@ -1,6 +1,6 @@
 """Write the images of some namespaces to a tar archive of an OCI image layout.
 
-The archive holds `oci-layout`, `index.json` and `blobs/sha256/...` as the OCI
+The archive contains `oci-layout`, `index.json` and `blobs/sha256/...` as the OCI
 image specification's image layout describes them, so `skopeo copy
 oci-archive:FILE:REF` and `umoci` (on the unpacked directory) read it. Each
 tag becomes an `index.json` entry whose `org.opencontainers.image.ref.name` is
@@ -47,7 +47,7 @@ class ArchiveError(MoorageError):
 
 @dataclass(frozen=True, slots=True)
 class ArchiveReport:
-    """What an archive holds."""
+    """Counts of what an archive contains."""
 
     repositories: int
     tags: int
@@ -90,7 +90,7 @@ async def write_archive(
     image layout in a tar archive; `progress` is called with bytes written."""
     partial = target.with_name(target.name + ".partial")
     try:
-        # NOTE: the tar is written with blocking writes in the event loop; the
+        # NOTE: the tar is written with blocking writes in the event loop. The
         # command that calls this runs nothing else meanwhile.
         stream = await asyncio.to_thread(open, partial, "wb")
     except OSError as error:
