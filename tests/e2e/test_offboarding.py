@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import tarfile
@@ -411,6 +412,21 @@ def test_other_customer_and_products_stay(
     _assert_staying_untouched(installation)
 
 
+def _unused_after_delete(installation: Installation, archived: str) -> tuple[int, int]:
+    """Return the number and size of the archived blobs that the other customer
+    and the products repository do not use (they use busybox's two blobs)."""
+    found = re.search(r"and (\d+) blobs \((\d+) bytes\)", archived)
+    assert found is not None, archived
+    login, password = installation.users[installation.staying]
+    shared = httpx.get(
+        f"{installation.server.url}/v2/{installation.staying}/busybox/manifests/1",
+        auth=(login, password),
+    ).json()
+    descriptors = [shared["config"], *shared["layers"]]
+    shared_bytes = sum(item["size"] for item in descriptors)
+    return int(found[1]) - len(descriptors), int(found[2]) - shared_bytes
+
+
 def test_delete_now_removes_the_repositories(
     installation: Installation, archived: subprocess.CompletedProcess[str]
 ) -> None:
@@ -422,6 +438,10 @@ def test_delete_now_removes_the_repositories(
     )
     assert result.returncode == 0, result.stderr
     assert "deleted: 3 repositories" in result.stdout
+    unused_blobs, unused_bytes = _unused_after_delete(installation, archived.stdout)
+    assert (
+        f"{unused_blobs} blobs ({unused_bytes} bytes) are now used by no repository"
+    ) in result.stdout
     encrypted = server.extra_env.get("MOORAGE_ENCRYPTION") != "false"
     assert ("customer shred" in result.stdout) == encrypted
     with installation.admin() as admin:

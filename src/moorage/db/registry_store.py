@@ -188,6 +188,10 @@ class DeletedContents:
     manifests: int
     tags: int
     upload_ids: list[str]
+    # Blobs that the deleted repositories used and no other repository uses,
+    # and their total size; their files stay (no garbage collection yet).
+    unused_blobs: int
+    unused_bytes: int
 
 
 class RegistryStore:
@@ -676,9 +680,13 @@ class RegistryStore:
         """Delete every repository of `namespaces` with its manifests, tags, blob
         links and upload sessions, in one transaction.
 
-        The blobs stay in the `blobs` table and in storage (see
-        docs/limitations.md: there is no garbage collection).
+        The blobs stay in the `blobs` table and in storage, and the result
+        counts those that no other repository uses.
         """
+        # TODO: free the space of the unused blobs. A push of the same digest
+        # into another repository may find the blob's row and file and link
+        # it, so deleting both needs garbage collection that such a push
+        # cannot race.
         names = list(namespaces)
 
         def work(connection: Connection) -> DeletedContents:
@@ -691,6 +699,9 @@ class RegistryStore:
                     select(uploads.c.id).where(uploads.c.repository_id.in_(ids))
                 )
             )
+            unused_blobs, unused_bytes = connection.execute(
+                _blobs_used_only_by(ids, manifest_ids)
+            ).one()
             tag_count = connection.execute(
                 delete(tags).where(tags.c.repository_id.in_(ids))
             ).rowcount
@@ -712,10 +723,45 @@ class RegistryStore:
                 delete(repositories).where(repositories.c.namespace.in_(names))
             ).rowcount
             return DeletedContents(
-                repository_count, manifest_count, tag_count, upload_ids
+                repository_count,
+                manifest_count,
+                tag_count,
+                upload_ids,
+                int(unused_blobs),
+                int(unused_bytes or 0),
             )
 
         return await self._transact(work)
+
+
+def _blobs_used_only_by(repository_ids: Any, manifest_ids: Any) -> Any:
+    """Select the number and total size of the blobs that the repositories
+    `repository_ids` link or reference and that no other repository does."""
+    other_manifests = select(manifests.c.id).where(
+        manifests.c.repository_id.not_in(repository_ids)
+    )
+    used_here = (
+        select(repository_blobs.c.digest)
+        .where(repository_blobs.c.repository_id.in_(repository_ids))
+        .union(
+            select(manifest_references.c.digest).where(
+                manifest_references.c.manifest_id.in_(manifest_ids),
+                manifest_references.c.kind == "blob",
+            )
+        )
+    )
+    linked_elsewhere = exists().where(
+        repository_blobs.c.digest == blobs.c.digest,
+        repository_blobs.c.repository_id.not_in(repository_ids),
+    )
+    referenced_elsewhere = exists().where(
+        manifest_references.c.digest == blobs.c.digest,
+        manifest_references.c.kind == "blob",
+        manifest_references.c.manifest_id.in_(other_manifests),
+    )
+    return select(func.count(), func.sum(blobs.c.size)).where(
+        blobs.c.digest.in_(used_here), ~linked_elsewhere, ~referenced_elsewhere
+    )
 
 
 def _pattern_conditions(
