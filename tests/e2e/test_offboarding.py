@@ -511,3 +511,65 @@ def test_offboard_errors_are_one_line(
     assert len(unwritable.stderr.strip().splitlines()) == 1
     assert "File name too long" in unwritable.stderr
     _assert_staying_untouched(installation)
+
+
+def test_damaged_blob_leaves_no_archive(installation: Installation) -> None:
+    """A blob whose stored bytes were altered stops the archive with an error
+    that names it, leaves neither FILE nor FILE.partial, and is audited as a
+    failure."""
+    server = installation.server
+    customer = server.add_customer()
+    user = server.add_user(customer, "writer")
+    layer = os.urandom(256 * 1024)
+    with httpx.Client(base_url=server.url, auth=user, timeout=60) as client:
+        repository = f"{customer}/damaged"
+        config = push_blob(client, repository, b'{"architecture":"amd64"}')
+        layer_digest = push_blob(client, repository, layer)
+        manifest = json.dumps(
+            {
+                "schemaVersion": 2,
+                "mediaType": OCI_MANIFEST,
+                "config": {
+                    "mediaType": "application/vnd.oci.image.config.v1+json",
+                    "digest": config,
+                    "size": 24,
+                },
+                "layers": [
+                    {
+                        "mediaType": "application/vnd.oci.image.layer.v1.tar",
+                        "digest": layer_digest,
+                        "size": len(layer),
+                    }
+                ],
+            }
+        ).encode()
+        response = put_manifest(client, repository, "1", manifest)
+        assert response.status_code == 201, response.text
+    stored = next(
+        path
+        for path in (server.data_dir / "storage" / "blobs").rglob("*")
+        if path.name == layer_digest.split(":")[1]
+    )
+    damaged = bytearray(stored.read_bytes())
+    damaged[len(damaged) // 2] ^= 0xFF
+    stored.write_bytes(bytes(damaged))
+
+    archive = installation.work / "damaged.tar"
+    result = server.run_command(
+        "customer", "offboard", customer, "--archive", str(archive)
+    )
+    assert result.returncode == 1
+    # With encryption the driver also logs the failed integrity check.
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith(f"error: blob {layer_digest} ")
+    assert not archive.exists()
+    assert not archive.with_name("damaged.tar.partial").exists()
+    events = server.run_command(
+        "audit", "list", "--json", "--newest-first", "--action", "customer.archive"
+    )
+    outcomes = [
+        event["outcome"]
+        for event in map(json.loads, events.stdout.splitlines())
+        if f"customer {customer} " in event["reason"]
+    ]
+    assert outcomes == ["failure"]

@@ -30,6 +30,7 @@ from typing import IO, Any
 from moorage.db.registry_store import NamespaceContents, NamespaceManifest
 from moorage.digests import new_hasher, parse_digest
 from moorage.errors import MoorageError
+from moorage.storage.encryption.format import IntegrityError
 from moorage.storage.registry import Registry
 
 REF_NAME_ANNOTATION = "org.opencontainers.image.ref.name"
@@ -160,12 +161,15 @@ async def _copy_blob(
     hasher = new_hasher(parsed.algorithm)
     writer.begin(_blob_name(digest), size)
     copied = 0
-    async for chunk in await registry.read_blob(digest, 0, size):
-        hasher.update(chunk)
-        copied += len(chunk)
-        if copied > size:
-            break
-        writer.data(chunk)
+    try:
+        async for chunk in await registry.read_blob(digest, 0, size):
+            hasher.update(chunk)
+            copied += len(chunk)
+            if copied > size:
+                break
+            writer.data(chunk)
+    except IntegrityError as error:
+        raise ArchiveError(f"blob {digest} is damaged in storage: {error}") from None
     if copied != size or hasher.hexdigest() != parsed.hex:
         raise ArchiveError(
             f"blob {digest} read back with a different size or digest; the stored "
