@@ -503,6 +503,27 @@ def test_offboard_errors_are_one_line(
     response = httpx.get(f"{server.url}/v2/", auth=(login, password))
     assert response.status_code == 200
 
+    no_copy = server.run_command("customer", "offboard", empty, "--delete-now")
+    assert no_copy.returncode == 2
+    assert "--confirm" in no_copy.stderr
+    existing = server.run_command(
+        "customer", "offboard", empty, "--archive", str(installation.archive)
+    )
+    assert existing.returncode == 2
+    assert "exists already" in existing.stderr
+    rejected = server.run_command(
+        "audit", "list", "--json", "--action", "customer.offboard"
+    )
+    reasons = [
+        event["reason"]
+        for event in map(json.loads, rejected.stdout.splitlines())
+        if event["outcome"] == "failure"
+    ]
+    assert any("nobody-here" in reason for reason in reasons)
+    assert any("--confirm" in reason and empty in reason for reason in reasons)
+    response = httpx.get(f"{server.url}/v2/", auth=(login, password))
+    assert response.status_code == 200
+
     too_long = installation.work / ("x" * 300 + ".tar")
     unwritable = server.run_command(
         "customer", "offboard", installation.staying, "--archive", str(too_long)
