@@ -524,6 +524,17 @@ def test_offboard_errors_are_one_line(
     response = httpx.get(f"{server.url}/v2/", auth=(login, password))
     assert response.status_code == 200
 
+    leftover = installation.work / "staying.tar.partial"
+    leftover.write_bytes(b"")
+    interrupted = server.run_command(
+        "customer", "offboard", installation.staying,
+        "--archive", str(installation.work / "staying.tar"),
+    )  # fmt: skip
+    assert interrupted.returncode == 1
+    assert "left by an interrupted offboarding" in interrupted.stderr
+    assert not (installation.work / "staying.tar").exists()
+    _assert_staying_untouched(installation)
+
     too_long = installation.work / ("x" * 300 + ".tar")
     unwritable = server.run_command(
         "customer", "offboard", installation.staying, "--archive", str(too_long)

@@ -150,7 +150,8 @@ async def _check_and_suspend(
     granted = sorted(
         {g.pattern for g in grants if g.pattern.split("/")[0] not in namespaces}
     )
-    # Read again: a push acknowledged just before the suspension has landed.
+    # Read again: a push that was in flight while the suspension committed may
+    # have added manifests since the first read.
     contents = await services.registry.store.namespace_contents(namespaces)
     encrypted = services.settings.encryption
     outcome = _Outcome(suspended, namespaces, granted, encrypted=encrypted)
@@ -164,9 +165,14 @@ def _archive_problem(
     if not contents.manifests:
         return (
             "nothing to archive: the customer's namespaces "
-            f"({', '.join(namespaces) or 'none'}) hold no manifests"
+            f"({', '.join(namespaces) or 'none'}) contain no manifests"
         )
     partial = archive.with_name(archive.name + ".partial")
+    if partial.exists():
+        return (
+            f"{partial} exists, left by an interrupted offboarding; delete it and "
+            "run the command again"
+        )
     try:
         with open(partial, "xb"):
             pass
