@@ -605,3 +605,23 @@ def test_damaged_blob_leaves_no_archive(installation: Installation) -> None:
         if f"customer {customer} " in event["reason"]
     ]
     assert outcomes == ["failure"]
+
+
+def test_shred_after_delete_keeps_shared_blobs(
+    installation: Installation, archived: subprocess.CompletedProcess[str]
+) -> None:
+    """`customer shred`, which the output suggests after --delete-now, destroys
+    the offboarded customer's key while the blobs it shared still pull."""
+    if installation.server.extra_env.get("MOORAGE_ENCRYPTION") == "false":
+        pytest.skip("shredding needs encryption at rest")
+    server = installation.server
+    deleted = server.run_command(
+        "customer", "offboard", installation.leaving, "--delete-now", "--confirm"
+    )
+    assert deleted.returncode == 0, deleted.stderr
+    shredded = server.run_command(
+        "customer", "shred", installation.leaving, "--confirm"
+    )
+    assert shredded.returncode == 0, shredded.stderr
+    assert "key destroyed" in shredded.stdout
+    _assert_staying_untouched(installation)
