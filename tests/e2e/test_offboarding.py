@@ -2,7 +2,7 @@
 
 Two customers push real images with skopeo (a multi-layer image of real files,
 busybox, a multi-platform index) and the HTTP API (a referrer pushed by
-digest); the vendor pushes a shared products repository that both are granted.
+digest). The vendor pushes a shared products repository that both are granted.
 The first customer is offboarded while the server runs. skopeo and umoci read
 the archive back; the second customer and the products repository stay as
 they were. Everything runs on an installation with encryption at rest and on

@@ -130,6 +130,7 @@ async def _check_and_suspend(
             actions.CUSTOMER_OFFBOARD, "customer offboard", customer, error.message
         )
         raise
+
     namespaces = await services.identity.namespaces_of(record.id)
     contents = await services.registry.store.namespace_contents(namespaces)
     if archive is not None:
@@ -139,6 +140,7 @@ async def _check_and_suspend(
                 actions.CUSTOMER_ARCHIVE, f"customer {customer}", customer, problem
             )
             raise ArchiveError(problem)
+
     suspended = await _audited(
         services,
         actions.CUSTOMER_SUSPEND,
