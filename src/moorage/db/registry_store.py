@@ -148,6 +148,52 @@ class StoredManifestRow:
     content: bytes
 
 
+@dataclass(frozen=True, slots=True)
+class NamespaceManifest:
+    """A manifest of a repository in the namespaces being archived."""
+
+    repository: str
+    digest: str
+    media_type: str
+    size: int
+    # Its tags in that repository, in lexical order.
+    tags: tuple[str, ...]
+    # Another manifest of the same repository (an index) names it.
+    in_index: bool
+
+
+@dataclass(frozen=True, slots=True)
+class NamespaceBlob:
+    """A blob that a manifest in the namespaces references."""
+
+    digest: str
+    size: int
+    shredded: bool
+
+
+@dataclass(frozen=True, slots=True)
+class NamespaceContents:
+    """The repositories of some namespaces, their manifests and their blobs."""
+
+    repositories: list[str]
+    manifests: list[NamespaceManifest]
+    blobs: list[NamespaceBlob]
+
+
+@dataclass(frozen=True, slots=True)
+class DeletedContents:
+    """Counts of the rows that deleting some namespaces' repositories removed."""
+
+    repositories: int
+    manifests: int
+    tags: int
+    upload_ids: list[str]
+    # Blobs that the deleted repositories used and no other repository uses,
+    # and their total size; their files stay (no garbage collection yet).
+    unused_blobs: int
+    unused_bytes: int
+
+
 class RegistryStore:
     """Metadata of the registry's content.
 
@@ -620,6 +666,103 @@ class RegistryStore:
                 or 0
             )
 
+    # Whole namespaces (customer offboarding)
+
+    async def namespace_contents(self, namespaces: Sequence[str]) -> NamespaceContents:
+        """Return the repositories of `namespaces`, every manifest in them with
+        its tags, and the blobs those manifests reference."""
+        async with connect(self.engine) as connection:
+            return await connection.run_sync(_namespace_contents, list(namespaces))
+
+    async def delete_namespace_repositories(
+        self, namespaces: Sequence[str]
+    ) -> DeletedContents:
+        """Delete every repository of `namespaces` with its manifests, tags, blob
+        links and upload sessions, in one transaction.
+
+        The blobs stay in the `blobs` table and in storage, and the result
+        counts those that no other repository uses.
+        """
+        # TODO: free the space of the unused blobs. A push of the same digest
+        # into another repository may find the blob's row and file and link
+        # it, so deleting both needs garbage collection that such a push
+        # cannot race.
+        names = list(namespaces)
+
+        def work(connection: Connection) -> DeletedContents:
+            ids = select(repositories.c.id).where(repositories.c.namespace.in_(names))
+            manifest_ids = select(manifests.c.id).where(
+                manifests.c.repository_id.in_(ids)
+            )
+            upload_ids = list(
+                connection.scalars(
+                    select(uploads.c.id).where(uploads.c.repository_id.in_(ids))
+                )
+            )
+            unused_blobs, unused_bytes = connection.execute(
+                _blobs_used_only_by(ids, manifest_ids)
+            ).one()
+            tag_count = connection.execute(
+                delete(tags).where(tags.c.repository_id.in_(ids))
+            ).rowcount
+            connection.execute(
+                delete(manifest_references).where(
+                    manifest_references.c.manifest_id.in_(manifest_ids)
+                )
+            )
+            manifest_count = connection.execute(
+                delete(manifests).where(manifests.c.repository_id.in_(ids))
+            ).rowcount
+            connection.execute(
+                delete(repository_blobs).where(
+                    repository_blobs.c.repository_id.in_(ids)
+                )
+            )
+            connection.execute(delete(uploads).where(uploads.c.repository_id.in_(ids)))
+            repository_count = connection.execute(
+                delete(repositories).where(repositories.c.namespace.in_(names))
+            ).rowcount
+            return DeletedContents(
+                repository_count,
+                manifest_count,
+                tag_count,
+                upload_ids,
+                int(unused_blobs),
+                int(unused_bytes or 0),
+            )
+
+        return await self._transact(work)
+
+
+def _blobs_used_only_by(repository_ids: Any, manifest_ids: Any) -> Any:
+    """Select the number and total size of the blobs that the repositories
+    `repository_ids` link or reference and that no other repository does."""
+    other_manifests = select(manifests.c.id).where(
+        manifests.c.repository_id.not_in(repository_ids)
+    )
+    used_here = (
+        select(repository_blobs.c.digest)
+        .where(repository_blobs.c.repository_id.in_(repository_ids))
+        .union(
+            select(manifest_references.c.digest).where(
+                manifest_references.c.manifest_id.in_(manifest_ids),
+                manifest_references.c.kind == "blob",
+            )
+        )
+    )
+    linked_elsewhere = exists().where(
+        repository_blobs.c.digest == blobs.c.digest,
+        repository_blobs.c.repository_id.not_in(repository_ids),
+    )
+    referenced_elsewhere = exists().where(
+        manifest_references.c.digest == blobs.c.digest,
+        manifest_references.c.kind == "blob",
+        manifest_references.c.manifest_id.in_(other_manifests),
+    )
+    return select(func.count(), func.sum(blobs.c.size)).where(
+        blobs.c.digest.in_(used_here), ~linked_elsewhere, ~referenced_elsewhere
+    )
+
 
 def _pattern_conditions(
     patterns: Sequence[str], dialect: Dialect
@@ -647,6 +790,94 @@ def _pattern_conditions(
             )
         conditions.append(condition)
     return conditions
+
+
+def _namespace_contents(connection: Connection, names: list[str]) -> NamespaceContents:
+    in_namespaces = repositories.c.namespace.in_(names)
+    repository_names = list(
+        connection.scalars(
+            select(repositories.c.name)
+            .where(in_namespaces)
+            .order_by(lexical(repositories.c.name, connection.dialect))
+        )
+    )
+    manifest_list = _namespace_manifests(connection, in_namespaces)
+    blob_list = _namespace_blobs(connection, in_namespaces)
+    return NamespaceContents(repository_names, manifest_list, blob_list)
+
+
+def _namespace_manifests(
+    connection: Connection, in_namespaces: ColumnElement[bool]
+) -> list[NamespaceManifest]:
+    """Return the manifests of the selected repositories with their tags."""
+    tagged: dict[tuple[str, str], list[str]] = {}
+    tag_rows = connection.execute(
+        select(repositories.c.name, manifests.c.digest, tags.c.name)
+        .select_from(
+            tags.join(manifests).join(
+                repositories, tags.c.repository_id == repositories.c.id
+            )
+        )
+        .where(in_namespaces)
+    )
+    for repository, digest, tag in tag_rows:
+        tagged.setdefault((repository, digest), []).append(tag)
+
+    index_children = {
+        (row[0], row[1])
+        for row in connection.execute(
+            select(repositories.c.name, manifest_references.c.digest)
+            .select_from(manifest_references.join(manifests).join(repositories))
+            .where(in_namespaces, manifest_references.c.kind == "manifest")
+        )
+    }
+
+    manifest_rows = connection.execute(
+        select(
+            repositories.c.name,
+            manifests.c.digest,
+            manifests.c.media_type,
+            manifests.c.size,
+        )
+        .select_from(manifests.join(repositories))
+        .where(in_namespaces)
+        .order_by(lexical(repositories.c.name, connection.dialect), manifests.c.id)
+    )
+    found = []
+    for repository, digest, media_type, size in manifest_rows:
+        key = (repository, digest)
+        manifest_tags = tuple(sorted(tagged.get(key, [])))
+        found.append(
+            NamespaceManifest(
+                repository,
+                digest,
+                media_type,
+                int(size),
+                manifest_tags,
+                key in index_children,
+            )
+        )
+    return found
+
+
+def _namespace_blobs(
+    connection: Connection, in_namespaces: ColumnElement[bool]
+) -> list[NamespaceBlob]:
+    """Return the blobs that manifests of the selected repositories reference."""
+    referenced = (
+        select(manifest_references.c.digest)
+        .select_from(manifest_references.join(manifests).join(repositories))
+        .where(in_namespaces, manifest_references.c.kind == "blob")
+    )
+    blob_rows = connection.execute(
+        select(blobs.c.digest, blobs.c.size, blobs.c.shredded_at)
+        .where(blobs.c.digest.in_(referenced))
+        .order_by(blobs.c.digest)
+    )
+    return [
+        NamespaceBlob(digest, int(size), shredded is not None)
+        for digest, size, shredded in blob_rows
+    ]
 
 
 def prefix_upper_bound(prefix: str) -> str:
