@@ -21,6 +21,7 @@ from sqlalchemy import (
     select,
     update,
 )
+from sqlalchemy.dialects import sqlite
 from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -179,11 +180,8 @@ class RegistryStore:
     # Repositories
 
     async def repository_exists(self, name: str) -> bool:
-        async with connect(self.engine) as connection:
-            found = await connection.scalar(
-                select(repositories.c.id).where(repositories.c.name == name)
-            )
-        return found is not None
+        row = await self._first(_REPOSITORY_ID, _DIRECT_REPOSITORY_ID, name=name)
+        return row is not None
 
     async def list_repositories(
         self, access: RepositoryFilter, limit: int, last: str | None
@@ -572,20 +570,30 @@ class RegistryStore:
     async def list_tags(
         self, repository: str, limit: int | None, last: str | None
     ) -> list[str] | None:
-        """Return tags after `last` in lexical order, or None for no such repository."""
+        """Return tags after `last` in lexical order, or None for no such repository.
+
+        One statement reads the page. Only an empty page needs a second one,
+        to tell an empty repository from a missing one.
+        """
+        values: dict[str, Any] = {"name": repository, "last": before_nul(last or "")}
+        if limit is not None:
+            values["limit"] = limit
+        found = await self._tag_page(limit is not None, values)
+        if found or await self.repository_exists(repository):
+            return found
+        return None
+
+    async def _tag_page(self, limited: bool, values: dict[str, Any]) -> list[str]:
+        if self.direct is not None:
+            try:
+                rows = self.direct.all(_direct_tag_page(limited), **values)
+                return [row[0] for row in rows]
+            except DirectReadError:
+                pass
         async with connect(self.engine) as connection:
-            repository_id = await connection.run_sync(_repository_id, repository)
-            if repository_id is None:
-                return None
-            name = lexical(tags.c.name, connection.dialect)
-            query = select(tags.c.name).where(tags.c.repository_id == repository_id)
-            if last:
-                query = query.where(name > before_nul(last))
-            query = query.order_by(name)
-            if limit is not None:
-                query = query.limit(limit)
-            result = await connection.execute(query)
-            return [row[0] for row in result]
+            statement = _tag_page(connection.dialect, limited)
+            result = await connection.execute(statement, values)
+            return list(result.scalars())
 
     async def list_referrers(
         self, repository: str, subject: str, artifact_type: str | None
@@ -963,10 +971,40 @@ _LINKED_AMONG = (
         blobs.c.shredded_at.is_(None),
     )
 )
+_DIRECT_REPOSITORY_ID = prepare(_REPOSITORY_ID)
 _DIRECT_BLOB_SIZE = prepare(_BLOB_SIZE)
 _DIRECT_UPLOAD = prepare(_UPLOAD)
 _DIRECT_MANIFEST_BY_DIGEST = prepare(_MANIFEST_BY_DIGEST)
 _DIRECT_TAGGED_MANIFEST = prepare(_TAGGED_MANIFEST)
+
+
+@functools.cache
+def _tag_page(dialect: Dialect, limited: bool) -> Any:
+    """Select the names of a repository's tags after `last`, in lexical order.
+
+    The repository is a scalar subquery, not a join, because PostgreSQL then
+    walks its `ix_tags_repository_id_name_c` index in order and needs no sort.
+    Every tag name sorts after "", so `last=""` starts at the first tag.
+    """
+    name = lexical(tags.c.name, dialect)
+    repository_id = (
+        select(repositories.c.id)
+        .where(repositories.c.name == bindparam("name"))
+        .scalar_subquery()
+    )
+    statement = (
+        select(tags.c.name)
+        .where(tags.c.repository_id == repository_id, name > bindparam("last"))
+        .order_by(name)
+    )
+    if limited:
+        statement = statement.limit(bindparam("limit"))
+    return statement
+
+
+@functools.cache
+def _direct_tag_page(limited: bool) -> PreparedRead:
+    return prepare(_tag_page(sqlite.dialect(), limited))
 
 
 def _manifest_record(row: object | None) -> ManifestRecord | None:
