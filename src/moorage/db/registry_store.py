@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, Protocol, TypeVar
 
+import orjson
 from sqlalchemy import (
     ColumnElement,
     and_,
@@ -21,12 +22,14 @@ from sqlalchemy import (
     select,
     update,
 )
+from sqlalchemy.dialects import sqlite
 from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from moorage.db.dialects import (
     before_nul,
     insert_statement,
+    json_array_agg,
     lexical,
     like_pattern,
     prepared_insert_ignore,
@@ -225,11 +228,8 @@ class RegistryStore:
     # Repositories
 
     async def repository_exists(self, name: str) -> bool:
-        async with connect(self.engine) as connection:
-            found = await connection.scalar(
-                select(repositories.c.id).where(repositories.c.name == name)
-            )
-        return found is not None
+        row = await self._first(_REPOSITORY_ID, _DIRECT_REPOSITORY_ID, name=name)
+        return row is not None
 
     async def list_repositories(
         self, access: RepositoryFilter, limit: int, last: str | None
@@ -618,20 +618,38 @@ class RegistryStore:
     async def list_tags(
         self, repository: str, limit: int | None, last: str | None
     ) -> list[str] | None:
-        """Return tags after `last` in lexical order, or None for no such repository."""
-        async with connect(self.engine) as connection:
-            repository_id = await connection.run_sync(_repository_id, repository)
-            if repository_id is None:
-                return None
-            name = lexical(tags.c.name, connection.dialect)
-            query = select(tags.c.name).where(tags.c.repository_id == repository_id)
-            if last:
-                query = query.where(name > before_nul(last))
-            query = query.order_by(name)
-            if limit is not None:
-                query = query.limit(limit)
-            result = await connection.execute(query)
-            return [row[0] for row in result]
+        """Return tags after `last` in lexical order, or None for no such repository.
+
+        One statement reads the page. Only an empty page needs a second one,
+        to tell an empty repository from a missing one.
+        """
+        values: dict[str, Any] = {"name": repository, "last": before_nul(last or "")}
+        if limit is not None:
+            values["limit"] = limit
+        found = await self._tag_page(limit is not None, values)
+        if found or await self.repository_exists(repository):
+            return found
+        return None
+
+    async def _tag_page(self, limited: bool, values: dict[str, Any]) -> list[str]:
+        text = None
+        if self.direct is not None:
+            try:
+                row = self.direct.first(_direct_tag_page(limited), **values)
+                text = "[]" if row is None else row[0]
+            except DirectReadError:
+                pass
+        if text is None:
+            async with connect(self.engine) as connection:
+                statement = _tag_page_statement(connection.dialect, limited)
+                text = await connection.scalar(statement, values)
+        found: list[str] = orjson.loads(text or "[]")
+        # The statement picks the page's tags in order but cannot promise the
+        # order in which its aggregate lists them. On sorted input a sort
+        # makes one pass. Python compares strings by code point, which is the
+        # order that `lexical` gives.
+        found.sort()
+        return found
 
     async def list_referrers(
         self, repository: str, subject: str, artifact_type: str | None
@@ -1194,10 +1212,46 @@ _LINKED_AMONG = (
         blobs.c.shredded_at.is_(None),
     )
 )
+_DIRECT_REPOSITORY_ID = prepare(_REPOSITORY_ID)
 _DIRECT_BLOB_SIZE = prepare(_BLOB_SIZE)
 _DIRECT_UPLOAD = prepare(_UPLOAD)
 _DIRECT_MANIFEST_BY_DIGEST = prepare(_MANIFEST_BY_DIGEST)
 _DIRECT_TAGGED_MANIFEST = prepare(_TAGGED_MANIFEST)
+
+
+@functools.cache
+def _tag_page_statement(dialect: Dialect, limited: bool) -> Any:
+    """Select the text of a JSON array of a repository's first tags after `last`.
+
+    The page comes back as one row because Python's sqlite3 spends about
+    0.3 µs on each row that it returns. For 10,000 tags that took 3.3 ms,
+    and the aggregate with orjson decoding and the sort in
+    `RegistryStore._tag_page` took 1.7 ms (SQLite 3.40, Python 3.11, 2-core
+    VM). The repository is a scalar subquery, not a join, because PostgreSQL
+    then walks its `ix_tags_repository_id_name_c` index in order and needs
+    no sort. Every tag name sorts after "", so `last=""` starts at the first
+    tag.
+    """
+    name = lexical(tags.c.name, dialect)
+    repository_id = (
+        select(repositories.c.id)
+        .where(repositories.c.name == bindparam("name"))
+        .scalar_subquery()
+    )
+    page = (
+        select(tags.c.name)
+        .where(tags.c.repository_id == repository_id, name > bindparam("last"))
+        .order_by(name)
+    )
+    if limited:
+        page = page.limit(bindparam("limit"))
+    names = page.subquery()
+    return select(json_array_agg(names.c.name, dialect))
+
+
+@functools.cache
+def _direct_tag_page(limited: bool) -> PreparedRead:
+    return prepare(_tag_page_statement(sqlite.dialect(), limited))
 
 
 def _manifest_record(row: object | None) -> ManifestRecord | None:
