@@ -44,6 +44,8 @@ from moorage.config import (
     Settings,
     displayed_settings,
     load_settings,
+    too_wide_proxy_warning,
+    too_wide_trusted_proxies,
 )
 from moorage.db.engine import (
     UNREACHABLE_DATABASE_ERRORS,
@@ -318,7 +320,11 @@ def serve(
     # server, or the supervisor of several workers, installs its own handler.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     from moorage import tls
-    from moorage.server import run, warn_when_keys_sit_with_data
+    from moorage.server import (
+        run,
+        warn_about_wide_trusted_proxies,
+        warn_when_keys_sit_with_data,
+    )
 
     settings = _settings(
         data_dir=data_dir, host=host, port=port, tls_cert=tls_cert, tls_key=tls_key
@@ -331,6 +337,7 @@ def serve(
                 settings.tls_cert, settings.tls_key, settings.tls_client_ca
             )
         warn_when_keys_sit_with_data(settings)
+        warn_about_wide_trusted_proxies(settings)
         run(settings)
     except MoorageError as error:
         _print_error(error)
@@ -627,6 +634,13 @@ def config_check(data_dir: DataDirOption = None) -> None:
         console.print(f"{key} = {shown(value)}", highlight=False, soft_wrap=True)
     if not settings.audit_request_events:
         errors.print(_REQUEST_EVENTS_OFF, highlight=False)
+    for entry in too_wide_trusted_proxies(settings.trusted_proxies):
+        errors.print(
+            f"warning: {too_wide_proxy_warning(entry)}",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 _REQUEST_EVENTS_OFF = (
