@@ -35,6 +35,7 @@ from moorage.cli.main import (
     errors,
     records_rejections,
     reject,
+    reject_invalid,
     user_app,
 )
 from moorage.cli.output import Table, lines_cell, shown
@@ -375,6 +376,7 @@ def robot_add(
     data_dir: DataDirOption = None,
 ) -> None:
     """Add a robot account. Prints its login and secret once."""
+    reject_invalid(lambda: admin.robot_login(customer, name))
     until = parse_expiry(expires)
     created = _run(
         _settings(data_dir=data_dir),
@@ -795,6 +797,7 @@ def grant_add(
     A pattern with `*` in its first component matches repositories in many
     namespaces, other customers' and future ones included; it needs --force.
     """
+    reject_invalid(lambda: admin.validate_pattern(pattern))
     end = _parse_end_date(until, "--until")
     if not force and _reaches_many_namespaces(pattern):
         reject(

@@ -371,12 +371,21 @@ def reject(message: str) -> NoReturn:
     raise RejectedValueExit(message)
 
 
+def reject_invalid(check: Callable[[], object], prefix: str = "") -> None:
+    """Run one of `moorage.admin`'s value checks, and reject the value (exit
+    code 2, see `reject`) with the check's message when it is invalid."""
+    try:
+        check()
+    except InvalidInputError as error:
+        reject(f"{prefix}{error.message}")
+
+
 def records_rejections(
-    action: str, command_name: str
+    action: str | Callable[[dict[str, Any]], str], command_name: str
 ) -> Callable[[CommandFunction], CommandFunction]:
     """Make an administrative command record a value it rejects (see `reject`)
     as a failed `action` event, its reason starting with `command_name`,
-    before it exits.
+    before it exits. `action` may be a function of the command's arguments.
 
     Usage errors that Click reports itself (an unknown option, a missing
     argument, `--help`) never reach the command and are not recorded.
@@ -388,7 +397,8 @@ def records_rejections(
             try:
                 return command(**arguments)
             except RejectedValueExit as rejection:
-                _record_rejection(action, command_name, arguments, rejection.message)
+                name = action if isinstance(action, str) else action(arguments)
+                _record_rejection(name, command_name, arguments, rejection.message)
                 raise
 
         return run  # type: ignore[return-value]
@@ -402,6 +412,8 @@ def _record_rejection(
     """Write the failure event of a rejected command, if the data directory
     and database can be opened; the rejection's own exit code stays."""
     customer = arguments.get("customer", arguments.get("slug"))
+    if customer == "-":
+        customer = None  # the vendor's own accounts
     try:
         settings = _settings(data_dir=arguments.get("data_dir"))
         if settings.data_dir.is_dir():
@@ -458,12 +470,10 @@ def customer_add(
     data_dir: DataDirOption = None,
 ) -> None:
     """Add a customer and its namespace."""
+    reject_invalid(lambda: admin.validate_slug(slug))
     until = _parse_end_date(access_until, "--access-until")
     if name is not None:
-        try:
-            admin.validate_display_name(name)
-        except InvalidInputError as error:
-            reject(f"--name: {error.message}")
+        reject_invalid(lambda: admin.validate_display_name(name), "--name: ")
 
     async def add(
         services: Services,
@@ -582,6 +592,12 @@ def customer_show(customer: str, data_dir: DataDirOption = None) -> None:
 
 
 @user_app.command("add")
+@records_rejections(
+    lambda arguments: (
+        actions.VENDOR_USER_ADD if arguments["customer"] == "-" else actions.USER_ADD
+    ),
+    "user add",
+)
 def user_add(
     customer: Annotated[
         str,
@@ -604,6 +620,7 @@ def user_add(
 ) -> None:
     """Add a user to a customer, or a vendor account. Prints a generated password
     once."""
+    reject_invalid(lambda: admin.validate_login(name))
     password = sys.stdin.readline().rstrip("\n") if password_stdin else None
     if customer == "-":
         created = _run(
