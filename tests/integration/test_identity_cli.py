@@ -461,6 +461,11 @@ def _failures(cli: Cli, action: str) -> list[str]:
             "robot add: invalid robot name 'CI'",
         ),
         (
+            ("token", "add", "acme", "nobody", "--repository", "acme/App"),
+            "personal_token.add",
+            "token add: --repository: invalid pattern 'acme/App'",
+        ),
+        (
             ("robot", "add", "acme", "r1", "--expires", "soon"),
             "robot.add",
             "robot add: invalid expiry 'soon'",

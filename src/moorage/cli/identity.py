@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import Annotated
 
 import structlog
@@ -552,6 +553,8 @@ def token_add(
     data_dir: DataDirOption = None,
 ) -> None:
     """Create a personal access token for a user. Prints it once."""
+    for pattern in repository or ():
+        reject_invalid(partial(admin.validate_pattern, pattern), "--repository: ")
     until = parse_expiry(expires)
     where = "all repositories" if not repository else " ".join(repository)
     created = _run(
