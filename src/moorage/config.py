@@ -86,7 +86,8 @@ class Settings(BaseSettings):
         default_factory=list,
         description=(
             "Addresses or networks (CIDR) whose X-Forwarded-For, -Proto and -Host "
-            "headers are trusted."
+            "headers are trusted. A network wider than /8 (IPv4) or /32 (IPv6) "
+            "gets a warning at start and in `config check`."
         ),
     )
     service_name: str = Field(
@@ -741,6 +742,45 @@ def displayed_settings(settings: Settings) -> dict[str, str]:
     return {
         name: displayed_value(getattr(settings, name)) for name in Settings.model_fields
     }
+
+
+# Trusted proxy networks with shorter prefixes than these get a warning. 10.0.0.0/8
+# is the widest private IPv4 network, and a /32 is a whole provider's IPv6
+# allocation, so a network of proxies that is wider contains hosts that are
+# not proxies.
+WIDEST_PROXY_PREFIX_IPV4 = 8
+WIDEST_PROXY_PREFIX_IPV6 = 32
+_IPV4_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+
+
+def too_wide_trusted_proxies(entries: list[str]) -> list[str]:
+    """Return the `trusted_proxies` entries wider than the bounds above.
+
+    An IPv4-mapped IPv6 network (::ffff:0:0/96 and within) is held to the IPv4
+    bound, because it contains the same addresses.
+    """
+    wide = []
+    for entry in entries:
+        network = ipaddress.ip_network(entry, strict=False)
+        if network.version == 4:
+            too_wide = network.prefixlen < WIDEST_PROXY_PREFIX_IPV4
+        elif network.subnet_of(_IPV4_MAPPED):
+            too_wide = network.prefixlen - 96 < WIDEST_PROXY_PREFIX_IPV4
+        else:
+            too_wide = network.prefixlen < WIDEST_PROXY_PREFIX_IPV6
+        if too_wide:
+            wide.append(entry)
+    return wide
+
+
+def too_wide_proxy_warning(entry: str) -> str:
+    """Return the warning for a too-wide `trusted_proxies` entry."""
+    return (
+        f"trusted_proxies entry {entry} is wider than /{WIDEST_PROXY_PREFIX_IPV4} "
+        f"(IPv4) or /{WIDEST_PROXY_PREFIX_IPV6} (IPv6): every client in it can "
+        "set X-Forwarded-For and so forge the source address in the audit log; "
+        "list only the reverse proxies' addresses or networks"
+    )
 
 
 def settings_reference() -> str:

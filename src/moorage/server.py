@@ -23,7 +23,7 @@ from moorage import __version__, tls
 from moorage.api.app import create_app
 from moorage.audit.retention import start_retention
 from moorage.auth.throttle import LoginThrottle
-from moorage.config import Settings
+from moorage.config import Settings, too_wide_proxy_warning, too_wide_trusted_proxies
 from moorage.db.schema import utcnow
 from moorage.logs import flush_logs
 from moorage.services import Services, open_services
@@ -58,6 +58,12 @@ def warn_when_keys_sit_with_data(settings: Settings) -> None:
             "disk, or use the env or pkcs11 key source",
             key_dir=str(settings.resolved_key_dir.resolve()),
         )
+
+
+def warn_about_wide_trusted_proxies(settings: Settings) -> None:
+    """Log a warning for each `trusted_proxies` network that is too wide."""
+    for entry in too_wide_trusted_proxies(settings.trusted_proxies):
+        log.warning(too_wide_proxy_warning(entry))
 
 
 # glibc's mallopt parameter for the number of memory arenas.

@@ -1,17 +1,18 @@
-"""Serve with several worker processes that share one listening socket.
+"""Serve with several worker processes that share the listening sockets.
 
 The parent (`moorage.prefork`, which `moorage serve` execs so that the workers
-do not inherit the command line's modules) migrates the database and creates
-the first admin in a child process of its own, opens the socket, forks the
-workers and then replaces itself with `moorage.supervisor`, which waits. So
-neither alembic (about 10 MiB, needed only to migrate) nor the parent's copy of
-the application (about 80 MiB) stays in memory. SIGTERM or SIGINT to the parent
-is passed on to every worker, which finishes its requests and stops. Each
-worker opens its own database connections and blob store; caches are per
-process, and upload sessions already work across processes (see
-`moorage.storage.registry`). Password hashes and checks go to the supervisor
-over socket pairs, so that argon2id's 19 MiB count once instead of in every
-worker (see `moorage.auth.password_service`).
+do not inherit the command line's modules) binds the sockets, migrates the
+database and creates the first admin in a child process of its own, listens,
+forks the workers and then replaces itself with `moorage.supervisor`, which
+waits. So neither alembic (about 10 MiB, needed only to migrate) nor the
+parent's copy of the application (about 80 MiB) stays in memory. With one
+worker, the parent does the same up to the listen and then serves itself.
+SIGTERM or SIGINT to the parent is passed on to every worker, which finishes
+its requests and stops. Each worker opens its own database connections and
+blob store; caches are per process, and upload sessions already work across
+processes (see `moorage.storage.registry`). Password hashes and checks go to
+the supervisor over socket pairs, so that argon2id's 19 MiB count once instead
+of in every worker (see `moorage.auth.password_service`).
 """
 
 from __future__ import annotations
@@ -55,24 +56,27 @@ _PR_SET_PDEATHSIG = 1
 _SUPERVISOR_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(1024 * 1024)}
 
 
+# Connections a listening socket queues before they are accepted: uvicorn's
+# default, which the server used when uvicorn opened its socket.
+LISTEN_BACKLOG = 2048
+
+
 def run_single(settings: Settings) -> None:
     """Serve in this process, after preparing the database in a child."""
+    listeners = bind_listeners(settings)
     _prepare_in_child(settings)
+    listen(listeners, settings)
     # As in each worker: uvicorn stops gracefully on SIGINT, then raises it
     # again, which the default action turns into a plain exit, as for SIGTERM,
     # rather than a KeyboardInterrupt that cancels what is still closing.
     signal.signal(signal.SIGINT, signal.SIG_DFL)
-    run_on_uvloop(run_server(settings))
+    run_on_uvloop(run_server(settings, listeners))
 
 
 def run_workers(settings: Settings) -> None:
+    listeners = bind_listeners(settings)
     _prepare_in_child(settings)
-    try:
-        listener = socket.create_server((settings.host, settings.port), backlog=2048)
-    except OSError as error:
-        raise MoorageError(
-            f"cannot listen on {settings.host}:{settings.port}: {error.strerror}"
-        ) from None
+    listen(listeners, settings)
     # One socket pair per password check a worker may run at once; the
     # supervisor keeps the first ends (see moorage.auth.password_service).
     checks = password_check_limit(settings.workers)
@@ -83,9 +87,10 @@ def run_workers(settings: Settings) -> None:
     # not write to the pages the workers share with this process.
     gc.freeze()
     workers = [
-        _fork(settings, listener, pairs, index) for index in range(settings.workers)
+        _fork(settings, listeners, pairs, index) for index in range(settings.workers)
     ]
-    listener.close()
+    for listener in listeners:
+        listener.close()
     supervisor_descriptors = []
     for own, theirs in itertools.chain.from_iterable(pairs):
         theirs.close()
@@ -107,6 +112,71 @@ def run_workers(settings: Settings) -> None:
         # -P: the working directory stays off sys.path (see `exec_prefork`).
         [sys.executable, "-P", "-m", "moorage.supervisor", *arguments],
         {**os.environ, **_SUPERVISOR_MALLOC},
+    )
+
+
+def bind_listeners(settings: Settings) -> list[socket.socket]:
+    """Bind a socket to each address of `settings.host`, as asyncio's
+    create_server does for uvicorn, without listening yet.
+
+    Called before the first start writes anything, so that a port in use stops
+    `moorage serve` with nothing created: no data directory, database schema
+    or first admin. The next start is then a first start again. The sockets
+    listen only after the database is prepared, so that clients are refused
+    until the server can respond.
+
+    NOTE: two servers that start on one port at the same moment can both
+    bind, because both set SO_REUSEADDR and neither listens yet. The later
+    one then fails in `listen`, after it has prepared its database.
+    """
+    try:
+        addresses = socket.getaddrinfo(
+            settings.host or None,
+            settings.port,
+            type=socket.SOCK_STREAM,
+            flags=socket.AI_PASSIVE,
+        )
+    except socket.gaierror as error:
+        raise _listen_error(settings, error) from None
+    listeners: list[socket.socket] = []
+    try:
+        for family, kind, protocol, _, address in dict.fromkeys(addresses):
+            try:
+                listener = socket.socket(family, kind, protocol)
+            except OSError:
+                # As asyncio does: skip a family that this system lacks, such
+                # as the IPv6 address of "localhost" without IPv6.
+                continue
+            listeners.append(listener)
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                # As asyncio does: "::" takes IPv6 only, and 0.0.0.0 IPv4.
+                listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            listener.bind(address)
+    except OSError as error:
+        for listener in listeners:
+            listener.close()
+        raise _listen_error(settings, error) from None
+    if not listeners:
+        raise MoorageError(
+            f"cannot listen on {settings.host}:{settings.port}: this system "
+            "supports none of the address families of that host"
+        )
+    return listeners
+
+
+def listen(listeners: list[socket.socket], settings: Settings) -> None:
+    """Start listening on the sockets of `bind_listeners`."""
+    try:
+        for listener in listeners:
+            listener.listen(LISTEN_BACKLOG)
+    except OSError as error:
+        raise _listen_error(settings, error) from None
+
+
+def _listen_error(settings: Settings, error: OSError) -> MoorageError:
+    return MoorageError(
+        f"cannot listen on {settings.host}:{settings.port}: {error.strerror}"
     )
 
 
@@ -225,7 +295,7 @@ async def _prepare(settings: Settings) -> None:
 
 def _fork(
     settings: Settings,
-    listener: socket.socket,
+    listeners: list[socket.socket],
     pairs: list[list[tuple[socket.socket, socket.socket]]],
     index: int,
 ) -> int:
@@ -242,7 +312,7 @@ def _fork(
         # The supervisor passes SIGHUP on; a worker serving TLS replaces this
         # with its certificate reload, the others ignore the signal.
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
-        run_on_uvloop(run_server(settings, [listener]))
+        run_on_uvloop(run_server(settings, listeners))
     except BaseException:
         log.exception("worker failed")
         status = 1

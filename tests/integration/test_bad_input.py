@@ -464,3 +464,70 @@ def test_oversized_headers_refused(server: ServerProcess, writer: Account) -> No
     answer = _send_head(server, endless)
     assert answer.startswith(b"HTTP/1.1 431"), answer[:200]
     assert "request line and header fields over 65536 bytes" in server.log()
+
+
+def _send_head_in_pieces(server: ServerProcess, pieces: list[bytes]) -> bytes:
+    """Send each of `pieces` as its own TCP segment and return the response."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            for piece in pieces:
+                sock.sendall(piece)
+                # Long enough for the server to read each piece on its own.
+                time.sleep(0.2)
+        answer = b""
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := sock.recv(65536):
+                answer += chunk
+    return answer
+
+
+@pytest.mark.parametrize("split", [None, 60_000, 65_536])
+def test_oversized_head_logs_only_431(
+    server: ServerProcess, writer: Account, split: int | None
+) -> None:
+    """A head over 64 KiB that ends in the piece crossing the limit gets 431 and
+    only the 431 log line, without uvicorn's "Invalid HTTP request received."."""
+    auth = basic_header(writer.login, writer.password)
+    request = f"GET /v2/ HTTP/1.1\r\nHost: {server.address}\r\n{auth}"
+    padding = "".join(f"X-Padding-{n}: {'a' * 1000}\r\n" for n in range(70))
+    head = f"{request}{padding}\r\n".encode()
+    pieces = [head] if split is None else [head[:split], head[split:]]
+    rejected = "request line and header fields over 65536 bytes"
+    invalid = "Invalid HTTP request received."
+    rejected_before = len(_logged_lines(server, rejected))
+    invalid_before = len(_logged_lines(server, invalid))
+
+    answer = _send_head_in_pieces(server, pieces)
+
+    assert answer.startswith(b"HTTP/1.1 431"), answer[:200]
+    deadline = time.monotonic() + 5
+    while (
+        len(_logged_lines(server, rejected)) == rejected_before
+        and time.monotonic() < deadline
+    ):
+        time.sleep(0.05)
+    assert len(_logged_lines(server, rejected)) == rejected_before + 1
+    assert len(_logged_lines(server, invalid)) == invalid_before
+
+
+@pytest.mark.parametrize("split", [None, 30_000])
+def test_head_limit_is_exact(
+    server: ServerProcess, writer: Account, split: int | None
+) -> None:
+    """A head of exactly 65536 bytes, its final blank line included, is served,
+    also with a body in the same piece. One byte more gets 431."""
+    auth = basic_header(writer.login, writer.password)
+    request = f"PUT /v2/ HTTP/1.1\r\nHost: {server.address}\r\n{auth}"
+    request += "Connection: close\r\nContent-Length: 4096\r\n"
+    padding_line = "X-Padding: \r\n"
+    size = len(request) + len(padding_line) + 2
+    padding = "a" * (65536 - size)
+    head = f"{request}X-Padding: {padding}\r\n\r\n".encode()
+    assert len(head) == 65536
+    body = b"b" * 4096
+    for extra, expected in [(b"", b"HTTP/1.1 405"), (b"a", b"HTTP/1.1 431")]:
+        whole = head[:-4] + extra + b"\r\n\r\n" + body
+        pieces = [whole] if split is None else [whole[:split], whole[split:]]
+        answer = _send_head_in_pieces(server, pieces)
+        assert answer.startswith(expected), (extra, answer[:200])

@@ -92,7 +92,7 @@ def test_audit_list_shows_reason_literally(cli: Cli) -> None:
 def test_error_message_shows_input_literally(cli: Cli) -> None:
     """An invalid name in an error message is not read as markup."""
     result = cli.run("customer", "add", "[bold]x[/bold]")
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert "'[bold]x[/bold]'" in result.stderr
 
 

@@ -436,6 +436,36 @@ def _failures(cli: Cli, action: str) -> list[str]:
             "grant add: pattern '*/app' matches repositories in every namespace",
         ),
         (
+            ("grant", "add", "acme", "Acme/App", "reader"),
+            "grant.add",
+            "grant add: invalid pattern 'Acme/App'",
+        ),
+        (
+            ("customer", "add", "Initech Ltd"),
+            "customer.add",
+            "customer add: invalid customer name 'Initech Ltd'",
+        ),
+        (
+            ("user", "add", "acme", "carol!"),
+            "user.add",
+            "user add: invalid user name 'carol!'",
+        ),
+        (
+            ("user", "add", "-", "bad name"),
+            "vendor_user.add",
+            "user add: invalid user name 'bad name'",
+        ),
+        (
+            ("robot", "add", "acme", "CI"),
+            "robot.add",
+            "robot add: invalid robot name 'CI'",
+        ),
+        (
+            ("token", "add", "acme", "nobody", "--repository", "acme/App"),
+            "personal_token.add",
+            "token add: --repository: invalid pattern 'acme/App'",
+        ),
+        (
             ("robot", "add", "acme", "r1", "--expires", "soon"),
             "robot.add",
             "robot add: invalid expiry 'soon'",
@@ -462,6 +492,48 @@ def test_rejected_change_recorded(
     after = _failures(cli, action)
     assert len(after) == len(before) + 1
     assert after[-1].startswith(reason)
+
+
+@pytest.mark.parametrize(
+    ("command", "message"),
+    [
+        (
+            ("grant", "add", "acme", "acme/App", "reader"),
+            "error: invalid pattern 'acme/App': use a namespace (products), a "
+            "repository (products/app) or a glob (products/*)",
+        ),
+        (
+            ("customer", "add", "Initech"),
+            "error: invalid customer name 'Initech': use up to 64 lowercase "
+            "letters, digits and single '.', '_' or '-' between them",
+        ),
+        (
+            ("user", "add", "acme", "ca rol"),
+            "error: invalid user name 'ca rol': use up to 128 letters, digits, "
+            "'.', '_', '@' and '-', starting with a letter or digit",
+        ),
+        (
+            ("robot", "add", "acme", "C.I"),
+            "error: invalid robot name 'C.I': use up to 63 lowercase letters, "
+            "digits and single '.', '_' or '-' between them",
+        ),
+    ],
+)
+def test_invalid_name_is_usage_error(
+    cli: Cli, command: tuple[str, ...], message: str
+) -> None:
+    """An invalid name or pattern exits with code 2, as other argument errors
+    do, with one line on stderr, and creates nothing."""
+    grants_before = cli.ok("grant", "list", "acme")
+    customers_before = cli.ok("customer", "list")
+    accounts_before = cli.ok("user", "list", "acme")
+    result = cli.run(*command)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [message]
+    assert result.stdout == ""
+    assert cli.ok("grant", "list", "acme") == grants_before
+    assert cli.ok("customer", "list") == customers_before
+    assert cli.ok("user", "list", "acme") == accounts_before
 
 
 def test_usage_error_not_recorded(cli: Cli) -> None:

@@ -313,8 +313,11 @@ def test_cli_token_with_repositories(server: ServerProcess, setup: Setup) -> Non
     rejected = cli.run(
         "token", "add", setup.customer, setup.login, "--repository", "Bad Pattern"
     )
-    assert rejected.returncode == 1
-    assert "invalid pattern" in rejected.stderr
+    assert rejected.returncode == 2
+    assert rejected.stderr.splitlines() == [
+        "error: --repository: invalid pattern 'Bad Pattern': use a namespace "
+        "(products), a repository (products/app) or a glob (products/*)"
+    ]
 
 
 def test_owner_tokens_manage_nothing(server: ServerProcess) -> None:

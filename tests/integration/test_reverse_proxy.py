@@ -123,3 +123,23 @@ def test_throttle_uses_forwarded_client(proxied: ServerProcess) -> None:
     allowed = httpx.get(f"{proxied.url}/v2/", auth=(login, password), headers=colleague)
     assert allowed.status_code == 200
     assert '"client": "198.51.100.1"' in proxied.log()
+
+
+def test_start_warns_of_wide_trusted_proxies(tmp_path: Path) -> None:
+    """A server that trusts every IPv4 and IPv6 client logs one warning for each
+    such network at start, and none for a narrow one."""
+    process = start_server(
+        tmp_path / "data",
+        MOORAGE_TRUSTED_PROXIES='["0.0.0.0/0", "::/0", "10.0.0.0/8"]',
+    )
+    try:
+        log = process.log()
+    finally:
+        process.stop()
+        drop_database(process.database_url)
+    warnings = [line for line in log.splitlines() if "trusted_proxies entry" in line]
+    assert len(warnings) == 2, warnings
+    assert "trusted_proxies entry 0.0.0.0/0 is wider than /8" in warnings[0]
+    assert "trusted_proxies entry ::/0 is wider than /8" in warnings[1]
+    assert "forge the source address in the audit log" in warnings[0]
+    assert '"level": "warning"' in warnings[0]

@@ -165,6 +165,47 @@ def test_workers_port_in_use_one_line(tmp_path: Path) -> None:
     assert f"error: cannot listen on 127.0.0.1:{port}:" in log
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_port_in_use_leaves_first_start(tmp_path: Path, workers: str) -> None:
+    """A first start on a port that is taken stops with one error line. It
+    creates no data directory, schema or first admin, so the next start on a
+    free port is a first start and creates the admin."""
+    data_dir = tmp_path / "data"
+    created = f"vendor admin {ADMIN_LOGIN!r} created with the given password"
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        server = ServerProcess(
+            data_dir=data_dir,
+            database_url=create_database(data_dir),
+            extra_env={"MOORAGE_WORKERS": workers},
+            port=port,
+            log_file=tmp_path / "server.log",
+        )
+        try:
+            with pytest.raises(RuntimeError, match="server exited"):
+                server.start()
+        except BaseException:
+            drop_database(server.database_url)
+            raise
+    failed_start = server.log()
+    assert f"error: cannot listen on 127.0.0.1:{port}: Address already in use" in (
+        failed_start
+    )
+    assert "Traceback" not in failed_start
+    assert created not in failed_start
+    assert not data_dir.exists()
+
+    try:
+        server.start()
+        second_start = server.log()[len(failed_start) :]
+        with httpx.Client(base_url=server.url) as client:
+            assert client.get("/healthz").status_code == 200
+    finally:
+        server.stop()
+        drop_database(server.database_url)
+    assert second_start.count(created) == 1, second_start
+
+
 def test_workers_ignore_modules_in_working_directory(tmp_path: Path) -> None:
     """A file in the working directory named like a module the server imports
     does not run in the re-executed parent, workers or supervisor."""

@@ -62,6 +62,8 @@ class ServerProcess:
     # A terminal to be the server's stdin and controlling terminal; None
     # keeps the test's stdin and session.
     terminal: Terminal | None = None
+    # Where the server's output goes; None puts it in the data directory.
+    log_file: Path | None = None
 
     @property
     def url(self) -> str:
@@ -81,7 +83,7 @@ class ServerProcess:
 
     @property
     def log_path(self) -> Path:
-        return self.data_dir / "server.log"
+        return self.log_file or self.data_dir / "server.log"
 
     def environment(self) -> dict[str, str]:
         env = {

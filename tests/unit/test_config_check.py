@@ -368,3 +368,21 @@ def test_trusted_proxies_accepted(tmp_path: Path) -> None:
     }
     completed = config_check(tmp_path, environment)
     assert completed.returncode == 0, completed.stderr
+    assert "warning" not in completed.stderr
+
+
+@pytest.mark.parametrize(
+    "entry",
+    ["0.0.0.0/0", "::/0", "8.0.0.0/7", "2000::/3", "::ffff:0:0/96"],
+)
+def test_wide_trusted_proxy_warned(tmp_path: Path, entry: str) -> None:
+    """A trusted proxy network wider than /8 (IPv4, also IPv4-mapped) or /32
+    (IPv6) passes the check with one warning line on stderr."""
+    environment = {"MOORAGE_TRUSTED_PROXIES": json.dumps(["127.0.0.1", entry])}
+    completed = config_check(tmp_path, environment)
+    assert completed.returncode == 0, completed.stderr
+    lines = completed.stderr.splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"warning: trusted_proxies entry {entry} is wider")
+    assert "forge the source address in the audit log" in lines[0]
+    assert f"trusted_proxies = [127.0.0.1, {entry}]" in completed.stdout

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import Annotated
 
 import structlog
@@ -35,6 +36,7 @@ from moorage.cli.main import (
     errors,
     records_rejections,
     reject,
+    reject_invalid,
     user_app,
 )
 from moorage.cli.output import Table, lines_cell, shown
@@ -375,6 +377,7 @@ def robot_add(
     data_dir: DataDirOption = None,
 ) -> None:
     """Add a robot account. Prints its login and secret once."""
+    reject_invalid(lambda: admin.robot_login(customer, name))
     until = parse_expiry(expires)
     created = _run(
         _settings(data_dir=data_dir),
@@ -550,6 +553,8 @@ def token_add(
     data_dir: DataDirOption = None,
 ) -> None:
     """Create a personal access token for a user. Prints it once."""
+    for pattern in repository or ():
+        reject_invalid(partial(admin.validate_pattern, pattern), "--repository: ")
     until = parse_expiry(expires)
     where = "all repositories" if not repository else " ".join(repository)
     created = _run(
@@ -795,6 +800,7 @@ def grant_add(
     A pattern with `*` in its first component matches repositories in many
     namespaces, other customers' and future ones included; it needs --force.
     """
+    reject_invalid(lambda: admin.validate_pattern(pattern))
     end = _parse_end_date(until, "--until")
     if not force and _reaches_many_namespaces(pattern):
         reject(

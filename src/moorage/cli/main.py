@@ -44,6 +44,8 @@ from moorage.config import (
     Settings,
     displayed_settings,
     load_settings,
+    too_wide_proxy_warning,
+    too_wide_trusted_proxies,
 )
 from moorage.db.engine import (
     UNREACHABLE_DATABASE_ERRORS,
@@ -343,7 +345,11 @@ def serve(
     # server, or the supervisor of several workers, installs its own handler.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     from moorage import tls
-    from moorage.server import run, warn_when_keys_sit_with_data
+    from moorage.server import (
+        run,
+        warn_about_wide_trusted_proxies,
+        warn_when_keys_sit_with_data,
+    )
 
     settings = _settings(
         data_dir=data_dir, host=host, port=port, tls_cert=tls_cert, tls_key=tls_key
@@ -358,6 +364,7 @@ def serve(
             if settings.tls_client_crl and settings.tls_client_ca:
                 tls.read_revocations(settings.tls_client_crl, settings.tls_client_ca)
         warn_when_keys_sit_with_data(settings)
+        warn_about_wide_trusted_proxies(settings)
         run(settings)
     except MoorageError as error:
         _print_error(error)
@@ -391,12 +398,21 @@ def reject(message: str) -> NoReturn:
     raise RejectedValueExit(message)
 
 
+def reject_invalid(check: Callable[[], object], prefix: str = "") -> None:
+    """Run one of `moorage.admin`'s value checks, and reject the value (exit
+    code 2, see `reject`) with the check's message when it is invalid."""
+    try:
+        check()
+    except InvalidInputError as error:
+        reject(f"{prefix}{error.message}")
+
+
 def records_rejections(
-    action: str, command_name: str
+    action: str | Callable[[dict[str, Any]], str], command_name: str
 ) -> Callable[[CommandFunction], CommandFunction]:
     """Make an administrative command record a value it rejects (see `reject`)
     as a failed `action` event, its reason starting with `command_name`,
-    before it exits.
+    before it exits. `action` may be a function of the command's arguments.
 
     Usage errors that Click reports itself (an unknown option, a missing
     argument, `--help`) never reach the command and are not recorded.
@@ -408,7 +424,8 @@ def records_rejections(
             try:
                 return command(**arguments)
             except RejectedValueExit as rejection:
-                _record_rejection(action, command_name, arguments, rejection.message)
+                name = action if isinstance(action, str) else action(arguments)
+                _record_rejection(name, command_name, arguments, rejection.message)
                 raise
 
         return run  # type: ignore[return-value]
@@ -422,6 +439,8 @@ def _record_rejection(
     """Write the failure event of a rejected command, if the data directory
     and database can be opened; the rejection's own exit code stays."""
     customer = arguments.get("customer", arguments.get("slug"))
+    if customer == "-":
+        customer = None  # the vendor's own accounts
     try:
         settings = _settings(data_dir=arguments.get("data_dir"))
         if settings.data_dir.is_dir():
@@ -478,12 +497,10 @@ def customer_add(
     data_dir: DataDirOption = None,
 ) -> None:
     """Add a customer and its namespace."""
+    reject_invalid(lambda: admin.validate_slug(slug))
     until = _parse_end_date(access_until, "--access-until")
     if name is not None:
-        try:
-            admin.validate_display_name(name)
-        except InvalidInputError as error:
-            reject(f"--name: {error.message}")
+        reject_invalid(lambda: admin.validate_display_name(name), "--name: ")
 
     async def add(
         services: Services,
@@ -602,6 +619,12 @@ def customer_show(customer: str, data_dir: DataDirOption = None) -> None:
 
 
 @user_app.command("add")
+@records_rejections(
+    lambda arguments: (
+        actions.VENDOR_USER_ADD if arguments["customer"] == "-" else actions.USER_ADD
+    ),
+    "user add",
+)
 def user_add(
     customer: Annotated[
         str,
@@ -624,6 +647,7 @@ def user_add(
 ) -> None:
     """Add a user to a customer, or a vendor account. Prints a generated password
     once."""
+    reject_invalid(lambda: admin.validate_login(name))
     password = sys.stdin.readline().rstrip("\n") if password_stdin else None
     if customer == "-":
         created = _run(
@@ -654,6 +678,13 @@ def config_check(data_dir: DataDirOption = None) -> None:
         console.print(f"{key} = {shown(value)}", highlight=False, soft_wrap=True)
     if not settings.audit_request_events:
         errors.print(_REQUEST_EVENTS_OFF, highlight=False)
+    for entry in too_wide_trusted_proxies(settings.trusted_proxies):
+        errors.print(
+            f"warning: {too_wide_proxy_warning(entry)}",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 _REQUEST_EVENTS_OFF = (
