@@ -1,17 +1,28 @@
-"""`GET /api/v1/me/repositories`, the list the customer portal shows, against
-a real server: the caller's repositories with their tags, filtered as the
-registry's catalog is, and never another customer's."""
+"""The customer portal's server side against a real server.
+
+`GET /api/v1/me/repositories`, the list the portal shows: the caller's
+repositories with their tags, filtered as the registry's catalog is, and never
+another customer's. `/portal`: the page with the registry's address, its own
+files only, and headers that forbid inline scripts and framing.
+"""
 
 from __future__ import annotations
 
+import re
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import pytest
 
 from tests.support.identity import add_grant, admin_client, push_image
-from tests.support.server import ADMIN_LOGIN, ADMIN_PASSWORD, ServerProcess
+from tests.support.server import (
+    ADMIN_LOGIN,
+    ADMIN_PASSWORD,
+    ServerProcess,
+    running_server,
+)
 
 TIMEOUT = 30
 
@@ -203,3 +214,72 @@ def test_repositories_reject_bad_page_size(server: ServerProcess) -> None:
         )
         assert response.status_code == 400, value
         assert response.json()["errors"][0]["code"] == "INVALID_INPUT"
+
+
+# The portal page and its files
+
+
+def test_portal_page_security_headers(server: ServerProcess) -> None:
+    """The page and its files carry a strict Content-Security-Policy, refuse
+    framing, and the page has no inline script or style."""
+    for path in ("/portal", "/portal/portal.js", "/portal/portal.css"):
+        response = httpx.get(f"{server.url}{path}", timeout=TIMEOUT)
+        assert response.status_code == 200, path
+        policy = response.headers["content-security-policy"]
+        assert policy.startswith("default-src 'self';")
+        assert "unsafe-inline" not in policy
+        assert response.headers["x-frame-options"] == "DENY"
+        assert response.headers["x-content-type-options"] == "nosniff"
+    page = httpx.get(f"{server.url}/portal", timeout=TIMEOUT).text
+    assert "<script>" not in page
+    assert "<style" not in page
+    assert " style=" not in page
+    assert re.search(r"<[^>]*\son[a-z]+\s*=", page) is None
+
+
+def test_portal_files_local_only(server: ServerProcess) -> None:
+    """Every script and style the page loads comes from this server."""
+    page = httpx.get(f"{server.url}/portal", timeout=TIMEOUT).text
+    sources = re.findall(r'(?:src|href)="([^"]+)"', page)
+    assert sorted(sources) == ["/portal/portal.css", "/portal/portal.js"]
+    script = httpx.get(f"{server.url}/portal/portal.js", timeout=TIMEOUT)
+    assert script.headers["content-type"].startswith("text/javascript")
+    assert "innerHTML" not in script.text
+
+
+def test_portal_page_shows_request_host(server: ServerProcess) -> None:
+    """Without public_url the page names the host the request came to."""
+    page = httpx.get(f"{server.url}/portal", timeout=TIMEOUT).text
+    assert f'<meta name="moorage-registry" content="{server.url}">' in page
+    other = httpx.get(
+        f"{server.url}/portal",
+        headers={"Host": "registry.example.com:8443"},
+        timeout=TIMEOUT,
+    ).text
+    assert 'content="http://registry.example.com:8443"' in other
+
+
+def test_portal_page_escapes_bad_host(server: ServerProcess) -> None:
+    """A Host header that is not a host name never reaches the page."""
+    page = httpx.get(
+        f"{server.url}/portal",
+        headers={"Host": '"><script>alert(1)</script>'},
+        timeout=TIMEOUT,
+    ).text
+    assert "<script>alert" not in page
+    assert "alert(1)" not in page
+
+
+def test_portal_page_uses_public_url(tmp_path: Path) -> None:
+    """With public_url set, the page names it whatever the Host header."""
+    public = {"MOORAGE_PUBLIC_URL": "https://registry.example.com/"}
+    with running_server(tmp_path / "data", public) as server:
+        page = httpx.get(f"{server.url}/portal", timeout=TIMEOUT).text
+    assert 'content="https://registry.example.com"' in page
+
+
+def test_portal_unknown_file_not_found(server: ServerProcess) -> None:
+    """A file the portal does not have is 404, not a file from elsewhere."""
+    for name in ("missing.js", "..%2F__init__.py", "portal.html"):
+        response = httpx.get(f"{server.url}/portal/{name}", timeout=TIMEOUT)
+        assert response.status_code == 404, name
