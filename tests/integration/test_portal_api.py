@@ -157,7 +157,8 @@ def test_repositories_paginate(server: ServerProcess, customers: Customers) -> N
 
 
 def test_repositories_cap_tags(server: ServerProcess) -> None:
-    """A repository with more than 100 tags lists the first 100 and says so."""
+    """A repository with more than 100 tags lists the first 100 and sets
+    `more_tags`."""
     customer = server.add_customer()
     name = f"{customer}/many"
     with admin_client(server) as client:

@@ -21,8 +21,8 @@ from moorage.db.schema import utcnow
 router = APIRouter(prefix="/me", tags=["me"])
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
-# Tags listed per repository; `more_tags` tells the caller there are more,
-# which `GET /v2/NAME/tags/list` lists in full.
+# Tags listed per repository. `more_tags` is true when there are more, and
+# `GET /v2/NAME/tags/list` lists them all.
 MAX_TAGS = 100
 
 
@@ -40,6 +40,8 @@ async def list_my_repositories(
     names = await store.list_repositories(access, n + 1, last or None)
     following = names[n - 1] if len(names) > n else None
     listed = []
+    # NOTE: one tag query per repository, so a page of 100 repositories runs
+    # about 100 queries, one after another.
     for name in names[:n]:
         tags = await store.list_tags(name, MAX_TAGS + 1, None)
         if tags is None:
