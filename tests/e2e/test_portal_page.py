@@ -98,6 +98,8 @@ def browser() -> Iterator[webdriver.Chrome]:
     options.binary_location = CHROMIUM
     for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage"):
         options.add_argument(argument)
+    # Keep the console messages, where Chromium reports blocked content.
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
     try:
         yield driver
@@ -130,11 +132,15 @@ def log_in(
 
 
 def column_texts(browser: webdriver.Chrome, table: str, column: int) -> list[str]:
-    rows = browser.find_elements(By.CSS_SELECTOR, f"#{table} tbody tr")
-    return [
-        row.find_elements(By.TAG_NAME, "td")[column].get_attribute("textContent") or ""
-        for row in rows
-    ]
+    """Return one column of a table's rows, read in one script run, so that a
+    table that the page rebuilds meanwhile cannot leave stale elements."""
+    texts: list[str] = browser.execute_script(
+        "return Array.from(document.querySelectorAll(arguments[0]))"
+        ".map(row => row.cells[arguments[1]].textContent)",
+        f"#{table} tbody tr",
+        column,
+    )
+    return texts
 
 
 def test_portal_lists_own_repositories(
@@ -148,6 +154,24 @@ def test_portal_lists_own_repositories(
     page_text = browser.find_element(By.TAG_NAME, "body").text
     assert setup.globex_repository not in page_text
     assert setup.globex not in page_text
+
+
+def test_portal_loads_nothing_blocked(
+    server: ServerProcess, browser: webdriver.Chrome, setup: Setup
+) -> None:
+    """Every file and request of the page goes to the registry itself, and its
+    Content-Security-Policy blocks nothing the page needs."""
+    log_in(server, browser, *setup.reader)
+    loaded = browser.execute_script(
+        "return performance.getEntriesByType('resource').map(entry => entry.name)"
+    )
+    assert f"{server.url}/portal/portal.js" in loaded
+    assert f"{server.url}/api/v1/me/repositories" in loaded
+    for address in loaded:
+        assert address.startswith(f"{server.url}/"), address
+    messages = [entry["message"] for entry in browser.get_log("browser")]
+    blocked = [text for text in messages if "Content Security Policy" in text]
+    assert blocked == []
 
 
 def test_portal_commands_name_host(
@@ -205,6 +229,7 @@ def test_portal_owner_rotates_robot_secret(
     assert old_login.status_code == 401
     where = AuditFilter(action="robot.rotate", account=setup.owner[0])
     events = wait_for_events(server, where, lambda found: len(found) >= 1)
+    assert len(events) == 1
     assert events[0].event.outcome == "success"
     assert "HeadlessChrome" in (events[0].event.user_agent or "")
 
@@ -255,13 +280,16 @@ def test_portal_creates_and_revokes_token(
     server: ServerProcess, browser: webdriver.Chrome, setup: Setup
 ) -> None:
     """A user creates a personal access token, which works at once, and
-    revokes it, after which it fails."""
+    revokes it, after which it fails. Both are audit events."""
     login, password = server.add_user(setup.acme, "reader")
     log_in(server, browser, login, password)
     browser.find_element(By.ID, "token-name").send_keys("laptop")
     browser.find_element(By.CSS_SELECTOR, "#token-form button").click()
     token = wait_visible(browser, "#new-token-value").text
     assert token
+    WebDriverWait(browser, WAIT_SECONDS).until(
+        lambda driver: column_texts(driver, "tokens", 0) == ["laptop"]
+    )
     status = httpx.get(f"{server.url}/v2/", auth=(login, token), timeout=TIMEOUT)
     assert status.status_code == 200
     wait_visible(browser, "#tokens button.revoke").click()
@@ -270,12 +298,17 @@ def test_portal_creates_and_revokes_token(
     )
     status = httpx.get(f"{server.url}/v2/", auth=(login, token), timeout=TIMEOUT)
     assert status.status_code == 401
+    for action in ("personal_token.add", "personal_token.revoke"):
+        where = AuditFilter(action=action, account=login)
+        events = wait_for_events(server, where, lambda found: len(found) == 1)
+        assert len(events) == 1, action
 
 
 def test_portal_changes_password(
     server: ServerProcess, browser: webdriver.Chrome, setup: Setup
 ) -> None:
-    """A user changes its password; the new one works and the old one fails."""
+    """A user changes its password; the new one works, the old one fails, and
+    the change is an audit event."""
     login, password = server.add_user(setup.acme, "reader")
     new_password = "portal-new-password-" + password[:8]
     log_in(server, browser, login, password)
@@ -288,3 +321,6 @@ def test_portal_changes_password(
     assert new.status_code == 200
     old = httpx.get(f"{server.url}/v2/", auth=(login, password), timeout=TIMEOUT)
     assert old.status_code == 401
+    where = AuditFilter(action="account.password_change", account=login)
+    events = wait_for_events(server, where, lambda found: len(found) == 1)
+    assert len(events) == 1
