@@ -284,3 +284,16 @@ def test_portal_unknown_file_not_found(server: ServerProcess) -> None:
     for name in ("missing.js", "..%2F__init__.py", "portal.html"):
         response = httpx.get(f"{server.url}/portal/{name}", timeout=TIMEOUT)
         assert response.status_code == 404, name
+
+
+def test_repositories_last_with_control_character(
+    server: ServerProcess, customers: Customers
+) -> None:
+    """A `last` with NUL or another control character pages like the catalog
+    does on both databases, instead of failing with 500."""
+    reader = server.add_user(customers.acme, "reader")
+    api, web = customers.acme_repositories
+    cases = [(f"{api}\x00", [web]), (f"{customers.acme}/a\x01", [api, web])]
+    for last, expected in cases:
+        page = repositories_page(server, reader, last=last)
+        assert names_of(page) == expected, repr(last)
