@@ -53,6 +53,8 @@ async def test_failed_direct_read_uses_engine(
     store.direct = broken
     assert await store.get_tagged_manifest("nobody/app", "latest") is None
     assert not await store.blob_exists("sha256:" + "0" * 64)
+    assert await store.list_tags("nobody/app", 10, None) is None
+    assert not await store.repository_exists("nobody/app")
     reader = DirectReader(services.engine, broken)
     assert await reader.current() == await query_revision(services.engine)
     with pytest.raises(DirectReadError):

@@ -163,12 +163,58 @@ async def test_catalog_page_uses_index(
 async def test_tag_page_uses_index(engine: AsyncEngine) -> None:
     """A tag list page reads a range of the repository's tags in order."""
     store = RegistryStore(engine)
+    # A direct SQLite read runs the same statement outside the engine's log.
+    store.direct = None
     log = StatementLog(engine)
 
     await store.list_tags("acme/app-0", 100, "t02500")
 
     plan = await plan_of(engine, *log.last("tags"))
     assert_index_range(plan, engine.dialect.name)
+
+
+TAG_PAGE_CASES = [
+    ("every tag", "acme/app-0", None, None, [f"t{i:05d}" for i in range(TAGS)]),
+    ("first page", "acme/app-0", 3, None, ["t00000", "t00001", "t00002"]),
+    ("after a tag", "acme/app-0", 2, "t00010", ["t00011", "t00012"]),
+    ("rest after a tag", "acme/app-0", None, "t04997", ["t04998", "t04999"]),
+    ("between two tags", "acme/app-0", 1, "t00010a", ["t00011"]),
+    ("last beyond the end", "acme/app-0", 10, "t99999", []),
+    ("last is the end", "acme/app-0", None, "t04999", []),
+    ("zero", "acme/app-0", 0, None, []),
+    ("NUL in last", "acme/app-0", 1, "t00010\x00z", ["t00011"]),
+    ("repository without tags", "acme/app-1", 10, None, []),
+    ("repository without tags, zero", "acme/app-1", 0, None, []),
+    ("no such repository", "nobody/app", 10, None, None),
+    ("no such repository, zero", "nobody/app", 0, None, None),
+    ("no such repository, no limit", "nobody/app", None, "t00001", None),
+]
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "engine"])
+@pytest.mark.parametrize(
+    ("repository", "limit", "last", "expected"),
+    [case[1:] for case in TAG_PAGE_CASES],
+    ids=[case[0] for case in TAG_PAGE_CASES],
+)
+async def test_tag_pages(
+    engine: AsyncEngine,
+    direct: bool,
+    repository: str,
+    limit: int | None,
+    last: str | None,
+    expected: list[str] | None,
+) -> None:
+    """A tag page contains the tags after `last`, or is None for no repository."""
+    store = RegistryStore(engine)
+    if not direct:
+        store.direct = None
+    elif store.direct is None:
+        pytest.skip("direct reads exist for SQLite files only")
+
+    found = await store.list_tags(repository, limit, last)
+
+    assert found == expected
 
 
 async def test_catalog_pages_match_namespace(engine: AsyncEngine) -> None:

@@ -162,7 +162,14 @@ class ServerProcess:
         )
 
     def settings(self) -> Settings:
-        return Settings(data_dir=self.data_dir, database_url=self.database_url)
+        # A server started with encryption off must not get keys, such as a
+        # new signing key, sealed by an admin action run from the test.
+        encryption = self.extra_env.get("MOORAGE_ENCRYPTION", "true") != "false"
+        return Settings(
+            data_dir=self.data_dir,
+            database_url=self.database_url,
+            encryption=encryption,
+        )
 
     def run_command(self, *args: str) -> subprocess.CompletedProcess[str]:
         """Run `moorage ARGS` against this server's data and database."""

@@ -45,6 +45,11 @@ CUSTOMER_ADD = "customer.add"
 CUSTOMER_SUSPEND = "customer.suspend"
 CUSTOMER_RESUME = "customer.resume"
 CUSTOMER_SHRED = "customer.shred"
+# `customer offboard` records its steps as customer.suspend, customer.archive
+# and customer.delete_repositories; a value it rejects as customer.offboard.
+CUSTOMER_OFFBOARD = "customer.offboard"
+CUSTOMER_ARCHIVE = "customer.archive"
+CUSTOMER_DELETE_REPOSITORIES = "customer.delete_repositories"
 USER_ADD = "user.add"
 USER_DISABLE = "user.disable"
 USER_ENABLE = "user.enable"

@@ -113,7 +113,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 customer_app = typer.Typer(
-    help="Add, list, suspend, resume and shred customers.", no_args_is_help=True
+    help="Add, list, suspend, resume, offboard and shred customers.",
+    no_args_is_help=True,
 )
 user_app = typer.Typer(help="Manage customer users.", no_args_is_help=True)
 app.add_typer(customer_app, name="customer")
@@ -1166,3 +1167,6 @@ from moorage.cli import identity as _identity  # noqa: E402, F401
 
 # Registers the failed-login commands.
 from moorage.cli import logins as _logins  # noqa: E402, F401
+
+# Registers `customer offboard`.
+from moorage.cli import offboard as _offboard  # noqa: E402, F401

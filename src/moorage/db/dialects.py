@@ -7,7 +7,7 @@ import ipaddress
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import Boolean, ColumnElement, Table
+from sqlalchemy import Boolean, ColumnElement, Table, Text, cast, func
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import DataError, DBAPIError
@@ -92,6 +92,20 @@ def lexical(column: ColumnClause[Any] | ColumnElement[Any], dialect: Dialect) ->
     if dialect.name == "postgresql":
         return column.collate("C")
     return column
+
+
+def json_array_agg(column: ColumnElement[Any], dialect: Dialect) -> Any:
+    """Aggregate a column's values into the text of one JSON array.
+
+    SQLite's `json_group_array` returns "[]" for no rows and PostgreSQL's
+    `json_agg` returns NULL. Neither promises the order of the elements
+    without an ORDER BY inside the call, which SQLite accepts from 3.44 on.
+    PostgreSQL's result is cast to text, because asyncpg would decode a json
+    value.
+    """
+    if dialect.name == "postgresql":
+        return cast(func.json_agg(column), Text)
+    return func.json_group_array(column, type_=Text)
 
 
 def like_pattern(glob: str) -> str:

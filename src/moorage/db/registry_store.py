@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, Protocol, TypeVar
 
+import orjson
 from sqlalchemy import (
     ColumnElement,
     and_,
@@ -21,12 +22,14 @@ from sqlalchemy import (
     select,
     update,
 )
+from sqlalchemy.dialects import sqlite
 from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from moorage.db.dialects import (
     before_nul,
     insert_statement,
+    json_array_agg,
     lexical,
     like_pattern,
     prepared_insert_ignore,
@@ -148,6 +151,52 @@ class StoredManifestRow:
     content: bytes
 
 
+@dataclass(frozen=True, slots=True)
+class NamespaceManifest:
+    """A manifest of a repository in the namespaces being archived."""
+
+    repository: str
+    digest: str
+    media_type: str
+    size: int
+    # Its tags in that repository, in lexical order.
+    tags: tuple[str, ...]
+    # Another manifest of the same repository (an index) names it.
+    in_index: bool
+
+
+@dataclass(frozen=True, slots=True)
+class NamespaceBlob:
+    """A blob that a manifest in the namespaces references."""
+
+    digest: str
+    size: int
+    shredded: bool
+
+
+@dataclass(frozen=True, slots=True)
+class NamespaceContents:
+    """The repositories of some namespaces, their manifests and their blobs."""
+
+    repositories: list[str]
+    manifests: list[NamespaceManifest]
+    blobs: list[NamespaceBlob]
+
+
+@dataclass(frozen=True, slots=True)
+class DeletedContents:
+    """Counts of the rows that deleting some namespaces' repositories removed."""
+
+    repositories: int
+    manifests: int
+    tags: int
+    upload_ids: list[str]
+    # Blobs that the deleted repositories used and no other repository uses,
+    # and their total size; their files stay (no garbage collection yet).
+    unused_blobs: int
+    unused_bytes: int
+
+
 class RegistryStore:
     """Metadata of the registry's content.
 
@@ -179,11 +228,8 @@ class RegistryStore:
     # Repositories
 
     async def repository_exists(self, name: str) -> bool:
-        async with connect(self.engine) as connection:
-            found = await connection.scalar(
-                select(repositories.c.id).where(repositories.c.name == name)
-            )
-        return found is not None
+        row = await self._first(_REPOSITORY_ID, _DIRECT_REPOSITORY_ID, name=name)
+        return row is not None
 
     async def list_repositories(
         self, access: RepositoryFilter, limit: int, last: str | None
@@ -572,20 +618,38 @@ class RegistryStore:
     async def list_tags(
         self, repository: str, limit: int | None, last: str | None
     ) -> list[str] | None:
-        """Return tags after `last` in lexical order, or None for no such repository."""
-        async with connect(self.engine) as connection:
-            repository_id = await connection.run_sync(_repository_id, repository)
-            if repository_id is None:
-                return None
-            name = lexical(tags.c.name, connection.dialect)
-            query = select(tags.c.name).where(tags.c.repository_id == repository_id)
-            if last:
-                query = query.where(name > before_nul(last))
-            query = query.order_by(name)
-            if limit is not None:
-                query = query.limit(limit)
-            result = await connection.execute(query)
-            return [row[0] for row in result]
+        """Return tags after `last` in lexical order, or None for no such repository.
+
+        One statement reads the page. Only an empty page needs a second one,
+        to tell an empty repository from a missing one.
+        """
+        values: dict[str, Any] = {"name": repository, "last": before_nul(last or "")}
+        if limit is not None:
+            values["limit"] = limit
+        found = await self._tag_page(limit is not None, values)
+        if found or await self.repository_exists(repository):
+            return found
+        return None
+
+    async def _tag_page(self, limited: bool, values: dict[str, Any]) -> list[str]:
+        text = None
+        if self.direct is not None:
+            try:
+                row = self.direct.first(_direct_tag_page(limited), **values)
+                text = "[]" if row is None else row[0]
+            except DirectReadError:
+                pass
+        if text is None:
+            async with connect(self.engine) as connection:
+                statement = _tag_page_statement(connection.dialect, limited)
+                text = await connection.scalar(statement, values)
+        found: list[str] = orjson.loads(text or "[]")
+        # The statement picks the page's tags in order but cannot promise the
+        # order in which its aggregate lists them. On sorted input a sort
+        # makes one pass. Python compares strings by code point, which is the
+        # order that `lexical` gives.
+        found.sort()
+        return found
 
     async def list_referrers(
         self, repository: str, subject: str, artifact_type: str | None
@@ -620,6 +684,103 @@ class RegistryStore:
                 or 0
             )
 
+    # Whole namespaces (customer offboarding)
+
+    async def namespace_contents(self, namespaces: Sequence[str]) -> NamespaceContents:
+        """Return the repositories of `namespaces`, every manifest in them with
+        its tags, and the blobs those manifests reference."""
+        async with connect(self.engine) as connection:
+            return await connection.run_sync(_namespace_contents, list(namespaces))
+
+    async def delete_namespace_repositories(
+        self, namespaces: Sequence[str]
+    ) -> DeletedContents:
+        """Delete every repository of `namespaces` with its manifests, tags, blob
+        links and upload sessions, in one transaction.
+
+        The blobs stay in the `blobs` table and in storage, and the result
+        counts those that no other repository uses.
+        """
+        # TODO: free the space of the unused blobs. A push of the same digest
+        # into another repository may find the blob's row and file and link
+        # it, so deleting both needs garbage collection that such a push
+        # cannot race.
+        names = list(namespaces)
+
+        def work(connection: Connection) -> DeletedContents:
+            ids = select(repositories.c.id).where(repositories.c.namespace.in_(names))
+            manifest_ids = select(manifests.c.id).where(
+                manifests.c.repository_id.in_(ids)
+            )
+            upload_ids = list(
+                connection.scalars(
+                    select(uploads.c.id).where(uploads.c.repository_id.in_(ids))
+                )
+            )
+            unused_blobs, unused_bytes = connection.execute(
+                _blobs_used_only_by(ids, manifest_ids)
+            ).one()
+            tag_count = connection.execute(
+                delete(tags).where(tags.c.repository_id.in_(ids))
+            ).rowcount
+            connection.execute(
+                delete(manifest_references).where(
+                    manifest_references.c.manifest_id.in_(manifest_ids)
+                )
+            )
+            manifest_count = connection.execute(
+                delete(manifests).where(manifests.c.repository_id.in_(ids))
+            ).rowcount
+            connection.execute(
+                delete(repository_blobs).where(
+                    repository_blobs.c.repository_id.in_(ids)
+                )
+            )
+            connection.execute(delete(uploads).where(uploads.c.repository_id.in_(ids)))
+            repository_count = connection.execute(
+                delete(repositories).where(repositories.c.namespace.in_(names))
+            ).rowcount
+            return DeletedContents(
+                repository_count,
+                manifest_count,
+                tag_count,
+                upload_ids,
+                int(unused_blobs),
+                int(unused_bytes or 0),
+            )
+
+        return await self._transact(work)
+
+
+def _blobs_used_only_by(repository_ids: Any, manifest_ids: Any) -> Any:
+    """Select the number and total size of the blobs that the repositories
+    `repository_ids` link or reference and that no other repository does."""
+    other_manifests = select(manifests.c.id).where(
+        manifests.c.repository_id.not_in(repository_ids)
+    )
+    used_here = (
+        select(repository_blobs.c.digest)
+        .where(repository_blobs.c.repository_id.in_(repository_ids))
+        .union(
+            select(manifest_references.c.digest).where(
+                manifest_references.c.manifest_id.in_(manifest_ids),
+                manifest_references.c.kind == "blob",
+            )
+        )
+    )
+    linked_elsewhere = exists().where(
+        repository_blobs.c.digest == blobs.c.digest,
+        repository_blobs.c.repository_id.not_in(repository_ids),
+    )
+    referenced_elsewhere = exists().where(
+        manifest_references.c.digest == blobs.c.digest,
+        manifest_references.c.kind == "blob",
+        manifest_references.c.manifest_id.in_(other_manifests),
+    )
+    return select(func.count(), func.sum(blobs.c.size)).where(
+        blobs.c.digest.in_(used_here), ~linked_elsewhere, ~referenced_elsewhere
+    )
+
 
 def _pattern_conditions(
     patterns: Sequence[str], dialect: Dialect
@@ -647,6 +808,94 @@ def _pattern_conditions(
             )
         conditions.append(condition)
     return conditions
+
+
+def _namespace_contents(connection: Connection, names: list[str]) -> NamespaceContents:
+    in_namespaces = repositories.c.namespace.in_(names)
+    repository_names = list(
+        connection.scalars(
+            select(repositories.c.name)
+            .where(in_namespaces)
+            .order_by(lexical(repositories.c.name, connection.dialect))
+        )
+    )
+    manifest_list = _namespace_manifests(connection, in_namespaces)
+    blob_list = _namespace_blobs(connection, in_namespaces)
+    return NamespaceContents(repository_names, manifest_list, blob_list)
+
+
+def _namespace_manifests(
+    connection: Connection, in_namespaces: ColumnElement[bool]
+) -> list[NamespaceManifest]:
+    """Return the manifests of the selected repositories with their tags."""
+    tagged: dict[tuple[str, str], list[str]] = {}
+    tag_rows = connection.execute(
+        select(repositories.c.name, manifests.c.digest, tags.c.name)
+        .select_from(
+            tags.join(manifests).join(
+                repositories, tags.c.repository_id == repositories.c.id
+            )
+        )
+        .where(in_namespaces)
+    )
+    for repository, digest, tag in tag_rows:
+        tagged.setdefault((repository, digest), []).append(tag)
+
+    index_children = {
+        (row[0], row[1])
+        for row in connection.execute(
+            select(repositories.c.name, manifest_references.c.digest)
+            .select_from(manifest_references.join(manifests).join(repositories))
+            .where(in_namespaces, manifest_references.c.kind == "manifest")
+        )
+    }
+
+    manifest_rows = connection.execute(
+        select(
+            repositories.c.name,
+            manifests.c.digest,
+            manifests.c.media_type,
+            manifests.c.size,
+        )
+        .select_from(manifests.join(repositories))
+        .where(in_namespaces)
+        .order_by(lexical(repositories.c.name, connection.dialect), manifests.c.id)
+    )
+    found = []
+    for repository, digest, media_type, size in manifest_rows:
+        key = (repository, digest)
+        manifest_tags = tuple(sorted(tagged.get(key, [])))
+        found.append(
+            NamespaceManifest(
+                repository,
+                digest,
+                media_type,
+                int(size),
+                manifest_tags,
+                key in index_children,
+            )
+        )
+    return found
+
+
+def _namespace_blobs(
+    connection: Connection, in_namespaces: ColumnElement[bool]
+) -> list[NamespaceBlob]:
+    """Return the blobs that manifests of the selected repositories reference."""
+    referenced = (
+        select(manifest_references.c.digest)
+        .select_from(manifest_references.join(manifests).join(repositories))
+        .where(in_namespaces, manifest_references.c.kind == "blob")
+    )
+    blob_rows = connection.execute(
+        select(blobs.c.digest, blobs.c.size, blobs.c.shredded_at)
+        .where(blobs.c.digest.in_(referenced))
+        .order_by(blobs.c.digest)
+    )
+    return [
+        NamespaceBlob(digest, int(size), shredded is not None)
+        for digest, size, shredded in blob_rows
+    ]
 
 
 def prefix_upper_bound(prefix: str) -> str:
@@ -963,10 +1212,46 @@ _LINKED_AMONG = (
         blobs.c.shredded_at.is_(None),
     )
 )
+_DIRECT_REPOSITORY_ID = prepare(_REPOSITORY_ID)
 _DIRECT_BLOB_SIZE = prepare(_BLOB_SIZE)
 _DIRECT_UPLOAD = prepare(_UPLOAD)
 _DIRECT_MANIFEST_BY_DIGEST = prepare(_MANIFEST_BY_DIGEST)
 _DIRECT_TAGGED_MANIFEST = prepare(_TAGGED_MANIFEST)
+
+
+@functools.cache
+def _tag_page_statement(dialect: Dialect, limited: bool) -> Any:
+    """Select the text of a JSON array of a repository's first tags after `last`.
+
+    The page comes back as one row because Python's sqlite3 spends about
+    0.3 µs on each row that it returns. For 10,000 tags that took 3.3 ms,
+    and the aggregate with orjson decoding and the sort in
+    `RegistryStore._tag_page` took 1.7 ms (SQLite 3.40, Python 3.11, 2-core
+    VM). The repository is a scalar subquery, not a join, because PostgreSQL
+    then walks its `ix_tags_repository_id_name_c` index in order and needs
+    no sort. Every tag name sorts after "", so `last=""` starts at the first
+    tag.
+    """
+    name = lexical(tags.c.name, dialect)
+    repository_id = (
+        select(repositories.c.id)
+        .where(repositories.c.name == bindparam("name"))
+        .scalar_subquery()
+    )
+    page = (
+        select(tags.c.name)
+        .where(tags.c.repository_id == repository_id, name > bindparam("last"))
+        .order_by(name)
+    )
+    if limited:
+        page = page.limit(bindparam("limit"))
+    names = page.subquery()
+    return select(json_array_agg(names.c.name, dialect))
+
+
+@functools.cache
+def _direct_tag_page(limited: bool) -> PreparedRead:
+    return prepare(_tag_page_statement(sqlite.dialect(), limited))
 
 
 def _manifest_record(row: object | None) -> ManifestRecord | None:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 
-from moorage.api.http import page_size
+from moorage.api.http import ORJSONResponse, page_size
 from moorage.api.oci.tags import next_link
 from moorage.db.schema import utcnow
 from moorage.services import Services
@@ -32,13 +32,13 @@ def routes(services: Services) -> list[Route]:
         assert limit is not None
         last = request.query_params.get("last") or None
         if limit == 0:
-            return JSONResponse({"repositories": []})
+            return ORJSONResponse({"repositories": []})
         access = caller.principal.pull_filter(utcnow())
         found = await store.list_repositories(access, limit + 1, last)
         headers = {}
         if len(found) > limit:
             found = found[:limit]
             headers["Link"] = next_link("/v2/_catalog", limit, found[-1])
-        return JSONResponse({"repositories": found}, headers=headers)
+        return ORJSONResponse({"repositories": found}, headers=headers)
 
     return [Route("/v2/_catalog", catalog, methods=["GET"])]

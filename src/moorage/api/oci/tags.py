@@ -5,10 +5,10 @@ from __future__ import annotations
 from urllib.parse import urlencode
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 
-from moorage.api.http import page_size
+from moorage.api.http import ORJSONResponse, page_size
 from moorage.api.oci.common import repository_name
 from moorage.auth.access import PULL
 from moorage.errors import NameUnknownError
@@ -32,13 +32,13 @@ def routes(services: Services) -> list[Route]:
         last = request.query_params.get("last") or None
         if limit == 0:
             await registry.list_tags(name, 0, last)
-            return JSONResponse({"name": name, "tags": []})
+            return ORJSONResponse({"name": name, "tags": []})
         fetch = None if limit is None else limit + 1
         found = await registry.list_tags(name, fetch, last)
         headers = {}
         if limit is not None and len(found) > limit:
             found = found[:limit]
             headers["Link"] = next_link(f"/v2/{name}/tags/list", limit, found[-1])
-        return JSONResponse({"name": name, "tags": found}, headers=headers)
+        return ORJSONResponse({"name": name, "tags": found}, headers=headers)
 
     return [Route("/v2/{name:path}/tags/list", list_tags, methods=["GET"])]
