@@ -95,9 +95,11 @@ function showInstructions() {
   const tag = selected ? selected.tag : "TAG";
   const image = `${registryHost}/${repository}:${tag}`;
   const archive = `${repository.split("/").pop()}-${tag}.tar`;
+
   byId("registry-host").textContent = registryHost;
   byId("selected-image").textContent = image;
   byId("plain-http").hidden = !registry.startsWith("http://");
+
   setLines("docker-commands", [
     `docker login ${registryHost} --username ${login}`,
     `docker pull ${image}`,
@@ -203,7 +205,7 @@ async function loadRobots() {
 }
 
 async function rotateRobot(login, button) {
-  // The first click asks for confirmation, the second rotates.
+  // The first click turns the button into a confirmation, the second rotates.
   if (button.dataset.confirming !== "true") {
     button.dataset.confirming = "true";
     button.textContent = "Confirm: rotate now";
@@ -310,6 +312,7 @@ async function logIn(event) {
     showMessage(`Login failed: ${error.message}`, true);
     return;
   }
+
   byId("login-form").reset();
   byId("message").hidden = true;
   const customer = me.customer ? `, customer ${me.customer}` : "";
@@ -317,11 +320,13 @@ async function logIn(event) {
   byId("session").hidden = false;
   byId("login-section").hidden = true;
   byId("account").hidden = false;
+
   const owner = me.management_role === "owner" && me.customer !== null;
   byId("robots-section").hidden = !owner;
   byId("tokens-section").hidden = me.kind !== "user";
   byId("password-section").hidden = me.kind !== "user" || me.personal_token_id !== null;
   showInstructions();
+
   try {
     await loadRepositories(null);
     if (owner) {
