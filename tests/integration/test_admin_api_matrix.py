@@ -93,6 +93,7 @@ API_ENDPOINTS = (
         "remove_grant", "DELETE", f"{CUSTOMER}/grants/{{grant_id}}", CHANGE, 204
     ),
     ApiEndpoint("show_me", "GET", "/me", LOGIN, 200),
+    ApiEndpoint("list_repositories", "GET", "/me/repositories", LOGIN, 200),
     ApiEndpoint("list_tokens", "GET", "/me/tokens", USER, 200),
     ApiEndpoint("add_token", "POST", "/me/tokens", PASSWORD, 201),
     ApiEndpoint("revoke_token", "DELETE", "/me/tokens/{token_id}", USER, 204),

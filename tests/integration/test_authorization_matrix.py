@@ -116,6 +116,8 @@ OTHER_ROUTES = {
     ("/healthz", "GET"): "health checks need no login",
     ("/readyz", "GET"): "health checks need no login",
     ("/metrics", "GET"): "test_metrics.py (no login, or metrics_token when set)",
+    ("/portal", "GET"): "test_portal_api.py (a public page, no customer data)",
+    ("/portal/{name}", "GET"): "test_portal_api.py (its script and styles)",
 }
 
 

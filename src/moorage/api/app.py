@@ -10,7 +10,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute
 from starlette.types import Lifespan
 
-from moorage.api import account, admin, health, metrics, token
+from moorage.api import account, admin, health, metrics, portal, token
 from moorage.api.errors import (
     METHOD_NOT_ALLOWED,
     NOT_FOUND,
@@ -36,6 +36,7 @@ ROUTE_MODULES = (
     token,
     account,
     admin,
+    portal,
     health,
     metrics,
 )

@@ -25,7 +25,7 @@ from starlette.responses import Response
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from moorage.api.admin import accounts, customers, grants, me
+from moorage.api.admin import accounts, customers, grants, me, repositories
 from moorage.api.admin.models import check_text
 from moorage.api.errors import (
     INVALID_INPUT,
@@ -54,7 +54,13 @@ _STATUS_CODES = {404: NOT_FOUND, 405: METHOD_NOT_ALLOWED, 413: BODY_TOO_LARGE}
 # Where the /docs page's Swagger UI files are served, under the API's prefix.
 DOCS_ASSETS = "/docs/assets"
 # Every router of the API; the authorization matrix test walks their routes.
-ROUTERS = (me.router, customers.router, accounts.router, grants.router)
+ROUTERS = (
+    me.router,
+    repositories.router,
+    customers.router,
+    accounts.router,
+    grants.router,
+)
 
 
 def create_admin_api(services: Services) -> FastAPI:

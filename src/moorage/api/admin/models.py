@@ -236,3 +236,16 @@ class Me(BaseModel):
         description="admin (all customers), auditor (read all), owner (own "
         "customer) or None."
     )
+
+
+class RepositoryTags(BaseModel):
+    name: str
+    tags: list[str] = Field(description="The first tags in lexical order.")
+    more_tags: bool = Field(description="True when the repository has more tags.")
+
+
+class RepositoryPage(BaseModel):
+    repositories: list[RepositoryTags]
+    next: str | None = Field(
+        description="Pass as `last` for the next page; None on the last page."
+    )
