@@ -62,6 +62,8 @@ class _QueuedSender:
         if len(self._pending) >= self._capacity:
             self._pending.popleft()
             self.dropped += 1
+            # NOTE: only the first drop and every 1,000th are logged, so the
+            # last count of a burst (say 1,450) appears in no log line.
             if self.dropped == 1 or self.dropped % 1000 == 0:
                 log.warning(
                     "audit sink queue full; dropped the oldest events",
