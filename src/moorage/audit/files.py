@@ -134,12 +134,21 @@ def verify_export(
     """Check an export's chain and its signed checkpoints.
 
     The keys default to those in the file. An auditor who does not trust the
-    file's keys passes the registry's published JWKS instead.
+    file's keys passes the registry's published JWKS instead. The file's last
+    event must match a valid checkpoint, because every export and archive ends
+    with one.
     """
     events = export.events
     first_seq = export.header.get("first_seq")
     if not events:
-        return Verification()
+        empty = Verification()
+        if first_seq is not None:
+            empty.problem = (
+                f"event {first_seq} is missing: the header lists events from "
+                f"{first_seq} but the file has none"
+            )
+            empty.bad_seq = int(first_seq)
+        return empty
     start = int(first_seq) if first_seq is not None else events[0].seq
     keep = {checkpoint.seq for checkpoint in export.checkpoints}
     checker = ChainChecker(start - 1, events[0].prev_hash, keep)
@@ -156,7 +165,22 @@ def verify_export(
             checker.result.bad_seq = last + 1
     verifier = CheckpointVerifier(keys or export.header.get("keys") or {})
     checker.check_checkpoints(export.checkpoints, verifier)
-    return checker.result
+    result = checker.result
+    newest = result.last_seq
+    if result.problem is None and newest is not None and checker.signed_up_to != newest:
+        # Every export and archive ends with a checkpoint of its last event.
+        # Without this check, anyone could rehash edited events and drop the
+        # checkpoints, or cut the tail and lower the unsigned header's range.
+        signed = checker.signed_up_to
+        unsigned = signed + 1 if signed is not None else result.first_seq or 1
+        result.problem = (
+            f"event {newest}, the last in the file, has no signed checkpoint, and "
+            "every export ends with one: checkpoints were removed, or events "
+            f"from {unsigned} on were changed or added after the file was written"
+        )
+        result.bad_seq = unsigned
+        result.warnings.clear()
+    return result
 
 
 def last_hash(events: Iterable[StoredEvent]) -> str | None:

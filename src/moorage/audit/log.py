@@ -60,7 +60,7 @@ from moorage.audit.events import (
     parse_time,
 )
 from moorage.audit.verify import ChainChecker, Verification, check_stream
-from moorage.db.audit_store import AuditFilter, AuditStore
+from moorage.db.audit_store import ArchiveConflictError, AuditFilter, AuditStore
 from moorage.db.dialects import is_data_error
 from moorage.db.schema import utcnow
 from moorage.fsync import fsync_directory
@@ -778,6 +778,10 @@ class DatabaseAuditLog:
 
         The file is written and synced to disk before any row is deleted, and
         its last hash is recorded, so `verify` still checks the whole chain.
+        Every server worker runs this, so several runs may start at once. A run
+        that reads a range while another run deletes it, or that finds the
+        range gone when it deletes, raises ArchiveConflictError and leaves the
+        other run's file and rows as they are.
         """
         last_seq = await self.store.oldest_before(before)
         if last_seq is None:
@@ -791,19 +795,34 @@ class DatabaseAuditLog:
         if not events:
             return None
         first_seq = events[0].seq
+        # The store reads in pages, so a run that reads while another deletes
+        # gets part of the range; never write that over the other's file.
+        if events[-1].seq != last_seq or len(events) != last_seq - first_seq + 1:
+            raise ArchiveConflictError(
+                f"events {first_seq}-{last_seq} were archived by another process "
+                "while this one read them"
+            )
         checkpoints = await self._range_checkpoints(first_seq, last_seq, events[-1])
         path = directory / f"audit-{first_seq:012d}-{last_seq:012d}.jsonl"
         await asyncio.to_thread(_write_archive, path, events, checkpoints, self.keys())
-        await self.record_with(
-            self.store.remove_archived(
-                first_seq, last_seq, events[-1].hash, str(path.absolute())
-            ),
-            lambda removed: AuditEvent(
-                AUDIT_ARCHIVE,
-                reason=f"archived {removed} events ({first_seq}-{last_seq}) "
-                f"to {path.name}",
-            ),
-        )
+        try:
+            await self.record_with(
+                self.store.remove_archived(
+                    first_seq, last_seq, events[-1].hash, str(path.absolute())
+                ),
+                lambda removed: AuditEvent(
+                    AUDIT_ARCHIVE,
+                    reason=f"archived {removed} events ({first_seq}-{last_seq}) "
+                    f"to {path.name}",
+                ),
+            )
+        except ArchiveConflictError:
+            # The file holds the same events as the other run's file of this
+            # name, if it has one; a file of another range is not recorded.
+            recorded = {Path(item.path) for item in await self.store.archives()}
+            if path.absolute() not in recorded:
+                path.unlink(missing_ok=True)
+            raise
         return path
 
 
@@ -915,7 +934,9 @@ def _write_archive(
     so a failed write leaves no partial archive.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
+    # A name of its own: another process may write an archive of this range
+    # at the same time, and must neither truncate nor delete this file.
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
     try:
         # Readable by the server's user only, like the database it comes from.
         descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

@@ -9,6 +9,7 @@ import structlog
 
 from moorage.audit.log import DatabaseAuditLog
 from moorage.config import Settings
+from moorage.db.audit_store import ArchiveConflictError
 from moorage.db.schema import utcnow
 
 log = structlog.get_logger(__name__)
@@ -21,7 +22,12 @@ async def archive_expired(audit: DatabaseAuditLog, settings: Settings) -> None:
     if settings.audit_retention_days is None:
         return
     cutoff = utcnow() - timedelta(days=settings.audit_retention_days)
-    path = await audit.archive(cutoff, settings.resolved_audit_archive_dir)
+    try:
+        path = await audit.archive(cutoff, settings.resolved_audit_archive_dir)
+    except ArchiveConflictError as error:
+        # Every worker runs this job, so another one often got there first.
+        log.info("audit archive skipped", reason=str(error))
+        return
     if path is not None:
         log.info("audit events archived", path=str(path))
 

@@ -73,6 +73,11 @@ class ChainChecker:
             )
         return None
 
+    @property
+    def signed_up_to(self) -> int | None:
+        """The newest event that a valid checkpoint matched, once checked."""
+        return self._signed_up_to
+
     def finish(self, head: tuple[int, str] | None) -> Verification:
         """Compare the end of the chain with the recorded head, if there is one."""
         if self.result.problem is None and head is not None:

@@ -29,7 +29,7 @@ from moorage.cli.main import (
     errors,
 )
 from moorage.cli.output import Table, lines_cell, shown
-from moorage.db.audit_store import AuditFilter
+from moorage.db.audit_store import ArchiveConflictError, AuditFilter
 from moorage.db.schema import utcnow
 from moorage.services import Services
 
@@ -505,6 +505,9 @@ def audit_archive(
         path = _run(settings, lambda s: s.audit.archive(cutoff, target), atomic=False)
     except OSError as error:
         _exit_for_file_error("archive failed, no events removed: cannot write", error)
+    except ArchiveConflictError as error:
+        console.print(f"nothing archived: {error}")
+        return
     if path is None:
         console.print("no events old enough to archive")
     else:

@@ -332,6 +332,10 @@ def _customer_condition(customer: str) -> Any:
     )
 
 
+class ArchiveConflictError(Exception):
+    """Another process archived or removed events of this range first."""
+
+
 class AuditStore:
     """Reads and writes the audit tables.
 
@@ -520,8 +524,42 @@ class AuditStore:
     async def remove_archived(
         self, first_seq: int, last_seq: int, last_hash: str, path: str
     ) -> int:
-        """Delete events up to `last_seq`, recording where the chain resumes."""
+        """Delete events up to `last_seq`, recording where the chain resumes.
+
+        Raises ArchiveConflictError before it changes anything unless the
+        table still starts at `first_seq` and contains the whole range, because
+        another server worker, replica or command may have archived it first.
+        """
         async with begin(self.engine) as connection:
+            # Lock the chain head as appends do, so two archive runs check and
+            # delete one after the other.
+            await connection.execute(
+                update(audit_head)
+                .where(audit_head.c.id == 1)
+                .values(seq=audit_head.c.seq)
+            )
+            low, high, count = (
+                await connection.execute(
+                    select(
+                        func.min(audit_events.c.seq),
+                        func.max(audit_events.c.seq),
+                        func.count(),
+                    ).where(audit_events.c.seq <= last_seq)
+                )
+            ).one()
+            archived = await connection.scalar(
+                select(func.max(audit_archives.c.last_seq))
+            )
+            whole = low == first_seq and high == last_seq
+            if (
+                not whole
+                or count != last_seq - first_seq + 1
+                or (archived or 0) >= first_seq
+            ):
+                raise ArchiveConflictError(
+                    f"events {first_seq}-{last_seq} were archived by another "
+                    "process first"
+                )
             await connection.execute(
                 audit_archives.insert().values(
                     first_seq=first_seq,

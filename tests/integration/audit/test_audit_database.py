@@ -20,7 +20,7 @@ from moorage.audit import log as audit_log
 from moorage.audit.events import AUDIT_IMPORT, AuditEvent, StoredEvent, event_hash
 from moorage.audit.log import DatabaseAuditLog
 from moorage.config import Settings
-from moorage.db.audit_store import AuditFilter, AuditStore
+from moorage.db.audit_store import ArchiveConflictError, AuditFilter, AuditStore
 from moorage.db.schema import utcnow
 from moorage.services import Services, open_services
 from tests.support.database import create_database, drop_database
@@ -163,6 +163,89 @@ async def test_archive_altered_file_fails(services: Services, tmp_path: Path) ->
     result = await services.audit.verify()
     assert not result.ok
     assert str(path.name) in (result.problem or "")
+
+
+async def _fill_old(services: Services, count: int) -> None:
+    """Append `count` events from ten days ago, in a few transactions."""
+    when = utcnow() - timedelta(days=10)
+    for start in range(0, count, 250):
+        await services.audit.store.append(
+            [
+                AuditEvent("blob.pull", time=when, bytes=index)
+                for index in range(start, min(count, start + 250))
+            ]
+        )
+
+
+class _PausedStore:
+    """The real audit store of a second process, paused in an archive run until
+    `resume` is set. It pauses after the first page of events, or else when it
+    reads the range's checkpoints, which comes after every event was read."""
+
+    def __init__(self, store: AuditStore, after_first_page: bool) -> None:
+        self.store = store
+        self.after_first_page = after_first_page
+        self.paused = asyncio.Event()
+        self.resume = asyncio.Event()
+
+    async def _pause(self) -> None:
+        self.paused.set()
+        await self.resume.wait()
+
+    async def iterate(
+        self, where: AuditFilter | None = None
+    ) -> AsyncIterator[StoredEvent]:
+        count = 0
+        async for stored in self.store.iterate(where):
+            count += 1
+            if self.after_first_page and count == 1001:
+                await self._pause()
+            yield stored
+
+    async def checkpoints(self, *args: Any) -> Any:
+        if not self.after_first_page:
+            await self._pause()
+        return await self.store.checkpoints(*args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.store, name)
+
+
+@pytest.mark.parametrize("after_first_page", [True, False])
+async def test_concurrent_archives_keep_events(
+    settings: Settings, tmp_path: Path, after_first_page: bool
+) -> None:
+    """Two processes archive the same range at once, as the retention job of
+    every server worker does at start-up. The second one, paused while it read
+    the events or just before it writes its file, finds the range archived and
+    raises: one archive file contains every event and the chain verifies."""
+    first = await open_services(settings)
+    second = await open_services(settings)
+    try:
+        await _fill_old(first, 1500)
+        paused = _PausedStore(second.audit.store, after_first_page)
+        second.audit.store = paused  # type: ignore[assignment]
+        cutoff = utcnow() - timedelta(days=1)
+        directory = tmp_path / "archive"
+        late = asyncio.create_task(second.audit.archive(cutoff, directory))
+        await asyncio.wait_for(paused.paused.wait(), 30)
+        path = await first.audit.archive(cutoff, directory)
+        paused.resume.set()
+        with pytest.raises(ArchiveConflictError, match="another process"):
+            await late
+        assert path is not None
+        lines = path.read_text().splitlines()
+        assert sum('"type":"event"' in line for line in lines) == 1500
+        assert [item.path for item in await first.audit.store.archives()] == [
+            str(path.absolute())
+        ]
+        assert sorted(p.name for p in directory.iterdir()) == [path.name]
+        result = await first.audit.verify()
+        assert result.ok, result.problem
+        assert result.first_seq == 1501
+    finally:
+        await second.close()
+        await first.close()
 
 
 async def test_concurrent_writers_form_one_chain(settings: Settings) -> None:

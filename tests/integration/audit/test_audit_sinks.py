@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from collections.abc import Iterator
@@ -89,3 +90,20 @@ async def test_webhook_queue_is_bounded() -> None:
     assert sender.depth() <= 5
     assert sender.dropped == 45
     await sender.close(drain_seconds=0.5)
+
+
+async def test_webhook_full_queue_drops_the_oldest_waiting_events() -> None:
+    """Events published while a batch is being retried are sent after it: the
+    queue drops waiting events only, never the batch in flight, and every
+    event is sent once or counted as dropped."""
+    with WebhookReceiver(failures=1) as receiver:
+        sender = WebhookSender(receiver.url, capacity=5, attempts=3, first_delay=0.5)
+        stored = chain([AuditEvent("blob.pull") for _ in range(15)], 0, GENESIS_HASH)
+        sender.publish(stored[:5])
+        assert await asyncio.to_thread(wait_until, lambda: receiver.attempts == 1)
+        # The first batch (events 1-5) failed once and waits for its retry.
+        sender.publish(stored[5:])
+        await sender.close(drain_seconds=10)
+    received = [event["seq"] for body in receiver.bodies for event in body["events"]]
+    assert sender.dropped == 5
+    assert received == [1, 2, 3, 4, 5, 11, 12, 13, 14, 15]

@@ -394,17 +394,84 @@ def test_export_forged_signature_fails(tmp_path: Path) -> None:
     assert "invalid signature" in (result.problem or "")
 
 
-def test_export_without_checkpoint_warns(tmp_path: Path) -> None:
-    """An export with no checkpoint verifies its chain but says it is unsigned."""
-    out = io.StringIO()
-    files.write_header(out, 1, 3, {"keys": []})
-    for item in chain(_events(3), 0, GENESIS_HASH):
-        files.write_event(out, item)
-    path = tmp_path / "unsigned.jsonl"
-    path.write_text(out.getvalue())
+def _rehash(records: list[dict[str, object]]) -> list[dict[str, object]]:
+    """Recompute every event's hashes, as a forger without the signing key can."""
+    previous = GENESIS_HASH
+    out = []
+    for record in records:
+        if record["type"] == "event":
+            stored = StoredEvent.from_dict(record)
+            digest = event_hash(stored.seq, stored.event, previous)
+            record = {**record, "prev_hash": previous, "hash": digest}
+            previous = digest
+        out.append(record)
+    return out
+
+
+def _write(path: Path, records: list[dict[str, object]]) -> None:
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+
+
+def test_export_without_checkpoint_fails(tmp_path: Path) -> None:
+    """An export whose checkpoints were removed fails: every export ends with one."""
+    path = _export(tmp_path, _signer())
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    _write(path, [r for r in records if r["type"] != "checkpoint"])
     result = files.verify_export(files.read_export(path))
-    assert result.ok
-    assert result.warnings == ["no signed checkpoint covers these events"]
+    assert not result.ok
+    assert result.bad_seq == 1
+    assert "event 20, the last in the file, has no signed checkpoint" in (
+        result.problem or ""
+    )
+
+
+def test_export_forged_without_checkpoints_fails_with_trusted_keys(
+    tmp_path: Path,
+) -> None:
+    """Editing an event, rehashing the chain and dropping the checkpoints does
+    not pass with the registry's own keys."""
+    signer = _signer()
+    path = _export(tmp_path, signer)
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    for record in records:
+        if record["type"] == "event" and record["seq"] == 5:
+            record["source_address"] = "10.9.9.9"
+    forged = _rehash([r for r in records if r["type"] != "checkpoint"])
+    _write(path, forged)
+    result = files.verify_export(files.read_export(path), signer.jwks())
+    assert not result.ok
+    assert "has no signed checkpoint" in (result.problem or "")
+
+
+def test_export_cut_tail_with_lowered_header_fails(tmp_path: Path) -> None:
+    """Dropping the newest events, the last checkpoint, and lowering the header's
+    range leaves an earlier checkpoint only: the file names the first event it
+    does not cover."""
+    path = _export(tmp_path, _signer())
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    records[0]["last_seq"] = 15
+    kept = [
+        r
+        for r in records
+        if not (r["type"] in ("event", "checkpoint") and int(r["seq"]) > 15)
+    ]
+    _write(path, kept)
+    result = files.verify_export(files.read_export(path))
+    assert not result.ok
+    assert result.bad_seq == 11
+    assert "event 15, the last in the file, has no signed checkpoint" in (
+        result.problem or ""
+    )
+
+
+def test_export_header_without_events_fails(tmp_path: Path) -> None:
+    """A file that keeps the header's range but none of its events fails."""
+    path = _export(tmp_path, _signer())
+    header = path.read_text().splitlines()[0]
+    path.write_text(header + "\n")
+    result = files.verify_export(files.read_export(path))
+    assert not result.ok
+    assert result.bad_seq == 1
 
 
 def test_export_rejects_other_files(tmp_path: Path) -> None:
