@@ -553,6 +553,37 @@ def test_password_reset_revokes_personal_tokens(
     assert listed[0]["revoked_at"] is not None
 
 
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"Sec-Fetch-Site": "cross-site"},
+        {"Sec-Fetch-Site": "same-site"},
+        {"Origin": "https://attacker.example"},
+    ],
+)
+def test_cross_site_change_rejected(
+    server: ServerProcess,
+    vendor: httpx.Client,
+    as_owner: httpx.Client,
+    acme: str,
+    headers: dict[str, str],
+) -> None:
+    """A body-less POST that another site's page sent with the browser's cached
+    Basic credentials changes nothing; the same request from this server's
+    own page does."""
+    login, password = add_user(vendor, acme, "reader")
+    path = f"/customers/{acme}/users/{login}/disable"
+
+    forged = as_owner.post(path, headers=headers)
+    assert "cross-site" in error_of(forged, 403)["message"]
+    assert registry_status(server, (login, password)) == 200
+
+    own_page = {"Sec-Fetch-Site": "same-origin", "Origin": server.url}
+    disabled = as_owner.post(path, headers=own_page)
+    assert disabled.status_code == 204, disabled.text
+    assert registry_status(server, (login, password)) == 401
+
+
 def test_expired_personal_token_says_expired(
     server: ServerProcess, vendor: httpx.Client, acme: str
 ) -> None:
