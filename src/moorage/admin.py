@@ -604,7 +604,12 @@ async def reset_password(
     *,
     audit: AdminRecorder | None = None,
 ) -> CreatedAccount:
-    """Give a user a generated password; its old password and tokens stop working."""
+    """Give a user a generated password; its old password and tokens stop working.
+
+    Its personal access tokens are revoked too: a reset is how an owner or the
+    vendor takes a compromised or departed user's access back, and neither can
+    see that user's tokens through the admin API.
+    """
     change = _reset_password(identity, customer_slug, login)
     if audit is None:
         return await change
@@ -618,7 +623,7 @@ async def _reset_password(
     account = await find_account_of(identity, customer_slug, login, "user")
     password = generate_secret()
     password_hash = await asyncio.to_thread(hash_password, password)
-    await identity.set_secret(account.id, password_hash)
+    await identity.set_secret(account.id, password_hash, revoke_personal_tokens=True)
     return CreatedAccount(login, password)
 
 

@@ -521,6 +521,69 @@ def test_personal_tokens_of_me(
         error_of(with_token.get("/me"), 401)
 
 
+def test_password_reset_revokes_personal_tokens(
+    server: ServerProcess, vendor: httpx.Client, as_owner: httpx.Client, acme: str
+) -> None:
+    """A user's own password change keeps its personal access tokens. An
+    owner's reset revokes them, so a token minted with a stolen password stops
+    working."""
+    login, password = add_user(vendor, acme, "writer")
+    with api(server, (login, password)) as client:
+        created = client.post("/me/tokens", json={"name": "minted", "role": "writer"})
+    assert created.status_code == 201, created.text
+    token = created.json()["token"]
+    assert registry_status(server, (login, token)) == 200
+
+    changed_password = "changed-" + unique("password")
+    changed = httpx.put(
+        f"{server.url}/account/password",
+        json={"password": changed_password},
+        auth=(login, password),
+        timeout=TIMEOUT,
+    )
+    assert changed.status_code == 204, changed.text
+    assert registry_status(server, (login, token)) == 200
+
+    reset = as_owner.post(f"/customers/{acme}/users/{login}/password")
+    assert reset.status_code == 200, reset.text
+    assert registry_status(server, (login, token)) == 401
+    with api(server, (login, reset.json()["password"])) as client:
+        listed = client.get("/me/tokens").json()
+    assert [entry["name"] for entry in listed] == ["minted"]
+    assert listed[0]["revoked_at"] is not None
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"Sec-Fetch-Site": "cross-site"},
+        {"Sec-Fetch-Site": "same-site"},
+        {"Origin": "https://attacker.example"},
+    ],
+)
+def test_cross_site_change_rejected(
+    server: ServerProcess,
+    vendor: httpx.Client,
+    as_owner: httpx.Client,
+    acme: str,
+    headers: dict[str, str],
+) -> None:
+    """A body-less POST that another site's page sent with the browser's cached
+    Basic credentials changes nothing; the same request from this server's
+    own page does."""
+    login, password = add_user(vendor, acme, "reader")
+    path = f"/customers/{acme}/users/{login}/disable"
+
+    forged = as_owner.post(path, headers=headers)
+    assert "cross-site" in error_of(forged, 403)["message"]
+    assert registry_status(server, (login, password)) == 200
+
+    own_page = {"Sec-Fetch-Site": "same-origin", "Origin": server.url}
+    disabled = as_owner.post(path, headers=own_page)
+    assert disabled.status_code == 204, disabled.text
+    assert registry_status(server, (login, password)) == 401
+
+
 def test_expired_personal_token_says_expired(
     server: ServerProcess, vendor: httpx.Client, acme: str
 ) -> None:

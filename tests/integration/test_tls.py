@@ -349,6 +349,34 @@ def test_required_certificate_rejects_password_alone(
         assert c.get("/v2/", auth=(login, password)).status_code == 200
 
 
+def test_token_form_and_password_need_certificate(
+    mtls_server: ServerProcess, tmp_path: Path
+) -> None:
+    """POST /token (password and refresh grants) and PUT /account/password also
+    need the certificate, so a stolen password alone gets no token and cannot
+    change the password."""
+    login, password = mtls_server.add_user(MTLS_CUSTOMER, "reader")
+    cert = issue_client_cert(mtls_server, login, tmp_path)
+    form = {"grant_type": "password", "username": login, "password": password}
+    offline = {**form, "access_type": "offline", "client_id": "test"}
+    with client_with_cert(mtls_server, cert) as client:
+        issued = client.post("/token", data=offline)
+        assert issued.status_code == 200, issued.text
+    refresh_token = issued.json()["refresh_token"]
+    refresh_form = {"grant_type": "refresh_token", "refresh_token": refresh_token}
+    new_password = {"password": "a-new-password-" + unique("p")}
+    with client_with_cert(mtls_server, None) as client:
+        assert client.post("/token", data=form).status_code == 401
+        assert client.post("/token", data=refresh_form).status_code == 401
+        changed = client.put(
+            "/account/password", json=new_password, auth=(login, password)
+        )
+        assert changed.status_code == 401
+    with client_with_cert(mtls_server, cert) as client:
+        assert client.get("/v2/", auth=(login, password)).status_code == 200
+        assert client.post("/token", data=refresh_form).status_code == 200
+
+
 def test_other_customers_keep_passwords(mtls_server: ServerProcess) -> None:
     """Customers not listed still log in with a password and no certificate."""
     customer = mtls_server.add_customer()

@@ -14,12 +14,19 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from moorage import admin
-from moorage.api.access import AuthAttempt, Caller, decode_basic, failed_login
+from moorage.api.access import (
+    AuthAttempt,
+    Caller,
+    check_client_certificate,
+    decode_basic,
+    failed_login,
+)
 from moorage.api.http import client_address, read_limited
 from moorage.api.token import BasicChallengeError
 from moorage.auth.secrets import PERSONAL_TOKEN_PREFIX
 from moorage.errors import UnauthorizedError
 from moorage.services import Services
+from moorage.tls import client_certificate_login
 
 MAX_BODY_BYTES = 4096
 
@@ -39,6 +46,9 @@ def routes(services: Services) -> list[Route]:
                 raise UnauthorizedError("log in with the current password")
             principal = await authenticator.login(
                 login, password, client_address(request, services.trust)
+            )
+            check_client_certificate(
+                services.settings, principal, client_certificate_login(request.scope)
             )
         except UnauthorizedError as error:
             request.state.auth = failed_login("basic", login, error)

@@ -15,6 +15,10 @@ space-separated); `offline_token=true` adds a refresh token. POST takes the
 OAuth2 form that docker and podman send: `grant_type=password` with `username`
 and `password`, or `grant_type=refresh_token` with `refresh_token`; `scope` is
 space-separated and `access_type=offline` adds a refresh token.
+
+Both reject an account of a customer in `tls_client_cert_customers` unless the
+request carries a client certificate for that account's login, whatever the
+grant type.
 """
 
 from __future__ import annotations
@@ -193,11 +197,15 @@ def routes(services: Services) -> list[Route]:
         form = await read_form(request)
         check_service(form.getlist("service"), service_name)
         grant_type = form.get("grant_type", "")
+        certificate_login = client_certificate_login(request.scope)
         if grant_type == "password":
             login = form.get("username", "")
             try:
                 principal = await authenticator.login(
                     login, form.get("password", ""), client_address(request, trust)
+                )
+                check_client_certificate(
+                    services.settings, principal, certificate_login
                 )
             except UnauthorizedError as error:
                 request.state.auth = failed_login("password", login, error)
@@ -212,6 +220,11 @@ def routes(services: Services) -> list[Route]:
             try:
                 principal = await authenticator.from_refresh_token(
                     form.get("refresh_token", ""), client_address(request, trust)
+                )
+                # NOTE: the refresh token's use is recorded before this check,
+                # so a rejected use still updates its "last used" time.
+                check_client_certificate(
+                    services.settings, principal, certificate_login
                 )
             except UnauthorizedError as error:
                 request.state.auth = failed_login("refresh", error.login, error)

@@ -325,6 +325,9 @@ def _customer_condition(customer: str) -> Any:
     """Match the events of a customer: those of its accounts, and those in its
     namespace, which includes administrative changes to the customer (stored
     with the repository `<customer>/`) and requests by vendor accounts."""
+    # NOTE: events in the namespace include other customers' denied probes of
+    # it, with their login, customer, address and user agent, so a filtered
+    # export handed to this customer discloses those other customers.
     columns = audit_events.c
     return or_(
         columns.actor_customer == customer,

@@ -507,8 +507,19 @@ class IdentityStore:
             )
         return found is not None
 
-    async def set_secret(self, account_id: int, secret_hash: str) -> None:
-        """Replace an account's secret and reject every token issued before now."""
+    async def set_secret(
+        self,
+        account_id: int,
+        secret_hash: str,
+        *,
+        revoke_personal_tokens: bool = False,
+    ) -> None:
+        """Replace an account's secret and reject every token issued before now.
+
+        With `revoke_personal_tokens`, the account's personal access tokens are
+        revoked in the same transaction: they are checked by their own id, not
+        by the token generation, so a new secret alone leaves them working.
+        """
         async with begin(self.engine) as connection:
             await connection.execute(
                 update(accounts)
@@ -518,6 +529,15 @@ class IdentityStore:
                     token_generation=accounts.c.token_generation + 1,
                 )
             )
+            if revoke_personal_tokens:
+                await connection.execute(
+                    update(personal_tokens)
+                    .where(
+                        personal_tokens.c.account_id == account_id,
+                        personal_tokens.c.revoked_at.is_(None),
+                    )
+                    .values(revoked_at=utcnow())
+                )
 
     async def rotate_secret(self, account_id: int, secret_hash: str) -> None:
         """Replace a robot's secret, keep the old one's keyed hash as the previous

@@ -40,7 +40,7 @@ from moorage.api.access import (
     failed_login,
 )
 from moorage.api.access import decode_basic as decode_basic_credentials
-from moorage.api.http import client_address
+from moorage.api.http import base_url, client_address
 from moorage.api.token import BasicChallengeError
 from moorage.audit.recorder import Actor, AdminRecorder
 from moorage.auth.access import Principal
@@ -124,6 +124,7 @@ class BasicLogin(SecurityBase):
 
     async def __call__(self, request: Request) -> ApiCaller:
         services = services_of(request)
+        reject_cross_site_change(request, services)
         scheme, _, value = request.headers.get("authorization", "").partition(" ")
         login: str | None = None
         try:
@@ -155,6 +156,42 @@ class BasicLogin(SecurityBase):
             principal,
             _actor(request, services, principal),
             personal_token=password.startswith(PERSONAL_TOKEN_PREFIX),
+        )
+
+
+# Methods that change nothing in the admin API.
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+# Sec-Fetch-Site values of requests that no other site's page started.
+OWN_SITE_FETCHES = frozenset({"same-origin", "none"})
+
+
+def reject_cross_site_change(request: Request, services: Services) -> None:
+    """Raise DeniedError for a change that another site's page sent (CSRF).
+
+    After a browser has shown its Basic login prompt for this server, it sends
+    those credentials with every request to it, including a form POST from
+    another site, which needs no CORS preflight. Browsers mark such requests
+    with `Sec-Fetch-Site`, or with an `Origin` of the other site.
+    Command-line clients send neither header, so they are not affected.
+    """
+    if request.method in SAFE_METHODS:
+        return
+    fetch_site = request.headers.get("sec-fetch-site")
+    origin = request.headers.get("origin")
+    if fetch_site is not None:
+        cross_site = fetch_site not in OWN_SITE_FETCHES
+    elif origin is not None:
+        own_origin = base_url(request, services.settings, services.trust)
+        cross_site = origin.rstrip("/") != own_origin
+    else:
+        return
+    if cross_site:
+        request.state.denied = "cross-site request to the admin API"
+        raise DeniedError(
+            f"cross-site {request.method} rejected (Sec-Fetch-Site "
+            f"{(fetch_site or '')[:40]!r}, Origin {(origin or '')[:100]!r}): the "
+            "admin API takes changes only from this server's own pages or from "
+            "clients that send neither header"
         )
 
 
