@@ -197,7 +197,9 @@ def routes(services: Services) -> list[Route]:
         form = await read_form(request)
         check_service(form.getlist("service"), service_name)
         grant_type = form.get("grant_type", "")
-        certificate_login = client_certificate_login(request.scope)
+        # Both grants check the client certificate, as GET /token does: a
+        # customer that requires mutual TLS gets no token without it, and a
+        # revoked certificate gets none (inside `try`, so that it is audited).
         if grant_type == "password":
             login = form.get("username", "")
             try:
@@ -205,7 +207,9 @@ def routes(services: Services) -> list[Route]:
                     login, form.get("password", ""), client_address(request, trust)
                 )
                 check_client_certificate(
-                    services.settings, principal, certificate_login
+                    services.settings,
+                    principal,
+                    client_certificate_login(request.scope),
                 )
             except UnauthorizedError as error:
                 request.state.auth = failed_login("password", login, error)
@@ -224,7 +228,9 @@ def routes(services: Services) -> list[Route]:
                 # NOTE: the refresh token's use is recorded before this check,
                 # so a rejected use still updates its "last used" time.
                 check_client_certificate(
-                    services.settings, principal, certificate_login
+                    services.settings,
+                    principal,
+                    client_certificate_login(request.scope),
                 )
             except UnauthorizedError as error:
                 request.state.auth = failed_login("refresh", error.login, error)
@@ -234,16 +240,6 @@ def routes(services: Services) -> list[Route]:
                 f"unsupported grant_type {grant_type[:40]!r}: use password or "
                 "refresh_token"
             )
-        try:
-            # Both grants, like GET /token: a customer that requires mutual TLS
-            # gets no token without its certificate, and none with a revoked one.
-            check_client_certificate(
-                services.settings, principal, client_certificate_login(request.scope)
-            )
-        except UnauthorizedError as error:
-            scheme = "password" if grant_type == "password" else "refresh"
-            request.state.auth = failed_login(scheme, principal.login, error)
-            raise
         asked = parse_scopes(form.getlist("scope"))
         offline = form.get("access_type") == "offline"
         client_id = form.get("client_id", "")
