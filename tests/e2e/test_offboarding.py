@@ -155,6 +155,18 @@ def plaintext_server(
         yield process
 
 
+@pytest.fixture(scope="module")
+def encrypted_server(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[ServerProcess]:
+    """A registry of this module's own: the session's shared one must not be
+    used, because shredding makes blobs unreadable that other tests' storage
+    checks read."""
+    settings = {"MOORAGE_LOGIN_FREE_FAILURES_PER_ADDRESS": "100000"}
+    with running_server(tmp_path_factory.mktemp("encrypted"), settings) as process:
+        yield process
+
+
 @pytest.fixture(scope="module", params=["encrypted", "plaintext"])
 def installation(
     request: pytest.FixtureRequest,
@@ -163,7 +175,7 @@ def installation(
 ) -> Installation:
     """Push both customers' images and the products repository."""
     if request.param == "encrypted":
-        server: ServerProcess = request.getfixturevalue("server")
+        server: ServerProcess = request.getfixturevalue("encrypted_server")
     else:
         server = request.getfixturevalue("plaintext_server")
     work = tmp_path_factory.mktemp(request.param)
