@@ -16,6 +16,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import subprocess
 import tarfile
 from collections.abc import Iterator
@@ -280,6 +281,15 @@ def test_offboard_reports_what_it_left_out(
         f"({products_pattern})"
     ) in archived.stdout
     assert not installation.archive.with_name("leaving.tar.partial").exists()
+
+
+def test_archive_readable_by_owner_only(
+    installation: Installation, archived: subprocess.CompletedProcess[str]
+) -> None:
+    """The archive holds the images decrypted, so it gets mode 0600 whatever
+    the umask."""
+    mode = installation.archive.stat().st_mode
+    assert stat.S_IMODE(mode) == 0o600
 
 
 def _members(archive: Path) -> dict[str, bytes]:

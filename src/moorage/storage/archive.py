@@ -11,8 +11,8 @@ the `REPOSITORY_ANNOTATION` annotation.
 
 Blobs are read through the registry's storage driver, so encrypted blobs come
 out decrypted and authenticated, and each one's digest is checked while it is
-copied. The tar is written to `FILE.partial` and renamed to FILE when it is
-complete; memory use does not grow with blob size.
+copied. The tar is written to `FILE.partial` (mode 0600) and renamed to FILE
+when it is complete; memory use does not grow with blob size.
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ async def write_archive(
     try:
         # NOTE: the tar is written with blocking writes in the event loop. The
         # command that calls this runs nothing else meanwhile.
-        stream = await asyncio.to_thread(open, partial, "wb")
+        stream = await asyncio.to_thread(open, partial, "xb", opener=_owner_only)
     except OSError as error:
         raise ArchiveError(f"cannot write {partial}: {error.strerror}") from None
     try:
@@ -111,6 +111,12 @@ async def write_archive(
             raise ArchiveError(f"cannot write {partial}: {error}") from None
         raise
     return report
+
+
+def _owner_only(path: str, flags: int) -> int:
+    # The archive holds the customer's images decrypted, so only the user who
+    # runs the command may read it. "x" also keeps another run's file intact.
+    return os.open(path, flags, 0o600)
 
 
 async def _write_layout(
