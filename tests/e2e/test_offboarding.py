@@ -447,7 +447,11 @@ def test_delete_now_removes_the_repositories(
         "customer", "offboard", installation.leaving, "--delete-now", "--confirm"
     )
     assert result.returncode == 0, result.stderr
-    assert "deleted: 3 repositories" in result.stdout
+    lines = result.stdout.splitlines()
+    summary = [line for line in lines if line.startswith("3 repositories, ")]
+    assert len(summary) == 1, result.stdout
+    assert "upload sessions deleted. " in summary[0]
+    assert "deleted: " not in result.stdout
     unused_blobs, unused_bytes = _unused_after_delete(installation, archived.stdout)
     assert (
         f"{unused_blobs} blobs ({unused_bytes} bytes) are now used by no repository"
