@@ -639,3 +639,28 @@ def test_shred_after_delete_keeps_shared_blobs(
     assert shredded.returncode == 0, shredded.stderr
     assert "key destroyed" in shredded.stdout
     _assert_staying_untouched(installation)
+
+
+def test_docker_schema2_image_copies_out(
+    installation: Installation, tmp_path: Path
+) -> None:
+    """An image pushed as a Docker schema 2 manifest, as `docker push` does,
+    copies out of the archive with skopeo, its manifest byte for byte."""
+    server = installation.server
+    layout = OciLayout(tmp_path / "layout")
+    manifest = images.docker_schema2_image(layout, "docker")
+    source = images.export_dir_image(layout, manifest, tmp_path / "source")
+    customer = server.add_customer()
+    user = server.add_user(customer, "writer")
+    skopeo_push(installation.env, server, user, f"dir:{source}", f"{customer}/dock:1")
+    archive = tmp_path / "docker.tar"
+
+    result = server.run_command(
+        "customer", "offboard", customer, "--archive", str(archive)
+    )
+
+    assert result.returncode == 0, result.stderr
+    copied = tmp_path / "copied"
+    reference = f"oci-archive:{archive}:{customer}/dock:1"
+    run("skopeo", "copy", "-q", reference, f"dir:{copied}", env=installation.env)
+    assert (copied / "manifest.json").read_bytes() == manifest.data
