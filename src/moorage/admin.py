@@ -211,7 +211,7 @@ async def _create_user(
     password: str | None,
 ) -> CreatedAccount:
     check_each(
-        lambda: _check_role(role),
+        lambda: check_role(role),
         lambda: validate_login(login),
         lambda: password is None or check_password(password, login),
     )
@@ -249,7 +249,7 @@ async def _create_vendor_user(
     identity: IdentityStore, login: str, role: str, password: str | None
 ) -> CreatedAccount:
     check_each(
-        lambda: _check_vendor_role(role),
+        lambda: check_vendor_role(role),
         lambda: validate_login(login),
         lambda: password is None or check_password(password, login),
     )
@@ -265,7 +265,8 @@ async def _create_vendor_user(
     return CreatedAccount(login, secret if generated else None)
 
 
-def _check_vendor_role(role: str) -> str:
+def check_vendor_role(role: str) -> str:
+    """Return `role` when it is a vendor role; raise InvalidInputError if not."""
     if role not in VENDOR_ROLES:
         raise InvalidInputError(
             f"invalid vendor role {role!r}: use one of {', '.join(VENDOR_ROLES)}"
@@ -299,7 +300,8 @@ def check_each(*checks: Callable[[], object]) -> None:
         raise InvalidInputError(problems=problems)
 
 
-def _check_role(role: str) -> str:
+def check_role(role: str) -> str:
+    """Return `role` when it is a customer role; raise InvalidInputError if not."""
     if role not in CUSTOMER_ROLES:
         raise InvalidInputError(
             f"invalid role {role!r}: use one of {', '.join(CUSTOMER_ROLES)}"
@@ -398,7 +400,7 @@ async def _create_robot(
 ) -> CreatedAccount:
     check_each(
         lambda: robot_login(customer_slug, name),
-        lambda: _check_role(role),
+        lambda: check_role(role),
         lambda: check_future(expires_at, "expires_at"),
     )
     customer = await identity.get_customer(customer_slug)
@@ -409,7 +411,7 @@ async def _create_robot(
         login=login,
         customer_id=customer.id,
         kind="robot",
-        role=_check_role(role),
+        role=check_role(role),
         secret_hash=keyed_hash(key, secret),
         expires_at=expires_at,
     )
@@ -578,7 +580,7 @@ async def _set_role(
     role: str,
     force: bool,
 ) -> None:
-    _check_role(role)
+    check_role(role)
     account = await find_account_of(identity, customer_slug, login, kind)
     if account.customer_id is None:
         raise InvalidInputError("vendor accounts keep their role; add a new account")
@@ -688,7 +690,7 @@ async def _create_personal_token(
         account.id,
         name,
         keyed_hash(key, secret),
-        _check_role(role),
+        check_role(role),
         expires_at,
         patterns,
     )
@@ -845,7 +847,7 @@ async def _create_grant(
 ) -> int:
     check_each(
         lambda: validate_pattern(pattern),
-        lambda: _check_role(role),
+        lambda: check_role(role),
         lambda: check_future(until, "until"),
     )
     customer = await identity.get_customer(customer_slug)

@@ -74,6 +74,16 @@ class Settings(BaseSettings):
             "many small requests, at the cost of memory per process."
         ),
     )
+    graceful_shutdown_seconds: int = Field(
+        default=20,
+        ge=1,
+        description=(
+            "Seconds a stopping server lets requests in progress finish before it "
+            "cancels them, so that a slow download or a stalled upload cannot hold "
+            "the stop. audit_shutdown_seconds follows; keep the sum below the "
+            "service manager's stop timeout (TimeoutStopSec=60 in the systemd unit)."
+        ),
+    )
     public_url: str | None = Field(
         default=None,
         description=(

@@ -128,6 +128,7 @@ async def run_server(
             access_log=False,
             server_header=False,
             proxy_headers=False,
+            timeout_graceful_shutdown=settings.graceful_shutdown_seconds,
             ssl_context_factory=(
                 (lambda _config, _default: reloader.context) if reloader else None
             ),

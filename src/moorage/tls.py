@@ -45,6 +45,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from moorage.errors import MoorageError, UnauthorizedError
+from moorage.fsync import fsync_directory
 from moorage.httplimits import LimitedHttpToolsProtocol
 from moorage.logs import connection_logger
 
@@ -287,7 +288,30 @@ class ClientRevocations:
         return len(self._revoked)
 
 
+_CRL_BEGIN = b"-----BEGIN X509 CRL-----"
 _CRL_PEM = re.compile(rb"-----BEGIN X509 CRL-----.+?-----END X509 CRL-----", re.DOTALL)
+
+
+def _crl_pem_blocks(data: bytes, crl_file: Path) -> list[bytes]:
+    """Return the PEM CRL blocks of a revocation list file's contents.
+
+    An empty file is an empty list. Raises TlsSetupError when a non-empty file
+    has no PEM CRL or a block that does not end (a file cut short), because
+    reading only the complete blocks would drop revoked serials silently.
+    """
+    blocks: list[bytes] = _CRL_PEM.findall(data)
+    if not blocks and data.strip():
+        raise TlsSetupError(
+            f"client certificate revocation list {crl_file} contains no PEM CRL "
+            "(-----BEGIN X509 CRL-----); `moorage tls revoke-client` writes one"
+        )
+    if data.count(_CRL_BEGIN) != len(blocks):
+        raise TlsSetupError(
+            f"client certificate revocation list {crl_file} contains a PEM CRL "
+            "with no -----END X509 CRL----- line, as a file cut short does; "
+            "restore the file from a backup"
+        )
+    return blocks
 
 
 def read_revocations(crl_file: Path, ca_file: Path) -> frozenset[tuple[bytes, int]]:
@@ -297,12 +321,7 @@ def read_revocations(crl_file: Path, ca_file: Path) -> frozenset[tuple[bytes, in
     not parse, or a CRL is not signed by a CA certificate in `ca_file`.
     """
     data = _read(crl_file, "client certificate revocation list")
-    blocks = _CRL_PEM.findall(data)
-    if not blocks and data.strip():
-        raise TlsSetupError(
-            f"client certificate revocation list {crl_file} contains no PEM CRL "
-            "(-----BEGIN X509 CRL-----); `moorage tls revoke-client` writes one"
-        )
+    blocks = _crl_pem_blocks(data, crl_file)
     try:
         authorities = x509.load_pem_x509_certificates(
             _read(ca_file, "client CA certificate")
@@ -730,8 +749,10 @@ def revoke_client_certificates(ca_dir: Path, crl_file: Path, serials: list[int])
     now = datetime.datetime.now(datetime.UTC)
     entries: dict[int, datetime.datetime] = {}
     if crl_file.exists():
+        # A damaged file is rejected rather than replaced: a new list built from
+        # the blocks that still parse would un-revoke the serials of the others.
         data = _read(crl_file, "revocation list")
-        for block in _CRL_PEM.findall(data):
+        for block in _crl_pem_blocks(data, crl_file):
             try:
                 crl = x509.load_pem_x509_crl(block)
             except ValueError as error:
@@ -766,10 +787,36 @@ def revoke_client_certificates(ca_dir: Path, crl_file: Path, serials: list[int])
             .build()
         )
     crl = builder.sign(ca_key, hashes.SHA256())
-    partial = crl_file.with_name(crl_file.name + ".partial")
-    partial.write_bytes(crl.public_bytes(serialization.Encoding.PEM))
-    os.replace(partial, crl_file)
+    _replace_durably(crl_file, crl.public_bytes(serialization.Encoding.PEM))
     return len(entries)
+
+
+def _replace_durably(path: Path, data: bytes) -> None:
+    """Write `data` to `path` through `path.partial`, fsync and one rename.
+
+    Without the fsyncs a crash soon after the rename can leave an empty file,
+    which reads as an empty revocation list. The new file keeps the mode of the
+    file it replaces, or gets 0644 (a CRL is public), whatever the umask.
+    """
+    # NOTE: two runs at once share `path.partial`, so one run's serial can be lost.
+    try:
+        mode = path.stat().st_mode & 0o777
+    except FileNotFoundError:
+        mode = 0o644
+    partial = path.with_name(path.name + ".partial")
+    try:
+        with open(partial, "wb") as stream:
+            os.fchmod(stream.fileno(), mode)
+            stream.write(data)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(partial, path)
+        fsync_directory(path.parent)
+    except OSError as error:
+        partial.unlink(missing_ok=True)
+        raise TlsSetupError(
+            f"cannot write revocation list {path}: {error.strerror or error}"
+        ) from None
 
 
 def certificate_serial(cert_file: Path) -> int:

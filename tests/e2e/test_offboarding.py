@@ -16,6 +16,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import subprocess
 import tarfile
 from collections.abc import Iterator
@@ -294,6 +295,15 @@ def test_offboard_reports_what_it_left_out(
     assert not installation.archive.with_name("leaving.tar.partial").exists()
 
 
+def test_archive_readable_by_owner_only(
+    installation: Installation, archived: subprocess.CompletedProcess[str]
+) -> None:
+    """The archive holds the images decrypted, so it gets mode 0600 whatever
+    the umask."""
+    mode = installation.archive.stat().st_mode
+    assert stat.S_IMODE(mode) == 0o600
+
+
 def _members(archive: Path) -> dict[str, bytes]:
     with tarfile.open(archive) as tar:
         return {
@@ -449,7 +459,11 @@ def test_delete_now_removes_the_repositories(
         "customer", "offboard", installation.leaving, "--delete-now", "--confirm"
     )
     assert result.returncode == 0, result.stderr
-    assert "deleted: 3 repositories" in result.stdout
+    lines = result.stdout.splitlines()
+    summary = [line for line in lines if line.startswith("3 repositories, ")]
+    assert len(summary) == 1, result.stdout
+    assert "upload sessions deleted. " in summary[0]
+    assert "deleted: " not in result.stdout
     unused_blobs, unused_bytes = _unused_after_delete(installation, archived.stdout)
     assert (
         f"{unused_blobs} blobs ({unused_bytes} bytes) are now used by no repository"
@@ -637,3 +651,28 @@ def test_shred_after_delete_keeps_shared_blobs(
     assert shredded.returncode == 0, shredded.stderr
     assert "key destroyed" in shredded.stdout
     _assert_staying_untouched(installation)
+
+
+def test_docker_schema2_image_copies_out(
+    installation: Installation, tmp_path: Path
+) -> None:
+    """An image pushed as a Docker schema 2 manifest, as `docker push` does,
+    copies out of the archive with skopeo, its manifest byte for byte."""
+    server = installation.server
+    layout = OciLayout(tmp_path / "layout")
+    manifest = images.docker_schema2_image(layout, "docker")
+    source = images.export_dir_image(layout, manifest, tmp_path / "source")
+    customer = server.add_customer()
+    user = server.add_user(customer, "writer")
+    skopeo_push(installation.env, server, user, f"dir:{source}", f"{customer}/dock:1")
+    archive = tmp_path / "docker.tar"
+
+    result = server.run_command(
+        "customer", "offboard", customer, "--archive", str(archive)
+    )
+
+    assert result.returncode == 0, result.stderr
+    copied = tmp_path / "copied"
+    reference = f"oci-archive:{archive}:{customer}/dock:1"
+    run("skopeo", "copy", "-q", reference, f"dir:{copied}", env=installation.env)
+    assert (copied / "manifest.json").read_bytes() == manifest.data

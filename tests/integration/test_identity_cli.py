@@ -461,6 +461,11 @@ def _failures(cli: Cli, action: str) -> list[str]:
             "robot add: invalid robot name 'CI'",
         ),
         (
+            ("robot", "add", "acme", "deploy", "--role", "admin"),
+            "robot.add",
+            "robot add: invalid role 'admin'",
+        ),
+        (
             ("token", "add", "acme", "nobody", "--repository", "acme/App"),
             "personal_token.add",
             "token add: --repository: invalid pattern 'acme/App'",
@@ -517,6 +522,22 @@ def test_rejected_change_recorded(
             "error: invalid robot name 'C.I': use up to 63 lowercase letters, "
             "digits and single '.', '_' or '-' between them",
         ),
+        (
+            ("user", "add", "acme", "dave", "--role", "king"),
+            "error: invalid role 'king': use one of reader, writer, maintainer, owner",
+        ),
+        (
+            ("user", "add", "-", "dave", "--role", "owner"),
+            "error: invalid vendor role 'owner': use one of admin, auditor",
+        ),
+        (
+            ("robot", "add", "acme", "deploy", "--role", "admin"),
+            "error: invalid role 'admin': use one of reader, writer, maintainer, owner",
+        ),
+        (
+            ("grant", "add", "acme", "products/*", "god"),
+            "error: invalid role 'god': use one of reader, writer, maintainer, owner",
+        ),
     ],
 )
 def test_invalid_name_is_usage_error(
@@ -570,9 +591,9 @@ def test_shred_event_has_counts(cli: Cli) -> None:
 
 
 def test_grant_invalid_role(cli: Cli) -> None:
-    """An unknown role is rejected with the list of roles."""
+    """An unknown role is a usage error (exit 2) that lists the roles."""
     result = cli.run("grant", "add", "acme", "products/*", "superuser")
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert "reader" in result.stderr
 
 
@@ -691,7 +712,7 @@ def test_vendor_user_add(cli: Cli) -> None:
     assert "auditor-1" in cli.ok("user", "list", "-")
 
     refused = cli.run("user", "add", "-", "writer-1", "--role", "writer")
-    assert refused.returncode == 1
+    assert refused.returncode == 2
     assert "invalid vendor role 'writer'" in refused.stderr
     assert "writer-1" not in cli.ok("user", "list", "-")
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import ssl
+import stat
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -214,3 +216,89 @@ def test_foreign_crl_rejected(tmp_path: Path) -> None:
     crl.write_text("not a list\n")
     with pytest.raises(tls.TlsSetupError, match="contains no PEM CRL"):
         tls.read_revocations(crl, ours / "ca.crt")
+
+
+def _revoke_command(
+    ca_dir: Path, crl: Path, *args: str
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "moorage",
+            "tls",
+            "revoke-client",
+            *args,
+            "--ca-dir",
+            str(ca_dir),
+            "--crl",
+            str(crl),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_revoke_keeps_damaged_list(tmp_path: Path) -> None:
+    """revoke-client rejects a list cut short instead of replacing it with a new
+    list that no longer revokes the serials the old one listed."""
+    ca_dir = tls_init(tmp_path / "ca")
+    crl = tmp_path / "client.crl"
+    tls.revoke_client_certificates(ca_dir, crl, [7])
+    damaged = crl.read_bytes()[:200]
+    crl.write_bytes(damaged)
+
+    result = _revoke_command(ca_dir, crl, "--serial", "8")
+
+    assert result.returncode == 1
+    assert "contains no PEM CRL" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert crl.read_bytes() == damaged
+    assert not crl.with_name("client.crl.partial").exists()
+
+
+def test_list_with_unterminated_block(tmp_path: Path) -> None:
+    """A file whose last list was cut short is rejected by the server and by
+    revoke-client, although its first list is complete."""
+    ca_dir = tls_init(tmp_path / "ca")
+    first = tmp_path / "first.crl"
+    second = tmp_path / "second.crl"
+    tls.revoke_client_certificates(ca_dir, first, [7])
+    tls.revoke_client_certificates(ca_dir, second, [8])
+    crl = tmp_path / "client.crl"
+    crl.write_bytes(first.read_bytes() + second.read_bytes()[:200])
+
+    with pytest.raises(tls.TlsSetupError, match="no -----END X509 CRL----- line"):
+        tls.read_revocations(crl, ca_dir / "ca.crt")
+    with pytest.raises(tls.TlsSetupError, match="no -----END X509 CRL----- line"):
+        tls.revoke_client_certificates(ca_dir, crl, [9])
+
+
+def test_revoke_sets_list_mode(tmp_path: Path) -> None:
+    """A new list is readable by the server's user whatever the umask; a
+    replaced list keeps its mode."""
+    ca_dir = tls_init(tmp_path / "ca")
+    crl = tmp_path / "client.crl"
+    previous = os.umask(0o077)
+    try:
+        tls.revoke_client_certificates(ca_dir, crl, [7])
+        assert stat.S_IMODE(crl.stat().st_mode) == 0o644
+        crl.chmod(0o640)
+        tls.revoke_client_certificates(ca_dir, crl, [8])
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(crl.stat().st_mode) == 0o640
+    revoked = tls.read_revocations(crl, ca_dir / "ca.crt")
+    assert {serial for _, serial in revoked} == {7, 8}
+
+
+def test_revoke_unwritable_list(tmp_path: Path) -> None:
+    """A --crl in a directory that does not exist is one line and exit 1."""
+    ca_dir = tls_init(tmp_path / "ca")
+    result = _revoke_command(
+        ca_dir, tmp_path / "missing" / "client.crl", "--serial", "8"
+    )
+    assert result.returncode == 1
+    assert "cannot write revocation list" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
 import socket
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -369,3 +371,49 @@ def test_workers_stop_when_parent_killed(tmp_path: Path) -> None:
 
 def _alive(pid: int) -> bool:
     return os.path.exists(f"/proc/{pid}") and "Z" not in _state(pid)
+
+
+def _stall_upload(server: ServerProcess) -> socket.socket:
+    """Start a blob upload and send a PATCH whose body never ends; return its socket."""
+    auth = (ADMIN_LOGIN, ADMIN_PASSWORD)
+    started = httpx.post(f"{server.url}/v2/vendor/stall/blobs/uploads/", auth=auth)
+    assert started.status_code == 202, started.text
+    location = started.headers["location"]
+    credentials = base64.b64encode(f"{ADMIN_LOGIN}:{ADMIN_PASSWORD}".encode())
+    head = (
+        f"PATCH {location} HTTP/1.1\r\n"
+        f"Host: {server.address}\r\n"
+        f"Authorization: Basic {credentials.decode()}\r\n"
+        "Content-Type: application/octet-stream\r\n"
+        "Content-Length: 1000000\r\n\r\n"
+    )
+    stalled = socket.create_connection(("127.0.0.1", server.port))
+    stalled.sendall(head.encode() + b"x" * 1000)
+    return stalled
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_stop_cancels_stalled_request(tmp_path: Path, workers: str) -> None:
+    """SIGTERM stops the server within graceful_shutdown_seconds even while a
+    client holds a request open, and the audit log is closed."""
+    server = _start_server(
+        tmp_path,
+        workers=workers,
+        environment={"MOORAGE_GRACEFUL_SHUTDOWN_SECONDS": "2"},
+    )
+    assert server.process is not None
+    stalled = _stall_upload(server)
+    try:
+        time.sleep(0.5)
+        started = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        try:
+            server.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            pytest.fail("the server did not stop within 20 s of SIGTERM")
+        assert time.monotonic() - started < 20
+    finally:
+        stalled.close()
+        server.stop()
+        drop_database(server.database_url)
+    assert "audit log closed" in server.log()

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from moorage.config import Settings
+
 ROOT = Path(__file__).resolve().parents[2]
 UNIT = ROOT / "deploy" / "systemd" / "moorage.service"
 CONFIG = ROOT / "deploy" / "moorage.toml"
@@ -70,3 +72,13 @@ def test_config_checks(tmp_path: Path) -> None:
     )
     assert completed.returncode == 0, completed.stderr
     assert "workers = 2" in completed.stdout
+
+
+def test_stop_timeout_covers_shutdown() -> None:
+    """TimeoutStopSec leaves time for requests to finish and for the audit
+    writer's retries, so systemd does not kill a server that is stopping."""
+    fields = Settings.model_fields
+    graceful = fields["graceful_shutdown_seconds"].default
+    audit = fields["audit_shutdown_seconds"].default
+    timeout = float(_unit()["Service"]["TimeoutStopSec"])
+    assert graceful + audit < timeout

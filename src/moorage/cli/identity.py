@@ -378,6 +378,7 @@ def robot_add(
 ) -> None:
     """Add a robot account. Prints its login and secret once."""
     reject_invalid(lambda: admin.robot_login(customer, name))
+    reject_invalid(lambda: admin.check_role(role))
     until = parse_expiry(expires)
     created = _run(
         _settings(data_dir=data_dir),
@@ -801,6 +802,7 @@ def grant_add(
     namespaces, other customers' and future ones included; it needs --force.
     """
     reject_invalid(lambda: admin.validate_pattern(pattern))
+    reject_invalid(lambda: admin.check_role(role))
     end = _parse_end_date(until, "--until")
     if not force and _reaches_many_namespaces(pattern):
         reject(

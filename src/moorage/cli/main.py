@@ -648,6 +648,10 @@ def user_add(
     """Add a user to a customer, or a vendor account. Prints a generated password
     once."""
     reject_invalid(lambda: admin.validate_login(name))
+    if customer == "-":
+        reject_invalid(lambda: admin.check_vendor_role(role))
+    else:
+        reject_invalid(lambda: admin.check_role(role))
     password = sys.stdin.readline().rstrip("\n") if password_stdin else None
     if customer == "-":
         created = _run(

@@ -265,7 +265,7 @@ def _print_outcome(customer: str, archive: Path | None, outcome: _Outcome) -> No
     if outcome.deleted is not None:
         deleted = outcome.deleted
         console.print(
-            f"deleted: {_describe_deleted(deleted)}. {deleted.unused_blobs} blobs "
+            f"{_describe_deleted(deleted)}. {deleted.unused_blobs} blobs "
             f"({deleted.unused_bytes} bytes) are now used by no repository, but "
             "their files stay on disk, because Moorage has no garbage collection "
             "yet",

@@ -11,13 +11,14 @@ the `REPOSITORY_ANNOTATION` annotation.
 
 Blobs are read through the registry's storage driver, so encrypted blobs come
 out decrypted and authenticated, and each one's digest is checked while it is
-copied. The tar is written to `FILE.partial` and renamed to FILE when it is
-complete; memory use does not grow with blob size.
+copied. The tar is written to `FILE.partial` (mode 0600) and renamed to FILE
+when it is complete; memory use does not grow with blob size.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import tarfile
@@ -37,8 +38,13 @@ REF_NAME_ANNOTATION = "org.opencontainers.image.ref.name"
 # Names the repository an index.json entry came from, since ref names of
 # untagged entries are absent.
 REPOSITORY_ANNOTATION = "io.moorage.repository"
+# Names the Docker schema 2 manifest or manifest list that an index.json
+# entry's OCI index was written for (see `_oci_wrapper`).
+WRAPPED_ANNOTATION = "io.moorage.wrapped-manifest"
 OCI_LAYOUT = b'{"imageLayoutVersion":"1.0.0"}'
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+DOCKER_MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
 _BLOCK = tarfile.BLOCKSIZE
 
 
@@ -93,7 +99,7 @@ async def write_archive(
     try:
         # NOTE: the tar is written with blocking writes in the event loop. The
         # command that calls this runs nothing else meanwhile.
-        stream = await asyncio.to_thread(open, partial, "wb")
+        stream = await asyncio.to_thread(open, partial, "xb", opener=_owner_only)
     except OSError as error:
         raise ArchiveError(f"cannot write {partial}: {error.strerror}") from None
     try:
@@ -113,6 +119,12 @@ async def write_archive(
     return report
 
 
+def _owner_only(path: str, flags: int) -> int:
+    # The archive holds the customer's images decrypted, so only the user who
+    # runs the command may read it. "x" also keeps another run's file intact.
+    return os.open(path, flags, 0o600)
+
+
 async def _write_layout(
     registry: Registry, contents: NamespaceContents, writer: _TarWriter
 ) -> ArchiveReport:
@@ -129,6 +141,8 @@ async def _write_layout(
         await _copy_blob(registry, blob.digest, blob.size, writer)
         written.add(blob.digest)
         blob_bytes += blob.size
+
+    docker_lists: dict[str, bytes] = {}
     for manifest in contents.manifests:
         if manifest.digest in written:
             continue
@@ -136,10 +150,16 @@ async def _write_layout(
         _check_digest(manifest.digest, record.content)
         writer.file(_blob_name(manifest.digest), record.content)
         written.add(manifest.digest)
+        if manifest.media_type == DOCKER_MANIFEST_LIST:
+            docker_lists[manifest.digest] = record.content
+
+    entries = index_entries(contents)
+    for digest, wrapper in _wrap_docker_entries(entries, docker_lists).items():
+        writer.file(_blob_name(digest), wrapper)
     index = {
         "schemaVersion": 2,
         "mediaType": OCI_INDEX,
-        "manifests": index_entries(contents),
+        "manifests": entries,
     }
     writer.file("index.json", json.dumps(index, indent=2).encode() + b"\n")
     writer.file("oci-layout", OCI_LAYOUT)
@@ -176,6 +196,56 @@ async def _copy_blob(
             "copy is damaged"
         )
     writer.end(size)
+
+
+def _wrap_docker_entries(
+    entries: list[dict[str, Any]], docker_lists: dict[str, bytes]
+) -> dict[str, bytes]:
+    """Point each entry of a Docker manifest or list to an OCI index written for
+    it, in place; return those indexes by digest."""
+    wrappers: dict[str, bytes] = {}
+    for position, entry in enumerate(entries):
+        if entry["mediaType"] in (DOCKER_MANIFEST, DOCKER_MANIFEST_LIST):
+            wrapper = _oci_wrapper(entry, docker_lists.get(entry["digest"]))
+            entries[position] = _wrapper_descriptor(entry, wrapper)
+            wrappers[entries[position]["digest"]] = wrapper
+    return wrappers
+
+
+def _oci_wrapper(entry: dict[str, Any], docker_list: bytes | None) -> bytes:
+    """Return an OCI image index that leads to a Docker schema 2 manifest or
+    to the children of a Docker manifest list.
+
+    skopeo (1.9.3) resolves a ref name in an OCI layout only to an OCI
+    manifest or index, and reports "no descriptor found" for a Docker one. An
+    OCI index may list Docker manifests, so skopeo copies the image through
+    it with the stored manifest's bytes and digest.
+    """
+    if docker_list is None:
+        children = [
+            {
+                "mediaType": entry["mediaType"],
+                "digest": entry["digest"],
+                "size": entry["size"],
+            }
+        ]
+    else:
+        # NOTE: no test pushes a Docker manifest list; skopeo's reading of this
+        # index of its children is checked for a Docker manifest only.
+        children = json.loads(docker_list)["manifests"]
+    index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": children}
+    return json.dumps(index, sort_keys=True).encode()
+
+
+def _wrapper_descriptor(entry: dict[str, Any], wrapper: bytes) -> dict[str, Any]:
+    annotations = dict(entry["annotations"])
+    annotations[WRAPPED_ANNOTATION] = entry["digest"]
+    return {
+        "mediaType": OCI_INDEX,
+        "digest": "sha256:" + hashlib.sha256(wrapper).hexdigest(),
+        "size": len(wrapper),
+        "annotations": annotations,
+    }
 
 
 def _check_digest(digest: str, content: bytes) -> None:
