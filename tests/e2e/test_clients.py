@@ -13,7 +13,6 @@ that cache. The entries name only this test server's loopback address.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -26,6 +25,7 @@ import httpx
 import pytest
 
 from tests.support import images
+from tests.support.clients import client_environment
 from tests.support.images import Blob, OciLayout
 from tests.support.registry import digest_of, open_account
 from tests.support.server import ServerProcess
@@ -107,24 +107,6 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
     }
     docker_dir = images.export_dir_image(layout, docker, root / "docker-dir")
     return Built(layout, manifests, docker_dir)
-
-
-def client_environment(home: Path) -> dict[str, str]:
-    """Return an environment whose temporary files and auth file lie under `home`."""
-    (home / "tmp").mkdir(parents=True)
-    environment = {
-        key: value
-        for key, value in os.environ.items()
-        if not key.startswith(("REGISTRY_AUTH_FILE", "CONTAINERS_", "MOORAGE_"))
-    }
-    environment.update(
-        HOME=str(home),
-        TMPDIR=str(home / "tmp"),
-        REGISTRY_AUTH_FILE=str(home / "auth.json"),
-        XDG_RUNTIME_DIR=str(home / "run"),
-        XDG_CONFIG_HOME=str(home / "config"),
-    )
-    return environment
 
 
 @pytest.fixture(scope="module")

@@ -27,6 +27,7 @@ import httpx
 import pytest
 
 from tests.support import images
+from tests.support.clients import client_environment
 from tests.support.identity import get_token
 from tests.support.images import OciLayout
 from tests.support.registry import (
@@ -115,24 +116,6 @@ def skopeo_push(
         source, f"docker://{server.address}/{target}",
         env=install_env,
     )  # fmt: skip
-
-
-def client_environment(home: Path) -> dict[str, str]:
-    """An environment whose client files lie under `home`."""
-    (home / "tmp").mkdir(parents=True)
-    environment = {
-        key: value
-        for key, value in os.environ.items()
-        if not key.startswith(("REGISTRY_AUTH_FILE", "CONTAINERS_", "MOORAGE_"))
-    }
-    environment.update(
-        HOME=str(home),
-        TMPDIR=str(home / "tmp"),
-        REGISTRY_AUTH_FILE=str(home / "auth.json"),
-        XDG_RUNTIME_DIR=str(home / "run"),
-        XDG_CONFIG_HOME=str(home / "config"),
-    )
-    return environment
 
 
 @pytest.fixture(scope="module")
