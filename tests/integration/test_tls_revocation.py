@@ -53,8 +53,9 @@ def _client(server: ServerProcess, cert: tuple[Path, Path] | None) -> httpx.Clie
     return httpx.Client(base_url=server.url, verify=context)
 
 
-def revoke(server: ServerProcess, *args: str) -> subprocess.CompletedProcess[str]:
-    assert server.ca_file is not None
+def _revoke_command(
+    ca_dir: Path, crl: Path, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [
             sys.executable,
@@ -64,14 +65,21 @@ def revoke(server: ServerProcess, *args: str) -> subprocess.CompletedProcess[str
             "revoke-client",
             *args,
             "--ca-dir",
-            str(server.ca_file.parent),
+            str(ca_dir),
             "--crl",
-            str(_crl(server)),
+            str(crl),
         ],
-        env=server.environment(),
+        env=env,
         capture_output=True,
         text=True,
         timeout=60,
+    )
+
+
+def revoke(server: ServerProcess, *args: str) -> subprocess.CompletedProcess[str]:
+    assert server.ca_file is not None
+    return _revoke_command(
+        server.ca_file.parent, _crl(server), *args, env=server.environment()
     )
 
 
@@ -172,24 +180,8 @@ def test_revoke_bad_input(crl_server: ServerProcess, tmp_path: Path) -> None:
     other_ca = tls_init(tmp_path / "other")
     foreign = tmp_path / "foreign.crl"
     tls.revoke_client_certificates(other_ca, foreign, [1])
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "moorage",
-            "tls",
-            "revoke-client",
-            "--serial",
-            "2",
-            "--ca-dir",
-            str(crl_server.ca_file.parent),  # type: ignore[union-attr]
-            "--crl",
-            str(foreign),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    assert crl_server.ca_file is not None
+    result = _revoke_command(crl_server.ca_file.parent, foreign, "--serial", "2")
     assert result.returncode == 1
     assert "revocation list of another CA" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
@@ -216,28 +208,6 @@ def test_foreign_crl_rejected(tmp_path: Path) -> None:
     crl.write_text("not a list\n")
     with pytest.raises(tls.TlsSetupError, match="contains no PEM CRL"):
         tls.read_revocations(crl, ours / "ca.crt")
-
-
-def _revoke_command(
-    ca_dir: Path, crl: Path, *args: str
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "moorage",
-            "tls",
-            "revoke-client",
-            *args,
-            "--ca-dir",
-            str(ca_dir),
-            "--crl",
-            str(crl),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
 
 
 def test_revoke_keeps_damaged_list(tmp_path: Path) -> None:
