@@ -214,6 +214,26 @@ def _stop_with_parent(parent: int) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+# Signals held back while the process forks.
+_HELD_AT_FORK = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+
+
+def fork_holding_signals() -> int:
+    """Fork with SIGINT, SIGTERM and SIGHUP blocked, and return os.fork's result.
+
+    os.fork runs Python callbacks after the fork, such as logging's lock
+    release. A Ctrl-C handled inside one of them is printed as an ignored
+    exception and then lost, so the server went on starting and never
+    stopped. Blocked, the signal waits until the fork has returned, and the
+    parent gets it there; the child starts with no pending signal.
+    """
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD_AT_FORK)
+    try:
+        return os.fork()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def prepare_installation(settings: Settings) -> None:
     """Migrate the database, create the keys and the first admin, and return:
     what `moorage serve` does before it listens (`moorage init`).
@@ -227,7 +247,7 @@ def _prepare_in_child(settings: Settings) -> None:
     """Migrate, add audit events saved at the last shutdown and create the first
     admin before any worker starts, in a child process, so that what it imports
     and allocates leaves with it."""
-    pid = os.fork()
+    pid = fork_holding_signals()
     if pid == 0:
         status = 0
         try:
@@ -301,7 +321,7 @@ def _fork(
 ) -> int:
     """Fork worker `index`, which keeps the second ends of `pairs[index]`."""
     parent = os.getpid()
-    pid = os.fork()
+    pid = fork_holding_signals()
     if pid != 0:
         return pid
     status = 0

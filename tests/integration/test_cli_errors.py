@@ -137,6 +137,58 @@ def test_serve_interrupted_while_starting(cli: Cli, workers: str) -> None:
         assert process.returncode in (0, 1, 130, -signal.SIGINT), (delay, stderr)
 
 
+INTERRUPT_HOOK = Path(__file__).parent / "interrupt_hook"
+
+
+@pytest.mark.parametrize(
+    ("workers", "fork"),
+    [
+        ("1", 1),  # the child that prepares the database
+        ("2", 1),
+        ("2", 3),  # the second worker
+    ],
+)
+def test_serve_interrupted_at_fork(cli: Cli, workers: str, fork: int) -> None:
+    """A Ctrl-C that arrives while the server forks stops it: the signal is not
+    lost in os.fork's callbacks, and no process of the server stays behind."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MOORAGE_")}
+    env.update(cli.env)
+    env["MOORAGE_WORKERS"] = workers
+    env["MOORAGE_TEST_SIGNAL_AT_FORK"] = f"{fork}:SIGINT"
+    env["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [str(INTERRUPT_HOOK), env.get("PYTHONPATH")])
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-m", "moorage", "serve", "--port", "0"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    assert "Traceback" not in stderr, stderr
+    assert "Exception ignored" not in stderr, stderr
+    assert process.returncode in (1, 130, -signal.SIGINT), stderr
+    # The child that prepares the database may finish its work after the
+    # parent stopped; then nothing of the server may be left.
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(process.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    else:
+        os.killpg(process.pid, signal.SIGKILL)
+        pytest.fail("a process of the interrupted server was still running")
+
+
 @pytest.mark.parametrize("limit", ["0", "-1"])
 def test_audit_list_limit_below_one(cli: Cli, limit: str) -> None:
     """audit list rejects a limit below 1 instead of listing every event."""
