@@ -741,7 +741,7 @@ def revoke_client_certificates(ca_dir: Path, crl_file: Path, serials: list[int])
 
     Creates the file when it does not exist; keeps the serials it lists. The
     new list replaces the file in one rename, so a server reads either the old
-    list or the new one. Returns how many serials the list holds now.
+    list or the new one. Returns how many serials the list contains now.
     Raises TlsSetupError when the CA does not load or `crl_file` holds a list
     from another CA.
     """

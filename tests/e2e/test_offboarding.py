@@ -281,7 +281,7 @@ def test_offboard_reports_what_it_left_out(
 def test_archive_readable_by_owner_only(
     installation: Installation, archived: subprocess.CompletedProcess[str]
 ) -> None:
-    """The archive holds the images decrypted, so it gets mode 0600 whatever
+    """The archive contains the images decrypted, so it gets mode 0600 whatever
     the umask."""
     mode = installation.archive.stat().st_mode
     assert stat.S_IMODE(mode) == 0o600

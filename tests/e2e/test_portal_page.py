@@ -8,14 +8,12 @@ owners) their robots, whose secrets they rotate through the audited admin API.
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import httpx
 import pytest
 from selenium import webdriver
-from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webelement import WebElement
 from selenium.webdriver.support import expected_conditions
@@ -23,11 +21,10 @@ from selenium.webdriver.support.ui import WebDriverWait
 
 from moorage.db.audit_store import AuditFilter
 from tests.support.audit import wait_for_events
+from tests.support.browser import headless_chromium, needs_chromium
 from tests.support.identity import admin_client, push_image
 from tests.support.server import ServerProcess
 
-CHROMIUM = shutil.which("chromium")
-CHROMEDRIVER = shutil.which("chromedriver")
 # Logins run argon2id, which takes seconds on a loaded test machine.
 WAIT_SECONDS = 30
 TIMEOUT = 30
@@ -35,10 +32,7 @@ TIMEOUT = 30
 # page parsed it: the portal must show it as text.
 HTML_NAME = "<img src=x onerror=\"document.title='injected'\">"
 
-pytestmark = pytest.mark.skipif(
-    CHROMIUM is None or CHROMEDRIVER is None,
-    reason="Chromium missing: apt-get install chromium chromium-driver",
-)
+pytestmark = needs_chromium
 
 
 @dataclass(frozen=True)
@@ -92,19 +86,8 @@ def setup(server: ServerProcess) -> Setup:
 
 @pytest.fixture
 def browser() -> Iterator[webdriver.Chrome]:
-    assert CHROMIUM is not None
-    assert CHROMEDRIVER is not None
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage"):
-        options.add_argument(argument)
-    # Keep the console messages, where Chromium reports blocked content.
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
-    try:
+    with headless_chromium(console_log=True) as driver:
         yield driver
-    finally:
-        driver.quit()
 
 
 def wait_visible(browser: webdriver.Chrome, selector: str) -> WebElement:

@@ -112,22 +112,35 @@ def test_serve_unreachable_database_one_line(
     assert lines[0].startswith(f"error: cannot connect to the database at {shown}: ")
 
 
+def _serve_environment(cli: Cli, workers: str) -> dict[str, str]:
+    """Return the environment of `moorage serve` for the CLI's installation."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MOORAGE_")}
+    env.update(cli.env)
+    env["MOORAGE_WORKERS"] = workers
+    return env
+
+
+def _start_serve(
+    env: dict[str, str], *, start_new_session: bool = False
+) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "moorage", "serve", "--port", "0"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=start_new_session,
+    )
+
+
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_serve_interrupted_while_starting(cli: Cli, workers: str) -> None:
     """Ctrl-C at any moment of `moorage serve`'s start stops it without a
     traceback: while the modules load, while the database is prepared, or once
     uvicorn handles the signal."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MOORAGE_")}
-    env.update(cli.env)
-    env["MOORAGE_WORKERS"] = workers
+    env = _serve_environment(cli, workers)
     for delay in (0.2, 0.6, 1.0, 1.5, 2.5):
-        process = subprocess.Popen(
-            [sys.executable, "-m", "moorage", "serve", "--port", "0"],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        process = _start_serve(env)
         time.sleep(delay)
         process.send_signal(signal.SIGINT)
         _, stderr = process.communicate(timeout=30)
@@ -151,21 +164,13 @@ INTERRUPT_HOOK = Path(__file__).parent / "interrupt_hook"
 def test_serve_interrupted_at_fork(cli: Cli, workers: str, fork: int) -> None:
     """A Ctrl-C that arrives while the server forks stops it: the signal is not
     lost in os.fork's callbacks, and no process of the server stays behind."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MOORAGE_")}
-    env.update(cli.env)
-    env["MOORAGE_WORKERS"] = workers
+    env = _serve_environment(cli, workers)
     env["MOORAGE_TEST_SIGNAL_AT_FORK"] = f"{fork}:SIGINT"
     env["PYTHONPATH"] = os.pathsep.join(
         filter(None, [str(INTERRUPT_HOOK), env.get("PYTHONPATH")])
     )
-    process = subprocess.Popen(
-        [sys.executable, "-m", "moorage", "serve", "--port", "0"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    process = _start_serve(env, start_new_session=True)
+
     try:
         _, stderr = process.communicate(timeout=60)
     finally:
@@ -175,6 +180,7 @@ def test_serve_interrupted_at_fork(cli: Cli, workers: str, fork: int) -> None:
     assert "Traceback" not in stderr, stderr
     assert "Exception ignored" not in stderr, stderr
     assert process.returncode in (1, 130, -signal.SIGINT), stderr
+
     # The child that prepares the database may finish its work after the
     # parent stopped; then nothing of the server may be left.
     deadline = time.monotonic() + 30

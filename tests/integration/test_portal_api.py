@@ -186,7 +186,7 @@ def test_repositories_cap_tags(server: ServerProcess) -> None:
 def test_repositories_of_vendor_admin(
     server: ServerProcess, customers: Customers
 ) -> None:
-    """The vendor admin sees every customer's repositories."""
+    """The vendor admin gets every customer's repositories."""
     names = names_of(repositories_page(server, (ADMIN_LOGIN, ADMIN_PASSWORD), n=1000))
     assert set(customers.acme_repositories) <= set(names)
     assert customers.globex_repository in names

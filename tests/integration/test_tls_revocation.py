@@ -105,11 +105,11 @@ def test_revoked_certificate_stops_logging_in(
 ) -> None:
     """After `tls revoke-client`, the certificate's requests fail on an open
     connection, including with the right password, while another certificate
-    still works; the failure is audited and raises the revoked-credential alert."""
+    still works. The failure is audited and raises the revoked-credential alert."""
     login, password = crl_server.add_user(STRICT, "reader")
     other, _ = crl_server.add_user(STRICT, "reader")
     cert = issue_client_cert(crl_server, login, tmp_path / "revoked")
-    kept = issue_client_cert(crl_server, other, tmp_path / "kept")
+    valid = issue_client_cert(crl_server, other, tmp_path / "valid")
     with _client(crl_server, cert) as client:
         token = _token(client)
         assert token.status_code == 200, token.text
@@ -127,7 +127,7 @@ def test_revoked_certificate_stops_logging_in(
         assert _token(client).status_code == 401
         assert client.get("/v2/", auth=(login, password)).status_code == 401
         assert _password_grant(client, login, password).status_code == 401
-    with _client(crl_server, kept) as client:
+    with _client(crl_server, valid) as client:
         assert _token(client).status_code == 200
 
     failures = wait_for_events(

@@ -395,7 +395,7 @@ def _stall_upload(server: ServerProcess) -> socket.socket:
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_stop_cancels_stalled_request(tmp_path: Path, workers: str) -> None:
     """SIGTERM stops the server within graceful_shutdown_seconds even while a
-    client holds a request open, and the audit log is closed."""
+    client keeps a request open, and the audit log is closed."""
     server = _start_server(
         tmp_path,
         workers=workers,

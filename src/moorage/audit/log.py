@@ -817,7 +817,7 @@ class DatabaseAuditLog:
                 ),
             )
         except ArchiveConflictError:
-            # The file holds the same events as the other run's file of this
+            # The file contains the same events as the other run's file of this
             # name, if it has one; a file of another range is not recorded.
             recorded = {Path(item.path) for item in await self.store.archives()}
             if path.absolute() not in recorded:

@@ -120,7 +120,7 @@ async def write_archive(
 
 
 def _owner_only(path: str, flags: int) -> int:
-    # The archive holds the customer's images decrypted, so only the user who
+    # The archive contains the customer's images decrypted, so only the user who
     # runs the command may read it. "x" also keeps another run's file intact.
     return os.open(path, flags, 0o600)
 
