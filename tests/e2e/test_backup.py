@@ -192,6 +192,8 @@ def drill(
         drill = Drill(
             layout, server, work / "backups", work, client_environment(work / "home")
         )
+        # A row with an id, so that a restored sequence that starts at 1 fails.
+        server.add_customer("before-backup")
         pushed = [
             _push(drill, "busybox", "products/busybox"),
             _push(drill, "marker", "products/marker"),
@@ -425,6 +427,26 @@ def test_verify_names_a_flipped_byte_and_a_missing_file(drill: Drill) -> None:
     assert f"{removed['sha256']} is missing" in output
 
 
+def test_prune_keeps_the_newest_and_its_objects(drill: Drill) -> None:
+    """prune --keep 1 removes the first backup, and an interrupted backup's
+    files and object; the second backup keeps every object and verifies."""
+    copy = _copy_backups(drill, "pruned")
+    (copy / "tmp" / "20200101T000000Z-000000" / "tables").mkdir(parents=True)
+    orphan = hashlib.sha256(b"interrupted").hexdigest()
+    (copy / "objects" / orphan[:2]).mkdir(exist_ok=True)
+    (copy / "objects" / orphan[:2] / orphan).write_bytes(b"interrupted")
+    first, second = (backup_id for backup_id, _ in drill.backups)
+    result = moorage(drill.server, "backup", "prune", copy, "--keep", "1")
+    assert result.returncode == 0, result.stderr
+    assert f"removed 1 backups ({first}) and 1 objects" in result.stdout
+    assert sorted(path.name for path in (copy / "backups").iterdir()) == [second]
+    assert list((copy / "tmp").iterdir()) == []
+    needed = {entry["sha256"] for entry in drill.record(second)["files"]}
+    assert {path.name for path in _files_under(copy / "objects")} == needed
+    verified = moorage(drill.server, "backup", "verify", copy)
+    assert verified.returncode == 0, verified.stderr
+
+
 def test_restore_refuses_a_used_installation(drill: Drill) -> None:
     """Restore into the running source installation, or into a data directory
     whose blob store contains a file, stops and changes nothing."""
@@ -450,6 +472,27 @@ def test_restore_refuses_a_used_installation(drill: Drill) -> None:
         assert _table_names(target) == []
     finally:
         drop_database(target.database_url)
+
+
+def test_create_names_a_missing_blob_file(drill: Drill) -> None:
+    """A blob whose file is gone stops `create` with its digest and path, and
+    leaves no backup that `list` shows."""
+    installation, restored = _restore(drill, drill.backups[0][0], "missing-blob")
+    try:
+        assert restored.returncode == 0, restored.stderr
+        blob = next((installation.data_dir / "storage" / "blobs").rglob("*/*/*"))
+        blob.unlink()
+        directory = drill.work / "missing-blob-backups"
+        result = moorage(installation, "backup", "create", directory)
+        assert result.returncode == 1
+        message = " ".join(result.stderr.split())
+        assert f"blob sha256:{blob.name} is in the database" in message
+        assert f"its file {blob} is missing, so no backup was made" in message
+        listed = moorage(installation, "backup", "list", directory)
+        assert listed.returncode == 0, listed.stderr
+        assert "no complete backups" in listed.stdout
+    finally:
+        drop_database(installation.database_url)
 
 
 def _other_database(data_dir: Path) -> str:

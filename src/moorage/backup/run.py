@@ -75,8 +75,9 @@ async def _create(services: Services, store: BackupStore) -> BackupRecord:
         except FileNotFoundError:
             raise BackupError(
                 f"blob {digest} is in the database but its file {storage / key} is "
-                "missing; no backup was made. `moorage backup create` names every "
-                "such file; restore it or delete the blob's manifests"
+                "missing, so no backup was made. Restore that file (an earlier "
+                "backup contains it under the same storage path) and run the "
+                "backup again"
             ) from None
 
     counts = snapshot.counts

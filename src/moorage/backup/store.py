@@ -15,8 +15,12 @@ A backup becomes complete when its directory is renamed from `tmp/` into
 fsynced. An interrupted backup leaves files under `tmp/` and objects that no
 backup names; neither is listed, and `prune` removes them.
 
-Objects hold a stored file as it is stored: for an installation with
-encryption at rest, ciphertext. A backup never holds a key-encryption key.
+Objects contain a stored file as it is stored: for an installation with
+encryption at rest, ciphertext. A backup never contains a key-encryption key.
+
+TODO: the product brief also names an object store (S3) as a backup target;
+only a local directory is built. A second store class with the same methods
+(objects by SHA-256, backups committed by writing backup.json last) would fit.
 """
 
 from __future__ import annotations

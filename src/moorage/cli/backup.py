@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Annotated, TypeVar
 
 import typer
+from sqlalchemy.exc import SQLAlchemyError
 
 from moorage.audit import events as actions
 from moorage.backup.run import (
@@ -29,6 +30,7 @@ from moorage.backup.store import (
 )
 from moorage.cli.main import (
     DataDirOption,
+    _database_reason,
     _exit_for_connection_error,
     _print_error,
     _recorder,
@@ -290,6 +292,13 @@ def _async(settings: Settings, work: Awaitable[T]) -> T:
         return asyncio.run(_awaited(work))
     except MoorageError as error:
         _print_error(error)
+        raise typer.Exit(1) from None
+    except SQLAlchemyError as error:
+        errors.print(
+            f"[red]error:[/red] database error: {shown(_database_reason(error))}",
+            highlight=False,
+            soft_wrap=True,
+        )
         raise typer.Exit(1) from None
     except UNREACHABLE_DATABASE_ERRORS as error:
         _exit_for_connection_error(settings, error)
