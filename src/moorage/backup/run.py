@@ -21,21 +21,27 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import structlog
-from sqlalchemy import inspect
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from moorage.backup.store import (
-    BackupError,
     BackupRecord,
     BackupStore,
     FileEntry,
     check_file,
     new_backup_id,
 )
-from moorage.backup.tables import TableSource, dump, load, read_rows
 from moorage.config import Settings
+from moorage.db.backup_tables import (
+    TableSource,
+    dump,
+    load,
+    read_rows,
+    readable_blobs,
+    table_names,
+)
 from moorage.db.engine import MIGRATIONS_DIR, create_engine
 from moorage.digests import parse_digest
+from moorage.errors import BackupError
 from moorage.fsync import fsync_directory
 from moorage.services import Services
 from moorage.storage import paths
@@ -213,8 +219,7 @@ def _reject_used_storage(storage: Path) -> None:
 
 
 async def _reject_used_database(engine: AsyncEngine, settings: Settings) -> None:
-    async with engine.connect() as connection:
-        tables = await connection.run_sync(lambda sync: inspect(sync).get_table_names())
+    tables = await table_names(engine)
     if tables:
         shown = ", ".join(sorted(tables)[:5])
         raise BackupError(
@@ -342,7 +347,7 @@ async def check_restored(services: Services) -> list[str]:
     one line per blob that differs or cannot be read."""
     driver = services.registry.driver
     problems: list[str] = []
-    for digest, size in await _readable_blobs(services):
+    for digest, size in await readable_blobs(services.engine):
         path = paths.blob_path(parse_digest(digest))
         try:
             problem = await _check_blob(driver, path, digest, size)
@@ -355,18 +360,6 @@ async def check_restored(services: Services) -> list[str]:
         if problem:
             problems.append(f"blob {digest}: {problem}")
     return problems
-
-
-async def _readable_blobs(services: Services) -> list[tuple[str, int]]:
-    from sqlalchemy import select
-
-    from moorage.db.schema import blobs
-
-    async with services.engine.connect() as connection:
-        rows = await connection.execute(
-            select(blobs.c.digest, blobs.c.size).where(blobs.c.shredded_at.is_(None))
-        )
-        return [(row.digest, row.size) for row in rows]
 
 
 async def _check_blob(driver: object, path: str, digest: str, size: int) -> str | None:

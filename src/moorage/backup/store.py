@@ -38,17 +38,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from moorage.errors import MoorageError
+from moorage.db.backup_tables import TableEntry, sha256_of_file
+from moorage.errors import BackupError
 from moorage.fsync import fsync_directory
 
 FORMAT = 1
 MARKER = "moorage-backups.json"
 RECORD = "backup.json"
 _CHUNK = 1024 * 1024
-
-
-class BackupError(MoorageError):
-    """the backup could not be made, read or restored"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,16 +55,6 @@ class FileEntry:
     path: str
     sha256: str
     size: int
-
-
-@dataclass(frozen=True, slots=True)
-class TableEntry:
-    name: str
-    file: str
-    sha256: str
-    size: int
-    rows: int
-    columns: list[str]
 
 
 @dataclass
@@ -342,14 +329,6 @@ def _write_durably(path: Path, data: bytes, directory: Path) -> None:
         with contextlib.suppress(FileNotFoundError):
             temporary.unlink()
     fsync_directory(directory)
-
-
-def sha256_of_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        while chunk := file.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def verify_files(store: BackupStore, records: Iterable[BackupRecord]) -> list[str]:

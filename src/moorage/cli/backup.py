@@ -22,12 +22,7 @@ from moorage.backup.run import (
     create_backup,
     restore_backup,
 )
-from moorage.backup.store import (
-    BackupError,
-    BackupRecord,
-    BackupStore,
-    verify_files,
-)
+from moorage.backup.store import BackupRecord, BackupStore, verify_files
 from moorage.cli.main import (
     DataDirOption,
     _database_reason,
@@ -43,7 +38,7 @@ from moorage.cli.main import (
 from moorage.cli.output import shown
 from moorage.config import Settings
 from moorage.db.engine import UNREACHABLE_DATABASE_ERRORS
-from moorage.errors import MoorageError
+from moorage.errors import BackupError, MoorageError
 from moorage.logs import configure_logging
 from moorage.services import Services, open_services
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import gzip
+import hashlib
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -29,14 +30,16 @@ from sqlalchemy import (
     delete,
     func,
     insert,
+    inspect,
     select,
     text,
     tuple_,
 )
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from moorage.backup.store import BackupError, TableEntry, sha256_of_file
 from moorage.db.engine import _alembic_config
+from moorage.db.schema import blobs
+from moorage.errors import BackupError
 
 # Tables a backup leaves out, and why (docs/backup.md repeats this).
 SKIPPED_TABLES = {
@@ -52,6 +55,27 @@ SKIPPED_TABLES = {
     "login_addresses",
 }
 _BATCH = 500
+_CHUNK = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class TableEntry:
+    """One table's file in a backup, and the columns of its rows."""
+
+    name: str
+    file: str
+    sha256: str
+    size: int
+    rows: int
+    columns: list[str]
+
+
+def sha256_of_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 @dataclass
@@ -387,3 +411,19 @@ def _set_sequences(
                 text("SELECT setval(CAST(:s AS regclass), :n, true)"),
                 {"s": sequence, "n": highest},
             )
+
+
+async def table_names(engine: AsyncEngine) -> list[str]:
+    """Return the names of the tables in the database, for the empty check."""
+    async with engine.connect() as connection:
+        return await connection.run_sync(lambda sync: inspect(sync).get_table_names())
+
+
+async def readable_blobs(engine: AsyncEngine) -> list[tuple[str, int]]:
+    """Return (digest, size) of every blob that shredding did not make
+    unreadable."""
+    async with engine.connect() as connection:
+        rows = await connection.execute(
+            select(blobs.c.digest, blobs.c.size).where(blobs.c.shredded_at.is_(None))
+        )
+        return [(row.digest, row.size) for row in rows]
