@@ -12,6 +12,7 @@ The API layer maps each class to an OCI error code and HTTP status in one table
     ├── PaginationInvalidError, UnsupportedError
     ├── UnauthorizedError, DeniedError, TooManyRequestsError
     ├── InvalidInputError (administrative input: a bad name, role or password)
+    ├── BackupError (a backup cannot be made, read or restored)
     └── ConflictError (administrative changes: a name already taken)
         └── LastOwnerError (a change would leave nobody to manage a customer)
 """
@@ -170,3 +171,7 @@ class LastOwnerError(ConflictError):
 
 class NotFoundError(MoorageError):
     """not found"""
+
+
+class BackupError(MoorageError):
+    """the backup could not be made, read or restored"""

@@ -21,6 +21,7 @@ FORBIDDEN = {
     "storage": ("moorage.api", "moorage.auth", "moorage.services"),
     "auth": ("moorage.api", "moorage.storage", "moorage.services"),
     "audit": ("moorage.api", "moorage.auth", "moorage.storage", "moorage.services"),
+    "backup": ("moorage.api", "moorage.auth", "moorage.cli"),
 }
 
 

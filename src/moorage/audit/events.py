@@ -76,6 +76,10 @@ KEY_REENCRYPT = "key.reencrypt"
 # A change that spans many transactions (key rotate, key reencrypt) records
 # its action with this suffix before it starts, and the action when it ends.
 START_SUFFIX = ".start"
+# `backup create` records a start event and an end event (see START_SUFFIX);
+# `backup restore` records its event in the restored installation.
+BACKUP_CREATE = "backup.create"
+BACKUP_RESTORE = "backup.restore"
 AUDIT_ARCHIVE = "audit.archive"
 AUDIT_IMPORT = "audit.import"
 # Stored in place of an event that the database rejected for its values.

@@ -103,6 +103,20 @@ class AdminRecorder:
         await self.audit.record_now(self._event(action, target, customer))
         return result
 
+    async def record_done(
+        self,
+        action: str,
+        target: str,
+        customer: str | None,
+        error: str | None = None,
+    ) -> None:
+        """Record a change made before the audit trail could take its event,
+        such as a restore, which creates the trail; with `error`, as failed."""
+        outcome = "success" if error is None else FAILURE
+        await self.audit.record_now(
+            self._event(action, target, customer, outcome, error)
+        )
+
     async def record_rejection(
         self, action: str, target: str, customer: str | None, reason: str
     ) -> None:

@@ -1197,6 +1197,9 @@ def main() -> None:
     app()
 
 
+# Registers the backup commands.
+from moorage.cli import backup as _backup  # noqa: E402, F401
+
 # Registers the account, robot, token, grant and signing-key commands.
 from moorage.cli import identity as _identity  # noqa: E402, F401
 

@@ -66,6 +66,8 @@ CHANGING = {
     "audit archive": (["audit", "archive", "--older-than-days", "0"], "audit.archive"),
     "key rotate": (["key", "rotate"], "key.rotate"),
     "key reencrypt": (["key", "reencrypt"], "key.reencrypt"),
+    # {tmp} is the directory that holds the data directory.
+    "backup create": (["backup", "create", "{tmp}/backups"], "backup.create"),
 }
 # Commands that only read (serve is covered by the request tests).
 READ_ONLY = {
@@ -92,6 +94,10 @@ READ_ONLY = {
     "tls init",
     "tls client-cert",
     "tls revoke-client",
+    # These read or change only a backup directory.
+    "backup list",
+    "backup verify",
+    "backup prune",
 }
 
 
@@ -99,6 +105,8 @@ READ_ONLY = {
 # run in the sequence above; the named test checks their events.
 CHECKED_ELSEWHERE = {
     "customer offboard": "tests/e2e/test_offboarding.py",
+    # Needs an empty installation; records its event in the restored one.
+    "backup restore": "tests/e2e/test_backup.py",
 }
 
 
@@ -133,7 +141,12 @@ def test_changing_commands_record_events(data_dir: Path) -> None:
     try:
         for name, (arguments, action) in CHANGING.items():
             completed = subprocess.run(
-                [sys.executable, "-m", "moorage", *arguments],
+                [
+                    sys.executable,
+                    "-m",
+                    "moorage",
+                    *(a.replace("{tmp}", str(data_dir.parent)) for a in arguments),
+                ],
                 env=env,
                 capture_output=True,
                 text=True,

@@ -1,0 +1,1 @@
+"""Backups of an installation (metadata and blobs) into a directory, and restores."""
