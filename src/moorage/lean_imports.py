@@ -21,9 +21,9 @@ it offers. `moorage.prefork` installs the finder before the server's modules
 are imported; other processes (the command line, tests) import the packages
 as usual.
 
-NOTE: this depends on where these packages define the names listed below
-(SQLAlchemy 2.0, uvicorn 0.3x); `tests/unit/test_server_imports.py` checks
-them against the installed versions.
+NOTE: this depends on where these packages define the names listed below,
+as of SQLAlchemy 2.1 and uvicorn 0.55. `tests/unit/test_server_imports.py`
+checks them against the installed versions.
 """
 
 from __future__ import annotations
@@ -71,9 +71,9 @@ LEAN_PACKAGES: dict[str, dict[str, frozenset[str]]] = {
 
 
 class _LeanLoader:
-    """Loads a package without running its `__init__`: the listed names are
-    looked up in its modules, other names in the package once its `__init__`
-    has run."""
+    """A loader that skips a package's `__init__`. The listed names are looked
+    up in the package's modules, and other names in the package once its
+    `__init__` has run."""
 
     def __init__(self, real: ModuleSpec, names: dict[str, frozenset[str]]) -> None:
         self.real = real
@@ -100,7 +100,7 @@ class _LeanLoader:
                 # A submodule, which the import system loads when this fails.
                 raise AttributeError(name)
             # A name only the full package has: run its __init__ in this
-            # module, which then holds every name, as after a plain import.
+            # module, which then contains every name, as after a plain import.
             # The lock keeps two threads from running it at once.
             with self.lock:
                 if "__getattr__" in vars(module):
