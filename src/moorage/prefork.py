@@ -13,7 +13,9 @@ of the processes.
 
 This module imports only the standard library and `moorage.config` before it
 has decided about rich, because structlog imports rich when it is first
-imported.
+imported. `prepare` installs `moorage.lean_imports` before the server's modules
+are imported, which keeps SQLAlchemy's ORM and uvicorn's command line out of
+the server's processes.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import os
 import pickle
 import sys
 from typing import TYPE_CHECKING, NoReturn
+
+from moorage.lean_imports import use_lean_imports
 
 if TYPE_CHECKING:
     from moorage.config import Settings
@@ -61,7 +65,9 @@ def read_settings(descriptor: int) -> Settings:
 
 def prepare(settings: Settings) -> None:
     """Configure logging and memory arenas the way `moorage serve` did before
-    the exec, leaving rich out when the log is JSON lines."""
+    the exec, leaving rich out when the log is JSON lines, and SQLAlchemy's ORM
+    and uvicorn's command line out in any case (see moorage.lean_imports)."""
+    use_lean_imports()
     if logs_json(settings.log_format):
         # structlog imports rich, when it is installed, only to print
         # tracebacks in its console renderer. A None entry makes that import
