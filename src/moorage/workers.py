@@ -11,7 +11,7 @@ SIGTERM or SIGINT to the parent is passed on to every worker, which finishes
 its requests and stops. Each worker opens its own database connections and
 blob store; caches are per process, and upload sessions already work across
 processes (see `moorage.storage.registry`). Password hashes and checks go to
-the supervisor over socket pairs, so that argon2id's 19 MiB count once instead
+the supervisor over socket pairs, so that argon2id's 7 MiB count once instead
 of in every worker (see `moorage.auth.password_service`).
 """
 
@@ -50,7 +50,7 @@ log = structlog.get_logger(__name__)
 # prctl option: the signal a process gets when its parent dies (linux/prctl.h).
 _PR_SET_PDEATHSIG = 1
 # glibc raises its mmap threshold to the size of the first large block freed,
-# so without a fixed threshold the supervisor keeps argon2id's 19 MiB resident
+# so without a fixed threshold the supervisor keeps argon2id's 7 MiB resident
 # after its second computation. With one, each block is mapped and unmapped.
 # Other C libraries ignore the variable.
 _SUPERVISOR_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(1024 * 1024)}

@@ -173,7 +173,7 @@ def test_login_replaces_hash_with_other_parameters(server: ServerProcess) -> Non
     )
     assert logged_in == login
     assert stored != old_hash
-    assert stored.startswith("$argon2id$v=19$m=19456,t=2,p=1$")
+    assert stored.startswith("$argon2id$v=19$m=7168,t=5,p=1$")
     assert generation_after == generation_before
 
     async def log_in(services: Services) -> str:

@@ -1,8 +1,8 @@
 """Password hashes and checks of the worker processes, computed by the supervisor.
 
-An argon2id computation touches 19 MiB (see `moorage.auth.argon2id`). A worker
+An argon2id computation touches 7 MiB (see `moorage.auth.argon2id`). A worker
 that computes its own keeps that much more in its peak resident memory, and
-after its second computation glibc keeps the 19 MiB resident, because the
+after its second computation glibc keeps the 7 MiB resident, because the
 first free raised its mmap threshold. With `workers` > 1 every worker would
 pay this, although together they run at most ARGON2_SLOTS computations at once.
 So the workers send their hashes and checks over socket pairs to

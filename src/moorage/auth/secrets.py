@@ -52,9 +52,9 @@ def usable_cpu_count() -> int:
     return os.cpu_count() or 1
 
 
-# Every argon2id computation takes 19 MiB and a core for its duration. At most
+# Every argon2id computation takes 7 MiB and a core for its duration. At most
 # half the cores compute at once, so that logins leave the other half to
-# serving and add at most that many times 19 MiB to memory. The bound holds
+# serving and add at most that many times 7 MiB to memory. The bound holds
 # across the server's processes, because the semaphore is created before the workers are
 # forked and they share it. A worker that dies holding a slot stops the server
 # (see moorage.supervisor), so a slot is never lost for good. With workers > 1
