@@ -167,7 +167,8 @@ class Settings(BaseSettings):
         default=None,
         description=(
             "Password for the first vendor admin. Default: generated and printed "
-            "once on first start."
+            "once on first start. Checked against the password policy at every "
+            "start, before anything is created."
         ),
     )
     tls_cert: Path | None = Field(

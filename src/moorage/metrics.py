@@ -1,13 +1,15 @@
 """The registry's Prometheus metrics (served by `moorage.api.metrics`).
 
 Label values come from bounded sets only: route names, methods, status codes,
-customers (plus "vendor" and "anonymous"), alert kinds. Repositories and
-accounts are never labels, so the number of series grows with customers only.
+customers (plus "vendor" and "anonymous"), alert kinds, audit sink kinds.
+Repositories and accounts are never labels, so the number of series grows with
+customers only.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from prometheus_client import (
@@ -95,6 +97,14 @@ class Metrics:
             "Audit events written by this process since it started.",
             registry=r,
         )
+        self.audit_sink_dropped = Counter(
+            "moorage_audit_sink_dropped",
+            "Audit events that a sink dropped because its queue was full, by sink.",
+            ["sink"],
+            registry=r,
+        )
+        # Each sink's drop count at the last refresh, to add only what is new.
+        self._sink_drops: dict[str, int] = {}
         self._stored_at = 0.0
         # Labelled children, looked up once: labels() costs several microseconds.
         self._request_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
@@ -143,11 +153,22 @@ class Metrics:
         elif event.action.startswith(ALERT_PREFIX):
             self.alerts.labels(event.action.removeprefix(ALERT_PREFIX)).inc()
 
-    async def refresh(self, engine: AsyncEngine, queued: int, written: int) -> None:
-        """Update the figures that come from the database and the audit log."""
+    async def refresh(
+        self,
+        engine: AsyncEngine,
+        queued: int,
+        written: int,
+        sink_drops: Mapping[str, int],
+    ) -> None:
+        """Update the figures that come from the database and the audit log.
+
+        `sink_drops` maps each audit sink's name to the events it has dropped
+        since the process started.
+        """
         self.active_uploads.set(await stats.count_uploads(engine))
         self.audit_queue.set(queued)
         self.audit_written.set(written)
+        self.count_sink_drops(sink_drops)
         if time.monotonic() - self._stored_at >= STORED_BYTES_SECONDS:
             self._stored_at = time.monotonic()
             totals = await stats.stored_bytes_by_customer(engine)
@@ -156,6 +177,14 @@ class Metrics:
             self.stored_bytes.clear()
             for customer, total in totals.items():
                 self.stored_bytes.labels(customer).set(total)
+
+    def count_sink_drops(self, sink_drops: Mapping[str, int]) -> None:
+        """Add each sink's drops since the last call to its counter."""
+        for sink, total in sink_drops.items():
+            counted = self._sink_drops.get(sink, 0)
+            # The labelled series exists from the first refresh, at 0.
+            self.audit_sink_dropped.labels(sink).inc(max(total - counted, 0))
+            self._sink_drops[sink] = total
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import fcntl
 import ipaddress
 import os
 import re
@@ -741,11 +742,46 @@ def revoke_client_certificates(ca_dir: Path, crl_file: Path, serials: list[int])
 
     Creates the file when it does not exist; keeps the serials it lists. The
     new list replaces the file in one rename, so a server reads either the old
-    list or the new one. Returns how many serials the list contains now.
-    Raises TlsSetupError when the CA does not load or `crl_file` holds a list
-    from another CA.
+    list or the new one. Runs at the same time take turns on an exclusive
+    flock of `crl_file.lock`, so each one reads the list that the one before
+    it wrote, and no serial is lost. Returns how many serials the list
+    contains now. Raises TlsSetupError when the CA does not load or
+    `crl_file` holds a list from another CA.
     """
     ca_cert, ca_key = _load_ca(ca_dir)
+    with _locked(crl_file):
+        return _add_revocations(ca_cert, ca_key, crl_file, serials)
+
+
+@contextlib.contextmanager
+def _locked(crl_file: Path) -> Iterator[None]:
+    """Hold an exclusive flock of the file `crl_file.lock` next to the list.
+
+    The lock file stays, because removing it while another run waits on it
+    would let a third run lock a new file of the same name at the same time.
+    """
+    lock_path = crl_file.with_name(crl_file.name + ".lock")
+    try:
+        descriptor = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as error:
+        raise TlsSetupError(
+            f"cannot write revocation list {crl_file}: cannot open its lock file "
+            f"{lock_path}: {error.strerror or error}"
+        ) from None
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        # Closing the descriptor releases the lock.
+        os.close(descriptor)
+
+
+def _add_revocations(
+    ca_cert: x509.Certificate,
+    ca_key: ec.EllipticCurvePrivateKey,
+    crl_file: Path,
+    serials: list[int],
+) -> int:
     now = datetime.datetime.now(datetime.UTC)
     entries: dict[int, datetime.datetime] = {}
     if crl_file.exists():
@@ -794,11 +830,13 @@ def revoke_client_certificates(ca_dir: Path, crl_file: Path, serials: list[int])
 def _replace_durably(path: Path, data: bytes) -> None:
     """Write `data` to `path` through `path.partial`, fsync and one rename.
 
+    Callers hold the lock of `_locked`, because two runs at once would share
+    `path.partial`.
+
     Without the fsyncs a crash soon after the rename can leave an empty file,
     which reads as an empty revocation list. The new file keeps the mode of the
     file it replaces, or gets 0644 (a CRL is public), whatever the umask.
     """
-    # NOTE: two runs at once share `path.partial`, so one run's serial can be lost.
     try:
         mode = path.stat().st_mode & 0o777
     except FileNotFoundError:

@@ -25,6 +25,7 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import Callable
 
 import structlog
 
@@ -38,7 +39,7 @@ from moorage.db.engine import (
     UNREACHABLE_DATABASE_ERRORS,
     unreachable_database_message,
 )
-from moorage.errors import MoorageError
+from moorage.errors import InvalidInputError, MoorageError
 from moorage.logs import flush_logs
 from moorage.prefork import logs_json
 from moorage.server import run_on_uvloop, run_server
@@ -247,6 +248,7 @@ def _prepare_in_child(settings: Settings) -> None:
     """Migrate, add audit events saved at the last shutdown and create the first
     admin before any worker starts, in a child process, so that what it imports
     and allocates leaves with it."""
+    _check_first_admin(settings)
     pid = fork_holding_signals()
     if pid == 0:
         status = 0
@@ -276,6 +278,44 @@ def _prepare_in_child(settings: Settings) -> None:
     _, code = os.waitpid(pid, 0)
     if os.waitstatus_to_exitcode(code) != 0:
         raise SystemExit(1)
+
+
+def _check_first_admin(settings: Settings) -> None:
+    """Check the first admin's name and password before the database, the keys
+    or any file exist, so that a rejected value leaves nothing half made.
+
+    Checked at every start, even when the admin exists and the values go
+    unused. Prints each problem and raises SystemExit(1).
+    """
+    password = settings.admin_password
+    problems = _problems(lambda: admin.validate_login(settings.admin_username))
+    named = [f"admin_username (MOORAGE_ADMIN_USERNAME): {text}" for text in problems]
+    if password is not None:
+        problems = _problems(
+            lambda: admin.check_password(
+                password.get_secret_value(), settings.admin_username
+            )
+        )
+        named += [
+            f"admin_password (MOORAGE_ADMIN_PASSWORD): {text}" for text in problems
+        ]
+    if not named:
+        return
+    for problem in named:
+        print(f"error: {problem}", file=sys.stderr)
+    print(
+        "nothing was created; correct the settings above and run again", file=sys.stderr
+    )
+    raise SystemExit(1)
+
+
+def _problems(check: Callable[[], object]) -> list[str]:
+    """Return the problems that one input check raises, none when it passes."""
+    try:
+        check()
+    except InvalidInputError as error:
+        return list(error.problems)
+    return []
 
 
 def _interrupted(error: BaseException | None) -> bool:

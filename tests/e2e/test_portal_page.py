@@ -8,6 +8,7 @@ owners) their robots, whose secrets they rotate through the audited admin API.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -23,6 +24,7 @@ from moorage.db.audit_store import AuditFilter
 from tests.support.audit import wait_for_events
 from tests.support.browser import headless_chromium, needs_chromium
 from tests.support.identity import admin_client, push_image
+from tests.support.receivers import wait_until
 from tests.support.server import ServerProcess
 
 # Logins run argon2id, which takes seconds on a loaded test machine.
@@ -155,6 +157,42 @@ def test_portal_loads_nothing_blocked(
     messages = [entry["message"] for entry in browser.get_log("browser")]
     blocked = [text for text in messages if "Content Security Policy" in text]
     assert blocked == []
+
+
+def test_portal_requests_all_succeed(
+    server: ServerProcess, browser: webdriver.Chrome, setup: Setup
+) -> None:
+    """Every request of the page and of the browser for it, the favicon
+    included, succeeds, and the console shows no error."""
+    logged_before = len(server.log())
+    log_in(server, browser, *setup.reader)
+    icon = browser.execute_script(
+        "return document.querySelector('link[rel=icon]').href"
+    )
+    assert icon == f"{server.url}/portal/favicon.svg"
+    # Chromium fetches the icon after the page loads, and the server logs each
+    # request after its response; wait for the icon's line.
+    assert wait_until(
+        lambda: "/portal/favicon.svg" in server.log()[logged_before:],
+        timeout=WAIT_SECONDS,
+    )
+
+    requests = [
+        json.loads(line)
+        for line in server.log()[logged_before:].splitlines()
+        if line.startswith("{") and '"event": "request"' in line
+    ]
+    paths = {request["path"] for request in requests}
+    assert "/portal/favicon.svg" in paths
+    assert "/favicon.ico" not in paths
+    failed = [request for request in requests if request["status"] >= 400]
+    assert failed == []
+    errors = [
+        entry["message"]
+        for entry in browser.get_log("browser")
+        if entry["level"] == "SEVERE"
+    ]
+    assert errors == []
 
 
 def test_portal_commands_name_host(

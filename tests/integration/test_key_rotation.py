@@ -18,6 +18,7 @@ from pydantic import SecretStr
 from sqlalchemy import select
 
 from moorage.config import Settings
+from moorage.db.audit_store import AuditFilter
 from moorage.db.engine import create_engine
 from moorage.db.key_store import KeyStore
 from moorage.db.schema import server_keys, signing_keys
@@ -33,6 +34,7 @@ from tests.integration.test_encryption_at_rest import (
     raw_storage_contains,
     stored_manifest,
 )
+from tests.support.audit import audit_events
 from tests.support.database import create_database, drop_database
 from tests.support.identity import bearer, get_token
 from tests.support.images import MEDIA_TYPE_OCI_MANIFEST
@@ -571,6 +573,15 @@ def test_reencrypt_interrupted_then_resumed(fresh_server: ServerProcess) -> None
     ) in stderr
     assert "blobs re-encrypted" not in stdout
     assert state.exists()
+    # The interrupted run's start event has its end event.
+    trail = [
+        (stored.event.action, stored.event.outcome, stored.event.reason)
+        for stored in audit_events(fresh_server, AuditFilter(action="key.reencrypt*"))
+    ]
+    assert trail == [
+        ("key.reencrypt.start", "success", "blobs and manifests"),
+        ("key.reencrypt", "failure", "blobs and manifests: interrupted"),
+    ]
 
     resumed = run_cli(fresh_server, "key", "reencrypt")
 

@@ -11,6 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from moorage import admin
+from moorage.metrics import Metrics
 from moorage.services import Services
 from tests.support.database import create_database, drop_database
 from tests.support.oci_client import pull_image, push_image, small_image
@@ -170,3 +171,38 @@ def test_metrics_without_token_only_for_this_machine(tmp_path: Path) -> None:
     finally:
         process.stop()
         drop_database(process.database_url)
+
+
+def test_sink_drops_counted_once() -> None:
+    """Each refresh adds a sink's drops since the previous one to its counter."""
+    metrics = Metrics()
+    metrics.count_sink_drops({"webhook": 0, "syslog": 3})
+    metrics.count_sink_drops({"webhook": 5, "syslog": 3})
+
+    families = _samples(metrics.render().decode())
+    counted = {
+        sample.labels["sink"]: sample.value
+        for sample in families["moorage_audit_sink_dropped"]
+        if sample.name == "moorage_audit_sink_dropped_total"
+    }
+    assert counted == {"webhook": 5.0, "syslog": 3.0}
+
+
+def test_sink_drops_in_metrics(tmp_path: Path) -> None:
+    """A server with an audit webhook reports the webhook's drop count."""
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    process = ServerProcess(data_dir=data_dir, database_url=create_database(data_dir))
+    process.extra_env["MOORAGE_AUDIT_WEBHOOK_URL"] = "http://127.0.0.1:9/unreachable"
+    process.start()
+    try:
+        families = _samples(httpx.get(f"{process.url}/metrics").text)
+    finally:
+        process.stop()
+        drop_database(process.database_url)
+    counted = [
+        (sample.labels, sample.value)
+        for sample in families["moorage_audit_sink_dropped"]
+        if sample.name == "moorage_audit_sink_dropped_total"
+    ]
+    assert counted == [({"sink": "webhook"}, 0.0)]

@@ -7,6 +7,7 @@ import ssl
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -272,3 +273,54 @@ def test_revoke_unwritable_list(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert "cannot write revocation list" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+# Runs `moorage tls revoke-client` with the arguments after the first, once the
+# wall clock reaches the first (a Unix time), so that two processes whose
+# imports took different times revoke at the same moment.
+REVOKE_AT = """
+import sys, time
+from moorage.cli.main import main
+time.sleep(max(0.0, float(sys.argv[1]) - time.time()))
+sys.argv = ["moorage", *sys.argv[2:]]
+main()
+"""
+
+
+def test_concurrent_revokes_keep_every_serial(tmp_path: Path) -> None:
+    """Two revoke-client runs started at the same moment both keep their
+    serial: the second reads the list that the first wrote."""
+    ca_dir = tls_init(tmp_path / "ca")
+    crl = tmp_path / "client.crl"
+    rounds = 5
+    for round_number in range(rounds):
+        start = time.time() + 3
+        processes = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-c",
+                    REVOKE_AT,
+                    str(start),
+                    "tls",
+                    "revoke-client",
+                    "--serial",
+                    f"{2 * round_number + offset + 1:X}",
+                    "--ca-dir",
+                    str(ca_dir),
+                    "--crl",
+                    str(crl),
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for offset in (0, 1)
+        ]
+        for process in processes:
+            _, stderr = process.communicate(timeout=60)
+            assert process.returncode == 0, stderr
+
+    listed = {serial for _, serial in tls.read_revocations(crl, ca_dir / "ca.crt")}
+    assert listed == set(range(1, 2 * rounds + 1))
+    assert not crl.with_name("client.crl.partial").exists()

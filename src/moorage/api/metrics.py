@@ -38,8 +38,9 @@ def routes(services: Services) -> list[Route]:
                 "to scrape it from elsewhere"
             )
         audit = services.audit
+        sink_drops = {sink.name: sink.dropped for sink in audit.sinks}
         await services.metrics.refresh(
-            services.engine, audit.queue_depth(), audit.written
+            services.engine, audit.queue_depth(), audit.written, sink_drops
         )
         return Response(services.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 

@@ -81,6 +81,11 @@ _LAST_WRITE_SECONDS = 5.0
 class AuditSink(Protocol):
     """Forwards stored events elsewhere; `publish` must return without waiting."""
 
+    # The sink's kind, such as "syslog", for logs and metric labels.
+    name: str
+    # Events dropped because the sink's queue was full, since the process started.
+    dropped: int
+
     def publish(self, events: Sequence[StoredEvent]) -> None: ...
 
     async def close(self) -> None: ...

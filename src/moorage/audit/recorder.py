@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import getpass
 import inspect
 from collections.abc import Awaitable, Callable
@@ -11,6 +12,10 @@ from typing import TypeVar
 from moorage.audit.events import FAILURE, START_SUFFIX, AuditEvent
 from moorage.audit.log import AuditLog
 from moorage.errors import MoorageError
+
+# The reason, after the target, of the end event of a long change that Ctrl-C
+# (SIGINT) or another cancellation stopped.
+INTERRUPTED = "interrupted"
 
 T = TypeVar("T")
 
@@ -76,9 +81,11 @@ class AdminRecorder:
         For changes to stored files over minutes (key rotation, re-encryption),
         which must not hold one database transaction, and the SQLite write lock,
         for that long. Each step of such a change is resumable. The start event
-        (`action` + ".start") is written before the work begins, so a crash
-        during the work leaves a start without an end in the trail, and a start
-        event that cannot be written stops the change before it begins.
+        (`action` + ".start") is written before the work begins, and a start
+        event that cannot be written stops the change before it begins. A
+        change that fails or is interrupted (Ctrl-C, which cancels the task that
+        asyncio.run runs) gets an end event with outcome failure. A crash during
+        the work leaves a start without an end in the trail.
         """
         try:
             await self.audit.record_now(
@@ -96,6 +103,13 @@ class AdminRecorder:
         except Exception as error:
             await self.audit.record_now(
                 self._event(action, target, customer, FAILURE, type(error).__name__)
+            )
+            raise
+        except (asyncio.CancelledError, KeyboardInterrupt):
+            # The cancellation was delivered, so this await runs. A second
+            # Ctrl-C stops it and leaves the start event without an end.
+            await self.audit.record_now(
+                self._event(action, target, customer, FAILURE, INTERRUPTED)
             )
             raise
         # NOTE: a crash after the change and before its end event is written

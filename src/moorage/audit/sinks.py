@@ -2,7 +2,9 @@
 
 Each sink keeps its own bounded queue and sends from a background task, so a
 slow or absent receiver never holds up the audit writer. When a queue is full
-the oldest events are dropped, counted and logged; the database keeps them all.
+the oldest events are dropped and counted (the metric
+moorage_audit_sink_dropped_total), and logged: the first drop at once, then
+one line per DROP_LOG_SECONDS while drops go on. The database keeps them all.
 
 The RFC 5424 formatter is written here because the standard library's
 SysLogHandler sends the older BSD format (RFC 3164) and a compliant message is
@@ -34,6 +36,9 @@ SYSLOG_FACILITY = 13
 # documentation. A deployment that parses the structured data by SD-ID may
 # want its own number here.
 SD_ID = "moorage@32473"
+# A sink that drops events logs at most one line per this many seconds, with
+# the count since its previous line.
+DROP_LOG_SECONDS = 60.0
 
 
 class _QueuedSender:
@@ -57,19 +62,18 @@ class _QueuedSender:
         self._in_flight = 0
         self.dropped = 0
         self.sent = 0
+        self.drop_log_seconds = DROP_LOG_SECONDS
+        self._unlogged_drops = 0
+        # Set while drops are logged: the call that logs the next interval's.
+        self._drop_log_timer: asyncio.TimerHandle | None = None
 
     def put(self, item: dict[str, Any]) -> None:
         if len(self._pending) >= self._capacity:
             self._pending.popleft()
             self.dropped += 1
-            # NOTE: only the first drop and every 1,000th are logged, so the
-            # last count of a burst (say 1,450) appears in no log line.
-            if self.dropped == 1 or self.dropped % 1000 == 0:
-                log.warning(
-                    "audit sink queue full; dropped the oldest events",
-                    sink=self.name,
-                    dropped=self.dropped,
-                )
+            self._unlogged_drops += 1
+            if self._drop_log_timer is None:
+                self._log_drops()
         self._pending.append(item)
         self._idle.clear()
         if self._task is None:
@@ -78,6 +82,27 @@ class _QueuedSender:
 
     def depth(self) -> int:
         return len(self._pending) + self._in_flight
+
+    def _log_drops(self) -> None:
+        """Log the drops since the previous line, if any, and check again after
+        `drop_log_seconds`. The checks stop after an interval without drops,
+        and the next drop is logged at once."""
+        if self._unlogged_drops == 0:
+            self._drop_log_timer = None
+            return
+        self._write_drop_line()
+        self._drop_log_timer = asyncio.get_running_loop().call_later(
+            self.drop_log_seconds, self._log_drops
+        )
+
+    def _write_drop_line(self) -> None:
+        log.warning(
+            "audit sink queue full; dropped the oldest events",
+            sink=self.name,
+            dropped=self._unlogged_drops,
+            dropped_total=self.dropped,
+        )
+        self._unlogged_drops = 0
 
     async def _run(self) -> None:
         while True:
@@ -102,6 +127,11 @@ class _QueuedSender:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(drain_seconds):
                 await self._idle.wait()
+        if self._drop_log_timer is not None:
+            self._drop_log_timer.cancel()
+            self._drop_log_timer = None
+        if self._unlogged_drops:
+            self._write_drop_line()
         if self.depth():
             log.warning(
                 "audit sink stopped with events unsent",

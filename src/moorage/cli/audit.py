@@ -44,7 +44,16 @@ CustomerOption = Annotated[
     str | None,
     typer.Option(
         help="Customer (its short name): events of its accounts, and events in its "
-        "namespace, such as changes made to it and requests by vendor accounts."
+        "namespace by no other customer, such as changes made to it and requests "
+        "by vendor accounts."
+    ),
+]
+OtherCustomersOption = Annotated[
+    bool,
+    typer.Option(
+        "--include-other-customers",
+        help="With --customer: also events in its namespace by other customers' "
+        "accounts, such as their denied requests for its repositories.",
     ),
 ]
 AccountOption = Annotated[str | None, typer.Option(help="Account login.")]
@@ -170,11 +179,20 @@ def _filter(
     source: str | None,
     since: str | None,
     until: str | None,
+    other_customers: bool = False,
 ) -> AuditFilter:
+    if other_customers and customer is None:
+        errors.print(
+            "[red]error:[/red] --include-other-customers needs --customer; add "
+            "--customer NAME",
+            highlight=False,
+        )
+        raise typer.Exit(2)
     # `_check_source` has already turned `source` into an address or a network.
     is_network = source is not None and "/" in source
     return AuditFilter(
         customer=customer,
+        other_customers=other_customers,
         account=account,
         repository=repository,
         action=action,
@@ -189,6 +207,7 @@ def _filter(
 @audit_app.command("list")
 def audit_list(
     customer: CustomerOption = None,
+    other_customers: OtherCustomersOption = False,
     account: AccountOption = None,
     repository: RepositoryOption = None,
     action: ActionOption = None,
@@ -228,7 +247,15 @@ def audit_list(
     events match than --limit, or none, it prints a note on stderr.
     """
     where = _filter(
-        customer, account, repository, action, outcome, source, since, until
+        customer,
+        account,
+        repository,
+        action,
+        outcome,
+        source,
+        since,
+        until,
+        other_customers,
     )
     # One event more than the limit shows whether the limit cut the list.
     found = _run(
@@ -437,6 +464,7 @@ def audit_export(
         Path | None, typer.Option(help="Write to this file. Default: stdout.")
     ] = None,
     customer: CustomerOption = None,
+    other_customers: OtherCustomersOption = False,
     account: AccountOption = None,
     repository: RepositoryOption = None,
     action: ActionOption = None,
@@ -457,7 +485,15 @@ def audit_export(
         )
         raise typer.Exit(2)
     where = _filter(
-        customer, account, repository, action, outcome, source, since, until
+        customer,
+        account,
+        repository,
+        action,
+        outcome,
+        source,
+        since,
+        until,
+        other_customers,
     )
     if output is not None:
         _check_output_path(output)

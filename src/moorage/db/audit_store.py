@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-from sqlalchemy import Select, delete, func, or_, select, update
+from sqlalchemy import Select, and_, delete, func, or_, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -81,10 +81,13 @@ class AuditFilter:
     """Conditions for listing events; None means any.
 
     `customer` matches the events of that customer's accounts and the events in
-    its namespace (see `_customer_condition`).
+    its namespace by callers of no customer (see `_customer_condition`).
     """
 
     customer: str | None = None
+    # With `customer`: also match events in its namespace by other customers'
+    # accounts, such as their denied requests for its repositories.
+    other_customers: bool = False
     account: str | None = None
     repository: str | None = None
     action: str | None = None
@@ -295,7 +298,7 @@ def _row(stored: StoredEvent) -> dict[str, Any]:
 def _conditions(query: Select[Any], where: AuditFilter) -> Select[Any]:
     columns = audit_events.c
     if where.customer is not None:
-        query = query.where(_customer_condition(where.customer))
+        query = query.where(_customer_condition(where.customer, where.other_customers))
     equal = {
         columns.actor_account: where.account,
         columns.repository: where.repository,
@@ -321,18 +324,21 @@ def _conditions(query: Select[Any], where: AuditFilter) -> Select[Any]:
     return query
 
 
-def _customer_condition(customer: str) -> Any:
+def _customer_condition(customer: str, other_customers: bool) -> Any:
     """Match the events of a customer: those of its accounts, and those in its
-    namespace, which includes administrative changes to the customer (stored
-    with the repository `<customer>/`) and requests by vendor accounts."""
-    # NOTE: events in the namespace include other customers' denied probes of
-    # it, with their login, customer, address and user agent, so a filtered
-    # export handed to this customer discloses those other customers.
+    namespace by callers of no customer. The latter are administrative changes
+    to the customer (stored with the repository `<customer>/`), requests by
+    vendor accounts and anonymous requests.
+
+    Events in the namespace by other customers' accounts, such as their denied
+    probes of its repositories, name those customers, their logins and
+    addresses, so they match only with `other_customers`.
+    """
     columns = audit_events.c
-    return or_(
-        columns.actor_customer == customer,
-        columns.repository.startswith(customer + "/", autoescape=True),
-    )
+    in_namespace = columns.repository.startswith(customer + "/", autoescape=True)
+    if not other_customers:
+        in_namespace = and_(in_namespace, columns.actor_customer.is_(None))
+    return or_(columns.actor_customer == customer, in_namespace)
 
 
 class ArchiveConflictError(Exception):

@@ -95,6 +95,63 @@ def test_customer_filter_includes_changes_to_it(server: ServerProcess) -> None:
     assert {event["repository"] for event in events} == {f"{customer}/"}
 
 
+def test_customer_filter_other_customers(server: ServerProcess) -> None:
+    """`--customer` leaves another customer's denied request for the
+    customer's repository out of list and export. `--include-other-customers`
+    adds it."""
+    customer, login = _pulled_customer(server)
+    other = server.add_customer()
+    prober, password = server.add_user(other, "writer")
+    response = httpx.get(
+        f"{server.url}/v2/{customer}/app/manifests/1.0", auth=(prober, password)
+    )
+    # Denied as not found, so that the repository's existence is not disclosed.
+    assert response.status_code == 404
+    probes = wait_for_events(
+        server,
+        AuditFilter(account=prober, repository=f"{customer}/app", outcome="failure"),
+        lambda found: len(found) >= 1,
+    )
+    probe_seqs = {stored.seq for stored in probes}
+
+    def listed(*arguments: str) -> list[dict[str, object]]:
+        output = _moorage(
+            server, "audit", "list", "--json", "--limit", "1000", *arguments
+        )
+        return [json.loads(line) for line in output.splitlines()]
+
+    own = listed("--customer", customer)
+    assert {event["actor_customer"] for event in own} <= {customer, None}
+    assert probe_seqs.isdisjoint(event["seq"] for event in own)
+    assert login in {event["actor_account"] for event in own}
+
+    exported = _moorage(server, "audit", "export", "--customer", customer)
+    assert prober not in exported
+    assert login in exported
+
+    wider = listed("--customer", customer, "--include-other-customers")
+    assert probe_seqs <= {event["seq"] for event in wider}
+    assert {event["seq"] for event in own} <= {event["seq"] for event in wider}
+
+    wider_export = _moorage(
+        server, "audit", "export", "--customer", customer, "--include-other-customers"
+    )
+    assert prober in wider_export
+
+
+def test_other_customers_needs_customer(server: ServerProcess) -> None:
+    """--include-other-customers without --customer is a usage error."""
+    completed = subprocess.run(
+        [sys.executable, "-m", "moorage", "audit", "list", "--include-other-customers"],
+        env=server.environment(),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert completed.returncode == 2
+    assert "--include-other-customers needs --customer" in completed.stderr
+
+
 @pytest.mark.parametrize(
     ("arguments", "message"),
     [

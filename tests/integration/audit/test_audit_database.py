@@ -19,6 +19,7 @@ from sqlalchemy import text
 from moorage.audit import log as audit_log
 from moorage.audit.events import AUDIT_IMPORT, AuditEvent, StoredEvent, event_hash
 from moorage.audit.log import DatabaseAuditLog
+from moorage.audit.recorder import AdminRecorder, local_actor
 from moorage.config import Settings
 from moorage.db.audit_store import ArchiveConflictError, AuditFilter, AuditStore
 from moorage.db.schema import utcnow
@@ -378,6 +379,37 @@ def _pulls(count: int) -> list[AuditEvent]:
     return [
         AuditEvent("manifest.pull", actor_account="alice", reference=f"v{index}")
         for index in range(count)
+    ]
+
+
+async def test_cancelled_long_change_records_end(services: Services) -> None:
+    """A long change whose task is cancelled, as Ctrl-C cancels a command's
+    task, records its end with outcome failure, and the cancellation goes on."""
+    recorder = AdminRecorder(services.audit, local_actor())
+    started = asyncio.Event()
+
+    async def change() -> None:
+        started.set()
+        await asyncio.Event().wait()
+
+    task = asyncio.create_task(
+        recorder.run_outside_transaction(
+            "key.rotate", "key-encryption key", change(), None
+        )
+    )
+    await started.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+    found = await services.audit.query(AuditFilter(action="key.rotate*"), 10)
+    trail = [
+        (stored.event.action, stored.event.outcome, stored.event.reason)
+        for stored in found
+    ]
+    assert trail == [
+        ("key.rotate.start", "success", "key-encryption key"),
+        ("key.rotate", "failure", "key-encryption key: interrupted"),
     ]
 
 

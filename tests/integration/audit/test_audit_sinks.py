@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
+import structlog
+import structlog.testing
 
 from moorage.audit.events import GENESIS_HASH, AuditEvent, chain
 from moorage.audit.sinks import WebhookSender
@@ -107,3 +111,53 @@ async def test_webhook_full_queue_drops_the_oldest_waiting_events() -> None:
     received = [event["seq"] for body in receiver.bodies for event in body["events"]]
     assert sender.dropped == 5
     assert received == [1, 2, 3, 4, 5, 11, 12, 13, 14, 15]
+
+
+@pytest.fixture
+def captured_logs() -> Iterator[list[dict[str, Any]]]:
+    """Capture this process's structlog lines of every level (the test
+    session's configuration keeps critical ones only)."""
+    previous = structlog.get_config()
+    structlog.configure(
+        wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG)
+    )
+    try:
+        with structlog.testing.capture_logs() as logs:
+            yield logs
+    finally:
+        structlog.configure(**previous)
+
+
+async def test_sink_drops_logged_per_interval(
+    captured_logs: list[dict[str, Any]],
+) -> None:
+    """A full queue logs its first drop at once, then one line per interval
+    with the drops since the previous line. close logs the drops that no line
+    has counted yet."""
+    sender = WebhookSender(
+        "http://127.0.0.1:9/unreachable", capacity=5, attempts=1, first_delay=0.01
+    )
+    sender.drop_log_seconds = 0.3
+    stored = chain([AuditEvent("blob.pull") for _ in range(1462)], 0, GENESIS_HASH)
+
+    def drop_lines() -> list[tuple[int, int]]:
+        return [
+            (entry["dropped"], entry["dropped_total"])
+            for entry in captured_logs
+            if entry["event"] == "audit sink queue full; dropped the oldest events"
+        ]
+
+    sender.publish(stored[:1455])
+    assert drop_lines() == [(1, 1)]
+    await asyncio.sleep(0.5)
+    assert drop_lines() == [(1, 1), (1449, 1450)]
+    # The receiver refuses connections, so the queue is empty again. After an
+    # interval without drops, the next drop is logged at once.
+    await asyncio.sleep(0.5)
+    assert sender.depth() == 0
+    sender.publish(stored[1455:])
+    assert drop_lines()[2:] == [(1, 1451)]
+    await sender.close(drain_seconds=0.1)
+
+    assert sender.dropped == 1452
+    assert drop_lines()[3:] == [(1, 1452)]

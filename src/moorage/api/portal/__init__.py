@@ -30,6 +30,8 @@ PAGE_PATH = "/portal"
 ASSETS = {
     "portal.js": "text/javascript; charset=utf-8",
     "portal.css": "text/css; charset=utf-8",
+    # Declared in the page, so that browsers do not request /favicon.ico.
+    "favicon.svg": "image/svg+xml",
 }
 SECURITY_HEADERS = {
     "Content-Security-Policy": (
