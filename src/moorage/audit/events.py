@@ -50,6 +50,9 @@ CUSTOMER_SHRED = "customer.shred"
 CUSTOMER_OFFBOARD = "customer.offboard"
 CUSTOMER_ARCHIVE = "customer.archive"
 CUSTOMER_DELETE_REPOSITORIES = "customer.delete_repositories"
+# `customer offboard --delete-after` records the date; when it comes, the
+# deletion is a customer.delete_repositories event.
+CUSTOMER_SCHEDULE_DELETION = "customer.schedule_deletion"
 USER_ADD = "user.add"
 USER_DISABLE = "user.disable"
 USER_ENABLE = "user.enable"
@@ -76,6 +79,8 @@ KEY_REENCRYPT = "key.reencrypt"
 # A change that spans many transactions (key rotate, key reencrypt) records
 # its action with this suffix before it starts, and the action when it ends.
 START_SUFFIX = ".start"
+# A garbage collection run, with its counts.
+GC_RUN = "gc.run"
 AUDIT_ARCHIVE = "audit.archive"
 AUDIT_IMPORT = "audit.import"
 # Stored in place of an event that the database rejected for its values.
