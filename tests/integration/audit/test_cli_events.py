@@ -66,6 +66,7 @@ CHANGING = {
     "audit archive": (["audit", "archive", "--older-than-days", "0"], "audit.archive"),
     "key rotate": (["key", "rotate"], "key.rotate"),
     "key reencrypt": (["key", "reencrypt"], "key.reencrypt"),
+    "gc": (["gc"], "gc.run"),
 }
 # Commands that only read (serve is covered by the request tests).
 READ_ONLY = {
