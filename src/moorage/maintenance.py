@@ -19,7 +19,7 @@ from moorage.db.schema import utcnow
 from moorage.errors import MoorageError
 from moorage.services import Services
 from moorage.storage import paths
-from moorage.storage.gc import GarbageCollector, GcReport
+from moorage.storage.gc import GarbageCollector, GcBusyError, GcReport
 
 log = structlog.get_logger(__name__)
 
@@ -50,9 +50,12 @@ async def collect_garbage(
     delete_untagged: bool = False,
 ) -> GcReport:
     """Run garbage collection once and record one `gc.run` event with its
-    counts (a dry run records none, because it changes nothing)."""
+    counts. A dry run records none, because it changes nothing, and neither
+    does a run that found another process collecting (GcBusyError)."""
     try:
         report = await gc.collect(dry_run=dry_run, delete_untagged=delete_untagged)
+    except GcBusyError:
+        raise
     except Exception as error:
         if not dry_run:
             reason = error.message if isinstance(error, MoorageError) else ""
@@ -152,8 +155,6 @@ async def run_periodically(
 ) -> None:
     """Collect garbage every `interval`, first after one interval, until
     cancelled. A run that finds another process collecting is skipped."""
-    from moorage.storage.gc import GcBusyError
-
     while True:
         await sleep(interval.total_seconds())
         try:

@@ -639,3 +639,42 @@ def test_new_manifest_after_gc(server: ServerProcess, account: Account) -> None:
     for blob in image.blobs:
         assert _pull_blob(account.client, repository, digest_of(blob)) == blob
     assert_storage_consistent(server)
+
+
+def test_server_collects_on_schedule(tmp_path: Path) -> None:
+    """With gc_interval_hours set, the server's processes collect on their own,
+    one at a time, each run with its gc.run event."""
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    process = ServerProcess(
+        data_dir=data_dir,
+        database_url=create_database(data_dir),
+        port=_free_port(),
+        extra_env={
+            "MOORAGE_ENCRYPTION": "false",
+            # Every 1.8 seconds, with no grace period.
+            "MOORAGE_GC_INTERVAL_HOURS": "0.0005",
+            "MOORAGE_GC_GRACE_HOURS": "0",
+            "MOORAGE_WORKERS": "2",
+        },
+    )
+    process.start()
+    try:
+        opened = open_account(process, process.add_customer(), "writer")
+        digest = push_blob(opened.client, opened.repository(), os.urandom(5000))
+        deadline = time.monotonic() + 60
+        while _blob_rows(process, digest) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert _blob_rows(process, digest) == 0
+        assert not _blob_file(process, digest).exists()
+        runs = _sql(
+            process,
+            "SELECT outcome FROM audit_events WHERE action = 'gc.run'",
+        )
+        assert runs
+        assert {row[0] for row in runs} == {"success"}
+        opened.client.close()
+    finally:
+        process.stop()
+        drop_database(process.database_url)
+    assert "Traceback" not in process.log()
