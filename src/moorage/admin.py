@@ -912,6 +912,38 @@ async def set_customer_active(
     return customer.status != status
 
 
+@dataclass(frozen=True, slots=True)
+class Resumed:
+    """What resuming a customer changed."""
+
+    # False when the customer was active already.
+    changed: bool
+    # The deletion of its repositories that was scheduled and is now cancelled.
+    cancelled_deletion: datetime | None
+
+
+async def resume_customer(identity: IdentityStore, customer_slug: str) -> Resumed:
+    """Let a suspended customer log in again, and cancel the deletion of its
+    repositories that `customer offboard --delete-after` scheduled."""
+    customer = await identity.get_customer(customer_slug)
+    scheduled = await identity.delete_after(customer.id)
+    await identity.set_customer_status(customer.id, "active")
+    if scheduled is not None:
+        await identity.set_delete_after(customer.id, None)
+    return Resumed(customer.status != "active", scheduled)
+
+
+async def schedule_deletion(
+    identity: IdentityStore, customer_slug: str, when: datetime
+) -> datetime | None:
+    """Record when the customer's repositories are deleted; return the date
+    that this replaces, if any."""
+    customer = await identity.get_customer(customer_slug)
+    previous = await identity.delete_after(customer.id)
+    await identity.set_delete_after(customer.id, when)
+    return previous
+
+
 async def shred_customer(
     identity: IdentityStore,
     driver: EncryptedDriver,

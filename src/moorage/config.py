@@ -159,6 +159,26 @@ class Settings(BaseSettings):
             "and their partial data deleted."
         ),
     )
+    gc_grace_hours: float = Field(
+        default=6,
+        ge=0,
+        description=(
+            "Garbage collection deletes a blob only once no manifest has "
+            "referenced it (and no repository linked it) for this many hours, "
+            "and removes a blob link or an untagged manifest only once it is "
+            "this old. A push finishes within it, and so must the copy of the "
+            "blob files of a backup."
+        ),
+    )
+    gc_interval_hours: float = Field(
+        default=0,
+        ge=0,
+        description=(
+            "The server runs garbage collection every this many hours (one "
+            "process of the installation at a time); 0 runs it only when "
+            "`moorage gc` is run."
+        ),
+    )
     admin_username: str = Field(
         default="admin",
         description="Name of the vendor admin account created on first start.",

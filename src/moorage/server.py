@@ -21,17 +21,22 @@ from starlette.types import Lifespan
 
 from moorage import __version__, tls
 from moorage.api.app import create_app
+from moorage.audit.recorder import local_actor
 from moorage.audit.retention import start_retention
 from moorage.auth.throttle import LoginThrottle
 from moorage.config import Settings, too_wide_proxy_warning, too_wide_trusted_proxies
 from moorage.db.schema import utcnow
 from moorage.logs import flush_logs
+from moorage.maintenance import run_due_deletions
 from moorage.services import Services, open_services
 from moorage.storage.encryption.background import start_background_encryption
 from moorage.storage.encryption.setup import keys_inside_data_dir
 from moorage.zerocopy import ZeroCopyProtocol, size_body_threads
 
 log = structlog.get_logger(__name__)
+# Who the server's own maintenance (scheduled deletions, garbage collection)
+# is recorded as in the audit trail.
+SERVER_ACTOR = local_actor("moorage-server")
 
 
 def run(settings: Settings) -> None:
@@ -136,6 +141,7 @@ async def run_server(
         size_body_threads(settings.workers)
         server = uvicorn.Server(config)
         purger = asyncio.create_task(_purge_periodically(services))
+        collector = _start_garbage_collection(services)
         log.info(
             "starting",
             version=__version__,
@@ -159,7 +165,7 @@ async def run_server(
         try:
             await server.serve(sockets=sockets)
         finally:
-            for task in (purger, watcher, converter):
+            for task in (purger, watcher, converter, collector):
                 if task is not None:
                     task.cancel()
     finally:
@@ -204,8 +210,26 @@ def _start_tls_watch(
     return asyncio.create_task(reloader.watch(interval))
 
 
+def _start_garbage_collection(services: Services) -> asyncio.Task[None] | None:
+    """Collect garbage every gc_interval_hours, unless that is 0.
+
+    Every worker and replica starts this; a run takes the lease in the
+    database, so one process collects at a time and the others skip that
+    round. The task is cancelled when the server stops, and waits first, so
+    that a stop never begins a run.
+    """
+    hours = services.settings.gc_interval_hours
+    if hours <= 0:
+        return None
+    from moorage.maintenance import run_periodically
+
+    return asyncio.create_task(
+        run_periodically(services, SERVER_ACTOR, timedelta(hours=hours), asyncio.sleep)
+    )
+
+
 # How often stale upload sessions, expired refresh tokens and old failed-login
-# counters are looked for.
+# counters are looked for, and scheduled deletions of customers' repositories.
 PURGE_INTERVAL_SECONDS = 600
 
 
@@ -247,6 +271,10 @@ async def _purge_periodically(services: Services) -> None:
         else:
             if purged:
                 log.info("purged old failed-login counters", count=purged)
+        try:
+            await run_due_deletions(services, SERVER_ACTOR)
+        except Exception:
+            log.exception("scheduled deletion of repositories failed")
         await asyncio.sleep(PURGE_INTERVAL_SECONDS)
 
 

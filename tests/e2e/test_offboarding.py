@@ -659,3 +659,43 @@ def test_docker_schema2_image_copies_out(
     reference = f"oci-archive:{archive}:{customer}/dock:1"
     run("skopeo", "copy", "-q", reference, f"dir:{copied}", env=installation.env)
     assert (copied / "manifest.json").read_bytes() == manifest.data
+
+
+def test_gc_frees_the_offboarded_images(
+    installation: Installation,
+    archived: subprocess.CompletedProcess[str],
+    tmp_path: Path,
+) -> None:
+    """`moorage gc` after --delete-now deletes the files of the blobs that only
+    the offboarded customer used; the other customer's image still copies out
+    with skopeo, every blob byte-identical."""
+    server = installation.server
+    deleted = server.run_command(
+        "customer", "offboard", installation.leaving, "--delete-now", "--confirm"
+    )
+    assert deleted.returncode == 0, deleted.stderr
+    blobs = server.data_dir / "storage" / "blobs"
+
+    def stored() -> int:
+        return sum(path.stat().st_size for path in blobs.rglob("*") if path.is_file())
+
+    before = stored()
+    collected = server.run_command("gc", "--grace-hours", "0")
+    assert collected.returncode == 0, collected.stderr
+    _, unused_bytes = _unused_after_delete(installation, archived.stdout)
+    assert before - stored() >= unused_bytes, collected.stdout
+
+    login, password = installation.users[installation.staying]
+    copied = tmp_path / "busybox"
+    run(
+        "skopeo", "copy", "-q", "--src-tls-verify=false",
+        "--src-creds", f"{login}:{password}",
+        f"docker://{server.address}/{installation.staying}/busybox:1",
+        f"dir:{copied}",
+        env=installation.env,
+    )  # fmt: skip
+    manifest = json.loads((copied / "manifest.json").read_bytes())
+    for item in [manifest["config"], *manifest["layers"]]:
+        data = (copied / item["digest"].split(":", 1)[1]).read_bytes()
+        assert digest_of(data) == item["digest"]
+    _assert_staying_untouched(installation)

@@ -50,6 +50,9 @@ CUSTOMER_SHRED = "customer.shred"
 CUSTOMER_OFFBOARD = "customer.offboard"
 CUSTOMER_ARCHIVE = "customer.archive"
 CUSTOMER_DELETE_REPOSITORIES = "customer.delete_repositories"
+# `customer offboard --delete-after` records the date; when it comes, the
+# deletion is a customer.delete_repositories event.
+CUSTOMER_SCHEDULE_DELETION = "customer.schedule_deletion"
 USER_ADD = "user.add"
 USER_DISABLE = "user.disable"
 USER_ENABLE = "user.enable"
@@ -80,6 +83,8 @@ START_SUFFIX = ".start"
 # `backup restore` records its event in the restored installation.
 BACKUP_CREATE = "backup.create"
 BACKUP_RESTORE = "backup.restore"
+# A garbage collection run, with its counts.
+GC_RUN = "gc.run"
 AUDIT_ARCHIVE = "audit.archive"
 AUDIT_IMPORT = "audit.import"
 # Stored in place of an event that the database rejected for its values.

@@ -145,21 +145,39 @@ def customer_suspend(customer: str, data_dir: DataDirOption = None) -> None:
 
 @customer_app.command("resume")
 def customer_resume(customer: str, data_dir: DataDirOption = None) -> None:
-    """Let a suspended customer's accounts log in again."""
-    changed = _run(
+    """Let a suspended customer's accounts log in again, and cancel the
+    deletion of its repositories that `customer offboard --delete-after`
+    scheduled."""
+    resumed = _run(
         _settings(data_dir=data_dir),
         lambda s: _audited(
             s,
             actions.CUSTOMER_RESUME,
             f"customer {customer}",
             customer,
-            admin.set_customer_active(s.identity, customer, True),
+            admin.resume_customer(s.identity, customer),
+            _describe_resumed,
         ),
     )
-    if not changed:
+    if resumed.cancelled_deletion is not None:
+        console.print(
+            f"the deletion of the repositories of customer {customer}, scheduled "
+            f"for {resumed.cancelled_deletion:%Y-%m-%d %H:%M} UTC, is cancelled",
+            highlight=False,
+        )
+    if not resumed.changed:
         console.print(f"customer {customer} is not suspended; nothing changed")
         return
     console.print(f"customer {customer} resumed; its accounts must log in again")
+
+
+def _describe_resumed(resumed: admin.Resumed) -> str:
+    if resumed.cancelled_deletion is None:
+        return "resumed" if resumed.changed else "was active"
+    return (
+        "scheduled deletion of its repositories for "
+        f"{resumed.cancelled_deletion:%Y-%m-%d %H:%M} UTC cancelled"
+    )
 
 
 @customer_app.command("shred")

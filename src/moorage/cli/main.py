@@ -593,22 +593,39 @@ def customer_show(customer: str, data_dir: DataDirOption = None) -> None:
 
     async def load(
         services: Services,
-    ) -> tuple[CustomerRecord, list[str], list[AccountRecord], list[GrantRecord]]:
+    ) -> tuple[
+        CustomerRecord,
+        list[str],
+        list[AccountRecord],
+        list[GrantRecord],
+        datetime | None,
+    ]:
         record = await services.identity.get_customer(customer)
         return (
             record,
             await services.identity.namespaces_of(record.id),
             await services.identity.list_accounts(record.id),
             await services.identity.list_grants(record.id),
+            await services.identity.delete_after(record.id),
         )
 
-    record, namespaces, accounts, grants = _run(_settings(data_dir=data_dir), load)
+    record, namespaces, accounts, grants, delete_after = _run(
+        _settings(data_dir=data_dir), load
+    )
     until = record.access_until.date().isoformat() if record.access_until else "-"
     users = [account for account in accounts if account.kind == "user"]
     disabled = sum(1 for account in accounts if account.disabled)
     console.print(f"customer      {record.slug} ({shown(record.display_name)})")
     console.print(f"status        {record.status}")
     console.print(f"access until  {until}")
+    if delete_after is not None:
+        console.print(
+            f"deletion      repositories deleted after "
+            f"{delete_after:%Y-%m-%d %H:%M} UTC (customer offboard "
+            "--delete-after; customer resume cancels it)",
+            highlight=False,
+            soft_wrap=True,
+        )
     console.print(f"created       {record.created_at.strftime('%Y-%m-%d %H:%M')}")
     console.print(f"namespaces    {', '.join(namespaces) or '-'}")
     console.print(
@@ -1199,6 +1216,9 @@ def main() -> None:
 
 # Registers the backup commands.
 from moorage.cli import backup as _backup  # noqa: E402, F401
+
+# Registers `gc`.
+from moorage.cli import gc as _gc  # noqa: E402, F401
 
 # Registers the account, robot, token, grant and signing-key commands.
 from moorage.cli import identity as _identity  # noqa: E402, F401

@@ -6,7 +6,9 @@ on its `customer` app.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated
 
@@ -38,8 +40,8 @@ from moorage.storage.drivers.base import PathNotFoundError
 
 log = structlog.get_logger(__name__)
 
-# TODO: `--delete-after 30d` (delete after a retention period) is not built;
-# the vendor runs `--delete-now` when the period ends.
+# `--delete-after` takes a number and a unit: days or hours.
+_PERIOD = re.compile(r"([0-9]{1,5})([dh])")
 
 
 @dataclass
@@ -52,6 +54,9 @@ class _Outcome:
     archived: ArchiveReport | None = None
     deleted: DeletedContents | None = None
     encrypted: bool = False
+    # When --delete-after deletes the repositories, and the date it replaced.
+    delete_after: datetime | None = None
+    replaced: datetime | None = None
 
 
 @customer_app.command("offboard")
@@ -74,6 +79,16 @@ def customer_offboard(
             help="Delete the customer's repositories after the archive is written.",
         ),
     ] = False,
+    delete_after: Annotated[
+        str | None,
+        typer.Option(
+            "--delete-after",
+            help="Delete the customer's repositories after this period, such as "
+            "30d (days) or 12h (hours); `moorage gc` and the server delete them "
+            "when it ends, and `customer resume` cancels it.",
+            show_default=False,
+        ),
+    ] = None,
     confirm: Annotated[
         bool,
         typer.Option(
@@ -84,13 +99,16 @@ def customer_offboard(
     data_dir: DataDirOption = None,
 ) -> None:
     """Suspend a customer (every login and token stops), write its images to an
-    archive, and delete its repositories."""
+    archive, and delete its repositories, now or after a retention period."""
+    if delete_now and delete_after is not None:
+        reject("give --delete-now or --delete-after, not both")
     if delete_now and archive is None and not confirm:
         reject(
             f"--delete-now without --archive deletes the images of customer "
             f"{customer} with no copy; add --archive FILE, or run again with "
             "--confirm to delete them anyway"
         )
+    period = None if delete_after is None else _parse_period(delete_after)
     if archive is not None:
         _check_new_file(archive)
 
@@ -100,10 +118,33 @@ def customer_offboard(
             outcome.archived = await _archive(services, customer, contents, archive)
         if delete_now:
             outcome.deleted = await _delete(services, customer, outcome.namespaces)
+        if period is not None:
+            when = datetime.now(UTC) + period
+            outcome.delete_after = when
+            outcome.replaced = await _audited(
+                services,
+                actions.CUSTOMER_SCHEDULE_DELETION,
+                f"customer {customer} repositories deleted after "
+                f"{when:%Y-%m-%d %H:%M} UTC",
+                customer,
+                admin.schedule_deletion(services.identity, customer, when),
+            )
         return outcome
 
     outcome = _run(_settings(data_dir=data_dir), offboard, atomic=False)
     _print_outcome(customer, archive, outcome)
+
+
+def _parse_period(text: str) -> timedelta:
+    """Parse a retention period such as 30d or 12h; reject anything else."""
+    match = _PERIOD.fullmatch(text.strip())
+    if match is None or int(match.group(1)) == 0:
+        reject(
+            f"--delete-after {text!r} is not a period; give a number of days or "
+            "hours above 0, such as 30d or 12h"
+        )
+    count = int(match.group(1))
+    return timedelta(days=count) if match.group(2) == "d" else timedelta(hours=count)
 
 
 def _check_new_file(archive: Path) -> None:
@@ -266,9 +307,10 @@ def _print_outcome(customer: str, archive: Path | None, outcome: _Outcome) -> No
         deleted = outcome.deleted
         console.print(
             f"{_describe_deleted(deleted)}. {deleted.unused_blobs} blobs "
-            f"({deleted.unused_bytes} bytes) are now used by no repository, but "
-            "their files stay on disk, because Moorage has no garbage collection "
-            "yet",
+            f"({deleted.unused_bytes} bytes) are now used by no repository; "
+            "garbage collection (`moorage gc`, or the server every "
+            "gc_interval_hours) deletes their files once gc_grace_hours have "
+            "passed",
             highlight=False,
             soft_wrap=True,
         )
@@ -279,6 +321,19 @@ def _print_outcome(customer: str, archive: Path | None, outcome: _Outcome) -> No
                 highlight=False,
                 soft_wrap=True,
             )
+    elif outcome.delete_after is not None:
+        replaced = (
+            f" (instead of {outcome.replaced:%Y-%m-%d %H:%M} UTC)"
+            if outcome.replaced is not None
+            else ""
+        )
+        console.print(
+            f"its repositories are deleted after "
+            f"{outcome.delete_after:%Y-%m-%d %H:%M} UTC{replaced}, by `moorage gc` "
+            f"or the server; `moorage customer resume {customer}` cancels that",
+            highlight=False,
+            soft_wrap=True,
+        )
     elif archive is None:
         console.print(
             "its repositories stay; add --archive FILE and --delete-now to "

@@ -44,6 +44,17 @@ class CustomerRecord:
     created_at: datetime
 
 
+# The columns of a CustomerRecord, in its order.
+_CUSTOMER_COLUMNS = (
+    customers.c.id,
+    customers.c.slug,
+    customers.c.display_name,
+    customers.c.status,
+    customers.c.access_until,
+    customers.c.created_at,
+)
+
+
 @dataclass(frozen=True, slots=True)
 class AccountRecord:
     """An account joined with the state of its customer (None for the vendor)."""
@@ -339,7 +350,7 @@ class IdentityStore:
         async with connect(self.engine) as connection:
             row = (
                 await connection.execute(
-                    select(customers).where(customers.c.slug == slug)
+                    select(*_CUSTOMER_COLUMNS).where(customers.c.slug == slug)
                 )
             ).first()
         if row is None:
@@ -349,7 +360,7 @@ class IdentityStore:
     async def list_customers(self) -> list[CustomerRecord]:
         async with connect(self.engine) as connection:
             result = await connection.execute(
-                select(customers).order_by(customers.c.slug)
+                select(*_CUSTOMER_COLUMNS).order_by(customers.c.slug)
             )
             return [CustomerRecord(*row) for row in result]
 
@@ -628,6 +639,24 @@ class IdentityStore:
                 return
             for statement in statements:
                 await connection.execute(statement)
+
+    async def delete_after(self, customer_id: int) -> datetime | None:
+        """Return when `customer offboard --delete-after` deletes the customer's
+        repositories, or None."""
+        async with connect(self.engine) as connection:
+            value: datetime | None = await connection.scalar(
+                select(customers.c.delete_after).where(customers.c.id == customer_id)
+            )
+            return value
+
+    async def set_delete_after(self, customer_id: int, when: datetime | None) -> None:
+        """Schedule the deletion of a customer's repositories, or cancel it (None)."""
+        async with begin(self.engine) as connection:
+            await connection.execute(
+                update(customers)
+                .where(customers.c.id == customer_id)
+                .values(delete_after=when)
+            )
 
     async def set_customer_status(self, customer_id: int, status: str) -> None:
         """Set a customer active or suspended; suspending also rejects every token

@@ -16,6 +16,7 @@ from sqlalchemy import (
     bindparam,
     delete,
     exists,
+    false,
     func,
     literal,
     or_,
@@ -192,7 +193,8 @@ class DeletedContents:
     tags: int
     upload_ids: list[str]
     # Blobs that the deleted repositories used and no other repository uses,
-    # and their total size; their files stay (no garbage collection yet).
+    # and their total size; garbage collection deletes them after its grace
+    # period.
     unused_blobs: int
     unused_bytes: int
 
@@ -211,6 +213,9 @@ class RegistryStore:
         # and so do the writes of every push (see moorage.db.sqlite_writer).
         self.direct = direct_reads(engine)
         self.writer = sqlite_writer(engine)
+        # Called inside a manifest push's transaction right after its locks
+        # (see `hold_blobs`), so that tests can run garbage collection then.
+        self.after_hold: Callable[[], None] | None = None
 
     def close(self) -> None:
         if self.direct is not None:
@@ -323,7 +328,9 @@ class RegistryStore:
                 "digest": digest,
                 "created_at": row["created_at"],
             }
-            connection.execute(prepared_insert_ignore(dialect, repository_blobs), link)
+            # A link that exists gets the new time, so that garbage collection
+            # gives the push a whole grace period to name the blob in a manifest.
+            connection.execute(_link_upsert(dialect), link)
             return True
 
         return await self._transact(work)
@@ -332,13 +339,19 @@ class RegistryStore:
         """Link a blob visible in `source` into `target`; return its size or None."""
 
         def work(connection: Connection) -> int | None:
+            # Garbage collection cannot delete the blob between the check and
+            # the new link.
+            hold_blobs(connection, [digest])
             size = _visible_blob_size(connection, source, digest)
             if size is None:
                 return None
             repository_id = _ensure_repository(connection, target)
-            link = {"repository_id": repository_id, "digest": digest}
-            insert = prepared_insert_ignore(connection.dialect.name, repository_blobs)
-            connection.execute(insert, link)
+            link = {
+                "repository_id": repository_id,
+                "digest": digest,
+                "created_at": utcnow(),
+            }
+            connection.execute(_link_upsert(connection.dialect.name), link)
             return size
 
         return await self._transact(work)
@@ -367,7 +380,10 @@ class RegistryStore:
                     repository_blobs.c.digest == digest,
                 )
             )
-            return result.rowcount > 0
+            if result.rowcount == 0:
+                return False
+            _mark_released(connection, blobs.c.digest == digest)
+            return True
 
         return await self._transact(work)
 
@@ -539,6 +555,18 @@ class RegistryStore:
             stored = await self.codec.seal(repository, stored, manifest.digest)
 
         def work(connection: Connection) -> tuple[int, bytes | None]:
+            # Before any read: garbage collection either committed before this
+            # (and the checks below see it) or waits for this transaction.
+            hold_blobs(connection, manifest.blob_references)
+            if self.after_hold is not None:
+                self.after_hold()
+            if connection.dialect.name == "postgresql":
+                # A stored copy of this manifest stays until this commits, or
+                # it is gone and a new row is inserted below.
+                connection.execute(
+                    _LOCK_MANIFEST,
+                    {"repository": repository, "digest": manifest.digest},
+                )
             repository_id = _ensure_repository(connection, repository)
             _check_references(connection, repository, repository_id, manifest)
             manifest_id, existing = _insert_manifest(
@@ -590,6 +618,15 @@ class RegistryStore:
             )
             if manifest_id is None:
                 return False
+            _mark_released(
+                connection,
+                blobs.c.digest.in_(
+                    select(manifest_references.c.digest).where(
+                        manifest_references.c.manifest_id == manifest_id,
+                        manifest_references.c.kind == "blob",
+                    )
+                ),
+            )
             connection.execute(delete(tags).where(tags.c.manifest_id == manifest_id))
             connection.execute(
                 delete(manifest_references).where(
@@ -699,12 +736,9 @@ class RegistryStore:
         links and upload sessions, in one transaction.
 
         The blobs stay in the `blobs` table and in storage, and the result
-        counts those that no other repository uses.
+        counts those that no other repository uses; garbage collection
+        (`moorage.storage.gc`) deletes those once its grace period has passed.
         """
-        # TODO: free the space of the unused blobs. A push of the same digest
-        # into another repository may find the blob's row and file and link
-        # it, so deleting both needs garbage collection that such a push
-        # cannot race.
         names = list(namespaces)
 
         def work(connection: Connection) -> DeletedContents:
@@ -720,6 +754,7 @@ class RegistryStore:
             unused_blobs, unused_bytes = connection.execute(
                 _blobs_used_only_by(ids, manifest_ids)
             ).one()
+            _mark_released(connection, blobs.c.digest.in_(_blobs_used_by(ids)))
             tag_count = connection.execute(
                 delete(tags).where(tags.c.repository_id.in_(ids))
             ).rowcount
@@ -750,6 +785,52 @@ class RegistryStore:
             )
 
         return await self._transact(work)
+
+
+def _blobs_used_by(repository_ids: Any) -> Any:
+    """Select the digests that the repositories link or reference."""
+    manifest_ids = select(manifests.c.id).where(
+        manifests.c.repository_id.in_(repository_ids)
+    )
+    return (
+        select(repository_blobs.c.digest)
+        .where(repository_blobs.c.repository_id.in_(repository_ids))
+        .union(
+            select(manifest_references.c.digest).where(
+                manifest_references.c.manifest_id.in_(manifest_ids),
+                manifest_references.c.kind == "blob",
+            )
+        )
+    )
+
+
+def _mark_released(connection: Connection, which: ColumnElement[bool]) -> None:
+    """Record that the selected blobs lost a link or a reference now, which
+    starts their grace period before garbage collection."""
+    connection.execute(update(blobs).where(which).values(released_at=utcnow()))
+
+
+def hold_blobs(connection: Connection, digests: Sequence[str]) -> None:
+    """Keep garbage collection from deleting the blobs `digests`, or any link to
+    them, until the transaction ends.
+
+    PostgreSQL: a FOR KEY SHARE lock on each blob's row, in digest order; the
+    collector takes FOR UPDATE on a row before it checks and deletes. Under
+    READ COMMITTED the statements after this one see what a collector that
+    went first committed. SQLite: the database's write lock, taken by a write
+    statement that changes no row, so that every later read in the
+    transaction sees the newest data and no other writer commits before it.
+    """
+    if connection.dialect.name == "postgresql":
+        if digests:
+            connection.execute(
+                select(blobs.c.digest)
+                .where(blobs.c.digest.in_(sorted(set(digests))))
+                .order_by(blobs.c.digest)
+                .with_for_update(key_share=True)
+            )
+        return
+    connection.execute(_TAKE_WRITE_LOCK)
 
 
 def _blobs_used_only_by(repository_ids: Any, manifest_ids: Any) -> Any:
@@ -1030,12 +1111,15 @@ def _check_references(
                 )
     if manifest.manifest_references:
         referenced = set(manifest.manifest_references)
-        result = connection.execute(
-            select(manifests.c.digest).where(
-                manifests.c.repository_id == repository_id,
-                manifests.c.digest.in_(referenced),
-            )
+        # Locked like the blobs (see `hold_blobs`): a child manifest that
+        # garbage collection deletes first is missing here.
+        query = select(manifests.c.digest).where(
+            manifests.c.repository_id == repository_id,
+            manifests.c.digest.in_(sorted(referenced)),
         )
+        if connection.dialect.name == "postgresql":
+            query = query.order_by(manifests.c.id).with_for_update(key_share=True)
+        result = connection.execute(query)
         missing = sorted(referenced - {row[0] for row in result})
         if missing:
             raise ManifestBlobUnknownError(
@@ -1090,6 +1174,30 @@ def _insert_manifest(
 def _insert_manifest_returning(dialect_name: str) -> Any:
     """Insert a manifest unless the repository has it; return the new row's id."""
     return prepared_insert_ignore(dialect_name, manifests).returning(manifests.c.id)
+
+
+@functools.cache
+def _link_upsert(dialect_name: str) -> Any:
+    """Link a blob to a repository, or give an existing link the new time."""
+    return prepared_upsert(
+        dialect_name,
+        repository_blobs,
+        keys=("repository_id", "digest"),
+        update=("created_at",),
+    )
+
+
+_LOCK_MANIFEST = (
+    select(manifests.c.id)
+    .join(repositories, repositories.c.id == manifests.c.repository_id)
+    .where(
+        repositories.c.name == bindparam("repository"),
+        manifests.c.digest == bindparam("digest"),
+    )
+    .with_for_update(key_share=True, of=manifests)
+)
+# A write that changes no row, for the write lock it takes on SQLite.
+_TAKE_WRITE_LOCK = update(blobs).where(false()).values(size=blobs.c.size)
 
 
 @functools.cache

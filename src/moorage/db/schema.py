@@ -79,6 +79,9 @@ customers = Table(
     Column("status", String(16), nullable=False, default="active"),
     Column("access_until", UTCDateTime, nullable=True),
     Column("created_at", UTCDateTime, nullable=False, default=utcnow),
+    # When `customer offboard --delete-after` deletes the customer's
+    # repositories; NULL when no deletion is scheduled.
+    Column("delete_after", UTCDateTime, nullable=True),
     sqlite_autoincrement=True,
 )
 
@@ -154,6 +157,10 @@ blobs = Table(
     # blob is then visible in no repository. Cleared when the blob is pushed
     # again, because that stores a new copy with a new data key.
     Column("shredded_at", UTCDateTime, nullable=True),
+    # When the blob last lost a repository link or a manifest reference.
+    # Garbage collection deletes an unreferenced blob only once this (or
+    # `created_at`, when NULL) is older than its grace period.
+    Column("released_at", UTCDateTime, nullable=True),
 )
 
 # Which blobs each repository may serve: pushed, mounted, or referenced there.
@@ -470,4 +477,16 @@ audit_archives = Table(
     Column("last_hash", String(64), nullable=False),
     Column("path", Text, nullable=False),
     Column("created_at", UTCDateTime, nullable=False, default=utcnow),
+)
+
+
+# Work that one process of the installation does at a time, such as garbage
+# collection: a process holds the lease named `name` until `expires_at`, and
+# renews it while it works.
+maintenance_leases = Table(
+    "maintenance_leases",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("holder", String(200), nullable=False),
+    Column("expires_at", UTCDateTime, nullable=False),
 )

@@ -7,6 +7,9 @@ Layout:
     trash/<upload id>                                    upload data whose digest
                                                          was stored already, deleted
                                                          after the response
+    garbage/<algorithm>/<hex>.<random>                   a blob file that garbage
+                                                         collection took, deleted
+                                                         after its row
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from moorage.digests import Digest
 BLOBS_PREFIX = "blobs"
 UPLOADS_PREFIX = "uploads"
 TRASH_PREFIX = "trash"
+GARBAGE_PREFIX = "garbage"
 
 
 def blob_path(digest: Digest) -> str:
@@ -48,3 +52,15 @@ def upload_id_of(path: str) -> str | None:
     if len(parts) != 3 or parts[0] != UPLOADS_PREFIX or parts[2] != "data":
         return None
     return parts[1]
+
+
+def garbage_path(digest: Digest, token: str) -> str:
+    return f"{GARBAGE_PREFIX}/{digest.algorithm}/{digest.hex}.{token}"
+
+
+def garbage_digest_of(path: str) -> str | None:
+    """Return the digest of the blob whose file `garbage_path` names, or None."""
+    parts = path.split("/")
+    if len(parts) != 3 or parts[0] != GARBAGE_PREFIX or "." not in parts[2]:
+        return None
+    return f"{parts[1]}:{parts[2].split('.', 1)[0]}"

@@ -117,6 +117,11 @@ class Registry:
         owner = await self._keys.custody.owner_of_repository(repository)
         await self._keys.release(paths.blob_path(parse_digest(digest)), owner, digest)
 
+    async def release_key(self, repository: str, digest: str) -> None:
+        """Drop the wrap of `repository`'s owner when it no longer uses the blob
+        (after garbage collection deleted its link)."""
+        await self._release_key(repository, digest)
+
     # Blobs
 
     async def blob_size(self, repository: str, digest: str) -> int:
@@ -454,20 +459,20 @@ class Registry:
         that links the blob, so a blob that a repository shows survives a
         crash. A crash before that transaction leaves at most an unlinked file
         under `blobs/`, which the next upload of the same digest replaces.
+
+        Garbage collection: when a copy is stored already, the session's data
+        is kept until the link has committed and the copy is seen still in
+        place. The collector moves a blob's file away inside the transaction
+        that deletes its row, and that transaction holds the row lock (or
+        SQLite's write lock) that the link waits for, so a copy that is gone
+        after the link is replaced from the session's data. A copy that is
+        still there then stays, because the committed link keeps its row.
         """
         repository, upload_id = upload.repository, upload.id
         target = paths.blob_path(digest)
-        if await self._stored_copy_usable(repository, digest, target):
-            if data is None and size > 0:
-                await self._move_to_trash(upload_id)
-        elif data is not None or size == 0:
-            with writing_for(repository):
-                await self.driver.put(target, data or b"")
-        else:
-            await self.driver.move(paths.upload_data_path(upload_id), target)
-        # With `data`, the directory exists only when an earlier request on
-        # this session died after writing to it.
-        await self.driver.delete(paths.upload_dir(upload_id))
+        stored = await self._stored_copy_usable(repository, digest, target)
+        if not stored:
+            await self._place(upload_id, target, repository, size, data)
         linked = await self.store.link_blob(
             repository,
             str(digest),
@@ -480,10 +485,38 @@ class Registry:
             # The blob's file may be in place already, but nothing links it.
             self._hashers.pop(upload_id, None)
             raise UploadInvalidError("the upload session changed during this request")
+        if stored:
+            if await self.driver.exists(target):
+                if data is None and size > 0:
+                    await self._move_to_trash(upload_id)
+            else:
+                log.info("stored copy removed by garbage collection; storing upload")
+                await self._place(upload_id, target, repository, size, data)
+            # NOTE: a process that stops between the link and here leaves the
+            # session's data under uploads/, which nothing deletes.
+            await self.driver.delete(paths.upload_dir(upload_id))
         # Again after the link: a concurrent delete of the blob in another of
         # the owner's repositories may have dropped the wrap before the link
         # committed. A delete that begins after this check sees the link.
         await self._share_key(repository, str(digest))
+
+    async def _place(
+        self,
+        upload_id: str,
+        target: str,
+        repository: str,
+        size: int,
+        data: bytes | None,
+    ) -> None:
+        """Store the upload's bytes at `target`: `data`, or the session's data."""
+        if data is not None or size == 0:
+            with writing_for(repository):
+                await self.driver.put(target, data or b"")
+        else:
+            await self.driver.move(paths.upload_data_path(upload_id), target)
+        # With `data`, the directory exists only when an earlier request on
+        # this session died after writing to it.
+        await self.driver.delete(paths.upload_dir(upload_id))
 
     async def _stored_copy_usable(
         self, repository: str, digest: Digest, target: str

@@ -68,6 +68,7 @@ CHANGING = {
     "key reencrypt": (["key", "reencrypt"], "key.reencrypt"),
     # {tmp} is the directory that holds the data directory.
     "backup create": (["backup", "create", "{tmp}/backups"], "backup.create"),
+    "gc": (["gc"], "gc.run"),
 }
 # Commands that only read (serve is covered by the request tests).
 READ_ONLY = {

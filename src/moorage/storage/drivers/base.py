@@ -13,10 +13,22 @@ with multipart uploads (S3) can implement them as well as a local filesystem:
 
 from __future__ import annotations
 
+import enum
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import BinaryIO
+
+
+class Claim(enum.Enum):
+    """What `StorageDriver.claim` did with an object."""
+
+    # Moved to the destination.
+    MOVED = "moved"
+    # No object was there.
+    MISSING = "missing"
+    # The object was put in place after the time given, so it stayed.
+    RECENT = "recent"
 
 
 class PathNotFoundError(Exception):
@@ -113,6 +125,19 @@ class StorageDriver(ABC):
     @abstractmethod
     async def check(self) -> None:
         """Raise OSError unless the store can be read and written, for `/readyz`."""
+
+    async def claim(self, path: str, destination: str, placed_before: float) -> Claim:
+        """Move the object at `path` to `destination`, unless it was put in
+        place (written, or moved there) after `placed_before`, a Unix time.
+
+        Garbage collection takes a blob's file away with this, inside the
+        transaction that deletes the blob's row, so that an upload that put
+        a new copy there since its last check keeps it. An object that
+        replaces the one at `path` while this runs stays too (Claim.RECENT).
+        """
+        # NOTE: only the filesystem driver implements this; an object store
+        # would need a conditional copy and delete.
+        raise NotImplementedError(f"{type(self).__name__} cannot claim objects")
 
     async def exists(self, path: str) -> bool:
         try:

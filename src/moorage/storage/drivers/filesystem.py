@@ -16,6 +16,7 @@ from typing import BinaryIO
 
 from moorage.fsync import fsync_directory, start_writeback, wait_for_writeback
 from moorage.storage.drivers.base import (
+    Claim,
     FileInfo,
     FileWriter,
     PathNotFoundError,
@@ -150,6 +151,11 @@ class FilesystemDriver(StorageDriver):
             await asyncio.to_thread(_move, source_path, target, self.fsync)
         except FileNotFoundError:
             raise PathNotFoundError(source) from None
+
+    async def claim(self, path: str, destination: str, placed_before: float) -> Claim:
+        return await asyncio.to_thread(
+            _claim, self._full_path(path), self._full_path(destination), placed_before
+        )
 
     async def delete(self, path: str) -> None:
         full = self._full_path(path)
@@ -455,6 +461,32 @@ def _move(source: str, target: str, fsync: bool) -> None:
     os.replace(source, target)
     if fsync:
         fsync_directory(directory)
+
+
+def _claim(source: str, target: str, placed_before: float) -> Claim:
+    """Rename `source` to `target` unless it was put in place after
+    `placed_before` (see `StorageDriver.claim`).
+
+    A rename or a new file sets the file's change time (ctime), which no
+    caller can set back. A file replaced between the first lstat and the
+    rename has another inode afterwards, and is renamed back.
+    """
+    try:
+        before = os.lstat(source)
+    except FileNotFoundError:
+        return Claim.MISSING
+    if before.st_ctime >= placed_before:
+        return Claim.RECENT
+    _make_directory(os.path.dirname(target), fsync=False)
+    try:
+        os.rename(source, target)
+    except FileNotFoundError:
+        return Claim.MISSING
+    after = os.lstat(target)
+    if (after.st_dev, after.st_ino) != (before.st_dev, before.st_ino):
+        os.rename(target, source)
+        return Claim.RECENT
+    return Claim.MOVED
 
 
 def _make_directory(path: str, *, fsync: bool) -> None:

@@ -50,6 +50,7 @@ from typing import TYPE_CHECKING, BinaryIO
 import structlog
 
 from moorage.storage.drivers.base import (
+    Claim,
     FileInfo,
     FileWriter,
     PathNotFoundError,
@@ -575,6 +576,11 @@ class EncryptedDriver(StorageDriver):
             await self.inner.delete(envelope_path(object_id))
         if self.custody is not None:
             await self.custody.forget(object_ids)
+
+    async def claim(self, path: str, destination: str, placed_before: float) -> Claim:
+        """Move the file only. The caller records the object's new path in
+        the transaction that the move belongs to (see `moorage.storage.gc`)."""
+        return await self.inner.claim(path, destination, placed_before)
 
     async def check(self) -> None:
         await self.inner.check()
