@@ -69,7 +69,10 @@ def free_port() -> int:
             return _bound_port(port)
         except OSError:
             continue
-    raise RuntimeError(f"no free loopback port in {PORTS_VARIABLE}={ports}")
+    raise RuntimeError(
+        f"no free loopback port in {PORTS_VARIABLE}={ports}; "
+        "widen the range or unset it"
+    )
 
 
 def _bound_port(port: int) -> int:
