@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import os
+import random
 import shutil
 import signal
 import socket
@@ -44,9 +45,39 @@ DISTRIBUTION_BINARY = "docker-registry"
 ENCRYPTED = "moorage-encrypted"
 
 
+# A range of loopback ports ("FIRST-LAST") to start the registries on, for a
+# machine where each user of the benchmarks has ports of their own. Unset, the
+# kernel picks a free port.
+PORTS_VARIABLE = "BENCH_PORTS"
+
+
 def free_port() -> int:
+    """Return a free loopback port, from the range in BENCH_PORTS when set."""
+    ports = os.environ.get(PORTS_VARIABLE)
+    if not ports:
+        return _bound_port(0)
+    first, _, last = ports.partition("-")
+    try:
+        candidates = list(range(int(first), int(last or first) + 1))
+    except ValueError:
+        raise ValueError(
+            f"{PORTS_VARIABLE}={ports!r} is not a port range such as 23000-23999"
+        ) from None
+    random.shuffle(candidates)
+    for port in candidates:
+        try:
+            return _bound_port(port)
+        except OSError:
+            continue
+    raise RuntimeError(
+        f"no free loopback port in {PORTS_VARIABLE}={ports}; "
+        "widen the range or unset it"
+    )
+
+
+def _bound_port(port: int) -> int:
     with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
+        probe.bind(("127.0.0.1", port))
         return int(probe.getsockname()[1])
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from starlette.types import Scope
@@ -19,7 +20,7 @@ from starlette.types import Scope
 from moorage.api.access import AuthAttempt
 from moorage.api.http import source_address, user_agent
 from moorage.audit import events as actions
-from moorage.audit.events import FAILURE, SUCCESS, AuditEvent, new_event
+from moorage.audit.events import FAILURE, SUCCESS, AuditEvent
 from moorage.services import Services
 
 # Audited requests: (route endpoint name, method) to the action recorded.
@@ -136,7 +137,13 @@ class RequestObserver:
 
     def _request_event(self, action: str, finished: FinishedRequest) -> AuditEvent:
         """Return the event of an audited route, with the fields of
-        `_common_fields`; built without that dict, because every pull runs it."""
+        `_common_fields`.
+
+        Every pull runs this, so it is built without that dict, with the pull
+        link and `_refine` inline, and with `AuditEvent` called positionally
+        (see `new_event`): under callgrind each Python call here costs about
+        1,000 instructions, against about 120,000 for the whole event.
+        """
         state = finished.state
         caller = state.get("caller")
         principal = caller.principal if caller is not None else None
@@ -145,40 +152,43 @@ class RequestObserver:
         request_id = state.get("request_id")
         outcome = SUCCESS
         reason = state.get("token_scopes")
+        status = finished.status
         # An error code with a success status means the response was cut short.
-        if finished.status >= 400 or state.get("error_code"):
+        if status >= 400 or state.get("error_code"):
             outcome = FAILURE
-            reason = str(state.get("error_code") or finished.status)
+            reason = str(state.get("error_code") or status)
         moved = None
         if action in _CONTENT_ACTIONS:
             moved = finished.bytes_sent or int(state.get("bytes_received") or 0)
         link = None
-        key = (account or "", repository or "")
-        if action == actions.MANIFEST_PULL and finished.status < 400:
-            self._remember_pull(key, request_id or "")
+        if action == actions.MANIFEST_PULL:
+            if status < 400:
+                pulls = self._pulls
+                key = (account or "", repository or "")
+                pulls.pop(key, None)
+                pulls[key] = request_id or ""
+                if len(pulls) > _PULL_LINKS:
+                    pulls.popitem(last=False)
         elif action == actions.BLOB_PULL:
-            link = self._pulls.get(key)
-        return new_event(
-            _refine(action, state),
+            link = self._pulls.get((account or "", repository or ""))
+        elif action == actions.UPLOAD_START:
+            action = _refine(action, state)
+        return AuditEvent(
+            action,
             outcome,
-            actor_account=account,
-            actor_customer=principal.customer_slug if principal else None,
-            source_address=source_address(finished.scope, self.services.trust),
-            user_agent=user_agent(finished.scope),
-            repository=repository,
-            reference=state.get("reference") or state.get("upload_id"),
-            digest=state.get("digest"),
-            bytes=moved or None,
-            reason=reason,
-            request_id=request_id,
-            link=link,
+            datetime.now(UTC),
+            account,
+            principal.customer_slug if principal else None,
+            source_address(finished.scope, self.services.trust),
+            user_agent(finished.scope),
+            repository,
+            state.get("reference") or state.get("upload_id"),
+            state.get("digest"),
+            moved or None,
+            reason,
+            request_id,
+            link,
         )
-
-    def _remember_pull(self, key: tuple[str, str], request_id: str) -> None:
-        self._pulls.pop(key, None)
-        self._pulls[key] = request_id
-        if len(self._pulls) > _PULL_LINKS:
-            self._pulls.popitem(last=False)
 
     def _common_fields(self, finished: FinishedRequest) -> dict[str, Any]:
         """Return the fields every event of this request shares."""

@@ -12,6 +12,7 @@ import hashlib
 import json
 import operator
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, datetime
 from typing import Any
@@ -173,8 +174,7 @@ def new_event(
     It calls the class with positional arguments, in field order. CPython 3.11
     passes keyword arguments to a class through a dict (type_call), and under
     callgrind that cost about 5,700 instructions for these twelve. Keyword
-    arguments to a function need no dict. The request observer builds one event
-    per pull here.
+    arguments to a function need no dict.
     """
     return AuditEvent(
         action,
@@ -244,6 +244,12 @@ def fit(event: AuditEvent) -> AuditEvent:
         if value is not None and len(value) > limit:
             changes[name] = value[:limit]
     return replace(event, **changes) if changes else event
+
+
+def fit_all(events: Sequence[AuditEvent]) -> list[AuditEvent]:
+    """Return `fit` of each event, with one call per event that needs no change
+    (nearly every one) instead of two."""
+    return [event if _needs_no_change(event) else fit(event) for event in events]
 
 
 def _needs_no_change(event: AuditEvent) -> bool:
@@ -374,6 +380,11 @@ def _canonical_bytes(seq: int, event: AuditEvent, prev_hash: str, time: str) -> 
             return orjson.dumps(document)
         except TypeError:
             pass  # an int beyond 64 bits, or a lone surrogate
+    return _json_bytes(document)
+
+
+def _json_bytes(document: dict[str, Any]) -> bytes:
+    """Return the canonical bytes through json.dumps, for what orjson rejects."""
     return json.dumps(
         document, sort_keys=True, separators=(",", ":"), ensure_ascii=False
     ).encode()
@@ -411,14 +422,52 @@ def chain_with_times(
 
     The times are the text that the hash covers (`format_time`), so a caller
     that stores the time as text need not format it a second time.
+
+    The audit writer runs this loop for every request's event, so it inlines
+    `format_time`'s common case and `_canonical_bytes`: a Python call costs
+    about as much as building the document's dict. A unit test checks the
+    hashes against `event_hash`.
     """
     stored = []
     times = []
     sha256 = hashlib.sha256
+    dumps = orjson.dumps
+    utc_z = orjson.OPT_UTC_Z
     for event in events:
         seq += 1
-        time = format_time(event.time)
-        digest = sha256(_canonical_bytes(seq, event, prev_hash, time)).hexdigest()
+        value = event.time
+        if value.microsecond and value.tzinfo is UTC and value.year >= 1000:
+            time = dumps(value, None, utc_z)[1:-1].decode()
+        else:
+            time = format_time(value)
+        # The keys in sorted order, as in `_document`.
+        document = {
+            "action": event.action,
+            "actor_account": event.actor_account,
+            "actor_customer": event.actor_customer,
+            "bytes": event.bytes,
+            "digest": event.digest,
+            "link": event.link,
+            "outcome": event.outcome,
+            "prev_hash": prev_hash,
+            "reason": event.reason,
+            "reference": event.reference,
+            "repository": event.repository,
+            "request_id": event.request_id,
+            "seq": seq,
+            "source_address": event.source_address,
+            "time": time,
+            "user_agent": event.user_agent,
+        }
+        count = event.bytes
+        if count is None or type(count) is int:
+            try:
+                data = dumps(document)
+            except TypeError:  # an int beyond 64 bits, or a lone surrogate
+                data = _json_bytes(document)
+        else:
+            data = _json_bytes(document)
+        digest = sha256(data).hexdigest()
         stored.append(StoredEvent(seq, event, prev_hash, digest))
         times.append(time)
         prev_hash = digest

@@ -231,6 +231,9 @@ class DatabaseAuditLog:
         self.pending_key = pending_key
         self.sinks: list[AuditSink] = []
         self.observers: list[EventObserver] = []
+        # Actions that no observer acts on, so `record` does not call them for
+        # these: the request events of pulls, which are most events.
+        self.unobserved_actions: frozenset[str] = frozenset()
         # Public keys of every active token signing key, for verification.
         self.public_keys: dict[str, Any] | None = None
         # Posts alerts (see moorage.audit.alerts); closed with the log.
@@ -256,7 +259,8 @@ class DatabaseAuditLog:
             self._writer = asyncio.create_task(self._write_loop(), name="audit-writer")
 
     async def record(self, event: AuditEvent) -> None:
-        self._observe(event)
+        if event.action not in self.unobserved_actions:
+            self._observe(event)
         if self._writer is None or self._closing:
             await self._write([event])
             return

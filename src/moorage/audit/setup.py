@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from moorage.audit.alerts import AlertDetector, AlertPublisher, AlertSettings
 from moorage.audit.checkpoints import CheckpointSigner
+from moorage.audit.events import BLOB_PULL, MANIFEST_PULL
 from moorage.audit.log import PENDING_DIRECTORY, DatabaseAuditLog, EventObserver
 from moorage.audit.sinks import SyslogSink, WebhookSender
 from moorage.config import Settings
@@ -60,4 +61,9 @@ def open_audit_log(
         publisher,
     )
     audit.observers.append(detector.observe)
+    # NOTE: every observer installed here ignores pulls: the detector watches
+    # logins, tokens and integrity failures, and `Metrics.observe_event` counts
+    # failed logins, token issues and alerts. An observer of pulls must take
+    # them out of this set.
+    audit.unobserved_actions = frozenset({MANIFEST_PULL, BLOB_PULL})
     return audit

@@ -24,7 +24,7 @@ from moorage.audit.events import (
     chain,
     chain_with_times,
     event_values,
-    fit,
+    fit_all,
 )
 from moorage.db.dialects import InNetwork, insert_ignore
 from moorage.db.schema import (
@@ -150,7 +150,7 @@ def append_events(
     head = connection.execute(
         select(audit_head.c.seq, audit_head.c.hash).where(audit_head.c.id == 1)
     ).one()
-    fitted = [fit(event) for event in events]
+    fitted = fit_all(events)
     if connection.dialect.name == "sqlite":
         stored = _insert_sqlite(connection, fitted, head.seq, head.hash)
     elif connection.dialect.driver == "asyncpg":
@@ -181,8 +181,31 @@ def _insert_sqlite(
     """
     stored, times = chain_with_times(events, seq, prev_hash)
     values: list[Any] = []
+    # `_row_values` and `_sqlite_time` inlined: two calls cost about as much
+    # as the tuple, and this runs for every request's event.
     for item, text in zip(stored, times, strict=True):
-        values += _row_values(item, _sqlite_time(text, item.event))
+        event = item.event
+        values += (
+            event.action,
+            event.outcome,
+            event.actor_account,
+            event.actor_customer,
+            event.source_address,
+            event.user_agent,
+            event.repository,
+            event.reference,
+            event.digest,
+            event.bytes,
+            event.reason,
+            event.request_id,
+            event.link,
+            item.seq,
+            item.prev_hash,
+            item.hash,
+            text[:10] + " " + text[11:-1]
+            if event.time.year >= 1000
+            else sqlite_time(event.time),
+        )
     width = len(_ROW_COLUMNS)
     start = 0
     for count in _statement_sizes(len(stored), _rows_per_insert()):

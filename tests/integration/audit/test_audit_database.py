@@ -16,8 +16,20 @@ from typing import Any
 import pytest
 from sqlalchemy import text
 
+from moorage.audit import alerts
 from moorage.audit import log as audit_log
-from moorage.audit.events import AUDIT_IMPORT, AuditEvent, StoredEvent, event_hash
+from moorage.audit.events import (
+    AUDIT_IMPORT,
+    AUTH_LOGIN,
+    BLOB_PULL,
+    BLOB_PUSH,
+    FAILURE,
+    MANIFEST_PULL,
+    SUCCESS,
+    AuditEvent,
+    StoredEvent,
+    event_hash,
+)
 from moorage.audit.log import DatabaseAuditLog
 from moorage.audit.recorder import AdminRecorder, local_actor
 from moorage.config import Settings
@@ -607,3 +619,25 @@ async def test_query_source_network(services: Services) -> None:
     assert await sources("2001:db8::/32") == ["2001:db8::5"]
     assert await sources("0.0.0.0/0") == ["10.1.2.3", "10.200.0.9", "192.0.2.7"]
     assert await sources("198.51.100.0/24") == []
+
+
+async def test_pull_events_skip_observers(services: Services) -> None:
+    """`record` calls no observer for pulls; every other event reaches them."""
+    observed: list[str] = []
+    services.audit.observers.append(lambda event: observed.append(event.action))
+    for action in (MANIFEST_PULL, BLOB_PULL, AUTH_LOGIN, BLOB_PUSH):
+        await services.audit.record(AuditEvent(action, outcome=FAILURE))
+    assert observed == [AUTH_LOGIN, BLOB_PUSH]
+    assert len(await services.audit.query(AuditFilter(), 10)) == 4
+
+
+async def test_unobserved_actions_unwatched(services: Services) -> None:
+    """The installed observers act on none of the actions that skip them."""
+    skipped = services.audit.unobserved_actions
+    assert skipped == {MANIFEST_PULL, BLOB_PULL}
+    assert not skipped & alerts._WATCHED_ACTIONS
+    before = services.metrics.render()
+    for action in skipped:
+        for outcome in (SUCCESS, FAILURE):
+            services.metrics.observe_event(AuditEvent(action, outcome=outcome))
+    assert services.metrics.render() == before

@@ -180,6 +180,30 @@ def test_chain_with_times_matches_chain() -> None:
     assert times == [format_time(event.time) for event in events]
 
 
+def test_chain_with_times_matches_event_hash() -> None:
+    """The writer's inlined loop hashes what `event_hash` hashes, on its fast
+    path (a UTC time with microseconds) and on each of its slow ones."""
+    events = [
+        AuditEvent("manifest.pull", time=datetime(2026, 1, 1, 0, 0, 0, 7, tzinfo=UTC)),
+        AuditEvent("manifest.pull", time=datetime(2026, 1, 1, tzinfo=UTC)),
+        AuditEvent(
+            "blob.pull",
+            time=datetime(2026, 3, 1, 12, 0, 0, 5, tzinfo=timezone(timedelta(hours=9))),
+        ),
+        AuditEvent("blob.pull", time=datetime(999, 1, 1, 0, 0, 0, 5, tzinfo=UTC)),
+        AuditEvent("blob.push", bytes=2**70, reason="beyond 64 bits"),
+        AuditEvent("blob.push", user_agent='quoted " and \\ é 漢字 😀 \u2028'),
+    ]
+    stored, times = chain_with_times(events, 10, "c" * 64)
+    prev_hash = "c" * 64
+    for seq, (item, event) in enumerate(zip(stored, events, strict=True), start=11):
+        assert item.seq == seq
+        assert item.prev_hash == prev_hash
+        assert item.hash == event_hash(seq, event, prev_hash), event
+        prev_hash = item.hash
+    assert times == [format_time(event.time) for event in events]
+
+
 # Characters whose JSON escaping differs between encoders, when any does.
 _ESCAPE_CASES = (
     '\x00\x01\x08\t\n\x0b\x0c\r\x1f "\\/\x7f\x80\xa0é\u2028\u2029\ufeff\uffff漢😀'
