@@ -94,7 +94,7 @@ LONE_READ_RUN_BYTES = 4 * READ_RUN_BYTES
 # Runs of plaintext (of `READ_RUN_BYTES` each) that concurrent readers of the
 # same file share, kept per file and process while more than one reads it
 # (see `_SharedRuns`).
-SHARED_RUNS = 16
+SHARED_RUNS = 8
 # Seconds since its last run after which a reader no longer counts as one
 # that a reader ahead of it waits for (see `_SharedRuns.behind`).
 _ACTIVE_SECONDS = 0.05
