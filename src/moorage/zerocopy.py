@@ -92,7 +92,8 @@ class ThreadedBody(Protocol):
         """Return the next piece of the body, or None after the last one.
 
         Called in a worker thread, one call at a time. The piece stays valid
-        until the next call.
+        until the next call. An empty piece ends the thread's trip, so that
+        bodies queued behind this one are written first.
         """
 
     def close(self) -> None:
@@ -355,6 +356,9 @@ def _write_body(
             chunk = body.read_chunk()
             if chunk is None:
                 return written, pending, True
+            if not chunk:
+                # The body lets the bodies queued behind it go first.
+                return written, pending, False
             pending = chunk
             if len(pending) > remaining - written:
                 raise RuntimeError("Response content longer than Content-Length")

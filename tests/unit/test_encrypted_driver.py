@@ -15,6 +15,7 @@ from typing import BinaryIO
 import pytest
 
 from moorage.storage.drivers.filesystem import FilesystemDriver
+from moorage.storage.encryption import driver as driver_module
 from moorage.storage.encryption.driver import (
     LONE_READ_RUN_BYTES,
     READ_RUN_BYTES,
@@ -412,12 +413,12 @@ async def test_threaded_reader_run_sizes(tmp_path: Path) -> None:
     data = sample(2 * LONE_READ_RUN_BYTES + 7)
     await layer.store("blobs/r", data)
     lone = await layer.driver.open_reader("blobs/r")
-    beside = await layer.driver.open_reader("blobs/r", 3)
     assert lone is not None
-    assert beside is not None
     first = await asyncio.to_thread(lone.read_chunk)
     assert first is not None
     assert len(first) == LONE_READ_RUN_BYTES
+    beside = await layer.driver.open_reader("blobs/r", 3)
+    assert beside is not None
     second = await asyncio.to_thread(beside.read_chunk)
     assert second is not None
     assert len(second) == READ_RUN_BYTES - 3
@@ -425,6 +426,103 @@ async def test_threaded_reader_run_sizes(tmp_path: Path) -> None:
     assert await read_threaded(lone, received) == data
     received = bytearray(second)
     assert await read_threaded(beside, received) == data[3:]
+    assert layer.errors == []
+
+
+def shared_runs(layer: Layer) -> dict[int, bytearray]:
+    """The runs that the open readers of the driver's only shared file keep."""
+    (shared,) = layer.driver._shared_runs.values()
+    return dict(shared._runs)
+
+
+async def test_concurrent_readers_share_decrypted_runs(tmp_path: Path) -> None:
+    """Readers of one file open at the same time decrypt each whole run once.
+    A run that one reader authenticated is sent to the next from memory, even
+    after the file was altered. The runs go when the last reader closes."""
+    layer = Layer(tmp_path)
+    data = sample(3 * READ_RUN_BYTES + 5)
+    await layer.store("blobs/s", data)
+    first = await layer.driver.open_reader("blobs/s")
+    second = await layer.driver.open_reader("blobs/s")
+    assert first is not None
+    assert second is not None
+    chunk = await asyncio.to_thread(first.read_chunk)
+    assert chunk is not None
+    assert bytes(chunk) == data[:READ_RUN_BYTES]
+    assert list(shared_runs(layer)) == [0]
+    # Alter a segment of the first run, which `first` decrypted already.
+    raw = bytearray(layer.raw("blobs/s"))
+    raw[HEADER_BYTES + 3 * SEALED + 100] ^= 0x01
+    layer.write_raw("blobs/s", bytes(raw))
+    again = await asyncio.to_thread(second.read_chunk)
+    assert again is not None
+    assert bytes(again) == data[:READ_RUN_BYTES]
+    received = bytearray(chunk)
+    assert await read_threaded(first, received) == data
+    received = bytearray(again)
+    assert await read_threaded(second, received) == data
+    assert layer.errors == []
+    assert layer.driver._shared_runs == {}
+    # A reader alone decrypts the run itself, and finds the change.
+    alone = await layer.driver.open_reader("blobs/s")
+    assert alone is not None
+    with pytest.raises(IntegrityError, match="segment 3 "):
+        await read_threaded(alone)
+    assert [error.path for error in layer.errors] == ["blobs/s"]
+
+
+async def test_shared_runs_fail_for_every_reader(tmp_path: Path) -> None:
+    """A run that does not authenticate is not kept: each concurrent reader
+    that comes to it decrypts it, fails, and is reported, with the bytes
+    before it sent."""
+    layer = Layer(tmp_path)
+    data = sample(3 * READ_RUN_BYTES)
+    await layer.store("blobs/f", data)
+    bad = READ_RUN_BYTES // SEGMENT + 7  # a segment of the second run
+    raw = bytearray(layer.raw("blobs/f"))
+    raw[HEADER_BYTES + bad * SEALED + 50] ^= 0x01
+    layer.write_raw("blobs/f", bytes(raw))
+    readers = [await layer.driver.open_reader("blobs/f") for _ in range(2)]
+    for reader in readers:
+        assert reader is not None
+        received = bytearray()
+        with pytest.raises(IntegrityError, match=f"segment {bad} "):
+            await read_threaded(reader, received)
+        assert bytes(received) == data[:READ_RUN_BYTES]
+    assert [error.path for error in layer.errors] == ["blobs/f", "blobs/f"]
+    assert layer.driver._shared_runs == {}
+
+
+async def test_shared_runs_stay_within_each_range(tmp_path: Path) -> None:
+    """Beside another reader, a range read keeps and reuses only runs that lie
+    whole within its range: it decrypts no segment outside the range, so a
+    damaged segment just past it does not fail it."""
+    layer = Layer(tmp_path)
+    data = sample(4 * READ_RUN_BYTES)
+    await layer.store("blobs/g", data)
+    per_run = READ_RUN_BYTES // SEGMENT
+    past = 2 * per_run + 5  # a segment of the third run, past the range
+    raw = bytearray(layer.raw("blobs/g"))
+    raw[HEADER_BYTES + past * SEALED + 50] ^= 0x01
+    layer.write_raw("blobs/g", bytes(raw))
+    other = await layer.driver.open_reader("blobs/g", 0, SEGMENT)
+    assert other is not None
+    offset = SEGMENT + 10  # within the first run
+    length = 2 * per_run * SEGMENT + 3 * SEGMENT  # ends before segment `past`
+    ranged = await layer.driver.open_reader("blobs/g", offset, length)
+    assert ranged is not None
+    chunk = await asyncio.to_thread(ranged.read_chunk)
+    assert chunk is not None
+    # Up to the start of the second run, decrypted for this reader alone.
+    assert bytes(chunk) == data[offset:READ_RUN_BYTES]
+    assert shared_runs(layer) == {}
+    received = bytearray(chunk)
+    await read_rest(ranged, received)
+    ranged.close()
+    assert bytes(received) == data[offset : offset + length]
+    # Only the second run lay whole in the range.
+    assert list(shared_runs(layer)) == [per_run]
+    assert await read_threaded(other) == data[:SEGMENT]
     assert layer.errors == []
 
 
@@ -508,3 +606,51 @@ async def test_truncation_goes_ahead_of_a_mapped_reader(tmp_path: Path) -> None:
     assert len(received) >= 1024 * 1024
     assert bytes(received) == data[: len(received)]
     assert [error.path for error in layer.errors] == ["blobs/t"]
+
+
+async def test_reader_ahead_lets_readers_behind_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reader about to decrypt a run that is not kept, while another reader
+    of the file is behind it and read lately, returns an empty piece once for
+    that run, then the run. `read_first` skips that piece, and a reader alone
+    never returns one."""
+    # Every reader counts as active, however slow this machine is.
+    monkeypatch.setattr(driver_module, "_ACTIVE_SECONDS", 3600.0)
+    layer = Layer(tmp_path)
+    data = sample(4 * READ_RUN_BYTES)
+    await layer.store("blobs/y", data)
+    behind = await layer.driver.open_reader("blobs/y")
+    ahead = await layer.driver.open_reader("blobs/y")
+    assert behind is not None
+    assert ahead is not None
+    chunk = await asyncio.to_thread(behind.read_chunk)
+    assert chunk is not None
+    assert len(chunk) == READ_RUN_BYTES
+    sizes = []
+    for _ in range(4):
+        chunk = await asyncio.to_thread(ahead.read_chunk)
+        assert chunk is not None
+        sizes.append(len(chunk))
+    # Run 0 was kept, run 1 starts where `behind` is, and run 2 is ahead of it.
+    assert sizes == [READ_RUN_BYTES, READ_RUN_BYTES, 0, READ_RUN_BYTES]
+    later = await layer.driver.open_reader("blobs/y", 3 * READ_RUN_BYTES)
+    assert later is not None
+    await later.read_first()
+    chunk = await asyncio.to_thread(later.read_chunk)
+    assert chunk is not None
+    assert bytes(chunk) == data[3 * READ_RUN_BYTES :]
+    later.close()
+    received = bytearray(data[: 3 * READ_RUN_BYTES])
+    assert await read_threaded(ahead, received) == data
+    received = bytearray(data[:READ_RUN_BYTES])
+    assert await read_threaded(behind, received) == data
+    assert layer.errors == []
+    alone = await layer.driver.open_reader("blobs/y")
+    assert alone is not None
+    pieces: list[bytes] = []
+    while (chunk := await asyncio.to_thread(alone.read_chunk)) is not None:
+        pieces.append(bytes(chunk))
+    alone.close()
+    assert all(pieces)
+    assert b"".join(pieces) == data

@@ -22,6 +22,7 @@ from moorage.zerocopy import (
     ZeroCopyFileResponse,
     ZeroCopyProtocol,
     _read_cached,
+    _write_body,
     send_buffer_bytes,
     size_body_threads,
     supports_zerocopy,
@@ -37,7 +38,13 @@ class FileBody:
     bytes. Raises after `fail_at` bytes of the file, when given."""
 
     def __init__(
-        self, path: Path, offset: int, count: int, fail_at: int | None
+        self,
+        path: Path,
+        offset: int,
+        count: int,
+        fail_at: int | None,
+        *,
+        empty_pieces: bool = False,
     ) -> None:
         self.file = open(path, "rb", buffering=0)  # noqa: SIM115
         self.position = offset
@@ -45,10 +52,18 @@ class FileBody:
         self.fail_at = fail_at
         self.buffer = bytearray(1024 * 1024)
         self.closed = False
+        # Return an empty piece before every piece, as a `SegmentReader`
+        # does when it lets other bodies go first.
+        self.empty_pieces = empty_pieces
+        self.empty_next = empty_pieces
 
     def read_chunk(self) -> memoryview | None:
         if self.fail_at is not None and self.position >= self.fail_at:
             raise ValueError("this piece does not authenticate")
+        if self.empty_next:
+            self.empty_next = False
+            return memoryview(b"")
+        self.empty_next = self.empty_pieces
         piece = memoryview(self.buffer)[: self.end - self.position]
         read = os.preadv(self.file.fileno(), [piece], self.position)
         if not read:
@@ -87,7 +102,9 @@ class FileApp:
         announced = int(query.get("announce", count))
         if "threaded" in query:
             fail = int(query["fail"]) if "fail" in query else None
-            body = FileBody(self.path, offset, announced, fail)
+            body = FileBody(
+                self.path, offset, announced, fail, empty_pieces="empty" in query
+            )
             self.bodies.append(body)
             await ThreadedBodyResponse(
                 body,
@@ -340,6 +357,48 @@ async def test_threaded_body_sent_whole_and_slowly(server: Any, content: bytes) 
     _, body = await get(port, "/?threaded=1", pause=0.002)
     assert body == content
     assert [body.closed for body in app.bodies] == [True, True]
+
+
+async def test_threaded_body_empty_pieces(server: Any, content: bytes) -> None:
+    """Empty pieces, which end a thread's trip, lose and add nothing."""
+    app, port = server
+    _, body = await get(port, "/?threaded=1&empty=1")
+    assert body == content
+    _, body = await get(port, "/?threaded=1&empty=1", pause=0.002)
+    assert body == content
+    assert [body.closed for body in app.bodies] == [True, True]
+
+
+class Pieces:
+    """A threaded body that returns the given pieces, then None."""
+
+    def __init__(self, *pieces: bytes) -> None:
+        self.pieces = list(pieces)
+
+    def read_chunk(self) -> memoryview | None:
+        return memoryview(self.pieces.pop(0)) if self.pieces else None
+
+    def close(self) -> None:
+        pass
+
+
+def test_empty_piece_ends_trip() -> None:
+    """`_write_body` returns at an empty piece, and the next trip goes on."""
+    sender, receiver = socket.socketpair()
+    try:
+        sender.setblocking(False)
+        body = Pieces(b"abc", b"", b"defg")
+        assert _write_body(sender.fileno(), body, memoryview(b""), 7) == (
+            3,
+            memoryview(b""),
+            False,
+        )
+        written, pending, ended = _write_body(sender.fileno(), body, memoryview(b""), 4)
+        assert (written, bytes(pending), ended) == (4, b"", False)
+        assert receiver.recv(16) == b"abcdefg"
+    finally:
+        sender.close()
+        receiver.close()
 
 
 async def test_threaded_body_range(server: Any, content: bytes) -> None:

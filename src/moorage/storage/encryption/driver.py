@@ -42,6 +42,8 @@ import os
 import signal
 import sys
 import threading
+import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -90,6 +92,13 @@ READ_RUN_BYTES = 1024 * 1024
 # hand-off between the two threads, and larger runs make fewer of them. Of
 # the readers open at one time, at most one per driver has these larger runs.
 LONE_READ_RUN_BYTES = 4 * READ_RUN_BYTES
+# Runs of plaintext (of `READ_RUN_BYTES` each) that concurrent readers of the
+# same file share, kept per file and process while more than one reads it
+# (see `_SharedRuns`).
+SHARED_RUNS = 8
+# Seconds since its last run after which a reader no longer counts as one
+# that a reader ahead of it waits for (see `_SharedRuns.behind`).
+_ACTIVE_SECONDS = 0.05
 # Plaintext buffers kept per read for reuse: one the caller holds, one the
 # transport may still be sending, one to fill.
 _KEPT_BUFFERS = 3
@@ -163,6 +172,8 @@ class EncryptedDriver(StorageDriver):
         self.custody: DataKeyCustody | None = None
         # Encrypted local files being read through this driver now.
         self._local_reads = 0
+        # Decrypted runs shared by the open `SegmentReader`s of each file.
+        self._shared_runs: dict[tuple[int, int, bytes], _SharedRuns] = {}
 
     # Keys
 
@@ -430,7 +441,22 @@ class EncryptedDriver(StorageDriver):
             file.close()
             raise
         runs.map()
-        return SegmentReader(self, runs, file, offset, length, header.segment_bytes)
+        status = os.fstat(fd)
+        key = (status.st_dev, status.st_ino, header.object_id)
+        shared = self._shared_runs.get(key)
+        if shared is None:
+            shared = self._shared_runs[key] = _SharedRuns(key)
+        return SegmentReader(
+            self, runs, file, offset, length, header.segment_bytes, shared
+        )
+
+    def _leave_shared(self, shared: _SharedRuns) -> None:
+        """Forget a reader of `shared`; drop its runs once none is left."""
+        shared.readers -= 1
+        if shared.readers == 0:
+            if self._shared_runs.get(shared.key) is shared:
+                del self._shared_runs[shared.key]
+            shared.clear()
 
     async def _read_stream(
         self, path: str, offset: int, length: int | None
@@ -1019,6 +1045,108 @@ class _FileSegments:
         pending.add_done_callback(close)
 
 
+class _SharedRuns:
+    """Decrypted runs of one encrypted file, shared by its concurrent readers.
+
+    Clients that pull the same blob at the same time (a deployment that starts
+    on many hosts) read the same runs at about the same time. While more than
+    one `SegmentReader` of a driver reads a file, each run of `READ_RUN_BYTES`
+    that lies whole within a reader's range is decrypted and authenticated
+    once and kept here. Readers that come to it later send it without
+    decrypting it again. The last `SHARED_RUNS` runs are kept, and all go
+    when the last reader of the file closes.
+
+    Readers drift apart, and a run is gone before readers far behind come to
+    it. So a reader about to decrypt a run that is not kept, while another
+    reader of the file behind it read a run lately, first lets the other
+    bodies go (see `SegmentReader._read_shared`), once per run. The readers
+    behind catch up, and then share the runs.
+
+    NOTE: a reader served from here does not authenticate the run itself: a
+    reader of the same open file did, at most `SHARED_RUNS` runs earlier. A
+    file altered after that is detected by the next reader that decrypts the
+    run, not by the one served from here.
+    """
+
+    def __init__(self, key: tuple[int, int, bytes]) -> None:
+        self.key = key
+        # SegmentReaders open on the file; changed on the event loop only.
+        self.readers = 0
+        self.lock = threading.Lock()
+        self._runs: OrderedDict[int, bytearray] = OrderedDict()
+        # Buffers of runs dropped from `_runs`, reused once nothing refers
+        # to them any more (see `_FileSegments._free_buffer`).
+        self._spare: list[bytearray] = []
+        # The next segment of each reader, by id, and when it last moved.
+        self._positions: dict[int, tuple[int, float]] = {}
+
+    def behind(self, reader: int, index: int) -> bool:
+        """Return whether a reader other than `reader` is behind segment
+        `index` and read a run within the last `_ACTIVE_SECONDS`."""
+        now = time.monotonic()
+        with self.lock:
+            return any(
+                other != reader and position < index and now - moved < _ACTIVE_SECONDS
+                for other, (position, moved) in self._positions.items()
+            )
+
+    def move(self, reader: int, index: int) -> None:
+        """Record that `reader` goes on at segment `index`."""
+        with self.lock:
+            self._positions[reader] = (index, time.monotonic())
+
+    def leave(self, reader: int) -> None:
+        with self.lock:
+            self._positions.pop(reader, None)
+
+    def get(self, first: int) -> bytearray | None:
+        """Return the plaintext of the run from segment `first`, if kept."""
+        with self.lock:
+            plain = self._runs.get(first)
+            if plain is not None:
+                self._runs.move_to_end(first)
+            return plain
+
+    def buffer(self, size: int) -> bytearray:
+        """Return a buffer of `size` bytes that nothing else refers to."""
+        with self.lock:
+            free = _unshared_reference_count()
+            counts = _reference_counts(self._spare)
+            for position, count in enumerate(counts):
+                if count == free and len(self._spare[position]) == size:
+                    return self._spare.pop(position)
+        return bytearray(size)
+
+    def keep(self, first: int, plain: bytearray) -> bytearray:
+        """Keep an authenticated run's plaintext; return the one to send."""
+        with self.lock:
+            kept = self._runs.get(first)
+            if kept is not None:
+                # Another reader decrypted the same run meanwhile.
+                self._spare_buffer(plain)
+                return kept
+            self._runs[first] = plain
+            while len(self._runs) > SHARED_RUNS:
+                _, dropped = self._runs.popitem(last=False)
+                self._spare_buffer(dropped)
+            return plain
+
+    def release(self, plain: bytearray) -> None:
+        """Take back a buffer from `buffer` that holds no authenticated run."""
+        with self.lock:
+            self._spare_buffer(plain)
+
+    def _spare_buffer(self, plain: bytearray) -> None:
+        if len(self._spare) < _KEPT_BUFFERS:
+            self._spare.append(plain)
+
+    def clear(self) -> None:
+        with self.lock:
+            self._runs.clear()
+            self._spare.clear()
+            self._positions.clear()
+
+
 # `SegmentReader._first` before `read_first` (None means the end of the range).
 _UNREAD = object()
 
@@ -1036,6 +1164,8 @@ class SegmentReader:
     decrypts the next run in another thread while the caller sends the last
     one: AES-GCM, `preadv` and socket writes release the GIL, so the two
     threads use both cores. Concurrent reads keep the cores busy already.
+    Concurrent readers of the same file share decrypted runs instead (see
+    `_SharedRuns`).
     """
 
     def __init__(
@@ -1046,6 +1176,7 @@ class SegmentReader:
         offset: int,
         length: int | None,
         segment: int,
+        shared: _SharedRuns | None = None,
     ) -> None:
         self._driver = driver
         self._runs = runs
@@ -1076,17 +1207,33 @@ class SegmentReader:
         self._closed = False
         # The first run, once `read_first` has read it.
         self._first: memoryview | object | None = _UNREAD
+        self._shared = shared
+        # The run for which `_read_shared` last let other bodies go first.
+        self._yielded = -1
+        # Segments per shared run.
+        self._shared_run = max(1, READ_RUN_BYTES // segment)
         driver._local_reads += 1
+        if shared is not None:
+            shared.readers += 1
 
     async def read_first(self) -> None:
         """Read and authenticate the first run now, in a worker thread, so that
         damage there raises IntegrityError before the response starts."""
-        self._first = await asyncio.to_thread(self.read_chunk)
+        self._first = await asyncio.to_thread(self._read_first)
+
+    def _read_first(self) -> memoryview | None:
+        chunk = self.read_chunk()
+        if chunk is not None and not chunk:
+            # The empty piece only let other bodies go first, once per run.
+            chunk = self.read_chunk()
+        return chunk
 
     def read_chunk(self) -> memoryview | None:
         """Return the next run's plaintext within the range, or None at the end.
 
-        The plaintext stays valid until the next call.
+        Returns an empty piece, at most once per run, when readers of the same
+        file behind this one should go first (see `_SharedRuns`). The plaintext
+        stays valid until the next call.
         """
         first, self._first = self._first, _UNREAD
         if first is not _UNREAD:
@@ -1128,7 +1275,46 @@ class SegmentReader:
                 )
             return None
         count = min(self._per_run, self._last + 1 - index)
+        shared = self._shared
+        if shared is not None and shared.readers > 1:
+            unit = self._shared_run
+            if index % unit:
+                # Read up to the start of a shared run.
+                count = min(count, unit - index % unit)
+            else:
+                count = min(unit, self._runs.segments - index)
+                if index + count - 1 <= self._last:
+                    return self._read_shared(shared, index, count)
+                # The run reaches past the range: read only the range.
+                count = self._last + 1 - index
         plain = self._runs.open_into(index, count, buffer)
+        return self._view(index, count, plain)
+
+    def _read_shared(self, shared: _SharedRuns, index: int, count: int) -> memoryview:
+        """Return a run that lies whole in the range, from `shared` or decrypted
+        and kept there."""
+        size = count * self._segment
+        if index + count == self._runs.segments:
+            size = self._runs.plaintext_size - index * self._segment
+        kept = shared.get(index)
+        if kept is None and self._yielded != index and shared.behind(id(self), index):
+            # An empty piece ends the body's trip in its thread, so that the
+            # bodies queued behind it, readers of this file among them, go
+            # first (see `moorage.zerocopy`). The run is read on the next call.
+            self._yielded = index
+            return memoryview(b"")
+        if kept is None:
+            buffer = shared.buffer(self._shared_run * self._segment)
+            try:
+                self._runs.open_into(index, count, buffer)
+            except BaseException:
+                shared.release(buffer)
+                raise
+            kept = shared.keep(index, buffer)
+        shared.move(id(self), index + count)
+        return self._view(index, count, memoryview(kept)[:size])
+
+    def _view(self, index: int, count: int, plain: memoryview) -> memoryview:
         start = index * self._segment
         self._index = index + count
         view = plain[self._skip : self._end - start]
@@ -1142,6 +1328,9 @@ class SegmentReader:
                 return
             self._closed = True
             self._driver._local_reads -= 1
+            if self._shared is not None:
+                self._shared.leave(id(self))
+                self._driver._leave_shared(self._shared)
             if not self._busy:
                 self._close_file()
 
