@@ -40,7 +40,7 @@ from typing import Any
 
 from moorage.db.backup_tables import TableEntry, sha256_of_file
 from moorage.errors import BackupError
-from moorage.fsync import fsync_directory
+from moorage.fsync import create_private_file, fsync_directory
 
 FORMAT = 1
 MARKER = "moorage-backups.json"
@@ -205,7 +205,7 @@ class BackupStore:
         digest = hashlib.sha256()
         size = 0
         try:
-            with open(source, "rb") as reader, open(temporary, "xb") as writer:
+            with open(source, "rb") as reader, create_private_file(temporary) as writer:
                 while chunk := reader.read(_CHUNK):
                     digest.update(chunk)
                     writer.write(chunk)
@@ -229,7 +229,11 @@ class BackupStore:
     def begin(self, backup_id: str) -> Path:
         """Make the directory a new backup is written into, under `tmp/`."""
         work = self.root / "tmp" / backup_id
-        (work / "tables").mkdir(mode=0o700, parents=True)
+        # The backup's own directory is private too: `mkdir(parents=True)`
+        # would give it the umask's mode.
+        (self.root / "tmp").mkdir(mode=0o700, exist_ok=True)
+        work.mkdir(mode=0o700)
+        (work / "tables").mkdir(mode=0o700)
         return work
 
     def commit(self, work: Path, record: BackupRecord) -> None:
@@ -320,7 +324,7 @@ def _write_durably(path: Path, data: bytes, directory: Path) -> None:
     """Write a small file under a temporary name, fsync it, and rename it."""
     temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
     try:
-        with open(temporary, "xb") as file:
+        with create_private_file(temporary) as file:
             file.write(data)
             file.flush()
             os.fsync(file.fileno())

@@ -1,0 +1,78 @@
+"""`moorage backup` and its backup directory, run as an operator runs it.
+
+The drill with images and skopeo is in tests/e2e/test_backup.py. These tests
+use an installation without images and check what the commands write and
+print when the backup directory is shared, damaged or cannot be written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.support.database import create_database, drop_database
+
+
+@dataclass
+class Installation:
+    data_dir: Path
+    url: str
+    backups: Path
+
+    def moorage(self, *args: str | Path) -> subprocess.CompletedProcess[str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MOORAGE_")}
+        env.update(MOORAGE_DATA_DIR=str(self.data_dir), MOORAGE_DATABASE_URL=self.url)
+        return subprocess.run(
+            [sys.executable, "-m", "moorage", *map(str, args)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+
+    def create(self) -> str:
+        result = self.moorage("backup", "create", self.backups)
+        assert result.returncode == 0, result.stderr
+        return result.stdout.split()[1]
+
+
+@pytest.fixture
+def installation(tmp_path: Path) -> Iterator[Installation]:
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    url = create_database(data_dir)
+    try:
+        yield Installation(data_dir, url, tmp_path / "backups")
+    finally:
+        drop_database(url)
+
+
+def test_backup_files_are_private_whatever_the_umask(
+    installation: Installation,
+) -> None:
+    """A backup holds the database: none of its files or directories is
+    readable by others, even when the directory's mode is later widened or it
+    is copied elsewhere with its modes."""
+    old = os.umask(0o022)
+    try:
+        installation.create()
+        installation.create()
+    finally:
+        os.umask(old)
+    shared = []
+    for directory, folders, files in os.walk(installation.backups):
+        for name in [*folders, *files]:
+            path = Path(directory, name)
+            if name != "lock" and stat.S_IMODE(path.stat().st_mode) & 0o077:
+                shared.append(f"{path}: {oct(stat.S_IMODE(path.stat().st_mode))}")
+    assert shared == []
+
