@@ -76,3 +76,64 @@ def test_backup_files_are_private_whatever_the_umask(
                 shared.append(f"{path}: {oct(stat.S_IMODE(path.stat().st_mode))}")
     assert shared == []
 
+
+def test_create_that_cannot_write_says_so_without_a_traceback(
+    installation: Installation,
+) -> None:
+    installation.create()
+    # Completing a backup renames it into backups/; make that impossible.
+    backups = installation.backups / "backups"
+    for child in backups.iterdir():
+        os.rename(child, installation.backups / "tmp" / f"moved-{child.name}")
+    backups.rmdir()
+    backups.write_text("not a directory")
+    result = installation.moorage("backup", "create", installation.backups)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert "no backup was made" in result.stderr
+    assert str(backups) in result.stderr
+
+
+def test_list_and_verify_report_a_damaged_record_and_go_on(
+    installation: Installation,
+) -> None:
+    damaged = installation.create()
+    intact = installation.create()
+    record = installation.backups / "backups" / damaged / "backup.json"
+    record.write_text(record.read_text()[:40])
+
+    listed = installation.moorage("backup", "list", installation.backups)
+    assert listed.returncode == 1
+    assert intact in listed.stdout
+    assert damaged in listed.stderr
+    assert "Traceback" not in listed.stderr
+
+    verified = installation.moorage("backup", "verify", installation.backups)
+    assert verified.returncode == 1
+    assert f"backup {damaged}" in verified.stderr
+    assert "backup.json" in verified.stderr
+    assert "Traceback" not in verified.stderr
+    # The intact backup was checked too: a damaged table of it is named.
+    table = json.loads(
+        (installation.backups / "backups" / intact / "backup.json").read_text()
+    )["tables"][0]["file"]
+    (installation.backups / "backups" / intact / table).write_bytes(b"x")
+    verified = installation.moorage("backup", "verify", installation.backups)
+    assert verified.returncode == 1
+    assert f"backup {intact}: table" in verified.stderr
+
+
+def test_prune_changes_nothing_when_a_kept_record_is_damaged(
+    installation: Installation,
+) -> None:
+    oldest = installation.create()
+    newest = installation.create()
+    record = installation.backups / "backups" / newest / "backup.json"
+    record.write_text("{")
+    result = installation.moorage(
+        "backup", "prune", installation.backups, "--keep", "1"
+    )
+    assert result.returncode == 1
+    assert "Nothing was pruned" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert (installation.backups / "backups" / oldest / "backup.json").is_file()

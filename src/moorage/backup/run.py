@@ -58,7 +58,15 @@ _CHUNK = 1024 * 1024
 async def create_backup(services: Services, store: BackupStore) -> BackupRecord:
     """Write one complete backup of the installation into `store`."""
     with store.locked():
-        return await _create(services, store)
+        try:
+            return await _create(services, store)
+        except OSError as error:
+            raise BackupError(
+                f"{_named(error, store.root)}: {error.strerror or error}; no "
+                "backup was made. Fix the cause (space, permissions, the backup "
+                "directory's layout) and run the backup again; `moorage backup "
+                f"prune` removes what this one left under {store.root / 'tmp'}"
+            ) from None
 
 
 async def _create(services: Services, store: BackupStore) -> BackupRecord:
@@ -111,6 +119,15 @@ async def _create(services: Services, store: BackupStore) -> BackupRecord:
     return record
 
 
+def _named(error: OSError, default: Path) -> str:
+    """The file or files an OSError names: `a -> b` for a failed rename."""
+    if error.filename is None:
+        return str(default)
+    if error.filename2 is not None:
+        return f"{error.filename} -> {error.filename2}"
+    return str(error.filename)
+
+
 class _Copier:
     """Copies stored files into the backup's objects, each only once."""
 
@@ -160,6 +177,19 @@ async def restore_backup(
     must be empty, and leave it empty again when anything fails before the
     database is committed. Return the backup's record; `check_restored` then
     proves the blobs."""
+    try:
+        return await _restore(settings, store, backup_id)
+    except OSError as error:
+        raise BackupError(
+            f"{_named(error, store.root)}: {error.strerror or error}; the backup "
+            "was not restored and the files it copied were removed. Fix the cause "
+            "(space, permissions) and restore again"
+        ) from None
+
+
+async def _restore(
+    settings: Settings, store: BackupStore, backup_id: str
+) -> BackupRecord:
     record = store.load(backup_id)
     _check_revision(record.revision)
     storage = settings.resolved_storage_dir

@@ -265,10 +265,30 @@ class BackupStore:
         try:
             return BackupRecord.from_json(json.loads(path.read_bytes()))
         except (ValueError, KeyError, TypeError) as error:
-            raise BackupError(f"{path} cannot be read: {error}") from None
+            raise BackupError(
+                f"backup {backup_id}: {path} cannot be read ({error}), so this "
+                "backup cannot be verified or restored; restore another backup"
+            ) from None
+        except OSError as error:
+            raise BackupError(
+                f"backup {backup_id}: {path} cannot be read ({error.strerror})"
+            ) from None
 
     def records(self) -> list[BackupRecord]:
         return [self.load(backup_id) for backup_id in self.ids()]
+
+    def readable_records(self) -> tuple[list[BackupRecord], list[str]]:
+        """Return the complete backups whose record can be read, and one line
+        for each whose record cannot: one damaged `backup.json` hides no
+        other backup."""
+        records: list[BackupRecord] = []
+        problems: list[str] = []
+        for backup_id in self.ids():
+            try:
+                records.append(self.load(backup_id))
+            except BackupError as error:
+                problems.append(error.message)
+        return records, problems
 
     def table_path(self, backup_id: str, table: TableEntry) -> Path:
         return self.root / "backups" / backup_id / table.file
@@ -295,6 +315,18 @@ class BackupStore:
         and bytes of removed objects."""
         ids = self.ids()
         removed = ids[: max(len(ids) - keep, 0)]
+        # Read the kept records first: an object is removed only when no kept
+        # backup names it, which a damaged record cannot tell.
+        kept: list[BackupRecord] = []
+        for backup_id in ids[len(removed) :]:
+            try:
+                kept.append(self.load(backup_id))
+            except BackupError as error:
+                raise BackupError(
+                    f"{error.message}. Nothing was pruned: which objects that "
+                    f"backup needs is unknown. Move {self.root / 'backups' / backup_id}"
+                    " out of the backup directory, then prune again"
+                ) from None
         for backup_id in removed:
             doomed = self.root / "tmp" / f"pruned-{backup_id}"
             os.replace(self.root / "backups" / backup_id, doomed)
@@ -306,7 +338,7 @@ class BackupStore:
                 shutil.rmtree(leftover)
             else:
                 leftover.unlink()
-        needed = {entry.sha256 for record in self.records() for entry in record.files}
+        needed = {entry.sha256 for record in kept for entry in record.files}
         count = size = 0
         for path in self._object_files():
             if path.name not in needed:
@@ -359,11 +391,13 @@ def verify_files(store: BackupStore, records: Iterable[BackupRecord]) -> list[st
 def check_file(path: Path, sha256: str, size: int) -> str | None:
     try:
         actual_size = path.stat().st_size
+        if actual_size != size:
+            return f"{path} has {actual_size} bytes; the backup recorded {size}"
+        actual = sha256_of_file(path)
     except FileNotFoundError:
         return f"{path} is missing"
-    if actual_size != size:
-        return f"{path} has {actual_size} bytes; the backup recorded {size}"
-    actual = sha256_of_file(path)
+    except OSError as error:
+        return f"{path} cannot be read: {error.strerror}"
     if actual != sha256:
         return f"{path} has SHA-256 {actual}; the backup recorded {sha256}"
     return None
