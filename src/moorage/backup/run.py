@@ -42,7 +42,7 @@ from moorage.db.backup_tables import (
 from moorage.db.engine import MIGRATIONS_DIR, create_engine
 from moorage.digests import parse_digest
 from moorage.errors import BackupError
-from moorage.fsync import fsync_directory
+from moorage.fsync import create_private_file, fsync_directory
 from moorage.services import Services
 from moorage.storage import paths
 from moorage.storage.drivers.base import PathNotFoundError
@@ -192,6 +192,7 @@ async def _restore(
 ) -> BackupRecord:
     record = store.load(backup_id)
     _check_revision(record.revision)
+    refuse_unfinished_restore(settings)
     storage = settings.resolved_storage_dir
     _reject_used_storage(storage)
     sources = [
@@ -203,15 +204,59 @@ async def _restore(
     engine = create_engine_for(settings)
     try:
         await _reject_used_database(engine, settings)
-        copied = _copy_into_storage(store, record, storage)
+        # Until `finish_restore`, the marker says the installation is not
+        # proven: a restore killed after its commit leaves a database that
+        # looks complete. `serve` and a later restore refuse it.
+        marker = settings.data_dir / RESTORE_MARKER
+        _write_marker(marker, f"backup {record.id} from {store.root.resolve()}")
         try:
-            await load(engine, record.revision, sources, record.sequences)
+            copied = _copy_into_storage(store, record, storage)
+            try:
+                await load(engine, record.revision, sources, record.sequences)
+            except BaseException:
+                _remove(storage, copied)
+                raise
         except BaseException:
-            _remove(storage, copied)
+            # Empty again: nothing is left to refuse.
+            marker.unlink(missing_ok=True)
             raise
     finally:
         await engine.dispose()
     return record
+
+
+RESTORE_MARKER = "restore-unfinished"
+
+
+def _write_marker(path: Path, what: str) -> None:
+    with create_private_file(path) as file:
+        file.write(f"{what}\n".encode())
+        file.flush()
+        os.fsync(file.fileno())
+    fsync_directory(path.parent)
+
+
+def finish_restore(settings: Settings) -> None:
+    """Mark the restored installation as checked: `serve` may open it."""
+    (settings.data_dir / RESTORE_MARKER).unlink(missing_ok=True)
+    fsync_directory(settings.data_dir)
+
+
+def refuse_unfinished_restore(settings: Settings) -> None:
+    """Raise when a restore into this installation began and never passed its
+    check: it was interrupted, or blobs failed the check."""
+    marker = settings.data_dir / RESTORE_MARKER
+    try:
+        what = marker.read_text().strip() or "a backup"
+    except FileNotFoundError:
+        return
+    raise BackupError(
+        f"the restore of {what} into {settings.data_dir} did not finish: it was "
+        "interrupted, or blobs failed its check, so this installation may be "
+        "incomplete. Empty it (remove the blob store "
+        f"{settings.resolved_storage_dir} and the database, or use new ones), "
+        f"delete {marker}, and restore again"
+    )
 
 
 def create_engine_for(settings: Settings) -> AsyncEngine:

@@ -20,6 +20,7 @@ from moorage.audit import events as actions
 from moorage.backup.run import (
     check_restored,
     create_backup,
+    finish_restore,
     restore_backup,
 )
 from moorage.backup.store import BackupRecord, BackupStore, verify_files
@@ -236,6 +237,8 @@ def backup_restore(
             )
         finally:
             await services.close()
+        if not problems:
+            finish_restore(settings)
         return record, problems
 
     record, problems = _async(settings, restore())
