@@ -137,3 +137,14 @@ def test_prune_changes_nothing_when_a_kept_record_is_damaged(
     assert "Nothing was pruned" in result.stderr
     assert "Traceback" not in result.stderr
     assert (installation.backups / "backups" / oldest / "backup.json").is_file()
+
+
+def test_verify_fails_when_there_is_no_backup(installation: Installation) -> None:
+    """Only an interrupted backup: `verify` must not report success."""
+    installation.create()
+    backups = installation.backups / "backups"
+    for child in backups.iterdir():
+        os.rename(child, installation.backups / "tmp" / child.name)
+    verified = installation.moorage("backup", "verify", installation.backups)
+    assert verified.returncode == 1
+    assert "no complete backups" in verified.stderr

@@ -166,6 +166,10 @@ def backup_verify(
     else:
         records, problems = store.readable_records()
     problems += verify_files(store, records)
+    if not records and not problems:
+        # A check that finds nothing to check must not pass: a cron job that
+        # verifies an empty directory would report backups that do not exist.
+        problems.append(f"no complete backups in {directory}; nothing was verified")
     if not problems and decrypt:
         settings = _settings(data_dir=data_dir)
         for record in records:
