@@ -489,9 +489,9 @@ def _empty_again(installation: ServerProcess) -> None:
             path.unlink()
 
 
-def test_interrupted_restore_is_refused_until_emptied(drill: Drill) -> None:
+def test_interrupted_restore_is_rejected(drill: Drill) -> None:
     """A restore killed midway leaves an installation that may look complete.
-    `serve` and a second restore refuse it and say how to start again; after
+    `serve` and a second restore reject it and say how to start again; after
     that, the restore succeeds."""
     target = _new_server(drill.work / "killed-restore")
     shutil.copytree(drill.server.data_dir / "keys", target.data_dir / "keys")

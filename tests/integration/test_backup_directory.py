@@ -56,7 +56,7 @@ def installation(tmp_path: Path) -> Iterator[Installation]:
         drop_database(url)
 
 
-def test_backup_files_are_private_whatever_the_umask(
+def test_backup_files_are_private(
     installation: Installation,
 ) -> None:
     """A backup holds the database: none of its files or directories is
@@ -77,7 +77,7 @@ def test_backup_files_are_private_whatever_the_umask(
     assert shared == []
 
 
-def test_create_that_cannot_write_says_so_without_a_traceback(
+def test_create_write_error_is_one_line(
     installation: Installation,
 ) -> None:
     installation.create()
@@ -94,7 +94,7 @@ def test_create_that_cannot_write_says_so_without_a_traceback(
     assert str(backups) in result.stderr
 
 
-def test_list_and_verify_report_a_damaged_record_and_go_on(
+def test_damaged_record_hides_no_backup(
     installation: Installation,
 ) -> None:
     damaged = installation.create()
@@ -123,7 +123,7 @@ def test_list_and_verify_report_a_damaged_record_and_go_on(
     assert f"backup {intact}: table" in verified.stderr
 
 
-def test_prune_changes_nothing_when_a_kept_record_is_damaged(
+def test_prune_stops_on_damaged_record(
     installation: Installation,
 ) -> None:
     oldest = installation.create()
@@ -139,7 +139,7 @@ def test_prune_changes_nothing_when_a_kept_record_is_damaged(
     assert (installation.backups / "backups" / oldest / "backup.json").is_file()
 
 
-def test_verify_fails_when_there_is_no_backup(installation: Installation) -> None:
+def test_verify_fails_without_backups(installation: Installation) -> None:
     """Only an interrupted backup: `verify` must not report success."""
     installation.create()
     backups = installation.backups / "backups"

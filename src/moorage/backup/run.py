@@ -192,7 +192,7 @@ async def _restore(
 ) -> BackupRecord:
     record = store.load(backup_id)
     _check_revision(record.revision)
-    refuse_unfinished_restore(settings)
+    reject_unfinished_restore(settings)
     storage = settings.resolved_storage_dir
     _reject_used_storage(storage)
     sources = [
@@ -206,7 +206,7 @@ async def _restore(
         await _reject_used_database(engine, settings)
         # Until `finish_restore`, the marker says the installation is not
         # proven: a restore killed after its commit leaves a database that
-        # looks complete. `serve` and a later restore refuse it.
+        # looks complete. `serve` and a later restore reject it.
         marker = settings.data_dir / RESTORE_MARKER
         _write_marker(marker, f"backup {record.id} from {store.root.resolve()}")
         try:
@@ -217,7 +217,7 @@ async def _restore(
                 _remove(storage, copied)
                 raise
         except BaseException:
-            # Empty again: nothing is left to refuse.
+            # The installation is empty again: nothing is left to reject.
             marker.unlink(missing_ok=True)
             raise
     finally:
@@ -242,7 +242,7 @@ def finish_restore(settings: Settings) -> None:
     fsync_directory(settings.data_dir)
 
 
-def refuse_unfinished_restore(settings: Settings) -> None:
+def reject_unfinished_restore(settings: Settings) -> None:
     """Raise when a restore into this installation began and never passed its
     check: it was interrupted, or blobs failed the check."""
     marker = settings.data_dir / RESTORE_MARKER

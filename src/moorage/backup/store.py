@@ -313,6 +313,9 @@ class BackupStore:
         """Remove all but the newest `keep` backups, unfinished backups and the
         objects no remaining backup names. Return the removed ids, and the count
         and bytes of removed objects."""
+        # NOTE: `restore` and `verify` take no lock. A prune while they run can
+        # remove objects they read: restore then fails and removes what it
+        # copied, and verify reports those objects as missing.
         ids = self.ids()
         removed = ids[: max(len(ids) - keep, 0)]
         # Read the kept records first: an object is removed only when no kept
