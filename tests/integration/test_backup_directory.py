@@ -7,8 +7,10 @@ print when the backup directory is shared, damaged or cannot be written.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -148,3 +150,34 @@ def test_verify_fails_without_backups(installation: Installation) -> None:
     verified = installation.moorage("backup", "verify", installation.backups)
     assert verified.returncode == 1
     assert "no complete backups" in verified.stderr
+
+
+def test_restore_writes_only_into_blob_store(
+    installation: Installation, tmp_path: Path
+) -> None:
+    """A damaged backup.json that names a file outside the blob store is
+    rejected before anything is written."""
+    backup_id = installation.create()
+    content = b"written outside the blob store"
+    digest = hashlib.sha256(content).hexdigest()
+    stored = installation.backups / "objects" / digest[:2] / digest
+    stored.parent.mkdir(parents=True)
+    stored.write_bytes(content)
+    record_path = installation.backups / "backups" / backup_id / "backup.json"
+    record = json.loads(record_path.read_text())
+    record["files"].append(
+        {"path": "../escaped", "sha256": digest, "size": len(content)}
+    )
+    record_path.write_text(json.dumps(record))
+
+    target_dir = tmp_path / "target"
+    target_dir.mkdir()
+    shutil.copytree(installation.data_dir / "keys", target_dir / "keys")
+    target = Installation(target_dir, create_database(target_dir), tmp_path / "x")
+    try:
+        result = target.moorage("backup", "restore", installation.backups, backup_id)
+        assert result.returncode == 1
+        assert "../escaped" in result.stderr
+        assert not (target_dir / "escaped").exists()
+    finally:
+        drop_database(target.url)

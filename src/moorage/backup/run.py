@@ -360,6 +360,8 @@ def _copy_into_storage(
 ) -> list[Path]:
     """Copy the backup's files into the blob store, checking each one's SHA-256
     on the way; on failure remove what was copied. Return the files written."""
+    for entry in record.files:
+        _check_storage_key(entry.path)
     written: list[Path] = []
     try:
         for entry in record.files:
@@ -370,6 +372,23 @@ def _copy_into_storage(
         _remove(storage, written)
         raise
     return written
+
+
+def _check_storage_key(key: str) -> None:
+    """Reject a file path in backup.json that would write outside the blob
+    store: a backup only contains blobs and envelopes, by relative path."""
+    parts = Path(key).parts
+    if (
+        not parts
+        or Path(key).is_absolute()
+        or parts[0] not in (paths.BLOBS_PREFIX, ENVELOPES_PREFIX)
+        or any(part in ("..", ".") for part in parts)
+    ):
+        raise BackupError(
+            f"the backup names the file {key!r}, which is not a path under "
+            f"{paths.BLOBS_PREFIX}/ or {ENVELOPES_PREFIX}/ in the blob store; its "
+            "backup.json is damaged. Restore another backup. Nothing was changed"
+        )
 
 
 def _copy_checked(source: Path, target: Path, entry: FileEntry) -> None:
