@@ -9,6 +9,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 
 def fsync_directory(path: str | Path) -> None:
@@ -60,3 +61,10 @@ def wait_for_writeback(descriptor: int, offset: int, length: int) -> bool:
         return False
     flags = _SYNC_FILE_RANGE_WAIT_BEFORE
     return _sync_file_range(descriptor, offset, length, flags) == 0
+
+
+def create_private_file(path: str | Path) -> BinaryIO:
+    """Create `path`, which must not exist, readable and writable by its owner
+    only (0600, whatever the umask), and open it for writing."""
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    return os.fdopen(descriptor, "wb")

@@ -20,9 +20,11 @@ import json
 import os
 import random
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -470,6 +472,67 @@ def test_restore_refuses_a_used_installation(drill: Drill) -> None:
         assert result.returncode == 1
         assert "blob store" in result.stderr
         assert _table_names(target) == []
+    finally:
+        drop_database(target.database_url)
+
+
+def _empty_again(installation: ServerProcess) -> None:
+    """Empty an installation as the operator is told to: blob store and
+    database (the key directory stays)."""
+    shutil.rmtree(installation.data_dir / "storage", ignore_errors=True)
+    if installation.database_url.startswith("postgresql"):
+        name = installation.database_url.rsplit("/", 1)[1]
+        drop_database(installation.database_url)
+        _psql(f'CREATE DATABASE "{name}"')
+    else:
+        for path in installation.data_dir.glob("moorage.db*"):
+            path.unlink()
+
+
+def test_interrupted_restore_is_rejected(drill: Drill) -> None:
+    """A restore killed midway leaves an installation that may look complete.
+    `serve` and a second restore reject it and say how to start again; after
+    that, the restore succeeds."""
+    target = _new_server(drill.work / "killed-restore")
+    shutil.copytree(drill.server.data_dir / "keys", target.data_dir / "keys")
+    marker = target.data_dir / "restore-unfinished"
+    backup_id = drill.backups[1][0]
+    try:
+        process = subprocess.Popen(
+            [
+                *(sys.executable, "-m", "moorage", "backup", "restore"),
+                *(str(drill.directory), backup_id),
+            ],
+            env=target.environment(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        while not marker.exists() and process.poll() is None:
+            time.sleep(0.002)
+        process.kill()
+        assert process.wait() == -signal.SIGKILL, "the restore ended before the kill"
+
+        again = moorage(target, "backup", "restore", drill.directory, backup_id)
+        assert again.returncode == 1
+        message = " ".join(again.stderr.split())
+        assert "did not finish" in message
+        assert f"delete {marker}" in message
+        served = subprocess.run(
+            [sys.executable, "-m", "moorage", "serve", "--port", str(_port())],
+            env=target.environment(),
+            capture_output=True,
+            text=True,
+            timeout=COMMAND_TIMEOUT,
+            check=False,
+        )
+        assert served.returncode == 1
+        assert "did not finish" in served.stderr
+
+        _empty_again(target)
+        marker.unlink()
+        restored = moorage(target, "backup", "restore", drill.directory, backup_id)
+        assert restored.returncode == 0, restored.stderr
+        assert not marker.exists()
     finally:
         drop_database(target.database_url)
 

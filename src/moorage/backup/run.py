@@ -42,7 +42,7 @@ from moorage.db.backup_tables import (
 from moorage.db.engine import MIGRATIONS_DIR, create_engine
 from moorage.digests import parse_digest
 from moorage.errors import BackupError
-from moorage.fsync import fsync_directory
+from moorage.fsync import create_private_file, fsync_directory
 from moorage.services import Services
 from moorage.storage import paths
 from moorage.storage.drivers.base import PathNotFoundError
@@ -58,7 +58,15 @@ _CHUNK = 1024 * 1024
 async def create_backup(services: Services, store: BackupStore) -> BackupRecord:
     """Write one complete backup of the installation into `store`."""
     with store.locked():
-        return await _create(services, store)
+        try:
+            return await _create(services, store)
+        except OSError as error:
+            raise BackupError(
+                f"{_named(error, store.root)}: {error.strerror or error}; no "
+                "backup was made. Fix the cause (space, permissions, the backup "
+                "directory's layout) and run the backup again; `moorage backup "
+                f"prune` removes what this one left under {store.root / 'tmp'}"
+            ) from None
 
 
 async def _create(services: Services, store: BackupStore) -> BackupRecord:
@@ -111,6 +119,15 @@ async def _create(services: Services, store: BackupStore) -> BackupRecord:
     return record
 
 
+def _named(error: OSError, default: Path) -> str:
+    """The file or files an OSError names: `a -> b` for a failed rename."""
+    if error.filename is None:
+        return str(default)
+    if error.filename2 is not None:
+        return f"{error.filename} -> {error.filename2}"
+    return str(error.filename)
+
+
 class _Copier:
     """Copies stored files into the backup's objects, each only once."""
 
@@ -160,8 +177,22 @@ async def restore_backup(
     must be empty, and leave it empty again when anything fails before the
     database is committed. Return the backup's record; `check_restored` then
     proves the blobs."""
+    try:
+        return await _restore(settings, store, backup_id)
+    except OSError as error:
+        raise BackupError(
+            f"{_named(error, store.root)}: {error.strerror or error}; the backup "
+            "was not restored and the files it copied were removed. Fix the cause "
+            "(space, permissions) and restore again"
+        ) from None
+
+
+async def _restore(
+    settings: Settings, store: BackupStore, backup_id: str
+) -> BackupRecord:
     record = store.load(backup_id)
     _check_revision(record.revision)
+    reject_unfinished_restore(settings)
     storage = settings.resolved_storage_dir
     _reject_used_storage(storage)
     sources = [
@@ -173,15 +204,59 @@ async def restore_backup(
     engine = create_engine_for(settings)
     try:
         await _reject_used_database(engine, settings)
-        copied = _copy_into_storage(store, record, storage)
+        # Until `finish_restore`, the marker says the installation is not
+        # proven: a restore killed after its commit leaves a database that
+        # looks complete. `serve` and a later restore reject it.
+        marker = settings.data_dir / RESTORE_MARKER
+        _write_marker(marker, f"backup {record.id} from {store.root.resolve()}")
         try:
-            await load(engine, record.revision, sources, record.sequences)
+            copied = _copy_into_storage(store, record, storage)
+            try:
+                await load(engine, record.revision, sources, record.sequences)
+            except BaseException:
+                _remove(storage, copied)
+                raise
         except BaseException:
-            _remove(storage, copied)
+            # The installation is empty again: nothing is left to reject.
+            marker.unlink(missing_ok=True)
             raise
     finally:
         await engine.dispose()
     return record
+
+
+RESTORE_MARKER = "restore-unfinished"
+
+
+def _write_marker(path: Path, what: str) -> None:
+    with create_private_file(path) as file:
+        file.write(f"{what}\n".encode())
+        file.flush()
+        os.fsync(file.fileno())
+    fsync_directory(path.parent)
+
+
+def finish_restore(settings: Settings) -> None:
+    """Mark the restored installation as checked: `serve` may open it."""
+    (settings.data_dir / RESTORE_MARKER).unlink(missing_ok=True)
+    fsync_directory(settings.data_dir)
+
+
+def reject_unfinished_restore(settings: Settings) -> None:
+    """Raise when a restore into this installation began and never passed its
+    check: it was interrupted, or blobs failed the check."""
+    marker = settings.data_dir / RESTORE_MARKER
+    try:
+        what = marker.read_text().strip() or "a backup"
+    except FileNotFoundError:
+        return
+    raise BackupError(
+        f"the restore of {what} into {settings.data_dir} did not finish: it was "
+        "interrupted, or blobs failed its check, so this installation may be "
+        "incomplete. Empty it (remove the blob store "
+        f"{settings.resolved_storage_dir} and the database, or use new ones), "
+        f"delete {marker}, and restore again"
+    )
 
 
 def create_engine_for(settings: Settings) -> AsyncEngine:
@@ -285,6 +360,8 @@ def _copy_into_storage(
 ) -> list[Path]:
     """Copy the backup's files into the blob store, checking each one's SHA-256
     on the way; on failure remove what was copied. Return the files written."""
+    for entry in record.files:
+        _check_storage_key(entry.path)
     written: list[Path] = []
     try:
         for entry in record.files:
@@ -295,6 +372,23 @@ def _copy_into_storage(
         _remove(storage, written)
         raise
     return written
+
+
+def _check_storage_key(key: str) -> None:
+    """Reject a file path in backup.json that would write outside the blob
+    store: a backup only contains blobs and envelopes, by relative path."""
+    parts = Path(key).parts
+    if (
+        not parts
+        or Path(key).is_absolute()
+        or parts[0] not in (paths.BLOBS_PREFIX, ENVELOPES_PREFIX)
+        or any(part in ("..", ".") for part in parts)
+    ):
+        raise BackupError(
+            f"the backup names the file {key!r}, which is not a path under "
+            f"{paths.BLOBS_PREFIX}/ or {ENVELOPES_PREFIX}/ in the blob store; its "
+            "backup.json is damaged. Restore another backup. Nothing was changed"
+        )
 
 
 def _copy_checked(source: Path, target: Path, entry: FileEntry) -> None:

@@ -40,7 +40,7 @@ from typing import Any
 
 from moorage.db.backup_tables import TableEntry, sha256_of_file
 from moorage.errors import BackupError
-from moorage.fsync import fsync_directory
+from moorage.fsync import create_private_file, fsync_directory
 
 FORMAT = 1
 MARKER = "moorage-backups.json"
@@ -205,7 +205,7 @@ class BackupStore:
         digest = hashlib.sha256()
         size = 0
         try:
-            with open(source, "rb") as reader, open(temporary, "xb") as writer:
+            with open(source, "rb") as reader, create_private_file(temporary) as writer:
                 while chunk := reader.read(_CHUNK):
                     digest.update(chunk)
                     writer.write(chunk)
@@ -229,7 +229,11 @@ class BackupStore:
     def begin(self, backup_id: str) -> Path:
         """Make the directory a new backup is written into, under `tmp/`."""
         work = self.root / "tmp" / backup_id
-        (work / "tables").mkdir(mode=0o700, parents=True)
+        # The backup's own directory is private too: `mkdir(parents=True)`
+        # would give it the umask's mode.
+        (self.root / "tmp").mkdir(mode=0o700, exist_ok=True)
+        work.mkdir(mode=0o700)
+        (work / "tables").mkdir(mode=0o700)
         return work
 
     def commit(self, work: Path, record: BackupRecord) -> None:
@@ -261,10 +265,30 @@ class BackupStore:
         try:
             return BackupRecord.from_json(json.loads(path.read_bytes()))
         except (ValueError, KeyError, TypeError) as error:
-            raise BackupError(f"{path} cannot be read: {error}") from None
+            raise BackupError(
+                f"backup {backup_id}: {path} cannot be read ({error}), so this "
+                "backup cannot be verified or restored; restore another backup"
+            ) from None
+        except OSError as error:
+            raise BackupError(
+                f"backup {backup_id}: {path} cannot be read ({error.strerror})"
+            ) from None
 
     def records(self) -> list[BackupRecord]:
         return [self.load(backup_id) for backup_id in self.ids()]
+
+    def readable_records(self) -> tuple[list[BackupRecord], list[str]]:
+        """Return the complete backups whose record can be read, and one line
+        for each whose record cannot: one damaged `backup.json` hides no
+        other backup."""
+        records: list[BackupRecord] = []
+        problems: list[str] = []
+        for backup_id in self.ids():
+            try:
+                records.append(self.load(backup_id))
+            except BackupError as error:
+                problems.append(error.message)
+        return records, problems
 
     def table_path(self, backup_id: str, table: TableEntry) -> Path:
         return self.root / "backups" / backup_id / table.file
@@ -289,8 +313,23 @@ class BackupStore:
         """Remove all but the newest `keep` backups, unfinished backups and the
         objects no remaining backup names. Return the removed ids, and the count
         and bytes of removed objects."""
+        # NOTE: `restore` and `verify` take no lock. A prune while they run can
+        # remove objects they read: restore then fails and removes what it
+        # copied, and verify reports those objects as missing.
         ids = self.ids()
         removed = ids[: max(len(ids) - keep, 0)]
+        # Read the kept records first: an object is removed only when no kept
+        # backup names it, which a damaged record cannot tell.
+        kept: list[BackupRecord] = []
+        for backup_id in ids[len(removed) :]:
+            try:
+                kept.append(self.load(backup_id))
+            except BackupError as error:
+                raise BackupError(
+                    f"{error.message}. Nothing was pruned: which objects that "
+                    f"backup needs is unknown. Move {self.root / 'backups' / backup_id}"
+                    " out of the backup directory, then prune again"
+                ) from None
         for backup_id in removed:
             doomed = self.root / "tmp" / f"pruned-{backup_id}"
             os.replace(self.root / "backups" / backup_id, doomed)
@@ -302,7 +341,7 @@ class BackupStore:
                 shutil.rmtree(leftover)
             else:
                 leftover.unlink()
-        needed = {entry.sha256 for record in self.records() for entry in record.files}
+        needed = {entry.sha256 for record in kept for entry in record.files}
         count = size = 0
         for path in self._object_files():
             if path.name not in needed:
@@ -320,7 +359,7 @@ def _write_durably(path: Path, data: bytes, directory: Path) -> None:
     """Write a small file under a temporary name, fsync it, and rename it."""
     temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
     try:
-        with open(temporary, "xb") as file:
+        with create_private_file(temporary) as file:
             file.write(data)
             file.flush()
             os.fsync(file.fileno())
@@ -355,11 +394,13 @@ def verify_files(store: BackupStore, records: Iterable[BackupRecord]) -> list[st
 def check_file(path: Path, sha256: str, size: int) -> str | None:
     try:
         actual_size = path.stat().st_size
+        if actual_size != size:
+            return f"{path} has {actual_size} bytes; the backup recorded {size}"
+        actual = sha256_of_file(path)
     except FileNotFoundError:
         return f"{path} is missing"
-    if actual_size != size:
-        return f"{path} has {actual_size} bytes; the backup recorded {size}"
-    actual = sha256_of_file(path)
+    except OSError as error:
+        return f"{path} cannot be read: {error.strerror}"
     if actual != sha256:
         return f"{path} has SHA-256 {actual}; the backup recorded {sha256}"
     return None

@@ -20,6 +20,7 @@ from moorage.audit import events as actions
 from moorage.backup.run import (
     check_restored,
     create_backup,
+    finish_restore,
     restore_backup,
 )
 from moorage.backup.store import BackupRecord, BackupStore, verify_files
@@ -114,12 +115,8 @@ def backup_create(directory: DirectoryArgument, data_dir: DataDirOption = None) 
 def backup_list(directory: DirectoryArgument) -> None:
     """List the complete backups in DIRECTORY, oldest first."""
     store = _open_store(directory)
-    try:
-        records = store.records()
-    except BackupError as error:
-        _print_error(error)
-        raise typer.Exit(1) from None
-    if not records:
+    records, damaged = store.readable_records()
+    if not records and not damaged:
         console.print(f"no complete backups in {shown(directory)}")
     # One line per backup, whatever the terminal's width: ids are copied into
     # commands, so they are never cut short.
@@ -135,6 +132,10 @@ def backup_list(directory: DirectoryArgument) -> None:
             highlight=False,
             soft_wrap=True,
         )
+    for problem in damaged:
+        errors.print(f"[red]damaged:[/red] {shown(problem)}", soft_wrap=True)
+    if damaged:
+        raise typer.Exit(1)
 
 
 @backup_app.command("verify")
@@ -155,12 +156,20 @@ def backup_verify(
 ) -> None:
     """Check that every file of the backups is present with its recorded SHA-256."""
     store = _open_store(directory)
-    try:
-        records = [store.load(backup_id)] if backup_id else store.records()
-    except BackupError as error:
-        _print_error(error)
-        raise typer.Exit(1) from None
-    problems = verify_files(store, records)
+    problems: list[str] = []
+    if backup_id:
+        try:
+            records = [store.load(backup_id)]
+        except BackupError as error:
+            _print_error(error)
+            raise typer.Exit(1) from None
+    else:
+        records, problems = store.readable_records()
+    problems += verify_files(store, records)
+    if not records and not problems:
+        # A check that finds nothing to check must not pass: a cron job that
+        # verifies an empty directory would report backups that do not exist.
+        problems.append(f"no complete backups in {directory}; nothing was verified")
     if not problems and decrypt:
         settings = _settings(data_dir=data_dir)
         for record in records:
@@ -232,6 +241,8 @@ def backup_restore(
             )
         finally:
             await services.close()
+        if not problems:
+            finish_restore(settings)
         return record, problems
 
     record, problems = _async(settings, restore())

@@ -38,6 +38,7 @@ from typer.core import TyperGroup
 from moorage import admin
 from moorage.audit import events as actions
 from moorage.audit.recorder import AdminRecorder, local_actor
+from moorage.backup.run import reject_unfinished_restore
 from moorage.cli.output import Table, shown
 from moorage.config import (
     ConfigurationError,
@@ -356,6 +357,7 @@ def serve(
     )
     configure_logging(settings.log_level, settings.log_format)
     try:
+        reject_unfinished_restore(settings)
         # Checked before the first start creates the data directory and admin.
         if settings.tls_cert is not None and settings.tls_key is not None:
             tls.server_context(

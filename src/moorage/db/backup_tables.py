@@ -40,6 +40,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from moorage.db.engine import _alembic_config
 from moorage.db.schema import blobs
 from moorage.errors import BackupError
+from moorage.fsync import create_private_file
 
 # Tables a backup leaves out, and why (docs/backup.md repeats this).
 SKIPPED_TABLES = {
@@ -179,7 +180,7 @@ def _dump_table(
     rows = 0
     # mtime=0 keeps the header free of the time of writing.
     with (
-        open(path, "xb") as file,
+        create_private_file(path) as file,
         gzip.GzipFile(fileobj=file, mode="wb", mtime=0) as packed,
     ):
         for row in _pages(connection, table, order):
