@@ -53,7 +53,32 @@ def installation(tmp_path: Path) -> Iterator[Installation]:
     data_dir.mkdir()
     url = create_database(data_dir)
     try:
-        yield Installation(data_dir, url, tmp_path / "backups")
+        made = Installation(data_dir, url, tmp_path / "backups")
+        initialised = made.moorage("init")
+        assert initialised.returncode == 0, initialised.stderr
+        yield made
+    finally:
+        drop_database(url)
+
+
+def test_create_refuses_an_installation_that_does_not_exist(tmp_path: Path) -> None:
+    """An empty data directory and database (a wrong --data-dir, a volume that
+    is not mounted) are not backed up as a new, empty installation: create
+    fails, and neither the installation nor the backup directory is made."""
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    url = create_database(data_dir)
+    try:
+        empty = Installation(data_dir, url, tmp_path / "backups")
+        result = empty.moorage("backup", "create", empty.backups)
+        assert result.returncode == 1
+        assert "there is no installation to back up" in result.stderr
+        assert "no backup was made" in result.stderr
+        assert list(data_dir.iterdir()) == []
+        assert not empty.backups.exists()
+        if url.startswith("postgresql"):
+            tables = empty.moorage("backup", "create", empty.backups)
+            assert "its database has no tables" in tables.stderr
     finally:
         drop_database(url)
 

@@ -259,6 +259,39 @@ def reject_unfinished_restore(settings: Settings) -> None:
     )
 
 
+async def reject_missing_installation(settings: Settings) -> None:
+    """Refuse to back up an installation whose database has no tables.
+
+    Opening the services would create a new, empty installation there (with
+    its own keys and admin), and the backup of it would succeed with nothing
+    in it: the mistake of a wrong `--data-dir` or of a volume that is not
+    mounted.
+    """
+    url = settings.resolved_database_url
+    sqlite_file = settings.data_dir / "moorage.db"
+    if url.startswith("sqlite") and str(sqlite_file.resolve()) in url:
+        if not sqlite_file.exists():
+            raise BackupError(
+                _no_installation(settings, f"{sqlite_file} does not exist")
+            )
+        return
+    engine = create_engine(url)
+    try:
+        tables = await table_names(engine)
+    finally:
+        await engine.dispose()
+    if not tables:
+        raise BackupError(_no_installation(settings, "its database has no tables"))
+
+
+def _no_installation(settings: Settings, reason: str) -> str:
+    return (
+        f"there is no installation to back up in {settings.data_dir}: {reason}. "
+        "Check --data-dir (MOORAGE_DATA_DIR) and MOORAGE_DATABASE_URL. Nothing "
+        "was created and no backup was made"
+    )
+
+
 def create_engine_for(settings: Settings) -> AsyncEngine:
     settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     return create_engine(settings.resolved_database_url)

@@ -21,6 +21,7 @@ from moorage.backup.run import (
     check_restored,
     create_backup,
     finish_restore,
+    reject_missing_installation,
     restore_backup,
 )
 from moorage.backup.store import BackupRecord, BackupStore, verify_files
@@ -83,6 +84,7 @@ def backup_create(directory: DirectoryArgument, data_dir: DataDirOption = None) 
     Blobs that an earlier backup in DIRECTORY copied are not copied again.
     """
     settings = _settings(data_dir=data_dir)
+    _async(settings, reject_missing_installation(settings))
     store = _open_store(directory, create=True)
 
     async def action(services: Services) -> BackupRecord:
