@@ -7,6 +7,7 @@ print when the backup directory is shared, damaged or cannot be written.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from moorage.backup.store import BackupStore
 from tests.support.database import create_database, drop_database
 
 
@@ -99,7 +101,7 @@ def test_backup_files_are_private(
     for directory, folders, files in os.walk(installation.backups):
         for name in [*folders, *files]:
             path = Path(directory, name)
-            if name != "lock" and stat.S_IMODE(path.stat().st_mode) & 0o077:
+            if stat.S_IMODE(path.stat().st_mode) & 0o077:
                 shared.append(f"{path}: {oct(stat.S_IMODE(path.stat().st_mode))}")
     assert shared == []
 
@@ -206,3 +208,23 @@ def test_restore_writes_only_into_blob_store(
         assert not (target_dir / "escaped").exists()
     finally:
         drop_database(target.url)
+
+
+def test_prune_waits_for_no_reader(installation: Installation) -> None:
+    """A prune while a verify or restore reads the directory would remove the
+    objects they read: it refuses and removes nothing, and a verify refuses
+    while a prune runs."""
+    first = installation.create()
+    installation.create()
+    store = BackupStore.open(installation.backups)
+    with store.reading():
+        result = installation.moorage(
+            "backup", "prune", installation.backups, "--keep", "1"
+        )
+    assert result.returncode == 1
+    assert "`moorage backup verify` or `restore` is running" in result.stderr
+    assert (installation.backups / "backups" / first).is_dir()
+    with store._flock("readers.lock", fcntl.LOCK_EX, "test"):
+        verify = installation.moorage("backup", "verify", installation.backups)
+    assert verify.returncode == 1
+    assert "`moorage backup prune` is running" in verify.stderr

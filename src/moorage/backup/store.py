@@ -171,13 +171,29 @@ class BackupStore:
     def locked(self) -> Iterator[None]:
         """Hold the directory's lock: one `create` or `prune` at a time, so that
         a prune never removes the files of a backup being written."""
-        with open(self.root / "lock", "a+b") as file:
+        with self._flock(
+            "lock", fcntl.LOCK_EX, "another `moorage backup create` or `prune`"
+        ):
+            yield
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[None]:
+        """Hold the readers' lock shared, while `verify` or `restore` reads
+        backups: `prune` takes it exclusively, so it removes nothing they read.
+        Readers do not exclude each other, nor `create`, which removes nothing."""
+        with self._flock("readers.lock", fcntl.LOCK_SH, "`moorage backup prune`"):
+            yield
+
+    @contextlib.contextmanager
+    def _flock(self, name: str, mode: int, holder: str) -> Iterator[None]:
+        with open(self.root / name, "a+b") as file:
+            os.fchmod(file.fileno(), 0o600)
             try:
-                fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(file.fileno(), mode | fcntl.LOCK_NB)
             except BlockingIOError:
                 raise BackupError(
-                    f"another `moorage backup create` or `prune` is running on "
-                    f"{self.root}; run this one when it has finished"
+                    f"{holder} is running on {self.root}; run this command when "
+                    "it has finished"
                 ) from None
             try:
                 yield
@@ -313,9 +329,12 @@ class BackupStore:
         """Remove all but the newest `keep` backups, unfinished backups and the
         objects no remaining backup names. Return the removed ids, and the count
         and bytes of removed objects."""
-        # NOTE: `restore` and `verify` take no lock. A prune while they run can
-        # remove objects they read: restore then fails and removes what it
-        # copied, and verify reports those objects as missing.
+        with self._flock(
+            "readers.lock", fcntl.LOCK_EX, "`moorage backup verify` or `restore`"
+        ):
+            return self._prune(keep)
+
+    def _prune(self, keep: int) -> tuple[list[str], int, int]:
         ids = self.ids()
         removed = ids[: max(len(ids) - keep, 0)]
         # Read the kept records first: an object is removed only when no kept

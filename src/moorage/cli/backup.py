@@ -7,9 +7,10 @@ themselves on its Typer app. docs/backup.md describes what a backup contains.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 import shutil
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Iterator
 from pathlib import Path
 from typing import Annotated, TypeVar
 
@@ -65,6 +66,17 @@ def _open_store(directory: Path, *, create: bool = False) -> BackupStore:
         raise typer.Exit(1) from None
     except OSError as error:
         errors.print(f"[red]error:[/red] {shown(directory)}: {shown(error.strerror)}")
+        raise typer.Exit(1) from None
+
+
+@contextlib.contextmanager
+def _reading(store: BackupStore) -> Iterator[None]:
+    """Hold the store's readers' lock; exit when a prune holds it."""
+    try:
+        with store.reading():
+            yield
+    except BackupError as error:
+        _print_error(error)
         raise typer.Exit(1) from None
 
 
@@ -158,6 +170,17 @@ def backup_verify(
 ) -> None:
     """Check that every file of the backups is present with its recorded SHA-256."""
     store = _open_store(directory)
+    with _reading(store):
+        _verify(store, directory, backup_id, decrypt, data_dir)
+
+
+def _verify(
+    store: BackupStore,
+    directory: Path,
+    backup_id: str | None,
+    decrypt: bool,
+    data_dir: Path | None,
+) -> None:
     problems: list[str] = []
     if backup_id:
         try:
@@ -247,7 +270,8 @@ def backup_restore(
             finish_restore(settings)
         return record, problems
 
-    record, problems = _async(settings, restore())
+    with _reading(store):
+        record, problems = _async(settings, restore())
     for problem in problems:
         errors.print(f"[red]damaged:[/red] {shown(problem)}", soft_wrap=True)
     if problems:
