@@ -18,10 +18,8 @@ import gzip
 import hashlib
 import json
 import os
-import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -35,7 +33,7 @@ import httpx
 import pytest
 
 from tests.support import images
-from tests.support.clients import client_environment
+from tests.support.clients import client_environment, run_client
 from tests.support.database import (
     POSTGRES_DSN,
     _psql,
@@ -44,7 +42,7 @@ from tests.support.database import (
     drop_database,
 )
 from tests.support.images import OciLayout
-from tests.support.server import ADMIN_LOGIN, ADMIN_PASSWORD, ServerProcess
+from tests.support.server import ADMIN_LOGIN, ADMIN_PASSWORD, ServerProcess, free_port
 
 pytestmark = [
     pytest.mark.clients,
@@ -60,35 +58,6 @@ CREDS = f"{ADMIN_LOGIN}:{ADMIN_PASSWORD}"
 # A file in one layer, stored uncompressed, so that its plaintext would show
 # in any copy of the layer that is not encrypted.
 MARKER = f"moorage-backup-marker-{uuid.uuid4().hex}".encode()
-PORTS = range(22000, 23000)
-
-
-def _port() -> int:
-    """Return a free port in this test module's range."""
-    for port in random.sample(PORTS, len(PORTS)):
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port in 22000-22999")
-
-
-def run(*command: str | Path, env: dict[str, str] | None = None) -> str:
-    result = subprocess.run(
-        [str(part) for part in command],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=COMMAND_TIMEOUT,
-        check=False,
-    )
-    assert result.returncode == 0, (
-        f"{' '.join(map(str, command))} exited with {result.returncode}:\n"
-        f"{result.stdout}\n{result.stderr}"
-    )
-    return result.stdout
 
 
 def moorage(
@@ -156,7 +125,7 @@ def _tagged(layout: OciLayout, tag: str) -> str:
 
 
 def _push(drill: Drill, tag: str, repository: str) -> Image:
-    run(
+    run_client(
         "skopeo", "copy", "-q", "--all", "--preserve-digests",
         "--dest-tls-verify=false", "--dest-creds", CREDS,
         f"oci:{drill.layout.path}:{tag}",
@@ -171,7 +140,6 @@ def _new_server(data_dir: Path, database_url: str | None = None) -> ServerProces
     return ServerProcess(
         data_dir=data_dir,
         database_url=database_url or create_database(data_dir),
-        port=_port(),
     )
 
 
@@ -241,7 +209,7 @@ def _reachable(layout: OciLayout, digest: str) -> list[str]:
 def _pull_and_compare(drill: Drill, server: ServerProcess, image: Image) -> None:
     """Pull `image` with skopeo and compare every blob with the pushed bytes."""
     out = drill.work / f"pulled-{uuid.uuid4().hex[:8]}"
-    run(
+    run_client(
         "skopeo", "copy", "-q", "--all", "--preserve-digests",
         "--src-tls-verify=false", "--src-creds", CREDS,
         f"docker://{server.address}/{image.repository}:{image.tag}",
@@ -518,7 +486,7 @@ def test_interrupted_restore_is_rejected(drill: Drill) -> None:
         assert "did not finish" in message
         assert f"delete {marker}" in message
         served = subprocess.run(
-            [sys.executable, "-m", "moorage", "serve", "--port", str(_port())],
+            [sys.executable, "-m", "moorage", "serve", "--port", str(free_port())],
             env=target.environment(),
             capture_output=True,
             text=True,

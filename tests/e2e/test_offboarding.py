@@ -27,7 +27,7 @@ import httpx
 import pytest
 
 from tests.support import images
-from tests.support.clients import client_environment
+from tests.support.clients import client_environment, run_client
 from tests.support.identity import get_token
 from tests.support.images import OciLayout
 from tests.support.registry import (
@@ -53,25 +53,7 @@ pytestmark = [
     ),
 ]
 
-COMMAND_TIMEOUT = 180
 REF_NAME = "org.opencontainers.image.ref.name"
-
-
-def run(*command: str | Path, env: dict[str, str] | None = None) -> str:
-    """Run a client and return its stdout; fail with its output unless it exits 0."""
-    result = subprocess.run(
-        [str(part) for part in command],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=COMMAND_TIMEOUT,
-        check=False,
-    )
-    assert result.returncode == 0, (
-        f"{' '.join(map(str, command))} exited with {result.returncode}:\n"
-        f"{result.stdout}\n{result.stderr}"
-    )
-    return result.stdout
 
 
 @dataclass
@@ -110,7 +92,7 @@ def skopeo_push(
     target: str,
     *flags: str,
 ) -> None:
-    run(
+    run_client(
         "skopeo", "copy", "-q", "--preserve-digests", *flags,
         "--dest-tls-verify=false", "--dest-creds", ":".join(creds),
         source, f"docker://{server.address}/{target}",
@@ -339,7 +321,7 @@ def test_skopeo_reads_every_image_of_the_archive(
     (installation.work / "out").mkdir()
     for ref, digest in installation.tagged.items():
         target = installation.work / "out" / ref.replace("/", "_").replace(":", "_")
-        run(
+        run_client(
             "skopeo", "copy", "-q", "--all", "--preserve-digests",
             f"oci-archive:{installation.archive}:{ref}", f"dir:{target}",
             env=installation.env,
@@ -349,7 +331,7 @@ def test_skopeo_reads_every_image_of_the_archive(
         for path in target.iterdir():
             if len(path.name) == 64:
                 assert hashlib.sha256(path.read_bytes()).hexdigest() == path.name
-        raw = run(
+        raw = run_client(
             "skopeo", "inspect", "--raw",
             f"oci-archive:{installation.archive}:{ref}",
             env=installation.env,
@@ -364,11 +346,11 @@ def test_umoci_lists_and_unpacks_the_archive(
     layout = installation.work / "umoci-layout"
     with tarfile.open(installation.archive) as tar:
         tar.extractall(layout, filter="data")
-    listed = run("umoci", "ls", "--layout", layout).split()
+    listed = run_client("umoci", "ls", "--layout", layout).split()
     assert sorted(listed) == sorted(installation.tagged)
     bundle = installation.work / "bundle"
     ref = f"{installation.leaving}/busybox:1.0"
-    run("umoci", "unpack", "--rootless", "--image", f"{layout}:{ref}", bundle)
+    run_client("umoci", "unpack", "--rootless", "--image", f"{layout}:{ref}", bundle)
     assert (bundle / "rootfs" / "bin" / "busybox").is_file()
 
 
@@ -657,7 +639,7 @@ def test_docker_schema2_image_copies_out(
     assert result.returncode == 0, result.stderr
     copied = tmp_path / "copied"
     reference = f"oci-archive:{archive}:{customer}/dock:1"
-    run("skopeo", "copy", "-q", reference, f"dir:{copied}", env=installation.env)
+    run_client("skopeo", "copy", "-q", reference, f"dir:{copied}", env=installation.env)
     assert (copied / "manifest.json").read_bytes() == manifest.data
 
 
@@ -687,7 +669,7 @@ def test_gc_frees_the_offboarded_images(
 
     login, password = installation.users[installation.staying]
     copied = tmp_path / "busybox"
-    run(
+    run_client(
         "skopeo", "copy", "-q", "--src-tls-verify=false",
         "--src-creds", f"{login}:{password}",
         f"docker://{server.address}/{installation.staying}/busybox:1",

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import random
-import socket
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -61,19 +59,6 @@ LONG_AGO = timedelta(days=2)
 START_SECONDS = 120
 
 
-def _free_port() -> int:
-    """A free port in 21000-21999, the range of these tests."""
-    for _ in range(200):
-        port = random.randint(21000, 21999)  # noqa: S311 (not a secret)
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port in 21000-21999")
-
-
 @pytest.fixture(scope="module", params=["encrypted", "plaintext"])
 def server(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
@@ -85,7 +70,6 @@ def server(
     process = ServerProcess(
         data_dir=data_dir,
         database_url=create_database(data_dir),
-        port=_free_port(),
         extra_env=env,
     )
     process.start(timeout=START_SECONDS)
@@ -668,7 +652,6 @@ def test_server_collects_on_schedule(tmp_path: Path) -> None:
     process = ServerProcess(
         data_dir=data_dir,
         database_url=create_database(data_dir),
-        port=_free_port(),
         extra_env={
             "MOORAGE_ENCRYPTION": "false",
             # Every 1.8 seconds, with no grace period.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 
@@ -22,3 +23,22 @@ def client_environment(home: Path) -> dict[str, str]:
         XDG_CONFIG_HOME=str(home / "config"),
     )
     return environment
+
+
+def run_client(
+    *command: str | Path, env: dict[str, str] | None = None, timeout: float = 300
+) -> str:
+    """Run a client and return its stdout; fail with its output unless it exits 0."""
+    result = subprocess.run(
+        [str(part) for part in command],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    assert result.returncode == 0, (
+        f"{' '.join(map(str, command))} exited with {result.returncode}:\n"
+        f"{result.stdout}\n{result.stderr}"
+    )
+    return result.stdout
