@@ -697,3 +697,28 @@ def test_server_collects_on_schedule(tmp_path: Path) -> None:
         process.stop()
         drop_database(process.database_url)
     assert "Traceback" not in process.log()
+
+
+def test_pushing_a_stored_manifest_again_renews_its_grace_period(
+    server: ServerProcess, account: Account
+) -> None:
+    """A client that pushes the children of an index again (as `skopeo copy
+    --all` does) has the grace period to push the index, even when the
+    children were stored, untagged, long ago."""
+    repository = account.repository()
+    children = [make_image(unique("again-child")) for _ in range(2)]
+    for child in children:
+        push_image(account.client, repository, child)
+    _age(server, [])
+    # The children are pushed again, and a run comes before the index.
+    for child in children:
+        push_image(account.client, repository, child)
+    _gc(server, "--grace-hours", "1", "--delete-untagged")
+    index = make_index(children)
+    push_image(account.client, repository, index, "multi")
+    for child in children:
+        response = account.client.get(f"/v2/{repository}/manifests/{child.digest}")
+        assert response.status_code == 200
+        assert response.content == child.manifest
+    assert_storage_consistent(server)
+

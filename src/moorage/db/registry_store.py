@@ -1156,6 +1156,11 @@ def _insert_manifest(
     if manifest_id is None:
         key = {"repository_id": repository_id, "digest": manifest.digest}
         existing = connection.execute(_MANIFEST_ID_AND_CONTENT, key).one()
+        # A push of a stored manifest renews its time, as a push of a stored
+        # blob renews its link: `gc --delete-untagged` keeps a manifest pushed
+        # within the grace period, so that an index pushed after its children
+        # (as `skopeo copy --all` does) finds them, stored long ago or not.
+        connection.execute(_RENEW_MANIFEST, {"manifest_id": existing.id, "now": now})
         return int(existing.id), bytes(existing.content)
     references = dict.fromkeys(manifest.blob_references, "blob")
     references.update(dict.fromkeys(manifest.manifest_references, "manifest"))
@@ -1269,6 +1274,11 @@ _REPOSITORY_ID = select(repositories.c.id).where(
 _MANIFEST_ID_AND_CONTENT = select(manifests.c.id, manifests.c.content).where(
     manifests.c.repository_id == bindparam("repository_id"),
     manifests.c.digest == bindparam("digest"),
+)
+_RENEW_MANIFEST = (
+    update(manifests)
+    .where(manifests.c.id == bindparam("manifest_id"))
+    .values(created_at=bindparam("now", type_=manifests.c.created_at.type))
 )
 _REPLACE_MANIFEST_CONTENT = (
     update(manifests)
