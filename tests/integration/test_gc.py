@@ -722,3 +722,30 @@ def test_pushing_a_stored_manifest_again_renews_its_grace_period(
         assert response.content == child.manifest
     assert_storage_consistent(server)
 
+
+def test_one_run_without_grace_frees_a_deleted_image(
+    server: ServerProcess, account: Account
+) -> None:
+    """With --grace-hours 0, one run frees the blobs of a manifest deleted
+    through the API, and of one that --delete-untagged deletes, although the
+    run itself releases them (it deletes their links, or the manifest)."""
+    client = account.client
+    repository = account.repository()
+    deleted = _image([os.urandom(50_000)])
+    push_image(client, repository, deleted, "deleted")
+    untagged = _image([os.urandom(40_000)])
+    push_image(client, repository, untagged)
+    kept = _image([os.urandom(30_000)])
+    push_image(client, repository, kept, "kept")
+    response = client.delete(f"/v2/{repository}/manifests/{deleted.digest}")
+    assert response.status_code == 202
+
+    out = _gc(server, "--grace-hours", "0", "--delete-untagged")
+    assert "within the grace period" not in out
+    for blob in (*deleted.blobs, *untagged.blobs):
+        digest = digest_of(blob)
+        assert _blob_rows(server, digest) == 0, digest
+        assert not _blob_file(server, digest).exists()
+    for blob in kept.blobs:
+        assert _pull_blob(client, repository, digest_of(blob)) == blob
+    assert_storage_consistent(server)
