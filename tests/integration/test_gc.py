@@ -749,3 +749,33 @@ def test_one_run_without_grace_frees_a_deleted_image(
     for blob in kept.blobs:
         assert _pull_blob(client, repository, digest_of(blob)) == blob
     assert_storage_consistent(server)
+
+
+def test_keeps_a_pushed_non_distributable_layer(
+    server: ServerProcess, account: Account
+) -> None:
+    """A non-distributable layer need not be pushed, but when it was, the
+    manifest that names it keeps it, as it keeps its other layers."""
+    client = account.client
+    repository = account.repository()
+    layer = os.urandom(20_000)
+    config = to_json({"architecture": "amd64", "os": "linux", "seed": unique("nd")})
+    for blob in (layer, config):
+        push_blob(client, repository, blob)
+    document = {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": descriptor("application/vnd.oci.image.config.v1+json", config),
+        "layers": [
+            descriptor(
+                "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip", layer
+            )
+        ],
+    }
+    response = put_manifest(client, repository, "1.0", to_json(document), OCI_MANIFEST)
+    assert response.status_code == 201, response.text
+
+    _gc(server, "--grace-hours", "0")
+    assert _pull_blob(client, repository, digest_of(layer)) == layer
+    assert _pull_blob(client, repository, digest_of(config)) == config
+    assert_storage_consistent(server)
