@@ -575,6 +575,8 @@ class RegistryStore:
                 )
             repository_id = _ensure_repository(connection, repository)
             _check_references(connection, repository, repository_id, manifest)
+            # NOTE: a foreign layer pushed after its manifest is not recorded,
+            # so garbage collection deletes it once its link is unused.
             foreign = [
                 digest
                 for digest in manifest.foreign_references
