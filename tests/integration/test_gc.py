@@ -619,10 +619,11 @@ def test_delete_after_runs_when_due(server: ServerProcess) -> None:
         opened.client.close()
 
 
-def test_rejects_a_negative_grace_period(server: ServerProcess) -> None:
-    completed = server.run_command("gc", "--grace-hours", "-1")
+@pytest.mark.parametrize("hours", ["-1", "1e9", "nan", "inf"])
+def test_rejects_an_invalid_grace_period(server: ServerProcess, hours: str) -> None:
+    completed = server.run_command("gc", f"--grace-hours={hours}")
     assert completed.returncode == 2
-    assert "must be 0 or more hours" in completed.stderr
+    assert "give 0 or more hours, below 1000000" in completed.stderr
 
 
 def test_new_manifest_after_gc(server: ServerProcess, account: Account) -> None:
@@ -680,3 +681,85 @@ def test_server_collects_on_schedule(tmp_path: Path) -> None:
         process.stop()
         drop_database(process.database_url)
     assert "Traceback" not in process.log()
+
+
+def test_pushing_a_stored_manifest_again_renews_its_grace_period(
+    server: ServerProcess, account: Account
+) -> None:
+    """A client that pushes the children of an index again (as `skopeo copy
+    --all` does) has the grace period to push the index, even when the
+    children were stored, untagged, long ago."""
+    repository = account.repository()
+    children = [make_image(unique("again-child")) for _ in range(2)]
+    for child in children:
+        push_image(account.client, repository, child)
+    _age(server, [])
+    # The children are pushed again, and a run comes before the index.
+    for child in children:
+        push_image(account.client, repository, child)
+    _gc(server, "--grace-hours", "1", "--delete-untagged")
+    index = make_index(children)
+    push_image(account.client, repository, index, "multi")
+    for child in children:
+        response = account.client.get(f"/v2/{repository}/manifests/{child.digest}")
+        assert response.status_code == 200
+        assert response.content == child.manifest
+    assert_storage_consistent(server)
+
+
+def test_one_run_without_grace_frees_a_deleted_image(
+    server: ServerProcess, account: Account
+) -> None:
+    """With --grace-hours 0, one run frees the blobs of a manifest deleted
+    through the API, and of one that --delete-untagged deletes, although the
+    run itself releases them (it deletes their links, or the manifest)."""
+    client = account.client
+    repository = account.repository()
+    deleted = _image([os.urandom(50_000)])
+    push_image(client, repository, deleted, "deleted")
+    untagged = _image([os.urandom(40_000)])
+    push_image(client, repository, untagged)
+    kept = _image([os.urandom(30_000)])
+    push_image(client, repository, kept, "kept")
+    response = client.delete(f"/v2/{repository}/manifests/{deleted.digest}")
+    assert response.status_code == 202
+
+    out = _gc(server, "--grace-hours", "0", "--delete-untagged")
+    assert "within the grace period" not in out
+    for blob in (*deleted.blobs, *untagged.blobs):
+        digest = digest_of(blob)
+        assert _blob_rows(server, digest) == 0, digest
+        assert not _blob_file(server, digest).exists()
+    for blob in kept.blobs:
+        assert _pull_blob(client, repository, digest_of(blob)) == blob
+    assert_storage_consistent(server)
+
+
+def test_keeps_a_pushed_non_distributable_layer(
+    server: ServerProcess, account: Account
+) -> None:
+    """A non-distributable layer need not be pushed, but when it was, the
+    manifest that names it keeps it, as it keeps its other layers."""
+    client = account.client
+    repository = account.repository()
+    layer = os.urandom(20_000)
+    config = to_json({"architecture": "amd64", "os": "linux", "seed": unique("nd")})
+    for blob in (layer, config):
+        push_blob(client, repository, blob)
+    document = {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": descriptor("application/vnd.oci.image.config.v1+json", config),
+        "layers": [
+            descriptor(
+                "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip", layer
+            )
+        ],
+    }
+    response = put_manifest(client, repository, "1.0", to_json(document), OCI_MANIFEST)
+    assert response.status_code == 201, response.text
+
+    _gc(server, "--grace-hours", "0")
+    assert _pull_blob(client, repository, digest_of(layer)) == layer
+    assert _pull_blob(client, repository, digest_of(config)) == config
+    assert_storage_consistent(server)

@@ -67,7 +67,10 @@ def gc(
     when it is due.
     """
     if grace_hours is not None and not 0 <= grace_hours < 1e6:
-        reject(f"--grace-hours {grace_hours:g} must be 0 or more hours")
+        reject(
+            f"--grace-hours {grace_hours:g} is invalid; give 0 or more hours, "
+            "below 1000000"
+        )
     grace = None if grace_hours is None else timedelta(hours=grace_hours)
     actor = local_actor()
 

@@ -86,6 +86,10 @@ class NewManifest:
     annotations_json: str | None = None
     blob_references: Sequence[str] = field(default_factory=tuple)
     manifest_references: Sequence[str] = field(default_factory=tuple)
+    # Foreign and non-distributable layers: the manifest may name them without
+    # the registry having them. Those the repository has are recorded as
+    # references, so that garbage collection keeps them.
+    foreign_references: Sequence[str] = field(default_factory=tuple)
 
 
 @dataclass(frozen=True, slots=True)
@@ -557,7 +561,9 @@ class RegistryStore:
         def work(connection: Connection) -> tuple[int, bytes | None]:
             # Before any read: garbage collection either committed before this
             # (and the checks below see it) or waits for this transaction.
-            hold_blobs(connection, manifest.blob_references)
+            hold_blobs(
+                connection, [*manifest.blob_references, *manifest.foreign_references]
+            )
             if self.after_hold is not None:
                 self.after_hold()
             if connection.dialect.name == "postgresql":
@@ -569,8 +575,15 @@ class RegistryStore:
                 )
             repository_id = _ensure_repository(connection, repository)
             _check_references(connection, repository, repository_id, manifest)
+            # NOTE: a foreign layer pushed after its manifest is not recorded,
+            # so garbage collection deletes it once its link is unused.
+            foreign = [
+                digest
+                for digest in manifest.foreign_references
+                if _visible_blob_size(connection, repository, digest) is not None
+            ]
             manifest_id, existing = _insert_manifest(
-                connection, repository_id, manifest, stored
+                connection, repository_id, manifest, stored, foreign
             )
             if tag is None:
                 return manifest_id, existing
@@ -1134,9 +1147,11 @@ def _insert_manifest(
     repository_id: int,
     manifest: NewManifest,
     stored_content: bytes,
+    foreign_present: Sequence[str] = (),
 ) -> tuple[int, bytes | None]:
     """Insert a manifest unless the repository has it; return the row's id and,
-    for a row that was there already, its stored content."""
+    for a row that was there already, its stored content. `foreign_present`
+    are the foreign layers that the repository has, recorded as references."""
     now = utcnow()
     row = {
         "repository_id": repository_id,
@@ -1156,8 +1171,13 @@ def _insert_manifest(
     if manifest_id is None:
         key = {"repository_id": repository_id, "digest": manifest.digest}
         existing = connection.execute(_MANIFEST_ID_AND_CONTENT, key).one()
+        # A push of a stored manifest renews its time, as a push of a stored
+        # blob renews its link: `gc --delete-untagged` keeps a manifest pushed
+        # within the grace period, so that an index pushed after its children
+        # (as `skopeo copy --all` does) finds them, stored long ago or not.
+        connection.execute(_RENEW_MANIFEST, {"manifest_id": existing.id, "now": now})
         return int(existing.id), bytes(existing.content)
-    references = dict.fromkeys(manifest.blob_references, "blob")
+    references = dict.fromkeys([*manifest.blob_references, *foreign_present], "blob")
     references.update(dict.fromkeys(manifest.manifest_references, "manifest"))
     if references:
         connection.execute(
@@ -1269,6 +1289,11 @@ _REPOSITORY_ID = select(repositories.c.id).where(
 _MANIFEST_ID_AND_CONTENT = select(manifests.c.id, manifests.c.content).where(
     manifests.c.repository_id == bindparam("repository_id"),
     manifests.c.digest == bindparam("digest"),
+)
+_RENEW_MANIFEST = (
+    update(manifests)
+    .where(manifests.c.id == bindparam("manifest_id"))
+    .values(created_at=bindparam("now", type_=manifests.c.created_at.type))
 )
 _REPLACE_MANIFEST_CONTENT = (
     update(manifests)

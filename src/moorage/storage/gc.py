@@ -130,9 +130,13 @@ class GarbageCollector:
         await self._renew()
         try:
             report.restored = await self._recover()
+            # Each step counts the grace period from its own start, so that
+            # without one (grace 0) a step deletes what the steps before it
+            # released in this run, and one run frees a deleted image.
             if delete_untagged:
                 report.manifests = await self._delete_manifests(cutoff)
-            report.links = await self._delete_links(cutoff)
+            report.links = await self._delete_links(self._cutoff())
+            cutoff = self._cutoff()
             await self._delete_blobs(report, cutoff)
             report.waiting_blobs, report.waiting_bytes = await self.store.waiting_blobs(
                 cutoff
@@ -152,6 +156,9 @@ class GarbageCollector:
                 f"garbage collection is running in another process ({holder}) "
                 f"until {until:%Y-%m-%d %H:%M:%S} UTC at the latest; try again later"
             )
+
+    def _cutoff(self) -> datetime:
+        return utcnow() - self.grace
 
     async def _step(self, name: str) -> None:
         if self.pause is not None:

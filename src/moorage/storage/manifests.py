@@ -67,12 +67,13 @@ def parse_manifest(
         raise ManifestInvalidError("artifactType must be a string")
 
     if media_type in IMAGE_MANIFEST_TYPES:
-        blob_references, config_type = _image_references(document)
+        blob_references, foreign_references, config_type = _image_references(document)
         manifest_references: list[str] = []
         if artifact_type is None and media_type == OCI_MANIFEST:
             artifact_type = config_type
     else:
         blob_references = []
+        foreign_references = []
         manifest_references = [
             descriptor["digest"] for descriptor in _descriptors(document, "manifests")
         ]
@@ -98,6 +99,7 @@ def parse_manifest(
         ),
         blob_references=tuple(dict.fromkeys(blob_references)),
         manifest_references=tuple(dict.fromkeys(manifest_references)),
+        foreign_references=tuple(dict.fromkeys(foreign_references)),
     )
     return ParsedManifest(record, digest)
 
@@ -138,16 +140,20 @@ def _guess_media_type(document: dict[str, Any]) -> str:
     return OCI_INDEX if "manifests" in document else OCI_MANIFEST
 
 
-def _image_references(document: dict[str, Any]) -> tuple[list[str], str]:
+def _image_references(document: dict[str, Any]) -> tuple[list[str], list[str], str]:
+    """Return the blobs that must be in the repository, the foreign layers
+    (which need not be) and the config's media type."""
     config = _optional_descriptor(document, "config")
     if config is None:
         raise ManifestInvalidError("image manifest has no config descriptor")
     references = [config["digest"]]
+    foreign = []
     for layer in _descriptors(document, "layers"):
         if str(layer.get("mediaType", "")).startswith(_FOREIGN_LAYER_PREFIXES):
-            continue
-        references.append(layer["digest"])
-    return references, config["mediaType"]
+            foreign.append(layer["digest"])
+        else:
+            references.append(layer["digest"])
+    return references, foreign, config["mediaType"]
 
 
 def _descriptors(document: dict[str, Any], key: str) -> list[dict[str, Any]]:
