@@ -529,6 +529,46 @@ def test_upload_racing_gc_stores_its_own_copy(
     assert_storage_consistent(server)
 
 
+class _FailingSecondClaim:
+    """The real blob store, whose second file claim fails."""
+
+    def __init__(self, driver: Any) -> None:
+        self.driver = driver
+        self.claims = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.driver, name)
+
+    async def claim(self, *args: Any) -> Any:
+        self.claims += 1
+        if self.claims == 2:
+            raise RuntimeError("claim failed")
+        return await self.driver.claim(*args)
+
+
+def test_failed_blob_step_puts_files_back(
+    server: ServerProcess, account: Account
+) -> None:
+    """When the blob step fails after it moved a file, the file goes back and
+    the run fails with the original error, not an internal one."""
+    repository = account.repository()
+    data = [os.urandom(2000), os.urandom(3000)]
+    digests = [push_blob(account.client, repository, blob) for blob in data]
+    _age(server, digests)
+    _collect(server, timedelta(hours=1), lambda gc: None)
+    _age(server, digests)
+
+    def prepare(gc: GarbageCollector) -> None:
+        gc.driver = _FailingSecondClaim(gc.driver)  # type: ignore[assignment]
+
+    with pytest.raises(RuntimeError, match="claim failed"):
+        _collect(server, timedelta(0), prepare)
+    for digest in digests:
+        assert _blob_rows(server, digest) == 1
+        assert _blob_file(server, digest).exists()
+    assert_storage_consistent(server)
+
+
 def test_delete_after_runs_when_due(server: ServerProcess) -> None:
     """`customer offboard --delete-after` schedules the deletion; `customer
     show` shows it; `moorage gc` runs it when due, with its event; `customer

@@ -261,7 +261,11 @@ class GarbageCollector:
                     deleted = await self.store.delete_blobs(batch, cutoff, claim)
                 except ClaimedError as error:
                     await self._put_back(error.claimed)
-                    raise
+                    # With the files back, what failed is the cause (a
+                    # database error, or Ctrl-C as KeyboardInterrupt).
+                    if error.__cause__ is None:
+                        raise
+                    raise error.__cause__ from None
                 for row, moved in deleted:
                     if moved.destination:
                         await self.driver.delete(moved.destination)
