@@ -239,10 +239,14 @@ def test_portal_page_security_headers(server: ServerProcess) -> None:
 
 
 def test_portal_files_local_only(server: ServerProcess) -> None:
-    """Every script and style the page loads comes from this server."""
+    """Every script, style and icon the page loads comes from this server."""
     page = httpx.get(f"{server.url}/portal", timeout=TIMEOUT).text
     sources = re.findall(r'(?:src|href)="([^"]+)"', page)
-    assert sorted(sources) == ["/portal/portal.css", "/portal/portal.js"]
+    assert sorted(sources) == [
+        "/portal/favicon.svg",
+        "/portal/portal.css",
+        "/portal/portal.js",
+    ]
     script = httpx.get(f"{server.url}/portal/portal.js", timeout=TIMEOUT)
     assert script.headers["content-type"].startswith("text/javascript")
     assert "innerHTML" not in script.text
