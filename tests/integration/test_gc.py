@@ -723,7 +723,7 @@ def test_server_collects_on_schedule(tmp_path: Path) -> None:
     assert "Traceback" not in process.log()
 
 
-def test_pushing_a_stored_manifest_again_renews_its_grace_period(
+def test_repushed_manifest_renews_its_time(
     server: ServerProcess, account: Account
 ) -> None:
     """A client that pushes the children of an index again (as `skopeo copy

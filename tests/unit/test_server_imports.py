@@ -116,8 +116,10 @@ assert "uvicorn.main" not in sys.modules, "uvicorn.main"
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 assert AsyncSession.__module__ == "sqlalchemy.ext.asyncio.session"
 import sqlalchemy.ext.asyncio as full
-assert full.AsyncEngine is AsyncEngine and full.async_scoped_session
-assert callable(uvicorn.run) and "uvicorn.main" in sys.modules
+assert full.AsyncEngine is AsyncEngine
+assert full.async_scoped_session
+assert callable(uvicorn.run)
+assert "uvicorn.main" in sys.modules
 try:
     from sqlalchemy.ext.asyncio import NoSuchName
 except ImportError:

@@ -204,9 +204,9 @@ async def _restore(
     engine = create_engine_for(settings)
     try:
         await _reject_used_database(engine, settings)
-        # Until `finish_restore`, the marker says the installation is not
-        # proven: a restore killed after its commit leaves a database that
-        # looks complete. `serve` and a later restore reject it.
+        # Until `finish_restore`, the marker records that the installation is
+        # not checked yet, because a restore killed after its commit leaves a
+        # database that looks complete. `serve` and a later restore reject it.
         marker = settings.data_dir / RESTORE_MARKER
         _write_marker(marker, f"backup {record.id} from {store.root.resolve()}")
         try:

@@ -59,7 +59,7 @@ class FileEntry:
 
 @dataclass
 class BackupRecord:
-    """What `backup.json` says about one backup."""
+    """The record of one backup, as `backup.json` stores it."""
 
     id: str
     created_at: str

@@ -1132,7 +1132,7 @@ class _SharedRuns:
             return plain
 
     def release(self, plain: bytearray) -> None:
-        """Take back a buffer from `buffer` that holds no authenticated run."""
+        """Take back a buffer from `buffer` that contains no authenticated run."""
         with self.lock:
             self._spare_buffer(plain)
 
